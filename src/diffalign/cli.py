@@ -1,0 +1,57 @@
+"""The `diffalign` command: one group per capability; parsing only, the work is in the library."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from diffalign import __version__
+from diffalign.engine.cliutils import ArgumentParser, make_subparsers
+from diffalign.engine.errors import DiffalignError
+
+
+def build_parser() -> ArgumentParser:
+    from diffalign.engine import cli as engine_cli
+    from diffalign.noise import cli as noise_cli
+    from diffalign.textstream import cli as textstream_cli
+
+    parser = ArgumentParser(
+        prog="diffalign",
+        description="Alignment techniques for pretrained diffusion models.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffalign {__version__}")
+    sub = make_subparsers(parser)
+    noise_cli.register_demo(sub)
+    engine_cli.register(sub)
+    textstream_cli.register(sub)
+    noise_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except DiffalignError as e:
+        print(f"diffalign: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("diffalign: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # unexpected: one line unless DIFFALIGN_DEBUG asks for the traceback
+        if os.environ.get("DIFFALIGN_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(
+            f"diffalign: internal error: {type(e).__name__}: {first} "
+            "(set DIFFALIGN_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""Reports people look at: image grids and curve plots as PNG, summary.json (spec E: Reports)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffalign.engine.io import atomic_path, write_json
+
+
+def tensor_to_pil(
+    image: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)
+) -> Image.Image:
+    """[C,H,W] (C=1 or 3) float tensor in `value_range` -> PIL image (clamped)."""
+    lo, hi = value_range
+    x = image.detach().float().cpu()
+    if x.ndim == 2:
+        x = x[None]
+    x = ((x - lo) / (hi - lo)).clamp(0, 1)
+    arr = (x.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    if arr.shape[2] == 1:
+        return Image.fromarray(arr[:, :, 0], mode="L")
+    return Image.fromarray(arr, mode="RGB")
+
+
+def make_grid(
+    images: Sequence[Image.Image], ncols: int | None = None, pad: int = 0, background: int = 0
+) -> Image.Image:
+    """Row-major grid of equally sized images (the first image's size and mode)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    ncols = ncols or math.ceil(math.sqrt(len(images)))
+    nrows = math.ceil(len(images) / ncols)
+    w, h = images[0].size
+    mode = images[0].mode
+    grid = Image.new(
+        mode,
+        (ncols * w + (ncols - 1) * pad, nrows * h + (nrows - 1) * pad),
+        color=background if mode == "L" else (background,) * 3,
+    )
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid.paste(img.convert(mode), (c * (w + pad), r * (h + pad)))
+    return grid
+
+
+def save_image(path: str | os.PathLike, image: Image.Image) -> None:
+    """Save a PIL image atomically (format from the suffix)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+
+
+def save_image_grid(
+    path: str | os.PathLike,
+    images: Sequence[Image.Image] | torch.Tensor,
+    ncols: int | None = None,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    pad: int = 0,
+    upscale: int = 1,
+) -> Image.Image:
+    """Save a grid of PIL images or of a [N,C,H,W] tensor batch as one PNG; returns the grid."""
+    if isinstance(images, torch.Tensor):
+        images = [tensor_to_pil(x, value_range) for x in images]
+    grid = make_grid(list(images), ncols=ncols, pad=pad)
+    if upscale > 1:
+        grid = grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
+    save_image(path, grid)
+    return grid
+
+
+def plot_curves(
+    path: str | os.PathLike,
+    series: Mapping[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]],
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "",
+    logy: bool = False,
+) -> None:
+    """One PNG with a line per series; a series is `ys` or `(xs, ys)`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for name, values in series.items():
+        if isinstance(values, tuple) and len(values) == 2:
+            xs, ys = values
+        else:
+            ys = list(values)
+            xs = list(range(len(ys)))
+        if len(ys):
+            ax.plot(list(xs), list(ys), label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if series:
+        ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_summary(path: str | os.PathLike, summary: Mapping) -> None:
+    """Write a run's summary.json atomically."""
+    write_json(path, dict(summary))

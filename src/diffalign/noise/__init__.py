@@ -1,0 +1,1 @@
+"""N: orthogonal-constrained noise (seed 001)."""

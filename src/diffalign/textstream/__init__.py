@@ -1,0 +1,1 @@
+"""T: text-stream residual injection for MMDiT (seeds 002, 000)."""

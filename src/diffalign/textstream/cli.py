@@ -1,0 +1,18 @@
+"""`diffalign textstream ...` (spec T)."""
+
+from __future__ import annotations
+
+from diffalign.engine.cliutils import make_subparsers
+
+
+def register(sub) -> None:
+    from diffalign.textstream import cli_calibrate, cli_generate
+
+    parser = sub.add_parser(
+        "textstream",
+        help="text-stream residual injection for SD3/SD3.5 (spec T)",
+        description="Text-stream residual injection for SD3 / SD3.5.",
+    )
+    verbs = make_subparsers(parser)
+    cli_calibrate.register(verbs)
+    cli_generate.register(verbs)
