@@ -1,0 +1,418 @@
+"""`diffalign download`: fetch the real assets into the project-local `models/` (spec E, seed 001).
+
+Layout (seed 001): `models/<name>/...`, e.g. `models/sd3/model_index.json`,
+`models/Aesthetic/sac+logos+ava1-l14-linearMSE.pth`, `models/HPSv2/HPS_v2.1_compressed.pt`.
+`diffalign.engine.loading` looks for presets there (and in the legacy `third_party_weights/`).
+
+Each asset is downloaded into a temporary folder beside its target and renamed into place when
+complete, so an interrupted or failed download never leaves a half-written `models/<name>/`.
+A finished asset carries a `.diffalign-download.json` marker and is skipped next time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffalign.engine.errors import DiffalignError
+
+MARKER = ".diffalign-download.json"
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+# the LAION improved-aesthetic-predictor MLP (ViT-L/14 head). The authors host it on GitHub only;
+# this Hub mirror carries the identical file under its original name.
+AESTHETIC_REPO = "camenduru/improved-aesthetic-predictor"
+AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+# tokenizer + image processor of the OpenCLIP ViT-H/14 that PickScore and HPSv2 fine-tune
+CLIP_H_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+_PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+# a diffusers pipeline repo: the per-component folders in fp32 safetensors; root single-file
+# checkpoints, fp16 duplicates, pickles, ONNX/OpenVINO exports and the safety checker left out
+_DIFFUSERS_ALLOW = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors")
+_DIFFUSERS_IGNORE = (
+    "*.fp16.*",
+    "*.bin",
+    "*.ckpt",
+    "*.pt",
+    "*onnx*",
+    "*openvino*",
+    "*.msgpack",
+    "text_encoders/*",
+    "safety_checker/*",
+)
+_TRANSFORMERS_ALLOW = ("*.json", "*.txt", "*.safetensors")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Files of one Hub repo, placed under `models/<asset>/<subdir>/`.
+
+    `weights`: globs of which at least one file must arrive for the source to count as complete;
+    `fallback_patterns` are fetched only when none did (e.g. `pytorch_model.bin` for repos without
+    safetensors).
+    """
+
+    repo_id: str
+    allow_patterns: tuple[str, ...]
+    ignore_patterns: tuple[str, ...] = ()
+    subdir: str = ""
+    weights: tuple[str, ...] = ("*.safetensors",)
+    fallback_patterns: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Identity recorded in the marker: a changed plan re-fetches this source."""
+        return f"{self.repo_id}|{','.join(self.allow_patterns)}|{self.subdir}"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A downloadable asset: `diffalign download --only NAME` -> `models/NAME/`."""
+
+    name: str
+    description: str
+    sources: tuple[Source, ...]
+    default: bool = False
+    gated: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _diffusers(repo: str) -> tuple[Source, ...]:
+    return (Source(repo, _DIFFUSERS_ALLOW, _DIFFUSERS_IGNORE),)
+
+
+def _transformers(repo: str, subdir: str = "") -> Source:
+    return Source(
+        repo,
+        _TRANSFORMERS_ALLOW,
+        ("*.msgpack", "*.h5", "*onnx*"),
+        subdir,
+        fallback_patterns=("pytorch_model.bin",),
+    )
+
+
+def _processor(subdir: str = "processor") -> Source:
+    return Source(CLIP_H_REPO, _PROCESSOR_FILES, subdir=subdir, weights=())
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in (
+        Asset(
+            "sd3",
+            "Stable Diffusion 3 medium (diffusers)",
+            _diffusers("stabilityai/stable-diffusion-3-medium-diffusers"),
+            default=True,
+            gated=True,
+        ),
+        Asset(
+            "sd3.5",
+            "Stable Diffusion 3.5 large (diffusers)",
+            _diffusers("stabilityai/stable-diffusion-3.5-large"),
+            default=True,
+            gated=True,
+        ),
+        Asset(
+            "sd3.5-medium",
+            "Stable Diffusion 3.5 medium (diffusers)",
+            _diffusers("stabilityai/stable-diffusion-3.5-medium"),
+            gated=True,
+        ),
+        Asset(
+            "sdxl-turbo",
+            "SDXL-Turbo one-step generator (diffusers)",
+            _diffusers("stabilityai/sdxl-turbo"),
+        ),
+        Asset(
+            "sd15",
+            "Stable Diffusion 1.5 (diffusers, no safety checker)",
+            _diffusers("stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ),
+        Asset(
+            "flux-fill",
+            "FLUX.1-Fill-dev (diffusers)",
+            _diffusers("black-forest-labs/FLUX.1-Fill-dev"),
+            gated=True,
+        ),
+        Asset(
+            "dinov2-large",
+            "DINOv2 ViT-L/14 (transformers)",
+            (_transformers("facebook/dinov2-large"),),
+        ),
+        Asset(
+            "CLIP-ViT-L-14",
+            "OpenAI CLIP ViT-L/14 (transformers)",
+            (_transformers("openai/clip-vit-large-patch14"),),
+        ),
+        Asset(
+            "PickScore_v1",
+            "PickScore v1 (CLIP-H/14) + its processor in processor/",
+            (_transformers("yuvalkirstain/PickScore_v1"), _processor()),
+        ),
+        Asset(
+            "ImageReward",
+            "ImageReward.pt + med_config.json, BERT tokenizer in bert-base-uncased/",
+            (
+                Source(
+                    "THUDM/ImageReward",
+                    ("ImageReward.pt", "med_config.json"),
+                    weights=("ImageReward.pt",),
+                ),
+                Source(
+                    "google-bert/bert-base-uncased",
+                    ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "config.json"),
+                    subdir="bert-base-uncased",
+                    weights=(),
+                ),
+            ),
+        ),
+        Asset(
+            "HPSv2",
+            "HPSv2 checkpoint (--hps-version) + CLIP-H/14 processor in processor/",
+            (Source("xswu/HPSv2", ("{hps_file}",), weights=("{hps_file}",)), _processor()),
+        ),
+        Asset(
+            "Aesthetic",
+            f"LAION improved aesthetic predictor MLP ({AESTHETIC_FILE}; needs CLIP-ViT-L-14)",
+            (Source(AESTHETIC_REPO, (AESTHETIC_FILE,), weights=(AESTHETIC_FILE,)),),
+        ),
+    )
+}
+# what `diffalign download` fetches without --only: the models of the working capability
+# (text-stream residual, spec T: SD3 medium and SD3.5 large). Later capabilities add theirs.
+DEFAULT_ASSETS: tuple[str, ...] = tuple(a.name for a in ASSETS.values() if a.default)
+
+
+@dataclass
+class PlannedAsset:
+    """One asset of a plan: where it goes, what it needs and whether it is already there."""
+
+    asset: Asset
+    target: Path
+    sources: list[Source]
+    missing: list[Source]
+    status: str  # "present" | "fetch" | "complete-missing" | "foreign"
+
+
+def _expand(source: Source, hps_version: str) -> Source:
+    fmt = {"hps_file": HPS_FILES[hps_version]}
+    return Source(
+        source.repo_id,
+        tuple(p.format(**fmt) for p in source.allow_patterns),
+        source.ignore_patterns,
+        source.subdir,
+        tuple(p.format(**fmt) for p in source.weights),
+        source.fallback_patterns,
+    )
+
+
+def _read_marker(target: Path) -> dict | None:
+    try:
+        return json.loads((target / MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def plan_downloads(
+    only: Sequence[str] | None = None,
+    models_dir: str | os.PathLike | None = None,
+    hps_version: str = "v2.1",
+) -> list[PlannedAsset]:
+    """The download plan: each asset's target folder, sources and present/missing status."""
+    from diffalign.engine.loading import models_dir as default_models_dir
+
+    if hps_version not in HPS_FILES:
+        raise DiffalignError(
+            f"--hps-version must be one of {', '.join(HPS_FILES)}, got '{hps_version}'"
+        )
+    names = list(dict.fromkeys(only)) if only else list(DEFAULT_ASSETS)
+    by_lower = {n.lower(): n for n in ASSETS}
+    resolved = []
+    for name in names:
+        real = by_lower.get(name.lower())
+        if real is None:
+            raise DiffalignError(f"unknown asset '{name}'; choose from: {', '.join(ASSETS)}")
+        resolved.append(real)
+    base = Path(models_dir) if models_dir is not None else default_models_dir()
+    plan = []
+    for name in dict.fromkeys(resolved):
+        asset = ASSETS[name]
+        target = base / name
+        sources = [_expand(s, hps_version) for s in asset.sources]
+        marker = _read_marker(target)
+        if marker is not None:
+            done = set(marker.get("sources", []))
+            missing = [s for s in sources if s.key not in done]
+            status = "present" if not missing else "complete-missing"
+        elif target.is_dir() and any(target.iterdir()):
+            missing, status = [], "foreign"
+        else:
+            missing, status = list(sources), "fetch"
+        plan.append(PlannedAsset(asset, target, sources, missing, status))
+    return plan
+
+
+def _has_match(folder: Path, globs: Sequence[str]) -> bool:
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return any(
+        fnmatch.fnmatch(f, g) or fnmatch.fnmatch(Path(f).name, g) for f in files for g in globs
+    )
+
+
+def _fetch_source(source: Source, dest: Path, token: str | None) -> None:
+    """Download one source into `dest` (a temp folder) with huggingface_hub."""
+    from huggingface_hub import snapshot_download
+
+    dest.mkdir(parents=True, exist_ok=True)
+    kw = {"local_dir": str(dest), "token": token}
+    snapshot_download(
+        source.repo_id,
+        allow_patterns=list(source.allow_patterns),
+        ignore_patterns=list(source.ignore_patterns) or None,
+        **kw,
+    )
+    if source.weights and not _has_match(dest, source.weights):
+        if source.fallback_patterns:
+            snapshot_download(source.repo_id, allow_patterns=list(source.fallback_patterns), **kw)
+        if not _has_match(dest, (*source.weights, *source.fallback_patterns)):
+            raise DiffalignError(
+                f"{source.repo_id} has no files matching {', '.join(source.weights)}"
+            )
+    shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's local_dir metadata
+
+
+class _FetchError(Exception):
+    """A source failed: carries the source and the original exception."""
+
+    def __init__(self, source: Source, cause: BaseException):
+        super().__init__(str(cause))
+        self.source, self.cause = source, cause
+
+
+def _failure_line(name: str, source: Source, exc: BaseException, gated: bool) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    kind = type(exc).__name__
+    repo = source.repo_id
+    if _offline():
+        return f"{name}: cannot download {repo}: HF_HUB_OFFLINE is set (unset it to download)"
+    hint = ""
+    if kind == "GatedRepoError" or (gated and ("401" in text or "403" in text)):
+        hint = f" (accept the licence at https://huggingface.co/{repo}, then pass --token or run `hf auth login`)"
+    return f"{name}: download of {repo} failed: {kind}: {first}{hint}"
+
+
+def _offline() -> bool:
+    from diffalign.engine.loading import hub_offline
+
+    return hub_offline()
+
+
+def _install(planned: PlannedAsset, token: str | None) -> None:
+    """Fetch the missing sources into a temp folder beside the target, then move them in."""
+    target = planned.target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".download", dir=target.parent))
+    try:
+        for source in planned.missing:
+            try:
+                _fetch_source(source, tmp / source.subdir if source.subdir else tmp, token)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - reported per asset by the caller
+                raise _FetchError(source, e) from e
+        previous = _read_marker(target) or {"sources": []}
+        marker = {
+            "asset": planned.asset.name,
+            "sources": sorted({*previous.get("sources", []), *(s.key for s in planned.missing)}),
+            "repos": sorted({s.repo_id for s in planned.sources}),
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if not target.exists() or not any(target.iterdir()):
+            if target.exists():
+                target.rmdir()
+            os.replace(tmp, target)
+            return
+        # completing an existing asset (e.g. another HPS version): move file by file, marker last
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file() and path.name != MARKER:
+                dest = target / path.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, dest)
+        os.replace(tmp / MARKER, target / MARKER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download_assets(
+    only: Sequence[str] | None = None,
+    models_dir: str | os.PathLike | None = None,
+    *,
+    hps_version: str = "v2.1",
+    token: str | None = None,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+    err: Callable[[str], None] | None = None,
+) -> dict[str, str]:
+    """Download the assets (`only` or the defaults); returns name -> status.
+
+    Statuses: "present" (skipped), "foreign" (folder exists, not ours: left untouched),
+    "fetched", "planned" (dry run) or "failed". A failure is reported on one line and the other
+    assets are still attempted.
+    """
+    import sys
+
+    err = err or (lambda line: print(line, file=sys.stderr))
+    plan = plan_downloads(only, models_dir, hps_version)
+    result: dict[str, str] = {}
+    for item in plan:
+        name = item.asset.name
+        if item.status == "present":
+            log(f"{name}: already complete in {item.target}, skipped")
+            result[name] = "present"
+            continue
+        if item.status == "foreign":
+            log(
+                f"{name}: {item.target} exists but was not written by `diffalign download`; left as is"
+            )
+            result[name] = "foreign"
+            continue
+        if dry_run:
+            for s in item.missing:
+                dest = item.target / s.subdir if s.subdir else item.target
+                log(f"{name}: would fetch {s.repo_id} [{', '.join(s.allow_patterns)}] -> {dest}")
+            result[name] = "planned"
+            continue
+        log(f"{name}: fetching into {item.target} ...")
+        try:
+            _install(item, token)
+        except _FetchError as e:  # one line, then the next asset
+            err(_failure_line(name, e.source, e.cause, item.asset.gated))
+            result[name] = "failed"
+            continue
+        log(f"{name}: done")
+        result[name] = "fetched"
+    return result
+
+
+def describe_assets() -> str:
+    """`name (repo): description` for every asset, `*` marking the defaults (for --help)."""
+    lines = []
+    for a in ASSETS.values():
+        star = "*" if a.default else " "
+        lines.append(f"{star} {a.name}: {a.description} [{a.sources[0].repo_id}]")
+    return "\n".join(lines)

@@ -1,0 +1,504 @@
+"""Model loading shared by every command (spec E: Model loading).
+
+`--model` may be a local diffusers folder, a Hub id (`org/name`), a preset name (`sd3`, `sd3.5`,
+...) or a single-file `.safetensors` checkpoint. Presets are looked up in the project-local
+`models/<download name>/` (or `$DIFFALIGN_MODELS_DIR`), then the legacy `third_party_weights/`,
+then the Hub. Hub access honours `HF_HUB_OFFLINE`. Anything missing ends in one
+`ModelNotFoundError` line naming the model and the `diffalign download --only NAME` command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from diffalign.engine.errors import DiffalignError, ModelNotFoundError
+
+if TYPE_CHECKING:  # heavy imports only for type checkers
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A short model name: its Hub repo, model family and the `diffalign download` asset name."""
+
+    name: str
+    repo_id: str
+    family: str
+    download_name: str
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", "sd3"),
+        Preset("sd3.5", "stabilityai/stable-diffusion-3.5-large", "sd3", "sd3.5"),
+        Preset("sd3.5-large", "stabilityai/stable-diffusion-3.5-large", "sd3", "sd3.5"),
+        Preset("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", "sd3.5-medium"),
+        Preset("sdxl-turbo", "stabilityai/sdxl-turbo", "sdxl", "sdxl-turbo"),
+        Preset("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd15", "sd15"),
+        Preset("flux-fill", "black-forest-labs/FLUX.1-Fill-dev", "flux-fill", "flux-fill"),
+    )
+}
+
+MODELS_DIR_ENV = "DIFFALIGN_MODELS_DIR"
+LEGACY_MODELS_DIR = "third_party_weights"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a `--model` value points: `kind` is "folder", "hub" or "single_file"."""
+
+    source: str
+    kind: str
+    preset: str | None = None
+    download_name: str | None = None
+
+
+def models_dir() -> Path:
+    """The project-local model folder: `$DIFFALIGN_MODELS_DIR` or `./models`."""
+    return Path(os.environ.get(MODELS_DIR_ENV) or "models")
+
+
+def hub_offline() -> bool:
+    """True when `HF_HUB_OFFLINE` is set (read at call time, not at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    if value.strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return False
+
+
+def _download_name_for_repo(repo_id: str) -> str | None:
+    for p in PRESETS.values():
+        if p.repo_id == repo_id:
+            return p.download_name
+    return None
+
+
+def _preset_local_folder(preset: Preset) -> Path | None:
+    for base in (models_dir(), Path(LEGACY_MODELS_DIR)):
+        folder = base / preset.download_name
+        if (folder / "model_index.json").is_file():
+            return folder.absolute()
+    return None
+
+
+def resolve_model(model: str, family: str | None = None) -> ResolvedModel:
+    """Say what `model` names: a local folder or file, a preset, or a Hub id (spec E).
+
+    Order: an existing local path; a preset name (then `models/<name>/`, legacy
+    `third_party_weights/<name>/`, else its Hub repo); any `org/name` is a Hub id. With `family`
+    ("sd3", "sdxl", ...) a preset of another family is refused.
+    """
+    text = str(model).strip()
+    if not text:
+        raise DiffalignError("--model is empty")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ResolvedModel(str(path), "folder")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in SINGLE_FILE_SUFFIXES:
+            return ResolvedModel(str(path), "single_file")
+        if suffix in _PICKLE_SUFFIXES:
+            raise DiffalignError(
+                f"{path}: pickled checkpoints ({suffix}) are never loaded; convert it to "
+                ".safetensors or pass a diffusers folder"
+            )
+        raise DiffalignError(f"{path}: not a model folder or a .safetensors checkpoint")
+
+    preset = PRESETS.get(text.lower())
+    if preset is not None:
+        if family is not None and preset.family != family:
+            raise DiffalignError(
+                f"--model {text} is a {preset.family} model; this command needs a {family} model "
+                f"(presets: {', '.join(n for n, p in PRESETS.items() if p.family == family)})"
+            )
+        local = _preset_local_folder(preset)
+        if local is not None:
+            return ResolvedModel(str(local), "folder", preset.name, preset.download_name)
+        return ResolvedModel(preset.repo_id, "hub", preset.name, preset.download_name)
+
+    looks_like_path = (
+        text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+        or path.parts[0] in {models_dir().name, "models", LEGACY_MODELS_DIR}  # models/sd3 missing
+    )
+    if not looks_like_path and _HUB_ID.match(text):
+        return ResolvedModel(text, "hub", None, _download_name_for_repo(text))
+    if looks_like_path or path.suffix:
+        raise ModelNotFoundError(text, None, "no such file or folder")
+    names = ", ".join(n for n, p in PRESETS.items() if family is None or p.family == family)
+    raise ModelNotFoundError(
+        text, None, f"not a local path, a preset ({names}) or a Hub id of the form org/name"
+    )
+
+
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """`"float32|fp32|float16|fp16|bfloat16|bf16"` (or a torch.dtype) -> torch.dtype."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPES.get(str(dtype).strip().lower().removeprefix("torch."))
+    if name is None:
+        raise DiffalignError(
+            f"unknown dtype '{dtype}'; choose float32 (fp32), float16 (fp16) or bfloat16 (bf16)"
+        )
+    return getattr(torch, name)
+
+
+def _dtype_kw(torch_dtype: torch.dtype) -> dict[str, Any]:
+    """`dtype=` on diffusers that renamed it (0.36+), `torch_dtype=` on older ones."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+
+        return {"dtype": torch_dtype}
+    except ImportError:
+        return {"torch_dtype": torch_dtype}
+
+
+def _tf_dtype_kw(torch_dtype: torch.dtype) -> dict[str, Any]:
+    """transformers renamed `torch_dtype` to `dtype` in 4.56."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__).release >= (4, 56)
+    return {"dtype" if new else "torch_dtype": torch_dtype}
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """Exception types diffusers / huggingface_hub raise for a model that cannot be had."""
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    try:
+        from huggingface_hub import errors as hf_errors
+
+        errors += [
+            hf_errors.LocalEntryNotFoundError,
+            hf_errors.RepositoryNotFoundError,
+            hf_errors.EntryNotFoundError,
+            hf_errors.HfHubHTTPError,
+        ]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+        errors.append(SingleFileComponentError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+def _check_folder(folder: Path, pipeline_cls: type, family: str, resolved: ResolvedModel) -> None:
+    """A pipeline folder must hold a model_index.json with the components `pipeline_cls` needs."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelNotFoundError(
+            str(folder),
+            resolved.download_name,
+            "not a diffusers pipeline folder: no model_index.json",
+        )
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DiffalignError(f"{index_file}: not valid JSON ({e})") from None
+    expected, _ = pipeline_cls._get_signature_keys(pipeline_cls)
+    required = set(expected) - set(pipeline_cls._optional_components)
+    missing = sorted(k for k in required if k not in index)
+    if missing:
+        found = index.get("_class_name", "an unknown pipeline")
+        raise DiffalignError(
+            f"{folder} holds {found}, not a {family} model (missing {', '.join(missing)})"
+        )
+
+
+def load_pipeline(
+    model: str,
+    pipeline_cls: type,
+    family: str,
+    *,
+    dtype: torch.dtype | str = "float32",
+    device: str | None = "cpu",
+    single_file_config: str | None = None,
+    expect: dict[str, type] | None = None,
+    **components: Any,
+):
+    """Load `pipeline_cls` from a folder, Hub id, preset or single file (spec E).
+
+    `components` are passed through (e.g. `vae=...`). `expect` maps a component name to the class
+    it must be. Any "cannot find it" failure becomes one ModelNotFoundError line.
+    """
+    resolved = resolve_model(model, family)
+    torch_dtype = parse_dtype(dtype)
+    offline = hub_offline()
+    errors = _hub_errors()
+    try:
+        if resolved.kind == "folder":
+            _check_folder(Path(resolved.source), pipeline_cls, family, resolved)
+            pipe = pipeline_cls.from_pretrained(
+                resolved.source, **_dtype_kw(torch_dtype), **components
+            )
+        elif resolved.kind == "hub":
+            pipe = pipeline_cls.from_pretrained(
+                resolved.source, **_dtype_kw(torch_dtype), local_files_only=offline, **components
+            )
+        else:
+            config = single_file_config or _single_file_config(resolved.source, family)
+            if config is None:
+                raise ModelNotFoundError(
+                    model,
+                    None,
+                    "cannot tell which model this single file is: pass the matching diffusers "
+                    f"{family} folder, preset or Hub id as its config (single_file_config)",
+                )
+            config_resolved = resolve_model(config, family)
+            if config_resolved.kind == "single_file":
+                raise DiffalignError(f"single-file config {config} must be a folder or Hub id")
+            if (
+                config_resolved.kind == "hub"
+                and offline
+                and not _hub_config_cached(config_resolved.source)
+            ):
+                raise ModelNotFoundError(
+                    config_resolved.source,
+                    config_resolved.download_name,
+                    "config for the single-file checkpoint is not cached and HF_HUB_OFFLINE=1",
+                )
+            local_only = offline or config_resolved.kind == "folder"
+            not_in_file = _components_not_in_file(
+                pipeline_cls, resolved.source, config_resolved.source, torch_dtype, local_only
+            )
+            pipe = pipeline_cls.from_single_file(
+                resolved.source,
+                config=config_resolved.source,
+                **_dtype_kw(torch_dtype),
+                local_files_only=local_only,
+                **{**not_in_file, **components},
+            )
+    except DiffalignError:
+        raise
+    except errors as e:
+        where = resolved.source if resolved.source != model else None
+        detail = _first_line(e)
+        if resolved.kind == "hub" and offline:
+            detail = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"
+        elif where:
+            detail = f"{where}: {detail}"
+        raise ModelNotFoundError(model, resolved.download_name, detail) from None
+
+    for name, cls in (expect or {}).items():
+        component = getattr(pipe, name, None)
+        if not isinstance(component, cls):
+            raise DiffalignError(
+                f"--model {model}: its {name} is {type(component).__name__}, "
+                f"not {cls.__name__} (is it a {family} model?)"
+            )
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def _hub_config_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id, "model_index.json")
+    except Exception:  # noqa: BLE001 - any failure means "not usable offline"
+        return False
+    return isinstance(hit, str)
+
+
+def _single_file_config(path: str, family: str) -> str | None:
+    """The diffusers config for a single file: the matching preset's local folder or repo id.
+
+    The model type is read from the tensor names and shapes only (no weights loaded), with
+    diffusers' own `infer_diffusers_model_type`.
+    """
+    try:
+        from diffusers.loaders.single_file_utils import (
+            DIFFUSERS_DEFAULT_PIPELINE_PATHS,
+            infer_diffusers_model_type,
+        )
+
+        shapes = _checkpoint_shapes(path)
+        repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS[infer_diffusers_model_type(shapes)][
+            "pretrained_model_name_or_path"
+        ]
+    except Exception:  # noqa: BLE001 - unknown layout: the caller asks for an explicit config
+        return None
+    for preset in PRESETS.values():
+        if preset.repo_id == repo and preset.family == family:
+            local = _preset_local_folder(preset)
+            return str(local) if local is not None else preset.name
+    return None  # another family, or a repo we have no preset for: ask for an explicit config
+
+
+def _checkpoint_shapes(path: str) -> dict[str, Any]:
+    """Tensor names -> objects with `.shape` only, read from the safetensors header."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {k: _ShapeOnly(torch.Size(f.get_slice(k).get_shape())) for k in f.keys()}
+
+
+def _components_not_in_file(
+    pipeline_cls: type, path: str, config: str, torch_dtype: torch.dtype, local_only: bool
+) -> dict[str, Any]:
+    """Load from `config` the text encoders (and VAE) a single-file checkpoint does not contain.
+
+    Single files often hold only the denoiser and VAE (e.g. `sd3.5_large.safetensors`); diffusers'
+    `from_single_file` looks for such encoders under diffusers' weight names only and fails on the
+    transformers `model.safetensors` of the config repo, so they are loaded here and passed in.
+    """
+    import importlib
+
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import (
+        is_clip_model_in_single_file,
+        is_t5_in_single_file,
+    )
+
+    shapes = _checkpoint_shapes(path)
+    index = pipeline_cls.load_config(config, local_files_only=local_only)
+    loaded: dict[str, Any] = {}
+    if "vae" in index and not any(k.startswith(("first_stage_model.", "vae.")) for k in shapes):
+        loaded["vae"] = AutoencoderKL.from_pretrained(
+            config, subfolder="vae", local_files_only=local_only, **_dtype_kw(torch_dtype)
+        )
+    for name, value in index.items():
+        if (
+            name.startswith("_")
+            or not isinstance(value, list | tuple)
+            or value[0] != "transformers"
+        ):
+            continue
+        cls = getattr(importlib.import_module("transformers"), value[1], None)
+        if cls is None or not hasattr(cls, "from_pretrained") or "Tokenizer" in value[1]:
+            continue
+        in_file = is_clip_model_in_single_file(cls, shapes) or (
+            "T5" in value[1] and is_t5_in_single_file(shapes)
+        )
+        if not in_file:
+            loaded[name] = cls.from_pretrained(
+                config, subfolder=name, local_files_only=local_only, **_tf_dtype_kw(torch_dtype)
+            )
+    return loaded
+
+
+@dataclass(frozen=True)
+class _ShapeOnly:
+    shape: Any
+
+
+def load_vae(
+    vae: str, *, config: str | None = None, dtype: torch.dtype | str = "float32", family="sd3"
+):
+    """An AutoencoderKL from a folder (its own or a pipeline's `vae/`), Hub id or single file.
+
+    A single file needs a config: `config` (a pipeline folder or Hub id whose `vae/` holds it).
+    """
+    from diffusers import AutoencoderKL
+
+    torch_dtype = parse_dtype(dtype)
+    offline = hub_offline()
+    path = Path(vae).expanduser()
+    try:
+        if path.is_dir():
+            sub = "vae" if (path / "vae" / "config.json").is_file() else None
+            if sub is None and not (path / "config.json").is_file():
+                raise ModelNotFoundError(vae, None, "not an AutoencoderKL folder: no config.json")
+            return AutoencoderKL.from_pretrained(str(path), subfolder=sub, **_dtype_kw(torch_dtype))
+        if path.is_file():
+            resolved = resolve_model(str(path))  # refuses pickles
+            if config is None:
+                raise ModelNotFoundError(vae, None, "a single-file VAE needs a config folder")
+            cfg = resolve_model(config, family)
+            return AutoencoderKL.from_single_file(
+                resolved.source,
+                config=cfg.source,
+                subfolder="vae",
+                **_dtype_kw(torch_dtype),
+                local_files_only=offline or cfg.kind == "folder",
+            )
+        resolved = resolve_model(vae)
+        return AutoencoderKL.from_pretrained(
+            resolved.source, subfolder="vae", **_dtype_kw(torch_dtype), local_files_only=offline
+        )
+    except DiffalignError:
+        raise
+    except _hub_errors() as e:
+        raise ModelNotFoundError(vae, None, f"VAE: {_first_line(e)}") from None
+
+
+def load_sd3_pipeline(
+    model: str,
+    *,
+    dtype: torch.dtype | str = "float32",
+    device: str = "cpu",
+    vae: str | None = None,
+    single_file_config: str | None = None,
+) -> StableDiffusion3Pipeline:
+    """A StableDiffusion3Pipeline (SD3 / SD3.5) from any `--model` form (spec E, seed 002).
+
+    `vae` replaces the checkpoint's VAE (a folder or a single-file AutoencoderKL, as in the
+    seed's `--vae models/sd3_vae.safetensors`).
+    """
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    components: dict[str, Any] = {}
+    if vae is not None:
+        config = single_file_config
+        if config is None:
+            resolved = resolve_model(model, "sd3")
+            config = (
+                resolved.source
+                if resolved.kind != "single_file"
+                else _single_file_config(resolved.source, "sd3")
+            )
+        components["vae"] = load_vae(vae, config=config, dtype=dtype)
+    return load_pipeline(
+        model,
+        StableDiffusion3Pipeline,
+        "sd3",
+        dtype=dtype,
+        device=device,
+        single_file_config=single_file_config,
+        expect={"transformer": SD3Transformer2DModel},
+        **components,
+    )
