@@ -1,1 +1,59 @@
-"""N: orthogonal-constrained noise (seed 001)."""
+"""N: orthogonal-constrained noise (seed 001).
+
+Public API: :class:`PatchOrthogonal` (patch-wise orthogonal map ``z -> Q z``), :func:`patchify` /
+:func:`unpatchify`, :func:`orthogonality_error`, and the Gaussianity diagnostics
+:func:`gaussianity_report` / :func:`write_gaussianity_diagnostics`.
+
+Names are resolved lazily so that importing the CLI wiring (``diffalign.noise.cli``) does not
+import torch: ``diffalign --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "PatchOrthogonal": "orthogonal",
+    "apply_patch_orthogonal": "orthogonal",
+    "haar_orthogonal": "orthogonal",
+    "orthogonality_error": "orthogonal",
+    "patchify": "orthogonal",
+    "skew_to_orthogonal": "orthogonal",
+    "unpatchify": "orthogonal",
+    "gaussianity_report": "diagnostics",
+    "write_gaussianity_diagnostics": "diagnostics",
+}
+
+__all__ = [
+    "PatchOrthogonal",
+    "apply_patch_orthogonal",
+    "gaussianity_report",
+    "haar_orthogonal",
+    "orthogonality_error",
+    "patchify",
+    "skew_to_orthogonal",
+    "unpatchify",
+    "write_gaussianity_diagnostics",
+]
+
+if TYPE_CHECKING:
+    from diffalign.noise.diagnostics import gaussianity_report, write_gaussianity_diagnostics
+    from diffalign.noise.orthogonal import (
+        PatchOrthogonal,
+        apply_patch_orthogonal,
+        haar_orthogonal,
+        orthogonality_error,
+        patchify,
+        skew_to_orthogonal,
+        unpatchify,
+    )
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffalign.noise' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"diffalign.noise.{module}"), name)
+    globals()[name] = value
+    return value
