@@ -4,4 +4,145 @@ from __future__ import annotations
 
 
 def register(verbs) -> None:
-    pass
+    p = verbs.add_parser(
+        "calibrate",
+        help="compute per-layer Procrustes rotations for the LN residual (seed 000)",
+        description=(
+            "Run the model on the first N prompts of a dataset (one random timestep index per "
+            "sample), stream the token-wise standardised text tokens entering the origin and "
+            "each target block into float64 X^T Y sums, and solve the orthogonal Procrustes "
+            "problem per target layer. Writes the rotation file (safetensors) and, beside it, "
+            "summary.json (alignment error before/after per layer) and procrustes_errors.png. "
+            "Runs sharded under `accelerate launch`."
+        ),
+    )
+    p.add_argument(
+        "--model",
+        default="sd3",
+        help="sd3 | sd3.5 | sd3.5-medium | diffusers folder | Hub id | .safetensors "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="prompt set(s), comma-combined: a .txt/.jsonl/COCO json/GenEval jsonl/DPG folder, "
+        "or coco, geneval, dpg under --datadir",
+    )
+    p.add_argument("--datadir", default=None, help="folder holding the named datasets")
+    p.add_argument(
+        "--num-samples", type=int, default=200, help="first N prompts used (default: %(default)s)"
+    )
+    p.add_argument(
+        "--origin-layer",
+        type=int,
+        default=0,
+        help="origin block; 0 = text after the context embedder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--target-layer-start",
+        type=int,
+        default=2,
+        help="targets are this block to the last (default: %(default)s)",
+    )
+    p.add_argument(
+        "--target-layers",
+        default=None,
+        help="explicit target blocks, e.g. '3,5,7' (overrides --target-layer-start)",
+    )
+    p.add_argument(
+        "--output",
+        default="procrustes_rotations.safetensors",
+        help="rotation file to write (safetensors content whatever the suffix; "
+        "default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of timesteps and noise (default: 0)")
+    p.add_argument(
+        "--token-strategy",
+        choices=("all", "valid"),
+        default="all",
+        help="all text tokens, or valid = CLIP and T5 tokens through EOS (default: %(default)s)",
+    )
+    p.add_argument(
+        "--xt-source",
+        choices=("trajectory", "noise"),
+        default="trajectory",
+        help="trajectory = sample from noise up to the drawn step (what generation sees); "
+        "noise = pure Gaussian latents at the drawn timestep, one forward (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=28,
+        help="sampling steps of the schedule the timestep index is drawn from (default: 28)",
+    )
+    p.add_argument(
+        "--cfg",
+        type=float,
+        default=1.0,
+        help="guidance scale; > 1 adds the unconditional branch (empty prompt) to the "
+        "trajectory and to the collected tokens (default: %(default)s = conditional only)",
+    )
+    p.add_argument("--height", type=int, default=None, help="image height (default: model's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: model's)")
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="prompts per forward (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=256,
+        help="T5 tokens, as in generation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="model dtype; auto = bfloat16 on GPU, float32 on CPU (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: accelerate's device)"
+    )
+    p.set_defaults(func=_run_calibrate)
+
+
+def _run_calibrate(args) -> int:
+    from diffalign.engine.cliutils import parse_int_list
+    from diffalign.textstream.calibrate import calibrate
+
+    targets = None
+    if args.target_layers is not None:
+        targets = parse_int_list(args.target_layers, "--target-layers")
+        if not targets:
+            from diffalign.engine.errors import DiffalignError
+
+            raise DiffalignError("--target-layers is empty")
+    summary = calibrate(
+        model=args.model,
+        dataset=args.dataset,
+        datadir=args.datadir,
+        num_samples=args.num_samples,
+        origin_layer=args.origin_layer,
+        target_layer_start=args.target_layer_start,
+        target_layers=targets,
+        output=args.output,
+        seed=args.seed,
+        token_strategy=args.token_strategy,
+        xt_source=args.xt_source,
+        steps=args.steps,
+        cfg=args.cfg,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        max_sequence_length=args.max_sequence_length,
+    )
+    from diffalign.engine.progress import is_main_process
+
+    if is_main_process():
+        print(
+            f"wrote {summary['output']}: {len(summary['target_layers'])} rotations, "
+            f"{summary['num_valid_tokens']} tokens, mean error "
+            f"{summary['mean_error_before']:.4f} -> {summary['mean_error_after']:.4f}"
+        )
+    return 0

@@ -1,7 +1,307 @@
-"""`diffalign textstream sample | generate | geneval | dpg` (spec T: Generation)."""
+"""`diffalign textstream sample | generate | geneval | dpg` (spec T: Generation; seed 002).
+
+Parsing only; the work is in `diffalign.textstream.generate`. Heavy imports stay in handlers.
+"""
 
 from __future__ import annotations
 
+_RESIDUAL_HELP = (
+    "Residual text-stream options (seeds 002/000): re-inject the text tokens of the origin "
+    "layer into the text stream of each target block."
+)
+
+
+def _add_common(p, *, multi_model: bool = False, size: bool = True) -> None:
+    g = p.add_argument_group("sampling")
+    if multi_model:
+        g.add_argument(
+            "--model",
+            nargs="+",
+            action="extend",
+            default=None,
+            metavar="MODEL",
+            help="sd3 | sd3.5 | sd3.5-medium | diffusers folder | Hub id | single-file "
+            ".safetensors; several give one folder per prompt/model (default: sd3)",
+        )
+    else:
+        g.add_argument(
+            "--model",
+            default="sd3",
+            help="sd3 | sd3.5 | sd3.5-medium | diffusers folder | Hub id | single-file "
+            ".safetensors (default: %(default)s)",
+        )
+    g.add_argument("--vae", default=None, help="VAE to use instead of the model's own")
+    g.add_argument("--steps", type=int, default=28, help="denoising steps (default: %(default)s)")
+    g.add_argument(
+        "--cfg",
+        type=float,
+        default=7.0,
+        help="classifier-free guidance scale (default: %(default)s)",
+    )
+    if size:
+        g.add_argument(
+            "--height", type=int, default=1024, help="image height (default: %(default)s)"
+        )
+        g.add_argument("--width", type=int, default=1024, help="image width (default: %(default)s)")
+    else:  # dpg: tiles are --resolution squared; these only confirm it
+        g.add_argument("--height", type=int, default=None, help="must equal --resolution if given")
+        g.add_argument("--width", type=int, default=None, help="must equal --resolution if given")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed; image k of prompt i uses seed + i*n_samples + k (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per pipeline call (default: all samples of a prompt at once)",
+    )
+    g.add_argument("--negative-prompt", default=None, help="negative prompt (default: none)")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        help="fp32 | fp16 | bf16 (default: bf16 on cuda, fp32 on cpu)",
+    )
+    g.add_argument(
+        "--device",
+        default=None,
+        help="torch device (default: the process's accelerate device, cuda if available)",
+    )
+    g.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=256,
+        help="T5 token length (default: %(default)s)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo finished prompts (default: skip them, so a run can be resumed)",
+    )
+
+    r = p.add_argument_group("residual", _RESIDUAL_HELP)
+    r.add_argument(
+        "--residual-origin-layer",
+        type=int,
+        default=None,
+        metavar="INT",
+        help="layer whose incoming text tokens are re-used; 0 = before block 0 "
+        "(default: 0, or the rotation file's)",
+    )
+    r.add_argument(
+        "--residual-target-layers",
+        nargs="*",
+        default=None,
+        metavar="LAYERS",
+        help='blocks receiving the residual: "3,5,7" or "3 5 7"; "" = off '
+        "(default: off, or the rotation file's layers)",
+    )
+    r.add_argument(
+        "--residual-weights",
+        nargs="*",
+        default=None,
+        metavar="WEIGHTS",
+        help="one weight per target, or one for all (default: 1.0 each)",
+    )
+    r.add_argument(
+        "--residual-procrustes-path",
+        default=None,
+        metavar="FILE",
+        help="rotation file from `diffalign textstream calibrate` (implies --residual-mode ln)",
+    )
+    r.add_argument(
+        "--residual-mode",
+        choices=["plain", "ln"],
+        default=None,
+        help="plain: c + w*o; ln: standardise, rotate, mix, rescale (default: plain, or ln "
+        "with a rotation file)",
+    )
+    r.add_argument(
+        "--residual-layernorm",
+        action="store_true",
+        help="parameter-free LayerNorm on the mix before rescaling (ln mode)",
+    )
+
 
 def register(verbs) -> None:
-    pass
+    """Add sample, generate, geneval and dpg to `diffalign textstream`."""
+    p = verbs.add_parser(
+        "sample",
+        help="images for one or more prompts and models (seed 002's sd3_infer.py)",
+        description="Generate images for each prompt with each model, with the optional "
+        "text-stream residual. One folder per prompt/model under --output-dir: "
+        "<model>_<prompt slug>/000.png ..., grid.png, settings.json.",
+    )
+    p.add_argument(
+        "--prompt", action="append", required=True, help="prompt text (repeat for several)"
+    )
+    p.add_argument(
+        "--output-dir",
+        "--save-dir",
+        default="outputs",
+        help="where the prompt/model folders go (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n-samples", type=int, default=1, help="images per prompt (default: %(default)s)"
+    )
+    _add_common(p, multi_model=True)
+    p.set_defaults(func=_run_sample)
+
+    p = verbs.add_parser(
+        "generate",
+        help="images for every prompt of a prompt file or dataset",
+        description="Generate images for a prompt set (.txt, .jsonl, COCO captions json, "
+        "GenEval metadata, DPG-Bench folder, or names coco/coco2014/geneval/dpg under "
+        "--datadir; comma-separated to combine). Layout: OUT/<index:05d>_<slug>/000.png ..., "
+        "prompt.json per folder, OUT/settings.json and OUT/summary.json.",
+    )
+    p.add_argument("--prompts", required=True, help="prompt file, folder or dataset name(s)")
+    p.add_argument("--datadir", default=None, help="folder the dataset names are looked up in")
+    p.add_argument("--output-dir", "--save-dir", required=True, help="output folder")
+    p.add_argument(
+        "--n-samples", type=int, default=1, help="images per prompt (default: %(default)s)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument(
+        "--prompt-field", default="prompt", help="prompt key in .jsonl files (default: %(default)s)"
+    )
+    _add_common(p)
+    p.set_defaults(func=_run_generate)
+
+    p = verbs.add_parser(
+        "geneval",
+        help="GenEval images: OUT/<00000>/metadata.jsonl + samples/0000.png",
+        description="Generate the GenEval image folders from evaluation_metadata.jsonl: "
+        "OUT/<index:05d>/metadata.jsonl (the prompt's line), OUT/<index:05d>/samples/0000.png "
+        "..., grid.png; run records in OUT/settings.json and OUT/summary.json. Resumable; "
+        "shard with `accelerate launch`.",
+    )
+    p.add_argument("--metadata", required=True, help="GenEval evaluation_metadata.jsonl")
+    p.add_argument("--output-dir", "--save-dir", required=True, help="output folder")
+    p.add_argument(
+        "--n-samples", type=int, default=4, help="images per prompt (default: %(default)s)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    _add_common(p)
+    p.set_defaults(func=_run_geneval)
+
+    p = verbs.add_parser(
+        "dpg",
+        help="DPG-Bench images: OUT/<id>.png, 2x2 grids",
+        description="Generate DPG-Bench images from prompts/<id>.txt: one flat folder with "
+        "only <id>.png, each a row-major 2x2 grid of 4 samples of --resolution squared. The run "
+        "records go beside the folder: OUT.settings.json and OUT.summary.json. Resumable; "
+        "shard with `accelerate launch`.",
+    )
+    p.add_argument("--prompts-dir", required=True, help="DPG-Bench prompts/ folder or its parent")
+    p.add_argument("--output-dir", "--save-dir", required=True, help="output folder")
+    p.add_argument(
+        "--resolution", type=int, default=1024, help="tile size in pixels (default: %(default)s)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    _add_common(p, size=False)
+    p.set_defaults(func=_run_dpg)
+
+
+def _configs(args, n_samples: int, model: str | None = None):
+    from diffalign.engine.cliutils import parse_float_list, parse_int_list
+    from diffalign.textstream.generate import GenerationConfig, ResidualConfig
+
+    cfg = GenerationConfig(
+        model=model if model is not None else args.model,
+        vae=args.vae,
+        steps=args.steps,
+        cfg=args.cfg,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        n_samples=n_samples,
+        batch_size=args.batch_size,
+        negative_prompt=args.negative_prompt,
+        dtype=args.dtype,
+        device=args.device,
+        max_sequence_length=args.max_sequence_length,
+        overwrite=args.overwrite,
+    )
+    targets = args.residual_target_layers
+    weights = args.residual_weights
+    rc = ResidualConfig(
+        origin_layer=args.residual_origin_layer,
+        target_layers=None
+        if targets is None
+        else parse_int_list(targets, "--residual-target-layers"),
+        weights=None if not weights else parse_float_list(weights, "--residual-weights") or None,
+        mode=args.residual_mode,
+        procrustes_path=args.residual_procrustes_path,
+        layernorm=args.residual_layernorm,
+    )
+    return cfg, rc
+
+
+def _print_summary(summary: dict, where: str) -> None:
+    from diffalign.engine.progress import is_main_process
+
+    if is_main_process():
+        print(
+            f"{summary['command']}: {summary['prompts_done']} prompts generated, "
+            f"{summary['prompts_skipped']} skipped, {summary['images_written']} images in "
+            f"{summary['seconds']:.1f} s -> {where}"
+        )
+
+
+def _run_sample(args) -> int:
+    from diffalign.textstream.generate import run_sample
+
+    models = args.model or ["sd3"]
+    cfg, rc = _configs(args, args.n_samples, model=models[0])
+    summary = run_sample(args.prompt, models, args.output_dir, cfg, rc)
+    _print_summary(summary, args.output_dir)
+    return 0
+
+
+def _run_generate(args) -> int:
+    from diffalign.textstream.generate import run_generate
+
+    cfg, rc = _configs(args, args.n_samples)
+    summary = run_generate(
+        args.prompts,
+        args.output_dir,
+        cfg,
+        rc,
+        datadir=args.datadir,
+        limit=args.limit,
+        prompt_field=args.prompt_field,
+    )
+    _print_summary(summary, args.output_dir)
+    return 0
+
+
+def _run_geneval(args) -> int:
+    from diffalign.textstream.generate import run_geneval
+
+    cfg, rc = _configs(args, args.n_samples)
+    summary = run_geneval(args.metadata, args.output_dir, cfg, rc, limit=args.limit)
+    _print_summary(summary, args.output_dir)
+    return 0
+
+
+def _run_dpg(args) -> int:
+    from diffalign.engine.errors import DiffalignError
+    from diffalign.textstream.generate import run_dpg
+
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value != args.resolution:
+            raise DiffalignError(
+                f"--{name} {value} differs from --resolution {args.resolution}; DPG-Bench "
+                "tiles are square, set --resolution only"
+            )
+    args.height = args.width = args.resolution
+    cfg, rc = _configs(args, 4)
+    summary = run_dpg(
+        args.prompts_dir, args.output_dir, cfg, rc, resolution=args.resolution, limit=args.limit
+    )
+    _print_summary(summary, args.output_dir)
+    return 0

@@ -1,0 +1,376 @@
+"""Benchmark of the text-stream residual (spec T): forward-time overhead and calibration memory.
+
+1. Forward time of an SD3-shaped `SD3Transformer2DModel` (random weights) in the same run:
+   vanilla, residual attached but off (no targets), plain residual on one target, and LN +
+   Procrustes rotation on every block from 2 to the last. Repetitions are interleaved
+   (each round in a fresh random order) so machine noise hits every variant alike; medians,
+   ratios to vanilla and the median of per-round ratios are reported. On CPU the clock is the
+   thread's CPU time with one torch thread (robust on a shared machine). Goal: overhead < 3%.
+2. Peak memory of calibration (`calibrate()` on a tiny pipeline, pure-noise x_t) as the number
+   of samples grows: the streaming float64 accumulator against a naive variant that stores all
+   tokens and solves at the end. Each run is a fresh subprocess (after a 1-sample warm-up);
+   reported: peak RSS during the run above the RSS at its start (sampled every 2 ms), and the
+   bytes the accumulator itself holds.
+   Goal: streaming memory independent of the number of samples.
+
+    python bench/textstream.py [--quick] [--sd3-medium] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_transformer(layers: int, heads: int, head_dim: int, image_tokens: int, device, dtype):
+    from diffusers import SD3Transformer2DModel
+
+    side = int(round(image_tokens**0.5)) * 2  # latent side for patch size 2
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(
+        sample_size=side,
+        patch_size=2,
+        in_channels=16,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=4096 if heads * head_dim >= 1536 else 256,
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=2048 if heads * head_dim >= 1536 else 64,
+        out_channels=16,
+        pos_embed_max_size=max(96, side // 2),
+    )
+    return tr.to(device=device, dtype=dtype).eval(), side
+
+
+def forward_overhead(args) -> dict:
+    from diffalign.textstream import TextStreamResidual
+
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype
+    ]
+    tr, side = build_transformer(
+        args.layers, args.heads, args.head_dim, args.image_tokens, device, dtype
+    )
+    d = args.heads * args.head_dim
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(args.batch, 16, side, side, generator=g),
+        "encoder_hidden_states": torch.randn(
+            args.batch, args.text_tokens, tr.config.joint_attention_dim, generator=g
+        ),
+        "pooled_projections": torch.randn(args.batch, tr.config.pooled_projection_dim, generator=g),
+        "timestep": torch.full((args.batch,), 500.0),
+    }
+    inputs = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        for k, v in inputs.items()
+    }
+    targets = list(range(2, args.layers))
+    rotations = {}
+    for t in targets:
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        rotations[t] = q.float()
+    variants = {
+        "vanilla": None,
+        "off": TextStreamResidual(0, []),
+        "plain_1_target": TextStreamResidual(0, [args.layers // 2], [0.5], mode="plain"),
+        f"ln_rot_{len(targets)}_targets": TextStreamResidual(
+            0, targets, [0.5], mode="ln", rotations=rotations
+        ),
+    }
+
+    # On CPU the clock is the calling thread's CPU time with one torch thread: on a shared
+    # machine, time slices lost to other processes then do not count. On GPU: wall time.
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+
+    def timed(res) -> float:
+        handle = res.attach(tr) if res is not None else None
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = clock()
+            with torch.no_grad():
+                tr(**inputs, return_dict=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return clock() - start
+        finally:
+            if handle is not None:
+                handle.detach()
+
+    names = list(variants)
+    for _ in range(args.warmup):
+        for name in names:
+            timed(variants[name])
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rng = random.Random(0)
+    for _ in range(args.reps):
+        order = names[:]
+        rng.shuffle(order)  # interleaved, in a fresh order each round
+        for name in order:
+            times[name].append(timed(variants[name]))
+    base = statistics.median(times["vanilla"])
+    rows = {}
+    for name in names:
+        med = statistics.median(times[name])
+        # per-round ratio to that round's vanilla time: robust to slow drifts of a shared machine
+        paired = statistics.median(a / b for a, b in zip(times[name], times["vanilla"]))
+        rows[name] = {
+            "median_s": med,
+            "ratio": med / base,
+            "overhead_pct": 100 * (med / base - 1),
+            "paired_ratio": paired,
+            "paired_overhead_pct": 100 * (paired - 1),
+            "min_s": min(times[name]),
+            "reps": len(times[name]),
+        }
+    return {
+        "shape": {
+            "layers": args.layers,
+            "heads": args.heads,
+            "head_dim": args.head_dim,
+            "width": d,
+            "text_tokens": args.text_tokens,
+            "image_tokens": (side // 2) ** 2,
+            "batch": args.batch,
+            "dtype": args.dtype,
+            "device": str(device),
+            "clock": "wall" if device.type == "cuda" else "thread CPU time, 1 torch thread",
+        },
+        "variants": rows,
+    }
+
+
+# -- calibration memory ---------------------------------------------------------------------
+class RssSampler:
+    """Peak resident memory above the level at entry, sampled every 2 ms from /proc (Linux)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self.start = interval, 0, 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def memory_child(mode: str, samples: int, out: str) -> None:
+    """Run calibrate() on a tiny pipeline; write peak-RSS growth over a warm-up run."""
+    torch.set_num_threads(1)
+    import diffalign.textstream.calibrate as cal
+    from diffalign.engine.tiny import build_tiny_sd3_pipeline
+    from diffalign.textstream.procrustes import ProcrustesAccumulator
+
+    held = {"bytes": 0}
+
+    class StoreAll(ProcrustesAccumulator):
+        """Naive: keep every standardised token, solve from the stacked matrices at the end."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.stored: dict[int, list] = {t: [] for t in self.target_layers}
+
+        def add(self, layer, x, y):
+            self.stored[layer].append((x.clone(), y.clone()))
+            held["bytes"] += 2 * x.numel() * 8
+
+        def solve(self):
+            for layer, pairs in self.stored.items():
+                x = torch.cat([p[0] for p in pairs])
+                y = torch.cat([p[1] for p in pairs])
+                super().add(layer, x, y)
+            return super().solve()
+
+    class Streaming(ProcrustesAccumulator):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            held["bytes"] = self.state().numel() * 8
+
+    cal.ProcrustesAccumulator = StoreAll if mode == "store_all" else Streaming
+    pipe = build_tiny_sd3_pipeline(0, num_layers=8, num_attention_heads=4, attention_head_dim=64)
+    prompts = [f"prompt number {i} with a few words" for i in range(samples)]
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = dict(
+            pipe=pipe,
+            origin_layer=0,
+            target_layer_start=2,
+            xt_source="noise",
+            steps=28,
+            output=os.path.join(tmp, "rot.safetensors"),
+            device="cpu",
+        )
+        cal.calibrate(prompts=prompts[:1], num_samples=1, **kw)  # warm-up: allocator, imports
+        sampler = RssSampler()
+        start = time.perf_counter()
+        with sampler:
+            summary = cal.calibrate(prompts=prompts, num_samples=samples, **kw)
+        seconds = time.perf_counter() - start
+    Path(out).write_text(
+        json.dumps(
+            {
+                "mode": mode,
+                "samples": samples,
+                "tokens": summary["num_valid_tokens"],
+                "feature_dim": summary["feature_dim"],
+                "target_layers": len(summary["target_layers"]),
+                "peak_rss_growth_mb": sampler.growth_mb,
+                "accumulator_mb": held["bytes"] / 2**20,
+                "seconds": seconds,
+            }
+        )
+    )
+
+
+def calibration_memory(sample_counts: list[int]) -> list[dict]:
+    rows = []
+    for n in sample_counts:
+        for mode in ("streaming", "store_all"):
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                out = f.name
+            env = {**os.environ, "DIFFALIGN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+            subprocess.run(
+                [sys.executable, __file__, "--memory-child", mode, str(n), out],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            rows.append(json.loads(Path(out).read_text()))
+            os.unlink(out)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shape and few repetitions")
+    p.add_argument(
+        "--sd3-medium",
+        action="store_true",
+        help="real SD3-medium size: 24 blocks, 24 heads x 64, 4096 image tokens, "
+        "CFG batch 2 (for a GPU)",
+    )
+    p.add_argument("--layers", type=int, default=None, help="blocks (CPU default 24)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (CPU default 4)")
+    p.add_argument("--head-dim", type=int, default=64, help="head width (default 64)")
+    p.add_argument("--image-tokens", type=int, default=None, help="CPU default 1024")
+    p.add_argument("--text-tokens", type=int, default=333, help="77 CLIP + 256 T5 (default)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default 1; 2 with sd3)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds (default 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument(
+        "--memory-samples",
+        default=None,
+        help="comma-separated sample counts for the memory part (default 4,16,64)",
+    )
+    p.add_argument("--skip-memory", action="store_true", help="only the forward timing")
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--memory-child", nargs=3, metavar=("MODE", "N", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        mode, n, out = args.memory_child
+        memory_child(mode, int(n), out)
+        return 0
+
+    if args.sd3_medium:
+        defaults = dict(
+            layers=24,
+            heads=24,
+            image_tokens=4096,
+            batch=2,
+            reps=20,
+            dtype="bfloat16" if args.device.startswith("cuda") else "float32",
+        )
+    elif args.quick:
+        defaults = dict(layers=8, heads=4, image_tokens=256, batch=1, reps=7, dtype="float32")
+    else:
+        defaults = dict(layers=24, heads=4, image_tokens=1024, batch=1, reps=15, dtype="float32")
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # thread_time() then covers all the compute
+
+    results: dict = {
+        "machine": {
+            "device": args.device,
+            "cuda": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+    }
+    t0 = time.time()
+    fwd = forward_overhead(args)
+    results["forward"] = fwd
+    s = fwd["shape"]
+    print(
+        f"forward: {s['layers']} blocks, width {s['width']} ({s['heads']}x{s['head_dim']}), "
+        f"{s['text_tokens']} text + {s['image_tokens']} image tokens, batch {s['batch']}, "
+        f"{s['dtype']} on {s['device']} ({time.time() - t0:.0f} s)"
+    )
+    print(f"  {'variant':<24} {'median ms':>10} {'ratio':>8} {'overhead':>9} {'paired':>9}")
+    for name, row in fwd["variants"].items():
+        print(
+            f"  {name:<24} {1000 * row['median_s']:>10.1f} {row['ratio']:>8.4f} "
+            f"{row['overhead_pct']:>8.2f}% {row['paired_overhead_pct']:>8.2f}%"
+        )
+
+    if not args.skip_memory:
+        counts = [
+            int(x)
+            for x in (args.memory_samples or ("4,16" if args.quick else "4,16,64")).split(",")
+        ]
+        mem = calibration_memory(counts)
+        results["calibration_memory"] = mem
+        print("calibration memory (tiny pipeline, 8 blocks, width 256, 333 tokens/sample):")
+        print(f"  {'samples':>7} {'mode':<10} {'tokens':>7} {'held MB':>9} {'peak RSS +MB':>13}")
+        for r in mem:
+            print(
+                f"  {r['samples']:>7} {r['mode']:<10} {r['tokens']:>7} "
+                f"{r['accumulator_mb']:>9.1f} {r['peak_rss_growth_mb']:>13.1f}"
+            )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Launcher for SD3 / SD3.5 sampling with the text-stream residual (seed 002's run_inference.sh).
+#
+#   ./run_inference.sh sd3|sd3.5 "prompt" [extra diffalign textstream sample options...]
+#
+# Runs `diffalign textstream sample --model <checkpoint> [--vae <vae>] --prompt "prompt" ...`.
+# Weights are looked up in $MODEL_DIR (default: models); override single paths with
+#   SD3_MODEL_PATH   (default: $MODEL_DIR/sd3_medium.safetensors)
+#   SD35_MODEL_PATH  (default: $MODEL_DIR/sd3.5_large.safetensors)
+#   VAE_PATH         (default: $MODEL_DIR/sd3_vae.safetensors; passed only if the file exists)
+# Any further arguments go to `diffalign textstream sample` unchanged, e.g.
+#   ./run_inference.sh sd3.5 "cinematic portrait" --residual_origin_layer 0 \
+#       --residual_target_layers 4,8,12 --residual_weights 1.0,0.5,0.25
+set -euo pipefail
+
+usage() {
+    cat >&2 <<'USAGE'
+usage: ./run_inference.sh sd3|sd3.5 "prompt" [extra options for `diffalign textstream sample`]
+
+environment: MODEL_DIR (default: models), SD3_MODEL_PATH, SD35_MODEL_PATH, VAE_PATH
+example:     ./run_inference.sh sd3 "neon street at night" --residual_target_layers 3,5,7
+USAGE
+}
+
+if [[ $# -lt 2 ]]; then
+    usage
+    exit 2
+fi
+
+model_kind="$1"
+prompt="$2"
+shift 2
+
+MODEL_DIR="${MODEL_DIR:-models}"
+SD3_MODEL_PATH="${SD3_MODEL_PATH:-$MODEL_DIR/sd3_medium.safetensors}"
+SD35_MODEL_PATH="${SD35_MODEL_PATH:-$MODEL_DIR/sd3.5_large.safetensors}"
+VAE_PATH="${VAE_PATH:-$MODEL_DIR/sd3_vae.safetensors}"
+
+case "$model_kind" in
+    sd3) model="$SD3_MODEL_PATH" ;;
+    sd3.5 | sd35) model="$SD35_MODEL_PATH" ;;
+    *)
+        echo "run_inference.sh: unknown model '$model_kind' (expected sd3 or sd3.5)" >&2
+        usage
+        exit 2
+        ;;
+esac
+
+if [[ -z "$prompt" ]]; then
+    echo "run_inference.sh: the prompt is empty" >&2
+    usage
+    exit 2
+fi
+
+vae_args=()
+if [[ -f "$VAE_PATH" ]]; then
+    vae_args=(--vae "$VAE_PATH")
+fi
+
+if command -v diffalign >/dev/null 2>&1; then
+    diffalign_cmd=(diffalign)
+else
+    diffalign_cmd=("${PYTHON:-python3}" -m diffalign)
+fi
+
+exec "${diffalign_cmd[@]}" textstream sample --model "$model" ${vae_args[@]+"${vae_args[@]}"} \
+    --prompt "$prompt" "$@"

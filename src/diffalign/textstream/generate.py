@@ -1,0 +1,819 @@
+"""Image generation with the text-stream residual: `sample`, `generate`, `geneval`, `dpg`
+(spec T: Generation; seeds 002 and 000).
+
+Each command is a list of prompts turned into images by one SD3/SD3.5 pipeline with an optional
+`TextStreamResidual` attached to its transformer. What differs is only where the images go:
+
+- `sample`:   `OUT/<model>_<prompt slug>/000.png ...` + `settings.json` per folder (seed 002:
+  one folder per prompt/model combination), `grid.png` when there are several samples.
+- `generate`: `OUT/<index:05d>_<prompt slug>/000.png ...` + `prompt.json` per folder;
+  `OUT/settings.json` and `OUT/summary.json` for the run.
+- `geneval`:  `OUT/<index:05d>/metadata.jsonl` (the prompt's input line) and
+  `OUT/<index:05d>/samples/0000.png ...` + `grid.png`; run files `OUT/settings.json` and
+  `OUT/summary.json` (non-digit names, skipped by the evaluator). FORMATS.md: GenEval.
+- `dpg`:      `OUT/<id>.png`, a row-major 2x2 grid of 4 square tiles, nothing else in `OUT`;
+  run files beside it: `OUT.settings.json` and `OUT.summary.json`. FORMATS.md: DPG-Bench.
+
+Every unit of output (a prompt folder, a DPG png) appears atomically, so an interrupted run
+leaves only finished units; a re-run skips them (`overwrite=True` redoes them). Image k of
+prompt i uses the seed `seed + i * n_samples + k` (CPU generator), independent of the batch size
+and of how prompts are sharded over processes. Under `accelerate launch` process r of w takes
+prompts `i % w == r`; rank 0 writes the run-level settings and, after all ranks finish, the
+summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffalign.engine.errors import DiffalignError
+
+SEED_RULE = "image k of prompt i uses seed + i * n_samples + k (torch CPU generator)"
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_DTYPE_ALIASES = {
+    "fp32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+}
+# options that do not change the pixels: a finished folder made with other values is reused
+_NOT_IMAGE_AFFECTING = {"batch_size", "device", "overwrite"}
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling options shared by all generation commands (spec T: Generation)."""
+
+    model: str = "sd3"
+    vae: str | None = None
+    steps: int = 28
+    cfg: float = 7.0
+    height: int = 1024
+    width: int = 1024
+    seed: int = 0
+    n_samples: int = 1
+    batch_size: int | None = None  # None: all samples of a prompt in one pipeline call
+    negative_prompt: str | None = None
+    dtype: str | None = None  # fp32 | fp16 | bf16; None: bf16 on cuda, fp32 otherwise
+    device: str | None = None  # None: the accelerate process's device (cuda if available)
+    max_sequence_length: int = 256
+    overwrite: bool = False
+
+
+@dataclass
+class ResidualConfig:
+    """Residual options as the user gave them (seed 002 / 000 names).
+
+    `target_layers=None` means "not given" (the rotation file's layers if one is given, else
+    off); `[]` means off. `mode=None` lets `build_residual` choose.
+    """
+
+    origin_layer: int | None = None
+    target_layers: list[int] | None = None
+    weights: list[float] | None = None
+    mode: str | None = None
+    procrustes_path: str | None = None
+    layernorm: bool = False
+
+
+@dataclass
+class RunSummary:
+    """What a run did; written as `summary.json` by rank 0."""
+
+    command: str
+    prompts_total: int = 0
+    prompts_done: int = 0
+    prompts_skipped: int = 0
+    images_written: int = 0
+    seconds: float = 0.0
+    world_size: int = 1
+    outputs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["seconds"] = round(self.seconds, 3)
+        d["seconds_per_image"] = (
+            round(self.seconds / self.images_written, 4) if self.images_written else None
+        )
+        return d
+
+
+# ------------------------------------------------------------------------------------------------
+# small pure helpers
+
+
+def slugify(text: str, max_len: int = 60) -> str:
+    """A file-name-safe slug of a prompt: lowercase ascii letters/digits joined by `_`."""
+    slug = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return slug[:max_len].rstrip("_") or "prompt"
+
+
+def model_short_name(model: str) -> str:
+    """Short name for folder names: a preset as is, else the last path part without suffix."""
+    name = str(model).rstrip("/\\")
+    name = re.split(r"[/\\]", name)[-1]
+    for suffix in (".safetensors", ".ckpt", ".pt", ".pth"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+    return name or "model"
+
+
+def image_seeds(seed: int, prompt_index: int, n_samples: int) -> list[int]:
+    """Seeds of the images of one prompt: `seed + prompt_index * n_samples + k`."""
+    return [seed + prompt_index * n_samples + k for k in range(n_samples)]
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """The prompt indices process `rank` of `world_size` takes: `i % world_size == rank`."""
+    return [i for i in range(n) if i % world_size == rank]
+
+
+def normalize_dtype(dtype: str | None, device: str) -> str:
+    """`fp32`/`fp16`/`bf16` from any common spelling; None -> bf16 on cuda, fp32 elsewhere."""
+    if dtype is None:
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in _DTYPE_ALIASES:
+        raise DiffalignError(f"unknown dtype '{dtype}' (use fp32, fp16 or bf16)")
+    return _DTYPE_ALIASES[key]
+
+
+def sample_folder_names(models: Sequence[str], prompts: Sequence[str]) -> list[list[str]]:
+    """`<model>_<slug>` per (model, prompt); clashing names get a short hash of the prompt."""
+    out = []
+    shorts = [model_short_name(m) for m in models]
+    for m, short in zip(models, shorts):
+        if shorts.count(short) > 1:  # two checkpoints with one file name
+            short = f"{short}_{hashlib.sha1(str(m).encode()).hexdigest()[:6]}"
+        names = [f"{short}_{slugify(p)}" for p in prompts]
+        counts: dict[str, int] = {}
+        for n in names:
+            counts[n] = counts.get(n, 0) + 1
+        fixed = []
+        for n, p in zip(names, prompts):
+            if counts[n] > 1:
+                n = f"{n}_{hashlib.sha1(p.encode()).hexdigest()[:8]}"
+            fixed.append(n)
+        out.append(fixed)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# validation before anything is loaded or written
+
+
+def validate_config(cfg: GenerationConfig) -> None:
+    """Check the sampling options that need no model; one-line DiffalignError on bad values."""
+    for name in ("steps", "height", "width", "n_samples", "max_sequence_length"):
+        if int(getattr(cfg, name)) < 1:
+            raise DiffalignError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise DiffalignError("--batch-size must be at least 1")
+    normalize_dtype(cfg.dtype, "cpu")
+
+
+def validate_residual_config(rc: ResidualConfig) -> None:
+    """Checks that need no model: list lengths, file existence, origin < targets."""
+    if rc.procrustes_path is not None and not Path(rc.procrustes_path).is_file():
+        raise DiffalignError(f"rotation file not found: {rc.procrustes_path}")
+    if rc.mode not in (None, "plain", "ln"):
+        raise DiffalignError(f"--residual-mode must be plain or ln (got '{rc.mode}')")
+    if rc.mode == "plain" and (rc.layernorm or rc.procrustes_path):
+        raise DiffalignError(
+            "--residual-layernorm and --residual-procrustes-path need --residual-mode ln"
+        )
+    targets = rc.target_layers
+    if targets:
+        if len(set(targets)) != len(targets):
+            raise DiffalignError(f"--residual-target-layers has duplicates: {targets}")
+        if any(t < 0 for t in targets):
+            raise DiffalignError(f"--residual-target-layers must be >= 0 (got {targets})")
+        if rc.weights is not None and len(rc.weights) not in (1, len(targets)):
+            raise DiffalignError(
+                f"--residual-weights has {len(rc.weights)} values for {len(targets)} target "
+                "layers (give one value, or one per target)"
+            )
+        if rc.origin_layer is not None and any(t <= rc.origin_layer for t in targets):
+            raise DiffalignError(
+                f"residual target layers {targets} must all be after the origin layer "
+                f"{rc.origin_layer}"
+            )
+    if rc.origin_layer is not None and rc.origin_layer < 0:
+        raise DiffalignError(f"--residual-origin-layer must be >= 0 (got {rc.origin_layer})")
+
+
+def _resolve_device(cfg: GenerationConfig, state_device: Any) -> str:
+    import torch
+
+    device = cfg.device or str(state_device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffalignError(f"--device {device} asked for, but no CUDA device is available")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# the generator: one pipeline, one residual
+
+
+class ResidualGenerator:
+    """A loaded SD3/SD3.5 pipeline plus an optional residual; `images(prompt, seeds)`."""
+
+    def __init__(self, cfg: GenerationConfig, rc: ResidualConfig, device: str):
+        import torch
+
+        from diffalign.engine.loading import load_sd3_pipeline
+
+        self.cfg = cfg
+        self.device = device
+        self.dtype_name = normalize_dtype(cfg.dtype, device)
+        dtype = getattr(torch, DTYPES[self.dtype_name])
+        self.pipe = load_sd3_pipeline(cfg.model, dtype=dtype, device=device, vae=cfg.vae)
+        self.pipe.set_progress_bar_config(disable=True)
+        tcfg = self.pipe.transformer.config
+        self.num_layers = int(tcfg.num_layers)
+        self.feature_dim = int(tcfg.num_attention_heads * tcfg.attention_head_dim)
+        self.residual = build_residual_from_config(rc, self.num_layers, self.feature_dim)
+        multiple = int(self.pipe.vae_scale_factor) * int(getattr(self.pipe, "patch_size", 1) or 1)
+        for name in ("height", "width"):
+            if getattr(cfg, name) % multiple:
+                raise DiffalignError(
+                    f"--{name} {getattr(cfg, name)} must be a multiple of {multiple} for this model"
+                )
+
+    def residual_settings(self) -> dict:
+        return self.residual.settings() if self.residual is not None else {"enabled": False}
+
+    def images(self, prompt: str, seeds: Sequence[int]) -> list:
+        """PIL images of `prompt`, one per seed, in batches of `cfg.batch_size`."""
+        import contextlib
+
+        import torch
+
+        cfg = self.cfg
+        bs = cfg.batch_size or len(seeds)
+        out = []
+        for start in range(0, len(seeds), bs):
+            chunk = list(seeds[start : start + bs])
+            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
+            ctx = (
+                self.residual.attach(self.pipe.transformer)
+                if self.residual is not None
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                result = self.pipe(
+                    prompt=prompt,
+                    negative_prompt=cfg.negative_prompt,
+                    num_inference_steps=cfg.steps,
+                    guidance_scale=cfg.cfg,
+                    height=cfg.height,
+                    width=cfg.width,
+                    num_images_per_prompt=len(chunk),
+                    generator=gens,
+                    max_sequence_length=cfg.max_sequence_length,
+                    output_type="pil",
+                )
+            out.extend(result.images)
+        return out
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        del self.pipe
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def build_residual_from_config(rc: ResidualConfig, num_layers: int, feature_dim: int):
+    """`diffalign.textstream.build_residual` for these options (None when the feature is off)."""
+    from diffalign.textstream import build_residual
+
+    kwargs: dict[str, Any] = {
+        "origin_layer": rc.origin_layer,
+        "target_layers": rc.target_layers,
+        "weights": rc.weights,
+        "procrustes_path": rc.procrustes_path,
+        "layernorm": rc.layernorm,
+    }
+    if rc.mode is not None:
+        kwargs["mode"] = rc.mode
+    return build_residual(num_layers, feature_dim, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# run bookkeeping
+
+
+def _settings_key(settings: dict) -> dict:
+    """The part of a settings dict that decides the pixels (used to refuse mixing runs)."""
+    opts = {k: v for k, v in settings.get("options", {}).items() if k not in _NOT_IMAGE_AFFECTING}
+    return {"options": opts, "residual_options": settings.get("residual_options")}
+
+
+def _check_compatible(path: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to add images to an output made with other settings (unless overwriting)."""
+    if overwrite or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise DiffalignError(f"{path} is unreadable; pass --overwrite to start afresh") from None
+    a, b = _settings_key(old), _settings_key(settings)
+    if a != b:
+        diffs = [
+            f"{k}: {a['options'].get(k)!r} -> {b['options'].get(k)!r}"
+            for k in sorted(set(a["options"]) | set(b["options"]))
+            if a["options"].get(k) != b["options"].get(k)
+        ]
+        if a["residual_options"] != b["residual_options"]:
+            diffs.append("residual options")
+        raise DiffalignError(
+            f"{path.parent} holds images made with other settings ({'; '.join(diffs[:3])}); "
+            "pass --overwrite or choose another --output-dir"
+        )
+
+
+def _base_settings(
+    command: str, cfg: GenerationConfig, rc: ResidualConfig, extra: dict | None = None
+) -> dict:
+    from diffalign import __version__
+
+    return {
+        "command": command,
+        "diffalign_version": __version__,
+        "options": asdict(cfg),
+        "residual_options": asdict(rc),
+        "seed_rule": SEED_RULE,
+        **(extra or {}),
+    }
+
+
+def _clean_stale(folder: Path) -> None:
+    """Remove temporaries an interrupted run left (`.<name>.*.tmp`, `.<name>.old`)."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+@dataclass
+class _Job:
+    index: int  # global prompt index: decides the seeds
+    prompt: str
+    is_done: Callable[[], bool]
+    write: Callable[[list, list[int]], None]  # (images, seeds) -> writes atomically
+    label: str
+
+
+def _distributed(cfg: GenerationConfig):
+    """The accelerate process state (rank, world size, device).
+
+    Without CUDA (or with `--device cpu`) the state is created with `cpu=True`, so processes
+    started by `accelerate launch --multi_gpu --num_processes N` on a CPU machine form a gloo
+    group (accelerate 1.x's `--cpu` flag alone starts a single process unless mpirun is used).
+    """
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or str(cfg.device or "").startswith("cpu")
+    return PartialState(cpu=cpu)
+
+
+def _run_jobs(
+    jobs: Sequence[_Job],
+    gen: ResidualGenerator,
+    cfg: GenerationConfig,
+    summary: RunSummary,
+    rank: int,
+    world_size: int,
+    desc: str,
+) -> None:
+    from diffalign.engine.progress import progress
+
+    mine = [jobs[i] for i in shard_indices(len(jobs), rank, world_size)]
+    for job in progress(mine, desc=desc, total=len(mine)):
+        if not cfg.overwrite and job.is_done():
+            summary.prompts_skipped += 1
+            continue
+        seeds = image_seeds(cfg.seed, job.index, cfg.n_samples)
+        images = gen.images(job.prompt, seeds)
+        job.write(images, seeds)
+        summary.prompts_done += 1
+        summary.images_written += len(images)
+        summary.outputs.append(job.label)
+
+
+def _finish(state, summary: RunSummary, path: Path, t0: float) -> dict:
+    """Gather every rank's counts; rank 0 writes `summary.json`. Returns the merged summary."""
+    from diffalign.engine.reports import write_summary
+
+    summary.seconds = time.perf_counter() - t0
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        state.wait_for_everyone()
+        parts = gather_object([summary.to_dict()])
+        merged = RunSummary(command=summary.command, world_size=state.num_processes)
+        merged.prompts_total = summary.prompts_total
+        for p in parts:
+            merged.prompts_done += p["prompts_done"]
+            merged.prompts_skipped += p["prompts_skipped"]
+            merged.images_written += p["images_written"]
+            merged.seconds = max(merged.seconds, p["seconds"])
+            merged.outputs.extend(p["outputs"])
+        merged.outputs.sort()
+        summary = merged
+    result = summary.to_dict()
+    if state.is_main_process:
+        write_summary(path, result)
+    return result
+
+
+def _save_folder_images(tmp: Path, images: list, names: list[str], grid_name: str | None) -> None:
+    from diffalign.engine.reports import make_grid, save_image
+
+    for img, name in zip(images, names):
+        save_image(tmp / name, img)
+    if grid_name and len(images) > 1:
+        save_image(tmp / grid_name, make_grid(images, ncols=min(len(images), 4)))
+
+
+def _write_folder(dest: Path, fill: Callable[[Path], None]) -> None:
+    """Write a whole output folder atomically (it appears complete or not at all)."""
+    from diffalign.engine.io import atomic_dir
+
+    with atomic_dir(dest) as tmp:
+        fill(tmp)
+
+
+# ------------------------------------------------------------------------------------------------
+# the four commands
+
+
+def run_sample(
+    prompts: Sequence[str],
+    models: Sequence[str],
+    output_dir: str | os.PathLike,
+    cfg: GenerationConfig,
+    rc: ResidualConfig,
+) -> dict:
+    """Seed 002's `sd3_infer.py`: one folder per prompt/model under `output_dir` (spec T).
+
+    Folder `<model>_<slug>/` holds `000.png ...`, `grid.png` (several samples) and
+    `settings.json` (all options, resolved residual, model source, version, seed per image).
+    """
+    prompts = [p.strip() for p in prompts]
+    if not prompts or any(not p for p in prompts):
+        raise DiffalignError("--prompt must be a non-empty text")
+    if not models:
+        raise DiffalignError("no --model given")
+    validate_config(cfg)
+    validate_residual_config(rc)
+    out = Path(output_dir)
+    names = sample_folder_names(models, prompts)
+    state = _distributed(cfg)
+    t0 = time.perf_counter()
+    summary = RunSummary(
+        command="sample", prompts_total=len(prompts) * len(models), world_size=state.num_processes
+    )
+    # a finished folder made with other settings is kept: these images go to `<name>_2` ...
+    for m, folder_names in zip(models, names):
+        for j, p in enumerate(prompts):
+            probe = _base_settings("sample", _with_model(cfg, m), rc, {"prompt": p})
+            folder_names[j] = _pick_sample_folder(out, folder_names[j], probe, cfg.overwrite)
+    from diffalign.engine.loading import resolve_model
+
+    for m in models:
+        resolve_model(m, "sd3")  # a missing model or one of another family fails here
+    device = _resolve_device(cfg, state.device)
+    for m, folder_names in zip(models, names):
+        mcfg = _with_model(cfg, m)
+        gen = ResidualGenerator(mcfg, rc, device)
+        source = _describe_source(resolve_model, m)
+        jobs = []
+        for i, (p, name) in enumerate(zip(prompts, folder_names)):
+            dest = out / name
+            settings = _base_settings(
+                "sample",
+                mcfg,
+                rc,
+                {
+                    "prompt": p,
+                    "prompt_index": i,
+                    "model_source": source,
+                    "dtype": gen.dtype_name,
+                    "device": device,
+                    "residual": gen.residual_settings(),
+                    "seeds": image_seeds(cfg.seed, i, cfg.n_samples),
+                    "images": [f"{k:03d}.png" for k in range(cfg.n_samples)],
+                },
+            )
+            jobs.append(
+                _Job(
+                    index=i,
+                    prompt=p,
+                    is_done=_folder_done(dest, settings["images"] + ["settings.json"]),
+                    write=_sample_writer(dest, settings),
+                    label=str(dest),
+                )
+            )
+        _run_jobs(jobs, gen, mcfg, summary, state.process_index, state.num_processes, "sample")
+        gen.close()
+    return _finish(state, summary, out / "summary.json", t0)
+
+
+def run_generate(
+    prompts: str | Sequence[str],
+    output_dir: str | os.PathLike,
+    cfg: GenerationConfig,
+    rc: ResidualConfig,
+    *,
+    datadir: str | None = None,
+    limit: int | None = None,
+    prompt_field: str = "prompt",
+) -> dict:
+    """Prompt file/set (anything `load_prompts` reads) to `OUT/<index:05d>_<slug>/NNN.png`.
+
+    Each folder also holds `prompt.json` (prompt, id, seeds); `OUT/settings.json` records the run.
+    """
+    from diffalign.engine.prompts import load_prompts
+
+    validate_config(cfg)
+    validate_residual_config(rc)
+    records = load_prompts(prompts, datadir, limit=limit, prompt_field=prompt_field)
+    out = Path(output_dir)
+    run_extra = {"prompts": _spec_text(prompts), "datadir": datadir, "limit": limit}
+    return _run_layout(
+        "generate",
+        out,
+        out / "settings.json",
+        out / "summary.json",
+        cfg,
+        rc,
+        run_extra,
+        jobs_for=lambda settings: [
+            _generate_job(out, i, r.prompt, r.id, cfg) for i, r in enumerate(records)
+        ],
+        total=len(records),
+        clean=out,
+    )
+
+
+def run_geneval(
+    metadata: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cfg: GenerationConfig,
+    rc: ResidualConfig,
+    *,
+    limit: int | None = None,
+) -> dict:
+    """GenEval `evaluation_metadata.jsonl` to the GenEval image layout (FORMATS.md: GenEval)."""
+    from diffalign.engine.prompts import load_geneval_metadata
+
+    validate_config(cfg)
+    validate_residual_config(rc)
+    lines = load_geneval_metadata(metadata)
+    if limit is not None:
+        if limit < 1:
+            raise DiffalignError(f"--limit must be at least 1 (got {limit})")
+        lines = lines[:limit]
+    out = Path(output_dir)
+    return _run_layout(
+        "geneval",
+        out,
+        out / "settings.json",
+        out / "summary.json",
+        cfg,
+        rc,
+        {"metadata": str(metadata), "limit": limit},
+        jobs_for=lambda settings: [_geneval_job(out, i, line, cfg) for i, line in enumerate(lines)],
+        total=len(lines),
+        clean=out,
+    )
+
+
+def run_dpg(
+    prompts_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cfg: GenerationConfig,
+    rc: ResidualConfig,
+    *,
+    resolution: int = 1024,
+    limit: int | None = None,
+) -> dict:
+    """DPG-Bench `prompts/<id>.txt` to `OUT/<id>.png` 2x2 grids (FORMATS.md: DPG-Bench).
+
+    Tiles are `resolution x resolution` (height and width are set to it); 4 samples a prompt.
+    Run files go beside the folder: `OUT.settings.json`, `OUT.summary.json`.
+    """
+    from diffalign.engine.prompts import load_dpg_prompts
+
+    if resolution < 1:
+        raise DiffalignError("--resolution must be at least 1")
+    cfg = GenerationConfig(**{**asdict(cfg), "height": resolution, "width": resolution})
+    cfg.n_samples = 4
+    validate_config(cfg)
+    validate_residual_config(rc)
+    items = load_dpg_prompts(prompts_dir)
+    if limit is not None:
+        if limit < 1:
+            raise DiffalignError(f"--limit must be at least 1 (got {limit})")
+        items = items[:limit]
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
+    base = str(out).rstrip("/\\")
+    return _run_layout(
+        "dpg",
+        out,
+        Path(base + ".settings.json"),
+        Path(base + ".summary.json"),
+        cfg,
+        rc,
+        {"prompts_dir": str(prompts_dir), "resolution": resolution, "limit": limit},
+        jobs_for=lambda settings: [
+            _dpg_job(out, i, pid, text) for i, (pid, text) in enumerate(items)
+        ],
+        total=len(items),
+        clean=out,
+    )
+
+
+def _run_layout(
+    command: str,
+    out: Path,
+    settings_path: Path,
+    summary_path: Path,
+    cfg: GenerationConfig,
+    rc: ResidualConfig,
+    run_extra: dict,
+    jobs_for: Callable[[dict], list[_Job]],
+    total: int,
+    clean: Path,
+) -> dict:
+    """Shared body of generate/geneval/dpg: check, load, write settings, generate, summarise."""
+    state = _distributed(cfg)
+    t0 = time.perf_counter()
+    if out.exists() and not out.is_dir():
+        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
+    _check_compatible(settings_path, _base_settings(command, cfg, rc, run_extra), cfg.overwrite)
+    from diffalign.engine.loading import resolve_model
+
+    resolve_model(cfg.model, "sd3")  # a missing model or one of another family fails here
+    device = _resolve_device(cfg, state.device)
+    gen = ResidualGenerator(cfg, rc, device)  # model errors and residual range errors end here
+
+    settings = _base_settings(
+        command,
+        cfg,
+        rc,
+        {
+            **run_extra,
+            "model_source": _describe_source(resolve_model, cfg.model),
+            "dtype": gen.dtype_name,
+            "device": device,
+            "world_size": state.num_processes,
+            "residual": gen.residual_settings(),
+            "num_prompts": total,
+        },
+    )
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _clean_stale(clean)
+        from diffalign.engine.io import write_json
+
+        write_json(settings_path, settings)
+    state.wait_for_everyone()
+    summary = RunSummary(command=command, prompts_total=total, world_size=state.num_processes)
+    _run_jobs(
+        jobs_for(settings), gen, cfg, summary, state.process_index, state.num_processes, command
+    )
+    gen.close()
+    return _finish(state, summary, summary_path, t0)
+
+
+def _pick_sample_folder(out: Path, name: str, settings: dict, overwrite: bool) -> str:
+    """`name`, or `name_2`, `name_3`, ... : the first folder that is free or was made with
+    the same settings (so a re-run resumes it and a changed run never replaces it)."""
+    if overwrite:
+        return name
+    k = 1
+    while True:
+        cand = name if k == 1 else f"{name}_{k}"
+        folder = out / cand
+        if not folder.exists():
+            return cand
+        try:
+            _check_compatible(folder / "settings.json", settings, overwrite=False)
+            if (folder / "settings.json").is_file():
+                return cand
+        except DiffalignError:
+            pass
+        k += 1
+
+
+def _with_model(cfg: GenerationConfig, model: str) -> GenerationConfig:
+    return GenerationConfig(**{**asdict(cfg), "model": model})
+
+
+def _spec_text(spec: str | Sequence[str]) -> str | list[str]:
+    return str(spec) if isinstance(spec, str | os.PathLike) else [str(s) for s in spec]
+
+
+def _describe_source(resolve_model: Callable, model: str) -> Any:
+    """What `--model` resolved to, JSON-friendly (recorded in settings.json)."""
+    try:
+        src = resolve_model(model, "sd3")
+    except DiffalignError:
+        return str(model)
+    if hasattr(src, "__dataclass_fields__"):
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(src).items()}
+    if isinstance(src, tuple | list):
+        return [str(x) for x in src]
+    return str(src)
+
+
+def _folder_done(folder: Path, names: list[str]) -> Callable[[], bool]:
+    return lambda: folder.is_dir() and all((folder / n).is_file() for n in names)
+
+
+def _sample_writer(dest: Path, settings: dict) -> Callable[[list, list[int]], None]:
+    from diffalign.engine.io import write_json
+
+    def write(images: list, seeds: list[int]) -> None:
+        def fill(tmp: Path) -> None:
+            _save_folder_images(tmp, images, settings["images"], "grid.png")
+            write_json(tmp / "settings.json", settings)
+
+        _write_folder(dest, fill)
+
+    return write
+
+
+def _generate_job(out: Path, i: int, prompt: str, pid: str, cfg: GenerationConfig) -> _Job:
+    from diffalign.engine.io import write_json
+
+    dest = out / f"{i:05d}_{slugify(prompt)}"
+    names = [f"{k:03d}.png" for k in range(cfg.n_samples)]
+
+    def write(images: list, seeds: list[int]) -> None:
+        def fill(tmp: Path) -> None:
+            _save_folder_images(tmp, images, names, "grid.png")
+            write_json(
+                tmp / "prompt.json", {"prompt": prompt, "id": pid, "index": i, "seeds": seeds}
+            )
+
+        _write_folder(dest, fill)
+
+    return _Job(i, prompt, _folder_done(dest, names + ["prompt.json"]), write, str(dest))
+
+
+def _geneval_job(out: Path, i: int, line: dict, cfg: GenerationConfig) -> _Job:
+    from diffalign.engine.io import write_text
+
+    dest = out / f"{i:05d}"
+    names = [f"samples/{k:04d}.png" for k in range(cfg.n_samples)]
+
+    def write(images: list, seeds: list[int]) -> None:
+        def fill(tmp: Path) -> None:
+            (tmp / "samples").mkdir()
+            _save_folder_images(tmp, images, names, "grid.png")
+            write_text(tmp / "metadata.jsonl", json.dumps(line) + "\n")
+
+        _write_folder(dest, fill)
+
+    return _Job(
+        i, line["prompt"].strip(), _folder_done(dest, names + ["metadata.jsonl"]), write, str(dest)
+    )
+
+
+def _dpg_job(out: Path, i: int, pid: str, prompt: str) -> _Job:
+    from diffalign.engine.reports import make_grid, save_image
+
+    dest = out / f"{pid}.png"
+
+    def write(images: list, seeds: list[int]) -> None:
+        save_image(dest, make_grid(images, ncols=2))
+
+    return _Job(i, prompt, dest.is_file, write, str(dest))

@@ -1,0 +1,97 @@
+"""The residual mix of spec T as pure tensor functions (seeds 002 and 000; no hooks, no I/O).
+
+Plain mode (seed 002): `c <- c + w * o`.
+LN + rescale (+ rotation) mode (seed 000), per token over the feature axis:
+
+    t_norm, mean_t, std_t = standardize(t)          # std = sqrt(population var + eps)
+    o_norm, _, _          = standardize(o)
+    o_norm                = o_norm @ R              # optional, R orthogonal [d, d]
+    m                     = t_norm + w * o_norm
+    m                     = layer_norm(m, eps)      # optional, no affine parameters
+    out                   = m * std_t + mean_t
+
+The arithmetic runs in float32 (or float64 when given float64) and the result is cast back to
+the target's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffalign.engine.errors import DiffalignError
+
+MODES = ("plain", "ln")
+
+
+def standardize(
+    x: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-wise standardisation over the last axis: `(x - mean) / sqrt(var + eps)`.
+
+    The variance is the population variance (divide by d). Returns `(x_norm, mean, std)` with
+    `mean` and `std` keeping the reduced axis (shape `[..., 1]`), so `x_norm * std + mean == x`.
+    """
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+    std = torch.sqrt(var + eps)
+    return (x - mean) / std, mean, std
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is mixed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def residual_mix(
+    target: torch.Tensor,
+    origin: torch.Tensor,
+    weight: float,
+    mode: str,
+    rotation: torch.Tensor | None = None,
+    layernorm: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Mix the origin text tokens into the target text tokens (spec T), `[..., n, d]` each.
+
+    `mode` is "plain" or "ln"; `rotation` (a `[d, d]` orthogonal matrix) and `layernorm` apply
+    to "ln" mode only. Returns a tensor of `target`'s shape and dtype.
+    """
+    if mode not in MODES:
+        raise DiffalignError(f"residual mode must be one of {', '.join(MODES)} (got '{mode}')")
+    if target.shape != origin.shape:
+        raise DiffalignError(
+            f"origin tokens {tuple(origin.shape)} and target tokens {tuple(target.shape)} differ "
+            "in shape"
+        )
+    compute = compute_dtype(target)
+    if mode == "plain":
+        if rotation is not None or layernorm:
+            raise DiffalignError("rotations and --residual-layernorm need mode 'ln', not 'plain'")
+        return torch.add(target.to(compute), origin.to(compute), alpha=weight).to(target.dtype)
+    origin_norm = standardize(origin.to(compute), eps)[0]
+    return ln_mix(target, origin_norm, weight, rotation, layernorm, eps)
+
+
+def ln_mix(
+    target: torch.Tensor,
+    origin_norm: torch.Tensor,
+    weight: float,
+    rotation: torch.Tensor | None = None,
+    layernorm: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """LN-mode mix given the already standardised origin (the hooks standardise the origin
+    once per forward and share it between all targets); otherwise as `residual_mix`."""
+    compute = compute_dtype(target)
+    t_norm, mean_t, std_t = standardize(target.to(compute), eps)
+    o_norm = origin_norm.to(compute)
+    if rotation is not None:
+        d = t_norm.shape[-1]
+        if rotation.shape != (d, d):
+            raise DiffalignError(
+                f"rotation of shape {tuple(rotation.shape)} does not fit feature size {d}"
+            )
+        o_norm = o_norm @ rotation.to(device=o_norm.device, dtype=compute)
+    mixed = torch.add(t_norm, o_norm, alpha=weight)
+    if layernorm:
+        mixed = torch.nn.functional.layer_norm(mixed, mixed.shape[-1:], eps=eps)
+    return torch.addcmul(mean_t, mixed, std_t).to(target.dtype)

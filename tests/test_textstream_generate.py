@@ -1,0 +1,440 @@
+"""Generation commands end to end on the tiny SD3 (spec T: Generation; FORMATS.md layouts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffalign.cli import main
+from diffalign.engine.errors import DiffalignError
+from diffalign.textstream.generate import (
+    image_seeds,
+    model_short_name,
+    normalize_dtype,
+    sample_folder_names,
+    shard_indices,
+    slugify,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--steps", "2", "--height", "32", "--width", "32"]
+GENEVAL = [
+    {
+        "tag": "single_object",
+        "include": [{"class": "bench", "count": 1}],
+        "prompt": "a photo of a bench",
+    },
+    {
+        "tag": "position",
+        "include": [
+            {"class": "dog", "count": 1},
+            {"class": "cat", "count": 1, "position": ["left of", 0]},
+        ],
+        "prompt": "a photo of a cat left of a dog",
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def sd3(tiny_model_dir):
+    return tiny_model_dir("sd3")
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("diffalign:")]
+
+
+# ------------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def test_helpers():
+    assert slugify("A watercolor cat, in a garden!") == "a_watercolor_cat_in_a_garden"
+    assert slugify("???") == "prompt"
+    assert len(slugify("x " * 100)) <= 60
+    assert model_short_name("sd3.5") == "sd3.5"
+    assert model_short_name("models/sd3.5_large.safetensors") == "sd3.5_large"
+    assert model_short_name("stabilityai/stable-diffusion-3-medium-diffusers/") == (
+        "stable-diffusion-3-medium-diffusers"
+    )
+    assert image_seeds(10, 2, 4) == [18, 19, 20, 21]
+    # every prompt lands on exactly one rank
+    ranks = [shard_indices(7, r, 3) for r in range(3)]
+    assert sorted(sum(ranks, [])) == list(range(7)) and ranks[1] == [1, 4]
+    names = sample_folder_names(["sd3", "a/m.safetensors", "b/m.safetensors"], ["a cat", "A cat!"])
+    assert names[0][0] != names[0][1] and names[0][0].startswith("sd3_a_cat_")
+    assert len({n for row in names for n in row}) == 6
+    assert normalize_dtype(None, "cuda:0") == "bf16" and normalize_dtype(None, "cpu") == "fp32"
+    assert normalize_dtype("float16", "cpu") == "fp16"
+    with pytest.raises(DiffalignError, match="unknown dtype"):
+        normalize_dtype("int8", "cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# sample
+
+
+def test_sample_folders_settings_and_summary(sd3, tmp_path):
+    out = tmp_path / "outputs"
+    argv = ["textstream", "sample", "--prompt", "a cat", "--prompt", "a red bus"]
+    argv += ["--model", sd3, "--save_dir", str(out), "--n-samples", "2", "--seed", "5", *TINY]
+    assert main(argv) == 0
+    short = model_short_name(sd3)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{short}_a_cat", f"{short}_a_red_bus", "summary.json"]
+    )
+    folder = out / f"{short}_a_red_bus"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "000.png",
+        "001.png",
+        "grid.png",
+        "settings.json",
+    ]
+    assert Image.open(folder / "000.png").size == (32, 32)
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["prompt"] == "a red bus" and settings["seeds"] == [7, 8]
+    assert settings["options"]["steps"] == 2 and settings["options"]["cfg"] == 7.0
+    assert settings["residual"] == {"enabled": False}
+    assert settings["diffalign_version"] and settings["model_source"]
+    assert settings["dtype"] == "fp32" and settings["device"] == "cpu"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts_done"] == 2 and summary["images_written"] == 4
+    # the same seeds give the same images, whatever the batch size
+    again = tmp_path / "again"
+    argv2 = ["textstream", "sample", "--prompt", "a red bus", "--model", sd3, "--seed", "7"]
+    argv2 += ["--output-dir", str(again), "--n-samples", "1", *TINY]
+    assert main(argv2) == 0
+    a = pixels(folder / "000.png")
+    b = pixels(again / f"{short}_a_red_bus" / "000.png")
+    assert np.abs(a - b).max() <= 1
+
+
+def test_residual_changes_images_and_empty_targets_are_bit_identical(sd3, tmp_path):
+    def run(name, *extra):
+        out = tmp_path / name
+        argv = ["textstream", "sample", "--prompt", "a cat", "--model", sd3, "--output-dir"]
+        assert main([*argv, str(out), *TINY, *extra]) == 0
+        (folder,) = [p for p in out.iterdir() if p.is_dir()]
+        return folder
+
+    off = run("off")
+    empty = run("empty", "--residual-target-layers", "")
+    plain = run("plain", "--residual_origin_layer", "0", "--residual_target_layers", "2 3")
+    ln = run(
+        "ln",
+        "--residual-target-layers",
+        "1,2,3",
+        "--residual-weights",
+        "1.5",
+        "--residual-mode",
+        "ln",
+    )
+    assert (off / "000.png").read_bytes() == (empty / "000.png").read_bytes()
+    assert np.array_equal(pixels(off / "000.png"), pixels(empty / "000.png"))
+    assert not np.array_equal(pixels(off / "000.png"), pixels(plain / "000.png"))
+    assert not np.array_equal(pixels(off / "000.png"), pixels(ln / "000.png"))
+    s = json.loads((plain / "settings.json").read_text())["residual"]
+    assert s["enabled"] and s["target_layers"] == [2, 3] and s["weights"] == [1.0, 1.0]
+    assert s["mode"] == "plain"
+    s = json.loads((ln / "settings.json").read_text())["residual"]
+    assert s["mode"] == "ln" and s["weights"] == [1.5, 1.5, 1.5]
+
+
+def test_rotation_file_sets_layers_and_ln_mode(sd3, tmp_path, capsys):
+    import torch
+
+    from diffalign.textstream import RotationSet, save_rotations
+
+    cfg = json.loads((Path(sd3) / "transformer" / "config.json").read_text())
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    gen = torch.Generator().manual_seed(0)
+    rots = {t: torch.linalg.qr(torch.randn(d, d, generator=gen))[0] for t in (2, 3)}
+    path = tmp_path / "rot.safetensors"
+    save_rotations(path, RotationSet(0, [2, 3], rots, d, num_valid_tokens=10, strategy="all"))
+    out = tmp_path / "o"
+    argv = ["textstream", "sample", "--prompt", "a cat", "--model", sd3, "--output-dir", str(out)]
+    assert (
+        main([*argv, *TINY, "--residual-procrustes-path", str(path), "--residual-weights", "0.5"])
+        == 0
+    )
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    res = json.loads((folder / "settings.json").read_text())["residual"]
+    assert res["mode"] == "ln" and res["target_layers"] == [2, 3] and res["rotations"]
+    assert res["weights"] == [0.5, 0.5] and res["procrustes"]["path"] == str(path)
+    # a rotation file calibrated for another width: one line, nothing written
+    small = {t: torch.eye(d // 2) for t in (2, 3)}
+    save_rotations(tmp_path / "bad.safetensors", RotationSet(0, [2, 3], small, d // 2))
+    out2 = tmp_path / "o2"
+    argv = ["textstream", "sample", "--prompt", "a cat", "--model", sd3, "--output-dir", str(out2)]
+    capsys.readouterr()
+    assert (
+        main([*argv, *TINY, "--residual-procrustes-path", str(tmp_path / "bad.safetensors")]) == 2
+    )
+    (line,) = error_lines(capsys)
+    assert "feature size" in line and not out2.exists()
+
+
+def test_sample_changed_settings_keep_old_folder(sd3, tmp_path):
+    out = tmp_path / "o"
+    base = ["textstream", "sample", "--prompt", "a cat", "--model", sd3, "--output-dir", str(out)]
+    assert main([*base, *TINY]) == 0
+    short = model_short_name(sd3)
+    first = (out / f"{short}_a_cat" / "000.png").read_bytes()
+    assert main([*base, *TINY, "--residual-target-layers", "2"]) == 0
+    assert (out / f"{short}_a_cat" / "000.png").read_bytes() == first
+    assert (out / f"{short}_a_cat_2" / "settings.json").is_file()
+    # same settings again: both folders are finished, nothing is generated
+    assert main([*base, *TINY, "--residual-target-layers", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["prompts_skipped"] == 1
+    assert not (out / f"{short}_a_cat_3").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+
+
+def test_generate_layout_and_resume(sd3, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog on a skateboard\n\na bird\n")
+    out = tmp_path / "gen"
+    argv = ["textstream", "generate", "--prompts", str(prompts), "--model", sd3]
+    argv += ["--output-dir", str(out), *TINY]
+    assert main(argv) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "00000_a_cat",
+        "00001_a_dog_on_a_skateboard",
+        "00002_a_bird",
+        "settings.json",
+        "summary.json",
+    ]
+    rec = json.loads((out / "00001_a_dog_on_a_skateboard" / "prompt.json").read_text())
+    assert rec["prompt"] == "a dog on a skateboard" and rec["seeds"] == [1]
+    assert json.loads((out / "settings.json").read_text())["num_prompts"] == 3
+    stamp = (out / "00000_a_cat" / "000.png").stat().st_mtime_ns
+
+    # resume: finished prompts are skipped, a missing one is redone
+    shutil.rmtree(out / "00002_a_bird")
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["prompts_done"], summary["prompts_skipped"]) == (1, 2)
+    assert (out / "00000_a_cat" / "000.png").stat().st_mtime_ns == stamp
+    assert (out / "00002_a_bird" / "000.png").is_file()
+    # --overwrite redoes everything
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["prompts_done"] == 3
+
+
+def test_generate_refuses_mixing_settings(sd3, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "gen"
+    argv = ["textstream", "generate", "--prompts", str(prompts), "--model", sd3]
+    argv += ["--output-dir", str(out), "--height", "32", "--width", "32"]
+    assert main([*argv, "--steps", "2"]) == 0
+    before = (out / "00000_a_cat" / "000.png").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--steps", "3"]) == 2
+    (line,) = error_lines(capsys)
+    assert "other settings" in line and "steps" in line
+    assert (out / "00000_a_cat" / "000.png").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------------
+# GenEval
+
+
+def test_geneval_layout_exact(sd3, tmp_path):
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text("".join(json.dumps(x) + "\n" for x in GENEVAL))
+    out = tmp_path / "geneval_out"
+    argv = ["textstream", "geneval", "--metadata", str(meta), "--model", sd3]
+    assert main([*argv, "--output-dir", str(out), "--n-samples", "2", *TINY]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00000",
+        "00001",
+        "settings.json",
+        "summary.json",
+    ]
+    for i, line in enumerate(GENEVAL):
+        folder = out / f"{i:05d}"
+        assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "metadata.jsonl", "samples"]
+        with open(folder / "metadata.jsonl") as f:
+            assert json.load(f) == line  # the evaluator reads it with json.load
+        samples = sorted(p.name for p in (folder / "samples").iterdir())
+        assert samples == ["0000.png", "0001.png"]
+        assert Image.open(folder / "samples" / "0000.png").size == (32, 32)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["options"]["n_samples"] == 2 and settings["command"] == "geneval"
+    # a re-run skips both prompts
+    assert main([*argv, "--output-dir", str(out), "--n-samples", "2", *TINY]) == 0
+    assert json.loads((out / "summary.json").read_text())["prompts_skipped"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# DPG-Bench
+
+
+def test_dpg_grid_layout_exact(sd3, tmp_path):
+    prompts = tmp_path / "dpg" / "prompts"
+    prompts.mkdir(parents=True)
+    (prompts / "partiprompts7.txt").write_text("a blue cube\n")
+    (prompts / "12.txt").write_text("two cats on a sofa")
+    out = tmp_path / "dpg_out"
+    argv = ["textstream", "dpg", "--prompts-dir", str(prompts.parent), "--model", sd3]
+    assert main([*argv, "--output-dir", str(out), "--resolution", "32", "--steps", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["12.png", "partiprompts7.png"]
+    assert (tmp_path / "dpg_out.settings.json").is_file()
+    assert (tmp_path / "dpg_out.summary.json").is_file()
+    grid = pixels(out / "partiprompts7.png")
+    assert grid.shape == (64, 64, 3)
+    # ids sorted: "12" is prompt 0, "partiprompts7" prompt 1 -> seeds 4..7; the tiles, read
+    # row-major, are those four samples
+    ref = tmp_path / "ref"
+    argv2 = ["textstream", "sample", "--prompt", "a blue cube", "--model", sd3, "--seed", "4"]
+    argv2 += ["--n-samples", "4", "--output-dir", str(ref), *TINY]
+    assert main(argv2) == 0
+    (folder,) = [p for p in ref.iterdir() if p.is_dir()]
+    tiles = [grid[:32, :32], grid[:32, 32:], grid[32:, :32], grid[32:, 32:]]
+    for k, tile in enumerate(tiles):
+        assert np.abs(tile - pixels(folder / f"{k:03d}.png")).max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: one line, non-zero exit, nothing written
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--residual-target-layers", "9"], "out of range"),
+        (["--residual-target-layers", "2,3", "--residual-weights", "1,2,3"], "weights"),
+        (["--residual-target-layers", "2,x"], "not an integer"),
+        (["--residual-target-layers", "0", "--residual-origin-layer", "1"], "origin layer"),
+        (["--residual-procrustes-path", "missing.safetensors"], "not found"),
+        (
+            ["--residual-layernorm", "--residual-mode", "plain", "--residual-target-layers", "2"],
+            "ln",
+        ),
+        (["--metadata", "nowhere.jsonl"], "not found"),
+        (["--model", "/nonexistent/sd3-model"], "nonexistent"),
+        (["--height", "33"], "multiple of"),
+        (["--steps", "0"], "at least 1"),
+    ],
+)
+def test_bad_input_one_line_nothing_written(sd3, tmp_path, capsys, extra, match):
+    meta = tmp_path / "m.jsonl"
+    meta.write_text(json.dumps(GENEVAL[0]) + "\n")
+    out = tmp_path / "out"
+    argv = ["textstream", "geneval", "--metadata", str(meta), "--model", sd3, *TINY]
+    argv += ["--output-dir", str(out), "--n-samples", "1", *extra]
+    capsys.readouterr()
+    assert main(argv) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("diffalign: error:") and match in line
+    assert not out.exists()
+
+
+def test_bad_dpg_and_sample_input(sd3, tmp_path, capsys):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "1.txt").write_text("x")
+    out = tmp_path / "out"
+    argv = ["textstream", "dpg", "--prompts-dir", str(prompts), "--model", sd3]
+    assert main([*argv, "--output-dir", str(out), "--resolution", "32", "--height", "64"]) == 2
+    assert "--resolution" in error_lines(capsys)[0]
+    assert main([*argv, "--output-dir", str(out), "--prompts-dir", str(tmp_path / "no")]) == 2
+    assert "not found" in error_lines(capsys)[0]
+    argv = ["textstream", "sample", "--prompt", "  ", "--model", sd3, "--output-dir", str(out)]
+    assert main(argv) == 2
+    assert error_lines(capsys)
+    assert not out.exists() and not (tmp_path / "out.settings.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# sharding under accelerate launch, and the shell launcher
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        DIFFALIGN_NO_PROGRESS="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def test_geneval_two_processes_shard_and_merge(sd3, tmp_path):
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    lines = [*GENEVAL, {**GENEVAL[0], "prompt": "a photo of a cow"}]
+    meta.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "sharded"
+    # accelerate 1.x: `--cpu --num_processes 2` starts ONE process unless mpirun is set up;
+    # `--multi_gpu` starts 2 via torchrun and `--device cpu` makes them a gloo (MULTI_CPU) group
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+    ]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", "0", "-m", "diffalign.cli", "textstream", "geneval"]
+    cmd += ["--metadata", str(meta), "--model", sd3, "--output-dir", str(out)]
+    cmd += ["--n-samples", "1", "--device", "cpu", *TINY]
+    env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["prompts_done"] == 3 and summary["images_written"] == 3
+    for i, line in enumerate(lines):
+        assert json.loads((out / f"{i:05d}" / "metadata.jsonl").read_text()) == line
+        assert (out / f"{i:05d}" / "samples" / "0000.png").is_file()
+    # the sharded images equal the single-process ones (seeds depend on the prompt index only)
+    single = tmp_path / "single"
+    argv = ["textstream", "geneval", "--metadata", str(meta), "--model", sd3, "--limit", "2"]
+    assert main([*argv, "--output-dir", str(single), "--n-samples", "1", *TINY]) == 0
+    for i in range(2):
+        a = pixels(out / f"{i:05d}" / "samples" / "0000.png")
+        b = pixels(single / f"{i:05d}" / "samples" / "0000.png")
+        assert np.abs(a - b).max() <= 1
+
+
+def test_run_inference_sh(sd3, tmp_path):
+    script = REPO / "run_inference.sh"
+    env = _env()
+    env.update(MODEL_DIR=str(tmp_path / "models"), SD3_MODEL_PATH=sd3)
+    bad = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "usage" in bad.stderr.lower()
+    bad = subprocess.run(
+        ["bash", str(script), "sdxl", "a cat"], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "usage" in bad.stderr.lower()
+    out = tmp_path / "outputs"
+    cmd = ["bash", str(script), "sd3", "a watercolor cat", *TINY]
+    cmd += ["--save_dir", str(out), "--residual_target_layers", "2,3", "--residual_weights", "0.5"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    assert folder.name == f"{model_short_name(sd3)}_a_watercolor_cat"
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["residual"]["target_layers"] == [2, 3]
+    assert settings["options"]["vae"] is None  # no VAE file under MODEL_DIR: not passed
