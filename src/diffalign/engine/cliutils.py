@@ -13,18 +13,11 @@ from diffalign.engine.errors import DiffalignError
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with `--snake_case` aliases added for every `--kebab-case` option.
 
-    The aliases are hidden from `--help` text except as extra spellings, so the help stays
-    readable while old scripts keep working.
+    `--help` lists both spellings; old scripts written against the seeds keep working.
     """
 
     def add_argument(self, *names, **kwargs):  # type: ignore[override]
-        names = list(names)
-        for name in list(names):
-            if name.startswith("--") and "-" in name[2:]:
-                alias = "--" + name[2:].replace("-", "_")
-                if alias not in names:
-                    names.append(alias)
-        return super().add_argument(*names, **kwargs)
+        return super().add_argument(*with_snake_aliases(names), **kwargs)
 
     def add_argument_group(self, *args, **kwargs):  # type: ignore[override]
         group = super().add_argument_group(*args, **kwargs)
@@ -40,17 +33,22 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def with_snake_aliases(names) -> list[str]:
+    """`["--num-samples"]` -> `["--num-samples", "--num_samples"]` (the seeds' spelling)."""
+    names = list(names)
+    for name in list(names):
+        if name.startswith("--") and "-" in name[2:]:
+            alias = "--" + name[2:].replace("-", "_")
+            if alias not in names:
+                names.append(alias)
+    return names
+
+
 def _patch_group(group) -> None:
     original = group.add_argument
 
     def add_argument(*names, **kwargs):
-        names = list(names)
-        for name in list(names):
-            if name.startswith("--") and "-" in name[2:]:
-                alias = "--" + name[2:].replace("-", "_")
-                if alias not in names:
-                    names.append(alias)
-        return original(*names, **kwargs)
+        return original(*with_snake_aliases(names), **kwargs)
 
     group.add_argument = add_argument
 
