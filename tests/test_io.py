@@ -53,3 +53,20 @@ def test_corrupt_files_are_clear_errors(tmp_path):
     with pytest.raises(DiffalignError, match="bad.jsonl:2"):
         read_jsonl(tmp_path / "bad.jsonl")
     assert read_jsonl(tmp_path / "bad.jsonl", skip_bad=True) == [{"a": 1}]
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from diffalign.engine.io import atomic_dir
+
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"v": 1})
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

@@ -45,6 +45,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -781,7 +782,11 @@ class _Trainer:
                     self._add_log(f"grad_norm/{name}", norm.detach().float())
             else:
                 bad = True
-        self.schedulers[name].step()
+        with warnings.catch_warnings():
+            # a skipped step still advances the schedule (so it stays aligned with the step
+            # counter); torch warns about that order when no step has happened yet
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.schedulers[name].step()
         opt.optimizer.zero_grad(set_to_none=True)
         self._stepped[name] = stepped
         if bad:

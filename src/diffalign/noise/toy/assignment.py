@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -238,12 +239,22 @@ def load_matched_pairs(
             raise DiffalignError(f"item {r.get('id')}: {e}") from None
         if "noise" not in tensors or "target" not in tensors:
             raise DiffalignError(f"{r['noise_path']}: missing 'noise' or 'target'")
+        if not (torch.isfinite(tensors["noise"]).all() and torch.isfinite(tensors["target"]).all()):
+            raise DiffalignError(f"item {r.get('id')}: {r['noise_path']} holds NaN/inf values")
+        label = r["label"]
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise DiffalignError(
+                f"item {r.get('id')}: label {label!r} is not a non-negative integer"
+            )
         noises.append(tensors["noise"])
         targets.append(tensors["target"])
-        labels.append(int(r["label"]))
-    shapes = {tuple(t.shape) for t in noises}
-    if len(shapes) != 1:
-        raise DiffalignError(f"{manifest_path}: noise files have different shapes {shapes}")
+        labels.append(label)
+    for what, items in (("noise", noises), ("target", targets)):
+        shapes = {tuple(t.shape) for t in items}
+        if len(shapes) != 1:
+            raise DiffalignError(
+                f"{manifest_path}: {what} tensors have different shapes {sorted(shapes)}"
+            )
     return torch.stack(noises), torch.tensor(labels), torch.stack(targets), config
 
 
@@ -284,6 +295,10 @@ def assign(
         raise DiffalignError(f"data is '{data.name}' but the generator was trained on '{dataset}'")
     if assign_steps < 0 or batch_size <= 0:
         raise DiffalignError("--assign-steps must be >= 0 and --batch-size > 0")
+    if max_items is not None and max_items < 1:
+        raise DiffalignError(f"--max-items must be >= 1, got {max_items}")
+    if not math.isfinite(lr) or lr <= 0:
+        raise DiffalignError(f"the assignment learning rate must be > 0, got {lr}")
     latent_shape = tuple(gcfg.latent_shape)
     if latent_shape[1] % patch_size or latent_shape[2] % patch_size:
         raise DiffalignError(

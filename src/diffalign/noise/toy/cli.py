@@ -222,7 +222,20 @@ def register(verbs) -> None:
     p.add_argument(
         "--manifest-path", required=True, help="manifest.jsonl written by `assign` (or its folder)"
     )
-    p.add_argument("--dataset", choices=_DATASETS, default=None, help="expected dataset (checked)")
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        choices=_DATASETS,
+        default=None,
+        help="expected dataset, checked against the generator and the manifest (default: the "
+        "generator's)",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="not needed: the targets are read from the manifest's noise files (accepted so "
+        "that every toy command takes the same data options)",
+    )
     p.add_argument("--output-dir", required=True, help="run folder to write")
     _sft_options(p)
     _train_options(p, 5, 1e-4, 64)
@@ -454,6 +467,7 @@ def _run_em(args) -> int:
         assign_steps=args.assign_steps,
         assign_lr=args.assign_lr,
         patch_size=args.patch_size,
+        parametrization=args.parametrization,
         epochs=args.epochs,
         max_steps=args.max_steps,
         lr=args.lr,

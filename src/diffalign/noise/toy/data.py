@@ -23,6 +23,7 @@ import gzip
 import io
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def load_dataset(
             )
         root = Path(data_dir)
         if not root.is_dir():
-            raise DiffalignError(f"--data-dir {root}: folder not found")
+            what = "is a file, not a folder" if root.exists() else "folder not found"
+            raise DiffalignError(f"--data-dir {root}: {what}")
         if name == "mnist":
             images, labels = _load_mnist(root, split)
         else:
@@ -168,7 +170,7 @@ def _read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: corrupt deflate data in a .gz
         raise DiffalignError(f"{path}: cannot read ({e})") from None
 
 

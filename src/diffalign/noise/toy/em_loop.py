@@ -31,6 +31,7 @@ def em(
     assign_steps: int = 100,
     assign_lr: float = 0.05,
     patch_size: int = 2,
+    parametrization: str = "matrix_exp",
     epochs: int | None = 5,
     max_steps: int | None = None,
     lr: float = 1e-4,
@@ -45,11 +46,12 @@ def em(
 ) -> dict:
     """Run `num_cycles` assign (E) + matched-SFT (M) cycles; returns (and writes) the summary."""
     from diffalign.noise.toy.assignment import assign
-    from diffalign.noise.toy.finetune import sft
+    from diffalign.noise.toy.finetune import _check_settings, sft
     from diffalign.noise.toy.models import resolve_weights
 
     if num_cycles < 1:
         raise DiffalignError("--num-cycles must be >= 1")
+    _check_settings(lr, batch_size, preserve_weight, l1_weight)  # before the first E-step
     out = Path(output_dir)
     anchor = resolve_weights(base_ckpt if base_ckpt is not None else generator_ckpt)
     current = resolve_weights(generator_ckpt)
@@ -67,6 +69,7 @@ def em(
             assign_steps=assign_steps,
             lr=assign_lr,
             patch_size=patch_size,
+            parametrization=parametrization,
             l1_weight=l1_weight,
             seed=seed,  # the same base noises every cycle; only Q is re-optimised
             data=data,

@@ -16,6 +16,7 @@ fine-tuned generator is exported to ``OUT/checkpoint-final/generator.safetensors
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 
@@ -148,6 +149,38 @@ def _run(
     }
 
 
+def _check_settings(lr: float, batch_size: int, preserve_weight: float, l1_weight: float) -> None:
+    """One-line errors for settings the optimiser or the loss would choke on (or misuse)."""
+    if not math.isfinite(lr) or lr <= 0:
+        raise DiffalignError(f"--lr must be > 0, got {lr}")
+    if batch_size < 1:
+        raise DiffalignError(f"--batch-size must be >= 1, got {batch_size}")
+    for name, value in (("--preserve-weight", preserve_weight), ("--l1-weight", l1_weight)):
+        if not math.isfinite(value) or value < 0:
+            raise DiffalignError(f"{name} must be >= 0, got {value}")
+
+
+def _check_targets(labels: torch.Tensor, targets: torch.Tensor, gcfg, source) -> None:
+    """The targets must be images of the generator's size and its labels in range."""
+    if tuple(targets.shape[1:]) != tuple(gcfg.image_shape):
+        raise DiffalignError(
+            f"{source}: wrong image size {tuple(targets.shape[1:])}; the generator makes "
+            f"{tuple(gcfg.image_shape)} images ({gcfg.dataset})"
+        )
+    if len(labels) and int(labels.max()) >= gcfg.num_classes:
+        raise DiffalignError(
+            f"{source}: label {int(labels.max())} out of range for {gcfg.num_classes} classes"
+        )
+
+
+def _check_manifest_dataset(acfg: dict, gcfg, manifest_path) -> None:
+    if acfg.get("dataset") not in (None, gcfg.dataset):
+        raise DiffalignError(
+            f"{manifest_path}: assigned on '{acfg.get('dataset')}' but the generator was trained "
+            f"on '{gcfg.dataset}'"
+        )
+
+
 def _load_pair(generator_ckpt, base_ckpt, dataset):
     generator, gcfg = load_model(generator_ckpt, "generator", dataset)
     if base_ckpt is None:
@@ -180,18 +213,16 @@ def sft(
     (default: the generator it starts from)."""
     from diffalign.noise.toy.assignment import load_matched_pairs
 
+    _check_settings(lr, batch_size, preserve_weight, l1_weight)
     generator, base, gcfg = _load_pair(generator_ckpt, base_ckpt, dataset)
     noises, labels, targets, acfg = load_matched_pairs(manifest_path)
-    if acfg.get("dataset") not in (None, gcfg.dataset):
-        raise DiffalignError(
-            f"{manifest_path}: assigned on '{acfg.get('dataset')}' but the generator was trained "
-            f"on '{gcfg.dataset}'"
-        )
+    _check_manifest_dataset(acfg, gcfg, manifest_path)
     if tuple(noises.shape[1:]) != tuple(gcfg.latent_shape):
         raise DiffalignError(
             f"{manifest_path}: noises have shape {tuple(noises.shape[1:])}, the generator takes "
             f"{tuple(gcfg.latent_shape)}"
         )
+    _check_targets(labels, targets, gcfg, manifest_path)
     torch.manual_seed(seed)
     task = SftTask(
         generator,
@@ -236,9 +267,14 @@ def direct_sft(
     from diffalign.noise.toy.assignment import load_matched_pairs
     from diffalign.noise.toy.data import load_dataset
 
+    _check_settings(lr, batch_size, preserve_weight, l1_weight)
+    if max_items is not None and max_items < 1:
+        raise DiffalignError(f"--max-items must be >= 1, got {max_items}")
     generator, base, gcfg = _load_pair(generator_ckpt, base_ckpt, dataset)
     if manifest_path is not None:
-        _, labels, targets, _ = load_matched_pairs(manifest_path)
+        _, labels, targets, acfg = load_matched_pairs(manifest_path)
+        _check_manifest_dataset(acfg, gcfg, manifest_path)
+        _check_targets(labels, targets, gcfg, manifest_path)
     else:
         data = load_dataset(gcfg.dataset, split, data_dir)
         n = len(data) if max_items is None else min(len(data), max_items)

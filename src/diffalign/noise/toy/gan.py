@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.io import read_json
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.noise.toy.data import ToyData, load_dataset
 from diffalign.noise.toy.losses import hinge_d_loss, hinge_g_loss
@@ -120,12 +121,24 @@ def train_gan(
     data: ToyData | None = None,
 ) -> dict:
     """Train the base generator on the train split; returns a summary with the export folder."""
+    if batch_size < 1:
+        raise DiffalignError(f"--batch-size must be >= 1, got {batch_size}")
+    if not (lr > 0 and lr != float("inf")):  # also rejects NaN
+        raise DiffalignError(f"--lr must be > 0, got {lr}")
     if data is None:
         data = load_dataset(dataset, "train", data_dir)
     if max_items is not None:
         if max_items < 1:
             raise DiffalignError("--max-items must be >= 1")
         data = data.subset(range(min(len(data), max_items)))
+    run_config = Path(output_dir) / "run_config.json"
+    if resume and not overwrite and run_config.is_file():
+        old = (read_json(run_config).get("task") or {}).get("dataset")
+        if old not in (None, data.name):
+            raise DiffalignError(
+                f"{output_dir} holds a train-gan run on '{old}', not on '{data.name}'; "
+                "resume it with the same --dataset or use another --output-dir"
+            )
     torch.manual_seed(seed)  # model initialisation
     task = GanTask(data, lr=lr, batch_size=batch_size)
     if max_steps is None and epochs is None:

@@ -253,7 +253,10 @@ def load_model(
     if cfg_dict is None:
         for cand in (weights.parent / f"{kind}.json", weights.parent.parent / f"{kind}.json"):
             if cand.is_file():
-                cfg_dict = json.loads(cand.read_text())
+                try:
+                    cfg_dict = json.loads(cand.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise DiffalignError(f"{cand}: not valid JSON ({e})") from None
                 break
     if cfg_dict is None:
         raise DiffalignError(f"{weights}: no {kind} config (metadata or {kind}.json) found")
