@@ -84,6 +84,7 @@ def test_loss_decreases_and_outputs(tmp_path):
     for name in ("train_history.png", "train_summary.json", "run_config.json"):
         assert (tmp_path / name).is_file(), name
     summary = read_json(tmp_path / "train_summary.json")
+    assert read_json(tmp_path / "summary.json") == summary
     assert summary["finished"] and summary["steps"] == 40 and summary["skipped_nonfinite"] == 0
     run_cfg = read_json(tmp_path / "run_config.json")
     assert run_cfg["task"] == {"hidden": 16} and run_cfg["train"]["max_steps"] == 40

@@ -9,8 +9,8 @@ each accumulation boundary, so a task may call its own modules directly), gradie
 (the loss of a window is divided by the window's length), AdamW per optimizer with a cosine /
 linear / constant schedule after a linear warm-up (`lr_multiplier`), global-norm clipping, an fp32
 EMA of the trainable parameters (`diffalign.engine.ema.EMA`), validation on the EMA weights,
-TensorBoard / W&B trackers, a progress bar, `train_history.png`, `train_summary.json` and
-`run_config.json`. Resumable checkpoints `<output_dir>/checkpoints/checkpoint-<step>/` are written
+TensorBoard / W&B trackers, a progress bar, `train_history.png`, `train_summary.json` (also as
+`summary.json`) and `run_config.json`. Resumable checkpoints `<output_dir>/checkpoints/checkpoint-<step>/` are written
 atomically and hold `<module>.safetensors` (trainable parameters and buffers), `ema.safetensors`,
 `optimizer-<name>.pt` / `scheduler-<name>.pt` / `scaler.pt` (state dicts, read back with
 `weights_only=True`), `rng.pt` (python/numpy/torch RNG of every process) and `state.json` (step,
@@ -564,7 +564,12 @@ class _Trainer:
                     shutil.rmtree(self.output_dir / name, ignore_errors=True)
                 for p in self.output_dir.glob("checkpoint-epoch-*"):
                     shutil.rmtree(p, ignore_errors=True)
-                for name in ("train_summary.json", "train_history.png", "run_config.json"):
+                for name in (
+                    "train_summary.json",
+                    "summary.json",
+                    "train_history.png",
+                    "run_config.json",
+                ):
                     (self.output_dir / name).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
@@ -884,7 +889,9 @@ class _Trainer:
             "output_dir": str(self.output_dir),
             "config": dataclasses.asdict(self.config),
         }
-        write_summary(self.output_dir / "train_summary.json", summary)
+        # the seed's name, and the name every long diffalign command writes (spec: Interfaces)
+        for name in ("train_summary.json", "summary.json"):
+            write_summary(self.output_dir / name, summary)
         return summary
 
     # -- validation ----------------------------------------------------------------------------
