@@ -7,7 +7,10 @@
 # Weights are looked up in $MODEL_DIR (default: models); override single paths with
 #   SD3_MODEL_PATH   (default: $MODEL_DIR/sd3_medium.safetensors)
 #   SD35_MODEL_PATH  (default: $MODEL_DIR/sd3.5_large.safetensors)
-#   VAE_PATH         (default: $MODEL_DIR/sd3_vae.safetensors; passed only if the file exists)
+#   VAE_PATH         (default: $MODEL_DIR/sd3_vae.safetensors; the default is passed only if it
+#                     exists, a VAE_PATH you set is always passed, file or folder)
+# When the default checkpoint file is absent the preset (sd3 / sd3.5) is used instead: the
+# diffusers folder that `diffalign download --only sd3` writes to $MODEL_DIR/sd3, or the Hub.
 # Any further arguments go to `diffalign textstream sample` unchanged, e.g.
 #   ./run_inference.sh sd3.5 "cinematic portrait" --residual_origin_layer 0 \
 #       --residual_target_layers 4,8,12 --residual_weights 1.0,0.5,0.25
@@ -31,20 +34,33 @@ model_kind="$1"
 prompt="$2"
 shift 2
 
-MODEL_DIR="${MODEL_DIR:-models}"
-SD3_MODEL_PATH="${SD3_MODEL_PATH:-$MODEL_DIR/sd3_medium.safetensors}"
-SD35_MODEL_PATH="${SD35_MODEL_PATH:-$MODEL_DIR/sd3.5_large.safetensors}"
-VAE_PATH="${VAE_PATH:-$MODEL_DIR/sd3_vae.safetensors}"
+MODEL_DIR="${MODEL_DIR:-${DIFFALIGN_MODELS_DIR:-models}}"
 
+# checkpoint: an explicit *_MODEL_PATH as given; else the seed's default file if it exists;
+# else the preset, looked up in $MODEL_DIR/<preset>/ (diffalign download's layout), then the Hub
 case "$model_kind" in
-    sd3) model="$SD3_MODEL_PATH" ;;
-    sd3.5 | sd35) model="$SD35_MODEL_PATH" ;;
+    sd3)
+        preset=sd3 explicit="${SD3_MODEL_PATH:-}"
+        default_file="$MODEL_DIR/sd3_medium.safetensors"
+        ;;
+    sd3.5 | sd35)
+        preset=sd3.5 explicit="${SD35_MODEL_PATH:-}"
+        default_file="$MODEL_DIR/sd3.5_large.safetensors"
+        ;;
     *)
         echo "run_inference.sh: unknown model '$model_kind' (expected sd3 or sd3.5)" >&2
         usage
         exit 2
         ;;
 esac
+if [[ -n "$explicit" ]]; then
+    model="$explicit"
+elif [[ -e "$default_file" ]]; then
+    model="$default_file"
+else
+    model="$preset"
+    export DIFFALIGN_MODELS_DIR="$MODEL_DIR"
+fi
 
 if [[ -z "$prompt" ]]; then
     echo "run_inference.sh: the prompt is empty" >&2
@@ -53,8 +69,10 @@ if [[ -z "$prompt" ]]; then
 fi
 
 vae_args=()
-if [[ -f "$VAE_PATH" ]]; then
-    vae_args=(--vae "$VAE_PATH")
+if [[ -n "${VAE_PATH:-}" ]]; then
+    vae_args=(--vae "$VAE_PATH") # set by the user: always passed (a missing one is an error)
+elif [[ -e "$MODEL_DIR/sd3_vae.safetensors" ]]; then
+    vae_args=(--vae "$MODEL_DIR/sd3_vae.safetensors")
 fi
 
 if command -v diffalign >/dev/null 2>&1; then

@@ -161,6 +161,16 @@ def test_vae_override_from_folder(tiny_model_dir, tmp_path):
         load_sd3_pipeline(tiny_model_dir("sd3"), vae=str(tmp_path))
 
 
+def test_missing_vae_path_names_the_vae(workdir):
+    """A --vae that does not exist is reported as a VAE, not as a missing --model."""
+    from diffalign.engine.loading import load_vae
+
+    for vae in ("./nope/vae.safetensors", "models/sd3_vae.safetensors"):
+        with pytest.raises(DiffalignError, match=r"^VAE '.*' not found") as info:
+            load_vae(vae)
+        assert "--model" not in str(info.value)
+
+
 def test_hub_id_offline_is_fast_clean_error(workdir):
     start = time.monotonic()
     with pytest.raises(ModelNotFoundError) as e:

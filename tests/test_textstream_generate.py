@@ -438,3 +438,47 @@ def test_run_inference_sh(sd3, tmp_path):
     settings = json.loads((folder / "settings.json").read_text())
     assert settings["residual"]["target_layers"] == [2, 3]
     assert settings["options"]["vae"] is None  # no VAE file under MODEL_DIR: not passed
+
+
+def _launcher_env(tmp_path) -> dict:
+    env = _env()
+    for name in ("SD3_MODEL_PATH", "SD35_MODEL_PATH", "VAE_PATH", "DIFFALIGN_MODELS_DIR"):
+        env.pop(name, None)
+    env["MODEL_DIR"] = str(tmp_path / "models")
+    return env
+
+
+def test_run_inference_sh_uses_downloaded_folder_and_set_vae(sd3, tmp_path):
+    """Without the seed's sd3_medium.safetensors, the folder `diffalign download --only sd3`
+    writes (MODEL_DIR/sd3) is used; a VAE_PATH that is set is passed even when it is a folder."""
+    (tmp_path / "models").mkdir()
+    os.symlink(sd3, tmp_path / "models" / "sd3")
+    env = _launcher_env(tmp_path)
+    env["VAE_PATH"] = str(Path(sd3) / "vae")
+    out = tmp_path / "outputs"
+    cmd = ["bash", str(REPO / "run_inference.sh"), "sd3", "a cat", *TINY, "--save_dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["model_source"]["preset"] == "sd3"
+    assert Path(settings["model_source"]["source"]) == (tmp_path / "models" / "sd3").absolute()
+    assert settings["options"]["vae"] == str(Path(sd3) / "vae")
+
+
+def test_run_inference_sh_missing_weights_are_one_line_errors(sd3, tmp_path):
+    script = str(REPO / "run_inference.sh")
+    env = _launcher_env(tmp_path)
+    proc = subprocess.run(
+        ["bash", script, "sd3.5", "a cat"], env=env, capture_output=True, text=True
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("diffalign:")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "diffalign download --only sd3.5" in lines[0]
+    env.update(SD3_MODEL_PATH=sd3, VAE_PATH=str(tmp_path / "no_vae.safetensors"))
+    out = tmp_path / "outputs"
+    cmd = ["bash", script, "sd3", "a cat", *TINY, "--save_dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("diffalign:")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "no_vae.safetensors" in lines[0] and not out.exists()

@@ -461,3 +461,16 @@ def test_build_residual_resolves_defaults(tmp_path):
         build_residual(4, 32, origin_layer=0, target_layers=[1, 2], procrustes_path=str(path))
     with pytest.raises(DiffalignError, match="not found"):
         build_residual(4, 32, procrustes_path=str(tmp_path / "missing.safetensors"))
+
+
+def test_rotations_accept_a_loaded_rotation_set(tmp_path):
+    """`rotations=load_rotations(path)` works as well as the `{layer: R}` dict."""
+    from diffalign.textstream import RotationSet, load_rotations, save_rotations
+
+    path = tmp_path / "rot.safetensors"
+    rots = {t: random_orthogonal(32, t) for t in (2, 3)}
+    save_rotations(path, RotationSet(0, [2, 3], rots, 32, 10, "all"))
+    res = TextStreamResidual(0, [3], 0.5, mode="ln", rotations=load_rotations(path))
+    assert list(res.rotations) == [3] and torch.equal(res.rotations[3], rots[3])
+    with pytest.raises(DiffalignError, match="rotations must be"):
+        TextStreamResidual(0, [2], mode="ln", rotations=torch.stack(list(rots.values())))

@@ -456,7 +456,13 @@ def load_vae(
                 **_dtype_kw(torch_dtype),
                 local_files_only=offline or cfg.kind == "folder",
             )
-        resolved = resolve_model(vae)
+        try:
+            resolved = resolve_model(vae)
+        except ModelNotFoundError:
+            raise DiffalignError(
+                f"VAE '{vae}' not found: give a .safetensors file, an AutoencoderKL or pipeline "
+                "folder, or a Hub id"
+            ) from None
         return AutoencoderKL.from_pretrained(
             resolved.source, subfolder="vae", **_dtype_kw(torch_dtype), local_files_only=offline
         )

@@ -32,7 +32,7 @@ import torch
 from diffalign.engine.cliutils import parse_float_list, parse_int_list
 from diffalign.engine.errors import DiffalignError
 from diffalign.textstream.residual import MODES, compute_dtype, ln_mix, residual_mix, standardize
-from diffalign.textstream.rotations import check_rotation, load_rotations
+from diffalign.textstream.rotations import RotationSet, check_rotation, load_rotations
 
 
 class TextStreamResidual:
@@ -41,8 +41,9 @@ class TextStreamResidual:
     origin_layer: 0 = text after the context embedder (= input of block 0); k = text entering
     block k. target_layers: blocks whose incoming text gets the residual (origin < t).
     weights: one per target, or one value for all, or None (= 1.0). mode: "plain" or "ln".
-    rotations: `{layer: [d, d] orthogonal}` for every target ("ln" only). layernorm: apply a
-    parameter-free LayerNorm to the mix ("ln" only).
+    rotations: `{layer: [d, d] orthogonal}` for every target, or the `RotationSet` that
+    `load_rotations` returns ("ln" only). layernorm: apply a parameter-free LayerNorm to the
+    mix ("ln" only).
     """
 
     def __init__(
@@ -51,10 +52,17 @@ class TextStreamResidual:
         target_layers: Sequence[int] | str | None = (),
         weights: Sequence[float] | float | str | None = None,
         mode: str = "plain",
-        rotations: Mapping[int, torch.Tensor] | None = None,
+        rotations: Mapping[int, torch.Tensor] | RotationSet | None = None,
         layernorm: bool = False,
         eps: float = 1e-6,
     ):
+        if isinstance(rotations, RotationSet):  # straight from load_rotations(path)
+            rotations = rotations.rotations
+        if rotations is not None and not isinstance(rotations, Mapping):
+            raise DiffalignError(
+                "rotations must be {layer: [d, d] tensor} or a RotationSet from load_rotations "
+                f"(got {type(rotations).__name__})"
+            )
         self.origin_layer = _layer_index(origin_layer, "origin layer")
         if isinstance(target_layers, str):
             target_layers = parse_int_list(target_layers, "target layers")
