@@ -310,6 +310,19 @@ def test_single_file_roundtrip(sd35_single_file, tiny_model_dir):
     assert pipe.vae is not None
 
 
+def test_single_file_through_the_cli(sd35_single_file, tmp_path):
+    from diffalign import cli
+
+    folder, path, _ = sd35_single_file
+    out = tmp_path / "out"
+    argv = ["textstream", "sample", "--prompt", "a cat", "--model", str(path)]
+    argv += ["--single-file-config", folder, "--output-dir", str(out)]
+    argv += ["--steps", "1", "--height", "32", "--width", "32", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    (folder_out,) = [p for p in out.iterdir() if p.is_dir()]
+    assert (folder_out / "000.png").is_file()
+
+
 def test_single_file_without_config_is_clear(sd35_single_file, workdir):
     _, path, _ = sd35_single_file
     with pytest.raises(ModelNotFoundError, match="cannot tell which model"):

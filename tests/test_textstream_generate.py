@@ -225,6 +225,11 @@ def test_generate_layout_and_resume(sd3, tmp_path):
     rec = json.loads((out / "00001_a_dog_on_a_skateboard" / "prompt.json").read_text())
     assert rec["prompt"] == "a dog on a skateboard" and rec["seeds"] == [1]
     assert json.loads((out / "settings.json").read_text())["num_prompts"] == 3
+    folder_settings = json.loads(
+        (out / "00001_a_dog_on_a_skateboard" / "settings.json").read_text()
+    )
+    assert folder_settings["prompt"] == "a dog on a skateboard" and folder_settings["seeds"] == [1]
+    assert "residual" in json.dumps(folder_settings)
     stamp = (out / "00000_a_cat" / "000.png").stat().st_mtime_ns
 
     # resume: finished prompts are skipped, a missing one is redone

@@ -159,6 +159,7 @@ def calibrate(
     eps: float = 1e-6,
     pipe: Any = None,
     prompts: Sequence[str] | None = None,
+    single_file_config: str | None = None,
 ) -> dict:
     """Calibrate per-layer Procrustes rotations and write them to `output` (spec T).
 
@@ -206,7 +207,7 @@ def calibrate(
     if pipe is None:
         if not model:
             raise DiffalignError("calibration needs --model")
-        pipe = _load_pipeline(model, torch_dtype, run_device)
+        pipe = _load_pipeline(model, torch_dtype, run_device, single_file_config)
     pipe = pipe.to(device=run_device, dtype=torch_dtype)
     tr = pipe.transformer
     blocks = tr.transformer_blocks
@@ -448,10 +449,14 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _load_pipeline(model: str, torch_dtype: torch.dtype, device: torch.device):
+def _load_pipeline(
+    model: str, torch_dtype: torch.dtype, device: torch.device, single_file_config: str | None
+):
     from diffalign.engine.loading import load_sd3_pipeline
 
-    return load_sd3_pipeline(model, dtype=torch_dtype, device=str(device))
+    return load_sd3_pipeline(
+        model, dtype=torch_dtype, device=str(device), single_file_config=single_file_config
+    )
 
 
 def _write_reports(folder: Path, summary: dict) -> None:

@@ -23,6 +23,12 @@ def register(verbs) -> None:
         "(default: %(default)s)",
     )
     p.add_argument(
+        "--single-file-config",
+        default=None,
+        help="diffusers folder or Hub id whose config a single-file --model uses (default: "
+        "inferred from the file)",
+    )
+    p.add_argument(
         "--dataset",
         required=True,
         help="prompt set(s), comma-combined: a .txt/.jsonl/COCO json/GenEval jsonl/DPG folder, "
@@ -118,6 +124,7 @@ def _run_calibrate(args) -> int:
             raise DiffalignError("--target-layers is empty")
     summary = calibrate(
         model=args.model,
+        single_file_config=args.single_file_config,
         dataset=args.dataset,
         datadir=args.datadir,
         num_samples=args.num_samples,

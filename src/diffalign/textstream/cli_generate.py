@@ -31,6 +31,12 @@ def _add_common(p, *, multi_model: bool = False, size: bool = True) -> None:
             ".safetensors (default: %(default)s)",
         )
     g.add_argument("--vae", default=None, help="VAE to use instead of the model's own")
+    g.add_argument(
+        "--single-file-config",
+        default=None,
+        help="diffusers folder or Hub id whose config a single-file --model uses (default: "
+        "inferred from the file)",
+    )
     g.add_argument("--steps", type=int, default=28, help="denoising steps (default: %(default)s)")
     g.add_argument(
         "--cfg",
@@ -155,7 +161,7 @@ def register(verbs) -> None:
         description="Generate images for a prompt set (.txt, .jsonl, COCO captions json, "
         "GenEval metadata, DPG-Bench folder, or names coco/coco2014/geneval/dpg under "
         "--datadir; comma-separated to combine). Layout: OUT/<index:05d>_<slug>/000.png ..., "
-        "prompt.json per folder, OUT/settings.json and OUT/summary.json.",
+        "prompt.json and settings.json per folder, OUT/settings.json and OUT/summary.json.",
     )
     p.add_argument("--prompts", required=True, help="prompt file, folder or dataset name(s)")
     p.add_argument("--datadir", default=None, help="folder the dataset names are looked up in")
@@ -212,6 +218,7 @@ def _configs(args, n_samples: int, model: str | None = None):
     cfg = GenerationConfig(
         model=model if model is not None else args.model,
         vae=args.vae,
+        single_file_config=args.single_file_config,
         steps=args.steps,
         cfg=args.cfg,
         height=args.height,

@@ -6,7 +6,7 @@ Each command is a list of prompts turned into images by one SD3/SD3.5 pipeline w
 
 - `sample`:   `OUT/<model>_<prompt slug>/000.png ...` + `settings.json` per folder (seed 002:
   one folder per prompt/model combination), `grid.png` when there are several samples.
-- `generate`: `OUT/<index:05d>_<prompt slug>/000.png ...` + `prompt.json` per folder;
+- `generate`: `OUT/<index:05d>_<prompt slug>/000.png ...` + `prompt.json` and `settings.json` per folder;
   `OUT/settings.json` and `OUT/summary.json` for the run.
 - `geneval`:  `OUT/<index:05d>/metadata.jsonl` (the prompt's input line) and
   `OUT/<index:05d>/samples/0000.png ...` + `grid.png`; run files `OUT/settings.json` and
@@ -59,6 +59,7 @@ class GenerationConfig:
 
     model: str = "sd3"
     vae: str | None = None
+    single_file_config: str | None = None
     steps: int = 28
     cfg: float = 7.0
     height: int = 1024
@@ -241,7 +242,13 @@ class ResidualGenerator:
         self.device = device
         self.dtype_name = normalize_dtype(cfg.dtype, device)
         dtype = getattr(torch, DTYPES[self.dtype_name])
-        self.pipe = load_sd3_pipeline(cfg.model, dtype=dtype, device=device, vae=cfg.vae)
+        self.pipe = load_sd3_pipeline(
+            cfg.model,
+            dtype=dtype,
+            device=device,
+            vae=cfg.vae,
+            single_file_config=cfg.single_file_config,
+        )
         self.pipe.set_progress_bar_config(disable=True)
         tcfg = self.pipe.transformer.config
         self.num_layers = int(tcfg.num_layers)
@@ -555,7 +562,8 @@ def run_generate(
 ) -> dict:
     """Prompt file/set (anything `load_prompts` reads) to `OUT/<index:05d>_<slug>/NNN.png`.
 
-    Each folder also holds `prompt.json` (prompt, id, seeds); `OUT/settings.json` records the run.
+    Each folder also holds `prompt.json` (prompt, id, seeds) and `settings.json` (the run's
+    settings plus that prompt); `OUT/settings.json` records the run.
     """
     from diffalign.engine.prompts import load_prompts
 
@@ -573,7 +581,7 @@ def run_generate(
         rc,
         run_extra,
         jobs_for=lambda settings: [
-            _generate_job(out, i, r.prompt, r.id, cfg) for i, r in enumerate(records)
+            _generate_job(out, i, r.prompt, r.id, cfg, settings) for i, r in enumerate(records)
         ],
         total=len(records),
         clean=out,
@@ -771,7 +779,9 @@ def _sample_writer(dest: Path, settings: dict) -> Callable[[list, list[int]], No
     return write
 
 
-def _generate_job(out: Path, i: int, prompt: str, pid: str, cfg: GenerationConfig) -> _Job:
+def _generate_job(
+    out: Path, i: int, prompt: str, pid: str, cfg: GenerationConfig, settings: dict
+) -> _Job:
     from diffalign.engine.io import write_json
 
     dest = out / f"{i:05d}_{slugify(prompt)}"
@@ -780,13 +790,14 @@ def _generate_job(out: Path, i: int, prompt: str, pid: str, cfg: GenerationConfi
     def write(images: list, seeds: list[int]) -> None:
         def fill(tmp: Path) -> None:
             _save_folder_images(tmp, images, names, "grid.png")
-            write_json(
-                tmp / "prompt.json", {"prompt": prompt, "id": pid, "index": i, "seeds": seeds}
-            )
+            record = {"prompt": prompt, "id": pid, "index": i, "seeds": seeds}
+            write_json(tmp / "prompt.json", record)
+            write_json(tmp / "settings.json", {**settings, **record})  # the run's, plus this prompt
 
         _write_folder(dest, fill)
 
-    return _Job(i, prompt, _folder_done(dest, names + ["prompt.json"]), write, str(dest))
+    done = _folder_done(dest, names + ["prompt.json", "settings.json"])
+    return _Job(i, prompt, done, write, str(dest))
 
 
 def _geneval_job(out: Path, i: int, line: dict, cfg: GenerationConfig) -> _Job:
