@@ -4,9 +4,6 @@ pipeline itself, unrolls the blocks by hand, stores every token and calls scipy.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ from scipy.linalg import orthogonal_procrustes
 from diffalign.cli import main
 from diffalign.textstream import build_residual, load_rotations
 from diffalign.textstream.calibrate import calibrate, draw_sample
+from launch_helper import launch_two_cpu_processes
 
 PROMPTS = ["a red cat on a sofa", "two dogs", "a small blue car near a tall tree", "x"]
 
@@ -330,44 +328,9 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
         "--seed",
         "3",
     ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DIFFALIGN_NO_PROGRESS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
     two = tmp_path / "two" / "rot.safetensors"
-    # accelerate 1.x: `--cpu --num_processes 2` starts ONE process unless mpirun is set up;
-    # `--multi_gpu` starts 2 via torchrun and, without CUDA, they form a gloo (MULTI_CPU) group
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "0",
-            "-m",
-            "diffalign.cli",
-            *common,
-            "--device",
-            "cpu",
-            "--output",
-            str(two),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    target = ["-m", "diffalign.cli", *common, "--device", "cpu", "--output", str(two)]
+    proc = launch_two_cpu_processes(target)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = tmp_path / "one" / "rot.safetensors"
     assert main([*common, "--output", str(one)]) == 0

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from diffalign.textstream.generate import (
     shard_indices,
     slugify,
 )
+from launch_helper import launch_two_cpu_processes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "2", "--height", "32", "--width", "32"]
@@ -390,22 +390,9 @@ def test_geneval_two_processes_shard_and_merge(sd3, tmp_path):
     lines = [*GENEVAL, {**GENEVAL[0], "prompt": "a photo of a cow"}]
     meta.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "sharded"
-    # accelerate 1.x: `--cpu --num_processes 2` starts ONE process unless mpirun is set up;
-    # `--multi_gpu` starts 2 via torchrun and `--device cpu` makes them a gloo (MULTI_CPU) group
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-    ]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["--main_process_port", "0", "-m", "diffalign.cli", "textstream", "geneval"]
-    cmd += ["--metadata", str(meta), "--model", sd3, "--output-dir", str(out)]
-    cmd += ["--n-samples", "1", "--device", "cpu", *TINY]
-    env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    target = ["-m", "diffalign.cli", "textstream", "geneval", "--metadata", str(meta)]
+    target += ["--model", sd3, "--output-dir", str(out), "--n-samples", "1", "--device", "cpu"]
+    proc = launch_two_cpu_processes([*target, *TINY], env=_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2

@@ -3,33 +3,28 @@ processes): same items, same noises as one process."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 
 import torch
 
 from diffalign.engine.io import load_tensors, read_jsonl
 from diffalign.noise.toy.assignment import assign
 from diffalign.noise.toy.models import ToyModelConfig, build_model, save_model
+from launch_helper import launch_two_cpu_processes
 
 
 def test_assign_two_processes_matches_one(tmp_path):
     torch.manual_seed(0)
     save_model(build_model(ToyModelConfig.for_dataset("generator", "digits")), tmp_path / "g")
     args = ["--max-items", "10", "--assign-steps", "4", "--batch-size", "3"]
-    env = {**os.environ, "DIFFALIGN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "diffalign.cli", "noise", "toy", "assign", "--generator-ckpt", str(tmp_path / "g"),
-        "--output-dir", str(tmp_path / "two"), *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    target = ["-m", "diffalign.cli", "noise", "toy", "assign", "--generator-ckpt"]
+    target += [str(tmp_path / "g"), "--output-dir", str(tmp_path / "two"), *args]
+    proc = launch_two_cpu_processes(target, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = read_jsonl(tmp_path / "two" / "manifest.jsonl")
     assert [r["id"] for r in two] == list(range(10))
     assert not list((tmp_path / "two").glob("*.rank-*.jsonl"))  # parts merged by rank 0
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
 
     assign(tmp_path / "g", tmp_path / "one", max_items=10, assign_steps=4, batch_size=3,
            write_plots=False)  # fmt: skip

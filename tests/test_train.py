@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from diffalign.engine.train import (
     train,
     trainable_state,
 )
+from launch_helper import launch_two_cpu_processes
 from train_worker import GanTask, RegressionTask
 
 
@@ -377,43 +375,10 @@ def test_trainable_state_keeps_only_trainable_params_and_buffers():
     assert "0.weight" not in keys and "0.bias" in keys and "1.running_mean" in keys
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_cpu_run(tmp_path):
     out = tmp_path / "mp"
     worker = Path(__file__).with_name("train_worker.py")
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", DIFFALIGN_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    # `--cpu` alone starts a single process (multi-CPU needs mpirun): use the torchrun launcher
-    # with ACCELERATE_USE_CPU so each process takes the gloo CPU backend
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),  # other 2-process tests may run at the same time
-        str(worker),
-        str(out),
-        "--steps",
-        "6",
-        "--accum",
-        "2",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_two_cpu_processes([str(worker), str(out), "--steps", "6", "--accum", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((out / "rank0.json").read_text())
     r1 = json.loads((out / "rank1.json").read_text())

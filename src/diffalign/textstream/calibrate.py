@@ -168,7 +168,7 @@ def calibrate(
     the trajectory and the collected tokens. Returns the summary that is also written to
     `summary.json` beside `output`.
     """
-    from accelerate import PartialState
+    from diffalign.engine.distributed import process_state
 
     started = time.time()
     if token_strategy not in TOKEN_STRATEGIES:
@@ -186,11 +186,7 @@ def calibrate(
     if output_path.is_dir():
         raise DiffalignError(f"--output {output} is a folder; give a file name")
 
-    # without CUDA (or with --device cpu) processes must form a gloo group: PartialState(cpu=True)
-    cpu = (
-        device is not None and torch.device(device).type == "cpu"
-    ) or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
+    state = process_state(device)
     run_device = torch.device(device) if device else state.device
     torch_dtype = _resolve_dtype(dtype, run_device)
 

@@ -394,17 +394,10 @@ class _Job:
 
 
 def _distributed(cfg: GenerationConfig):
-    """The accelerate process state (rank, world size, device).
+    """The accelerate process state (rank, world size, device) for this run's device."""
+    from diffalign.engine.distributed import process_state
 
-    Without CUDA (or with `--device cpu`) the state is created with `cpu=True`, so processes
-    started by `accelerate launch --multi_gpu --num_processes N` on a CPU machine form a gloo
-    group (accelerate 1.x's `--cpu` flag alone starts a single process unless mpirun is used).
-    """
-    import torch
-    from accelerate import PartialState
-
-    cpu = not torch.cuda.is_available() or str(cfg.device or "").startswith("cpu")
-    return PartialState(cpu=cpu)
+    return process_state(cfg.device)
 
 
 def _run_jobs(

@@ -165,9 +165,9 @@ def _file_sha256(path: Path) -> str:
 def _dist_state():
     """(rank, world_size, state) — accelerate's PartialState only when launched distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+        from diffalign.engine.distributed import process_state
 
-        state = PartialState()
+        state = process_state()
         return state.process_index, state.num_processes, state
     return 0, 1, None
 

@@ -1,0 +1,34 @@
+"""Run a command under `accelerate launch` with 2 CPU processes (the sharded paths' tests).
+
+accelerate 1.x's `--cpu --num_processes 2` starts ONE process unless mpirun is set up;
+`--multi_gpu` starts 2 through torchrun, and without CUDA (ACCELERATE_USE_CPU, or our
+`process_state` on a CPU machine) they form a gloo group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+
+
+def free_port() -> int:
+    """A free local port, so 2-process tests running at the same time do not clash."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_cpu_processes(
+    target: Sequence[str], env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """`target` is what follows the launcher: `["-m", "diffalign.cli", ...]` or a script path."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "--main_process_port", str(free_port()), *target]
+    full_env = {**os.environ, **(env or {})}
+    full_env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    full_env.setdefault("DIFFALIGN_NO_PROGRESS", "1")
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
