@@ -42,3 +42,23 @@ def test_unknown_command_exits_nonzero(capsys):
     with pytest.raises(SystemExit) as e:
         main(["no-such-command"])
     assert e.value.code == 2
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from diffalign.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not isinstance(action, argparse._HelpAction | argparse._VersionAction):
+                if not action.help:
+                    missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+
+    walk(build_parser(), ["diffalign"])
+    assert not missing, missing
