@@ -84,24 +84,32 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> list[dict]:
-    """Read a jsonl file; a malformed line is an error naming the line (or skipped)."""
+def iter_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, object) for each non-empty line; a malformed line is an error naming
+    `file:line` (or is skipped), a file that is not UTF-8 is an error."""
     path = Path(path)
     if not path.is_file():
         raise DiffalignError(f"file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if skip_bad:
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
                     continue
-                raise DiffalignError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return out
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if skip_bad:
+                        continue
+                    raise DiffalignError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                yield lineno, obj
+    except UnicodeDecodeError:
+        raise DiffalignError(f"{path}: not UTF-8 text") from None
+
+
+def read_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> list[dict]:
+    """Read a jsonl file; a malformed line is an error naming the line (or skipped)."""
+    return [obj for _, obj in iter_jsonl(path, skip_bad)]
 
 
 def read_json(path: str | os.PathLike) -> Any:

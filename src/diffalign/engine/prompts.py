@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.io import iter_jsonl
 
 DATASET_NAMES = ("coco", "coco2014", "geneval", "dpg")
 
@@ -81,7 +82,7 @@ def load_geneval_metadata(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise DiffalignError(f"GenEval metadata file not found: {path}")
     out = []
-    for lineno, obj in _iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(obj, dict):
             raise DiffalignError(f"{where}: expected a JSON object, found {type(obj).__name__}")
@@ -228,7 +229,7 @@ def _load_txt(path: Path) -> list[PromptRecord]:
 
 def _load_jsonl(path: Path, prompt_field: str, image_field: str) -> list[PromptRecord]:
     out = []
-    for n, (lineno, obj) in enumerate(_iter_jsonl(path)):
+    for n, (lineno, obj) in enumerate(iter_jsonl(path)):
         where = f"{path}:{lineno}"
         if not isinstance(obj, dict):
             raise DiffalignError(f"{where}: expected a JSON object, found {type(obj).__name__}")
@@ -304,23 +305,7 @@ def _coco_image_dir(ann_path: Path) -> Path | None:
     return None
 
 
-def _iter_jsonl(path: Path):
-    """(line number, parsed object) for each non-empty line; malformed line -> file:line error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DiffalignError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise DiffalignError(f"{path}: not UTF-8 text") from None
-
-
 def _first_jsonl_object(path: Path) -> Any:
-    for _, obj in _iter_jsonl(path):
+    for _, obj in iter_jsonl(path):
         return obj
     return None

@@ -318,6 +318,19 @@ def _rng_state() -> dict:
     return state
 
 
+def _sum_parts(
+    parts: list[tuple[dict[str, float], dict[str, float]]],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Key-wise totals of the (sums, counts) pairs gathered from every process."""
+    total_s: dict[str, float] = {}
+    total_c: dict[str, float] = {}
+    for sums, counts in parts:
+        for k in sums:
+            total_s[k] = total_s.get(k, 0.0) + sums[k]
+            total_c[k] = total_c.get(k, 0.0) + counts[k]
+    return total_s, total_c
+
+
 def _set_rng_state(state: dict) -> None:
     random.setstate(_as_tuple(state["python"]))
     n = state["numpy"]
@@ -828,12 +841,7 @@ class _Trainer:
         counts = {k: float(v) for k, v in self._log_counts.items()}
         parts = self._gather([(sums, counts)])
         self._reset_log_window()
-        total_s: dict[str, float] = {}
-        total_c: dict[str, float] = {}
-        for s, c in parts:
-            for k in s:
-                total_s[k] = total_s.get(k, 0.0) + s[k]
-                total_c[k] = total_c.get(k, 0.0) + c[k]
+        total_s, total_c = _sum_parts(parts)
         entry: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
         for k in sorted(total_s):
             if total_c[k] > 0:
@@ -934,12 +942,7 @@ class _Trainer:
                 m.train()
             _set_rng_state(rng)
         parts = self._gather([(sums, counts)])
-        total_s: dict[str, float] = {}
-        total_c: dict[str, float] = {}
-        for s, c in parts:
-            for k in s:
-                total_s[k] = total_s.get(k, 0.0) + s[k]
-                total_c[k] = total_c.get(k, 0.0) + c[k]
+        total_s, total_c = _sum_parts(parts)
         if self.world > 1:
             from accelerate.utils import broadcast_object_list
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.noise.toy.losses import preserve_loss, reconstruction_loss
-from diffalign.noise.toy.models import Generator, load_model, save_model
+from diffalign.noise.toy.models import Generator, generator_run_result, load_model, save_model
 
 
 class SftTask(TrainTask):
@@ -139,14 +139,7 @@ def _run(
         overwrite=overwrite,
         resume=resume,
     )
-    result = train(task, cfg)
-    return {
-        "generator": str(Path(result.final_dir) / "generator.safetensors"),
-        "output_dir": str(result.output_dir),
-        "steps": result.step,
-        "history": result.history,
-        "summary": result.summary,
-    }
+    return generator_run_result(train(task, cfg))
 
 
 def _check_settings(lr: float, batch_size: int, preserve_weight: float, l1_weight: float) -> None:

@@ -19,7 +19,7 @@ from diffalign.engine.io import read_json
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.noise.toy.data import ToyData, load_dataset
 from diffalign.noise.toy.losses import hinge_d_loss, hinge_g_loss
-from diffalign.noise.toy.models import ToyModelConfig, build_model, save_model
+from diffalign.noise.toy.models import ToyModelConfig, build_model, generator_run_result, save_model
 
 # default number of epochs per dataset (digits has 11 batches of 128 per epoch)
 DEFAULT_EPOCHS = {"digits": 250, "mnist": 10, "cifar10": 20}
@@ -162,11 +162,4 @@ def train_gan(
         overwrite=overwrite,
         resume=resume,
     )
-    result = train(task, cfg)
-    return {
-        "generator": str(Path(result.final_dir) / "generator.safetensors"),
-        "output_dir": str(result.output_dir),
-        "steps": result.step,
-        "history": result.history,
-        "summary": result.summary,
-    }
+    return generator_run_result(train(task, cfg))

@@ -221,6 +221,17 @@ def save_model(model: nn.Module, out_dir: str | Path, extra_info: dict | None = 
     return path
 
 
+def generator_run_result(result) -> dict:
+    """What a generator-training command returns: the exported weights and the run's record."""
+    return {
+        "generator": str(Path(result.final_dir) / "generator.safetensors"),
+        "output_dir": str(result.output_dir),
+        "steps": result.step,
+        "history": result.history,
+        "summary": result.summary,
+    }
+
+
 def resolve_weights(path: str | Path, kind: str = "generator") -> Path:
     """A run folder (or its export / checkpoint subfolder) or a weights file -> the weights file."""
     p = Path(path)
