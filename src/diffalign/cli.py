@@ -41,20 +41,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiffalignError as e:
         print(f"diffalign: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # on a path we were given or write: one line, like bad input
+        if e.filename is None and e.errno is None:
+            return _internal(e)
+        from diffalign.engine.io import os_error_message
+
+        print(f"diffalign: error: {os_error_message(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("diffalign: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # unexpected: one line unless DIFFALIGN_DEBUG asks for the traceback
-        if os.environ.get("DIFFALIGN_DEBUG"):
-            raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        print(
-            f"diffalign: internal error: {type(e).__name__}: {first} "
-            "(set DIFFALIGN_DEBUG=1 for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        return _internal(e)
     return int(result or 0)
+
+
+def _internal(e: BaseException) -> int:
+    if os.environ.get("DIFFALIGN_DEBUG"):
+        raise e
+    first = str(e).splitlines()[0] if str(e) else ""
+    print(
+        f"diffalign: internal error: {type(e).__name__}: {first} "
+        "(set DIFFALIGN_DEBUG=1 for the traceback)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -20,14 +22,16 @@ from diffalign.engine.errors import DiffalignError
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _clean_os_errors(path, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with _clean_os_errors(path, tmp_path):
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -37,11 +41,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with _clean_os_errors(path, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
     try:
-        yield tmp
+        with _clean_os_errors(path, tmp):
+            yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -56,6 +62,86 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+_STALE_TMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # mkstemp/mkdtemp names above
+_STALE_OLD = re.compile(r"^\.(?P<name>.+)\.old$")
+
+
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries `atomic_path`/`atomic_dir` leave when killed mid-write.
+
+    Only our own names are touched: `.<name>.XXXXXXXX.tmp` (files or folders) and
+    `.<name>.old`; an `.old` whose `<name>` is missing (a kill between the two renames of
+    `atomic_dir`) is renamed back instead of removed. Returns the paths removed or restored.
+    Call it only on a folder this process owns (under `output_lock`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    touched = []
+    for p in sorted(folder.iterdir()):
+        m_old = _STALE_OLD.match(p.name)
+        if m_old:
+            target = folder / m_old["name"]
+            if not target.exists():
+                os.replace(p, target)
+            elif p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            touched.append(p)
+        elif _STALE_TMP.match(p.name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            touched.append(p)
+    return touched
+
+
+def _tree_size(path: Path) -> int:
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    except OSError:
+        return 0
+
+
+def format_bytes(n: float) -> str:
+    """`1536` -> `1.5 KB` (powers of 1024)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def os_error_message(e: OSError, path: str | os.PathLike | None = None, nbytes: int | None = None):
+    """One line for an OS error on one of our own paths (spec E: bad input -> one line)."""
+    where = e.filename if e.filename is not None else path
+    reason = e.strerror or type(e).__name__
+    if e.errno == errno.ENOSPC:
+        need = f"; it needed {format_bytes(nbytes)}" if nbytes else ""
+        return f"no space left on the device while writing {where}{need}: free some space"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {where}: {reason} (choose a writable folder)"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{where}: a file is in the way where a folder is needed ({reason})"
+    if e.errno == errno.EISDIR:
+        return f"{where}: is a folder, a file is needed"
+    return f"{where}: {reason}"
+
+
+@contextlib.contextmanager
+def _clean_os_errors(path: Path, tmp: Path, nbytes: int | None = None) -> Iterator[None]:
+    """OS errors while writing `path` become one DiffalignError naming it (and the size)."""
+    try:
+        yield
+    except OSError as e:
+        size = nbytes or _tree_size(tmp) or None
+        raise DiffalignError(os_error_message(e, path, size)) from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -64,8 +150,10 @@ def _umask() -> int:
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """Write JSON atomically."""
+    text = json.dumps(obj, indent=indent, default=_json_default) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent, default=_json_default) + "\n")
+        with _clean_os_errors(Path(path), tmp, len(text.encode())):
+            tmp.write_text(text)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -77,11 +165,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     """Append one JSON line and flush it to disk (a crash loses at most this line)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=_json_default) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    line = json.dumps(obj, default=_json_default) + "\n"
+    with _clean_os_errors(path, path, len(line.encode())):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def iter_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> Iterator[tuple[int, Any]]:
@@ -128,15 +218,44 @@ def save_tensors(
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Save tensors as safetensors, atomically."""
-    from safetensors.torch import save_file
-
+    """Save tensors as safetensors, atomically; identical tensors and metadata give identical
+    bytes (the metadata is written in sorted key order, see `safetensors_bytes`)."""
+    data = safetensors_bytes(tensors, metadata)
     with atomic_path(path) as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            str(tmp),
-            metadata=metadata,
-        )
+        with _clean_os_errors(Path(path), tmp, len(data)):
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+
+def safetensors_bytes(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> bytes:
+    """The safetensors file of `tensors` with `metadata` in sorted key order.
+
+    `safetensors.torch.save` keeps the metadata in a hash map whose order changes from process
+    to process, so two runs writing the same tensors gave files with different sha256. The
+    tensors are serialised by safetensors itself (without metadata), then the header is written
+    again with `__metadata__` first and its keys sorted (same format, 8-byte aligned header).
+    """
+    import struct
+
+    from safetensors.torch import save
+
+    if metadata is not None:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise DiffalignError(f"safetensors metadata must map str to str (bad keys: {bad})")
+    raw = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    ordered: dict[str, Any] = {}
+    if metadata:
+        ordered["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

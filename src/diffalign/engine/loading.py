@@ -224,8 +224,94 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 240 else line[:237] + "..."
 
 
-def _check_folder(folder: Path, pipeline_cls: type, family: str, resolved: ResolvedModel) -> None:
-    """A pipeline folder must hold a model_index.json with the components `pipeline_cls` needs."""
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
+_WEIGHT_GLOBS = ("*.safetensors", "*.safetensors.index.json")
+_PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.bin.index.json")
+
+
+def check_component(folder: Path, name: str, library: str, class_name: str) -> str | None:
+    """None if `folder/name` holds what a `library.class_name` component loads from, else why not.
+
+    Models need `config.json` and `.safetensors` weights (pickled `.bin`/`.pt` weights are never
+    loaded), tokenizers a vocabulary file (without one transformers builds a placeholder that
+    maps every word to an unknown id), schedulers `scheduler_config.json`, image processors
+    `preprocessor_config.json`.
+    """
+    sub = folder / name
+    if not sub.is_dir():
+        return f"component '{name}' ({class_name}) is missing: no folder {sub}"
+    files = [p.name for p in sub.iterdir() if p.is_file()]
+    if "Tokenizer" in class_name:
+        if not any(f in files for f in _TOKENIZER_FILES) and not any(
+            f.endswith(".model") for f in files
+        ):
+            return (
+                f"component '{name}' ({class_name}) in {sub} has no vocabulary file "
+                f"(one of {', '.join(_TOKENIZER_FILES)})"
+            )
+        return None
+    if "Scheduler" in class_name:
+        if "scheduler_config.json" not in files:
+            return f"component '{name}' ({class_name}): no scheduler_config.json in {sub}"
+        return None
+    if any(k in class_name for k in ("Processor", "FeatureExtractor")):
+        if "preprocessor_config.json" not in files:
+            return f"component '{name}' ({class_name}): no preprocessor_config.json in {sub}"
+        return None
+    if library not in ("diffusers", "transformers"):
+        return None  # a custom component: its own loader decides
+    if "config.json" not in files:
+        return f"component '{name}' ({class_name}): no config.json in {sub}"
+    try:
+        json.loads((sub / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"component '{name}' ({class_name}): {sub / 'config.json'} is not valid JSON ({e})"
+    if any(sub.glob(g) for g in _WEIGHT_GLOBS):
+        return None
+    pickled = sorted(p.name for g in _PICKLED_WEIGHTS for p in sub.glob(g))
+    if pickled:
+        return (
+            f"component '{name}' ({class_name}) in {sub} has only pickled weights "
+            f"({', '.join(pickled)}), which are never loaded; convert them to .safetensors"
+        )
+    return f"component '{name}' ({class_name}): no .safetensors weights in {sub}"
+
+
+def _check_components(
+    folder: Path, index: dict, skip: set[str], download_name: str | None = None
+) -> None:
+    """Every component `model_index.json` names must be present and loadable (spec E)."""
+    for name, value in index.items():
+        if name.startswith("_") or name in skip:
+            continue
+        if not isinstance(value, list | tuple) or len(value) != 2 or None in value:
+            continue  # [null, null]: an optional component the checkpoint does not ship
+        problem = check_component(folder, name, str(value[0]), str(value[1]))
+        if problem is not None:
+            fix = (
+                f"fetch it again with `diffalign download --only {download_name}`"
+                if download_name
+                else "copy the complete model folder"
+            )
+            raise DiffalignError(f"incomplete model folder {folder}: {problem}; {fix}")
+
+
+def _check_folder(
+    folder: Path,
+    pipeline_cls: type,
+    family: str,
+    resolved: ResolvedModel,
+    given: set[str] | frozenset[str] = frozenset(),
+) -> None:
+    """A pipeline folder must hold a model_index.json with the components `pipeline_cls` needs,
+    each of them present and loadable (`given` components are passed in and not read)."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelNotFoundError(
@@ -245,6 +331,7 @@ def _check_folder(folder: Path, pipeline_cls: type, family: str, resolved: Resol
         raise DiffalignError(
             f"{folder} holds {found}, not a {family} model (missing {', '.join(missing)})"
         )
+    _check_components(folder, index, set(given), resolved.download_name)
 
 
 def load_pipeline(
@@ -269,7 +356,7 @@ def load_pipeline(
     errors = _hub_errors()
     try:
         if resolved.kind == "folder":
-            _check_folder(Path(resolved.source), pipeline_cls, family, resolved)
+            _check_folder(Path(resolved.source), pipeline_cls, family, resolved, set(components))
             pipe = pipeline_cls.from_pretrained(
                 resolved.source, **_dtype_kw(torch_dtype), **components
             )

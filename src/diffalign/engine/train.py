@@ -60,6 +60,7 @@ from diffalign.engine.ema import EMA
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import (
     atomic_dir,
+    clean_stale_temporaries,
     load_pt,
     load_tensors,
     read_json,
@@ -556,6 +557,10 @@ class _Trainer:
 
     def _prepare_output_dir(self) -> None:
         cfg = self.config
+        if self.is_main:  # a kill during a checkpoint or an export leaves `.<name>.*.tmp`
+            for folder in (self.output_dir, self.output_dir / "checkpoints"):
+                for p in clean_stale_temporaries(folder):
+                    logger.info("removed the stale temporary %s of an interrupted run", p)
         has_run = (
             bool(list_checkpoints(self.output_dir))
             or (self.output_dir / "checkpoint-final").is_dir()

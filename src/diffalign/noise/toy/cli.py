@@ -91,11 +91,22 @@ def _train_options(p, epochs_default, lr_default: float, batch_default: int) -> 
         default=None,
         help="resume a run: 'latest' or a checkpoint folder under OUTPUT_DIR/checkpoints",
     )
+    _checkpoint_option(g)
     g.add_argument(
         "--tracker",
         choices=("none", "tensorboard", "wandb"),
         default="none",
         help="experiment tracker (default: %(default)s)",
+    )
+
+
+def _checkpoint_option(g) -> None:
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="write a resumable checkpoint every N optimizer steps, besides the final one "
+        "(default: %(default)s; 0 = only at the end)",
     )
 
 
@@ -281,6 +292,7 @@ def register(verbs) -> None:
     g.add_argument("--lr", type=float, default=1e-4, help="SFT learning rate (default: 1e-4)")
     g.add_argument("--batch-size", type=int, default=64, help="SFT batch size (default: 64)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _checkpoint_option(g)
     p.set_defaults(func=_run_em)
 
     p = sub.add_parser(
@@ -366,6 +378,7 @@ def _run_train_gan(args) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         tracker=args.tracker,
+        checkpoint_every=args.checkpoint_every,
     )
     print(f"generator: {r['generator']} ({r['steps']} steps)")
     return 0
@@ -419,6 +432,7 @@ def _run_sft(args) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         tracker=args.tracker,
+        checkpoint_every=args.checkpoint_every,
     )
     print(f"generator: {r['generator']} ({r['steps']} steps)")
     return 0
@@ -447,6 +461,7 @@ def _run_direct_sft(args) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         tracker=args.tracker,
+        checkpoint_every=args.checkpoint_every,
     )
     print(f"generator: {r['generator']} ({r['steps']} steps)")
     return 0
@@ -476,6 +491,7 @@ def _run_em(args) -> int:
         l1_weight=args.l1_weight,
         seed=args.seed,
         base_ckpt=args.base_ckpt,
+        checkpoint_every=args.checkpoint_every,
     )
     print(f"final generator: {s['final_generator']} ({s['num_cycles']} cycles)")
     return 0

@@ -6,7 +6,8 @@ and ``sft/`` (M-step, latent-matched SFT starting from the current generator). T
 starts from ``cycle-NNN/sft/checkpoint-final``. The preserve loss of every M-step is taken
 against the generator the loop started from (or `base_ckpt`), so the cycles do not drift away
 from the base one small step at a time. A finished cycle is skipped when the loop is re-run
-(its assignment resumes item by item). Every E-step starts from the same per-item base noise
+(its assignment resumes item by item, an unfinished M-step from its last checkpoint, written
+every `checkpoint_every` steps). Every E-step starts from the same per-item base noise
 (same `seed`); only the orthogonal ``Q`` is re-optimised for the current generator.
 """
 
@@ -43,6 +44,7 @@ def em(
     progress: bool = True,
     data=None,
     write_plots: bool = True,
+    checkpoint_every: int = 100,
 ) -> dict:
     """Run `num_cycles` assign (E) + matched-SFT (M) cycles; returns (and writes) the summary."""
     from diffalign.noise.toy.assignment import assign
@@ -93,8 +95,9 @@ def em(
                 l1_weight=l1_weight,
                 seed=seed + k,
                 base_ckpt=anchor,
-                overwrite=True,  # an unfinished M-step is started over
+                resume="latest",  # an unfinished M-step goes on from its last checkpoint
                 progress=progress,
+                checkpoint_every=checkpoint_every,
             )
         current = Path(m["generator"])
         cycles.append(

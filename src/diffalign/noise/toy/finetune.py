@@ -120,6 +120,7 @@ def _run(
     tracker,
     progress,
     run_name,
+    checkpoint_every: int = 100,
 ) -> dict:
     if max_steps is None and epochs is None:
         epochs = 5
@@ -129,7 +130,7 @@ def _run(
         epochs=epochs if max_steps is None else None,
         lr_scheduler="constant",
         ema_decay=None,
-        checkpoint_every=0,
+        checkpoint_every=checkpoint_every,
         best_metric=None,
         log_every=5,
         seed=seed,
@@ -201,6 +202,7 @@ def sft(
     resume: str | None = None,
     tracker: str = "none",
     progress: bool = True,
+    checkpoint_every: int = 100,
 ) -> dict:
     """Latent-matched SFT on an assignment manifest; the preserve anchor is `base_ckpt`
     (default: the generator it starts from)."""
@@ -230,7 +232,17 @@ def sft(
         method="matched",
     )
     return _run(
-        task, output_dir, epochs, max_steps, seed, overwrite, resume, tracker, progress, "sft"
+        task,
+        output_dir,
+        epochs,
+        max_steps,
+        seed,
+        overwrite,
+        resume,
+        tracker,
+        progress,
+        "sft",
+        checkpoint_every,
     )
 
 
@@ -254,6 +266,7 @@ def direct_sft(
     resume: str | None = None,
     tracker: str = "none",
     progress: bool = True,
+    checkpoint_every: int = 100,
 ) -> dict:
     """Direct random-noise SFT (the baseline). Targets: the items of `manifest_path` when given
     (the same targets as a matched run), else the first `max_items` of the dataset split."""
@@ -296,4 +309,5 @@ def direct_sft(
         tracker,
         progress,
         "direct-sft",
+        checkpoint_every,
     )

@@ -119,6 +119,7 @@ def train_gan(
     tracker: str = "none",
     progress: bool = True,
     data: ToyData | None = None,
+    checkpoint_every: int = 100,
 ) -> dict:
     """Train the base generator on the train split; returns a summary with the export folder."""
     if batch_size < 1:
@@ -152,7 +153,7 @@ def train_gan(
         lr_scheduler="constant",
         ema_decay=ema_decay,
         validate_every=validate_every if validate_every is not None else max(1, steps_hint // 4),
-        checkpoint_every=0,
+        checkpoint_every=checkpoint_every,
         best_metric=None,
         log_every=max(1, min(50, steps_hint // 20)),
         seed=seed,
