@@ -487,3 +487,21 @@ def _wait_for_launch_owner(lock_path: Path, launch: str, folder: Path, what: str
         f"{what} {folder}: rank 0 of this launch did not take the output lock within {limit:.0f} s "
         f"({_describe_owner(_read_owner(lock_path))} holds it)"
     )
+
+
+@contextlib.contextmanager
+def locked_output_dir(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+    """`output_lock(folder)`, and if the run fails before writing anything into a folder this
+    call created, the folder is removed again (bad input leaves nothing behind)."""
+    folder = Path(folder)
+    existed = folder.exists()
+    with output_lock(folder, what) as locked:
+        try:
+            yield locked
+        except BaseException:
+            if not existed and _launch_rank() == 0:
+                with contextlib.suppress(OSError):
+                    if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                        (folder / LOCK_NAME).unlink()
+                        folder.rmdir()
+            raise

@@ -5,13 +5,27 @@ Parsing only; the work is in `diffalign.textstream.generate`. Heavy imports stay
 
 from __future__ import annotations
 
+from diffalign.engine.cliutils import (
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    seed_int,
+)
+
 _RESIDUAL_HELP = (
     "Residual text-stream options (seeds 002/000): re-inject the text tokens of the origin "
     "layer into the text stream of each target block."
 )
 
 
-def _add_common(p, *, multi_model: bool = False, size: bool = True) -> None:
+def _add_common(
+    p, *, multi_model: bool = False, size: bool = True, geneval_spellings: bool = False
+) -> None:
+    """Sampling and residual options; `geneval_spellings` adds GenEval's own script's names
+    (`--H`, `--W`, `--scale`) so its users can swap commands."""
+    h_names = ["--height", "--H"] if geneval_spellings else ["--height"]
+    w_names = ["--width", "--W"] if geneval_spellings else ["--width"]
+    cfg_names = ["--cfg", "--scale"] if geneval_spellings else ["--cfg"]
     g = p.add_argument_group("sampling")
     if multi_model:
         g.add_argument(
@@ -37,30 +51,53 @@ def _add_common(p, *, multi_model: bool = False, size: bool = True) -> None:
         help="diffusers folder or Hub id whose config a single-file --model uses (default: "
         "inferred from the file)",
     )
-    g.add_argument("--steps", type=int, default=28, help="denoising steps (default: %(default)s)")
     g.add_argument(
-        "--cfg",
-        type=float,
+        "--steps", type=positive_int, default=28, help="denoising steps (default: %(default)s)"
+    )
+    g.add_argument(
+        *cfg_names,
+        dest="cfg",
+        type=nonneg_float,
         default=7.0,
-        help="classifier-free guidance scale (default: %(default)s)",
+        help="classifier-free guidance scale, a finite number >= 0 (default: %(default)s)",
     )
     if size:
         g.add_argument(
-            "--height", type=int, default=1024, help="image height (default: %(default)s)"
+            *h_names,
+            dest="height",
+            type=positive_int,
+            default=1024,
+            help="image height (default: %(default)s)",
         )
-        g.add_argument("--width", type=int, default=1024, help="image width (default: %(default)s)")
-    else:  # dpg: tiles are --resolution squared; these only confirm it
-        g.add_argument("--height", type=int, default=None, help="must equal --resolution if given")
-        g.add_argument("--width", type=int, default=None, help="must equal --resolution if given")
+        g.add_argument(
+            *w_names,
+            dest="width",
+            type=positive_int,
+            default=1024,
+            help="image width (default: %(default)s)",
+        )
+    else:  # dpg: tiles are --resolution squared; equal --height and --width set it
+        g.add_argument(
+            "--height",
+            type=positive_int,
+            default=None,
+            help="tile height: must equal --width (and --resolution if given)",
+        )
+        g.add_argument(
+            "--width",
+            type=positive_int,
+            default=None,
+            help="tile width: must equal --height (and --resolution if given)",
+        )
     g.add_argument(
         "--seed",
-        type=int,
+        type=seed_int,
         default=0,
         help="base seed; image k of prompt i uses seed + i*n_samples + k (default: %(default)s)",
     )
     g.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="images per pipeline call (default: all samples of a prompt at once)",
     )
@@ -77,7 +114,7 @@ def _add_common(p, *, multi_model: bool = False, size: bool = True) -> None:
     )
     g.add_argument(
         "--max-sequence-length",
-        type=int,
+        type=positive_int,
         default=256,
         help="T5 token length (default: %(default)s)",
     )
@@ -90,7 +127,7 @@ def _add_common(p, *, multi_model: bool = False, size: bool = True) -> None:
     r = p.add_argument_group("residual", _RESIDUAL_HELP)
     r.add_argument(
         "--residual-origin-layer",
-        type=int,
+        type=nonneg_int,
         default=None,
         metavar="INT",
         help="layer whose incoming text tokens are re-used; 0 = before block 0 "
@@ -150,7 +187,7 @@ def register(verbs) -> None:
         help="where the prompt/model folders go (default: %(default)s)",
     )
     p.add_argument(
-        "--n-samples", type=int, default=1, help="images per prompt (default: %(default)s)"
+        "--n-samples", type=positive_int, default=1, help="images per prompt (default: %(default)s)"
     )
     _add_common(p, multi_model=True)
     p.set_defaults(func=_run_sample)
@@ -167,9 +204,9 @@ def register(verbs) -> None:
     p.add_argument("--datadir", default=None, help="folder the dataset names are looked up in")
     p.add_argument("--output-dir", "--save-dir", required=True, help="output folder")
     p.add_argument(
-        "--n-samples", type=int, default=1, help="images per prompt (default: %(default)s)"
+        "--n-samples", type=positive_int, default=1, help="images per prompt (default: %(default)s)"
     )
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
     p.add_argument(
         "--prompt-field", default="prompt", help="prompt key in .jsonl files (default: %(default)s)"
     )
@@ -182,15 +219,36 @@ def register(verbs) -> None:
         description="Generate the GenEval image folders from evaluation_metadata.jsonl: "
         "OUT/<index:05d>/metadata.jsonl (the prompt's line), OUT/<index:05d>/samples/0000.png "
         "..., grid.png; run records in OUT/settings.json and OUT/summary.json. Resumable; "
-        "shard with `accelerate launch`.",
+        "shard with `accelerate launch`. GenEval's own generate_images.py spellings work too: "
+        "METADATA_FILE positional, --outdir, --n_samples, --H, --W, --scale, --steps, "
+        "--seed, --batch_size, --skip_grid.",
     )
-    p.add_argument("--metadata", required=True, help="GenEval evaluation_metadata.jsonl")
-    p.add_argument("--output-dir", "--save-dir", required=True, help="output folder")
     p.add_argument(
-        "--n-samples", type=int, default=4, help="images per prompt (default: %(default)s)"
+        "metadata_file",
+        nargs="?",
+        default=None,
+        metavar="METADATA_FILE",
+        help="GenEval evaluation_metadata.jsonl (GenEval's positional spelling of --metadata)",
     )
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    _add_common(p)
+    p.add_argument("--metadata", default=None, help="GenEval evaluation_metadata.jsonl")
+    p.add_argument(
+        "--output-dir",
+        "--save-dir",
+        "--outdir",
+        dest="output_dir",
+        required=True,
+        help="output folder (--outdir: GenEval's spelling)",
+    )
+    p.add_argument(
+        "--n-samples", type=positive_int, default=4, help="images per prompt (default: %(default)s)"
+    )
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
+    p.add_argument(
+        "--skip-grid",
+        action="store_true",
+        help="do not write grid.png into each prompt folder (GenEval's --skip_grid)",
+    )
+    _add_common(p, geneval_spellings=True)
     p.set_defaults(func=_run_geneval)
 
     p = verbs.add_parser(
@@ -204,11 +262,38 @@ def register(verbs) -> None:
     p.add_argument("--prompts-dir", required=True, help="DPG-Bench prompts/ folder or its parent")
     p.add_argument("--output-dir", "--save-dir", required=True, help="output folder")
     p.add_argument(
-        "--resolution", type=int, default=1024, help="tile size in pixels (default: %(default)s)"
+        "--resolution",
+        type=positive_int,
+        default=None,
+        help="tile size in pixels (default: --height when --height and --width are equal, "
+        "else 1024)",
     )
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
     _add_common(p, size=False)
     p.set_defaults(func=_run_dpg)
+
+
+def dpg_resolution(resolution: int | None, height: int | None, width: int | None) -> int:
+    """DPG-Bench tiles are square: `--resolution`, or equal `--height`/`--width`, else 1024."""
+    from diffalign.engine.errors import DiffalignError
+
+    sides = {name: v for name, v in (("height", height), ("width", width)) if v is not None}
+    if resolution is None:
+        if not sides:
+            return 1024
+        if len(sides) == 2 and height == width:
+            return int(height)
+        raise DiffalignError(
+            f"DPG-Bench tiles are square: give --resolution, or --height and --width equal "
+            f"(got {', '.join(f'--{k} {v}' for k, v in sides.items())})"
+        )
+    for name, value in sides.items():
+        if value != resolution:
+            raise DiffalignError(
+                f"--{name} {value} differs from --resolution {resolution}; DPG-Bench "
+                "tiles are square, set --resolution only"
+            )
+    return int(resolution)
 
 
 def _configs(args, n_samples: int, model: str | None = None):
@@ -286,25 +371,28 @@ def _run_generate(args) -> int:
 
 
 def _run_geneval(args) -> int:
+    from diffalign.engine.errors import DiffalignError
     from diffalign.textstream.generate import run_geneval
 
+    given = [m for m in (args.metadata_file, args.metadata) if m is not None]
+    if not given:
+        raise DiffalignError("give the GenEval metadata file: --metadata FILE (or FILE alone)")
+    if len(given) == 2 and given[0] != given[1]:
+        raise DiffalignError(
+            f"two metadata files given ({given[0]} and --metadata {given[1]}); give one"
+        )
     cfg, rc = _configs(args, args.n_samples)
-    summary = run_geneval(args.metadata, args.output_dir, cfg, rc, limit=args.limit)
+    summary = run_geneval(
+        given[0], args.output_dir, cfg, rc, limit=args.limit, grid=not args.skip_grid
+    )
     _print_summary(summary, args.output_dir)
     return 0
 
 
 def _run_dpg(args) -> int:
-    from diffalign.engine.errors import DiffalignError
     from diffalign.textstream.generate import run_dpg
 
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and value != args.resolution:
-            raise DiffalignError(
-                f"--{name} {value} differs from --resolution {args.resolution}; DPG-Bench "
-                "tiles are square, set --resolution only"
-            )
+    args.resolution = dpg_resolution(args.resolution, args.height, args.width)
     args.height = args.width = args.resolution
     cfg, rc = _configs(args, 4)
     summary = run_dpg(

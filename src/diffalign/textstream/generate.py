@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -179,9 +178,15 @@ def sample_folder_names(models: Sequence[str], prompts: Sequence[str]) -> list[l
 
 def validate_config(cfg: GenerationConfig) -> None:
     """Check the sampling options that need no model; one-line DiffalignError on bad values."""
+    import math
+
     for name in ("steps", "height", "width", "n_samples", "max_sequence_length"):
         if int(getattr(cfg, name)) < 1:
             raise DiffalignError(f"--{name.replace('_', '-')} must be at least 1")
+    if not math.isfinite(float(cfg.cfg)) or cfg.cfg < 0:
+        raise DiffalignError(f"--cfg must be a finite number >= 0 (got {cfg.cfg})")
+    if not 0 <= int(cfg.seed) <= 2**63 - 1:
+        raise DiffalignError(f"--seed must be between 0 and 2**63 - 1 (got {cfg.seed})")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise DiffalignError("--batch-size must be at least 1")
     normalize_dtype(cfg.dtype, "cpu")
@@ -215,6 +220,16 @@ def validate_residual_config(rc: ResidualConfig) -> None:
             )
     if rc.origin_layer is not None and rc.origin_layer < 0:
         raise DiffalignError(f"--residual-origin-layer must be >= 0 (got {rc.origin_layer})")
+    if rc.weights is not None:
+        import math
+
+        if not all(math.isfinite(w) for w in rc.weights):
+            raise DiffalignError(f"--residual-weights must be finite numbers (got {rc.weights})")
+        if not targets and rc.procrustes_path is None:
+            raise DiffalignError(
+                "--residual-weights does nothing without target layers (the residual is off): "
+                "add --residual-target-layers (or a --residual-procrustes-path rotation file)"
+            )
 
 
 def _resolve_device(cfg: GenerationConfig, state_device: Any) -> str:
@@ -342,19 +357,27 @@ def _check_compatible(path: Path, settings: dict, overwrite: bool) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         raise DiffalignError(f"{path} is unreadable; pass --overwrite to start afresh") from None
-    a, b = _settings_key(old), _settings_key(settings)
-    if a != b:
-        diffs = [
-            f"{k}: {a['options'].get(k)!r} -> {b['options'].get(k)!r}"
-            for k in sorted(set(a["options"]) | set(b["options"]))
-            if a["options"].get(k) != b["options"].get(k)
-        ]
-        if a["residual_options"] != b["residual_options"]:
-            diffs.append("residual options")
+    diffs = _settings_diff(old, settings)
+    if diffs:
         raise DiffalignError(
             f"{path.parent} holds images made with other settings ({'; '.join(diffs[:3])}); "
             "pass --overwrite or choose another --output-dir"
         )
+
+
+def _settings_diff(old: dict, new: dict) -> list[str]:
+    """The image-affecting settings that differ, as `name: old -> new` (empty: compatible)."""
+    a, b = _settings_key(old), _settings_key(new)
+    if a == b:
+        return []
+    diffs = [
+        f"{k}: {a['options'].get(k)!r} -> {b['options'].get(k)!r}"
+        for k in sorted(set(a["options"]) | set(b["options"]))
+        if a["options"].get(k) != b["options"].get(k)
+    ]
+    if a["residual_options"] != b["residual_options"]:
+        diffs.append("residual options")
+    return diffs
 
 
 def _base_settings(
@@ -374,14 +397,9 @@ def _base_settings(
 
 def _clean_stale(folder: Path) -> None:
     """Remove temporaries an interrupted run left (`.<name>.*.tmp`, `.<name>.old`)."""
-    if not folder.is_dir():
-        return
-    for p in folder.iterdir():
-        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+    from diffalign.engine.io import clean_stale_temporaries
+
+    clean_stale_temporaries(folder)
 
 
 @dataclass
@@ -391,6 +409,28 @@ class _Job:
     is_done: Callable[[], bool]
     write: Callable[[list, list[int]], None]  # (images, seeds) -> writes atomically
     label: str
+    settings: dict | None = None  # completed with the loaded model's facts before writing
+
+
+def _generator_if_needed(
+    jobs: Sequence[_Job],
+    cfg: GenerationConfig,
+    rc: ResidualConfig,
+    device: str,
+    state,
+    shared_settings: dict | None = None,
+) -> ResidualGenerator | None:
+    """Load the model only when this process has a prompt left to do (a resume where every
+    prompt is finished takes seconds, not the minute a real model takes to load)."""
+    mine = [jobs[i] for i in shard_indices(len(jobs), state.process_index, state.num_processes)]
+    if not cfg.overwrite and all(job.is_done() for job in mine):
+        return None
+    gen = ResidualGenerator(cfg, rc, device)
+    facts = {"dtype": gen.dtype_name, "residual": gen.residual_settings()}
+    for settings in [shared_settings, *(job.settings for job in jobs)]:
+        if settings is not None:
+            settings.update(facts)
+    return gen
 
 
 def _distributed(cfg: GenerationConfig):
@@ -402,7 +442,7 @@ def _distributed(cfg: GenerationConfig):
 
 def _run_jobs(
     jobs: Sequence[_Job],
-    gen: ResidualGenerator,
+    gen: ResidualGenerator | None,
     cfg: GenerationConfig,
     summary: RunSummary,
     rank: int,
@@ -416,6 +456,7 @@ def _run_jobs(
         if not cfg.overwrite and job.is_done():
             summary.prompts_skipped += 1
             continue
+        assert gen is not None, "the model is loaded whenever a prompt is left"
         seeds = image_seeds(cfg.seed, job.index, cfg.n_samples)
         images = gen.images(job.prompt, seeds)
         job.write(images, seeds)
@@ -491,56 +532,71 @@ def run_sample(
     validate_config(cfg)
     validate_residual_config(rc)
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
     names = sample_folder_names(models, prompts)
-    state = _distributed(cfg)
-    t0 = time.perf_counter()
-    summary = RunSummary(
-        command="sample", prompts_total=len(prompts) * len(models), world_size=state.num_processes
-    )
-    # a finished folder made with other settings is kept: these images go to `<name>_2` ...
-    for m, folder_names in zip(models, names):
-        for j, p in enumerate(prompts):
-            probe = _base_settings("sample", _with_model(cfg, m), rc, {"prompt": p})
-            folder_names[j] = _pick_sample_folder(out, folder_names[j], probe, cfg.overwrite)
     from diffalign.engine.loading import resolve_model
 
     for m in models:
         resolve_model(m, "sd3")  # a missing model or one of another family fails here
+    state = _distributed(cfg)
     device = _resolve_device(cfg, state.device)
-    for m, folder_names in zip(models, names):
-        mcfg = _with_model(cfg, m)
-        gen = ResidualGenerator(mcfg, rc, device)
-        source = _describe_source(resolve_model, m)
-        jobs = []
-        for i, (p, name) in enumerate(zip(prompts, folder_names)):
-            dest = out / name
-            settings = _base_settings(
-                "sample",
-                mcfg,
-                rc,
-                {
-                    "prompt": p,
-                    "prompt_index": i,
-                    "model_source": source,
-                    "dtype": gen.dtype_name,
-                    "device": device,
-                    "residual": gen.residual_settings(),
-                    "seeds": image_seeds(cfg.seed, i, cfg.n_samples),
-                    "images": [f"{k:03d}.png" for k in range(cfg.n_samples)],
-                },
-            )
-            jobs.append(
-                _Job(
-                    index=i,
-                    prompt=p,
-                    is_done=_folder_done(dest, settings["images"] + ["settings.json"]),
-                    write=_sample_writer(dest, settings),
-                    label=str(dest),
+    t0 = time.perf_counter()
+    summary = RunSummary(
+        command="sample", prompts_total=len(prompts) * len(models), world_size=state.num_processes
+    )
+    from diffalign.engine.io import locked_output_dir
+
+    with locked_output_dir(out):
+        if state.is_main_process:
+            _clean_stale(out)
+        # a finished folder made with other settings is kept: these images go to `<name>_2` ...
+        for m, folder_names in zip(models, names):
+            for j, p in enumerate(prompts):
+                probe = _base_settings("sample", _with_model(cfg, m), rc, {"prompt": p})
+                chosen, diffs = _pick_sample_folder(out, folder_names[j], probe, cfg.overwrite)
+                if chosen != folder_names[j] and state.is_main_process:
+                    print(
+                        f"sample: {out / folder_names[j]} holds images made with other settings "
+                        f"({'; '.join(diffs[:3])}); these images go to {out / chosen} "
+                        "(--overwrite replaces the first folder instead)",
+                        flush=True,
+                    )
+                folder_names[j] = chosen
+        for m, folder_names in zip(models, names):
+            mcfg = _with_model(cfg, m)
+            source = _describe_source(resolve_model, m)
+            jobs = []
+            for i, (p, name) in enumerate(zip(prompts, folder_names)):
+                dest = out / name
+                settings = _base_settings(
+                    "sample",
+                    mcfg,
+                    rc,
+                    {
+                        "prompt": p,
+                        "prompt_index": i,
+                        "model_source": source,
+                        "device": device,
+                        "seeds": image_seeds(cfg.seed, i, cfg.n_samples),
+                        "images": [f"{k:03d}.png" for k in range(cfg.n_samples)],
+                    },
                 )
-            )
-        _run_jobs(jobs, gen, mcfg, summary, state.process_index, state.num_processes, "sample")
-        gen.close()
-    return _finish(state, summary, out / "summary.json", t0)
+                jobs.append(
+                    _Job(
+                        index=i,
+                        prompt=p,
+                        is_done=_folder_done(dest, settings["images"] + ["settings.json"]),
+                        write=_sample_writer(dest, settings),
+                        label=str(dest),
+                        settings=settings,
+                    )
+                )
+            gen = _generator_if_needed(jobs, mcfg, rc, device, state)
+            _run_jobs(jobs, gen, mcfg, summary, state.process_index, state.num_processes, "sample")
+            if gen is not None:
+                gen.close()
+        return _finish(state, summary, out / "summary.json", t0)
 
 
 def run_generate(
@@ -588,8 +644,10 @@ def run_geneval(
     rc: ResidualConfig,
     *,
     limit: int | None = None,
+    grid: bool = True,
 ) -> dict:
-    """GenEval `evaluation_metadata.jsonl` to the GenEval image layout (FORMATS.md: GenEval)."""
+    """GenEval `evaluation_metadata.jsonl` to the GenEval image layout (FORMATS.md: GenEval);
+    `grid=False` leaves out each prompt's `grid.png` (GenEval's `--skip_grid`)."""
     from diffalign.engine.prompts import load_geneval_metadata
 
     validate_config(cfg)
@@ -608,7 +666,9 @@ def run_geneval(
         cfg,
         rc,
         {"metadata": str(metadata), "limit": limit},
-        jobs_for=lambda settings: [_geneval_job(out, i, line, cfg) for i, line in enumerate(lines)],
+        jobs_for=lambda settings: [
+            _geneval_job(out, i, line, cfg, grid) for i, line in enumerate(lines)
+        ],
         total=len(lines),
         clean=out,
     )
@@ -673,64 +733,75 @@ def _run_layout(
     total: int,
     clean: Path,
 ) -> dict:
-    """Shared body of generate/geneval/dpg: check, load, write settings, generate, summarise."""
-    state = _distributed(cfg)
-    t0 = time.perf_counter()
-    if out.exists() and not out.is_dir():
-        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
-    _check_compatible(settings_path, _base_settings(command, cfg, rc, run_extra), cfg.overwrite)
+    """Shared body of generate/geneval/dpg: check, lock, load, write settings, generate,
+    summarise. The output folder is locked for the whole run (`engine.io.output_lock`); dpg,
+    whose folder holds only `<id>.png`, locks the folder `OUT.lock` beside it."""
+    from diffalign.engine.io import locked_output_dir, write_json
     from diffalign.engine.loading import resolve_model
 
+    if out.exists() and not out.is_dir():
+        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
     resolve_model(cfg.model, "sd3")  # a missing model or one of another family fails here
+    state = _distributed(cfg)
+    t0 = time.perf_counter()
     device = _resolve_device(cfg, state.device)
-    gen = ResidualGenerator(cfg, rc, device)  # model errors and residual range errors end here
+    lock_dir = out if command != "dpg" else Path(str(out).rstrip("/\\") + ".lock")
+    with locked_output_dir(lock_dir):
+        _check_compatible(
+            settings_path, _base_settings(command, cfg, rc, run_extra), cfg.overwrite
+        )
+        settings = _base_settings(
+            command,
+            cfg,
+            rc,
+            {
+                **run_extra,
+                "model_source": _describe_source(resolve_model, cfg.model),
+                "device": device,
+                "world_size": state.num_processes,
+                "num_prompts": total,
+            },
+        )
+        jobs = jobs_for(settings)
+        # model errors and residual range errors end here; nothing is loaded when all is done
+        gen = _generator_if_needed(jobs, cfg, rc, device, state, shared_settings=settings)
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            _clean_stale(clean)
+            if gen is not None or not settings_path.is_file():
+                write_json(settings_path, settings)
+        state.wait_for_everyone()
+        summary = RunSummary(command=command, prompts_total=total, world_size=state.num_processes)
+        _run_jobs(jobs, gen, cfg, summary, state.process_index, state.num_processes, command)
+        if gen is not None:
+            gen.close()
+        return _finish(state, summary, summary_path, t0)
 
-    settings = _base_settings(
-        command,
-        cfg,
-        rc,
-        {
-            **run_extra,
-            "model_source": _describe_source(resolve_model, cfg.model),
-            "dtype": gen.dtype_name,
-            "device": device,
-            "world_size": state.num_processes,
-            "residual": gen.residual_settings(),
-            "num_prompts": total,
-        },
-    )
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _clean_stale(clean)
-        from diffalign.engine.io import write_json
 
-        write_json(settings_path, settings)
-    state.wait_for_everyone()
-    summary = RunSummary(command=command, prompts_total=total, world_size=state.num_processes)
-    _run_jobs(
-        jobs_for(settings), gen, cfg, summary, state.process_index, state.num_processes, command
-    )
-    gen.close()
-    return _finish(state, summary, summary_path, t0)
-
-
-def _pick_sample_folder(out: Path, name: str, settings: dict, overwrite: bool) -> str:
+def _pick_sample_folder(
+    out: Path, name: str, settings: dict, overwrite: bool
+) -> tuple[str, list[str]]:
     """`name`, or `name_2`, `name_3`, ... : the first folder that is free or was made with
-    the same settings (so a re-run resumes it and a changed run never replaces it)."""
+    the same settings (so a re-run resumes it and a changed run never replaces it), and how the
+    settings of `name` differ when another folder is chosen."""
     if overwrite:
-        return name
+        return name, []
     k = 1
+    first_diffs: list[str] = []
     while True:
         cand = name if k == 1 else f"{name}_{k}"
         folder = out / cand
         if not folder.exists():
-            return cand
+            return cand, first_diffs
         try:
-            _check_compatible(folder / "settings.json", settings, overwrite=False)
-            if (folder / "settings.json").is_file():
-                return cand
-        except DiffalignError:
-            pass
+            old = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
+            diffs = _settings_diff(old, settings)
+        except (OSError, json.JSONDecodeError, AttributeError):
+            diffs = ["unreadable settings.json"]
+        if not diffs:
+            return cand, first_diffs
+        if k == 1:
+            first_diffs = diffs
         k += 1
 
 
@@ -774,7 +845,7 @@ def _sample_writer(dest: Path, settings: dict) -> Callable[[list, list[int]], No
 
 def _generate_job(
     out: Path, i: int, prompt: str, pid: str, cfg: GenerationConfig, settings: dict
-) -> _Job:
+) -> _Job:  # `settings` is completed in place once the model is loaded
     from diffalign.engine.io import write_json
 
     dest = out / f"{i:05d}_{slugify(prompt)}"
@@ -793,7 +864,7 @@ def _generate_job(
     return _Job(i, prompt, done, write, str(dest))
 
 
-def _geneval_job(out: Path, i: int, line: dict, cfg: GenerationConfig) -> _Job:
+def _geneval_job(out: Path, i: int, line: dict, cfg: GenerationConfig, grid: bool = True) -> _Job:
     from diffalign.engine.io import write_text
 
     dest = out / f"{i:05d}"
@@ -802,7 +873,7 @@ def _geneval_job(out: Path, i: int, line: dict, cfg: GenerationConfig) -> _Job:
     def write(images: list, seeds: list[int]) -> None:
         def fill(tmp: Path) -> None:
             (tmp / "samples").mkdir()
-            _save_folder_images(tmp, images, names, "grid.png")
+            _save_folder_images(tmp, images, names, "grid.png" if grid else None)
             write_text(tmp / "metadata.jsonl", json.dumps(line) + "\n")
 
         _write_folder(dest, fill)
