@@ -747,9 +747,7 @@ def _run_layout(
     device = _resolve_device(cfg, state.device)
     lock_dir = out if command != "dpg" else Path(str(out).rstrip("/\\") + ".lock")
     with locked_output_dir(lock_dir):
-        _check_compatible(
-            settings_path, _base_settings(command, cfg, rc, run_extra), cfg.overwrite
-        )
+        _check_compatible(settings_path, _base_settings(command, cfg, rc, run_extra), cfg.overwrite)
         settings = _base_settings(
             command,
             cfg,
