@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from diffalign.engine.cliutils import positive_int, seed_int
+
 
 def register(sub) -> None:
     """Add the engine's commands to the top-level subparsers."""
@@ -24,30 +26,34 @@ def _register_make_tiny(sub) -> None:
     p.add_argument("kind", metavar="KIND", help=f"model kind: {', '.join(TINY_KINDS)}")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent)")
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)"
+        "--seed", type=seed_int, default=0, help="seed of the random weights (default: %(default)s)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not empty")
     g = p.add_argument_group(
         "size overrides (sd3/sd35; default: the tiny test size, only the transformer grows)"
     )
-    g.add_argument("--num-layers", type=int, default=None, help="transformer blocks (tiny: 4)")
     g.add_argument(
-        "--num-attention-heads", type=int, default=None, help="attention heads (tiny: 4)"
+        "--num-layers", type=positive_int, default=None, help="transformer blocks (tiny: 4)"
+    )
+    g.add_argument(
+        "--num-attention-heads", type=positive_int, default=None, help="attention heads (tiny: 4)"
     )
     g.add_argument(
         "--attention-head-dim",
-        type=int,
+        type=positive_int,
         default=None,
         help="width of one head (tiny: 8); heads x head dim = transformer width",
     )
     g.add_argument(
         "--joint-attention-dim",
-        type=int,
+        type=positive_int,
         default=None,
         help="text-embedding width = T5 width (tiny: 32; real SD3: 4096)",
     )
-    g.add_argument("--sample-size", type=int, default=None, help="latent side length (tiny: 16)")
-    g.add_argument("--patch-size", type=int, default=None, help="patch size (tiny: 2)")
+    g.add_argument(
+        "--sample-size", type=positive_int, default=None, help="latent side length (tiny: 16)"
+    )
+    g.add_argument("--patch-size", type=positive_int, default=None, help="patch size (tiny: 2)")
     g.add_argument(
         "--dual-attention-layers",
         default=None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from diffalign.engine.cliutils import nonneg_int, positive_float, positive_int, seed_int
+
 
 def register(verbs) -> None:
     p = verbs.add_parser(
@@ -17,44 +19,47 @@ def register(verbs) -> None:
     )
     p.add_argument("--output-dir", required=True, help="folder for the plots, JSON and theory.md")
     p.add_argument(
-        "--channels", type=int, default=4, help="latent channels C (default: %(default)s)"
+        "--channels", type=positive_int, default=4, help="latent channels C (default: %(default)s)"
     )
     p.add_argument(
-        "--patch-size", type=int, default=2, help="patch side p; D = C p^2 (default: %(default)s)"
+        "--patch-size",
+        type=positive_int,
+        default=2,
+        help="patch side p; D = C p^2 (default: %(default)s)",
     )
     p.add_argument(
         "--num-samples",
-        type=int,
+        type=positive_int,
         default=65536,
         help="fresh latents streamed per fixed-Q case (default: %(default)s)",
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=4096,
         help="latents per streamed batch (default: %(default)s)",
     )
     p.add_argument(
         "--latent-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="latent height = width; must be a multiple of the patch size (default: 4 * patch size)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
     p.add_argument(
         "--opt-steps",
-        type=int,
+        type=nonneg_int,
         default=200,
         help="Adam steps for the optimised Q's (default: %(default)s)",
     )
     p.add_argument(
         "--per-sample-count",
-        type=int,
+        type=positive_int,
         default=512,
         help="latents that get their own optimised Q_i (capped at --num-samples; default: %(default)s)",
     )
     p.add_argument(
-        "--lr", type=float, default=0.05, help="Adam learning rate (default: %(default)s)"
+        "--lr", type=positive_float, default=0.05, help="Adam learning rate (default: %(default)s)"
     )
     p.add_argument(
         "--parametrization",

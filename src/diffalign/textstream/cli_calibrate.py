@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from diffalign.engine.cliutils import nonneg_float, nonneg_int, positive_int, seed_int
+
 
 def register(verbs) -> None:
     p = verbs.add_parser(
@@ -36,17 +38,20 @@ def register(verbs) -> None:
     )
     p.add_argument("--datadir", default=None, help="folder holding the named datasets")
     p.add_argument(
-        "--num-samples", type=int, default=200, help="first N prompts used (default: %(default)s)"
+        "--num-samples",
+        type=positive_int,
+        default=200,
+        help="first N prompts used (default: %(default)s)",
     )
     p.add_argument(
         "--origin-layer",
-        type=int,
+        type=nonneg_int,
         default=0,
         help="origin block; 0 = text after the context embedder (default: %(default)s)",
     )
     p.add_argument(
         "--target-layer-start",
-        type=int,
+        type=nonneg_int,
         default=2,
         help="targets are this block to the last (default: %(default)s)",
     )
@@ -61,7 +66,9 @@ def register(verbs) -> None:
         help="rotation file to write (safetensors content whatever the suffix; "
         "default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of timesteps and noise (default: 0)")
+    p.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of timesteps and noise (default: 0)"
+    )
     p.add_argument(
         "--token-strategy",
         choices=("all", "valid"),
@@ -77,25 +84,32 @@ def register(verbs) -> None:
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=28,
         help="sampling steps of the schedule the timestep index is drawn from (default: 28)",
     )
     p.add_argument(
         "--cfg",
-        type=float,
+        type=nonneg_float,
         default=1.0,
         help="guidance scale; > 1 adds the unconditional branch (empty prompt) to the "
         "trajectory and to the collected tokens (default: %(default)s = conditional only)",
     )
-    p.add_argument("--height", type=int, default=None, help="image height (default: model's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: model's)")
     p.add_argument(
-        "--batch-size", type=int, default=1, help="prompts per forward (default: %(default)s)"
+        "--height", type=positive_int, default=None, help="image height (default: model's)"
+    )
+    p.add_argument(
+        "--width", type=positive_int, default=None, help="image width (default: model's)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=1,
+        help="prompts per forward (default: %(default)s)",
     )
     p.add_argument(
         "--max-sequence-length",
-        type=int,
+        type=positive_int,
         default=256,
         help="T5 tokens, as in generation (default: %(default)s)",
     )

@@ -6,7 +6,15 @@ Parsing only; the work is in `diffalign.noise.toy` (`train_gan`, `assign`, `sft`
 
 from __future__ import annotations
 
-from diffalign.engine.cliutils import make_subparsers
+from diffalign.engine.cliutils import (
+    make_subparsers,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    seed_int,
+    unit_float,
+)
 
 _DATASETS = ("digits", "mnist", "cifar10")
 
@@ -62,7 +70,7 @@ def _train_options(p, epochs_default, lr_default: float, batch_default: int) -> 
     g = p.add_argument_group("training")
     g.add_argument(
         "--epochs",
-        type=int,
+        type=positive_int,
         default=epochs_default,
         help="passes over the training items"
         + (
@@ -72,15 +80,18 @@ def _train_options(p, epochs_default, lr_default: float, batch_default: int) -> 
         ),
     )
     g.add_argument(
-        "--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)"
+        "--max-steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)"
     )
     g.add_argument(
-        "--lr", type=float, default=lr_default, help="learning rate (default: %(default)s)"
+        "--lr", type=positive_float, default=lr_default, help="learning rate (default: %(default)s)"
     )
     g.add_argument(
-        "--batch-size", type=int, default=batch_default, help="batch size (default: %(default)s)"
+        "--batch-size",
+        type=positive_int,
+        default=batch_default,
+        help="batch size (default: %(default)s)",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
     g.add_argument(
         "--overwrite",
         action="store_true",
@@ -103,7 +114,7 @@ def _train_options(p, epochs_default, lr_default: float, batch_default: int) -> 
 def _checkpoint_option(g) -> None:
     g.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=nonneg_int,
         default=100,
         help="write a resumable checkpoint every N optimizer steps, besides the final one "
         "(default: %(default)s; 0 = only at the end)",
@@ -113,14 +124,14 @@ def _checkpoint_option(g) -> None:
 def _sft_options(p) -> None:
     p.add_argument(
         "--preserve-weight",
-        type=float,
+        type=nonneg_float,
         default=0.25,
         help="weight of the preserve loss against the frozen base generator on fresh random "
         "noise (default: %(default)s; 0 turns it off)",
     )
     p.add_argument(
         "--l1-weight",
-        type=float,
+        type=nonneg_float,
         default=0.0,
         help="weight of the pixel L1 term added to the MSE (default: %(default)s)",
     )
@@ -135,24 +146,27 @@ def _assign_options(p, with_lr: bool = True) -> None:
     g = p.add_argument_group("assignment")
     g.add_argument(
         "--assign-steps",
-        type=int,
+        type=nonneg_int,
         default=100,
         help="Adam steps on each item's orthogonal Q (default: %(default)s)",
     )
     if with_lr:
         g.add_argument(
-            "--lr", type=float, default=0.05, help="assignment learning rate (default: %(default)s)"
+            "--lr",
+            type=positive_float,
+            default=0.05,
+            help="assignment learning rate (default: %(default)s)",
         )
     else:
         g.add_argument(
             "--assign-lr",
-            type=float,
+            type=positive_float,
             default=0.05,
             help="assignment learning rate (default: %(default)s)",
         )
     g.add_argument(
         "--patch-size",
-        type=int,
+        type=positive_int,
         default=2,
         help="patch size of the orthogonal transform on the latent (default: %(default)s; "
         "2 gives D = 16 for the 4-channel latent)",
@@ -165,7 +179,7 @@ def _assign_options(p, with_lr: bool = True) -> None:
     )
     g.add_argument(
         "--max-items",
-        type=int,
+        type=positive_int,
         default=None,
         help="assign only the first N items of the split (default: all)",
     )
@@ -191,9 +205,14 @@ def register(verbs) -> None:
     )
     _data_options(p)
     p.add_argument("--output-dir", required=True, help="run folder to write")
-    p.add_argument("--max-items", type=int, default=None, help="train on the first N items only")
     p.add_argument(
-        "--ema-decay", type=float, default=0.999, help="EMA of the weights (default: %(default)s)"
+        "--max-items", type=positive_int, default=None, help="train on the first N items only"
+    )
+    p.add_argument(
+        "--ema-decay",
+        type=unit_float,
+        default=0.999,
+        help="EMA of the weights (default: %(default)s)",
     )
     _train_options(p, None, 2e-4, 128)
     p.set_defaults(func=_run_train_gan)
@@ -212,15 +231,18 @@ def register(verbs) -> None:
     p.add_argument("--output-dir", required=True, help="dataset folder to write (or resume)")
     _assign_options(p)
     p.add_argument(
-        "--l1-weight", type=float, default=0.0, help="pixel L1 weight added to the MSE (default: 0)"
+        "--l1-weight",
+        type=nonneg_float,
+        default=0.0,
+        help="pixel L1 weight added to the MSE (default: 0)",
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=256,
         help="items optimised together (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the base noises (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the base noises (default: 0)")
     p.set_defaults(func=_run_assign)
 
     p = sub.add_parser(
@@ -265,7 +287,9 @@ def register(verbs) -> None:
     p.add_argument(
         "--manifest-path", default=None, help="take the targets of this assignment manifest"
     )
-    p.add_argument("--max-items", type=int, default=None, help="first N items of the split")
+    p.add_argument(
+        "--max-items", type=positive_int, default=None, help="first N items of the split"
+    )
     p.add_argument("--output-dir", required=True, help="run folder to write")
     _sft_options(p)
     _train_options(p, 5, 1e-4, 64)
@@ -282,16 +306,25 @@ def register(verbs) -> None:
     _split_options(p)
     p.add_argument("--output-dir", required=True, help="work folder")
     p.add_argument(
-        "--num-cycles", type=int, default=2, help="number of E+M cycles (default: %(default)s)"
+        "--num-cycles",
+        type=positive_int,
+        default=2,
+        help="number of E+M cycles (default: %(default)s)",
     )
     _assign_options(p, with_lr=False)
     _sft_options(p)
     g = p.add_argument_group("M-step")
-    g.add_argument("--epochs", type=int, default=5, help="SFT epochs per cycle (default: 5)")
-    g.add_argument("--max-steps", type=int, default=None, help="SFT steps per cycle")
-    g.add_argument("--lr", type=float, default=1e-4, help="SFT learning rate (default: 1e-4)")
-    g.add_argument("--batch-size", type=int, default=64, help="SFT batch size (default: 64)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument(
+        "--epochs", type=positive_int, default=5, help="SFT epochs per cycle (default: 5)"
+    )
+    g.add_argument("--max-steps", type=positive_int, default=None, help="SFT steps per cycle")
+    g.add_argument(
+        "--lr", type=positive_float, default=1e-4, help="SFT learning rate (default: 1e-4)"
+    )
+    g.add_argument(
+        "--batch-size", type=positive_int, default=64, help="SFT batch size (default: 64)"
+    )
+    g.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
     _checkpoint_option(g)
     p.set_defaults(func=_run_em)
 
@@ -312,12 +345,16 @@ def register(verbs) -> None:
     _data_options(p, None)
     p.add_argument("--output-dir", required=True, help="folder for summary.json and the classifier")
     p.add_argument("--classifier-ckpt", default=None, help="reuse a classifier run folder")
-    p.add_argument("--classifier-steps", type=int, default=600, help="classifier training steps")
-    p.add_argument("--num-samples", type=int, default=1000, help="random-noise samples per model")
-    p.add_argument("--recon-items", type=int, default=300, help="held-out items to assign")
-    p.add_argument("--assign-steps", type=int, default=100, help="assignment steps")
-    p.add_argument("--patch-size", type=int, default=2, help="patch size (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--classifier-steps", type=positive_int, default=600, help="classifier training steps"
+    )
+    p.add_argument(
+        "--num-samples", type=positive_int, default=1000, help="random-noise samples per model"
+    )
+    p.add_argument("--recon-items", type=positive_int, default=300, help="held-out items to assign")
+    p.add_argument("--assign-steps", type=nonneg_int, default=100, help="assignment steps")
+    p.add_argument("--patch-size", type=positive_int, default=2, help="patch size (default: 2)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -335,7 +372,7 @@ def register_demo(sub) -> None:
         "--output-dir", default="demo-output", help="output folder (default: %(default)s)"
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a sub-minute smoke run")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
     p.add_argument(
         "--overwrite",
         action="store_true",
