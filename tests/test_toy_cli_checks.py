@@ -34,8 +34,17 @@ def setup(tmp_path_factory):
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert err.startswith("diffalign: error: "), err
+    # library checks: "diffalign: error: ..."; option types: "diffalign noise toy X: error: ..."
+    assert err.startswith("diffalign") and ": error: " in err, err
     return err
+
+
+def run_cli(argv) -> int:
+    """`main(argv)`, with argparse's exit (bad option values) turned into its exit code."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
 
 
 def _idx(arr: np.ndarray) -> bytes:
@@ -85,14 +94,20 @@ def test_em_passes_parametrization_to_the_e_step(setup, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["assign", "--max-items", "0"], "--max-items must be >= 1"),
-        (["assign", "--max-items", "2", "--lr", "nan"], "learning rate must be > 0"),
-        (["sft", "--manifest-path", "ASG", "--batch-size", "0"], "--batch-size must be >= 1"),
-        (["sft", "--manifest-path", "ASG", "--preserve-weight", "-1"], "--preserve-weight"),
-        (["sft", "--manifest-path", "ASG", "--lr", "0"], "--lr must be > 0"),
-        (["direct-sft", "--max-items", "0"], "--max-items must be >= 1"),
-        (["direct-sft", "--max-items", "2", "--l1-weight", "-0.5"], "--l1-weight"),
-        (["em", "--max-items", "2", "--preserve-weight", "-1"], "--preserve-weight"),
+        (["assign", "--max-items", "0"], "--max-items/--max_items: '0' must be >= 1"),
+        (["assign", "--max-items", "2", "--lr", "nan"], "'nan' is not a finite number"),
+        (["sft", "--manifest-path", "ASG", "--batch-size", "0"], "'0' must be >= 1"),
+        (
+            ["sft", "--manifest-path", "ASG", "--preserve-weight", "-1"],
+            "--preserve-weight/--preserve_weight: '-1' must be >= 0",
+        ),
+        (["sft", "--manifest-path", "ASG", "--lr", "0"], "--lr: '0' must be > 0"),
+        (["direct-sft", "--max-items", "0"], "'0' must be >= 1"),
+        (
+            ["direct-sft", "--max-items", "2", "--l1-weight", "-0.5"],
+            "--l1-weight/--l1_weight: '-0.5' must be >= 0",
+        ),
+        (["em", "--max-items", "2", "--preserve-weight", "-1"], "'-1' must be >= 0"),
     ],
 )
 def test_bad_settings_are_one_line_errors(setup, tmp_path, capsys, args, message):
@@ -100,18 +115,18 @@ def test_bad_settings_are_one_line_errors(setup, tmp_path, capsys, args, message
     rest = [str(setup / "asg") if a == "ASG" else a for a in rest]
     out = tmp_path / "out"
     argv = ["noise", "toy", verb, "--generator-ckpt", str(setup / "gen"), "--output-dir", str(out)]
-    rc = main(argv + rest)
+    rc = run_cli(argv + rest)
     assert rc == 2 and message in _one_line_error(capsys)
     assert not out.exists()
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--batch-size", "0"], "--batch-size must be >= 1"), (["--lr", "nan"], "--lr must be > 0")],
+    [(["--batch-size", "0"], "'0' must be >= 1"), (["--lr", "nan"], "'nan' is not a finite")],
 )
 def test_train_gan_bad_settings(tmp_path, capsys, args, message):
     out = tmp_path / "gan"
-    rc = main(["noise", "toy", "train-gan", "--output-dir", str(out), "--max-steps", "1", *args])
+    rc = run_cli(["noise", "toy", "train-gan", "--output-dir", str(out), "--max-steps", "1", *args])
     assert rc == 2 and message in _one_line_error(capsys)
     assert not out.exists()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffalign.engine.cliutils import positive_int, seed_int
+from diffalign.engine.cliutils import seed_int
 
 
 def register(sub) -> None:
@@ -33,27 +33,27 @@ def _register_make_tiny(sub) -> None:
         "size overrides (sd3/sd35; default: the tiny test size, only the transformer grows)"
     )
     g.add_argument(
-        "--num-layers", type=positive_int, default=None, help="transformer blocks (tiny: 4)"
+        "--num-layers", type=int, default=None, help="transformer blocks (tiny: 4)"
     )
     g.add_argument(
-        "--num-attention-heads", type=positive_int, default=None, help="attention heads (tiny: 4)"
+        "--num-attention-heads", type=int, default=None, help="attention heads (tiny: 4)"
     )
     g.add_argument(
         "--attention-head-dim",
-        type=positive_int,
+        type=int,
         default=None,
         help="width of one head (tiny: 8); heads x head dim = transformer width",
     )
     g.add_argument(
         "--joint-attention-dim",
-        type=positive_int,
+        type=int,
         default=None,
         help="text-embedding width = T5 width (tiny: 32; real SD3: 4096)",
     )
     g.add_argument(
-        "--sample-size", type=positive_int, default=None, help="latent side length (tiny: 16)"
+        "--sample-size", type=int, default=None, help="latent side length (tiny: 16)"
     )
-    g.add_argument("--patch-size", type=positive_int, default=None, help="patch size (tiny: 2)")
+    g.add_argument("--patch-size", type=int, default=None, help="patch size (tiny: 2)")
     g.add_argument(
         "--dual-attention-layers",
         default=None,
