@@ -273,7 +273,7 @@ def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
         return real(path, obj, **kw)
 
     monkeypatch.setattr(train_mod, "write_json", flaky)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DiffalignError, match="checkpoint-4: disk full"):  # one line, path named
         train(RegressionTask(), _cfg(tmp_path, max_steps=6, checkpoint_every=2, keep_checkpoints=1))
     ckpts = tmp_path / "checkpoints"
     assert [p.name for p in ckpts.iterdir()] == ["checkpoint-2"]  # no half folder, no temp left

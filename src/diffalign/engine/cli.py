@@ -32,9 +32,7 @@ def _register_make_tiny(sub) -> None:
     g = p.add_argument_group(
         "size overrides (sd3/sd35; default: the tiny test size, only the transformer grows)"
     )
-    g.add_argument(
-        "--num-layers", type=int, default=None, help="transformer blocks (tiny: 4)"
-    )
+    g.add_argument("--num-layers", type=int, default=None, help="transformer blocks (tiny: 4)")
     g.add_argument(
         "--num-attention-heads", type=int, default=None, help="attention heads (tiny: 4)"
     )
@@ -50,9 +48,7 @@ def _register_make_tiny(sub) -> None:
         default=None,
         help="text-embedding width = T5 width (tiny: 32; real SD3: 4096)",
     )
-    g.add_argument(
-        "--sample-size", type=int, default=None, help="latent side length (tiny: 16)"
-    )
+    g.add_argument("--sample-size", type=int, default=None, help="latent side length (tiny: 16)")
     g.add_argument("--patch-size", type=int, default=None, help="patch size (tiny: 2)")
     g.add_argument(
         "--dual-attention-layers",

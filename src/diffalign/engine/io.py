@@ -125,7 +125,7 @@ def format_bytes(n: float) -> str:
 def os_error_message(e: OSError, path: str | os.PathLike | None = None, nbytes: int | None = None):
     """One line for an OS error on one of our own paths (spec E: bad input -> one line)."""
     where = e.filename if e.filename is not None else path
-    reason = e.strerror or type(e).__name__
+    reason = e.strerror or str(e) or type(e).__name__
     if e.errno == errno.ENOSPC:
         need = f"; it needed {format_bytes(nbytes)}" if nbytes else ""
         return f"no space left on the device while writing {where}{need}: free some space"

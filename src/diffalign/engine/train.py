@@ -63,6 +63,7 @@ from diffalign.engine.io import (
     clean_stale_temporaries,
     load_pt,
     load_tensors,
+    locked_output_dir,
     read_json,
     save_tensors,
     write_json,
@@ -987,6 +988,12 @@ class _Trainer:
         return iter(dl)
 
     def run(self) -> TrainResult:
+        """Train while holding the output folder's lock (`engine.io.output_lock`): a second run
+        into the same folder is refused; the ranks of one `accelerate launch` share it."""
+        with locked_output_dir(self.output_dir, "training run folder"):
+            return self._run()
+
+    def _run(self) -> TrainResult:
         cfg = self.config
         self._t0 = time.perf_counter()
         self._prepare_output_dir()

@@ -26,6 +26,7 @@ the number of processes (nor, up to float rounding of batched forwards, on the b
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,11 +183,76 @@ def calibrate(
     ):
         if int(value) < 1:
             raise DiffalignError(f"{name} must be at least 1 (got {value})")
+    if not math.isfinite(float(cfg)) or cfg < 0:
+        raise DiffalignError(f"--cfg must be a finite number >= 0 (got {cfg})")
+    if not 0 <= int(seed) <= 2**63 - 1:
+        raise DiffalignError(f"--seed must be between 0 and 2**63 - 1 (got {seed})")
     output_path = Path(output)
     if output_path.is_dir():
         raise DiffalignError(f"--output {output} is a folder; give a file name")
 
     state = process_state(device)
+    from diffalign.engine.io import locked_output_dir
+
+    # the rotation file and summary.json/procrustes_errors.png beside it: one run per folder
+    with locked_output_dir(output_path.parent or Path("."), "calibration output folder"):
+        return _calibrate_locked(
+            state,
+            model=model,
+            dataset=dataset,
+            datadir=datadir,
+            num_samples=num_samples,
+            origin_layer=origin_layer,
+            target_layer_start=target_layer_start,
+            target_layers=target_layers,
+            output_path=output_path,
+            seed=seed,
+            token_strategy=token_strategy,
+            xt_source=xt_source,
+            steps=steps,
+            cfg=cfg,
+            height=height,
+            width=width,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            max_sequence_length=max_sequence_length,
+            eps=eps,
+            pipe=pipe,
+            prompts=prompts,
+            single_file_config=single_file_config,
+            started=started,
+        )
+
+
+def _calibrate_locked(
+    state,
+    *,
+    model,
+    dataset,
+    datadir,
+    num_samples,
+    origin_layer,
+    target_layer_start,
+    target_layers,
+    output_path: Path,
+    seed,
+    token_strategy,
+    xt_source,
+    steps,
+    cfg,
+    height,
+    width,
+    batch_size,
+    dtype,
+    device,
+    max_sequence_length,
+    eps,
+    pipe,
+    prompts,
+    single_file_config,
+    started,
+) -> dict:
     run_device = torch.device(device) if device else state.device
     torch_dtype = _resolve_dtype(dtype, run_device)
 
