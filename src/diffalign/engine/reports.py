@@ -50,6 +50,53 @@ def make_grid(
     return grid
 
 
+def label_grid(
+    grid: Image.Image,
+    nrows: int,
+    ncols: int,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    font_size: int | None = None,
+) -> Image.Image:
+    """`grid` (nrows x ncols equal cells) with a row label left of each row, a column label
+    above each column and an optional title on top, on a white margin (spec E: Reports)."""
+    from PIL import ImageDraw, ImageFont
+
+    if row_labels is not None and len(row_labels) != nrows:
+        raise ValueError(f"{len(row_labels)} row labels for {nrows} rows")
+    if col_labels is not None and len(col_labels) != ncols:
+        raise ValueError(f"{len(col_labels)} column labels for {ncols} columns")
+    size = font_size or max(10, min(32, grid.height // max(1, nrows) // 4))
+    try:
+        font = ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+
+    def text_size(text: str) -> tuple[int, int]:
+        box = font.getbbox(text)
+        return box[2] - box[0], box[3] - box[1]
+
+    gap = max(4, size // 3)
+    left = max((text_size(t)[0] for t in row_labels), default=0) + 2 * gap if row_labels else 0
+    line_h = text_size("Ag")[1] + gap
+    top = (line_h + gap if col_labels else 0) + (line_h + gap if title else 0)
+    canvas = Image.new("RGB", (grid.width + left, grid.height + top), (255, 255, 255))
+    canvas.paste(grid.convert("RGB"), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    cell_w, cell_h = grid.width / ncols, grid.height / nrows
+    if title:
+        draw.text((left + gap, gap), title, fill=(0, 0, 0), font=font)
+    for c, text in enumerate(col_labels or []):
+        w, _ = text_size(text)
+        x = left + c * cell_w + (cell_w - w) / 2
+        draw.text((max(left, x), top - line_h), text, fill=(0, 0, 0), font=font)
+    for r, text in enumerate(row_labels or []):
+        _, h = text_size(text)
+        draw.text((gap, top + r * cell_h + (cell_h - h) / 2), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
 def save_image(path: str | os.PathLike, image: Image.Image) -> None:
     """Save a PIL image atomically (format from the suffix)."""
     path = Path(path)
@@ -64,13 +111,26 @@ def save_image_grid(
     value_range: tuple[float, float] = (-1.0, 1.0),
     pad: int = 0,
     upscale: int = 1,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Image.Image:
-    """Save a grid of PIL images or of a [N,C,H,W] tensor batch as one PNG; returns the grid."""
+    """Save a grid of PIL images or of a [N,C,H,W] tensor batch as one PNG; returns the grid.
+
+    `row_labels`/`col_labels`/`title` label it (`label_grid`): grids people read say what
+    each row and column is.
+    """
     if isinstance(images, torch.Tensor):
         images = [tensor_to_pil(x, value_range) for x in images]
-    grid = make_grid(list(images), ncols=ncols, pad=pad)
+    images = list(images)
+    ncols = ncols or math.ceil(math.sqrt(len(images)))
+    grid = make_grid(images, ncols=ncols, pad=pad)
     if upscale > 1:
         grid = grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
+    if row_labels is not None or col_labels is not None or title:
+        grid = label_grid(
+            grid, math.ceil(len(images) / ncols), ncols, row_labels, col_labels, title
+        )
     save_image(path, grid)
     return grid
 

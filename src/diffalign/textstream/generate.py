@@ -491,13 +491,34 @@ def _finish(state, summary: RunSummary, path: Path, t0: float) -> dict:
     return result
 
 
-def _save_folder_images(tmp: Path, images: list, names: list[str], grid_name: str | None) -> None:
-    from diffalign.engine.reports import make_grid, save_image
+def _save_folder_images(
+    tmp: Path,
+    images: list,
+    names: list[str],
+    grid_name: str | None,
+    seeds: Sequence[int] | None = None,
+) -> None:
+    """The images, and a grid of them whose rows name the seed of their first image and
+    whose columns the offset from it (image k uses seed `first + k`)."""
+    import math
+
+    from diffalign.engine.reports import label_grid, make_grid, save_image
 
     for img, name in zip(images, names):
         save_image(tmp / name, img)
     if grid_name and len(images) > 1:
-        save_image(tmp / grid_name, make_grid(images, ncols=min(len(images), 4)))
+        ncols = min(len(images), 4)
+        nrows = math.ceil(len(images) / ncols)
+        grid = make_grid(images, ncols=ncols)
+        if seeds is not None:
+            grid = label_grid(
+                grid,
+                nrows,
+                ncols,
+                row_labels=[f"seed {seeds[r * ncols]}" for r in range(nrows)],
+                col_labels=[f"+{c}" for c in range(ncols)],
+            )
+        save_image(tmp / grid_name, grid)
 
 
 def _write_folder(dest: Path, fill: Callable[[Path], None]) -> None:
@@ -833,7 +854,7 @@ def _sample_writer(dest: Path, settings: dict) -> Callable[[list, list[int]], No
 
     def write(images: list, seeds: list[int]) -> None:
         def fill(tmp: Path) -> None:
-            _save_folder_images(tmp, images, settings["images"], "grid.png")
+            _save_folder_images(tmp, images, settings["images"], "grid.png", seeds)
             write_json(tmp / "settings.json", settings)
 
         _write_folder(dest, fill)
@@ -851,7 +872,7 @@ def _generate_job(
 
     def write(images: list, seeds: list[int]) -> None:
         def fill(tmp: Path) -> None:
-            _save_folder_images(tmp, images, names, "grid.png")
+            _save_folder_images(tmp, images, names, "grid.png", seeds)
             record = {"prompt": prompt, "id": pid, "index": i, "seeds": seeds}
             write_json(tmp / "prompt.json", record)
             write_json(tmp / "settings.json", {**settings, **record})  # the run's, plus this prompt
@@ -871,7 +892,7 @@ def _geneval_job(out: Path, i: int, line: dict, cfg: GenerationConfig, grid: boo
     def write(images: list, seeds: list[int]) -> None:
         def fill(tmp: Path) -> None:
             (tmp / "samples").mkdir()
-            _save_folder_images(tmp, images, names, "grid.png" if grid else None)
+            _save_folder_images(tmp, images, names, "grid.png" if grid else None, seeds)
             write_text(tmp / "metadata.jsonl", json.dumps(line) + "\n")
 
         _write_folder(dest, fill)

@@ -548,4 +548,7 @@ def _example_grid(output_dir, records, data, generator, eps, noise) -> None:
         ncols=len(ids),
         pad=1,
         upscale=max(1, 64 // targets.shape[-1]),
+        row_labels=["target", "G(eps)", "G(Q eps)"],
+        col_labels=[f"#{i} y={int(y)}" for i, y in zip(ids, labels)],
+        title="assignment: target | base noise (Q = I) | assigned noise",
     )

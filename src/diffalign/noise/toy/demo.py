@@ -342,7 +342,16 @@ def _plots(out: Path, gan: dict, direct: dict, matched: dict, generators) -> Non
             grids[name] = g.eval()(z, labels)
             from diffalign.engine.reports import save_image_grid
 
-            save_image_grid(out / f"samples_{name}.png", grids[name], ncols=10, pad=1, upscale=8)
+            save_image_grid(
+                out / f"samples_{name}.png",
+                grids[name],
+                ncols=10,
+                pad=1,
+                upscale=8,
+                row_labels=[f"class {c}" for c in range(10)],
+                col_labels=[f"z{k}" for k in range(10)],
+                title=METHOD_TITLES[name],
+            )
     _comparison_figure(out / "samples_comparison.png", grids)
     for name in ("orthogonal_gaussian_init", "orthogonal_gaussian_final"):
         src = out / "assign" / f"{name}.png"

@@ -44,7 +44,15 @@ def save_samples(path, generator, latent_shape, num_classes: int = 10, per_class
     with torch.no_grad():
         images = generator(z.to(dev), labels.to(dev)).cpu()
     generator.train(was)
-    save_image_grid(path, images, ncols=per_class, pad=1, upscale=max(1, 64 // images.shape[-1]))
+    save_image_grid(
+        path,
+        images,
+        ncols=per_class,
+        pad=1,
+        upscale=max(1, 64 // images.shape[-1]),
+        row_labels=[f"class {c}" for c in range(num_classes)],
+        col_labels=[f"z{k}" for k in range(per_class)],
+    )
 
 
 class GanTask(TrainTask):
