@@ -17,7 +17,13 @@ losses are summed, so each ``Q_i`` only sees its own item's gradient.
     OUT/orthogonal_gaussian_init.{png,json}, orthogonal_gaussian_final.{png,json}
 
 Re-running skips items whose manifest line and noise file are both fine; an item whose noise
-file is missing or corrupt is assigned again. Under ``accelerate launch`` rank ``r`` of ``w``
+file is missing or corrupt is assigned again. Items are optimised in fixed batches (this
+process's items, in order, `batch_size` at a time); a batch with an unfinished item is run
+whole again and only its unfinished items are written, so a resumed run gives the same bytes as
+an uninterrupted one. Each noise file records its item's id and label in its safetensors
+metadata; a manifest record whose file belongs to another item is refused, and `noise_file`
+paths must stay inside the dataset folder (`engine.io.resolve_inside`). The folder is locked
+for the whole run (`engine.io.output_lock`). Under ``accelerate launch`` rank ``r`` of ``w``
 takes the items ``i % w == r`` and appends to ``manifest.rank-RR.jsonl``; rank 0 merges the
 parts into ``manifest.jsonl`` at the end (a crash leaves the parts, which the next run reads).
 """
@@ -38,8 +44,10 @@ from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import (
     append_jsonl,
     load_tensors,
+    locked_output_dir,
     read_json,
     read_jsonl,
+    resolve_inside,
     save_tensors,
     write_json,
 )
@@ -183,19 +191,37 @@ def _read_records(output_dir: Path, stem: str) -> dict[int, dict]:
     for f in files:
         if f.is_file():
             for r in read_jsonl(f, skip_bad=True):  # a line cut by a crash is just redone
-                if isinstance(r, dict) and "id" in r:
-                    recs[int(r["id"])] = r
+                item = _item_id(r.get("id")) if isinstance(r, dict) else None
+                if item is not None:  # an id that is not an item number is no item of ours
+                    recs[item] = r
     return recs
 
 
-def check_noise_file(path: Path, latent_shape) -> str | None:
-    """None if `path` holds a finite noise of `latent_shape`, else the reason it is unusable."""
+def _item_id(value) -> int | None:
+    """A record's item id as an int (ids are item numbers: `7` or `"7"`), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def check_noise_file(
+    path: Path, latent_shape, item_id: int | None = None, label: int | None = None
+) -> str | None:
+    """None if `path` holds a finite noise of `latent_shape` (for item `item_id` with `label`,
+    as its metadata records), else the reason it is unusable."""
     if not path.is_file():
         return "noise file missing"
     try:
-        tensors, _ = load_tensors(path)
+        tensors, meta = load_tensors(path)
     except DiffalignError as e:
         return f"noise file corrupt ({e})"
+    problem = _metadata_mismatch(meta, item_id, label)
+    if problem is not None:
+        return problem
     noise = tensors.get("noise")
     if noise is None or tuple(noise.shape) != tuple(latent_shape):
         return f"noise file has no 'noise' of shape {tuple(latent_shape)}"
@@ -203,6 +229,15 @@ def check_noise_file(path: Path, latent_shape) -> str | None:
         return "noise file lacks 'target' or 'base_noise'"
     if not torch.isfinite(noise).all():
         return "noise file holds NaN/inf"
+    return None
+
+
+def _metadata_mismatch(meta: dict, item_id: int | None, label: int | None) -> str | None:
+    """Why a noise file's metadata (`id`, `label`) does not belong to this record, or None."""
+    if item_id is not None and meta.get("id") != str(item_id):
+        return f"noise file belongs to item {meta.get('id', '(no id recorded)')}, not {item_id}"
+    if label is not None and meta.get("label") not in (None, str(label)):
+        return f"noise file holds label {meta.get('label')}, the record says {label}"
     return None
 
 
@@ -219,7 +254,10 @@ def load_manifest(manifest_path: str | Path) -> tuple[list[dict], dict]:
     for i, r in enumerate(records, 1):
         if not isinstance(r, dict) or "noise_file" not in r or "label" not in r:
             raise DiffalignError(f"{manifest_path}:{i}: record needs 'noise_file' and 'label'")
-        r["noise_path"] = str(manifest_path.parent / r["noise_file"])
+        if "id" in r and _item_id(r["id"]) is None:
+            raise DiffalignError(f"{manifest_path}:{i}: id {r['id']!r} is not an item number")
+        where = f"{manifest_path}:{i}: noise_file"
+        r["noise_path"] = str(resolve_inside(manifest_path.parent, str(r["noise_file"]), where))
     return records, config
 
 
@@ -234,9 +272,14 @@ def load_matched_pairs(
     noises, labels, targets = [], [], []
     for r in records:
         try:
-            tensors, _ = load_tensors(r["noise_path"])
+            tensors, meta = load_tensors(r["noise_path"])
         except DiffalignError as e:
             raise DiffalignError(f"item {r.get('id')}: {e}") from None
+        item = _item_id(r.get("id"))
+        label = r["label"] if isinstance(r["label"], int) else None
+        problem = _metadata_mismatch(meta, item, label)
+        if problem is not None:
+            raise DiffalignError(f"{r['noise_path']}: {problem} (manifest {manifest_path})")
         if "noise" not in tensors or "target" not in tensors:
             raise DiffalignError(f"{r['noise_path']}: missing 'noise' or 'target'")
         if not (torch.isfinite(tensors["noise"]).all() and torch.isfinite(tensors["target"]).all()):
@@ -299,6 +342,12 @@ def assign(
         raise DiffalignError(f"--max-items must be >= 1, got {max_items}")
     if not math.isfinite(lr) or lr <= 0:
         raise DiffalignError(f"the assignment learning rate must be > 0, got {lr}")
+    if not math.isfinite(l1_weight) or l1_weight < 0:
+        raise DiffalignError(f"--l1-weight must be >= 0, got {l1_weight}")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise DiffalignError(f"--patch-size must be a positive integer, got {patch_size}")
+    if not 0 <= int(seed) <= 2**63 - 1:
+        raise DiffalignError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
     latent_shape = tuple(gcfg.latent_shape)
     if latent_shape[1] % patch_size or latent_shape[2] % patch_size:
         raise DiffalignError(
@@ -318,6 +367,47 @@ def assign(
         "l1_weight": l1_weight,
         "seed": seed,
     }
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DiffalignError(f"--output-dir {output_dir} exists and is not a folder")
+    with locked_output_dir(output_dir, "assignment folder"):
+        return _assign_locked(
+            output_dir,
+            config,
+            data,
+            generator,
+            n_items,
+            latent_shape,
+            assign_steps,
+            lr,
+            patch_size,
+            parametrization,
+            l1_weight,
+            batch_size,
+            seed,
+            desc,
+            write_plots,
+            t0,
+        )
+
+
+def _assign_locked(
+    output_dir: Path,
+    config: dict,
+    data,
+    generator,
+    n_items: int,
+    latent_shape: tuple,
+    assign_steps: int,
+    lr: float,
+    patch_size: int,
+    parametrization: str,
+    l1_weight: float,
+    batch_size: int,
+    seed: int,
+    desc: str,
+    write_plots: bool,
+    t0: float,
+) -> dict:
     rank, world, state = _dist_state()
     cfg_path = output_dir / "assign_config.json"
     if cfg_path.is_file():
@@ -335,17 +425,25 @@ def assign(
 
     done = _read_records(output_dir, "manifest")
     todo, skipped, redo = [], 0, 0
-    for i in range(n_items):
-        if i % world != rank:
-            continue
+    mine = [i for i in range(n_items) if i % world == rank]
+    for i in mine:
         if i in done:
-            problem = check_noise_file(output_dir / done[i]["noise_file"], latent_shape)
+            rel = done[i].get("noise_file")
+            noise_path = resolve_inside(
+                output_dir, str(rel), f"{output_dir}/manifest.jsonl: item {i}'s noise_file"
+            )
+            problem = check_noise_file(noise_path, latent_shape, i, done[i].get("label"))
             if problem is None:
                 skipped += 1
                 continue
             redo += 1
             print(f"diffalign: item {i}: {problem}; assigning it again", flush=True)
         todo.append(i)
+    todo_set = set(todo)
+    # fixed batches of this process's items: a batch with work left is run whole, so every
+    # item sees the same batch neighbours as in an uninterrupted run (bit-identical results)
+    batches = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
+    batches = [b for b in batches if todo_set.intersection(b)]
 
     suffix = "" if world == 1 else f".rank-{rank:02d}"
     manifest_file = output_dir / f"manifest{suffix}.jsonl"
@@ -354,15 +452,16 @@ def assign(
     n_batches = 0
     generator.requires_grad_(False)
     bar = progress(total=len(todo), desc=desc)
-    for start in range(0, len(todo), batch_size):
-        ids = todo[start : start + batch_size]
+    for ids in batches:
         x = data.images[ids]
         y = data.labels[ids]
         ok = torch.isfinite(x.flatten(1)).all(1)
         for j in (~ok).nonzero().flatten().tolist():
-            append_jsonl(
-                failures_file, {"id": ids[j], "label": int(y[j]), "error": "target has NaN/inf"}
-            )
+            if ids[j] in todo_set:
+                append_jsonl(
+                    failures_file,
+                    {"id": ids[j], "label": int(y[j]), "error": "target has NaN/inf"},
+                )
         good = [ids[j] for j in ok.nonzero().flatten().tolist()]
         if good:
             idx = ok.nonzero().flatten()
@@ -383,6 +482,8 @@ def assign(
                 [a + b for a, b in zip(curve_sum, res.curve)] if curve_sum else list(res.curve)
             )
             for j, item in enumerate(good):
+                if item not in todo_set:  # finished earlier; run again only as a neighbour
+                    continue
                 _finish_item(
                     output_dir,
                     manifest_file,
@@ -395,7 +496,7 @@ def assign(
                     y[idx],
                     data,
                 )
-        bar.update(len(ids))
+        bar.update(len(todo_set.intersection(ids)))
     bar.close()
 
     if state is not None:
@@ -489,7 +590,7 @@ def _finalize(
         eps, noise = [], []
         for r in records:
             try:
-                t, _ = load_tensors(output_dir / r["noise_file"])
+                t, _ = load_tensors(resolve_inside(output_dir, str(r["noise_file"]), "noise_file"))
                 eps.append(t["base_noise"])
                 noise.append(t["noise"])
             except (DiffalignError, KeyError):
