@@ -40,11 +40,11 @@ MODEL_DIR="${MODEL_DIR:-${DIFFALIGN_MODELS_DIR:-models}}"
 # else the preset, looked up in $MODEL_DIR/<preset>/ (diffalign download's layout), then the Hub
 case "$model_kind" in
     sd3)
-        preset=sd3 explicit="${SD3_MODEL_PATH:-}"
+        preset=sd3 explicit="${SD3_MODEL_PATH:-}" path_var=SD3_MODEL_PATH
         default_file="$MODEL_DIR/sd3_medium.safetensors"
         ;;
     sd3.5 | sd35)
-        preset=sd3.5 explicit="${SD35_MODEL_PATH:-}"
+        preset=sd3.5 explicit="${SD35_MODEL_PATH:-}" path_var=SD35_MODEL_PATH
         default_file="$MODEL_DIR/sd3.5_large.safetensors"
         ;;
     *)
@@ -60,6 +60,13 @@ elif [[ -e "$default_file" ]]; then
 else
     model="$preset"
     export DIFFALIGN_MODELS_DIR="$MODEL_DIR"
+    if [[ ! -f "$MODEL_DIR/$preset/model_index.json" ]]; then
+        # say where we looked: a missing file and folder otherwise show only as a Hub failure
+        echo "run_inference.sh: no $default_file and no preset folder $MODEL_DIR/$preset/;" \
+            "fetch it with \`diffalign download --only $preset --dir $MODEL_DIR\`" \
+            "(download writes to ./models unless --dir names your MODEL_DIR)," \
+            "or set $path_var; trying the Hugging Face Hub" >&2
+    fi
 fi
 
 if [[ -z "$prompt" ]]; then

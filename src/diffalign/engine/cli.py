@@ -175,7 +175,7 @@ def _run_download(args) -> int:
     from diffalign.engine.cliutils import split_list
     from diffalign.engine.download import download_assets
 
-    only = split_list(args.only) if args.only else None
+    only = split_list(args.only) if args.only is not None else None  # --only '' is an error
     result = download_assets(
         only,
         args.dir,

@@ -237,6 +237,10 @@ def plan_downloads(
         raise DiffalignError(
             f"--hps-version must be one of {', '.join(HPS_FILES)}, got '{hps_version}'"
         )
+    if only is not None and not [n for n in only if str(n).strip()]:
+        raise DiffalignError(
+            f"--only names no asset (got {list(only)!r}); choose from: {', '.join(ASSETS)}"
+        )
     names = list(dict.fromkeys(only)) if only else list(DEFAULT_ASSETS)
     by_lower = {n.lower(): n for n in ASSETS}
     resolved = []
@@ -246,6 +250,8 @@ def plan_downloads(
             raise DiffalignError(f"unknown asset '{name}'; choose from: {', '.join(ASSETS)}")
         resolved.append(real)
     base = Path(models_dir) if models_dir is not None else default_models_dir()
+    if base.exists() and not base.is_dir():
+        raise DiffalignError(f"--dir {base} exists and is not a folder")
     plan = []
     for name in dict.fromkeys(resolved):
         asset = ASSETS[name]

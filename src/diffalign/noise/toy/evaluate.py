@@ -157,6 +157,26 @@ class EvalSettings:
     parametrization: str = "matrix_exp"
     seed: int = 0
 
+    def validate(self) -> None:
+        """One-line errors for settings the metrics cannot be computed with."""
+        import math
+
+        if self.num_samples < 2:
+            raise DiffalignError(
+                f"--num-samples must be >= 2 (the Frechet distance needs a covariance), "
+                f"got {self.num_samples}"
+            )
+        if self.recon_items < 1:
+            raise DiffalignError(f"--recon-items must be >= 1, got {self.recon_items}")
+        if self.assign_steps < 0:
+            raise DiffalignError(f"--assign-steps must be >= 0, got {self.assign_steps}")
+        if self.patch_size < 1:
+            raise DiffalignError(f"--patch-size must be >= 1, got {self.patch_size}")
+        if not math.isfinite(self.assign_lr) or self.assign_lr <= 0:
+            raise DiffalignError(f"the assignment learning rate must be > 0, got {self.assign_lr}")
+        if not 0 <= self.seed <= 2**63 - 1:
+            raise DiffalignError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
+
 
 def sample_inputs(latent_shape, n: int, num_classes: int = 10, seed: int = 0):
     """Fixed evaluation noise and balanced labels (class ``i % K``)."""
@@ -259,6 +279,9 @@ def evaluate_runs(
     from diffalign.noise.toy.models import load_model
 
     settings = settings or EvalSettings()
+    settings.validate()
+    if classifier_steps < 1:
+        raise DiffalignError(f"--classifier-steps must be >= 1, got {classifier_steps}")
     if names is not None and len(names) != len(generator_ckpts):
         raise DiffalignError(
             f"--names has {len(names)} entries but --generator-ckpt has {len(generator_ckpts)}"
