@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.noise.onestep import OneStepGenerator, repeat_embeds
+from diffalign.noise.onestep import OneStepGenerator, repeat_embeds, select_embeds
 from diffalign.noise.orthogonal import (
     PARAMETRIZATIONS,
     PatchOrthogonal,
@@ -152,7 +152,8 @@ def reward_terms(reward: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ the method
 
 
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+# on_step(step, active prompt indices, images [A*K, ...], rewards [A]) after each evaluation
+StepCallback = Callable[[int, list[int], torch.Tensor, torch.Tensor], None]
 
 
 def optimize_prompts(
@@ -167,9 +168,10 @@ def optimize_prompts(
 
     ``base_noise``: ``[P * K, C, h, w]`` with ``K = settings.images_per_prompt`` noises per
     prompt, prompt-major. Evaluates ``steps + 1`` times (step 0 = identity ``Q``) and updates
-    ``steps`` times. ``on_step(step, images [P*K, ...] detached, rewards [P])`` sees every
-    evaluation. A prompt whose reward (or gradient) becomes NaN/inf is stopped and reported with
-    ``error``; the others go on.
+    ``steps`` times. ``on_step(step, active, images [A*K, ...], rewards [A])`` sees every
+    evaluation of the ``A`` prompts still running. A prompt whose image, reward or gradient
+    becomes NaN/inf (the reward raises, or returns it) is stopped and reported with ``error``;
+    the others go on.
     """
     settings.validate()
     prompts = list(prompts)
@@ -211,54 +213,86 @@ def optimize_prompts(
     best_w: list[torch.Tensor | None] = [None] * n_prompts
     init_images: list[torch.Tensor | None] = [None] * n_prompts
 
-    for step in range(settings.steps + 1):
-        last = step == settings.steps
-        with torch.set_grad_enabled(not last):
-            q = transform._matrices()  # [P, D, D]
-            zq = apply_patch_orthogonal(z, q.repeat_interleave(k, dim=0), settings.patch_size)
-            images = generator.generate(zq, embeds)
-            values = reward(images, flat_prompts)
-            if values.ndim != 1 or values.shape[0] != n_prompts * k:
+    def evaluate(active: list[int], grad: bool):
+        """Images, per-prompt rewards [A], drift [A], terms and Q z for the active prompts."""
+        rows = [i * k + j for i in active for j in range(k)]
+        with torch.set_grad_enabled(grad):
+            q = transform._matrices()[active]  # [A, D, D]
+            zq = apply_patch_orthogonal(z[rows], q.repeat_interleave(k, dim=0), settings.patch_size)
+            images = generator.generate(zq, select_embeds(embeds, rows))
+            values = reward(images, [flat_prompts[r] for r in rows])
+            if values.ndim != 1 or values.shape[0] != len(rows):
                 raise DiffalignError(
-                    f"the reward returned shape {tuple(values.shape)}, expected [{n_prompts * k}]"
+                    f"the reward returned shape {tuple(values.shape)}, expected [{len(rows)}]"
                 )
-            per_prompt = values.float().view(n_prompts, k).mean(1)
-            drift = drift_per_sample(zq, z).view(n_prompts, k).mean(1)
+            per_prompt = values.float().view(len(active), k).mean(1)
+            drift = drift_per_sample(zq, z[rows]).view(len(active), k).mean(1)
         terms = {
-            name: t.detach().float().view(n_prompts, k).mean(1).cpu()
+            name: t.detach().float().view(len(active), k).mean(1).cpu()
             for name, t in reward_terms(reward).items()
-            if t.numel() == n_prompts * k
+            if t.numel() == len(rows)
         }
+        return images, per_prompt, drift, terms, zq, q
+
+    def fail(i: int, step: int, message: str) -> None:
+        alive[i] = False
+        errors[i] = message
+        failed_step[i] = step
+
+    step = 0
+    while step <= settings.steps:
+        last = step == settings.steps
+        active = [i for i in range(n_prompts) if alive[i]]
+        if not active:
+            break
+        try:
+            images, per_prompt, drift, terms, zq, q = evaluate(active, grad=not last)
+        except DiffalignError as e:
+            if len(active) == 1:
+                fail(active[0], step, str(e))
+                continue
+            # find which prompts fail on their own (a NaN image or reward), drop them, retry
+            culprits = []
+            for i in active:
+                try:
+                    with torch.no_grad():
+                        evaluate([i], grad=False)
+                except DiffalignError as e_i:
+                    culprits.append((i, str(e_i)))
+            if not culprits:
+                raise
+            for i, msg in culprits:
+                fail(i, step, msg)
+            continue
         r_cpu = per_prompt.detach().cpu()
         d_cpu = drift.detach().cpu()
         images_cpu = images.detach().float().cpu()
-        for i in range(n_prompts):
-            if not alive[i]:
-                continue
-            value = float(r_cpu[i])
+        for a, i in enumerate(active):
+            value = float(r_cpu[a])
             if not math.isfinite(value):
-                alive[i] = False
-                errors[i] = f"non-finite reward ({value}) at step {step}"
-                failed_step[i] = step
+                fail(i, step, f"non-finite reward ({value}) at step {step}")
                 continue
             history[i].append(value)
-            drift_hist[i].append(float(d_cpu[i]))
+            drift_hist[i].append(float(d_cpu[a]))
             for name, t in terms.items():
-                term_hist[i].setdefault(name, []).append(float(t[i]))
+                term_hist[i].setdefault(name, []).append(float(t[a]))
+            mine = images_cpu[a * k : (a + 1) * k]
             if step == 0:
-                init_images[i] = images_cpu[i * k : (i + 1) * k].clone()
+                init_images[i] = mine.clone()
             if value > best_reward[i]:
                 best_reward[i], best_step[i] = value, step
-                best_images[i] = images_cpu[i * k : (i + 1) * k].clone()
-                best_noise[i] = zq[i * k : (i + 1) * k].detach().float().cpu().clone()
-                best_q[i] = q[i].detach().cpu().clone()
+                best_images[i] = mine.clone()
+                best_noise[i] = zq[a * k : (a + 1) * k].detach().float().cpu().clone()
+                best_q[i] = q[a].detach().cpu().clone()
                 best_w[i] = transform.weight[i].detach().cpu().clone()
         if on_step is not None:
-            on_step(step, images_cpu, r_cpu)
-        if last or not any(alive):
+            on_step(step, active, images_cpu, r_cpu)
+        if last:
             break
-        mask = torch.tensor(alive, device=per_prompt.device)
-        objective = (-per_prompt + settings.noise_l2_weight * drift)[mask].sum()
+        keep = torch.tensor([alive[i] for i in active], device=per_prompt.device)
+        if not bool(keep.any()):
+            break
+        objective = (-per_prompt + settings.noise_l2_weight * drift)[keep].sum()
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         grad = transform.weight.grad
@@ -266,16 +300,13 @@ def optimize_prompts(
             bad = ~torch.isfinite(grad.flatten(1)).all(1)
             for i in torch.nonzero(bad).flatten().tolist():
                 if alive[i]:
-                    alive[i] = False
-                    errors[i] = f"non-finite gradient at step {step}"
-                    failed_step[i] = step
+                    fail(i, step, f"non-finite gradient at step {step}")
             dead = ~torch.tensor(alive, device=grad.device)
             grad[dead] = 0.0
             if clip is not None:
                 clip_grad_norm_per_transform(grad, clip)
         optimizer.step()
-        if not any(alive):
-            break
+        step += 1
 
     with torch.no_grad():
         q_final = transform._matrices().detach().cpu()
@@ -559,11 +590,11 @@ def run_optimize(
             for d in dirs:
                 d.mkdir(parents=True, exist_ok=True)
 
-            def on_step(step, images, rewards, dirs=dirs):
-                bar.update(len(dirs))
+            def on_step(step, active, images, rewards, dirs=dirs):
+                bar.update(len(active))
                 if save_every and (step % save_every == 0 or step == settings.steps):
-                    for j, d in enumerate(dirs):
-                        _save_images(d / f"step_{step:03d}.png", images[j * k : (j + 1) * k])
+                    for a, j in enumerate(active):
+                        _save_images(dirs[j] / f"step_{step:03d}.png", images[a * k : (a + 1) * k])
 
             t0 = time.perf_counter()
             chunk_results = optimize_prompts(

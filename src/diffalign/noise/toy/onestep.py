@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.rewards import Reward
 from diffalign.noise.onestep import OneStepGenerator, PromptEmbeds
 
 CIFAR10_CLASSES = (
@@ -48,7 +49,8 @@ def parse_class_prompt(prompt: str, num_classes: int = 10, dataset: str = "digit
 
 
 class ToyOneStepGenerator(OneStepGenerator):
-    """``G(z, label)`` of the toy branch; images mapped from ``[-1, 1]`` to ``[0, 1]``."""
+    """``G(z, label)`` of the toy branch; images mapped from ``[-1, 1]`` to ``[0, 1]`` and
+    grayscale repeated to RGB (``[B, 3, H, W]`` like every generator)."""
 
     name = "toy"
 
@@ -68,18 +70,13 @@ class ToyOneStepGenerator(OneStepGenerator):
 
     def generate(self, noise: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         self.check_noise(noise, embeds)
-        return (self.model(noise.float(), embeds["labels"]) + 1.0) / 2.0
+        images = (self.model(noise.float(), embeds["labels"]) + 1.0) / 2.0
+        if images.shape[1] == 1:  # grayscale digits -> RGB, as every generator returns
+            images = images.expand(-1, 3, -1, -1)
+        return images
 
 
-def _reward_base() -> type:
-    try:
-        from diffalign.engine.rewards import Reward
-    except ImportError:  # pragma: no cover - before the rewards package is merged
-        return nn.Module
-    return Reward
-
-
-class ToyClassifierReward(_reward_base()):  # type: ignore[misc]
+class ToyClassifierReward(Reward):
     """Reward ``log p(y | x)`` of the toy evaluation classifier (trained on the real train split)
     for images in ``[0, 1]`` and prompts naming the class ``y``."""
 
@@ -98,14 +95,10 @@ class ToyClassifierReward(_reward_base()):  # type: ignore[misc]
             device=device,
         )
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[0] != len(prompts):
-            raise DiffalignError(
-                f"expected {len(prompts)} images [B, C, H, W], got {tuple(images.shape)}"
-            )
-        logits = self.classifier(images.float() * 2.0 - 1.0)
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        x = images.float() * 2.0 - 1.0
+        if self.classifier.config.image_shape[0] == 1:
+            x = x.mean(1, keepdim=True)  # the RGB of a grayscale generator has equal channels
+        logits = self.classifier(x)
         logp = F.log_softmax(logits, dim=1)
         return logp.gather(1, self.labels(prompts, images.device)[:, None]).squeeze(1)
-
-    def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return -self.forward(images, prompts)
