@@ -326,6 +326,25 @@ def _apply_unet(pipe, path: Path, spec: GeneratorSpec) -> None:
     pipe.unet.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()})
 
 
+def _expected_components(spec: GeneratorSpec) -> dict[str, type]:
+    """Components the one-step path uses (SDXL pipelines list the text encoders as optional,
+    so a folder without them would load and fail later)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
+
+    expect = {
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "tokenizer": PreTrainedTokenizerBase,
+    }
+    if spec.pipeline == "sdxl":
+        expect.update(
+            text_encoder_2=CLIPTextModelWithProjection, tokenizer_2=PreTrainedTokenizerBase
+        )
+    return expect
+
+
 def load_generator(
     model: str | None = None,
     generator: str | None = None,
@@ -346,7 +365,7 @@ def load_generator(
     / U-Net file (default: ``models/hyper-sd/<release file name>``). ``vae``: another VAE (e.g.
     the fp16-fix SDXL VAE), run in ``dtype``.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from diffalign.engine.loading import load_pipeline, load_vae, parse_dtype
 
@@ -377,7 +396,7 @@ def load_generator(
         spec.family,
         dtype=torch_dtype,
         device=None,
-        expect={"unet": UNet2DConditionModel},
+        expect=_expected_components(spec),
         **components,
     )
     if spec.weights is not None:
