@@ -1,0 +1,141 @@
+"""Tiny reward checkpoints in the official layouts and file names (issue 7 "Rewards").
+
+- `clip`: a transformers CLIPModel folder as `openai/clip-vit-large-patch14` is laid out
+  (config.json, model.safetensors, tokenizer files, preprocessor_config.json).
+- `pickscore`: a CLIPModel folder as `yuvalkirstain/PickScore_v1` plus `processor/` (the CLIP-H
+  tokenizer + image processor), as `diffalign download --only PickScore` lays it out.
+- `aesthetic`: `sac+logos+ava1-l14-linearMSE.pth`, a plain state dict `layers.{0,2,4,6,7}`
+  whose input width is the tiny clip's projection width (16).
+- `imagereward`: `ImageReward.pt` (the state dict of ImageReward's own module: `blip.visual_encoder`
+  BLIP ViT, `blip.text_encoder` BERT with cross-attention, `blip.vision_proj/text_proj`,
+  `mlp.layers`), `med_config.json` and `bert-base-uncased/` (a BERT tokenizer).
+- `hpsv2`: `HPS_v2.1_compressed.pt` = `{"state_dict": open_clip ViT-H-14 keys}` plus
+  `processor/`.
+
+The official-layout files are written from key names and shapes (open_clip and BLIP cannot be
+imported here); the loaders infer every size from the tensors, so these load exactly as the
+real files do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from diffalign.engine.tiny import register_kind, tiny_clip_tokenizer
+
+TINY_IMAGE_SIZE = 32
+TINY_PROJECTION_DIM = 16
+
+
+def _write_preprocessor(folder: Path, size: int) -> None:
+    """`preprocessor_config.json` as the CLIP repos carry it (OpenAI mean/std, bicubic)."""
+    from diffalign.engine.rewards.base import CLIP_MEAN, CLIP_STD
+
+    cfg = {
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": list(CLIP_STD),
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": size},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _write_clip_processor(folder: Path, size: int = TINY_IMAGE_SIZE) -> None:
+    tiny_clip_tokenizer().save_pretrained(folder)
+    _write_preprocessor(folder, size)
+
+
+def build_tiny_clip_model(seed: int = 0, projection_dim: int = TINY_PROJECTION_DIM):
+    """A tiny random transformers `CLIPModel` (32 px, patch 8, 2 layers per tower)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    tok = tiny_clip_tokenizer()
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 77,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "projection_dim": projection_dim,
+    }
+    vision = {
+        "hidden_size": 24,
+        "intermediate_size": 40,
+        "num_attention_heads": 3,
+        "num_hidden_layers": 2,
+        "image_size": TINY_IMAGE_SIZE,
+        "patch_size": 8,
+        "projection_dim": projection_dim,
+    }
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    return CLIPModel(config).eval()
+
+
+@register_kind(
+    "clip",
+    "CLIPModel folder as openai/clip-vit-large-patch14 (model, tokenizer, preprocessor config)",
+    {"projection_dim": TINY_PROJECTION_DIM},
+)
+def _build_clip(out: Path, seed: int, projection_dim: int = TINY_PROJECTION_DIM) -> None:
+    build_tiny_clip_model(seed, int(projection_dim)).save_pretrained(out)
+    _write_clip_processor(out)
+
+
+@register_kind(
+    "pickscore",
+    "CLIPModel folder as yuvalkirstain/PickScore_v1 + processor/ (CLIP-H tokenizer, processor)",
+    {"projection_dim": TINY_PROJECTION_DIM},
+)
+def _build_pickscore(out: Path, seed: int, projection_dim: int = TINY_PROJECTION_DIM) -> None:
+    import torch
+
+    model = build_tiny_clip_model(seed + 1, int(projection_dim))
+    with torch.no_grad():
+        model.logit_scale.fill_(4.6052)  # PickScore's trained scale: exp = 100
+    model.save_pretrained(out)
+    _write_clip_processor(out / "processor")
+
+
+def aesthetic_state_dict(
+    seed: int = 0, in_features: int = TINY_PROJECTION_DIM, hidden=(32, 16, 8, 4)
+) -> dict[str, Any]:
+    """`layers.{0,2,4,6,7}.{weight,bias}` of the LAION MLP (real: 768-1024-128-64-16-1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = [in_features, *hidden, 1]
+    sd: dict[str, Any] = {}
+    for idx, (n_in, n_out) in zip((0, 2, 4, 6, 7), zip(sizes[:-1], sizes[1:])):
+        sd[f"layers.{idx}.weight"] = torch.randn(n_out, n_in, generator=g) / n_in**0.5
+        sd[f"layers.{idx}.bias"] = torch.randn(n_out, generator=g) * 0.1
+    return sd
+
+
+@register_kind(
+    "aesthetic",
+    "sac+logos+ava1-l14-linearMSE.pth (LAION MLP layers.{0,2,4,6,7}, input = tiny clip width)",
+    {"projection_dim": TINY_PROJECTION_DIM},
+)
+def _build_aesthetic(out: Path, seed: int, projection_dim: int = TINY_PROJECTION_DIM) -> None:
+    import torch
+
+    from diffalign.engine.rewards.clip import AESTHETIC_FILE
+
+    torch.save(aesthetic_state_dict(seed, int(projection_dim)), out / AESTHETIC_FILE)
