@@ -239,6 +239,54 @@ class DiffusionOneStepGenerator(OneStepGenerator):
     def generate(self, noise: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         return self.decode(self.denoise(noise, embeds))
 
+    # ------------------------------------------------ assignment and fine-tuning (spec N)
+
+    def image_size(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE posterior mode of images in [0, 1], scaled like the latents `denoise` returns."""
+        cfg = self.vae.config
+        x = images.to(self.device, self.vae.dtype) * 2.0 - 1.0
+        lat = self.vae.encode(x).latent_dist.mode()
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1)
+            std_t = torch.tensor(std, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1)
+            lat = (lat - mean_t) * cfg.scaling_factor / std_t
+        else:
+            lat = lat * cfg.scaling_factor
+        return lat.float()
+
+    trainable_name = "unet"
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.unet
+
+    def frozen_copy(self) -> DiffusionOneStepGenerator:
+        import copy
+
+        new = copy.copy(self)
+        new._modules = dict(self._modules)  # nn.Module keeps children in this dict: unshare it
+        new.unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        return new
+
+    def export_finetuned(self, out_dir, info: dict | None = None) -> None:
+        """Full U-Net: the whole pipeline (`save_pretrained`, loadable as `--model`); a U-Net
+        with a LoRA adapter: `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights`
+        reads (diffusers' LoRA layout)."""
+        if getattr(self.unet, "peft_config", None):
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            type(self.pipe).save_lora_weights(
+                str(out_dir), unet_lora_layers=layers, safe_serialization=True
+            )
+        else:
+            self.pipe.save_pretrained(str(out_dir), safe_serialization=True)
+
 
 # ------------------------------------------------------------------ loading
 

@@ -46,6 +46,48 @@ class OneStepGenerator(nn.Module):
     def forward(self, noise: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         return self.generate(noise, embeds)
 
+    # -- the split assignment and SFT work on (spec N: assigned-noise inversion, matched SFT):
+    # generate = decode(denoise(noise)); targets enter through encode_images. A generator
+    # without a latent space keeps the defaults (its "latent" is the image itself).
+
+    def denoise(self, noise: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        """The generator's output before decoding (diffusion: the one-step ``x0`` latent)."""
+        return self.generate(noise, embeds)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in ``[0, 1]`` from what :meth:`denoise` returns."""
+        return latents
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Target images ``[B, 3, H, W]`` in ``[0, 1]`` -> the space of :meth:`denoise`
+        (diffusion: the VAE posterior mode, scaled as the U-Net's latents); no gradient needed."""
+        return images
+
+    def image_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the images this generator makes (targets must have this size)."""
+        raise NotImplementedError
+
+    def preserve_embeds(self, embeds: PromptEmbeds) -> PromptEmbeds:
+        """Conditions of the preserve loss's random-noise samples (default: the batch's own)."""
+        return embeds
+
+    # -- fine-tuning (spec N: latent-matched SFT): which module trains and how it is exported
+
+    trainable_name: str = "model"
+
+    def trainable_module(self) -> nn.Module:
+        """The module SFT fine-tunes (diffusion: the U-Net; toy: the GAN generator)."""
+        raise NotImplementedError
+
+    def frozen_copy(self) -> OneStepGenerator:
+        """A generator that shares everything but a frozen copy of :meth:`trainable_module`
+        (the preserve loss's base)."""
+        raise NotImplementedError
+
+    def export_finetuned(self, out_dir, info: dict | None = None) -> None:
+        """Write the fine-tuned generator so that it loads again as a generator/model."""
+        raise NotImplementedError
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters():

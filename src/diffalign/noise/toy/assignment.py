@@ -30,12 +30,9 @@ parts into ``manifest.jsonl`` at the end (a crash leaves the parts, which the ne
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,31 +49,20 @@ from diffalign.engine.io import (
     write_json,
 )
 from diffalign.engine.progress import progress
-from diffalign.noise.toy.losses import per_item_reconstruction
+from diffalign.noise.assign import AssignResult, base_noise
+from diffalign.noise.assign import assign_noise as _generic_assign_noise
+from diffalign.noise.assign import dist_state as _dist_state
+from diffalign.noise.assign import file_sha256 as _file_sha256
+from diffalign.noise.assign import item_id as _item_id
+from diffalign.noise.assign import read_records as _read_records
+from diffalign.noise.assign import rewrite_jsonl as _rewrite_jsonl
+from diffalign.noise.assign import small_report as _small
+
+__all__ = ["AssignResult", "assign", "assign_noise", "base_noise", "load_matched_pairs"]
 
 # ----------------------------------------------------------------------------- the math
-
-
-@dataclass
-class AssignResult:
-    """Per-item result of `assign_noise` (all tensors on CPU)."""
-
-    noise: torch.Tensor  # [N, C, H, W]  best Q eps
-    q: torch.Tensor  # [N, D, D]     best Q
-    loss_before: torch.Tensor  # [N]  objective at Q = I
-    loss_after: torch.Tensor  # [N]  best objective
-    mse_before: torch.Tensor  # [N]
-    mse_after: torch.Tensor  # [N]
-    curve: list[float] = field(default_factory=list)  # mean objective per step
-
-
-def base_noise(item_ids, latent_shape, seed: int = 0) -> torch.Tensor:
-    """The fixed base noise ``eps_i`` of each item: ``N(0, I)`` from a per-item seeded generator."""
-    out = []
-    for i in item_ids:
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
-        out.append(torch.randn(tuple(latent_shape), generator=g))
-    return torch.stack(out) if out else torch.empty((0, *latent_shape))
+# (one implementation for every generator: diffalign.noise.assign; the toy passes its labels as
+# the encoded prompts and its [-1, 1] targets as the target "latents")
 
 
 def assign_noise(
@@ -90,122 +76,50 @@ def assign_noise(
     parametrization: str = "matrix_exp",
     l1_weight: float = 0.0,
 ) -> AssignResult:
-    """Optimise one orthogonal ``Q_i`` per item so ``G(Q_i eps_i, y_i)`` matches ``x_i``.
+    """Optimise one orthogonal ``Q_i`` per item so ``G(Q_i eps_i, y_i)`` matches ``x_i``: the
+    generic :func:`diffalign.noise.assign.assign_noise` with the toy objective
+    ``mean (G - x)^2 + l1_weight * mean |G - x|`` on the [-1, 1] output (the pixel L1 of the
+    generic loss is taken on [0, 1] images, hence the factor 2)."""
+    from diffalign.noise.toy.onestep import ToyOneStepGenerator
 
-    Adam on the skew parameters of `PatchOrthogonal`; the best ``Q`` seen per item is kept
-    (step 0 is ``Q = I``, so ``loss_after <= loss_before`` always). The generator's weights are
-    not changed and get no gradients.
-    """
-    from diffalign.noise import PatchOrthogonal
-    from diffalign.noise.orthogonal import apply_patch_orthogonal
-
-    n, c = eps.shape[0], eps.shape[1]
-    if n == 0:
-        raise DiffalignError("assign_noise: empty batch")
-    if not (len(labels) == len(targets) == n):
+    if len(labels) != len(targets) or len(labels) != eps.shape[0]:
         raise DiffalignError(
-            f"assign_noise: {n} noises, {len(labels)} labels, {len(targets)} targets must match"
+            f"assign_noise: {eps.shape[0]} noises, {len(labels)} labels, {len(targets)} targets "
+            "must match"
         )
-    q = PatchOrthogonal(c, patch_size, parametrization, init="identity", num_transforms=n)
-    opt = torch.optim.Adam(q.parameters(), lr=lr)
-    was_training = generator.training
     flags = [p.requires_grad for p in generator.parameters()]
-    generator.eval()
-    for p in generator.parameters():
-        p.requires_grad_(False)
-
-    def matrices() -> torch.Tensor:
-        m = q.matrix()
-        return m if m.ndim == 3 else m[None]
-
-    best_loss = torch.full((n,), float("inf"))
-    best_q = torch.eye(q.dim).expand(n, q.dim, q.dim).clone()
-    loss_before = mse_before = None
-    curve: list[float] = []
+    was_training = generator.training
     try:
-        for step in range(steps + 1):
-            qm = matrices()
-            out = generator(apply_patch_orthogonal(eps, qm, patch_size), labels)
-            loss = per_item_reconstruction(out, targets, l1_weight)
-            with torch.no_grad():
-                if step == 0:
-                    loss_before = loss.detach().clone()
-                    mse_before = per_item_reconstruction(out, targets).detach().clone()
-                better = loss.detach() < best_loss
-                best_loss = torch.where(better, loss.detach(), best_loss)
-                best_q[better] = qm.detach()[better]
-                curve.append(float(loss.detach().mean()))
-            if step == steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            opt.step()
-        with torch.no_grad():
-            noise = apply_patch_orthogonal(eps, best_q, patch_size)
-            mse_after = per_item_reconstruction(generator(noise, labels), targets)
+        gen = (
+            generator
+            if isinstance(generator, ToyOneStepGenerator)
+            else ToyOneStepGenerator(generator)
+        )
+        target_image = gen.decode(targets) if l1_weight else None
+        return _generic_assign_noise(
+            gen,
+            eps,
+            {"labels": labels},
+            targets,
+            target_image,
+            steps=steps,
+            lr=lr,
+            patch_size=patch_size,
+            parametrization=parametrization,
+            latent_loss_weight=1.0,
+            pixel_l1_weight=2.0 * l1_weight,
+        )
     finally:
         for p, f in zip(generator.parameters(), flags):
             p.requires_grad_(f)
         generator.train(was_training)
-    # items whose loss was never finite keep Q = I and an infinite best loss
-    return AssignResult(
-        noise=noise,
-        q=best_q,
-        loss_before=loss_before,
-        loss_after=torch.where(torch.isfinite(best_loss), best_loss, loss_before),
-        mse_before=mse_before,
-        mse_after=mse_after,
-        curve=curve,
-    )
 
 
 # ----------------------------------------------------------------------------- the job
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _dist_state():
-    """(rank, world_size, state) — accelerate's PartialState only when launched distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from diffalign.engine.distributed import process_state
-
-        state = process_state()
-        return state.process_index, state.num_processes, state
-    return 0, 1, None
-
-
 def sample_dir(output_dir: Path, item_id: int) -> Path:
     return output_dir / "samples" / f"{int(item_id):06d}"
-
-
-def _read_records(output_dir: Path, stem: str) -> dict[int, dict]:
-    """Latest record per id from `<stem>.jsonl` and any leftover `<stem>.rank-*.jsonl` parts."""
-    recs: dict[int, dict] = {}
-    files = [output_dir / f"{stem}.jsonl", *sorted(output_dir.glob(f"{stem}.rank-*.jsonl"))]
-    for f in files:
-        if f.is_file():
-            for r in read_jsonl(f, skip_bad=True):  # a line cut by a crash is just redone
-                item = _item_id(r.get("id")) if isinstance(r, dict) else None
-                if item is not None:  # an id that is not an item number is no item of ours
-                    recs[item] = r
-    return recs
-
-
-def _item_id(value) -> int | None:
-    """A record's item id as an int (ids are item numbers: `7` or `"7"`), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
 
 
 def check_noise_file(
@@ -612,25 +526,6 @@ def _finalize(
             if write_plots:
                 _example_grid(output_dir, records[:16], data, generator, eps_t[:16], noise_t[:16])
     return summary
-
-
-def _small(report: dict) -> dict:
-    """Scalars of a gaussianity report (lists and nested plots left out of summary.json)."""
-    out = {}
-    for k, v in (report or {}).items():
-        if isinstance(v, int | float | str | bool) or v is None:
-            out[k] = v
-        elif isinstance(v, dict):
-            sub = {kk: vv for kk, vv in v.items() if isinstance(vv, int | float | str | bool)}
-            if sub:
-                out[k] = sub
-    return out
-
-
-def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
-    from diffalign.engine.io import write_text
-
-    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _example_grid(output_dir, records, data, generator, eps, noise) -> None:

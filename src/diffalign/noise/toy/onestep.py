@@ -69,11 +69,51 @@ class ToyOneStepGenerator(OneStepGenerator):
         return tuple(self.config.latent_shape)
 
     def generate(self, noise: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        return self.decode(self.denoise(noise, embeds))
+
+    # The toy generator has no latent space: its "latent" is its own [-1, 1] output with the
+    # dataset's channels, so the latent loss is the toy branch's MSE on the generator output.
+
+    def denoise(self, noise: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         self.check_noise(noise, embeds)
-        images = (self.model(noise.float(), embeds["labels"]) + 1.0) / 2.0
+        return self.model(noise.float(), embeds["labels"])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = (latents + 1.0) / 2.0
         if images.shape[1] == 1:  # grayscale digits -> RGB, as every generator returns
             images = images.expand(-1, 3, -1, -1)
         return images
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() * 2.0 - 1.0
+        if self.config.image_shape[0] == 1:
+            x = x.mean(1, keepdim=True)
+        return x
+
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.config.image_shape[1:])
+
+    def preserve_embeds(self, embeds: PromptEmbeds) -> PromptEmbeds:
+        """Uniformly drawn labels: the preserve loss covers every class, not the batch's."""
+        labels = embeds["labels"]
+        return {
+            "labels": torch.randint(0, self.config.num_classes, labels.shape, device=labels.device)
+        }
+
+    trainable_name = "generator"
+
+    def trainable_module(self) -> nn.Module:
+        return self.model
+
+    def frozen_copy(self) -> ToyOneStepGenerator:
+        import copy
+
+        return ToyOneStepGenerator(copy.deepcopy(self.model))
+
+    def export_finetuned(self, out_dir, info: dict | None = None) -> None:
+        from diffalign.noise.toy.models import save_model
+
+        save_model(self.model, out_dir, info)
 
 
 class ToyClassifierReward(Reward):
