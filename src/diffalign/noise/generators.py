@@ -404,13 +404,15 @@ def load_generator(
     height: int | None = None,
     width: int | None = None,
     gradient_checkpointing: bool = True,
+    apply_weights: bool = True,
 ) -> DiffusionOneStepGenerator:
     """Load a one-step generator through ``engine.loading.load_pipeline`` (spec E).
 
     ``model``: a generator kind (``sdxl-turbo``, ``sd-turbo``, ``hyper-sd15``, ``hyper-sdxl``;
     the base model then comes from its preset), a preset, a local pipeline folder or a Hub id.
     ``generator`` names the kind when ``model`` does not say it. ``weights``: the Hyper-SD LoRA
-    / U-Net file (default: ``models/hyper-sd/<release file name>``). ``vae``: another VAE (e.g.
+    / U-Net file (default: ``models/hyper-sd/<release file name>``); ``apply_weights=False``
+    skips it (a fine-tuned pipeline that already holds them). ``vae``: another VAE (e.g.
     the fp16-fix SDXL VAE), run in ``dtype``.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -447,7 +449,7 @@ def load_generator(
         expect=_expected_components(spec),
         **components,
     )
-    if spec.weights is not None:
+    if spec.weights is not None and apply_weights:
         path = Path(weights) if weights else default_weights_path(spec)
         if not path.is_file():
             raise DiffalignError(
@@ -458,7 +460,7 @@ def load_generator(
             _apply_lora(pipe, path, spec)
         else:
             _apply_unet(pipe, path, spec)
-    elif weights:
+    elif weights and apply_weights:
         raise DiffalignError(f"--weights is for hyper-sd15 / hyper-sdxl, not {spec.name}")
     pipe.to(device)
     return DiffusionOneStepGenerator(

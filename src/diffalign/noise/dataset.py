@@ -1,0 +1,444 @@
+"""The matched-noise dataset builder (spec N; seed 001 "Step 2: build a matched-noise dataset").
+
+Input: ``DATA_ROOT/pairs.jsonl``, one JSON object a line with a prompt (``--prompt-field``,
+default ``prompt``) and an image path (``--image-field``, default ``image``; relative to
+DATA_ROOT or absolute). Item ``i`` is the ``i``-th non-empty line. Output (the seed's layout;
+the noise file is safetensors instead of a pickle):
+
+    OUT/dataset_config.json       settings; a re-run with other settings is refused
+    OUT/manifest.jsonl            one line per finished item, sorted by id
+    OUT/failures.jsonl            items that could not be assigned, with the reason
+    OUT/summary.json              counts, mean losses, samples/s, diagnostics
+    OUT/orthogonal_gaussian_{init,final}.{png,json}   base vs assigned noises of the dataset
+    OUT/samples/NNNNNN_slug/best_input_noise.safetensors   noise (= Q eps), base_noise, q
+    OUT/samples/NNNNNN_slug/meta.json, target.png, run_outputs/{loss_curve.{json,png},
+                                      step_NNNN.png, best.png, intermediates.png}
+
+Every item is assigned with :func:`diffalign.noise.assign.assign_noise` (one ``Q`` per item, a
+batch of items at once). Resumable: a re-run skips items whose manifest line, noise file
+(item id and prompt in its metadata), ``target.png`` and ``meta.json`` are fine, and redoes the
+others; items run in fixed batches (this process's items in order, ``batch_size`` at a time), a
+batch with unfinished work is run whole again and only its unfinished items are written, so a
+killed and re-run build gives the same manifest as an uninterrupted one. Per-item problems
+(missing or unreadable image, wrong size, missing prompt field, NaN loss) go to failures.jsonl
+and the run goes on. Under ``accelerate launch`` rank ``r`` of ``w`` takes the items
+``i % w == r`` and appends to ``manifest.rank-RR.jsonl``; rank 0 merges the parts at the end.
+The folder is locked for the whole run; manifest paths are relative and read back through
+``engine.io.resolve_inside``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from diffalign.engine.errors import DiffalignError
+from diffalign.engine.io import (
+    append_jsonl,
+    load_tensors,
+    locked_output_dir,
+    read_json,
+    resolve_inside,
+    write_json,
+)
+from diffalign.engine.progress import progress
+from diffalign.noise.assign import (
+    NOISE_FILE,
+    _check_settings,
+    assign_noise,
+    base_noise,
+    check_noise_file,
+    dist_state,
+    file_sha256,
+    load_target_image,
+    prompt_sha,
+    read_records,
+    rewrite_jsonl,
+    save_noise_file,
+    save_png,
+    small_report,
+    snapshot_schedule,
+    write_run_outputs,
+)
+
+
+@dataclass
+class AssignSettings:
+    """Assignment options of `build-dataset` (the seed's defaults)."""
+
+    steps: int = 40
+    lr: float = 5e-4
+    patch_size: int = 2
+    parametrization: str = "matrix_exp"
+    latent_loss_weight: float = 1.0
+    pixel_l1_weight: float = 0.1
+    seed: int = 0
+    resize: bool = False
+
+
+@dataclass
+class PairItem:
+    id: int
+    prompt: str | None = None
+    image: str | None = None  # as written in pairs.jsonl
+    image_path: Path | None = None
+    error: str | None = None
+
+
+def slugify(text: str, length: int = 40) -> str:
+    """Lower-case ASCII words joined by ``_`` (the sample folder's suffix)."""
+    slug = re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")[:length].strip("_")
+    return slug or "item"
+
+
+def sample_dir_name(item: int, prompt: str | None) -> str:
+    return f"{int(item):06d}_{slugify(prompt or '')}"
+
+
+def read_pairs(
+    data_root: str | os.PathLike,
+    prompt_field: str = "prompt",
+    image_field: str = "image",
+    pairs_file: str = "pairs.jsonl",
+) -> list[PairItem]:
+    """The items of ``DATA_ROOT/pairs.jsonl``; a line's problem is kept as the item's error."""
+    root = Path(data_root)
+    path = root / pairs_file
+    if not root.is_dir():
+        raise DiffalignError(f"--data-root {root} is not a folder")
+    if not path.is_file():
+        raise DiffalignError(f"{path} not found (--data-root must hold {pairs_file})")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DiffalignError(f"{path} cannot be read ({type(e).__name__})") from None
+    items: list[PairItem] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        item = PairItem(id=len(items))
+        items.append(item)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            item.error = f"{path.name}:{lineno} is not JSON"
+            continue
+        if not isinstance(rec, dict):
+            item.error = f"{path.name}:{lineno} is not a JSON object"
+            continue
+        prompt, image = rec.get(prompt_field), rec.get(image_field)
+        if isinstance(prompt, str) and prompt.strip():
+            item.prompt = prompt
+        else:
+            item.error = f"{path.name}:{lineno}: no prompt field '{prompt_field}'"
+        if isinstance(image, str) and image.strip():
+            item.image = image
+            p = Path(image).expanduser()
+            item.image_path = p if p.is_absolute() else root / p
+        elif item.error is None:
+            item.error = f"{path.name}:{lineno}: no image field '{image_field}'"
+    if not items:
+        raise DiffalignError(f"{path}: no items")
+    return items
+
+
+def _sample_ok(out: Path, rec: dict, item: PairItem, latent_shape) -> str | None:
+    """None when a manifest record's sample is complete and belongs to `item`."""
+    if rec.get("prompt") != item.prompt:
+        return "the manifest line was made for another prompt"
+    try:
+        noise_path = resolve_inside(out, str(rec.get("noise_file")), "noise_file")
+        target = resolve_inside(out, str(rec.get("target_image")), "target_image")
+        sdir = resolve_inside(out, str(rec.get("sample_dir")), "sample_dir")
+    except DiffalignError as e:
+        return str(e)
+    problem = check_noise_file(noise_path, latent_shape, item.id, item.prompt)
+    if problem is not None:
+        return problem
+    if not target.is_file():
+        return "target.png missing"
+    if not (sdir / "meta.json").is_file():
+        return "meta.json missing"
+    return None
+
+
+def build_dataset(
+    generator,
+    data_root: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    settings: AssignSettings | None = None,
+    prompt_field: str = "prompt",
+    image_field: str = "image",
+    batch_size: int = 4,
+    max_items: int | None = None,
+    num_intermediates: int = 3,
+    plots: bool = True,
+    model_info: dict | None = None,
+    desc: str = "build-dataset",
+) -> dict:
+    """Build (or resume) a matched-noise dataset (module doc); returns the summary (rank 0)."""
+    t0 = time.time()
+    s = settings or AssignSettings()
+    out = Path(output_dir)
+    latent_shape = tuple(generator.latent_shape())
+    _check_settings(
+        s.steps, s.lr, s.patch_size, s.latent_loss_weight, s.pixel_l1_weight, latent_shape
+    )
+    if batch_size < 1:
+        raise DiffalignError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_items is not None and max_items < 1:
+        raise DiffalignError(f"--max-items must be >= 1, got {max_items}")
+    items = read_pairs(data_root, prompt_field, image_field)
+    if max_items is not None:
+        items = items[:max_items]
+    if out.exists() and not out.is_dir():
+        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
+    config = {
+        "data_root": str(Path(data_root).resolve()),
+        "pairs_sha256": file_sha256(Path(data_root) / "pairs.jsonl"),
+        "prompt_field": prompt_field,
+        "image_field": image_field,
+        "generator": generator.name,
+        "model": dict(model_info or {}),
+        "latent_shape": list(latent_shape),
+        "image_size": list(generator.image_size()),
+        "batch_size": batch_size,
+        "num_items": len(items),
+        **asdict(s),
+    }
+    with locked_output_dir(out, "dataset folder"):
+        return _build_locked(
+            generator, items, out, config, s, batch_size, num_intermediates, plots, desc, t0
+        )
+
+
+def _build_locked(generator, items, out, config, s, batch_size, num_intermediates, plots, desc, t0):
+    rank, world, state = dist_state()
+    cfg_path = out / "dataset_config.json"
+    if cfg_path.is_file():
+        old = read_json(cfg_path)
+        diff = [k for k in config if k != "data_root" and old.get(k) != config[k]]
+        if diff:
+            raise DiffalignError(
+                f"{out} holds a dataset built with other settings ({', '.join(diff)}); use "
+                "another --output-dir"
+            )
+    elif rank == 0:
+        write_json(cfg_path, config)
+    if state is not None:
+        state.wait_for_everyone()
+
+    latent_shape = tuple(config["latent_shape"])
+    size = tuple(config["image_size"])
+    done = read_records(out, "manifest")
+    mine = [it for it in items if it.id % world == rank]
+    todo: set[int] = set()
+    skipped = redone = 0
+    for it in mine:
+        if it.id in done:
+            problem = _sample_ok(out, done[it.id], it, latent_shape)
+            if problem is None:
+                skipped += 1
+                continue
+            redone += 1
+            print(f"diffalign: item {it.id}: {problem}; assigning it again", flush=True)
+        todo.add(it.id)
+    batches = [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
+    batches = [b for b in batches if todo.intersection(it.id for it in b)]
+    suffix = "" if world == 1 else f".rank-{rank:02d}"
+    manifest_file = out / f"manifest{suffix}.jsonl"
+    failures_file = out / f"failures{suffix}.jsonl"
+    snaps = snapshot_schedule(s.steps, num_intermediates)
+
+    def fail(it: PairItem, error: str) -> None:
+        append_jsonl(
+            failures_file, {"id": it.id, "prompt": it.prompt, "image": it.image, "error": error}
+        )
+
+    n_written = 0
+    bar = progress(total=len(todo), desc=desc)
+    t_assign = time.time()
+    for batch in batches:
+        good, targets = [], []
+        for it in batch:
+            err = it.error
+            if err is None:
+                try:
+                    targets.append(load_target_image(it.image_path, size, s.resize))
+                    good.append(it)
+                    continue
+                except DiffalignError as e:
+                    err = str(e)
+            if it.id in todo:
+                fail(it, err)
+        if good:
+            x = torch.stack(targets)
+            eps = base_noise([it.id for it in good], latent_shape, s.seed)
+            embeds = generator.encode_prompts([it.prompt for it in good])
+            res = assign_noise(
+                generator,
+                eps,
+                embeds,
+                generator.encode_images(x),
+                x if s.pixel_l1_weight else None,
+                steps=s.steps,
+                lr=s.lr,
+                patch_size=s.patch_size,
+                parametrization=s.parametrization,
+                latent_loss_weight=s.latent_loss_weight,
+                pixel_l1_weight=s.pixel_l1_weight,
+                snapshot_steps=snaps,
+                keep_images=True,
+            )
+            for j, it in enumerate(good):
+                if it.id not in todo:  # finished earlier; run again only as a neighbour
+                    continue
+                vals = (res.loss_before[j], res.loss_after[j], res.mse_after[j], res.noise[j])
+                if not all(torch.isfinite(v).all() for v in vals):
+                    fail(it, "loss is NaN/inf (try --dtype fp32 or another --vae)")
+                    continue
+                _write_sample(out, manifest_file, it, j, res, eps, x, s, plots)
+                n_written += 1
+        bar.update(len(todo.intersection(it.id for it in batch)))
+    bar.close()
+    assign_seconds = time.time() - t_assign
+
+    if state is not None:
+        state.wait_for_everyone()
+    summary: dict = {}
+    if rank == 0:
+        summary = _finalize(out, config, len(items), s.patch_size, plots)
+        summary.update(
+            skipped_finished=skipped if world == 1 else None,
+            redone_damaged=redone if world == 1 else None,
+            world_size=world,
+            written_this_run=n_written if world == 1 else None,
+            samples_per_second=(n_written / assign_seconds)
+            if world == 1 and assign_seconds > 0 and n_written
+            else None,
+            seconds=round(time.time() - t0, 3),
+        )
+        write_json(out / "summary.json", summary)
+    if state is not None:
+        state.wait_for_everyone()
+    return summary
+
+
+def _write_sample(out, manifest_file, it: PairItem, j, res, eps, x, s, plots) -> None:
+    """One sample folder: target.png, run_outputs/, the noise file, meta.json; then the
+    manifest line (written last, so a line always names a complete sample)."""
+    name = sample_dir_name(it.id, it.prompt)
+    sdir = out / "samples" / name
+    save_png(sdir / "target.png", x[j])
+    curve = write_run_outputs(
+        sdir / "run_outputs", res, j, x[j], f"#{it.id}: {it.prompt[:50]}", plots=plots
+    )
+    meta = {"id": it.id, "prompt_sha": prompt_sha(it.prompt), "patch_size": s.patch_size}
+    save_noise_file(sdir / NOISE_FILE, res.noise[j], eps[j], res.q[j], meta)
+    record = {
+        "id": it.id,
+        "prompt": it.prompt,
+        "image": it.image,
+        "sample_dir": f"samples/{name}",
+        "noise_file": f"samples/{name}/{NOISE_FILE}",
+        "target_image": f"samples/{name}/target.png",
+        "loss_before": curve["loss_before"],
+        "loss_after": curve["loss_after"],
+        "latent_mse_before": float(res.mse_before[j]),
+        "latent_mse_after": float(res.mse_after[j]),
+        "best_step": curve["best_step"],
+    }
+    write_json(sdir / "meta.json", record)
+    append_jsonl(manifest_file, record)
+
+
+def _finalize(out: Path, config: dict, n_items: int, patch_size: int, plots: bool) -> dict:
+    """Merge manifest parts, rewrite manifest/failures sorted and de-duplicated, diagnostics."""
+    from diffalign.noise.diagnostics import gaussianity_report, write_gaussianity_diagnostics
+
+    done = read_records(out, "manifest")
+    fails = read_records(out, "failures")
+    records = [done[i] for i in sorted(done) if i < n_items]
+    failures = [fails[i] for i in sorted(fails) if i not in done and i < n_items]
+    rewrite_jsonl(out / "manifest.jsonl", records)
+    rewrite_jsonl(out / "failures.jsonl", failures)
+    for part in out.glob("*.rank-*.jsonl"):
+        part.unlink()
+    summary: dict = {
+        "config": config,
+        "num_items": n_items,
+        "finished": len(records),
+        "failed": len(failures),
+    }
+    if not records:
+        return summary
+    lb = torch.tensor([r["loss_before"] for r in records])
+    la = torch.tensor([r["loss_after"] for r in records])
+    summary.update(
+        loss_before_mean=float(lb.mean()),
+        loss_after_mean=float(la.mean()),
+        latent_mse_before_mean=float(
+            torch.tensor([r["latent_mse_before"] for r in records]).mean()
+        ),
+        latent_mse_after_mean=float(torch.tensor([r["latent_mse_after"] for r in records]).mean()),
+        relative_reduction=float(1 - la.mean() / lb.mean()) if lb.mean() > 0 else 0.0,
+    )
+    eps, noise = [], []
+    for r in records:
+        try:
+            t, _ = load_tensors(resolve_inside(out, str(r["noise_file"]), "noise_file"))
+            eps.append(t["base_noise"])
+            noise.append(t["noise"])
+        except (DiffalignError, KeyError):
+            continue
+    if eps:
+        z, zq = torch.stack(eps), torch.stack(noise)
+        for key, (a, b) in {"init": (z, z.clone()), "final": (z, zq)}.items():
+            name = f"orthogonal_gaussian_{key}"
+            if plots:
+                rep = write_gaussianity_diagnostics(out, name, a, b, patch_size=patch_size)
+            else:
+                rep = gaussianity_report(a, b, patch_size=patch_size)
+                write_json(out / f"{name}.json", rep)
+            summary[f"gaussianity_{key}"] = small_report(rep)
+    return summary
+
+
+# ----------------------------------------------------------------------------- reading it back
+
+
+def load_dataset_manifest(manifest_path: str | os.PathLike) -> tuple[list[dict], Path]:
+    """Records of a `build-dataset` manifest with ``noise_path`` / ``target_path`` resolved
+    inside the dataset folder (a path that leaves it is a one-line error)."""
+    path = Path(manifest_path)
+    if path.is_dir():
+        path = path / "manifest.jsonl"
+    if not path.is_file():
+        raise DiffalignError(f"manifest {path} not found")
+    from diffalign.engine.io import read_jsonl
+
+    records = read_jsonl(path)
+    if not records:
+        raise DiffalignError(f"{path}: no finished samples")
+    root = path.parent
+    out = []
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict) or not all(
+            k in r for k in ("noise_file", "target_image", "prompt")
+        ):
+            raise DiffalignError(
+                f"{path}:{i}: a record needs 'noise_file', 'target_image' and 'prompt'"
+            )
+        if not isinstance(r["prompt"], str):
+            raise DiffalignError(f"{path}:{i}: 'prompt' is not a string")
+        r = dict(r)
+        r["noise_path"] = resolve_inside(root, str(r["noise_file"]), f"{path}:{i}: noise_file")
+        r["target_path"] = resolve_inside(root, str(r["target_image"]), f"{path}:{i}: target_image")
+        out.append(r)
+    return out, root

@@ -1,0 +1,414 @@
+"""Latent-matched SFT and the direct random-noise baseline on any one-step generator (spec N;
+seed 001 "Step 3: fine-tune on matched noises instead of random noises").
+
+One task for every generator (:class:`MatchedSftTask` on the shared training loop):
+
+    loss = assign_loss(denoise(z, c), encode(x), decode(.), x; latent_w, pixel_w)
+         + assign_loss(denoise(eps', c'), denoise_base(eps', c'), decode(.), decode_base(.);
+                       preserve_latent_w, preserve_pixel_w)
+
+- matched SFT: ``z`` is the item's assigned noise ``Q* eps`` (from the dataset manifest);
+- direct SFT (``--direct``, the baseline): ``z`` is fresh ``N(0, I)`` noise at every step;
+- preserve: ``eps'`` is fresh random noise, ``c'`` the generator's preserve conditions (the
+  batch's prompts; the toy draws random labels), and the base is the frozen generator the run
+  started from (with a LoRA: the same U-Net with the adapter switched off).
+
+The toy branch (`diffalign noise toy sft/direct-sft`) and `diffalign noise sft` both run this
+task; what differs is only the generator (toy GAN vs diffusers U-Net, full or LoRA) and how it
+is exported (`OneStepGenerator.export_finetuned`: a toy weights file, a full diffusers pipeline,
+or diffusers LoRA weights that `pipe.load_lora_weights` reads). Checkpoints: the loop's
+resumable ones under ``checkpoints/`` (exact resume), exports ``checkpoint-final``,
+``checkpoint-best`` (lowest validation loss on fixed noises), ``checkpoint-epoch-NNN``, and
+``train_history.png`` / ``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from diffalign.engine.errors import DiffalignError
+from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
+from diffalign.noise.assign import assign_loss, base_noise, load_target_image
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class ManifestPairs(Dataset):
+    """(assigned noise, target image, prompt) items of a `build-dataset` manifest."""
+
+    def __init__(self, records: list[dict], size: tuple[int, int], with_noise: bool = True):
+        self.records, self.size, self.with_noise = records, tuple(size), with_noise
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        from diffalign.engine.io import load_tensors
+
+        r = self.records[i]
+        item = {
+            "target": load_target_image(r["target_path"], self.size),
+            "prompt": r["prompt"],
+            "index": i,
+        }
+        if self.with_noise:
+            tensors, _ = load_tensors(r["noise_path"])
+            item["noise"] = tensors["noise"].float()
+        return item
+
+
+class TensorPairs(Dataset):
+    """In-memory items (the toy branch): ``target_latent`` (and ``target`` images when a pixel
+    loss needs them), prompts, optional noises."""
+
+    def __init__(self, prompts, target_latents, targets=None, noises=None):
+        self.prompts, self.lat, self.targets, self.noises = prompts, target_latents, targets, noises
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"target_latent": self.lat[i], "prompt": self.prompts[i], "index": i}
+        if self.targets is not None:
+            item["target"] = self.targets[i]
+        if self.noises is not None:
+            item["noise"] = self.noises[i]
+        return item
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: torch.nn.Module):
+    """Run a LoRA'd diffusers model as its base (the preserve loss's reference)."""
+    module.disable_adapters()
+    try:
+        yield
+    finally:
+        module.enable_adapters()
+
+
+class MatchedSftTask(TrainTask):
+    """Matched (or ``direct``) SFT of ``generator.trainable_module()`` (module doc)."""
+
+    def __init__(
+        self,
+        generator,
+        base,
+        data: Dataset,
+        val_data: Dataset | None = None,
+        *,
+        lr: float = 1e-5,
+        batch_size: int = 1,
+        latent_loss_weight: float = 1.0,
+        pixel_l1_weight: float = 0.1,
+        preserve_latent_weight: float = 0.5,
+        preserve_pixel_weight: float = 0.05,
+        direct: bool = False,
+        lora: bool = False,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        export_info: dict | None = None,
+    ) -> None:
+        self.generator, self.base, self.data, self.val_data = generator, base, data, val_data
+        self.lr, self.weight_decay = lr, weight_decay
+        self.batch_size = min(batch_size, len(data))
+        self.w = (latent_loss_weight, pixel_l1_weight)
+        self.pw = (preserve_latent_weight, preserve_pixel_weight)
+        self.direct, self.lora, self.seed = direct, lora, seed
+        self.latent_shape = tuple(generator.latent_shape())
+        self.export_info = dict(export_info or {})
+        self.module = generator.trainable_module()
+
+    @property
+    def preserving(self) -> bool:
+        return self.pw[0] > 0 or self.pw[1] > 0
+
+    def trainable(self):
+        return {self.generator.trainable_name: self.module}
+
+    def frozen(self):
+        if self.preserving and self.base is not None:
+            return {"base": self.base.trainable_module()}
+        return {}
+
+    def optimizers(self):
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        return {
+            "main": OptimizerSpec([{"params": params}], lr=self.lr, weight_decay=self.weight_decay)
+        }
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        if self.val_data is None:
+            return None
+        return DataLoader(self.val_data, batch_size=self.batch_size, shuffle=False)
+
+    # -- the loss
+
+    def _targets(self, batch):
+        gen = self.generator
+        target = batch.get("target")
+        if target is not None:
+            target = target.to(gen.device)
+        lat = batch.get("target_latent")
+        if lat is None:
+            with torch.no_grad():
+                lat = gen.encode_images(target)
+        return lat.to(gen.device), target
+
+    def _recon(self, batch, z: torch.Tensor) -> torch.Tensor:
+        gen = self.generator
+        lat_t, img_t = self._targets(batch)
+        embeds = gen.encode_prompts(list(batch["prompt"]))
+        lat = gen.denoise(z.to(gen.device), embeds)
+        img = gen.decode(lat) if self.w[1] else None
+        return assign_loss(lat, lat_t, img, img_t, *self.w).mean(), embeds
+
+    def _base_out(self, eps, embeds):
+        need_img = bool(self.pw[1])
+        with torch.no_grad():
+            if self.base is not None:
+                lat = self.base.denoise(eps, embeds)
+                return lat, (self.base.decode(lat) if need_img else None)
+            with adapters_disabled(self.module):
+                lat = self.generator.denoise(eps, embeds)
+                return lat, (self.generator.decode(lat) if need_img else None)
+
+    def training_step(self, batch, step: int, ctx: StepContext) -> dict:
+        gen = self.generator
+        n = len(batch["prompt"])
+        if self.direct:  # the baseline: fresh random noise for every target at every step
+            z = torch.randn((n, *self.latent_shape), device=gen.device)
+        else:
+            z = batch["noise"]
+        recon, embeds = self._recon(batch, z)
+        out = {"recon": recon.detach()}
+        loss = recon
+        if self.preserving:
+            eps = torch.randn((n, *self.latent_shape), device=gen.device)
+            pe = gen.preserve_embeds(embeds)
+            ref_lat, ref_img = self._base_out(eps, pe)
+            lat = gen.denoise(eps, pe)
+            img = gen.decode(lat) if self.pw[1] else None
+            pres = assign_loss(lat, ref_lat, img, ref_img, *self.pw).mean()
+            loss = loss + pres
+            out["preserve"] = pres.detach()
+        out["loss"] = loss
+        return out
+
+    def validation_step(self, batch) -> dict[str, float]:
+        """Reconstruction loss on fixed noises: the matched noises, or (direct) per-item seeded
+        random noises, so the metric is comparable across steps."""
+        if self.direct or "noise" not in batch:
+            ids = [int(i) for i in batch["index"]]
+            z = base_noise(ids, self.latent_shape, self.seed + 7)
+        else:
+            z = batch["noise"]
+        recon, _ = self._recon(batch, z)
+        return {"loss": float(recon)}
+
+    def export(self, out_dir: Path) -> None:
+        self.generator.export_finetuned(out_dir, self.export_info)
+
+    def config_dict(self) -> dict:
+        return {
+            "method": "direct" if self.direct else "matched",
+            "items": len(self.data),
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "latent_loss_weight": self.w[0],
+            "pixel_l1_weight": self.w[1],
+            "preserve_latent_weight": self.pw[0],
+            "preserve_pixel_weight": self.pw[1],
+            "lora": self.lora,
+            "generator": getattr(self.generator, "name", None),
+        }
+
+
+def check_sft_settings(lr: float, batch_size: int, **weights: float) -> None:
+    """One-line errors for settings the optimiser or the loss would choke on."""
+    if not math.isfinite(lr) or lr <= 0:
+        raise DiffalignError(f"--lr must be > 0, got {lr}")
+    if batch_size < 1:
+        raise DiffalignError(f"--batch-size must be >= 1, got {batch_size}")
+    for name, value in weights.items():
+        if not math.isfinite(value) or value < 0:
+            raise DiffalignError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+
+def run_sft(task: MatchedSftTask, config: TrainConfig):
+    """Train ``task`` on the shared loop (returns the loop's `TrainResult`)."""
+    return train(task, config)
+
+
+def sft_result(result) -> dict:
+    """What `diffalign noise sft` returns: the exported model folders and the run's record."""
+    return {
+        "model": str(result.final_dir),
+        "best": str(result.best_dir) if result.best_dir else None,
+        "steps": result.step,
+        "output_dir": str(result.output_dir),
+        "summary": result.summary,
+    }
+
+
+# ----------------------------------------------------------------------------- diffusion models
+
+
+def prepare_unet(
+    generator,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets=LORA_TARGETS,
+    init_lora: str | os.PathLike | None = None,
+) -> bool:
+    """Make the U-Net trainable: all of it, or a LoRA adapter (new, or ``init_lora``'s weights,
+    to continue an earlier LoRA run). A LoRA fused at load (Hyper-SD 1.5) stays fused; its
+    adapter layers are dropped first. Returns whether a LoRA is trained."""
+    unet = generator.trainable_module()
+    if getattr(unet, "peft_config", None):
+        generator.pipe.unload_lora_weights()  # keeps the fused weights, drops the layers
+    unet.requires_grad_(False)
+    if lora_rank is None and init_lora is None:
+        unet.requires_grad_(True)
+        return False
+    if init_lora is not None:
+        try:
+            generator.pipe.load_lora_weights(str(init_lora), adapter_name="default")
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DiffalignError(f"--init-lora {init_lora}: cannot load it ({first})") from None
+    else:
+        from peft import LoraConfig
+
+        unet.add_adapter(
+            LoraConfig(
+                r=int(lora_rank),
+                lora_alpha=float(lora_alpha or lora_rank),
+                init_lora_weights="gaussian",
+                target_modules=list(lora_targets),
+            )
+        )
+    for name, p in unet.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    if not any(p.requires_grad for p in unet.parameters()):
+        raise DiffalignError("the LoRA adapter has no trainable weight in this U-Net")
+    return True
+
+
+def sft(
+    generator,
+    manifest_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    direct: bool = False,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    init_lora: str | os.PathLike | None = None,
+    epochs: int | None = 2,
+    max_steps: int | None = None,
+    batch_size: int = 1,
+    lr: float = 1e-5,
+    latent_loss_weight: float = 1.0,
+    pixel_l1_weight: float = 0.1,
+    preserve_latent_weight: float = 0.5,
+    preserve_pixel_weight: float = 0.05,
+    ema_decay: float | None = None,
+    mixed_precision: str = "no",
+    gradient_accumulation_steps: int = 1,
+    max_grad_norm: float | None = 1.0,
+    weight_decay: float = 0.0,
+    val_items: int = 4,
+    seed: int = 0,
+    checkpoint_every: int = 0,
+    resume: str | None = None,
+    overwrite: bool = False,
+    tracker: str = "tensorboard",
+    progress: bool = True,
+    model_info: dict | None = None,
+) -> dict:
+    """`diffalign noise sft`: fine-tune a diffusion one-step generator's U-Net (full, or LoRA
+    with ``lora_rank``) on a `build-dataset` manifest; ``direct`` = random-noise baseline."""
+    from diffalign.noise.dataset import load_dataset_manifest
+
+    check_sft_settings(
+        lr,
+        batch_size,
+        latent_loss_weight=latent_loss_weight,
+        pixel_l1_weight=pixel_l1_weight,
+        preserve_latent_weight=preserve_latent_weight,
+        preserve_pixel_weight=preserve_pixel_weight,
+    )
+    if latent_loss_weight == 0 and pixel_l1_weight == 0:
+        raise DiffalignError("--latent-loss-weight and --pixel-l1-weight are both 0: no loss")
+    if lora_rank is not None and lora_rank < 1:
+        raise DiffalignError(f"--lora-rank must be >= 1, got {lora_rank}")
+    records, _ = load_dataset_manifest(manifest_path)
+    shape = tuple(generator.latent_shape())
+    if not direct:
+        from diffalign.noise.assign import check_noise_file
+        from diffalign.noise.assign import item_id as _item
+
+        for r in records:
+            problem = check_noise_file(r["noise_path"], shape, _item(r.get("id")), r["prompt"])
+            if problem is not None:
+                raise DiffalignError(f"{manifest_path}: item {r.get('id')}: {problem}")
+    for r in records:
+        if not r["target_path"].is_file():
+            raise DiffalignError(f"{manifest_path}: item {r.get('id')}: {r['target_path']} missing")
+    size = generator.image_size()
+    lora = prepare_unet(generator, lora_rank, lora_alpha, init_lora=init_lora)
+    base = None
+    if (preserve_latent_weight or preserve_pixel_weight) and not lora:
+        base = generator.frozen_copy()
+    data = ManifestPairs(records, size, with_noise=not direct)
+    val = ManifestPairs(records[: max(1, val_items)], size, with_noise=not direct)
+    torch.manual_seed(seed)
+    task = MatchedSftTask(
+        generator,
+        base,
+        data,
+        val,
+        lr=lr,
+        batch_size=batch_size,
+        latent_loss_weight=latent_loss_weight,
+        pixel_l1_weight=pixel_l1_weight,
+        preserve_latent_weight=preserve_latent_weight,
+        preserve_pixel_weight=preserve_pixel_weight,
+        direct=direct,
+        lora=lora,
+        weight_decay=weight_decay,
+        seed=seed,
+        export_info=model_info,
+    )
+    steps_per_epoch = math.ceil(len(data) / task.batch_size / gradient_accumulation_steps)
+    cfg = TrainConfig(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        epochs=epochs if max_steps is None else None,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        max_grad_norm=max_grad_norm,
+        lr_scheduler="constant",
+        ema_decay=ema_decay,
+        validate_every=max(1, steps_per_epoch),
+        checkpoint_every=checkpoint_every,
+        export_every_epoch=True,
+        best_metric="val/loss",
+        log_every=1,
+        seed=seed,
+        tracker=tracker,
+        progress=progress,
+        run_name="direct-sft" if direct else "latent-matched-sft",
+        overwrite=overwrite,
+        resume=resume,
+    )
+    return sft_result(run_sft(task, cfg))
