@@ -365,6 +365,7 @@ def sft(
         if not r["target_path"].is_file():
             raise DiffalignError(f"{manifest_path}: item {r.get('id')}: {r['target_path']} missing")
     size = generator.image_size()
+    torch.manual_seed(seed)  # the LoRA's initial weights come from the global RNG
     lora = prepare_unet(generator, lora_rank, lora_alpha, init_lora=init_lora)
     base = None
     if (preserve_latent_weight or preserve_pixel_weight) and not lora:

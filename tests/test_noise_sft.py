@@ -1,0 +1,134 @@
+"""Latent-matched SFT / direct SFT of a one-step U-Net (spec N; seed 001 step 3): full and LoRA
+exports load back into diffusers, exact resume on the shared loop, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffalign.cli import main
+from diffalign.engine.io import load_tensors
+from diffalign.noise.dataset import AssignSettings, build_dataset
+from diffalign.noise.generators import load_generator
+from diffalign.noise.sft import MatchedSftTask, sft
+from noise_data_helpers import SIZE, model_args, write_pairs
+
+TRAIN = ["--tracker", "none", "--batch-size", "2", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_model_dir):
+    return tiny_model_dir("sdxl")
+
+
+@pytest.fixture(scope="module")
+def dataset(sdxl, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sftdata")
+    data = write_pairs(root / "data", n=3)
+    gen = load_generator(sdxl, height=SIZE, width=SIZE, device="cpu")
+    build_dataset(gen, data, root / "ds", AssignSettings(steps=2), batch_size=3, plots=False)
+    return root / "ds"
+
+
+def _unet_weights(folder):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(f"{folder}/unet").state_dict()
+
+
+def test_full_sft_exports_loadable_pipelines(sdxl, dataset, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "full"
+    argv = ["noise", "sft", "--manifest-path", str(dataset / "manifest.jsonl"), "--output-dir"]
+    argv += [str(out), "--epochs", "2", "--ema-decay", "0.5", *TRAIN, *model_args(sdxl)]
+    assert main(argv) == 0
+    for name in (
+        "checkpoint-final",
+        "checkpoint-best",
+        "checkpoint-epoch-001",
+        "checkpoint-epoch-002",
+    ):
+        assert (out / name / "model_index.json").is_file(), name
+    assert (out / "train_history.png").is_file()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 4
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "checkpoint-final")
+    base = _unet_weights(sdxl)
+    changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, base[k])]
+    assert changed  # the U-Net trained; the exported pipeline runs as a generator again
+    gen = load_generator(str(out / "checkpoint-final"), "sdxl-turbo", height=SIZE, width=SIZE)
+    with torch.no_grad():
+        img = gen.generate(gen.sample_noise(1), gen.encode_prompts(["a cat"]))
+    assert img.shape == (1, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_lora_export_loads_with_load_lora_weights(tiny_model_dir, dataset, tmp_path, kind):
+    from diffusers import DiffusionPipeline
+
+    model = tiny_model_dir(kind)
+    out = tmp_path / "lora"
+    argv = ["noise", "sft", "--manifest-path", str(dataset), "--output-dir", str(out)]
+    argv += ["--max-steps", "2", "--lora-rank", "4", *TRAIN, *model_args(model)]
+    if kind == "sd15":  # direct SFT: the same targets, no sdxl-shaped noises needed
+        argv += ["--direct", "--generator", "sd-turbo"]
+    assert main(argv) == 0
+    lora_file = out / "checkpoint-final" / "pytorch_lora_weights.safetensors"
+    tensors, _ = load_tensors(lora_file)
+    assert tensors and all(k.startswith("unet.") and "lora" in k for k in tensors)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(out / "checkpoint-final")
+    pipe.fuse_lora()
+    after = pipe.unet.state_dict()
+    fused = {k.replace(".base_layer.", "."): v for k, v in after.items()}
+    changed = [k for k, v in before.items() if k in fused and not torch.equal(fused[k], v)]
+    assert changed, "the LoRA did not change any U-Net weight"
+
+
+def test_resume_is_exact(sdxl, dataset, tmp_path, monkeypatch):
+    def run(out, **kw):
+        gen = load_generator(sdxl, height=SIZE, width=SIZE, device="cpu")
+        return sft(
+            gen, dataset, out, max_steps=4, batch_size=2, lr=1e-3, lora_rank=2,
+            checkpoint_every=2, tracker="none", progress=False, **kw,
+        )  # fmt: skip
+
+    run(tmp_path / "straight")
+    real = MatchedSftTask.training_step
+
+    def crash(self, batch, step, ctx):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return real(self, batch, step, ctx)
+
+    monkeypatch.setattr(MatchedSftTask, "training_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(MatchedSftTask, "training_step", real)
+    run(tmp_path / "resumed", resume="latest")
+    a, _ = load_tensors(tmp_path / "straight/checkpoint-final/pytorch_lora_weights.safetensors")
+    b, _ = load_tensors(tmp_path / "resumed/checkpoint-final/pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_direct_and_matched_differ_and_bad_input(sdxl, dataset, tmp_path, capsys):
+    base = ["noise", "sft", "--manifest-path", str(dataset), *TRAIN, *model_args(sdxl)]
+    assert main([*base, "--output-dir", str(tmp_path / "d"), "--max-steps", "1", "--direct"]) == 0
+    assert json.loads((tmp_path / "d/run_config.json").read_text())["task"]["method"] == "direct"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    rec = json.loads((dataset / "manifest.jsonl").read_text().splitlines()[0])
+    rec["target_image"] = "/etc/hostname"
+    (bad / "manifest.jsonl").write_text(json.dumps(rec) + "\n")
+    for extra, needle in (
+        (["--manifest-path", str(bad)], "absolute"),
+        (["--dtype", "fp16"], "float32"),
+    ):
+        capsys.readouterr()
+        assert main([*base, "--output-dir", str(tmp_path / "x"), *extra]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffalign")]
+        assert len(err) == 1 and needle in err[0], err
