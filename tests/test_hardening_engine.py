@@ -19,13 +19,7 @@ import torch
 from diffalign.cli import main
 from diffalign.engine import io as io_mod
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import (
-    append_jsonl,
-    clean_stale_temporaries,
-    load_tensors,
-    save_tensors,
-    write_json,
-)
+from diffalign.engine.io import append_jsonl, load_tensors, save_tensors, write_json
 from diffalign.engine.train import OptimizerSpec, TrainConfig, TrainTask, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -366,6 +360,8 @@ def test_stale_temporaries_of_a_killed_checkpoint_are_removed_on_start(tmp_path)
 
 
 def test_clean_stale_temporaries_only_touches_our_names(tmp_path):
+    from diffalign.engine.io import clean_stale_temporaries
+
     (tmp_path / ".a.json.abcd1234.tmp").write_text("x")
     (tmp_path / ".hidden.tmp").write_text("x")  # no random part: not an atomic_path name
     (tmp_path / "b.tmp").write_text("x")

@@ -12,7 +12,6 @@ from PIL import Image
 
 import diffalign.textstream.generate as gen_mod
 from diffalign.cli import main
-from diffalign.textstream.cli_generate import dpg_resolution
 
 TINY = ["--steps", "2", "--height", "32", "--width", "32"]
 GENEVAL_LINE = {
@@ -120,6 +119,8 @@ def test_dpg_square_height_and_width_set_the_resolution(sd3, tmp_path, capsys):
     assert Image.open(out / "12.png").size == (64, 64)  # 2x2 tiles of 32
     assert main([*argv, "--output-dir", str(out), "--height", "32", "--width", "64"]) == 2
     assert "square" in _error(capsys)
+    from diffalign.textstream.cli_generate import dpg_resolution
+
     assert dpg_resolution(None, None, None) == 1024
     assert dpg_resolution(None, 512, 512) == 512 and dpg_resolution(256, 256, None) == 256
 

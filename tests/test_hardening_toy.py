@@ -16,7 +16,7 @@ from PIL import Image
 from diffalign.cli import main
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import load_tensors, read_jsonl, save_tensors
-from diffalign.engine.reports import label_grid, make_grid
+from diffalign.engine.reports import make_grid
 from diffalign.noise.toy.assignment import assign
 from diffalign.noise.toy.data import load_dataset
 from diffalign.noise.toy.models import ToyModelConfig, build_model, save_model
@@ -204,6 +204,8 @@ def test_em_resumes_an_unfinished_m_step_from_its_checkpoint(setup, tmp_path, mo
 
 
 def test_label_grid_labels_rows_and_columns():
+    from diffalign.engine.reports import label_grid
+
     cells = [Image.new("L", (16, 16), 128) for _ in range(6)]
     plain = make_grid(cells, ncols=3)
     labelled = label_grid(plain, 2, 3, ["target", "G(Q eps)"], ["a", "b", "c"], "title")
