@@ -9,8 +9,10 @@
 2. Peak memory of calibration (`calibrate()` on a tiny pipeline, pure-noise x_t) as the number
    of samples grows: the streaming float64 accumulator against a naive variant that stores all
    tokens and solves at the end. Each run is a fresh subprocess (after a 1-sample warm-up);
-   reported: peak RSS during the run above the RSS at its start (sampled every 2 ms), and the
-   bytes the accumulator itself holds.
+   reported, measured: peak RSS during the run above the RSS at its start (sampled every
+   2 ms from /proc), the process's lifetime peak RSS (`resource.getrusage` ru_maxrss, which
+   includes the model), and the bytes of the tensor storages the accumulator object holds at
+   the end (walked from the object); beside them the size computed from the shapes.
    Goal: streaming memory independent of the number of samples.
 
     python bench/textstream.py [--quick] [--sd3-medium] [--json results.json]
@@ -196,6 +198,7 @@ def memory_child(mode: str, samples: int, out: str) -> None:
     from diffalign.textstream.procrustes import ProcrustesAccumulator
 
     held = {"bytes": 0}
+    instances: list = []
 
     class StoreAll(ProcrustesAccumulator):
         """Naive: keep every standardised token, solve from the stacked matrices at the end."""
@@ -203,6 +206,7 @@ def memory_child(mode: str, samples: int, out: str) -> None:
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.stored: dict[int, list] = {t: [] for t in self.target_layers}
+            instances.append(self)
 
         def add(self, layer, x, y):
             self.stored[layer].append((x.clone(), y.clone()))
@@ -219,6 +223,7 @@ def memory_child(mode: str, samples: int, out: str) -> None:
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             held["bytes"] = self.state().numel() * 8
+            instances.append(self)
 
     cal.ProcrustesAccumulator = StoreAll if mode == "store_all" else Streaming
     pipe = build_tiny_sd3_pipeline(0, num_layers=8, num_attention_heads=4, attention_head_dim=64)
@@ -239,6 +244,10 @@ def memory_child(mode: str, samples: int, out: str) -> None:
         with sampler:
             summary = cal.calibrate(prompts=prompts, num_samples=samples, **kw)
         seconds = time.perf_counter() - start
+    import resource
+
+    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    measured = tensor_storage_bytes(instances[-1]) if instances else 0
     Path(out).write_text(
         json.dumps(
             {
@@ -249,10 +258,31 @@ def memory_child(mode: str, samples: int, out: str) -> None:
                 "target_layers": len(summary["target_layers"]),
                 "peak_rss_growth_mb": sampler.growth_mb,
                 "accumulator_mb": held["bytes"] / 2**20,
+                "accumulator_measured_mb": measured / 2**20,
+                "process_max_rss_mb": maxrss_mb,
                 "seconds": seconds,
             }
         )
     )
+
+
+def tensor_storage_bytes(obj, seen: set | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable from `obj` (attributes, lists, dicts)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_storage_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_storage_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(tensor_storage_bytes(v, seen) for v in vars(obj).values())
+    return 0
 
 
 def calibration_memory(sample_counts: list[int]) -> list[dict]:
@@ -299,6 +329,7 @@ def main(argv=None) -> int:
         help="comma-separated sample counts for the memory part (default 4,16,64)",
     )
     p.add_argument("--skip-memory", action="store_true", help="only the forward timing")
+    p.add_argument("--skip-forward", action="store_true", help="only the calibration memory")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--memory-child", nargs=3, metavar=("MODE", "N", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -335,21 +366,23 @@ def main(argv=None) -> int:
             "torch": torch.__version__,
         }
     }
+    results["load_average"] = os.getloadavg()
     t0 = time.time()
-    fwd = forward_overhead(args)
-    results["forward"] = fwd
-    s = fwd["shape"]
-    print(
-        f"forward: {s['layers']} blocks, width {s['width']} ({s['heads']}x{s['head_dim']}), "
-        f"{s['text_tokens']} text + {s['image_tokens']} image tokens, batch {s['batch']}, "
-        f"{s['dtype']} on {s['device']} ({time.time() - t0:.0f} s)"
-    )
-    print(f"  {'variant':<24} {'median ms':>10} {'ratio':>8} {'overhead':>9} {'paired':>9}")
-    for name, row in fwd["variants"].items():
+    if not args.skip_forward:
+        fwd = forward_overhead(args)
+        results["forward"] = fwd
+        s = fwd["shape"]
         print(
-            f"  {name:<24} {1000 * row['median_s']:>10.1f} {row['ratio']:>8.4f} "
-            f"{row['overhead_pct']:>8.2f}% {row['paired_overhead_pct']:>8.2f}%"
+            f"forward: {s['layers']} blocks, width {s['width']} ({s['heads']}x{s['head_dim']}), "
+            f"{s['text_tokens']} text + {s['image_tokens']} image tokens, batch {s['batch']}, "
+            f"{s['dtype']} on {s['device']} ({time.time() - t0:.0f} s)"
         )
+        print(f"  {'variant':<24} {'median ms':>10} {'ratio':>8} {'overhead':>9} {'paired':>9}")
+        for name, row in fwd["variants"].items():
+            print(
+                f"  {name:<24} {1000 * row['median_s']:>10.1f} {row['ratio']:>8.4f} "
+                f"{row['overhead_pct']:>8.2f}% {row['paired_overhead_pct']:>8.2f}%"
+            )
 
     if not args.skip_memory:
         counts = [
@@ -359,12 +392,21 @@ def main(argv=None) -> int:
         mem = calibration_memory(counts)
         results["calibration_memory"] = mem
         print("calibration memory (tiny pipeline, 8 blocks, width 256, 333 tokens/sample):")
-        print(f"  {'samples':>7} {'mode':<10} {'tokens':>7} {'held MB':>9} {'peak RSS +MB':>13}")
+        print(
+            f"  {'samples':>7} {'mode':<10} {'tokens':>7} {'computed MB':>12} "
+            f"{'measured MB':>12} {'peak RSS +MB':>13} {'max RSS MB':>11}"
+        )
         for r in mem:
             print(
                 f"  {r['samples']:>7} {r['mode']:<10} {r['tokens']:>7} "
-                f"{r['accumulator_mb']:>9.1f} {r['peak_rss_growth_mb']:>13.1f}"
+                f"{r['accumulator_mb']:>12.1f} {r['accumulator_measured_mb']:>12.1f} "
+                f"{r['peak_rss_growth_mb']:>13.1f} {r['process_max_rss_mb']:>11.1f}"
             )
+        print(
+            "  computed: accumulator size from the shapes; measured: storage bytes the "
+            "accumulator holds at the end; peak RSS +MB: sampled RSS growth during the run; "
+            f"max RSS: getrusage peak of the process (load {os.getloadavg()[0]:.1f})"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

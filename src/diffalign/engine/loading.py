@@ -275,7 +275,7 @@ def check_component(folder: Path, name: str, library: str, class_name: str) -> s
         json.loads((sub / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"component '{name}' ({class_name}): {sub / 'config.json'} is not valid JSON ({e})"
-    if any(sub.glob(g) for g in _WEIGHT_GLOBS):
+    if any(any(sub.glob(g)) for g in _WEIGHT_GLOBS):
         return None
     pickled = sorted(p.name for g in _PICKLED_WEIGHTS for p in sub.glob(g))
     if pickled:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import write_json
+from diffalign.engine.io import locked_output_dir, write_json
 
 
 def em(
@@ -47,8 +47,7 @@ def em(
     checkpoint_every: int = 100,
 ) -> dict:
     """Run `num_cycles` assign (E) + matched-SFT (M) cycles; returns (and writes) the summary."""
-    from diffalign.noise.toy.assignment import assign
-    from diffalign.noise.toy.finetune import _check_settings, sft
+    from diffalign.noise.toy.finetune import _check_settings
     from diffalign.noise.toy.models import resolve_weights
 
     if num_cycles < 1:
@@ -57,6 +56,63 @@ def em(
     out = Path(output_dir)
     anchor = resolve_weights(base_ckpt if base_ckpt is not None else generator_ckpt)
     current = resolve_weights(generator_ckpt)
+    with locked_output_dir(out, "EM work folder"):  # one EM run per folder
+        return _em_cycles(
+            out,
+            anchor,
+            current,
+            dataset=dataset,
+            data_dir=data_dir,
+            split=split,
+            num_cycles=num_cycles,
+            max_items=max_items,
+            assign_steps=assign_steps,
+            assign_lr=assign_lr,
+            patch_size=patch_size,
+            parametrization=parametrization,
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=lr,
+            batch_size=batch_size,
+            preserve_weight=preserve_weight,
+            l1_weight=l1_weight,
+            seed=seed,
+            progress=progress,
+            data=data,
+            write_plots=write_plots,
+            checkpoint_every=checkpoint_every,
+        )
+
+
+def _em_cycles(
+    out: Path,
+    anchor: Path,
+    current: Path,
+    *,
+    dataset,
+    data_dir,
+    split,
+    num_cycles,
+    max_items,
+    assign_steps,
+    assign_lr,
+    patch_size,
+    parametrization,
+    epochs,
+    max_steps,
+    lr,
+    batch_size,
+    preserve_weight,
+    l1_weight,
+    seed,
+    progress,
+    data,
+    write_plots,
+    checkpoint_every,
+) -> dict:
+    from diffalign.noise.toy.assignment import assign
+    from diffalign.noise.toy.finetune import sft
+
     cycles = []
     for k in range(num_cycles):
         t0 = time.time()
