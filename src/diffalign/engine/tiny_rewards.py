@@ -139,3 +139,93 @@ def _build_aesthetic(out: Path, seed: int, projection_dim: int = TINY_PROJECTION
     from diffalign.engine.rewards.clip import AESTHETIC_FILE
 
     torch.save(aesthetic_state_dict(seed, int(projection_dim)), out / AESTHETIC_FILE)
+
+
+def _rand(g, *shape, std: float = 0.02):
+    import torch
+
+    return torch.randn(*shape, generator=g) * std
+
+
+def _open_clip_block(sd: dict, g, prefix: str, width: int, mlp: int) -> None:
+    """One open_clip `ResidualAttentionBlock` (nn.MultiheadAttention's packed in_proj)."""
+    import torch
+
+    sd[prefix + "ln_1.weight"] = 1 + _rand(g, width, std=0.1)
+    sd[prefix + "ln_1.bias"] = _rand(g, width, std=0.1)
+    sd[prefix + "attn.in_proj_weight"] = _rand(g, 3 * width, width, std=width**-0.5)
+    sd[prefix + "attn.in_proj_bias"] = _rand(g, 3 * width, std=0.1)
+    sd[prefix + "attn.out_proj.weight"] = _rand(g, width, width, std=width**-0.5)
+    sd[prefix + "attn.out_proj.bias"] = torch.zeros(width)
+    sd[prefix + "ln_2.weight"] = 1 + _rand(g, width, std=0.1)
+    sd[prefix + "ln_2.bias"] = _rand(g, width, std=0.1)
+    sd[prefix + "mlp.c_fc.weight"] = _rand(g, mlp, width, std=width**-0.5)
+    sd[prefix + "mlp.c_fc.bias"] = _rand(g, mlp, std=0.1)
+    sd[prefix + "mlp.c_proj.weight"] = _rand(g, width, mlp, std=mlp**-0.5)
+    sd[prefix + "mlp.c_proj.bias"] = torch.zeros(width)
+
+
+def open_clip_state_dict(
+    seed: int = 0,
+    *,
+    vocab_size: int = 514,
+    context_length: int = 77,
+    text_width: int = 32,
+    text_layers: int = 2,
+    vision_width: int = 40,
+    vision_layers: int = 2,
+    patch_size: int = 8,
+    image_size: int = TINY_IMAGE_SIZE,
+    embed_dim: int = TINY_PROJECTION_DIM,
+) -> dict[str, Any]:
+    """An open_clip `CLIP` state dict (OpenAI layout, as HPSv2's ViT-H-14 checkpoints hold it:
+    1024-wide 24-layer text, 1280-wide 32-layer ViT-H/14 at 224 px, 1024-d embeddings), tiny.
+
+    Tiny widths use head width 8: 4 text heads, 5 vision heads.
+    """
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, Any] = {
+        "positional_embedding": _rand(g, context_length, text_width, std=0.01),
+        "text_projection": _rand(g, text_width, embed_dim, std=text_width**-0.5),
+        "logit_scale": torch.tensor(math.log(1 / 0.07)),
+        "token_embedding.weight": _rand(g, vocab_size, text_width),
+        "ln_final.weight": 1 + _rand(g, text_width, std=0.1),
+        "ln_final.bias": _rand(g, text_width, std=0.1),
+    }
+    for i in range(text_layers):
+        _open_clip_block(sd, g, f"transformer.resblocks.{i}.", text_width, 4 * text_width)
+    grid = image_size // patch_size
+    sd.update(
+        {
+            "visual.class_embedding": _rand(g, vision_width, std=vision_width**-0.5),
+            "visual.positional_embedding": _rand(g, grid * grid + 1, vision_width, std=0.1),
+            "visual.proj": _rand(g, vision_width, embed_dim, std=vision_width**-0.5),
+            "visual.conv1.weight": _rand(g, vision_width, 3, patch_size, patch_size, std=0.1),
+            "visual.ln_pre.weight": 1 + _rand(g, vision_width, std=0.1),
+            "visual.ln_pre.bias": _rand(g, vision_width, std=0.1),
+            "visual.ln_post.weight": 1 + _rand(g, vision_width, std=0.1),
+            "visual.ln_post.bias": _rand(g, vision_width, std=0.1),
+        }
+    )
+    for i in range(vision_layers):
+        _open_clip_block(
+            sd, g, f"visual.transformer.resblocks.{i}.", vision_width, 4 * vision_width
+        )
+    return sd
+
+
+@register_kind(
+    "hpsv2",
+    "HPS_v2.1_compressed.pt ({'state_dict': open_clip ViT-H-14 keys}) + processor/ (CLIP-H)",
+)
+def _build_hpsv2(out: Path, seed: int) -> None:
+    import torch
+
+    from diffalign.engine.rewards.hpsv2 import HPS_FILES
+
+    torch.save({"state_dict": open_clip_state_dict(seed)}, out / HPS_FILES["v2.1"])
+    _write_clip_processor(out / "processor")
