@@ -83,6 +83,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             m.training = True
 
 
+def no_init_weights():
+    """transformers' context that skips random initialisation (the weights are loaded next)."""
+    try:
+        from transformers.initialization import no_init_weights as ctx
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights as ctx
+    return ctx()
+
+
 def _check_inputs(images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__

@@ -177,10 +177,8 @@ def empty_clip_model(config):
     """A CLIPModel without random initialisation (its weights are loaded next)."""
     from transformers import CLIPModel
 
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
+    from diffalign.engine.rewards.base import no_init_weights
+
     with no_init_weights():
         return CLIPModel(config)
 
