@@ -357,3 +357,30 @@ def test_download_knows_every_reward_asset(tmp_path):
     ]
     assert plan[2].target == tmp_path / "PickScore_v1"  # the seed's models/PickScore_v1/
     assert "PickScore" not in ASSETS  # an alias, not a second asset
+
+
+def test_reno_default_combination_end_to_end(tiny_model_dir, clip_dir, pickscore_dir):
+    """ReNO's `hpsv2:5,imagereward:1,clip:0.01,pickscore:0.05` on the four official layouts."""
+    hps = Path(tiny_model_dir("hpsv2"))
+    ir = Path(tiny_model_dir("imagereward"))
+    reward = load_reward(
+        RENO_DEFAULT_SPEC,
+        clip_model=clip_dir,
+        pickscore_model=pickscore_dir,
+        imagereward_model_path=str(ir / "ImageReward.pt"),
+        hps_checkpoint_path=str(hps / "HPS_v2.1_compressed.pt"),
+    )
+    assert isinstance(reward, CombinedReward)
+    assert reward.names == ["hpsv2", "imagereward", "clip", "pickscore"]
+    x = _images(6, (2, 3, 64, 64))
+    loss = reward.loss(x, PROMPTS)
+    t = reward.last_terms
+    expected = (
+        5 * (1 - t["hpsv2"])
+        + 1 * (2 - t["imagereward"])
+        + 0.01 * (100 - t["clip"])
+        + 0.05 * (30 - t["pickscore"])
+    )
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-4, rtol=1e-5)
+    loss.sum().backward()
+    assert x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
