@@ -238,12 +238,36 @@ def test_combined_weights_and_terms(clip_dir, pickscore_dir):
     )
 
 
-def test_gradient_checkpointing_gives_same_gradients(clip_dir):
+def _count_checkpoint_calls(reward):
+    """Wrap every layer's checkpoint function with a call counter."""
+    calls = []
+    layers = [m for m in reward.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in layers:
+        inner = m._gradient_checkpointing_func
+
+        def counted(*a, _inner=inner, **k):
+            calls.append(1)
+            return _inner(*a, **k)
+
+        m._gradient_checkpointing_func = counted
+    return layers, calls
+
+
+@pytest.mark.parametrize("kind", ["clip", "imagereward"])
+def test_gradient_checkpointing_gives_same_gradients(kind, clip_dir, tiny_model_dir):
+    kw = (
+        {"clip_model": clip_dir}
+        if kind == "clip"
+        else {"imagereward_model_path": str(Path(tiny_model_dir("imagereward")) / "ImageReward.pt")}
+    )
     x1, x2 = _images(5), _images(5)
-    plain = load_reward("clip", clip_model=clip_dir)
-    ckpt = load_reward("clip", clip_model=clip_dir, gradient_checkpointing=True)
+    plain = load_reward(kind, **kw)
+    ckpt = load_reward(kind, gradient_checkpointing=True, **kw)
+    layers, calls = _count_checkpoint_calls(ckpt)
+    assert layers and not any(getattr(m, "gradient_checkpointing", False) for m in plain.modules())
     plain.loss(x1, PROMPTS).sum().backward()
     ckpt.loss(x2, PROMPTS).sum().backward()
+    assert len(calls) >= 2  # the image tower's layers really ran under checkpoint
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-4)
 
 

@@ -67,20 +67,29 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module) -> int:
     """Checkpoint every transformer layer of a frozen (eval-mode) transformers model.
 
-    transformers checkpoints a layer only while that layer is in training mode; the layers
-    themselves hold no dropout (their sub-modules do, and stay in eval), so flagging just the
-    layer modules as training turns checkpointing on without changing the outputs (ReNO
-    checkpoints its reward models the same way to fit SDXL-Turbo at 512 px).
+    transformers checkpoints a `GradientCheckpointingLayer` only while that layer is in
+    training mode; the layers themselves hold no dropout (their sub-modules do, and stay in
+    eval), so flagging just the layer modules turns checkpointing on without changing outputs.
+    Done per layer (not `gradient_checkpointing_enable`), which also covers models that do not
+    declare support, such as `BlipTextModel`. ReNO checkpoints its reward models to fit
+    SDXL-Turbo at 512 px. Returns the number of checkpointed layers.
     """
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n = 0
     for m in model.modules():
         if isinstance(m, GradientCheckpointingLayer):
+            m.gradient_checkpointing = True
+            m._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
             m.training = True
+            n += 1
+    return n
 
 
 def no_init_weights():
