@@ -408,3 +408,14 @@ def test_reno_default_combination_end_to_end(tiny_model_dir, clip_dir, pickscore
     torch.testing.assert_close(loss.detach(), expected, atol=1e-4, rtol=1e-5)
     loss.sum().backward()
     assert x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+
+
+def test_single_reward_last_terms_and_hub_id_offline(clip_dir, monkeypatch):
+    reward = load_reward("clip", clip_model=clip_dir)
+    value = reward(_images(7), PROMPTS)
+    assert set(reward.last_terms) == {"clip"}
+    torch.testing.assert_close(reward.last_terms["clip"], value.detach())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
+    with pytest.raises(DiffalignError, match="not in the Hugging Face cache.*--only CLIP-ViT-L-14"):
+        load_reward("clip", clip_model="someorg/some-clip-model")

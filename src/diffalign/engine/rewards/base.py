@@ -131,6 +131,8 @@ class Reward(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.training = False  # frozen from the start; `train()` below keeps it so
+        # name -> detached reward of the latest call (one entry; CombinedReward: one per term)
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -143,6 +145,7 @@ class Reward(nn.Module):
                 f"reward '{self.name}' is not finite (NaN or inf) for "
                 f"{int((~torch.isfinite(out)).sum())} of {out.numel()} images"
             )
+        self.last_terms = {self.name: out.detach()}
         return out
 
     def loss(self, images: torch.Tensor, prompts: Sequence[str] | str) -> torch.Tensor:
@@ -161,7 +164,8 @@ class CombinedReward(Reward):
     """Weighted sum of named rewards (ReNO's `--reward hpsv2:5,imagereward:1,...`).
 
     `forward` = sum_i w_i reward_i, `loss` = sum_i w_i loss_i (ReNO's total loss), and
-    `last_terms` holds each term's unweighted reward of the latest call (for per-term curves).
+    `last_terms` holds each term's unweighted reward of the latest call (for per-term curves;
+    a single reward's `last_terms` is `{name: reward}`).
     """
 
     def __init__(self, terms: Sequence[tuple[str, float, Reward]], name: str | None = None):
@@ -173,7 +177,6 @@ class CombinedReward(Reward):
         self.rewards = nn.ModuleList([t[2] for t in terms])
         self.name = name or ",".join(f"{n}:{w:g}" for n, w in zip(self.names, self.weights))
         self.loss_offset = sum(w * r.loss_offset for w, r in zip(self.weights, self.rewards))
-        self.last_terms: dict[str, torch.Tensor] = {}
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str] | str) -> torch.Tensor:
         prompts = _check_inputs(images, prompts)
