@@ -289,6 +289,8 @@ def test_defaults_resolve_through_models_dir(tmp_path, monkeypatch, clip_dir, ae
     shutil.copy(aesthetic_ckpt, tmp_path / "Aesthetic" / AESTHETIC)
     reward = load_reward("hybrid")
     assert reward(_images(), PROMPTS).shape == (2,)
+    # a download name works as --clip-model too
+    assert load_reward("clip", clip_model="CLIP-ViT-L-14")(_images(), PROMPTS).shape == (2,)
 
 
 def test_missing_and_wrong_files(tmp_path, clip_dir, pickscore_dir):
