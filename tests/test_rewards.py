@@ -201,8 +201,13 @@ def test_hybrid_is_seed_weighting_and_shares_clip(clip_dir, aesthetic_ckpt):
         hybrid.rewards[hybrid.names.index("aesthetic")],
     )
     assert clip_r.model is aes_r.model  # one CLIP model for both terms
+    runs = []
+    hook = clip_r.model.vision_model.register_forward_hook(lambda *a: runs.append(1))
     x = _images(2)
     total = hybrid(x, PROMPTS)
+    hook.remove()
+    assert len(runs) == 1  # ... and one image-tower pass per call
+    assert clip_r.bundle.memo is None
     terms = hybrid.last_terms
     # seed: total = aesthetic + 0.25 * clip_cosine
     torch.testing.assert_close(total.detach(), terms["aesthetic"] + 0.25 * terms["clip"] / 100)

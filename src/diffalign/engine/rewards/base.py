@@ -182,10 +182,18 @@ class CombinedReward(Reward):
         prompts = _check_inputs(images, prompts)
         total = None
         terms: dict[str, torch.Tensor] = {}
-        for name, weight, reward in zip(self.names, self.weights, self.rewards):
-            value = reward(images, prompts)
-            terms[name] = value.detach()
-            total = weight * value if total is None else total + weight * value
+        # terms that share a model (hybrid's clip + aesthetic) embed the images once
+        shared = {id(b): b for r in self.rewards if (b := getattr(r, "bundle", None)) is not None}
+        for bundle in shared.values():
+            bundle.memo = {}
+        try:
+            for name, weight, reward in zip(self.names, self.weights, self.rewards):
+                value = reward(images, prompts)
+                terms[name] = value.detach()
+                total = weight * value if total is None else total + weight * value
+        finally:
+            for bundle in shared.values():
+                bundle.memo = None
         self.last_terms = terms
         return total
 
