@@ -426,3 +426,20 @@ def test_single_reward_last_terms_and_hub_id_offline(clip_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
     with pytest.raises(DiffalignError, match="not in the Hugging Face cache.*--only CLIP-ViT-L-14"):
         load_reward("clip", clip_model="someorg/some-clip-model")
+
+
+def test_download_cli_dry_run_reward_assets(tmp_path, capsys):
+    from diffalign.cli import main
+
+    only = "CLIP-ViT-L-14,Aesthetic,PickScore,ImageReward,HPSv2"
+    assert main(["download", "--dir", str(tmp_path), "--only", only, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for target in (
+        "CLIP-ViT-L-14",
+        "Aesthetic",
+        "PickScore_v1/processor",
+        "ImageReward/bert-base-uncased",
+        "HPSv2/processor",
+    ):
+        assert str(tmp_path / target) in out
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
