@@ -201,8 +201,13 @@ def test_hybrid_is_seed_weighting_and_shares_clip(clip_dir, aesthetic_ckpt):
         hybrid.rewards[hybrid.names.index("aesthetic")],
     )
     assert clip_r.model is aes_r.model  # one CLIP model for both terms
+    runs = []
+    hook = clip_r.model.vision_model.register_forward_hook(lambda *a: runs.append(1))
     x = _images(2)
     total = hybrid(x, PROMPTS)
+    hook.remove()
+    assert len(runs) == 1  # ... and one image-tower pass per call
+    assert clip_r.bundle.memo is None
     terms = hybrid.last_terms
     # seed: total = aesthetic + 0.25 * clip_cosine
     torch.testing.assert_close(total.detach(), terms["aesthetic"] + 0.25 * terms["clip"] / 100)
@@ -238,12 +243,36 @@ def test_combined_weights_and_terms(clip_dir, pickscore_dir):
     )
 
 
-def test_gradient_checkpointing_gives_same_gradients(clip_dir):
+def _count_checkpoint_calls(reward):
+    """Wrap every layer's checkpoint function with a call counter."""
+    calls = []
+    layers = [m for m in reward.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in layers:
+        inner = m._gradient_checkpointing_func
+
+        def counted(*a, _inner=inner, **k):
+            calls.append(1)
+            return _inner(*a, **k)
+
+        m._gradient_checkpointing_func = counted
+    return layers, calls
+
+
+@pytest.mark.parametrize("kind", ["clip", "imagereward"])
+def test_gradient_checkpointing_gives_same_gradients(kind, clip_dir, tiny_model_dir):
+    kw = (
+        {"clip_model": clip_dir}
+        if kind == "clip"
+        else {"imagereward_model_path": str(Path(tiny_model_dir("imagereward")) / "ImageReward.pt")}
+    )
     x1, x2 = _images(5), _images(5)
-    plain = load_reward("clip", clip_model=clip_dir)
-    ckpt = load_reward("clip", clip_model=clip_dir, gradient_checkpointing=True)
+    plain = load_reward(kind, **kw)
+    ckpt = load_reward(kind, gradient_checkpointing=True, **kw)
+    layers, calls = _count_checkpoint_calls(ckpt)
+    assert layers and not any(getattr(m, "gradient_checkpointing", False) for m in plain.modules())
     plain.loss(x1, PROMPTS).sum().backward()
     ckpt.loss(x2, PROMPTS).sum().backward()
+    assert len(calls) >= 2  # the image tower's layers really ran under checkpoint
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-4)
 
 
@@ -265,6 +294,8 @@ def test_defaults_resolve_through_models_dir(tmp_path, monkeypatch, clip_dir, ae
     shutil.copy(aesthetic_ckpt, tmp_path / "Aesthetic" / AESTHETIC)
     reward = load_reward("hybrid")
     assert reward(_images(), PROMPTS).shape == (2,)
+    # a download name works as --clip-model too
+    assert load_reward("clip", clip_model="CLIP-ViT-L-14")(_images(), PROMPTS).shape == (2,)
 
 
 def test_missing_and_wrong_files(tmp_path, clip_dir, pickscore_dir):
@@ -357,3 +388,58 @@ def test_download_knows_every_reward_asset(tmp_path):
     ]
     assert plan[2].target == tmp_path / "PickScore_v1"  # the seed's models/PickScore_v1/
     assert "PickScore" not in ASSETS  # an alias, not a second asset
+
+
+def test_reno_default_combination_end_to_end(tiny_model_dir, clip_dir, pickscore_dir):
+    """ReNO's `hpsv2:5,imagereward:1,clip:0.01,pickscore:0.05` on the four official layouts."""
+    hps = Path(tiny_model_dir("hpsv2"))
+    ir = Path(tiny_model_dir("imagereward"))
+    reward = load_reward(
+        RENO_DEFAULT_SPEC,
+        clip_model=clip_dir,
+        pickscore_model=pickscore_dir,
+        imagereward_model_path=str(ir / "ImageReward.pt"),
+        hps_checkpoint_path=str(hps / "HPS_v2.1_compressed.pt"),
+    )
+    assert isinstance(reward, CombinedReward)
+    assert reward.names == ["hpsv2", "imagereward", "clip", "pickscore"]
+    x = _images(6, (2, 3, 64, 64))
+    loss = reward.loss(x, PROMPTS)
+    t = reward.last_terms
+    expected = (
+        5 * (1 - t["hpsv2"])
+        + 1 * (2 - t["imagereward"])
+        + 0.01 * (100 - t["clip"])
+        + 0.05 * (30 - t["pickscore"])
+    )
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-4, rtol=1e-5)
+    loss.sum().backward()
+    assert x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+
+
+def test_single_reward_last_terms_and_hub_id_offline(clip_dir, monkeypatch):
+    reward = load_reward("clip", clip_model=clip_dir)
+    value = reward(_images(7), PROMPTS)
+    assert set(reward.last_terms) == {"clip"}
+    torch.testing.assert_close(reward.last_terms["clip"], value.detach())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
+    with pytest.raises(DiffalignError, match="not in the Hugging Face cache.*--only CLIP-ViT-L-14"):
+        load_reward("clip", clip_model="someorg/some-clip-model")
+
+
+def test_download_cli_dry_run_reward_assets(tmp_path, capsys):
+    from diffalign.cli import main
+
+    only = "CLIP-ViT-L-14,Aesthetic,PickScore,ImageReward,HPSv2"
+    assert main(["download", "--dir", str(tmp_path), "--only", only, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for target in (
+        "CLIP-ViT-L-14",
+        "Aesthetic",
+        "PickScore_v1/processor",
+        "ImageReward/bert-base-uncased",
+        "HPSv2/processor",
+    ):
+        assert str(tmp_path / target) in out
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing

@@ -218,7 +218,13 @@ def _prompts_from_args(args) -> list[str]:
 
 
 def _run(args) -> int:
-    from diffalign.engine.rewards import reward_from_args, reward_spec_from_args
+    from diffalign.engine.errors import DiffalignError
+    from diffalign.engine.rewards import (
+        REWARD_NAMES,
+        parse_reward_spec,
+        reward_from_args,
+        reward_spec_from_args,
+    )
     from diffalign.noise.generators import load_generator
     from diffalign.noise.optimize import run_optimize
 
@@ -226,6 +232,9 @@ def _run(args) -> int:
     settings = settings_from_args(args)
     settings.validate()
     spec = reward_spec_from_args(args)
+    for name, _ in parse_reward_spec(spec):  # before minutes of model loading
+        if name not in REWARD_NAMES:
+            raise DiffalignError(f"unknown reward '{name}'; valid names: {', '.join(REWARD_NAMES)}")
     generator = load_generator(
         args.model,
         args.generator,

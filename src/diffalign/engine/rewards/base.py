@@ -67,20 +67,38 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module) -> int:
     """Checkpoint every transformer layer of a frozen (eval-mode) transformers model.
 
-    transformers checkpoints a layer only while that layer is in training mode; the layers
-    themselves hold no dropout (their sub-modules do, and stay in eval), so flagging just the
-    layer modules as training turns checkpointing on without changing the outputs (ReNO
-    checkpoints its reward models the same way to fit SDXL-Turbo at 512 px).
+    transformers checkpoints a `GradientCheckpointingLayer` only while that layer is in
+    training mode; the layers themselves hold no dropout (their sub-modules do, and stay in
+    eval), so flagging just the layer modules turns checkpointing on without changing outputs.
+    Done per layer (not `gradient_checkpointing_enable`), which also covers models that do not
+    declare support, such as `BlipTextModel`. ReNO checkpoints its reward models to fit
+    SDXL-Turbo at 512 px. Returns the number of checkpointed layers.
     """
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n = 0
     for m in model.modules():
         if isinstance(m, GradientCheckpointingLayer):
+            m.gradient_checkpointing = True
+            m._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
             m.training = True
+            n += 1
+    return n
+
+
+def no_init_weights():
+    """transformers' context that skips random initialisation (the weights are loaded next)."""
+    try:
+        from transformers.initialization import no_init_weights as ctx
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights as ctx
+    return ctx()
 
 
 def _check_inputs(images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
@@ -113,6 +131,8 @@ class Reward(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.training = False  # frozen from the start; `train()` below keeps it so
+        # name -> detached reward of the latest call (one entry; CombinedReward: one per term)
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -125,6 +145,7 @@ class Reward(nn.Module):
                 f"reward '{self.name}' is not finite (NaN or inf) for "
                 f"{int((~torch.isfinite(out)).sum())} of {out.numel()} images"
             )
+        self.last_terms = {self.name: out.detach()}
         return out
 
     def loss(self, images: torch.Tensor, prompts: Sequence[str] | str) -> torch.Tensor:
@@ -143,7 +164,8 @@ class CombinedReward(Reward):
     """Weighted sum of named rewards (ReNO's `--reward hpsv2:5,imagereward:1,...`).
 
     `forward` = sum_i w_i reward_i, `loss` = sum_i w_i loss_i (ReNO's total loss), and
-    `last_terms` holds each term's unweighted reward of the latest call (for per-term curves).
+    `last_terms` holds each term's unweighted reward of the latest call (for per-term curves;
+    a single reward's `last_terms` is `{name: reward}`).
     """
 
     def __init__(self, terms: Sequence[tuple[str, float, Reward]], name: str | None = None):
@@ -155,16 +177,23 @@ class CombinedReward(Reward):
         self.rewards = nn.ModuleList([t[2] for t in terms])
         self.name = name or ",".join(f"{n}:{w:g}" for n, w in zip(self.names, self.weights))
         self.loss_offset = sum(w * r.loss_offset for w, r in zip(self.weights, self.rewards))
-        self.last_terms: dict[str, torch.Tensor] = {}
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str] | str) -> torch.Tensor:
         prompts = _check_inputs(images, prompts)
         total = None
         terms: dict[str, torch.Tensor] = {}
-        for name, weight, reward in zip(self.names, self.weights, self.rewards):
-            value = reward(images, prompts)
-            terms[name] = value.detach()
-            total = weight * value if total is None else total + weight * value
+        # terms that share a model (hybrid's clip + aesthetic) embed the images once
+        shared = {id(b): b for r in self.rewards if (b := getattr(r, "bundle", None)) is not None}
+        for bundle in shared.values():
+            bundle.memo = {}
+        try:
+            for name, weight, reward in zip(self.names, self.weights, self.rewards):
+                value = reward(images, prompts)
+                terms[name] = value.detach()
+                total = weight * value if total is None else total + weight * value
+        finally:
+            for bundle in shared.values():
+                bundle.memo = None
         self.last_terms = terms
         return total
 

@@ -105,6 +105,9 @@ class CLIPBundle:
     def __init__(self, model, tokenizer, size: int, mean, std, source: str):
         self.model, self.tokenizer = model, tokenizer
         self.size, self.mean, self.std, self.source = size, tuple(mean), tuple(std), source
+        # set to a dict by CombinedReward for one call: terms sharing this model (clip +
+        # aesthetic in hybrid) then run its image tower once per batch
+        self.memo: dict | None = None
 
     @property
     def projection_dim(self) -> int:
@@ -112,9 +115,15 @@ class CLIPBundle:
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised projected image embeddings of [0, 1] images (differentiable)."""
+        key = (id(images), images._version)
+        if self.memo is not None and key in self.memo:
+            return self.memo[key]
         dtype = self.model.visual_projection.weight.dtype
         x = clip_preprocess(images.float(), self.size, self.mean, self.std).to(dtype)
-        return F.normalize(_pooled(self.model.get_image_features(pixel_values=x)).float(), dim=-1)
+        emb = F.normalize(_pooled(self.model.get_image_features(pixel_values=x)).float(), dim=-1)
+        if self.memo is not None:
+            self.memo[key] = emb
+        return emb
 
     @torch.no_grad()
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:

@@ -63,6 +63,8 @@ def resolve_folder(
     if value:
         text = str(value).strip()
         path = Path(text).expanduser()
+        if "/" not in text and not path.exists() and (asset_path(text) / marker).is_file():
+            path = asset_path(text)  # a download name: models/<name>/
         if path.is_dir():
             if not (path / marker).is_file():
                 raise DiffalignError(f"{what}: {path} has no {marker} (not a {what} folder)")

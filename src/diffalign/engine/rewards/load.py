@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from diffalign.engine.download import HPS_FILES
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.rewards.base import CombinedReward, Reward
 from diffalign.engine.rewards.spec import (
@@ -21,7 +22,7 @@ from diffalign.engine.rewards.spec import (
     reward_type_spec,
 )
 
-HPS_VERSIONS = ("v2.0", "v2.1")
+HPS_VERSIONS = tuple(sorted(HPS_FILES))  # ("v2.0", "v2.1")
 # laion CLIP-H/14: the tokenizer + image processor PickScore and HPSv2 were trained with
 CLIP_H_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
