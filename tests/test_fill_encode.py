@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import diffalign.engine.tiny_flux  # noqa: F401  (registers make-tiny flux-fill)
 from diffalign.engine.errors import DiffalignError
 from diffalign.fill.encode import FillEncoder, TextCache, pack_latents, unpack_latents
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffalign.engine.tiny_flux  # noqa: F401  (registers the kind before discovery lands)
 from diffalign.cli import main
 from diffalign.engine.errors import DiffalignError
 
