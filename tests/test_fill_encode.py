@@ -125,6 +125,8 @@ def test_bad_panels(pipe):
         enc.encode_diptych(visible, torch.rand(1, 3, 48, 48))
     with pytest.raises(DiffalignError, match="not divisible by 16"):
         enc.encode_diptych(torch.rand(1, 3, 24, 24), torch.rand(1, 3, 24, 24))
+    with pytest.raises(DiffalignError, match="semantic panel is .* visible is"):
+        enc.encode_semantic(torch.rand(1, 3, 48, 48), visible=visible)
     with pytest.raises(DiffalignError, match=r"\[B, 3, P, P\]"):
         enc.encode_semantic(torch.rand(3, P, P))
 
