@@ -111,6 +111,7 @@ def test_manifest_path_outside_the_dataset_is_refused(gen, tmp_path):
         load_dataset_manifest(out)
 
 
+@pytest.mark.slow  # a subprocess start (~10 s on the loaded CI machine) + 2 builds
 def test_killed_run_resumes_to_the_same_manifest(sdxl, tmp_path):
     data = write_pairs(tmp_path / "data", n=8)
     args = ["--steps", "3", "--batch-size", "1", "--no-plots", "--num-intermediates", "0"]
@@ -146,6 +147,7 @@ def test_killed_run_resumes_to_the_same_manifest(sdxl, tmp_path):
     assert manifest.read_text() == (ref / "manifest.jsonl").read_text()
 
 
+@pytest.mark.slow  # 2 processes under accelerate launch
 def test_two_processes_shard_the_pairs(sdxl, gen, tmp_path):
     from launch_helper import launch_two_cpu_processes
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import write_json
+from diffalign.engine.io import locked_output_dir, write_json
 
 
 def em_cycles(
@@ -35,6 +35,13 @@ def em_cycles(
     if num_cycles < 1:
         raise DiffalignError("--num-cycles must be >= 1")
     out = Path(work_dir)
+    with locked_output_dir(out, "EM work folder"):  # one EM run per folder (re-entrant)
+        return _cycles(
+            out, num_cycles, str(initial_model), e_step, m_step, finished_model, summary_extra
+        )
+
+
+def _cycles(out, num_cycles, initial_model, e_step, m_step, finished_model, summary_extra):
     current = str(initial_model)
     cycles = []
     for k in range(num_cycles):
@@ -128,7 +135,7 @@ def em(
             cdir / "dataset" / "manifest.jsonl",
             cdir / "sft",
             init_lora=prev_lora,
-            resume="latest" if (cdir / "sft" / "checkpoints").is_dir() else None,
+            resume="latest",  # an unfinished M-step goes on from its last checkpoint
             progress=progress,
             model_info={"model": current, "cycle": k},
             **sft_kwargs,

@@ -14,7 +14,6 @@ every `checkpoint_every` steps). Every E-step starts from the same per-item base
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from diffalign.engine.errors import DiffalignError
@@ -110,14 +109,12 @@ def _em_cycles(
     write_plots,
     checkpoint_every,
 ) -> dict:
+    from diffalign.noise.em import em_cycles
     from diffalign.noise.toy.assignment import assign
     from diffalign.noise.toy.finetune import sft
 
-    cycles = []
-    for k in range(num_cycles):
-        t0 = time.time()
-        cdir = out / f"cycle-{k:03d}"
-        a = assign(
+    def e_step(current: str, cdir: Path, k: int) -> dict:
+        return assign(
             current,
             cdir / "assign",
             dataset=dataset,
@@ -134,45 +131,32 @@ def _em_cycles(
             desc=f"E-step {k}",
             write_plots=write_plots,
         )
-        final = cdir / "sft" / "checkpoint-final" / "generator.safetensors"
-        if final.is_file():  # M-step already finished in an earlier run
-            m = {"generator": str(final), "steps": None, "resumed": True}
-        else:
-            m = sft(
-                current,
-                cdir / "assign" / "manifest.jsonl",
-                cdir / "sft",
-                dataset=dataset,
-                epochs=epochs,
-                max_steps=max_steps,
-                lr=lr,
-                batch_size=batch_size,
-                preserve_weight=preserve_weight,
-                l1_weight=l1_weight,
-                seed=seed + k,
-                base_ckpt=anchor,
-                resume="latest",  # an unfinished M-step goes on from its last checkpoint
-                progress=progress,
-                checkpoint_every=checkpoint_every,
-            )
-        current = Path(m["generator"])
-        cycles.append(
-            {
-                "cycle": k,
-                "assign_mse_before": a.get("mse_before_mean"),
-                "assign_mse_after": a.get("mse_after_mean"),
-                "assign_failed": a.get("failed"),
-                "sft_steps": m.get("steps"),
-                "sft_final": (m.get("summary") or {}).get("final_train"),
-                "generator": str(current),
-                "seconds": round(time.time() - t0, 3),
-            }
+
+    def m_step(current: str, cdir: Path, k: int) -> dict:
+        m = sft(
+            current,
+            cdir / "assign" / "manifest.jsonl",
+            cdir / "sft",
+            dataset=dataset,
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=lr,
+            batch_size=batch_size,
+            preserve_weight=preserve_weight,
+            l1_weight=l1_weight,
+            seed=seed + k,
+            base_ckpt=anchor,
+            resume="latest",  # an unfinished M-step goes on from its last checkpoint
+            progress=progress,
+            checkpoint_every=checkpoint_every,
         )
-    summary = {
-        "num_cycles": num_cycles,
-        "base": str(anchor),
-        "final_generator": str(current),
-        "cycles": cycles,
-    }
+        return {**m, "model": m["generator"]}
+
+    def finished(cdir: Path) -> str | None:
+        final = cdir / "sft" / "checkpoint-final" / "generator.safetensors"
+        return str(final) if final.is_file() else None  # M-step finished in an earlier run
+
+    summary = em_cycles(out, num_cycles, str(current), e_step, m_step, finished)
+    summary.update(base=str(anchor), final_generator=summary["final_model"])
     write_json(out / "summary.json", summary)
     return summary

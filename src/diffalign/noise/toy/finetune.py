@@ -9,8 +9,10 @@ Both fine-tune the generator on the same targets with the same loss, steps and l
 
 ``eps'`` and ``y'`` are fresh random noise and uniformly drawn labels at every step, and
 ``G_base`` is the frozen generator the run started from (or `base_ckpt`), so the preserve term
-keeps the random-noise behaviour close to the base. Training runs through the shared loop; the
-fine-tuned generator is exported to ``OUT/checkpoint-final/generator.safetensors``.
+keeps the random-noise behaviour close to the base. Both run the generic
+:class:`diffalign.noise.sft.MatchedSftTask` (the same task as `diffalign noise sft`) on the
+shared loop; the fine-tuned generator is exported to
+``OUT/checkpoint-final/generator.safetensors``.
 """
 
 from __future__ import annotations
@@ -18,99 +20,58 @@ from __future__ import annotations
 import copy
 import math
 import os
-from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
-from diffalign.noise.toy.losses import preserve_loss, reconstruction_loss
-from diffalign.noise.toy.models import Generator, generator_run_result, load_model, save_model
+from diffalign.engine.train import TrainConfig, train
+from diffalign.noise.sft import MatchedSftTask
+from diffalign.noise.toy.models import Generator, generator_run_result, load_model
+
+# The toy branch runs the one generic task (diffalign.noise.sft.MatchedSftTask): its generator
+# plugs in through ToyOneStepGenerator, its labels are the prompts, its [-1, 1] targets the
+# target "latents" (recon = latent MSE + pixel L1 on [0, 1] images, hence the factor 2 on the
+# L1 weight; preserve = latent MSE to the frozen base on random labels).
+SftTask = MatchedSftTask
 
 
-class SftTask(TrainTask):
-    """Fine-tune `generator` on (noise or fresh noise, label) -> target, plus the preserve loss."""
+def toy_sft_task(
+    generator: Generator,
+    base: Generator,
+    labels: torch.Tensor,
+    targets: torch.Tensor,
+    noises: torch.Tensor | None = None,
+    lr: float = 1e-4,
+    batch_size: int = 64,
+    preserve_weight: float = 0.25,
+    l1_weight: float = 0.0,
+    method: str = "matched",
+) -> MatchedSftTask:
+    """The generic SFT task on a toy generator (module doc; ``noises=None``: direct SFT)."""
+    from diffalign.noise.sft import TensorPairs
+    from diffalign.noise.toy.onestep import ToyOneStepGenerator
 
-    def __init__(
-        self,
-        generator: Generator,
-        base: Generator,
-        labels: torch.Tensor,
-        targets: torch.Tensor,
-        noises: torch.Tensor | None = None,
-        lr: float = 1e-4,
-        batch_size: int = 64,
-        preserve_weight: float = 0.25,
-        l1_weight: float = 0.0,
-        method: str = "matched",
-    ) -> None:
-        self.generator = generator
-        self.base = base
-        self.labels, self.targets, self.noises = labels, targets, noises
-        self.lr = lr
-        self.batch_size = min(batch_size, len(labels))
-        self.preserve_weight = float(preserve_weight)
-        self.l1_weight = float(l1_weight)
-        self.method = method
-        self.latent_shape = tuple(generator.config.latent_shape)
-        self.num_classes = generator.config.num_classes
-
-    def trainable(self):
-        return {"generator": self.generator}
-
-    def frozen(self):
-        return {"base": self.base} if self.preserve_weight > 0 else {}
-
-    def optimizers(self):
-        return {"main": OptimizerSpec([{"params": self.generator.parameters()}], lr=self.lr)}
-
-    def train_dataloader(self):
-        tensors = [self.labels, self.targets]
-        if self.noises is not None:
-            tensors.append(self.noises)
-        return DataLoader(TensorDataset(*tensors), batch_size=self.batch_size, shuffle=True)
-
-    def training_step(self, batch, step: int, ctx: StepContext) -> dict:
-        y, x = batch[0], batch[1]
-        if self.noises is not None:
-            z = batch[2]
-        else:  # direct SFT: fresh random noise for every target at every step
-            z = torch.randn((x.shape[0], *self.latent_shape), device=x.device)
-        recon = reconstruction_loss(self.generator(z, y), x, self.l1_weight)
-        out = {"recon": recon.detach()}
-        loss = recon
-        if self.preserve_weight > 0:
-            eps = torch.randn((x.shape[0], *self.latent_shape), device=x.device)
-            y2 = torch.randint(0, self.num_classes, (x.shape[0],), device=x.device)
-            with torch.no_grad():
-                ref = self.base(eps, y2)
-            pres = preserve_loss(self.generator(eps, y2), ref)
-            loss = loss + self.preserve_weight * pres
-            out["preserve"] = pres.detach()
-        out["loss"] = loss
-        return out
-
-    def export(self, out_dir: Path) -> None:
-        save_model(
-            self.generator,
-            out_dir,
-            {"trained_by": f"{self.method}-sft", "preserve_weight": self.preserve_weight},
-        )
-
-    def config_dict(self) -> dict:
-        return {
-            "method": self.method,
-            "items": len(self.labels),
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "preserve_weight": self.preserve_weight,
-            "l1_weight": self.l1_weight,
-        }
+    gen = ToyOneStepGenerator(generator)
+    generator.requires_grad_(True)  # the wrapper freezes its model; SFT trains it
+    pixel = gen.decode(targets) if l1_weight else None
+    data = TensorPairs([str(int(y)) for y in labels], targets, pixel, noises)
+    return MatchedSftTask(
+        gen,
+        ToyOneStepGenerator(base) if preserve_weight > 0 else None,
+        data,
+        lr=lr,
+        batch_size=batch_size,
+        latent_loss_weight=1.0,
+        pixel_l1_weight=2.0 * float(l1_weight),
+        preserve_latent_weight=float(preserve_weight),
+        preserve_pixel_weight=0.0,
+        direct=noises is None,
+        export_info={"trained_by": f"{method}-sft", "preserve_weight": preserve_weight},
+    )
 
 
 def _run(
-    task: SftTask,
+    task: MatchedSftTask,
     output_dir,
     epochs,
     max_steps,
@@ -219,7 +180,7 @@ def sft(
         )
     _check_targets(labels, targets, gcfg, manifest_path)
     torch.manual_seed(seed)
-    task = SftTask(
+    task = toy_sft_task(
         generator,
         base,
         labels,
@@ -286,7 +247,7 @@ def direct_sft(
         n = len(data) if max_items is None else min(len(data), max_items)
         labels, targets = data.labels[:n], data.images[:n]
     torch.manual_seed(seed)
-    task = SftTask(
+    task = toy_sft_task(
         generator,
         base,
         labels,
