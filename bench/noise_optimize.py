@@ -9,11 +9,17 @@
    run); on CUDA ``max_memory_allocated``.
 2. **Batched prompts**: per-prompt time of optimising B = 1, 4, 8 prompts as one batch (one Q
    each) against B runs of one prompt (ReNO's batch 1).
+3. **build-dataset throughput**: samples per second of `diffalign noise build-dataset` with 1
+   process and with 2 processes under `accelerate launch` (CPU: gloo), on the same pairs; time
+   = the builder's `work_seconds` (from the moment every process is ready to the merged
+   manifest: assignment, writing, merge; not the interpreter start and model load), ratio =
+   2-process / 1-process samples/s.
 
 Models: the tiny SDXL-Turbo pipeline of `make-tiny sdxl` and the tiny CLIP of `make-tiny clip`
 (random weights, real architectures and code paths), at 128 px unless told otherwise.
 
     python bench/noise_optimize.py [--quick] [--size 128] [--steps 5] [--json PATH]
+    python bench/noise_optimize.py --only-dataset [--dataset-items 16]   # section 3 only
 """
 
 from __future__ import annotations
@@ -184,6 +190,76 @@ def memory(tmp: Path, size: int, steps: int, device: str, batch: int) -> dict:
     }
 
 
+def _write_pairs(root: Path, n: int, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "images" / f"{i:04d}.png")
+        lines.append(
+            json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "image": f"images/{i:04d}.png"})
+        )
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def dataset_throughput(
+    tmp: Path, size: int, steps: int, n_items: int, batch: int, threads: int
+) -> dict:
+    """build-dataset samples/s with 1 process and 2 processes (section 3 of the module doc)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from launch_helper import free_port
+
+    sdxl, _ = _models(tmp)
+    data = _write_pairs(tmp / "pairs", n_items, size)
+    common = ["-m", "diffalign.cli", "noise", "build-dataset", "--data-root", str(data)]
+    common += ["--model", str(sdxl), "--height", str(size), "--width", str(size)]
+    common += ["--steps", str(steps), "--batch-size", str(batch), "--no-plots"]
+    common += ["--num-intermediates", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DIFFALIGN_NO_PROGRESS": "1"}
+    env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
+    out = {"items": n_items, "steps": steps, "batch": batch, "image_size": size}
+    for procs in (1, 2):
+        folder = tmp / f"ds-{procs}"
+        if procs == 1:
+            cmd = [sys.executable, *common]
+        else:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+            cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+            cmd += ["--dynamo_backend", "no", "--main_process_port", str(free_port()), *common]
+        t0 = time.perf_counter()
+        r = subprocess.run(
+            [*cmd, "--output-dir", str(folder)], env=env, capture_output=True, text=True
+        )
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        summary = json.loads((folder / "summary.json").read_text())
+        out[f"{procs}_process"] = {
+            "finished": summary["finished"],
+            "seconds": summary["work_seconds"],
+            "samples_per_s": summary["finished"] / summary["work_seconds"],
+            "wall_s_with_startup": round(wall, 2),
+        }
+    out["ratio_2_over_1"] = out["2_process"]["samples_per_s"] / out["1_process"]["samples_per_s"]
+    return out
+
+
+def _print_dataset(d: dict) -> None:
+    for procs in (1, 2):
+        x = d[f"{procs}_process"]
+        print(
+            f"build-dataset {procs} process(es): {x['samples_per_s']:.2f} samples/s "
+            f"({x['finished']} samples in {x['seconds']:.1f} s; {x['wall_s_with_startup']} s "
+            "with interpreter start and model load)"
+        )
+    print(f"build-dataset 2 / 1 processes: {d['ratio_2_over_1']:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
@@ -201,6 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--only-dataset", action="store_true", help="run only the build-dataset section")
+    p.add_argument(
+        "--dataset-items", type=int, default=16, help="pairs of the build-dataset runs (16)"
+    )
+    p.add_argument(
+        "--dataset-size", type=int, default=64, help="image size of build-dataset runs (64)"
+    )
+    p.add_argument("--dataset-steps", type=int, default=5, help="assignment steps per sample (5)")
+    p.add_argument("--dataset-batch", type=int, default=4, help="samples optimised together (4)")
     args = p.parse_args(argv)
     os.environ.setdefault("DIFFALIGN_NO_PROGRESS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -208,6 +293,23 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     repeats = args.repeats or (2 if args.quick else 5)
+    dataset_args = (
+        args.dataset_size,
+        args.dataset_steps,
+        args.dataset_items,
+        args.dataset_batch,
+        torch.get_num_threads(),
+    )
+    if args.only_dataset:
+        load_before = os.getloadavg()
+        with tempfile.TemporaryDirectory() as tmp_name:
+            d = dataset_throughput(Path(tmp_name), *dataset_args)
+        d.update(load_average_before=load_before, load_average_after=os.getloadavg())
+        _print_dataset(d)
+        print(f"load average before/after: {load_before} / {d['load_average_after']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(d, indent=2))
+        return 0
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         gen, reward = _setup(tmp, args.size, args.device)
@@ -225,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             "batching": batching(
                 gen, reward, args.steps, max(1, repeats // 2), args.device, (1, 4, 8)
             ),
+            "build_dataset": dataset_throughput(tmp, *dataset_args),
             "load_average_after": os.getloadavg(),
         }
     for o in results["overhead"]:
@@ -242,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             f"one at a time {b['one_at_a_time_s_per_prompt_step'] * 1e3:.1f}, speedup "
             f"{b['speedup']:.2f}x"
         )
+    _print_dataset(results["build_dataset"])
     print(
         f"load average before/after: {results['load_average_before']} / "
         f"{results['load_average_after']}"

@@ -233,6 +233,7 @@ def _build_locked(generator, items, out, config, s, batch_size, num_intermediate
         write_json(cfg_path, config)
     if state is not None:
         state.wait_for_everyone()
+    t_sync = time.time()  # every process is ready: the work (and its timing) starts here
 
     latent_shape = tuple(config["latent_shape"])
     size = tuple(config["image_size"])
@@ -323,6 +324,7 @@ def _build_locked(generator, items, out, config, s, batch_size, num_intermediate
             if world == 1 and assign_seconds > 0 and n_written
             else None,
             seconds=round(time.time() - t0, 3),
+            work_seconds=round(time.time() - t_sync, 3),
         )
         write_json(out / "summary.json", summary)
     if state is not None:
