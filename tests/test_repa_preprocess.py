@@ -261,3 +261,36 @@ def test_two_processes_match_one(tmp_path, data_dir, tiny_model_dir):
     emb, prompts = load_class_embeddings(two / "clip_embeddings.safetensors")
     assert emb.shape[0] == 4 and prompts[-1] == ""
     assert not (two / ".images_staging").exists()
+
+
+def _zip_size_in_child(z):
+    return z.read("china_img0").size
+
+
+def test_image_zip_reopens_in_workers_and_threads(data_dir):
+    import multiprocessing as mp
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    z = ImageZip(data_dir / "images.zip")
+    assert z.read("china_img0").size == (64, 64)  # opened in the parent
+    assert pickle.loads(pickle.dumps(z))._zip is None
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_zip_size_in_child, (z,)) == (64, 64)
+    ids = sorted(z.names())
+    with ThreadPoolExecutor(4) as ex:
+        sizes = list(ex.map(lambda sid: z.read(sid).size, ids * 3))
+    assert sizes == [(64, 64)] * 36
+    from diffalign.engine.errors import DiffalignError
+
+    with pytest.raises(DiffalignError, match="image 'nope' not found"):
+        z.read("nope")
+
+
+def test_clip_step_bad_model_and_template(data_dir, tmp_path, capsys):
+    args = ["repa", "preprocess", "clip", "--data-dir", str(data_dir)]
+    other = ["--prompt-template", "a picture of a {name}"]  # not done yet: the model is needed
+    assert main([*args, *other, "--model", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main([*args, "--prompt-template", "a photo"]) == 2
+    assert "{name}" in capsys.readouterr().err

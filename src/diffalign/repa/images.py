@@ -17,6 +17,7 @@ import io
 import os
 import random
 import re
+import threading
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -135,9 +136,15 @@ class ImageZip:
             )
         self._zip: zipfile.ZipFile | None = None
         self._pid: int | None = None
+        self._lock = threading.Lock()
 
     def _open(self) -> zipfile.ZipFile:
-        if self._zip is None or self._pid != os.getpid():
+        zf = self._zip
+        if zf is not None and self._pid == os.getpid():
+            return zf  # reads of one ZipFile from several threads are serialised by zipfile
+        with self._lock:
+            if self._zip is not None and self._pid == os.getpid():
+                return self._zip
             try:
                 self._zip = zipfile.ZipFile(self.path)
             except (zipfile.BadZipFile, OSError) as e:
@@ -147,6 +154,10 @@ class ImageZip:
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "_zip": None, "_pid": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def names(self) -> set[str]:
         """Sample ids held (entry names without `.jpg`)."""
