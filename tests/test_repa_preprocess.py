@@ -294,3 +294,24 @@ def test_clip_step_bad_model_and_template(data_dir, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main([*args, "--prompt-template", "a photo"]) == 2
     assert "{name}" in capsys.readouterr().err
+
+
+def test_vae_step_interrupted_keeps_its_records_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    import diffalign.repa.preprocess as pre
+
+    assert _images(make_class_tree(tmp_path / "tree"), tmp_path / "data") == 0
+    real, calls = pre._load_batch, []
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pre, "_load_batch", dies_on_third_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        pre.preprocess_vae(tmp_path / "data", tiny_model_dir("sd15"), batch_size=2)
+    assert len(TensorLMDB(tmp_path / "data" / "vae_latents.lmdb")) == 4  # 2 batches kept
+    monkeypatch.setattr(pre, "_load_batch", real)
+    s = pre.preprocess_vae(tmp_path / "data", tiny_model_dir("sd15"), batch_size=2)
+    assert s["already_present"] == 4 and s["written"] == 8
