@@ -315,3 +315,11 @@ def test_vae_step_interrupted_keeps_its_records_and_resumes(tmp_path, tiny_model
     monkeypatch.setattr(pre, "_load_batch", real)
     s = pre.preprocess_vae(tmp_path / "data", tiny_model_dir("sd15"), batch_size=2)
     assert s["already_present"] == 4 and s["written"] == 8
+
+
+def test_clip_class_names_must_match_the_data_folder(data_dir, tmp_path, capsys):
+    names = tmp_path / "synset_words.txt"
+    names.write_text("china porcelain\nflower rose\ndigit numeral\n")  # another order
+    args = ["repa", "preprocess", "clip", "--data-dir", str(data_dir), "--class-names", str(names)]
+    assert main(args) == 2
+    assert "other classes" in capsys.readouterr().err

@@ -263,8 +263,17 @@ class SourceSplit:
     samples: list[SourceSample]
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+def _image_files(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted (one `scandir`: no stat per file on most
+    filesystems, which matters for ImageNet's 1.28M files)."""
+    with os.scandir(folder) as it:
+        return sorted(
+            Path(e.path)
+            for e in it
+            if not e.name.startswith(".")
+            and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+            and e.is_file()
+        )
 
 
 def _find_file(names: Sequence[str], dirs: Sequence[Path]) -> Path | None:
@@ -354,11 +363,11 @@ def scan_source(
     synsets = read_synsets(synset_file) if synset_file else None
 
     subdirs = _class_dirs(folder)
-    loose = sorted(p for p in folder.iterdir() if _is_image(p))
+    loose = _image_files(folder)
     samples: list[tuple[Path, str]] = []
     if subdirs:
         for d in subdirs:
-            files = sorted(p for p in d.iterdir() if _is_image(p))
+            files = _image_files(d)
             if not files:
                 raise DiffalignError(f"empty class folder: {d} (no images)")
             samples += [(p, d.name) for p in files]

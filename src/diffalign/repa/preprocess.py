@@ -680,8 +680,15 @@ def preprocess_clip(
     start = time.time()
     root = Path(data_dir)
     if class_names:
-        names = [n for _, n in read_synsets(class_names)]
-        wnids = [w for w, _ in read_synsets(class_names)]
+        synsets = read_synsets(class_names)
+        names, wnids = [n for _, n in synsets], [w for w, _ in synsets]
+        if (root / CLASSES).is_file():
+            ours = [c["wnid"] for c in read_classes(root / CLASSES)]
+            if ours != wnids:
+                raise DiffalignError(
+                    f"{class_names} lists other classes (or another order) than "
+                    f"{root / CLASSES}, whose order the manifest's labels follow"
+                )
     else:
         classes = read_classes(root / CLASSES)
         names, wnids = [c["name"] for c in classes], [c["wnid"] for c in classes]
