@@ -323,3 +323,20 @@ def test_clip_class_names_must_match_the_data_folder(data_dir, tmp_path, capsys)
     args = ["repa", "preprocess", "clip", "--data-dir", str(data_dir), "--class-names", str(names)]
     assert main(args) == 2
     assert "other classes" in capsys.readouterr().err
+
+
+def test_imagenet_val_sorted_into_folders(tmp_path):
+    root = make_imagenet(tmp_path / "imagenet")
+    for line in (root / "LOC_val_solution.csv").read_text().splitlines()[1:]:
+        image_id, pred = line.split(",")
+        wnid = pred.split()[0]
+        (root / "val" / wnid).mkdir(exist_ok=True)
+        (root / "val" / f"{image_id}.JPEG").rename(root / "val" / wnid / f"{image_id}.JPEG")
+    (root / "LOC_val_solution.csv").unlink()
+    assert _images(root, tmp_path / "data", "--split", "val") == 0
+    rows = read_manifest(tmp_path / "data" / "manifest.csv")
+    assert {(r["id"], r["wnid"]) for r in rows} == {
+        (f"ILSVRC2012_val_{n:08d}", WNIDS[c]) for n, c in enumerate(WNIDS, 1)
+    }
+    summary = json.loads((tmp_path / "data" / "summary_images.json").read_text())
+    assert summary["layout"] == "imagenet-folders"
