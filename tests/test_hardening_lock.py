@@ -198,3 +198,15 @@ def test_two_generate_runs_with_other_settings_never_mix(sd3, tmp_path, capsys):
     assert main([*argv, "--cfg", "3"]) == 2
     settings = json.loads((lock_dir / "settings.json").read_text())
     assert settings["options"]["cfg"] == 7.0
+
+
+def test_demo_into_a_locked_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "demo"
+    holder = HeldHere(out)
+    try:
+        assert main(["demo", "--quick", "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another diffalign run" in err and str(out) in err
+        assert [p.name for p in out.iterdir()] == [".diffalign.lock"]  # nothing else written
+    finally:
+        holder.kill()

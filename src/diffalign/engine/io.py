@@ -145,6 +145,8 @@ def _clean_os_errors(path: Path, tmp: Path, nbytes: int | None = None) -> Iterat
         yield
     except OSError as e:
         size = nbytes or _tree_size(tmp) or None
+        if e.filename is not None and _STALE_TMP.match(Path(str(e.filename)).name):
+            e.filename = str(path)  # name the file being written, not its temporary
         raise DiffalignError(os_error_message(e, path, size)) from None
 
 

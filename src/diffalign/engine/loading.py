@@ -150,6 +150,34 @@ def resolve_model(model: str, family: str | None = None) -> ResolvedModel:
     )
 
 
+def check_model_available(model: str, family: str | None = None) -> ResolvedModel:
+    """`resolve_model`, plus the cheap checks that a load would fail on, done before torch and
+    diffusers are imported: a Hub model while offline must be in the local cache."""
+    resolved = resolve_model(model, family)
+    if resolved.kind == "hub" and hub_offline() and not _hub_config_cached(resolved.source):
+        raise ModelNotFoundError(
+            model,
+            resolved.download_name,
+            "not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
+        )
+    return resolved
+
+
+def check_vae_available(vae: str | None) -> None:
+    """A `--vae` that names a local path must exist (checked before anything heavy loads)."""
+    if vae is None:
+        return
+    path = Path(vae).expanduser()
+    if path.exists():
+        return
+    text = str(vae)
+    if path.suffix or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise DiffalignError(
+            f"VAE '{vae}' not found: give a .safetensors file, an AutoencoderKL or pipeline "
+            "folder, or a Hub id"
+        )
+
+
 _DTYPES = {
     "float32": "float32",
     "fp32": "float32",

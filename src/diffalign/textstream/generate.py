@@ -556,10 +556,11 @@ def run_sample(
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
     names = sample_folder_names(models, prompts)
-    from diffalign.engine.loading import resolve_model
+    from diffalign.engine.loading import check_model_available, check_vae_available, resolve_model
 
-    for m in models:
-        resolve_model(m, "sd3")  # a missing model or one of another family fails here
+    for m in models:  # a missing model or one of another family fails here, before torch loads
+        check_model_available(m, "sd3")
+    check_vae_available(cfg.vae)
     state = _distributed(cfg)
     device = _resolve_device(cfg, state.device)
     t0 = time.perf_counter()
@@ -758,11 +759,12 @@ def _run_layout(
     summarise. The output folder is locked for the whole run (`engine.io.output_lock`); dpg,
     whose folder holds only `<id>.png`, locks the folder `OUT.lock` beside it."""
     from diffalign.engine.io import locked_output_dir, write_json
-    from diffalign.engine.loading import resolve_model
+    from diffalign.engine.loading import check_model_available, check_vae_available, resolve_model
 
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
-    resolve_model(cfg.model, "sd3")  # a missing model or one of another family fails here
+    check_model_available(cfg.model, "sd3")  # missing or of another family: fails before torch
+    check_vae_available(cfg.vae)
     state = _distributed(cfg)
     t0 = time.perf_counter()
     device = _resolve_device(cfg, state.device)

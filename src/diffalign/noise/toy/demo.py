@@ -82,9 +82,12 @@ QUICK = DemoSizes(
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
+    from diffalign.engine.io import LOCK_NAME
+
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} is a file")
-    if out.is_dir() and any(out.iterdir()):
+    entries = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    if entries:
         if not overwrite:
             raise DiffalignError(
                 f"{out} is not empty (an earlier run?); pass --overwrite to replace a demo "
@@ -95,7 +98,11 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
                 f"{out} is not empty and is not a diffalign demo output (no {MARKER}); "
                 "refusing to delete it: choose another --output-dir"
             )
-        shutil.rmtree(out)
+        for p in entries:  # everything but the lock this run holds
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -112,7 +119,20 @@ def run_demo(
     sizes: DemoSizes | None = None,
 ) -> dict:
     """Run the toy pipeline on digits and write summary.json, report.md and PNGs; returns the
-    summary. The comparison table is printed last on stdout."""
+    summary. The comparison table is printed last on stdout. The folder is locked for the run
+    (`engine.io.output_lock`): a second demo into it is refused, not mixed in."""
+    from diffalign.engine.io import locked_output_dir
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise DiffalignError(f"--output-dir {out} is a file")
+    with locked_output_dir(out, "demo output folder"):
+        return _run_demo_locked(out, quick, seed, overwrite, progress, sizes)
+
+
+def _run_demo_locked(
+    out: Path, quick: bool, seed: int, overwrite: bool, progress: bool, sizes: DemoSizes | None
+) -> dict:
     import torch
 
     from diffalign.engine.io import write_json, write_text
@@ -134,7 +154,6 @@ def run_demo(
         torch.set_num_threads(1)  # tiny models: threads only add contention (see toy/cli.py)
     t_start = time.time()
     s = sizes or (QUICK if quick else FULL)
-    out = Path(output_dir)
     _prepare_output(out, overwrite)
     write_json(out / MARKER, {"quick": quick, "seed": seed, "sizes": asdict(s)})
     torch.manual_seed(seed)
