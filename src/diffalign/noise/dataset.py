@@ -39,33 +39,23 @@ from pathlib import Path
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import (
-    append_jsonl,
-    load_tensors,
-    locked_output_dir,
-    read_json,
-    resolve_inside,
-    write_json,
-)
-from diffalign.engine.progress import progress
+from diffalign.engine.io import load_tensors, locked_output_dir, resolve_inside, write_json
 from diffalign.noise.assign import (
     NOISE_FILE,
     _check_settings,
     assign_noise,
     base_noise,
     check_noise_file,
-    dist_state,
     file_sha256,
     load_target_image,
     prompt_sha,
-    read_records,
-    rewrite_jsonl,
     save_noise_file,
     save_png,
     small_report,
     snapshot_schedule,
     write_run_outputs,
 )
+from diffalign.noise.jobs import AssignmentJob, run_assignment_job
 
 
 @dataclass
@@ -212,129 +202,90 @@ def build_dataset(
         "num_items": len(items),
         **asdict(s),
     }
+    job = PairsJob(generator, items, s, latent_shape, num_intermediates, plots)
+    job.out = out
     with locked_output_dir(out, "dataset folder"):
-        return _build_locked(
-            generator, items, out, config, s, batch_size, num_intermediates, plots, desc, t0
-        )
+        return run_assignment_job(job, out, config, batch_size, desc, t0)
 
 
-def _build_locked(generator, items, out, config, s, batch_size, num_intermediates, plots, desc, t0):
-    rank, world, state = dist_state()
-    cfg_path = out / "dataset_config.json"
-    if cfg_path.is_file():
-        old = read_json(cfg_path)
-        diff = [k for k in config if k != "data_root" and old.get(k) != config[k]]
-        if diff:
-            raise DiffalignError(
-                f"{out} holds a dataset built with other settings ({', '.join(diff)}); use "
-                "another --output-dir"
-            )
-    elif rank == 0:
-        write_json(cfg_path, config)
-    if state is not None:
-        state.wait_for_everyone()
-    t_sync = time.time()  # every process is ready: the work (and its timing) starts here
+class PairsJob(AssignmentJob):
+    """build-dataset's items: the pairs of pairs.jsonl on a one-step generator."""
 
-    latent_shape = tuple(config["latent_shape"])
-    size = tuple(config["image_size"])
-    done = read_records(out, "manifest")
-    mine = [it for it in items if it.id % world == rank]
-    todo: set[int] = set()
-    skipped = redone = 0
-    for it in mine:
-        if it.id in done:
-            problem = _sample_ok(out, done[it.id], it, latent_shape)
-            if problem is None:
-                skipped += 1
-                continue
-            redone += 1
-            print(f"diffalign: item {it.id}: {problem}; assigning it again", flush=True)
-        todo.add(it.id)
-    batches = [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
-    batches = [b for b in batches if todo.intersection(it.id for it in b)]
-    suffix = "" if world == 1 else f".rank-{rank:02d}"
-    manifest_file = out / f"manifest{suffix}.jsonl"
-    failures_file = out / f"failures{suffix}.jsonl"
-    snaps = snapshot_schedule(s.steps, num_intermediates)
+    config_file = "dataset_config.json"
+    config_ignore = ("data_root",)  # the pairs (by hash) must match, not where they lie
+    what = "dataset"
 
-    def fail(it: PairItem, error: str) -> None:
-        append_jsonl(
-            failures_file, {"id": it.id, "prompt": it.prompt, "image": it.image, "error": error}
-        )
+    def __init__(self, generator, items, settings, latent_shape, num_intermediates, plots):
+        self.generator, self.items, self.s = generator, {it.id: it for it in items}, settings
+        self.latent_shape = tuple(latent_shape)
+        self.size = tuple(generator.image_size())
+        self.snaps = snapshot_schedule(settings.steps, num_intermediates)
+        self.plots = plots
+        self.out: Path | None = None
 
-    n_written = 0
-    bar = progress(total=len(todo), desc=desc)
-    t_assign = time.time()
-    for batch in batches:
+    def item_ids(self) -> list[int]:
+        return sorted(self.items)
+
+    def check_done(self, item: int, record: dict) -> str | None:
+        return _sample_ok(self.out, record, self.items[item], self.latent_shape)
+
+    def run_batch(self, ids, todo, writer) -> None:
+        s, gen = self.s, self.generator
         good, targets = [], []
-        for it in batch:
+        for i in ids:
+            it = self.items[i]
             err = it.error
             if err is None:
                 try:
-                    targets.append(load_target_image(it.image_path, size, s.resize))
+                    targets.append(load_target_image(it.image_path, self.size, s.resize))
                     good.append(it)
                     continue
                 except DiffalignError as e:
                     err = str(e)
-            if it.id in todo:
-                fail(it, err)
-        if good:
-            x = torch.stack(targets)
-            eps = base_noise([it.id for it in good], latent_shape, s.seed)
-            embeds = generator.encode_prompts([it.prompt for it in good])
-            res = assign_noise(
-                generator,
-                eps,
-                embeds,
-                generator.encode_images(x),
-                x if s.pixel_l1_weight else None,
-                steps=s.steps,
-                lr=s.lr,
-                patch_size=s.patch_size,
-                parametrization=s.parametrization,
-                latent_loss_weight=s.latent_loss_weight,
-                pixel_l1_weight=s.pixel_l1_weight,
-                snapshot_steps=snaps,
-                keep_images=True,
-            )
-            for j, it in enumerate(good):
-                if it.id not in todo:  # finished earlier; run again only as a neighbour
-                    continue
-                vals = (res.loss_before[j], res.loss_after[j], res.mse_after[j], res.noise[j])
-                if not all(torch.isfinite(v).all() for v in vals):
-                    fail(it, "loss is NaN/inf (try --dtype fp32 or another --vae)")
-                    continue
-                _write_sample(out, manifest_file, it, j, res, eps, x, s, plots)
-                n_written += 1
-        bar.update(len(todo.intersection(it.id for it in batch)))
-    bar.close()
-    assign_seconds = time.time() - t_assign
-
-    if state is not None:
-        state.wait_for_everyone()
-    summary: dict = {}
-    if rank == 0:
-        summary = _finalize(out, config, len(items), s.patch_size, plots)
-        summary.update(
-            skipped_finished=skipped if world == 1 else None,
-            redone_damaged=redone if world == 1 else None,
-            world_size=world,
-            written_this_run=n_written if world == 1 else None,
-            samples_per_second=(n_written / assign_seconds)
-            if world == 1 and assign_seconds > 0 and n_written
-            else None,
-            seconds=round(time.time() - t0, 3),
-            work_seconds=round(time.time() - t_sync, 3),
+            if i in todo:
+                writer.fail({"id": i, "prompt": it.prompt, "image": it.image, "error": err})
+        if not good:
+            return
+        x = torch.stack(targets)
+        eps = base_noise([it.id for it in good], self.latent_shape, s.seed)
+        res = assign_noise(
+            gen,
+            eps,
+            gen.encode_prompts([it.prompt for it in good]),
+            gen.encode_images(x),
+            x if s.pixel_l1_weight else None,
+            steps=s.steps,
+            lr=s.lr,
+            patch_size=s.patch_size,
+            parametrization=s.parametrization,
+            latent_loss_weight=s.latent_loss_weight,
+            pixel_l1_weight=s.pixel_l1_weight,
+            snapshot_steps=self.snaps,
+            keep_images=True,
         )
-        write_json(out / "summary.json", summary)
-    if state is not None:
-        state.wait_for_everyone()
-    return summary
+        for j, it in enumerate(good):
+            if it.id not in todo:  # finished earlier; run again only as a neighbour
+                continue
+            vals = (res.loss_before[j], res.loss_after[j], res.mse_after[j], res.noise[j])
+            if not all(torch.isfinite(v).all() for v in vals):
+                writer.fail(
+                    {
+                        "id": it.id,
+                        "prompt": it.prompt,
+                        "image": it.image,
+                        "error": "loss is NaN/inf (try --dtype fp32 or another --vae)",
+                    }
+                )
+                continue
+            writer.done(_write_sample(self.out, it, j, res, eps, x, s, self.plots))
+
+    def finalize(self, out: Path, records: list[dict], failures: list[dict]) -> dict:
+        return _dataset_diagnostics(out, records, self.s.patch_size, self.plots)
 
 
-def _write_sample(out, manifest_file, it: PairItem, j, res, eps, x, s, plots) -> None:
-    """One sample folder: target.png, run_outputs/, the noise file, meta.json; then the
-    manifest line (written last, so a line always names a complete sample)."""
+def _write_sample(out, it: PairItem, j, res, eps, x, s, plots) -> dict:
+    """One sample folder: target.png, run_outputs/, the noise file, meta.json; returns the
+    manifest record (appended last, so a line always names a complete sample)."""
     name = sample_dir_name(it.id, it.prompt)
     sdir = out / "samples" / name
     save_png(sdir / "target.png", x[j])
@@ -357,27 +308,14 @@ def _write_sample(out, manifest_file, it: PairItem, j, res, eps, x, s, plots) ->
         "best_step": curve["best_step"],
     }
     write_json(sdir / "meta.json", record)
-    append_jsonl(manifest_file, record)
+    return record
 
 
-def _finalize(out: Path, config: dict, n_items: int, patch_size: int, plots: bool) -> dict:
-    """Merge manifest parts, rewrite manifest/failures sorted and de-duplicated, diagnostics."""
+def _dataset_diagnostics(out: Path, records: list[dict], patch_size: int, plots: bool) -> dict:
+    """Mean losses and the base-vs-assigned noise diagnostics of the finished samples."""
     from diffalign.noise.diagnostics import gaussianity_report, write_gaussianity_diagnostics
 
-    done = read_records(out, "manifest")
-    fails = read_records(out, "failures")
-    records = [done[i] for i in sorted(done) if i < n_items]
-    failures = [fails[i] for i in sorted(fails) if i not in done and i < n_items]
-    rewrite_jsonl(out / "manifest.jsonl", records)
-    rewrite_jsonl(out / "failures.jsonl", failures)
-    for part in out.glob("*.rank-*.jsonl"):
-        part.unlink()
-    summary: dict = {
-        "config": config,
-        "num_items": n_items,
-        "finished": len(records),
-        "failed": len(failures),
-    }
+    summary: dict = {}
     if not records:
         return summary
     lb = torch.tensor([r["loss_before"] for r in records])

@@ -26,6 +26,11 @@ paths must stay inside the dataset folder (`engine.io.resolve_inside`). The fold
 for the whole run (`engine.io.output_lock`). Under ``accelerate launch`` rank ``r`` of ``w``
 takes the items ``i % w == r`` and appends to ``manifest.rank-RR.jsonl``; rank 0 merges the
 parts into ``manifest.jsonl`` at the end (a crash leaves the parts, which the next run reads).
+
+One implementation with the real generators: the math is `diffalign.noise.assign.assign_noise`
+and the resumable, sharded, batched job is `diffalign.noise.jobs.run_assignment_job` (the same
+runner as `diffalign noise build-dataset`); this module keeps only what is toy-specific (items
+from a `ToyData` split, labels, the toy file layout and example grid).
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ import torch
 
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import (
-    append_jsonl,
     load_tensors,
     locked_output_dir,
     read_json,
@@ -48,15 +52,12 @@ from diffalign.engine.io import (
     save_tensors,
     write_json,
 )
-from diffalign.engine.progress import progress
 from diffalign.noise.assign import AssignResult, base_noise
 from diffalign.noise.assign import assign_noise as _generic_assign_noise
-from diffalign.noise.assign import dist_state as _dist_state
 from diffalign.noise.assign import file_sha256 as _file_sha256
 from diffalign.noise.assign import item_id as _item_id
-from diffalign.noise.assign import read_records as _read_records
-from diffalign.noise.assign import rewrite_jsonl as _rewrite_jsonl
 from diffalign.noise.assign import small_report as _small
+from diffalign.noise.jobs import AssignmentJob, run_assignment_job
 
 __all__ = ["AssignResult", "assign", "assign_noise", "base_noise", "load_matched_pairs"]
 
@@ -283,169 +284,114 @@ def assign(
     }
     if output_dir.exists() and not output_dir.is_dir():
         raise DiffalignError(f"--output-dir {output_dir} exists and is not a folder")
+    job = ToyAssignJob(
+        output_dir,
+        data,
+        generator,
+        n_items,
+        latent_shape,
+        assign_steps,
+        lr,
+        patch_size,
+        parametrization,
+        l1_weight,
+        seed,
+        write_plots,
+    )
     with locked_output_dir(output_dir, "assignment folder"):
-        return _assign_locked(
-            output_dir,
-            config,
-            data,
-            generator,
-            n_items,
-            latent_shape,
-            assign_steps,
-            lr,
-            patch_size,
-            parametrization,
-            l1_weight,
-            batch_size,
-            seed,
-            desc,
-            write_plots,
-            t0,
-        )
-
-
-def _assign_locked(
-    output_dir: Path,
-    config: dict,
-    data,
-    generator,
-    n_items: int,
-    latent_shape: tuple,
-    assign_steps: int,
-    lr: float,
-    patch_size: int,
-    parametrization: str,
-    l1_weight: float,
-    batch_size: int,
-    seed: int,
-    desc: str,
-    write_plots: bool,
-    t0: float,
-) -> dict:
-    rank, world, state = _dist_state()
-    cfg_path = output_dir / "assign_config.json"
-    if cfg_path.is_file():
-        old = read_json(cfg_path)
-        diff = [k for k in config if k != "generator" and old.get(k) != config[k]]
-        if diff:
-            raise DiffalignError(
-                f"{output_dir} holds an assignment made with other settings ({', '.join(diff)}); "
-                "use another --output-dir"
-            )
-    elif rank == 0:
-        write_json(cfg_path, config)
-    if state is not None:
-        state.wait_for_everyone()
-
-    done = _read_records(output_dir, "manifest")
-    todo, skipped, redo = [], 0, 0
-    mine = [i for i in range(n_items) if i % world == rank]
-    for i in mine:
-        if i in done:
-            rel = done[i].get("noise_file")
-            noise_path = resolve_inside(
-                output_dir, str(rel), f"{output_dir}/manifest.jsonl: item {i}'s noise_file"
-            )
-            problem = check_noise_file(noise_path, latent_shape, i, done[i].get("label"))
-            if problem is None:
-                skipped += 1
-                continue
-            redo += 1
-            print(f"diffalign: item {i}: {problem}; assigning it again", flush=True)
-        todo.append(i)
-    todo_set = set(todo)
-    # fixed batches of this process's items: a batch with work left is run whole, so every
-    # item sees the same batch neighbours as in an uninterrupted run (bit-identical results)
-    batches = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
-    batches = [b for b in batches if todo_set.intersection(b)]
-
-    suffix = "" if world == 1 else f".rank-{rank:02d}"
-    manifest_file = output_dir / f"manifest{suffix}.jsonl"
-    failures_file = output_dir / f"failures{suffix}.jsonl"
-    curve_sum: list[float] = []
-    n_batches = 0
-    generator.requires_grad_(False)
-    bar = progress(total=len(todo), desc=desc)
-    for ids in batches:
-        x = data.images[ids]
-        y = data.labels[ids]
-        ok = torch.isfinite(x.flatten(1)).all(1)
-        for j in (~ok).nonzero().flatten().tolist():
-            if ids[j] in todo_set:
-                append_jsonl(
-                    failures_file,
-                    {"id": ids[j], "label": int(y[j]), "error": "target has NaN/inf"},
-                )
-        good = [ids[j] for j in ok.nonzero().flatten().tolist()]
-        if good:
-            idx = ok.nonzero().flatten()
-            eps = base_noise(good, latent_shape, seed)
-            res = assign_noise(
-                generator,
-                eps,
-                y[idx],
-                x[idx],
-                assign_steps,
-                lr,
-                patch_size,
-                parametrization,
-                l1_weight,
-            )
-            n_batches += 1
-            curve_sum = (
-                [a + b for a, b in zip(curve_sum, res.curve)] if curve_sum else list(res.curve)
-            )
-            for j, item in enumerate(good):
-                if item not in todo_set:  # finished earlier; run again only as a neighbour
-                    continue
-                _finish_item(
-                    output_dir,
-                    manifest_file,
-                    failures_file,
-                    item,
-                    j,
-                    res,
-                    eps,
-                    x[idx],
-                    y[idx],
-                    data,
-                )
-        bar.update(len(todo_set.intersection(ids)))
-    bar.close()
-
-    if state is not None:
-        state.wait_for_everyone()
-    summary = {}
-    if rank == 0:
-        summary = _finalize(
-            output_dir, config, n_items, latent_shape, data, generator, patch_size, write_plots
-        )
-        summary.update(
-            skipped_finished=skipped if world == 1 else None,
-            redone_corrupt=redo if world == 1 else None,
-            world_size=world,
-            seconds=round(time.time() - t0, 3),
-        )
-        if curve_sum and write_plots:
-            from diffalign.engine.reports import plot_curves
-
-            plot_curves(
-                output_dir / "assign_loss.png",
-                {"mean objective": [v / n_batches for v in curve_sum]},
-                title="assignment: reconstruction objective vs step (mean over batches)",
-                ylabel="objective",
-            )
-        write_json(output_dir / "summary.json", summary)
-    if state is not None:
-        state.wait_for_everyone()
+        summary = run_assignment_job(job, output_dir, config, batch_size, desc, t0)
+    if summary:
+        summary["redone_corrupt"] = summary.get("redone_damaged")
     return summary
 
 
-def _finish_item(output_dir, manifest_file, failures_file, item, j, res, eps, x, y, data) -> None:
+class ToyAssignJob(AssignmentJob):
+    """`noise toy assign`'s items: the first `n_items` of a toy dataset split, on the toy GAN
+    (the runner, `diffalign.noise.jobs.run_assignment_job`, is build-dataset's too)."""
+
+    config_file = "assign_config.json"
+    config_ignore = ("generator",)  # the weights' path may move; their sha256 must match
+    what = "assignment"
+
+    def __init__(
+        self,
+        output_dir,
+        data,
+        generator,
+        n_items,
+        latent_shape,
+        assign_steps,
+        lr,
+        patch_size,
+        parametrization,
+        l1_weight,
+        seed,
+        write_plots,
+    ) -> None:
+        self.out, self.data, self.generator, self.n_items = output_dir, data, generator, n_items
+        self.latent_shape = tuple(latent_shape)
+        self.settings = (assign_steps, lr, patch_size, parametrization, l1_weight)
+        self.patch_size, self.seed, self.write_plots = patch_size, seed, write_plots
+        self.curve_sum: list[float] = []
+        self.n_batches = 0
+        generator.requires_grad_(False)
+
+    def item_ids(self) -> list[int]:
+        return list(range(self.n_items))
+
+    def check_done(self, item: int, record: dict) -> str | None:
+        noise_path = resolve_inside(
+            self.out,
+            str(record.get("noise_file")),
+            f"{self.out}/manifest.jsonl: item {item}'s noise_file",
+        )
+        return check_noise_file(noise_path, self.latent_shape, item, record.get("label"))
+
+    def run_batch(self, ids, todo, writer) -> None:
+        x = self.data.images[ids]
+        y = self.data.labels[ids]
+        ok = torch.isfinite(x.flatten(1)).all(1)
+        for j in (~ok).nonzero().flatten().tolist():
+            if ids[j] in todo:
+                writer.fail({"id": ids[j], "label": int(y[j]), "error": "target has NaN/inf"})
+        good = [ids[j] for j in ok.nonzero().flatten().tolist()]
+        if not good:
+            return
+        idx = ok.nonzero().flatten()
+        eps = base_noise(good, self.latent_shape, self.seed)
+        res = assign_noise(self.generator, eps, y[idx], x[idx], *self.settings)
+        self.n_batches += 1
+        self.curve_sum = (
+            [a + b for a, b in zip(self.curve_sum, res.curve)]
+            if self.curve_sum
+            else list(res.curve)
+        )
+        for j, item in enumerate(good):
+            if item not in todo:  # finished earlier; run again only as a neighbour
+                continue
+            _finish_item(self.out, writer, item, j, res, eps, x[idx], y[idx], self.data)
+
+    def finalize(self, out: Path, records: list[dict], failures: list[dict]) -> dict:
+        summary = _diagnostics(
+            out, records, self.data, self.generator, self.patch_size, self.write_plots
+        )
+        if self.curve_sum and self.write_plots:
+            from diffalign.engine.reports import plot_curves
+
+            plot_curves(
+                out / "assign_loss.png",
+                {"mean objective": [v / self.n_batches for v in self.curve_sum]},
+                title="assignment: reconstruction objective vs step (mean over batches)",
+                ylabel="objective",
+            )
+        return summary
+
+
+def _finish_item(output_dir, writer, item, j, res, eps, x, y, data) -> None:
     """Write one item's noise file atomically, then its meta.json, then its manifest line."""
     vals = (res.loss_before[j], res.loss_after[j], res.mse_after[j], res.noise[j])
     if not all(torch.isfinite(v).all() for v in vals):
-        append_jsonl(failures_file, {"id": item, "label": int(y[j]), "error": "loss is NaN/inf"})
+        writer.fail({"id": item, "label": int(y[j]), "error": "loss is NaN/inf"})
         return
     folder = sample_dir(output_dir, item)
     rel = f"samples/{int(item):06d}/noise.safetensors"
@@ -469,30 +415,14 @@ def _finish_item(output_dir, manifest_file, failures_file, item, j, res, eps, x,
         "mse_after": float(res.mse_after[j]),
     }
     write_json(folder / "meta.json", record)
-    append_jsonl(manifest_file, record)
+    writer.done(record)
 
 
-def _finalize(
-    output_dir, config, n_items, latent_shape, data, generator, patch_size, write_plots=True
-) -> dict:
-    """Merge manifest parts, rewrite manifest/failures de-duplicated, write diagnostics."""
+def _diagnostics(output_dir, records, data, generator, patch_size, write_plots=True) -> dict:
+    """Mean MSEs and the base-vs-assigned noise diagnostics of the finished items."""
     from diffalign.noise import gaussianity_report, write_gaussianity_diagnostics
 
-    done = _read_records(output_dir, "manifest")
-    fails = _read_records(output_dir, "failures")
-    records = [done[i] for i in sorted(done)]
-    failures = [fails[i] for i in sorted(fails) if i not in done]
-    _rewrite_jsonl(output_dir / "manifest.jsonl", records)
-    _rewrite_jsonl(output_dir / "failures.jsonl", failures)
-    for part in output_dir.glob("*.rank-*.jsonl"):
-        part.unlink()
-
-    summary: dict = {
-        "config": config,
-        "num_items": n_items,
-        "finished": len(records),
-        "failed": len(failures),
-    }
+    summary: dict = {}
     if records:
         mb = torch.tensor([r["mse_before"] for r in records])
         ma = torch.tensor([r["mse_after"] for r in records])

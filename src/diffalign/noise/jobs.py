@@ -1,0 +1,167 @@
+"""The resumable, sharded, batched assignment job (spec N: matched-noise dataset builder).
+
+One runner for every assignment dataset: `diffalign noise build-dataset`
+(:mod:`diffalign.noise.dataset`, pairs.jsonl on a diffusion generator) and
+`diffalign noise toy assign` (:mod:`diffalign.noise.toy.assignment`, a toy dataset split on the
+toy GAN). An :class:`AssignmentJob` says what its items are, when an item's earlier output is
+still good and how a batch is assigned and written; :func:`run_assignment_job` owns the rest:
+
+- the settings file (a re-run with other settings is refused) and the folder's state;
+- resume: items whose manifest record the job accepts are skipped, the others redone;
+- fixed batches (this process's items in order, ``batch_size`` at a time): a batch with
+  unfinished work runs whole again and only its unfinished items are written, so a resumed run
+  gives the same results as an uninterrupted one;
+- sharding under ``accelerate launch``: rank ``r`` of ``w`` takes the items ``i % w == r`` and
+  appends to ``manifest.rank-RR.jsonl`` / ``failures.rank-RR.jsonl``; rank 0 merges them into
+  ``manifest.jsonl`` / ``failures.jsonl`` (sorted by id, de-duplicated) at the end;
+- the progress bar and ``summary.json``.
+
+The caller holds the folder's lock (`engine.io.locked_output_dir`) around the run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from diffalign.engine.errors import DiffalignError
+from diffalign.engine.io import append_jsonl, read_json, write_json
+from diffalign.engine.progress import progress
+from diffalign.noise.assign import dist_state, read_records, rewrite_jsonl
+
+
+class AssignmentJob:
+    """What a resumable assignment job does per item (module doc)."""
+
+    config_file: str = "dataset_config.json"
+    config_ignore: tuple[str, ...] = ()  # settings that may change between runs
+    what: str = "dataset"
+
+    def item_ids(self) -> list[int]:
+        """All item ids of the job (0..n-1)."""
+        raise NotImplementedError
+
+    def check_done(self, item: int, record: dict) -> str | None:
+        """None when ``record`` (the item's manifest line) names complete, valid output."""
+        raise NotImplementedError
+
+    def run_batch(self, ids: list[int], todo: set[int], writer: JobWriter) -> None:
+        """Assign the items ``ids`` together; write those in ``todo`` (``writer.done`` /
+        ``writer.fail``); the others are in the batch only as neighbours."""
+        raise NotImplementedError
+
+    def finalize(self, out: Path, records: list[dict], failures: list[dict]) -> dict:
+        """Rank 0, after the merge: diagnostics and plots; returns summary entries."""
+        return {}
+
+
+class JobWriter:
+    """Appends this process's manifest and failure lines."""
+
+    def __init__(self, out: Path, world: int, rank: int) -> None:
+        suffix = "" if world == 1 else f".rank-{rank:02d}"
+        self.manifest = out / f"manifest{suffix}.jsonl"
+        self.failures = out / f"failures{suffix}.jsonl"
+        self.written = 0
+        self.failed = 0
+
+    def done(self, record: dict) -> None:
+        """The item's files are written: its manifest line comes last."""
+        append_jsonl(self.manifest, record)
+        self.written += 1
+
+    def fail(self, record: dict) -> None:
+        append_jsonl(self.failures, record)
+        self.failed += 1
+
+
+def merge_records(out: Path) -> tuple[list[dict], list[dict]]:
+    """Merge the rank parts; rewrite manifest.jsonl / failures.jsonl sorted and de-duplicated
+    (an item finished later is no failure); remove the parts."""
+    done = read_records(out, "manifest")
+    fails = read_records(out, "failures")
+    records = [done[i] for i in sorted(done)]
+    failures = [fails[i] for i in sorted(fails) if i not in done]
+    rewrite_jsonl(out / "manifest.jsonl", records)
+    rewrite_jsonl(out / "failures.jsonl", failures)
+    for part in out.glob("*.rank-*.jsonl"):
+        part.unlink()
+    return records, failures
+
+
+def run_assignment_job(
+    job: AssignmentJob,
+    out: str | Path,
+    config: dict,
+    batch_size: int,
+    desc: str = "assign",
+    t0: float | None = None,
+) -> dict:
+    """Run (or resume) ``job`` into ``out`` (module doc); returns the summary on rank 0."""
+    t0 = time.time() if t0 is None else t0
+    out = Path(out)
+    rank, world, state = dist_state()
+    cfg_path = out / job.config_file
+    if cfg_path.is_file():
+        old = read_json(cfg_path)
+        diff = [k for k in config if k not in job.config_ignore and old.get(k) != config[k]]
+        if diff:
+            raise DiffalignError(
+                f"{out} holds a {job.what} made with other settings ({', '.join(diff)}); use "
+                "another --output-dir"
+            )
+    elif rank == 0:
+        write_json(cfg_path, config)
+    if state is not None:
+        state.wait_for_everyone()
+    t_sync = time.time()  # every process is ready: the work (and its timing) starts here
+
+    ids = job.item_ids()
+    done = read_records(out, "manifest")
+    mine = [i for i in ids if i % world == rank]
+    todo: set[int] = set()
+    skipped = redone = 0
+    for i in mine:
+        if i in done:
+            problem = job.check_done(i, done[i])
+            if problem is None:
+                skipped += 1
+                continue
+            redone += 1
+            print(f"diffalign: item {i}: {problem}; assigning it again", flush=True)
+        todo.add(i)
+    batches = [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
+    batches = [b for b in batches if todo.intersection(b)]
+    writer = JobWriter(out, world, rank)
+    bar = progress(total=len(todo), desc=desc)
+    for batch in batches:
+        job.run_batch(batch, todo, writer)
+        bar.update(len(todo.intersection(batch)))
+    bar.close()
+
+    if state is not None:
+        state.wait_for_everyone()
+    summary: dict = {}
+    if rank == 0:
+        records, failures = merge_records(out)
+        summary = {
+            "config": config,
+            "num_items": len(ids),
+            "finished": len(records),
+            "failed": len(failures),
+        }
+        summary.update(job.finalize(out, records, failures))
+        work = time.time() - t_sync
+        summary.update(
+            skipped_finished=skipped if world == 1 else None,
+            redone_damaged=redone if world == 1 else None,
+            world_size=world,
+            written_this_run=writer.written if world == 1 else None,
+            samples_per_second=writer.written / work if world == 1 and writer.written else None,
+            seconds=round(time.time() - t0, 3),
+            work_seconds=round(work, 3),
+        )
+        write_json(out / "summary.json", summary)
+    if state is not None:
+        state.wait_for_everyone()
+    return summary
