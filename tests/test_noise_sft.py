@@ -132,3 +132,25 @@ def test_direct_and_matched_differ_and_bad_input(sdxl, dataset, tmp_path, capsys
         assert main([*base, "--output-dir", str(tmp_path / "x"), *extra]) == 2
         err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffalign")]
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_hyper_sd15_sft_keeps_the_fused_one_step_lora(tiny_model_dir, dataset, tmp_path):
+    """Full SFT of hyper-sd15 drops the fused LoRA's layers but keeps its fused weights: the
+    exported pipeline, loaded without re-applying the LoRA, is the Hyper-SD generator again
+    (1 step at lr 1e-9 changes next to nothing)."""
+    weights = f"{tiny_model_dir('hyper-sd')}/Hyper-SD15-1step-lora.safetensors"
+    kw = dict(height=SIZE, width=SIZE, device="cpu")
+    gen = load_generator(tiny_model_dir("sd15"), "hyper-sd15", weights=weights, **kw)
+    z = gen.sample_noise(1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = gen.generate(z, gen.encode_prompts(["a cat"]))
+    r = sft(
+        gen, dataset, tmp_path / "h", direct=True, max_steps=1, lr=1e-9, tracker="none",
+        progress=False,
+    )  # fmt: skip
+    again = load_generator(r["model"], "hyper-sd15", apply_weights=False, **kw)
+    with torch.no_grad():
+        after = again.generate(z, again.encode_prompts(["a cat"]))
+    assert torch.allclose(before, after, atol=1e-4)
+    bare = load_generator(r["model"], "sd-turbo", **kw)  # not the base: the LoRA is in it
+    assert not getattr(bare.unet, "peft_config", None)
