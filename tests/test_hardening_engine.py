@@ -368,3 +368,17 @@ def test_clean_stale_temporaries_only_touches_our_names(tmp_path):
     removed = clean_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [".a.json.abcd1234.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden.tmp", "b.tmp"]
+
+
+def test_the_largest_seed_works_everywhere(tmp_path):
+    """seed_int allows up to 2**63 - 1: numpy's 32-bit seeding and derived per-item seeds
+    must not overflow (they were internal errors)."""
+    top = str(2**63 - 1)
+    gan = tmp_path / "gan"
+    assert main(["noise", "toy", "train-gan", "--output-dir", str(gan), "--max-items", "8",
+                 "--batch-size", "4", "--max-steps", "1", "--seed", top]) == 0  # fmt: skip
+    assert main(["noise", "toy", "assign", "--generator-ckpt", str(gan), "--output-dir",
+                 str(tmp_path / "asg"), "--max-items", "2", "--assign-steps", "1",
+                 "--seed", top]) == 0  # fmt: skip
+    with pytest.raises(DiffalignError, match="seed"):
+        TrainConfig(output_dir=str(tmp_path / "x"), max_steps=1, seed=-1).validate()

@@ -143,6 +143,8 @@ class TrainConfig:
                 raise DiffalignError(f"{name} must be >= 0")
         if self.max_nonfinite_steps < 1:
             raise DiffalignError("max_nonfinite_steps must be >= 1")
+        if isinstance(self.seed, bool) or not 0 <= int(self.seed) <= 2**63 - 1:
+            raise DiffalignError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
 
 
 @dataclass
@@ -445,7 +447,8 @@ class _Trainer:
         from accelerate.utils import set_seed
 
         cfg, task, acc = self.config, self.task, self.accelerator
-        set_seed(cfg.seed, device_specific=True)
+        # numpy's legacy seeding (inside set_seed) takes 32 bits; small seeds are unchanged
+        set_seed(cfg.seed % (2**32 - 2**16), device_specific=True)
 
         self.modules = dict(task.trainable())
         if not self.modules:
