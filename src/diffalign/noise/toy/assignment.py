@@ -31,7 +31,6 @@ parts into ``manifest.jsonl`` at the end (a crash leaves the parts, which the ne
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -628,9 +627,9 @@ def _small(report: dict) -> dict:
 
 
 def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
-    from diffalign.engine.io import write_text
+    from diffalign.engine.io import dumps_json, write_text
 
-    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    write_text(path, "".join(dumps_json(r) + "\n" for r in records))
 
 
 def _example_grid(output_dir, records, data, generator, eps, noise) -> None:
