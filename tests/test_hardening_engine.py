@@ -204,7 +204,7 @@ def test_output_dir_that_is_a_file_or_unwritable(tmp_path, prompts, sd3, capsys,
         line = one_error(capsys)
         assert line.startswith("diffalign: error:") and str(Path(out).parent) in line, line
     assert run_cli(["make-tiny", "sd3", "--out", str(out)]) == 2
-    assert str(out) in one_error(capsys)
+    assert str(Path(out).parent) in one_error(capsys)
     if where == "file":
         assert Path(out).read_text() == "not a folder"
 
