@@ -52,17 +52,28 @@ VALIDATION_T = (0.25, 0.5, 0.75)  # fixed timesteps of the validation loss
 def load_fill_pipeline(model: str, dtype: str = "float32"):
     """FLUX.1-Fill through the shared loader (preset `flux-fill`, folder, Hub id)."""
     from diffusers import FluxFillPipeline, FluxTransformer2DModel
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
 
     from diffalign.engine.loading import load_pipeline
 
-    return load_pipeline(
-        model,
-        FluxFillPipeline,
-        "flux-fill",
-        dtype=dtype,
-        device="cpu",
-        expect={"transformer": FluxTransformer2DModel},
-    )
+    # the per-component loading bars are noise next to our own one-line reports
+    dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()
+    try:
+        pipe = load_pipeline(
+            model,
+            FluxFillPipeline,
+            "flux-fill",
+            dtype=dtype,
+            device="cpu",
+            expect={"transformer": FluxTransformer2DModel},
+        )
+    finally:
+        dlogging.enable_progress_bar()
+        tlogging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def latent_width(pipe: Any) -> int:
