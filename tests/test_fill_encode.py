@@ -125,6 +125,8 @@ def test_bad_panels(pipe):
         enc.encode_diptych(visible, torch.rand(1, 3, 48, 48))
     with pytest.raises(DiffalignError, match="not divisible by 16"):
         enc.encode_diptych(torch.rand(1, 3, 24, 24), torch.rand(1, 3, 24, 24))
+    with pytest.raises(DiffalignError, match="semantic panel is .* visible is"):
+        enc.encode_semantic(torch.rand(1, 3, 48, 48), visible=visible)
     with pytest.raises(DiffalignError, match=r"\[B, 3, P, P\]"):
         enc.encode_semantic(torch.rand(3, P, P))
 
@@ -155,3 +157,38 @@ def test_text_cache(pipe, tmp_path):
     cache.path("a", 8).replace(cache.path("zzz", 8))
     with pytest.raises(DiffalignError, match="does not belong"):
         cache.get("zzz", 8)
+
+
+def test_module_at_init_leaves_transformer_output_bit_identical(pipe):
+    """Seed 004 section 4: hidden = cat(m(x_t, semantic), cond); at init == cat(x_t, cond)."""
+    from diffalign.fill import SemanticCrossAttention
+
+    visible, target, semantic = _panels(b=1)
+    enc = FillEncoder(pipe)
+    g = torch.Generator().manual_seed(3)
+    d = enc.encode_diptych(visible, target, generator=g)
+    sem = enc.encode_semantic(semantic, generator=g)
+    text = enc.encode_prompts(["a cat"], max_sequence_length=8)
+    t = torch.tensor([0.6])
+    x_t = (1 - t) * d["x0"] + t * torch.randn(d["x0"].shape, generator=g)
+    m = SemanticCrossAttention(dim=enc.latent_dim, heads=8, layers=2)
+
+    def run(tokens):
+        with torch.no_grad():
+            return pipe.transformer(
+                hidden_states=torch.cat([tokens, d["cond"]], dim=-1),
+                timestep=t,
+                guidance=torch.full((1,), 30.0),
+                pooled_projections=text["pooled_prompt_embeds"],
+                encoder_hidden_states=text["prompt_embeds"],
+                txt_ids=text["text_ids"],
+                img_ids=d["img_ids"],
+                return_dict=False,
+            )[0]
+
+    plain = run(x_t)
+    assert plain.shape == x_t.shape
+    assert torch.equal(run(m(x_t, sem)), plain)
+    with torch.no_grad():
+        m.layers[0].scale.fill_(0.2)
+    assert not torch.allclose(run(m(x_t, sem)), plain)

@@ -187,7 +187,8 @@ class FillEncoder:
         return out.to(dtype=self.text_encoder_2.dtype)
 
     # -- images ----------------------------------------------------------------------------
-    def _check_panels(self, **panels: torch.Tensor) -> tuple[int, int, int]:
+    def check_panels(self, **panels: torch.Tensor) -> tuple[int, int, int]:
+        """(B, H, W) of equally sized `[B, 3, P, P]` panels; else one DiffalignError naming them."""
         shape = None
         for name, x in panels.items():
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
@@ -198,8 +199,9 @@ class FillEncoder:
                 first = name
             elif tuple(x.shape) != shape:
                 raise DiffalignError(
-                    f"{name} panel is {tuple(x.shape)[1:]} x{x.shape[0]}, {first} is "
-                    f"{shape[1:]} x{shape[0]}: panels must have the same size"
+                    f"{name} panel is {x.shape[-1]}x{x.shape[-2]} (batch {x.shape[0]}), {first} "
+                    f"is {shape[-1]}x{shape[-2]} (batch {shape[0]}): panels must have the same "
+                    "size"
                 )
         b, _, h, w = shape
         if h % self.multiple or w % self.multiple:
@@ -246,7 +248,7 @@ class FillEncoder:
         (pixel size of the diptych). At inference pass zeros (or anything) as `target`: only
         `cond` and `img_ids` are used then.
         """
-        b, h, w = self._check_panels(visible=visible, target=target)
+        b, h, w = self.check_panels(visible=visible, target=target)
         pixels = self.to_pixels(torch.cat([visible, target], dim=-1))
         mask = self.target_mask(b, h, w).to(pixels.device)
         x0 = pack_latents(self._vae_latents(pixels, generator))
@@ -263,18 +265,25 @@ class FillEncoder:
 
     @torch.no_grad()
     def encode_semantic(
-        self, semantic: torch.Tensor, layout: str = "target-half", generator=None
+        self,
+        semantic: torch.Tensor,
+        layout: str = "target-half",
+        generator=None,
+        visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Semantic panel `[B, 3, P, P]` in [0, 1] -> VAE tokens on the diptych grid `[B, L, 64]`.
 
         `target-half` (default): the semantic latents sit on the target half, zeros on the visible
         half; `both-halves`: they fill both halves. No gradient flows (seed 004 section 3).
+        With `visible`, a semantic panel of another size is an error.
         """
         if layout not in SEMANTIC_LAYOUTS:
             raise DiffalignError(
                 f"semantic layout must be one of {', '.join(SEMANTIC_LAYOUTS)}, got {layout!r}"
             )
-        self._check_panels(semantic=semantic)
+        if visible is not None:
+            self.check_panels(visible=visible, semantic=semantic)
+        self.check_panels(semantic=semantic)
         z = self._vae_latents(self.to_pixels(semantic), generator)
         left = torch.zeros_like(z) if layout == "target-half" else z
         return pack_latents(torch.cat([left, z], dim=-1))
