@@ -149,6 +149,15 @@ def test_infer_end_to_end_single_and_folder(flux, trained, tmp_path):
     fargs += ["--input-dir", str(folder), "--output", str(many), "--batch-size", "2"]
     assert main(fargs) == 0
     assert sorted(p.name for p in many.glob("im*.png")) == ["im0.png", "im1.png", "im2.png"]
+    # batching does not change an image: im1 alone (seed 1 + 1) equals im1 of the batch
+    alone = tmp_path / "alone"
+    single = ["fill", "infer", *common, "--semantic-module", str(trained), "--seed", "1"]
+    single += ["--visible", str(folder / "im1_visible.png"), "--prompt", "prompt 1"]
+    single += ["--semantic", str(folder / "im1_semantic.png"), "--output", str(alone)]
+    assert main(single) == 0
+    assert (
+        Image.open(alone / "im1.png").tobytes() == Image.open(many / "im1.png").tobytes()
+    )
     assert read_json(many / "summary.json")["written"] == 3
     assert main(fargs) == 0  # a rerun keeps what is there
     assert read_json(many / "summary.json")["kept_existing"] == 3
@@ -209,4 +218,4 @@ def test_infer_bad_inputs_are_one_line_and_keep_outputs(flux, trained, tmp_path,
     assert "another" in err
     assert (out / "keep.png").read_bytes() == b"already here"
     assert not (out / "v.png").exists()
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["keep.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.png"]

@@ -137,9 +137,13 @@ def sample_panels(
     """Target panels [B, 3, P, P] in [0, 1] for visible panels in [0, 1] (the diptych
     `[visible | target]` with the target half masked, as in training)."""
     device = visible.device
-    # the VAE's latent sample is seeded too: same seeds, same images
-    gen = torch.Generator(device=visible.device).manual_seed(int(seeds[0]))
-    enc = encoder.encode_diptych(visible, torch.zeros_like(visible), generator=gen)
+    # the VAE's latent samples are seeded per image too: batching does not change an image
+    gens = [torch.Generator(device=visible.device).manual_seed(int(s)) for s in seeds]
+    parts = [
+        encoder.encode_diptych(v[None], torch.zeros_like(v[None]), generator=g)
+        for v, g in zip(visible, gens)
+    ]
+    enc = {**parts[0], "cond": torch.cat([p["cond"] for p in parts])}
     if encode_text is not None:
         text = encode_text(list(prompts))
     else:
@@ -149,11 +153,16 @@ def sample_panels(
     if getattr(model, "semantic", None) is not None:
         if semantic is None:
             raise DiffalignError("the semantic module needs a semantic image (--semantic)")
-        sem = encoder.encode_semantic(semantic, layout=semantic_layout, generator=gen)
+        sem = torch.cat(
+            [
+                encoder.encode_semantic(x[None], layout=semantic_layout, generator=g)
+                for x, g in zip(semantic, gens)
+            ]
+        )
     height, width = int(enc["height"]), int(enc["width"])
     noise = make_noise(
         seeds, pipe.vae.config.latent_channels, height, width, pipe.vae_scale_factor
-    ).to(device=device, dtype=enc["x0"].dtype)
+    ).to(device=device, dtype=enc["cond"].dtype)
     latents = sample_latents(
         model,
         fresh_scheduler(pipe),
@@ -366,7 +375,7 @@ def run_infer(
             raise DiffalignError("--prompt is required with --visible (missing caption)")
         records = [
             {
-                "name": Path(visible).stem,
+                "name": Path(visible).stem.removesuffix("_visible") or Path(visible).stem,
                 "visible": Path(visible),
                 "semantic": Path(semantic) if semantic else None,
                 "prompt": prompt,
@@ -387,11 +396,12 @@ def run_infer(
 
     out = Path(output)
     t0 = time.perf_counter()
+    # model, LoRA and module are checked before the output folder is touched
+    pipe = load_fill_pipeline(model, dtype)
+    pipe = pipe.to(device)
+    fill_model = build_model(pipe, lora, semantic_module, guidance)
+    encoder = FillEncoder(pipe)
     with output_lock(out):
-        pipe = load_fill_pipeline(model, dtype)
-        pipe = pipe.to(device)
-        fill_model = build_model(pipe, lora, semantic_module, guidance)
-        encoder = FillEncoder(pipe)
         todo = [
             (i, r)
             for i, r in enumerate(records)
