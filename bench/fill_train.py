@@ -219,9 +219,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-text-tokens", type=int, default=128, help="T5 tokens (FLUX: 512)")
     p.add_argument("--train-rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--train-rounds", type=int, default=5, help="timed rounds per variant")
-    p.add_argument(
-        "--train-checkpointing", action="store_true", help="gradient checkpointing"
-    )
+    p.add_argument("--train-checkpointing", action="store_true", help="gradient checkpointing")
 
 
 def main(argv=None) -> int:

@@ -155,9 +155,7 @@ def test_infer_end_to_end_single_and_folder(flux, trained, tmp_path):
     single += ["--visible", str(folder / "im1_visible.png"), "--prompt", "prompt 1"]
     single += ["--semantic", str(folder / "im1_semantic.png"), "--output", str(alone)]
     assert main(single) == 0
-    assert (
-        Image.open(alone / "im1.png").tobytes() == Image.open(many / "im1.png").tobytes()
-    )
+    assert Image.open(alone / "im1.png").tobytes() == Image.open(many / "im1.png").tobytes()
     assert read_json(many / "summary.json")["written"] == 3
     assert main(fargs) == 0  # a rerun keeps what is there
     assert read_json(many / "summary.json")["kept_existing"] == 3
