@@ -137,6 +137,7 @@ def sample_panels(
     """Target panels [B, 3, P, P] in [0, 1] for visible panels in [0, 1] (the diptych
     `[visible | target]` with the target half masked, as in training)."""
     device = visible.device
+    dtype = pipe.transformer.dtype  # the pipeline runs its latents in the model's dtype
     # the VAE's latent samples are seeded per image too: batching does not change an image
     gens = [torch.Generator(device=visible.device).manual_seed(int(s)) for s in seeds]
     parts = [
@@ -148,7 +149,7 @@ def sample_panels(
         text = encode_text(list(prompts))
     else:
         text = encoder.encode_prompts(list(prompts), max_sequence_length)
-    text = {k: v.to(device) for k, v in text.items()}
+    text = {k: v.to(device=device, dtype=dtype) for k, v in text.items()}
     sem = None
     if getattr(model, "semantic", None) is not None:
         if semantic is None:
@@ -162,18 +163,18 @@ def sample_panels(
     height, width = int(enc["height"]), int(enc["width"])
     noise = make_noise(
         seeds, pipe.vae.config.latent_channels, height, width, pipe.vae_scale_factor
-    ).to(device=device, dtype=enc["cond"].dtype)
+    ).to(device=device, dtype=dtype)
     latents = sample_latents(
         model,
         fresh_scheduler(pipe),
         noise=noise,
-        cond=enc["cond"],
-        img_ids=enc["img_ids"],
+        cond=enc["cond"].to(dtype),
+        img_ids=enc["img_ids"].to(dtype),
         prompt_embeds=text["prompt_embeds"],
         pooled_prompt_embeds=text["pooled_prompt_embeds"],
         text_ids=text["text_ids"],
         steps=steps,
-        semantic_tokens=sem,
+        semantic_tokens=sem.to(dtype) if sem is not None else None,
         guidance=guidance,
         progress=progress,
     )
@@ -332,7 +333,7 @@ def build_model(
     module = None
     if semantic_module:
         module = load_semantic(semantic_module, latent_width(pipe))
-        module = module.to(device=pipe.transformer.device)
+        module = module.to(device=pipe.transformer.device, dtype=pipe.transformer.dtype)
     return SemanticFillTransformer(pipe.transformer, module, guidance).eval()
 
 
