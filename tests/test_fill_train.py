@@ -298,3 +298,18 @@ def test_train_target_region_logit_normal_lora_only(flux, triptychs, tmp_path):
     assert math.isfinite(s["final_train"]["loss"])
     assert not (out / "checkpoint-final/semantic_module.safetensors").exists()
     assert list((out / "text_cache").glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_train_under_accelerate_launch_two_processes(flux, triptychs, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): one run, data sharded, one export."""
+    from diffalign.engine.io import read_json
+    from launch_helper import launch_two_cpu_processes
+
+    out = tmp_path / "ddp"
+    args = tiny_train_args(flux, triptychs, out, max_steps=2)
+    r = launch_two_cpu_processes(["-m", "diffalign", *args], timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = read_json(out / "summary.json")
+    assert s["num_processes"] == 2 and s["steps"] == 2
+    assert (out / "checkpoint-final/pytorch_lora_weights.safetensors").is_file()
