@@ -121,10 +121,16 @@ def _clock(device) -> float:
     return time.thread_time()
 
 
-def flux_flop_share(image_tokens: int = 2048, text_tokens: int = 512) -> dict:
-    """Analytic forward FLOPs: module vs FLUX.1-Fill-dev transformer (2 x params x tokens for the
-    linear layers + attention 4 x L^2 x width per block)."""
-    width, joint, single = 3072, 19, 38
+def flux_flop_share(
+    image_tokens: int = 2048,
+    text_tokens: int = 512,
+    width: int = 3072,
+    joint: int = 19,
+    single: int = 38,
+) -> dict:
+    """Analytic forward FLOPs of the module vs a FLUX transformer (default: FLUX.1-Fill-dev):
+    2 x params x tokens for the block linears (joint 36 w^2, single 15 w^2) + attention
+    4 x N^2 x width per block; module: 4 projections of 64 x 64 + attention 4 x L^2 x 64."""
     n = image_tokens + text_tokens
     params_per_joint = 2 * (4 * width * width + 2 * 4 * width * width) + 2 * 6 * width * width
     params_per_single = 3 * width * width + 4 * width * width + 5 * width * width + 3 * width**2
@@ -141,6 +147,9 @@ def flux_flop_share(image_tokens: int = 2048, text_tokens: int = 512) -> dict:
 
 
 def train_section(args) -> dict:
+    if getattr(args, "quick", False):  # a 1 + 1-block model at 128 px, 2 rounds
+        args.train_layers, args.train_single_layers, args.train_panel = 1, 1, 128
+        args.train_rounds = 2
     device = torch.device(getattr(args, "device", None) or "cpu")
     dtype = getattr(torch, getattr(args, "dtype", None) or "float32")
     torch.set_num_threads(getattr(args, "threads", 1) or 1)
@@ -181,6 +190,13 @@ def train_section(args) -> dict:
         "ratio": med["lora+semantic"] / med["lora"],
         "paired_overhead": statistics.median(ratios) - 1.0,
         "flux_estimate": flux_flop_share(),
+        "this_shape_estimate": flux_flop_share(
+            counts["image_tokens"],
+            counts["text_tokens"],
+            args.train_heads * 128,
+            args.train_layers,
+            args.train_single_layers,
+        ),
     }
     print(markdown_train(result))
     return result
@@ -201,6 +217,8 @@ def markdown_train(r: dict) -> str:
         f"{r['median_s']['lora+semantic']:.3f} | {r['ratio']:.3f} |",
         "",
         f"paired overhead (median of per-round ratios): {100 * r['paired_overhead']:+.2f}%",
+        f"module share of forward FLOPs at this shape: "
+        f"{100 * r['this_shape_estimate']['module_share']:.3f}%",
         f"estimate at FLUX.1-Fill-dev size (2048 + 512 tokens): module "
         f"{r['flux_estimate']['module_gflop']:.2f} GFLOP vs transformer "
         f"{r['flux_estimate']['transformer_gflop']:.0f} GFLOP per forward "
@@ -236,9 +254,6 @@ def main(argv=None) -> int:
     )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    if args.quick:
-        args.train_layers, args.train_single_layers, args.train_panel = 1, 1, 128
-        args.train_rounds = 2
     if args.flux_size:
         args.train_layers, args.train_single_layers, args.train_heads = 19, 38, 24
         args.train_panel, args.train_text_tokens = 512, 512
