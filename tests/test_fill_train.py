@@ -231,13 +231,30 @@ def _train(args) -> None:
     assert main(args) == 0
 
 
-def test_train_stop_resume_equals_uninterrupted(flux, triptychs, tmp_path):
+def test_train_stop_resume_equals_uninterrupted(flux, triptychs, tmp_path, monkeypatch):
+    from diffalign.cli import main
     from diffalign.engine.io import load_tensors, read_json
+    from diffalign.fill.train import FillTrainTask
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _train(tiny_train_args(flux, triptychs, straight, max_steps=4))
-    _train(tiny_train_args(flux, triptychs, split, max_steps=2))
-    _train(tiny_train_args(flux, triptychs, split, max_steps=4, resume="latest"))
+    _train(tiny_train_args(flux, triptychs, straight, max_steps=4, checkpoint_every=2))
+
+    # a run killed in its 4th step, after checkpoint-2 was written
+    original = FillTrainTask.training_step
+
+    def killed(self, batch, step, ctx):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, batch, step, ctx)
+
+    monkeypatch.setattr(FillTrainTask, "training_step", killed)
+    assert main(tiny_train_args(flux, triptychs, split, max_steps=4, checkpoint_every=2)) == 130
+    assert not (split / "checkpoint-final").exists()
+    monkeypatch.setattr(FillTrainTask, "training_step", original)
+    _train(
+        tiny_train_args(flux, triptychs, split, max_steps=4, checkpoint_every=2, resume="latest")
+    )
+    assert read_json(split / "run_config.json")["resumed_from"].endswith("checkpoint-2")
 
     def train_losses(run):
         hist = read_json(run / "summary.json")
