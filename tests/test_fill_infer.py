@@ -217,3 +217,19 @@ def test_infer_bad_inputs_are_one_line_and_keep_outputs(flux, trained, tmp_path,
     assert (out / "keep.png").read_bytes() == b"already here"
     assert not (out / "v.png").exists()
     assert sorted(p.name for p in out.iterdir()) == ["keep.png"]
+
+
+def test_labelled_grid_has_a_header_and_row_labels(tmp_path):
+    from PIL import Image
+
+    from diffalign.engine.reports import save_labelled_grid
+
+    cells = [[Image.new("RGB", (16, 16), (255, 0, 0))] * 4 for _ in range(2)]
+    grid = save_labelled_grid(
+        tmp_path / "g.png", cells, ["a", "b"], ["visible", "prediction", "target", "semantic"]
+    )
+    assert Image.open(tmp_path / "g.png").size == grid.size
+    w, h = grid.size
+    assert w > 4 * 64 and h > 2 * 64  # cells at least 64 px, plus the label column and header
+    assert grid.getpixel((w - 1, h - 1)) == (255, 0, 0)
+    assert grid.getpixel((1, 1)) == (255, 255, 255)

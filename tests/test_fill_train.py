@@ -290,14 +290,21 @@ def test_resume_with_another_module_shape_is_one_line(flux, triptychs, tmp_path,
     assert (out / "checkpoint-final/semantic_module.safetensors").is_file()  # nothing lost
 
 
-def test_train_target_region_logit_normal_lora_only(flux, triptychs, tmp_path):
-    from diffalign.engine.io import read_json
+def test_train_target_region_logit_normal_lora_only(flux, tmp_path):
+    import json
 
+    from diffalign.engine.io import read_json
+    from fill_helpers import write_image
+
+    data = write_triptychs(tmp_path / "data", n=2)
+    write_image(data / "bad.png", (40, 16))  # wrong aspect: skipped and counted
+    with open(data / "captions.jsonl", "a") as f:
+        f.write(json.dumps({"image": "bad.png", "prompt": "bad"}) + "\n")
     out = tmp_path / "run"
     _train(
         tiny_train_args(
             flux,
-            triptychs,
+            data,
             out,
             max_steps=1,
             semantic="false",
@@ -312,6 +319,7 @@ def test_train_target_region_logit_normal_lora_only(flux, triptychs, tmp_path):
     )
     s = read_json(out / "summary.json")
     assert s["fill"]["semantic_parameters"] == 0 and s["fill"]["semantic_scales_final"] == []
+    assert s["fill"]["data"]["used"] == 2 and s["fill"]["data"]["skipped"] == 1
     assert math.isfinite(s["final_train"]["loss"])
     assert not (out / "checkpoint-final/semantic_module.safetensors").exists()
     assert list((out / "text_cache").glob("*.safetensors"))
