@@ -126,6 +126,7 @@ class FillTrainTask(TrainTask):
 
             folder = cfg.text_cache_dir or str(Path(cfg.output_dir) / "text_cache")
             self.text_cache = TextCache(folder, namespace=str(cfg.model))
+            self.cache_report = self.fill_text_cache()
         self.n_lora = count_parameters(lora_parameters(self.transformer))
         self.n_semantic = int(self.semantic.num_parameters()) if self.semantic is not None else 0
         if _is_main():
@@ -143,6 +144,37 @@ class FillTrainTask(TrainTask):
             else:
                 log("[fill] semantic cross-attention: off (LoRA only)")
             log("[fill] " + self.dataset.report().replace("\n", "\n[fill] "))
+            if self.text_cache is not None:
+                log(
+                    f"[fill] text cache {self.text_cache.root}: {self.cache_report['prompts']} "
+                    f"prompts, {self.cache_report['encoded_here']} encoded now"
+                )
+
+    def fill_text_cache(self, batch: int = 16) -> dict[str, int]:
+        """Encode every prompt of the dataset once into the text cache (`--cache-text`), each
+        process its share, on the accelerator's device; the text encoders then stay on the CPU
+        and out of the training step."""
+        from accelerate import PartialState
+
+        from diffalign.engine.progress import progress
+
+        state = PartialState()
+        msl = self.cfg.max_sequence_length
+        prompts = sorted({r.prompt for r in self.dataset.records})
+        mine = prompts[state.process_index :: state.num_processes]
+        todo = [p for p in mine if not self.text_cache.path(p, msl).is_file()]
+        if todo:
+            encoders = (self.pipe.text_encoder, self.pipe.text_encoder_2)
+            for enc in encoders:
+                enc.to(state.device)
+            try:
+                for i in progress(range(0, len(todo), batch), desc="text cache"):
+                    self.encoder.encode_prompts(todo[i : i + batch], msl, cache=self.text_cache)
+            finally:
+                for enc in encoders:
+                    enc.to("cpu")
+        state.wait_for_everyone()
+        return {"prompts": len(prompts), "encoded_here": len(todo)}
 
     # -- TrainTask -----------------------------------------------------------------------------
 
