@@ -225,16 +225,21 @@ class FillTrainTask(TrainTask):
         )
         return {k: v.to(device) for k, v in out.items()}
 
-    def encode_batch(self, batch: dict, device: torch.device) -> dict[str, Any]:
-        """Everything a step needs from a triptych batch, without gradients (seed 004, 2-3)."""
+    def encode_batch(
+        self, batch: dict, device: torch.device, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """Everything a step needs from a triptych batch, without gradients (seed 004, 2-3);
+        the VAE's latent samples draw from `generator` (default: the global RNG)."""
         with torch.no_grad():
             visible = batch["visible"].to(device)
             target = batch["target"].to(device)
-            enc = self.encoder.encode_diptych(visible, target)
+            enc = self.encoder.encode_diptych(visible, target, generator=generator)
             sem = None
             if self.semantic is not None:
                 sem = self.encoder.encode_semantic(
-                    batch["semantic"].to(device), layout=self.cfg.semantic_layout
+                    batch["semantic"].to(device),
+                    layout=self.cfg.semantic_layout,
+                    generator=generator,
                 )
             text = self.encode_text(batch["prompt"], device)
         return {**enc, **text, "semantic_tokens": sem}
@@ -292,7 +297,9 @@ class FillTrainTask(TrainTask):
     def validation_step(self, batch: Any) -> dict[str, float]:
         """Flow loss of the fixed validation examples at fixed t with seeded noise."""
         device = next(self.transformer.parameters()).device
-        enc = self.encode_batch(batch, device)
+        enc = self.encode_batch(
+            batch, device, torch.Generator(device=device).manual_seed(self.cfg.seed + 54321)
+        )
         x0 = enc["x0"].float()
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
         losses = []
