@@ -385,6 +385,8 @@ def run_infer(
     if semantic_module and any(r["semantic"] is None for r in records):
         missing = next(r["name"] for r in records if r["semantic"] is None)
         raise DiffalignError(f"{missing}: the semantic module needs a semantic image (--semantic)")
+    if not semantic_module and any(r["semantic"] is not None for r in records):
+        log("[fill] no --semantic-module: the semantic images are not used")
     # read and check every input before loading the model: a bad one fails fast
     for r in records:
         r["visible_t"] = load_image(r["visible"], r["name"])
