@@ -273,7 +273,7 @@ def test_train_stop_resume_equals_uninterrupted(flux, triptychs, tmp_path, monke
     assert len(fill["semantic_scales_final"]) == 1 and fill["semantic_scales_final"][0] != 0.0
     assert fill["semantic_scale_history"][0]["xattn_scale/0"] == 0.0
     assert fill["semantic_parameters"] > 0 and fill["lora_parameters"] > 0
-    assert (straight / "train_history.png").is_file()
+    assert (straight / "train_history.png").is_file() and (straight / "xattn_scales.png").is_file()
     assert (straight / "validation/step-0000004/grid.png").is_file()
 
 

@@ -869,7 +869,7 @@ class _Trainer:
             for k, v in entry.items():
                 if k in ("step", "epoch") or k.startswith("lr") or k.startswith("grad_norm"):
                     continue
-                if isinstance(v, int | float) and math.isfinite(v):
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
                     xs, ys = series.setdefault(k, ([], []))
                     xs.append(entry["step"])
                     ys.append(v)

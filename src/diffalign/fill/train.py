@@ -435,6 +435,22 @@ def run_train(cfg: FillTrainConfig, log=print):
         }
         for name in ("train_summary.json", "summary.json"):
             write_summary(Path(cfg.output_dir) / name, summary)
+        if history:
+            from diffalign.engine.reports import plot_curves
+
+            keys = sorted({k for e in history for k in e if k != "step"})
+            plot_curves(
+                Path(cfg.output_dir) / "xattn_scales.png",
+                {
+                    f"layer {k.split('/')[-1]}": (
+                        [e["step"] for e in history if k in e],
+                        [e[k] for e in history if k in e],
+                    )
+                    for k in keys
+                },
+                title="semantic cross-attention: residual scale per layer",
+                ylabel="scale",
+            )
         result.summary = summary
         loss = next((e.get("loss") for e in reversed(result.history) if "loss" in e), math.nan)
         log(
