@@ -1,0 +1,21 @@
+"""`diffalign repa ...` (spec R, seed 003): one group, one module per verb family."""
+
+from __future__ import annotations
+
+from diffalign.engine.cliutils import make_subparsers
+
+
+def register(sub) -> None:
+    from diffalign.repa import cli_preprocess
+
+    parser = sub.add_parser(
+        "repa",
+        help="U-REPA for SD 1.5: preprocessing, alignment training, probes (spec R)",
+        description=(
+            "U-REPA on Stable Diffusion 1.5 (seed 003): preprocess a dataset into a data folder "
+            "(images, VAE latents, DINOv2 teacher tokens, CLIP class embeddings)."
+        ),
+    )
+    verbs = make_subparsers(parser)
+    cli_preprocess.register_preprocess(verbs)
+    # train / extract / probe verbs register here (their own cli_*.py modules).
