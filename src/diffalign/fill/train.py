@@ -96,6 +96,8 @@ class FillTrainTask(TrainTask):
         from diffalign.fill.encode import FillEncoder
 
         self.cfg = cfg
+        self.log = log
+        self._shapes_logged = False
         if cfg.base_dtype not in ("float32", "fp32") and cfg.mixed_precision == "no":
             raise DiffalignError(
                 f"base_dtype {cfg.base_dtype} needs mixed_precision bf16 or fp16 (the trainable "
@@ -289,6 +291,15 @@ class FillTrainTask(TrainTask):
             mu=self._mu(x0.shape[1]),
             device=x0.device,
         )
+        if step == 0 and not self._shapes_logged and _is_main():
+            self._shapes_logged = True  # the seed's step-0 check of every tensor's shape
+            sem = enc["semantic_tokens"]
+            self.log(
+                f"[fill] step 0 shapes: panels {list(batch['visible'].shape)}, x_0 "
+                f"{list(x0.shape)}, cond {list(enc['cond'].shape)}, semantic tokens "
+                f"{list(sem.shape) if sem is not None else None}, transformer input "
+                f"{[*x0.shape[:2], x0.shape[2] + enc['cond'].shape[2]]}"
+            )
         out: dict[str, Any] = {"loss": self.loss(enc, x1, t)}
         for i, s in enumerate(semantic_scales(self.semantic)):
             out[f"xattn_scale/{i}"] = s
