@@ -332,9 +332,11 @@ def test_train_under_accelerate_launch_two_processes(flux, triptychs, tmp_path):
     from launch_helper import launch_two_cpu_processes
 
     out = tmp_path / "ddp"
-    args = tiny_train_args(flux, triptychs, out, max_steps=2)
+    args = tiny_train_args(flux, triptychs, out, max_steps=2, cache_text="true")
     r = launch_two_cpu_processes(["-m", "diffalign", *args], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = read_json(out / "summary.json")
     assert s["num_processes"] == 2 and s["steps"] == 2
     assert (out / "checkpoint-final/pytorch_lora_weights.safetensors").is_file()
+    assert len(list((out / "text_cache").glob("*.safetensors"))) == 3  # each rank its share
+    assert "3 prompts, 2 encoded now" in r.stdout  # rank 0 encoded 2 of the 3

@@ -156,11 +156,10 @@ class FillTrainTask(TrainTask):
         """Encode every prompt of the dataset once into the text cache (`--cache-text`), each
         process its share, on the accelerator's device; the text encoders then stay on the CPU
         and out of the training step."""
-        from accelerate import PartialState
-
+        from diffalign.engine.distributed import process_state
         from diffalign.engine.progress import progress
 
-        state = PartialState()
+        state = process_state()
         msl = self.cfg.max_sequence_length
         prompts = sorted({r.prompt for r in self.dataset.records})
         mine = prompts[state.process_index :: state.num_processes]
