@@ -182,6 +182,10 @@ def test_infer_bad_inputs_are_one_line_and_keep_outputs(flux, trained, tmp_path,
     odd = write_image(tmp_path / "odd.png", (24, 16))
     err = _one_line_error(capsys, [*base, "--visible", str(odd), "--prompt", "p"])
     assert "divisible by 16" in err
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    err = _one_line_error(capsys, [*base, "--visible", str(corrupt), "--prompt", "p"])
+    assert "cannot read image" in err
     err = _one_line_error(capsys, [*base, "--visible", str(vis), "--prompt", " "])
     assert "caption" in err
     folder = tmp_path / "nocap"

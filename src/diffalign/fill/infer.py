@@ -235,15 +235,29 @@ def load_image(path: str | Path, what: str) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def check_panels(name: str, visible: torch.Tensor, semantic: torch.Tensor | None) -> None:
-    """Panel sides divisible by 16; the semantic image the visible panel's size."""
-    h, w = visible.shape[-2:]
+def image_size(path: str | Path, what: str) -> tuple[int, int]:
+    """(width, height) from the image header; a missing or unreadable file is one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DiffalignError(f"{what}: file not found: {p}")
+    try:
+        with Image.open(p) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise DiffalignError(f"{what}: cannot read image {p} ({type(e).__name__})") from None
+
+
+def check_panels(name: str, visible: tuple[int, int], semantic: tuple[int, int] | None) -> None:
+    """Sizes (width, height): sides divisible by 16; the semantic image the visible one's size."""
+    w, h = visible
     if h % 16 or w % 16:
         raise DiffalignError(
             f"{name}: the visible panel is {w}x{h}; both sides must be divisible by 16"
         )
-    if semantic is not None and tuple(semantic.shape[-2:]) != (h, w):
-        sh, sw = semantic.shape[-2:]
+    if semantic is not None and tuple(semantic) != (w, h):
+        sw, sh = semantic
         raise DiffalignError(
             f"{name}: the semantic image is {sw}x{sh}, the visible panel {w}x{h}; they must be "
             "the same size"
@@ -387,15 +401,12 @@ def run_infer(
         raise DiffalignError(f"{missing}: the semantic module needs a semantic image (--semantic)")
     if not semantic_module and any(r["semantic"] is not None for r in records):
         log("[fill] no --semantic-module: the semantic images are not used")
-    # read and check every input before loading the model: a bad one fails fast
+    # check every input (image headers) before loading the model: a bad one fails fast
     for r in records:
-        r["visible_t"] = load_image(r["visible"], r["name"])
-        r["semantic_t"] = (
-            load_image(r["semantic"], r["name"])
-            if r["semantic"] is not None and semantic_module
-            else None
-        )
-        check_panels(r["name"], r["visible_t"], r["semantic_t"])
+        r["size"] = image_size(r["visible"], r["name"])
+        use_semantic = r["semantic"] is not None and semantic_module
+        sem_size = image_size(r["semantic"], r["name"]) if use_semantic else None
+        check_panels(r["name"], r["size"], sem_size)
 
     out = Path(output)
     t0 = time.perf_counter()
@@ -415,21 +426,20 @@ def run_infer(
         written = []
         i = 0
         while i < len(todo):
-            size = tuple(todo[i][1]["visible_t"].shape)
             chunk = [todo[i]]
             while (
                 len(chunk) < batch_size
                 and i + len(chunk) < len(todo)
-                and tuple(todo[i + len(chunk)][1]["visible_t"].shape) == size
+                and todo[i + len(chunk)][1]["size"] == todo[i][1]["size"]
             ):
                 chunk.append(todo[i + len(chunk)])
             i += len(chunk)
-            vis = torch.stack([r["visible_t"] for _, r in chunk]).to(device)
-            sem = (
-                torch.stack([r["semantic_t"] for _, r in chunk]).to(device)
-                if fill_model.semantic is not None
-                else None
-            )
+            vis = torch.stack([load_image(r["visible"], r["name"]) for _, r in chunk])
+            vis = vis.to(device)
+            sem = None
+            if fill_model.semantic is not None:
+                sem = torch.stack([load_image(r["semantic"], r["name"]) for _, r in chunk])
+                sem = sem.to(device)
             dip = sample_panels(
                 pipe,
                 fill_model,
