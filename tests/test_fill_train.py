@@ -205,6 +205,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, {"data": "x", "panel": "40"})
     with pytest.raises(DiffalignError, match="lr_lora"):
         load_config(None, {"data": "x", "lr_lora": "nan"})
+    with pytest.raises(DiffalignError, match="seed"):
+        load_config(None, {"data": "x", "seed": "-1"})
     assert load_config(None, {"data": "x", "max_steps": "null", "epochs": "2"}).epochs == 2
 
 

@@ -128,6 +128,12 @@ class FillTrainConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0 or (name != "guidance" and v == 0):
                 raise DiffalignError(f"{name} must be a positive number, got {v}")
+        if not 0 <= self.seed < 2**63:
+            raise DiffalignError(f"seed must be in 0..2**63-1, got {self.seed}")
+        if self.weight_decay < 0:
+            raise DiffalignError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise DiffalignError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise DiffalignError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.max_steps is None and self.epochs is None:
