@@ -80,8 +80,8 @@ def register(verbs) -> None:
     )
     p.add_argument(
         "--dtype",
-        default="float32",
-        help="float32 | bfloat16 | float16 (default: %(default)s)",
+        default=None,
+        help="float32 | bfloat16 | float16 (default: bfloat16 on a GPU, float32 on the CPU)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="regenerate images already in --output")
@@ -110,7 +110,7 @@ def _run(args) -> int:
         save_diptych=args.save_diptych,
         semantic_layout=args.semantic_layout,
         max_sequence_length=args.max_sequence_length,
-        dtype=args.dtype,
+        dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
         device=device,
         overwrite=args.overwrite,
     )
