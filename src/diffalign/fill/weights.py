@@ -104,9 +104,12 @@ def read_lora(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str
 
 
 def check_lora_fits(transformer: nn.Module, lora: dict[str, torch.Tensor], source: str) -> None:
-    """Every LoRA key must name a Linear of `transformer` with matching in/out features."""
+    """Every transformer LoRA key must name a Linear of `transformer` with matching in/out
+    features (text-encoder keys are left to diffusers)."""
     modules = dict(transformer.named_modules())
     for key, tensor in lora.items():
+        if key.startswith(("text_encoder.", "text_encoder_2.")):
+            continue
         name = key.removeprefix("transformer.")
         base, _, kind = name.partition(".lora_")
         module = modules.get(base)
@@ -139,14 +142,14 @@ def load_lora_into_pipeline(pipe: Any, path: str | Path, adapter_name: str = "fi
     check_lora_fits(pipe.transformer, lora, str(path))
     with tempfile.TemporaryDirectory() as tmp:
         if set(lora) != set(load_tensors(file)[0]) or any(
-            not k.startswith("transformer.") for k in lora
+            not k.startswith(("transformer.", "text_encoder")) for k in lora
         ):
             # the combined file or unprefixed keys: hand diffusers a pure LoRA file
             keep = {k: v for k, v in meta.items() if k != "format"}
             save_tensors(
                 Path(tmp) / LORA_FILE,
                 {
-                    k if k.startswith("transformer.") else f"transformer.{k}": v
+                    k if k.startswith(("transformer.", "text_encoder")) else f"transformer.{k}": v
                     for k, v in lora.items()
                 },
                 metadata={"format": "pt", **keep},
