@@ -53,7 +53,44 @@ def _register_make_tiny(sub) -> None:
         default=None,
         help="sd35 only: comma-separated blocks with the extra image attention (tiny: 0)",
     )
+    g.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any size option of the kind (repeatable), e.g. --set block_out_channels=32,64 "
+        "for sd15; a value is an integer, a comma-separated list of integers, a number or text",
+    )
     p.set_defaults(func=_run_make_tiny)
+
+
+def _parse_override(item: str):
+    """`name=value` -> (name, int | tuple of ints | float | str)."""
+    from diffalign.engine.cliutils import split_list
+    from diffalign.engine.errors import DiffalignError
+
+    name, sep, text = item.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or not name:
+        raise DiffalignError(f"--set {item!r}: expected NAME=VALUE")
+    text = text.strip()
+    parts = split_list(text)
+    try:
+        if len(parts) > 1 or text.endswith(","):
+            return name, tuple(int(p) for p in parts)
+        return name, int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return name, text
+    import math
+
+    if not math.isfinite(value):
+        raise DiffalignError(f"--set {item!r}: not a finite number")
+    return name, value
 
 
 def _run_make_tiny(args) -> int:
@@ -76,6 +113,9 @@ def _run_make_tiny(args) -> int:
         overrides["dual_attention_layers"] = tuple(
             parse_int_list(args.dual_attention_layers, "--dual-attention-layers")
         )
+    for item in args.set_overrides:
+        name, value = _parse_override(item)
+        overrides[name] = value
     out = make_tiny(args.kind, args.out, seed=args.seed, overwrite=args.overwrite, **overrides)
     print(f"wrote tiny {args.kind} model to {out}")
     return 0

@@ -4,6 +4,7 @@ spellings accepted too, list parsing, and the one-line error convention (spec: I
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Sequence
 
@@ -96,7 +97,82 @@ def parse_float_list(text: str | Sequence[str] | None, what: str = "list") -> li
     out = []
     for tok in split_list(text):
         try:
-            out.append(float(tok))
+            value = float(tok)
         except ValueError:
             raise DiffalignError(f"{what}: '{tok}' is not a number (got {text!r})") from None
+        if not math.isfinite(value):
+            raise DiffalignError(f"{what}: '{tok}' is not a finite number (got {text!r})")
+        out.append(value)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# argparse types: bad numbers fail at parse time with one line ("argument --x: ...") and exit 2
+
+SEED_MAX = 2**63 - 1
+
+
+def finite_float(text: str) -> float:
+    """A float that is not NaN or infinite."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be > 0")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    """A finite float >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be >= 0")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """A finite float in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be between 0 and 1")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(str(text).strip())
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be >= 1")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be >= 0")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """A random seed: an integer in [0, 2**63 - 1] (what torch, numpy and python all accept)."""
+    value = _int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"'{text}' must be between 0 and 2**63 - 1")
+    return value

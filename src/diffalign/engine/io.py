@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
 import json
+import math
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,10 +68,32 @@ def _umask() -> int:
     return mask
 
 
+def to_strict_json(obj: Any) -> Any:
+    """`obj` as plain JSON values: tensors/arrays become lists, non-finite floats become None.
+
+    JSON has no NaN or Infinity; writing them (Python's default) gives files other tools reject.
+    """
+    if isinstance(obj, bool) or obj is None or isinstance(obj, int | str):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [to_strict_json(v) for v in obj]
+    return to_strict_json(_json_default(obj))
+
+
+def dumps_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text (`allow_nan=False`; NaN/inf written as null)."""
+    return json.dumps(to_strict_json(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
-    """Write JSON atomically."""
+    """Write strict JSON atomically (non-finite floats become null)."""
+    text = dumps_json(obj, indent=indent) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent, default=_json_default) + "\n")
+        tmp.write_text(text)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -79,7 +107,7 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(obj, default=_json_default) + "\n")
+        f.write(dumps_json(obj) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -199,3 +227,145 @@ def iter_nonempty_lines(path: str | os.PathLike) -> Iterable[str]:
             line = line.strip()
             if line:
                 yield line
+
+
+def resolve_inside(root: str | os.PathLike, rel: str | os.PathLike, what: str = "path") -> Path:
+    """`root / rel` for a path read from a manifest or record we wrote: it must be relative and
+    stay inside `root` (after resolving `..` and symlinks); anything else is a DiffalignError."""
+    text = str(rel)
+    if not text.strip() or "\x00" in text:
+        raise DiffalignError(f"{what} {text!r} in {root} is empty or invalid")
+    candidate = Path(text)
+    if candidate.is_absolute():
+        raise DiffalignError(f"{what} {text!r} must be relative to {root}, not absolute")
+    base = Path(root).resolve()
+    full = (base / candidate).resolve()
+    if full != base and base not in full.parents:
+        raise DiffalignError(f"{what} {text!r} points outside {root}")
+    return full
+
+
+# ----------------------------------------------------------------------------------------------
+# output-folder lock (one run per output folder)
+
+LOCK_NAME = ".diffalign.lock"
+_HELD_LOCKS: dict[str, list] = {}  # resolved folder -> [fd or None, depth]
+
+
+def _launch_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _launch_id() -> str | None:
+    """An id shared by the ranks of one `accelerate launch` / torchrun (None outside one)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    addr = os.environ.get("MASTER_ADDR")
+    port = os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    return f"{addr}:{port}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+
+
+def _read_owner(lock_path: Path) -> dict:
+    try:
+        return json.loads(lock_path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_owner(owner: dict) -> str:
+    if not owner:
+        return "another process"
+    text = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+    if owner.get("command"):
+        text += f": {owner['command']}"
+    if owner.get("started"):
+        text += f", started {owner['started']}"
+    return text
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+    """Hold an exclusive OS lock on `folder` (created if needed) for the duration of a run.
+
+    The lock is `flock` on `folder/.diffalign.lock`, so the OS drops it when the process ends,
+    even on kill -9: no stale locks. A second run on the same folder gets one DiffalignError line
+    naming the folder and the running process. Under `accelerate launch` rank 0 takes the lock
+    and the other ranks of the same launch wait until it names their launch. Re-entrant within
+    a process (an EM cycle may train inside a locked run folder).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DiffalignError(f"{what} {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiffalignError(f"cannot create {what} {folder}: {e.strerror or e}") from None
+    key = str(folder.resolve())
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        try:
+            yield folder
+        finally:
+            _HELD_LOCKS[key][1] -= 1
+        return
+    lock_path = folder / LOCK_NAME
+    launch = _launch_id()
+    if launch is not None and _launch_rank() > 0:
+        _wait_for_launch_owner(lock_path, launch, folder, what)
+        _HELD_LOCKS[key] = [None, 1]
+        try:
+            yield folder
+        finally:
+            _HELD_LOCKS.pop(key, None)
+        return
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    except OSError as e:
+        raise DiffalignError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        owner = _read_owner(lock_path)
+        raise DiffalignError(
+            f"{what} {folder} is in use by another diffalign run ({_describe_owner(owner)}); "
+            "wait for it to finish or choose another folder"
+        ) from None
+    owner = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "launch": launch,
+        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[
+            :300
+        ],
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(owner).encode(), 0)
+    _HELD_LOCKS[key] = [fd, 1]
+    try:
+        yield folder
+    finally:
+        _HELD_LOCKS.pop(key, None)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _wait_for_launch_owner(lock_path: Path, launch: str, folder: Path, what: str) -> None:
+    """Ranks > 0: wait (up to DIFFALIGN_LOCK_WAIT seconds) until rank 0 holds the lock for us."""
+    limit = float(os.environ.get("DIFFALIGN_LOCK_WAIT", "600"))
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if _read_owner(lock_path).get("launch") == launch:
+            return
+        time.sleep(0.05)
+    raise DiffalignError(
+        f"{what} {folder}: rank 0 of this launch did not take the output lock within {limit:.0f} s "
+        f"({_describe_owner(_read_owner(lock_path))} holds it)"
+    )

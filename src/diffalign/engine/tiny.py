@@ -5,8 +5,9 @@ exactly like a real checkpoint: the same component classes, configs, tokenizer f
 `model_index.json`, only with a few thousand random weights. Tests, smoke runs and benchmarks load
 these folders through the same code path as real models (`diffalign.engine.loading`).
 
-Kinds live in a registry (`register_kind`), so later families (sdxl, sd15, flux-fill, dinov2, clip)
-plug into the same `diffalign make-tiny KIND` command.
+Kinds live in a registry (`register_kind`). Every module `diffalign.engine.tiny_<family>.py` is
+imported when this module loads, so a family registers its kinds in its own file; such modules
+keep their top-level imports light (torch, diffusers and transformers inside the builders).
 """
 
 from __future__ import annotations
@@ -321,3 +322,18 @@ def _build_sd3(out: Path, seed: int, **overrides: Any) -> None:
 )
 def _build_sd35(out: Path, seed: int, **overrides: Any) -> None:
     build_tiny_sd3_pipeline(seed, qk_norm="rms_norm", **overrides).save_pretrained(out)
+
+
+def _discover_kind_modules() -> None:
+    """Import every `diffalign.engine.tiny_*` module so its `@register_kind` builders register."""
+    import importlib
+    import pkgutil
+
+    import diffalign.engine as engine_pkg
+
+    for info in sorted(pkgutil.iter_modules(engine_pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("tiny_"):
+            importlib.import_module(f"diffalign.engine.{info.name}")
+
+
+_discover_kind_modules()
