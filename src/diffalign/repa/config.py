@@ -130,6 +130,8 @@ class RepaTrainConfig:
             v = getattr(self, key)
             if not (v >= 0.0 and v < float("inf")):
                 raise DiffalignError(f"config: {key} must be finite and >= 0, got {v}")
+        if not 0 <= self.seed <= 2**63 - 1:
+            raise DiffalignError(f"config: seed must be in [0, 2**63 - 1], got {self.seed}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise DiffalignError(f"config: lr must be > 0, got {self.lr}")
         if self.manifold_cap is not None and not self.manifold_cap > 0:
@@ -175,7 +177,9 @@ _FALSE = {"false", "no", "off", "0"}
 def coerce(key: str, value: Any, where: str = "config") -> Any:
     """Convert a YAML value or a command-line string to the type of field `key`."""
     tp, optional = _base_type(FIELDS[key].type)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+    if value is None or (
+        optional and isinstance(value, str) and value.strip().lower() in ("none", "null")
+    ):
         if optional:
             return None
         raise DiffalignError(f"{where}: {key} cannot be empty")
@@ -196,7 +200,10 @@ def coerce(key: str, value: Any, where: str = "config") -> Any:
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            out = float(value)
+            if out != out or out in (float("inf"), float("-inf")):
+                raise DiffalignError(f"{where}: {key} must be a finite number, got {value!r}")
+            return out
         if tp is str:
             if isinstance(value, list | dict):
                 raise ValueError

@@ -113,26 +113,38 @@ class RepaDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sample_id = self.ids[i]
-        latent = self.latents.get(sample_id)
-        if tuple(latent.shape) != self.latent_shape:
-            raise DiffalignError(
-                f"{self.root / LATENTS}: record '{sample_id}' has shape {list(latent.shape)}, "
-                f"the store says {list(self.latent_shape)}"
-            )
-        out = {"index": i, "label": self.labels[i], "latent": latent}
+        out = {"index": i, "label": self.labels[i], "latent": self.latents.get(sample_id)}
         if self.tokens is not None:
-            tokens = self.tokens.get(token_key(sample_id))
-            if tuple(tokens.shape) != self.token_shape:
-                raise DiffalignError(
-                    f"{self.root / TOKENS}: record '{token_key(sample_id)}' has shape "
-                    f"{list(tokens.shape)}, the store says {list(self.token_shape)}"
-                )
-            out["tokens"] = tokens
+            out["tokens"] = self.tokens.get(token_key(sample_id))
         else:
             out["image"] = self._image(sample_id)
+        return out
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch at once (torch's fetcher calls this): one LMDB transaction per store,
+        each record copied once from the memory map into the batch tensor."""
+        ids = [self.ids[i] for i in indices]
+        out = {
+            "index": torch.as_tensor(list(indices), dtype=torch.long),
+            "label": torch.as_tensor([self.labels[i] for i in indices], dtype=torch.long),
+            "latent": self.latents.get_many(ids),
+        }
+        if self.tokens is not None:
+            out["tokens"] = self.tokens.get_many([token_key(i) for i in ids])
+        else:
+            out["image"] = torch.stack([self._image(i) for i in ids])
         return out
 
     def __getstate__(self) -> dict:  # workers re-open the image zip themselves
         state = dict(self.__dict__)
         state["images"] = None
         return state
+
+
+def collate(batch):
+    """`RepaDataset.__getitems__` already returns a batch; anything else is collated as usual."""
+    if isinstance(batch, dict):
+        return batch
+    from torch.utils.data import default_collate
+
+    return default_collate(batch)

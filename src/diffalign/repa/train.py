@@ -30,7 +30,7 @@ from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import write_json
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.repa.config import RepaTrainConfig, config_differences
-from diffalign.repa.data import CLIP, RepaDataset
+from diffalign.repa.data import CLIP, RepaDataset, collate
 from diffalign.repa.heads import lora_parameters
 from diffalign.repa.losses import (
     add_noise,
@@ -65,11 +65,22 @@ def load_class_table(root: Path) -> torch.Tensor:
 
 
 def _load_class_embeddings(path: Path):
-    try:
-        from diffalign.repa.images import load_class_embeddings
-    except ImportError:
-        from diffalign.repa.preprocess import load_class_embeddings
-    return load_class_embeddings(path)
+    """rpre's reader when present (the preprocess step's own format)."""
+    import importlib
+
+    for mod in ("diffalign.repa.preprocess", "diffalign.repa.images", "diffalign.repa.clip"):
+        try:
+            fn = getattr(importlib.import_module(mod), "load_class_embeddings", None)
+        except ImportError:
+            fn = None
+        if fn is not None:
+            return fn(path)
+    from diffalign.engine.io import load_tensors
+
+    tensors, meta = load_tensors(path)
+    if len(tensors) != 1:
+        raise DiffalignError(f"{path}: expected one embeddings tensor, found {sorted(tensors)}")
+    return next(iter(tensors.values())), meta
 
 
 class RepaTask(TrainTask):
@@ -147,6 +158,7 @@ class RepaTask(TrainTask):
             lora_blocks=list(cfg.lora_blocks),
             lora_conv=cfg.lora_conv,
         )
+        torch.manual_seed(cfg.seed)  # LoRA and head initialisation depend on the seed only
         self.model = RepaModel(unet, self.spec)
         if self.weight_dtype != torch.float32:
             # frozen base weights in the autocast dtype (as diffusers' LoRA scripts); LoRA fp32
@@ -195,6 +207,7 @@ class RepaTask(TrainTask):
             num_workers=workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate,
         )
 
     def train_dataloader(self):

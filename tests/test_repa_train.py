@@ -1,0 +1,333 @@
+"""U-REPA training end to end on tiny models: train -> stop -> resume == straight run -> validate
+-> extract -> probe, and the bad inputs of spec R (seed 003 sections 4-7, 11)."""
+
+import csv
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffalign.engine.errors import DiffalignError
+from diffalign.engine.io import load_tensors, save_tensors
+from diffalign.engine.lmdb_store import TensorLMDBWriter
+
+CLASSES = 4
+PER_CLASS = 6  # per split
+GRID = 4
+TEACHER_DIM = 32  # the tiny dinov2's width
+
+
+def build_data_root(root: Path, seed: int = 0, token_dim: int = TEACHER_DIM, cross_dim: int = 32):
+    """A preprocessed store in the real layout: class-dependent latents, tokens and images."""
+    from diffalign.engine.tiny import make_tiny  # noqa: F401  (make-tiny kinds registered)
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    lat_means = torch.randn(CLASSES, 4, 8, 8, generator=g)
+    tok_means = torch.randn(CLASSES, GRID * GRID, token_dim, generator=g)
+    zbuf = io.BytesIO()
+    with (
+        TensorLMDBWriter(root / "vae_latents.lmdb", (4, 8, 8)) as lat,
+        TensorLMDBWriter(root / "dino_tokens.lmdb", (GRID * GRID, token_dim)) as tok,
+        zipfile.ZipFile(zbuf, "w") as zf,
+    ):
+        for split in ("train", "val"):
+            for c in range(CLASSES):
+                for k in range(PER_CLASS):
+                    sid = f"n0000000{c}_{split}{k}"
+                    rows.append({"id": sid, "wnid": f"n0000000{c}", "label": c, "split": split})
+                    lat.put(sid, lat_means[c] + 0.5 * torch.randn(4, 8, 8, generator=g))
+                    t = tok_means[c] + 0.5 * torch.randn(GRID * GRID, token_dim, generator=g)
+                    tok.put(f"{sid}_mid", torch.nn.functional.normalize(t, dim=-1))
+                    color = (60 * c, 255 - 60 * c, (37 * k) % 255)
+                    img = Image.new("RGB", (64, 64), color)
+                    b = io.BytesIO()
+                    img.save(b, format="JPEG", quality=95)
+                    zf.writestr(f"{sid}.jpg", b.getvalue())
+    (root / "images.zip").write_bytes(zbuf.getvalue())
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "wnid", "label", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    emb = torch.randn(CLASSES + 1, 77, cross_dim, generator=g).half()
+    write_class_embeddings(root / "clip_embeddings.safetensors", emb)
+    return root
+
+
+def write_class_embeddings(path: Path, emb: torch.Tensor) -> None:
+    prompts = [f"a photo of a class{c}" for c in range(emb.shape[0] - 1)] + [""]
+    try:
+        from diffalign.repa.preprocess import save_class_embeddings
+    except ImportError:
+        save_tensors(path, {"embeddings": emb}, {"prompts": json.dumps(prompts)})
+    else:
+        save_class_embeddings(path, emb, prompts)
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    from diffalign.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-sd15")
+    assert main(["make-tiny", "sd15", "--out", str(out)]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return build_data_root(tmp_path_factory.mktemp("repa-data") / "data")
+
+
+def tiny_cfg(data_root, sd15, out, **kw):
+    from diffalign.repa.config import load_config
+
+    values = {
+        "data_root": str(data_root),
+        "model": sd15,
+        "output_dir": str(out),
+        "grid": GRID,
+        "head_hidden_dim": 16,
+        "batch_size": 4,
+        "num_workers": 0,
+        "max_steps": 4,
+        "align_warmup_steps": 2,
+        "mixed_precision": "no",
+        "ema_decay": 0.9,
+        "validate_every": 2,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 0,
+        "log_every": 1,
+        "tracker": "none",
+        "max_val_samples": 8,
+        "lr": 1e-3,
+    }
+    values.update(kw)
+    return load_config(None, values)
+
+
+def _losses(history):
+    return [(e["step"], e["loss"], e["token"], e["manifold"]) for e in history if "val" not in e]
+
+
+def test_train_stop_resume_matches_straight_run(data_root, sd15, tmp_path, monkeypatch):
+    from diffalign.repa.train import RepaTask, train_repa
+
+    straight = train_repa(tiny_cfg(data_root, sd15, tmp_path / "a"), progress=False)
+    assert straight.step == 4
+
+    original = RepaTask.training_step
+
+    def crash_at_3(self, batch, step, ctx):
+        if step == 2:  # the 3rd step, after checkpoint-2 was written
+            raise KeyboardInterrupt
+        return original(self, batch, step, ctx)
+
+    monkeypatch.setattr(RepaTask, "training_step", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_repa(tiny_cfg(data_root, sd15, tmp_path / "b"), progress=False)
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint-2" / "state.json").is_file()
+    monkeypatch.setattr(RepaTask, "training_step", original)
+    resumed = train_repa(tiny_cfg(data_root, sd15, tmp_path / "b"), resume="latest", progress=False)
+    assert resumed.step == 4
+    a, b = _losses(straight.history), _losses(resumed.history)
+    assert a == b  # bit-identical on CPU
+    for name in ("unet", "heads"):
+        ta, _ = load_tensors(tmp_path / "a" / "checkpoint-final" / f"{name}.safetensors")
+        tb, _ = load_tensors(tmp_path / "b" / "checkpoint-final" / f"{name}.safetensors")
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    # validation on the EMA weights logged the four seed metrics
+    val = [e for e in straight.history if "val" in e]
+    assert [e["step"] for e in val] == [2, 4]
+    for key in ("val/total", "val/diffusion", "val/token", "val/manifold"):
+        assert all(torch.isfinite(torch.tensor(e[key])) for e in val)
+    # lambda warmed up 0 -> 0.5 over 2 steps, the total follows the seed's formula
+    train_e = [e for e in straight.history if "val" not in e]
+    assert [e["align_coeff"] for e in train_e] == [0.0, 0.25, 0.5, 0.5]
+    e = train_e[-1]
+    assert e["loss"] == pytest.approx(
+        e["diffusion"] + 0.5 * (e["token"] + 3.0 * e["manifold"]), rel=1e-5
+    )
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["skipped_nonfinite"] == 0
+    assert summary["task"]["anomalies"]["manifold_capped_steps"] == 0
+    assert (tmp_path / "a" / "train_history.png").is_file()
+    export = tmp_path / "a" / "checkpoint-final"
+    assert (export / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((export / "repa_model.json").read_text())["spec"]["teacher_dim"] == 32
+
+
+def test_lora_export_loads_into_the_pipeline(data_root, sd15, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffalign.repa.train import train_repa
+
+    train_repa(
+        tiny_cfg(data_root, sd15, tmp_path / "r", max_steps=2, validate_every=0), progress=False
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None)
+    pipe.load_lora_weights(str(tmp_path / "r" / "checkpoint-final"))
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+def test_resume_from_another_configuration_is_one_line(data_root, sd15, tmp_path):
+    from diffalign.repa.train import train_repa
+
+    train_repa(tiny_cfg(data_root, sd15, tmp_path / "r", max_steps=2), progress=False)
+    ckpt = tmp_path / "r" / "checkpoints" / "checkpoint-2"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
+    with pytest.raises(DiffalignError, match=r"cannot resume .*lora_rank=8.*lora_rank=4") as e:
+        train_repa(
+            tiny_cfg(data_root, sd15, tmp_path / "r", max_steps=2, lora_rank=4),
+            resume="latest",
+            progress=False,
+        )
+    assert "\n" not in str(e.value)
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
+
+
+def test_manifold_cap_and_anomalies_are_counted(data_root, sd15, tmp_path):
+    from diffalign.repa.train import train_repa
+
+    res = train_repa(
+        tiny_cfg(data_root, sd15, tmp_path / "c", max_steps=2, manifold_cap=1e-9, validate_every=0),
+        progress=False,
+    )
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["task"]["anomalies"]["manifold_capped_steps"] == 2
+    assert all(e["manifold_capped"] == 1.0 for e in res.history if "val" not in e)
+
+
+def test_online_teacher_trains_from_images(data_root, sd15, tmp_path, tiny_model_dir):
+    from diffalign.repa.train import train_repa
+
+    dino = tiny_model_dir("dinov2")
+    res = train_repa(
+        tiny_cfg(
+            data_root,
+            sd15,
+            tmp_path / "o",
+            teacher="online",
+            teacher_model=dino,
+            max_steps=1,
+            batch_size=2,
+            validate_every=0,
+            max_val_samples=2,
+        ),
+        progress=False,
+    )
+    e = [e for e in res.history if "val" not in e][-1]
+    assert 0.0 < e["token"] < 2.0
+
+
+def test_extract_and_probe(data_root, sd15, tmp_path):
+    from PIL import Image
+
+    from diffalign.cli import main
+    from diffalign.repa.train import train_repa
+
+    train_repa(tiny_cfg(data_root, sd15, tmp_path / "r", max_steps=2), progress=False)
+    feats = tmp_path / "feats"
+    assert (
+        main(
+            [
+                "repa",
+                "extract",
+                "--weights",
+                str(tmp_path / "r"),
+                "--data-root",
+                str(data_root),
+                "--out",
+                str(feats),
+                "--timestep",
+                "500",
+                "--pool",
+                "mean",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    t, _ = load_tensors(feats / "features.safetensors")
+    n = CLASSES * PER_CLASS
+    assert t["aligned/mid"].shape == (n, TEACHER_DIM)
+    assert t["unaligned/mid"].shape == (n, 16)  # the tiny U-Net's widest level
+    assert t["teacher"].shape == (n, TEACHER_DIM) and t["labels"].shape == (n,)
+    # from a resumable checkpoint (EMA weights) with first-token pooling
+    assert (
+        main(
+            [
+                "repa",
+                "extract",
+                "--weights",
+                str(tmp_path / "r" / "checkpoints" / "checkpoint-2"),
+                "--data-root",
+                str(data_root),
+                "--out",
+                str(tmp_path / "f2"),
+                "--pool",
+                "first",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "probe"
+    assert main(["repa", "probe", "--features", str(feats), "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    names = {r["features"] for r in s["table"]}
+    assert names == {"aligned/mid", "unaligned/mid", "teacher"}
+    teacher = next(r for r in s["table"] if r["features"] == "teacher")
+    assert teacher["linear_probe_acc"] > 0.5  # class-dependent tokens are separable
+    assert Image.open(out / "probe.png").size[0] > 100
+
+
+def test_bad_inputs_are_one_line(data_root, sd15, tmp_path, capsys):
+    import shutil
+
+    from diffalign.cli import main
+    from diffalign.repa.train import train_repa
+
+    # missing key in the token store
+    bad = tmp_path / "missing"
+    shutil.copytree(data_root, bad)
+    with open(bad / "manifest.csv", "a", newline="") as f:
+        f.write("n00000000_extra,n00000000,0,train\n")
+    with pytest.raises(DiffalignError, match="have no record .*n00000000_extra"):
+        train_repa(tiny_cfg(bad, sd15, tmp_path / "o1"), progress=False)
+    # token shape that does not fit the head grid
+    with pytest.raises(DiffalignError, match=r"grid 5 needs \[25, D\]"):
+        train_repa(tiny_cfg(data_root, sd15, tmp_path / "o2", grid=5), progress=False)
+    # latent store of another shape
+    other = build_data_root(tmp_path / "other", cross_dim=24)
+    with pytest.raises(DiffalignError, match="24 wide"):
+        train_repa(tiny_cfg(other, sd15, tmp_path / "o3"), progress=False)
+    # a corrupt record (wrong length) met during training
+    import lmdb
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(data_root, corrupt)
+    env = lmdb.open(str(corrupt / "vae_latents.lmdb"), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        cur = txn.cursor()
+        for k, _ in cur:
+            if k != b"__meta__" and b"train" in k:
+                txn.put(k, b"\x00" * 10)
+    env.close()
+    with pytest.raises(DiffalignError, match="corrupt record") as e:
+        train_repa(tiny_cfg(corrupt, sd15, tmp_path / "o4"), progress=False)
+    assert "\n" not in str(e.value)
+    # config typo through the CLI: one line, exit 2
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text(f"data_root: {data_root}\nlora_rnak: 4\n")
+    assert main(["repa", "train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key 'lora_rnak'" in err[0]
+    # too few samples for one full batch
+    with pytest.raises(DiffalignError, match="larger than"):
+        train_repa(tiny_cfg(data_root, sd15, tmp_path / "o5", batch_size=1000), progress=False)
