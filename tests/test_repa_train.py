@@ -22,7 +22,6 @@ TEACHER_DIM = 32  # the tiny dinov2's width
 
 def build_data_root(root: Path, seed: int = 0, token_dim: int = TEACHER_DIM, cross_dim: int = 32):
     """A preprocessed store in the real layout: class-dependent latents, tokens and images."""
-    from diffalign.engine.tiny import make_tiny  # noqa: F401  (make-tiny kinds registered)
     from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
