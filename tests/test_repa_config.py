@@ -20,7 +20,7 @@ def test_shipped_configs_exist():
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, RepaTrainConfig)
-    assert cfg.data_root and cfg.output_dir
+    assert cfg.data_dir and cfg.output_dir
 
 
 def test_track_a_is_the_seed_and_track_b_is_online():
@@ -57,20 +57,20 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.manifold_cap == 0.1 and cfg.align_layers == ["mid", "dec_first"]
     assert cfg.ema_decay is None
     with pytest.raises(DiffalignError, match="--lora-rank: lora_rank must be int"):
-        load_config(None, {"data_root": "x", "lora_rank": "8.5"})
+        load_config(None, {"data_dir": "x", "lora_rank": "8.5"})
     with pytest.raises(DiffalignError, match="lora_conv must be bool"):
-        load_config(None, {"data_root": "x", "lora_conv": "maybe"})
+        load_config(None, {"data_dir": "x", "lora_conv": "maybe"})
 
 
 def test_unknown_key_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data_root: x\nlora_rnak: 16\n")
+    bad.write_text("data_dir: x\nlora_rnak: 16\n")
     with pytest.raises(
         DiffalignError, match=r"unknown key 'lora_rnak' \(did you mean 'lora_rank'\?\)"
     ):
         load_config(bad)
     with pytest.raises(DiffalignError, match="unknown key 'bogus'"):
-        load_config(None, {"data_root": "x", "bogus": "1"})
+        load_config(None, {"data_dir": "x", "bogus": "1"})
 
 
 def test_bad_files_and_values(tmp_path):
@@ -86,11 +86,11 @@ def test_bad_files_and_values(tmp_path):
     with pytest.raises(DiffalignError, match="cycle"):
         load_config(tmp_path / "cycle.yaml")
     with pytest.raises(DiffalignError, match="teacher must be one of"):
-        load_config(None, {"data_root": "x", "teacher": "live"})
-    with pytest.raises(DiffalignError, match="data_root is not set"):
+        load_config(None, {"data_dir": "x", "teacher": "live"})
+    with pytest.raises(DiffalignError, match="data_dir is not set"):
         load_config(None, {})
     with pytest.raises(DiffalignError, match="cfg_dropout"):
-        load_config(None, {"data_root": "x", "cfg_dropout": "1.5"})
+        load_config(None, {"data_dir": "x", "cfg_dropout": "1.5"})
 
 
 def test_config_differences_ignore_run_keys():

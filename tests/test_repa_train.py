@@ -20,7 +20,7 @@ GRID = 4
 TEACHER_DIM = 32  # the tiny dinov2's width
 
 
-def build_data_root(root: Path, seed: int = 0, token_dim: int = TEACHER_DIM, cross_dim: int = 32):
+def build_data_dir(root: Path, seed: int = 0, token_dim: int = TEACHER_DIM, cross_dim: int = 32):
     """A preprocessed store in the real layout: class-dependent latents, tokens and images."""
     from PIL import Image
 
@@ -59,13 +59,9 @@ def build_data_root(root: Path, seed: int = 0, token_dim: int = TEACHER_DIM, cro
 
 
 def write_class_embeddings(path: Path, emb: torch.Tensor) -> None:
+    """The layout `repa preprocess clip` writes: `embeddings` + the prompts in the metadata."""
     prompts = [f"a photo of a class{c}" for c in range(emb.shape[0] - 1)] + [""]
-    try:
-        from diffalign.repa.preprocess import save_class_embeddings
-    except ImportError:
-        save_tensors(path, {"embeddings": emb}, {"prompts": json.dumps(prompts)})
-    else:
-        save_class_embeddings(path, emb, prompts)
+    save_tensors(path, {"embeddings": emb}, {"prompts": json.dumps(prompts)})
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +74,15 @@ def sd15(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return build_data_root(tmp_path_factory.mktemp("repa-data") / "data")
+def data_dir(tmp_path_factory):
+    return build_data_dir(tmp_path_factory.mktemp("repa-data") / "data")
 
 
-def tiny_cfg(data_root, sd15, out, **kw):
+def tiny_cfg(data_dir, sd15, out, **kw):
     from diffalign.repa.config import load_config
 
     values = {
-        "data_root": str(data_root),
+        "data_dir": str(data_dir),
         "model": sd15,
         "output_dir": str(out),
         "grid": GRID,
@@ -113,10 +109,10 @@ def _losses(history):
     return [(e["step"], e["loss"], e["token"], e["manifold"]) for e in history if "val" not in e]
 
 
-def test_train_stop_resume_matches_straight_run(data_root, sd15, tmp_path, monkeypatch):
+def test_train_stop_resume_matches_straight_run(data_dir, sd15, tmp_path, monkeypatch):
     from diffalign.repa.train import RepaTask, train_repa
 
-    straight = train_repa(tiny_cfg(data_root, sd15, tmp_path / "a"), progress=False)
+    straight = train_repa(tiny_cfg(data_dir, sd15, tmp_path / "a"), progress=False)
     assert straight.step == 4
 
     original = RepaTask.training_step
@@ -128,10 +124,10 @@ def test_train_stop_resume_matches_straight_run(data_root, sd15, tmp_path, monke
 
     monkeypatch.setattr(RepaTask, "training_step", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
-        train_repa(tiny_cfg(data_root, sd15, tmp_path / "b"), progress=False)
+        train_repa(tiny_cfg(data_dir, sd15, tmp_path / "b"), progress=False)
     assert (tmp_path / "b" / "checkpoints" / "checkpoint-2" / "state.json").is_file()
     monkeypatch.setattr(RepaTask, "training_step", original)
-    resumed = train_repa(tiny_cfg(data_root, sd15, tmp_path / "b"), resume="latest", progress=False)
+    resumed = train_repa(tiny_cfg(data_dir, sd15, tmp_path / "b"), resume="latest", progress=False)
     assert resumed.step == 4
     a, b = _losses(straight.history), _losses(resumed.history)
     assert a == b  # bit-identical on CPU
@@ -161,28 +157,28 @@ def test_train_stop_resume_matches_straight_run(data_root, sd15, tmp_path, monke
     assert json.loads((export / "repa_model.json").read_text())["spec"]["teacher_dim"] == 32
 
 
-def test_lora_export_loads_into_the_pipeline(data_root, sd15, tmp_path):
+def test_lora_export_loads_into_the_pipeline(data_dir, sd15, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from diffalign.repa.train import train_repa
 
     train_repa(
-        tiny_cfg(data_root, sd15, tmp_path / "r", max_steps=2, validate_every=0), progress=False
+        tiny_cfg(data_dir, sd15, tmp_path / "r", max_steps=2, validate_every=0), progress=False
     )
     pipe = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None)
     pipe.load_lora_weights(str(tmp_path / "r" / "checkpoint-final"))
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
 
 
-def test_resume_from_another_configuration_is_one_line(data_root, sd15, tmp_path):
+def test_resume_from_another_configuration_is_one_line(data_dir, sd15, tmp_path):
     from diffalign.repa.train import train_repa
 
-    train_repa(tiny_cfg(data_root, sd15, tmp_path / "r", max_steps=2), progress=False)
+    train_repa(tiny_cfg(data_dir, sd15, tmp_path / "r", max_steps=2), progress=False)
     ckpt = tmp_path / "r" / "checkpoints" / "checkpoint-2"
     before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
     with pytest.raises(DiffalignError, match=r"cannot resume .*lora_rank=8.*lora_rank=4") as e:
         train_repa(
-            tiny_cfg(data_root, sd15, tmp_path / "r", max_steps=2, lora_rank=4),
+            tiny_cfg(data_dir, sd15, tmp_path / "r", max_steps=2, lora_rank=4),
             resume="latest",
             progress=False,
         )
@@ -190,11 +186,11 @@ def test_resume_from_another_configuration_is_one_line(data_root, sd15, tmp_path
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
 
 
-def test_manifold_cap_and_anomalies_are_counted(data_root, sd15, tmp_path):
+def test_manifold_cap_and_anomalies_are_counted(data_dir, sd15, tmp_path):
     from diffalign.repa.train import train_repa
 
     res = train_repa(
-        tiny_cfg(data_root, sd15, tmp_path / "c", max_steps=2, manifold_cap=1e-9, validate_every=0),
+        tiny_cfg(data_dir, sd15, tmp_path / "c", max_steps=2, manifold_cap=1e-9, validate_every=0),
         progress=False,
     )
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
@@ -202,13 +198,13 @@ def test_manifold_cap_and_anomalies_are_counted(data_root, sd15, tmp_path):
     assert all(e["manifold_capped"] == 1.0 for e in res.history if "val" not in e)
 
 
-def test_online_teacher_trains_from_images(data_root, sd15, tmp_path, tiny_model_dir):
+def test_online_teacher_trains_from_images(data_dir, sd15, tmp_path, tiny_model_dir):
     from diffalign.repa.train import train_repa
 
     dino = tiny_model_dir("dinov2")
     res = train_repa(
         tiny_cfg(
-            data_root,
+            data_dir,
             sd15,
             tmp_path / "o",
             teacher="online",
@@ -224,13 +220,13 @@ def test_online_teacher_trains_from_images(data_root, sd15, tmp_path, tiny_model
     assert 0.0 < e["token"] < 2.0
 
 
-def test_extract_and_probe(data_root, sd15, tmp_path):
+def test_extract_and_probe(data_dir, sd15, tmp_path):
     from PIL import Image
 
     from diffalign.cli import main
     from diffalign.repa.train import train_repa
 
-    train_repa(tiny_cfg(data_root, sd15, tmp_path / "r", max_steps=2), progress=False)
+    train_repa(tiny_cfg(data_dir, sd15, tmp_path / "r", max_steps=2), progress=False)
     feats = tmp_path / "feats"
     assert (
         main(
@@ -239,8 +235,8 @@ def test_extract_and_probe(data_root, sd15, tmp_path):
                 "extract",
                 "--weights",
                 str(tmp_path / "r"),
-                "--data-root",
-                str(data_root),
+                "--data-dir",
+                str(data_dir),
                 "--out",
                 str(feats),
                 "--timestep",
@@ -265,8 +261,8 @@ def test_extract_and_probe(data_root, sd15, tmp_path):
                 "extract",
                 "--weights",
                 str(tmp_path / "r" / "checkpoints" / "checkpoint-2"),
-                "--data-root",
-                str(data_root),
+                "--data-dir",
+                str(data_dir),
                 "--out",
                 str(tmp_path / "f2"),
                 "--pool",
@@ -286,7 +282,7 @@ def test_extract_and_probe(data_root, sd15, tmp_path):
     assert Image.open(out / "probe.png").size[0] > 100
 
 
-def test_bad_inputs_are_one_line(data_root, sd15, tmp_path, capsys):
+def test_bad_inputs_are_one_line(data_dir, sd15, tmp_path, capsys):
     import shutil
 
     from diffalign.cli import main
@@ -294,23 +290,23 @@ def test_bad_inputs_are_one_line(data_root, sd15, tmp_path, capsys):
 
     # missing key in the token store
     bad = tmp_path / "missing"
-    shutil.copytree(data_root, bad)
+    shutil.copytree(data_dir, bad)
     with open(bad / "manifest.csv", "a", newline="") as f:
         f.write("n00000000_extra,n00000000,0,train\n")
     with pytest.raises(DiffalignError, match="have no record .*n00000000_extra"):
         train_repa(tiny_cfg(bad, sd15, tmp_path / "o1"), progress=False)
     # token shape that does not fit the head grid
     with pytest.raises(DiffalignError, match=r"grid 5 needs \[25, D\]"):
-        train_repa(tiny_cfg(data_root, sd15, tmp_path / "o2", grid=5), progress=False)
+        train_repa(tiny_cfg(data_dir, sd15, tmp_path / "o2", grid=5), progress=False)
     # latent store of another shape
-    other = build_data_root(tmp_path / "other", cross_dim=24)
+    other = build_data_dir(tmp_path / "other", cross_dim=24)
     with pytest.raises(DiffalignError, match="24 wide"):
         train_repa(tiny_cfg(other, sd15, tmp_path / "o3"), progress=False)
     # a corrupt record (wrong length) met during training
     import lmdb
 
     corrupt = tmp_path / "corrupt"
-    shutil.copytree(data_root, corrupt)
+    shutil.copytree(data_dir, corrupt)
     env = lmdb.open(str(corrupt / "vae_latents.lmdb"), map_size=1 << 26)
     with env.begin(write=True) as txn:
         cur = txn.cursor()
@@ -323,23 +319,23 @@ def test_bad_inputs_are_one_line(data_root, sd15, tmp_path, capsys):
     assert "\n" not in str(e.value)
     # config typo through the CLI: one line, exit 2
     cfg = tmp_path / "typo.yaml"
-    cfg.write_text(f"data_root: {data_root}\nlora_rnak: 4\n")
+    cfg.write_text(f"data_dir: {data_dir}\nlora_rnak: 4\n")
     assert main(["repa", "train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown key 'lora_rnak'" in err[0]
     # too few samples for one full batch
     with pytest.raises(DiffalignError, match="larger than"):
-        train_repa(tiny_cfg(data_root, sd15, tmp_path / "o5", batch_size=1000), progress=False)
+        train_repa(tiny_cfg(data_dir, sd15, tmp_path / "o5", batch_size=1000), progress=False)
 
 
 @pytest.mark.slow
-def test_two_process_training_under_accelerate_launch(data_root, sd15, tmp_path):
+def test_two_process_training_under_accelerate_launch(data_dir, sd15, tmp_path):
     import yaml
 
     from launch_helper import launch_two_cpu_processes
 
     cfg = {
-        "data_root": str(data_root),
+        "data_dir": str(data_dir),
         "model": sd15,
         "output_dir": str(tmp_path / "run"),
         "grid": GRID,
@@ -365,7 +361,7 @@ def test_two_process_training_under_accelerate_launch(data_root, sd15, tmp_path)
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_matches_straight_run(data_root, sd15, tmp_path):
+def test_kill_9_then_resume_matches_straight_run(data_dir, sd15, tmp_path):
     """`diffalign repa train` killed with SIGKILL mid-run resumes to the straight run's losses."""
     import os
     import signal
@@ -378,8 +374,8 @@ def test_kill_9_then_resume_matches_straight_run(data_root, sd15, tmp_path):
     from diffalign.repa.train import train_repa
 
     over = {"max_steps": 8, "checkpoint_every": 1, "keep_checkpoints": 2, "validate_every": 0}
-    straight = train_repa(tiny_cfg(data_root, sd15, tmp_path / "a", **over), progress=False)
-    cfg = tiny_cfg(data_root, sd15, tmp_path / "b", **over)
+    straight = train_repa(tiny_cfg(data_dir, sd15, tmp_path / "a", **over), progress=False)
+    cfg = tiny_cfg(data_dir, sd15, tmp_path / "b", **over)
     path = tmp_path / "cfg.yaml"
     import dataclasses
 
@@ -409,3 +405,54 @@ def test_kill_9_then_resume_matches_straight_run(data_root, sd15, tmp_path):
     assert [g[0] for g in got] == [w[0] for w in want] == list(range(1, 9))
     for g, w in zip(got, want):
         assert g[1:] == pytest.approx(w[1:], rel=1e-5)
+
+
+def test_preprocess_train_resume_extract_probe_pipeline(sd15, tiny_model_dir, tmp_path):
+    """The documented pipeline on tiny models and real photos, every step through the CLI."""
+    from diffalign.cli import main
+    from repa_data import make_imagenet
+
+    src = make_imagenet(tmp_path / "imagenet")
+    data = tmp_path / "data"
+    dino = tiny_model_dir("dinov2")
+    for split in ("train", "val"):
+        args = ["--source", str(src), "--data-dir", str(data), "--split", split]
+        assert main(["repa", "preprocess", "images", *args, "--resolution", "64"]) == 0
+    assert main(["repa", "preprocess", "vae", "--data-dir", str(data), "--model", sd15]) == 0
+    assert main(["repa", "preprocess", "dino", "--data-dir", str(data), "--dino-model", dino]) == 0
+    assert main(["repa", "preprocess", "clip", "--data-dir", str(data), "--model", sd15]) == 0
+    run = tmp_path / "run"
+    common = [
+        "repa", "train", "--config", str(Path(__file__).parents[1] / "configs" / "repa_track_a.yaml"),
+        "--data-dir", str(data), "--model", sd15, "--output-dir", str(run), "--batch-size", "3",
+        "--num-workers", "0", "--head-hidden-dim", "16", "--mixed-precision", "no",
+        "--validate-every", "2", "--checkpoint-every", "2", "--tracker", "none", "--no-progress",
+        "--log-every", "1",
+    ]  # fmt: skip
+    assert main([*common, "--max-steps", "4"]) == 0
+    straight = json.loads((run / "summary.json").read_text())
+    # stop after the first checkpoint: run 2 of 4 steps, then resume the rest
+    run2 = tmp_path / "run2"
+    common2 = [a if a != str(run) else str(run2) for a in common]
+    from diffalign.repa.train import RepaTask
+
+    original = RepaTask.training_step
+    try:
+        RepaTask.training_step = lambda self, b, step, ctx: (
+            (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else original(self, b, step, ctx)
+        )
+        assert main([*common2, "--max-steps", "4"]) == 130
+    finally:
+        RepaTask.training_step = original
+    assert main([*common2, "--max-steps", "4", "--resume", "latest"]) == 0
+    resumed = json.loads((run2 / "summary.json").read_text())
+    assert resumed["final_train"] == straight["final_train"]
+    assert resumed["final_val"] == straight["final_val"]
+    assert set(straight["final_val"]) >= {"val/total", "val/diffusion", "val/token", "val/manifold"}
+    feats = tmp_path / "feats"
+    ex = ["repa", "extract", "--weights", str(run2), "--data-dir", str(data), "--split", "train"]
+    assert main([*ex, "--out", str(feats), "--no-progress"]) == 0
+    assert main(["repa", "probe", "--features", str(feats), "--out", str(tmp_path / "probe")]) == 0
+    table = json.loads((tmp_path / "probe" / "summary.json").read_text())["table"]
+    assert {r["features"] for r in table} == {"aligned/mid", "unaligned/mid", "teacher"}
+    assert (tmp_path / "probe" / "probe.png").is_file()

@@ -79,7 +79,7 @@ def _register_extract(verbs) -> None:
         required=True,
         help="run folder, its checkpoint-final/ export, or a checkpoints/checkpoint-N folder",
     )
-    p.add_argument("--data-root", required=True, help="preprocessed data folder")
+    p.add_argument("--data-dir", required=True, help="preprocessed data folder")
     p.add_argument(
         "--out", required=True, help="output folder (features.safetensors, summary.json)"
     )
@@ -118,7 +118,7 @@ def _extract(args) -> int:
 
     s = extract_features(
         args.weights,
-        args.data_root,
+        args.data_dir,
         args.out,
         split=args.split,
         timestep=args.timestep,

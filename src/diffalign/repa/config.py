@@ -30,7 +30,7 @@ class RepaTrainConfig:
     """Every setting of a U-REPA run (seed 003 sections 2-7; defaults = Track A of seed 6.1)."""
 
     # data and models
-    data_root: str = _f(
+    data_dir: str = _f(
         "", "preprocessed data folder (images.zip, manifest.csv, vae_latents.lmdb/, ...)"
     )
     output_dir: str = _f("runs/repa", "run folder: checkpoints, logs, exports, summary.json")
@@ -115,8 +115,8 @@ class RepaTrainConfig:
                 raise DiffalignError(
                     f"config: {key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'"
                 )
-        if not self.data_root:
-            raise DiffalignError("config: data_root is not set (the preprocessed data folder)")
+        if not self.data_dir:
+            raise DiffalignError("config: data_dir is not set (the preprocessed data folder)")
         for key in ("head_hidden_dim", "grid", "lora_rank", "batch_size"):
             if getattr(self, key) < 1:
                 raise DiffalignError(f"config: {key} must be >= 1, got {getattr(self, key)}")
@@ -144,7 +144,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(RepaTrainConfig)}
 RESUME_FREE = frozenset(
     {
         "output_dir",
-        "data_root",
+        "data_dir",
         "num_workers",
         "validate_every",
         "checkpoint_every",

@@ -19,17 +19,14 @@ import torch
 from torch.utils.data import Dataset
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.repa.preprocess import CLIP_FILE as CLIP
+from diffalign.repa.preprocess import DINO_LMDB as TOKENS
+from diffalign.repa.preprocess import IMAGES_ZIP as IMAGES
+from diffalign.repa.preprocess import MANIFEST
+from diffalign.repa.preprocess import VAE_LMDB as LATENTS
+from diffalign.repa.preprocess import dino_key as token_key
 
-MANIFEST = "manifest.csv"
-IMAGES = "images.zip"
-LATENTS = "vae_latents.lmdb"
-TOKENS = "dino_tokens.lmdb"
-CLIP = "clip_embeddings.safetensors"
-
-
-def token_key(sample_id: str, layer: str = "mid") -> str:
-    """LMDB key of a sample's teacher tokens (seed 3.3: `{sample_id}_mid`)."""
-    return f"{sample_id}_{layer}"
+__all__ = ["CLIP", "IMAGES", "LATENTS", "MANIFEST", "TOKENS", "RepaDataset", "collate", "token_key"]
 
 
 def _need(path: Path, what: str) -> Path:

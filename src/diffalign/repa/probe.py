@@ -95,7 +95,7 @@ def pool_tokens(x: torch.Tensor, pool: str) -> torch.Tensor:
 @torch.no_grad()
 def extract_features(
     weights: str | os.PathLike,
-    data_root: str | os.PathLike,
+    data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     split: str = "val",
     timestep: int = 500,
@@ -122,7 +122,7 @@ def extract_features(
         raise DiffalignError(f"unknown pool '{pool}' (choose mean or first)")
     out_dir = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    root = Path(data_root)
+    root = Path(data_dir)
     with output_lock(out_dir):
         rm, alphas, info = load_trained(weights, model, use_ema)
         if not 0 <= timestep < len(alphas):
@@ -185,7 +185,7 @@ def extract_features(
         tensors["labels"] = torch.cat(labels).long()
         meta = {
             "weights": str(weights),
-            "data_root": str(root),
+            "data_dir": str(root),
             "split": split,
             "timestep": int(timestep),
             "pool": pool,

@@ -56,7 +56,9 @@ def load_class_table(root: Path) -> torch.Tensor:
         raise DiffalignError(
             f"{path} not found; build it with `diffalign repa preprocess clip` first"
         )
-    table, _ = _load_class_embeddings(path)
+    from diffalign.repa.preprocess import load_class_embeddings
+
+    table, _ = load_class_embeddings(path)
     if table.dim() != 3 or table.shape[0] < 2:
         raise DiffalignError(
             f"{path}: expected [classes + 1, 77, D] embeddings, got {list(table.shape)}"
@@ -64,31 +66,12 @@ def load_class_table(root: Path) -> torch.Tensor:
     return table
 
 
-def _load_class_embeddings(path: Path):
-    """rpre's reader when present (the preprocess step's own format)."""
-    import importlib
-
-    for mod in ("diffalign.repa.preprocess", "diffalign.repa.images", "diffalign.repa.clip"):
-        try:
-            fn = getattr(importlib.import_module(mod), "load_class_embeddings", None)
-        except ImportError:
-            fn = None
-        if fn is not None:
-            return fn(path)
-    from diffalign.engine.io import load_tensors
-
-    tensors, meta = load_tensors(path)
-    if len(tensors) != 1:
-        raise DiffalignError(f"{path}: expected one embeddings tensor, found {sorted(tensors)}")
-    return next(iter(tensors.values())), meta
-
-
 class RepaTask(TrainTask):
     """LoRA + AlignHead training of seed 003 as a task of the shared loop."""
 
     def __init__(self, cfg: RepaTrainConfig) -> None:
         self.cfg = cfg
-        root = Path(cfg.data_root)
+        root = Path(cfg.data_dir)
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             cfg.mixed_precision, torch.float32
         )
