@@ -56,6 +56,22 @@ def _is_lmdb_dir(path: Path) -> bool:
     return (path / "data.mdb").is_file()
 
 
+_QUIET = False
+
+
+def _frombuffer(raw, dtype: torch.dtype) -> torch.Tensor:
+    """`torch.frombuffer` of immutable bytes (zero-copy). torch warns once per process that the
+    buffer is read-only; that warning is expected here, so the first call swallows it."""
+    global _QUIET
+    if _QUIET:
+        return torch.frombuffer(raw, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.frombuffer(raw, dtype=dtype)
+    _QUIET = True
+    return out
+
+
 def tensor_to_record(tensor: torch.Tensor, dtype: torch.dtype = torch.float16) -> bytes:
     """The stored bytes of `tensor`: cast to `dtype`, contiguous, native (little-endian) order."""
     t = tensor.detach().to("cpu", dtype).contiguous()
@@ -92,6 +108,7 @@ class TensorLMDB:
         self._meta: dict[str, Any] | None = None
         self._shape: tuple[int, ...] | None = None
         self._dtype: torch.dtype | None = None
+        self._nbytes = 0
 
     # -- opening ------------------------------------------------------------------------------
     def _open(self):
@@ -155,6 +172,7 @@ class TensorLMDB:
         self._meta = meta
         self._shape = tuple(int(s) for s in meta["shape"])
         self._dtype = _DTYPES[meta["dtype"]]
+        self._nbytes = _record_nbytes(self._shape, self._dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -191,14 +209,12 @@ class TensorLMDB:
 
     # -- reads -------------------------------------------------------------------------------
     def _decode(self, key: str | bytes, raw) -> torch.Tensor:
-        if len(raw) != self.record_nbytes:
+        if len(raw) != self._nbytes:
             raise DiffalignError(
                 f"corrupt record '{_key_str(key)}' in {self.path}: {len(raw)} bytes, "
-                f"expected {self.record_nbytes} ({list(self.shape)} {_dtype_name(self.dtype)})"
+                f"expected {self._nbytes} ({list(self._shape)} {_dtype_name(self._dtype)})"
             )
-        with warnings.catch_warnings():  # bytes are immutable: the tensor shares them, zero-copy
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(raw, dtype=self.dtype).view(self.shape)
+        return _frombuffer(raw, self._dtype).view(self._shape)
 
     def get(self, key: str | bytes) -> torch.Tensor:
         """The tensor under `key` (zero-copy view of the record's bytes; do not modify in place).

@@ -160,7 +160,7 @@ def preprocess_images(
         raise DiffalignError(f"--quality must be 1..100, got {quality}")
     check_sample_id(split, "--split")
     start = time.time()
-    state = process_state("cpu")
+    state = process_state()  # shared by the later steps of one process
     root = Path(data_dir)
     with output_lock(root, "data folder"):
         src = scan_source(source, split, val_labels=val_labels, class_names=class_names)

@@ -1,0 +1,206 @@
+"""Benchmarks of U-REPA (spec R, seed 003). Sections:
+
+data   LMDB read throughput of `TensorLMDB` against the seed's plain loop, in the same run, on
+       stores of the real record sizes (VAE latents [4, 64, 64] and DINOv2 tokens [256, 1024],
+       fp16; seed §6.2: 7,300 and 8,200 samples/s). Variants, each producing one training batch
+       tensor per `--batch-size` keys in a shuffled epoch order:
+         plain      per key `env.begin()` + `txn.get` + `torch.frombuffer`, then `torch.stack`
+                    (the seed's `__getitem__` + the default collate)
+         get        per key `TensorLMDB.get` (zero-copy) + `torch.stack` (a map-style dataset)
+         get_many   `TensorLMDB.get_many(keys)`: one read transaction, one cursor `getmulti`,
+                    each record copied once from the memory map into the batch tensor
+         get_many_out  get_many into a reused batch buffer (`out=`), as a loader that recycles
+                    its (pinned) batch buffers after the host-to-device copy would
+         loader     get_many inside a torch DataLoader (a dataset with `__getitems__`, the
+                    batch passed through; workers 0), what a training loop sees
+       One torch thread (as in DataLoader workers; `--threads`).
+       Repetitions are interleaved, medians reported; goal: get_many >= 2.5x plain. Also bytes
+       stored per sample (seed: 544 KB = 32 KB latent + 512 KB tokens; online teacher: the
+       latent only), from the stores' data.mdb sizes.
+
+    python bench/repa.py --section data [--num-samples 512] [--batch-size 128] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from diffalign.engine.lmdb_store import TensorLMDB, TensorLMDBWriter  # noqa: E402
+
+STORES = {"vae": (4, 64, 64), "dino": (256, 1024)}
+
+
+def _build_store(path: Path, shape, n: int) -> list[str]:
+    keys = [f"n{idx // 50:08d}_{idx}" for idx in range(n)]
+    g = torch.Generator().manual_seed(0)
+    with TensorLMDBWriter(path, shape, commit_every=64) as w:
+        for k in keys:
+            w.put(k, torch.randn(shape, generator=g))
+    return keys
+
+
+def _plain_loop(env, shape, batches):
+    """The seed's dataset: one txn + get + decode per key, then the default collate (stack).
+
+    `env` is the seed's handle (readonly, lock=False, readahead=False), kept open across
+    epochs as in a worker; py-lmdb allows one handle per store and process, so it is the one
+    `TensorLMDB` opened with the same flags."""
+    for keys in batches:
+        items = []
+        for k in keys:
+            with env.begin(write=False) as txn:
+                value = txn.get(k.encode())
+            items.append(torch.frombuffer(value, dtype=torch.float16).view(shape))
+        torch.stack(items)
+
+
+def _get_loop(db: TensorLMDB, batches):
+    for keys in batches:
+        torch.stack([db.get(k) for k in keys])
+
+
+def _get_many_loop(db: TensorLMDB, batches, out=None):
+    for keys in batches:
+        db.get_many(keys, out=out if out is not None and len(keys) == len(out) else None)
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose batches come from one `get_many` (DataLoader `__getitems__`)."""
+
+    def __init__(self, db: TensorLMDB, keys: list[str]):
+        self.db, self.keys = db, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.db.get(self.keys[i])
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        return self.db.get_many([self.keys[i] for i in indices])
+
+
+def _loader_loop(db: TensorLMDB, batches, keys: list[str]):
+    index = {k: i for i, k in enumerate(keys)}
+    sampler = [[index[k] for k in b] for b in batches]
+    loader = torch.utils.data.DataLoader(
+        _BatchDataset(db, keys), batch_sampler=sampler, collate_fn=lambda batch: batch
+    )
+    for _ in loader:
+        pass
+
+
+def section_data(args) -> dict:
+    results: dict = {"num_samples": args.num_samples, "batch_size": args.batch_size, "stores": {}}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        stored = {}
+        for name, shape in STORES.items():
+            path = Path(tmp) / f"{name}.lmdb"
+            keys = _build_store(path, shape, args.num_samples)
+            stored[name] = (path / "data.mdb").stat().st_size / args.num_samples
+            db = TensorLMDB(path)
+            rng = random.Random(0)
+            order = keys[:]
+            rng.shuffle(order)
+            batches = [
+                order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)
+            ]
+            env = db._open()
+            buffer = torch.empty((args.batch_size, *shape), dtype=torch.float16)
+            variants = {
+                "plain": lambda e=env, s=shape, b=batches: _plain_loop(e, s, b),
+                "get": lambda d=db, b=batches: _get_loop(d, b),
+                "get_many": lambda d=db, b=batches: _get_many_loop(d, b),
+                "get_many_out": lambda d=db, b=batches, o=buffer: _get_many_loop(d, b, o),
+                "loader": lambda d=db, b=batches, k=keys: _loader_loop(d, b, k),
+            }
+            warm = {}
+            for v, fn in variants.items():  # warm the page cache and the mapping
+                t0 = time.perf_counter()
+                fn()
+                warm[v] = time.perf_counter() - t0
+            # each timing covers >= ~0.3 s of the fastest variant (epochs over the same keys)
+            epochs = max(1, round(0.3 / max(min(warm.values()), 1e-4)))
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for _ in range(args.repeats):
+                names = list(variants)
+                rng.shuffle(names)
+                for v in names:
+                    t0 = time.perf_counter()
+                    for _ in range(epochs):
+                        variants[v]()
+                    times[v].append((time.perf_counter() - t0) / epochs)
+            db.close()
+            rates = {v: args.num_samples / statistics.median(t) for v, t in times.items()}
+            results["stores"][name] = {
+                "record_shape": list(shape),
+                "record_bytes": int(torch.tensor(shape).prod()) * 2,
+                "epochs_per_timing": epochs,
+                "samples_per_s": {v: round(r, 1) for v, r in rates.items()},
+                "ratio_to_plain": {v: round(r / rates["plain"], 2) for v, r in rates.items()},
+            }
+        results["bytes_per_sample"] = {
+            "vae_record": STORES["vae"][0] * 64 * 64 * 2,
+            "dino_record": 256 * 1024 * 2,
+            "cached_teacher_on_disk": round(stored["vae"] + stored["dino"]),
+            "online_teacher_on_disk": round(stored["vae"]),
+        }
+    return results
+
+
+def _print_data(r: dict) -> None:
+    print(f"LMDB reads, {r['num_samples']} samples, batches of {r['batch_size']}, medians")
+    print(f"{'store':<6} {'variant':<13} {'samples/s':>12} {'x plain':>8}")
+    for name, s in r["stores"].items():
+        for v, rate in s["samples_per_s"].items():
+            print(f"{name:<6} {v:<13} {rate:>12.1f} {s['ratio_to_plain'][v]:>8.2f}")
+    b = r["bytes_per_sample"]
+    print(
+        f"bytes per sample: cached teacher {b['cached_teacher_on_disk'] / 1024:.1f} KiB on disk "
+        f"(records {(b['vae_record'] + b['dino_record']) / 1024:.0f} KiB; seed 544 KB), "
+        f"online teacher {b['online_teacher_on_disk'] / 1024:.1f} KiB"
+    )
+
+
+SECTIONS = {"data": (section_data, _print_data)}  # `train` is added beside it
+
+
+def main() -> int:
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--section", choices=[*SECTIONS, "all"], default="all", help="what to measure")
+    p.add_argument("--num-samples", type=int, default=512, help="records per store (data)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (data; seed: 128)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--tmp", default=None, help="folder for the temporary stores (data)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    out: dict = {"load_avg_1_5_15": load, "torch": torch.__version__, "threads": args.threads}
+    for name, (run, show) in SECTIONS.items():
+        if args.section in (name, "all"):
+            out[name] = run(args)
+            show(out[name])
+    print(f"load average at start: {load}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
