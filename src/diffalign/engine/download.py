@@ -190,6 +190,8 @@ ASSETS: dict[str, Asset] = {
         ),
     )
 }
+# other names accepted by --only (the seed's / issue's spellings) -> the asset's folder name
+ASSET_ALIASES: dict[str, str] = {"PickScore": "PickScore_v1"}
 # what `diffalign download` fetches without --only: the models of the working capability
 # (text-stream residual, spec T: SD3 medium and SD3.5 large). Later capabilities add theirs.
 DEFAULT_ASSETS: tuple[str, ...] = tuple(a.name for a in ASSETS.values() if a.default)
@@ -239,11 +241,14 @@ def plan_downloads(
         )
     names = list(dict.fromkeys(only)) if only else list(DEFAULT_ASSETS)
     by_lower = {n.lower(): n for n in ASSETS}
+    by_lower.update({alias.lower(): real for alias, real in ASSET_ALIASES.items()})
     resolved = []
     for name in names:
         real = by_lower.get(name.lower())
         if real is None:
-            raise DiffalignError(f"unknown asset '{name}'; choose from: {', '.join(ASSETS)}")
+            raise DiffalignError(
+                f"unknown asset '{name}'; choose from: {', '.join([*ASSETS, *ASSET_ALIASES])}"
+            )
         resolved.append(real)
     base = Path(models_dir) if models_dir is not None else default_models_dir()
     plan = []
@@ -414,5 +419,7 @@ def describe_assets() -> str:
     lines = []
     for a in ASSETS.values():
         star = "*" if a.default else " "
-        lines.append(f"{star} {a.name}: {a.description} [{a.sources[0].repo_id}]")
+        aliases = [k for k, v in ASSET_ALIASES.items() if v == a.name]
+        also = f" (also --only {', '.join(aliases)})" if aliases else ""
+        lines.append(f"{star} {a.name}: {a.description} [{a.sources[0].repo_id}]{also}")
     return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Where reward checkpoints live: `models/<download name>/...` (seed 001 layout, `diffalign
+download`), the legacy `third_party_weights/`, or an explicit path; a missing file is one line
+naming it and the `diffalign download --only NAME` that fetches it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from diffalign.engine.errors import DiffalignError
+from diffalign.engine.loading import LEGACY_MODELS_DIR, hub_offline, models_dir
+
+
+def quiet_hf_progress():
+    """No per-file "Loading weights" bars from transformers while a reward model loads."""
+    from diffalign.engine.tiny import _quiet_saving
+
+    return _quiet_saving()
+
+
+def asset_path(download_name: str, rel: str = "") -> Path:
+    """`models/<download_name>/<rel>` if it exists there or in `third_party_weights/`.
+
+    When neither exists the `models/` path is returned (for the error message).
+    """
+    candidates = [base / download_name / rel for base in (models_dir(), Path(LEGACY_MODELS_DIR))]
+    for c in candidates:
+        if c.exists():
+            return c
+    return candidates[0]
+
+
+def missing(what: str, path: str | Path, download_name: str, option: str) -> DiffalignError:
+    """The one-line error for a reward file that is not there."""
+    return DiffalignError(
+        f"{what} not found: {path}; fetch it with `diffalign download --only {download_name}` "
+        f"or pass {option}"
+    )
+
+
+def resolve_file(
+    value: str | Path | None, default_rel: str, what: str, download_name: str, option: str
+) -> Path:
+    """An explicit file path, or the asset's default file; must exist."""
+    path = Path(value).expanduser() if value else asset_path(download_name, default_rel)
+    if not path.is_file():
+        if path.is_dir() and value:
+            raise DiffalignError(f"{what}: {path} is a folder; pass the file itself with {option}")
+        raise missing(what, path, download_name, option)
+    return path
+
+
+def resolve_folder(
+    value: str | Path | None,
+    default_rel: str,
+    what: str,
+    download_name: str,
+    option: str,
+    marker: str = "config.json",
+) -> str:
+    """A local folder holding `marker`, a Hub id (offline-aware), or the asset's default folder."""
+    if value:
+        text = str(value).strip()
+        path = Path(text).expanduser()
+        if "/" not in text and not path.exists() and (asset_path(text) / marker).is_file():
+            path = asset_path(text)  # a download name: models/<name>/
+        if path.is_dir():
+            if not (path / marker).is_file():
+                raise DiffalignError(f"{what}: {path} has no {marker} (not a {what} folder)")
+            return str(path)
+        looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1
+        if looks_like_path or path.parts[0] in {models_dir().name, "models", LEGACY_MODELS_DIR}:
+            raise missing(what, path, download_name, option)
+        if hub_offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(text, marker)
+            if not isinstance(hit, str):
+                raise DiffalignError(
+                    f"{what} '{text}' is not a local folder and not in the Hugging Face cache "
+                    f"(HF_HUB_OFFLINE=1); fetch it with `diffalign download --only "
+                    f"{download_name}` or pass a local folder with {option}"
+                )
+        return text  # a Hub id: from_pretrained fetches or reads the cache
+    path = asset_path(download_name, default_rel)
+    if not (path / marker).is_file():
+        raise missing(what, path / marker, download_name, option)
+    return str(path)
+
+
+def read_json_config(path: str | Path, what: str) -> dict[str, Any]:
+    """A JSON config file as a dict; unreadable or invalid is one line."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffalignError(f"{what} {path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise DiffalignError(f"{what} {path}: expected a JSON object")
+    return data
+
+
+def state_dict_of(obj: Any, path: Path, what: str) -> dict[str, Any]:
+    """The tensors of a loaded checkpoint: the object itself, or its `state_dict` / `model`
+    entry; `module.` prefixes (DataParallel) removed."""
+    import torch
+
+    sd = obj
+    if isinstance(sd, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(sd.get(key), dict):
+                sd = sd[key]
+                break
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise DiffalignError(f"{what} {path}: no tensors found (not a {what} checkpoint)")
+    return {
+        (k[len("module.") :] if k.startswith("module.") else k): v
+        for k, v in sd.items()
+        if isinstance(v, torch.Tensor)
+    }

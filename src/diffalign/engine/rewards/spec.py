@@ -1,0 +1,98 @@
+"""Reward specs: `--reward hpsv2:5,imagereward:1,clip:0.01,pickscore:0.05` and the seed's
+`--reward_type clip|aesthetic|hybrid` (issue 7 "Rewards"; seed 001 `rewards_clip.py`)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from diffalign.engine.errors import DiffalignError
+
+# every reward `load_reward` builds; `hybrid` is a named combination (below)
+REWARD_NAMES: tuple[str, ...] = ("clip", "aesthetic", "hybrid", "pickscore", "imagereward", "hpsv2")
+BASE_REWARDS: tuple[str, ...] = ("clip", "aesthetic", "pickscore", "imagereward", "hpsv2")
+
+# ReNO's default combination (HPS 5, ImageReward 1, CLIP 0.01, PickScore 0.05)
+RENO_DEFAULT_SPEC = "hpsv2:5,imagereward:1,clip:0.01,pickscore:0.05"
+
+# The seed's hybrid: `aesthetic + 0.25 * clip_cosine`; our `clip` reward is `100 cos` (ReNO's
+# scale, = the seed's `logit_scale.exp() * cos` for OpenAI CLIP), so its weight is 0.25 / 100.
+HYBRID_TERMS: tuple[tuple[str, float], ...] = (("aesthetic", 1.0), ("clip", 0.0025))
+
+# the seed's `--reward_type` values -> specs
+REWARD_TYPES: dict[str, str] = {
+    "clip": "clip",
+    "aesthetic": "aesthetic",
+    "hybrid": "hybrid",
+}
+
+_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def _valid() -> str:
+    return ", ".join(REWARD_NAMES)
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """`"hpsv2:5,imagereward:1"` -> `[("hpsv2", 5.0), ("imagereward", 1.0)]`.
+
+    A bare name has weight 1. Names are case-insensitive (`HPSv2`, `ImageReward`, `PickScore`
+    as the download names spell them). An unknown name, a weight that is not a finite number,
+    an empty item or a name given twice is one DiffalignError line listing the valid names.
+    `hybrid` stays one item here; `load_reward` expands it to the seed's clip + aesthetic.
+    """
+    text = str(spec).strip() if spec is not None else ""
+    if not text:
+        raise DiffalignError(
+            f"--reward is empty; give NAME[:WEIGHT],... with NAME one of {_valid()}"
+        )
+    out: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            raise DiffalignError(
+                f"--reward '{spec}': empty item; use NAME[:WEIGHT],... with NAME one of {_valid()}"
+            )
+        name, sep, weight_text = item.partition(":")
+        name = name.strip().lower()
+        if name not in REWARD_NAMES or not _NAME.match(name):
+            raise DiffalignError(
+                f"--reward '{spec}': unknown reward '{name}'; valid names: {_valid()}"
+            )
+        weight = 1.0
+        if sep:
+            try:
+                weight = float(weight_text.strip())
+            except ValueError:
+                weight = math.nan
+            if not math.isfinite(weight) or ":" in weight_text:
+                raise DiffalignError(
+                    f"--reward '{spec}': weight of '{name}' must be a finite number, got "
+                    f"'{weight_text.strip()}' (use NAME:WEIGHT, e.g. hpsv2:5; valid names: {_valid()})"
+                )
+        if name in seen:
+            raise DiffalignError(f"--reward '{spec}': '{name}' is listed twice")
+        seen.add(name)
+        out.append((name, weight))
+    return out
+
+
+def reward_type_spec(reward_type: str) -> str:
+    """The seed's `--reward_type clip|aesthetic|hybrid` as a `--reward` spec."""
+    key = str(reward_type).strip().lower()
+    if key not in REWARD_TYPES:
+        raise DiffalignError(
+            f"--reward-type '{reward_type}': choose one of {', '.join(REWARD_TYPES)}"
+        )
+    return REWARD_TYPES[key]
+
+
+def expand_spec(terms: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Replace `hybrid:w` by the seed's `aesthetic:w, clip:0.0025 w` (merging repeated names)."""
+    merged: dict[str, float] = {}
+    for name, weight in terms:
+        parts = HYBRID_TERMS if name == "hybrid" else ((name, 1.0),)
+        for part, w in parts:
+            merged[part] = merged.get(part, 0.0) + weight * w
+    return list(merged.items())

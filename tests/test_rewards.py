@@ -1,0 +1,445 @@
+"""Rewards: spec parsing, the shared interface, clip / aesthetic / hybrid / pickscore on tiny
+checkpoints in the official layouts (written by `diffalign make-tiny`), missing and wrong files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffalign.engine.cliutils import ArgumentParser
+from diffalign.engine.errors import DiffalignError
+from diffalign.engine.rewards import (
+    RENO_DEFAULT_SPEC,
+    CombinedReward,
+    Reward,
+    add_reward_arguments,
+    clip_preprocess,
+    expand_spec,
+    load_reward,
+    parse_reward_spec,
+    resize_center_crop,
+    reward_from_args,
+    reward_type_spec,
+)
+
+AESTHETIC = "sac+logos+ava1-l14-linearMSE.pth"
+PROMPTS = ["a red apple", "a blue car"]
+
+
+def _images(seed=0, shape=(2, 3, 40, 48)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(*shape, generator=g).requires_grad_(True)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tiny_model_dir):
+    return tiny_model_dir("clip")
+
+
+@pytest.fixture(scope="module")
+def aesthetic_ckpt(tiny_model_dir):
+    return str(Path(tiny_model_dir("aesthetic")) / AESTHETIC)
+
+
+@pytest.fixture(scope="module")
+def pickscore_dir(tiny_model_dir):
+    return tiny_model_dir("pickscore")
+
+
+# --------------------------------------------------------------------------------------------
+# spec parsing
+
+
+def test_parse_reno_defaults_and_bare_names():
+    assert parse_reward_spec(RENO_DEFAULT_SPEC) == [
+        ("hpsv2", 5.0),
+        ("imagereward", 1.0),
+        ("clip", 0.01),
+        ("pickscore", 0.05),
+    ]
+    assert parse_reward_spec("clip") == [("clip", 1.0)]
+    assert parse_reward_spec(" HPSv2:2 , ImageReward ") == [("hpsv2", 2.0), ("imagereward", 1.0)]
+    assert parse_reward_spec("clip:-1e-2") == [("clip", -0.01)]
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("clipp", "unknown reward 'clipp'; valid names: clip, aesthetic, hybrid"),
+        ("clip:abc", "weight of 'clip' must be a finite number"),
+        ("clip:nan", "finite number"),
+        ("clip:inf", "finite number"),
+        ("clip:", "finite number"),
+        ("clip:1:2", "finite number"),
+        ("clip,,hpsv2", "empty item"),
+        ("", "empty"),
+        ("clip:1,clip:2", "listed twice"),
+    ],
+)
+def test_parse_bad_specs(spec, match):
+    with pytest.raises(DiffalignError, match=match) as e:
+        parse_reward_spec(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_reward_type_and_hybrid_expansion():
+    assert reward_type_spec("hybrid") == "hybrid"
+    with pytest.raises(DiffalignError, match="clip, aesthetic, hybrid"):
+        reward_type_spec("pickscore")
+    # the seed's hybrid: aesthetic + 0.25 cos = aesthetic + 0.0025 * (100 cos)
+    assert expand_spec([("hybrid", 2.0)]) == [("aesthetic", 2.0), ("clip", 0.005)]
+    assert expand_spec([("clip", 1.0), ("hybrid", 1.0)]) == [("clip", 1.0025), ("aesthetic", 1.0)]
+
+
+# --------------------------------------------------------------------------------------------
+# preprocessing
+
+
+def test_resize_center_crop_matches_reference():
+    x = torch.rand(1, 3, 30, 60)
+    out = resize_center_crop(x, 20)
+    assert out.shape == (1, 3, 20, 20)
+    # reference: shorter side 20 -> 20 x 40 (bicubic, antialiased), then the central 20 columns
+    ref = F.interpolate(x, size=(20, 40), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(out, ref[..., :, 10:30])
+    same = torch.rand(2, 3, 20, 20)
+    assert torch.equal(resize_center_crop(same, 20), same)
+    # ReNO's normalisation with the OpenAI CLIP mean/std
+    norm = clip_preprocess(same, 20)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    torch.testing.assert_close(norm, (same - mean) / std)
+
+
+# --------------------------------------------------------------------------------------------
+# clip / aesthetic / hybrid / pickscore
+
+
+def _reference_clip_cos(clip_dir, images, prompts):
+    """Slow reference: the CLIPModel's own forward (logits_per_image / logit_scale)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    tok = AutoTokenizer.from_pretrained(clip_dir)
+    t = tok(prompts, padding=True, return_tensors="pt")
+    pix = clip_preprocess(images, model.config.vision_config.image_size)
+    with torch.no_grad():
+        out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], pixel_values=pix)
+    return (out.logits_per_image / model.logit_scale.exp()).diagonal(), model, pix
+
+
+def test_clip_reward_values_grad_and_loss(clip_dir):
+    reward = load_reward("clip", clip_model=clip_dir)
+    assert isinstance(reward, Reward) and reward.name == "clip"
+    assert not reward.training and not any(p.requires_grad for p in reward.parameters())
+    x = _images()
+    value = reward(x, PROMPTS)
+    assert value.shape == (2,) and value.dtype == torch.float32 and torch.isfinite(value).all()
+    cos, _, _ = _reference_clip_cos(clip_dir, x.detach(), PROMPTS)
+    torch.testing.assert_close(value.detach(), 100 * cos, atol=1e-4, rtol=1e-4)
+    loss = reward.loss(x, PROMPTS)
+    torch.testing.assert_close(loss, 100 - value)  # ReNO: 100 - 100 cos
+    loss.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # text encodings are cached per prompt; a single prompt broadcasts over the batch
+    assert set(reward.text_cache._cache) == set(PROMPTS)
+    one = reward(x.detach(), "a red apple")
+    assert one.shape == (2,)
+    with pytest.raises(DiffalignError, match="2 images but 3 prompts"):
+        reward(x, ["a", "b", "c"])
+    with pytest.raises(DiffalignError, match=r"\[B, 3, H, W\]"):
+        reward(torch.rand(3, 8, 8), ["a"])
+
+
+def test_nan_reward_is_one_line_error(clip_dir):
+    reward = load_reward("clip", clip_model=clip_dir)
+    x = torch.rand(1, 3, 32, 32)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DiffalignError, match="reward 'clip' is not finite"):
+        reward(x, ["a"])
+
+
+def test_aesthetic_matches_plain_sequential(clip_dir, aesthetic_ckpt):
+    reward = load_reward("aesthetic", clip_model=clip_dir, aesthetic_ckpt=aesthetic_ckpt)
+    x = _images(1)
+    value = reward(x, PROMPTS)
+    # reference: the LAION predictor exactly as published (nn.Sequential, torch.load)
+    sd = torch.load(aesthetic_ckpt, weights_only=True)
+    dims = [sd["layers.0.weight"].shape[1]] + [
+        sd[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6, 7)
+    ]
+    head = torch.nn.Sequential(
+        torch.nn.Linear(dims[0], dims[1]),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(dims[1], dims[2]),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(dims[2], dims[3]),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(dims[3], dims[4]),
+        torch.nn.Linear(dims[4], dims[5]),
+    ).eval()
+    head.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})
+    _, model, pix = _reference_clip_cos(clip_dir, x.detach(), PROMPTS)
+    with torch.no_grad():
+        emb = model.get_image_features(pixel_values=pix).pooler_output
+        ref = head(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1)
+    torch.testing.assert_close(value.detach(), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(reward.loss(x, PROMPTS), 10 - value)
+    value.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_hybrid_is_seed_weighting_and_shares_clip(clip_dir, aesthetic_ckpt):
+    hybrid = load_reward("hybrid", clip_model=clip_dir, aesthetic_ckpt=aesthetic_ckpt)
+    assert isinstance(hybrid, CombinedReward) and hybrid.name == "hybrid"
+    clip_r, aes_r = (
+        hybrid.rewards[hybrid.names.index("clip")],
+        hybrid.rewards[hybrid.names.index("aesthetic")],
+    )
+    assert clip_r.model is aes_r.model  # one CLIP model for both terms
+    runs = []
+    hook = clip_r.model.vision_model.register_forward_hook(lambda *a: runs.append(1))
+    x = _images(2)
+    total = hybrid(x, PROMPTS)
+    hook.remove()
+    assert len(runs) == 1  # ... and one image-tower pass per call
+    assert clip_r.bundle.memo is None
+    terms = hybrid.last_terms
+    # seed: total = aesthetic + 0.25 * clip_cosine
+    torch.testing.assert_close(total.detach(), terms["aesthetic"] + 0.25 * terms["clip"] / 100)
+    torch.testing.assert_close(hybrid.loss(x, PROMPTS), 10.25 - total)
+
+
+def test_pickscore_uses_processor_folder_and_logit_scale(pickscore_dir):
+    reward = load_reward("pickscore", pickscore_model=pickscore_dir)
+    assert reward.name == "pickscore"
+    assert reward.scale == pytest.approx(100.0, rel=1e-3)  # PickScore's trained logit scale
+    x = _images(3)
+    value = reward(x, PROMPTS)
+    assert value.shape == (2,) and torch.isfinite(value).all()
+    torch.testing.assert_close(reward.loss(x, PROMPTS), 30 - value)
+    value.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_combined_weights_and_terms(clip_dir, pickscore_dir):
+    combo = load_reward(
+        "clip:0.01,pickscore:0.05", clip_model=clip_dir, pickscore_model=pickscore_dir
+    )
+    x = _images(4)
+    total = combo(x, PROMPTS)
+    t = combo.last_terms
+    assert set(t) == {"clip", "pickscore"} and t["clip"].shape == (2,)
+    torch.testing.assert_close(total.detach(), 0.01 * t["clip"] + 0.05 * t["pickscore"])
+    assert combo.loss_offset == pytest.approx(0.01 * 100 + 0.05 * 30)
+    # a single weighted term is a CombinedReward too (the weight applies)
+    half = load_reward("clip:0.5", clip_model=clip_dir)
+    torch.testing.assert_close(
+        half(x, PROMPTS), 0.5 * t["clip"].to(total.dtype), atol=1e-4, rtol=1e-4
+    )
+
+
+def _count_checkpoint_calls(reward):
+    """Wrap every layer's checkpoint function with a call counter."""
+    calls = []
+    layers = [m for m in reward.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in layers:
+        inner = m._gradient_checkpointing_func
+
+        def counted(*a, _inner=inner, **k):
+            calls.append(1)
+            return _inner(*a, **k)
+
+        m._gradient_checkpointing_func = counted
+    return layers, calls
+
+
+@pytest.mark.parametrize("kind", ["clip", "imagereward"])
+def test_gradient_checkpointing_gives_same_gradients(kind, clip_dir, tiny_model_dir):
+    kw = (
+        {"clip_model": clip_dir}
+        if kind == "clip"
+        else {"imagereward_model_path": str(Path(tiny_model_dir("imagereward")) / "ImageReward.pt")}
+    )
+    x1, x2 = _images(5), _images(5)
+    plain = load_reward(kind, **kw)
+    ckpt = load_reward(kind, gradient_checkpointing=True, **kw)
+    layers, calls = _count_checkpoint_calls(ckpt)
+    assert layers and not any(getattr(m, "gradient_checkpointing", False) for m in plain.modules())
+    plain.loss(x1, PROMPTS).sum().backward()
+    ckpt.loss(x2, PROMPTS).sum().backward()
+    assert len(calls) >= 2  # the image tower's layers really ran under checkpoint
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# defaults in models/<download name>/, missing and wrong files
+
+
+def test_defaults_resolve_through_models_dir(tmp_path, monkeypatch, clip_dir, aesthetic_ckpt):
+    monkeypatch.setenv("DIFFALIGN_MODELS_DIR", str(tmp_path))
+    with pytest.raises(DiffalignError) as e:
+        load_reward("clip")
+    msg = str(e.value)
+    assert "CLIP-ViT-L-14" in msg and "config.json" in msg
+    assert "diffalign download --only CLIP-ViT-L-14" in msg
+    shutil.copytree(clip_dir, tmp_path / "CLIP-ViT-L-14")
+    with pytest.raises(DiffalignError, match=r"Aesthetic.*--only Aesthetic"):
+        load_reward("aesthetic")
+    (tmp_path / "Aesthetic").mkdir()
+    shutil.copy(aesthetic_ckpt, tmp_path / "Aesthetic" / AESTHETIC)
+    reward = load_reward("hybrid")
+    assert reward(_images(), PROMPTS).shape == (2,)
+    # a download name works as --clip-model too
+    assert load_reward("clip", clip_model="CLIP-ViT-L-14")(_images(), PROMPTS).shape == (2,)
+
+
+def test_missing_and_wrong_files(tmp_path, clip_dir, pickscore_dir):
+    with pytest.raises(
+        DiffalignError, match=r"aesthetic checkpoint not found: .*nope.pth.*--only Aesthetic"
+    ):
+        load_reward("aesthetic", clip_model=clip_dir, aesthetic_ckpt=str(tmp_path / "nope.pth"))
+    with pytest.raises(DiffalignError, match=r"CLIP model not found: .*--only CLIP-ViT-L-14"):
+        load_reward("clip", clip_model=str(tmp_path / "no-clip"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"fc.weight": torch.zeros(1, 16), "fc.bias": torch.zeros(1)}, bad)
+    with pytest.raises(DiffalignError, match=r"not the MLP layout layers\.\{0,2,4,6,7\}"):
+        load_reward("aesthetic", clip_model=clip_dir, aesthetic_ckpt=str(bad))
+    wide = tmp_path / "wide.pth"
+    from diffalign.engine.tiny_rewards import aesthetic_state_dict
+
+    torch.save(aesthetic_state_dict(0, in_features=768), wide)
+    with pytest.raises(DiffalignError, match="expects 768-wide CLIP image embeddings"):
+        load_reward("aesthetic", clip_model=clip_dir, aesthetic_ckpt=str(wide))
+    not_clip = tmp_path / "not-clip"
+    not_clip.mkdir()
+    (not_clip / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(DiffalignError, match="'bert' model, not a transformers CLIPModel"):
+        load_reward("clip", clip_model=str(not_clip))
+    bare = tmp_path / "pick-bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(Path(pickscore_dir) / f, bare / f)
+    with pytest.raises(DiffalignError, match="no processor/ folder.*--only PickScore"):
+        load_reward("pickscore", pickscore_model=str(bare))
+    # an explicit processor folder works
+    r = load_reward(
+        "pickscore",
+        pickscore_model=str(bare),
+        pickscore_processor=str(Path(pickscore_dir) / "processor"),
+    )
+    assert r(_images(), PROMPTS).shape == (2,)
+
+
+# --------------------------------------------------------------------------------------------
+# command-line options
+
+
+def test_reward_arguments_accept_seed_spellings(clip_dir, aesthetic_ckpt):
+    parser = ArgumentParser(prog="t")
+    add_reward_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--reward_type",
+            "hybrid",
+            "--clip_local_dir",
+            clip_dir,
+            "--aesthetic_ckpt",
+            aesthetic_ckpt,
+        ]
+    )
+    reward = reward_from_args(args, "cpu", torch.float32)
+    assert reward.name == "hybrid"
+    args = parser.parse_args(["--reward", "clip:0.01", "--clip-model", clip_dir])
+    assert reward_from_args(args).name == "clip:0.01"
+    args = parser.parse_args(["--clip-model", clip_dir])  # default: the seed's clip
+    assert reward_from_args(args).name == "clip"
+    for opt in (
+        "--pickscore_model_id",
+        "--imagereward_model_path",
+        "--imagereward_med_config_path",
+        "--hps_version",
+        "--hps_checkpoint_path",
+    ):
+        assert opt in parser.format_help()
+    args = parser.parse_args(["--reward", "clip", "--reward-type", "hybrid"])
+    with pytest.raises(DiffalignError, match="disagree"):
+        reward_from_args(args)
+    args = parser.parse_args(["--reward", "hpsv2:x"])
+    with pytest.raises(DiffalignError, match="finite number"):
+        reward_from_args(args)
+
+
+def test_download_knows_every_reward_asset(tmp_path):
+    from diffalign.engine.download import ASSETS, plan_downloads
+
+    names = ["CLIP-ViT-L-14", "Aesthetic", "PickScore", "ImageReward", "HPSv2"]
+    plan = plan_downloads(names, tmp_path)
+    assert [p.asset.name for p in plan] == [
+        "CLIP-ViT-L-14",
+        "Aesthetic",
+        "PickScore_v1",
+        "ImageReward",
+        "HPSv2",
+    ]
+    assert plan[2].target == tmp_path / "PickScore_v1"  # the seed's models/PickScore_v1/
+    assert "PickScore" not in ASSETS  # an alias, not a second asset
+
+
+def test_reno_default_combination_end_to_end(tiny_model_dir, clip_dir, pickscore_dir):
+    """ReNO's `hpsv2:5,imagereward:1,clip:0.01,pickscore:0.05` on the four official layouts."""
+    hps = Path(tiny_model_dir("hpsv2"))
+    ir = Path(tiny_model_dir("imagereward"))
+    reward = load_reward(
+        RENO_DEFAULT_SPEC,
+        clip_model=clip_dir,
+        pickscore_model=pickscore_dir,
+        imagereward_model_path=str(ir / "ImageReward.pt"),
+        hps_checkpoint_path=str(hps / "HPS_v2.1_compressed.pt"),
+    )
+    assert isinstance(reward, CombinedReward)
+    assert reward.names == ["hpsv2", "imagereward", "clip", "pickscore"]
+    x = _images(6, (2, 3, 64, 64))
+    loss = reward.loss(x, PROMPTS)
+    t = reward.last_terms
+    expected = (
+        5 * (1 - t["hpsv2"])
+        + 1 * (2 - t["imagereward"])
+        + 0.01 * (100 - t["clip"])
+        + 0.05 * (30 - t["pickscore"])
+    )
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-4, rtol=1e-5)
+    loss.sum().backward()
+    assert x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+
+
+def test_single_reward_last_terms_and_hub_id_offline(clip_dir, monkeypatch):
+    reward = load_reward("clip", clip_model=clip_dir)
+    value = reward(_images(7), PROMPTS)
+    assert set(reward.last_terms) == {"clip"}
+    torch.testing.assert_close(reward.last_terms["clip"], value.detach())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
+    with pytest.raises(DiffalignError, match="not in the Hugging Face cache.*--only CLIP-ViT-L-14"):
+        load_reward("clip", clip_model="someorg/some-clip-model")
+
+
+def test_download_cli_dry_run_reward_assets(tmp_path, capsys):
+    from diffalign.cli import main
+
+    only = "CLIP-ViT-L-14,Aesthetic,PickScore,ImageReward,HPSv2"
+    assert main(["download", "--dir", str(tmp_path), "--only", only, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for target in (
+        "CLIP-ViT-L-14",
+        "Aesthetic",
+        "PickScore_v1/processor",
+        "ImageReward/bert-base-uncased",
+        "HPSv2/processor",
+    ):
+        assert str(tmp_path / target) in out
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing

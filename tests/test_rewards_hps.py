@@ -1,0 +1,135 @@
+"""HPSv2: the official open_clip-layout checkpoint mapped onto transformers' CLIPModel, proven
+against a slow reference forward written directly on the open_clip state dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffalign.engine.errors import DiffalignError
+from diffalign.engine.rewards import clip_preprocess, load_reward
+from diffalign.engine.rewards.hpsv2 import HPS_UNUSED_KEYS, map_open_clip_to_transformers
+
+PROMPTS = ["a photo of a cat", "an oil painting of a harbour at dusk"]
+
+
+@pytest.fixture(scope="module")
+def hps_dir(tiny_model_dir):
+    return Path(tiny_model_dir("hpsv2"))
+
+
+def _block(x, sd, p, heads, causal):
+    """open_clip ResidualAttentionBlock: x + attn(ln_1 x); x + mlp(ln_2 x), plain torch ops."""
+    b, n, w = x.shape
+    h = F.layer_norm(x, (w,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], 1e-5)
+    qkv = h @ sd[p + "attn.in_proj_weight"].t() + sd[p + "attn.in_proj_bias"]
+    q, k, v = (t.reshape(b, n, heads, w // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
+    att = (q @ k.transpose(-1, -2)) / (w // heads) ** 0.5
+    if causal:
+        att = att.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    o = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, w)
+    x = x + o @ sd[p + "attn.out_proj.weight"].t() + sd[p + "attn.out_proj.bias"]
+    h = F.layer_norm(x, (w,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"], 1e-5)
+    h = F.gelu(h @ sd[p + "mlp.c_fc.weight"].t() + sd[p + "mlp.c_fc.bias"])
+    return x + h @ sd[p + "mlp.c_proj.weight"].t() + sd[p + "mlp.c_proj.bias"]
+
+
+def reference_hps(sd, pixels, tokens, text_heads, vision_heads):
+    """open_clip's CLIP.encode_image / encode_text (normalised) and HPS = their cosine."""
+    w = sd["visual.class_embedding"].numel()
+    x = F.conv2d(pixels, sd["visual.conv1.weight"], stride=sd["visual.conv1.weight"].shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, w), x], 1)
+    x = x + sd["visual.positional_embedding"]
+    x = F.layer_norm(x, (w,), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"], 1e-5)
+    i = 0
+    while f"visual.transformer.resblocks.{i}.ln_1.weight" in sd:
+        x = _block(x, sd, f"visual.transformer.resblocks.{i}.", vision_heads, False)
+        i += 1
+    x = F.layer_norm(x[:, 0], (w,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"], 1e-5)
+    img = F.normalize(x @ sd["visual.proj"], dim=-1)
+
+    t = sd["token_embedding.weight"][tokens] + sd["positional_embedding"][: tokens.shape[1]]
+    i = 0
+    while f"transformer.resblocks.{i}.ln_1.weight" in sd:
+        t = _block(t, sd, f"transformer.resblocks.{i}.", text_heads, True)
+        i += 1
+    tw = t.shape[-1]
+    t = F.layer_norm(t, (tw,), sd["ln_final.weight"], sd["ln_final.bias"], 1e-5)
+    t = t[torch.arange(t.shape[0]), tokens.argmax(-1)] @ sd["text_projection"]
+    txt = F.normalize(t, dim=-1)
+    return (img * txt).sum(-1)
+
+
+def test_key_map_is_complete(hps_dir):
+    sd = torch.load(hps_dir / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
+    mapped, unused = map_open_clip_to_transformers(sd)
+    assert set(unused) <= HPS_UNUSED_KEYS
+    # every transformers CLIPModel parameter is filled, with the right shape
+    from diffalign.engine.rewards.hpsv2 import empty_clip_model, hps_clip_config
+
+    model = empty_clip_model(hps_clip_config(sd, eos_token_id=513, bos_token_id=512))
+    params = dict(model.named_parameters())
+    assert set(params) == set(mapped)
+    assert all(params[k].shape == mapped[k].shape for k in params)
+    # the real ViT-H-14 count: 24 text + 32 vision blocks x 12 tensors + 14 others = 686 keys
+    n_blocks = sum(1 for k in sd if k.endswith("attn.in_proj_weight"))
+    assert len(sd) == 12 * n_blocks + 14
+
+
+def test_hps_matches_reference_forward(hps_dir):
+    reward = load_reward("hpsv2", hps_checkpoint_path=str(hps_dir / "HPS_v2.1_compressed.pt"))
+    assert reward.name == "hpsv2" and reward.loss_offset == 1.0
+    x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    value = reward(x, PROMPTS)
+    sd = torch.load(hps_dir / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
+    tok = reward.bundle.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")
+    pix = clip_preprocess(x.detach(), 32)
+    ref = reference_hps(sd, pix, tok["input_ids"], text_heads=4, vision_heads=5)
+    torch.testing.assert_close(value.detach(), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(reward.loss(x, PROMPTS), 1 - value)
+    value.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in reward.parameters())
+
+
+def test_hps_defaults_versions_and_errors(hps_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("DIFFALIGN_MODELS_DIR", str(tmp_path))
+    with pytest.raises(
+        DiffalignError, match=r"HPS checkpoint not found: .*HPS_v2\.1_compressed\.pt.*--only HPSv2"
+    ):
+        load_reward("hpsv2")
+    with pytest.raises(DiffalignError, match=r"HPS_v2_compressed\.pt.*--only HPSv2"):
+        load_reward("hpsv2", hps_version="v2.0")
+    shutil.copytree(hps_dir, tmp_path / "HPSv2")
+    assert load_reward("hpsv2")(torch.rand(1, 3, 32, 32), ["a"]).shape == (1,)
+    # v2.0 reads HPS_v2_compressed.pt from the same folder
+    shutil.copy(
+        tmp_path / "HPSv2" / "HPS_v2.1_compressed.pt", tmp_path / "HPSv2" / "HPS_v2_compressed.pt"
+    )
+    assert load_reward("hpsv2", hps_version="v2.0").version == "v2.0"
+    with pytest.raises(DiffalignError, match="--hps-version must be one of v2.0, v2.1"):
+        load_reward("hpsv2", hps_version="v3")
+
+    # wrong layouts: an ImageReward-like dict, a pickled non-tensor object, an extra key
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict": {"blip.visual_encoder.cls_token": torch.zeros(1, 1, 8)}}, bad)
+    proc = str(hps_dir / "processor")
+    with pytest.raises(
+        DiffalignError, match="not an open_clip CLIP checkpoint .*missing token_embedding"
+    ):
+        load_reward("hpsv2", hps_checkpoint_path=str(bad), hps_processor=proc)
+    sd = torch.load(hps_dir / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
+    sd["visual.extra.weight"] = torch.zeros(2)
+    torch.save({"state_dict": sd}, bad)
+    with pytest.raises(
+        DiffalignError, match="unexpected keys for the open_clip layout: visual.extra.weight"
+    ):
+        load_reward("hpsv2", hps_checkpoint_path=str(bad), hps_processor=proc)
+    with pytest.raises(DiffalignError, match="processor folder not found.*--hps-processor"):
+        load_reward("hpsv2", hps_checkpoint_path=str(bad), hps_processor=str(tmp_path / "none"))
