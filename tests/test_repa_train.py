@@ -20,18 +20,20 @@ GRID = 4
 TEACHER_DIM = 32  # the tiny dinov2's width
 
 
-def build_data_dir(root: Path, seed: int = 0, token_dim: int = TEACHER_DIM, cross_dim: int = 32):
+def build_data_dir(
+    root: Path, seed: int = 0, token_dim: int = TEACHER_DIM, cross_dim: int = 32, channels: int = 4
+):
     """A preprocessed store in the real layout: class-dependent latents, tokens and images."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    lat_means = torch.randn(CLASSES, 4, 8, 8, generator=g)
+    lat_means = torch.randn(CLASSES, channels, 8, 8, generator=g)
     tok_means = torch.randn(CLASSES, GRID * GRID, token_dim, generator=g)
     zbuf = io.BytesIO()
     with (
-        TensorLMDBWriter(root / "vae_latents.lmdb", (4, 8, 8)) as lat,
+        TensorLMDBWriter(root / "vae_latents.lmdb", (channels, 8, 8)) as lat,
         TensorLMDBWriter(root / "dino_tokens.lmdb", (GRID * GRID, token_dim)) as tok,
         zipfile.ZipFile(zbuf, "w") as zf,
     ):
@@ -40,7 +42,7 @@ def build_data_dir(root: Path, seed: int = 0, token_dim: int = TEACHER_DIM, cros
                 for k in range(PER_CLASS):
                     sid = f"n0000000{c}_{split}{k}"
                     rows.append({"id": sid, "wnid": f"n0000000{c}", "label": c, "split": split})
-                    lat.put(sid, lat_means[c] + 0.5 * torch.randn(4, 8, 8, generator=g))
+                    lat.put(sid, lat_means[c] + 0.5 * torch.randn(channels, 8, 8, generator=g))
                     t = tok_means[c] + 0.5 * torch.randn(GRID * GRID, token_dim, generator=g)
                     tok.put(f"{sid}_mid", torch.nn.functional.normalize(t, dim=-1))
                     color = (60 * c, 255 - 60 * c, (37 * k) % 255)
@@ -298,10 +300,14 @@ def test_bad_inputs_are_one_line(data_dir, sd15, tmp_path, capsys):
     # token shape that does not fit the head grid
     with pytest.raises(DiffalignError, match=r"grid 5 needs \[25, D\]"):
         train_repa(tiny_cfg(data_dir, sd15, tmp_path / "o2", grid=5), progress=False)
-    # latent store of another shape
+    # class embeddings of another width than the U-Net's cross-attention
     other = build_data_dir(tmp_path / "other", cross_dim=24)
     with pytest.raises(DiffalignError, match="24 wide"):
         train_repa(tiny_cfg(other, sd15, tmp_path / "o3"), progress=False)
+    # latents with another channel count than the U-Net's input
+    lat3 = build_data_dir(tmp_path / "lat3", channels=3)
+    with pytest.raises(DiffalignError, match=r"shape \[3, 8, 8\]; the U-Net takes 4 channels"):
+        train_repa(tiny_cfg(lat3, sd15, tmp_path / "o6"), progress=False)
     # a corrupt record (wrong length) met during training
     import lmdb
 

@@ -173,7 +173,10 @@ def extract_features(
                 from diffalign.repa.teacher import dino_tokens
 
                 teacher = dino_tokens(
-                    dino, batch["image"].to(device).float() / 255.0, grid=rm.spec.grid
+                    dino,
+                    batch["image"].to(device).float() / 255.0,
+                    grid=rm.spec.grid,
+                    layout=info.get("token_layout", "grid"),
                 )
             else:
                 teacher = batch["tokens"].float()
