@@ -135,3 +135,20 @@ def test_total_loss_and_diffusion_targets():
     s = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     assert torch.allclose(s.get_velocity(x0, eps, ts), v, atol=1e-5)
     assert torch.allclose(s.add_noise(x0, eps, ts), zt, atol=1e-5)
+
+
+def test_cap_loss_scales_value_keeps_gradient_direction():
+    from diffalign.repa.losses import cap_loss
+
+    x = torch.tensor([2.0, 3.0], requires_grad=True)
+    loss = (x**2).sum()  # 13
+    used, capped = cap_loss(loss, 0.1)
+    assert used.item() == pytest.approx(0.1) and capped.item() == 1.0
+    used.backward()
+    assert torch.allclose(x.grad, 2 * x.detach() * 0.1 / 13.0)
+    small, c2 = cap_loss(torch.tensor(0.05), 0.1)
+    assert small.item() == pytest.approx(0.05) and c2.item() == 0.0
+    nan, c3 = cap_loss(torch.tensor(float("nan")), 0.1)
+    assert torch.isnan(nan) and c3.item() == 0.0  # left to the loop's non-finite skip
+    same, c4 = cap_loss(torch.tensor(5.0), None)
+    assert same.item() == 5.0 and c4.item() == 0.0

@@ -200,6 +200,32 @@ def test_manifold_cap_and_anomalies_are_counted(data_dir, sd15, tmp_path):
     assert all(e["manifold_capped"] == 1.0 for e in res.history if "val" not in e)
 
 
+def test_nonfinite_step_is_skipped_and_counted(data_dir, sd15, tmp_path):
+    import shutil
+
+    from diffalign.engine.lmdb_store import TensorLMDB
+    from diffalign.repa.train import train_repa
+
+    bad = tmp_path / "nan"
+    shutil.copytree(data_dir, bad)
+    key = "n00000001_train2"
+    shape = TensorLMDB(bad / "vae_latents.lmdb").shape
+    with TensorLMDBWriter(bad / "vae_latents.lmdb", shape) as w:
+        w.put(key, torch.full(shape, float("nan")))
+    steps = CLASSES * PER_CLASS // 4  # one epoch: exactly one batch holds the NaN latent
+    res = train_repa(
+        tiny_cfg(bad, sd15, tmp_path / "r", max_steps=steps, validate_every=0, checkpoint_every=0),
+        progress=False,
+    )
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["skipped_nonfinite"] == 1
+    flags = [e["nonfinite_loss"] for e in res.history if "val" not in e]
+    assert sum(flags) == 1.0
+    for name in ("unet", "heads"):
+        t, _ = load_tensors(tmp_path / "r" / "checkpoint-final" / f"{name}.safetensors")
+        assert all(torch.isfinite(v).all() for v in t.values())
+
+
 def test_online_teacher_trains_from_images(data_dir, sd15, tmp_path, tiny_model_dir):
     from diffalign.repa.train import train_repa
 

@@ -59,9 +59,10 @@ def _train(args) -> int:
     result = train_repa(
         cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
     )
-    final = result.summary.get("final_val") or result.summary.get("final_train") or {}
-    shown = {k: round(v, 5) for k, v in final.items() if isinstance(v, float)}
-    print(f"trained {result.step} steps -> {result.final_dir} {shown}")
+    if result.summary:  # the main process
+        final = result.summary.get("final_val") or result.summary.get("final_train") or {}
+        shown = {k: round(v, 5) for k, v in final.items() if isinstance(v, float)}
+        print(f"trained {result.step} steps -> {result.final_dir} {shown}")
     return 0
 
 

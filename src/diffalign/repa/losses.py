@@ -75,6 +75,17 @@ def align_coeff(step: int, max_coeff: float = 0.5, warmup_steps: int = 3000) -> 
     return float(max_coeff) * max(step, 0) / warmup_steps
 
 
+def cap_loss(loss: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anomaly guard of seed 10.3: a loss above `cap` is scaled down to `cap` (its gradient keeps
+    its direction, scaled by `cap / loss`); returns (loss used, 1.0 if capped else 0.0). A hard
+    clamp would instead drop the gradient on exactly the batches that spike. No host sync."""
+    if cap is None:
+        return loss, torch.zeros((), device=loss.device)
+    over = loss.detach() > cap
+    scale = torch.where(over, cap / loss.detach().clamp_min(1e-12), torch.ones_like(loss))
+    return loss * scale, over.float()
+
+
 def total_loss(
     diffusion: torch.Tensor,
     token: torch.Tensor,

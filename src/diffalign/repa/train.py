@@ -13,8 +13,9 @@ checkpoint saves, so a resumed run repeats the uninterrupted one.
 
 Anomaly guard (seed 10.3): `manifold_cap` rescales a manifold loss above the cap down to the cap
 (its gradient keeps its direction, scaled by cap / value) and counts the step; a non-finite loss
-skips the optimizer step (the loop's guard) and is counted too. Both counts appear in the logs
-(`manifold_capped` per step) and in summary.json (`task.anomalies`, `skipped_nonfinite`).
+skips the optimizer step (the loop's guard) and is counted too. Both appear in the logs
+(`manifold_capped`, `nonfinite_loss`: fraction of the logged steps) and in summary.json
+(`task.anomalies.manifold_capped_steps`, `skipped_nonfinite`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from diffalign.repa.heads import lora_parameters
 from diffalign.repa.losses import (
     add_noise,
     align_coeff,
+    cap_loss,
     diffusion_loss,
     diffusion_target,
     manifold_loss,
@@ -153,7 +155,8 @@ class RepaTask(TrainTask):
         self.unet = unet
         self.heads = self.model.heads
         self.step_seen = 0
-        self.manifold_capped = 0
+        self._capped_window = torch.zeros(())
+        self._capped_total = torch.zeros(())
 
     # -- the loop's interface ------------------------------------------------------------------
 
@@ -242,11 +245,7 @@ class RepaTask(TrainTask):
                 for v in tokens.values()
             ]
         ).mean()
-        capped = False
-        l_man_used = l_man
-        if cfg.manifold_cap is not None and bool(l_man.detach() > cfg.manifold_cap):
-            capped = True
-            l_man_used = l_man * (cfg.manifold_cap / l_man.detach())
+        l_man_used, capped = cap_loss(l_man, cfg.manifold_cap)
         lam = align_coeff(step, cfg.align_coeff, cfg.align_warmup_steps)
         total = total_loss(l_diff, l_tok, l_man_used, lam, cfg.manifold_weight)
         return {
@@ -261,15 +260,21 @@ class RepaTask(TrainTask):
     def training_step(self, batch, step: int, ctx: StepContext) -> dict:
         out = self._losses(batch, step, None, self.cfg.cfg_dropout)
         self.step_seen = step + 1
-        if out["capped"] and ctx.sync_gradients:
-            self.manifold_capped += 1
+        # counted on the device (no host sync per step): a step is capped if any micro-batch was
+        self._capped_window = torch.maximum(
+            self._capped_window.to(out["capped"].device), out["capped"]
+        )
+        if ctx.sync_gradients:
+            self._capped_total = self._capped_window + self._capped_total.to(out["capped"].device)
+            self._capped_window = torch.zeros_like(self._capped_window)
         return {
             "loss": out["total"],
             "diffusion": out["diffusion"],
             "token": out["token"],
             "manifold": out["manifold"],
             "align_coeff": out["align_coeff"],
-            "manifold_capped": float(out["capped"]),
+            "manifold_capped": out["capped"],
+            "nonfinite_loss": (~torch.isfinite(out["total"].detach())).float(),
         }
 
     def validation_step(self, batch) -> dict:
@@ -307,8 +312,13 @@ class RepaTask(TrainTask):
     def state_dict(self) -> dict:
         return {"manifold_capped": self.manifold_capped, "step_seen": self.step_seen}
 
+    @property
+    def manifold_capped(self) -> int:
+        """Optimizer steps whose manifold loss was capped (this process)."""
+        return int(self._capped_total.item())
+
     def load_state_dict(self, state: dict) -> None:
-        self.manifold_capped = int(state.get("manifold_capped", 0))
+        self._capped_total = torch.tensor(float(state.get("manifold_capped", 0)))
         self.step_seen = int(state.get("step_seen", 0))
 
     def summary(self) -> dict:
