@@ -125,6 +125,7 @@ class RepaTask(TrainTask):
                 f"cross-attends to {unet.config.cross_attention_dim}"
             )
         self.null_index = self.class_table.shape[0] - 1
+        self._table_dev: torch.Tensor | None = None
         top = max(self.train_ds.labels + (self.val_ds.labels if self.val_ds else []))
         if top >= self.null_index:
             raise DiffalignError(
@@ -204,6 +205,12 @@ class RepaTask(TrainTask):
 
     # -- losses --------------------------------------------------------------------------------
 
+    def _table(self, device) -> torch.Tensor:
+        """The prompt-embedding table, moved to the device once (not one batch copy per step)."""
+        if self._table_dev is None or self._table_dev.device != torch.device(device):
+            self._table_dev = self.class_table.to(device, self.weight_dtype)
+        return self._table_dev
+
     def _teacher_tokens(self, batch: dict, device) -> torch.Tensor:
         if "tokens" in batch:
             return batch["tokens"].to(device, non_blocking=True).float()
@@ -229,7 +236,7 @@ class RepaTask(TrainTask):
         drop = torch.rand(b, generator=generator) < dropout
         labels = torch.as_tensor(batch["label"]).long().cpu()
         rows = torch.where(drop, torch.full_like(labels, self.null_index), labels)
-        cond = self.class_table[rows].to(device, self.weight_dtype)
+        cond = self._table(device)[rows.to(device)]
         t, noise = t.to(device), noise.to(device)
 
         zt = add_noise(x0, noise, self.alphas_cumprod, t)
