@@ -129,3 +129,33 @@ def test_repa_model_forward_and_gradients():
     assert all(p.grad is not None for p in m.heads.parameters())
     assert any(p.grad is not None for p in lora_parameters(unet))
     assert all(p.grad is None for n, p in unet.named_parameters() if "lora_" not in n)
+
+
+def test_real_sd15_sizes_on_the_meta_device():
+    """SD 1.5's own U-Net config (no weights: meta tensors): the seed's shapes and counts."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            sample_size=64,
+        )
+        m = RepaModel(unet, RepaSpec(align_layers=list(LAYERS)))
+        pred, feats, tokens = m.forward(
+            torch.randn(2, 4, 64, 64), torch.tensor([1, 2]), torch.randn(2, 77, 768)
+        )
+    assert pred.shape == (2, 4, 64, 64)
+    assert feats["mid"].shape == (2, 1280, 8, 8)  # seed 2.1
+    assert feats["enc_last"].shape == (2, 1280, 8, 8)
+    assert feats["dec_first"].shape == (2, 1280, 16, 16)
+    assert all(t.shape == (2, 256, 1024) for t in tokens.values())
+    # AlignHead: ~2.4M parameters (seed 2.2)
+    assert sum(p.numel() for p in m.heads["mid"].parameters()) == 2_360_320
+    # LoRA r8 on the mid block's attention: SD 1.5's mid block has ONE transformer block, so
+    # 8 projections and 155,648 parameters (the seed's "~1.2M" assumes 10 blocks)
+    assert len(unet.mid_block.attentions[0].transformer_blocks) == 1
+    assert len([n for n in m.lora_modules if n.startswith("mid_block")]) == 8
+    assert sum(p.numel() for p in lora_parameters(unet)) == 155_648
