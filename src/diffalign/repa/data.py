@@ -80,7 +80,8 @@ class RepaDataset(Dataset):
         if self.tokens is not None:
             stores.append((self.tokens, token_key, TOKENS))
         for store, key_of, name in stores:
-            missing = [i for i in self.ids if key_of(i) not in store]
+            present = set(store.keys())  # one cursor pass, not a transaction per key
+            missing = [i for i in self.ids if key_of(i) not in present]
             if missing:
                 raise DiffalignError(
                     f"{self.root / name}: {len(missing)} of {len(self.ids)} '{self.split}' samples "
