@@ -123,19 +123,20 @@ def extract_features(
     out_dir = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     root = Path(data_dir)
+    # inputs are checked before the output folder is created
+    rm, alphas, info = load_trained(weights, model, use_ema)
+    if not 0 <= timestep < len(alphas):
+        raise DiffalignError(f"--timestep must be in [0, {len(alphas) - 1}], got {timestep}")
+    cached = (root / "dino_tokens.lmdb").exists()
+    ds = RepaDataset(root, split, "cached" if cached else "online", max_samples)
+    if len(ds) == 0:
+        raise DiffalignError(f"{root}: no '{split}' samples in the manifest")
+    if cached and ds.token_shape[-1] != rm.spec.teacher_dim:
+        raise DiffalignError(
+            f"teacher tokens in {root} are {ds.token_shape[-1]} wide; the model was trained "
+            f"against {rm.spec.teacher_dim}"
+        )
     with output_lock(out_dir):
-        rm, alphas, info = load_trained(weights, model, use_ema)
-        if not 0 <= timestep < len(alphas):
-            raise DiffalignError(f"--timestep must be in [0, {len(alphas) - 1}], got {timestep}")
-        cached = (root / "dino_tokens.lmdb").exists()
-        ds = RepaDataset(root, split, "cached" if cached else "online", max_samples)
-        if len(ds) == 0:
-            raise DiffalignError(f"{root}: no '{split}' samples in the manifest")
-        if cached and ds.token_shape[-1] != rm.spec.teacher_dim:
-            raise DiffalignError(
-                f"teacher tokens in {root} are {ds.token_shape[-1]} wide; the model was trained "
-                f"against {rm.spec.teacher_dim}"
-            )
         dino = None
         if not cached:
             from diffalign.repa.teacher import load_dino
