@@ -488,3 +488,28 @@ def test_preprocess_train_resume_extract_probe_pipeline(sd15, tiny_model_dir, tm
     table = json.loads((tmp_path / "probe" / "summary.json").read_text())["table"]
     assert {r["features"] for r in table} == {"aligned/mid", "unaligned/mid", "teacher"}
     assert (tmp_path / "probe" / "probe.png").is_file()
+
+
+def test_extract_and_probe_bad_inputs(data_dir, tmp_path, capsys):
+    from diffalign.cli import main
+
+    out = tmp_path / "out"
+    args = ["repa", "extract", "--weights", str(tmp_path), "--data-dir", str(data_dir)]
+    assert main([*args, "--out", str(out)]) == 2
+    assert not out.exists()  # nothing created for a refused run
+    with pytest.raises(SystemExit) as e:  # argparse refuses it: one line, exit 2
+        main(["repa", "extract", *args[2:], "--out", str(out), "--pool", "max"])
+    assert e.value.code == 2
+    assert main(["repa", "probe", "--features", str(tmp_path), "--out", str(out)]) == 2
+    bad = tmp_path / "f"
+    bad.mkdir()
+    save_tensors(bad / "features.safetensors", {"teacher": torch.randn(6, 3)})
+    assert main(["repa", "probe", "--features", str(bad), "--out", str(out)]) == 2
+    save_tensors(
+        bad / "features.safetensors",
+        {"teacher": torch.randn(6, 3), "labels": torch.zeros(6, dtype=torch.long)},
+    )
+    assert main(["repa", "probe", "--features", str(bad), "--out", str(out)]) == 2
+    errs = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(errs) == 5 and all("error:" in ln for ln in errs)
+    assert "no labels" in errs[3] and "2 classes" in errs[4]
