@@ -261,3 +261,82 @@ def test_two_processes_match_one(tmp_path, data_dir, tiny_model_dir):
     emb, prompts = load_class_embeddings(two / "clip_embeddings.safetensors")
     assert emb.shape[0] == 4 and prompts[-1] == ""
     assert not (two / ".images_staging").exists()
+
+
+def _zip_size_in_child(z):
+    return z.read("china_img0").size
+
+
+def test_image_zip_reopens_in_workers_and_threads(data_dir):
+    import multiprocessing as mp
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    z = ImageZip(data_dir / "images.zip")
+    assert z.read("china_img0").size == (64, 64)  # opened in the parent
+    assert pickle.loads(pickle.dumps(z))._zip is None
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_zip_size_in_child, (z,)) == (64, 64)
+    ids = sorted(z.names())
+    with ThreadPoolExecutor(4) as ex:
+        sizes = list(ex.map(lambda sid: z.read(sid).size, ids * 3))
+    assert sizes == [(64, 64)] * 36
+    from diffalign.engine.errors import DiffalignError
+
+    with pytest.raises(DiffalignError, match="image 'nope' not found"):
+        z.read("nope")
+
+
+def test_clip_step_bad_model_and_template(data_dir, tmp_path, capsys):
+    args = ["repa", "preprocess", "clip", "--data-dir", str(data_dir)]
+    other = ["--prompt-template", "a picture of a {name}"]  # not done yet: the model is needed
+    assert main([*args, *other, "--model", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main([*args, "--prompt-template", "a photo"]) == 2
+    assert "{name}" in capsys.readouterr().err
+
+
+def test_vae_step_interrupted_keeps_its_records_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    import diffalign.repa.preprocess as pre
+
+    assert _images(make_class_tree(tmp_path / "tree"), tmp_path / "data") == 0
+    real, calls = pre._load_batch, []
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pre, "_load_batch", dies_on_third_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        pre.preprocess_vae(tmp_path / "data", tiny_model_dir("sd15"), batch_size=2)
+    assert len(TensorLMDB(tmp_path / "data" / "vae_latents.lmdb")) == 4  # 2 batches kept
+    monkeypatch.setattr(pre, "_load_batch", real)
+    s = pre.preprocess_vae(tmp_path / "data", tiny_model_dir("sd15"), batch_size=2)
+    assert s["already_present"] == 4 and s["written"] == 8
+
+
+def test_clip_class_names_must_match_the_data_folder(data_dir, tmp_path, capsys):
+    names = tmp_path / "synset_words.txt"
+    names.write_text("china porcelain\nflower rose\ndigit numeral\n")  # another order
+    args = ["repa", "preprocess", "clip", "--data-dir", str(data_dir), "--class-names", str(names)]
+    assert main(args) == 2
+    assert "other classes" in capsys.readouterr().err
+
+
+def test_imagenet_val_sorted_into_folders(tmp_path):
+    root = make_imagenet(tmp_path / "imagenet")
+    for line in (root / "LOC_val_solution.csv").read_text().splitlines()[1:]:
+        image_id, pred = line.split(",")
+        wnid = pred.split()[0]
+        (root / "val" / wnid).mkdir(exist_ok=True)
+        (root / "val" / f"{image_id}.JPEG").rename(root / "val" / wnid / f"{image_id}.JPEG")
+    (root / "LOC_val_solution.csv").unlink()
+    assert _images(root, tmp_path / "data", "--split", "val") == 0
+    rows = read_manifest(tmp_path / "data" / "manifest.csv")
+    assert {(r["id"], r["wnid"]) for r in rows} == {
+        (f"ILSVRC2012_val_{n:08d}", WNIDS[c]) for n, c in enumerate(WNIDS, 1)
+    }
+    summary = json.loads((tmp_path / "data" / "summary_images.json").read_text())
+    assert summary["layout"] == "imagenet-folders"

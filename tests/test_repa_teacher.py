@@ -98,6 +98,22 @@ def test_dino_preprocess_resizes_crops_and_normalises():
         dino_preprocess(torch.rand(3, 8, 8))
 
 
+def test_dino_preprocess_is_close_to_the_seeds_pil_resize():
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photo = Image.fromarray(load_sample_images().images[0][:400, :400]).resize((512, 512))
+    pil = torch.from_numpy(np.asarray(photo.resize((518, 518), Image.BICUBIC)).copy())
+    pil = pil.permute(2, 0, 1).float().div(255)
+    ours = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1).float().div(255)
+    ours = dino_preprocess(ours[None])[0]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    diff = (ours * std + mean - pil).abs() * 255
+    assert diff.mean() < 0.3 and diff.max() <= 8.01  # PIL's fixed-point maths differs slightly
+
+
 @pytest.mark.parametrize("kind", ["dinov2", "dinov2-reg"])
 def test_dino_tokens_on_tiny_models(tiny_model_dir, kind):
     model = load_dino(tiny_model_dir(kind))

@@ -48,6 +48,15 @@ def _device(p, what: str) -> None:
     )
 
 
+def _workers(p) -> None:
+    p.add_argument(
+        "--num-workers",
+        type=positive_int,
+        default=4,
+        help="threads decoding the next batch's images while the model runs (default: 4)",
+    )
+
+
 def _split(p) -> None:
     p.add_argument(
         "--split",
@@ -137,6 +146,7 @@ def _vae(steps) -> None:
     )
     _split(p)
     _device(p, "VAE")
+    _workers(p)
     p.set_defaults(func=_run_vae)
 
 
@@ -150,6 +160,7 @@ def _run_vae(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        num_workers=args.num_workers,
     )
     if s:
         print(f"vae: {s['written']} written, {s['already_present']} already there -> {s['store']}")
@@ -182,6 +193,7 @@ def _dino(steps) -> None:
     p.add_argument("--grid", type=positive_int, default=16, help="output grid side (default: 16)")
     _split(p)
     _device(p, "DINOv2 model")
+    _workers(p)
     p.set_defaults(func=_run_dino)
 
 
@@ -197,6 +209,7 @@ def _run_dino(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        num_workers=args.num_workers,
     )
     if s:
         print(f"dino: {s['written']} written, {s['already_present']} already there -> {s['store']}")

@@ -74,32 +74,51 @@ def _run_sharded(
     state,
     items: Sequence[Any],
     batch_size: int,
-    compute: Callable[[list[Any]], tuple[list[tuple[str, bytes]], list[dict]]],
+    compute: Callable[[Any], tuple[list[tuple[str, bytes]], list[dict]]],
     write: Callable[[str, bytes], None] | None,
     desc: str,
+    prepare: Callable[[list[Any]], Any] | None = None,
 ) -> list[dict]:
     """Rank r computes items r, r + N, ... in batches; rank 0 writes every rank's records.
 
     `compute(batch) -> (records, failures)`; it must not raise for one bad item (a rank that
-    stops would leave the others waiting). Returns all failures (on rank 0).
+    stops would leave the others waiting). With `prepare`, `compute` receives
+    `prepare(batch)`, made in a background thread one batch ahead (image decoding overlaps
+    the model). Returns all failures (on rank 0).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from diffalign.engine.progress import progress
 
     mine = list(items[state.process_index :: state.num_processes])
     per_rank = math.ceil(len(items) / state.num_processes)
     n_batches = math.ceil(per_rank / batch_size) if per_rank else 0
+    chunks = [mine[b * batch_size : (b + 1) * batch_size] for b in range(n_batches)]
     failures: list[dict] = []
     bar = progress(total=len(items), desc=desc, unit="img")
-    for b in range(n_batches):
-        chunk = mine[b * batch_size : (b + 1) * batch_size]
-        records, failed = compute(chunk) if chunk else ([], [])
-        for part_records, part_failed in _gather_to_main(state, (records, failed)):
-            failures.extend(part_failed)
-            if write is not None:
-                for key, value in part_records:
-                    write(key, value)
-            bar.update(len(part_records) + len(part_failed))
-    bar.close()
+    ahead = ThreadPoolExecutor(max_workers=1) if prepare is not None else None
+    try:
+        pending = ahead.submit(prepare, chunks[0]) if ahead and chunks and chunks[0] else None
+        for b, chunk in enumerate(chunks):
+            if not chunk:
+                records, failed = [], []
+            elif ahead is not None:
+                prepared = pending.result()
+                nxt = chunks[b + 1] if b + 1 < len(chunks) else None
+                pending = ahead.submit(prepare, nxt) if nxt else None
+                records, failed = compute(prepared)
+            else:
+                records, failed = compute(chunk)
+            for part_records, part_failed in _gather_to_main(state, (records, failed)):
+                failures.extend(part_failed)
+                if write is not None:
+                    for key, value in part_records:
+                        write(key, value)
+                bar.update(len(part_records) + len(part_failed))
+    finally:
+        if ahead is not None:
+            ahead.shutdown(wait=True, cancel_futures=True)
+        bar.close()
     return failures
 
 
@@ -310,26 +329,34 @@ def _rows_for(data_dir: Path, split: str | None) -> list[dict]:
     return rows
 
 
-def _load_batch(images, ids: list[str]) -> tuple[list[str], torch.Tensor | None, list[dict]]:
-    """(ids read, float [B, 3, H, W] in [0, 1], failures) for `ids` from the zip."""
+def _load_batch(
+    images, ids: list[str], pool=None
+) -> tuple[list[str], torch.Tensor | None, list[dict]]:
+    """(ids read, float [B, 3, H, W] in [0, 1], failures) for `ids` from the zip; decoded on
+    `pool`'s threads when given (PIL releases the GIL while decoding)."""
     from diffalign.repa.images import pil_to_tensor
 
-    ok, tensors, failed = [], [], []
-    for sid in ids:
+    def one(sid):
         try:
-            tensors.append(pil_to_tensor(images.read(sid)))
-            ok.append(sid)
+            return sid, pil_to_tensor(images.read(sid)), None
         except Exception as e:  # a damaged entry: counted, never fatal
-            failed.append({"id": sid, "error": _one_line(e)})
+            return sid, None, {"id": sid, "error": _one_line(e)}
+
+    results = list(pool.map(one, ids)) if pool is not None else [one(sid) for sid in ids]
+    ok = [sid for sid, t, _ in results if t is not None]
+    tensors = [t for _, t, _ in results if t is not None]
+    failed = [f for _, _, f in results if f is not None]
     if not tensors:
         return ok, None, failed
-    sizes = {tuple(t.shape) for t in tensors}
-    if len(sizes) > 1:  # cannot happen with one images run; keep one size per batch anyway
-        first = tensors[0].shape
-        keep = [i for i, t in enumerate(tensors) if t.shape == first]
-        failed += [{"id": ok[i], "error": f"size {list(tensors[i].shape)} != {list(first)}"}
-                   for i in range(len(ok)) if i not in keep]  # fmt: skip
-        ok, tensors = [ok[i] for i in keep], [tensors[i] for i in keep]
+    first = tensors[0].shape
+    if any(t.shape != first for t in tensors):  # cannot happen with one images run
+        failed += [
+            {"id": sid, "error": f"size {list(t.shape)} != {list(first)}"}
+            for sid, t in zip(ok, tensors, strict=True)
+            if t.shape != first
+        ]
+        kept = [(sid, t) for sid, t in zip(ok, tensors, strict=True) if t.shape == first]
+        ok, tensors = [sid for sid, _ in kept], [t for _, t in kept]
     return ok, torch.stack(tensors), failed
 
 
@@ -367,6 +394,7 @@ def _store_step(
     key_of: Callable[[str], str],
     encode: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int,
+    num_workers: int,
     state,
     start: float,
     extra_summary: dict,
@@ -382,19 +410,33 @@ def _store_step(
     todo = [r["id"] for r in rows if key_of(r["id"]) not in done]
     state.wait_for_everyone()  # every rank has its to-do list before rank 0 opens the writer
 
-    def compute(ids):
-        ok, pixels, failed = _load_batch(images, ids)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prepare(ids):
+        return _load_batch(images, ids, decoders)
+
+    def compute(prepared):
+        ok, pixels, failed = prepared
         if pixels is None:
             return [], failed
         out = encode(pixels)
         records = [(key_of(sid), tensor_to_record(t)) for sid, t in zip(ok, out, strict=True)]
         return records, failed
 
-    with _writer_on_main(state, store, shape, meta) as writer:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, num_workers)) as decoders,
+        _writer_on_main(state, store, shape, meta) as writer,
+    ):
         if writer is not None:
             writer.update_meta(**meta)
         failures = _run_sharded(
-            state, todo, batch_size, compute, writer.put_record if writer else None, step
+            state,
+            todo,
+            batch_size,
+            compute,
+            writer.put_record if writer else None,
+            step,
+            prepare=prepare,
         )
     summary: dict[str, Any] = {}
     if state.is_main_process:
@@ -432,6 +474,7 @@ def preprocess_vae(
     batch_size: int = 16,
     device: str | None = None,
     dtype: str = "float32",
+    num_workers: int = 4,
 ) -> dict:
     """Seed §3.2: VAE posterior mode x scaling factor -> `vae_latents.lmdb`, fp16, key = id.
 
@@ -475,6 +518,7 @@ def preprocess_vae(
             key_of=lambda sid: sid,
             encode=encode,
             batch_size=batch_size,
+            num_workers=num_workers,
             state=state,
             start=start,
             extra_summary={"model": str(model), "scaling_factor": scaling, "vae_dtype": dtype},
@@ -495,6 +539,7 @@ def preprocess_dino(
     batch_size: int = 16,
     device: str | None = None,
     dtype: str = "float32",
+    num_workers: int = 4,
 ) -> dict:
     """Seed §3.3: DINOv2 at 518 px -> 16 x 16 pooled patch tokens, L2-normalised ->
     `dino_tokens.lmdb`, fp16, key `{id}_mid` (`token_layout`: see `repa.teacher`)."""
@@ -545,6 +590,7 @@ def preprocess_dino(
             key_of=dino_key,
             encode=encode,
             batch_size=batch_size,
+            num_workers=num_workers,
             state=state,
             start=start,
             extra_summary={"model": str(dino_model), "token_layout": token_layout, "grid": grid},
@@ -634,8 +680,15 @@ def preprocess_clip(
     start = time.time()
     root = Path(data_dir)
     if class_names:
-        names = [n for _, n in read_synsets(class_names)]
-        wnids = [w for w, _ in read_synsets(class_names)]
+        synsets = read_synsets(class_names)
+        names, wnids = [n for _, n in synsets], [w for w, _ in synsets]
+        if (root / CLASSES).is_file():
+            ours = [c["wnid"] for c in read_classes(root / CLASSES)]
+            if ours != wnids:
+                raise DiffalignError(
+                    f"{class_names} lists other classes (or another order) than "
+                    f"{root / CLASSES}, whose order the manifest's labels follow"
+                )
     else:
         classes = read_classes(root / CLASSES)
         names, wnids = [c["name"] for c in classes], [c["wnid"] for c in classes]

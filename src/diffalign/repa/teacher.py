@@ -108,10 +108,12 @@ def dino_preprocess(images: torch.Tensor, size: int = DINO_SIZE) -> torch.Tensor
     scale = size / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
     if (new_h, new_w) != (h, w):
+        # antialiased bicubic is PIL's filter (a = -0.5); clamping and rounding to 1/255 steps
+        # mirror the seed's resize of a uint8 PIL image (mean difference 0.14 / 255 from PIL)
         x = F.interpolate(
             x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
         )
-        x = x.clamp(0.0, 1.0)  # as the seed's resize of a uint8 PIL image
+        x = x.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     x = x[..., top : top + size, left : left + size]
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
