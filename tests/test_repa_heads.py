@@ -159,3 +159,20 @@ def test_real_sd15_sizes_on_the_meta_device():
     assert len(unet.mid_block.attentions[0].transformer_blocks) == 1
     assert len([n for n in m.lora_modules if n.startswith("mid_block")]) == 8
     assert sum(p.numel() for p in lora_parameters(unet)) == 155_648
+
+
+def test_disabled_adapters_give_the_base_unet_features():
+    """`repa extract`'s un-aligned features: the trained U-Net with its LoRA disabled."""
+    base, unet = tiny_unet(), tiny_unet()
+    m = RepaModel(unet, RepaSpec(head_hidden_dim=4, grid=4, teacher_dim=6))
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()  # a trained LoRA
+    x = (torch.randn(2, 4, 8, 8), torch.tensor([3, 4]), torch.randn(2, 5, 8))
+    adapted = m.forward(*x)[1]["mid"]
+    unet.disable_adapters()
+    off = m.forward(*x)[1]["mid"]
+    unet.enable_adapters()
+    ref = RepaModel(base, m.spec, lora=False).forward(*x)[1]["mid"]
+    assert torch.equal(off, ref) and not torch.allclose(adapted, ref)
+    assert torch.equal(m.forward(*x)[1]["mid"], adapted)

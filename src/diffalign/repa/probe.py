@@ -7,7 +7,7 @@ label to the features), and pools three feature sets per sample, `--pool mean` o
 `first`, the seed's "[CLS] equivalent"):
 
 - `aligned`: the AlignHead tokens of each aligned layer (`aligned/<layer>`),
-- `unaligned`: the same block's raw features in the untouched U-Net (no LoRA, no head),
+- `unaligned`: the same block's raw features in the untouched U-Net (LoRA disabled, no head),
 - `teacher`: the teacher's own tokens (from `dino_tokens.lmdb`, or DINOv2 on the images).
 
 `probe_features` fits, on one seeded stratified train/test split, a logistic-regression linear
@@ -143,12 +143,8 @@ def extract_features(
 
             dino = load_dino(teacher_model or info.get("teacher_model", "dinov2-large"), device)
         null = load_class_table(root)[-1:]
-        base_unet, _, _ = load_sd15_unet(model or info.get("model", "sd15"))
-        base = RepaModel(base_unet, rm.spec, lora=False)  # untouched U-Net, same hooks
-        base_unet.eval()
         rm.unet.to(device)
         rm.heads.to(device)
-        base_unet.to(device)
         dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
         feats: dict[str, list[torch.Tensor]] = {}
         labels: list[torch.Tensor] = []
@@ -162,7 +158,11 @@ def extract_features(
             cond = null.expand(b, -1, -1).to(device, torch.float32)
             t = t.to(device)
             _, _, tokens = rm.forward(zt, t, cond)
-            _, raw, _ = base.forward(zt, t, cond)
+            rm.unet.disable_adapters()  # the untouched U-Net: same weights without the LoRA
+            try:
+                _, raw, _ = rm.forward(zt, t, cond)
+            finally:
+                rm.unet.enable_adapters()
             for layer in rm.spec.align_layers:
                 feats.setdefault(f"aligned/{layer}", []).append(
                     pool_tokens(tokens[layer], pool).cpu()
@@ -184,7 +184,6 @@ def extract_features(
             feats.setdefault("teacher", []).append(pool_tokens(teacher, pool).cpu())
             labels.append(torch.as_tensor(batch["label"]))
         rm.hooks.remove()
-        base.hooks.remove()
         tensors = {k: torch.cat(v).float().contiguous() for k, v in feats.items()}
         tensors["labels"] = torch.cat(labels).long()
         meta = {
