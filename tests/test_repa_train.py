@@ -323,6 +323,20 @@ def test_bad_inputs_are_one_line(data_dir, sd15, tmp_path, capsys):
         f.write("n00000000_extra,n00000000,0,train\n")
     with pytest.raises(DiffalignError, match="have no record .*n00000000_extra"):
         train_repa(tiny_cfg(bad, sd15, tmp_path / "o1"), progress=False)
+    # online teacher: an image missing from images.zip
+    import zipfile as zf_mod
+
+    noimg = tmp_path / "noimg"
+    shutil.copytree(data_dir, noimg)
+    with (
+        zf_mod.ZipFile(data_dir / "images.zip") as src,
+        zf_mod.ZipFile(noimg / "images.zip", "w") as dst,
+    ):
+        for name in src.namelist():
+            if name != "n00000002_train1.jpg":
+                dst.writestr(name, src.read(name))
+    with pytest.raises(DiffalignError, match=r"images.zip: 1 of 24 .*'n00000002_train1'"):
+        train_repa(tiny_cfg(noimg, sd15, tmp_path / "o7", teacher="online"), progress=False)
     # token shape that does not fit the head grid
     with pytest.raises(DiffalignError, match=r"grid 5 needs \[25, D\]"):
         train_repa(tiny_cfg(data_dir, sd15, tmp_path / "o2", grid=5), progress=False)

@@ -79,13 +79,22 @@ class RepaDataset(Dataset):
         stores = [(self.latents, lambda i: i, LATENTS)]
         if self.tokens is not None:
             stores.append((self.tokens, token_key, TOKENS))
+        else:
+            stores.append((None, lambda i: i, IMAGES))
         for store, key_of, name in stores:
-            present = set(store.keys())  # one cursor pass, not a transaction per key
+            if store is None:  # the online teacher reads the images
+                from diffalign.repa.images import ImageZip
+
+                zf = ImageZip(self._images_path)
+                present = zf.names()
+                zf.close()
+            else:
+                present = set(store.keys())  # one cursor pass, not a transaction per key
             missing = [i for i in self.ids if key_of(i) not in present]
             if missing:
                 raise DiffalignError(
                     f"{self.root / name}: {len(missing)} of {len(self.ids)} '{self.split}' samples "
-                    f"have no record (e.g. key '{key_of(missing[0])}'); rerun the preprocessing "
+                    f"have no record (e.g. '{key_of(missing[0])}'); rerun the preprocessing "
                     "step, which fills in missing keys"
                 )
 
