@@ -527,3 +527,23 @@ def test_extract_and_probe_bad_inputs(data_dir, tmp_path, capsys):
     errs = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(errs) == 5 and all("error:" in ln for ln in errs)
     assert "no labels" in errs[3] and "2 classes" in errs[4]
+
+
+@pytest.mark.slow
+def test_extract_two_processes_equals_one(data_dir, sd15, tmp_path):
+    from diffalign.cli import main
+    from diffalign.repa.train import train_repa
+    from launch_helper import launch_two_cpu_processes
+
+    train_repa(tiny_cfg(data_dir, sd15, tmp_path / "r", max_steps=2), progress=False)
+    args = ["repa", "extract", "--weights", str(tmp_path / "r"), "--data-dir", str(data_dir)]
+    args += ["--batch-size", "5", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    proc = launch_two_cpu_processes(["-m", "diffalign.cli", *args, "--out", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, _ = load_tensors(tmp_path / "one" / "features.safetensors")
+    two, _ = load_tensors(tmp_path / "two" / "features.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k].float(), two[k].float(), atol=1e-5), k
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2

@@ -72,7 +72,8 @@ def _register_extract(verbs) -> None:
         help="pooled aligned / un-aligned U-Net / teacher features of a dataset split",
         description=(
             "Run a trained U-REPA model (EMA weights) on each sample's latent noised to one "
-            "timestep, with the empty prompt, and save pooled features for `repa probe`."
+            "timestep, with the empty prompt, and save pooled features for `repa probe`. Shards "
+            "over processes under `accelerate launch`."
         ),
     )
     p.add_argument(
@@ -133,7 +134,8 @@ def _extract(args) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    print(f"extracted {s['samples']} samples ({', '.join(s['sets'])}) -> {args.out}")
+    if s:  # the main process
+        print(f"extracted {s['samples']} samples ({', '.join(s['sets'])}) -> {args.out}")
     return 0
 
 

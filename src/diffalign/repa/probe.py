@@ -110,18 +110,19 @@ def extract_features(
     progress: bool = True,
 ) -> dict:
     """Write `out_dir/features.safetensors` (+ `features.json`); returns the summary dict."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
 
+    from diffalign.engine.distributed import process_state
     from diffalign.engine.io import output_lock
     from diffalign.engine.progress import progress as bar
     from diffalign.repa.data import RepaDataset, collate
     from diffalign.repa.losses import add_noise
+    from diffalign.repa.preprocess import _gather_to_main
     from diffalign.repa.train import load_class_table
 
     if pool not in POOLS:
         raise DiffalignError(f"unknown pool '{pool}' (choose mean or first)")
     out_dir = Path(out_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     root = Path(data_dir)
     # inputs are checked before the output folder is created
     rm, alphas, info = load_trained(weights, model, use_ema)
@@ -136,6 +137,8 @@ def extract_features(
             f"teacher tokens in {root} are {ds.token_shape[-1]} wide; the model was trained "
             f"against {rm.spec.teacher_dim}"
         )
+    state = process_state(device)
+    device = torch.device(device) if device and state.num_processes == 1 else state.device
     with output_lock(out_dir):
         dino = None
         if not cached:
@@ -145,14 +148,23 @@ def extract_features(
         null = load_class_table(root)[-1:]
         rm.unet.to(device)
         rm.heads.to(device)
-        dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
+        # rank r takes samples r, r + N, ...; each sample's noise is seeded by (seed, index), so
+        # the features do not depend on the number of processes or the batch size
+        mine = list(range(state.process_index, len(ds), state.num_processes))
+        dl = DataLoader(Subset(ds, mine), batch_size=batch_size, shuffle=False, collate_fn=collate)
         feats: dict[str, list[torch.Tensor]] = {}
         labels: list[torch.Tensor] = []
-        gen = torch.Generator().manual_seed(seed)
         for batch in bar(dl, desc="extract", disable=None if progress else True):
             x0 = batch["latent"].float()
             b = x0.shape[0]
-            noise = torch.randn(x0.shape, generator=gen)
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        x0.shape[1:], generator=torch.Generator().manual_seed(seed + int(i))
+                    )
+                    for i in batch["index"]
+                ]
+            )
             t = torch.full((b,), int(timestep), dtype=torch.long)
             zt = add_noise(x0, noise, alphas, t).to(device)
             cond = null.expand(b, -1, -1).to(device, torch.float32)
@@ -184,25 +196,34 @@ def extract_features(
             feats.setdefault("teacher", []).append(pool_tokens(teacher, pool).cpu())
             labels.append(torch.as_tensor(batch["label"]))
         rm.hooks.remove()
-        tensors = {k: torch.cat(v).float().contiguous() for k, v in feats.items()}
-        tensors["labels"] = torch.cat(labels).long()
-        meta = {
-            "weights": str(weights),
-            "data_dir": str(root),
-            "split": split,
-            "timestep": int(timestep),
-            "pool": pool,
-            "prompt": "empty",
-            "ema": bool(use_ema),
-            "samples": len(ds),
-            "sets": sorted(k for k in tensors if k != "labels"),
-            "ids": list(ds.ids),
-        }
-        save_tensors(out_dir / FEATURES_FILE, tensors, {"pool": pool, "timestep": str(timestep)})
-        write_json(out_dir / "features.json", meta)
-        summary = {k: v for k, v in meta.items() if k != "ids"}
-        summary["dims"] = {k: int(v.shape[1]) for k, v in tensors.items() if k != "labels"}
-        write_json(out_dir / "summary.json", summary)
+        part = {k: torch.cat(v).float() for k, v in feats.items()}
+        part["labels"] = torch.cat(labels).long()
+        parts = _gather_to_main(state, (mine, part))
+        summary: dict = {}
+        if state.is_main_process:
+            order = torch.as_tensor([i for idx, _ in parts for i in idx]).argsort()
+            tensors = {k: torch.cat([p[k] for _, p in parts])[order].contiguous() for k in part}
+            meta = {
+                "weights": str(weights),
+                "data_dir": str(root),
+                "split": split,
+                "timestep": int(timestep),
+                "pool": pool,
+                "prompt": "empty",
+                "ema": bool(use_ema),
+                "samples": len(ds),
+                "num_processes": state.num_processes,
+                "sets": sorted(k for k in tensors if k != "labels"),
+                "ids": list(ds.ids),
+            }
+            save_tensors(
+                out_dir / FEATURES_FILE, tensors, {"pool": pool, "timestep": str(timestep)}
+            )
+            write_json(out_dir / "features.json", meta)
+            summary = {k: v for k, v in meta.items() if k != "ids"}
+            summary["dims"] = {k: int(v.shape[1]) for k, v in tensors.items() if k != "labels"}
+            write_json(out_dir / "summary.json", summary)
+        state.wait_for_everyone()
         return summary
 
 
