@@ -220,6 +220,12 @@ def markdown(rows: list[dict]) -> str:
 # Sections of this benchmark: name -> function(args) -> JSON-able results.
 SECTIONS = {"attention": attention_section}
 
+# the training-step overhead of the module over a LoRA-only step (bench/fill_train.py)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fill_train import add_train_options, train_section  # noqa: E402
+
+SECTIONS["train"] = train_section
+
 
 def _ints(text: str) -> list[int]:
     return [int(t) for t in text.replace(",", " ").split()]
@@ -253,6 +259,7 @@ def main(argv=None) -> int:
         default=1,
         help="where the seed does not fit at --batch, also compare at this batch (0: never)",
     )
+    add_train_options(p)
     p.add_argument("--quick", action="store_true", help="L = 512, 1024 only; 2 rounds")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child-variant", default=None, help=argparse.SUPPRESS)

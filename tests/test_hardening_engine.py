@@ -203,6 +203,8 @@ def test_output_dir_that_is_a_file_or_unwritable(tmp_path, prompts, sd3, capsys,
         assert run_cli([*argv, "--output-dir", str(out)]) == 2, argv
         line = one_error(capsys)
         assert line.startswith("diffalign: error:") and str(Path(out).parent) in line, line
+    assert run_cli(["make-tiny", "sd3", "--out", str(out)]) == 2
+    assert str(Path(out).parent) in one_error(capsys)
     if where == "file":
         assert Path(out).read_text() == "not a folder"
 
@@ -368,3 +370,17 @@ def test_clean_stale_temporaries_only_touches_our_names(tmp_path):
     removed = clean_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [".a.json.abcd1234.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden.tmp", "b.tmp"]
+
+
+def test_the_largest_seed_works_everywhere(tmp_path):
+    """seed_int allows up to 2**63 - 1: numpy's 32-bit seeding and derived per-item seeds
+    must not overflow (they were internal errors)."""
+    top = str(2**63 - 1)
+    gan = tmp_path / "gan"
+    assert main(["noise", "toy", "train-gan", "--output-dir", str(gan), "--max-items", "8",
+                 "--batch-size", "4", "--max-steps", "1", "--seed", top]) == 0  # fmt: skip
+    assert main(["noise", "toy", "assign", "--generator-ckpt", str(gan), "--output-dir",
+                 str(tmp_path / "asg"), "--max-items", "2", "--assign-steps", "1",
+                 "--seed", top]) == 0  # fmt: skip
+    with pytest.raises(DiffalignError, match="seed"):
+        TrainConfig(output_dir=str(tmp_path / "x"), max_steps=1, seed=-1).validate()

@@ -145,6 +145,12 @@ def _commands(sd3, toy, tmp_path):
             ["noise", "toy", "direct-sft", "--generator-ckpt", gen, "--max-items", "4",
              "--max-steps", "1", "--output-dir", str(out)],
         ),
+        "evaluate": (
+            out,
+            ["noise", "toy", "evaluate", "--generator-ckpt", gen, "--classifier-steps", "1",
+             "--num-samples", "10", "--recon-items", "2", "--assign-steps", "1",
+             "--output-dir", str(out)],
+        ),
         "em": (
             out,
             ["noise", "toy", "em", "--generator-ckpt", gen, "--max-items", "2", "--num-cycles",
@@ -166,6 +172,7 @@ def _commands(sd3, toy, tmp_path):
         "sft",
         "direct-sft",
         "em",
+        "evaluate",
     ],
 )
 def test_second_run_into_a_locked_folder_is_refused(sd3, toy, tmp_path, capsys, command):

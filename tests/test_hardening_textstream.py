@@ -163,3 +163,35 @@ def test_per_prompt_grid_is_labelled(sd3, tmp_path):
     assert grid.width > 64 and grid.height > 32  # margins for "seed 3" and "+0 +1"
     arr = np.asarray(grid.convert("L"))
     assert (arr[:, : grid.width - 64] < 100).any()
+
+
+# ---------------------------------------------------------------------------- item 13
+
+
+def test_run_inference_sh_names_the_folder_it_searched_and_dir(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_MODEL_PATH")}
+    env.pop("DIFFALIGN_MODELS_DIR", None)
+    env.update(
+        MODEL_DIR=str(tmp_path / "my-models"),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(repo / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        ["bash", str(repo / "run_inference.sh"), "sd3.5", "a cat"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    note = [line for line in proc.stderr.splitlines() if line.startswith("run_inference.sh:")]
+    assert len(note) == 1
+    assert f"{tmp_path / 'my-models'}/sd3.5/" in note[0]
+    assert f"{tmp_path / 'my-models'}/sd3.5_large.safetensors" in note[0]
+    assert f"diffalign download --only sd3.5 --dir {tmp_path / 'my-models'}" in note[0]
+    assert "SD35_MODEL_PATH" in note[0]

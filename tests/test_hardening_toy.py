@@ -198,6 +198,11 @@ def test_em_resumes_an_unfinished_m_step_from_its_checkpoint(setup, tmp_path, mo
     em(root / "gen", tmp_path / "em", **kw)
     run = json.loads((tmp_path / "em" / "cycle-000" / "sft" / "run_config.json").read_text())
     assert run["resumed_from"].endswith("checkpoint-2")
+    # --resume restart starts an unfinished M-step over instead
+    shutil.rmtree(tmp_path / "em" / "cycle-000" / "sft" / "checkpoint-final")
+    em(root / "gen", tmp_path / "em", resume="restart", **kw)
+    run = json.loads((tmp_path / "em" / "cycle-000" / "sft" / "run_config.json").read_text())
+    assert run["resumed_from"] is None
 
 
 # ---------------------------------------------------------------------------- item 14

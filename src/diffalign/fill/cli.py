@@ -10,7 +10,7 @@ import importlib
 from diffalign.engine.cliutils import make_subparsers
 
 # Verb modules, in `--help` order.
-VERB_MODULES: tuple[str, ...] = ("cli_data",)
+VERB_MODULES: tuple[str, ...] = ("cli_data", "cli_train", "cli_infer")
 
 
 def register(sub) -> None:

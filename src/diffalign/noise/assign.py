@@ -62,7 +62,7 @@ def base_noise(item_ids: Iterable[int], latent_shape, seed: int = 0) -> torch.Te
     """The fixed base noise ``eps_i`` of each item: ``N(0, I)`` from a per-item seeded generator."""
     out = []
     for i in item_ids:
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(i)) % 2**63)
         out.append(torch.randn(tuple(latent_shape), generator=g))
     return torch.stack(out) if out else torch.empty((0, *latent_shape))
 

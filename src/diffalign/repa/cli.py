@@ -6,16 +6,17 @@ from diffalign.engine.cliutils import make_subparsers
 
 
 def register(sub) -> None:
-    from diffalign.repa import cli_preprocess
+    from diffalign.repa import cli_preprocess, cli_train
 
     parser = sub.add_parser(
         "repa",
         help="U-REPA for SD 1.5: preprocessing, alignment training, probes (spec R)",
         description=(
             "U-REPA on Stable Diffusion 1.5 (seed 003): preprocess a dataset into a data folder "
-            "(images, VAE latents, DINOv2 teacher tokens, CLIP class embeddings)."
+            "(images, VAE latents, DINOv2 teacher tokens, CLIP class embeddings), train LoRA + "
+            "AlignHeads, extract aligned features and probe them."
         ),
     )
     verbs = make_subparsers(parser)
     cli_preprocess.register_preprocess(verbs)
-    # train / extract / probe verbs register here (their own cli_*.py modules).
+    cli_train.register(verbs)

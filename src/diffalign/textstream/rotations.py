@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import load_pt, save_tensors
+from diffalign.engine.io import dumps_json, load_pt, save_tensors
 from diffalign.textstream.procrustes import ORTHOGONALITY_TOL, orthogonality_error
 
 REQUIRED_KEYS = (
@@ -85,7 +85,7 @@ def save_rotations(path: str | os.PathLike, rs: RotationSet) -> None:
         if rs.target_layers
         else torch.zeros(0, rs.feature_dim, rs.feature_dim)
     )
-    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in rs.metadata.items()}
+    meta = {k: (v if isinstance(v, str) else dumps_json(v)) for k, v in rs.metadata.items()}
     meta.update(
         origin_layer=str(int(rs.origin_layer)),
         target_layers=json.dumps([int(t) for t in rs.target_layers]),

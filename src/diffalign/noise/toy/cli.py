@@ -326,6 +326,13 @@ def register(verbs) -> None:
     )
     g.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
     _checkpoint_option(g)
+    g.add_argument(
+        "--resume",
+        choices=("latest", "restart"),
+        default="latest",
+        help="an unfinished M-step: latest = continue from its last checkpoint, restart = start "
+        "it over (finished cycles are always kept; default: %(default)s)",
+    )
     p.set_defaults(func=_run_em)
 
     p = sub.add_parser(
@@ -533,6 +540,7 @@ def _run_em(args) -> int:
         seed=args.seed,
         base_ckpt=args.base_ckpt,
         checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
     print(f"final generator: {s['final_generator']} ({s['num_cycles']} cycles)")
     return 0

@@ -44,6 +44,7 @@ def em(
     data=None,
     write_plots: bool = True,
     checkpoint_every: int = 100,
+    resume: str = "latest",
 ) -> dict:
     """Run `num_cycles` assign (E) + matched-SFT (M) cycles; returns (and writes) the summary."""
     from diffalign.noise.toy.finetune import _check_settings
@@ -51,6 +52,8 @@ def em(
 
     if num_cycles < 1:
         raise DiffalignError("--num-cycles must be >= 1")
+    if resume not in ("latest", "restart"):
+        raise DiffalignError(f"--resume must be latest or restart, got {resume!r}")
     _check_settings(lr, batch_size, preserve_weight, l1_weight)  # before the first E-step
     out = Path(output_dir)
     anchor = resolve_weights(base_ckpt if base_ckpt is not None else generator_ckpt)
@@ -80,6 +83,7 @@ def em(
             data=data,
             write_plots=write_plots,
             checkpoint_every=checkpoint_every,
+            resume=resume,
         )
 
 
@@ -108,6 +112,7 @@ def _em_cycles(
     data,
     write_plots,
     checkpoint_every,
+    resume,
 ) -> dict:
     from diffalign.noise.em import em_cycles
     from diffalign.noise.toy.assignment import assign
@@ -146,7 +151,9 @@ def _em_cycles(
             l1_weight=l1_weight,
             seed=seed + k,
             base_ckpt=anchor,
-            resume="latest",  # an unfinished M-step goes on from its last checkpoint
+            # an unfinished M-step goes on from its last checkpoint, or starts over
+            resume="latest" if resume == "latest" else None,
+            overwrite=resume == "restart",
             progress=progress,
             checkpoint_every=checkpoint_every,
         )

@@ -274,9 +274,6 @@ def evaluate_runs(
     progress: bool = True,
 ) -> dict:
     """Evaluate several generators of one dataset with one classifier; writes summary.json."""
-    from diffalign.engine.io import write_json
-    from diffalign.noise.toy.data import load_dataset
-    from diffalign.noise.toy.models import load_model
 
     settings = settings or EvalSettings()
     settings.validate()
@@ -287,6 +284,40 @@ def evaluate_runs(
             f"--names has {len(names)} entries but --generator-ckpt has {len(generator_ckpts)}"
         )
     names = names or [str(p) for p in generator_ckpts]
+    from diffalign.engine.io import locked_output_dir
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
+    with locked_output_dir(out, "evaluation folder"):
+        return _evaluate_locked(
+            generator_ckpts,
+            out,
+            names,
+            dataset,
+            data_dir,
+            classifier_ckpt,
+            classifier_steps,
+            settings,
+            progress,
+        )
+
+
+def _evaluate_locked(
+    generator_ckpts: list[str],
+    out: Path,
+    names: list[str],
+    dataset: str | None,
+    data_dir: str | None,
+    classifier_ckpt: str | None,
+    classifier_steps: int,
+    settings: EvalSettings,
+    progress: bool,
+) -> dict:
+    from diffalign.engine.io import write_json
+    from diffalign.noise.toy.data import load_dataset
+    from diffalign.noise.toy.models import load_model
+
     gens = []
     for path in generator_ckpts:
         g, cfg = load_model(path, "generator", dataset)
@@ -294,7 +325,6 @@ def evaluate_runs(
         gens.append(g)
     train_data = load_dataset(dataset, "train", data_dir)
     test_data = load_dataset(dataset, "test", data_dir)
-    out = Path(output_dir)
     if classifier_ckpt:
         classifier, _ = load_model(classifier_ckpt, "classifier", dataset)
     else:
