@@ -6,7 +6,8 @@
    same work otherwise: encode the prompts once, ``steps`` forward/backward passes and one final
    forward. Time: medians of interleaved repeats. Memory (CPU): growth of the process's peak RSS
    over the run, each variant in its own child process (``ru_maxrss`` after setup vs after the
-   run); on CUDA ``max_memory_allocated``.
+   run, median of 3), on CUDA ``max_memory_allocated``; and, deterministic, the bytes autograd
+   saves for the backward pass per step (saved-tensor hooks: the activation memory).
 2. **Batched prompts**: per-prompt time of optimising B = 1, 4, 8 prompts as one batch (one Q
    each) against B runs of one prompt (ReNO's batch 1).
 3. **build-dataset throughput**: samples per second of `diffalign noise build-dataset` with 1
@@ -150,6 +151,43 @@ def batching(gen, reward, steps: int, repeats: int, device: str, sizes=(1, 4, 8)
     return out
 
 
+def machinery_cost(steps: int, repeats: int, batches=(1, 4)) -> list[dict]:
+    """Absolute per-step cost of the optimisation machinery alone at SDXL-Turbo's real latent
+    size (4x64x64 = 512 px): the same two loops around a generator and reward that cost ~0, so
+    the difference is Q, Q z, the optimiser and the bookkeeping."""
+    from diffalign.engine.rewards import Reward
+    from diffalign.noise.onestep import OneStepGenerator
+
+    class FreeGenerator(OneStepGenerator):
+        def encode_prompts(self, prompts):
+            return {"prompt_embeds": torch.zeros(len(prompts), 77, 2048)}
+
+        def latent_shape(self, height=None, width=None):
+            return (4, 64, 64)
+
+        def generate(self, noise, embeds):
+            return torch.sigmoid(noise[:, :3])
+
+    class FreeReward(Reward):
+        def score(self, images, prompts):
+            return images.mean((1, 2, 3))
+
+    gen, reward = FreeGenerator(), FreeReward()
+    out = []
+    for b in batches:
+        noise = gen.sample_noise(1).repeat(b, 1, 1, 1)
+        times: dict[str, list[float]] = {"bare": [], "ours": []}
+        for _ in range(repeats):
+            for name, fn in (("bare", bare_run), ("ours", ours_run)):
+                t = _time(
+                    lambda fn=fn, ps=PROMPTS[:b], n=noise: fn(gen, reward, ps, n, steps), "cpu"
+                )
+                times[name].append(t / (steps + 1))
+        bare, ours = statistics.median(times["bare"]), statistics.median(times["ours"])
+        out.append({"batch": b, "machinery_ms_per_step": (ours - bare) * 1e3})
+    return out
+
+
 def _child(args) -> int:
     """One variant in a fresh process: time and peak-memory growth of the run."""
     torch.manual_seed(0)
@@ -172,21 +210,49 @@ def _child(args) -> int:
     return 0
 
 
-def memory(tmp: Path, size: int, steps: int, device: str, batch: int) -> dict:
-    res = {}
-    for variant in ("bare", "ours"):
-        cmd = [sys.executable, __file__, "--child", variant, "--tmp", str(tmp)]
-        cmd += ["--size", str(size), "--steps", str(steps), "--device", device]
-        cmd += ["--batch", str(batch)]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        res[variant] = json.loads(line.strip().splitlines()[-1])
+def saved_for_backward(gen, reward, steps: int, batch: int = 1) -> dict:
+    """Bytes autograd keeps for the backward passes of a run (the activation memory that sets a
+    step's peak), counted with saved-tensor hooks; deterministic, unlike RSS."""
+    prompts = PROMPTS[:batch]
+    noise = gen.sample_noise(1, generator=torch.Generator().manual_seed(0)).repeat(batch, 1, 1, 1)
+    out = {}
+    for name, fn in (("bare", bare_run), ("ours", ours_run)):
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(gen, reward, prompts, noise, steps)
+        out[name] = total[0] / steps
+    return {
+        "metric": "saved_for_backward_bytes_per_step",
+        "bare": out["bare"],
+        "ours": out["ours"],
+        "ratio": out["ours"] / out["bare"],
+    }
+
+
+def memory(tmp: Path, size: int, steps: int, device: str, batch: int, repeats: int = 3) -> dict:
+    """Peak memory growth of a whole run, each variant in fresh child processes (median)."""
+    res: dict[str, list] = {"bare": [], "ours": []}
     key = "peak_cuda_bytes" if device.startswith("cuda") else "peak_rss_growth_kib"
+    for _ in range(repeats):
+        for variant in ("bare", "ours"):
+            cmd = [sys.executable, __file__, "--child", variant, "--tmp", str(tmp)]
+            cmd += ["--size", str(size), "--steps", str(steps), "--device", device]
+            cmd += ["--batch", str(batch)]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            res[variant].append(json.loads(line.strip().splitlines()[-1])[key])
+    bare, ours = statistics.median(res["bare"]), statistics.median(res["ours"])
     return {
         "metric": key,
         "image_size": size,
-        "bare": res["bare"][key],
-        "ours": res["ours"][key],
-        "ratio": res["ours"][key] / max(1, res["bare"][key]),
+        "bare": bare,
+        "ours": ours,
+        "ratio": ours / max(1, bare),
+        "runs": res,
     }
 
 
@@ -323,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             "overhead": [
                 overhead(gen, reward, args.steps, repeats, args.device, b) for b in (1, 4)
             ],
+            "saved_for_backward": saved_for_backward(gen, reward, args.steps),
+            "machinery_at_512px_latent": machinery_cost(20, repeats),
             "memory": memory(tmp, args.mem_size, args.steps, args.device, 1),
             "batching": batching(
                 gen, reward, args.steps, max(1, repeats // 2), args.device, (1, 4, 8)
@@ -335,6 +403,16 @@ def main(argv: list[str] | None = None) -> int:
             f"overhead B={o['batch']}: bare {o['bare_s_per_step'] * 1e3:.1f} ms/step, ours "
             f"{o['ours_s_per_step'] * 1e3:.1f} ms/step, time ratio {o['time_ratio']:.3f}"
         )
+    for mc in results["machinery_at_512px_latent"]:
+        print(
+            f"machinery alone at the 4x64x64 latent, B={mc['batch']}: "
+            f"{mc['machinery_ms_per_step']:.2f} ms/step"
+        )
+    sv = results["saved_for_backward"]
+    print(
+        f"saved for backward per step ({args.size} px): bare {sv['bare'] / 2**20:.2f} MiB, ours "
+        f"{sv['ours'] / 2**20:.2f} MiB, ratio {sv['ratio']:.4f}"
+    )
     m = results["memory"]
     print(
         f"memory ({m['metric']}, {m['image_size']} px): bare {m['bare']}, ours {m['ours']}, ratio {m['ratio']:.3f}"

@@ -94,6 +94,16 @@ def test_half_precision_upcasts_the_vae(tiny):
     assert img.dtype == torch.float32 and torch.isfinite(z.grad).all()
 
 
+def test_other_vae_runs_in_the_model_dtype(tiny):
+    # --vae: e.g. the fp16-fix SDXL VAE; here the tiny model's own vae/ folder
+    gen = _load(tiny, "sdxl-turbo", dtype="bf16", vae=f"{tiny('sdxl')}/vae")
+    assert gen.vae.dtype == torch.bfloat16
+    z = gen.sample_noise(1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        img = gen.generate(z, gen.encode_prompts(["a cat"]))
+    assert img.shape == (1, 3, SIZE, SIZE) and torch.isfinite(img).all()
+
+
 def test_kind_inference_and_bad_inputs(tiny, tmp_path):
     assert infer_generator_kind(tiny("sdxl")) == "sdxl-turbo"
     assert infer_generator_kind(tiny("sd21")) == "sd-turbo"

@@ -266,7 +266,7 @@ def optimize_prompts(
             continue
         r_cpu = per_prompt.detach().cpu()
         d_cpu = drift.detach().cpu()
-        images_cpu = images.detach().float().cpu()
+        images_d = images.detach()  # stays on the device; copied only when kept or saved
         for a, i in enumerate(active):
             value = float(r_cpu[a])
             if not math.isfinite(value):
@@ -276,17 +276,17 @@ def optimize_prompts(
             drift_hist[i].append(float(d_cpu[a]))
             for name, t in terms.items():
                 term_hist[i].setdefault(name, []).append(float(t[a]))
-            mine = images_cpu[a * k : (a + 1) * k]
+            mine = images_d[a * k : (a + 1) * k]
             if step == 0:
-                init_images[i] = mine.clone()
+                init_images[i] = mine.float().cpu().clone()
             if value > best_reward[i]:
                 best_reward[i], best_step[i] = value, step
-                best_images[i] = mine.clone()
+                best_images[i] = mine.float().cpu().clone()
                 best_noise[i] = zq[a * k : (a + 1) * k].detach().float().cpu().clone()
                 best_q[i] = q[a].detach().cpu().clone()
                 best_w[i] = transform.weight[i].detach().cpu().clone()
         if on_step is not None:
-            on_step(step, active, images_cpu, r_cpu)
+            on_step(step, active, images_d, r_cpu)
         if last:
             break
         keep = torch.tensor([alive[i] for i in active], device=per_prompt.device)
@@ -306,6 +306,8 @@ def optimize_prompts(
             if clip is not None:
                 clip_grad_norm_per_transform(grad, clip)
         optimizer.step()
+        # drop this step's tensors before the next forward (keeps the peak at one step's)
+        del images, images_d, per_prompt, drift, zq, q, objective, grad
         step += 1
 
     with torch.no_grad():
