@@ -154,3 +154,18 @@ def test_hyper_sd15_sft_keeps_the_fused_one_step_lora(tiny_model_dir, dataset, t
     assert torch.allclose(before, after, atol=1e-4)
     bare = load_generator(r["model"], "sd-turbo", **kw)  # not the base: the LoRA is in it
     assert not getattr(bare.unet, "peft_config", None)
+
+
+@pytest.mark.slow  # 2 processes under accelerate launch
+def test_two_process_lora_sft(sdxl, dataset, tmp_path):
+    from launch_helper import launch_two_cpu_processes
+
+    out = tmp_path / "two"
+    argv = ["-m", "diffalign.cli", "noise", "sft", "--manifest-path", str(dataset)]
+    argv += ["--output-dir", str(out), "--max-steps", "2", "--batch-size", "1"]
+    argv += ["--lora-rank", "2", "--tracker", "none", *model_args(sdxl)]
+    r = launch_two_cpu_processes(argv)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 2
+    assert (out / "checkpoint-final" / "pytorch_lora_weights.safetensors").is_file()

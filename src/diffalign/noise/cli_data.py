@@ -393,6 +393,13 @@ def register(verbs) -> None:
     )
     add_sft_options(p, prefix="train-")
     p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--resume",
+        choices=("latest", "restart"),
+        default="latest",
+        help="an unfinished M-step: continue from its last checkpoint (latest) or start it "
+        "over (restart); finished cycles are kept (default: %(default)s)",
+    )
     p.set_defaults(func=_run_em)
 
 
@@ -583,6 +590,7 @@ def _run_em(args) -> int:
         assign_kwargs=assign_kwargs,
         sft_kwargs=_sft_kwargs(args, "train_"),
         lora=args.lora_rank is not None,
+        resume=args.resume,
     )
     print(f"final model: {s['final_model']} ({s['num_cycles']} cycles)")
     return 0

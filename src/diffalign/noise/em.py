@@ -99,13 +99,18 @@ def em(
     sft_kwargs: dict,
     lora: bool = False,
     progress: bool = True,
+    resume: str = "latest",
 ) -> dict:
     """`diffalign noise em` on a diffusion generator. ``load(model, first)`` loads a generator
     (``first``: the initial model; later cycles load ``checkpoint-final`` pipelines, or the base
-    model plus the last LoRA, which the M-step continues via ``init_lora``)."""
+    model plus the last LoRA, which the M-step continues via ``init_lora``). ``resume``:
+    ``latest`` continues an unfinished M-step from its last checkpoint, ``restart`` starts it
+    over (finished cycles are kept either way)."""
     from diffalign.noise.dataset import build_dataset
     from diffalign.noise.sft import sft
 
+    if resume not in ("latest", "restart"):
+        raise DiffalignError(f"--resume must be latest or restart, got {resume!r}")
     initial = str(model)
 
     def model_for(current: str) -> tuple[object, str | None]:
@@ -135,7 +140,9 @@ def em(
             cdir / "dataset" / "manifest.jsonl",
             cdir / "sft",
             init_lora=prev_lora,
-            resume="latest",  # an unfinished M-step goes on from its last checkpoint
+            # an unfinished M-step goes on from its last checkpoint, or starts over
+            resume="latest" if resume == "latest" else None,
+            overwrite=resume == "restart",
             progress=progress,
             model_info={"model": current, "cycle": k},
             **sft_kwargs,
