@@ -26,12 +26,11 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 def per_item_reconstruction(
     output: torch.Tensor, target: torch.Tensor, l1_weight: float = 0.0
 ) -> torch.Tensor:
-    """``[B]``: per-item mean squared error plus ``l1_weight`` times mean absolute error."""
-    diff = (output - target).flatten(1)
-    loss = diff.pow(2).mean(1)
-    if l1_weight:
-        loss = loss + l1_weight * diff.abs().mean(1)
-    return loss
+    """``[B]``: per-item mean squared error plus ``l1_weight`` times mean absolute error (the
+    generic :func:`diffalign.noise.assign.assign_loss` with the output as latent and image)."""
+    from diffalign.noise.assign import assign_loss
+
+    return assign_loss(output, target, output, target, 1.0, l1_weight)
 
 
 def reconstruction_loss(
@@ -42,5 +41,8 @@ def reconstruction_loss(
 
 
 def preserve_loss(output: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance to the frozen base generator's output on the same noise/labels."""
-    return (output - base_output.detach()).pow(2).mean()
+    """Mean squared distance to the frozen base generator's output on the same noise/labels
+    (the preserve term of `diffalign.noise.sft.MatchedSftTask` with the latent weight only)."""
+    from diffalign.noise.assign import assign_loss
+
+    return assign_loss(output, base_output.detach()).mean()
