@@ -46,3 +46,18 @@ def test_em_cycles_chain_and_resume(sdxl, tmp_path, lora):
     s2 = json.loads((work / "summary.json").read_text())
     assert s2["final_model"] == s["final_model"]
     assert all(c["m_step_steps"] is None for c in s2["cycles"])  # reused, not retrained
+
+
+@pytest.mark.slow  # 2 processes under accelerate launch
+def test_em_two_processes(sdxl, tmp_path):
+    from launch_helper import launch_two_cpu_processes
+
+    data = write_pairs(tmp_path / "data", n=2)
+    work = tmp_path / "em"
+    argv = ["-m", "diffalign.cli", "noise", "em", "--data-root", str(data), "--work-dir"]
+    argv += [str(work), *ARGS, *model_args(sdxl), "--lora-rank", "2"]
+    r = launch_two_cpu_processes(argv)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((work / "summary.json").read_text())
+    assert [c["e_step"]["finished"] for c in s["cycles"]] == [2, 2]
+    assert (work / "cycle-001/sft/checkpoint-final/pytorch_lora_weights.safetensors").is_file()

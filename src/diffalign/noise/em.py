@@ -84,7 +84,10 @@ def _cycles(out, num_cycles, initial_model, e_step, m_step, finished_model, summ
         "final_model": current,
         "cycles": cycles,
     }
-    write_json(out / "summary.json", summary)
+    from diffalign.noise.assign import dist_state
+
+    if dist_state()[0] == 0:  # under accelerate launch the ranks agree; rank 0 writes
+        write_json(out / "summary.json", summary)
     return summary
 
 
