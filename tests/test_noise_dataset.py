@@ -165,3 +165,33 @@ def test_two_processes_shard_the_pairs(sdxl, gen, tmp_path):
     for a, b in zip(recs, _manifest(ref)):
         assert a["prompt"] == b["prompt"] and a["noise_file"] == b["noise_file"]
         assert abs(a["loss_after"] - b["loss_after"]) < 1e-3 * max(1.0, abs(b["loss_after"]))
+
+
+@pytest.mark.parametrize("verb", ["build-dataset", "assign", "em"])
+def test_a_second_run_into_a_held_folder_is_refused(sdxl, tmp_path, capsys, verb):
+    import fcntl
+
+    from diffalign.engine.io import LOCK_NAME
+
+    data = write_pairs(tmp_path / "data", n=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT)  # another open file: another owner
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, json.dumps({"pid": 4242, "host": "here", "command": "x"}).encode(), 0)
+    try:
+        argv = {
+            "build-dataset": ["noise", "build-dataset", "--data-root", str(data),
+                              "--output-dir", str(out), "--steps", "1"],
+            "assign": ["noise", "assign", "--prompt", "a cat", "--target-image",
+                       str(data / "images" / "0000.png"), "--output-dir", str(out),
+                       "--steps", "1"],
+            "em": ["noise", "em", "--data-root", str(data), "--work-dir", str(out),
+                   "--assign-steps", "1", "--train-max-steps", "1", "--tracker", "none"],
+        }[verb]  # fmt: skip
+        assert main([*argv, *model_args(sdxl)]) == 2
+    finally:
+        os.close(fd)
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffalign")]
+    assert len(err) == 1 and str(out) in err[0] and "4242" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing was written
