@@ -98,12 +98,14 @@ def assign_noise(
     pixel_l1_weight: float = 0.0,
     snapshot_steps: Sequence[int] = (),
     keep_images: bool = False,
+    on_step=None,
 ) -> AssignResult:
     """Optimise one orthogonal ``Q_i`` per item so the generator's output for ``Q_i eps_i``
     matches target ``i`` (module doc). Adam on the skew parameters of `PatchOrthogonal`; the best
     ``Q`` seen per item is kept (step 0 is ``Q = I``, so ``loss_after <= loss_before``). The
     generator's weights are not changed and get no gradients. ``snapshot_steps``: steps whose
-    decoded outputs are returned (intermediate images); ``keep_images``: also the best outputs.
+    decoded outputs are returned (intermediate images); ``keep_images``: also the best outputs;
+    ``on_step(step, losses)``: called after each evaluation (e.g. a progress bar).
     """
     from diffalign.noise.orthogonal import PatchOrthogonal, apply_patch_orthogonal
 
@@ -165,6 +167,8 @@ def assign_noise(
                 per_step.append(lval)
                 if step in snaps:
                     snapshots[step] = images.detach().float().cpu()
+            if on_step is not None:
+                on_step(step, lval)
             if step == steps:
                 break
             opt.zero_grad(set_to_none=True)
@@ -474,7 +478,15 @@ def assign_image(
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
     target = load_target_image(target_image, generator.image_size(), resize)
+    from diffalign.engine.progress import progress
+
     with locked_output_dir(out, "assignment folder"):
+        bar = progress(total=steps + 1, desc="assign")
+
+        def tick(step: int, losses: torch.Tensor) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(losses[0]):.4g}")
+
         embeds = generator.encode_prompts([prompt])
         eps = base_noise([0], latent_shape, seed)
         target_latent = generator.encode_images(target[None])
@@ -492,7 +504,9 @@ def assign_image(
             pixel_l1_weight=pixel_l1_weight,
             snapshot_steps=snapshot_schedule(steps, num_intermediates),
             keep_images=True,
+            on_step=tick,
         )
+        bar.close()
         if not (torch.isfinite(res.loss_after).all() and torch.isfinite(res.noise).all()):
             raise DiffalignError(
                 "the assignment loss is NaN/inf from the first step (try --dtype float32 or "
