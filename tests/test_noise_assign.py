@@ -106,3 +106,29 @@ def test_cli_assign_bad_input_is_one_line(sdxl, tmp_path, capsys, problem, needl
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffalign")]
     assert len(err) == 1 and err[0].startswith("diffalign: error:") and needle in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_encode_images_is_the_scaled_vae_posterior_mode(gen):
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = gen.vae.encode(x * 2 - 1).latent_dist.mode() * gen.vae.config.scaling_factor
+    lat = gen.encode_images(x)
+    assert lat.shape == (2, *gen.latent_shape()) and torch.allclose(lat, ref, atol=1e-6)
+
+
+def test_toy_generator_plugs_into_the_same_split():
+    from diffalign.noise.toy.models import ToyModelConfig, build_model
+    from diffalign.noise.toy.onestep import ToyOneStepGenerator
+
+    torch.manual_seed(0)
+    gen = ToyOneStepGenerator(build_model(ToyModelConfig.for_dataset("generator", "digits")))
+    z = gen.sample_noise(3, generator=torch.Generator().manual_seed(0))
+    e = gen.encode_prompts(["1", "digit 2", "3"])
+    lat = gen.denoise(z, e)
+    assert lat.shape == (3, 1, 8, 8)  # its own [-1, 1] output is its "latent"
+    img = gen.decode(lat)
+    assert torch.equal(img, gen.generate(z, e)) and img.shape == (3, 3, 8, 8)
+    assert torch.allclose(gen.encode_images(img), lat, atol=1e-6)
+    # the generic inversion runs on it as on a diffusion model
+    res = assign_noise(gen, z, e, gen.encode_images(torch.rand(3, 3, 8, 8)), steps=2, lr=0.1)
+    assert (res.loss_after <= res.loss_before).all() and orthogonality_error(res.q) < 1e-5
