@@ -42,6 +42,7 @@ import torch
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import (
     append_jsonl,
+    clean_stale_temporaries,
     load_tensors,
     locked_output_dir,
     read_json,
@@ -439,6 +440,12 @@ def _assign_locked(
             print(f"diffalign: item {i}: {problem}; assigning it again", flush=True)
         todo.append(i)
     todo_set = set(todo)
+    # a kill mid-write leaves `.<name>.XXXXXXXX.tmp` beside the file: only in the folders of
+    # items still to do (a finished item's files were renamed into place before its record)
+    if rank == 0:
+        clean_stale_temporaries(output_dir)
+    for i in todo:
+        clean_stale_temporaries(sample_dir(output_dir, i))
     # fixed batches of this process's items: a batch with work left is run whole, so every
     # item sees the same batch neighbours as in an uninterrupted run (bit-identical results)
     batches = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
