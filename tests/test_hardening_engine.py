@@ -384,3 +384,12 @@ def test_the_largest_seed_works_everywhere(tmp_path):
                  "--seed", top]) == 0  # fmt: skip
     with pytest.raises(DiffalignError, match="seed"):
         TrainConfig(output_dir=str(tmp_path / "x"), max_steps=1, seed=-1).validate()
+
+
+def test_a_failed_checkpoint_write_is_one_line():
+    from diffalign.engine.io import save_pt
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with pytest.raises(DiffalignError, match="cannot write /dev/full.*disk full"):
+        save_pt({"a": torch.zeros(1000)}, "/dev/full")

@@ -67,8 +67,15 @@ def test_resumed_assignment_is_bit_identical(setup, tmp_path):
     _rewrite_manifest(resumed, lambda recs: recs.__setitem__(slice(None), recs[:5] + recs[7:]))
     for i in (5, 6):
         shutil.rmtree(resumed / "samples" / f"{i:06d}")
+    # and the temporary a kill inside save_tensors leaves
+    (resumed / "samples" / "000005").mkdir()
+    (resumed / "samples" / "000005" / ".noise.safetensors.k3j4h5g6.tmp").write_bytes(b"half")
     s = assign(root / "gen", resumed, data=data, assign_steps=3, batch_size=4, write_plots=False)
     assert s["finished"] == 8 and s["skipped_finished"] == 6
+    assert sorted(p.name for p in (resumed / "samples" / "000005").iterdir()) == [
+        "meta.json",
+        "noise.safetensors",
+    ]
     a, b = _noise_files(straight), _noise_files(resumed)
     assert [p.parent.name for p in a] == [p.parent.name for p in b]
     for pa, pb in zip(a, b):

@@ -312,6 +312,25 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
+def save_pt(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` of plain state dicts (read back with `load_pt`); a failed write (a full
+    disk shows up as a RuntimeError from torch's zip writer) is one DiffalignError line."""
+    path = Path(path)
+    try:
+        torch.save(obj, path)
+    except OSError as e:
+        raise DiffalignError(os_error_message(e, path)) from None
+    except RuntimeError as e:
+        text = str(e)
+        if not any(k in text for k in ("inline_container", "PytorchStreamWriter", "write")):
+            raise  # not a failed write
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else None
+        room = f" ({format_bytes(free)} free there)" if free is not None else ""
+        raise DiffalignError(
+            f"cannot write {path}{room}: is the disk full? ({str(e).splitlines()[0][:160]})"
+        ) from None
+
+
 def load_pt(path: str | os.PathLike) -> Any:
     """`torch.load` with weights_only=True: plain tensors and containers only, never pickles."""
     path = Path(path)

@@ -81,12 +81,13 @@ def label_grid(
     left = max((text_size(t)[0] for t in row_labels), default=0) + 2 * gap if row_labels else 0
     line_h = text_size("Ag")[1] + gap
     top = (line_h + gap if col_labels else 0) + (line_h + gap if title else 0)
-    canvas = Image.new("RGB", (grid.width + left, grid.height + top), (255, 255, 255))
+    width = max(grid.width + left, text_size(title)[0] + 2 * gap if title else 0)
+    canvas = Image.new("RGB", (width, grid.height + top), (255, 255, 255))
     canvas.paste(grid.convert("RGB"), (left, top))
     draw = ImageDraw.Draw(canvas)
     cell_w, cell_h = grid.width / ncols, grid.height / nrows
     if title:
-        draw.text((left + gap, gap), title, fill=(0, 0, 0), font=font)
+        draw.text((gap, gap), title, fill=(0, 0, 0), font=font)
     for c, text in enumerate(col_labels or []):
         w, _ = text_size(text)
         x = left + c * cell_w + (cell_w - w) / 2

@@ -65,6 +65,7 @@ from diffalign.engine.io import (
     load_tensors,
     locked_output_dir,
     read_json,
+    save_pt,
     save_tensors,
     write_json,
 )
@@ -751,11 +752,11 @@ class _Trainer:
                 if self.ema is not None:
                     save_tensors(tmp / "ema.safetensors", self.ema.state_dict())
                 for name, opt in self.optimizers.items():
-                    torch.save(opt.state_dict(), tmp / f"optimizer-{name}.pt")
-                    torch.save(self.schedulers[name].state_dict(), tmp / f"scheduler-{name}.pt")
+                    save_pt(opt.state_dict(), tmp / f"optimizer-{name}.pt")
+                    save_pt(self.schedulers[name].state_dict(), tmp / f"scheduler-{name}.pt")
                 if self.accelerator.scaler is not None:
-                    torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
-                torch.save({"ranks": payloads}, tmp / "rng.pt")
+                    save_pt(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
+                save_pt({"ranks": payloads}, tmp / "rng.pt")
                 write_json(tmp / "state.json", self._state_json())
             keep = self.config.keep_checkpoints
             if keep > 0:

@@ -226,6 +226,10 @@ class PairsJob(AssignmentJob):
     def item_ids(self) -> list[int]:
         return sorted(self.items)
 
+    def item_dirs(self, item: int) -> list[Path]:
+        sdir = self.out / "samples" / sample_dir_name(item, self.items[item].prompt)
+        return [sdir, sdir / "run_outputs"]
+
     def check_done(self, item: int, record: dict) -> str | None:
         return _sample_ok(self.out, record, self.items[item], self.latent_shape)
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import append_jsonl, read_json, write_json
+from diffalign.engine.io import append_jsonl, clean_stale_temporaries, read_json, write_json
 from diffalign.engine.progress import progress
 from diffalign.noise.assign import dist_state, read_records, rewrite_jsonl
 
@@ -53,6 +53,11 @@ class AssignmentJob:
     def finalize(self, out: Path, records: list[dict], failures: list[dict]) -> dict:
         """Rank 0, after the merge: diagnostics and plots; returns summary entries."""
         return {}
+
+    def item_dirs(self, item: int) -> list[Path]:
+        """The folders of an item's files (stale temporaries of a killed write are removed
+        there before it is redone)."""
+        return []
 
 
 class JobWriter:
@@ -130,6 +135,13 @@ def run_assignment_job(
             redone += 1
             print(f"diffalign: item {i}: {problem}; assigning it again", flush=True)
         todo.add(i)
+    # a kill mid-write leaves `.<name>.XXXXXXXX.tmp` beside the file: only in the folders of
+    # items still to do (a finished item's files were renamed into place before its record)
+    if rank == 0:
+        clean_stale_temporaries(out)
+    for i in sorted(todo):
+        for folder in job.item_dirs(i):
+            clean_stale_temporaries(folder)
     batches = [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
     batches = [b for b in batches if todo.intersection(b)]
     writer = JobWriter(out, world, rank)

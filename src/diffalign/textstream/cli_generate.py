@@ -219,8 +219,8 @@ def register(verbs) -> None:
         description="Generate the GenEval image folders from evaluation_metadata.jsonl: "
         "OUT/<index:05d>/metadata.jsonl (the prompt's line), OUT/<index:05d>/samples/0000.png "
         "..., grid.png; run records in OUT/settings.json and OUT/summary.json. Resumable; "
-        "shard with `accelerate launch`. GenEval's own generate_images.py spellings work too: "
-        "METADATA_FILE positional, --outdir, --n_samples, --H, --W, --scale, --steps, "
+        "shard with `accelerate launch`. The spellings of GenEval's own "
+        "generation/diffusers_generate.py work too: METADATA_FILE positional, --outdir, --n_samples, --H, --W, --scale, --steps, "
         "--seed, --batch_size, --skip_grid.",
     )
     p.add_argument(

@@ -339,6 +339,9 @@ class ToyAssignJob(AssignmentJob):
     def item_ids(self) -> list[int]:
         return list(range(self.n_items))
 
+    def item_dirs(self, item: int) -> list[Path]:
+        return [sample_dir(self.out, item)]
+
     def check_done(self, item: int, record: dict) -> str | None:
         noise_path = resolve_inside(
             self.out,

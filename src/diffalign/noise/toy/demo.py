@@ -392,7 +392,12 @@ def _comparison_figure(path: Path, grids: dict) -> None:
         grid = make_grid([tensor_to_pil(x) for x in imgs], ncols=10, pad=1)
         ax.imshow(grid, cmap="gray", interpolation="nearest")
         ax.set_title(METHOD_TITLES[name])
-        ax.axis("off")
+        h, w = imgs.shape[-2:]  # rows = classes, columns = the same 10 noises for every model
+        ax.set_yticks([r * (h + 1) + h / 2 for r in range(10)], [f"class {r}" for r in range(10)])
+        ax.set_xticks([c * (w + 1) + w / 2 for c in range(10)], [f"z{c}" for c in range(10)])
+        ax.tick_params(length=0, labelsize=7)
+        for side in ax.spines.values():
+            side.set_visible(False)
     fig.suptitle("random-noise samples on the same noise (row = class 0..9)")
     fig.tight_layout()
     with atomic_path(path) as tmp:

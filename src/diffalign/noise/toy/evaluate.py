@@ -323,6 +323,12 @@ def _evaluate_locked(
         g, cfg = load_model(path, "generator", dataset)
         dataset = cfg.dataset  # every later generator must match the first one's dataset
         gens.append(g)
+        _, h, w = cfg.latent_shape
+        if h % settings.patch_size or w % settings.patch_size:  # before any training
+            raise DiffalignError(
+                f"--patch-size {settings.patch_size} does not divide the {dataset} latent "
+                f"{tuple(cfg.latent_shape)}"
+            )
     train_data = load_dataset(dataset, "train", data_dir)
     test_data = load_dataset(dataset, "test", data_dir)
     if classifier_ckpt:
