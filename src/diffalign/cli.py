@@ -13,7 +13,9 @@ from diffalign.engine.errors import DiffalignError
 
 def build_parser() -> ArgumentParser:
     from diffalign.engine import cli as engine_cli
+    from diffalign.fill import cli as fill_cli
     from diffalign.noise import cli as noise_cli
+    from diffalign.repa import cli as repa_cli
     from diffalign.textstream import cli as textstream_cli
 
     parser = ArgumentParser(
@@ -26,6 +28,8 @@ def build_parser() -> ArgumentParser:
     engine_cli.register(sub)
     textstream_cli.register(sub)
     noise_cli.register(sub)
+    repa_cli.register(sub)
+    fill_cli.register(sub)
     return parser
 
 

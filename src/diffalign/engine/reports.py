@@ -116,3 +116,38 @@ def plot_curves(
 def write_summary(path: str | os.PathLike, summary: Mapping) -> None:
     """Write a run's summary.json atomically."""
     write_json(path, dict(summary))
+
+
+def save_labelled_grid(
+    path: str | os.PathLike,
+    rows: Sequence[Sequence[Image.Image]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str = "",
+    cell: int | None = None,
+) -> Image.Image:
+    """One PNG: a grid of images with a header row of column labels and a label per row
+    (every cell resized to `cell` px, default the first image's width, min 64)."""
+    from PIL import ImageDraw, ImageFont
+
+    ncols = max(len(r) for r in rows)
+    size = cell or max(64, rows[0][0].width)
+    font = ImageFont.load_default()
+    label_w = max(80, 7 * max([len(s) for s in row_labels] + [1]) + 10)
+    head_h = 18 + (18 if title else 0)
+    grid = Image.new("RGB", (label_w + ncols * size, head_h + len(rows) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    for c, text in enumerate(col_labels):
+        draw.text((label_w + c * size + 4, head_h - 16), str(text), fill="black", font=font)
+    for r, row in enumerate(rows):
+        draw.text(
+            (4, head_h + r * size + size // 2 - 6), str(row_labels[r]), fill="black", font=font
+        )
+        for c, img in enumerate(row):
+            grid.paste(
+                img.convert("RGB").resize((size, size)), (label_w + c * size, head_h + r * size)
+            )
+    save_image(path, grid)
+    return grid

@@ -195,7 +195,22 @@ class TrainTask:
             save_tensors(Path(out_dir) / f"{name}.safetensors", trainable_state(module))
 
     def config_dict(self) -> dict:
-        """Task settings recorded in run_config.json."""
+        """Task settings recorded in run_config.json and in each checkpoint's state.json."""
+        return {}
+
+    def check_resume(self, saved_config: dict | None, path: Path) -> None:
+        """Raise DiffalignError when checkpoint `path` (task settings `saved_config`, None for
+        checkpoints written before this field existed) cannot resume this task."""
+
+    def state_dict(self) -> dict:
+        """JSON-able task state (e.g. counters) saved in each checkpoint and restored on resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (called once on resume)."""
+
+    def summary(self) -> dict:
+        """Extra entries for summary.json under "task" (main process)."""
         return {}
 
 
@@ -611,6 +626,7 @@ class _Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         state = read_json(path / "state.json")
         where = f"cannot resume from {path}"
+        self.task.check_resume(state.get("task"), path)
         saved = state.get("modules", {})
         here = self._module_shapes()
         if sorted(saved) != sorted(here):
@@ -682,6 +698,7 @@ class _Trainer:
         self.last_val_step = int(state.get("last_val_step", -1))
         self.last_ckpt_step = self.step
         self.seconds_before = float(state.get("seconds", 0.0))
+        self.task.load_state_dict(state.get("task_state") or {})
         logger.info("resumed from %s at step %d", path, self.step)
 
     # -- checkpoints and exports ---------------------------------------------------------------
@@ -701,6 +718,8 @@ class _Trainer:
             "modules": self._module_shapes(),
             "optimizers": sorted(self.optimizers),
             "config": dataclasses.asdict(self.config),
+            "task": self.task.config_dict(),
+            "task_state": self.task.state_dict(),
             "history": self.history,
         }
 
@@ -869,7 +888,7 @@ class _Trainer:
             for k, v in entry.items():
                 if k in ("step", "epoch") or k.startswith("lr") or k.startswith("grad_norm"):
                     continue
-                if isinstance(v, int | float) and math.isfinite(v):
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
                     xs, ys = series.setdefault(k, ([], []))
                     xs.append(entry["step"])
                     ys.append(v)
@@ -897,6 +916,9 @@ class _Trainer:
             "output_dir": str(self.output_dir),
             "config": dataclasses.asdict(self.config),
         }
+        extra = self.task.summary()
+        if extra:
+            summary["task"] = extra
         # the seed's name, and the name every long diffalign command writes (spec: Interfaces)
         for name in ("train_summary.json", "summary.json"):
             write_summary(self.output_dir / name, summary)

@@ -1,0 +1,274 @@
+"""Training-step overhead of the semantic cross-attention over a LoRA-only step (spec F, seed 004).
+
+The `train` section of `bench/fill.py` (also runnable alone). One FLUX-shaped
+`FluxTransformer2DModel` (random weights; FLUX.1-Fill's 384 input = 64 latent + 320 condition
+channels, 64 output channels, head dim 128 with FLUX's RoPE axes 16/56/56, guidance embedding,
+4096-wide T5 context) sized for a shared CPU, with peft LoRA on diffusers' default FLUX targets.
+Two variants of one full training step (forward, flow-matching MSE, backward, AdamW step) run in
+the same process, interleaved in a fresh random order each round:
+
+- `lora`: `SemanticFillTransformer` without the module (the plain LoRA trainer);
+- `lora+semantic`: the same with `SemanticCrossAttention(64, heads=8, layers=1)` (scale set to
+  0.5, as after training, so its attention path is live) on the noisy latent tokens.
+
+Reported: median step time of each (thread CPU time with one torch thread: robust on a shared
+machine), the ratio, the median of per-round ratios, the parameter counts, and an analytic
+FLOP estimate of the module's share at the real FLUX.1-Fill-dev size (19 + 38 blocks, width 3072,
+2048 image + 512 text tokens).
+
+    python bench/fill.py --section train [--train-layers 2 --train-single-layers 4 ...]
+    python bench/fill_train.py [--quick] [--device cuda --dtype bfloat16 --flux-size]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+
+import torch
+
+
+def build(args, device, dtype):
+    """(model without module, model with module, inputs, optimizers) sharing one transformer."""
+    from diffusers import FluxTransformer2DModel
+
+    from diffalign.fill import SemanticCrossAttention
+    from diffalign.fill.model import SemanticFillTransformer, add_lora, lora_parameters
+
+    torch.manual_seed(0)
+    head_dim = 128
+    tr = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=384,
+        out_channels=64,
+        num_layers=args.train_layers,
+        num_single_layers=args.train_single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=args.train_heads,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ).to(device=device, dtype=dtype)
+    add_lora(tr, rank=args.train_rank, targets="default")
+    if args.train_checkpointing:
+        tr.enable_gradient_checkpointing()
+    semantic = SemanticCrossAttention(64, heads=8, layers=1).to(device)
+    with torch.no_grad():
+        semantic.layers[0].scale.fill_(0.5)
+    plain = SemanticFillTransformer(tr, None, guidance=30.0)
+    with_module = SemanticFillTransformer(tr, semantic, guidance=30.0)
+
+    # a [visible | target] diptych of two panel x panel panels -> (panel/16) x (2 panel/16) tokens
+    h, w = args.train_panel // 16, 2 * args.train_panel // 16
+    L, T, B = h * w, args.train_text_tokens, args.train_batch
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    inputs = dict(
+        x0=r(B, L, 64),
+        x1=r(B, L, 64),
+        cond=r(B, L, 320),
+        sem=r(B, L, 64),
+        pe=r(B, T, 4096),
+        pooled=r(B, 768),
+        txt=torch.zeros(T, 3, device=device, dtype=dtype),
+        img=ids.reshape(L, 3).to(device=device, dtype=dtype),
+    )
+    lora = lora_parameters(tr)
+    opts = {
+        "lora": torch.optim.AdamW(lora, lr=1e-4),
+        "lora+semantic": torch.optim.AdamW(
+            [{"params": lora}, {"params": list(semantic.parameters()), "lr": 1e-4}], lr=1e-4
+        ),
+    }
+    models = {"lora": plain, "lora+semantic": with_module}
+    counts = {
+        "transformer_parameters": sum(p.numel() for p in tr.parameters()),
+        "lora_parameters": sum(p.numel() for p in lora),
+        "semantic_parameters": semantic.num_parameters(),
+        "image_tokens": L,
+        "text_tokens": T,
+    }
+    return models, opts, inputs, counts
+
+
+def step(model, opt, x, device) -> None:
+    """One flow-matching training step (seed 004 sections 2.4-6)."""
+    from diffalign.fill.flow import flow_matching_loss, interpolate, velocity_target
+
+    t = torch.full((x["x0"].shape[0],), 0.5, device=device)
+    xt = interpolate(x["x0"], x["x1"], t)
+    pred = model(xt, x["cond"], t.to(xt.dtype), x["pe"], x["pooled"], x["txt"], x["img"], x["sem"])
+    loss = flow_matching_loss(pred, velocity_target(x["x0"], x["x1"]))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.thread_time()
+
+
+def flux_flop_share(
+    image_tokens: int = 2048,
+    text_tokens: int = 512,
+    width: int = 3072,
+    joint: int = 19,
+    single: int = 38,
+) -> dict:
+    """Analytic forward FLOPs of the module vs a FLUX transformer (default: FLUX.1-Fill-dev):
+    2 x params x tokens for the block linears (joint 36 w^2, single 15 w^2) + attention
+    4 x N^2 x width per block; module: 4 projections of 64 x 64 + attention 4 x L^2 x 64."""
+    n = image_tokens + text_tokens
+    params_per_joint = 2 * (4 * width * width + 2 * 4 * width * width) + 2 * 6 * width * width
+    params_per_single = 3 * width * width + 4 * width * width + 5 * width * width + 3 * width**2
+    linear = 2 * n * (joint * params_per_joint + single * params_per_single)
+    attention = 4 * n * n * width * (joint + single)
+    transformer = linear + attention
+    dim = 64
+    module = 2 * image_tokens * 4 * dim * dim + 4 * image_tokens * image_tokens * dim
+    return {
+        "transformer_gflop": transformer / 1e9,
+        "module_gflop": module / 1e9,
+        "module_share": module / transformer,
+    }
+
+
+def train_section(args) -> dict:
+    if getattr(args, "quick", False):  # a 1 + 1-block model at 128 px, 2 rounds
+        args.train_layers, args.train_single_layers, args.train_panel = 1, 1, 128
+        args.train_rounds = 2
+    device = torch.device(getattr(args, "device", None) or "cpu")
+    dtype = getattr(torch, getattr(args, "dtype", None) or "float32")
+    torch.set_num_threads(getattr(args, "threads", 1) or 1)
+    models, opts, inputs, counts = build(args, device, dtype)
+    names = list(models)
+    for name in names:  # warm-up
+        step(models[name], opts[name], inputs, device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    ratios = []
+    rng = random.Random(0)
+    for _ in range(args.train_rounds):
+        order = names[:]
+        rng.shuffle(order)
+        got = {}
+        for name in order:
+            t0 = _clock(device)
+            step(models[name], opts[name], inputs, device)
+            got[name] = _clock(device) - t0
+            times[name].append(got[name])
+        ratios.append(got["lora+semantic"] / got["lora"])
+    med = {n: statistics.median(v) for n, v in times.items()}
+    result = {
+        "config": {
+            "layers": args.train_layers,
+            "single_layers": args.train_single_layers,
+            "heads": args.train_heads,
+            "width": args.train_heads * 128,
+            "panel": args.train_panel,
+            "batch": args.train_batch,
+            "rank": args.train_rank,
+            "rounds": args.train_rounds,
+            "gradient_checkpointing": args.train_checkpointing,
+            "device": str(device),
+            "dtype": str(dtype),
+        },
+        **counts,
+        "median_s": med,
+        "ratio": med["lora+semantic"] / med["lora"],
+        "paired_overhead": statistics.median(ratios) - 1.0,
+        "flux_estimate": flux_flop_share(),
+        "this_shape_estimate": flux_flop_share(
+            counts["image_tokens"],
+            counts["text_tokens"],
+            args.train_heads * 128,
+            args.train_layers,
+            args.train_single_layers,
+        ),
+    }
+    print(markdown_train(result))
+    return result
+
+
+def markdown_train(r: dict) -> str:
+    c = r["config"]
+    lines = [
+        f"FLUX-shaped transformer: {c['layers']} joint + {c['single_layers']} single blocks, "
+        f"width {c['width']}, {r['transformer_parameters'] / 1e6:.1f}M parameters; LoRA rank "
+        f"{c['rank']} ({r['lora_parameters']:,}); {r['image_tokens']} image + "
+        f"{r['text_tokens']} text tokens, batch {c['batch']}, {c['dtype']} on {c['device']}",
+        "",
+        "| step | median s | ratio to LoRA-only |",
+        "|---|---|---|",
+        f"| LoRA only | {r['median_s']['lora']:.3f} | 1.000 |",
+        f"| LoRA + semantic cross-attention ({r['semantic_parameters']:,} params) | "
+        f"{r['median_s']['lora+semantic']:.3f} | {r['ratio']:.3f} |",
+        "",
+        f"paired overhead (median of per-round ratios): {100 * r['paired_overhead']:+.2f}%",
+        f"module share of forward FLOPs at this shape: "
+        f"{100 * r['this_shape_estimate']['module_share']:.3f}%",
+        f"estimate at FLUX.1-Fill-dev size (2048 + 512 tokens): module "
+        f"{r['flux_estimate']['module_gflop']:.2f} GFLOP vs transformer "
+        f"{r['flux_estimate']['transformer_gflop']:.0f} GFLOP per forward "
+        f"({100 * r['flux_estimate']['module_share']:.4f}%)",
+    ]
+    return "\n".join(lines)
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """Options of the train section (prefixed, so they sit beside the attention ones)."""
+    p.add_argument("--train-layers", type=int, default=2, help="joint blocks (FLUX: 19)")
+    p.add_argument("--train-single-layers", type=int, default=4, help="single blocks (FLUX: 38)")
+    p.add_argument("--train-heads", type=int, default=4, help="heads of 128 (FLUX: 24)")
+    p.add_argument("--train-panel", type=int, default=256, help="panel px (FLUX Fill: 512)")
+    p.add_argument("--train-batch", type=int, default=1, help="batch size")
+    p.add_argument("--train-text-tokens", type=int, default=128, help="T5 tokens (FLUX: 512)")
+    p.add_argument("--train-rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--train-rounds", type=int, default=5, help="timed rounds per variant")
+    p.add_argument("--train-checkpointing", action="store_true", help="gradient checkpointing")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_train_options(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    p.add_argument("--quick", action="store_true", help="a 1+1-block model, 128 px, 2 rounds")
+    p.add_argument(
+        "--flux-size",
+        action="store_true",
+        help="FLUX.1-Fill-dev size (19 + 38 blocks, 24 heads, 512 px, 512 text tokens; GPU)",
+    )
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.flux_size:
+        args.train_layers, args.train_single_layers, args.train_heads = 19, 38, 24
+        args.train_panel, args.train_text_tokens = 512, 512
+        args.train_checkpointing = True
+    print(f"load average {os.getloadavg()}, torch {torch.__version__}")
+    result = {"loadavg": os.getloadavg(), "train": train_section(args)}
+    result["loadavg_end"] = os.getloadavg()
+    print(f"load average at the end {result['loadavg_end']}")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""The FLUX Fill training config: one dataclass schema, loaded from YAML, `--key value`
+overrides typed by the schema (spec F: Train). An unknown key is an error naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffalign.engine.errors import DiffalignError
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class FillTrainConfig:
+    """Every option of `diffalign fill train` (YAML keys; `--kebab-case` on the command line)."""
+
+    # data
+    data: str | None = _opt(None, "triptych folder ([visible | target | semantic] images)")
+    captions: str | None = _opt(
+        None, "captions.jsonl (default: <data>/captions.jsonl if present, else .txt side files)"
+    )
+    image_field: str = _opt("image", "image-name field of captions.jsonl")
+    prompt_field: str = _opt("prompt", "prompt field of captions.jsonl")
+    panel: int | None = _opt(
+        512, "panel size in pixels, divisible by 16 (panels are resized; null: native size)"
+    )
+    batch_size: int = _opt(1, "triptychs per micro-batch and process")
+    num_workers: int = _opt(0, "DataLoader workers")
+    cache_text: bool = _opt(False, "encode each prompt once and keep the embeddings on disk")
+    text_cache_dir: str | None = _opt(None, "text cache folder (default: <output_dir>/text_cache)")
+    max_sequence_length: int = _opt(512, "T5 tokens per prompt (FLUX.1-Fill-dev: 512)")
+    # model
+    model: str = _opt("flux-fill", "FLUX.1-Fill model: preset, diffusers folder or Hub id")
+    base_dtype: str = _opt("float32", "dtype of the frozen weights (float32 | bfloat16 | float16)")
+    lora_rank: int = _opt(16, "LoRA rank")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank)")
+    lora_targets: str = _opt(
+        "default",
+        "default (diffusers' FLUX LoRA layers) | all-linear | comma list of module names",
+    )
+    lora_dropout: float = _opt(0.0, "LoRA dropout")
+    semantic: bool = _opt(True, "train the semantic cross-attention branch (false: LoRA only)")
+    semantic_heads: int = _opt(8, "heads of the semantic cross-attention")
+    semantic_layers: int = _opt(1, "stacked semantic cross-attention layers")
+    semantic_layout: str = _opt(
+        "target-half",
+        "where the semantic latents sit on the diptych token grid",
+        ("target-half", "both-halves"),
+    )
+    guidance: float = _opt(30.0, "guidance-embedding value (FLUX.1-Fill-dev: 30)")
+    gradient_checkpointing: bool = _opt(False, "gradient checkpointing of the transformer")
+    # loss and timesteps
+    loss_region: str = _opt("all", "MSE over all tokens or the target half", ("all", "target"))
+    timestep_sampling: str = _opt(
+        "uniform", "t distribution (uniform is the seed's)", ("uniform", "logit-normal", "mode")
+    )
+    logit_mean: float = _opt(0.0, "mean of logit-normal sampling")
+    logit_std: float = _opt(1.0, "std of logit-normal sampling")
+    mode_scale: float = _opt(1.29, "scale of mode sampling")
+    resolution_shift: bool = _opt(False, "shift t by FLUX's resolution-dependent mu")
+    # optimisation
+    lr_lora: float = _opt(1e-4, "learning rate of the LoRA parameters")
+    lr_semantic: float = _opt(1e-4, "learning rate of the semantic cross-attention")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_steps: int | None = _opt(1000, "optimizer steps")
+    epochs: int | None = _opt(None, "epochs (when max_steps is null)")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    mixed_precision: str = _opt("no", "autocast precision", ("no", "bf16", "fp16"))
+    max_grad_norm: float | None = _opt(1.0, "global-norm clipping (null: none)")
+    lr_scheduler: str = _opt("constant", "schedule after warm-up", ("constant", "cosine", "linear"))
+    warmup_steps: int = _opt(0, "linear warm-up steps")
+    ema_decay: float | None = _opt(None, "EMA decay of the trainable weights (null: no EMA)")
+    seed: int = _opt(0, "seed of noise, timesteps and data order")
+    # run
+    output_dir: str = _opt("runs/fill_semantic", "run folder")
+    log_every: int = _opt(10, "log every N steps (cross-attention scales included)")
+    validate_every: int = _opt(0, "validation grid every N steps (0: at the end only)")
+    num_validation: int = _opt(4, "fixed validation examples (the first N triptychs)")
+    validation_steps: int = _opt(20, "sampling steps of the validation images")
+    checkpoint_every: int = _opt(500, "resumable checkpoint every N steps")
+    keep_checkpoints: int = _opt(2, "resumable checkpoints kept")
+    tracker: str = _opt("tensorboard", "tracker", ("tensorboard", "wandb", "none"))
+    resume: str | None = _opt(None, "latest or a checkpoint folder")
+    overwrite: bool = _opt(False, "start over in an output_dir holding a run")
+
+    def validate(self) -> None:
+        """One DiffalignError line per impossible value."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise DiffalignError(
+                    f"{f.name}: '{getattr(self, f.name)}' is not one of {', '.join(choices)}"
+                )
+        if self.data is None:
+            raise DiffalignError("data: the triptych folder is required (data: or --data)")
+        if self.panel is not None and (self.panel < 16 or self.panel % 16):
+            raise DiffalignError(f"panel must be a positive multiple of 16, got {self.panel}")
+        positive = (
+            "batch_size",
+            "lora_rank",
+            "semantic_heads",
+            "semantic_layers",
+            "gradient_accumulation_steps",
+            "validation_steps",
+            "max_sequence_length",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise DiffalignError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "num_workers",
+            "warmup_steps",
+            "log_every",
+            "validate_every",
+            "num_validation",
+        ):
+            if getattr(self, name) < 0:
+                raise DiffalignError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr_lora", "lr_semantic", "logit_std", "guidance"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0 or (name != "guidance" and v == 0):
+                raise DiffalignError(f"{name} must be a positive number, got {v}")
+        if not 0 <= self.seed < 2**63:
+            raise DiffalignError(f"seed must be in 0..2**63-1, got {self.seed}")
+        if self.weight_decay < 0:
+            raise DiffalignError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise DiffalignError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise DiffalignError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.max_steps is None and self.epochs is None:
+            raise DiffalignError("set max_steps or epochs")
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(FillTrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(FillTrainConfig)}
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(scalar type, optional) of `int | None`, `str`, ..."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def convert_value(key: str, value: Any) -> Any:
+    """`value` (from YAML or a `--key value` string) as the schema's type of `key`."""
+    types_ = _field_types()
+    if key not in types_:
+        raise DiffalignError(f"unknown config key '{key}' (known: {', '.join(sorted(types_))})")
+    tp, optional = _base_type(types_[key])
+    if value is None or (
+        isinstance(value, str) and optional and value.strip().lower() in ("null", "none", "")
+    ):
+        if not optional:
+            raise DiffalignError(f"{key}: a value is required")
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+            return out
+        if isinstance(value, dict | list):
+            raise ValueError
+        return str(value)
+    except ValueError:
+        raise DiffalignError(f"{key}: {value!r} is not a valid {tp.__name__}") from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> FillTrainConfig:
+    """The YAML file at `path` (if any) with `overrides` on top, typed and validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise DiffalignError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DiffalignError(f"{p}: not valid YAML ({first})") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise DiffalignError(f"{p}: expected a mapping of config keys")
+        for k, v in raw.items():
+            try:
+                values[str(k)] = convert_value(str(k), v)
+            except DiffalignError as e:
+                raise DiffalignError(f"{p}: {e}") from None
+    for k, v in (overrides or {}).items():
+        values[k.replace("-", "_")] = convert_value(k.replace("-", "_"), v)
+    config = FillTrainConfig(**values)
+    config.validate()
+    return config
+
+
+def config_fields() -> list[tuple[str, Any, dict]]:
+    """(name, default, metadata) of every option, for the CLI."""
+    return [(f.name, f.default, dict(f.metadata)) for f in dataclasses.fields(FillTrainConfig)]

@@ -1,0 +1,488 @@
+"""`diffalign fill infer`: in-context inpainting of the target panel with the trained LoRA and
+semantic cross-attention (spec F: Infer; seed 004, inference flow).
+
+The sampler is the FLUX Fill pipeline's denoising loop (its `retrieve_timesteps` with the
+resolution shift `calculate_shift`, the flow-match Euler scheduler, `timestep / 1000`, the
+guidance embedding, no CFG batch doubling) with the semantic module applied to the noisy latent
+tokens at every step. Without a module (or with its scales at 0) the result equals a plain
+`FluxFillPipeline` carrying the same LoRA for the same noise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffalign.engine.errors import DiffalignError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ----------------------------------------------------------------------------------------------
+# the sampler
+
+
+def flow_timesteps(scheduler: Any, steps: int, image_seq_len: int, device: Any) -> torch.Tensor:
+    """The pipeline's schedule: sigmas `linspace(1, 1/steps, steps)` shifted by
+    `calculate_shift(image_seq_len)` through `retrieve_timesteps`."""
+    from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift, retrieve_timesteps
+
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    cfg = scheduler.config
+    mu = calculate_shift(
+        image_seq_len,
+        cfg.get("base_image_seq_len", 256),
+        cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5),
+        cfg.get("max_shift", 1.15),
+    )
+    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)  # the pipeline's get_timesteps at strength 1
+    return timesteps
+
+
+def fresh_scheduler(pipe: Any) -> Any:
+    """A scheduler of the pipeline's class and config with its own state."""
+    return type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+
+@torch.no_grad()
+def sample_latents(
+    model: Any,
+    scheduler: Any,
+    *,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    img_ids: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    text_ids: torch.Tensor,
+    steps: int,
+    semantic_tokens: torch.Tensor | None = None,
+    guidance: float | None = None,
+    progress: Callable | None = None,
+) -> torch.Tensor:
+    """Packed latents [B, L, C] after `steps` flow-match Euler steps from `noise`, the semantic
+    module enhancing the noisy tokens at every step (seed 004, inference step 4)."""
+    latents = noise
+    timesteps = flow_timesteps(scheduler, steps, noise.shape[1], noise.device)
+    iterator = progress(timesteps) if progress is not None else timesteps
+    for t in iterator:
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        pred = model(
+            latents,
+            cond,
+            timestep / 1000,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            text_ids,
+            img_ids,
+            semantic_tokens=semantic_tokens,
+            guidance=guidance,
+        )
+        latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    return latents
+
+
+def make_noise(
+    seeds: Sequence[int], latent_channels: int, height: int, width: int, vae_scale_factor: int
+) -> torch.Tensor:
+    """Packed Gaussian noise [B, L, 4C], one generator per image (batching does not change an
+    image), drawn in the unpacked latent layout like the pipeline's `prepare_latents`."""
+    from diffusers import FluxFillPipeline
+
+    h = 2 * (int(height) // (vae_scale_factor * 2))
+    w = 2 * (int(width) // (vae_scale_factor * 2))
+    out = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        x = torch.randn((1, latent_channels, h, w), generator=g)
+        out.append(FluxFillPipeline._pack_latents(x, 1, latent_channels, h, w))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Packed latents -> images [B, 3, H, W] in [0, 1] (the pipeline's own post-processing)."""
+    x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pt")
+
+
+@torch.no_grad()
+def sample_panels(
+    pipe: Any,
+    model: Any,
+    encoder: Any,
+    *,
+    visible: torch.Tensor,
+    semantic: torch.Tensor | None,
+    prompts: Sequence[str],
+    steps: int,
+    guidance: float,
+    seeds: Sequence[int],
+    semantic_layout: str = "target-half",
+    encode_text: Callable | None = None,
+    return_diptych: bool = False,
+    progress: Callable | None = None,
+    max_sequence_length: int = 512,
+) -> torch.Tensor:
+    """Target panels [B, 3, P, P] in [0, 1] for visible panels in [0, 1] (the diptych
+    `[visible | target]` with the target half masked, as in training)."""
+    device = visible.device
+    dtype = pipe.transformer.dtype  # the pipeline runs its latents in the model's dtype
+    # the VAE's latent samples are seeded per image too: batching does not change an image
+    gens = [torch.Generator(device=visible.device).manual_seed(int(s)) for s in seeds]
+    parts = [
+        encoder.encode_diptych(v[None], torch.zeros_like(v[None]), generator=g)
+        for v, g in zip(visible, gens)
+    ]
+    enc = {**parts[0], "cond": torch.cat([p["cond"] for p in parts])}
+    if encode_text is not None:
+        text = encode_text(list(prompts))
+    else:
+        text = encoder.encode_prompts(list(prompts), max_sequence_length)
+    text = {k: v.to(device=device, dtype=dtype) for k, v in text.items()}
+    sem = None
+    if getattr(model, "semantic", None) is not None:
+        if semantic is None:
+            raise DiffalignError("the semantic module needs a semantic image (--semantic)")
+        sem = torch.cat(
+            [
+                encoder.encode_semantic(x[None], layout=semantic_layout, generator=g)
+                for x, g in zip(semantic, gens)
+            ]
+        )
+    height, width = int(enc["height"]), int(enc["width"])
+    noise = make_noise(
+        seeds, pipe.vae.config.latent_channels, height, width, pipe.vae_scale_factor
+    ).to(device=device, dtype=dtype)
+    latents = sample_latents(
+        model,
+        fresh_scheduler(pipe),
+        noise=noise,
+        cond=enc["cond"].to(dtype),
+        img_ids=enc["img_ids"].to(dtype),
+        prompt_embeds=text["prompt_embeds"],
+        pooled_prompt_embeds=text["pooled_prompt_embeds"],
+        text_ids=text["text_ids"],
+        steps=steps,
+        semantic_tokens=sem.to(dtype) if sem is not None else None,
+        guidance=guidance,
+        progress=progress,
+    )
+    images = decode_latents(pipe, latents, height, width)
+    if return_diptych:
+        return images
+    return images[..., width // 2 :]
+
+
+# ----------------------------------------------------------------------------------------------
+# reports
+
+
+def to_pil(image: torch.Tensor):
+    """[3, H, W] in [0, 1] -> PIL."""
+    from diffalign.engine.reports import tensor_to_pil
+
+    return tensor_to_pil(image, value_range=(0.0, 1.0))
+
+
+def save_validation_grid(
+    path: Path,
+    visible: Sequence[torch.Tensor],
+    prediction: Sequence[torch.Tensor],
+    target: Sequence[torch.Tensor],
+    semantic: Sequence[torch.Tensor],
+    names: Sequence[str],
+    title: str = "",
+) -> None:
+    """grid.png: one row per example, columns visible | prediction | target | semantic."""
+    from diffalign.engine.reports import save_labelled_grid
+
+    rows = [
+        [to_pil(v), to_pil(p), to_pil(t), to_pil(s)]
+        for v, p, t, s in zip(visible, prediction, target, semantic)
+    ]
+    save_labelled_grid(
+        path, rows, list(names), ["visible", "prediction", "target", "semantic"], title=title
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_image(path: str | Path, what: str) -> torch.Tensor:
+    """An RGB image as [3, H, W] float in [0, 1]; unreadable -> one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DiffalignError(f"{what}: file not found: {p}")
+    try:
+        with Image.open(p) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise DiffalignError(f"{what}: cannot read image {p} ({type(e).__name__})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def image_size(path: str | Path, what: str) -> tuple[int, int]:
+    """(width, height) from the image header; a missing or unreadable file is one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DiffalignError(f"{what}: file not found: {p}")
+    try:
+        with Image.open(p) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise DiffalignError(f"{what}: cannot read image {p} ({type(e).__name__})") from None
+
+
+def check_panels(name: str, visible: tuple[int, int], semantic: tuple[int, int] | None) -> None:
+    """Sizes (width, height): sides divisible by 16; the semantic image the visible one's size."""
+    w, h = visible
+    if h % 16 or w % 16:
+        raise DiffalignError(
+            f"{name}: the visible panel is {w}x{h}; both sides must be divisible by 16"
+        )
+    if semantic is not None and tuple(semantic) != (w, h):
+        sw, sh = semantic
+        raise DiffalignError(
+            f"{name}: the semantic image is {sw}x{sh}, the visible panel {w}x{h}; they must be "
+            "the same size"
+        )
+
+
+def _find_image(folder: Path, stem: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        p = folder / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def read_input_dir(folder: str | Path) -> list[dict]:
+    """(name, visible, semantic, prompt) records of a folder: `inputs.jsonl` lines
+    `{"visible": ..., "semantic": ..., "prompt": ..., "name": optional}` (paths relative to the
+    folder), else files `<name>_visible.<ext>` + `<name>_semantic.<ext>` + `<name>.txt`."""
+    from diffalign.engine.io import iter_jsonl
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise DiffalignError(f"--input-dir: not a folder: {root}")
+    manifest = root / "inputs.jsonl"
+    records: list[dict] = []
+    if manifest.is_file():
+        for lineno, obj in iter_jsonl(manifest):
+            if not isinstance(obj, dict) or "visible" not in obj or "prompt" not in obj:
+                raise DiffalignError(f"{manifest}:{lineno}: needs 'visible' and 'prompt' fields")
+            if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+                raise DiffalignError(f"{manifest}:{lineno}: missing caption (empty 'prompt')")
+            vis = root / str(obj["visible"])
+            name = str(obj.get("name") or Path(str(obj["visible"])).stem)
+            sem = root / str(obj["semantic"]) if obj.get("semantic") else None
+            records.append({"name": name, "visible": vis, "semantic": sem, "prompt": obj["prompt"]})
+    else:
+        for vis in sorted(root.iterdir()):
+            if vis.suffix.lower() not in IMAGE_SUFFIXES or not vis.stem.endswith("_visible"):
+                continue
+            name = vis.stem[: -len("_visible")]
+            txt = root / f"{name}.txt"
+            if not txt.is_file():
+                raise DiffalignError(f"--input-dir: missing caption {txt} for {vis.name}")
+            prompt = txt.read_text(encoding="utf-8").strip()
+            if not prompt:
+                raise DiffalignError(f"--input-dir: empty caption {txt}")
+            records.append(
+                {
+                    "name": name,
+                    "visible": vis,
+                    "semantic": _find_image(root, f"{name}_semantic"),
+                    "prompt": prompt,
+                }
+            )
+    if not records:
+        raise DiffalignError(
+            f"--input-dir {root}: no inputs (want inputs.jsonl or <name>_visible.png + "
+            "<name>_semantic.png + <name>.txt)"
+        )
+    names = [r["name"] for r in records]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DiffalignError(f"--input-dir {root}: name '{dup[0]}' appears twice")
+    for r in records:
+        if "/" in r["name"] or r["name"] in ("", ".", ".."):
+            raise DiffalignError(f"--input-dir {root}: bad output name '{r['name']}'")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+def build_model(
+    pipe: Any,
+    lora: str | None,
+    semantic_module: str | None,
+    guidance: float,
+):
+    """The pipeline's transformer with `lora` loaded (pipe.load_lora_weights) and the module."""
+    from diffalign.fill.model import SemanticFillTransformer
+    from diffalign.fill.train import latent_width
+    from diffalign.fill.weights import load_lora_into_pipeline, load_semantic
+
+    if lora:
+        load_lora_into_pipeline(pipe, lora)
+    module = None
+    if semantic_module:
+        module = load_semantic(semantic_module, latent_width(pipe))
+        module = module.to(device=pipe.transformer.device, dtype=pipe.transformer.dtype)
+    return SemanticFillTransformer(pipe.transformer, module, guidance).eval()
+
+
+def run_infer(
+    *,
+    model: str,
+    output: str | Path,
+    lora: str | None = None,
+    semantic_module: str | None = None,
+    visible: str | None = None,
+    semantic: str | None = None,
+    prompt: str | None = None,
+    input_dir: str | None = None,
+    steps: int = 50,
+    guidance: float = 30.0,
+    seed: int = 0,
+    batch_size: int = 1,
+    save_diptych: bool = False,
+    semantic_layout: str = "target-half",
+    max_sequence_length: int = 512,
+    dtype: str = "float32",
+    device: str = "cpu",
+    overwrite: bool = False,
+    log: Callable = print,
+) -> dict:
+    """Inpaint the target panel of each input; writes `<name>.png` (+ `<name>_diptych.png`) and
+    summary.json under an output-folder lock; outputs already there are kept (resume)."""
+    from diffalign.engine.io import output_lock, write_json
+    from diffalign.engine.progress import progress
+    from diffalign.engine.reports import save_image
+    from diffalign.fill.encode import FillEncoder
+    from diffalign.fill.train import load_fill_pipeline
+
+    if (input_dir is None) == (visible is None):
+        raise DiffalignError("pass either --visible (with --prompt) or --input-dir")
+    if input_dir is not None:
+        records = read_input_dir(input_dir)
+    else:
+        if not prompt or not prompt.strip():
+            raise DiffalignError("--prompt is required with --visible (missing caption)")
+        records = [
+            {
+                "name": Path(visible).stem.removesuffix("_visible") or Path(visible).stem,
+                "visible": Path(visible),
+                "semantic": Path(semantic) if semantic else None,
+                "prompt": prompt,
+            }
+        ]
+    if semantic_module and any(r["semantic"] is None for r in records):
+        missing = next(r["name"] for r in records if r["semantic"] is None)
+        raise DiffalignError(f"{missing}: the semantic module needs a semantic image (--semantic)")
+    if not semantic_module and any(r["semantic"] is not None for r in records):
+        log("[fill] no --semantic-module: the semantic images are not used")
+    # check every input (image headers) before loading the model: a bad one fails fast
+    for r in records:
+        r["size"] = image_size(r["visible"], r["name"])
+        use_semantic = r["semantic"] is not None and semantic_module
+        sem_size = image_size(r["semantic"], r["name"]) if use_semantic else None
+        check_panels(r["name"], r["size"], sem_size)
+
+    out = Path(output)
+    t0 = time.perf_counter()
+    # model, LoRA and module are checked before the output folder is touched
+    pipe = load_fill_pipeline(model, dtype)
+    pipe = pipe.to(device)
+    fill_model = build_model(pipe, lora, semantic_module, guidance)
+    encoder = FillEncoder(pipe)
+    with output_lock(out):
+        todo = [
+            (i, r)
+            for i, r in enumerate(records)
+            if overwrite or not (out / f"{r['name']}.png").is_file()
+        ]
+        done_before = len(records) - len(todo)
+        bar = progress(total=len(todo), desc="fill infer")
+        written = []
+        i = 0
+        while i < len(todo):
+            chunk = [todo[i]]
+            while (
+                len(chunk) < batch_size
+                and i + len(chunk) < len(todo)
+                and todo[i + len(chunk)][1]["size"] == todo[i][1]["size"]
+            ):
+                chunk.append(todo[i + len(chunk)])
+            i += len(chunk)
+            vis = torch.stack([load_image(r["visible"], r["name"]) for _, r in chunk])
+            vis = vis.to(device)
+            sem = None
+            if fill_model.semantic is not None:
+                sem = torch.stack([load_image(r["semantic"], r["name"]) for _, r in chunk])
+                sem = sem.to(device)
+            dip = sample_panels(
+                pipe,
+                fill_model,
+                encoder,
+                visible=vis,
+                semantic=sem,
+                prompts=[r["prompt"] for _, r in chunk],
+                steps=steps,
+                guidance=guidance,
+                seeds=[seed + idx for idx, _ in chunk],
+                semantic_layout=semantic_layout,
+                return_diptych=True,
+                max_sequence_length=max_sequence_length,
+            ).cpu()
+            w = dip.shape[-1]
+            for (idx, r), image in zip(chunk, dip):
+                if save_diptych:
+                    save_image(out / f"{r['name']}_diptych.png", to_pil(image))
+                save_image(out / f"{r['name']}.png", to_pil(image[..., w // 2 :]))
+                written.append({"name": r["name"], "seed": seed + idx, "prompt": r["prompt"]})
+            bar.update(len(chunk))
+        bar.close()
+        summary = {
+            "model": model,
+            "lora": lora,
+            "semantic_module": semantic_module,
+            "semantic_module_shape": fill_model.semantic.config()
+            if fill_model.semantic is not None
+            else None,
+            "semantic_scales": [float(s) for s in fill_model.semantic.scales()]
+            if fill_model.semantic is not None
+            else [],
+            "steps": steps,
+            "guidance": guidance,
+            "seed": seed,
+            "batch_size": batch_size,
+            "inputs": len(records),
+            "written": len(written),
+            "kept_existing": done_before,
+            "images": written,
+            "save_diptych": save_diptych,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_json(out / "summary.json", summary)
+    log(f"[fill] {len(written)} image(s) written to {out} ({done_before} already there)")
+    return summary

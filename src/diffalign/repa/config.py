@@ -1,0 +1,280 @@
+"""The U-REPA training configuration: one dataclass, loaded from YAML, overridden per key.
+
+`diffalign repa train --config configs/repa_track_a.yaml --lora-rank 16` reads the YAML into
+`RepaTrainConfig` (an unknown key is an error that names it), then applies the command-line
+overrides, each parsed to the field's type. The defaults are the seed's (003, section 6.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffalign.engine.errors import DiffalignError
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RepaTrainConfig:
+    """Every setting of a U-REPA run (seed 003 sections 2-7; defaults = Track A of seed 6.1)."""
+
+    # data and models
+    data_dir: str = _f(
+        "", "preprocessed data folder (images.zip, manifest.csv, vae_latents.lmdb/, ...)"
+    )
+    output_dir: str = _f("runs/repa", "run folder: checkpoints, logs, exports, summary.json")
+    model: str = _f("sd15", "SD 1.5 model: diffusers folder, preset (sd15), Hub id or .safetensors")
+    train_split: str = _f("train", "manifest split used for training")
+    val_split: str = _f("val", "manifest split used for validation ('' = no validation)")
+    max_train_samples: int | None = _f(
+        None, "use N training rows spread evenly over the manifest (None = all)"
+    )
+    max_val_samples: int | None = _f(
+        None, "use N validation rows spread evenly over the manifest (None = all)"
+    )
+    teacher: str = _f(
+        "cached", "cached (tokens from dino_tokens.lmdb) | online (DINOv2 on the batch's images)"
+    )
+    teacher_model: str = _f(
+        "facebook/dinov2-large", "online teacher: DINOv2 folder or Hub id (ViT-L/14 default)"
+    )
+    token_layout: str = _f(
+        "grid", "online teacher: grid (spatially correct) | seed (the seed's 36x36 slice)"
+    )
+    # model
+    align_layers: list[str] = _f(["mid"], "aligned U-Net blocks: mid, enc_last, dec_first")
+    head: str = _f("mlp", "AlignHead: mlp (conv-GELU-conv, the seed) | linear (one conv)")
+    head_hidden_dim: int = _f(1024, "AlignHead hidden width")
+    grid: int = _f(16, "token grid side (16 -> 256 tokens, as the teacher's)")
+    lora_rank: int = _f(8, "LoRA rank")
+    lora_alpha: float = _f(8.0, "LoRA alpha (scale = alpha / rank)")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_blocks: list[str] = _f(
+        ["mid"], "U-Net blocks with LoRA: mid, down, up, all, down_blocks.N"
+    )
+    lora_conv: bool = _f(False, "also put LoRA on the ResNet convolutions of those blocks")
+    # objective
+    prediction_type: str = _f("v_prediction", "v_prediction (the seed) | epsilon (SD 1.5's own)")
+    align_coeff: float = _f(0.5, "lambda after warm-up")
+    align_warmup_steps: int = _f(3000, "steps of linear lambda warm-up from 0 (0 = none)")
+    manifold_weight: float = _f(3.0, "w: manifold loss weight relative to the token loss")
+    manifold_mask_diag: bool = _f(True, "mask the Gram-matrix diagonal")
+    manifold_upper_only: bool = _f(True, "average the strict upper triangle only")
+    manifold_cap: float | None = _f(
+        None, "anomaly guard: cap the manifold loss at this value (None = off; seed 10.3: 0.1)"
+    )
+    cfg_dropout: float = _f(0.1, "probability of the empty-prompt embedding (classifier-free)")
+    # optimisation
+    lr: float = _f(1e-4, "learning rate of LoRA and heads")
+    lora_weight_decay: float = _f(0.0, "AdamW weight decay of the LoRA parameters")
+    head_weight_decay: float = _f(0.01, "AdamW weight decay of the AlignHead parameters")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    batch_size: int = _f(128, "batch size per process")
+    num_workers: int = _f(8, "DataLoader workers")
+    max_steps: int | None = _f(62480, "optimizer steps (None = use epochs)")
+    epochs: int | None = _f(None, "epochs, when max_steps is None")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    lr_scheduler: str = _f("cosine", "cosine | linear | constant (after the warm-up)")
+    warmup_ratio: float = _f(0.1, "fraction of the steps with linear LR warm-up")
+    max_grad_norm: float | None = _f(1.0, "global gradient-norm clip (None = off)")
+    mixed_precision: str = _f("bf16", "no | fp16 | bf16")
+    ema_decay: float | None = _f(0.9995, "EMA decay (constant, the seed's; None = no EMA)")
+    ema_warmup: bool = _f(False, "diffusers EMAModel ramp min(decay, (1+s)/(10+s)) instead")
+    validate_every: int = _f(3000, "validate on the EMA weights every N steps (0 = at the end)")
+    checkpoint_every: int = _f(6000, "resumable checkpoint every N steps (0 = at the end)")
+    keep_checkpoints: int = _f(2, "resumable checkpoints kept (0 = all)")
+    log_every: int = _f(10, "log every N steps")
+    max_nonfinite_steps: int = _f(10, "anomaly guard: stop after N consecutive non-finite steps")
+    seed: int = _f(0, "random seed")
+    tracker: str = _f("tensorboard", "tensorboard | wandb | none")
+    gradient_checkpointing: bool = _f(False, "U-Net gradient checkpointing (saves memory)")
+
+    def validate(self) -> None:
+        """One-line errors for values no run can use."""
+        choices = {
+            "teacher": ("cached", "online"),
+            "token_layout": ("grid", "seed"),
+            "head": ("mlp", "linear"),
+            "prediction_type": ("v_prediction", "epsilon"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise DiffalignError(
+                    f"config: {key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'"
+                )
+        if not self.data_dir:
+            raise DiffalignError("config: data_dir is not set (the preprocessed data folder)")
+        for key in ("head_hidden_dim", "grid", "lora_rank", "batch_size"):
+            if getattr(self, key) < 1:
+                raise DiffalignError(f"config: {key} must be >= 1, got {getattr(self, key)}")
+        for key in ("num_workers", "align_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise DiffalignError(f"config: {key} must be >= 0, got {getattr(self, key)}")
+        for key in ("cfg_dropout", "lora_dropout"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise DiffalignError(f"config: {key} must be in [0, 1], got {getattr(self, key)}")
+        for key in ("align_coeff", "manifold_weight", "lora_weight_decay", "head_weight_decay"):
+            v = getattr(self, key)
+            if not (v >= 0.0 and v < float("inf")):
+                raise DiffalignError(f"config: {key} must be finite and >= 0, got {v}")
+        if not 0 <= self.seed <= 2**63 - 1:
+            raise DiffalignError(f"config: seed must be in [0, 2**63 - 1], got {self.seed}")
+        if not (self.lr > 0 and self.lr < float("inf")):
+            raise DiffalignError(f"config: lr must be > 0, got {self.lr}")
+        if self.manifold_cap is not None and not self.manifold_cap > 0:
+            raise DiffalignError(f"config: manifold_cap must be > 0, got {self.manifold_cap}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RepaTrainConfig)}
+
+# keys that may change between a checkpoint and its resume (how the run is watched, not trained)
+RESUME_FREE = frozenset(
+    {
+        "output_dir",
+        "data_dir",
+        "num_workers",
+        "validate_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "tracker",
+        "max_nonfinite_steps",
+        "max_val_samples",
+        "model",
+        "teacher_model",
+    }
+)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of a field annotation such as `int | None` or `list[str]`."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"list": list}, {})  # annotations are strings (from __future__)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(key: str, value: Any, where: str = "config") -> Any:
+    """Convert a YAML value or a command-line string to the type of field `key`."""
+    tp, optional = _base_type(FIELDS[key].type)
+    if value is None or (
+        optional and isinstance(value, str) and value.strip().lower() in ("none", "null")
+    ):
+        if optional:
+            return None
+        raise DiffalignError(f"{where}: {key} cannot be empty")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if out != out or out in (float("inf"), float("-inf")):
+                raise DiffalignError(f"{where}: {key} must be a finite number, got {value!r}")
+            return out
+        if tp is str:
+            if isinstance(value, list | dict):
+                raise ValueError
+            return str(value)
+        if typing.get_origin(tp) is list or tp is list:
+            if isinstance(value, str):
+                from diffalign.engine.cliutils import split_list
+
+                return split_list(value)
+            if isinstance(value, list):
+                return [str(v) for v in value]
+            raise ValueError
+    except (TypeError, ValueError):
+        kind = getattr(tp, "__name__", str(tp))
+        raise DiffalignError(f"{where}: {key} must be {kind}, got {value!r}") from None
+    raise DiffalignError(f"{where}: {key} has an unsupported type")  # pragma: no cover
+
+
+def _unknown(key: str, where: str) -> DiffalignError:
+    close = difflib.get_close_matches(key, list(FIELDS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return DiffalignError(f"{where}: unknown key '{key}'{hint}")
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+) -> RepaTrainConfig:
+    """Read `path` (YAML mapping of RepaTrainConfig keys), apply `overrides`, validate."""
+    values: dict[str, Any] = read_config_file(path) if path is not None else {}
+    for key, value in (overrides or {}).items():
+        key = key.replace("-", "_")
+        if key not in FIELDS:
+            raise _unknown(key, "override")
+        values[key] = coerce(key, value, f"--{key.replace('_', '-')}")
+    cfg = RepaTrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def read_config_file(path: str | os.PathLike, _seen: tuple = ()) -> dict[str, Any]:
+    """Typed values of a YAML config; `base: other.yaml` (relative to the file) is read first and
+    overridden by the file's own keys (the ablation configs build on a track's)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise DiffalignError(f"config file not found: {p}")
+    if p.resolve() in _seen:
+        raise DiffalignError(f"{p}: 'base' configs form a cycle")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DiffalignError(f"{p}: not valid YAML ({first})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DiffalignError(f"{p}: the config must be a mapping of keys to values")
+    values: dict[str, Any] = {}
+    base = data.pop("base", None)
+    if base is not None:
+        values.update(read_config_file(p.parent / str(base), (*_seen, p.resolve())))
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key not in FIELDS:
+            raise _unknown(key, str(p))
+        values[key] = coerce(key, value, str(p))
+    return values
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Keys (outside RESUME_FREE) whose values differ between two config dicts."""
+    keys = sorted((set(saved) | set(current)) - RESUME_FREE)
+    return [k for k in keys if saved.get(k) != current.get(k)]

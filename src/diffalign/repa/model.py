@@ -1,0 +1,140 @@
+"""Loading SD 1.5's U-Net and noise schedule, and assembling the U-REPA model (seed 003, 2.1).
+
+`load_sd15_unet(model)` takes what every `--model` takes (a diffusers folder, the `sd15` preset,
+a Hub id or a single `.safetensors` file) and returns the U-Net plus the `alphas_cumprod` of the
+model's own training schedule (SD 1.5: 1000 steps, `scaled_linear` betas 0.00085 -> 0.012).
+`RepaModel` bundles the U-Net with LoRA, the feature hooks and the AlignHeads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffalign.engine.errors import DiffalignError, ModelNotFoundError
+from diffalign.repa.heads import FeatureHooks, add_lora, lora_config, make_heads
+
+# SD 1.5's scheduler/scheduler_config.json, for a folder that lacks one
+SD15_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+
+def load_sd15_unet(model: str, dtype: torch.dtype = torch.float32):
+    """(UNet2DConditionModel, alphas_cumprod [T] fp32, scheduler config dict)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from diffalign.engine.loading import _hub_errors, hub_offline, load_pipeline, resolve_model
+
+    resolved = resolve_model(model, "sd15")
+    if resolved.kind == "single_file":
+        pipe = load_pipeline(model, StableDiffusionPipeline, "sd15", dtype=dtype, device=None)
+        unet, sched_cfg = pipe.unet, dict(pipe.scheduler.config)
+    else:
+        kw: dict = {}
+        if resolved.kind == "folder":
+            folder = Path(resolved.source)
+            if not (folder / "unet" / "config.json").is_file():
+                raise ModelNotFoundError(
+                    model, resolved.download_name, f"{folder} has no unet/config.json"
+                )
+        else:
+            kw["local_files_only"] = hub_offline()
+        try:
+            unet = UNet2DConditionModel.from_pretrained(
+                resolved.source, subfolder="unet", torch_dtype=dtype, **kw
+            )
+        except _hub_errors() as e:
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if resolved.kind == "hub" and hub_offline():
+                detail = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"
+            raise ModelNotFoundError(model, resolved.download_name, detail) from None
+        try:
+            sched_cfg = dict(
+                DDPMScheduler.load_config(resolved.source, subfolder="scheduler", **kw)
+            )
+        except _hub_errors():
+            sched_cfg = dict(SD15_SCHEDULE)
+    if unet.config.in_channels != 4:
+        raise DiffalignError(
+            f"--model {model}: its U-Net takes {unet.config.in_channels} input channels, "
+            "not the 4 latent channels of SD 1.5"
+        )
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    sched = DDPMScheduler.from_config({k: sched_cfg[k] for k in keep if k in sched_cfg})
+    return unet, sched.alphas_cumprod.to(torch.float32).clone(), dict(sched.config)
+
+
+@dataclass
+class RepaSpec:
+    """What shapes the U-REPA model: recorded with every export so extraction rebuilds it."""
+
+    align_layers: Sequence[str] = ("mid",)
+    head: str = "mlp"
+    head_hidden_dim: int = 1024
+    grid: int = 16
+    teacher_dim: int = 1024
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_blocks: Sequence[str] = ("mid",)
+    lora_conv: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "align_layers": list(self.align_layers),
+            "head": self.head,
+            "head_hidden_dim": self.head_hidden_dim,
+            "grid": self.grid,
+            "teacher_dim": self.teacher_dim,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "lora_blocks": list(self.lora_blocks),
+            "lora_conv": self.lora_conv,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RepaSpec:
+        known = set(cls().to_dict())
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class RepaModel:
+    """The frozen U-Net with LoRA, forward hooks on the aligned blocks, one AlignHead each."""
+
+    def __init__(self, unet: nn.Module, spec: RepaSpec, lora: bool = True) -> None:
+        self.unet = unet
+        self.spec = spec
+        self.lora_modules: list[str] = []
+        if lora:
+            cfg = lora_config(
+                spec.lora_rank, spec.lora_alpha, spec.lora_dropout, spec.lora_blocks, spec.lora_conv
+            )
+            self.lora_modules = add_lora(unet, cfg)
+        else:
+            unet.requires_grad_(False)
+        self.heads = make_heads(
+            unet, spec.align_layers, spec.teacher_dim, spec.head_hidden_dim, spec.grid, spec.head
+        )
+        self.hooks = FeatureHooks(unet, spec.align_layers)
+
+    def forward(
+        self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(U-Net prediction, raw features per layer, aligned tokens per layer)."""
+        self.hooks.pop()
+        pred = self.unet(latents, t, encoder_hidden_states=cond).sample
+        feats = self.hooks.pop()
+        missing = [layer for layer in self.spec.align_layers if layer not in feats]
+        if missing:
+            raise DiffalignError(f"the U-Net forward did not reach the aligned block(s) {missing}")
+        tokens = {layer: self.heads[layer](feats[layer]) for layer in self.spec.align_layers}
+        return pred, feats, tokens

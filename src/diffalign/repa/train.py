@@ -1,0 +1,422 @@
+"""U-REPA training on the shared loop (seed 003, sections 4-7).
+
+    L = L_diff + lambda(step) * (L_token + w * L_manifold)
+
+SD 1.5's U-Net stays frozen; LoRA (mid-block attention by default) and one AlignHead per aligned
+layer train with AdamW (LoRA weight decay 0, heads 0.01, lr 1e-4), cosine schedule after a 10 %
+warm-up, clipping 1.0, bf16 autocast, a constant-decay EMA of 0.9995 (the seed's, not diffusers'
+`EMAModel` ramp: the engine's EMA with `ema_warmup=False`), validation on the EMA weights
+(`val/total`, `val/diffusion`, `val/token`, `val/manifold`) and exactly resumable checkpoints,
+all owned by `diffalign.engine.train`. Timesteps are uniform over the model's 1000-step training
+schedule; noise, timesteps and classifier-free dropout draw from the global RNG, which every
+checkpoint saves, so a resumed run repeats the uninterrupted one.
+
+Anomaly guard (seed 10.3): `manifold_cap` rescales a manifold loss above the cap down to the cap
+(its gradient keeps its direction, scaled by cap / value) and counts the step; a non-finite loss
+skips the optimizer step (the loop's guard) and is counted too. Both appear in the logs
+(`manifold_capped`, `nonfinite_loss`: fraction of the logged steps) and in summary.json
+(`task.anomalies.manifold_capped_steps`, `skipped_nonfinite`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from diffalign.engine.errors import DiffalignError
+from diffalign.engine.io import write_json
+from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
+from diffalign.repa.config import RepaTrainConfig, config_differences
+from diffalign.repa.data import CLIP, RepaDataset, collate
+from diffalign.repa.heads import lora_parameters
+from diffalign.repa.losses import (
+    add_noise,
+    align_coeff,
+    cap_loss,
+    diffusion_loss,
+    diffusion_target,
+    manifold_loss,
+    token_loss,
+    total_loss,
+)
+from diffalign.repa.model import RepaModel, RepaSpec, load_sd15_unet
+
+logger = logging.getLogger("diffalign.repa")
+
+MODEL_JSON = "repa_model.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def load_class_table(root: Path) -> torch.Tensor:
+    """The `[classes + 1, 77, 768]` prompt embeddings (last row: the empty prompt)."""
+    path = root / CLIP
+    if not path.is_file():
+        raise DiffalignError(
+            f"{path} not found; build it with `diffalign repa preprocess clip` first"
+        )
+    from diffalign.repa.preprocess import load_class_embeddings
+
+    table, _ = load_class_embeddings(path)
+    if table.dim() != 3 or table.shape[0] < 2:
+        raise DiffalignError(
+            f"{path}: expected [classes + 1, 77, D] embeddings, got {list(table.shape)}"
+        )
+    return table
+
+
+class RepaTask(TrainTask):
+    """LoRA + AlignHead training of seed 003 as a task of the shared loop."""
+
+    def __init__(self, cfg: RepaTrainConfig) -> None:
+        self.cfg = cfg
+        root = Path(cfg.data_dir)
+        self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            cfg.mixed_precision, torch.float32
+        )
+        self.train_ds = RepaDataset(root, cfg.train_split, cfg.teacher, cfg.max_train_samples)
+        if len(self.train_ds) == 0:
+            raise DiffalignError(f"{root}: no '{cfg.train_split}' samples in the manifest")
+        if len(self.train_ds) < cfg.batch_size:
+            raise DiffalignError(
+                f"batch_size {cfg.batch_size} is larger than the {len(self.train_ds)} training "
+                "samples (full batches only: the manifold loss depends on the batch)"
+            )
+        self.val_ds = None
+        if cfg.val_split:
+            val = RepaDataset(root, cfg.val_split, cfg.teacher, cfg.max_val_samples)
+            if len(val):
+                self.val_ds = val
+            else:
+                logger.warning("no '%s' samples: validation is off", cfg.val_split)
+
+        unet, self.alphas_cumprod, self.schedule = load_sd15_unet(cfg.model)
+        self.num_timesteps = len(self.alphas_cumprod)
+        latent = self.train_ds.latent_shape
+        if len(latent) != 3 or latent[0] != unet.config.in_channels:
+            raise DiffalignError(
+                f"latents in {root} have shape {list(latent)}; the U-Net takes "
+                f"{unet.config.in_channels} channels"
+            )
+
+        self.dino = None
+        if cfg.teacher == "cached":
+            tshape = self.train_ds.token_shape
+            if len(tshape) != 2 or tshape[0] != cfg.grid * cfg.grid:
+                raise DiffalignError(
+                    f"teacher tokens in {root} have shape {list(tshape)}; grid {cfg.grid} needs "
+                    f"[{cfg.grid * cfg.grid}, D]"
+                )
+            teacher_dim = int(tshape[1])
+        else:
+            from diffalign.repa.teacher import load_dino
+
+            self.dino = load_dino(cfg.teacher_model, "cpu", torch.float32)
+            self.dino.requires_grad_(False)
+            teacher_dim = int(self.dino.config.hidden_size)
+
+        self.class_table = load_class_table(root)
+        if self.class_table.shape[-1] != unet.config.cross_attention_dim:
+            raise DiffalignError(
+                f"{root / CLIP}: embeddings are {self.class_table.shape[-1]} wide, the U-Net "
+                f"cross-attends to {unet.config.cross_attention_dim}"
+            )
+        self.null_index = self.class_table.shape[0] - 1
+        self._table_dev: torch.Tensor | None = None
+        top = max(self.train_ds.labels + (self.val_ds.labels if self.val_ds else []))
+        if top >= self.null_index:
+            raise DiffalignError(
+                f"label {top} has no prompt embedding in {root / CLIP} ({self.null_index} classes)"
+            )
+
+        self.spec = RepaSpec(
+            align_layers=list(cfg.align_layers),
+            head=cfg.head,
+            head_hidden_dim=cfg.head_hidden_dim,
+            grid=cfg.grid,
+            teacher_dim=teacher_dim,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            lora_blocks=list(cfg.lora_blocks),
+            lora_conv=cfg.lora_conv,
+        )
+        torch.manual_seed(cfg.seed)  # LoRA and head initialisation depend on the seed only
+        self.model = RepaModel(unet, self.spec)
+        if self.weight_dtype != torch.float32:
+            # frozen base weights in the autocast dtype (as diffusers' LoRA scripts); LoRA fp32
+            for p in unet.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(self.weight_dtype)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.unet = unet
+        self.heads = self.model.heads
+        self.step_seen = 0
+        self._capped_window = torch.zeros(())
+        self._capped_total = torch.zeros(())
+
+    # -- the loop's interface ------------------------------------------------------------------
+
+    def trainable(self):
+        return {"unet": self.unet, "heads": self.heads}
+
+    def frozen(self):
+        return {"dino": self.dino} if self.dino is not None else {}
+
+    def optimizers(self):
+        cfg = self.cfg
+        return {
+            "main": OptimizerSpec(
+                [
+                    {"params": lora_parameters(self.unet), "weight_decay": cfg.lora_weight_decay},
+                    {
+                        "params": list(self.heads.parameters()),
+                        "weight_decay": cfg.head_weight_decay,
+                    },
+                ],
+                lr=cfg.lr,
+                betas=(cfg.adam_beta1, cfg.adam_beta2),
+                eps=cfg.adam_eps,
+            )
+        }
+
+    def _loader(self, ds, shuffle: bool, drop_last: bool) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            ds,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train_ds, shuffle=True, drop_last=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_ds, False, False) if self.val_ds is not None else None
+
+    # -- losses --------------------------------------------------------------------------------
+
+    def _table(self, device) -> torch.Tensor:
+        """The prompt-embedding table, moved to the device once (not one batch copy per step)."""
+        if self._table_dev is None or self._table_dev.device != torch.device(device):
+            self._table_dev = self.class_table.to(device, self.weight_dtype)
+        return self._table_dev
+
+    def _teacher_tokens(self, batch: dict, device) -> torch.Tensor:
+        if "tokens" in batch:
+            return batch["tokens"].to(device, non_blocking=True).float()
+        from diffalign.repa.teacher import dino_preprocess, dino_tokens
+
+        images = batch["image"].to(device).float() / 255.0
+        with torch.no_grad():
+            tokens = dino_tokens(
+                self.dino, dino_preprocess(images), grid=self.cfg.grid, layout=self.cfg.token_layout
+            )
+        return tokens.float()
+
+    def _losses(
+        self, batch: dict, step: int, generator: torch.Generator | None, dropout: float
+    ) -> dict:
+        cfg = self.cfg
+        device = next(self.heads.parameters()).device
+        x0 = batch["latent"].to(device, non_blocking=True).float()
+        b = x0.shape[0]
+        # random numbers drawn on the CPU: the same on every device, saved with each checkpoint
+        t = torch.randint(0, self.num_timesteps, (b,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        drop = torch.rand(b, generator=generator) < dropout
+        labels = torch.as_tensor(batch["label"]).long().cpu()
+        rows = torch.where(drop, torch.full_like(labels, self.null_index), labels)
+        cond = self._table(device)[rows.to(device)]
+        t, noise = t.to(device), noise.to(device)
+
+        zt = add_noise(x0, noise, self.alphas_cumprod, t)
+        target = diffusion_target(x0, noise, self.alphas_cumprod, t, cfg.prediction_type)
+        pred, _, tokens = self.model.forward(zt.to(self.weight_dtype), t, cond)
+        teacher = self._teacher_tokens(batch, device)
+
+        l_diff = diffusion_loss(pred, target)
+        l_tok = torch.stack([token_loss(v, teacher) for v in tokens.values()]).mean()
+        l_man = torch.stack(
+            [
+                manifold_loss(v, teacher, cfg.manifold_mask_diag, cfg.manifold_upper_only)
+                for v in tokens.values()
+            ]
+        ).mean()
+        l_man_used, capped = cap_loss(l_man, cfg.manifold_cap)
+        lam = align_coeff(step, cfg.align_coeff, cfg.align_warmup_steps)
+        total = total_loss(l_diff, l_tok, l_man_used, lam, cfg.manifold_weight)
+        return {
+            "total": total,
+            "diffusion": l_diff.detach(),
+            "token": l_tok.detach(),
+            "manifold": l_man.detach(),
+            "align_coeff": lam,
+            "capped": capped,
+        }
+
+    def training_step(self, batch, step: int, ctx: StepContext) -> dict:
+        out = self._losses(batch, step, None, self.cfg.cfg_dropout)
+        self.step_seen = step + 1
+        # counted on the device (no host sync per step): a step is capped if any micro-batch was
+        self._capped_window = torch.maximum(
+            self._capped_window.to(out["capped"].device), out["capped"]
+        )
+        if ctx.sync_gradients:
+            self._capped_total = self._capped_window + self._capped_total.to(out["capped"].device)
+            self._capped_window = torch.zeros_like(self._capped_window)
+        return {
+            "loss": out["total"],
+            "diffusion": out["diffusion"],
+            "token": out["token"],
+            "manifold": out["manifold"],
+            "align_coeff": out["align_coeff"],
+            "manifold_capped": out["capped"],
+            "nonfinite_loss": (~torch.isfinite(out["total"].detach())).float(),
+        }
+
+    def validation_step(self, batch) -> dict:
+        # fixed random numbers per batch (seeded by its first sample): every validation of a run
+        # sees the same timesteps and noise, so val curves compare weights, not draws
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + int(batch["index"][0]))
+        out = self._losses(batch, self.step_seen, g, dropout=0.0)
+        return {k: out[k] for k in ("total", "diffusion", "token", "manifold")}
+
+    # -- records -------------------------------------------------------------------------------
+
+    def config_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self.cfg),
+            "teacher_dim": self.spec.teacher_dim,
+            "latent_shape": list(self.train_ds.latent_shape),
+            "schedule": {
+                k: self.schedule.get(k)
+                for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+            },
+        }
+
+    def check_resume(self, saved_config: dict | None, path: Path) -> None:
+        if saved_config is None:
+            raise DiffalignError(f"cannot resume from {path}: it records no U-REPA configuration")
+        diff = config_differences(saved_config, self.config_dict())
+        if diff:
+            k = diff[0]
+            more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+            raise DiffalignError(
+                f"cannot resume from {path}: it was trained with {k}={saved_config.get(k)!r}, "
+                f"this configuration has {k}={self.config_dict().get(k)!r}{more}"
+            )
+
+    def state_dict(self) -> dict:
+        return {"manifold_capped": self.manifold_capped, "step_seen": self.step_seen}
+
+    @property
+    def manifold_capped(self) -> int:
+        """Optimizer steps whose manifold loss was capped (this process)."""
+        return int(self._capped_total.item())
+
+    def load_state_dict(self, state: dict) -> None:
+        self._capped_total = torch.tensor(float(state.get("manifold_capped", 0)))
+        self.step_seen = int(state.get("step_seen", 0))
+
+    def summary(self) -> dict:
+        return {
+            "anomalies": {
+                "manifold_capped_steps": self.manifold_capped,
+                "manifold_cap": self.cfg.manifold_cap,
+            },
+            "spec": self.spec.to_dict(),
+        }
+
+    def export(self, out_dir: Path) -> None:
+        """`unet.safetensors` (peft LoRA names) and `heads.safetensors` for `repa extract`, the
+        LoRA in diffusers' format (`pipe.load_lora_weights(folder)`), and `repa_model.json`."""
+        super().export(out_dir)
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        from diffalign.repa.heads import ADAPTER_NAME
+
+        lora = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME)
+        lora = {k: v.detach().float().cpu().contiguous() for k, v in lora.items()}
+        StableDiffusionPipeline.save_lora_weights(
+            str(out_dir),
+            unet_lora_layers=convert_state_dict_to_diffusers(lora),
+            safe_serialization=True,
+        )
+        write_json(
+            Path(out_dir) / MODEL_JSON,
+            {
+                "format": "diffalign-repa-1",
+                "model": self.cfg.model,
+                "spec": self.spec.to_dict(),
+                "prediction_type": self.cfg.prediction_type,
+                "teacher": self.cfg.teacher,
+                "teacher_model": self.cfg.teacher_model,
+                "token_layout": self.cfg.token_layout,
+            },
+        )
+
+
+def loop_config(cfg: RepaTrainConfig, resume: str | None, overwrite: bool) -> TrainConfig:
+    """The shared loop's options from a U-REPA configuration."""
+    return TrainConfig(
+        output_dir=cfg.output_dir,
+        max_steps=cfg.max_steps,
+        epochs=cfg.epochs if cfg.max_steps is None else None,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        max_grad_norm=cfg.max_grad_norm,
+        lr_scheduler=cfg.lr_scheduler,
+        warmup_ratio=cfg.warmup_ratio,
+        ema_decay=cfg.ema_decay,
+        ema_warmup=cfg.ema_warmup,
+        validate_every=cfg.validate_every,
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints,
+        best_metric="val/total",
+        log_every=cfg.log_every,
+        seed=cfg.seed,
+        tracker=cfg.tracker,
+        resume=resume,
+        run_name="repa",
+        overwrite=overwrite,
+        max_nonfinite_steps=cfg.max_nonfinite_steps,
+    )
+
+
+def train_repa(
+    cfg: RepaTrainConfig, resume: str | None = None, overwrite: bool = False, progress: bool = True
+):
+    """Train (or resume) a U-REPA run; returns the loop's TrainResult."""
+    lcfg = loop_config(cfg, resume, overwrite)
+    lcfg.progress = progress
+    lcfg.validate()
+    task = RepaTask(cfg)
+    try:
+        return train(task, lcfg)
+    except DiffalignError as e:
+        raise DiffalignError(_worker_message(str(e))) from None
+    finally:
+        task.model.hooks.remove()
+
+
+def _worker_message(text: str) -> str:
+    """A DiffalignError raised in a DataLoader worker comes back wrapped in its traceback:
+    keep the original one-line message."""
+    if not text.startswith("Caught ") or "\n" not in text:
+        return text
+    for line in reversed(text.strip().splitlines()):
+        if "DiffalignError: " in line:
+            return line.split("DiffalignError: ", 1)[1]
+    return text.splitlines()[0]

@@ -1,0 +1,239 @@
+"""FLUX Fill inference (spec F: Infer): the exported LoRA loads into a plain FluxFillPipeline and
+matches our sampler with the module at scale 0, `diffalign fill infer` end to end (one input and a
+batched folder), and one-line errors for bad input with nothing already written lost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fill_helpers import tiny_train_args, write_image, write_triptychs
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_model_dir):
+    return tiny_model_dir("flux-fill")
+
+
+@pytest.fixture(scope="module")
+def trained(flux, tmp_path_factory):
+    """checkpoint-final of a 1-step run on the tiny model."""
+    from diffalign.cli import main
+
+    root = tmp_path_factory.mktemp("fill-run")
+    data = write_triptychs(root / "data", n=2)
+    args = tiny_train_args(flux, data, root / "run", max_steps=1, num_validation=0)
+    assert main(args) == 0
+    return root / "run" / "checkpoint-final"
+
+
+def _one_line_error(capsys, argv) -> str:
+    from diffalign.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("diffalign: error: ")
+    return err[0]
+
+
+def test_lora_loads_into_plain_pipeline_and_matches_our_sampler(flux, tmp_path):
+    from diffalign.fill.infer import fresh_scheduler, make_noise, sample_latents
+    from diffalign.fill.model import SemanticFillTransformer, add_lora, lora_parameters
+    from diffalign.fill.train import load_fill_pipeline
+    from diffalign.fill.weights import (
+        build_semantic,
+        load_lora_into_pipeline,
+        save_combined,
+        save_lora,
+    )
+
+    torch.manual_seed(0)
+    src = load_fill_pipeline(flux)
+    cfg = add_lora(src.transformer, rank=4, alpha=8, targets="all-linear")
+    for p in lora_parameters(src.transformer):
+        p.data.normal_(0, 0.1)
+    semantic = build_semantic(64, 8, 1)  # scale 0
+    save_lora(tmp_path / "lora", src.transformer, cfg)
+    save_combined(tmp_path / "both.safetensors", src.transformer, semantic, cfg)
+
+    plain = load_fill_pipeline(flux)
+    plain.load_lora_weights(str(tmp_path / "lora"))  # plain diffusers, nothing of ours
+    ours = load_fill_pipeline(flux)
+    load_lora_into_pipeline(ours, tmp_path / "both.safetensors")
+    base = load_fill_pipeline(flux)
+
+    g = torch.Generator().manual_seed(1)
+    vis = torch.rand(1, 3, 16, 16, generator=g)
+    diptych = torch.cat([vis, torch.zeros_like(vis)], -1)
+    mask = torch.zeros(1, 1, 16, 32)
+    mask[..., 16:] = 1
+    noise = make_noise([3], 16, 16, 32, 8)
+    pe, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
+    call = dict(
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pooled,
+        image=diptych,
+        mask_image=mask,
+        latents=noise,
+        height=16,
+        width=32,
+        num_inference_steps=3,
+        guidance_scale=30.0,
+        output_type="latent",
+    )
+    want = plain(**call, generator=torch.Generator().manual_seed(5)).images
+    untouched = base(**call, generator=torch.Generator().manual_seed(5)).images
+
+    # our side: the fill condition as the pipeline prepares it, then our sampler + module
+    init = ours.image_processor.preprocess(diptych, height=16, width=32).float()
+    m = ours.mask_processor.preprocess(mask, height=16, width=32)
+    mask_l, masked_l = ours.prepare_mask_latents(
+        m, init * (1 - m), 1, 16, 1, 16, 32, pe.dtype, "cpu", torch.Generator().manual_seed(5)
+    )
+    model = SemanticFillTransformer(ours.transformer, semantic, guidance=30.0)
+    got = sample_latents(
+        model,
+        fresh_scheduler(ours),
+        noise=noise,
+        cond=torch.cat([masked_l, mask_l], -1),
+        img_ids=ours._prepare_latent_image_ids(1, 1, 2, "cpu", pe.dtype),
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pooled,
+        text_ids=torch.zeros(8, 3),
+        steps=3,
+        semantic_tokens=torch.randn(1, 2, 64, generator=g),
+        guidance=30.0,
+    )
+    assert torch.equal(got, want)
+    assert not torch.allclose(untouched, want)  # the LoRA does something
+
+
+def test_infer_end_to_end_single_and_folder(flux, trained, tmp_path):
+    from diffalign.cli import main
+    from diffalign.engine.io import read_json
+
+    vis = write_image(tmp_path / "v.png", (16, 16), seed=1)
+    sem = write_image(tmp_path / "s.png", (16, 16), seed=2)
+    out = tmp_path / "one"
+    common = ["--model", flux, "--lora", str(trained), "--steps", "2", "--max-sequence-length", "8"]
+    argv = ["fill", "infer", *common, "--semantic-module", str(trained)]
+    argv += ["--visible", str(vis), "--semantic", str(sem), "--prompt", "a photo"]
+    assert main([*argv, "--output", str(out), "--save-diptych", "--seed", "7"]) == 0
+    from PIL import Image
+
+    assert Image.open(out / "v.png").size == (16, 16)
+    assert Image.open(out / "v_diptych.png").size == (32, 16)
+    s = read_json(out / "summary.json")
+    assert s["written"] == 1 and s["semantic_module_shape"]["dim"] == 64
+    # same seed, same image (the VAE sample and the noise are seeded)
+    again = tmp_path / "again"
+    assert main([*argv, "--output", str(again), "--seed", "7"]) == 0
+    assert Image.open(again / "v.png").tobytes() == Image.open(out / "v.png").tobytes()
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for i in range(3):
+        write_image(folder / f"im{i}_visible.png", (16, 16), seed=10 + i)
+        write_image(folder / f"im{i}_semantic.png", (16, 16), seed=20 + i)
+        (folder / f"im{i}.txt").write_text(f"prompt {i}\n")
+    many = tmp_path / "many"
+    fargs = [
+        "fill",
+        "infer",
+        *common,
+        "--semantic-module",
+        str(trained / "fill_semantic.safetensors"),
+    ]
+    fargs += ["--input-dir", str(folder), "--output", str(many), "--batch-size", "2"]
+    assert main(fargs) == 0
+    assert sorted(p.name for p in many.glob("im*.png")) == ["im0.png", "im1.png", "im2.png"]
+    # batching does not change an image: im1 alone (seed 1 + 1) equals im1 of the batch
+    alone = tmp_path / "alone"
+    single = ["fill", "infer", *common, "--semantic-module", str(trained), "--seed", "1"]
+    single += ["--visible", str(folder / "im1_visible.png"), "--prompt", "prompt 1"]
+    single += ["--semantic", str(folder / "im1_semantic.png"), "--output", str(alone)]
+    assert main(single) == 0
+    assert Image.open(alone / "im1.png").tobytes() == Image.open(many / "im1.png").tobytes()
+    assert read_json(many / "summary.json")["written"] == 3
+    assert main(fargs) == 0  # a rerun keeps what is there
+    assert read_json(many / "summary.json")["kept_existing"] == 3
+
+
+def test_infer_bad_inputs_are_one_line_and_keep_outputs(flux, trained, tmp_path, capsys):
+    from diffalign.engine.io import load_tensors, save_tensors
+    from diffalign.fill import SemanticCrossAttention
+    from diffalign.fill.attention import save_semantic_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.png").write_bytes(b"already here")
+    vis = write_image(tmp_path / "v.png", (16, 16))
+    base = ["fill", "infer", "--model", flux, "--output", str(out), "--steps", "1"]
+    base += ["--max-sequence-length", "8"]
+    one = [*base, "--visible", str(vis), "--prompt", "p"]
+
+    sem_big = write_image(tmp_path / "s32.png", (32, 32))
+    err = _one_line_error(
+        capsys, [*one, "--semantic", str(sem_big), "--semantic-module", str(trained)]
+    )
+    assert "same size" in err
+    odd = write_image(tmp_path / "odd.png", (24, 16))
+    err = _one_line_error(capsys, [*base, "--visible", str(odd), "--prompt", "p"])
+    assert "divisible by 16" in err
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    err = _one_line_error(capsys, [*base, "--visible", str(corrupt), "--prompt", "p"])
+    assert "cannot read image" in err
+    err = _one_line_error(capsys, [*base, "--visible", str(vis), "--prompt", " "])
+    assert "caption" in err
+    folder = tmp_path / "nocap"
+    folder.mkdir()
+    write_image(folder / "a_visible.png", (16, 16))
+    err = _one_line_error(capsys, [*base, "--input-dir", str(folder)])
+    assert "caption" in err
+
+    # a module of another shape, a LoRA for another base model
+    other = tmp_path / "other_module.safetensors"
+    save_semantic_module(other, SemanticCrossAttention(32, heads=4))
+    err = _one_line_error(capsys, [*one, "--semantic", str(vis), "--semantic-module", str(other)])
+    assert "dim=32" in err
+    tensors, meta = load_tensors(trained / "fill_semantic.safetensors")
+    first = next(k for k in tensors if k.startswith("semantic.") and tensors[k].ndim == 2)
+    tensors[first] = torch.zeros(3, 3)
+    save_tensors(tmp_path / "broken.safetensors", tensors, metadata=meta)
+    err = _one_line_error(
+        capsys,
+        [*one, "--semantic", str(vis), "--semantic-module", str(tmp_path / "broken.safetensors")],
+    )
+    assert "do not match" in err
+    lora, lmeta = load_tensors(trained / "pytorch_lora_weights.safetensors")
+    key = next(k for k in lora if k.endswith("lora_A.weight"))
+    lora[key] = torch.zeros(lora[key].shape[0], 3072)
+    save_tensors(tmp_path / "flux_dev_lora.safetensors", lora, metadata=lmeta)
+    err = _one_line_error(capsys, [*one, "--lora", str(tmp_path / "flux_dev_lora.safetensors")])
+    assert "another base model" in err and "3072" in err
+    sd_lora = {"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8)}
+    save_tensors(tmp_path / "sd.safetensors", sd_lora)
+    err = _one_line_error(capsys, [*one, "--lora", str(tmp_path / "sd.safetensors")])
+    assert "another" in err
+    assert (out / "keep.png").read_bytes() == b"already here"
+    assert not (out / "v.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["keep.png"]
+
+
+def test_labelled_grid_has_a_header_and_row_labels(tmp_path):
+    from PIL import Image
+
+    from diffalign.engine.reports import save_labelled_grid
+
+    cells = [[Image.new("RGB", (16, 16), (255, 0, 0))] * 4 for _ in range(2)]
+    grid = save_labelled_grid(
+        tmp_path / "g.png", cells, ["a", "b"], ["visible", "prediction", "target", "semantic"]
+    )
+    assert Image.open(tmp_path / "g.png").size == grid.size
+    w, h = grid.size
+    assert w > 4 * 64 and h > 2 * 64  # cells at least 64 px, plus the label column and header
+    assert grid.getpixel((w - 1, h - 1)) == (255, 0, 0)
+    assert grid.getpixel((1, 1)) == (255, 255, 255)

@@ -1,0 +1,178 @@
+"""AlignHead, feature hooks and LoRA targets on a tiny SD 1.5 U-Net (seed 003, sections 2.2-2.4)."""
+
+import pytest
+import torch
+
+from diffalign.engine.errors import DiffalignError
+from diffalign.repa.heads import (
+    LAYERS,
+    AlignHead,
+    FeatureHooks,
+    add_lora,
+    lora_config,
+    lora_parameters,
+    lora_target_regex,
+    make_heads,
+)
+from diffalign.repa.model import RepaModel, RepaSpec
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        norm_num_groups=2,
+        attention_head_dim=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def _run(unet, b=2):
+    return unet(
+        torch.randn(b, 4, 8, 8), torch.tensor([10] * b), encoder_hidden_states=torch.randn(b, 5, 8)
+    )
+
+
+def test_align_head_shapes_and_params():
+    head = AlignHead(1280, 1024)  # the seed's sizes: ~2.4M parameters (2.2)
+    n = sum(p.numel() for p in head.parameters())
+    assert n == 1280 * 1024 + 1024 + 1024 * 1024
+    assert head.proj[2].bias is None
+    out = AlignHead(8, 6, hidden_dim=5, grid=4)(torch.randn(3, 8, 2, 2))
+    assert out.shape == (3, 16, 6)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(3, 16), atol=1e-5)
+    lin = AlignHead(8, 6, grid=4, kind="linear")
+    assert len(lin.proj) == 1 and lin(torch.randn(1, 8, 4, 4)).shape == (1, 16, 6)
+    with pytest.raises(DiffalignError, match="unknown head"):
+        AlignHead(8, 6, kind="deep")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_hooks_and_heads_for_each_layer(layer):
+    unet = tiny_unet()
+    hooks = FeatureHooks(unet, [layer])
+    heads = make_heads(unet, [layer], teacher_dim=6, hidden_dim=5, grid=4)
+    _run(unet)
+    feat = hooks.pop()[layer]
+    expect_hw = {"mid": 4, "enc_last": 4, "dec_first": 8}[layer]
+    assert feat.shape == (2, 8, expect_hw, expect_hw)
+    assert heads[layer](feat).shape == (2, 16, 6)
+    assert hooks.pop() == {}  # popped features are not reused
+    hooks.remove()
+    _run(unet)
+    assert hooks.features == {}
+
+
+def test_bad_layer_names():
+    unet = tiny_unet()
+    with pytest.raises(DiffalignError, match="unknown align layer 'middle'"):
+        make_heads(unet, ["middle"], 6)
+    with pytest.raises(DiffalignError, match="repeats"):
+        make_heads(unet, ["mid", "mid"], 6)
+
+
+def test_lora_targets_mid_block_attention_only():
+    unet = tiny_unet()
+    names = add_lora(unet, lora_config())
+    assert names and all(n.startswith("mid_block.attentions.") for n in names)
+    suffixes = {n.split(".attn")[1][2:] for n in names}
+    assert suffixes == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert {n.split(".attn")[1][0] for n in names} == {"1", "2"}  # self- and cross-attention
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(lora_parameters(unet)) == 2 * len(names)
+    cfg = lora_config()
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias) == (8, 8.0, 0.0, "none")
+    # LoRA B starts at zero: the adapted U-Net equals the base one
+    base = tiny_unet()
+    torch.manual_seed(3)
+    x = (torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 5, 8))
+    assert torch.allclose(
+        base(x[0], x[1], encoder_hidden_states=x[2]).sample,
+        unet(x[0], x[1], encoder_hidden_states=x[2]).sample,
+        atol=1e-6,
+    )
+
+
+def test_lora_blocks_conv_and_rank():
+    unet = tiny_unet()
+    names = add_lora(unet, lora_config(rank=4, alpha=8, blocks=["up", "mid"], conv=True))
+    assert any(n.startswith("up_blocks.0.attentions") for n in names)
+    assert any(n.startswith("mid_block.resnets.0.conv1") for n in names)
+    assert any(n.startswith("up_blocks.1.resnets.0.conv2") for n in names)
+    assert not any(n.startswith("down_blocks") for n in names)
+    a = dict(unet.named_parameters())
+    key = next(k for k in a if "lora_A" in k and "to_q" in k)
+    assert a[key].shape[0] == 4
+    assert "down_blocks" in lora_target_regex(["all"])
+    assert r"down_blocks\.1" in lora_target_regex(["down_blocks.1"])
+    with pytest.raises(DiffalignError, match="unknown LoRA block"):
+        lora_target_regex(["middle"])
+
+
+def test_repa_model_forward_and_gradients():
+    unet = tiny_unet()
+    spec = RepaSpec(align_layers=["mid", "dec_first"], head_hidden_dim=5, grid=4, teacher_dim=6)
+    m = RepaModel(unet, spec)
+    pred, feats, tokens = m.forward(
+        torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.randn(2, 5, 8)
+    )
+    assert pred.shape == (2, 4, 8, 8)
+    assert set(tokens) == {"mid", "dec_first"} and tokens["mid"].shape == (2, 16, 6)
+    (pred.square().mean() + sum(t.sum() for t in tokens.values())).backward()
+    assert all(p.grad is not None for p in m.heads.parameters())
+    assert any(p.grad is not None for p in lora_parameters(unet))
+    assert all(p.grad is None for n, p in unet.named_parameters() if "lora_" not in n)
+
+
+def test_real_sd15_sizes_on_the_meta_device():
+    """SD 1.5's own U-Net config (no weights: meta tensors): the seed's shapes and counts."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            sample_size=64,
+        )
+        m = RepaModel(unet, RepaSpec(align_layers=list(LAYERS)))
+        pred, feats, tokens = m.forward(
+            torch.randn(2, 4, 64, 64), torch.tensor([1, 2]), torch.randn(2, 77, 768)
+        )
+    assert pred.shape == (2, 4, 64, 64)
+    assert feats["mid"].shape == (2, 1280, 8, 8)  # seed 2.1
+    assert feats["enc_last"].shape == (2, 1280, 8, 8)
+    assert feats["dec_first"].shape == (2, 1280, 16, 16)
+    assert all(t.shape == (2, 256, 1024) for t in tokens.values())
+    # AlignHead: ~2.4M parameters (seed 2.2)
+    assert sum(p.numel() for p in m.heads["mid"].parameters()) == 2_360_320
+    # LoRA r8 on the mid block's attention: SD 1.5's mid block has ONE transformer block, so
+    # 8 projections and 155,648 parameters (the seed's "~1.2M" assumes 10 blocks)
+    assert len(unet.mid_block.attentions[0].transformer_blocks) == 1
+    assert len([n for n in m.lora_modules if n.startswith("mid_block")]) == 8
+    assert sum(p.numel() for p in lora_parameters(unet)) == 155_648
+
+
+def test_disabled_adapters_give_the_base_unet_features():
+    """`repa extract`'s un-aligned features: the trained U-Net with its LoRA disabled."""
+    base, unet = tiny_unet(), tiny_unet()
+    m = RepaModel(unet, RepaSpec(head_hidden_dim=4, grid=4, teacher_dim=6))
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()  # a trained LoRA
+    x = (torch.randn(2, 4, 8, 8), torch.tensor([3, 4]), torch.randn(2, 5, 8))
+    adapted = m.forward(*x)[1]["mid"]
+    unet.disable_adapters()
+    off = m.forward(*x)[1]["mid"]
+    unet.enable_adapters()
+    ref = RepaModel(base, m.spec, lora=False).forward(*x)[1]["mid"]
+    assert torch.equal(off, ref) and not torch.allclose(adapted, ref)
+    assert torch.equal(m.forward(*x)[1]["mid"], adapted)
