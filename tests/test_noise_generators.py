@@ -55,6 +55,15 @@ def test_generator_matches_its_pipeline_and_is_differentiable(tiny, kind):
     assert z.grad is not None and torch.isfinite(z.grad).all() and float(z.grad.abs().sum()) > 0
 
 
+def test_sdxl_turbo_step_is_the_documented_one(tiny):
+    """DIFFUSERS-FACTS: one trailing EulerAncestral step: t = 999, sigmas [14.6146, 0],
+    latents = z * 14.6146 (SDXL's scaled-linear betas, which the tiny model keeps)."""
+    gen = _load(tiny, "sdxl-turbo")
+    gen._timestep()
+    assert gen.scheduler.sigmas.tolist() == pytest.approx([14.6146, 0.0], abs=1e-3)
+    assert float(gen.scheduler.init_noise_sigma) == pytest.approx(14.6146, abs=1e-3)
+
+
 def test_batched_prompts_equal_one_at_a_time(tiny):
     gen = _load(tiny, "sdxl-turbo")
     z = gen.sample_noise(2, generator=torch.Generator().manual_seed(1))
