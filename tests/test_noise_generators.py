@@ -55,6 +55,15 @@ def test_generator_matches_its_pipeline_and_is_differentiable(tiny, kind):
     assert z.grad is not None and torch.isfinite(z.grad).all() and float(z.grad.abs().sum()) > 0
 
 
+def test_sdxl_turbo_step_is_the_documented_one(tiny):
+    """DIFFUSERS-FACTS: one trailing EulerAncestral step: t = 999, sigmas [14.6146, 0],
+    latents = z * 14.6146 (SDXL's scaled-linear betas, which the tiny model keeps)."""
+    gen = _load(tiny, "sdxl-turbo")
+    gen._timestep()
+    assert gen.scheduler.sigmas.tolist() == pytest.approx([14.6146, 0.0], abs=1e-3)
+    assert float(gen.scheduler.init_noise_sigma) == pytest.approx(14.6146, abs=1e-3)
+
+
 def test_batched_prompts_equal_one_at_a_time(tiny):
     gen = _load(tiny, "sdxl-turbo")
     z = gen.sample_noise(2, generator=torch.Generator().manual_seed(1))
@@ -83,6 +92,30 @@ def test_hyper_lora_is_applied_in_kohya_layout(tiny):
         a = hyper.generate(z, hyper.encode_prompts(["x"]))
         b = bare.generate(z, bare.encode_prompts(["x"]))
     assert float((a - b).abs().max()) > 1e-4
+
+
+def test_hyper_lora_in_diffusers_layout_loads_the_same(tiny, tmp_path):
+    """Whichever LoRA layout a release file uses (kohya or diffusers/peft), it loads the same."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+
+    from diffalign.engine.io import load_tensors, save_tensors
+
+    kohya, _ = load_tensors(f"{tiny('hyper-sd')}/Hyper-SD15-1step-lora.safetensors")
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    assert all(k.startswith("unet.") for k in converted)
+    # alpha == rank in the tiny file, so the layout without alphas has the same scale (1)
+    assert {float(v) for v in alphas.values()} == {4.0}
+    path = tmp_path / "diffusers-layout.safetensors"
+    save_tensors(path, converted)
+    a_gen = _load(tiny, "hyper-sd15")
+    b_gen = load_generator(
+        tiny("sd15"), "hyper-sd15", weights=str(path), height=SIZE, width=SIZE, device="cpu"
+    )
+    z = a_gen.sample_noise(1, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = a_gen.generate(z, a_gen.encode_prompts(["x"]))
+        b = b_gen.generate(z, b_gen.encode_prompts(["x"]))
+    assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_half_precision_upcasts_the_vae(tiny):

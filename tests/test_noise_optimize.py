@@ -243,3 +243,25 @@ def test_cli_empty_prompts_file(tiny_models, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "is empty" in err
+
+
+def test_cli_missing_models_name_the_download(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFALIGN_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for model, asset in (("sdxl-turbo", "sdxl-turbo"), ("hyper-sd15", "sd15")):
+        code = main(
+            ["noise", "optimize", "--prompt", "a cat", "--model", model]
+            + ["--output-dir", str(tmp_path / "o")]
+        )
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and f"diffalign download --only {asset}" in err, err
+
+
+def test_cli_hyper_weights_missing(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFALIGN_MODELS_DIR", str(tmp_path / "models"))
+    code = main(
+        ["noise", "optimize", "--prompt", "a cat", "--model", tiny_model_dir("sd15")]
+        + ["--generator", "hyper-sd15", "--output-dir", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "diffalign download --only hyper-sd" in err, err

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 
 def add_optimize_options(
-    p, *, steps: int = 30, lr: float = 5e-4, patch_size: int = 2, images_per_prompt: int = 1
+    p,
+    *,
+    steps: int = 30,
+    lr: float = 5e-4,
+    patch_size: int = 2,
+    images_per_prompt: int = 1,
+    seed: int = 42,
 ) -> None:
     """The optimisation options shared by `noise optimize` and `noise toy optimize`."""
     from diffalign.engine.cliutils import (
@@ -74,7 +80,7 @@ def add_optimize_options(
     g.add_argument(
         "--seed",
         type=seed_int,
-        default=42 if images_per_prompt == 1 else 0,
+        default=seed,
         help="seed of the base noise (the same noise for every prompt, as the seed; "
         "default: %(default)s)",
     )

@@ -129,6 +129,12 @@ def drift_per_sample(zq: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return ((zq.float() - z.float()) ** 2).flatten(1).mean(1)
 
 
+def all_matrices(transform: PatchOrthogonal) -> torch.Tensor:
+    """Every ``Q`` of a :class:`PatchOrthogonal` as ``[N, D, D]`` (also when N = 1)."""
+    q = transform.matrix()
+    return q.unsqueeze(0) if q.ndim == 2 else q
+
+
 def make_optimizer(params, settings: OptimizeSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "sgd":
         return torch.optim.SGD(
@@ -217,7 +223,7 @@ def optimize_prompts(
         """Images, per-prompt rewards [A], drift [A], terms and Q z for the active prompts."""
         rows = [i * k + j for i in active for j in range(k)]
         with torch.set_grad_enabled(grad):
-            q = transform._matrices()[active]  # [A, D, D]
+            q = all_matrices(transform)[active]  # [A, D, D]
             zq = apply_patch_orthogonal(z[rows], q.repeat_interleave(k, dim=0), settings.patch_size)
             images = generator.generate(zq, select_embeds(embeds, rows))
             values = reward(images, [flat_prompts[r] for r in rows])
@@ -311,7 +317,7 @@ def optimize_prompts(
         step += 1
 
     with torch.no_grad():
-        q_final = transform._matrices().detach().cpu()
+        q_final = all_matrices(transform).detach().cpu()
     results = []
     for i, prompt in enumerate(prompts):
         base = z[i * k : (i + 1) * k].detach().cpu()

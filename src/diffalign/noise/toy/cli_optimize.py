@@ -70,7 +70,7 @@ def register(sub) -> None:
         default=4096,
         help="fresh latents for the KS check of Q z and the held-out reward (default: %(default)s)",
     )
-    add_optimize_options(p, steps=60, lr=0.05, patch_size=2, images_per_prompt=16)
+    add_optimize_options(p, steps=60, lr=0.05, patch_size=2, images_per_prompt=16, seed=0)
     p.set_defaults(func=_run)
 
 
