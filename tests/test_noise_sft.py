@@ -148,12 +148,23 @@ def test_hyper_sd15_sft_keeps_the_fused_one_step_lora(tiny_model_dir, dataset, t
         gen, dataset, tmp_path / "h", direct=True, max_steps=1, lr=1e-9, tracker="none",
         progress=False,
     )  # fmt: skip
+    from diffalign.noise.generators import finetuned_generator
+
+    assert finetuned_generator(r["model"]) == "hyper-sd15"  # the CLI loads it as such
     again = load_generator(r["model"], "hyper-sd15", apply_weights=False, **kw)
     with torch.no_grad():
         after = again.generate(z, again.encode_prompts(["a cat"]))
     assert torch.allclose(before, after, atol=1e-4)
-    bare = load_generator(r["model"], "sd-turbo", **kw)  # not the base: the LoRA is in it
-    assert not getattr(bare.unet, "peft_config", None)
+    assert not getattr(again.unet, "peft_config", None)  # fused, no adapter layers left
+    # `noise assign --model CHECKPOINT` runs it as hyper-sd15 without applying the LoRA again
+    target = (
+        dataset
+        / json.loads((dataset / "manifest.jsonl").read_text().splitlines()[0])["target_image"]
+    )
+    argv = ["noise", "assign", "--prompt", "a cat", "--target-image", str(target), "--steps"]
+    argv += ["1", "--output-dir", str(tmp_path / "a"), *model_args(r["model"])]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["generator"] == "hyper-sd15"
 
 
 @pytest.mark.slow  # 2 processes under accelerate launch

@@ -418,12 +418,17 @@ def _device(args):
 
 
 def _load(args, model: str | None = None, first: bool = True):
-    from diffalign.noise.generators import load_generator
+    """The generator of ``model``; a fine-tuned pipeline (an earlier `noise sft` or `em`
+    checkpoint-final) runs as the kind it was made from, without re-applying Hyper-SD weights."""
+    from diffalign.noise.generators import finetuned_generator, load_generator
 
     model = model or args.model
+    kind = finetuned_generator(model)
+    if kind is not None:
+        first = False
     return load_generator(
         model,
-        args.generator,
+        args.generator or kind,
         weights=args.weights if first else None,
         dtype=args.dtype,
         device=_device(args),

@@ -46,6 +46,24 @@ __all__ = [
 ]
 
 
+FINETUNED_FILE = "onestep_generator.json"  # written beside a fine-tuned pipeline export
+
+
+def finetuned_generator(model: str | None) -> str | None:
+    """The generator kind a fine-tuned pipeline folder (`noise sft` checkpoint) was made from,
+    else None; such a folder already holds any Hyper-SD weights."""
+    if model is None:
+        return None
+    path = Path(str(model)) / FINETUNED_FILE
+    if not path.is_file():
+        return None
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8")).get("generator")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return kind if kind in GENERATORS else None
+
+
 @dataclass(frozen=True)
 class GeneratorSpec:
     """One generator kind: its pipeline family, default model, scheduler and extra weights."""
@@ -287,6 +305,12 @@ class DiffusionOneStepGenerator(OneStepGenerator):
             )
         else:
             self.pipe.save_pretrained(str(out_dir), safe_serialization=True)
+            # the kind (scheduler, timestep) and that the Hyper-SD weights are already in it
+            from diffalign.engine.io import write_json
+
+            write_json(
+                Path(out_dir) / FINETUNED_FILE, {"generator": self.name, "weights_applied": True}
+            )
 
 
 # ------------------------------------------------------------------ loading
