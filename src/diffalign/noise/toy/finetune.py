@@ -18,7 +18,6 @@ shared loop; the fine-tuned generator is exported to
 from __future__ import annotations
 
 import copy
-import math
 import os
 
 import torch
@@ -106,13 +105,9 @@ def _run(
 
 def _check_settings(lr: float, batch_size: int, preserve_weight: float, l1_weight: float) -> None:
     """One-line errors for settings the optimiser or the loss would choke on (or misuse)."""
-    if not math.isfinite(lr) or lr <= 0:
-        raise DiffalignError(f"--lr must be > 0, got {lr}")
-    if batch_size < 1:
-        raise DiffalignError(f"--batch-size must be >= 1, got {batch_size}")
-    for name, value in (("--preserve-weight", preserve_weight), ("--l1-weight", l1_weight)):
-        if not math.isfinite(value) or value < 0:
-            raise DiffalignError(f"{name} must be >= 0, got {value}")
+    from diffalign.noise.sft import check_sft_settings
+
+    check_sft_settings(lr, batch_size, preserve_weight=preserve_weight, l1_weight=l1_weight)
 
 
 def _check_targets(labels: torch.Tensor, targets: torch.Tensor, gcfg, source) -> None:
