@@ -132,3 +132,20 @@ def test_toy_generator_plugs_into_the_same_split():
     # the generic inversion runs on it as on a diffusion model
     res = assign_noise(gen, z, e, gen.encode_images(torch.rand(3, 3, 8, 8)), steps=2, lr=0.1)
     assert (res.loss_after <= res.loss_before).all() and orthogonality_error(res.q) < 1e-5
+
+
+def test_load_target_image_resize_and_centre_crop(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffalign.engine.errors import DiffalignError
+    from diffalign.noise.assign import load_target_image
+
+    arr = np.zeros((40, 80, 3), dtype=np.uint8)
+    arr[:, 20:60] = 255  # a white centre band, black sides
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    with pytest.raises(DiffalignError, match="--resize"):
+        load_target_image(tmp_path / "wide.png", (20, 20))
+    x = load_target_image(tmp_path / "wide.png", (20, 20), resize=True)
+    assert x.shape == (3, 20, 20)  # short side 40 -> 20, width 80 -> 40, centre 20 columns
+    assert float(x.min()) > 0.9  # the crop is the white centre
