@@ -195,3 +195,20 @@ def test_a_second_run_into_a_held_folder_is_refused(sdxl, tmp_path, capsys, verb
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffalign")]
     assert len(err) == 1 and str(out) in err[0] and "4242" in err[0], err
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing was written
+
+
+def test_pairs_may_name_images_anywhere(gen, tmp_path):
+    src = write_pairs(tmp_path / "elsewhere", n=1)
+    data = tmp_path / "data"
+    data.mkdir()
+    line = {"caption": "far away", "file": str((src / "images" / "0000.png").resolve())}
+    (data / "pairs.jsonl").write_text(json.dumps(line) + "\n")
+    out = tmp_path / "ds"
+    s = build_dataset(
+        gen, data, out, AssignSettings(steps=1), prompt_field="caption", image_field="file",
+        plots=False,
+    )  # fmt: skip
+    assert s["finished"] == 1
+    rec = _manifest(out)[0]
+    assert rec["image"] == line["file"] and rec["prompt"] == "far away"
+    assert not os.path.isabs(rec["target_image"])  # our own paths stay relative
