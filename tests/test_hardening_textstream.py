@@ -74,7 +74,9 @@ def test_sample_rerun_with_other_settings_says_where_the_images_went(
 
 
 def _refuse(*a, **k):
-    raise AssertionError("the model was loaded although every prompt was done")
+    from diffalign.engine.errors import DiffalignError
+
+    raise DiffalignError("MODEL LOADED")  # what a resume with nothing left must not do
 
 
 @pytest.mark.parametrize("command", ["generate", "geneval", "dpg"])
@@ -103,7 +105,8 @@ def test_resume_with_everything_done_does_not_load_the_model(
     assert main(argv) == 0
     assert "0 prompts generated" in capsys.readouterr().out
     assert settings.read_text() == before  # the run's record (dtype, residual) is kept
-    assert main([*argv, "--overwrite"]) == 1  # with work left the model is loaded (refused here)
+    assert main([*argv, "--overwrite"]) == 2  # with work left the model is loaded (refused here)
+    assert "MODEL LOADED" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- item 11
