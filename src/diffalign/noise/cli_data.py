@@ -234,8 +234,9 @@ def add_sft_options(p, prefix: str = "") -> None:
     g.add_argument(
         "--checkpoint-every",
         type=nonneg_int,
-        default=0,
-        help="write a resumable checkpoint every N steps besides the final one (default: 0)",
+        default=500,
+        help="write a resumable checkpoint every N optimizer steps besides the final one "
+        "(default: %(default)s; 0 = only at the end)",
     )
     g.add_argument(
         "--tracker",
