@@ -4,7 +4,10 @@ Public API: :class:`PatchOrthogonal` (patch-wise orthogonal map ``z -> Q z``), :
 :func:`unpatchify`, :func:`orthogonality_error`, the Gaussianity diagnostics
 :func:`gaussianity_report` / :func:`write_gaussianity_diagnostics`, the one-step generators
 (:class:`OneStepGenerator`, :func:`load_generator`) and test-time optimisation
-(:func:`optimize_prompts`, :func:`run_optimize`, :class:`OptimizeSettings`).
+(:func:`optimize_prompts`, :func:`run_optimize`, :class:`OptimizeSettings`), and the methods
+on any one-step generator: :func:`assign_noise` / :func:`assign_image` (inversion),
+:func:`build_dataset`, :class:`MatchedSftTask` (matched / direct SFT; ``diffalign.noise.sft.sft``)
+and :func:`em_cycles` (``diffalign.noise.em.em``).
 
 Names are resolved lazily so that importing the CLI wiring (``diffalign.noise.cli``) does not
 import torch: ``diffalign --help`` stays fast.
@@ -31,10 +34,20 @@ _EXPORTS = {
     "OptimizeSettings": "optimize",
     "optimize_prompts": "optimize",
     "run_optimize": "optimize",
+    "assign_noise": "assign",
+    "assign_image": "assign",
+    "build_dataset": "dataset",
+    "MatchedSftTask": "sft",
+    "em_cycles": "em",
 }
 
 __all__ = [
     "GENERATORS",
+    "MatchedSftTask",
+    "assign_image",
+    "assign_noise",
+    "build_dataset",
+    "em_cycles",
     "OneStepGenerator",
     "OptimizeSettings",
     "PatchOrthogonal",
@@ -52,7 +65,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from diffalign.noise.assign import assign_image, assign_noise
+    from diffalign.noise.dataset import build_dataset
     from diffalign.noise.diagnostics import gaussianity_report, write_gaussianity_diagnostics
+    from diffalign.noise.em import em_cycles
     from diffalign.noise.generators import GENERATORS, load_generator
     from diffalign.noise.onestep import OneStepGenerator
     from diffalign.noise.optimize import OptimizeSettings, optimize_prompts, run_optimize
@@ -65,6 +81,7 @@ if TYPE_CHECKING:
         skew_to_orthogonal,
         unpatchify,
     )
+    from diffalign.noise.sft import MatchedSftTask
 
 
 def __getattr__(name: str):
