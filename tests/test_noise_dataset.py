@@ -212,3 +212,14 @@ def test_pairs_may_name_images_anywhere(gen, tmp_path):
     rec = _manifest(out)[0]
     assert rec["image"] == line["file"] and rec["prompt"] == "far away"
     assert not os.path.isabs(rec["target_image"])  # our own paths stay relative
+
+
+def test_a_build_where_every_sample_fails_exits_non_zero(sdxl, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "pairs.jsonl").write_text(json.dumps({"prompt": "x", "image": "nope.png"}) + "\n")
+    out = tmp_path / "ds"
+    argv = ["noise", "build-dataset", "--data-root", str(data), "--output-dir", str(out)]
+    assert main([*argv, "--steps", "1", *model_args(sdxl)]) == 1
+    assert "failures.jsonl" in capsys.readouterr().err
+    assert json.loads((out / "failures.jsonl").read_text())["error"].endswith("not found")

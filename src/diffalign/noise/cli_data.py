@@ -515,6 +515,15 @@ def _run_build(args) -> int:
             f"{s['finished']} samples assigned, {s['failed']} failed "
             f"({args.output_dir}/manifest.jsonl, failures.jsonl)"
         )
+        if s["finished"] == 0:
+            import sys
+
+            print(
+                f"diffalign: error: no sample could be assigned; reasons in "
+                f"{args.output_dir}/failures.jsonl",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 
