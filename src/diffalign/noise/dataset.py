@@ -24,7 +24,9 @@ killed and re-run build gives the same manifest as an uninterrupted one. Per-ite
 and the run goes on. Under ``accelerate launch`` rank ``r`` of ``w`` takes the items
 ``i % w == r`` and appends to ``manifest.rank-RR.jsonl``; rank 0 merges the parts at the end.
 The folder is locked for the whole run; manifest paths are relative and read back through
-``engine.io.resolve_inside``.
+``engine.io.resolve_inside``. The resume/shard/batch machinery is the shared runner
+:func:`diffalign.noise.jobs.run_assignment_job` (also `noise toy assign`'s); this module says
+what a pair is, when its sample is complete and how a batch is assigned and written.
 """
 
 from __future__ import annotations
