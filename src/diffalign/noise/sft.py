@@ -390,7 +390,11 @@ def sft(
         seed=seed,
         export_info=model_info,
     )
-    steps_per_epoch = math.ceil(len(data) / task.batch_size / gradient_accumulation_steps)
+    from diffalign.noise.assign import dist_state
+
+    world = dist_state()[1]  # accelerate shards the data: each process sees 1/world of it
+    batches = math.ceil(len(data) / world / task.batch_size)
+    steps_per_epoch = math.ceil(batches / gradient_accumulation_steps)
     cfg = TrainConfig(
         output_dir=str(output_dir),
         max_steps=max_steps,
