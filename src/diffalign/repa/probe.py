@@ -115,10 +115,9 @@ def extract_features(
     from diffalign.engine.distributed import process_state
     from diffalign.engine.io import output_lock
     from diffalign.engine.progress import progress as bar
-    from diffalign.repa.data import RepaDataset, collate
+    from diffalign.repa.data import RepaDataset, collate, load_class_table
     from diffalign.repa.losses import add_noise
     from diffalign.repa.preprocess import _gather_to_main
-    from diffalign.repa.train import load_class_table
 
     if pool not in POOLS:
         raise DiffalignError(f"unknown pool '{pool}' (choose mean or first)")
@@ -129,7 +128,10 @@ def extract_features(
     if not 0 <= timestep < len(alphas):
         raise DiffalignError(f"--timestep must be in [0, {len(alphas) - 1}], got {timestep}")
     cached = (root / "dino_tokens.lmdb").exists()
-    ds = RepaDataset(root, split, "cached" if cached else "online", max_samples)
+    # the features are taken with the empty prompt: no per-sample class embedding is read
+    ds = RepaDataset(
+        root, split, "cached" if cached else "online", max_samples, class_embeddings=False
+    )
     if len(ds) == 0:
         raise DiffalignError(f"{root}: no '{split}' samples in the manifest")
     if cached and ds.token_shape[-1] != rm.spec.teacher_dim:
