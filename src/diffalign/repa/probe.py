@@ -74,7 +74,10 @@ def load_trained(
     """(RepaModel with trained LoRA + heads, alphas_cumprod, info) from `weights`."""
     info, tensors = _weights_source(Path(weights), use_ema)
     spec = RepaSpec.from_dict(info["spec"])
-    unet, alphas, _ = load_sd15_unet(model or info.get("model", "sd15"))
+    # runs from before `noise_schedule` existed trained on the model's own schedule
+    unet, alphas, _ = load_sd15_unet(
+        model or info.get("model", "sd15"), noise_schedule=info.get("noise_schedule", "model")
+    )
     rm = RepaModel(unet, spec)
     load_trainable_state(unet, tensors["unet"], where=f"{weights} (LoRA)")
     load_trainable_state(rm.heads, tensors["heads"], where=f"{weights} (heads)")

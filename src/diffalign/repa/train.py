@@ -7,8 +7,9 @@ layer train with AdamW (LoRA weight decay 0, heads 0.01, lr 1e-4), cosine schedu
 warm-up, clipping 1.0, bf16 autocast, a constant-decay EMA of 0.9995 (the seed's, not diffusers'
 `EMAModel` ramp: the engine's EMA with `ema_warmup=False`), validation on the EMA weights
 (`val/total`, `val/diffusion`, `val/token`, `val/manifold`) and exactly resumable checkpoints,
-all owned by `diffalign.engine.train`. Timesteps are uniform over the model's 1000-step training
-schedule; noise and timesteps draw from the global RNG, which every checkpoint saves, and the
+all owned by `diffalign.engine.train`. Timesteps are uniform over the 1000-step schedule with
+betas linear from 0.00085 to 0.012 (seed 4.2; `noise_schedule: model` takes the checkpoint's own,
+SD 1.5's `scaled_linear`); noise and timesteps draw from the global RNG, which every checkpoint saves, and the
 dataset draws the classifier-free dropout from (seed, epoch, index), so a resumed run repeats the
 uninterrupted one.
 
@@ -86,7 +87,9 @@ class RepaTask(TrainTask):
             else:
                 logger.warning("no '%s' samples: validation is off", cfg.val_split)
 
-        unet, self.alphas_cumprod, self.schedule = load_sd15_unet(cfg.model)
+        unet, self.alphas_cumprod, self.schedule = load_sd15_unet(
+            cfg.model, noise_schedule=cfg.noise_schedule
+        )
         self.num_timesteps = len(self.alphas_cumprod)
         latent = self.train_ds.latent_shape
         if len(latent) != 3 or latent[0] != unet.config.in_channels:
@@ -336,6 +339,7 @@ class RepaTask(TrainTask):
                 "model": self.cfg.model,
                 "spec": self.spec.to_dict(),
                 "prediction_type": self.cfg.prediction_type,
+                "noise_schedule": self.cfg.noise_schedule,
                 "teacher": self.cfg.teacher,
                 "teacher_model": self.cfg.teacher_model,
                 "token_layout": self.cfg.token_layout,
