@@ -607,6 +607,17 @@ def test_extract_and_probe_bad_inputs(data_dir, tmp_path, capsys):
     errs = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(errs) == 5 and all("error:" in ln for ln in errs)
     assert "no labels" in errs[3] and "2 classes" in errs[4]
+    # non-finite features, float or negative labels: one line, not a traceback
+    two = torch.tensor([0, 0, 0, 1, 1, 1])
+    for tensors, msg in (
+        ({"teacher": torch.full((6, 3), float("nan")), "labels": two}, "non-finite"),
+        ({"teacher": torch.randn(6, 3), "labels": two.float() + 0.5}, "integer"),
+        ({"teacher": torch.randn(6, 3), "labels": two - 1}, ">= 0"),
+    ):
+        save_tensors(bad / "features.safetensors", tensors)
+        assert main(["repa", "probe", "--features", str(bad), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("diffalign: error:") and msg in err and "\n" not in err
 
 
 @pytest.mark.slow

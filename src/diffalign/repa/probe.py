@@ -315,7 +315,7 @@ def plot_probe(path: Path, rows: list[dict], title: str) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_xlabel("feature set")
     ax.set_ylim(0, 1.1)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -341,9 +341,17 @@ def probe_features(
     if "labels" not in tensors:
         raise DiffalignError(f"{path} holds no labels: not a `repa extract` output")
     labels = tensors.pop("labels")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise DiffalignError(
+            f"{path}: labels must be a 1-D integer tensor, got {labels.dtype} {list(labels.shape)}"
+        )
+    if labels.numel() and int(labels.min()) < 0:
+        raise DiffalignError(f"{path}: labels must be >= 0, got {int(labels.min())}")
     for k, v in tensors.items():
         if v.dim() != 2 or v.shape[0] != labels.shape[0]:
             raise DiffalignError(f"{path}: '{k}' has shape {list(v.shape)}, not [N, D]")
+        if not torch.isfinite(v.float()).all():
+            raise DiffalignError(f"{path}: '{k}' holds non-finite values (NaN or inf)")
     if not 0.0 < test_fraction < 1.0:
         raise DiffalignError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     out_dir = Path(out_dir)
@@ -367,8 +375,8 @@ def probe_features(
         plot_probe(
             out_dir / "probe.png",
             rows,
-            f"U-REPA probes (t={meta.get('timestep')}, pool={meta.get('pool')}, "
-            f"{summary['samples']} samples, {summary['classes']} classes)",
+            f"U-REPA probes (t={meta.get('timestep')}, pool={meta.get('pool')})\n"
+            f"{summary['samples']} samples, {summary['classes']} classes",
         )
         write_json(out_dir / "summary.json", summary)
         return summary
