@@ -620,6 +620,36 @@ def test_extract_and_probe_bad_inputs(data_dir, tmp_path, capsys):
         assert err.startswith("diffalign: error:") and msg in err and "\n" not in err
 
 
+def test_hostile_recorded_spec_is_one_line(tmp_path, capsys):
+    """A repa_model.json we wrote, edited by hand: bad values are one error line, not a
+    traceback deep in the model code."""
+    from diffalign.cli import main
+    from diffalign.repa.model import RepaSpec
+
+    good = RepaSpec().to_dict()
+    assert RepaSpec.from_dict(good) == RepaSpec.from_dict(dict(good))
+    for key, value in (
+        ("grid", -3),
+        ("teacher_dim", "abc"),
+        ("head_hidden_dim", 1.5),
+        ("lora_alpha", float("nan")),
+        ("lora_dropout", 2.0),
+        ("align_layers", "mid"),
+        ("lora_conv", "yes"),
+    ):
+        with pytest.raises(DiffalignError, match=key):
+            RepaSpec.from_dict({**good, key: value})
+    with pytest.raises(DiffalignError, match="mapping"):
+        RepaSpec.from_dict([1, 2])
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "repa_model.json").write_text(json.dumps({"model": "sd15"}))
+    args = ["repa", "extract", "--weights", str(w), "--data-dir", str(tmp_path)]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffalign: error:") and "no U-REPA spec" in err
+
+
 @pytest.mark.slow
 def test_extract_two_processes_equals_one(data_dir, sd15, tmp_path):
     from diffalign.cli import main

@@ -10,6 +10,7 @@ own scheduler config (SD 1.5: `scaled_linear`, i.e. linear in sqrt(beta)).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,30 @@ class RepaSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> RepaSpec:
+        """The spec a run recorded (repa_model.json, state.json), each value checked."""
+        if not isinstance(d, dict):
+            raise DiffalignError(f"U-REPA spec must be a mapping, got {type(d).__name__}")
         known = set(cls().to_dict())
-        return cls(**{k: v for k, v in d.items() if k in known})
+        spec = cls(**{k: v for k, v in d.items() if k in known})
+        for key in ("head_hidden_dim", "grid", "teacher_dim", "lora_rank"):
+            v = getattr(spec, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DiffalignError(f"U-REPA spec: {key} must be an integer >= 1, got {v!r}")
+        for key in ("lora_alpha", "lora_dropout"):
+            v = getattr(spec, key)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise DiffalignError(f"U-REPA spec: {key} must be a finite number, got {v!r}")
+        if not 0.0 <= spec.lora_dropout <= 1.0:
+            raise DiffalignError(
+                f"U-REPA spec: lora_dropout must be in [0, 1], got {spec.lora_dropout}"
+            )
+        for key in ("align_layers", "lora_blocks"):
+            v = getattr(spec, key)
+            if not isinstance(v, list | tuple) or not all(isinstance(x, str) for x in v) or not v:
+                raise DiffalignError(f"U-REPA spec: {key} must be a list of names, got {v!r}")
+        if not isinstance(spec.head, str) or not isinstance(spec.lora_conv, bool):
+            raise DiffalignError("U-REPA spec: head must be a name and lora_conv a boolean")
+        return spec
 
 
 class RepaModel:

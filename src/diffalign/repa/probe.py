@@ -39,6 +39,8 @@ def _weights_source(path: Path, use_ema: bool) -> tuple[dict, dict[str, dict[str
         path = path / "checkpoint-final"
     if (path / "repa_model.json").is_file():  # an export: EMA weights already applied
         info = read_json(path / "repa_model.json")
+        if not isinstance(info, dict) or "spec" not in info:
+            raise DiffalignError(f"{path / 'repa_model.json'}: no U-REPA spec recorded")
         tensors = {n: load_tensors(path / f"{n}.safetensors")[0] for n in ("unet", "heads")}
         return info, tensors
     if (path / "state.json").is_file():
