@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffalign.engine.errors import DiffalignError
 from fill_helpers import tiny_train_args, write_image, write_triptychs
 
 
@@ -237,3 +238,37 @@ def test_labelled_grid_has_a_header_and_row_labels(tmp_path):
     assert w > 4 * 64 and h > 2 * 64  # cells at least 64 px, plus the label column and header
     assert grid.getpixel((w - 1, h - 1)) == (255, 0, 0)
     assert grid.getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_semantic_layout_follows_the_training_run(tmp_path):
+    from diffalign.engine.io import write_json
+    from diffalign.fill.infer import resolve_semantic_layout
+
+    run = tmp_path / "checkpoint-final"
+    run.mkdir()
+    write_json(run / "fill_config.json", {"semantic_layout": "both-halves"})
+    module = run / "semantic_module.safetensors"
+    logged = []
+    assert resolve_semantic_layout(None, str(run), logged.append) == "both-halves"
+    assert resolve_semantic_layout(None, str(module), logged.append) == "both-halves"
+    assert resolve_semantic_layout(None, None, logged.append) == "target-half"
+    assert resolve_semantic_layout(None, str(tmp_path / "x.safetensors")) == "target-half"
+    assert not logged
+    assert resolve_semantic_layout("target-half", str(run), logged.append) == "target-half"
+    assert len(logged) == 1 and "both-halves" in logged[0]
+    (run / "fill_config.json").write_text("[1, 2]")
+    assert resolve_semantic_layout(None, str(run)) == "target-half"
+    with pytest.raises(DiffalignError, match="semantic-layout"):
+        resolve_semantic_layout("left", None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_infer_on_an_absent_gpu_is_one_line(flux, tmp_path, capsys):
+    vis = write_image(tmp_path / "v.png", (16, 16))
+    out = tmp_path / "out"
+    base = ["fill", "infer", "--model", flux, "--visible", str(vis), "--prompt", "p"]
+    err = _one_line_error(capsys, [*base, "--output", str(out), "--device", "cuda"])
+    assert "no CUDA device" in err
+    err = _one_line_error(capsys, [*base, "--output", str(out), "--device", "tpu9"])
+    assert "unknown device" in err
+    assert not out.exists()

@@ -39,7 +39,11 @@ class FillTrainConfig:
     max_sequence_length: int = _opt(512, "T5 tokens per prompt (FLUX.1-Fill-dev: 512)")
     # model
     model: str = _opt("flux-fill", "FLUX.1-Fill model: preset, diffusers folder or Hub id")
-    base_dtype: str = _opt("float32", "dtype of the frozen weights (float32 | bfloat16 | float16)")
+    base_dtype: str = _opt(
+        "float32",
+        "dtype of the frozen weights",
+        ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+    )
     lora_rank: int = _opt(16, "LoRA rank")
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank)")
     lora_targets: str = _opt(
@@ -228,6 +232,49 @@ def load_config(
     config = FillTrainConfig(**values)
     config.validate()
     return config
+
+
+# Keys a resume may change: where data, logs, checkpoints and caches go, how the run is watched,
+# how fast a step runs (workers, checkpointing, precision) and, with a constant learning rate,
+# how long it runs. Everything else (module shape, LoRA, objective, optimiser, data order) must
+# match the checkpoint: a resume with another one is one error line naming the key.
+RESUME_FREE = frozenset(
+    {
+        "data",
+        "captions",
+        "num_workers",
+        "cache_text",
+        "text_cache_dir",
+        "model",
+        "base_dtype",
+        "mixed_precision",
+        "gradient_checkpointing",
+        "output_dir",
+        "log_every",
+        "validate_every",
+        "num_validation",
+        "validation_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "tracker",
+        "resume",
+        "overwrite",
+    }
+)
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """Keys of two recorded configs (JSON-like dicts) that differ and may not change on resume;
+    `max_steps` / `epochs` may change when both use a constant learning rate."""
+    import json
+
+    saved = json.loads(json.dumps(saved, default=str))
+    current = json.loads(json.dumps(current, default=str))
+    free = set(RESUME_FREE)
+    if saved.get("lr_scheduler") == current.get("lr_scheduler") == "constant":
+        free |= {"max_steps", "epochs"}
+    keys = sorted((set(saved) | set(current)) - free)
+    return [k for k in keys if saved.get(k) != current.get(k)]
 
 
 def config_fields() -> list[tuple[str, Any, dict]]:

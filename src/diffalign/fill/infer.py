@@ -331,6 +331,52 @@ def read_input_dir(folder: str | Path) -> list[dict]:
 # the command
 
 
+def resolve_semantic_layout(layout: str | None, semantic_module: str | None, log=print) -> str:
+    """`layout`, or the training run's `semantic_layout` from the `fill_config.json` beside
+    `--semantic-module` (a checkpoint folder or a file in one), else `target-half`. An explicit
+    layout that differs from the recorded one is used, with a warning."""
+    from diffalign.engine.io import read_json
+    from diffalign.fill.encode import SEMANTIC_LAYOUTS
+
+    if layout is not None and layout not in SEMANTIC_LAYOUTS:
+        raise DiffalignError(
+            f"--semantic-layout must be one of {', '.join(SEMANTIC_LAYOUTS)}, got {layout!r}"
+        )
+    trained = None
+    if semantic_module:
+        p = Path(semantic_module)
+        record = (p if p.is_dir() else p.parent) / "fill_config.json"
+        if record.is_file():
+            try:
+                trained = read_json(record).get("semantic_layout")
+            except (DiffalignError, AttributeError, OSError, UnicodeDecodeError):
+                trained = None
+            if trained not in SEMANTIC_LAYOUTS:
+                trained = None
+    if layout is None:
+        return trained or "target-half"
+    if trained is not None and layout != trained:
+        log(
+            f"[fill] warning: --semantic-layout {layout}, but the module was trained with {trained}"
+        )
+    return layout
+
+
+def check_device(device: str) -> torch.device:
+    """`device` as a torch.device; an unknown name or an absent GPU is one line."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DiffalignError(f"--device: unknown device '{device}'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiffalignError(f"--device {device}: no CUDA device is available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DiffalignError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+        )
+    return dev
+
+
 def build_model(
     pipe: Any,
     lora: str | None,
@@ -366,7 +412,7 @@ def run_infer(
     seed: int = 0,
     batch_size: int = 1,
     save_diptych: bool = False,
-    semantic_layout: str = "target-half",
+    semantic_layout: str | None = None,
     max_sequence_length: int = 512,
     dtype: str = "float32",
     device: str = "cpu",
@@ -383,6 +429,8 @@ def run_infer(
 
     if (input_dir is None) == (visible is None):
         raise DiffalignError("pass either --visible (with --prompt) or --input-dir")
+    check_device(device)
+    semantic_layout = resolve_semantic_layout(semantic_layout, semantic_module, log)
     if input_dir is not None:
         records = read_input_dir(input_dir)
     else:
@@ -481,6 +529,7 @@ def run_infer(
             "kept_existing": done_before,
             "images": written,
             "save_diptych": save_diptych,
+            "semantic_layout": semantic_layout if fill_model.semantic is not None else None,
             "seconds": round(time.perf_counter() - t0, 3),
         }
         write_json(out / "summary.json", summary)

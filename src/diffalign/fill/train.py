@@ -369,6 +369,23 @@ class FillTrainTask(TrainTask):
         save_combined(out_dir / COMBINED_FILE, self.transformer, self.semantic, self.lora_config)
         write_json(out_dir / "fill_config.json", self.config_dict())
 
+    def check_resume(self, saved_config: dict | None, path: Path) -> None:
+        """A checkpoint of another module shape, LoRA, objective or optimiser setting is one
+        error line naming the first differing key (fill.config.RESUME_FREE may change)."""
+        from diffalign.fill.config import resume_differences
+
+        if saved_config is None:
+            return
+        current = self.config_dict()
+        diff = resume_differences(saved_config, current)
+        if diff:
+            k = diff[0]
+            more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+            raise DiffalignError(
+                f"cannot resume from {path}: it was trained with {k}={saved_config.get(k)!r}, "
+                f"this configuration has {k}={current.get(k)!r}{more}"
+            )
+
     def config_dict(self) -> dict:
         import dataclasses
 
@@ -416,9 +433,11 @@ def run_train(cfg: FillTrainConfig, log=print):
     """Train (or resume) and add the Fill facts to summary.json; returns the TrainResult."""
     from diffalign.engine.reports import write_summary
 
+    loop = train_config(cfg)
+    loop.validate()  # the loop's options fail before the model loads or anything is written
     torch.manual_seed(cfg.seed)  # the module's and LoRA's initial weights
     task = FillTrainTask(cfg, log=log)
-    result = train(task, train_config(cfg))
+    result = train(task, loop)
     if _is_main() and result.summary:
         scales = semantic_scales(task.semantic)
         history = [
