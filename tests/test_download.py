@@ -72,6 +72,9 @@ def test_registry_covers_the_spec():
         "ImageReward": "THUDM/ImageReward",
         "HPSv2": "xswu/HPSv2",
         "Aesthetic": download.AESTHETIC_REPO,
+        "sd-turbo": "stabilityai/sd-turbo",
+        "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
+        "hyper-sd": "ByteDance/Hyper-SD",
     }
     assert {n: a.sources[0].repo_id for n, a in download.ASSETS.items()} == expected
     assert download.DEFAULT_ASSETS == ("sd3", "sd3.5")

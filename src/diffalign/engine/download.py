@@ -188,6 +188,31 @@ ASSETS: dict[str, Asset] = {
             f"LAION improved aesthetic predictor MLP ({AESTHETIC_FILE}; needs CLIP-ViT-L-14)",
             (Source(AESTHETIC_REPO, (AESTHETIC_FILE,), weights=(AESTHETIC_FILE,)),),
         ),
+        Asset(
+            "sd-turbo",
+            "SD-Turbo one-step generator (SD 2.1 U-Net; diffusers)",
+            _diffusers("stabilityai/sd-turbo"),
+        ),
+        Asset(
+            "sdxl-base",
+            "SDXL base 1.0 (diffusers): the base model of hyper-sdxl",
+            _diffusers("stabilityai/stable-diffusion-xl-base-1.0"),
+        ),
+        Asset(
+            "hyper-sd",
+            "Hyper-SD 1-step weights: Hyper-SD15-1step-lora.safetensors (LoRA for sd15) and "
+            "Hyper-SDXL-1step-Unet.safetensors (U-Net for sdxl-base)",
+            (
+                Source(
+                    "ByteDance/Hyper-SD",
+                    ("Hyper-SD15-1step-lora.safetensors", "Hyper-SDXL-1step-Unet.safetensors"),
+                    weights=(
+                        "Hyper-SD15-1step-lora.safetensors",
+                        "Hyper-SDXL-1step-Unet.safetensors",
+                    ),
+                ),
+            ),
+        ),
     )
 }
 # other names accepted by --only (the seed's / issue's spellings) -> the asset's folder name

@@ -43,6 +43,8 @@ PRESETS: dict[str, Preset] = {
         Preset("sdxl-turbo", "stabilityai/sdxl-turbo", "sdxl", "sdxl-turbo"),
         Preset("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd15", "sd15"),
         Preset("flux-fill", "black-forest-labs/FLUX.1-Fill-dev", "flux-fill", "flux-fill"),
+        Preset("sd-turbo", "stabilityai/sd-turbo", "sd21", "sd-turbo"),
+        Preset("sdxl-base", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "sdxl-base"),
     )
 }
 

@@ -1,8 +1,10 @@
 """N: orthogonal-constrained noise (seed 001).
 
 Public API: :class:`PatchOrthogonal` (patch-wise orthogonal map ``z -> Q z``), :func:`patchify` /
-:func:`unpatchify`, :func:`orthogonality_error`, and the Gaussianity diagnostics
-:func:`gaussianity_report` / :func:`write_gaussianity_diagnostics`.
+:func:`unpatchify`, :func:`orthogonality_error`, the Gaussianity diagnostics
+:func:`gaussianity_report` / :func:`write_gaussianity_diagnostics`, the one-step generators
+(:class:`OneStepGenerator`, :func:`load_generator`) and test-time optimisation
+(:func:`optimize_prompts`, :func:`run_optimize`, :class:`OptimizeSettings`).
 
 Names are resolved lazily so that importing the CLI wiring (``diffalign.noise.cli``) does not
 import torch: ``diffalign --help`` stays fast.
@@ -23,15 +25,27 @@ _EXPORTS = {
     "unpatchify": "orthogonal",
     "gaussianity_report": "diagnostics",
     "write_gaussianity_diagnostics": "diagnostics",
+    "OneStepGenerator": "onestep",
+    "GENERATORS": "generators",
+    "load_generator": "generators",
+    "OptimizeSettings": "optimize",
+    "optimize_prompts": "optimize",
+    "run_optimize": "optimize",
 }
 
 __all__ = [
+    "GENERATORS",
+    "OneStepGenerator",
+    "OptimizeSettings",
     "PatchOrthogonal",
     "apply_patch_orthogonal",
     "gaussianity_report",
     "haar_orthogonal",
+    "load_generator",
+    "optimize_prompts",
     "orthogonality_error",
     "patchify",
+    "run_optimize",
     "skew_to_orthogonal",
     "unpatchify",
     "write_gaussianity_diagnostics",
@@ -39,6 +53,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from diffalign.noise.diagnostics import gaussianity_report, write_gaussianity_diagnostics
+    from diffalign.noise.generators import GENERATORS, load_generator
+    from diffalign.noise.onestep import OneStepGenerator
+    from diffalign.noise.optimize import OptimizeSettings, optimize_prompts, run_optimize
     from diffalign.noise.orthogonal import (
         PatchOrthogonal,
         apply_patch_orthogonal,

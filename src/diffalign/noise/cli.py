@@ -6,7 +6,7 @@ from diffalign.engine.cliutils import make_subparsers
 
 
 def register(sub) -> None:
-    from diffalign.noise import cli_theory
+    from diffalign.noise import cli_optimize, cli_theory
     from diffalign.noise.toy import cli as toy_cli
 
     parser = sub.add_parser(
@@ -16,6 +16,7 @@ def register(sub) -> None:
     )
     verbs = make_subparsers(parser)
     cli_theory.register(verbs)
+    cli_optimize.register(verbs)
     toy_cli.register(verbs)
 
 

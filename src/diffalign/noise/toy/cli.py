@@ -308,6 +308,10 @@ def register(verbs) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_run_evaluate)
 
+    from diffalign.noise.toy import cli_optimize
+
+    cli_optimize.register(sub)
+
 
 def register_demo(sub) -> None:
     """Add `diffalign demo`."""

@@ -1,0 +1,333 @@
+"""Benchmark of test-time noise optimisation (spec N; issue 7 "Benchmarks").
+
+1. **Overhead per step**: `optimize_prompts` (PatchOrthogonal Q per prompt, Q z, AdamW, best
+   tracking, history) against the *bare* loop that differentiates the same generator + reward
+   with respect to a plain leaf noise tensor (no Q, no optimiser, no bookkeeping). Both do the
+   same work otherwise: encode the prompts once, ``steps`` forward/backward passes and one final
+   forward. Time: medians of interleaved repeats. Memory (CPU): growth of the process's peak RSS
+   over the run, each variant in its own child process (``ru_maxrss`` after setup vs after the
+   run, median of 3), on CUDA ``max_memory_allocated``; and, deterministic, the bytes autograd
+   saves for the backward pass per step (saved-tensor hooks: the activation memory).
+2. **Batched prompts**: per-prompt time of optimising B = 1, 4, 8 prompts as one batch (one Q
+   each) against B runs of one prompt (ReNO's batch 1).
+
+Models: the tiny SDXL-Turbo pipeline of `make-tiny sdxl` and the tiny CLIP of `make-tiny clip`
+(random weights, real architectures and code paths), at 128 px unless told otherwise.
+
+    python bench/noise_optimize.py [--quick] [--size 128] [--steps 5] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = [
+    "a cinematic portrait of a girl in soft light",
+    "a red bicycle leaning on a wall",
+    "a bowl of ramen, top view",
+    "a lighthouse in a storm",
+    "an astronaut riding a horse",
+    "a cat wearing sunglasses",
+    "a watercolor of a mountain lake",
+    "a neon city street at night",
+]
+
+
+def _models(tmp: Path):
+    from diffalign.engine.tiny import make_tiny
+
+    for kind in ("sdxl", "clip"):
+        if not (tmp / kind).is_dir():
+            make_tiny(kind, tmp / kind)
+    return tmp / "sdxl", tmp / "clip"
+
+
+def _setup(tmp: Path, size: int, device: str):
+    from diffalign.engine.rewards import load_reward
+    from diffalign.noise.generators import load_generator
+
+    sdxl, clip = _models(tmp)
+    gen = load_generator(str(sdxl), "sdxl-turbo", height=size, width=size, device=device)
+    reward = load_reward("clip", device=device, clip_model=str(clip))
+    return gen, reward
+
+
+def bare_run(gen, reward, prompts, noise, steps: int) -> None:
+    """The baseline: generator + reward forward/backward w.r.t. a plain leaf noise."""
+    embeds = gen.encode_prompts(prompts)
+    z = noise.clone().to(gen.device).requires_grad_(True)
+    for _ in range(steps):
+        z.grad = None
+        (-reward(gen.generate(z, embeds), prompts).sum()).backward()
+    with torch.no_grad():
+        reward(gen.generate(z, embeds), prompts)
+
+
+def ours_run(gen, reward, prompts, noise, steps: int) -> None:
+    from diffalign.noise.optimize import OptimizeSettings, optimize_prompts
+
+    optimize_prompts(gen, reward, prompts, noise, OptimizeSettings(steps=steps, lr=0.01))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def overhead(gen, reward, steps: int, repeats: int, device: str, batch: int = 1) -> dict:
+    prompts = PROMPTS[:batch]
+    noise = gen.sample_noise(1, generator=torch.Generator().manual_seed(0)).repeat(batch, 1, 1, 1)
+    runs = {"bare": bare_run, "ours": ours_run}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for fn in runs.values():  # warm-up
+        fn(gen, reward, prompts, noise, 1)
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(_time(lambda fn=fn: fn(gen, reward, prompts, noise, steps), device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "batch": batch,
+        "steps": steps,
+        "bare_s_per_step": med["bare"] / (steps + 1),
+        "ours_s_per_step": med["ours"] / (steps + 1),
+        "time_ratio": med["ours"] / med["bare"],
+        "repeats": repeats,
+    }
+
+
+def batching(gen, reward, steps: int, repeats: int, device: str, sizes=(1, 4, 8)) -> list[dict]:
+    noise1 = gen.sample_noise(1, generator=torch.Generator().manual_seed(0))
+    ours_run(gen, reward, PROMPTS[:1], noise1, 1)  # warm-up
+    out = []
+    for b in sizes:
+        prompts = PROMPTS[:b]
+        noise = noise1.repeat(b, 1, 1, 1)
+        batched, single = [], []
+        for _ in range(repeats):
+            batched.append(
+                _time(lambda ps=prompts, n=noise: ours_run(gen, reward, ps, n, steps), device)
+            )
+            single.append(
+                _time(
+                    lambda ps=prompts: [ours_run(gen, reward, [q], noise1, steps) for q in ps],
+                    device,
+                )
+            )
+        tb, ts = statistics.median(batched), statistics.median(single)
+        out.append(
+            {
+                "B": b,
+                "batched_s_per_prompt_step": tb / b / (steps + 1),
+                "one_at_a_time_s_per_prompt_step": ts / b / (steps + 1),
+                "speedup": ts / tb,
+            }
+        )
+    return out
+
+
+def machinery_cost(steps: int, repeats: int, batches=(1, 4)) -> list[dict]:
+    """Absolute per-step cost of the optimisation machinery alone at SDXL-Turbo's real latent
+    size (4x64x64 = 512 px): the same two loops around a generator and reward that cost ~0, so
+    the difference is Q, Q z, the optimiser and the bookkeeping."""
+    from diffalign.engine.rewards import Reward
+    from diffalign.noise.onestep import OneStepGenerator
+
+    class FreeGenerator(OneStepGenerator):
+        def encode_prompts(self, prompts):
+            return {"prompt_embeds": torch.zeros(len(prompts), 77, 2048)}
+
+        def latent_shape(self, height=None, width=None):
+            return (4, 64, 64)
+
+        def generate(self, noise, embeds):
+            return torch.sigmoid(noise[:, :3])
+
+    class FreeReward(Reward):
+        def score(self, images, prompts):
+            return images.mean((1, 2, 3))
+
+    gen, reward = FreeGenerator(), FreeReward()
+    out = []
+    for b in batches:
+        noise = gen.sample_noise(1).repeat(b, 1, 1, 1)
+        times: dict[str, list[float]] = {"bare": [], "ours": []}
+        for _ in range(repeats):
+            for name, fn in (("bare", bare_run), ("ours", ours_run)):
+                t = _time(
+                    lambda fn=fn, ps=PROMPTS[:b], n=noise: fn(gen, reward, ps, n, steps), "cpu"
+                )
+                times[name].append(t / (steps + 1))
+        bare, ours = statistics.median(times["bare"]), statistics.median(times["ours"])
+        out.append({"batch": b, "machinery_ms_per_step": (ours - bare) * 1e3})
+    return out
+
+
+def _child(args) -> int:
+    """One variant in a fresh process: time and peak-memory growth of the run."""
+    torch.manual_seed(0)
+    gen, reward = _setup(Path(args.tmp), args.size, args.device)
+    prompts = PROMPTS[: args.batch]
+    noise = gen.sample_noise(1, generator=torch.Generator().manual_seed(0)).repeat(
+        args.batch, 1, 1, 1
+    )
+    fn = bare_run if args.child == "bare" else ours_run
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = _time(lambda: fn(gen, reward, prompts, noise, args.steps), args.device)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"variant": args.child, "seconds": t, "peak_rss_growth_kib": rss1 - rss0}
+    if args.device.startswith("cuda"):
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated() - base
+    print(json.dumps(out))
+    return 0
+
+
+def saved_for_backward(gen, reward, steps: int, batch: int = 1) -> dict:
+    """Bytes autograd keeps for the backward passes of a run (the activation memory that sets a
+    step's peak), counted with saved-tensor hooks; deterministic, unlike RSS."""
+    prompts = PROMPTS[:batch]
+    noise = gen.sample_noise(1, generator=torch.Generator().manual_seed(0)).repeat(batch, 1, 1, 1)
+    out = {}
+    for name, fn in (("bare", bare_run), ("ours", ours_run)):
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(gen, reward, prompts, noise, steps)
+        out[name] = total[0] / steps
+    return {
+        "metric": "saved_for_backward_bytes_per_step",
+        "bare": out["bare"],
+        "ours": out["ours"],
+        "ratio": out["ours"] / out["bare"],
+    }
+
+
+def memory(tmp: Path, size: int, steps: int, device: str, batch: int, repeats: int = 3) -> dict:
+    """Peak memory growth of a whole run, each variant in fresh child processes (median)."""
+    res: dict[str, list] = {"bare": [], "ours": []}
+    key = "peak_cuda_bytes" if device.startswith("cuda") else "peak_rss_growth_kib"
+    for _ in range(repeats):
+        for variant in ("bare", "ours"):
+            cmd = [sys.executable, __file__, "--child", variant, "--tmp", str(tmp)]
+            cmd += ["--size", str(size), "--steps", str(steps), "--device", device]
+            cmd += ["--batch", str(batch)]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            res[variant].append(json.loads(line.strip().splitlines()[-1])[key])
+    bare, ours = statistics.median(res["bare"]), statistics.median(res["ours"])
+    return {
+        "metric": key,
+        "image_size": size,
+        "bare": bare,
+        "ours": ours,
+        "ratio": ours / max(1, bare),
+        "runs": res,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
+    p.add_argument(
+        "--mem-size",
+        type=int,
+        default=512,
+        help="image size of the memory runs (default 512: activations must outgrow the setup)",
+    )
+    p.add_argument("--steps", type=int, default=5, help="optimisation steps per run (default 5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; quick 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("DIFFALIGN_NO_PROGRESS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        return _child(args)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    repeats = args.repeats or (2 if args.quick else 5)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        gen, reward = _setup(tmp, args.size, args.device)
+        results = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}",
+            "load_average_before": os.getloadavg(),
+            "device": args.device,
+            "image_size": args.size,
+            "latent": list(gen.latent_shape()),
+            "overhead": [
+                overhead(gen, reward, args.steps, repeats, args.device, b) for b in (1, 4)
+            ],
+            "saved_for_backward": saved_for_backward(gen, reward, args.steps),
+            "machinery_at_512px_latent": machinery_cost(20, repeats),
+            "memory": memory(tmp, args.mem_size, args.steps, args.device, 1),
+            "batching": batching(
+                gen, reward, args.steps, max(1, repeats // 2), args.device, (1, 4, 8)
+            ),
+            "load_average_after": os.getloadavg(),
+        }
+    for o in results["overhead"]:
+        print(
+            f"overhead B={o['batch']}: bare {o['bare_s_per_step'] * 1e3:.1f} ms/step, ours "
+            f"{o['ours_s_per_step'] * 1e3:.1f} ms/step, time ratio {o['time_ratio']:.3f}"
+        )
+    for mc in results["machinery_at_512px_latent"]:
+        print(
+            f"machinery alone at the 4x64x64 latent, B={mc['batch']}: "
+            f"{mc['machinery_ms_per_step']:.2f} ms/step"
+        )
+    sv = results["saved_for_backward"]
+    print(
+        f"saved for backward per step ({args.size} px): bare {sv['bare'] / 2**20:.2f} MiB, ours "
+        f"{sv['ours'] / 2**20:.2f} MiB, ratio {sv['ratio']:.4f}"
+    )
+    m = results["memory"]
+    print(
+        f"memory ({m['metric']}, {m['image_size']} px): bare {m['bare']}, ours {m['ours']}, ratio {m['ratio']:.3f}"
+    )
+    for b in results["batching"]:
+        print(
+            f"B={b['B']}: batched {b['batched_s_per_prompt_step'] * 1e3:.1f} ms per prompt-step, "
+            f"one at a time {b['one_at_a_time_s_per_prompt_step'] * 1e3:.1f}, speedup "
+            f"{b['speedup']:.2f}x"
+        )
+    print(
+        f"load average before/after: {results['load_average_before']} / "
+        f"{results['load_average_after']}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

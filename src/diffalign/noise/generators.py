@@ -1,0 +1,428 @@
+"""Real one-step diffusion generators behind one interface (spec N; issue "Generators").
+
+Each generator runs its diffusers pipeline's own one-step path, differentiably from the initial
+noise through the U-Net, the scheduler step and the VAE decoder:
+
+    latents = z * init_noise_sigma
+    eps     = unet(scheduler.scale_model_input(latents, t), t, text conditioning)
+    x0      = scheduler.step(eps, t, latents).prev_sample      (the last step: no noise added)
+    image   = (vae.decode(x0 / scaling_factor) / 2 + 0.5).clamp(0, 1)
+
+which equals ``pipe(prompt, num_inference_steps=1, guidance_scale=0, latents=z,
+output_type="pt")`` (tested per generator on tiny models). Kinds (DIFFUSERS-FACTS "SDXL-Turbo
+one step", "One-step generators"):
+
+- ``sdxl-turbo``: SDXL-Turbo, EulerAncestral with trailing spacing, t = 999, 512 px;
+- ``sd-turbo``: SD-Turbo (SD 2.1 U-Net), Euler with trailing spacing, t = 999, 512 px;
+- ``hyper-sd15``: SD 1.5 + the Hyper-SD 1-step LoRA (fused), TCD, eta 1, t = 999, 512 px;
+- ``hyper-sdxl``: SDXL base with the Hyper-SDXL 1-step U-Net, LCM at timestep 800, 1024 px.
+
+Precision: ``dtype`` for the U-Net and text encoders; the VAE runs in float32 when the model
+runs in fp16/bf16 (the seed's VAE upcast), unless ``vae`` names another VAE (e.g. the fp16-fix
+SDXL VAE), which then runs in ``dtype``. Gradient checkpointing of the U-Net and the VAE decoder
+is on by default (it only acts while gradients are recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffalign.engine.errors import DiffalignError
+from diffalign.noise.onestep import OneStepGenerator, PromptEmbeds
+
+__all__ = [
+    "GENERATORS",
+    "DiffusionOneStepGenerator",
+    "GeneratorSpec",
+    "OneStepGenerator",
+    "load_generator",
+]
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """One generator kind: its pipeline family, default model, scheduler and extra weights."""
+
+    name: str
+    pipeline: str  # "sdxl" | "sd"
+    family: str  # the `load_pipeline` family of its base model
+    default_model: str  # preset of the base pipeline
+    scheduler: str  # "euler_ancestral" | "euler" | "tcd" | "lcm"
+    size: int  # default image height = width
+    timesteps: tuple[int, ...] | None = None  # explicit timesteps (LCM at 800)
+    eta: float | None = None  # TCD's eta
+    weights: str | None = None  # "lora" | "unet": extra weights applied to the base model
+    weights_file: str | None = None  # file name in the release (models/hyper-sd/<file>)
+    weights_asset: str | None = None  # `diffalign download --only` name of that file
+
+
+GENERATORS: dict[str, GeneratorSpec] = {
+    s.name: s
+    for s in (
+        GeneratorSpec("sdxl-turbo", "sdxl", "sdxl", "sdxl-turbo", "euler_ancestral", 512),
+        GeneratorSpec("sd-turbo", "sd", "sd21", "sd-turbo", "euler", 512),
+        GeneratorSpec(
+            "hyper-sd15",
+            "sd",
+            "sd15",
+            "sd15",
+            "tcd",
+            512,
+            eta=1.0,
+            weights="lora",
+            weights_file="Hyper-SD15-1step-lora.safetensors",
+            weights_asset="hyper-sd",
+        ),
+        GeneratorSpec(
+            "hyper-sdxl",
+            "sdxl",
+            "sdxl",
+            "sdxl-base",
+            "lcm",
+            1024,
+            timesteps=(800,),
+            weights="unet",
+            weights_file="Hyper-SDXL-1step-Unet.safetensors",
+            weights_asset="hyper-sd",
+        ),
+    )
+}
+
+
+def _scheduler(kind: str, config):
+    from diffusers import (
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        LCMScheduler,
+        TCDScheduler,
+    )
+
+    if kind == "euler_ancestral":
+        return EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    if kind == "euler":
+        return EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    if kind == "tcd":
+        return TCDScheduler.from_config(config)
+    if kind == "lcm":
+        return LCMScheduler.from_config(config)
+    raise DiffalignError(f"unknown scheduler kind {kind!r}")
+
+
+class DiffusionOneStepGenerator(OneStepGenerator):
+    """A diffusers SD / SDXL pipeline run as a differentiable one-step generator (module doc)."""
+
+    def __init__(
+        self,
+        pipe,
+        spec: GeneratorSpec,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        gradient_checkpointing: bool = True,
+        vae_upcast: bool = True,
+    ) -> None:
+        super().__init__()
+        self.name = spec.name
+        self.spec = spec
+        self.pipe = pipe
+        self.unet = pipe.unet.eval().requires_grad_(False)
+        self.vae = pipe.vae.eval().requires_grad_(False)
+        for name in ("text_encoder", "text_encoder_2"):
+            enc = getattr(pipe, name, None)
+            if enc is not None:
+                enc.eval().requires_grad_(False)
+        self.scheduler = _scheduler(spec.scheduler, pipe.scheduler.config)
+        pipe.scheduler = self.scheduler  # the pipeline reference uses the same scheduler
+        self.dtype = self.unet.dtype
+        if vae_upcast and self.vae.dtype in (torch.float16, torch.bfloat16):
+            self.vae.to(torch.float32)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.height = height or spec.size
+        self.width = width or spec.size
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if getattr(self.vae, "_supports_gradient_checkpointing", False):
+                self.vae.enable_gradient_checkpointing()
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """What the pipeline call needs to take the same one step (for reference checks)."""
+        kw: dict[str, Any] = {"num_inference_steps": 1, "guidance_scale": 0.0}
+        if self.spec.timesteps:
+            kw["timesteps"] = list(self.spec.timesteps)
+        if self.spec.eta is not None:
+            kw["eta"] = self.spec.eta
+        return kw
+
+    # ---------------------------------------------------------------- interface
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple:
+        h, w = height or self.height, width or self.width
+        f = self.vae_scale_factor
+        if h % f or w % f:
+            raise DiffalignError(f"--height/--width ({h}x{w}) must be multiples of {f}")
+        return (self.unet.config.in_channels, h // f, w // f)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        prompts = [str(p) for p in prompts]
+        if self.spec.pipeline == "sdxl":
+            pe, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+            return {
+                "prompt_embeds": pe.to(self.dtype),
+                "pooled_prompt_embeds": pooled.to(self.dtype),
+            }
+        pe, _ = self.pipe.encode_prompt(
+            prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"prompt_embeds": pe.to(self.dtype)}
+
+    def _timestep(self) -> torch.Tensor:
+        if self.spec.timesteps:
+            self.scheduler.set_timesteps(timesteps=list(self.spec.timesteps), device=self.device)
+        else:
+            self.scheduler.set_timesteps(1, device=self.device)
+        return self.scheduler.timesteps[0]
+
+    def _unet_kwargs(self, embeds: PromptEmbeds, height: int, width: int) -> dict[str, Any]:
+        kw: dict[str, Any] = {"encoder_hidden_states": embeds["prompt_embeds"]}
+        if self.spec.pipeline == "sdxl":
+            b = embeds["prompt_embeds"].shape[0]
+            time_ids = torch.tensor(
+                [[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device
+            ).repeat(b, 1)  # original size, crop (0, 0), target size: the pipeline's defaults
+            kw["added_cond_kwargs"] = {
+                "text_embeds": embeds["pooled_prompt_embeds"],
+                "time_ids": time_ids,
+            }
+        return kw
+
+    def denoise(self, noise: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        """The one denoising step: ``x0`` latents (float32) from the initial noise."""
+        self.check_noise(noise, embeds)
+        t = self._timestep()
+        latents = noise.to(self.device, torch.float32) * self.scheduler.init_noise_sigma
+        model_in = self.scheduler.scale_model_input(latents, t).to(self.dtype)
+        h, w = (s * self.vae_scale_factor for s in noise.shape[-2:])
+        eps = self.unet(model_in, t, **self._unet_kwargs(embeds, h, w), return_dict=False)[0]
+        kwargs = {"eta": self.spec.eta} if self.spec.eta is not None else {}
+        return self.scheduler.step(eps.float(), t, latents, **kwargs, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode to images in [0, 1] (the pipelines' latent scaling and postprocessing)."""
+        cfg = self.vae.config
+        x = latents.to(self.vae.dtype)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            x = x * std_t / cfg.scaling_factor + mean_t
+        else:
+            x = x / cfg.scaling_factor
+        image = self.vae.decode(x, return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def generate(self, noise: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        return self.decode(self.denoise(noise, embeds))
+
+
+# ------------------------------------------------------------------ loading
+
+
+def infer_generator_kind(model: str) -> str:
+    """The generator kind of ``--model``: a kind's name, else from the pipeline class."""
+    if model in GENERATORS:
+        return model
+    from diffalign.engine.loading import resolve_model
+
+    resolved = resolve_model(model)
+    if resolved.preset in GENERATORS:
+        return resolved.preset
+    if resolved.kind == "folder":
+        index = Path(resolved.source) / "model_index.json"
+        try:
+            cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            cls = ""
+        if cls.startswith("StableDiffusionXL"):
+            return "sdxl-turbo"
+        if cls.startswith("StableDiffusion"):
+            return "sd-turbo"
+    raise DiffalignError(
+        f"cannot tell which one-step generator --model {model} is; pass --generator "
+        f"{'|'.join(GENERATORS)}"
+    )
+
+
+def default_weights_path(spec: GeneratorSpec) -> Path | None:
+    """Where `diffalign download --only hyper-sd` puts the kind's extra weights."""
+    if spec.weights_file is None:
+        return None
+    from diffalign.engine.loading import LEGACY_MODELS_DIR, models_dir
+
+    for base in (models_dir(), Path(LEGACY_MODELS_DIR)):
+        cand = base / str(spec.weights_asset) / spec.weights_file
+        if cand.is_file():
+            return cand
+    return models_dir() / str(spec.weights_asset) / spec.weights_file
+
+
+def _apply_lora(pipe, path: Path, spec: GeneratorSpec) -> int:
+    """Load and fuse a LoRA file (kohya `lora_unet_*` or diffusers/peft keys) into the U-Net;
+    return how many U-Net weights it changed (0 means the file does not fit this U-Net)."""
+    from diffalign.engine.io import load_tensors
+
+    tensors, _ = load_tensors(path)  # safetensors only in practice; .pt via weights_only
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items() if k.endswith("weight")}
+    try:
+        pipe.load_lora_weights(tensors, adapter_name="onestep")
+        pipe.fuse_lora(adapter_names=["onestep"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DiffalignError(f"{path}: not a {spec.name} LoRA for this model ({first})") from None
+    after = pipe.unet.state_dict()
+    changed = 0
+    for k, v in before.items():
+        key = k if k in after else k.replace(".weight", ".base_layer.weight")
+        if key in after and not torch.equal(after[key], v):
+            changed += 1
+    if changed == 0:
+        raise DiffalignError(f"{path}: no LoRA weight in it matches this model's U-Net")
+    return changed
+
+
+def _apply_unet(pipe, path: Path, spec: GeneratorSpec) -> None:
+    from diffalign.engine.io import load_tensors
+
+    tensors, _ = load_tensors(path)
+    missing, unexpected = [], []
+    state = pipe.unet.state_dict()
+    missing = sorted(set(state) - set(tensors))
+    unexpected = sorted(set(tensors) - set(state))
+    bad_shape = [k for k in tensors if k in state and tensors[k].shape != state[k].shape]
+    if missing or unexpected or bad_shape:
+        detail = (
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(bad_shape)} of the wrong "
+            f"shape (e.g. {(missing + unexpected + bad_shape)[0]})"
+        )
+        raise DiffalignError(
+            f"{path}: not a {spec.name} U-Net for this base model ({detail}); it must be a "
+            "diffusers UNet2DConditionModel state dict"
+        )
+    pipe.unet.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()})
+
+
+def _expected_components(spec: GeneratorSpec) -> dict[str, type]:
+    """Components the one-step path uses (SDXL pipelines list the text encoders as optional,
+    so a folder without them would load and fail later)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
+
+    expect = {
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "tokenizer": PreTrainedTokenizerBase,
+    }
+    if spec.pipeline == "sdxl":
+        expect.update(
+            text_encoder_2=CLIPTextModelWithProjection, tokenizer_2=PreTrainedTokenizerBase
+        )
+    return expect
+
+
+def load_generator(
+    model: str | None = None,
+    generator: str | None = None,
+    *,
+    weights: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    vae: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    gradient_checkpointing: bool = True,
+) -> DiffusionOneStepGenerator:
+    """Load a one-step generator through ``engine.loading.load_pipeline`` (spec E).
+
+    ``model``: a generator kind (``sdxl-turbo``, ``sd-turbo``, ``hyper-sd15``, ``hyper-sdxl``;
+    the base model then comes from its preset), a preset, a local pipeline folder or a Hub id.
+    ``generator`` names the kind when ``model`` does not say it. ``weights``: the Hyper-SD LoRA
+    / U-Net file (default: ``models/hyper-sd/<release file name>``). ``vae``: another VAE (e.g.
+    the fp16-fix SDXL VAE), run in ``dtype``.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from diffalign.engine.loading import load_pipeline, load_vae, parse_dtype
+
+    if generator is not None and generator not in GENERATORS:
+        raise DiffalignError(
+            f"unknown generator '{generator}'; choose one of {', '.join(GENERATORS)}"
+        )
+    kind = generator or infer_generator_kind(model or "sdxl-turbo")
+    spec = GENERATORS[kind]
+    base = spec.default_model if model in (None, kind) else str(model)
+    torch_dtype = parse_dtype(dtype)
+    if os.environ.get("DIFFALIGN_NO_PROGRESS"):
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe_cls = StableDiffusionXLPipeline if spec.pipeline == "sdxl" else StableDiffusionPipeline
+    components: dict[str, Any] = {}
+    if spec.pipeline == "sd":
+        components.update(safety_checker=None, requires_safety_checker=False)
+    if vae is not None:
+        from diffalign.engine.loading import resolve_model
+
+        resolved = resolve_model(base, spec.family)
+        components["vae"] = load_vae(
+            vae, config=resolved.source, dtype=torch_dtype, family=spec.family
+        )
+    pipe = load_pipeline(
+        base,
+        pipe_cls,
+        spec.family,
+        dtype=torch_dtype,
+        device=None,
+        expect=_expected_components(spec),
+        **components,
+    )
+    if spec.weights is not None:
+        path = Path(weights) if weights else default_weights_path(spec)
+        if not path.is_file():
+            raise DiffalignError(
+                f"{spec.name} needs {spec.weights_file}: {path} not found; fetch it with "
+                f"`diffalign download --only {spec.weights_asset}` or pass --weights FILE"
+            )
+        if spec.weights == "lora":
+            _apply_lora(pipe, path, spec)
+        else:
+            _apply_unet(pipe, path, spec)
+    elif weights:
+        raise DiffalignError(f"--weights is for hyper-sd15 / hyper-sdxl, not {spec.name}")
+    pipe.to(device)
+    return DiffusionOneStepGenerator(
+        pipe,
+        spec,
+        height=height,
+        width=width,
+        gradient_checkpointing=gradient_checkpointing,
+        vae_upcast=vae is None,
+    )

@@ -1,0 +1,97 @@
+"""The one-step generator interface every noise method works on (spec N; STYLE: method once).
+
+A one-step generator maps an initial noise ``z [B, C, h, w]`` and encoded prompts to images in
+``[0, 1]``, differentiably from ``z``. Test-time optimisation (:mod:`diffalign.noise.optimize`)
+only talks to this interface; the real diffusion generators (SDXL-Turbo, SD-Turbo, Hyper-SD, in
+:mod:`diffalign.noise.generators`) and the toy GAN (:mod:`diffalign.noise.toy.onestep`) are two
+implementations of it.
+
+Encoded prompts are a dict of batch-first tensors, so a batch can be sliced and repeated with
+:func:`select_embeds` / :func:`repeat_embeds` whatever the model puts in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from diffalign.engine.errors import DiffalignError
+
+PromptEmbeds = dict[str, torch.Tensor]
+
+
+class OneStepGenerator(nn.Module):
+    """``generate(noise, encode_prompts(prompts)) -> images [B, C, H, W] in [0, 1]``.
+
+    Subclasses set ``name`` and implement the three methods below. ``generate`` must be
+    differentiable with respect to ``noise``; parameters of the model itself are frozen.
+    """
+
+    name: str = "generator"
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Encode a batch of prompts once (no gradient needed): dict of ``[B, ...]`` tensors."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple:
+        """``(C, h, w)`` of the initial noise for an image of ``height x width`` pixels."""
+        raise NotImplementedError
+
+    def generate(self, noise: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        """Images in ``[0, 1]`` from ``noise [B, C, h, w]`` and ``B`` encoded prompts."""
+        raise NotImplementedError
+
+    def forward(self, noise: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        return self.generate(noise, embeds)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def sample_noise(
+        self,
+        n: int,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``n`` standard-normal float32 latents on the CPU (seeded through ``generator``)."""
+        return torch.randn((n, *self.latent_shape(height, width)), generator=generator)
+
+    def check_noise(self, noise: torch.Tensor, embeds: PromptEmbeds) -> None:
+        """One-line errors for a noise batch that does not fit the prompts or the model."""
+        if noise.ndim != 4:
+            raise DiffalignError(f"noise must be [B, C, h, w], got {tuple(noise.shape)}")
+        n = embeds_batch_size(embeds)
+        if noise.shape[0] != n:
+            raise DiffalignError(f"got {noise.shape[0]} noises for {n} encoded prompts")
+
+
+def embeds_batch_size(embeds: PromptEmbeds) -> int:
+    sizes = {int(v.shape[0]) for v in embeds.values()}
+    if len(sizes) != 1:
+        raise DiffalignError(f"encoded prompts disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def select_embeds(
+    embeds: PromptEmbeds, index: torch.Tensor | Sequence[int] | slice
+) -> PromptEmbeds:
+    """Rows ``index`` of every tensor of an encoded prompt batch."""
+    if not isinstance(index, slice):
+        index = torch.as_tensor(index, dtype=torch.long)
+    return {
+        k: v[index] if isinstance(index, slice) else v[index.to(v.device)]
+        for k, v in embeds.items()
+    }
+
+
+def repeat_embeds(embeds: PromptEmbeds, repeats: int) -> PromptEmbeds:
+    """Each prompt ``repeats`` times in a row (``[a, b] -> [a, a, b, b]``)."""
+    if repeats == 1:
+        return embeds
+    return {k: v.repeat_interleave(repeats, dim=0) for k, v in embeds.items()}
