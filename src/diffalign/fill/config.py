@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,57 +148,14 @@ def _field_types() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(FillTrainConfig)}
 
 
-def _base_type(tp: Any) -> tuple[type, bool]:
-    """(scalar type, optional) of `int | None`, `str`, ..."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return inner[0], True
-    return tp, False
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
 def convert_value(key: str, value: Any) -> Any:
     """`value` (from YAML or a `--key value` string) as the schema's type of `key`."""
+    from diffalign.engine.config_values import coerce_value
+
     types_ = _field_types()
     if key not in types_:
         raise DiffalignError(f"unknown config key '{key}' (known: {', '.join(sorted(types_))})")
-    tp, optional = _base_type(types_[key])
-    if value is None or (
-        isinstance(value, str) and optional and value.strip().lower() in ("null", "none", "")
-    ):
-        if not optional:
-            raise DiffalignError(f"{key}: a value is required")
-        return None
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(str(value).strip()) if isinstance(value, str) else int(value)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError
-            return out
-        if isinstance(value, dict | list):
-            raise ValueError
-        return str(value)
-    except ValueError:
-        raise DiffalignError(f"{key}: {value!r} is not a valid {tp.__name__}") from None
+    return coerce_value(key, types_[key], value)
 
 
 def load_config(

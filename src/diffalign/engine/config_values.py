@@ -1,0 +1,77 @@
+"""Typed values for dataclass-schema configs: a YAML value or a `--key value` command-line string
+converted to a field's annotation (`int`, `float`, `bool`, `str`, `list[str]`, each optionally
+`| None`), with one DiffalignError line naming the key. Used by the capabilities' YAML configs."""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from typing import Any
+
+from diffalign.engine.errors import DiffalignError
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+NULL_WORDS = frozenset({"null", "none", ""})
+
+
+def base_type(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of an annotation such as `int | None` or `list[str]` (strings
+    from `from __future__ import annotations` are evaluated)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"list": list}, {})
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return inner[0], True
+    return annotation, False
+
+
+def coerce_value(key: str, annotation: Any, value: Any, where: str = "") -> Any:
+    """`value` as the type of field `key`; `where` prefixes the error (e.g. the config file).
+
+    Booleans accept true/false/yes/no/on/off/1/0; ints refuse fractions and booleans; floats
+    must be finite; `null`/`none` is None for optional fields only."""
+    prefix = f"{where}: " if where else ""
+    tp, optional = base_type(annotation)
+    if value is None or (
+        isinstance(value, str) and optional and value.strip().lower() in NULL_WORDS
+    ):
+        if not optional:
+            raise DiffalignError(f"{prefix}{key}: a value is required")
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in TRUE_WORDS:
+                return True
+            if text in FALSE_WORDS:
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value.strip()) if isinstance(value, str) else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+            return out
+        if typing.get_origin(tp) is list or tp is list:
+            if isinstance(value, str):
+                from diffalign.engine.cliutils import split_list
+
+                return split_list(value)
+            if isinstance(value, list):
+                return [str(v) for v in value]
+            raise ValueError
+        if isinstance(value, dict | list):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        kind = getattr(tp, "__name__", str(tp))
+        raise DiffalignError(f"{prefix}{key}: {value!r} is not a valid {kind}") from None
