@@ -39,3 +39,22 @@ def test_bad_values_name_the_key(annotation, value):
 def test_null_for_a_required_field():
     with pytest.raises(DiffalignError, match="the_key: a value is required"):
         coerce_value("the_key", int, None)
+
+
+def test_read_yaml_mapping(tmp_path):
+    from diffalign.engine.config_values import read_yaml_mapping
+
+    p = tmp_path / "c.yaml"
+    p.write_text("a: 1\nb: [x, y]\n")
+    assert read_yaml_mapping(p) == {"a": 1, "b": ["x", "y"]}
+    p.write_text("")
+    assert read_yaml_mapping(p) == {}
+    for text, words in (("- 1\n- 2\n", "mapping"), ("a: [\n", "not valid YAML")):
+        p.write_text(text)
+        with pytest.raises(DiffalignError, match=words):
+            read_yaml_mapping(p)
+    p.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DiffalignError, match="not valid YAML"):
+        read_yaml_mapping(p)
+    with pytest.raises(DiffalignError, match="not found"):
+        read_yaml_mapping(tmp_path / "none.yaml")

@@ -5,8 +5,10 @@ converted to a field's annotation (`int`, `float`, `bool`, `str`, `list[str]`, e
 from __future__ import annotations
 
 import math
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from diffalign.engine.errors import DiffalignError
@@ -75,3 +77,23 @@ def coerce_value(key: str, annotation: Any, value: Any, where: str = "") -> Any:
     except (TypeError, ValueError):
         kind = getattr(tp, "__name__", str(tp))
         raise DiffalignError(f"{prefix}{key}: {value!r} is not a valid {kind}") from None
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file ({} when empty); a missing file, invalid YAML
+    or another top-level value is one DiffalignError line naming the file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise DiffalignError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DiffalignError(f"{p}: not valid YAML ({first})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise DiffalignError(f"{p}: expected a mapping of config keys")
+    return {str(k): v for k, v in raw.items()}

@@ -164,25 +164,13 @@ def load_config(
     """The YAML file at `path` (if any) with `overrides` on top, typed and validated."""
     values: dict[str, Any] = {}
     if path is not None:
-        import yaml
+        from diffalign.engine.config_values import read_yaml_mapping
 
-        p = Path(path)
-        if not p.is_file():
-            raise DiffalignError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DiffalignError(f"{p}: not valid YAML ({first})") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise DiffalignError(f"{p}: expected a mapping of config keys")
-        for k, v in raw.items():
+        for k, v in read_yaml_mapping(path).items():
             try:
-                values[str(k)] = convert_value(str(k), v)
+                values[k] = convert_value(k, v)
             except DiffalignError as e:
-                raise DiffalignError(f"{p}: {e}") from None
+                raise DiffalignError(f"{path}: {e}") from None
     for k, v in (overrides or {}).items():
         values[k.replace("-", "_")] = convert_value(k.replace("-", "_"), v)
     config = FillTrainConfig(**values)
