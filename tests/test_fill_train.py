@@ -329,6 +329,46 @@ def test_resume_with_other_heads_or_objective_is_one_line(flux, triptychs, tmp_p
     assert (out / "checkpoint-final/semantic_module.safetensors").is_file()
 
 
+def test_a_second_run_into_a_locked_folder_is_refused_before_writing(
+    flux, triptychs, tmp_path, capsys
+):
+    """Another process holds the run folder: `fill train` is one error line and writes nothing
+    there (not even the text cache, filled before the training loop starts)."""
+    import os
+    import subprocess
+    import sys
+
+    from diffalign.cli import main
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from diffalign.engine.io import output_lock\n"
+            "with output_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        args = tiny_train_args(flux, triptychs, out, max_steps=1, cache_text="true")
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use" in err[0] and str(out) in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == [".diffalign.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_loop_options_fail_before_anything_is_written(tmp_path, capsys):
     from diffalign.cli import main
 

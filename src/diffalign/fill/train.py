@@ -430,11 +430,21 @@ def train_config(cfg: FillTrainConfig) -> TrainConfig:
 
 
 def run_train(cfg: FillTrainConfig, log=print):
-    """Train (or resume) and add the Fill facts to summary.json; returns the TrainResult."""
-    from diffalign.engine.reports import write_summary
+    """Train (or resume) and add the Fill facts to summary.json; returns the TrainResult.
+
+    The output folder is locked for the whole run (text cache, training, the summary written
+    after the loop): a second run into the same folder is one error line before it writes."""
+    from diffalign.engine.io import output_lock
 
     loop = train_config(cfg)
     loop.validate()  # the loop's options fail before the model loads or anything is written
+    with output_lock(cfg.output_dir, "training output folder"):  # the loop re-enters it
+        return _run_train(cfg, loop, log)
+
+
+def _run_train(cfg: FillTrainConfig, loop: TrainConfig, log):
+    from diffalign.engine.reports import write_summary
+
     torch.manual_seed(cfg.seed)  # the module's and LoRA's initial weights
     task = FillTrainTask(cfg, log=log)
     result = train(task, loop)
