@@ -297,7 +297,8 @@ class FillTrainTask(TrainTask):
                 f"[fill] step 0 shapes: panels {list(batch['visible'].shape)}, x_0 "
                 f"{list(x0.shape)}, cond {list(enc['cond'].shape)}, semantic tokens "
                 f"{list(sem.shape) if sem is not None else None}, transformer input "
-                f"{[*x0.shape[:2], x0.shape[2] + enc['cond'].shape[2]]}"
+                f"{[*x0.shape[:2], x0.shape[2] + enc['cond'].shape[2]]}, cross-attention "
+                f"scale per layer {semantic_scales(self.semantic)}"
             )
         out: dict[str, Any] = {"loss": self.loss(enc, x1, t)}
         for i, s in enumerate(semantic_scales(self.semantic)):
