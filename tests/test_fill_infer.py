@@ -272,3 +272,29 @@ def test_infer_on_an_absent_gpu_is_one_line(flux, tmp_path, capsys):
     err = _one_line_error(capsys, [*base, "--output", str(out), "--device", "tpu9"])
     assert "unknown device" in err
     assert not out.exists()
+
+
+def test_a_flux_dev_transformer_is_one_line(flux, tmp_path, capsys):
+    """A FLUX.1-dev-style transformer (64 input channels, no fill condition) in a Fill folder."""
+    import json
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    model = tmp_path / "flux-dev-like"
+    shutil.copytree(flux, model)
+    cfg = json.loads((model / "transformer/config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    FluxTransformer2DModel(**{**cfg, "in_channels": 64}).save_pretrained(model / "transformer")
+    vis = write_image(tmp_path / "v.png", (16, 16))
+    out = tmp_path / "out"
+    err = _one_line_error(
+        capsys,
+        ["fill", "infer", "--model", str(model), "--visible", str(vis), "--prompt", "p"]
+        + ["--output", str(out), "--steps", "1"],
+    )
+    assert "64 input" in err and "384" in err and "FLUX.1-Fill" in err
+    assert not out.exists()
+    data = write_triptychs(tmp_path / "data", n=1)
+    err = _one_line_error(capsys, tiny_train_args(str(model), data, tmp_path / "run"))
+    assert "384" in err

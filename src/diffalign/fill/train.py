@@ -73,7 +73,27 @@ def load_fill_pipeline(model: str, dtype: str = "float32"):
         dlogging.enable_progress_bar()
         tlogging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
+    check_fill_channels(pipe, model)
     return pipe
+
+
+def check_fill_channels(pipe, model: str) -> None:
+    """The transformer must take `[latents | masked-image latents | packed mask]` tokens (FLUX.1-
+    Fill: 64 + 64 + 256 = 384) and predict latent-width tokens; a FLUX.1-dev transformer (64
+    inputs) or a VAE of another width is one error line."""
+    from diffalign.fill.encode import FillEncoder
+
+    enc = FillEncoder(pipe)
+    cfg = pipe.transformer.config
+    want_in = enc.latent_dim + enc.cond_dim
+    out = cfg.get("out_channels") or cfg.get("in_channels")
+    if cfg.get("in_channels") != want_in or out != enc.latent_dim:
+        raise DiffalignError(
+            f"--model {model}: its transformer takes {cfg.get('in_channels')} input and "
+            f"{out} output channels; FLUX Fill with this VAE needs {want_in} = "
+            f"{enc.latent_dim} latent + {enc.cond_dim} fill-condition inputs and "
+            f"{enc.latent_dim} outputs (is it a FLUX.1-Fill model?)"
+        )
 
 
 def latent_width(pipe: Any) -> int:
