@@ -160,6 +160,15 @@ def test_infer_end_to_end_single_and_folder(flux, trained, tmp_path):
     assert read_json(many / "summary.json")["written"] == 3
     assert main(fargs) == 0  # a rerun keeps what is there
     assert read_json(many / "summary.json")["kept_existing"] == 3
+    # a rerun asking for diptychs makes the missing ones (and the same target panels)
+    before = (many / "im2.png").read_bytes()
+    assert main([*fargs, "--save-diptych"]) == 0
+    assert sorted(p.name for p in many.glob("im*_diptych.png")) == [
+        "im0_diptych.png",
+        "im1_diptych.png",
+        "im2_diptych.png",
+    ]
+    assert (many / "im2.png").read_bytes() == before
 
 
 def test_infer_bad_inputs_are_one_line_and_keep_outputs(flux, trained, tmp_path, capsys):

@@ -467,7 +467,9 @@ def run_infer(
         todo = [
             (i, r)
             for i, r in enumerate(records)
-            if overwrite or not (out / f"{r['name']}.png").is_file()
+            if overwrite
+            or not (out / f"{r['name']}.png").is_file()
+            or (save_diptych and not (out / f"{r['name']}_diptych.png").is_file())
         ]
         done_before = len(records) - len(todo)
         bar = progress(total=len(todo), desc="fill infer")
