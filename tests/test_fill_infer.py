@@ -160,6 +160,11 @@ def test_infer_end_to_end_single_and_folder(flux, trained, tmp_path):
     assert read_json(many / "summary.json")["written"] == 3
     assert main(fargs) == 0  # a rerun keeps what is there
     assert read_json(many / "summary.json")["kept_existing"] == 3
+    assert [e["name"] for e in read_json(many / "summary.json")["images"]] == [
+        "im0",
+        "im1",
+        "im2",
+    ]
     # a rerun asking for diptychs makes the missing ones (and the same target panels)
     before = (many / "im2.png").read_bytes()
     assert main([*fargs, "--save-diptych"]) == 0

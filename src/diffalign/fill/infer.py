@@ -397,6 +397,23 @@ def build_model(
     return SemanticFillTransformer(pipe.transformer, module, guidance).eval()
 
 
+def _kept_entries(summary_path: Path, records: list[dict], todo: list) -> list[dict]:
+    """The previous summary's entries of the images this run kept (a rerun after a stop)."""
+    from diffalign.engine.io import read_json
+
+    redone = {r["name"] for _, r in todo}
+    kept = {r["name"] for r in records} - redone
+    if not kept or not summary_path.is_file():
+        return []
+    try:
+        old = read_json(summary_path).get("images", [])
+    except (DiffalignError, AttributeError, OSError, UnicodeDecodeError):
+        return []
+    if not isinstance(old, list):
+        return []
+    return [e for e in old if isinstance(e, dict) and e.get("name") in kept]
+
+
 def run_infer(
     *,
     model: str,
@@ -529,7 +546,7 @@ def run_infer(
             "inputs": len(records),
             "written": len(written),
             "kept_existing": done_before,
-            "images": written,
+            "images": _kept_entries(out / "summary.json", records, todo) + written,
             "save_diptych": save_diptych,
             "semantic_layout": semantic_layout if fill_model.semantic is not None else None,
             "seconds": round(time.perf_counter() - t0, 3),
