@@ -58,3 +58,13 @@ def test_read_yaml_mapping(tmp_path):
         read_yaml_mapping(p)
     with pytest.raises(DiffalignError, match="not found"):
         read_yaml_mapping(tmp_path / "none.yaml")
+
+
+def test_check_resume_config_names_the_first_key():
+    from diffalign.engine.config_values import check_resume_config, config_differences
+
+    saved = {"a": 1, "b": (1, 2), "out": "x", "c": None}
+    assert config_differences(saved, {"a": 1, "b": [1, 2], "out": "y", "c": None}, {"out"}) == []
+    check_resume_config(saved, {**saved, "out": "z"}, {"out"}, "ck")
+    with pytest.raises(DiffalignError, match=r"ck: it was trained with a=1, .* a=2 \(and 1 more"):
+        check_resume_config(saved, {**saved, "a": 2, "c": 3}, {"out"}, "ck")

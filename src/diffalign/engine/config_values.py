@@ -97,3 +97,29 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise DiffalignError(f"{p}: expected a mapping of config keys")
     return {str(k): v for k, v in raw.items()}
+
+
+def config_differences(saved: dict, current: dict, free: frozenset[str] | set[str]) -> list[str]:
+    """Keys outside `free` whose values differ between two recorded configs (compared as JSON,
+    so tuples equal lists)."""
+    import json
+
+    saved = json.loads(json.dumps(saved, default=str))
+    current = json.loads(json.dumps(current, default=str))
+    keys = sorted((set(saved) | set(current)) - set(free))
+    return [k for k in keys if saved.get(k) != current.get(k)]
+
+
+def check_resume_config(
+    saved: dict, current: dict, free: frozenset[str] | set[str], path: str | os.PathLike
+) -> None:
+    """One DiffalignError naming the first key (outside `free`) whose value differs between the
+    config a checkpoint at `path` recorded and the current one."""
+    diff = config_differences(saved, current, free)
+    if diff:
+        k = diff[0]
+        more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+        raise DiffalignError(
+            f"cannot resume from {path}: it was trained with {k}={saved.get(k)!r}, "
+            f"this configuration has {k}={current.get(k)!r}{more}"
+        )

@@ -207,18 +207,11 @@ RESUME_FREE = frozenset(
 )
 
 
-def resume_differences(saved: dict, current: dict) -> list[str]:
-    """Keys of two recorded configs (JSON-like dicts) that differ and may not change on resume;
-    `max_steps` / `epochs` may change when both use a constant learning rate."""
-    import json
-
-    saved = json.loads(json.dumps(saved, default=str))
-    current = json.loads(json.dumps(current, default=str))
-    free = set(RESUME_FREE)
+def resume_free_keys(saved: dict, current: dict) -> frozenset[str]:
+    """RESUME_FREE, plus `max_steps` / `epochs` when both runs use a constant learning rate."""
     if saved.get("lr_scheduler") == current.get("lr_scheduler") == "constant":
-        free |= {"max_steps", "epochs"}
-    keys = sorted((set(saved) | set(current)) - free)
-    return [k for k in keys if saved.get(k) != current.get(k)]
+        return RESUME_FREE | {"max_steps", "epochs"}
+    return RESUME_FREE
 
 
 def config_fields() -> list[tuple[str, Any, dict]]:

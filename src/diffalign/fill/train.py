@@ -393,19 +393,13 @@ class FillTrainTask(TrainTask):
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
         """A checkpoint of another module shape, LoRA, objective or optimiser setting is one
         error line naming the first differing key (fill.config.RESUME_FREE may change)."""
-        from diffalign.fill.config import resume_differences
+        from diffalign.engine.config_values import check_resume_config
+        from diffalign.fill.config import resume_free_keys
 
         if saved_config is None:
             return
         current = self.config_dict()
-        diff = resume_differences(saved_config, current)
-        if diff:
-            k = diff[0]
-            more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
-            raise DiffalignError(
-                f"cannot resume from {path}: it was trained with {k}={saved_config.get(k)!r}, "
-                f"this configuration has {k}={current.get(k)!r}{more}"
-            )
+        check_resume_config(saved_config, current, resume_free_keys(saved_config, current), path)
 
     def config_dict(self) -> dict:
         import dataclasses
