@@ -13,6 +13,10 @@ data   LMDB read throughput of `TensorLMDB` against the seed's plain loop, in th
                     its (pinned) batch buffers after the host-to-device copy would
          loader     get_many inside a torch DataLoader (a dataset with `__getitems__`, the
                     batch passed through; workers 0), what a training loop sees
+       And the whole training dataset: `RepaDataset.__getitems__` (latents + tokens with
+       `get_many`, class embeddings with CFG dropout 0.1) against the seed's per-sample
+       dataset (two `txn.get` + `frombuffer`, `clip_embeddings[class]`) + the default collate,
+       same shuffled batches, on a data folder in `repa preprocess`'s layout.
        One torch thread (as in DataLoader workers; `--threads`).
        Repetitions are interleaved, medians reported; goal: get_many >= 2.5x plain. Also bytes
        stored per sample (seed: 544 KB = 32 KB latent + 512 KB tokens; online teacher: the
@@ -55,8 +59,16 @@ from diffalign.engine.lmdb_store import TensorLMDB, TensorLMDBWriter  # noqa: E4
 STORES = {"vae": (4, 64, 64), "dino": (256, 1024)}
 
 
-def _build_store(path: Path, shape, n: int) -> list[str]:
-    keys = [f"n{idx // 50:08d}_{idx}" for idx in range(n)]
+STORE_FILES = {"vae": ("vae_latents.lmdb", ""), "dino": ("dino_tokens.lmdb", "_mid")}
+CLASSES = 10  # of the dataset benchmark's manifest (the embedding table: 11 x 77 x 768)
+
+
+def _sample_id(idx: int) -> str:
+    return f"n{idx % CLASSES:08d}_{idx}"
+
+
+def _build_store(path: Path, shape, n: int, suffix: str = "") -> list[str]:
+    keys = [_sample_id(idx) + suffix for idx in range(n)]
     g = torch.Generator().manual_seed(0)
     with TensorLMDBWriter(path, shape, commit_every=64) as w:
         for k in keys:
@@ -120,8 +132,9 @@ def section_data(args) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         stored = {}
         for name, shape in STORES.items():
-            path = Path(tmp) / f"{name}.lmdb"
-            keys = _build_store(path, shape, args.num_samples)
+            # the data folder's layout (`repa preprocess`): the dataset section reads it too
+            path = Path(tmp) / STORE_FILES[name][0]
+            keys = _build_store(path, shape, args.num_samples, STORE_FILES[name][1])
             stored[name] = (path / "data.mdb").stat().st_size / args.num_samples
             db = TensorLMDB(path)
             rng = random.Random(0)
@@ -164,6 +177,7 @@ def section_data(args) -> dict:
                 "samples_per_s": {v: round(r, 1) for v, r in rates.items()},
                 "ratio_to_plain": {v: round(r / rates["plain"], 2) for v, r in rates.items()},
             }
+        results["dataset"] = _dataset_bench(Path(tmp), args)
         results["bytes_per_sample"] = {
             "vae_record": STORES["vae"][0] * 64 * 64 * 2,
             "dino_record": 256 * 1024 * 2,
@@ -173,12 +187,96 @@ def section_data(args) -> dict:
     return results
 
 
+def _seed_dataset_loop(root: Path, batches, labels, table, null, dropout, rng):
+    """The seed's training data: per sample one txn + get + decode for the latent and for the
+    tokens, `clip_embeddings[class]` (or the null row with probability `dropout`), then the
+    default collate (three `torch.stack`s)."""
+    envs = _seed_dataset_loop.envs
+    for idx in batches:
+        lat, tok, emb = [], [], []
+        for i in idx:
+            sid = _sample_id(i)
+            with envs["vae"].begin(write=False) as txn:
+                lat.append(torch.frombuffer(txn.get(sid.encode()), dtype=torch.float16))
+            with envs["dino"].begin(write=False) as txn:
+                tok.append(torch.frombuffer(txn.get(f"{sid}_mid".encode()), dtype=torch.float16))
+            emb.append(table[null if rng.random() < dropout else labels[i]])
+        torch.stack(lat).view(len(idx), *STORES["vae"])
+        torch.stack(tok).view(len(idx), *STORES["dino"])
+        torch.stack(emb)
+
+
+def _dataset_bench(root: Path, args) -> dict:
+    """`RepaDataset` (our training dataset: both stores with `get_many`, class embeddings with
+    CFG dropout 0.1) against the seed's per-sample dataset + default collate, same batches."""
+    import csv
+
+    from diffalign.engine.io import save_tensors
+    from diffalign.repa.data import RepaDataset
+
+    n = args.num_samples
+    labels = [i % CLASSES for i in range(n)]
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "wnid", "label", "split"])
+        w.writerows([_sample_id(i), f"n{labels[i]:08d}", labels[i], "train"] for i in range(n))
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(CLASSES + 1, 77, 768, generator=g).half()
+    prompts = [f"a photo of a class{c}" for c in range(CLASSES)] + [""]
+    save_tensors(
+        root / "clip_embeddings.safetensors",
+        {"embeddings": table},
+        {"prompts": json.dumps(prompts)},
+    )
+    ds = RepaDataset(root, "train", "cached", cfg_dropout=0.1, seed=0)
+    rng = random.Random(0)
+    order = list(range(n))
+    rng.shuffle(order)
+    batches = [order[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
+    _seed_dataset_loop.envs = {
+        "vae": ds.latents._open(),
+        "dino": ds.tokens._open(),
+    }
+
+    def ours():
+        for b in batches:
+            ds.__getitems__(b)
+
+    def seed():
+        _seed_dataset_loop(root, batches, labels, table, CLASSES, 0.1, rng)
+
+    variants = {"seed_dataset": seed, "RepaDataset": ours}
+    warm = []
+    for fn in variants.values():  # warm the page cache and the mapping
+        t0 = time.perf_counter()
+        fn()
+        warm.append(time.perf_counter() - t0)
+    epochs = max(1, round(0.3 / max(min(warm), 1e-4)))  # >= ~0.3 s per timing
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        names = list(variants)
+        rng.shuffle(names)
+        for v in names:
+            t0 = time.perf_counter()
+            for _ in range(epochs):
+                variants[v]()
+            times[v].append((time.perf_counter() - t0) / epochs)
+    rates = {v: n / statistics.median(t) for v, t in times.items()}
+    return {
+        "samples_per_s": {v: round(r, 1) for v, r in rates.items()},
+        "ratio_to_seed": {v: round(r / rates["seed_dataset"], 2) for v, r in rates.items()},
+    }
+
+
 def _print_data(r: dict) -> None:
     print(f"LMDB reads, {r['num_samples']} samples, batches of {r['batch_size']}, medians")
     print(f"{'store':<6} {'variant':<13} {'samples/s':>12} {'x plain':>8}")
     for name, s in r["stores"].items():
         for v, rate in s["samples_per_s"].items():
             print(f"{name:<6} {v:<13} {rate:>12.1f} {s['ratio_to_plain'][v]:>8.2f}")
+    d = r["dataset"]
+    for v, rate in d["samples_per_s"].items():
+        print(f"{'data':<6} {v:<13} {rate:>12.1f} {d['ratio_to_seed'][v]:>8.2f}  (x seed_dataset)")
     b = r["bytes_per_sample"]
     print(
         f"bytes per sample: cached teacher {b['cached_teacher_on_disk'] / 1024:.1f} KiB on disk "

@@ -137,6 +137,25 @@ def test_total_loss_and_diffusion_targets():
     assert torch.allclose(s.add_noise(x0, eps, ts), zt, atol=1e-5)
 
 
+def test_training_schedule_is_the_seeds_linear_betas_by_default():
+    """Seed 4.2 / spec R: betas linear from 0.00085 to 0.012 over 1000 steps, abar = prod(1 -
+    beta); `model` keeps SD 1.5's own scaled_linear config."""
+    from diffalign.repa.model import SD15_SCHEDULE, training_schedule
+
+    abar, cfg = training_schedule(dict(SD15_SCHEDULE))
+    assert cfg["beta_schedule"] == "linear" and abar.shape == (1000,)
+    prod, ref = 1.0, []
+    for t in range(1000):
+        prod *= 1.0 - (0.00085 + (0.012 - 0.00085) * t / 999)
+        ref.append(prod)
+    assert torch.allclose(abar.double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5)
+    sd15, cfg15 = training_schedule(dict(SD15_SCHEDULE), "model")
+    assert cfg15["beta_schedule"] == "scaled_linear"
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    assert torch.allclose(sd15.double(), torch.cumprod(1 - betas, 0), rtol=1e-5)
+    assert not torch.allclose(sd15, abar)
+
+
 def test_cap_loss_scales_value_keeps_gradient_direction():
     from diffalign.repa.losses import cap_loss
 

@@ -159,6 +159,67 @@ def test_train_stop_resume_matches_straight_run(data_dir, sd15, tmp_path, monkey
     assert json.loads((export / "repa_model.json").read_text())["spec"]["teacher_dim"] == 32
 
 
+def test_dataset_yields_class_embedding_or_the_null_one_under_cfg_dropout(data_dir):
+    """Spec R: the dataset yields latent, teacher tokens and class embedding (the empty
+    prompt's under classifier-free dropout), the draws fixed by (seed, epoch, index)."""
+    from diffalign.repa.data import RepaDataset, load_class_table
+
+    table = load_class_table(data_dir)
+    null = table[-1]
+    plain = RepaDataset(data_dir, "train")
+    item = plain[5]
+    assert torch.equal(item["class_embedding"], table[item["label"]]) and not item["cfg_dropped"]
+    assert item["latent"].shape == (4, 8, 8) and item["tokens"].shape == (GRID * GRID, 32)
+    everything = RepaDataset(data_dir, "train", cfg_dropout=1.0)
+    b = everything.__getitems__([0, 7, 13])
+    assert b["cfg_dropped"].all() and all(torch.equal(e, null) for e in b["class_embedding"])
+
+    ds = RepaDataset(data_dir, "train", cfg_dropout=0.5, seed=3)
+    idx = list(range(len(ds)))
+
+    def draws(epoch):
+        ds.set_epoch(epoch)
+        batch = ds.__getitems__(idx)
+        for i, (emb, dropped) in enumerate(zip(batch["class_embedding"], batch["cfg_dropped"])):
+            assert torch.equal(emb, null if dropped else table[ds.labels[i]])
+            one = ds[i]  # one sample at a time draws the same
+            assert bool(one["cfg_dropped"]) == bool(dropped)
+            assert torch.equal(one["class_embedding"], emb)
+        return batch["cfg_dropped"].tolist()
+
+    d0, d1 = draws(0), draws(1)
+    assert 0 < sum(d0) < len(idx) and d0 != d1  # both kinds; a new epoch draws anew
+    assert draws(0) == d0  # the same epoch redraws exactly (resume)
+    other = RepaDataset(data_dir, "train", cfg_dropout=0.5, seed=4)
+    assert other.__getitems__(idx)["cfg_dropped"].tolist() != d0
+
+
+def test_stop_resume_across_epochs_with_cfg_dropout_and_workers(data_dir, sd15, tmp_path):
+    """Resume stays exact when classifier-free dropout draws in DataLoader workers and the run
+    crosses epochs (3 batches per epoch)."""
+    from diffalign.repa.train import RepaTask, train_repa
+
+    kw = dict(batch_size=8, max_steps=5, cfg_dropout=0.5, num_workers=1, validate_every=0)
+    straight = train_repa(tiny_cfg(data_dir, sd15, tmp_path / "a", **kw), progress=False)
+    original = RepaTask.training_step
+
+    def crash_at_4(self, batch, step, ctx):
+        if step == 3:  # epoch 1, after checkpoint-2 (epoch 0, batch 2)
+            raise KeyboardInterrupt
+        return original(self, batch, step, ctx)
+
+    try:
+        RepaTask.training_step = crash_at_4
+        with pytest.raises(KeyboardInterrupt):
+            train_repa(tiny_cfg(data_dir, sd15, tmp_path / "b", **kw), progress=False)
+    finally:
+        RepaTask.training_step = original
+    resumed = train_repa(
+        tiny_cfg(data_dir, sd15, tmp_path / "b", **kw), resume="latest", progress=False
+    )
+    assert _losses(straight.history) == _losses(resumed.history)
+
+
 def test_lora_export_loads_into_the_pipeline(data_dir, sd15, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -388,7 +449,8 @@ def test_two_process_training_under_accelerate_launch(data_dir, sd15, tmp_path):
         "head_hidden_dim": 16,
         "batch_size": 2,
         "num_workers": 0,
-        "max_steps": 2,
+        "max_steps": 3,
+        "max_train_samples": 8,  # 2 batches per process and epoch: the run enters epoch 1
         "mixed_precision": "no",
         "validate_every": 0,
         "checkpoint_every": 1,
@@ -397,13 +459,31 @@ def test_two_process_training_under_accelerate_launch(data_dir, sd15, tmp_path):
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    # each process records the epochs its training dataset is told (classifier-free dropout
+    # draws depend on them; accelerate's own set_epoch skips the dataset with 2 processes)
+    script = tmp_path / "train_logging_epochs.py"
+    script.write_text(
+        "import os, sys\n"
+        "from diffalign.repa import data\n"
+        "orig = data.RepaDataset.set_epoch\n"
+        "def logged(self, epoch):\n"
+        f"    with open(os.path.join({str(tmp_path)!r}, 'epochs' + os.environ['RANK']), 'a') as f:\n"
+        "        f.write(f'{self.split} {epoch}\\n')\n"
+        "    return orig(self, epoch)\n"
+        "data.RepaDataset.set_epoch = logged\n"
+        "from diffalign.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
     proc = launch_two_cpu_processes(
-        ["-m", "diffalign.cli", "repa", "train", "--config", str(path), "--no-progress"]
+        [str(script), "repa", "train", "--config", str(path), "--no-progress"]
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["num_processes"] == 2 and summary["steps"] == 2
+    assert summary["num_processes"] == 2 and summary["steps"] == 3
     assert "val/total" in summary["final_val"]
+    for rank in "01":
+        seen = (tmp_path / f"epochs{rank}").read_text().split("\n")
+        assert [x for x in seen if x.startswith("train")] == ["train 0", "train 1"]
 
 
 @pytest.mark.slow
@@ -527,6 +607,47 @@ def test_extract_and_probe_bad_inputs(data_dir, tmp_path, capsys):
     errs = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(errs) == 5 and all("error:" in ln for ln in errs)
     assert "no labels" in errs[3] and "2 classes" in errs[4]
+    # non-finite features, float or negative labels: one line, not a traceback
+    two = torch.tensor([0, 0, 0, 1, 1, 1])
+    for tensors, msg in (
+        ({"teacher": torch.full((6, 3), float("nan")), "labels": two}, "non-finite"),
+        ({"teacher": torch.randn(6, 3), "labels": two.float() + 0.5}, "integer"),
+        ({"teacher": torch.randn(6, 3), "labels": two - 1}, ">= 0"),
+    ):
+        save_tensors(bad / "features.safetensors", tensors)
+        assert main(["repa", "probe", "--features", str(bad), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("diffalign: error:") and msg in err and "\n" not in err
+
+
+def test_hostile_recorded_spec_is_one_line(tmp_path, capsys):
+    """A repa_model.json we wrote, edited by hand: bad values are one error line, not a
+    traceback deep in the model code."""
+    from diffalign.cli import main
+    from diffalign.repa.model import RepaSpec
+
+    good = RepaSpec().to_dict()
+    assert RepaSpec.from_dict(good) == RepaSpec.from_dict(dict(good))
+    for key, value in (
+        ("grid", -3),
+        ("teacher_dim", "abc"),
+        ("head_hidden_dim", 1.5),
+        ("lora_alpha", float("nan")),
+        ("lora_dropout", 2.0),
+        ("align_layers", "mid"),
+        ("lora_conv", "yes"),
+    ):
+        with pytest.raises(DiffalignError, match=key):
+            RepaSpec.from_dict({**good, key: value})
+    with pytest.raises(DiffalignError, match="mapping"):
+        RepaSpec.from_dict([1, 2])
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "repa_model.json").write_text(json.dumps({"model": "sd15"}))
+    args = ["repa", "extract", "--weights", str(w), "--data-dir", str(tmp_path)]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffalign: error:") and "no U-REPA spec" in err
 
 
 @pytest.mark.slow

@@ -998,6 +998,9 @@ class _Trainer:
         # the DataLoader draws worker base seeds from its generator (or else from the global RNG,
         # which would shift every later random number after a resume): give it a fixed one
         base = getattr(dl, "base_dataloader", dl)
+        dataset = getattr(base, "dataset", None)
+        if hasattr(dataset, "set_epoch"):  # before iter(): workers copy the dataset then
+            dataset.set_epoch(self.epoch)
         gen = torch.Generator()
         gen.manual_seed((self.config.seed * 1_000_003 + self.epoch * 7919 + self.rank) % (2**62))
         base.generator = gen

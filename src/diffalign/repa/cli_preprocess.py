@@ -29,7 +29,7 @@ def _data_dir(p) -> None:
     p.add_argument("--data-dir", required=True, help="the preprocessed data folder")
 
 
-def _device(p, what: str) -> None:
+def _device(p, what: str, unit: str = "images") -> None:
     p.add_argument(
         "--device",
         default=None,
@@ -44,7 +44,7 @@ def _device(p, what: str) -> None:
         "--batch-size",
         type=positive_int,
         default=16,
-        help="images per batch (default: %(default)s)",
+        help=f"{unit} per batch (default: %(default)s)",
     )
 
 
@@ -241,7 +241,7 @@ def _clip(steps) -> None:
         default="a photo of a {name}",
         help="prompt per class; {name} is the class name (default: %(default)s)",
     )
-    _device(p, "text encoder")
+    _device(p, "text encoder", "prompts")
     p.set_defaults(func=_run_clip)
 
 

@@ -87,16 +87,23 @@ def _register_extract(verbs) -> None:
     )
     p.add_argument("--split", default="val", help="manifest split to extract (default val)")
     p.add_argument(
-        "--timestep", type=nonneg_int, default=500, help="diffusion timestep (seed 11.1: 500)"
+        "--timestep",
+        type=nonneg_int,
+        default=500,
+        help="diffusion timestep (default: 500, seed 11.1)",
     )
     p.add_argument(
         "--pool",
         choices=("mean", "first"),
         default="mean",
-        help="mean over tokens, or the first token (the seed's [CLS] equivalent)",
+        help="mean over tokens, or the first token (the seed's [CLS] equivalent; default: mean)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per forward")
-    p.add_argument("--max-samples", type=positive_int, default=None, help="cap on samples")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help="samples per forward (default: 32)"
+    )
+    p.add_argument(
+        "--max-samples", type=positive_int, default=None, help="cap on samples (default: all)"
+    )
     p.add_argument("--model", default=None, help="SD 1.5 model (default: the one trained on)")
     p.add_argument(
         "--no-ema",
@@ -109,7 +116,7 @@ def _register_extract(verbs) -> None:
         default=None,
         help="DINOv2 for data without dino_tokens.lmdb (default: the run's teacher_model)",
     )
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise (default: 0)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_extract)
@@ -153,8 +160,12 @@ def _register_probe(verbs) -> None:
     p.add_argument(
         "--test-fraction", type=unit_float, default=0.25, help="held-out fraction (default 0.25)"
     )
-    p.add_argument("--knn-k", type=positive_int, default=5, help="neighbours of the kNN probe")
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of the split and the probe")
+    p.add_argument(
+        "--knn-k", type=positive_int, default=5, help="neighbours of the kNN probe (default: 5)"
+    )
+    p.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of the split and the probe (default: 0)"
+    )
     p.set_defaults(func=_probe)
 
 

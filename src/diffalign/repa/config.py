@@ -66,6 +66,11 @@ class RepaTrainConfig:
     lora_conv: bool = _f(False, "also put LoRA on the ResNet convolutions of those blocks")
     # objective
     prediction_type: str = _f("v_prediction", "v_prediction (the seed) | epsilon (SD 1.5's own)")
+    noise_schedule: str = _f(
+        "linear",
+        "linear: betas linear from beta_start to beta_end over 1000 steps (seed 4.2) | model: "
+        "the checkpoint's own scheduler config (SD 1.5: scaled_linear)",
+    )
     align_coeff: float = _f(0.5, "lambda after warm-up")
     align_warmup_steps: int = _f(3000, "steps of linear lambda warm-up from 0 (0 = none)")
     manifold_weight: float = _f(3.0, "w: manifold loss weight relative to the token loss")
@@ -109,6 +114,7 @@ class RepaTrainConfig:
             "token_layout": ("grid", "seed"),
             "head": ("mlp", "linear"),
             "prediction_type": ("v_prediction", "epsilon"),
+            "noise_schedule": ("linear", "model"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

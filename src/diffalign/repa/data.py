@@ -1,12 +1,16 @@
-"""U-REPA training data over the preprocessed store (seed 003, sections 3 and 6.2).
+"""U-REPA training data over the preprocessed store (seed 003, sections 3, 3.4 and 6.2).
 
 `RepaDataset(root, split)` reads `manifest.csv` and yields, per sample, the VAE latent
 (`vae_latents.lmdb`, key = id, fp16 decoded without a copy), the teacher tokens
 (`dino_tokens.lmdb`, key `{id}_mid`) for the cached teacher or the 512 px image from
-`images.zip` for the online teacher, and the class label (the class-prompt embedding is looked up
-in the training step, where classifier-free dropout draws from the checkpointed RNG). The LMDB
-environments open lazily in each DataLoader worker (`readonly, lock=False, readahead=False`).
-Missing keys and shape mismatches are found when the dataset is built, before any step runs.
+`images.zip` for the online teacher, and the class embedding (`clip_embeddings.safetensors`, row
+`label`), replaced by the empty prompt's (the last row) with probability `cfg_dropout`
+(classifier-free dropout, seed 3.4). The dropout draw is a pure function of (seed, epoch, sample
+index), so it does not depend on workers, processes or the RNG state, and a resumed run redraws
+exactly what the uninterrupted one drew; the training loop tells the dataset its epoch
+(`set_epoch`) before the epoch's workers start. The LMDB environments open lazily in each
+DataLoader worker (`readonly, lock=False, readahead=False`). Missing keys, shape mismatches and
+labels without an embedding are found when the dataset is built, before any step runs.
 """
 
 from __future__ import annotations
@@ -26,7 +30,18 @@ from diffalign.repa.preprocess import MANIFEST
 from diffalign.repa.preprocess import VAE_LMDB as LATENTS
 from diffalign.repa.preprocess import dino_key as token_key
 
-__all__ = ["CLIP", "IMAGES", "LATENTS", "MANIFEST", "TOKENS", "RepaDataset", "collate", "token_key"]
+__all__ = [
+    "CLIP",
+    "IMAGES",
+    "LATENTS",
+    "MANIFEST",
+    "TOKENS",
+    "RepaDataset",
+    "collate",
+    "dropout_uniforms",
+    "load_class_table",
+    "token_key",
+]
 
 
 def _need(path: Path, what: str) -> Path:
@@ -37,8 +52,34 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a well-mixed hash."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def dropout_uniforms(seed: int, epoch: int, indices) -> np.ndarray:
+    """Uniform [0, 1) numbers, one per sample index, fixed by (seed, epoch, index): the
+    classifier-free dropout draw (`u < cfg_dropout` drops the class prompt)."""
+    key = _splitmix64(np.array([int(seed) & _MASK64], dtype=np.uint64))
+    key = _splitmix64(key ^ np.uint64(int(epoch) & _MASK64))
+    z = _splitmix64(key ^ np.asarray(indices, dtype=np.uint64).reshape(-1))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 class RepaDataset(Dataset):
-    """Samples of one manifest split: {"index", "label", "latent", "tokens" | "image"}."""
+    """Samples of one manifest split: {"index", "label", "latent", "tokens" | "image",
+    "class_embedding", "cfg_dropped"} (the last two unless `class_embeddings=False`).
+
+    `class_embedding` is the `[77, D]` prompt embedding of the sample's class, or of the empty
+    prompt when the classifier-free dropout drew it (`cfg_dropped`); `cfg_dropout` is its
+    probability, `seed` and the epoch (`set_epoch`) fix the draws."""
 
     def __init__(
         self,
@@ -47,6 +88,9 @@ class RepaDataset(Dataset):
         teacher: str = "cached",
         max_samples: int | None = None,
         check_keys: bool = True,
+        cfg_dropout: float = 0.0,
+        seed: int = 0,
+        class_embeddings: bool = True,
     ) -> None:
         from diffalign.engine.lmdb_store import TensorLMDB
         from diffalign.repa.images import read_manifest
@@ -72,8 +116,39 @@ class RepaDataset(Dataset):
             self._images_path = _need(self.root / IMAGES, "images")
         else:
             raise DiffalignError(f"unknown teacher '{teacher}' (choose cached or online)")
+        if not 0.0 <= float(cfg_dropout) <= 1.0:
+            raise DiffalignError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
+        self.cfg_dropout = float(cfg_dropout)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.class_table: torch.Tensor | None = None
+        if class_embeddings:
+            self.class_table = load_class_table(self.root)
+            if self.labels and max(self.labels) >= self.null_index:
+                raise DiffalignError(
+                    f"label {max(self.labels)} has no prompt embedding in {self.root / CLIP} "
+                    f"({self.null_index} classes)"
+                )
         if check_keys:
             self._check_keys()
+
+    @property
+    def null_index(self) -> int:
+        """Row of the empty prompt in the class-embedding table (its last)."""
+        return self.class_table.shape[0] - 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose classifier-free dropout draws the next samples use."""
+        self.epoch = int(epoch)
+
+    def _embedding_rows(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.as_tensor([self.labels[i] for i in indices], dtype=torch.long)
+        if self.cfg_dropout > 0.0:
+            u = dropout_uniforms(self.seed, self.epoch, list(indices))
+            drop = torch.from_numpy(u < self.cfg_dropout)
+        else:
+            drop = torch.zeros(len(labels), dtype=torch.bool)
+        return torch.where(drop, torch.full_like(labels, self.null_index), labels), drop
 
     def _check_keys(self) -> None:
         stores = [(self.latents, lambda i: i, LATENTS)]
@@ -125,6 +200,10 @@ class RepaDataset(Dataset):
             out["tokens"] = self.tokens.get(token_key(sample_id))
         else:
             out["image"] = self._image(sample_id)
+        if self.class_table is not None:
+            rows, drop = self._embedding_rows([i])
+            out["class_embedding"] = self.class_table[int(rows[0])]
+            out["cfg_dropped"] = bool(drop[0])
         return out
 
     def __getitems__(self, indices: list[int]) -> dict:
@@ -140,12 +219,34 @@ class RepaDataset(Dataset):
             out["tokens"] = self.tokens.get_many([token_key(i) for i in ids])
         else:
             out["image"] = torch.stack([self._image(i) for i in ids])
+        if self.class_table is not None:
+            rows, drop = self._embedding_rows(indices)
+            out["class_embedding"] = self.class_table.index_select(0, rows)
+            out["cfg_dropped"] = drop
         return out
 
     def __getstate__(self) -> dict:  # workers re-open the image zip themselves
         state = dict(self.__dict__)
         state["images"] = None
         return state
+
+
+def load_class_table(root: str | os.PathLike) -> torch.Tensor:
+    """The `[classes + 1, 77, D]` prompt embeddings of a data folder (last row: the empty
+    prompt), as `repa preprocess clip` wrote them."""
+    path = Path(root) / CLIP
+    if not path.is_file():
+        raise DiffalignError(
+            f"{path} not found; build it with `diffalign repa preprocess clip` first"
+        )
+    from diffalign.repa.preprocess import load_class_embeddings
+
+    table, _ = load_class_embeddings(path)
+    if table.dim() != 3 or table.shape[0] < 2:
+        raise DiffalignError(
+            f"{path}: expected [classes + 1, 77, D] embeddings, got {list(table.shape)}"
+        )
+    return table.contiguous()
 
 
 def collate(batch):

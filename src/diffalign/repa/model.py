@@ -2,12 +2,15 @@
 
 `load_sd15_unet(model)` takes what every `--model` takes (a diffusers folder, the `sd15` preset,
 a Hub id or a single `.safetensors` file) and returns the U-Net plus the `alphas_cumprod` of the
-model's own training schedule (SD 1.5: 1000 steps, `scaled_linear` betas 0.00085 -> 0.012).
+training schedule: by default the seed's (section 4.2: betas LINEAR from 0.00085 to 0.012 over
+1000 steps, the model's own start, end and length), or with `noise_schedule="model"` the model's
+own scheduler config (SD 1.5: `scaled_linear`, i.e. linear in sqrt(beta)).
 `RepaModel` bundles the U-Net with LoRA, the feature hooks and the AlignHeads.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +30,16 @@ SD15_SCHEDULE = {
 }
 
 
-def load_sd15_unet(model: str, dtype: torch.dtype = torch.float32):
-    """(UNet2DConditionModel, alphas_cumprod [T] fp32, scheduler config dict)."""
+NOISE_SCHEDULES = ("linear", "model")
+
+
+def load_sd15_unet(model: str, dtype: torch.dtype = torch.float32, noise_schedule: str = "linear"):
+    """(UNet2DConditionModel, alphas_cumprod [T] fp32, schedule config dict); `noise_schedule`
+    'linear' (seed 4.2) or 'model' (the checkpoint's scheduler config)."""
+    if noise_schedule not in NOISE_SCHEDULES:
+        raise DiffalignError(
+            f"unknown noise_schedule '{noise_schedule}' (choose {' or '.join(NOISE_SCHEDULES)})"
+        )
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from diffalign.engine.loading import _hub_errors, hub_offline, load_pipeline, resolve_model
@@ -67,9 +78,21 @@ def load_sd15_unet(model: str, dtype: torch.dtype = torch.float32):
             f"--model {model}: its U-Net takes {unet.config.in_channels} input channels, "
             "not the 4 latent channels of SD 1.5"
         )
+    return unet, *training_schedule(sched_cfg, noise_schedule)
+
+
+def training_schedule(sched_cfg: dict, noise_schedule: str = "linear"):
+    """(alphas_cumprod [T] fp32, schedule config) of a model's scheduler config: 'model' keeps
+    it, 'linear' keeps its length and beta range with betas linear in t (seed 4.2)."""
+    from diffusers import DDPMScheduler
+
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-    sched = DDPMScheduler.from_config({k: sched_cfg[k] for k in keep if k in sched_cfg})
-    return unet, sched.alphas_cumprod.to(torch.float32).clone(), dict(sched.config)
+    cfg = {k: sched_cfg[k] for k in keep if k in sched_cfg}
+    if noise_schedule == "linear":
+        cfg.pop("trained_betas", None)
+        cfg["beta_schedule"] = "linear"
+    sched = DDPMScheduler.from_config(cfg)
+    return sched.alphas_cumprod.to(torch.float32).clone(), dict(sched.config)
 
 
 @dataclass
@@ -103,8 +126,30 @@ class RepaSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> RepaSpec:
+        """The spec a run recorded (repa_model.json, state.json), each value checked."""
+        if not isinstance(d, dict):
+            raise DiffalignError(f"U-REPA spec must be a mapping, got {type(d).__name__}")
         known = set(cls().to_dict())
-        return cls(**{k: v for k, v in d.items() if k in known})
+        spec = cls(**{k: v for k, v in d.items() if k in known})
+        for key in ("head_hidden_dim", "grid", "teacher_dim", "lora_rank"):
+            v = getattr(spec, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DiffalignError(f"U-REPA spec: {key} must be an integer >= 1, got {v!r}")
+        for key in ("lora_alpha", "lora_dropout"):
+            v = getattr(spec, key)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise DiffalignError(f"U-REPA spec: {key} must be a finite number, got {v!r}")
+        if not 0.0 <= spec.lora_dropout <= 1.0:
+            raise DiffalignError(
+                f"U-REPA spec: lora_dropout must be in [0, 1], got {spec.lora_dropout}"
+            )
+        for key in ("align_layers", "lora_blocks"):
+            v = getattr(spec, key)
+            if not isinstance(v, list | tuple) or not all(isinstance(x, str) for x in v) or not v:
+                raise DiffalignError(f"U-REPA spec: {key} must be a list of names, got {v!r}")
+        if not isinstance(spec.head, str) or not isinstance(spec.lora_conv, bool):
+            raise DiffalignError("U-REPA spec: head must be a name and lora_conv a boolean")
+        return spec
 
 
 class RepaModel:

@@ -39,6 +39,8 @@ def _weights_source(path: Path, use_ema: bool) -> tuple[dict, dict[str, dict[str
         path = path / "checkpoint-final"
     if (path / "repa_model.json").is_file():  # an export: EMA weights already applied
         info = read_json(path / "repa_model.json")
+        if not isinstance(info, dict) or "spec" not in info:
+            raise DiffalignError(f"{path / 'repa_model.json'}: no U-REPA spec recorded")
         tensors = {n: load_tensors(path / f"{n}.safetensors")[0] for n in ("unet", "heads")}
         return info, tensors
     if (path / "state.json").is_file():
@@ -74,7 +76,10 @@ def load_trained(
     """(RepaModel with trained LoRA + heads, alphas_cumprod, info) from `weights`."""
     info, tensors = _weights_source(Path(weights), use_ema)
     spec = RepaSpec.from_dict(info["spec"])
-    unet, alphas, _ = load_sd15_unet(model or info.get("model", "sd15"))
+    # runs from before `noise_schedule` existed trained on the model's own schedule
+    unet, alphas, _ = load_sd15_unet(
+        model or info.get("model", "sd15"), noise_schedule=info.get("noise_schedule", "model")
+    )
     rm = RepaModel(unet, spec)
     load_trainable_state(unet, tensors["unet"], where=f"{weights} (LoRA)")
     load_trainable_state(rm.heads, tensors["heads"], where=f"{weights} (heads)")
@@ -115,10 +120,9 @@ def extract_features(
     from diffalign.engine.distributed import process_state
     from diffalign.engine.io import output_lock
     from diffalign.engine.progress import progress as bar
-    from diffalign.repa.data import RepaDataset, collate
+    from diffalign.repa.data import RepaDataset, collate, load_class_table
     from diffalign.repa.losses import add_noise
     from diffalign.repa.preprocess import _gather_to_main
-    from diffalign.repa.train import load_class_table
 
     if pool not in POOLS:
         raise DiffalignError(f"unknown pool '{pool}' (choose mean or first)")
@@ -129,7 +133,10 @@ def extract_features(
     if not 0 <= timestep < len(alphas):
         raise DiffalignError(f"--timestep must be in [0, {len(alphas) - 1}], got {timestep}")
     cached = (root / "dino_tokens.lmdb").exists()
-    ds = RepaDataset(root, split, "cached" if cached else "online", max_samples)
+    # the features are taken with the empty prompt: no per-sample class embedding is read
+    ds = RepaDataset(
+        root, split, "cached" if cached else "online", max_samples, class_embeddings=False
+    )
     if len(ds) == 0:
         raise DiffalignError(f"{root}: no '{split}' samples in the manifest")
     if cached and ds.token_shape[-1] != rm.spec.teacher_dim:
@@ -310,7 +317,7 @@ def plot_probe(path: Path, rows: list[dict], title: str) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_xlabel("feature set")
     ax.set_ylim(0, 1.1)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -336,9 +343,17 @@ def probe_features(
     if "labels" not in tensors:
         raise DiffalignError(f"{path} holds no labels: not a `repa extract` output")
     labels = tensors.pop("labels")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise DiffalignError(
+            f"{path}: labels must be a 1-D integer tensor, got {labels.dtype} {list(labels.shape)}"
+        )
+    if labels.numel() and int(labels.min()) < 0:
+        raise DiffalignError(f"{path}: labels must be >= 0, got {int(labels.min())}")
     for k, v in tensors.items():
         if v.dim() != 2 or v.shape[0] != labels.shape[0]:
             raise DiffalignError(f"{path}: '{k}' has shape {list(v.shape)}, not [N, D]")
+        if not torch.isfinite(v.float()).all():
+            raise DiffalignError(f"{path}: '{k}' holds non-finite values (NaN or inf)")
     if not 0.0 < test_fraction < 1.0:
         raise DiffalignError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     out_dir = Path(out_dir)
@@ -362,8 +377,8 @@ def probe_features(
         plot_probe(
             out_dir / "probe.png",
             rows,
-            f"U-REPA probes (t={meta.get('timestep')}, pool={meta.get('pool')}, "
-            f"{summary['samples']} samples, {summary['classes']} classes)",
+            f"U-REPA probes (t={meta.get('timestep')}, pool={meta.get('pool')})\n"
+            f"{summary['samples']} samples, {summary['classes']} classes",
         )
         write_json(out_dir / "summary.json", summary)
         return summary

@@ -7,9 +7,11 @@ layer train with AdamW (LoRA weight decay 0, heads 0.01, lr 1e-4), cosine schedu
 warm-up, clipping 1.0, bf16 autocast, a constant-decay EMA of 0.9995 (the seed's, not diffusers'
 `EMAModel` ramp: the engine's EMA with `ema_warmup=False`), validation on the EMA weights
 (`val/total`, `val/diffusion`, `val/token`, `val/manifold`) and exactly resumable checkpoints,
-all owned by `diffalign.engine.train`. Timesteps are uniform over the model's 1000-step training
-schedule; noise, timesteps and classifier-free dropout draw from the global RNG, which every
-checkpoint saves, so a resumed run repeats the uninterrupted one.
+all owned by `diffalign.engine.train`. Timesteps are uniform over the 1000-step schedule with
+betas linear from 0.00085 to 0.012 (seed 4.2; `noise_schedule: model` takes the checkpoint's own,
+SD 1.5's `scaled_linear`); noise and timesteps draw from the global RNG, which every checkpoint saves, and the
+dataset draws the classifier-free dropout from (seed, epoch, index), so a resumed run repeats the
+uninterrupted one.
 
 Anomaly guard (seed 10.3): `manifold_cap` rescales a manifold loss above the cap down to the cap
 (its gradient keeps its direction, scaled by cap / value) and counts the step; a non-finite loss
@@ -51,23 +53,6 @@ MODEL_JSON = "repa_model.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def load_class_table(root: Path) -> torch.Tensor:
-    """The `[classes + 1, 77, 768]` prompt embeddings (last row: the empty prompt)."""
-    path = root / CLIP
-    if not path.is_file():
-        raise DiffalignError(
-            f"{path} not found; build it with `diffalign repa preprocess clip` first"
-        )
-    from diffalign.repa.preprocess import load_class_embeddings
-
-    table, _ = load_class_embeddings(path)
-    if table.dim() != 3 or table.shape[0] < 2:
-        raise DiffalignError(
-            f"{path}: expected [classes + 1, 77, D] embeddings, got {list(table.shape)}"
-        )
-    return table
-
-
 class RepaTask(TrainTask):
     """LoRA + AlignHead training of seed 003 as a task of the shared loop."""
 
@@ -77,7 +62,16 @@ class RepaTask(TrainTask):
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             cfg.mixed_precision, torch.float32
         )
-        self.train_ds = RepaDataset(root, cfg.train_split, cfg.teacher, cfg.max_train_samples)
+        # the dataset yields each sample's class embedding, or the empty prompt's under
+        # classifier-free dropout (drawn from (seed, epoch, index): resume-exact)
+        self.train_ds = RepaDataset(
+            root,
+            cfg.train_split,
+            cfg.teacher,
+            cfg.max_train_samples,
+            cfg_dropout=cfg.cfg_dropout,
+            seed=cfg.seed,
+        )
         if len(self.train_ds) == 0:
             raise DiffalignError(f"{root}: no '{cfg.train_split}' samples in the manifest")
         if len(self.train_ds) < cfg.batch_size:
@@ -93,7 +87,9 @@ class RepaTask(TrainTask):
             else:
                 logger.warning("no '%s' samples: validation is off", cfg.val_split)
 
-        unet, self.alphas_cumprod, self.schedule = load_sd15_unet(cfg.model)
+        unet, self.alphas_cumprod, self.schedule = load_sd15_unet(
+            cfg.model, noise_schedule=cfg.noise_schedule
+        )
         self.num_timesteps = len(self.alphas_cumprod)
         latent = self.train_ds.latent_shape
         if len(latent) != 3 or latent[0] != unet.config.in_channels:
@@ -118,18 +114,11 @@ class RepaTask(TrainTask):
             self.dino.requires_grad_(False)
             teacher_dim = int(self.dino.config.hidden_size)
 
-        self.class_table = load_class_table(root)
-        if self.class_table.shape[-1] != unet.config.cross_attention_dim:
+        width = self.train_ds.class_table.shape[-1]
+        if width != unet.config.cross_attention_dim:
             raise DiffalignError(
-                f"{root / CLIP}: embeddings are {self.class_table.shape[-1]} wide, the U-Net "
+                f"{root / CLIP}: embeddings are {width} wide, the U-Net "
                 f"cross-attends to {unet.config.cross_attention_dim}"
-            )
-        self.null_index = self.class_table.shape[0] - 1
-        self._table_dev: torch.Tensor | None = None
-        top = max(self.train_ds.labels + (self.val_ds.labels if self.val_ds else []))
-        if top >= self.null_index:
-            raise DiffalignError(
-                f"label {top} has no prompt embedding in {root / CLIP} ({self.null_index} classes)"
             )
 
         self.spec = RepaSpec(
@@ -205,12 +194,6 @@ class RepaTask(TrainTask):
 
     # -- losses --------------------------------------------------------------------------------
 
-    def _table(self, device) -> torch.Tensor:
-        """The prompt-embedding table, moved to the device once (not one batch copy per step)."""
-        if self._table_dev is None or self._table_dev.device != torch.device(device):
-            self._table_dev = self.class_table.to(device, self.weight_dtype)
-        return self._table_dev
-
     def _teacher_tokens(self, batch: dict, device) -> torch.Tensor:
         if "tokens" in batch:
             return batch["tokens"].to(device, non_blocking=True).float()
@@ -223,9 +206,7 @@ class RepaTask(TrainTask):
             )
         return tokens.float()
 
-    def _losses(
-        self, batch: dict, step: int, generator: torch.Generator | None, dropout: float
-    ) -> dict:
+    def _losses(self, batch: dict, step: int, generator: torch.Generator | None) -> dict:
         cfg = self.cfg
         device = next(self.heads.parameters()).device
         x0 = batch["latent"].to(device, non_blocking=True).float()
@@ -233,10 +214,7 @@ class RepaTask(TrainTask):
         # random numbers drawn on the CPU: the same on every device, saved with each checkpoint
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
-        drop = torch.rand(b, generator=generator) < dropout
-        labels = torch.as_tensor(batch["label"]).long().cpu()
-        rows = torch.where(drop, torch.full_like(labels, self.null_index), labels)
-        cond = self._table(device)[rows.to(device)]
+        cond = batch["class_embedding"].to(device, self.weight_dtype, non_blocking=True)
         t, noise = t.to(device), noise.to(device)
 
         zt = add_noise(x0, noise, self.alphas_cumprod, t)
@@ -265,7 +243,7 @@ class RepaTask(TrainTask):
         }
 
     def training_step(self, batch, step: int, ctx: StepContext) -> dict:
-        out = self._losses(batch, step, None, self.cfg.cfg_dropout)
+        out = self._losses(batch, step, None)
         self.step_seen = step + 1
         # counted on the device (no host sync per step): a step is capped if any micro-batch was
         self._capped_window = torch.maximum(
@@ -288,7 +266,7 @@ class RepaTask(TrainTask):
         # fixed random numbers per batch (seeded by its first sample): every validation of a run
         # sees the same timesteps and noise, so val curves compare weights, not draws
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + int(batch["index"][0]))
-        out = self._losses(batch, self.step_seen, g, dropout=0.0)
+        out = self._losses(batch, self.step_seen, g)
         return {k: out[k] for k in ("total", "diffusion", "token", "manifold")}
 
     # -- records -------------------------------------------------------------------------------
@@ -361,6 +339,7 @@ class RepaTask(TrainTask):
                 "model": self.cfg.model,
                 "spec": self.spec.to_dict(),
                 "prediction_type": self.cfg.prediction_type,
+                "noise_schedule": self.cfg.noise_schedule,
                 "teacher": self.cfg.teacher,
                 "teacher_model": self.cfg.teacher_model,
                 "token_layout": self.cfg.token_layout,
