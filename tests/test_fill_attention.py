@@ -125,3 +125,29 @@ def test_checkpoint_roundtrip_and_shape_mismatch(tmp_path):
     save_tensors(other, {"w": torch.zeros(2)})
     with pytest.raises(DiffalignError, match="not a semantic cross-attention checkpoint"):
         load_semantic_module(other)
+
+
+def test_hostile_module_metadata_is_refused_before_allocating(tmp_path):
+    """A file claiming a huge or impossible shape is one error, checked before any layer is built
+    (building 10**7 layers would exhaust memory)."""
+    from diffalign.engine.io import save_tensors
+    from diffalign.fill.attention import semantic_tensor_shapes
+
+    m = SemanticCrossAttention(dim=64, heads=8, layers=1)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == semantic_tensor_shapes(64, 1)
+    path = tmp_path / "m.safetensors"
+    tensors = m.state_dict()
+    for meta, words in (
+        ({"dim": "64", "heads": "8", "layers": "10000000"}, "do not match"),
+        ({"dim": "64", "heads": "7", "layers": "1"}, "impossible"),
+        ({"dim": "64", "heads": "8", "layers": "0"}, "impossible"),
+        ({"dim": "64", "heads": "-8", "layers": "1"}, "impossible"),
+    ):
+        save_tensors(path, tensors, metadata=meta)
+        with pytest.raises(DiffalignError, match=words):
+            load_semantic_module(path)
+    bad = dict(tensors)
+    bad["layers.0.scale"] = torch.zeros(3)
+    save_tensors(path, bad, metadata={"dim": "64", "heads": "8", "layers": "1"})
+    with pytest.raises(DiffalignError, match="layers.0.scale"):
+        load_semantic_module(path)

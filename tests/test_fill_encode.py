@@ -157,6 +157,12 @@ def test_text_cache(pipe, tmp_path):
     cache.path("a", 8).replace(cache.path("zzz", 8))
     with pytest.raises(DiffalignError, match="does not belong"):
         cache.get("zzz", 8)
+    # an entry made by a model with other text widths (same folder, same model name) is refused
+    cache.put(
+        "wide", 8, {"prompt_embeds": torch.zeros(8, 99), "pooled_prompt_embeds": torch.zeros(7)}
+    )
+    with pytest.raises(DiffalignError, match="another model"):
+        enc.encode_prompts(["a", "wide"], max_sequence_length=8, cache=cache)
 
 
 def test_module_at_init_leaves_transformer_output_bit_identical(pipe):

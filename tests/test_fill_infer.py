@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffalign.engine.errors import DiffalignError
 from fill_helpers import tiny_train_args, write_image, write_triptychs
 
 
@@ -159,6 +160,20 @@ def test_infer_end_to_end_single_and_folder(flux, trained, tmp_path):
     assert read_json(many / "summary.json")["written"] == 3
     assert main(fargs) == 0  # a rerun keeps what is there
     assert read_json(many / "summary.json")["kept_existing"] == 3
+    assert [e["name"] for e in read_json(many / "summary.json")["images"]] == [
+        "im0",
+        "im1",
+        "im2",
+    ]
+    # a rerun asking for diptychs makes the missing ones (and the same target panels)
+    before = (many / "im2.png").read_bytes()
+    assert main([*fargs, "--save-diptych"]) == 0
+    assert sorted(p.name for p in many.glob("im*_diptych.png")) == [
+        "im0_diptych.png",
+        "im1_diptych.png",
+        "im2_diptych.png",
+    ]
+    assert (many / "im2.png").read_bytes() == before
 
 
 def test_infer_bad_inputs_are_one_line_and_keep_outputs(flux, trained, tmp_path, capsys):
@@ -237,3 +252,63 @@ def test_labelled_grid_has_a_header_and_row_labels(tmp_path):
     assert w > 4 * 64 and h > 2 * 64  # cells at least 64 px, plus the label column and header
     assert grid.getpixel((w - 1, h - 1)) == (255, 0, 0)
     assert grid.getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_semantic_layout_follows_the_training_run(tmp_path):
+    from diffalign.engine.io import write_json
+    from diffalign.fill.infer import resolve_semantic_layout
+
+    run = tmp_path / "checkpoint-final"
+    run.mkdir()
+    write_json(run / "fill_config.json", {"semantic_layout": "both-halves"})
+    module = run / "semantic_module.safetensors"
+    logged = []
+    assert resolve_semantic_layout(None, str(run), logged.append) == "both-halves"
+    assert resolve_semantic_layout(None, str(module), logged.append) == "both-halves"
+    assert resolve_semantic_layout(None, None, logged.append) == "target-half"
+    assert resolve_semantic_layout(None, str(tmp_path / "x.safetensors")) == "target-half"
+    assert not logged
+    assert resolve_semantic_layout("target-half", str(run), logged.append) == "target-half"
+    assert len(logged) == 1 and "both-halves" in logged[0]
+    (run / "fill_config.json").write_text("[1, 2]")
+    assert resolve_semantic_layout(None, str(run)) == "target-half"
+    with pytest.raises(DiffalignError, match="semantic-layout"):
+        resolve_semantic_layout("left", None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_infer_on_an_absent_gpu_is_one_line(flux, tmp_path, capsys):
+    vis = write_image(tmp_path / "v.png", (16, 16))
+    out = tmp_path / "out"
+    base = ["fill", "infer", "--model", flux, "--visible", str(vis), "--prompt", "p"]
+    err = _one_line_error(capsys, [*base, "--output", str(out), "--device", "cuda"])
+    assert "no CUDA device" in err
+    err = _one_line_error(capsys, [*base, "--output", str(out), "--device", "tpu9"])
+    assert "unknown device" in err
+    assert not out.exists()
+
+
+def test_a_flux_dev_transformer_is_one_line(flux, tmp_path, capsys):
+    """A FLUX.1-dev-style transformer (64 input channels, no fill condition) in a Fill folder."""
+    import json
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    model = tmp_path / "flux-dev-like"
+    shutil.copytree(flux, model)
+    cfg = json.loads((model / "transformer/config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    FluxTransformer2DModel(**{**cfg, "in_channels": 64}).save_pretrained(model / "transformer")
+    vis = write_image(tmp_path / "v.png", (16, 16))
+    out = tmp_path / "out"
+    err = _one_line_error(
+        capsys,
+        ["fill", "infer", "--model", str(model), "--visible", str(vis), "--prompt", "p"]
+        + ["--output", str(out), "--steps", "1"],
+    )
+    assert "64 input" in err and "384" in err and "FLUX.1-Fill" in err
+    assert not out.exists()
+    data = write_triptychs(tmp_path / "data", n=1)
+    err = _one_line_error(capsys, tiny_train_args(str(model), data, tmp_path / "run"))
+    assert "384" in err

@@ -292,6 +292,102 @@ def test_resume_with_another_module_shape_is_one_line(flux, triptychs, tmp_path,
     assert (out / "checkpoint-final/semantic_module.safetensors").is_file()  # nothing lost
 
 
+def test_resume_with_other_heads_or_objective_is_one_line(flux, triptychs, tmp_path, capsys):
+    """Heads, layout and loss region change no tensor shape: the recorded config catches them."""
+    from diffalign.cli import main
+
+    out = tmp_path / "run"
+    _train(tiny_train_args(flux, triptychs, out, max_steps=1, num_validation=0))
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    for key, value in (
+        ("semantic_heads", 4),
+        ("semantic_layout", "both-halves"),
+        ("loss_region", "target"),
+        ("lora_alpha", 32),
+    ):
+        args = tiny_train_args(
+            flux, triptychs, out, max_steps=2, num_validation=0, resume="latest", **{key: value}
+        )
+        capsys.readouterr()
+        assert main(args) == 2, key
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot resume" in err[0] and key in err[0], err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing lost
+    # what may change: more steps at a constant lr, where logs go, how often it checkpoints
+    _train(
+        tiny_train_args(
+            flux,
+            triptychs,
+            out,
+            max_steps=2,
+            num_validation=0,
+            resume="latest",
+            checkpoint_every=5,
+            log_every=2,
+        )
+    )
+    assert (out / "checkpoint-final/semantic_module.safetensors").is_file()
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_before_writing(
+    flux, triptychs, tmp_path, capsys
+):
+    """Another process holds the run folder: `fill train` is one error line and writes nothing
+    there (not even the text cache, filled before the training loop starts)."""
+    import os
+    import subprocess
+    import sys
+
+    from diffalign.cli import main
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from diffalign.engine.io import output_lock\n"
+            "with output_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        args = tiny_train_args(flux, triptychs, out, max_steps=1, cache_text="true")
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use" in err[0] and str(out) in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == [".diffalign.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_loop_options_fail_before_anything_is_written(tmp_path, capsys):
+    from diffalign.cli import main
+
+    data = write_triptychs(tmp_path / "data", n=1)
+    for key, value, words in (
+        ("max-steps", "0", "max_steps"),
+        ("keep-checkpoints", "-1", "keep_checkpoints"),
+        ("checkpoint-every", "-2", "checkpoint_every"),
+        ("base-dtype", "float64", "base_dtype"),
+    ):
+        out = tmp_path / f"run-{key}"
+        args = tiny_train_args("/no/such/model", data, out, cache_text="true")
+        capsys.readouterr()
+        assert main([*args, f"--{key}", value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+        assert not out.exists()
+
+
 def test_train_target_region_logit_normal_lora_only(flux, tmp_path):
     import json
 

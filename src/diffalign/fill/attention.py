@@ -152,37 +152,72 @@ def save_semantic_module(path: str | os.PathLike, module: SemanticCrossAttention
     save_tensors(path, module.state_dict(), metadata=meta)
 
 
-def load_semantic_module(
-    path: str | os.PathLike, expect: dict[str, int] | None = None
+def semantic_tensor_shapes(dim: int, layers: int) -> dict[str, tuple[int, ...]]:
+    """The state-dict keys and shapes of a `SemanticCrossAttention(dim, heads, layers)` (heads
+    change no shape), computed without building one."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(layers):
+        for norm in ("norm_x", "norm_s"):
+            shapes[f"layers.{i}.{norm}.weight"] = (dim,)
+            shapes[f"layers.{i}.{norm}.bias"] = (dim,)
+        for proj in ("to_q", "to_k", "to_v", "to_out"):
+            shapes[f"layers.{i}.{proj}.weight"] = (dim, dim)
+            shapes[f"layers.{i}.{proj}.bias"] = (dim,)
+        shapes[f"layers.{i}.scale"] = ()
+    return shapes
+
+
+def semantic_module_from_tensors(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    source: str,
+    expect: dict[str, int] | None = None,
 ) -> SemanticCrossAttention:
-    """Read a module written by `save_semantic_module`.
+    """A module from its tensors and `meta` (`dim`, `heads`, `layers` as strings).
 
-    `expect` (e.g. `{"dim": 64}`) must match the recorded shape; a file of another shape or with
-    missing/extra tensors is one DiffalignError.
+    `expect` (e.g. `{"dim": 64}`) must match the recorded shape; another shape, missing, extra
+    or misshapen tensors are one DiffalignError naming `source`, checked before anything is
+    allocated.
     """
-    from diffalign.engine.io import load_tensors
-
-    tensors, meta = load_tensors(path)
     try:
         cfg = {k: int(meta[k]) for k in ("dim", "heads", "layers")}
     except (KeyError, ValueError):
         raise DiffalignError(
-            f"{path}: not a semantic cross-attention checkpoint (no dim/heads/layers metadata)"
+            f"{source}: not a semantic cross-attention checkpoint (no dim/heads/layers metadata)"
         ) from None
     for key, want in (expect or {}).items():
         if cfg.get(key) != want:
             raise DiffalignError(
-                f"{path}: semantic module has {key}={cfg.get(key)}, this model needs {want}"
+                f"{source}: semantic module has {key}={cfg.get(key)}, this model needs {want}"
             )
-    module = SemanticCrossAttention(**cfg)
-    own = module.state_dict()
-    bad = sorted(set(own) ^ set(tensors)) + sorted(
-        k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape
+    if min(cfg.values()) < 1 or cfg["dim"] % cfg["heads"]:
+        raise DiffalignError(f"{source}: impossible semantic module shape {cfg}")
+    per_layer = len(semantic_tensor_shapes(1, 1))
+    if len(tensors) != per_layer * cfg["layers"]:  # before listing the keys of a huge claim
+        raise DiffalignError(
+            f"{source}: tensors do not match a SemanticCrossAttention{tuple(cfg.values())} "
+            f"({len(tensors)} tensors, it has {per_layer * cfg['layers']})"
+        )
+    want_shapes = semantic_tensor_shapes(cfg["dim"], cfg["layers"])
+    bad = sorted(set(want_shapes) ^ set(tensors)) + sorted(
+        k for k in set(want_shapes) & set(tensors) if tuple(tensors[k].shape) != want_shapes[k]
     )
     if bad:
         raise DiffalignError(
-            f"{Path(path)}: tensors do not match a SemanticCrossAttention{tuple(cfg.values())} "
+            f"{source}: tensors do not match a SemanticCrossAttention{tuple(cfg.values())} "
             f"(first mismatch: {bad[0]})"
         )
+    module = SemanticCrossAttention(**cfg)
+    own = module.state_dict()
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
     return module
+
+
+def load_semantic_module(
+    path: str | os.PathLike, expect: dict[str, int] | None = None
+) -> SemanticCrossAttention:
+    """Read a module written by `save_semantic_module` (`semantic_module_from_tensors` checks)."""
+    from diffalign.engine.io import load_tensors
+
+    tensors, meta = load_tensors(path)
+    return semantic_module_from_tensors(tensors, meta, str(Path(path)), expect)

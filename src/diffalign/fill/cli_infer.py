@@ -68,9 +68,10 @@ def register(verbs) -> None:
     p.add_argument(
         "--semantic-layout",
         choices=("target-half", "both-halves"),
-        default="target-half",
-        help="semantic latents on the target half (zeros on the visible half) or on both; use "
-        "the training setting (default: %(default)s)",
+        default=None,
+        help="semantic latents on the target half (zeros on the visible half) or on both "
+        "(default: the training run's setting from fill_config.json beside --semantic-module, "
+        "else target-half)",
     )
     p.add_argument(
         "--max-sequence-length",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,11 @@ class FillTrainConfig:
     max_sequence_length: int = _opt(512, "T5 tokens per prompt (FLUX.1-Fill-dev: 512)")
     # model
     model: str = _opt("flux-fill", "FLUX.1-Fill model: preset, diffusers folder or Hub id")
-    base_dtype: str = _opt("float32", "dtype of the frozen weights (float32 | bfloat16 | float16)")
+    base_dtype: str = _opt(
+        "float32",
+        "dtype of the frozen weights",
+        ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+    )
     lora_rank: int = _opt(16, "LoRA rank")
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank)")
     lora_targets: str = _opt(
@@ -145,57 +148,14 @@ def _field_types() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(FillTrainConfig)}
 
 
-def _base_type(tp: Any) -> tuple[type, bool]:
-    """(scalar type, optional) of `int | None`, `str`, ..."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return inner[0], True
-    return tp, False
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
 def convert_value(key: str, value: Any) -> Any:
     """`value` (from YAML or a `--key value` string) as the schema's type of `key`."""
+    from diffalign.engine.config_values import coerce_value
+
     types_ = _field_types()
     if key not in types_:
         raise DiffalignError(f"unknown config key '{key}' (known: {', '.join(sorted(types_))})")
-    tp, optional = _base_type(types_[key])
-    if value is None or (
-        isinstance(value, str) and optional and value.strip().lower() in ("null", "none", "")
-    ):
-        if not optional:
-            raise DiffalignError(f"{key}: a value is required")
-        return None
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(str(value).strip()) if isinstance(value, str) else int(value)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError
-            return out
-        if isinstance(value, dict | list):
-            raise ValueError
-        return str(value)
-    except ValueError:
-        raise DiffalignError(f"{key}: {value!r} is not a valid {tp.__name__}") from None
+    return coerce_value(key, types_[key], value)
 
 
 def load_config(
@@ -204,30 +164,54 @@ def load_config(
     """The YAML file at `path` (if any) with `overrides` on top, typed and validated."""
     values: dict[str, Any] = {}
     if path is not None:
-        import yaml
+        from diffalign.engine.config_values import read_yaml_mapping
 
-        p = Path(path)
-        if not p.is_file():
-            raise DiffalignError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DiffalignError(f"{p}: not valid YAML ({first})") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise DiffalignError(f"{p}: expected a mapping of config keys")
-        for k, v in raw.items():
+        for k, v in read_yaml_mapping(path).items():
             try:
-                values[str(k)] = convert_value(str(k), v)
+                values[k] = convert_value(k, v)
             except DiffalignError as e:
-                raise DiffalignError(f"{p}: {e}") from None
+                raise DiffalignError(f"{path}: {e}") from None
     for k, v in (overrides or {}).items():
         values[k.replace("-", "_")] = convert_value(k.replace("-", "_"), v)
     config = FillTrainConfig(**values)
     config.validate()
     return config
+
+
+# Keys a resume may change: where data, logs, checkpoints and caches go, how the run is watched,
+# how fast a step runs (workers, checkpointing, precision) and, with a constant learning rate,
+# how long it runs. Everything else (module shape, LoRA, objective, optimiser, data order) must
+# match the checkpoint: a resume with another one is one error line naming the key.
+RESUME_FREE = frozenset(
+    {
+        "data",
+        "captions",
+        "num_workers",
+        "cache_text",
+        "text_cache_dir",
+        "model",
+        "base_dtype",
+        "mixed_precision",
+        "gradient_checkpointing",
+        "output_dir",
+        "log_every",
+        "validate_every",
+        "num_validation",
+        "validation_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "tracker",
+        "resume",
+        "overwrite",
+    }
+)
+
+
+def resume_free_keys(saved: dict, current: dict) -> frozenset[str]:
+    """RESUME_FREE, plus `max_steps` / `epochs` when both runs use a constant learning rate."""
+    if saved.get("lr_scheduler") == current.get("lr_scheduler") == "constant":
+        return RESUME_FREE | {"max_steps", "epochs"}
+    return RESUME_FREE
 
 
 def config_fields() -> list[tuple[str, Any, dict]]:

@@ -139,9 +139,18 @@ class FillEncoder:
             raise DiffalignError("encode_prompts needs the pipeline's two text encoders/tokenizers")
         found: dict[int, dict[str, torch.Tensor]] = {}
         if cache is not None:
+            want = self._text_shapes(max_sequence_length)
             for i, p in enumerate(prompts):
                 hit = cache.get(p, max_sequence_length)
                 if hit is not None:
+                    got = {k: tuple(v.shape) for k, v in hit.items()}
+                    if got != want:
+                        raise DiffalignError(
+                            f"{cache.path(p, max_sequence_length)}: text cache entry of shapes "
+                            f"{got}, this model's text encoders give {want}; it was made with "
+                            f"another model: delete {cache.root} (or choose another "
+                            "--text-cache-dir)"
+                        )
                     found[i] = hit
         todo = [i for i in range(len(prompts)) if i not in found]
         if todo:
@@ -160,6 +169,13 @@ class FillEncoder:
             "prompt_embeds": prompt_embeds,
             "pooled_prompt_embeds": pooled,
             "text_ids": text_ids,
+        }
+
+    def _text_shapes(self, max_sequence_length: int) -> dict[str, tuple[int, ...]]:
+        """Per-prompt shapes of `prompt_embeds` (T5) and `pooled_prompt_embeds` (CLIP)."""
+        return {
+            "prompt_embeds": (max_sequence_length, int(self.text_encoder_2.config.d_model)),
+            "pooled_prompt_embeds": (int(self.text_encoder.config.hidden_size),),
         }
 
     def _clip_pooled(self, prompts: list[str]) -> torch.Tensor:

@@ -331,6 +331,52 @@ def read_input_dir(folder: str | Path) -> list[dict]:
 # the command
 
 
+def resolve_semantic_layout(layout: str | None, semantic_module: str | None, log=print) -> str:
+    """`layout`, or the training run's `semantic_layout` from the `fill_config.json` beside
+    `--semantic-module` (a checkpoint folder or a file in one), else `target-half`. An explicit
+    layout that differs from the recorded one is used, with a warning."""
+    from diffalign.engine.io import read_json
+    from diffalign.fill.encode import SEMANTIC_LAYOUTS
+
+    if layout is not None and layout not in SEMANTIC_LAYOUTS:
+        raise DiffalignError(
+            f"--semantic-layout must be one of {', '.join(SEMANTIC_LAYOUTS)}, got {layout!r}"
+        )
+    trained = None
+    if semantic_module:
+        p = Path(semantic_module)
+        record = (p if p.is_dir() else p.parent) / "fill_config.json"
+        if record.is_file():
+            try:
+                trained = read_json(record).get("semantic_layout")
+            except (DiffalignError, AttributeError, OSError, UnicodeDecodeError):
+                trained = None
+            if trained not in SEMANTIC_LAYOUTS:
+                trained = None
+    if layout is None:
+        return trained or "target-half"
+    if trained is not None and layout != trained:
+        log(
+            f"[fill] warning: --semantic-layout {layout}, but the module was trained with {trained}"
+        )
+    return layout
+
+
+def check_device(device: str) -> torch.device:
+    """`device` as a torch.device; an unknown name or an absent GPU is one line."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DiffalignError(f"--device: unknown device '{device}'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiffalignError(f"--device {device}: no CUDA device is available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DiffalignError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+        )
+    return dev
+
+
 def build_model(
     pipe: Any,
     lora: str | None,
@@ -351,6 +397,23 @@ def build_model(
     return SemanticFillTransformer(pipe.transformer, module, guidance).eval()
 
 
+def _kept_entries(summary_path: Path, records: list[dict], todo: list) -> list[dict]:
+    """The previous summary's entries of the images this run kept (a rerun after a stop)."""
+    from diffalign.engine.io import read_json
+
+    redone = {r["name"] for _, r in todo}
+    kept = {r["name"] for r in records} - redone
+    if not kept or not summary_path.is_file():
+        return []
+    try:
+        old = read_json(summary_path).get("images", [])
+    except (DiffalignError, AttributeError, OSError, UnicodeDecodeError):
+        return []
+    if not isinstance(old, list):
+        return []
+    return [e for e in old if isinstance(e, dict) and e.get("name") in kept]
+
+
 def run_infer(
     *,
     model: str,
@@ -366,7 +429,7 @@ def run_infer(
     seed: int = 0,
     batch_size: int = 1,
     save_diptych: bool = False,
-    semantic_layout: str = "target-half",
+    semantic_layout: str | None = None,
     max_sequence_length: int = 512,
     dtype: str = "float32",
     device: str = "cpu",
@@ -383,6 +446,8 @@ def run_infer(
 
     if (input_dir is None) == (visible is None):
         raise DiffalignError("pass either --visible (with --prompt) or --input-dir")
+    check_device(device)
+    semantic_layout = resolve_semantic_layout(semantic_layout, semantic_module, log)
     if input_dir is not None:
         records = read_input_dir(input_dir)
     else:
@@ -419,7 +484,9 @@ def run_infer(
         todo = [
             (i, r)
             for i, r in enumerate(records)
-            if overwrite or not (out / f"{r['name']}.png").is_file()
+            if overwrite
+            or not (out / f"{r['name']}.png").is_file()
+            or (save_diptych and not (out / f"{r['name']}_diptych.png").is_file())
         ]
         done_before = len(records) - len(todo)
         bar = progress(total=len(todo), desc="fill infer")
@@ -479,8 +546,9 @@ def run_infer(
             "inputs": len(records),
             "written": len(written),
             "kept_existing": done_before,
-            "images": written,
+            "images": _kept_entries(out / "summary.json", records, todo) + written,
             "save_diptych": save_diptych,
+            "semantic_layout": semantic_layout if fill_model.semantic is not None else None,
             "seconds": round(time.perf_counter() - t0, 3),
         }
         write_json(out / "summary.json", summary)

@@ -73,7 +73,27 @@ def load_fill_pipeline(model: str, dtype: str = "float32"):
         dlogging.enable_progress_bar()
         tlogging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
+    check_fill_channels(pipe, model)
     return pipe
+
+
+def check_fill_channels(pipe, model: str) -> None:
+    """The transformer must take `[latents | masked-image latents | packed mask]` tokens (FLUX.1-
+    Fill: 64 + 64 + 256 = 384) and predict latent-width tokens; a FLUX.1-dev transformer (64
+    inputs) or a VAE of another width is one error line."""
+    from diffalign.fill.encode import FillEncoder
+
+    enc = FillEncoder(pipe)
+    cfg = pipe.transformer.config
+    want_in = enc.latent_dim + enc.cond_dim
+    out = cfg.get("out_channels") or cfg.get("in_channels")
+    if cfg.get("in_channels") != want_in or out != enc.latent_dim:
+        raise DiffalignError(
+            f"--model {model}: its transformer takes {cfg.get('in_channels')} input and "
+            f"{out} output channels; FLUX Fill with this VAE needs {want_in} = "
+            f"{enc.latent_dim} latent + {enc.cond_dim} fill-condition inputs and "
+            f"{enc.latent_dim} outputs (is it a FLUX.1-Fill model?)"
+        )
 
 
 def latent_width(pipe: Any) -> int:
@@ -297,7 +317,8 @@ class FillTrainTask(TrainTask):
                 f"[fill] step 0 shapes: panels {list(batch['visible'].shape)}, x_0 "
                 f"{list(x0.shape)}, cond {list(enc['cond'].shape)}, semantic tokens "
                 f"{list(sem.shape) if sem is not None else None}, transformer input "
-                f"{[*x0.shape[:2], x0.shape[2] + enc['cond'].shape[2]]}"
+                f"{[*x0.shape[:2], x0.shape[2] + enc['cond'].shape[2]]}, cross-attention "
+                f"scale per layer {semantic_scales(self.semantic)}"
             )
         out: dict[str, Any] = {"loss": self.loss(enc, x1, t)}
         for i, s in enumerate(semantic_scales(self.semantic)):
@@ -369,6 +390,17 @@ class FillTrainTask(TrainTask):
         save_combined(out_dir / COMBINED_FILE, self.transformer, self.semantic, self.lora_config)
         write_json(out_dir / "fill_config.json", self.config_dict())
 
+    def check_resume(self, saved_config: dict | None, path: Path) -> None:
+        """A checkpoint of another module shape, LoRA, objective or optimiser setting is one
+        error line naming the first differing key (fill.config.RESUME_FREE may change)."""
+        from diffalign.engine.config_values import check_resume_config
+        from diffalign.fill.config import resume_free_keys
+
+        if saved_config is None:
+            return
+        current = self.config_dict()
+        check_resume_config(saved_config, current, resume_free_keys(saved_config, current), path)
+
     def config_dict(self) -> dict:
         import dataclasses
 
@@ -413,12 +445,24 @@ def train_config(cfg: FillTrainConfig) -> TrainConfig:
 
 
 def run_train(cfg: FillTrainConfig, log=print):
-    """Train (or resume) and add the Fill facts to summary.json; returns the TrainResult."""
+    """Train (or resume) and add the Fill facts to summary.json; returns the TrainResult.
+
+    The output folder is locked for the whole run (text cache, training, the summary written
+    after the loop): a second run into the same folder is one error line before it writes."""
+    from diffalign.engine.io import output_lock
+
+    loop = train_config(cfg)
+    loop.validate()  # the loop's options fail before the model loads or anything is written
+    with output_lock(cfg.output_dir, "training output folder"):  # the loop re-enters it
+        return _run_train(cfg, loop, log)
+
+
+def _run_train(cfg: FillTrainConfig, loop: TrainConfig, log):
     from diffalign.engine.reports import write_summary
 
     torch.manual_seed(cfg.seed)  # the module's and LoRA's initial weights
     task = FillTrainTask(cfg, log=log)
-    result = train(task, train_config(cfg))
+    result = train(task, loop)
     if _is_main() and result.summary:
         scales = semantic_scales(task.semantic)
         history = [

@@ -177,32 +177,16 @@ def build_semantic(dim: int, heads: int, layers: int) -> nn.Module:
 def load_semantic(path: str | Path, latent_dim: int) -> nn.Module:
     """The module saved in `path` (semantic_module.safetensors, the combined file or a folder
     holding either); its width must be the model's latent token width, its tensors must fit."""
-    from diffalign.fill.attention import load_semantic_module
+    from diffalign.fill.attention import semantic_module_from_tensors
 
     file = _resolve_file(path, SEMANTIC_FILE, "--semantic-module")
     tensors, meta = load_tensors(file)
-    if not any(k.startswith("semantic.") for k in tensors):
-        module = load_semantic_module(file, expect={"dim": latent_dim})
-        return module.eval()
-    try:
-        cfg = {k: int(meta[f"semantic_{k}"]) for k in ("dim", "heads", "layers")}
-    except (KeyError, ValueError):
-        raise DiffalignError(f"--semantic-module {file}: no semantic module shape in it") from None
-    if cfg["dim"] != latent_dim:
-        raise DiffalignError(
-            f"--semantic-module {file}: semantic module has dim={cfg['dim']}, this model needs "
-            f"{latent_dim}"
-        )
-    module = build_semantic(cfg["dim"], cfg["heads"], cfg["layers"])
-    own = module.state_dict()
-    mine = {k[len("semantic.") :]: v for k, v in tensors.items() if k.startswith("semantic.")}
-    bad = sorted(set(own) ^ set(mine)) + sorted(
-        k for k in set(own) & set(mine) if own[k].shape != mine[k].shape
+    if any(k.startswith("semantic.") for k in tensors):  # the combined file
+        tensors = {
+            k[len("semantic.") :]: v for k, v in tensors.items() if k.startswith("semantic.")
+        }
+        meta = {k[len("semantic_") :]: v for k, v in meta.items() if k.startswith("semantic_")}
+    module = semantic_module_from_tensors(
+        tensors, meta, f"--semantic-module {file}", expect={"dim": latent_dim}
     )
-    if bad:
-        raise DiffalignError(
-            f"--semantic-module {file}: tensors do not match a SemanticCrossAttention"
-            f"{tuple(cfg.values())} (first mismatch: {bad[0]})"
-        )
-    module.load_state_dict(mine)
     return module.eval()
