@@ -68,3 +68,46 @@ def test_check_resume_config_names_the_first_key():
     check_resume_config(saved, {**saved, "out": "z"}, {"out"}, "ck")
     with pytest.raises(DiffalignError, match=r"ck: it was trained with a=1, .* a=2 \(and 1 more"):
         check_resume_config(saved, {**saved, "a": 2, "c": 3}, {"out"}, "ck")
+
+
+def test_read_config_file_base_unknown_keys_and_overrides(tmp_path):
+    from dataclasses import dataclass
+
+    from diffalign.engine.config_values import field_types, read_config_file, typed_overrides
+
+    @dataclass
+    class Schema:
+        lora_rank: int = 8
+        lr: float = 1e-4
+        layers: list[str] | None = None
+
+    types_ = field_types(Schema)
+    assert types_ == {"lora_rank": int, "lr": float, "layers": list[str] | None}
+    (tmp_path / "track.yaml").write_text("lora_rank: 4\nlr: 0.001\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "ablation.yaml"
+    child.write_text("base: ../track.yaml\nlora-rank: 16\nlayers: [a, b]\n")
+    assert read_config_file(child, types_) == {"lora_rank": 16, "lr": 0.001, "layers": ["a", "b"]}
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(DiffalignError, match="cycle"):
+        read_config_file(tmp_path / "a.yaml", types_)
+    (tmp_path / "typo.yaml").write_text("base: track.yaml\nlora_rnak: 3\n")
+    with pytest.raises(
+        DiffalignError, match=r"typo.yaml: unknown key 'lora_rnak' \(did you mean 'lora_rank'\?\)"
+    ):
+        read_config_file(tmp_path / "typo.yaml", types_)
+    (tmp_path / "bad.yaml").write_text("base: track.yaml\nlr: nan\n")
+    with pytest.raises(DiffalignError, match=r"bad.yaml: lr: 'nan' is not a valid float"):
+        read_config_file(tmp_path / "bad.yaml", types_)
+    (tmp_path / "nobase.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(DiffalignError, match="not found"):
+        read_config_file(tmp_path / "nobase.yaml", types_)
+    assert typed_overrides(types_, {"lora-rank": "2", "layers": "null"}) == {
+        "lora_rank": 2,
+        "layers": None,
+    }
+    with pytest.raises(DiffalignError, match=r"override: unknown key 'zzz' \(known: layers, lo"):
+        typed_overrides(types_, {"zzz": "1"})
+    with pytest.raises(DiffalignError, match=r"--lora-rank: lora_rank: 'x' is not a valid int"):
+        typed_overrides(types_, {"lora_rank": "x"})

@@ -56,9 +56,11 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.lora_rank == 16 and cfg.lr == 3e-5 and cfg.lora_conv is True
     assert cfg.manifold_cap == 0.1 and cfg.align_layers == ["mid", "dec_first"]
     assert cfg.ema_decay is None
-    with pytest.raises(DiffalignError, match="--lora-rank: lora_rank must be int"):
+    with pytest.raises(DiffalignError, match=r"--lora-rank: lora_rank: '8.5' is not a valid int"):
         load_config(None, {"data_dir": "x", "lora_rank": "8.5"})
-    with pytest.raises(DiffalignError, match="lora_conv must be bool"):
+    with pytest.raises(
+        DiffalignError, match=r"--lora-conv: lora_conv: 'maybe' is not a valid bool"
+    ):
         load_config(None, {"data_dir": "x", "lora_conv": "maybe"})
 
 

@@ -1,9 +1,12 @@
 """Typed values for dataclass-schema configs: a YAML value or a `--key value` command-line string
 converted to a field's annotation (`int`, `float`, `bool`, `str`, `list[str]`, each optionally
-`| None`), with one DiffalignError line naming the key. Used by the capabilities' YAML configs."""
+`| None`), with one DiffalignError line naming the key. Used by the capabilities' YAML configs:
+`read_config_file` (typed values of a YAML file, `base: other.yaml` inheritance, unknown keys named
+with a "did you mean" hint) and `typed_overrides` (`--key value` strings), then the resume check."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import types
@@ -61,7 +64,7 @@ def coerce_value(key: str, annotation: Any, value: Any, where: str = "") -> Any:
                 raise ValueError
             out = float(value)
             if not math.isfinite(out):
-                raise ValueError
+                raise DiffalignError(f"{prefix}{key}: {value!r} is not a valid float (not finite)")
             return out
         if typing.get_origin(tp) is list or tp is list:
             if isinstance(value, str):
@@ -77,6 +80,65 @@ def coerce_value(key: str, annotation: Any, value: Any, where: str = "") -> Any:
     except (TypeError, ValueError):
         kind = getattr(tp, "__name__", str(tp))
         raise DiffalignError(f"{prefix}{key}: {value!r} is not a valid {kind}") from None
+
+
+def field_types(schema: type) -> dict[str, Any]:
+    """{field name: resolved annotation} of a dataclass schema (in field order)."""
+    import dataclasses
+
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def unknown_key(key: str, known: typing.Iterable[str], where: str = "") -> DiffalignError:
+    """The error for a key the schema lacks: a "did you mean" hint, else the known keys."""
+    known = sorted(known)
+    prefix = f"{where}: " if where else ""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+    return DiffalignError(f"{prefix}unknown key '{key}' ({hint})")
+
+
+def typed_value(types_: dict[str, Any], key: str, value: Any, where: str = "") -> Any:
+    """`value` as the type of schema key `key` (`-` in the key read as `_`); an unknown key is
+    one DiffalignError naming it."""
+    key = key.replace("-", "_")
+    if key not in types_:
+        raise unknown_key(key, types_, where)
+    return coerce_value(key, types_[key], value, where)
+
+
+def typed_overrides(types_: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Command-line `--key value` overrides typed by the schema; errors name `--key`."""
+    out: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        key = key.replace("-", "_")
+        if key not in types_:
+            raise unknown_key(key, types_, "override")
+        out[key] = coerce_value(key, types_[key], value, "--" + key.replace("_", "-"))
+    return out
+
+
+def read_config_file(
+    path: str | os.PathLike, types_: dict[str, Any], base_key: str = "base", _seen: tuple = ()
+) -> dict[str, Any]:
+    """Typed values of a YAML config file. `base: other.yaml` (relative to the file) is read
+    first and overridden by the file's own keys (e.g. ablation configs built on a track's);
+    a cycle of bases, an unknown key or a bad value is one DiffalignError naming the file."""
+    p = Path(path)
+    if p.is_file() and p.resolve() in _seen:
+        raise DiffalignError(f"{p}: '{base_key}' configs form a cycle")
+    data = read_yaml_mapping(p)
+    values: dict[str, Any] = {}
+    base = None if base_key in types_ else data.pop(base_key, None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise DiffalignError(f"{p}: {base_key}: expected a config file name, got {base!r}")
+        values.update(read_config_file(p.parent / base, types_, base_key, (*_seen, p.resolve())))
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        values[key] = typed_value(types_, key, value, str(p))
+    return values
 
 
 def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:

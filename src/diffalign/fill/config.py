@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,35 +143,28 @@ class FillTrainConfig:
 
 
 def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(FillTrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(FillTrainConfig)}
+    from diffalign.engine.config_values import field_types
+
+    return field_types(FillTrainConfig)
 
 
 def convert_value(key: str, value: Any) -> Any:
     """`value` (from YAML or a `--key value` string) as the schema's type of `key`."""
-    from diffalign.engine.config_values import coerce_value
+    from diffalign.engine.config_values import typed_value
 
-    types_ = _field_types()
-    if key not in types_:
-        raise DiffalignError(f"unknown config key '{key}' (known: {', '.join(sorted(types_))})")
-    return coerce_value(key, types_[key], value)
+    return typed_value(_field_types(), key, value)
 
 
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> FillTrainConfig:
-    """The YAML file at `path` (if any) with `overrides` on top, typed and validated."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        from diffalign.engine.config_values import read_yaml_mapping
+    """The YAML file at `path` (if any; `base: other.yaml` inherits) with `overrides` on top,
+    typed and validated."""
+    from diffalign.engine.config_values import read_config_file, typed_overrides
 
-        for k, v in read_yaml_mapping(path).items():
-            try:
-                values[k] = convert_value(k, v)
-            except DiffalignError as e:
-                raise DiffalignError(f"{path}: {e}") from None
-    for k, v in (overrides or {}).items():
-        values[k.replace("-", "_")] = convert_value(k.replace("-", "_"), v)
+    types_ = _field_types()
+    values: dict[str, Any] = read_config_file(path, types_) if path is not None else {}
+    values.update(typed_overrides(types_, overrides))
     config = FillTrainConfig(**values)
     config.validate()
     return config

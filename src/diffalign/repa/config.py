@@ -8,14 +8,12 @@ overrides, each parsed to the field's type. The defaults are the seed's (003, se
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from diffalign.engine import config_values
+from diffalign.engine.config_values import field_types, typed_overrides, typed_value
 from diffalign.engine.errors import DiffalignError
 
 
@@ -165,73 +163,12 @@ RESUME_FREE = frozenset(
 )
 
 
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """(inner type, optional?) of a field annotation such as `int | None` or `list[str]`."""
-    if isinstance(tp, str):
-        tp = eval(tp, {"list": list}, {})  # annotations are strings (from __future__)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
+TYPES = field_types(RepaTrainConfig)
 
 
 def coerce(key: str, value: Any, where: str = "config") -> Any:
     """Convert a YAML value or a command-line string to the type of field `key`."""
-    tp, optional = _base_type(FIELDS[key].type)
-    if value is None or (
-        optional and isinstance(value, str) and value.strip().lower() in ("none", "null")
-    ):
-        if optional:
-            return None
-        raise DiffalignError(f"{where}: {key} cannot be empty")
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(value.strip())
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)
-            if out != out or out in (float("inf"), float("-inf")):
-                raise DiffalignError(f"{where}: {key} must be a finite number, got {value!r}")
-            return out
-        if tp is str:
-            if isinstance(value, list | dict):
-                raise ValueError
-            return str(value)
-        if typing.get_origin(tp) is list or tp is list:
-            if isinstance(value, str):
-                from diffalign.engine.cliutils import split_list
-
-                return split_list(value)
-            if isinstance(value, list):
-                return [str(v) for v in value]
-            raise ValueError
-    except (TypeError, ValueError):
-        kind = getattr(tp, "__name__", str(tp))
-        raise DiffalignError(f"{where}: {key} must be {kind}, got {value!r}") from None
-    raise DiffalignError(f"{where}: {key} has an unsupported type")  # pragma: no cover
-
-
-def _unknown(key: str, where: str) -> DiffalignError:
-    close = difflib.get_close_matches(key, list(FIELDS), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return DiffalignError(f"{where}: unknown key '{key}'{hint}")
+    return typed_value(TYPES, key, value, where)
 
 
 def load_config(
@@ -239,48 +176,18 @@ def load_config(
 ) -> RepaTrainConfig:
     """Read `path` (YAML mapping of RepaTrainConfig keys), apply `overrides`, validate."""
     values: dict[str, Any] = read_config_file(path) if path is not None else {}
-    for key, value in (overrides or {}).items():
-        key = key.replace("-", "_")
-        if key not in FIELDS:
-            raise _unknown(key, "override")
-        values[key] = coerce(key, value, f"--{key.replace('_', '-')}")
+    values.update(typed_overrides(TYPES, overrides))
     cfg = RepaTrainConfig(**values)
     cfg.validate()
     return cfg
 
 
-def read_config_file(path: str | os.PathLike, _seen: tuple = ()) -> dict[str, Any]:
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Typed values of a YAML config; `base: other.yaml` (relative to the file) is read first and
     overridden by the file's own keys (the ablation configs build on a track's)."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise DiffalignError(f"config file not found: {p}")
-    if p.resolve() in _seen:
-        raise DiffalignError(f"{p}: 'base' configs form a cycle")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DiffalignError(f"{p}: not valid YAML ({first})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise DiffalignError(f"{p}: the config must be a mapping of keys to values")
-    values: dict[str, Any] = {}
-    base = data.pop("base", None)
-    if base is not None:
-        values.update(read_config_file(p.parent / str(base), (*_seen, p.resolve())))
-    for key, value in data.items():
-        key = str(key).replace("-", "_")
-        if key not in FIELDS:
-            raise _unknown(key, str(p))
-        values[key] = coerce(key, value, str(p))
-    return values
+    return config_values.read_config_file(path, TYPES)
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Keys (outside RESUME_FREE) whose values differ between two config dicts."""
-    keys = sorted((set(saved) | set(current)) - RESUME_FREE)
-    return [k for k in keys if saved.get(k) != current.get(k)]
+    return config_values.config_differences(saved, current, RESUME_FREE)

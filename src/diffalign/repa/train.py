@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from diffalign.engine.config_values import check_resume_config
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import write_json
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
-from diffalign.repa.config import RepaTrainConfig, config_differences
+from diffalign.repa.config import RESUME_FREE, RepaTrainConfig
 from diffalign.repa.data import CLIP, RepaDataset, collate
 from diffalign.repa.heads import lora_parameters
 from diffalign.repa.losses import (
@@ -285,14 +286,7 @@ class RepaTask(TrainTask):
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
         if saved_config is None:
             raise DiffalignError(f"cannot resume from {path}: it records no U-REPA configuration")
-        diff = config_differences(saved_config, self.config_dict())
-        if diff:
-            k = diff[0]
-            more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
-            raise DiffalignError(
-                f"cannot resume from {path}: it was trained with {k}={saved_config.get(k)!r}, "
-                f"this configuration has {k}={self.config_dict().get(k)!r}{more}"
-            )
+        check_resume_config(saved_config, self.config_dict(), RESUME_FREE, path)
 
     def state_dict(self) -> dict:
         return {"manifold_capped": self.manifold_capped, "step_seen": self.step_seen}
