@@ -158,3 +158,20 @@ def test_float_list_rejects_non_finite():
     assert cliutils.parse_float_list("0.5, 1") == [0.5, 1.0]
     with pytest.raises(DiffalignError):
         cliutils.parse_float_list("0.5,nan")
+
+
+def test_check_device_names_the_device():
+    from diffalign.engine.distributed import check_device
+    from diffalign.fill.infer import check_device as fill_check_device
+
+    assert check_device(None) is None and check_device(" cpu ") == "cpu"
+    assert fill_check_device("cpu") == torch.device("cpu")
+    with pytest.raises(DiffalignError, match=r"--device: unknown device 'tpu9' \(use cpu"):
+        fill_check_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(DiffalignError, match="--device cuda:0: no CUDA device"):
+            check_device("cuda:0")
+    else:
+        n = torch.cuda.device_count()
+        with pytest.raises(DiffalignError, match=f"--device cuda:{n}: only {n} CUDA"):
+            check_device(f"cuda:{n}")

@@ -16,7 +16,7 @@ def check_device(device: str | None) -> str | None:
         dev = torch.device(text)
     except (RuntimeError, ValueError, TypeError):
         raise DiffalignError(
-            f"--device '{device}' is not a device (use cpu, cuda, cuda:N or mps)"
+            f"--device: unknown device '{device}' (use cpu, cuda, cuda:N or mps)"
         ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():

@@ -363,18 +363,11 @@ def resolve_semantic_layout(layout: str | None, semantic_module: str | None, log
 
 
 def check_device(device: str) -> torch.device:
-    """`device` as a torch.device; an unknown name or an absent GPU is one line."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DiffalignError(f"--device: unknown device '{device}'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DiffalignError(f"--device {device}: no CUDA device is available here")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DiffalignError(
-            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
-        )
-    return dev
+    """`device` as a torch.device; an unknown name or an absent GPU is one line
+    (engine.distributed.check_device)."""
+    from diffalign.engine.distributed import check_device as check_device_name
+
+    return torch.device(check_device_name(device))
 
 
 def build_model(
