@@ -175,3 +175,16 @@ def test_check_device_names_the_device():
         n = torch.cuda.device_count()
         with pytest.raises(DiffalignError, match=f"--device cuda:{n}: only {n} CUDA"):
             check_device(f"cuda:{n}")
+
+
+def test_pil_to_tensor_inverts_tensor_to_pil():
+    from PIL import Image
+
+    from diffalign.engine.reports import pil_to_tensor, tensor_to_pil
+
+    x = torch.arange(3 * 4 * 5, dtype=torch.float32).reshape(3, 4, 5) / 59.0
+    back = pil_to_tensor(tensor_to_pil(x, (0.0, 1.0)))
+    assert back.shape == (3, 4, 5) and back.dtype == torch.float32
+    assert torch.allclose(back, x, atol=0.5 / 255 + 1e-6)
+    gray = pil_to_tensor(Image.new("L", (2, 3), 255))
+    assert gray.shape == (3, 3, 2) and torch.all(gray == 1.0)

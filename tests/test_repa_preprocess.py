@@ -152,7 +152,7 @@ def data_dir(tmp_path_factory):
 
 
 def _pixels(data, sid):
-    from diffalign.repa.images import pil_to_tensor
+    from diffalign.engine.reports import pil_to_tensor
 
     return pil_to_tensor(ImageZip(data / "images.zip").read(sid)).unsqueeze(0)
 

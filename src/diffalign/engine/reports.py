@@ -29,6 +29,12 @@ def tensor_to_pil(
     return Image.fromarray(arr, mode="RGB")
 
 
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> float `[3, H, W]` in [0, 1] (converted to RGB)."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
 def make_grid(
     images: Sequence[Image.Image], ncols: int | None = None, pad: int = 0, background: int = 0
 ) -> Image.Image:

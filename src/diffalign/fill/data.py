@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.reports import pil_to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PANEL_MULTIPLE = 16  # VAE factor 8 x FLUX 2x2 packing
@@ -45,12 +45,6 @@ def split_triptych(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
             f"a triptych is three square panels side by side (width = 3 x height); got {w}x{h}"
         )
     return image[..., :h], image[..., h : 2 * h], image[..., 2 * h :]
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image -> float `[3, H, W]` in [0, 1] (RGB)."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:

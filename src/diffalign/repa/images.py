@@ -200,15 +200,6 @@ class ImageZip:
         self._zip = None
 
 
-def pil_to_tensor(img):
-    """RGB PIL image -> float tensor [3, H, W] in [0, 1]."""
-    import numpy as np
-    import torch
-
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
 # ---------------------------------------------------------------------------------------------
 # The §3.1 transform
 

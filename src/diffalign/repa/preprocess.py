@@ -334,7 +334,7 @@ def _load_batch(
 ) -> tuple[list[str], torch.Tensor | None, list[dict]]:
     """(ids read, float [B, 3, H, W] in [0, 1], failures) for `ids` from the zip; decoded on
     `pool`'s threads when given (PIL releases the GIL while decoding)."""
-    from diffalign.repa.images import pil_to_tensor
+    from diffalign.engine.reports import pil_to_tensor
 
     def one(sid):
         try:
