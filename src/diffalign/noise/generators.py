@@ -296,13 +296,9 @@ class DiffusionOneStepGenerator(OneStepGenerator):
         with a LoRA adapter: `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights`
         reads (diffusers' LoRA layout)."""
         if getattr(self.unet, "peft_config", None):
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
+            from diffalign.engine.lora import save_unet_lora
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-            type(self.pipe).save_lora_weights(
-                str(out_dir), unet_lora_layers=layers, safe_serialization=True
-            )
+            save_unet_lora(type(self.pipe), out_dir, self.unet)
         else:
             self.pipe.save_pretrained(str(out_dir), safe_serialization=True)
             # the kind (scheduler, timestep) and that the Hyper-SD weights are already in it

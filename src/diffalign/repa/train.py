@@ -314,18 +314,11 @@ class RepaTask(TrainTask):
         LoRA in diffusers' format (`pipe.load_lora_weights(folder)`), and `repa_model.json`."""
         super().export(out_dir)
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
 
+        from diffalign.engine.lora import save_unet_lora
         from diffalign.repa.heads import ADAPTER_NAME
 
-        lora = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME)
-        lora = {k: v.detach().float().cpu().contiguous() for k, v in lora.items()}
-        StableDiffusionPipeline.save_lora_weights(
-            str(out_dir),
-            unet_lora_layers=convert_state_dict_to_diffusers(lora),
-            safe_serialization=True,
-        )
+        save_unet_lora(StableDiffusionPipeline, out_dir, self.unet, ADAPTER_NAME, torch.float32)
         write_json(
             Path(out_dir) / MODEL_JSON,
             {
