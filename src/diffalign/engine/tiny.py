@@ -157,6 +157,30 @@ def tiny_t5_tokenizer(model_max_length: int = 512):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
+def tiny_t5_encoder(d_model: int):
+    """A 2-layer `T5EncoderModel` of width `d_model` (gated-GELU as T5 v1.1, the T5-XXL encoder
+    of SD3 and FLUX) over `tiny_t5_tokenizer`'s 256 ids; random weights from torch's RNG."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=256,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+        )
+    ).eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # SD3 / SD3.5
 
@@ -198,7 +222,7 @@ def build_tiny_sd3_pipeline(
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     for name, value in (
         ("num_layers", num_layers),
@@ -257,23 +281,7 @@ def build_tiny_sd3_pipeline(
         text_encoders.append(CLIPTextModelWithProjection(cfg).eval())
 
     torch.manual_seed(seed + 2)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=256,
-            d_model=joint_attention_dim,
-            d_kv=8,
-            d_ff=2 * joint_attention_dim,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-            use_cache=False,
-        )
-    ).eval()
+    t5 = tiny_t5_encoder(joint_attention_dim)
 
     torch.manual_seed(seed + 3)
     vae = AutoencoderKL(

@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.tiny import register_kind, tiny_clip_tokenizer, tiny_t5_tokenizer
+from diffalign.engine.tiny import (
+    register_kind,
+    tiny_clip_tokenizer,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+)
 
 # FLUX.1-Fill-dev's scheduler/scheduler_config.json (the same as FLUX.1-dev).
 FLUX_FILL_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -69,7 +74,7 @@ def build_tiny_flux_fill_pipeline(
         FluxFillPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     for name, value in (
         ("num_layers", num_layers),
@@ -132,23 +137,7 @@ def build_tiny_flux_fill_pipeline(
     ).eval()
 
     torch.manual_seed(seed + 2)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=256,
-            d_model=joint_attention_dim,
-            d_kv=8,
-            d_ff=2 * joint_attention_dim,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-            use_cache=False,
-        )
-    ).eval()
+    t5 = tiny_t5_encoder(joint_attention_dim)
 
     torch.manual_seed(seed + 3)
     vae = AutoencoderKL(
