@@ -206,4 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # close gloo before exit (its threads abort otherwise)
+        dist.destroy_process_group()
+    sys.exit(code)

@@ -57,7 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:  # unexpected: one line unless DIFFALIGN_DEBUG asks for the traceback
         return _internal(e)
+    finally:
+        _close_process_group()
     return int(result or 0)
+
+
+def _close_process_group() -> None:
+    """Tear down a torch.distributed group a sharded run opened (gloo aborts at interpreter exit
+    when its threads outlive the group)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:  # torch never imported (e.g. --help): nothing to close
+        return
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # closing is best effort; the run's result already stands
+        pass
 
 
 def _internal(e: BaseException) -> int:
