@@ -393,3 +393,20 @@ def test_a_failed_checkpoint_write_is_one_line():
         pytest.skip("no /dev/full")
     with pytest.raises(DiffalignError, match="cannot write /dev/full.*disk full"):
         save_pt({"a": torch.zeros(1000)}, "/dev/full")
+
+
+def test_enospc_inside_a_librarys_writer_is_one_line(tmp_path, monkeypatch, capsys):
+    """save_pretrained writes through safetensors, whose error wraps ENOSPC in a SafetensorError
+    (seen with `make-tiny` on a full tmpfs): one `diffalign: error:` line, exit 2."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert run_cli(["make-tiny", "sd15", "--out", str(tmp_path / "m")]) == 2
+    line = one_error(capsys)
+    assert line.startswith("diffalign: error: no space left on the device"), line

@@ -56,6 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("diffalign: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # unexpected: one line unless DIFFALIGN_DEBUG asks for the traceback
+        if _disk_full(e):  # a library's own writer (save_pretrained -> safetensors) filled the disk
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(
+                f"diffalign: error: no space left on the device ({first}); free some space "
+                "and run the command again",
+                file=sys.stderr,
+            )
+            return 2
         return _internal(e)
     finally:
         _close_process_group()
@@ -73,6 +81,21 @@ def _close_process_group() -> None:
             dist.destroy_process_group()
     except Exception:  # closing is best effort; the run's result already stands
         pass
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """True if `e` (or what caused it) is ENOSPC; libraries such as safetensors wrap it in their
+    own exception type with only the OS message ("No space left on device (os error 28)")."""
+    import errno
+
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "os error 28" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _internal(e: BaseException) -> int:

@@ -323,14 +323,29 @@ def _check_components(
             continue
         if not isinstance(value, list | tuple) or len(value) != 2 or None in value:
             continue  # [null, null]: an optional component the checkpoint does not ship
-        problem = check_component(folder, name, str(value[0]), str(value[1]))
-        if problem is not None:
-            fix = (
-                f"fetch it again with `diffalign download --only {download_name}`"
-                if download_name
-                else "copy the complete model folder"
-            )
-            raise DiffalignError(f"incomplete model folder {folder}: {problem}; {fix}")
+        require_component(folder, name, str(value[0]), str(value[1]), download_name)
+
+
+def require_component(
+    folder: str | os.PathLike,
+    name: str | None,
+    library: str,
+    class_name: str,
+    download_name: str | None = None,
+) -> None:
+    """`check_component` as one DiffalignError line, for loaders that read a single component
+    with `from_pretrained` (the U-Net, tokenizer or text encoder of a pipeline folder, a VAE or
+    DINOv2 folder): `name` is the subfolder, None when `folder` is the component itself."""
+    folder = Path(folder)
+    base, sub = (folder, name) if name else (folder.parent, folder.name)
+    problem = check_component(base, sub, library, class_name)
+    if problem is not None:
+        fix = (
+            f"fetch it again with `diffalign download --only {download_name}`"
+            if download_name
+            else "copy the complete model folder"
+        )
+        raise DiffalignError(f"incomplete model folder {folder}: {problem}; {fix}")
 
 
 def _check_folder(
@@ -560,6 +575,7 @@ def load_vae(
             sub = "vae" if (path / "vae" / "config.json").is_file() else None
             if sub is None and not (path / "config.json").is_file():
                 raise ModelNotFoundError(vae, None, "not an AutoencoderKL folder: no config.json")
+            require_component(path, sub, "diffusers", "AutoencoderKL")
             return AutoencoderKL.from_pretrained(str(path), subfolder=sub, **_dtype_kw(torch_dtype))
         if path.is_file():
             resolved = resolve_model(str(path))  # refuses pickles

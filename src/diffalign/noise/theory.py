@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import write_json, write_text
+from diffalign.engine.io import locked_output_dir, write_json, write_text
 from diffalign.engine.progress import progress
 from diffalign.noise.diagnostics import GaussianityComparison, write_comparison
 from diffalign.noise.orthogonal import (
@@ -154,150 +154,153 @@ def run_noise_theory(
         channels, patch_size, num_samples, batch_size, latent_size, opt_steps, per_sample_count, lr
     )
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shape = (channels, latent_size, latent_size)
-    dim = channels * patch_size * patch_size
-    target = target_pattern(channels, latent_size)
-    cases: dict[str, Any] = {}
-    timings: dict[str, float] = {}
-    common = {"channels": channels, "patch_size": patch_size, "latent_size": latent_size}
+    out = Path(output_dir)
+    with locked_output_dir(out, "theory output folder"):  # one run per folder
+        shape = (channels, latent_size, latent_size)
+        dim = channels * patch_size * patch_size
+        target = target_pattern(channels, latent_size)
+        cases: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        common = {"channels": channels, "patch_size": patch_size, "latent_size": latent_size}
 
-    # 1. one fixed Haar-random Q, fresh noise.
-    t0 = time.perf_counter()
-    q_fixed = haar_orthogonal(dim, generator=torch.Generator().manual_seed(seed))
-    comp = GaussianityComparison(patch_size)
-    _stream(
-        comp,
-        q_fixed,
-        torch.Generator().manual_seed(seed + 1),
-        num_samples,
-        batch_size,
-        shape,
-        patch_size,
-        "fixed random Q",
-    )
-    report = write_comparison(
-        out,
-        "fixed_random_q",
-        comp,
-        q=q_fixed,
-        title="fixed Haar-random Q applied to fresh z ~ N(0, I)",
-        extra={"case": "fixed_random_q", **common},
-    )
-    cases["fixed_random_q"] = report
-    timings["fixed_random_q"] = time.perf_counter() - t0
-
-    # 2. Q optimised on one fixed batch toward the target (data-dependent), fresh noise.
-    t0 = time.perf_counter()
-    fit_gen = torch.Generator().manual_seed(seed + 2)
-    fit_batch = torch.randn((min(batch_size, 256), *shape), generator=fit_gen)
-    module = PatchOrthogonal(channels, patch_size, parametrization, init="random", seed=seed + 3)
-    losses = optimize_toward(module, fit_batch, target, opt_steps, lr)
-    with torch.no_grad():
-        q_opt = module.matrix().detach()
-        fit_comp = GaussianityComparison(patch_size)
-        fit_comp.update(fit_batch, module(fit_batch))
-    fit_report = fit_comp.report(q_opt)
-    comp = GaussianityComparison(patch_size)
-    _stream(
-        comp,
-        q_opt,
-        torch.Generator().manual_seed(seed + 4),
-        num_samples,
-        batch_size,
-        shape,
-        patch_size,
-        "optimised shared Q",
-    )
-    report = write_comparison(
-        out,
-        "optimized_shared_q",
-        comp,
-        q=q_opt,
-        title="Q optimised on a fixed batch, applied to fresh z ~ N(0, I)",
-        extra={
-            "case": "optimized_shared_q",
-            **common,
-            "fit_batch_size": fit_batch.shape[0],
-            "opt_steps": opt_steps,
-            "loss_first": losses[0],
-            "loss_last": losses[-1],
-            "on_fitting_batch": {
-                "z2_mean": fit_report["z2"]["mean"],
-                "z2_ks_statistic": fit_report["z2"]["ks_statistic"],
-                "z2_patch_cov_error_fro_over_d": fit_report["z2"]["patch_cov_error_fro_over_d"],
-            },
-        },
-    )
-    cases["optimized_shared_q"] = report
-    timings["optimized_shared_q"] = time.perf_counter() - t0
-
-    # 3. per-sample Q_i chosen after seeing z_i.
-    t0 = time.perf_counter()
-    count = min(per_sample_count, num_samples)
-    gen = torch.Generator().manual_seed(seed + 5)
-    comp = GaussianityComparison(patch_size)
-    max_orth = 0.0
-    first_losses, last_losses = [], []
-    batches = math.ceil(count / batch_size)
-    done = 0
-    for i in progress(range(batches), desc="per-sample optimised Q", total=batches):
-        b = min(batch_size, count - done)
-        z = torch.randn((b, *shape), generator=gen)
-        per = PatchOrthogonal(
-            channels,
+        # 1. one fixed Haar-random Q, fresh noise.
+        t0 = time.perf_counter()
+        q_fixed = haar_orthogonal(dim, generator=torch.Generator().manual_seed(seed))
+        comp = GaussianityComparison(patch_size)
+        _stream(
+            comp,
+            q_fixed,
+            torch.Generator().manual_seed(seed + 1),
+            num_samples,
+            batch_size,
+            shape,
             patch_size,
-            parametrization,
-            init="random",
-            num_transforms=b,
-            seed=seed + 6 + i,
+            "fixed random Q",
         )
-        curve = optimize_toward(per, z, target, opt_steps, lr)
-        first_losses.append(curve[0] * b)
-        last_losses.append(curve[-1] * b)
-        with torch.no_grad():
-            comp.update(z, per(z))
-            max_orth = max(max_orth, orthogonality_error(per.matrix()))
-        done += b
-    report = write_comparison(
-        out,
-        "per_sample_optimized_q",
-        comp,
-        title="per-sample Q_i optimised after seeing z_i: norms kept, not i.i.d. N(0, I)",
-        extra={
-            "case": "per_sample_optimized_q",
-            **common,
-            "num_transforms": count,
-            "opt_steps": opt_steps,
-            "orthogonality_error": max_orth,
-            "loss_first": sum(first_losses) / count,
-            "loss_last": sum(last_losses) / count,
-        },
-    )
-    cases["per_sample_optimized_q"] = report
-    timings["per_sample_optimized_q"] = time.perf_counter() - t0
+        report = write_comparison(
+            out,
+            "fixed_random_q",
+            comp,
+            q=q_fixed,
+            title="fixed Haar-random Q applied to fresh z ~ N(0, I)",
+            extra={"case": "fixed_random_q", **common},
+        )
+        cases["fixed_random_q"] = report
+        timings["fixed_random_q"] = time.perf_counter() - t0
 
-    checks = {name: _checks(name, rep) for name, rep in cases.items()}
-    summary = {
-        "config": {
-            **common,
-            "patch_dim": dim,
-            "num_samples": num_samples,
-            "batch_size": batch_size,
-            "seed": seed,
-            "opt_steps": opt_steps,
-            "per_sample_count": count,
-            "lr": lr,
-            "parametrization": parametrization,
-        },
-        "cases": {name: _headline(rep) for name, rep in cases.items()},
-        "checks": checks,
-        "all_checks_passed": all(all(c.values()) for c in checks.values()),
-        "timings": timings,
-    }
-    write_json(out / "summary.json", summary)
-    write_text(out / "theory.md", _theory_markdown(summary))
-    return summary
+        # 2. Q optimised on one fixed batch toward the target (data-dependent), fresh noise.
+        t0 = time.perf_counter()
+        fit_gen = torch.Generator().manual_seed(seed + 2)
+        fit_batch = torch.randn((min(batch_size, 256), *shape), generator=fit_gen)
+        module = PatchOrthogonal(
+            channels, patch_size, parametrization, init="random", seed=seed + 3
+        )
+        losses = optimize_toward(module, fit_batch, target, opt_steps, lr)
+        with torch.no_grad():
+            q_opt = module.matrix().detach()
+            fit_comp = GaussianityComparison(patch_size)
+            fit_comp.update(fit_batch, module(fit_batch))
+        fit_report = fit_comp.report(q_opt)
+        comp = GaussianityComparison(patch_size)
+        _stream(
+            comp,
+            q_opt,
+            torch.Generator().manual_seed(seed + 4),
+            num_samples,
+            batch_size,
+            shape,
+            patch_size,
+            "optimised shared Q",
+        )
+        report = write_comparison(
+            out,
+            "optimized_shared_q",
+            comp,
+            q=q_opt,
+            title="Q optimised on a fixed batch, applied to fresh z ~ N(0, I)",
+            extra={
+                "case": "optimized_shared_q",
+                **common,
+                "fit_batch_size": fit_batch.shape[0],
+                "opt_steps": opt_steps,
+                "loss_first": losses[0],
+                "loss_last": losses[-1],
+                "on_fitting_batch": {
+                    "z2_mean": fit_report["z2"]["mean"],
+                    "z2_ks_statistic": fit_report["z2"]["ks_statistic"],
+                    "z2_patch_cov_error_fro_over_d": fit_report["z2"]["patch_cov_error_fro_over_d"],
+                },
+            },
+        )
+        cases["optimized_shared_q"] = report
+        timings["optimized_shared_q"] = time.perf_counter() - t0
+
+        # 3. per-sample Q_i chosen after seeing z_i.
+        t0 = time.perf_counter()
+        count = min(per_sample_count, num_samples)
+        gen = torch.Generator().manual_seed(seed + 5)
+        comp = GaussianityComparison(patch_size)
+        max_orth = 0.0
+        first_losses, last_losses = [], []
+        batches = math.ceil(count / batch_size)
+        done = 0
+        for i in progress(range(batches), desc="per-sample optimised Q", total=batches):
+            b = min(batch_size, count - done)
+            z = torch.randn((b, *shape), generator=gen)
+            per = PatchOrthogonal(
+                channels,
+                patch_size,
+                parametrization,
+                init="random",
+                num_transforms=b,
+                seed=seed + 6 + i,
+            )
+            curve = optimize_toward(per, z, target, opt_steps, lr)
+            first_losses.append(curve[0] * b)
+            last_losses.append(curve[-1] * b)
+            with torch.no_grad():
+                comp.update(z, per(z))
+                max_orth = max(max_orth, orthogonality_error(per.matrix()))
+            done += b
+        report = write_comparison(
+            out,
+            "per_sample_optimized_q",
+            comp,
+            title="per-sample Q_i optimised after seeing z_i: norms kept, not i.i.d. N(0, I)",
+            extra={
+                "case": "per_sample_optimized_q",
+                **common,
+                "num_transforms": count,
+                "opt_steps": opt_steps,
+                "orthogonality_error": max_orth,
+                "loss_first": sum(first_losses) / count,
+                "loss_last": sum(last_losses) / count,
+            },
+        )
+        cases["per_sample_optimized_q"] = report
+        timings["per_sample_optimized_q"] = time.perf_counter() - t0
+
+        checks = {name: _checks(name, rep) for name, rep in cases.items()}
+        summary = {
+            "config": {
+                **common,
+                "patch_dim": dim,
+                "num_samples": num_samples,
+                "batch_size": batch_size,
+                "seed": seed,
+                "opt_steps": opt_steps,
+                "per_sample_count": count,
+                "lr": lr,
+                "parametrization": parametrization,
+            },
+            "cases": {name: _headline(rep) for name, rep in cases.items()},
+            "checks": checks,
+            "all_checks_passed": all(all(c.values()) for c in checks.values()),
+            "timings": timings,
+        }
+        write_json(out / "summary.json", summary)
+        write_text(out / "theory.md", _theory_markdown(summary))
+        return summary
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,13 @@ def load_sd15_unet(model: str, dtype: torch.dtype = torch.float32, noise_schedul
         )
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from diffalign.engine.loading import _hub_errors, hub_offline, load_pipeline, resolve_model
+    from diffalign.engine.loading import (
+        _hub_errors,
+        hub_offline,
+        load_pipeline,
+        require_component,
+        resolve_model,
+    )
 
     resolved = resolve_model(model, "sd15")
     if resolved.kind == "single_file":
@@ -56,6 +62,9 @@ def load_sd15_unet(model: str, dtype: torch.dtype = torch.float32, noise_schedul
                 raise ModelNotFoundError(
                     model, resolved.download_name, f"{folder} has no unet/config.json"
                 )
+            require_component(
+                folder, "unet", "diffusers", "UNet2DConditionModel", resolved.download_name
+            )
         else:
             kw["local_files_only"] = hub_offline()
         try:

@@ -617,6 +617,7 @@ def load_text_encoder(model: str, device, dtype: str = "float32"):
         _tf_dtype_kw,
         hub_offline,
         parse_dtype,
+        require_component,
         resolve_model,
     )
 
@@ -628,6 +629,9 @@ def load_text_encoder(model: str, device, dtype: str = "float32"):
     local = resolved.kind == "folder"
     if local and not (Path(resolved.source) / "text_encoder" / "config.json").is_file():
         raise ModelNotFoundError(model, resolved.download_name, "no text_encoder/ in the folder")
+    if local:
+        for name, cls in (("tokenizer", "CLIPTokenizer"), ("text_encoder", "CLIPTextModel")):
+            require_component(resolved.source, name, "transformers", cls, resolved.download_name)
     try:
         kw = {"local_files_only": local or hub_offline()}
         tokenizer = CLIPTokenizer.from_pretrained(resolved.source, subfolder="tokenizer", **kw)

@@ -70,9 +70,19 @@ def load_dino(
     """
     from transformers import AutoModel, Dinov2Model, Dinov2WithRegistersModel
 
-    from diffalign.engine.loading import _hub_errors, _tf_dtype_kw, hub_offline, parse_dtype
+    from diffalign.engine.loading import (
+        _hub_errors,
+        _tf_dtype_kw,
+        hub_offline,
+        parse_dtype,
+        require_component,
+    )
 
     source, local = _resolve_dino(model_path_or_id)
+    if local:
+        default = str(model_path_or_id).strip().lower() in {DEFAULT_DINO, DINO_HUB_ID}
+        fetch = DEFAULT_DINO if default else None
+        require_component(source, None, "transformers", "Dinov2Model", fetch)
     try:
         model = AutoModel.from_pretrained(
             source,

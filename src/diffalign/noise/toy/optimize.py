@@ -33,6 +33,18 @@ ORTHOGONALITY_TOL = 1e-5
 
 
 def toy_optimize(
+    generator_ckpt: str | os.PathLike, output_dir: str | os.PathLike, **kwargs: Any
+) -> dict[str, Any]:
+    """Optimise one Q per class against the classifier reward and write the proof (module doc;
+    keyword options as :func:`_toy_optimize`). Holds the output folder's lock for the whole run:
+    the classifier it trains into ``output_dir/classifier`` is written under it too."""
+    from diffalign.engine.io import locked_output_dir
+
+    with locked_output_dir(output_dir, "output folder"):
+        return _toy_optimize(generator_ckpt, output_dir, **kwargs)
+
+
+def _toy_optimize(
     generator_ckpt: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
