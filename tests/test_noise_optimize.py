@@ -152,6 +152,16 @@ def test_run_optimize_layouts(tmp_path):
     with pytest.raises(DiffalignError, match="every prompt failed"):
         run_optimize(gen, reward, ["nan"], tmp_path / "bad", s)
 
+    # --overwrite leaves one run in the folder: no step images or prompt folders of the last
+    (many / "notes.txt").write_text("mine")
+    run_optimize(gen, reward, ["a", "b"], many, OptimizeSettings(steps=1, lr=0.05), overwrite=True)
+    assert sorted(p.name for p in many.glob("prompt_*")) == ["prompt_0", "prompt_1"]
+    assert sorted(p.name for p in (many / "prompt_0").glob("step_*")) == [
+        "step_000.png",
+        "step_001.png",
+    ]
+    assert (many / "notes.txt").read_text() == "mine"
+
 
 def test_settings_are_checked():
     gen, reward = LinearGenerator(), TargetReward()

@@ -104,7 +104,9 @@ def test_hps_defaults_versions_and_errors(hps_dir, tmp_path, monkeypatch):
         DiffalignError, match=r"HPS checkpoint not found: .*HPS_v2\.1_compressed\.pt.*--only HPSv2"
     ):
         load_reward("hpsv2")
-    with pytest.raises(DiffalignError, match=r"HPS_v2_compressed\.pt.*--only HPSv2"):
+    with pytest.raises(
+        DiffalignError, match=r"HPS_v2_compressed\.pt.*--only HPSv2 --hps-version v2\.0`"
+    ):
         load_reward("hpsv2", hps_version="v2.0")
     shutil.copytree(hps_dir, tmp_path / "HPSv2")
     assert load_reward("hpsv2")(torch.rand(1, 3, 32, 32), ["a"]).shape == (1,)
@@ -121,7 +123,8 @@ def test_hps_defaults_versions_and_errors(hps_dir, tmp_path, monkeypatch):
     torch.save({"state_dict": {"blip.visual_encoder.cls_token": torch.zeros(1, 1, 8)}}, bad)
     proc = str(hps_dir / "processor")
     with pytest.raises(
-        DiffalignError, match="not an open_clip CLIP checkpoint .*missing token_embedding"
+        DiffalignError,
+        match=r"HPS checkpoint .*bad\.pt: not an open_clip CLIP checkpoint .*missing token_emb",
     ):
         load_reward("hpsv2", hps_checkpoint_path=str(bad), hps_processor=proc)
     sd = torch.load(hps_dir / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]

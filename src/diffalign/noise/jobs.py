@@ -112,8 +112,9 @@ def run_assignment_job(
         diff = [k for k in config if k not in job.config_ignore and old.get(k) != config[k]]
         if diff:
             raise DiffalignError(
-                f"{out} holds a {job.what} made with other settings ({', '.join(diff)}); use "
-                "another --output-dir"
+                f"{out} holds a {job.what} made with other settings ({', '.join(diff)}); rerun "
+                "with the settings it was made with, or write to another folder (--output-dir; "
+                "noise em: --work-dir)"
             )
     elif rank == 0:
         write_json(cfg_path, config)

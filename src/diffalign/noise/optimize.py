@@ -368,6 +368,24 @@ def optimize_prompts(
 # ------------------------------------------------------------------ files (the seed's layout)
 
 
+def _clear_earlier_run(out: Path, num_prompt_dirs: int) -> None:
+    """With --overwrite: drop what an earlier run wrote that this one will not rewrite (its
+    step_NNN.png beyond this run's steps, its prompt_{i}/ folders beyond this run's prompts),
+    so the folder holds one run only. Only our own file names are touched."""
+    import re
+    import shutil
+
+    for d in [out, *sorted(out.glob("prompt_*"))]:
+        m = re.fullmatch(r"prompt_(\d+)", d.name) if d != out else None
+        if m and int(m.group(1)) >= num_prompt_dirs and (d / "summary.json").is_file():
+            shutil.rmtree(d)
+            continue
+        if d.is_dir():
+            for f in d.glob("step_*.png"):
+                if re.fullmatch(r"step_\d{3,}\.png", f.name):
+                    f.unlink()
+
+
 def prompt_dir_name(index: int) -> str:
     """The seed's per-prompt folder for multi-prompt runs: ``prompt_{i}``."""
     return f"prompt_{index}"
@@ -575,6 +593,8 @@ def run_optimize(
             )
         (out / "failures.jsonl").unlink(missing_ok=True)
         single = len(prompts) == 1
+        if overwrite:
+            _clear_earlier_run(out, 0 if single else len(prompts))
         k = settings.images_per_prompt
         g = torch.Generator().manual_seed(int(seed))
         noise_one = generator.sample_noise(k, height, width, generator=g)

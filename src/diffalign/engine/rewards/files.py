@@ -31,23 +31,32 @@ def asset_path(download_name: str, rel: str = "") -> Path:
     return candidates[0]
 
 
-def missing(what: str, path: str | Path, download_name: str, option: str) -> DiffalignError:
-    """The one-line error for a reward file that is not there."""
+def missing(
+    what: str, path: str | Path, download_name: str, option: str, download_extra: str = ""
+) -> DiffalignError:
+    """The one-line error for a reward file that is not there (`download_extra`: options the
+    download needs, e.g. `--hps-version v2.0`)."""
+    fetch = f"{download_name} {download_extra}".strip()
     return DiffalignError(
-        f"{what} not found: {path}; fetch it with `diffalign download --only {download_name}` "
+        f"{what} not found: {path}; fetch it with `diffalign download --only {fetch}` "
         f"or pass {option}"
     )
 
 
 def resolve_file(
-    value: str | Path | None, default_rel: str, what: str, download_name: str, option: str
+    value: str | Path | None,
+    default_rel: str,
+    what: str,
+    download_name: str,
+    option: str,
+    download_extra: str = "",
 ) -> Path:
     """An explicit file path, or the asset's default file; must exist."""
     path = Path(value).expanduser() if value else asset_path(download_name, default_rel)
     if not path.is_file():
         if path.is_dir() and value:
             raise DiffalignError(f"{what}: {path} is a folder; pass the file itself with {option}")
-        raise missing(what, path, download_name, option)
+        raise missing(what, path, download_name, option, download_extra)
     return path
 
 

@@ -191,7 +191,10 @@ def load_hps_clip(
     bos_token_id: int | None = None,
 ):
     """The transformers CLIPModel of an HPS state dict; every key must be mapped or known unused."""
-    config = hps_clip_config(sd, eos_token_id, pad_token_id, bos_token_id)
+    try:
+        config = hps_clip_config(sd, eos_token_id, pad_token_id, bos_token_id)
+    except DiffalignError as e:  # name the file the user passed
+        raise DiffalignError(f"HPS checkpoint {path}: {e}") from None
     mapped, unused = map_open_clip_to_transformers(sd)
     strange = [k for k in unused if k not in HPS_UNUSED_KEYS]
     if strange:
@@ -232,7 +235,13 @@ def load_hpsv2(
             f"--hps-version must be one of {', '.join(HPS_FILES)}, got '{version}'"
         )
     path = resolve_file(
-        checkpoint, HPS_FILES[version], "HPS checkpoint", "HPSv2", "--hps-checkpoint-path"
+        checkpoint,
+        HPS_FILES[version],
+        "HPS checkpoint",
+        "HPSv2",
+        "--hps-checkpoint-path",
+        # `download --only HPSv2` fetches v2.1 unless told the version
+        download_extra="" if version == "v2.1" else f"--hps-version {version}",
     )
     if processor:
         proc = Path(processor).expanduser()
