@@ -117,7 +117,7 @@ def register(verbs) -> None:
     """Add `diffalign noise optimize`."""
     from diffalign.engine.cliutils import positive_int
     from diffalign.engine.rewards import add_reward_arguments
-    from diffalign.noise.generators import GENERATORS
+    from diffalign.noise.cli_data import add_generator_options
 
     p = verbs.add_parser(
         "optimize",
@@ -144,57 +144,7 @@ def register(verbs) -> None:
         help="prompt file: .txt (one a line), .jsonl (a 'prompt' field), COCO captions or "
         "GenEval metadata",
     )
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        "--model-id",
-        dest="model",
-        default="sdxl-turbo",
-        help=f"generator ({', '.join(GENERATORS)}), a preset, a diffusers pipeline folder or "
-        "a Hub id (default: %(default)s)",
-    )
-    g.add_argument(
-        "--generator",
-        choices=tuple(GENERATORS),
-        default=None,
-        help="which one-step recipe to run --model with (default: from --model; a folder with "
-        "an SDXL pipeline runs as sdxl-turbo, an SD pipeline as sd-turbo)",
-    )
-    g.add_argument(
-        "--weights",
-        default=None,
-        metavar="FILE",
-        help="Hyper-SD file for hyper-sd15 (the 1-step LoRA) or hyper-sdxl (the 1-step U-Net) "
-        "(default: models/hyper-sd/<release file>)",
-    )
-    g.add_argument(
-        "--dtype",
-        choices=("fp32", "fp16", "bf16"),
-        default="fp32",
-        help="precision of the U-Net and text encoders (default: %(default)s)",
-    )
-    g.add_argument(
-        "--vae",
-        default=None,
-        help="another VAE (folder, Hub id or single file), e.g. the fp16-fix SDXL VAE, run in "
-        "--dtype; without it the model's VAE runs in float32 under fp16/bf16 (the seed's upcast)",
-    )
-    g.add_argument(
-        "--device",
-        default=None,
-        help="torch device (default: cuda when available, else cpu)",
-    )
-    g.add_argument(
-        "--no-gradient-checkpointing",
-        action="store_true",
-        help="keep all U-Net and VAE activations instead of recomputing them (faster, more memory)",
-    )
-    g.add_argument(
-        "--height", type=positive_int, default=None, help="image height (default: the model's)"
-    )
-    g.add_argument(
-        "--width", type=positive_int, default=None, help="image width (default: the model's)"
-    )
+    add_generator_options(p)
     add_reward_arguments(p, default="clip")
     p.add_argument(
         "--output-dir",
