@@ -93,33 +93,41 @@ def _sd_unet(seed: int, channels: tuple, layers_per_block: int, cross_dim: int, 
     ).eval()
 
 
-def build_tiny_sd15_pipeline(
-    seed: int = 0,
-    *,
-    block_out_channels=(8, 16),
-    layers_per_block: int = 1,
-    text_hidden_size: int = 32,
+def _build_sd_pipeline(
+    seed: int, block_out_channels, layers_per_block: int, text_hidden_size: int, *, sd2: bool
 ):
-    """A tiny random `StableDiffusionPipeline` wired like SD 1.5 (no safety checker)."""
+    """The StableDiffusionPipeline both SD 1.5 and SD 2.1 use; `sd2` switches SD 2.x's wiring."""
     import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     channels = _check_sizes(block_out_channels, layers_per_block, text_hidden_size)
-    unet = _sd_unet(seed, channels, layers_per_block, text_hidden_size, attention_head_dim=2)
+    if sd2:  # linear projections and per-level head widths
+        extra = {
+            "attention_head_dim": tuple(max(1, c // 4) for c in channels),
+            "use_linear_projection": True,
+        }
+    else:
+        extra = {"attention_head_dim": 2}
+    unet = _sd_unet(seed, channels, layers_per_block, text_hidden_size, **extra)
     vae = _tiny_vae(seed + 1, scaling_factor=0.18215)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_clip_text_config(text_hidden_size)).eval()
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    config = _clip_text_config(text_hidden_size)
+    if sd2:
+        config.hidden_act = "gelu"  # OpenCLIP-H's activation
+    text_encoder = CLIPTextModel(config).eval()
+    betas = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+    }
+    if sd2:  # SD-Turbo's scheduler
+        scheduler = EulerDiscreteScheduler(timestep_spacing="trailing", **betas)
+    else:  # SD 1.5's
+        scheduler = PNDMScheduler(set_alpha_to_one=False, skip_prk_steps=True, **betas)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -129,6 +137,19 @@ def build_tiny_sd15_pipeline(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def build_tiny_sd15_pipeline(
+    seed: int = 0,
+    *,
+    block_out_channels=(8, 16),
+    layers_per_block: int = 1,
+    text_hidden_size: int = 32,
+):
+    """A tiny random `StableDiffusionPipeline` wired like SD 1.5 (no safety checker)."""
+    return _build_sd_pipeline(
+        seed, block_out_channels, layers_per_block, text_hidden_size, sd2=False
     )
 
 
@@ -145,42 +166,8 @@ def build_tiny_sd21_pipeline(
     projections in the transformer blocks, per-level head widths; the scheduler is SD-Turbo's
     (Euler, trailing spacing, epsilon prediction).
     """
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextModel
-
-    channels = _check_sizes(block_out_channels, layers_per_block, text_hidden_size)
-    unet = _sd_unet(
-        seed,
-        channels,
-        layers_per_block,
-        text_hidden_size,
-        attention_head_dim=tuple(max(1, c // 4) for c in channels),
-        use_linear_projection=True,
-    )
-    vae = _tiny_vae(seed + 1, scaling_factor=0.18215)
-    torch.manual_seed(seed + 2)
-    config = _clip_text_config(text_hidden_size)
-    config.hidden_act = "gelu"
-    text_encoder = CLIPTextModel(config).eval()
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="trailing",
-        prediction_type="epsilon",
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tiny_clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return _build_sd_pipeline(
+        seed, block_out_channels, layers_per_block, text_hidden_size, sd2=True
     )
 
 
