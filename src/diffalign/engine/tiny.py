@@ -181,6 +181,31 @@ def tiny_t5_encoder(d_model: int):
     ).eval()
 
 
+def tiny_clip_text_config(
+    hidden: int,
+    *,
+    heads: int = 2,
+    hidden_act: str = "quick_gelu",
+    projection_dim: int | None = None,
+):
+    """A 2-layer CLIPTextConfig over `tiny_clip_tokenizer`'s 514 ids (bos 512, eos = pad 513)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=514,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=projection_dim or hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_act=hidden_act,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # SD3 / SD3.5
 
@@ -222,7 +247,7 @@ def build_tiny_sd3_pipeline(
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     for name, value in (
         ("num_layers", num_layers),
@@ -265,19 +290,7 @@ def build_tiny_sd3_pipeline(
     torch.manual_seed(seed + 1)
     text_encoders = []
     for hidden in _CLIP_HIDDEN:
-        cfg = CLIPTextConfig(
-            vocab_size=514,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            projection_dim=hidden,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            hidden_act="gelu",
-        )
+        cfg = tiny_clip_text_config(hidden, hidden_act="gelu")
         text_encoders.append(CLIPTextModelWithProjection(cfg).eval())
 
     torch.manual_seed(seed + 2)

@@ -21,6 +21,7 @@ from typing import Any
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.tiny import (
     register_kind,
+    tiny_clip_text_config,
     tiny_clip_tokenizer,
     tiny_t5_encoder,
     tiny_t5_tokenizer,
@@ -74,7 +75,7 @@ def build_tiny_flux_fill_pipeline(
         FluxFillPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     for name, value in (
         ("num_layers", num_layers),
@@ -120,21 +121,7 @@ def build_tiny_flux_fill_pipeline(
     )
 
     torch.manual_seed(seed + 1)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=514,
-            hidden_size=clip_hidden_size,
-            intermediate_size=2 * clip_hidden_size,
-            projection_dim=clip_hidden_size,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            hidden_act="quick_gelu",
-        )
-    ).eval()
+    clip = CLIPTextModel(tiny_clip_text_config(clip_hidden_size)).eval()
 
     torch.manual_seed(seed + 2)
     t5 = tiny_t5_encoder(joint_attention_dim)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.tiny import register_kind, tiny_clip_tokenizer
+from diffalign.engine.tiny import register_kind, tiny_clip_text_config, tiny_clip_tokenizer
 
 _UNET_OVERRIDES = {
     "block_out_channels": (8, 16),
@@ -32,24 +32,6 @@ def _check_sizes(block_out_channels, layers_per_block: int, text_hidden_size: in
             "make-tiny: layers_per_block must be >= 1 and text_hidden_size a multiple of 4 (>= 8)"
         )
     return channels
-
-
-def _clip_text_config(hidden: int, projection_dim: int | None = None):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=514,  # the 512 byte-level tokens of tiny_clip_tokenizer + bos/eos
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        projection_dim=projection_dim or hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-        hidden_act="quick_gelu",
-    )
 
 
 def _tiny_vae(seed: int, scaling_factor: float, force_upcast: bool = False):
@@ -112,7 +94,7 @@ def _build_sd_pipeline(
     unet = _sd_unet(seed, channels, layers_per_block, text_hidden_size, **extra)
     vae = _tiny_vae(seed + 1, scaling_factor=0.18215)
     torch.manual_seed(seed + 2)
-    config = _clip_text_config(text_hidden_size)
+    config = tiny_clip_text_config(text_hidden_size, heads=4)
     if sd2:
         config.hidden_act = "gelu"  # OpenCLIP-H's activation
     text_encoder = CLIPTextModel(config).eval()
@@ -216,8 +198,8 @@ def build_tiny_sdxl_pipeline(
     ).eval()
     vae = _tiny_vae(seed + 1, scaling_factor=0.13025, force_upcast=True)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_clip_text_config(hidden)).eval()
-    config_2 = _clip_text_config(hidden, projection_dim=hidden)
+    text_encoder = CLIPTextModel(tiny_clip_text_config(hidden, heads=4)).eval()
+    config_2 = tiny_clip_text_config(hidden, heads=4, projection_dim=hidden)
     config_2.hidden_act = "gelu"
     text_encoder_2 = CLIPTextModelWithProjection(config_2).eval()
     scheduler = EulerAncestralDiscreteScheduler(
