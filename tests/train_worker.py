@@ -209,6 +209,9 @@ if __name__ == "__main__":
     code = main()
     import torch.distributed as dist
 
-    if dist.is_initialized():  # close gloo before exit (its threads abort otherwise)
+    if dist.is_initialized():  # as diffalign.cli.main: close gloo, skip the interpreter teardown
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -41,6 +42,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        code = _dispatch(args)
+    except BaseException:  # DIFFALIGN_DEBUG tracebacks, SystemExit from a command
+        _close_process_group()
+        raise
+    if _close_process_group() and os.environ.get("TORCHELASTIC_RUN_ID"):
+        # A worker of `accelerate launch`: its work is done and written. Leave without the
+        # interpreter's teardown, where gloo's threads can abort the process (SIGABRT,
+        # "terminate called without an active exception") and fail a finished run.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _dispatch(args) -> int:
+    """Run the chosen command; errors become one line and an exit code."""
+    try:
         result = args.func(args)
     except DiffalignError as e:
         print(f"diffalign: error: {e}", file=sys.stderr)
@@ -65,22 +84,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         return _internal(e)
-    finally:
-        _close_process_group()
     return int(result or 0)
 
 
-def _close_process_group() -> None:
-    """Tear down a torch.distributed group a sharded run opened (gloo aborts at interpreter exit
-    when its threads outlive the group)."""
+def _close_process_group() -> bool:
+    """Tear down a torch.distributed group a sharded run opened; True if there was one."""
     dist = sys.modules.get("torch.distributed")
     if dist is None:  # torch never imported (e.g. --help): nothing to close
-        return
+        return False
     try:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        dist.destroy_process_group()
     except Exception:  # closing is best effort; the run's result already stands
         pass
+    return True
 
 
 def _disk_full(e: BaseException | None) -> bool:
