@@ -30,7 +30,7 @@ _TRANSIENT = (
     "Connection reset by peer",
     "Connection closed by peer",
     "gloo::EnforceNotMet",
-    "terminate called without an active exception",  # gloo threads at interpreter exit
+    "terminate called without an active exception",  # gloo threads, should the exit path miss one
 )
 
 
