@@ -40,19 +40,20 @@ def build(args, device, dtype):
 
     torch.manual_seed(0)
     head_dim = 128
-    tr = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=384,
-        out_channels=64,
-        num_layers=args.train_layers,
-        num_single_layers=args.train_single_layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=args.train_heads,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ).to(device=device, dtype=dtype)
+    with torch.device(device):  # built where it runs: a GPU initialises 12 B parameters at once
+        tr = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=384,
+            out_channels=64,
+            num_layers=args.train_layers,
+            num_single_layers=args.train_single_layers,
+            attention_head_dim=head_dim,
+            num_attention_heads=args.train_heads,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ).to(dtype=dtype)
     add_lora(tr, rank=args.train_rank, targets="default")
     if args.train_checkpointing:
         tr.enable_gradient_checkpointing()

@@ -40,19 +40,20 @@ def build_transformer(layers: int, heads: int, head_dim: int, image_tokens: int,
 
     side = int(round(image_tokens**0.5)) * 2  # latent side for patch size 2
     torch.manual_seed(0)
-    tr = SD3Transformer2DModel(
-        sample_size=side,
-        patch_size=2,
-        in_channels=16,
-        num_layers=layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=heads,
-        joint_attention_dim=4096 if heads * head_dim >= 1536 else 256,
-        caption_projection_dim=heads * head_dim,
-        pooled_projection_dim=2048 if heads * head_dim >= 1536 else 64,
-        out_channels=16,
-        pos_embed_max_size=max(96, side // 2),
-    )
+    with torch.device(device):  # built where it runs: a GPU initialises 2 B parameters at once
+        tr = SD3Transformer2DModel(
+            sample_size=side,
+            patch_size=2,
+            in_channels=16,
+            num_layers=layers,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=4096 if heads * head_dim >= 1536 else 256,
+            caption_projection_dim=heads * head_dim,
+            pooled_projection_dim=2048 if heads * head_dim >= 1536 else 64,
+            out_channels=16,
+            pos_embed_max_size=max(96, side // 2),
+        )
     return tr.to(device=device, dtype=dtype).eval(), side
 
 

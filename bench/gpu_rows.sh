@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU rows of BENCHMARKS.md in one run, plus the test suite on a CUDA machine.
+#
+#   OUT=gpu-out bash bench/gpu_rows.sh
+#
+# Runs, each under its own time limit, logging to $OUT/gpu.log and writing JSON beside it:
+#   repa_train     bench/repa.py --section train --train-size real (SD 1.5's U-Net, batch 128,
+#                  cached and online DINOv2 ViT-L/14 teacher; falls back to batch 64 on OOM)
+#   noise_realsize bench/noise_realsize.py (SDXL-Turbo size, CLIP ViT-L/14 reward)
+#   textstream     bench/textstream.py --sd3-medium (forward overhead, bf16)
+#   fill_train     bench/fill_train.py --flux-size (FLUX.1-Fill-dev size, bf16, checkpointing)
+#   pytest         the whole suite on the CUDA machine (in the background, beside the benches)
+# Packages the machine lacks can travel as wheels in .whl/ (installed into /tmp/site first).
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFALIGN_NO_PROGRESS=1
+export MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD/src
+else
+    export PYTHONPATH=$PWD/src
+fi
+log() { echo "$@" | tee -a "$OUT/gpu.log"; }
+run() {  # run NAME SECONDS CMD...: time-limited, output appended to the log
+    local name=$1 limit=$2
+    shift 2
+    log "== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >>"$OUT/gpu.log" 2>&1
+    local rc=$?
+    log "== $name rc=$rc in $((SECONDS - t0))s"
+    return $rc
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/gpu.log"
+$PY -c "import torch, diffusers, transformers, peft, accelerate, lmdb; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__, '| lmdb', lmdb.__version__)" 2>&1 | tee -a "$OUT/gpu.log"
+
+# the suite, beside the benches (mostly CPU work; 6 workers leave cores for the benches)
+( timeout "${PYTEST_LIMIT:-300}" $PY -m pytest -q -n 6 -p no:cacheprovider --timeout 150 tests \
+    >"$OUT/pytest.log" 2>&1; echo "pytest rc=$?" >>"$OUT/pytest.log" ) &
+PYTEST_PID=$!
+
+run repa_train "${REPA_LIMIT:-150}" $PY bench/repa.py --section train --train-size real \
+    --train-batch-size 128 --repeats 5 --json "$OUT/repa_train.json" \
+    || { grep -q "out of memory" "$OUT/gpu.log" && run repa_train_b64 120 $PY bench/repa.py \
+        --section train --train-size real --train-batch-size 64 --repeats 5 \
+        --json "$OUT/repa_train.json"; }
+run noise_realsize "${NOISE_LIMIT:-110}" $PY bench/noise_realsize.py --device cuda \
+    --dtype bfloat16 --steps 5 --repeats 3 --batches 1,4 --json "$OUT/noise_realsize.json"
+run textstream "${TEXT_LIMIT:-60}" $PY bench/textstream.py --sd3-medium --device cuda \
+    --dtype bfloat16 --skip-memory --reps 10 --json "$OUT/textstream.json"
+run fill_train "${FILL_LIMIT:-110}" $PY bench/fill_train.py --flux-size --device cuda \
+    --dtype bfloat16 --train-rounds 3 --json "$OUT/fill_train.json"
+wait $PYTEST_PID
+tail -40 "$OUT/pytest.log" | tee -a "$OUT/gpu.log" >/dev/null
+grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
+log "done"
