@@ -244,6 +244,21 @@ def test_cli_bad_input_is_one_line(tiny_models, tmp_path, capsys, extra, message
     assert message in err, err
 
 
+def test_cli_option_of_an_unused_reward_is_an_error(tmp_path, capsys):
+    """Told before any model is loaded (the model here does not exist), nothing written."""
+    out = tmp_path / "o"
+    code = main(
+        ["noise", "optimize", "--prompt", "a cat", "--model", str(tmp_path / "no-model")]
+        + ["--reward", "clip", "--aesthetic_ckpt", "a.pth", "--output-dir", str(out)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        "diffalign: error: --reward clip does not use --aesthetic_ckpt (for the aesthetic and "
+        "hybrid rewards); drop it or add its reward to --reward"
+    ]
+    assert not out.exists()
+
+
 def test_cli_empty_prompts_file(tiny_models, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")

@@ -3,6 +3,7 @@ checkpoints in the official layouts (written by `diffalign make-tiny`), missing 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from diffalign.engine.rewards import (
     parse_reward_spec,
     resize_center_crop,
     reward_from_args,
+    reward_spec_from_args,
     reward_type_spec,
 )
 
@@ -372,6 +374,63 @@ def test_reward_arguments_accept_seed_spellings(clip_dir, aesthetic_ckpt):
     args = parser.parse_args(["--reward", "hpsv2:x"])
     with pytest.raises(DiffalignError, match="finite number"):
         reward_from_args(args)
+
+
+def _reward_args(argv):
+    parser = ArgumentParser(prog="t")
+    add_reward_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--reward", "clip", "--aesthetic-ckpt", "a.pth"],
+            "--reward clip does not use --aesthetic-ckpt (for the aesthetic and hybrid rewards); "
+            "drop it or add its reward to --reward",
+        ),
+        (  # typed, so named even at its default value
+            ["--reward_type", "aesthetic", "--hps_version", "v2.1"],
+            "--reward-type aesthetic does not use --hps_version (for the hpsv2 reward)",
+        ),
+        (
+            ["--reward", "pickscore", "--clip_local_dir", "d"],
+            "--clip_local_dir (for the clip, aesthetic and hybrid rewards)",
+        ),
+        (
+            ["--imagereward-tokenizer", "t"],
+            "the default reward clip does not use --imagereward-tokenizer (for the imagereward",
+        ),
+        (
+            ["--reward", "clip", "--hps-checkpoint-path", "h", "--pickscore-model-id", "p"],
+            "--hps-checkpoint-path (for the hpsv2 reward), --pickscore-model-id (for the "
+            "pickscore reward); drop them or add their reward to --reward",
+        ),
+    ],
+)
+def test_options_of_a_reward_not_selected_are_an_error(argv, message):
+    with pytest.raises(DiffalignError, match=re.escape(message)):
+        reward_spec_from_args(_reward_args(argv))
+
+
+@pytest.mark.parametrize(
+    ("argv", "spec"),
+    [
+        ([], "clip"),  # every default, --hps-version v2.1 included, never counts
+        (["--reward-type", "hybrid", "--clip-model", "d", "--aesthetic-ckpt", "a"], "hybrid"),
+        (["--reward", "aesthetic", "--clip-model", "d"], "aesthetic"),  # aesthetic embeds with CLIP
+        (
+            ["--reward", RENO_DEFAULT_SPEC, "--hps-version", "v2.0", "--clip-model", "d"]
+            + ["--pickscore-processor", "p", "--imagereward-med-config-path", "m"],
+            RENO_DEFAULT_SPEC,
+        ),
+        (["--reward", "hpsv2:0,clip", "--hps-processor", "p"], "hpsv2:0,clip"),  # weight 0: built
+        (["--reward", "pickscore", "--reward-gradient-checkpointing"], "pickscore"),  # every reward
+    ],
+)
+def test_options_of_the_selected_rewards_pass(argv, spec):
+    assert reward_spec_from_args(_reward_args(argv)) == spec
 
 
 def test_download_knows_every_reward_asset(tmp_path):

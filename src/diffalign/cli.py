@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from diffalign import __version__
 from diffalign.engine.cliutils import ArgumentParser, make_subparsers
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.progress import quiet_library_bars
 
 
 def build_parser() -> ArgumentParser:
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # messages; users can still raise the level through these variables.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    quiet_library_bars()  # DIFFALIGN_NO_PROGRESS: the libraries' own bars too
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

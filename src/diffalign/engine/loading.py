@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffalign.engine.errors import DiffalignError, ModelNotFoundError
+from diffalign.engine.progress import quiet_library_bars
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     import torch
@@ -399,6 +400,7 @@ def load_pipeline(
     torch_dtype = parse_dtype(dtype)
     offline = hub_offline()
     errors = _hub_errors()
+    quiet_library_bars()  # DIFFALIGN_NO_PROGRESS: no "Loading pipeline components..." bars
     try:
         if resolved.kind == "folder":
             _check_folder(Path(resolved.source), pipeline_cls, family, resolved, set(components))
@@ -460,6 +462,7 @@ def load_pipeline(
                 f"--model {model}: its {name} is {type(component).__name__}, "
                 f"not {cls.__name__} (is it a {family} model?)"
             )
+    quiet_library_bars(pipe)  # and no per-step bars in the pipeline's __call__
     if device is not None:
         pipe = pipe.to(device)
     return pipe

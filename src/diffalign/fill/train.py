@@ -57,7 +57,9 @@ def load_fill_pipeline(model: str, dtype: str = "float32"):
 
     from diffalign.engine.loading import load_pipeline
 
-    # the per-component loading bars are noise next to our own one-line reports
+    # the per-component loading bars are noise next to our own one-line reports; afterwards
+    # each library's switch is put back as it was (DIFFALIGN_NO_PROGRESS may have turned it off)
+    was_on = dlogging.is_progress_bar_enabled(), tlogging.is_progress_bar_enabled()
     dlogging.disable_progress_bar()
     tlogging.disable_progress_bar()
     try:
@@ -70,8 +72,10 @@ def load_fill_pipeline(model: str, dtype: str = "float32"):
             expect={"transformer": FluxTransformer2DModel},
         )
     finally:
-        dlogging.enable_progress_bar()
-        tlogging.enable_progress_bar()
+        if was_on[0]:
+            dlogging.enable_progress_bar()
+        if was_on[1]:
+            tlogging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     check_fill_channels(pipe, model)
     return pipe

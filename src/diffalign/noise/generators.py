@@ -26,7 +26,6 @@ is on by default (it only acts while gradients are recorded).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,10 +447,6 @@ def load_generator(
     spec = GENERATORS[kind]
     base = spec.default_model if model in (None, kind) else str(model)
     torch_dtype = parse_dtype(dtype)
-    if os.environ.get("DIFFALIGN_NO_PROGRESS"):
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe_cls = StableDiffusionXLPipeline if spec.pipeline == "sdxl" else StableDiffusionPipeline

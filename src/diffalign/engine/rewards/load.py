@@ -197,14 +197,63 @@ def load_reward(
     return CombinedReward(built, name=name)
 
 
+# where `_RewardOption` records the options typed: {dest: (spelling typed, rewards using it)}
+_TYPED = "_reward_options_typed"
+
+
+class _RewardOption(argparse.Action):
+    """Stores the value like `store` and records that the user typed the option (and which
+    spelling), so that `reward_spec_from_args` can name an option of a reward the spec does not
+    use. A default never passes through here, so it never counts."""
+
+    def __init__(self, option_strings, dest, rewards: tuple[str, ...] = (), **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.rewards = tuple(rewards)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        typed = dict(getattr(namespace, _TYPED, None) or {})
+        typed[self.dest] = (option_string or self.option_strings[0], self.rewards)
+        setattr(namespace, _TYPED, typed)
+
+
+def _check_typed_options(args: argparse.Namespace, spec: str, source: str) -> None:
+    """One error line for model-path options typed for rewards that `spec` does not build
+    (`--reward clip --aesthetic-ckpt F`): a researcher expects to be told, not to see the file
+    silently ignored."""
+    typed = getattr(args, _TYPED, None) or {}
+    used = {name for name, _ in expand_spec(parse_reward_spec(spec))}
+    unused = []
+    for spelling, rewards in typed.values():
+        if used.isdisjoint(rewards):
+            owners = [
+                name
+                for name in REWARD_NAMES
+                if not {part for part, _ in expand_spec([(name, 1.0)])}.isdisjoint(rewards)
+            ]
+            which = " and ".join(
+                [", ".join(owners[:-1]), owners[-1]] if len(owners) > 1 else owners
+            )
+            noun = "rewards" if len(owners) > 1 else "reward"
+            unused.append(f"{spelling} (for the {which} {noun})")
+    if unused:
+        it, its = ("it", "its") if len(unused) == 1 else ("them", "their")
+        raise DiffalignError(
+            f"{source} does not use {', '.join(unused)}; drop {it} or add {its} reward to --reward"
+        )
+
+
 def add_reward_arguments(parser: argparse.ArgumentParser, default: str | None = "clip") -> None:
     """Add `--reward`, `--reward-type` and the seed's reward model-path options to `parser`.
 
     With our `ArgumentParser` each kebab-case option is also accepted in the seed's snake_case
     (`--clip_local_dir`, `--aesthetic_ckpt`, ...). `default` is the reward used when neither
-    `--reward` nor `--reward-type` is given.
+    `--reward` nor `--reward-type` is given. A model-path option typed for a reward that the
+    chosen spec does not build is an error (`reward_spec_from_args`); defaults never are.
     """
-    g = parser.add_argument_group("rewards")
+    g = parser.add_argument_group(
+        "rewards", "an option of a reward that --reward does not build is an error"
+    )
     g.add_argument(
         "--reward",
         default=None,
@@ -226,6 +275,8 @@ def add_reward_arguments(parser: argparse.ArgumentParser, default: str | None = 
         "--clip-model",
         "--clip-local-dir",
         dest="clip_model",
+        action=_RewardOption,
+        rewards=("clip", "aesthetic"),
         default=None,
         metavar="DIR",
         help="transformers CLIPModel folder or Hub id for the clip/aesthetic rewards "
@@ -233,6 +284,8 @@ def add_reward_arguments(parser: argparse.ArgumentParser, default: str | None = 
     )
     g.add_argument(
         "--aesthetic-ckpt",
+        action=_RewardOption,
+        rewards=("aesthetic",),
         default=None,
         metavar="FILE",
         help="LAION aesthetic MLP (default: models/Aesthetic/sac+logos+ava1-l14-linearMSE.pth)",
@@ -240,12 +293,16 @@ def add_reward_arguments(parser: argparse.ArgumentParser, default: str | None = 
     g.add_argument(
         "--pickscore-model-id",
         dest="pickscore_model_id",
+        action=_RewardOption,
+        rewards=("pickscore",),
         default=None,
         metavar="DIR",
         help="PickScore_v1 CLIPModel folder or Hub id (default: models/PickScore_v1)",
     )
     g.add_argument(
         "--pickscore-processor",
+        action=_RewardOption,
+        rewards=("pickscore",),
         default=None,
         metavar="DIR",
         help="CLIP-H/14 tokenizer + processor folder for PickScore (default: the model's "
@@ -253,18 +310,24 @@ def add_reward_arguments(parser: argparse.ArgumentParser, default: str | None = 
     )
     g.add_argument(
         "--imagereward-model-path",
+        action=_RewardOption,
+        rewards=("imagereward",),
         default=None,
         metavar="FILE",
         help="official ImageReward.pt (default: models/ImageReward/ImageReward.pt)",
     )
     g.add_argument(
         "--imagereward-med-config-path",
+        action=_RewardOption,
+        rewards=("imagereward",),
         default=None,
         metavar="FILE",
         help="ImageReward's med_config.json (default: beside ImageReward.pt)",
     )
     g.add_argument(
         "--imagereward-tokenizer",
+        action=_RewardOption,
+        rewards=("imagereward",),
         default=None,
         metavar="DIR",
         help="BERT tokenizer folder for ImageReward (default: bert-base-uncased/ beside "
@@ -273,11 +336,15 @@ def add_reward_arguments(parser: argparse.ArgumentParser, default: str | None = 
     g.add_argument(
         "--hps-version",
         choices=HPS_VERSIONS,
+        action=_RewardOption,
+        rewards=("hpsv2",),
         default="v2.1",
         help="HPSv2 checkpoint version (default: %(default)s)",
     )
     g.add_argument(
         "--hps-checkpoint-path",
+        action=_RewardOption,
+        rewards=("hpsv2",),
         default=None,
         metavar="FILE",
         help="HPS_v2.1_compressed.pt / HPS_v2_compressed.pt (default: models/HPSv2/ per "
@@ -285,6 +352,8 @@ def add_reward_arguments(parser: argparse.ArgumentParser, default: str | None = 
     )
     g.add_argument(
         "--hps-processor",
+        action=_RewardOption,
+        rewards=("hpsv2",),
         default=None,
         metavar="DIR",
         help="CLIP-H/14 tokenizer + processor folder for HPSv2 (default: processor/ beside the "
@@ -299,7 +368,10 @@ def add_reward_arguments(parser: argparse.ArgumentParser, default: str | None = 
 
 
 def reward_spec_from_args(args: argparse.Namespace) -> str:
-    """The spec `--reward` / `--reward-type` name (one of them, or the command's default)."""
+    """The spec `--reward` / `--reward-type` name (one of them, or the command's default).
+
+    A model-path option the user typed for a reward the spec does not build is one error line
+    naming the option and its reward (argparse defaults never count)."""
     spec = getattr(args, "reward", None)
     rtype = getattr(args, "reward_type", None)
     if spec and rtype and parse_reward_spec(spec) != parse_reward_spec(reward_type_spec(rtype)):
@@ -307,13 +379,18 @@ def reward_spec_from_args(args: argparse.Namespace) -> str:
             f"--reward {spec} and --reward-type {rtype} disagree; give only one of them"
         )
     if spec:
-        return spec
-    if rtype:
-        return reward_type_spec(rtype)
-    default = getattr(args, "_reward_default", None)
-    if not default:
-        raise DiffalignError("no reward given: pass --reward NAME[:WEIGHT],... or --reward-type")
-    return default
+        source = f"--reward {spec}"
+    elif rtype:
+        spec, source = reward_type_spec(rtype), f"--reward-type {rtype}"
+    else:
+        spec = getattr(args, "_reward_default", None)
+        if not spec:
+            raise DiffalignError(
+                "no reward given: pass --reward NAME[:WEIGHT],... or --reward-type"
+            )
+        source = f"the default reward {spec}"
+    _check_typed_options(args, spec, source)
+    return spec
 
 
 def reward_from_args(
