@@ -108,8 +108,13 @@ def step(model, opt, x, device) -> None:
 
     t = torch.full((x["x0"].shape[0],), 0.5, device=device)
     xt = interpolate(x["x0"], x["x1"], t)
-    pred = model(xt, x["cond"], t.to(xt.dtype), x["pe"], x["pooled"], x["txt"], x["img"], x["sem"])
-    loss = flow_matching_loss(pred, velocity_target(x["x0"], x["x1"]))
+    # a half-precision base trains under autocast, as `fill train` (mixed_precision bf16) does
+    half = x["x0"].dtype != torch.float32
+    with torch.autocast(device.type, dtype=x["x0"].dtype, enabled=half):
+        pred = model(
+            xt, x["cond"], t.to(xt.dtype), x["pe"], x["pooled"], x["txt"], x["img"], x["sem"]
+        )
+    loss = flow_matching_loss(pred.float(), velocity_target(x["x0"], x["x1"]).float())
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -152,6 +157,9 @@ def train_section(args) -> dict:
         args.train_layers, args.train_single_layers, args.train_panel = 1, 1, 128
         args.train_rounds = 2
     device = torch.device(getattr(args, "device", None) or "cpu")
+    # as `fill train` (its cudnn_attention option): cuDNN's SDPA failed in this step's backward
+    # at FLUX.1-Fill size on an H200 with torch 2.11 (illegal memory access)
+    torch.backends.cuda.enable_cudnn_sdp(bool(getattr(args, "cudnn_attention", False)))
     dtype = getattr(torch, getattr(args, "dtype", None) or "float32")
     torch.set_num_threads(getattr(args, "threads", 1) or 1)
     models, opts, inputs, counts = build(args, device, dtype)
@@ -252,6 +260,11 @@ def main(argv=None) -> int:
         "--flux-size",
         action="store_true",
         help="FLUX.1-Fill-dev size (19 + 38 blocks, 24 heads, 512 px, 512 text tokens; GPU)",
+    )
+    p.add_argument(
+        "--cudnn-attention",
+        action="store_true",
+        help="let SDPA use cuDNN's kernels on CUDA (off, as in `fill train`)",
     )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)

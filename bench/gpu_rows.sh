@@ -17,10 +17,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFALIGN_NO_PROGRESS=1
 export MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
+# temporaries (tiny models of the tests, wheels) on the checkout's disk: /tmp filled up there
+export TMPDIR=${GPU_TMPDIR:-$PWD/.gputmp}
+mkdir -p "$TMPDIR"
+df -h /tmp "$TMPDIR" | tee -a "$OUT/gpu.log"
 if compgen -G ".whl/*.whl" >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD/src
+        --target "$TMPDIR/site" .whl/*.whl || exit 1
+    export PYTHONPATH=$TMPDIR/site:$PWD/src
 else
     export PYTHONPATH=$PWD/src
 fi
@@ -39,7 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 $PY -c "import torch, diffusers, transformers, peft, accelerate, lmdb; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__, '| lmdb', lmdb.__version__)" 2>&1 | tee -a "$OUT/gpu.log"
 
 # the suite, beside the benches (mostly CPU work; 6 workers leave cores for the benches)
-( timeout "${PYTEST_LIMIT:-300}" $PY -m pytest -q -n 6 -p no:cacheprovider --timeout 150 tests \
+( DIFFALIGN_TEST_CUDA=1 timeout "${PYTEST_LIMIT:-300}" $PY -m pytest -q -n 6 -p no:cacheprovider --timeout 150 tests \
     >"$OUT/pytest.log" 2>&1; echo "pytest rc=$?" >>"$OUT/pytest.log" ) &
 PYTEST_PID=$!
 

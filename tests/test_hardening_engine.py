@@ -399,6 +399,7 @@ def test_enospc_inside_a_librarys_writer_is_one_line(tmp_path, monkeypatch, caps
     """save_pretrained writes through safetensors, whose error wraps ENOSPC in a SafetensorError
     (seen with `make-tiny` on a full tmpfs): one `diffalign: error:` line, exit 2."""
     import safetensors.torch
+    import transformers.modeling_utils
     from safetensors import SafetensorError
 
     def full(*a, **k):
@@ -406,7 +407,11 @@ def test_enospc_inside_a_librarys_writer_is_one_line(tmp_path, monkeypatch, caps
             "Error while serializing: I/O error: No space left on device (os error 28)"
         )
 
+    # transformers binds `save_file` at import: importing it for the first time under the patch
+    # would keep the fake for the rest of this test process (seen as every later make-tiny
+    # failing "disk full" in one xdist worker), so import it first and patch its name too
     monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
     assert run_cli(["make-tiny", "sd15", "--out", str(tmp_path / "m")]) == 2
     line = one_error(capsys)
     assert line.startswith("diffalign: error: no space left on the device"), line

@@ -94,7 +94,7 @@ def test_loss_decreases_and_outputs(tmp_path):
     ckpt = tmp_path / "checkpoints" / "checkpoint-40"
     ema, _ = load_tensors(ckpt / "ema.safetensors")
     torch.testing.assert_close(fresh[0].weight, ema["net.0.weight"])
-    assert not torch.equal(fresh[0].weight, task.net[0].weight)  # live != EMA
+    assert not torch.equal(fresh[0].weight, task.net[0].weight.cpu())  # live != EMA
     # every state file reads back with weights_only=True
     for f in ("optimizer-main.pt", "scheduler-main.pt", "rng.pt"):
         assert load_pt(ckpt / f)
@@ -204,7 +204,7 @@ def test_ema_in_loop_matches_hand_ema_of_trajectory(tmp_path):
     init = task.net[0].weight.detach().clone()
 
     def post(opt, args, kwargs):
-        traj.append(task.net[0].weight.detach().clone())
+        traj.append(task.net[0].weight.detach().cpu().clone())
 
     handle = register_optimizer_step_post_hook(post)
     try:
@@ -232,8 +232,8 @@ def test_validation_on_ema_weights_and_best_export(tmp_path):
     assert (task.val_dirs[0] / "note.txt").is_file()
     # validation saw the EMA weights, not the live ones
     ema_final, _ = load_tensors(tmp_path / "checkpoint-final" / "net.safetensors")
-    torch.testing.assert_close(task.val_weights[-1], ema_final["0.weight"])
-    assert not torch.equal(task.val_weights[-1], task.net[0].weight)
+    torch.testing.assert_close(task.val_weights[-1].cpu(), ema_final["0.weight"])
+    assert not torch.equal(task.val_weights[-1].cpu(), task.net[0].weight.cpu())
     assert res.best_dir == tmp_path / "checkpoint-best"
     info = read_json(res.best_dir / "export_info.json")
     best = min(vals, key=lambda e: e["val/loss"])

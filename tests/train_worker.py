@@ -138,7 +138,7 @@ class GanTask(TrainTask):
         return DataLoader(self.real, batch_size=8, shuffle=True)
 
     def training_step(self, batch, step, ctx):
-        z = torch.randn(batch.shape[0], 2)
+        z = torch.randn(batch.shape[0], 2).to(batch.device)
         fake = self.g(z)
         loss_d = (
             nn.functional.softplus(self.d(fake.detach())).mean()

@@ -322,7 +322,10 @@ def save_pt(obj: Any, path: str | os.PathLike) -> None:
         raise DiffalignError(os_error_message(e, path)) from None
     except RuntimeError as e:
         text = str(e)
-        if not any(k in text for k in ("inline_container", "PytorchStreamWriter", "write")):
+        # torch 2.13 names its zip writer; torch 2.11 on a full disk says only
+        # "basic_ios::clear: iostream error" (seen on CUDA builds)
+        markers = ("inline_container", "PytorchStreamWriter", "write", "iostream", "basic_ios")
+        if not any(k in text for k in markers):
             raise  # not a failed write
         free = shutil.disk_usage(path.parent).free if path.parent.exists() else None
         room = f" ({format_bytes(free)} free there)" if free is not None else ""

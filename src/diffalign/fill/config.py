@@ -59,6 +59,11 @@ class FillTrainConfig:
     )
     guidance: float = _opt(30.0, "guidance-embedding value (FLUX.1-Fill-dev: 30)")
     gradient_checkpointing: bool = _opt(False, "gradient checkpointing of the transformer")
+    cudnn_attention: bool = _opt(
+        False,
+        "let attention use cuDNN's SDPA kernels on CUDA (off by default: torch 2.11's failed "
+        "in the backward pass of a FLUX.1-Fill-size step on an H200)",
+    )
     # loss and timesteps
     loss_region: str = _opt("all", "MSE over all tokens or the target half", ("all", "target"))
     timestep_sampling: str = _opt(

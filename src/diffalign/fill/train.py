@@ -466,7 +466,12 @@ def _run_train(cfg: FillTrainConfig, loop: TrainConfig, log):
 
     torch.manual_seed(cfg.seed)  # the module's and LoRA's initial weights
     task = FillTrainTask(cfg, log=log)
-    result = train(task, loop)
+    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention and cudnn_before)
+    try:
+        result = train(task, loop)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_before)
     if _is_main() and result.summary:
         scales = semantic_scales(task.semantic)
         history = [

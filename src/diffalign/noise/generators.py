@@ -282,6 +282,14 @@ class DiffusionOneStepGenerator(OneStepGenerator):
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
 
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"vae": self.vae}
+        for name in ("text_encoder", "text_encoder_2"):
+            enc = getattr(self.pipe, name, None)
+            if enc is not None:
+                mods[name] = enc
+        return mods
+
     def frozen_copy(self) -> DiffusionOneStepGenerator:
         import copy
 

@@ -79,6 +79,11 @@ class OneStepGenerator(nn.Module):
         """The module SFT fine-tunes (diffusion: the U-Net; toy: the GAN generator)."""
         raise NotImplementedError
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """The modules it runs but SFT does not train (VAE, text encoders): the training loop
+        moves them to its device beside :meth:`trainable_module` (default: none)."""
+        return {}
+
     def frozen_copy(self) -> OneStepGenerator:
         """A generator that shares everything but a frozen copy of :meth:`trainable_module`
         (the preserve loss's base)."""

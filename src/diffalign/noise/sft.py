@@ -132,9 +132,11 @@ class MatchedSftTask(TrainTask):
         return {self.generator.trainable_name: self.module}
 
     def frozen(self):
+        # the generator's other parts (VAE, text encoders) follow its U-Net to the loop's device
+        mods = dict(self.generator.frozen_modules())
         if self.preserving and self.base is not None:
-            return {"base": self.base.trainable_module()}
-        return {}
+            mods["base"] = self.base.trainable_module()
+        return mods
 
     def optimizers(self):
         params = [p for p in self.module.parameters() if p.requires_grad]

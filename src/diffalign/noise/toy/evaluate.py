@@ -127,7 +127,8 @@ def train_classifier(
             overwrite=overwrite,
         ),
     )
-    return task.model.eval()
+    # the loop leaves it on the accelerator's device; the toy branch works on the CPU
+    return task.model.cpu().eval()
 
 
 @torch.no_grad()
@@ -135,8 +136,9 @@ def classify(classifier: Classifier, images: torch.Tensor, batch: int = 1024):
     """(logits [N, K], penultimate features [N, F]) in batches."""
     classifier.eval()
     feats, logits = [], []
+    device = next(classifier.parameters()).device
     for i in range(0, len(images), batch):
-        f = classifier.features(images[i : i + batch])
+        f = classifier.features(images[i : i + batch].to(device))
         feats.append(f)
         logits.append(classifier.head(f))
     return torch.cat(logits), torch.cat(feats)

@@ -139,6 +139,7 @@ class ToyClassifierReward(Reward):
         x = images.float() * 2.0 - 1.0
         if self.classifier.config.image_shape[0] == 1:
             x = x.mean(1, keepdim=True)  # the RGB of a grayscale generator has equal channels
-        logits = self.classifier(x)
+        logits = self.classifier(x.to(next(self.classifier.parameters()).device))
         logp = F.log_softmax(logits, dim=1)
-        return logp.gather(1, self.labels(prompts, images.device)[:, None]).squeeze(1)
+        score = logp.gather(1, self.labels(prompts, logits.device)[:, None]).squeeze(1)
+        return score.to(images.device)
