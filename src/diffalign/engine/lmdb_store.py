@@ -232,13 +232,19 @@ class TensorLMDB:
         self, keys: Sequence[str | bytes], out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """`[len(keys), *shape]`: one transaction, one cursor `getmulti`, each record copied once
-        straight from the memory map into the batch tensor (the fast path for a batch)."""
+        straight from the memory map into the batch tensor (the fast path for a batch).
+
+        The batch tensor is `out` when given (contiguous, of that shape and dtype), else a
+        recycled buffer (`engine.buffers.batch_empty`: memory reused only once nothing
+        references an earlier batch in it; shared memory inside a DataLoader worker)."""
         import numpy as np
+
+        from diffalign.engine.buffers import batch_empty
 
         env = self._open()
         shape, dtype, nbytes = self.shape, self.dtype, self.record_nbytes
         if out is None:
-            out = torch.empty((len(keys), *shape), dtype=dtype)
+            out = batch_empty((len(keys), *shape), dtype)
         flat = out.view(len(keys), -1).view(torch.uint8).numpy()
         encoded = [_key_bytes(k) for k in keys]
         with env.begin(write=False, buffers=True) as txn:
