@@ -264,3 +264,23 @@ def test_repa_dataset_batches_held_by_a_loop_stay_intact(tmp_path, workers):
         again = ds.__getitems__([0, 1, 2, 3])
         assert again["tokens"].data_ptr() in ptrs
     BATCH_POOL.clear()
+
+
+def test_accelerate_prepared_loader_which_fetches_ahead(store):
+    """accelerate's DataLoaderShard reads batch n + 1 before yielding batch n, while the loop
+    still holds n - 1: three live batches, none overwritten, and the pool still recycles."""
+    from accelerate.data_loader import prepare_data_loader
+
+    db, data = store
+    keys = sorted(data)
+    plain = DataLoader(_Batches(db, keys * 4), batch_size=4, collate_fn=lambda b: b[0])
+    loader = prepare_data_loader(plain, device=torch.device("cpu"), put_on_device=True)
+    BATCH_POOL.reused = 0
+    prev = None
+    for n, batch in enumerate(loader):
+        first = 4 * n % len(keys)
+        assert torch.equal(batch, _expected(data, keys[first : first + 4]))
+        if prev is not None:  # the previous batch is intact too
+            assert torch.equal(prev[1], _expected(data, keys[prev[0] : prev[0] + 4]))
+        prev = (first, batch)
+    assert n == 11 and BATCH_POOL.reused > 0

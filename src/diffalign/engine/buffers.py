@@ -65,10 +65,11 @@ class BufferPool:
     """Hands out CPU tensors whose memory is recycled once no reference to it remains.
 
     `per_size`: buffers kept per byte size (a loop that holds the previous batch while reading the
-    next needs 2); `max_bytes`: total kept (idle buffers of other sizes are dropped to make room).
+    next needs 2, accelerate's prepared loader, which fetches one batch ahead, 3); `max_bytes`:
+    total kept (idle buffers of other sizes are dropped to make room).
     """
 
-    def __init__(self, per_size: int = 3, max_bytes: int = 1 << 30) -> None:
+    def __init__(self, per_size: int = 4, max_bytes: int = 1 << 30) -> None:
         self.per_size = int(per_size)
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
