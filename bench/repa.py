@@ -5,20 +5,25 @@ data   LMDB read throughput of `TensorLMDB` against the seed's plain loop, in th
        fp16; seed §6.2: 7,300 and 8,200 samples/s). Variants, each producing one training batch
        tensor per `--batch-size` keys in a shuffled epoch order:
          plain      per key `env.begin()` + `txn.get` + `torch.frombuffer`, then `torch.stack`
-                    (the seed's `__getitem__` + the default collate)
+                    (the seed's `__getitem__` + the default collate), each batch dropped
          get        per key `TensorLMDB.get` (zero-copy) + `torch.stack` (a map-style dataset)
-         get_many   `TensorLMDB.get_many(keys)`: one read transaction, one cursor `getmulti`,
-                    each record copied once from the memory map into the batch tensor
-         get_many_out  get_many into a reused batch buffer (`out=`), as a loader that recycles
-                    its (pinned) batch buffers after the host-to-device copy would
+         get_many   `TensorLMDB.get_many(keys)`: one read transaction, each record copied
+                    once from the memory map into a recycled batch buffer (engine.buffers)
+         get_many_fresh  the same into a fresh `torch.empty` batch (no pool)
+         get_many_out  get_many into one reused batch buffer (`out=`)
+         plain_held, get_many_held  the previous batch kept alive while the next is read, as
+                    `for batch in loader` does (the pool must then use another buffer)
          loader     get_many inside a torch DataLoader (a dataset with `__getitems__`, the
                     batch passed through; workers 0), what a training loop sees
        And the whole training dataset: `RepaDataset.__getitems__` (latents + tokens with
        `get_many`, class embeddings with CFG dropout 0.1) against the seed's per-sample
        dataset (two `txn.get` + `frombuffer`, `clip_embeddings[class]`) + the default collate,
-       same shuffled batches, on a data folder in `repa preprocess`'s layout.
+       same shuffled batches, on a data folder in `repa preprocess`'s layout: batch dropped,
+       previous batch held, and both through a DataLoader with `--workers N` (default 2;
+       persistent workers, batches built in shared memory) iterated by `for batch in loader`.
+       Each ratio is to the seed's loop under the same consumer pattern (column `baseline`).
        One torch thread (as in DataLoader workers; `--threads`).
-       Repetitions are interleaved, medians reported; goal: get_many >= 2.5x plain. Also bytes
+       Repetitions are interleaved, medians reported; goal >= 2.5x the seed. Also bytes
        stored per sample (seed: 544 KB = 32 KB latent + 512 KB tokens; online teacher: the
        latent only), from the stores' data.mdb sizes.
 
@@ -33,7 +38,7 @@ train  Seconds per optimizer step, in the same run, of the same LoRA step (peft 
        Interleaved repetitions, medians; on CPU the clock is the thread's CPU time with one torch
        thread. Goal: alignment overhead < 5%.
 
-    python bench/repa.py --section data [--num-samples 512] [--batch-size 128] [--json out.json]
+    python bench/repa.py --section data [--num-samples 512] [--batch-size 128] [--workers 2]
     python bench/repa.py --section train [--train-size small|real] [--train-batch-size 4]
 """
 
@@ -76,19 +81,24 @@ def _build_store(path: Path, shape, n: int, suffix: str = "") -> list[str]:
     return keys
 
 
-def _plain_loop(env, shape, batches):
+def _plain_loop(env, shape, batches, hold: bool = False):
     """The seed's dataset: one txn + get + decode per key, then the default collate (stack).
 
     `env` is the seed's handle (readonly, lock=False, readahead=False), kept open across
     epochs as in a worker; py-lmdb allows one handle per store and process, so it is the one
-    `TensorLMDB` opened with the same flags."""
+    `TensorLMDB` opened with the same flags. `hold`: keep the previous batch alive while the
+    next is read, as `for batch in loader` does."""
+    batch = None
     for keys in batches:
         items = []
         for k in keys:
             with env.begin(write=False) as txn:
                 value = txn.get(k.encode())
             items.append(torch.frombuffer(value, dtype=torch.float16).view(shape))
-        torch.stack(items)
+        batch = torch.stack(items)
+        if not hold:
+            batch = None
+    return batch
 
 
 def _get_loop(db: TensorLMDB, batches):
@@ -96,9 +106,17 @@ def _get_loop(db: TensorLMDB, batches):
         torch.stack([db.get(k) for k in keys])
 
 
-def _get_many_loop(db: TensorLMDB, batches, out=None):
+def _get_many_loop(db: TensorLMDB, batches, out=None, hold: bool = False, fresh: bool = False):
+    """`get_many` per batch: into the recycled pool (default), a fresh tensor per batch
+    (`fresh`, what `get_many` did before the pool) or one reused buffer (`out`)."""
+    batch = None
     for keys in batches:
-        db.get_many(keys, out=out if out is not None and len(keys) == len(out) else None)
+        if fresh:
+            out = torch.empty((len(keys), *db.shape), dtype=db.dtype)
+        batch = db.get_many(keys, out=out if out is not None and len(keys) == len(out) else None)
+        if not hold:
+            batch = None
+    return batch
 
 
 class _BatchDataset(torch.utils.data.Dataset):
@@ -123,12 +141,61 @@ def _loader_loop(db: TensorLMDB, batches, keys: list[str]):
     loader = torch.utils.data.DataLoader(
         _BatchDataset(db, keys), batch_sampler=sampler, collate_fn=lambda batch: batch
     )
-    for _ in loader:
+    for _ in loader:  # `_` holds the previous batch while the next is read
         pass
 
 
+def _time_variants(variants: dict, repeats: int, rng: random.Random, n: int) -> tuple:
+    """samples/s of each variant: one warm-up run each, then `repeats` interleaved timings (in
+    shuffled order), each covering >= ~0.3 s of the fastest variant; medians."""
+    warm = []
+    for fn in variants.values():  # warm the page cache, the mapping, workers and the pool
+        t0 = time.perf_counter()
+        fn()
+        warm.append(time.perf_counter() - t0)
+    epochs = max(1, round(0.3 / max(min(warm), 1e-4)))
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        names = list(variants)
+        rng.shuffle(names)
+        for v in names:
+            t0 = time.perf_counter()
+            for _ in range(epochs):
+                variants[v]()
+            times[v].append((time.perf_counter() - t0) / epochs)
+    return {v: n / statistics.median(t) for v, t in times.items()}, epochs
+
+
+def _rates(rates: dict, base: dict, epochs: int) -> dict:
+    """Rates and each variant's ratio to its baseline (`base[variant]`) from the same run."""
+    return {
+        "epochs_per_timing": epochs,
+        "samples_per_s": {v: round(r, 1) for v, r in rates.items()},
+        "baseline": dict(base),
+        "ratio": {v: round(r / rates[base[v]], 2) for v, r in rates.items()},
+    }
+
+
+# each store variant against the seed's loop under the same consumer pattern
+STORE_BASE = {
+    "plain": "plain",
+    "get": "plain",
+    "get_many": "plain",
+    "get_many_fresh": "plain",
+    "get_many_out": "plain",
+    "plain_held": "plain_held",
+    "get_many_held": "plain_held",
+    "loader": "plain_held",
+}
+
+
 def section_data(args) -> dict:
-    results: dict = {"num_samples": args.num_samples, "batch_size": args.batch_size, "stores": {}}
+    results: dict = {
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "stores": {},
+    }
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         stored = {}
         for name, shape in STORES.items():
@@ -149,33 +216,18 @@ def section_data(args) -> dict:
                 "plain": lambda e=env, s=shape, b=batches: _plain_loop(e, s, b),
                 "get": lambda d=db, b=batches: _get_loop(d, b),
                 "get_many": lambda d=db, b=batches: _get_many_loop(d, b),
+                "get_many_fresh": lambda d=db, b=batches: _get_many_loop(d, b, fresh=True),
                 "get_many_out": lambda d=db, b=batches, o=buffer: _get_many_loop(d, b, o),
+                "plain_held": lambda e=env, s=shape, b=batches: _plain_loop(e, s, b, True),
+                "get_many_held": lambda d=db, b=batches: _get_many_loop(d, b, hold=True),
                 "loader": lambda d=db, b=batches, k=keys: _loader_loop(d, b, k),
             }
-            warm = {}
-            for v, fn in variants.items():  # warm the page cache and the mapping
-                t0 = time.perf_counter()
-                fn()
-                warm[v] = time.perf_counter() - t0
-            # each timing covers >= ~0.3 s of the fastest variant (epochs over the same keys)
-            epochs = max(1, round(0.3 / max(min(warm.values()), 1e-4)))
-            times: dict[str, list[float]] = {v: [] for v in variants}
-            for _ in range(args.repeats):
-                names = list(variants)
-                rng.shuffle(names)
-                for v in names:
-                    t0 = time.perf_counter()
-                    for _ in range(epochs):
-                        variants[v]()
-                    times[v].append((time.perf_counter() - t0) / epochs)
+            rates, epochs = _time_variants(variants, args.repeats, rng, args.num_samples)
             db.close()
-            rates = {v: args.num_samples / statistics.median(t) for v, t in times.items()}
             results["stores"][name] = {
                 "record_shape": list(shape),
                 "record_bytes": int(torch.tensor(shape).prod()) * 2,
-                "epochs_per_timing": epochs,
-                "samples_per_s": {v: round(r, 1) for v, r in rates.items()},
-                "ratio_to_plain": {v: round(r / rates["plain"], 2) for v, r in rates.items()},
+                **_rates(rates, STORE_BASE, epochs),
             }
         results["dataset"] = _dataset_bench(Path(tmp), args)
         results["bytes_per_sample"] = {
@@ -187,11 +239,13 @@ def section_data(args) -> dict:
     return results
 
 
-def _seed_dataset_loop(root: Path, batches, labels, table, null, dropout, rng):
+def _seed_dataset_loop(root: Path, batches, labels, table, null, dropout, rng, hold=False):
     """The seed's training data: per sample one txn + get + decode for the latent and for the
     tokens, `clip_embeddings[class]` (or the null row with probability `dropout`), then the
-    default collate (three `torch.stack`s)."""
+    default collate (three `torch.stack`s). `hold`: the previous batch stays alive while the
+    next is read (`for batch in loader`)."""
     envs = _seed_dataset_loop.envs
+    batch = None
     for idx in batches:
         lat, tok, emb = [], [], []
         for i in idx:
@@ -201,18 +255,67 @@ def _seed_dataset_loop(root: Path, batches, labels, table, null, dropout, rng):
             with envs["dino"].begin(write=False) as txn:
                 tok.append(torch.frombuffer(txn.get(f"{sid}_mid".encode()), dtype=torch.float16))
             emb.append(table[null if rng.random() < dropout else labels[i]])
-        torch.stack(lat).view(len(idx), *STORES["vae"])
-        torch.stack(tok).view(len(idx), *STORES["dino"])
-        torch.stack(emb)
+        batch = (
+            torch.stack(lat).view(len(idx), *STORES["vae"]),
+            torch.stack(tok).view(len(idx), *STORES["dino"]),
+            torch.stack(emb),
+        )
+        if not hold:
+            batch = None
+    return batch
+
+
+class _SeedDataset(torch.utils.data.Dataset):
+    """The seed's per-sample dataset (§6.2) for a DataLoader: lazily opened stores, per sample a
+    txn + get + `torch.frombuffer` per store and the class row `clip_embeddings[class]` (the
+    empty prompt's with probability `dropout`); batched by the default collate."""
+
+    def __init__(self, root: Path, labels, table, null: int, dropout: float):
+        self.root, self.labels, self.table = root, labels, table
+        self.null, self.dropout = null, dropout
+        self.envs = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.envs is None:  # in the worker (one handle per store and process)
+            self.envs = {k: TensorLMDB(self.root / STORE_FILES[k][0])._open() for k in STORES}
+        sid = _sample_id(i)
+        with self.envs["vae"].begin(write=False) as txn:
+            lat = torch.frombuffer(txn.get(sid.encode()), dtype=torch.float16)
+        with self.envs["dino"].begin(write=False) as txn:
+            tok = torch.frombuffer(txn.get(f"{sid}_mid".encode()), dtype=torch.float16)
+        c = self.null if random.random() < self.dropout else self.labels[i]
+        return {
+            "latent": lat.view(*STORES["vae"]),
+            "tokens": tok.view(*STORES["dino"]),
+            "class_embedding": self.table[c],
+            "label": self.labels[i],
+        }
+
+
+# each dataset variant against the seed's dataset under the same consumer pattern
+DATASET_BASE = {
+    "seed_dataset": "seed_dataset",
+    "RepaDataset": "seed_dataset",
+    "seed_dataset_held": "seed_dataset_held",
+    "RepaDataset_held": "seed_dataset_held",
+    "seed_loader": "seed_loader",
+    "RepaDataset_loader": "seed_loader",
+}
 
 
 def _dataset_bench(root: Path, args) -> dict:
     """`RepaDataset` (our training dataset: both stores with `get_many`, class embeddings with
-    CFG dropout 0.1) against the seed's per-sample dataset + default collate, same batches."""
+    CFG dropout 0.1) against the seed's per-sample dataset + default collate, same batches:
+    batch dropped at once, previous batch held, and both through a DataLoader with workers."""
     import csv
 
+    from torch.utils.data import DataLoader
+
     from diffalign.engine.io import save_tensors
-    from diffalign.repa.data import RepaDataset
+    from diffalign.repa.data import RepaDataset, collate
 
     n = args.num_samples
     labels = [i % CLASSES for i in range(n)]
@@ -238,45 +341,66 @@ def _dataset_bench(root: Path, args) -> dict:
         "dino": ds.tokens._open(),
     }
 
-    def ours():
+    def ours(hold=False):
+        batch = None
         for b in batches:
-            ds.__getitems__(b)
+            batch = ds.__getitems__(b)
+            if not hold:
+                batch = None
+        return batch
 
-    def seed():
-        _seed_dataset_loop(root, batches, labels, table, CLASSES, 0.1, rng)
+    def seed(hold=False):
+        return _seed_dataset_loop(root, batches, labels, table, CLASSES, 0.1, rng, hold)
 
-    variants = {"seed_dataset": seed, "RepaDataset": ours}
-    warm = []
-    for fn in variants.values():  # warm the page cache and the mapping
-        t0 = time.perf_counter()
-        fn()
-        warm.append(time.perf_counter() - t0)
-    epochs = max(1, round(0.3 / max(min(warm), 1e-4)))  # >= ~0.3 s per timing
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.repeats):
-        names = list(variants)
-        rng.shuffle(names)
-        for v in names:
-            t0 = time.perf_counter()
-            for _ in range(epochs):
-                variants[v]()
-            times[v].append((time.perf_counter() - t0) / epochs)
-    rates = {v: n / statistics.median(t) for v, t in times.items()}
-    return {
-        "samples_per_s": {v: round(r, 1) for v, r in rates.items()},
-        "ratio_to_seed": {v: round(r / rates["seed_dataset"], 2) for v, r in rates.items()},
+    w = args.workers
+    common = dict(batch_sampler=batches, num_workers=w, persistent_workers=w > 0)
+    seed_loader = DataLoader(_SeedDataset(root, labels, table, CLASSES, 0.1), **common)
+    ours_loader = DataLoader(ds, collate_fn=collate, **common)
+
+    def through(loader):
+        for _ in loader:  # `_` holds the previous batch while the workers deliver the next
+            pass
+
+    variants = {
+        "seed_dataset": seed,
+        "RepaDataset": ours,
+        "seed_dataset_held": lambda: seed(True),
+        "RepaDataset_held": lambda: ours(True),
+        "seed_loader": lambda d=seed_loader: through(d),
+        "RepaDataset_loader": lambda d=ours_loader: through(d),
     }
+    rates, epochs = _time_variants(variants, args.repeats, rng, n)
+    variants.clear()
+    del seed_loader, ours_loader  # stops the persistent workers
+    return _rates(rates, DATASET_BASE, epochs)
+
+
+DATA_LABELS = {
+    "plain": "plain (seed): per key txn.get+frombuffer, stack",
+    "get": "TensorLMDB.get per key + stack",
+    "get_many": "get_many (pooled batch), batch dropped",
+    "get_many_fresh": "get_many into a fresh tensor per batch",
+    "get_many_out": "get_many into one reused out= buffer",
+    "plain_held": "plain, previous batch held",
+    "get_many_held": "get_many (pooled), previous batch held",
+    "loader": "get_many in a DataLoader (workers 0)",
+    "seed_dataset": "seed's dataset + collate, batch dropped",
+    "RepaDataset": "RepaDataset.__getitems__, batch dropped",
+    "seed_dataset_held": "seed's dataset + collate, previous held",
+    "RepaDataset_held": "RepaDataset, previous batch held",
+    "seed_loader": "seed's dataset, DataLoader workers {w}",
+    "RepaDataset_loader": "RepaDataset, DataLoader workers {w}",
+}
 
 
 def _print_data(r: dict) -> None:
     print(f"LMDB reads, {r['num_samples']} samples, batches of {r['batch_size']}, medians")
-    print(f"{'store':<6} {'variant':<13} {'samples/s':>12} {'x plain':>8}")
-    for name, s in r["stores"].items():
+    print(f"{'store':<6} {'variant':<48} {'samples/s':>11} {'ratio':>6}  baseline")
+    groups = [(name, s) for name, s in r["stores"].items()] + [("data", r["dataset"])]
+    for name, s in groups:
         for v, rate in s["samples_per_s"].items():
-            print(f"{name:<6} {v:<13} {rate:>12.1f} {s['ratio_to_plain'][v]:>8.2f}")
-    d = r["dataset"]
-    for v, rate in d["samples_per_s"].items():
-        print(f"{'data':<6} {v:<13} {rate:>12.1f} {d['ratio_to_seed'][v]:>8.2f}  (x seed_dataset)")
+            label = DATA_LABELS[v].format(w=r["workers"])
+            print(f"{name:<6} {label:<48} {rate:>11.1f} {s['ratio'][v]:>6.2f}  {s['baseline'][v]}")
     b = r["bytes_per_sample"]
     print(
         f"bytes per sample: cached teacher {b['cached_teacher_on_disk'] / 1024:.1f} KiB on disk "
@@ -482,6 +606,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--tmp", default=None, help="folder for the temporary stores (data)")
+    p.add_argument("--workers", type=int, default=2, help="data: DataLoader workers (default 2)")
     p.add_argument(
         "--train-size",
         choices=("small", "real"),
@@ -509,7 +634,8 @@ def main() -> int:
         if args.section in (name, "all"):
             out[name] = run(args)
             show(out[name])
-    print(f"load average at start: {load}")
+    out["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"load average (1/5/15 min) at start: {load}, at the end: {out['load_avg_end']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

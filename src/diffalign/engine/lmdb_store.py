@@ -231,35 +231,40 @@ class TensorLMDB:
     def get_many(
         self, keys: Sequence[str | bytes], out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`[len(keys), *shape]`: one transaction, one cursor `getmulti`, each record copied once
-        straight from the memory map into the batch tensor (the fast path for a batch)."""
-        import numpy as np
+        """`[len(keys), *shape]`: one read transaction, each record copied once straight from
+        the memory map into the batch tensor (the fast path for a batch).
+
+        The batch tensor is `out` when given (contiguous, of that shape and dtype), else a
+        recycled buffer (`engine.buffers.batch_empty`: memory reused only once nothing
+        references an earlier batch in it; shared memory inside a DataLoader worker)."""
+        from diffalign.engine.buffers import batch_empty
 
         env = self._open()
         shape, dtype, nbytes = self.shape, self.dtype, self.record_nbytes
         if out is None:
-            out = torch.empty((len(keys), *shape), dtype=dtype)
-        flat = out.view(len(keys), -1).view(torch.uint8).numpy()
-        encoded = [_key_bytes(k) for k in keys]
-        with env.begin(write=False, buffers=True) as txn:
-            found = txn.cursor().getmulti(encoded)
-            if len(found) == len(encoded) and all(
-                bytes(k) == e for (k, _), e in zip(found, encoded, strict=True)
-            ):
-                pairs = found
-            else:  # a key missing (getmulti skips it) or repeated: go key by key
-                pairs = [(e, txn.get(e)) for e in encoded]
-            for i, (key, value) in enumerate(pairs):
+            out = batch_empty((len(keys), *shape), dtype)
+        elif tuple(out.shape) != (len(keys), *shape) or out.dtype != dtype:
+            raise ValueError(f"out must be {dtype} {[len(keys), *shape]}, not {out.dtype} "
+                             f"{list(out.shape)}")  # fmt: skip
+        elif not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+        # a byte view of the batch: slice assignment is one memcpy per record
+        with (
+            memoryview(out.view(-1).view(torch.uint8).numpy()) as flat,
+            env.begin(write=False, buffers=True) as txn,
+        ):
+            for i, key in enumerate(keys):
+                value = txn.get(_key_bytes(key))
                 if value is None:
                     raise DiffalignError(
-                        f"key '{_key_str(bytes(key))}' not found in LMDB store {self.path}"
+                        f"key '{_key_str(key)}' not found in LMDB store {self.path}"
                     )
                 if len(value) != nbytes:
                     raise DiffalignError(
-                        f"corrupt record '{_key_str(bytes(key))}' in {self.path}: "
+                        f"corrupt record '{_key_str(key)}' in {self.path}: "
                         f"{len(value)} bytes, expected {nbytes}"
                     )
-                flat[i] = np.frombuffer(value, dtype=np.uint8)
+                flat[i * nbytes : (i + 1) * nbytes] = value
         return out
 
     def is_valid(self, key: str | bytes) -> bool:

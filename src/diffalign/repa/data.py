@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diffalign.engine.buffers import batch_empty
 from diffalign.engine.errors import DiffalignError
 from diffalign.repa.preprocess import CLIP_FILE as CLIP
 from diffalign.repa.preprocess import DINO_LMDB as TOKENS
@@ -208,7 +209,8 @@ class RepaDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict:
         """A whole batch at once (torch's fetcher calls this): one LMDB transaction per store,
-        each record copied once from the memory map into the batch tensor."""
+        each record copied once from the memory map into the batch tensor; the batch tensors are
+        recycled buffers (`engine.buffers.batch_empty`), shared memory in a DataLoader worker."""
         ids = [self.ids[i] for i in indices]
         out = {
             "index": torch.as_tensor(list(indices), dtype=torch.long),
@@ -221,7 +223,9 @@ class RepaDataset(Dataset):
             out["image"] = torch.stack([self._image(i) for i in ids])
         if self.class_table is not None:
             rows, drop = self._embedding_rows(indices)
-            out["class_embedding"] = self.class_table.index_select(0, rows)
+            table = self.class_table
+            emb = batch_empty((len(rows), *table.shape[1:]), table.dtype)
+            out["class_embedding"] = torch.index_select(table, 0, rows, out=emb)
             out["cfg_dropped"] = drop
         return out
 
