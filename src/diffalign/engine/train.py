@@ -17,7 +17,8 @@ atomically and hold `<module>.safetensors` (trainable parameters and buffers), `
 epoch, position in the epoch, best metric, config, loss history). Resuming replays the seeded
 sampler of the current epoch and skips the batches already consumed, so k steps + resume to N
 gives the same weights as N steps straight (bit-identical on CPU, given a dataset whose items do
-not draw from the global RNG). Exports (`checkpoint-final/`, `checkpoint-best/`,
+not draw from the global RNG; on CUDA it needs `deterministic=True`: deterministic kernels for the
+run). Exports (`checkpoint-final/`, `checkpoint-best/`,
 `checkpoint-epoch-NNN/`) go through `task.export` with the EMA weights applied. A non-finite loss
 skips the optimizer step; `max_nonfinite_steps` consecutive ones stop the run with a
 `DiffalignError`. Several optimizers (a GAN): `training_step` calls `ctx.backward(loss, name)` for
@@ -41,6 +42,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -110,6 +112,7 @@ class TrainConfig:
     run_name: str = "train"
     overwrite: bool = False  # start over in an output_dir that already holds a run
     max_nonfinite_steps: int = 10  # consecutive non-finite steps before the run stops
+    deterministic: bool = False  # deterministic kernels during train() (CUDA: slower)
 
     def validate(self) -> None:
         """Raise DiffalignError on an impossible combination of options."""
@@ -406,7 +409,61 @@ def _to_float_tensor(v: Any) -> torch.Tensor | None:
 def train(task: TrainTask, config: TrainConfig) -> TrainResult:
     """Run (or resume) training of `task` under `config`; see the module docstring."""
     config.validate()
-    return _Trainer(task, config).run()
+    with deterministic_algorithms(config.deterministic):
+        return _Trainer(task, config).run()
+
+
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+def set_cublas_workspace_config() -> bool:
+    """Set CUBLAS_WORKSPACE_CONFIG=:4096:8 unless the environment has a value; returns whether it
+    set it. cuBLAS is reproducible with a fixed per-stream workspace: torch sizes it from this
+    variable when the process's first cuBLAS handle gets its workspace (the first matmul on CUDA)
+    and, in deterministic mode, checks the variable once, so a command that runs CUDA matmuls
+    before training (the EM loop's E-step, FLUX Fill's text cache) calls this first."""
+    if "CUBLAS_WORKSPACE_CONFIG" in os.environ:
+        return False
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
+    return True
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """Deterministic kernels inside the block (`TrainConfig.deterministic`; slower): what a
+    bit-exact resume on a GPU needs, since CUDA kernels (atomics in backward passes, cuBLAS's
+    algorithm choice) round differently from run to run. Sets
+    `torch.use_deterministic_algorithms(True, warn_only=True)` (an op without a deterministic
+    kernel warns, naming itself, instead of stopping the run), `cudnn.deterministic = True`,
+    `cudnn.benchmark = False` and CUBLAS_WORKSPACE_CONFIG (`set_cublas_workspace_config`; it
+    stays set: the cuBLAS handles keep the workspace they were given), and restores the torch
+    settings when the block ends or raises. No-op when `enabled` is false."""
+    if not enabled:
+        yield
+        return
+    cuda_in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if set_cublas_workspace_config() and cuda_in_use:
+        logger.warning(
+            "deterministic: CUDA was in use before CUBLAS_WORKSPACE_CONFIG was set; matmuls that "
+            "already ran fixed cuBLAS's workspace: export CUBLAS_WORKSPACE_CONFIG=%s before "
+            "starting for deterministic matmuls",
+            CUBLAS_WORKSPACE_CONFIG,
+        )
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic = before[2]
+        torch.backends.cudnn.benchmark = before[3]
 
 
 class _Trainer:
