@@ -86,6 +86,9 @@ class FillTrainConfig:
     warmup_steps: int = _opt(0, "linear warm-up steps")
     ema_decay: float | None = _opt(None, "EMA decay of the trainable weights (null: no EMA)")
     seed: int = _opt(0, "seed of noise, timesteps and data order")
+    deterministic: bool = _opt(
+        False, "deterministic CUDA kernels (slower): needed for a bit-exact resume on a GPU"
+    )
     # run
     output_dir: str = _opt("runs/fill_semantic", "run folder")
     log_every: int = _opt(10, "log every N steps (cross-attention scales included)")
@@ -176,7 +179,7 @@ def load_config(
 
 
 # Keys a resume may change: where data, logs, checkpoints and caches go, how the run is watched,
-# how fast a step runs (workers, checkpointing, precision) and, with a constant learning rate,
+# how fast a step runs (workers, checkpointing, precision, deterministic kernels) and, with a constant learning rate,
 # how long it runs. Everything else (module shape, LoRA, objective, optimiser, data order) must
 # match the checkpoint: a resume with another one is one error line naming the key.
 RESUME_FREE = frozenset(
@@ -190,6 +193,7 @@ RESUME_FREE = frozenset(
         "base_dtype",
         "mixed_precision",
         "gradient_checkpointing",
+        "deterministic",
         "output_dir",
         "log_every",
         "validate_every",

@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader, Subset
 
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import write_json
-from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
+from diffalign.engine.train import (
+    OptimizerSpec,
+    StepContext,
+    TrainConfig,
+    TrainTask,
+    set_cublas_workspace_config,
+    train,
+)
 from diffalign.fill.config import FillTrainConfig
 from diffalign.fill.data import collate_triptychs
 from diffalign.fill.flow import (
@@ -445,6 +452,7 @@ def train_config(cfg: FillTrainConfig) -> TrainConfig:
         run_name="fill",
         overwrite=cfg.overwrite,
         best_metric="val/loss" if cfg.num_validation > 0 else None,
+        deterministic=cfg.deterministic,
     )
 
 
@@ -464,6 +472,8 @@ def run_train(cfg: FillTrainConfig, log=print):
 def _run_train(cfg: FillTrainConfig, loop: TrainConfig, log):
     from diffalign.engine.reports import write_summary
 
+    if cfg.deterministic:  # before the text cache's first matmul
+        set_cublas_workspace_config()
     torch.manual_seed(cfg.seed)  # the module's and LoRA's initial weights
     task = FillTrainTask(cfg, log=log)
     cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()

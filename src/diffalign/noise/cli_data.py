@@ -244,6 +244,11 @@ def add_sft_options(p, prefix: str = "") -> None:
         default="tensorboard",
         help="experiment tracker (default: %(default)s)",
     )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic CUDA kernels (slower): needed for a bit-exact resume on a GPU",
+    )
 
 
 def register(verbs) -> None:
@@ -547,6 +552,7 @@ def _sft_kwargs(args, prefix: str = "") -> dict:
         "seed": args.seed,
         "checkpoint_every": args.checkpoint_every,
         "tracker": args.tracker,
+        "deterministic": args.deterministic,
     }
 
 

@@ -114,6 +114,10 @@ def em(
 
     if resume not in ("latest", "restart"):
         raise DiffalignError(f"--resume must be latest or restart, got {resume!r}")
+    if sft_kwargs.get("deterministic"):  # before the first E-step's matmuls on CUDA
+        from diffalign.engine.train import set_cublas_workspace_config
+
+        set_cublas_workspace_config()
     initial = str(model)
 
     def model_for(current: str) -> tuple[object, str | None]:

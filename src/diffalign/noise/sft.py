@@ -336,6 +336,7 @@ def sft(
     tracker: str = "tensorboard",
     progress: bool = True,
     model_info: dict | None = None,
+    deterministic: bool = False,
 ) -> dict:
     """`diffalign noise sft`: fine-tune a diffusion one-step generator's U-Net (full, or LoRA
     with ``lora_rank``) on a `build-dataset` manifest; ``direct`` = random-noise baseline."""
@@ -417,5 +418,6 @@ def sft(
         run_name="direct-sft" if direct else "latent-matched-sft",
         overwrite=overwrite,
         resume=resume,
+        deterministic=deterministic,
     )
     return sft_result(run_sft(task, cfg))

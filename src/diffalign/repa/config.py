@@ -104,6 +104,9 @@ class RepaTrainConfig:
     seed: int = _f(0, "random seed")
     tracker: str = _f("tensorboard", "tensorboard | wandb | none")
     gradient_checkpointing: bool = _f(False, "U-Net gradient checkpointing (saves memory)")
+    deterministic: bool = _f(
+        False, "deterministic CUDA kernels (slower): needed for a bit-exact resume on a GPU"
+    )
 
     def validate(self) -> None:
         """One-line errors for values no run can use."""
@@ -144,9 +147,11 @@ class RepaTrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(RepaTrainConfig)}
 
-# keys that may change between a checkpoint and its resume (how the run is watched, not trained)
+# keys that may change between a checkpoint and its resume (how the run is watched, not trained;
+# `deterministic` picks kernels, not the model or the objective)
 RESUME_FREE = frozenset(
     {
+        "deterministic",
         "output_dir",
         "data_dir",
         "num_workers",

@@ -358,6 +358,7 @@ def loop_config(cfg: RepaTrainConfig, resume: str | None, overwrite: bool) -> Tr
         run_name="repa",
         overwrite=overwrite,
         max_nonfinite_steps=cfg.max_nonfinite_steps,
+        deterministic=cfg.deterministic,
     )
 
 
