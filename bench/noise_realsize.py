@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from noise_optimize import PROMPTS, _models, bare_run, ours_run  # noqa: E402
+from noise_optimize import PROMPTS, _models, _time, bare_run, ours_run  # noqa: E402
 
 
 def real_unet(div: int = 1):
@@ -136,13 +136,11 @@ def build(tmp: Path, device: str, dtype: torch.dtype, div: int):
         tok.model_max_length = 77
     gen = DiffusionOneStepGenerator(pipe, GENERATORS["sdxl-turbo"], height=512, width=512)
     reward = load_reward("clip", device=device, clip_model=str(clip))
-    bundles = {id(m.bundle): m.bundle for m in reward.modules() if hasattr(m, "bundle")}
-    for bundle in bundles.values():
-        bundle.model = model.requires_grad_(False).eval()
-        bundle.size = 224
-    for m in reward.modules():
+    model.requires_grad_(False).eval()
+    for m in reward.modules():  # the CLIP term and its bundle share the swapped-in model
         if hasattr(m, "bundle"):
-            m.model = model
+            m.model = m.bundle.model = model
+            m.bundle.size = 224
     params = {
         "unet": sum(p.numel() for p in pipe.unet.parameters()),
         "vae": sum(p.numel() for p in pipe.vae.parameters()),
@@ -151,11 +149,6 @@ def build(tmp: Path, device: str, dtype: torch.dtype, div: int):
         "reward_clip": sum(p.numel() for p in model.parameters()),
     }
     return gen, reward, params
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def measure(gen, reward, device: str, batch: int, steps: int, repeats: int) -> dict:
@@ -171,11 +164,8 @@ def measure(gen, reward, device: str, batch: int, steps: int, repeats: int) -> d
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            _sync(device)
-            t0 = time.perf_counter()
-            fn(gen, reward, prompts, noise, steps)
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) / (steps + 1))
+            t = _time(lambda fn=fn: fn(gen, reward, prompts, noise, steps), device)
+            times[name].append(t / (steps + 1))
             if device.startswith("cuda"):
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() - base)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -179,9 +179,10 @@ def load_config(
 
 
 # Keys a resume may change: where data, logs, checkpoints and caches go, how the run is watched,
-# how fast a step runs (workers, checkpointing, precision, deterministic kernels) and, with a constant learning rate,
-# how long it runs. Everything else (module shape, LoRA, objective, optimiser, data order) must
-# match the checkpoint: a resume with another one is one error line naming the key.
+# how fast a step runs (workers, checkpointing, precision, deterministic kernels) and, with a
+# constant learning rate, how long it runs. Everything else (module shape, LoRA, objective,
+# optimiser, data order) must match the checkpoint: a resume with another one is one error line
+# naming the key.
 RESUME_FREE = frozenset(
     {
         "data",
