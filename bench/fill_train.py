@@ -26,9 +26,12 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/rows.py
 
 
 def build(args, device, dtype):
@@ -120,6 +123,36 @@ def step(model, opt, x, device) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def _step_flops(model, opt, x, device, checkpointing: bool) -> int:
+    """Model FLOPs of one step (bench/rows.py: matmul, conv and attention, forward + backward).
+
+    Under gradient checkpointing the backward recomputes each block's forward: those FLOPs are
+    counted by the counter but are not model FLOPs, so one forward (under no_grad) is
+    subtracted."""
+    from rows import count_flops
+
+    total = count_flops(lambda: step(model, opt, x, device))
+    if not checkpointing:
+        return total
+    from diffalign.fill.flow import interpolate
+
+    def forward() -> None:
+        t = torch.full((x["x0"].shape[0],), 0.5, device=device)
+        xt = interpolate(x["x0"], x["x1"], t)
+        half = x["x0"].dtype != torch.float32
+        with torch.no_grad(), torch.autocast(device.type, dtype=x["x0"].dtype, enabled=half):
+            model(xt, x["cond"], t.to(xt.dtype), x["pe"], x["pooled"], x["txt"], x["img"], x["sem"])
+
+    return total - count_flops(forward)
+
+
+def _mfu(flops: int, seconds: float, device_name: str):
+    from rows import mfu
+
+    value = mfu(flops, seconds, device_name)
+    return None if value is None else round(value, 2)
+
+
 def _clock(device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -180,6 +213,9 @@ def train_section(args) -> dict:
             times[name].append(got[name])
         ratios.append(got["lora+semantic"] / got["lora"])
     med = {n: statistics.median(v) for n, v in times.items()}
+    ckpt = bool(args.train_checkpointing)
+    flops = {n: _step_flops(models[n], opts[n], inputs, device, ckpt) for n in names}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {
         "config": {
             "layers": args.train_layers,
@@ -196,6 +232,10 @@ def train_section(args) -> dict:
         },
         **counts,
         "median_s": med,
+        "times": times,
+        "device_name": device_name,
+        "flops_per_step": flops,
+        "mfu_pct": {n: _mfu(flops[n], med[n], device_name) for n in names},
         "ratio": med["lora+semantic"] / med["lora"],
         "paired_overhead": statistics.median(ratios) - 1.0,
         "flux_estimate": flux_flop_share(),
@@ -226,6 +266,10 @@ def markdown_train(r: dict) -> str:
         f"{r['median_s']['lora+semantic']:.3f} | {r['ratio']:.3f} |",
         "",
         f"paired overhead (median of per-round ratios): {100 * r['paired_overhead']:+.2f}%",
+        "model FLOPs per step (bench/rows.py count): "
+        + ", ".join(f"{n} {f / 1e12:.3f} TFLOP" for n, f in r["flops_per_step"].items())
+        + "; MFU %: "
+        + ", ".join(f"{n} {m}" for n, m in r["mfu_pct"].items()),
         f"module share of forward FLOPs at this shape: "
         f"{100 * r['this_shape_estimate']['module_share']:.3f}%",
         f"estimate at FLUX.1-Fill-dev size (2048 + 512 tokens): module "

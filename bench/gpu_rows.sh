@@ -10,6 +10,7 @@
 #   textstream     bench/textstream.py --sd3-medium (forward overhead, bf16)
 #   fill_train     bench/fill_train.py --flux-size (FLUX.1-Fill-dev size, bf16, checkpointing)
 #   pytest         the whole suite on the CUDA machine (in the background, beside the benches)
+# then bench/rows.py writes one JSON per measured row into bench/results/ (commit them).
 # Packages the machine lacks can travel as wheels in .whl/ (installed into /tmp/site first).
 set -u
 OUT=${OUT:-gpu-out}
@@ -58,6 +59,8 @@ run textstream "${TEXT_LIMIT:-60}" $PY bench/textstream.py --sd3-medium --device
     --dtype bfloat16 --skip-memory --reps 10 --json "$OUT/textstream.json"
 run fill_train "${FILL_LIMIT:-110}" $PY bench/fill_train.py --flux-size --device cuda \
     --dtype bfloat16 --train-rounds 3 --json "$OUT/fill_train.json"
+# one JSON per measured row (bench/results/<row>.json; a row not measured has no file)
+$PY bench/rows.py --from "$OUT" --results "${RESULTS:-bench/results}" 2>&1 | tee -a "$OUT/gpu.log"
 wait $PYTEST_PID
 tail -40 "$OUT/pytest.log" | tee -a "$OUT/gpu.log" >/dev/null
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3

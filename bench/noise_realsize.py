@@ -151,6 +151,22 @@ def build(tmp: Path, device: str, dtype: torch.dtype, div: int):
     return gen, reward, params
 
 
+def _kernel_seconds(fn) -> float:
+    """Seconds the GPU spends in kernels during ``fn()`` (sum of the profiler's device self
+    times): the step's floor once Python and launch overhead are gone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for ev in prof.key_averages():
+        total_us += getattr(ev, "self_device_time_total", None) or getattr(
+            ev, "self_cuda_time_total", 0.0
+        )
+    return total_us / 1e6
+
+
 def measure(gen, reward, device: str, batch: int, steps: int, repeats: int) -> dict:
     prompts = PROMPTS[:batch]
     noise = gen.sample_noise(1, generator=torch.Generator().manual_seed(0)).repeat(batch, 1, 1, 1)
@@ -169,6 +185,9 @@ def measure(gen, reward, device: str, batch: int, steps: int, repeats: int) -> d
             if device.startswith("cuda"):
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() - base)
     med = {k: statistics.median(v) for k, v in times.items()}
+    kernel = None
+    if device.startswith("cuda"):  # GPU kernel time of our run: the floor a launch-free step has
+        kernel = _kernel_seconds(lambda: ours_run(gen, reward, prompts, noise, steps))
     out = {
         "batch": batch,
         "steps": steps,
@@ -177,7 +196,12 @@ def measure(gen, reward, device: str, batch: int, steps: int, repeats: int) -> d
         "ours_s_per_step": round(med["ours"], 4),
         "time_ratio": round(med["ours"] / med["bare"], 4),
         "s_per_prompt_step_ours": round(med["ours"] / batch, 4),
+        "ours_times": [round(t, 5) for t in times["ours"]],
+        "bare_times": [round(t, 5) for t in times["bare"]],
     }
+    if kernel is not None:
+        out["kernel_s_per_step"] = round(kernel / (steps + 1), 5)
+        out["step_over_kernel"] = round(med["ours"] / out["kernel_s_per_step"], 3)
     if peak:
         out["peak_cuda_gib"] = {k: round(v / 2**30, 2) for k, v in peak.items()}
     return out
@@ -225,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
             f"B={r['batch']}: bare {r['bare_s_per_step']:.3f} s/step, ours "
             f"{r['ours_s_per_step']:.3f} s/step, ratio {r['time_ratio']:.3f}"
             + (f", peak {mem.get('bare')} / {mem.get('ours')} GiB" if mem else "")
+            + (
+                f", GPU kernels {r['kernel_s_per_step']:.3f} s/step "
+                f"(step / kernels {r['step_over_kernel']:.2f})"
+                if "kernel_s_per_step" in r
+                else ""
+            )
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/rows.py
 
 from diffalign.engine.lmdb_store import TensorLMDB, TensorLMDBWriter  # noqa: E402
 
@@ -558,8 +559,18 @@ def section_train(args) -> dict:
             times[v].append(clock() - t0)
     med = {v: statistics.median(t) for v, t in times.items()}
     base = med["lora"]
+    from rows import count_flops, mfu
+
+    flops = {v: count_flops(lambda v=v: step(v)) for v in variants}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    mfus = {v: mfu(flops[v], med[v], device_name) for v in variants}
     return {
         "device": str(device),
+        "device_name": device_name,
+        "times": times,
+        "flops_per_step": flops,
+        "flops_counted": "FlopCounterMode: matmul/conv/SDPA, 2 per MAC, forward + backward",
+        "mfu_pct": {v: None if m is None else round(m, 2) for v, m in mfus.items()},
         "size": size,
         "batch_size": b,
         "clock": "wall (cuda synchronised)" if device.type == "cuda" else "thread CPU time",
@@ -587,6 +598,9 @@ def _print_train(r: dict) -> None:
     for v, s in r["seconds_per_step"].items():
         print(f"{v:<20} {s:>9.4f} {r['ratio_to_lora'][v]:>8.3f}")
     print(f"alignment overhead: {r['alignment_overhead_pct']:+.2f}% (goal < 5%)")
+    for v, f in r["flops_per_step"].items():
+        m = r["mfu_pct"][v]
+        print(f"{v}: {f / 1e12:.3f} TFLOP per step" + (f", MFU {m:.1f}%" if m is not None else ""))
     if r["online_teacher_overhead_pct"] is not None:
         print(
             f"online teacher ({r['online_teacher']}): {r['online_teacher_overhead_pct']:+.2f}% "

@@ -138,6 +138,7 @@ def forward_overhead(args) -> dict:
             "paired_ratio": paired,
             "paired_overhead_pct": 100 * (paired - 1),
             "min_s": min(times[name]),
+            "times_s": times[name],
             "reps": len(times[name]),
         }
     return {

@@ -1,0 +1,317 @@
+"""GPU benchmark rows as data: one JSON object per measured row in `bench/results/` (issue 18).
+
+`bench/gpu_rows.sh` runs the benches, each writing its own JSON; this module turns those into
+the committed row files, one per row, each an object with at least:
+
+    row       noise_b1_step | textstream_overhead | repa_step | fill_step
+    device    the card's name as torch reports it (`torch.cuda.get_device_name`)
+    date      ISO date of the run
+    versions  torch, cuda, diffusers, transformers, driver
+    command   the bench command that measured it
+    repeats   every timing of the measured variant (seconds)
+    metric    what `value` is (e.g. "step_time / gpu_kernel_time")
+    value     the number
+    goal      {"op": "<=" | ">=" | "<", "value": x}
+    met       value against goal (true / false)
+    details   the bench's own figures for the row (ratios, seconds, memory, ...)
+
+A row that was not measured has no file (a failed or skipped bench writes nothing).
+
+FLOPs and MFU: `count_flops` runs one full step under `torch.utils.flop_counter.FlopCounterMode`
+and counts what it counts: matrix multiplies, convolutions and scaled-dot-product attention, at
+2 FLOPs per multiply-accumulate, forward and backward (elementwise ops, norms and the optimizer
+are not counted: the usual model-FLOPs convention, so MFU is a lower bound of the card's use).
+MFU = FLOPs per step / seconds per step / the card's dense bf16 tensor peak (datasheet,
+`PEAK_BF16_TFLOPS`; no sparsity).
+
+    python bench/rows.py --from gpu-out [--results bench/results] [--command-prefix "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+ROWS = ("noise_b1_step", "textstream_overhead", "repa_step", "fill_step")
+
+# Dense bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets (no 2:4 sparsity).
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.4,  # SXM (listed after the PCIe / NVL names so they match first)
+    "A100": 312.0,
+    "L40S": 362.1,
+    "A10G": 70.0,
+}
+
+GOALS = {
+    # issue 18: the batch-1 SDXL-Turbo step within 1.3x of its GPU kernel time
+    "noise_b1_step": ("step_time / gpu_kernel_time (batch 1, SDXL-Turbo size, 512 px)", "<=", 1.3),
+    # issue 18: ln + rotation on every block of SD3-medium at 1024 px, bf16, under 1%
+    "textstream_overhead": ("forward overhead % (ln + rotation targets, SD3-medium)", "<", 1.0),
+    # issue 18: U-REPA step at batch 128, SD 1.5 size, bf16: at least 40% MFU
+    "repa_step": ("MFU % (batch 128, SD 1.5 U-Net, bf16, with alignment)", ">=", 40.0),
+    # issue 18: FLUX.1-Fill-size LoRA step: at least 35% MFU
+    "fill_step": ("MFU % (FLUX.1-Fill-dev size LoRA + semantic step, bf16)", ">=", 35.0),
+}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as `FlopCounterMode` counts them (module doc)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def peak_bf16_flops(device_name: str | None) -> float | None:
+    """The card's dense bf16 peak in FLOP/s, or None for a card (or CPU) not in the table."""
+    if not device_name:
+        return None
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key.lower() in device_name.lower():
+            return tflops * 1e12
+    return None
+
+
+def mfu(flops_per_step: float | None, seconds_per_step: float, device_name: str | None):
+    """Model FLOPs utilisation in percent, or None when the FLOPs or the card's peak are unknown."""
+    peak = peak_bf16_flops(device_name)
+    if not flops_per_step or not peak or seconds_per_step <= 0:
+        return None
+    return 100.0 * flops_per_step / seconds_per_step / peak
+
+
+def goal_met(value: float, op: str, target: float) -> bool:
+    if op == "<=":
+        return value <= target
+    if op == "<":
+        return value < target
+    if op == ">=":
+        return value >= target
+    if op == ">":
+        return value > target
+    raise ValueError(f"unknown goal operator {op!r}")
+
+
+def versions() -> dict:
+    """torch / CUDA / diffusers / transformers versions and the NVIDIA driver (None off a GPU)."""
+    out: dict = {}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["cuda"] = torch.version.cuda
+    except ImportError:  # pragma: no cover - torch is a dependency
+        out["torch"] = None
+    for name in ("diffusers", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    out["driver"] = _driver_version()
+    return out
+
+
+def _driver_version() -> str | None:
+    try:
+        res = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    line = res.stdout.strip().splitlines()
+    return line[0].strip() if res.returncode == 0 and line else None
+
+
+def make_row(
+    row: str,
+    *,
+    device: str,
+    value: float,
+    repeats: list[float],
+    command: str,
+    details: dict | None = None,
+    date: str | None = None,
+    version_info: dict | None = None,
+) -> dict:
+    """One row object (module doc); ``met`` is computed from the row's goal."""
+    if row not in GOALS:
+        raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+    metric, op, target = GOALS[row]
+    if not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"row {row}: value must be a finite number, got {value!r}")
+    return {
+        "row": row,
+        "device": device,
+        "date": date or _dt.date.today().isoformat(),
+        "versions": version_info if version_info is not None else versions(),
+        "command": command,
+        "repeats": [float(x) for x in repeats],
+        "metric": metric,
+        "value": float(value),
+        "goal": {"op": op, "value": target},
+        "met": goal_met(float(value), op, target),
+        "details": details or {},
+    }
+
+
+def write_row(results_dir: str | os.PathLike, row: dict) -> Path:
+    """Write ``row`` to ``results_dir/<row>.json`` atomically (a reader never sees half a file)."""
+    folder = Path(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{row['row']}.json"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(row, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---- the benches' own JSON -> rows ------------------------------------------------------------
+
+
+def row_noise(res: dict, command: str, **kw) -> dict | None:
+    """bench/noise_realsize.py: the B=1 run's step time over its GPU kernel time."""
+    run = next((r for r in res.get("runs", []) if r.get("batch") == 1), None)
+    if not run or not run.get("kernel_s_per_step"):
+        return None
+    value = run["ours_s_per_step"] / run["kernel_s_per_step"]
+    return make_row(
+        "noise_b1_step",
+        device=res.get("device", "?"),
+        value=round(value, 4),
+        repeats=run.get("ours_times", []),
+        command=command,
+        details=run,
+        **kw,
+    )
+
+
+def row_textstream(res: dict, command: str, **kw) -> dict | None:
+    """bench/textstream.py --sd3-medium: overhead of the ln + rotation variant."""
+    variants = (res.get("forward") or {}).get("variants") or {}
+    name = next((n for n in variants if n.startswith("ln_rot")), None)
+    if name is None:
+        return None
+    v = variants[name]
+    device = (res.get("machine") or {}).get("cuda") or (res.get("machine") or {}).get("device")
+    return make_row(
+        "textstream_overhead",
+        device=device or "?",
+        value=round(v["overhead_pct"], 3),
+        repeats=v.get("times_s", []),
+        command=command,
+        details={"variant": name, "shape": res["forward"].get("shape"), "variants": variants},
+        **kw,
+    )
+
+
+def row_repa(res: dict, command: str, **kw) -> dict | None:
+    """bench/repa.py --section train --train-size real: MFU of the step with alignment."""
+    tr = res.get("train") or {}
+    flops = (tr.get("flops_per_step") or {}).get("lora+align")
+    sec = (tr.get("seconds_per_step") or {}).get("lora+align")
+    device = tr.get("device_name") or tr.get("device")
+    value = mfu(flops, sec or 0.0, device)
+    if value is None:
+        return None
+    return make_row(
+        "repa_step",
+        device=device,
+        value=round(value, 2),
+        repeats=(tr.get("times") or {}).get("lora+align", []),
+        command=command,
+        details=tr,
+        **kw,
+    )
+
+
+def row_fill(res: dict, command: str, **kw) -> dict | None:
+    """bench/fill_train.py --flux-size: MFU of the LoRA + semantic step."""
+    tr = res.get("train") or {}
+    flops = (tr.get("flops_per_step") or {}).get("lora+semantic")
+    sec = (tr.get("median_s") or {}).get("lora+semantic")
+    device = tr.get("device_name") or (tr.get("config") or {}).get("device")
+    value = mfu(flops, sec or 0.0, device)
+    if value is None:
+        return None
+    return make_row(
+        "fill_step",
+        device=device,
+        value=round(value, 2),
+        repeats=(tr.get("times") or {}).get("lora+semantic", []),
+        command=command,
+        details=tr,
+        **kw,
+    )
+
+
+# bench output file (as gpu_rows.sh names it) -> (converter, the command that wrote it)
+SOURCES = {
+    "noise_realsize.json": (row_noise, "python bench/noise_realsize.py --device cuda"),
+    "textstream.json": (row_textstream, "python bench/textstream.py --sd3-medium --device cuda"),
+    "repa_train.json": (
+        row_repa,
+        "python bench/repa.py --section train --train-size real --train-batch-size 128",
+    ),
+    "fill_train.json": (row_fill, "python bench/fill_train.py --flux-size --device cuda"),
+}
+
+
+def rows_from_bench(out_dir: str | os.PathLike, commands: dict | None = None, **kw) -> list[dict]:
+    """The rows the bench JSONs in ``out_dir`` measured (a missing or unusable one: no row)."""
+    rows = []
+    for name, (convert, command) in SOURCES.items():
+        path = Path(out_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"rows: skipping {path}: {e}", file=sys.stderr)
+            continue
+        row = convert(res, (commands or {}).get(name, command), **kw)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--from", dest="src", required=True, help="folder of the benches' JSON files")
+    p.add_argument("--results", default="bench/results", help="where the row files go")
+    args = p.parse_args(argv)
+    rows = rows_from_bench(args.src)
+    for row in rows:
+        path = write_row(args.results, row)
+        print(
+            f"{row['row']}: {row['metric']} = {row['value']} (goal {row['goal']['op']} "
+            f"{row['goal']['value']}: {'met' if row['met'] else 'not met'}) -> {path}"
+        )
+    missing = [r for r in ROWS if r not in {x["row"] for x in rows}]
+    if missing:
+        print(f"not measured (no file): {', '.join(missing)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
