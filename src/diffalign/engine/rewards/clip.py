@@ -23,7 +23,12 @@ from diffalign.engine.rewards.base import (
     enable_gradient_checkpointing,
     freeze,
 )
-from diffalign.engine.rewards.files import quiet_hf_progress, read_json_config, state_dict_of
+from diffalign.engine.rewards.files import (
+    check_tokenizer_files,
+    quiet_hf_progress,
+    read_json_config,
+    state_dict_of,
+)
 
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 # the LAION improved-aesthetic-predictor / ImageReward head: Linear, Dropout, Linear, Dropout,
@@ -180,13 +185,11 @@ def load_clip_bundle(
             )
     tok_sources = [s for s in (processor, source) if s]
     try:
-        with quiet_hf_progress():
-            model = CLIPModel.from_pretrained(
-                source, local_files_only=hub_offline() or folder.is_dir(), **_tf_dtype_kw(dtype)
-            )
-        tokenizer = None
+        tokenizer = None  # first (cheap, and a folder without its vocabulary is refused early)
         errors = []
         for tok_source in tok_sources:
+            if Path(tok_source).is_dir():
+                check_tokenizer_files(tok_source, "bpe", f"{what} tokenizer folder")
             try:
                 tokenizer = AutoTokenizer.from_pretrained(
                     tok_source, local_files_only=hub_offline() or Path(tok_source).is_dir()
@@ -198,6 +201,10 @@ def load_clip_bundle(
             raise DiffalignError(
                 f"{what}: no tokenizer found ({'; '.join(errors)}); fetch it with "
                 f"`diffalign download --only {download_name}`"
+            )
+        with quiet_hf_progress():
+            model = CLIPModel.from_pretrained(
+                source, local_files_only=hub_offline() or folder.is_dir(), **_tf_dtype_kw(dtype)
             )
     except DiffalignError:
         raise

@@ -21,6 +21,7 @@ from diffalign.engine.download import HPS_FILES
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.rewards.files import (
     asset_path,
+    check_tokenizer_files,
     missing,
     quiet_hf_progress,
     resolve_file,
@@ -251,6 +252,7 @@ def load_hpsv2(
         proc = asset_path("HPSv2", "processor")
     if not proc.is_dir():
         raise missing("HPSv2 tokenizer/processor folder", proc, "HPSv2", "--hps-processor")
+    check_tokenizer_files(proc, "bpe", "HPSv2 tokenizer/processor folder")
     try:
         with quiet_hf_progress():
             tokenizer = AutoTokenizer.from_pretrained(str(proc), local_files_only=True)
