@@ -7,6 +7,7 @@ PickScore `30 - logit_scale.exp() cos`, aesthetic `10 - mlp`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +106,23 @@ def load_mlp_head(path: Path, what: str, prefix: str = "") -> MLPHead:
 
 
 class CLIPBundle:
-    """A loaded CLIPModel with its tokenizer and image preprocessing (size, mean, std)."""
+    """A loaded CLIPModel with its tokenizer and image preprocessing (size, mean, std).
 
-    def __init__(self, model, tokenizer, size: int, mean, std, source: str):
-        self.model, self.tokenizer = model, tokenizer
+    `clean`: a text cleaning applied to each prompt before the tokenizer, where the official
+    reward cleans its prompts (HPSv2: open_clip's); None for the HF tokenizers' own (CLIP,
+    PickScore: their processors tokenise the raw prompt)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        size: int,
+        mean,
+        std,
+        source: str,
+        clean: Callable[[str], str] | None = None,
+    ):
+        self.model, self.tokenizer, self.clean = model, tokenizer, clean
         self.size, self.mean, self.std, self.source = size, tuple(mean), tuple(std), source
         # set to a dict by CombinedReward for one call: terms sharing this model (clip +
         # aesthetic in hybrid) then run its image tower once per batch
@@ -130,13 +144,20 @@ class CLIPBundle:
             self.memo[key] = emb
         return emb
 
+    def tokens(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The text model's input ids and attention mask for `prompts` (cleaned first when the
+        reward cleans), padded to the longest and cut at the context length."""
+        max_len = int(self.model.config.text_config.max_position_embeddings)
+        if self.clean is not None:
+            prompts = [self.clean(p) for p in prompts]
+        return self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        )
+
     @torch.no_grad()
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         """L2-normalised projected text embeddings (no gradient: prompts are fixed)."""
-        max_len = int(self.model.config.text_config.max_position_embeddings)
-        tok = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
-        )
+        tok = self.tokens(prompts)
         device = self.model.visual_projection.weight.device
         out = self.model.get_text_features(
             input_ids=tok["input_ids"].to(device),
