@@ -4,6 +4,7 @@ batched folder), and one-line errors for bad input with nothing already written 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +41,7 @@ def _one_line_error(capsys, argv) -> str:
 
 
 def test_lora_loads_into_plain_pipeline_and_matches_our_sampler(flux, tmp_path):
-    from diffalign.fill.infer import fresh_scheduler, make_noise, sample_latents
+    from diffalign.fill.infer import draw_noise, fresh_scheduler, sample_latents
     from diffalign.fill.model import SemanticFillTransformer, add_lora, lora_parameters
     from diffalign.fill.train import load_fill_pipeline
     from diffalign.fill.weights import (
@@ -70,7 +71,7 @@ def test_lora_loads_into_plain_pipeline_and_matches_our_sampler(flux, tmp_path):
     diptych = torch.cat([vis, torch.zeros_like(vis)], -1)
     mask = torch.zeros(1, 1, 16, 32)
     mask[..., 16:] = 1
-    noise = make_noise([3], 16, 16, 32, 8)
+    noise = draw_noise(torch.Generator().manual_seed(3), 16, 16, 32, 8)
     pe, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
     call = dict(
         prompt_embeds=pe,
@@ -109,6 +110,44 @@ def test_lora_loads_into_plain_pipeline_and_matches_our_sampler(flux, tmp_path):
     )
     assert torch.equal(got, want)
     assert not torch.allclose(untouched, want)  # the LoRA does something
+
+
+def test_infer_seed_gives_the_plain_pipelines_image(flux, trained, tmp_path):
+    """`fill infer --seed s` (module off) = FluxFillPipeline with the same LoRA and
+    `generator=torch.Generator().manual_seed(s)`, building its own condition from image + mask:
+    the VAE samples and the noise are drawn in the pipeline's order."""
+    from diffusers import FluxFillPipeline
+    from PIL import Image
+
+    from diffalign.cli import main
+    from diffalign.fill.infer import load_image
+
+    vis = write_image(tmp_path / "v.png", (16, 16), seed=3)
+    out = tmp_path / "ours"
+    argv = ["fill", "infer", "--model", flux, "--lora", str(trained), "--steps", "2"]
+    argv += ["--max-sequence-length", "8", "--guidance", "30", "--visible", str(vis)]
+    assert main([*argv, "--prompt", "a red cup", "--seed", "11", "--output", str(out)]) == 0
+    ours = torch.from_numpy(np.array(Image.open(out / "v.png"))).int()
+
+    pipe = FluxFillPipeline.from_pretrained(flux)
+    pipe.load_lora_weights(str(trained))
+    visible = load_image(vis, "v")[None]
+    mask = torch.zeros(1, 1, 16, 32)
+    mask[..., 16:] = 1.0
+    image = pipe(
+        prompt="a red cup",
+        image=torch.cat([visible, torch.zeros_like(visible)], -1),
+        mask_image=mask,
+        height=16,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=30.0,
+        max_sequence_length=8,
+        generator=torch.Generator().manual_seed(11),
+        output_type="np",
+    ).images[0]
+    want = torch.from_numpy((image[:, 16:] * 255 + 0.5).astype(np.uint8)).int()  # as to_pil
+    assert (ours - want).abs().max().item() == 0
 
 
 def test_infer_end_to_end_single_and_folder(flux, trained, tmp_path):

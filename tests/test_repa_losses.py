@@ -96,6 +96,32 @@ def test_manifold_loss_seed_example_and_edge_cases():
     assert torch.isfinite(pred.grad).all()
 
 
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("loss", ["token_loss", "manifold_loss"])
+def test_alignment_losses_are_fp32_under_bf16_autocast(device, loss):
+    # seed 8.1: loss computation in FP32 even under bf16 autocast. Autocast casts matrix products
+    # (the manifold loss's einsum) to bf16 whatever the inputs' dtype, a 0.5-1% gradient error.
+    fn = getattr(repa, loss)
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(6, 16, 48, generator=g).to(device).requires_grad_(True)
+    target = torch.randn(6, 16, 48, generator=g).to(device)
+    ref = fn(pred, target)
+    (ref_grad,) = torch.autograd.grad(ref, pred)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        # the hazard is live here: a product of fp32 tensors comes out in bf16
+        assert torch.einsum("bd,cd->bc", pred[:, 0], pred[:, 0]).dtype == torch.bfloat16
+        got = fn(pred, target)
+    (grad,) = torch.autograd.grad(got, pred)  # backward outside autocast, as the training loop
+    assert got.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-9)
+    slow = slow_token_loss if loss == "token_loss" else slow_manifold_loss
+    assert got.item() == pytest.approx(slow(pred.detach().cpu(), target.cpu()), rel=1e-5)
+
+
 def test_losses_reject_bad_shapes():
     with pytest.raises(DiffalignError, match="differ"):
         repa.token_loss(torch.randn(2, 4, 3), torch.randn(2, 4, 5))

@@ -337,6 +337,71 @@ def test_missing_and_wrong_files(tmp_path, clip_dir, pickscore_dir):
     assert r(_images(), PROMPTS).shape == (2,)
 
 
+# a reward folder without its tokenizer vocabulary: (make-tiny kind, tokenizer folder inside it,
+# the reward's path option and the file it names, files deleted, files the error must name)
+_NO_VOCAB = {
+    "clip": ("", "--clip-model", "", ["tokenizer.json"], "vocab.json, merges.txt"),
+    "pickscore": (
+        "processor",
+        "--pickscore-model-id",
+        "",
+        ["tokenizer.json"],
+        "vocab.json, merges.txt",
+    ),
+    "hpsv2": (
+        "processor",
+        "--hps-checkpoint-path",
+        "HPS_v2.1_compressed.pt",
+        ["tokenizer.json"],
+        "vocab.json, merges.txt",
+    ),
+    "imagereward": (
+        "bert-base-uncased",
+        "--imagereward-model-path",
+        "ImageReward.pt",
+        ["tokenizer.json", "vocab.txt"],
+        "vocab.txt",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_NO_VOCAB))
+def test_reward_folder_without_tokenizer_vocabulary_is_refused(
+    kind, tiny_model_dir, tmp_path, capsys
+):
+    """transformers builds an empty CLIP tokenizer from such a folder (every prompt the same
+    tokens: the score ignores the prompt) and a BERT one mapping every word to [UNK]."""
+    from diffalign.cli import main
+
+    sub, option, file, drop, named = _NO_VOCAB[kind]
+    folder = tmp_path / kind
+    shutil.copytree(tiny_model_dir(kind), folder)
+    for name in drop:
+        (folder / sub / name).unlink()
+    out = tmp_path / "out"
+    argv = ["noise", "optimize", "--model", tiny_model_dir("sdxl"), "--prompt", "a red apple"]
+    argv += ["--reward", kind, option, str(folder / file), "--output-dir", str(out)]
+    argv += ["--height", "32", "--width", "32", "--steps", "1"]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("diffalign: error:") and str(folder / sub) in err[0], err[0]
+    assert f"missing: tokenizer.json, {named}" in err[0], err[0]
+    assert not out.exists()
+    if kind == "clip":  # half a BPE vocabulary names the half that is missing
+        from diffalign.engine.rewards.files import check_tokenizer_files
+
+        (folder / "vocab.json").write_text("{}")
+        with pytest.raises(DiffalignError, match=r"missing: tokenizer.json, merges.txt$"):
+            check_tokenizer_files(folder, "bpe", "CLIP tokenizer folder")
+    # vocabulary files alone (no tokenizer.json) are a tokenizer: these load and score
+    if kind == "imagereward":
+        shutil.copy(Path(tiny_model_dir(kind)) / sub / "vocab.txt", folder / sub / "vocab.txt")
+        reward = load_reward(kind, imagereward_model_path=str(folder / file))
+        ids, _ = reward.tokens(["a red apple"])
+        assert (ids != reward.tokenizer.unk_token_id).sum() > 3
+
+
 # --------------------------------------------------------------------------------------------
 # command-line options
 

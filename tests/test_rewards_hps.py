@@ -96,6 +96,90 @@ def test_hps_matches_reference_forward(hps_dir):
     assert not any(p.requires_grad for p in reward.parameters())
 
 
+# prompts that open_clip's cleaning changes: curly quotes, HTML entities (one and two levels),
+# ligatures, full-width letters, runs of whitespace, capitals
+UNCLEAN_PROMPTS = [
+    "A Dog\u2019s toy",
+    "cats &amp; dogs",
+    "rock &amp;amp; roll",
+    "the \ufb01sh and the \ufb02ower",
+    "\uff26\uff35\uff2c\uff2c width letters",
+    "two  spaces\tand a\nnewline ",
+    "she said \u201chello\u201d",
+]
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2 / CLIP byte -> printable character table."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    out, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b], extra = chr(256 + extra), extra + 1
+    return out
+
+
+def reference_open_clip_tokenize(texts, tokenizer_json: Path, context_length: int = 77):
+    """open_clip's `tokenize` (what HPSv2 scores with), written from its documented steps:
+    clean (ftfy.fix_text, html.unescape twice, whitespace runs -> one space, strip, lowercase),
+    split with CLIP's pattern, byte-level BPE, <sot> ids <eot>, zero padding."""
+    import html
+    import json
+
+    import ftfy
+    import regex
+
+    model = json.loads(tokenizer_json.read_text())["model"]
+    vocab = model["vocab"]
+    ranks = {
+        tuple(m.split() if isinstance(m, str) else m): i for i, m in enumerate(model["merges"])
+    }
+    pattern = regex.compile(
+        r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"
+        r"|[^\s\p{L}\p{N}]+",
+        regex.IGNORECASE,
+    )
+    table = _byte_chars()
+    sot, eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        text = regex.sub(r"\s+", " ", text).strip().lower()
+        ids = [sot]
+        for word in pattern.findall(text):
+            parts = [table[b] for b in word.encode("utf-8")]
+            parts[-1] += "</w>"
+            while len(parts) > 1:
+                rank, i = min(
+                    (ranks.get(pair, 1e9), i) for i, pair in enumerate(zip(parts, parts[1:]))
+                )
+                if rank == 1e9:
+                    break
+                parts[i : i + 2] = [parts[i] + parts[i + 1]]
+            ids += [vocab[p] for p in parts]
+        ids = (ids + [eot])[:context_length]
+        ids[-1] = eot
+        out[row, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def test_hps_tokenises_like_open_clip(hps_dir):
+    """HPSv2 scores with open_clip's tokenizer, which cleans the text before BPE; the HF
+    tokenizer alone keeps curly quotes, entities, ligatures and full-width letters."""
+    reward = load_reward("hpsv2", hps_checkpoint_path=str(hps_dir / "HPS_v2.1_compressed.pt"))
+    ref = reference_open_clip_tokenize(UNCLEAN_PROMPTS, hps_dir / "processor" / "tokenizer.json")
+    tok = reward.bundle.tokens(UNCLEAN_PROMPTS)
+    for row, prompt in enumerate(UNCLEAN_PROMPTS):
+        got = tok["input_ids"][row][tok["attention_mask"][row].bool()].tolist()
+        want = ref[row][: ref[row].nonzero().max() + 1].tolist()
+        assert got == want, prompt
+    # and the score is the official one on those ids (open_clip's forward, zero padding)
+    x = torch.rand(len(UNCLEAN_PROMPTS), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    sd = torch.load(hps_dir / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
+    want = reference_hps(sd, clip_preprocess(x, 32), ref, text_heads=4, vision_heads=5)
+    torch.testing.assert_close(reward(x, UNCLEAN_PROMPTS), want, atol=1e-5, rtol=1e-4)
+
+
 def test_hps_defaults_versions_and_errors(hps_dir, tmp_path, monkeypatch):
     import shutil
 

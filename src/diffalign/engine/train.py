@@ -217,6 +217,11 @@ class TrainTask:
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (called once on resume)."""
 
+    def log_state(self) -> dict[str, float]:
+        """Optional: values of the task's state (e.g. a learned gate) logged as they are at each
+        log step, after that step's optimizer update (not averaged over the log window)."""
+        return {}
+
     def summary(self) -> dict:
         """Extra entries for summary.json under "task" (main process)."""
         return {}
@@ -934,6 +939,7 @@ class _Trainer:
                 entry[self._log_name(k)] = total_s[k] / total_c[k]
         for name, sched in self.schedulers.items():
             entry["lr" if len(self.schedulers) == 1 else f"lr/{name}"] = sched.get_last_lr()[0]
+        entry.update({k: float(v) for k, v in self.task.log_state().items()})
         self.history.append(entry)
         self.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=self.step)
         return entry

@@ -261,23 +261,46 @@ class FillEncoder:
         `visible`, `target`: float `[B, 3, P, P]` in [0, 1]. Returns `x0 [B, L, 64]` (packed
         clean latents of the whole diptych), `cond [B, L, 320]` (packed latents of the diptych
         with the target half blanked, then the packed mask), `img_ids [L, 3]`, `height`, `width`
-        (pixel size of the diptych). At inference pass zeros (or anything) as `target`: only
-        `cond` and `img_ids` are used then.
+        (pixel size of the diptych). `generator` draws the VAE sample of `x0`, then that of the
+        masked diptych.
         """
-        b, h, w = self.check_panels(visible=visible, target=target)
+        self.check_panels(visible=visible, target=target)
         pixels = self.to_pixels(torch.cat([visible, target], dim=-1))
-        mask = self.target_mask(b, h, w).to(pixels.device)
         x0 = pack_latents(self._vae_latents(pixels, generator))
+        return {"x0": x0, **self._condition(pixels, generator)}
+
+    @torch.no_grad()
+    def encode_condition(self, visible: torch.Tensor, generator=None) -> dict[str, Any]:
+        """The inference side of `encode_diptych`: `cond`, `img_ids`, `height`, `width` of the
+        diptych `[visible | blank]` (the pipeline's `prepare_mask_latents`: one VAE sample, of
+        the masked diptych)."""
+        self.check_panels(visible=visible)
+        pixels = self.to_pixels(torch.cat([visible, torch.zeros_like(visible)], dim=-1))
+        return self._condition(pixels, generator)
+
+    def _condition(self, pixels: torch.Tensor, generator) -> dict[str, Any]:
+        b, _, h, w2 = pixels.shape
+        mask = self.target_mask(b, h, w2 // 2).to(pixels.device)
         masked = pack_latents(self._vae_latents(pixels * (1.0 - mask), generator))
         packed_mask = self.pack_mask(mask).to(device=masked.device, dtype=self.dtype)
-        lh, lw = h // self.vae_scale_factor, 2 * w // self.vae_scale_factor
+        lh, lw = h // self.vae_scale_factor, w2 // self.vae_scale_factor
         return {
-            "x0": x0,
             "cond": torch.cat([masked, packed_mask], dim=-1),
-            "img_ids": image_ids(lh, lw, device=x0.device, dtype=self.dtype),
+            "img_ids": image_ids(lh, lw, device=masked.device, dtype=self.dtype),
             "height": h,
-            "width": 2 * w,
+            "width": w2,
         }
+
+    def skip_vae_sample(self, generator, batch: int, height: int, width: int) -> None:
+        """Advance `generator` exactly as a VAE sample of `batch` images `height x width` would
+        (diffusers' posterior draws `randn_tensor` of the latent shape, in the VAE's dtype)."""
+        if self.sample_mode != "sample":
+            return
+        from diffusers.utils.torch_utils import randn_tensor
+
+        f = self.vae_scale_factor
+        shape = (batch, self.latent_channels, height // f, width // f)
+        randn_tensor(shape, generator=generator, device=self.device, dtype=self.vae.dtype)
 
     @torch.no_grad()
     def encode_semantic(

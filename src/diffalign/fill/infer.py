@@ -90,21 +90,23 @@ def sample_latents(
     return latents
 
 
-def make_noise(
-    seeds: Sequence[int], latent_channels: int, height: int, width: int, vae_scale_factor: int
+def draw_noise(
+    generator: torch.Generator,
+    latent_channels: int,
+    height: int,
+    width: int,
+    vae_scale_factor: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Packed Gaussian noise [B, L, 4C], one generator per image (batching does not change an
-    image), drawn in the unpacked latent layout like the pipeline's `prepare_latents`."""
+    """Packed Gaussian noise [1, L, 4C] of one `height x width` image, drawn from `generator` as
+    the pipeline's `prepare_latents` does (unpacked latent layout, in the latents' dtype)."""
     from diffusers import FluxFillPipeline
+    from diffusers.utils.torch_utils import randn_tensor
 
     h = 2 * (int(height) // (vae_scale_factor * 2))
     w = 2 * (int(width) // (vae_scale_factor * 2))
-    out = []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        x = torch.randn((1, latent_channels, h, w), generator=g)
-        out.append(FluxFillPipeline._pack_latents(x, 1, latent_channels, h, w))
-    return torch.cat(out)
+    x = randn_tensor((1, latent_channels, h, w), generator=generator, dtype=dtype)
+    return FluxFillPipeline._pack_latents(x, 1, latent_channels, h, w)
 
 
 @torch.no_grad()
@@ -138,38 +140,42 @@ def sample_panels(
     `[visible | target]` with the target half masked, as in training)."""
     device = visible.device
     dtype = pipe.transformer.dtype  # the pipeline runs its latents in the model's dtype
-    # the VAE's latent samples are seeded per image too: batching does not change an image
-    gens = [torch.Generator(device=visible.device).manual_seed(int(s)) for s in seeds]
-    parts = [
-        encoder.encode_diptych(v[None], torch.zeros_like(v[None]), generator=g)
-        for v, g in zip(visible, gens)
-    ]
-    enc = {**parts[0], "cond": torch.cat([p["cond"] for p in parts])}
+    if getattr(model, "semantic", None) is not None and semantic is None:
+        raise DiffalignError("the semantic module needs a semantic image (--semantic)")
+    height, width = int(visible.shape[-2]), 2 * int(visible.shape[-1])  # the diptych
+    # One CPU generator per image, drawn in FluxFillPipeline's order, so `--seed s` gives the
+    # image of `pipe(..., generator=torch.Generator().manual_seed(s))` (batching changes
+    # nothing): `prepare_latents` samples the VAE latents of the init image (at strength 1
+    # they are multiplied by 0: only the draw is left), then the noise; `prepare_mask_latents`
+    # then samples the masked image's latents. The semantic panel's sample comes last.
+    noise, parts, sem = [], [], []
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(s))
+        encoder.skip_vae_sample(g, 1, height, width)
+        noise.append(
+            draw_noise(
+                g, pipe.vae.config.latent_channels, height, width, pipe.vae_scale_factor, dtype
+            )
+        )
+        parts.append(encoder.encode_condition(visible[i : i + 1], generator=g))
+        if getattr(model, "semantic", None) is not None:
+            sem.append(
+                encoder.encode_semantic(semantic[i : i + 1], layout=semantic_layout, generator=g)
+            )
+    cond = torch.cat([p["cond"] for p in parts])
     if encode_text is not None:
         text = encode_text(list(prompts))
     else:
         text = encoder.encode_prompts(list(prompts), max_sequence_length)
     text = {k: v.to(device=device, dtype=dtype) for k, v in text.items()}
-    sem = None
-    if getattr(model, "semantic", None) is not None:
-        if semantic is None:
-            raise DiffalignError("the semantic module needs a semantic image (--semantic)")
-        sem = torch.cat(
-            [
-                encoder.encode_semantic(x[None], layout=semantic_layout, generator=g)
-                for x, g in zip(semantic, gens)
-            ]
-        )
-    height, width = int(enc["height"]), int(enc["width"])
-    noise = make_noise(
-        seeds, pipe.vae.config.latent_channels, height, width, pipe.vae_scale_factor
-    ).to(device=device, dtype=dtype)
+    sem = torch.cat(sem) if sem else None
+    noise = torch.cat(noise).to(device=device, dtype=dtype)
     latents = sample_latents(
         model,
         fresh_scheduler(pipe),
         noise=noise,
-        cond=enc["cond"].to(dtype),
-        img_ids=enc["img_ids"].to(dtype),
+        cond=cond.to(dtype),
+        img_ids=parts[0]["img_ids"].to(dtype),
         prompt_embeds=text["prompt_embeds"],
         pooled_prompt_embeds=text["pooled_prompt_embeds"],
         text_ids=text["text_ids"],

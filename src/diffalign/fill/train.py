@@ -331,10 +331,12 @@ class FillTrainTask(TrainTask):
                 f"{[*x0.shape[:2], x0.shape[2] + enc['cond'].shape[2]]}, cross-attention "
                 f"scale per layer {semantic_scales(self.semantic)}"
             )
-        out: dict[str, Any] = {"loss": self.loss(enc, x1, t)}
-        for i, s in enumerate(semantic_scales(self.semantic)):
-            out[f"xattn_scale/{i}"] = s
-        return out
+        return {"loss": self.loss(enc, x1, t)}
+
+    def log_state(self) -> dict[str, float]:
+        """The module's residual scale per layer as it is after the logged optimizer step (read
+        in `training_step`, before the step's update, it lagged one step behind)."""
+        return {f"xattn_scale/{i}": s for i, s in enumerate(semantic_scales(self.semantic))}
 
     def validation_step(self, batch: Any) -> dict[str, float]:
         """Flow loss of the fixed validation examples at fixed t with seeded noise."""
@@ -528,6 +530,6 @@ def _run_train(cfg: FillTrainConfig, loop: TrainConfig, log):
         loss = next((e.get("loss") for e in reversed(result.history) if "loss" in e), math.nan)
         log(
             f"[fill] done: {result.step} steps, last loss {loss:.4g}, cross-attention scales "
-            f"{[round(s, 4) for s in scales]}; exports in {result.final_dir}"
+            f"[{', '.join(f'{s:.4g}' for s in scales)}]; exports in {result.final_dir}"
         )
     return result

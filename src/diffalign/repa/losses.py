@@ -3,10 +3,14 @@
     L_total = L_diff + lambda(step) * (L_token + w * L_manifold)
 
 Every function takes `[B, N, D]` token tensors (AlignHead output, teacher tokens) and returns a
-scalar computed in fp32 (seed 8.1: "loss computation in FP32" even under bf16 autocast).
+scalar computed in fp32 (seed 8.1: "loss computation in FP32" even under bf16 autocast): the
+alignment losses switch autocast off for their own device, since autocast would otherwise run
+their matrix products (`einsum`) in bf16 whatever the inputs' dtype.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +35,21 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=_EPS)
 
 
+def _fp32(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on `x`'s device (CPU, CUDA, ...): the products inside run in the inputs'
+    dtype (fp32 after `.float()`), not in the autocast dtype."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def token_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over batch and tokens of `1 - cos(pred_i, target_i)` (seed 4.3), fp32 scalar."""
     _check_pair(pred, target, "token_loss")
-    p = _normalize(pred.float())
-    t = _normalize(target.float())
-    return (1.0 - (p * t).sum(dim=-1)).mean()
+    with _fp32(pred):
+        p = _normalize(pred.float())
+        t = _normalize(target.float())
+        return (1.0 - (p * t).sum(dim=-1)).mean()
 
 
 def manifold_loss(
@@ -53,18 +66,19 @@ def manifold_loss(
     batch of one sample has no pair: the loss is 0 (not NaN).
     """
     _check_pair(pred, target, "manifold_loss")
-    p = _normalize(pred.float().mean(dim=1))
-    t = _normalize(target.float().mean(dim=1))
-    diff = torch.einsum("bd,cd->bc", p, p) - torch.einsum("bd,cd->bc", t, t)
-    if mask_diag:
-        diff = diff - torch.diag_embed(torch.diagonal(diff))
-    if upper_only:
-        b = diff.shape[0]
-        if b < 2:
-            return diff.sum() * 0.0
-        mask = torch.triu(torch.ones_like(diff), diagonal=1)
-        return ((diff * mask) ** 2).sum() / mask.sum()
-    return (diff**2).mean()
+    with _fp32(pred):
+        p = _normalize(pred.float().mean(dim=1))
+        t = _normalize(target.float().mean(dim=1))
+        diff = torch.einsum("bd,cd->bc", p, p) - torch.einsum("bd,cd->bc", t, t)
+        if mask_diag:
+            diff = diff - torch.diag_embed(torch.diagonal(diff))
+        if upper_only:
+            b = diff.shape[0]
+            if b < 2:
+                return diff.sum() * 0.0
+            mask = torch.triu(torch.ones_like(diff), diagonal=1)
+            return ((diff * mask) ** 2).sum() / mask.sum()
+        return (diff**2).mean()
 
 
 def align_coeff(step: int, max_coeff: float = 0.5, warmup_steps: int = 3000) -> float:

@@ -223,6 +223,7 @@ class RepaTask(TrainTask):
         pred, _, tokens = self.model.forward(zt.to(self.weight_dtype), t, cond)
         teacher = self._teacher_tokens(batch, device)
 
+        # every loss is fp32: the alignment losses switch this autocast off themselves (seed 8.1)
         l_diff = diffusion_loss(pred, target)
         l_tok = torch.stack([token_loss(v, teacher) for v in tokens.values()]).mean()
         l_man = torch.stack(

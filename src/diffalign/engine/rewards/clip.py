@@ -7,6 +7,7 @@ PickScore `30 - logit_scale.exp() cos`, aesthetic `10 - mlp`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ from diffalign.engine.rewards.base import (
     enable_gradient_checkpointing,
     freeze,
 )
-from diffalign.engine.rewards.files import quiet_hf_progress, read_json_config, state_dict_of
+from diffalign.engine.rewards.files import (
+    check_tokenizer_files,
+    quiet_hf_progress,
+    read_json_config,
+    state_dict_of,
+)
 
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 # the LAION improved-aesthetic-predictor / ImageReward head: Linear, Dropout, Linear, Dropout,
@@ -100,10 +106,23 @@ def load_mlp_head(path: Path, what: str, prefix: str = "") -> MLPHead:
 
 
 class CLIPBundle:
-    """A loaded CLIPModel with its tokenizer and image preprocessing (size, mean, std)."""
+    """A loaded CLIPModel with its tokenizer and image preprocessing (size, mean, std).
 
-    def __init__(self, model, tokenizer, size: int, mean, std, source: str):
-        self.model, self.tokenizer = model, tokenizer
+    `clean`: a text cleaning applied to each prompt before the tokenizer, where the official
+    reward cleans its prompts (HPSv2: open_clip's); None for the HF tokenizers' own (CLIP,
+    PickScore: their processors tokenise the raw prompt)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        size: int,
+        mean,
+        std,
+        source: str,
+        clean: Callable[[str], str] | None = None,
+    ):
+        self.model, self.tokenizer, self.clean = model, tokenizer, clean
         self.size, self.mean, self.std, self.source = size, tuple(mean), tuple(std), source
         # set to a dict by CombinedReward for one call: terms sharing this model (clip +
         # aesthetic in hybrid) then run its image tower once per batch
@@ -125,13 +144,20 @@ class CLIPBundle:
             self.memo[key] = emb
         return emb
 
+    def tokens(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The text model's input ids and attention mask for `prompts` (cleaned first when the
+        reward cleans), padded to the longest and cut at the context length."""
+        max_len = int(self.model.config.text_config.max_position_embeddings)
+        if self.clean is not None:
+            prompts = [self.clean(p) for p in prompts]
+        return self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        )
+
     @torch.no_grad()
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         """L2-normalised projected text embeddings (no gradient: prompts are fixed)."""
-        max_len = int(self.model.config.text_config.max_position_embeddings)
-        tok = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
-        )
+        tok = self.tokens(prompts)
         device = self.model.visual_projection.weight.device
         out = self.model.get_text_features(
             input_ids=tok["input_ids"].to(device),
@@ -180,13 +206,11 @@ def load_clip_bundle(
             )
     tok_sources = [s for s in (processor, source) if s]
     try:
-        with quiet_hf_progress():
-            model = CLIPModel.from_pretrained(
-                source, local_files_only=hub_offline() or folder.is_dir(), **_tf_dtype_kw(dtype)
-            )
-        tokenizer = None
+        tokenizer = None  # first (cheap, and a folder without its vocabulary is refused early)
         errors = []
         for tok_source in tok_sources:
+            if Path(tok_source).is_dir():
+                check_tokenizer_files(tok_source, "bpe", f"{what} tokenizer folder")
             try:
                 tokenizer = AutoTokenizer.from_pretrained(
                     tok_source, local_files_only=hub_offline() or Path(tok_source).is_dir()
@@ -198,6 +222,10 @@ def load_clip_bundle(
             raise DiffalignError(
                 f"{what}: no tokenizer found ({'; '.join(errors)}); fetch it with "
                 f"`diffalign download --only {download_name}`"
+            )
+        with quiet_hf_progress():
+            model = CLIPModel.from_pretrained(
+                source, local_files_only=hub_offline() or folder.is_dir(), **_tf_dtype_kw(dtype)
             )
     except DiffalignError:
         raise

@@ -98,6 +98,26 @@ def resolve_folder(
     return str(path)
 
 
+# what a tokenizer is built from: the fast tokenizer's file, or the vocabulary files of its kind
+TOKENIZER_VOCAB_FILES = {"bpe": ("vocab.json", "merges.txt"), "wordpiece": ("vocab.txt",)}
+
+
+def check_tokenizer_files(folder: str | Path, kind: str, what: str) -> None:
+    """Refuse a local tokenizer folder without its vocabulary (`kind`: "bpe" for CLIP, "wordpiece"
+    for BERT): transformers builds an empty tokenizer from it (every CLIP prompt becomes the same
+    two tokens, so the score ignores the prompt) or one that maps every word to [UNK]."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return
+    vocab = TOKENIZER_VOCAB_FILES[kind]
+    lacking = [name for name in vocab if not (folder / name).is_file()]
+    if lacking:
+        raise DiffalignError(
+            f"{what} {folder}: no tokenizer vocabulary, it needs tokenizer.json or "
+            f"{' + '.join(vocab)}; missing: {', '.join(['tokenizer.json', *lacking])}"
+        )
+
+
 def read_json_config(path: str | Path, what: str) -> dict[str, Any]:
     """A JSON config file as a dict; unreadable or invalid is one line."""
     try:

@@ -11,6 +11,7 @@ tower; the tiny test checkpoints, narrower than 64, use head width 8).
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from diffalign.engine.download import HPS_FILES
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.rewards.files import (
     asset_path,
+    check_tokenizer_files,
     missing,
     quiet_hf_progress,
     resolve_file,
@@ -54,6 +56,16 @@ _REQUIRED = (
     "visual.ln_pre.weight",
     "visual.ln_post.weight",
 )
+
+
+def open_clip_clean(text: str) -> str:
+    """The prompt cleaning of open_clip's tokenizer, which HPSv2 scores with (`basic_clean`,
+    `whitespace_clean`, lowercase): ftfy's `fix_text` (straight quotes, no ligatures, half-width
+    letters, NFC), HTML entities unescaped twice, whitespace runs to one space, stripped."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split()).lower()
 
 
 def open_clip_heads(width: int) -> int:
@@ -251,6 +263,7 @@ def load_hpsv2(
         proc = asset_path("HPSv2", "processor")
     if not proc.is_dir():
         raise missing("HPSv2 tokenizer/processor folder", proc, "HPSv2", "--hps-processor")
+    check_tokenizer_files(proc, "bpe", "HPSv2 tokenizer/processor folder")
     try:
         with quiet_hf_progress():
             tokenizer = AutoTokenizer.from_pretrained(str(proc), local_files_only=True)
@@ -264,7 +277,10 @@ def load_hpsv2(
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     size, mean, std = _processor_settings([proc], int(model.config.vision_config.image_size))
-    bundle = CLIPBundle(model, tokenizer, size, mean, std, str(path))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # open_clip tokenises the cleaned text as it is: no NFC after it
+        backend.normalizer = None
+    bundle = CLIPBundle(model, tokenizer, size, mean, std, str(path), clean=open_clip_clean)
     reward = CLIPScoreReward(bundle, name="hpsv2", scale=1.0, loss_offset=1.0)
     reward.version = version
     return reward

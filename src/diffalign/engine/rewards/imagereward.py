@@ -33,6 +33,7 @@ from diffalign.engine.rewards.base import (
 )
 from diffalign.engine.rewards.files import (
     asset_path,
+    check_tokenizer_files,
     missing,
     quiet_hf_progress,
     read_json_config,
@@ -298,6 +299,7 @@ def load_imagereward(
         raise missing(
             "ImageReward BERT tokenizer folder", tok_dir, "ImageReward", "--imagereward-tokenizer"
         )
+    check_tokenizer_files(tok_dir, "wordpiece", "ImageReward BERT tokenizer folder")
     med = read_json_config(med_path, "ImageReward med_config")
     sd = state_dict_of(load_pt(path), path, "ImageReward checkpoint")
     vision_sd, text_sd, mlp_sd, _ = split_imagereward_state_dict(sd, path)
