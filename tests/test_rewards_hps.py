@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +137,75 @@ def test_hps_defaults_versions_and_errors(hps_dir, tmp_path, monkeypatch):
         load_reward("hpsv2", hps_checkpoint_path=str(bad), hps_processor=proc)
     with pytest.raises(DiffalignError, match="processor folder not found.*--hps-processor"):
         load_reward("hpsv2", hps_checkpoint_path=str(bad), hps_processor=str(tmp_path / "none"))
+
+
+def official_resize_max_pad(image: np.ndarray, size: int) -> np.ndarray:
+    """open_clip's `ResizeMaxSize(size, fill=0)` written on PIL and numpy (the official HPSv2
+    `img_score.py` preprocessing before normalisation): PIL bicubic resize of the longer side to
+    `size`, then black padding `pad // 2` before, the rest after. `image`: [3, H, W] floats;
+    each channel is resized as a float ("F") image, so no uint8 rounding enters."""
+    from PIL import Image
+
+    _, h, w = image.shape
+    scale = size / float(max(h, w))
+    nh, nw = round(h * scale), round(w * scale)
+    chans = [
+        np.asarray(Image.fromarray(c, mode="F").resize((nw, nh), Image.BICUBIC)) for c in image
+    ]
+    out = np.zeros((3, size, size), np.float32)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[:, top : top + nh, left : left + nw] = np.stack(chans)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(3, 60, 100), (3, 90, 40)])
+def test_official_geometry_is_open_clip_resize_max_pad(shape):
+    from diffalign.engine.rewards.base import resize_max_pad
+
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    x = torch.from_numpy(image)[None].requires_grad_(True)
+    out = resize_max_pad(x, 32)
+    np.testing.assert_allclose(
+        out[0].detach().numpy(), official_resize_max_pad(image, 32), atol=1e-5
+    )
+    out.sum().backward()  # differentiable
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # a square image of the model's size passes unchanged
+    same = torch.rand(1, 3, 32, 32)
+    assert torch.equal(resize_max_pad(same, 32), same)
+
+
+def test_hps_geometry_option_reaches_the_reward(hps_dir):
+    from diffalign.engine.rewards import add_reward_arguments, reward_from_args
+    from diffalign.engine.rewards.base import CLIP_MEAN, CLIP_STD
+
+    ckpt = str(hps_dir / "HPS_v2.1_compressed.pt")
+    x = torch.rand(2, 3, 40, 64, generator=torch.Generator().manual_seed(1))
+    sd = torch.load(ckpt, weights_only=True)["state_dict"]
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    official = torch.from_numpy(np.stack([official_resize_max_pad(i, 32) for i in x.numpy()]))
+    parser = __import__("argparse").ArgumentParser()
+    add_reward_arguments(parser)
+    values = {}
+    for geometry in ("official", "reno"):
+        argv = ["--reward", "hpsv2", "--hps-checkpoint-path", ckpt, "--hps-geometry", geometry]
+        reward = reward_from_args(parser.parse_args(argv))
+        values[geometry] = reward(x, PROMPTS)
+        assert reward.bundle.geometry == geometry
+    tok = reward.bundle.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")
+    ref = reference_hps(sd, (official - mean) / std, tok["input_ids"], text_heads=4, vision_heads=5)
+    torch.testing.assert_close(values["official"], ref, atol=1e-5, rtol=1e-4)
+    assert (values["official"] - values["reno"]).abs().max() > 1e-4  # the geometry matters
+    # the default stays ReNO's; square images score the same either way
+    default = reward_from_args(
+        parser.parse_args(["--reward", "hpsv2", "--hps-checkpoint-path", ckpt])
+    )
+    assert default.bundle.geometry == "reno"
+    sq = torch.rand(1, 3, 48, 48)
+    official_reward = load_reward("hpsv2", hps_checkpoint_path=ckpt, hps_geometry="official")
+    torch.testing.assert_close(official_reward(sq, PROMPTS[:1]), default(sq, PROMPTS[:1]))
+    with pytest.raises(DiffalignError, match="--hps-geometry must be one of reno, official"):
+        load_reward("hpsv2", hps_checkpoint_path=ckpt, hps_geometry="square")
+    with pytest.raises(DiffalignError, match="--hps-geometry"):  # only for hpsv2
+        reward_from_args(parser.parse_args(["--reward", "clip", "--hps-geometry", "official"]))
