@@ -267,9 +267,9 @@ def test_semantic_layout_follows_the_training_run(tmp_path):
     assert resolve_semantic_layout(None, str(module), logged.append) == "both-halves"
     assert resolve_semantic_layout(None, None, logged.append) == "target-half"
     assert resolve_semantic_layout(None, str(tmp_path / "x.safetensors")) == "target-half"
-    assert not logged
-    assert resolve_semantic_layout("target-half", str(run), logged.append) == "target-half"
-    assert len(logged) == 1 and "both-halves" in logged[0]
+    assert len(logged) == 2 and "both-halves" in logged[0]
+    with pytest.raises(DiffalignError, match="trained with both-halves"):
+        resolve_semantic_layout("target-half", str(run), logged.append)
     (run / "fill_config.json").write_text("[1, 2]")
     assert resolve_semantic_layout(None, str(run)) == "target-half"
     with pytest.raises(DiffalignError, match="semantic-layout"):
@@ -312,3 +312,96 @@ def test_a_flux_dev_transformer_is_one_line(flux, tmp_path, capsys):
     data = write_triptychs(tmp_path / "data", n=1)
     err = _one_line_error(capsys, tiny_train_args(str(model), data, tmp_path / "run"))
     assert "384" in err
+
+
+def test_the_checkpoint_records_its_layout_and_infer_follows_it(tmp_path):
+    """Item 14.8: the layout lives in the module's own metadata (both files), read back at
+    infer; an explicit contradicting --semantic-layout is one error, not a warning."""
+    from diffalign.engine.io import write_json
+    from diffalign.fill.infer import resolve_semantic_layout
+    from diffalign.fill.model import add_lora
+    from diffalign.fill.weights import build_semantic, load_semantic, save_combined, save_semantic
+
+    module = build_semantic(64, 8, 1)
+    save_semantic(tmp_path / "semantic_module.safetensors", module, "panel")
+    write_json(tmp_path / "fill_config.json", {"semantic_layout": "both-halves"})  # stale
+    assert resolve_semantic_layout(None, str(tmp_path)) == "panel"  # the checkpoint wins
+    assert resolve_semantic_layout("panel", str(tmp_path)) == "panel"
+    with pytest.raises(
+        DiffalignError, match=r"--semantic-layout both-halves, .* trained with panel"
+    ):
+        resolve_semantic_layout("both-halves", str(tmp_path / "semantic_module.safetensors"))
+    assert load_semantic(tmp_path, 64).layout == "panel"
+
+    transformer = _tiny_transformer()
+    cfg = add_lora(transformer, rank=2)
+    save_combined(tmp_path / "both.safetensors", transformer, module, cfg, "panel")
+    assert resolve_semantic_layout(None, str(tmp_path / "both.safetensors")) == "panel"
+    assert load_semantic(tmp_path / "both.safetensors", 64).layout == "panel"
+    # a module saved without a layout falls back to fill_config.json, then target-half
+    save_semantic(tmp_path / "old" / "semantic_module.safetensors", module)
+    assert load_semantic(tmp_path / "old", 64).layout is None
+    assert resolve_semantic_layout("panel", str(tmp_path / "old")) == "panel"
+    assert resolve_semantic_layout(None, str(tmp_path / "old")) == "target-half"
+
+
+def _tiny_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=8,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def test_panel_layout_trains_records_and_infers(flux, tmp_path):
+    """`semantic_layout: panel` end to end: K/V = the semantic panel's tokens (half the
+    diptych's), recorded in the exported module, used by `fill infer` without being told."""
+    import json
+
+    from diffalign.cli import main
+    from diffalign.fill.weights import load_semantic
+    from fill_helpers import write_image
+
+    data = write_triptychs(tmp_path / "data", n=2)
+    args = tiny_train_args(
+        flux, data, tmp_path / "run", max_steps=1, num_validation=1, semantic_layout="panel"
+    )
+    assert main(args) == 0
+    final = tmp_path / "run" / "checkpoint-final"
+    assert load_semantic(final, 64).layout == "panel"
+    write_image(tmp_path / "v.png", (16, 16))
+    write_image(tmp_path / "s.png", (16, 16), seed=1)
+    common = [
+        "fill",
+        "infer",
+        "--model",
+        flux,
+        "--lora",
+        str(final),
+        "--semantic-module",
+        str(final),
+        "--visible",
+        str(tmp_path / "v.png"),
+        "--semantic",
+        str(tmp_path / "s.png"),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+    ]
+    assert main([*common, "--output", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["semantic_layout"] == "panel"
+    assert (
+        main([*common, "--output", str(tmp_path / "o2"), "--semantic-layout", "target-half"]) == 2
+    )
+    assert not (tmp_path / "o2").exists()
