@@ -405,3 +405,103 @@ def test_panel_layout_trains_records_and_infers(flux, tmp_path):
         main([*common, "--output", str(tmp_path / "o2"), "--semantic-layout", "target-half"]) == 2
     )
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("layout", ["panel", "target-half"])
+def test_attach_semantic_on_a_plain_pipeline_equals_our_sampler(flux, tmp_path, layout):
+    """Item 14.9: a plain diffusers FluxFillPipeline with the LoRA loaded by
+    `load_lora_weights` and the module hooked in by `attach_semantic` gives the same image as
+    our sampler (the `fill infer` model) for the same noise, fill condition and semantic tokens.
+    The comparison fixes the noise and the VAE samples explicitly rather than going through
+    `fill infer`'s seeds (their draw order is being aligned with the pipeline's separately)."""
+    from diffusers import FluxFillPipeline
+
+    from diffalign.fill import attach_semantic
+    from diffalign.fill.encode import FillEncoder
+    from diffalign.fill.infer import (
+        build_model,
+        decode_latents,
+        fresh_scheduler,
+        make_noise,
+        sample_latents,
+    )
+    from diffalign.fill.model import add_lora, lora_parameters
+    from diffalign.fill.train import load_fill_pipeline
+    from diffalign.fill.weights import SEMANTIC_FILE, build_semantic, save_lora, save_semantic
+
+    torch.manual_seed(0)
+    src = load_fill_pipeline(flux)
+    cfg = add_lora(src.transformer, rank=4, alpha=8)
+    for p in lora_parameters(src.transformer):
+        p.data.normal_(0, 0.1)
+    semantic = build_semantic(64, 8, 1)
+    with torch.no_grad():
+        semantic.layers[0].scale.fill_(0.7)  # a trained module: the branch changes the output
+    ck = tmp_path / "checkpoint-final"
+    save_lora(ck, src.transformer, cfg)
+    save_semantic(ck / SEMANTIC_FILE, semantic, layout)
+
+    g = torch.Generator().manual_seed(1)
+    vis, sem_img = torch.rand(1, 3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g)
+    diptych = torch.cat([vis, torch.zeros_like(vis)], -1)
+    mask = torch.zeros(1, 1, 16, 32)
+    mask[..., 16:] = 1
+    noise = make_noise([3], 16, 16, 32, 8)
+    pe, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
+    call = dict(
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pooled,
+        image=diptych,
+        mask_image=mask,
+        latents=noise,
+        height=16,
+        width=32,
+        num_inference_steps=3,
+        guidance_scale=30.0,
+        output_type="pt",
+    )
+    plain = FluxFillPipeline.from_pretrained(flux)
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(str(ck))
+    attached = attach_semantic(plain, ck, sem_img, generator=torch.Generator().manual_seed(7))
+    assert attached.layout == layout  # read from the checkpoint
+    want = plain(**call, generator=torch.Generator().manual_seed(5)).images
+
+    ours = load_fill_pipeline(flux)
+    model = build_model(ours, str(ck), str(ck), guidance=30.0)
+    tokens = FillEncoder(ours).encode_semantic(
+        sem_img[None], layout, generator=torch.Generator().manual_seed(7)
+    )
+    assert torch.equal(tokens, attached.semantic_tokens)
+    init = ours.image_processor.preprocess(diptych, height=16, width=32).float()
+    m = ours.mask_processor.preprocess(mask, height=16, width=32)
+    mask_l, masked_l = ours.prepare_mask_latents(
+        m, init * (1 - m), 1, 16, 1, 16, 32, pe.dtype, "cpu", torch.Generator().manual_seed(5)
+    )
+    latents = sample_latents(
+        model,
+        fresh_scheduler(ours),
+        noise=noise,
+        cond=torch.cat([masked_l, mask_l], -1),
+        img_ids=ours._prepare_latent_image_ids(1, 1, 2, "cpu", pe.dtype),
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pooled,
+        text_ids=torch.zeros(8, 3),
+        steps=3,
+        semantic_tokens=tokens,
+        guidance=30.0,
+    )
+    assert torch.equal(decode_latents(ours, latents, 16, 32), want)
+
+    attached.remove()  # the plain pipeline again: the module did change the image
+    without = plain(**call, generator=torch.Generator().manual_seed(5)).images
+    assert not torch.allclose(without, want)
+    with pytest.raises(DiffalignError, match="trained with"):
+        attach_semantic(plain, ck, layout="both-halves")
+    empty = attach_semantic(plain, ck)
+    with pytest.raises(DiffalignError, match="no semantic image yet"):
+        plain(**call, generator=torch.Generator().manual_seed(5))
+    empty.set_semantic(torch.rand(3, 32, 32))  # another size than the visible panel
+    with pytest.raises(DiffalignError, match="semantic panel must be the visible panel's size"):
+        plain(**call, generator=torch.Generator().manual_seed(5))
+    empty.remove()
