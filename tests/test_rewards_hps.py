@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.rewards import clip_preprocess, load_reward
 from diffalign.engine.rewards.hpsv2 import HPS_UNUSED_KEYS, map_open_clip_to_transformers
+from diffalign.engine.selftest_refs import reference_hps
 
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour at dusk"]
 
@@ -20,49 +20,6 @@ PROMPTS = ["a photo of a cat", "an oil painting of a harbour at dusk"]
 @pytest.fixture(scope="module")
 def hps_dir(tiny_model_dir):
     return Path(tiny_model_dir("hpsv2"))
-
-
-def _block(x, sd, p, heads, causal):
-    """open_clip ResidualAttentionBlock: x + attn(ln_1 x); x + mlp(ln_2 x), plain torch ops."""
-    b, n, w = x.shape
-    h = F.layer_norm(x, (w,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], 1e-5)
-    qkv = h @ sd[p + "attn.in_proj_weight"].t() + sd[p + "attn.in_proj_bias"]
-    q, k, v = (t.reshape(b, n, heads, w // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
-    att = (q @ k.transpose(-1, -2)) / (w // heads) ** 0.5
-    if causal:
-        att = att.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    o = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, w)
-    x = x + o @ sd[p + "attn.out_proj.weight"].t() + sd[p + "attn.out_proj.bias"]
-    h = F.layer_norm(x, (w,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"], 1e-5)
-    h = F.gelu(h @ sd[p + "mlp.c_fc.weight"].t() + sd[p + "mlp.c_fc.bias"])
-    return x + h @ sd[p + "mlp.c_proj.weight"].t() + sd[p + "mlp.c_proj.bias"]
-
-
-def reference_hps(sd, pixels, tokens, text_heads, vision_heads):
-    """open_clip's CLIP.encode_image / encode_text (normalised) and HPS = their cosine."""
-    w = sd["visual.class_embedding"].numel()
-    x = F.conv2d(pixels, sd["visual.conv1.weight"], stride=sd["visual.conv1.weight"].shape[-1])
-    x = x.flatten(2).transpose(1, 2)
-    x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, w), x], 1)
-    x = x + sd["visual.positional_embedding"]
-    x = F.layer_norm(x, (w,), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"], 1e-5)
-    i = 0
-    while f"visual.transformer.resblocks.{i}.ln_1.weight" in sd:
-        x = _block(x, sd, f"visual.transformer.resblocks.{i}.", vision_heads, False)
-        i += 1
-    x = F.layer_norm(x[:, 0], (w,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"], 1e-5)
-    img = F.normalize(x @ sd["visual.proj"], dim=-1)
-
-    t = sd["token_embedding.weight"][tokens] + sd["positional_embedding"][: tokens.shape[1]]
-    i = 0
-    while f"transformer.resblocks.{i}.ln_1.weight" in sd:
-        t = _block(t, sd, f"transformer.resblocks.{i}.", text_heads, True)
-        i += 1
-    tw = t.shape[-1]
-    t = F.layer_norm(t, (tw,), sd["ln_final.weight"], sd["ln_final.bias"], 1e-5)
-    t = t[torch.arange(t.shape[0]), tokens.argmax(-1)] @ sd["text_projection"]
-    txt = F.normalize(t, dim=-1)
-    return (img * txt).sum(-1)
 
 
 def test_key_map_is_complete(hps_dir):
