@@ -422,7 +422,6 @@ def test_attach_semantic_on_a_plain_pipeline_equals_our_sampler(flux, tmp_path, 
         build_model,
         decode_latents,
         fresh_scheduler,
-        make_noise,
         sample_latents,
     )
     from diffalign.fill.model import add_lora, lora_parameters
@@ -446,7 +445,7 @@ def test_attach_semantic_on_a_plain_pipeline_equals_our_sampler(flux, tmp_path, 
     diptych = torch.cat([vis, torch.zeros_like(vis)], -1)
     mask = torch.zeros(1, 1, 16, 32)
     mask[..., 16:] = 1
-    noise = make_noise([3], 16, 16, 32, 8)
+    noise = FluxFillPipeline._pack_latents(torch.randn(1, 16, 2, 4, generator=g), 1, 16, 2, 4)
     pe, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
     call = dict(
         prompt_embeds=pe,

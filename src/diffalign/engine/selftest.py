@@ -166,13 +166,17 @@ def find_assets(root: str | Path) -> list[Asset]:
     out: list[Asset] = []
 
     def walk(folder: Path, depth: int) -> None:
-        here = identify(folder)
+        try:
+            here = identify(folder)
+            subs = sorted(p for p in folder.iterdir() if p.is_dir())
+        except OSError:  # an unreadable folder holds nothing we can check
+            return
         for a in here:
             label = str(a.path.relative_to(root)) if a.path != root else "."
             out.append(Asset(a.path, a.kind, a.cls, label))
         if here or depth >= MAX_DEPTH:
             return
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for sub in subs:
             if not sub.name.startswith("."):
                 walk(sub, depth + 1)
 
