@@ -109,8 +109,10 @@ def check_semantic_tokens(x_t: torch.Tensor, semantic_tokens: torch.Tensor) -> N
     """Semantic tokens fit the latent tokens `[B, L, C]`: `[B, L, C]` (grid layouts) or
     `[B, L/2, C]` (the `panel` layout); else one DiffalignError."""
     b, n, c = x_t.shape
-    if semantic_tokens.ndim != 3 or semantic_tokens.shape[0] != b or (
-        tuple(semantic_tokens.shape[1:]) not in ((n, c), (n // 2, c))
+    if (
+        semantic_tokens.ndim != 3
+        or semantic_tokens.shape[0] != b
+        or (tuple(semantic_tokens.shape[1:]) not in ((n, c), (n // 2, c)))
     ):
         raise DiffalignError(
             f"semantic tokens {list(semantic_tokens.shape)} do not match the latent tokens "

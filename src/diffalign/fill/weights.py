@@ -197,7 +197,9 @@ def recorded_semantic_layout(path: str | Path) -> str | None:
         with safe_open(str(file), framework="pt") as f:
             meta = dict(f.metadata() or {})
     except Exception as e:  # corrupt or truncated file
-        raise DiffalignError(f"--semantic-module {file}: cannot read ({type(e).__name__})") from None
+        raise DiffalignError(
+            f"--semantic-module {file}: cannot read ({type(e).__name__})"
+        ) from None
     layout = meta.get("layout", meta.get("semantic_layout"))
     if layout is not None and layout not in SEMANTIC_LAYOUTS:
         raise DiffalignError(
