@@ -1,12 +1,17 @@
 """`diffalign selftest` checks of the one-step generators: each generator kind against its own
 diffusers pipeline for the same noise (`tests/test_noise_generators.py` on the real files).
 
-One check per entry of `noise.generators.GENERATORS`; `PIPELINE_CLASSES` says which pipeline
-folders a kind's `pipeline` family runs on (a new family adds its line there). Kinds with extra
-weights (Hyper-SD) are checked on their weights file, with the first pipeline folder it fits.
+One check per entry of `noise.generators.GENERATORS`; `FAMILIES` says, per `GeneratorSpec.pipeline`
+family, which pipeline folders (model_index `_class_name`) it runs on and how its images are
+compared with the pipeline's (a new family adds its line there; a family without a line is not
+checked). Kinds with extra weights (Hyper-SD) are checked on their weights file, with the first
+pipeline folder it fits.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -23,11 +28,6 @@ from diffalign.engine.selftest import (
 )
 from diffalign.noise.generators import GENERATORS, GeneratorSpec
 
-# GeneratorSpec.pipeline -> the model_index `_class_name`s it runs on
-PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
-    "sdxl": ("StableDiffusionXLPipeline",),
-    "sd": ("StableDiffusionPipeline",),
-}
 TOLERANCE = 1e-4  # images in [0, 1]; the tests see < 1e-5 on the tiny models
 
 
@@ -47,6 +47,13 @@ def generator_difference(gen, size: int) -> float:
     return float((ours.float().cpu() - ref.float().cpu()).abs().max())
 
 
+# GeneratorSpec.pipeline -> (the model_index `_class_name`s it runs on, the comparison)
+FAMILIES: dict[str, tuple[tuple[str, ...], Callable[[Any, int], float]]] = {
+    "sdxl": (("StableDiffusionXLPipeline",), generator_difference),
+    "sd": (("StableDiffusionPipeline",), generator_difference),
+}
+
+
 def _load(model: str, spec: GeneratorSpec, ctx: SelftestContext, weights: str | None = None):
     from diffalign.noise.generators import load_generator
 
@@ -64,13 +71,13 @@ def _load(model: str, spec: GeneratorSpec, ctx: SelftestContext, weights: str | 
 
 
 def _register(spec: GeneratorSpec) -> None:
-    classes = PIPELINE_CLASSES.get(spec.pipeline, ())
+    classes, compare = FAMILIES.get(spec.pipeline, ((), generator_difference))
     name = f"generator {spec.name} vs {'/'.join(classes) or spec.pipeline + ' pipeline'}"
     if spec.weights_file is None:
 
         @register_check(name, pipeline_of(*classes), TOLERANCE)
         def _check(asset: Asset, ctx: SelftestContext) -> float:
-            return generator_difference(_load(str(asset.path), spec, ctx), ctx.size)
+            return compare(_load(str(asset.path), spec, ctx), ctx.size)
 
         return
     kind = f"{spec.name} weights"
@@ -85,7 +92,7 @@ def _register(spec: GeneratorSpec) -> None:
             except DiffalignError:  # weights of another base model: try the next folder
                 tried.append(base.label)
                 continue
-            return generator_difference(gen, ctx.size), f"on {base.label}"
+            return compare(gen, ctx.size), f"on {base.label}"
         raise SelftestSkip(
             f"no {'/'.join(classes)} folder it fits (its base: {spec.default_model}"
             + (f"; tried {', '.join(tried)}" if tried else "")
