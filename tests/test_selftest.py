@@ -80,6 +80,10 @@ def test_generators_fill_and_textstream_pass(tmp_path, tiny_model_dir, capsys):
     rows = _rows(report)
     assert rows[("asset0", "generator sdxl-turbo vs StableDiffusionXLPipeline")] == "pass"
     assert rows[("asset1", "generator sd-turbo vs StableDiffusionPipeline")] == "pass"
+    for asset in ("asset0", "asset1"):
+        assert (
+            rows[(asset, "U-Net LoRA round trip (save_unet_lora -> load_lora_weights)")] == "pass"
+        )
     hyper = {k: v for k, v in rows.items() if k[0].startswith("asset2/")}
     assert sorted(hyper.values()) == ["pass", "pass"] and len(hyper) == 2
     for check in (

@@ -68,7 +68,7 @@ def register(sub) -> None:
             "their official names) and run the checks our tests run on tiny models: each "
             "one-step generator against its own diffusers pipeline, each reward against a "
             "plain reference forward of its official layout, FillEncoder against "
-            "FluxFillPipeline's preparation, a Fill LoRA round trip, attach_semantic, and the "
+            "FluxFillPipeline's preparation, LoRA round trips (Fill, U-Net), attach_semantic, and the "
             "text-stream residual switched off = the plain pipeline, bit for bit. Prints a "
             "table (asset, check, max difference, verdict) and writes selftest.json. Exit "
             "status: 0 when every check passed (skipped checks and an empty folder included), "

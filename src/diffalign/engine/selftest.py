@@ -434,3 +434,77 @@ def _check_imagereward(asset: Asset, ctx: SelftestContext) -> float:
             IMAGEREWARD_STD,
         )
     return _max_diff(value, ref)
+
+
+def plain_pipeline(path: Path, device: torch.device):
+    """The diffusers pipeline `model_index.json` names, in float32 on `device`, as a user would
+    load it (no diffalign loading code in between), without progress bars."""
+    from diffusers import DiffusionPipeline
+
+    from diffalign.engine.loading import _dtype_kw
+    from diffalign.engine.progress import quiet_library_bars
+
+    quiet_library_bars()  # diffusers is imported now: its loading bar goes too
+    pipe = DiffusionPipeline.from_pretrained(str(path), **_dtype_kw(torch.float32)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# the U-Net LoRA export (engine.lora: noise SFT/EM and U-REPA write their LoRA with it)
+
+UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def _unet_inputs(unet, device) -> dict:
+    """Fixed random inputs of one U-Net call on an 8x8 latent (SDXL: with its text_time
+    conditioning)."""
+    cfg = unet.config
+    g = torch.Generator().manual_seed(5)
+    kw: dict[str, Any] = {
+        "sample": torch.randn(1, cfg.in_channels, 8, 8, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 8, cfg.cross_attention_dim, generator=g),
+    }
+    if cfg.addition_embed_type == "text_time":
+        n_text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, n_text, generator=g).to(device),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).to(device),
+        }
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+@register_check(
+    "U-Net LoRA round trip (save_unet_lora -> load_lora_weights)",
+    pipeline_of(*UNET_PIPELINES),
+    1e-5,
+)
+def _check_unet_lora(asset: Asset, ctx: SelftestContext) -> tuple[float, str]:
+    import tempfile
+
+    from peft import LoraConfig
+
+    from diffalign.engine.lora import save_unet_lora
+
+    pipe = plain_pipeline(asset.path, ctx.device)
+    unet = pipe.unet.eval()
+    inputs = _unet_inputs(unet, ctx.device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain = unet(**inputs).sample
+        config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        unet.add_adapter(config, adapter_name="selftest")
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)  # fresh LoRA B is 0: give the adapter something to carry
+        trained = unet(**inputs).sample
+        with tempfile.TemporaryDirectory() as tmp:
+            save_unet_lora(type(pipe), tmp, unet, "selftest")
+            unet.delete_adapters("selftest")
+            pipe.load_lora_weights(tmp, adapter_name="loaded")
+        loaded = unet(**inputs).sample
+    moved = _max_diff(trained, plain)
+    if moved == 0:
+        raise RuntimeError("the random LoRA did not change the output: nothing to compare")
+    return _max_diff(loaded, trained), f"the LoRA moves the output by {moved:.3g}"

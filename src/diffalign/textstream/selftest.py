@@ -26,16 +26,11 @@ def _latents(pipe, size: int, device) -> torch.Tensor:
 
 @register_check("text-stream residual off = plain pipeline", pipeline_of(*PIPELINES), 0.0)
 def _check_off(asset: Asset, ctx: SelftestContext) -> float:
-    from diffusers import DiffusionPipeline
-
     from diffalign.engine.errors import DiffalignError
-    from diffalign.engine.loading import _dtype_kw
+    from diffalign.engine.selftest import plain_pipeline
     from diffalign.textstream.attach import TextStreamResidual
 
-    # the class model_index.json names, whichever family it is
-    pipe = DiffusionPipeline.from_pretrained(str(asset.path), **_dtype_kw(torch.float32))
-    pipe = pipe.to(ctx.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = plain_pipeline(asset.path, ctx.device)  # whichever family model_index.json names
     plain = _latents(pipe, ctx.size, ctx.device)
     n = len(pipe.transformer.transformer_blocks)
     worst = 0.0
