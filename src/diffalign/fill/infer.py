@@ -335,7 +335,7 @@ def resolve_semantic_layout(layout: str | None, semantic_module: str | None, log
     """The semantic layout to sample with: the one the module was trained with (recorded in
     its checkpoint's metadata; for older checkpoints, `semantic_layout` in the `fill_config.json`
     beside `--semantic-module`), else `layout`, else `target-half`. An explicit `layout` that
-    contradicts the recorded one is one DiffalignError line."""
+    contradicts the recorded one is one DiffalignError line; one that agrees is used."""
     from diffalign.engine.io import read_json
     from diffalign.fill.encode import SEMANTIC_LAYOUTS
     from diffalign.fill.weights import recorded_semantic_layout
