@@ -184,6 +184,50 @@ def test_lora_export_records_its_recipe_and_loads_as_model(tiny, manifest, tmp_p
     assert r2.weights_in_model and r2.loras == () and r2.model == again
 
 
+def test_em_lora_e_step_keeps_the_hyper_lora(tiny, tmp_path, monkeypatch):
+    """EM with a LoRA on hyper-sd15: cycle 1 assigns with base + Hyper LoRA + cycle 0's LoRA
+    (loading cycle 0's LoRA beside the fused Hyper adapter used to unmerge and drop it)."""
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+
+    from diffalign.noise import dataset as dataset_module
+    from diffalign.noise.dataset import AssignSettings
+    from diffalign.noise.em import em
+
+    lora = _hyper(tiny, "Hyper-SD15-1step-lora.safetensors")
+    seen = []
+    real = dataset_module.build_dataset
+
+    def spy(gen, *args, **kwargs):
+        seen.append(gen)
+        return real(gen, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "build_dataset", spy)
+    s = em(
+        tiny("sd15"),
+        write_pairs(tmp_path / "data", n=2),
+        tmp_path / "em",
+        num_cycles=2,
+        load=lambda m, first: load_generator(
+            m, "hyper-sd15", weights=lora if first else None, **KW
+        ),
+        assign_kwargs={"settings": AssignSettings(steps=1), "batch_size": 2, "plots": False},
+        sft_kwargs={"lora_rank": 2, "max_steps": 1, "lr": 1e-2, "batch_size": 2,
+                    "tracker": "none"},
+        lora=True,
+        progress=False,
+    )  # fmt: skip
+    cycle0 = s["cycles"][0]["model"]
+    z, img = _images(seen[1])
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny("sd15"), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.load_lora_weights(lora, adapter_name="hyper")
+    pipe.load_lora_weights(cycle0, adapter_name="tuned")
+    pipe.set_adapters(["hyper", "tuned"], [1.0, 1.0])
+    ref = _reference(pipe, TCDScheduler, z, num_inference_steps=1, eta=1.0)
+    assert torch.allclose(img, ref, atol=1e-4), float((img - ref).abs().max())
+
+
 # ------------------------------------------------------------------ item 7: recognition
 
 
