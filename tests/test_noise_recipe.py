@@ -141,7 +141,7 @@ def test_hyper_sd15_export_is_not_fused_twice(tiny, manifest, tmp_path, monkeypa
     assert not (tmp_path / "o").exists()
 
 
-def test_lora_export_records_its_recipe_and_loads_as_model(tiny, manifest, tmp_path):
+def test_lora_export_records_its_recipe_and_loads_as_model(tiny, manifest, tmp_path, capsys):
     """A LoRA export (hyper-sd15 + a fine-tuned LoRA) records kind, scheduler, base model and
     Hyper file; as `--model` it is the base + the Hyper LoRA + its LoRA, each fused once."""
     from diffusers import StableDiffusionPipeline, TCDScheduler
@@ -182,6 +182,13 @@ def test_lora_export_records_its_recipe_and_loads_as_model(tiny, manifest, tmp_p
     assert rec2["export"] == "pipeline" and rec2["weights_in_export"] is True
     r2 = generator_recipe(again, "hyper-sd15")
     assert r2.weights_in_model and r2.loras == () and r2.model == again
+    # continuing the LoRA on a model of another recipe: one line
+    argv = ["noise", "sft", "--manifest-path", str(manifest), "--output-dir", str(tmp_path / "x")]
+    argv += ["--direct", "--init-lora", export, "--tracker", "none", *model_args(tiny("sd21"))]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "was trained on hyper-sd15" in err[0], err
 
 
 def test_em_lora_e_step_keeps_the_hyper_lora(tiny, tmp_path, monkeypatch):
