@@ -295,3 +295,38 @@ def test_pipeline_class_mismatch_is_one_line(tiny, tmp_path, capsys):
     assert len(err) == 1 and "StableDiffusionXLPipeline" in err[0], err
     assert "sd-turbo runs a StableDiffusionPipeline" in err[0], err
     assert not out.exists()
+
+
+def test_model_card_title_skips_the_front_matter(tmp_path):
+    """An early SDXL-Turbo card has YAML comments starting with '# ' in its front matter."""
+    from diffalign.engine.releases import identify_release, model_card_title
+
+    (tmp_path / "README.md").write_text(
+        "---\n# For reference on model card metadata, see the spec\n{}\n---\n\n"
+        "# SDXL-Turbo Model Card\n\n<!-- summary -->\n## Model Details\n"
+    )
+    assert model_card_title(tmp_path) == "SDXL-Turbo Model Card"
+    assert identify_release(str(tmp_path))[0].hub_id == "stabilityai/sdxl-turbo"
+    (tmp_path / "README.md").write_text("# My SDXL fine-tune\n\nbased on SDXL-Turbo Model Card\n")
+    assert identify_release(str(tmp_path)) is None
+
+
+def test_a_new_kind_registers_its_marks_in_one_place(tiny, tmp_path, monkeypatch):
+    """A kind names its release (engine.releases: Hub ids, card title, pipeline class); folders
+    and Hub ids of that release then run as the kind with no other change."""
+    from dataclasses import replace
+
+    from diffalign.engine import releases
+    from diffalign.noise import recipes
+
+    rel = releases.Release(
+        "Tiny-Lightning", ("example/tiny-lightning",), "Tiny-Lightning", "StableDiffusionXLPipeline"
+    )
+    monkeypatch.setitem(releases.RELEASES, rel.hub_id, rel)
+    spec = replace(recipes.GENERATORS["sdxl-turbo"], name="tiny-lightning", release=rel.hub_id)
+    monkeypatch.setitem(recipes.GENERATORS, spec.name, spec)
+    folder = tmp_path / "m"
+    shutil.copytree(tiny("sdxl"), folder)
+    releases.write_model_card(folder, rel, "a tiny stand-in")
+    assert recipes.generator_recipe(str(folder)).spec.name == "tiny-lightning"
+    assert recipes.generator_recipe("example/tiny-lightning").spec.name == "tiny-lightning"

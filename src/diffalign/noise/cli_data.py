@@ -24,8 +24,9 @@ def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = Tr
         "--model-id",
         dest="model",
         default="sdxl-turbo",
-        help=f"generator ({', '.join(GENERATORS)}), a preset, a diffusers pipeline folder (e.g. "
-        "an earlier `noise sft` checkpoint-final) or a Hub id (default: %(default)s)",
+        help=f"generator ({', '.join(GENERATORS)}), a preset, a diffusers pipeline folder, an "
+        "earlier `noise sft` checkpoint-final (pipeline or LoRA: runs as its recorded recipe) "
+        "or a Hub id (default: %(default)s)",
     )
     g.add_argument(
         "--generator",
