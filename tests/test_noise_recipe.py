@@ -330,3 +330,21 @@ def test_a_new_kind_registers_its_marks_in_one_place(tiny, tmp_path, monkeypatch
     releases.write_model_card(folder, rel, "a tiny stand-in")
     assert recipes.generator_recipe(str(folder)).spec.name == "tiny-lightning"
     assert recipes.generator_recipe("example/tiny-lightning").spec.name == "tiny-lightning"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("{not json", "not a valid recipe record"),
+        ('{"generator": ["sdxl-turbo"], "export": "pipeline"}', "records generator"),
+        ('{"generator": "sdxl-lightning", "export": "pipeline"}', "records generator"),
+        ('{"generator": "sdxl-turbo", "export": "zip"}', "'export' must be"),
+        ('{"generator": "hyper-sd15", "export": "lora", "base_model": 3}', "'base_model'"),
+    ],
+)
+def test_a_broken_recipe_record_is_one_error(tmp_path, text, needle):
+    from diffalign.noise.recipes import RECIPE_FILE, generator_recipe
+
+    (tmp_path / RECIPE_FILE).write_text(text)
+    with pytest.raises(DiffalignError, match=needle):
+        generator_recipe(str(tmp_path))

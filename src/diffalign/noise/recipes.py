@@ -179,13 +179,16 @@ def read_recorded_recipe(model: str | None) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DiffalignError(f"{path}: not a valid recipe record ({e})") from None
-    if not isinstance(record, dict) or record.get("generator") not in GENERATORS:
-        kind = record.get("generator") if isinstance(record, dict) else None
+    kind = record.get("generator") if isinstance(record, dict) else None
+    if not isinstance(kind, str) or kind not in GENERATORS:
         raise DiffalignError(f"{path}: records generator {kind!r}, not one of {_choices()}")
     if legacy:
         return {"generator": record["generator"], "export": "pipeline", "weights_in_export": True}
     if record.get("export") not in ("pipeline", "lora"):
         raise DiffalignError(f"{path}: 'export' must be pipeline or lora")
+    for key in ("base_model", "weights_file"):
+        if not isinstance(record.get(key), str | None):
+            raise DiffalignError(f"{path}: '{key}' must be a path")
     return record
 
 
