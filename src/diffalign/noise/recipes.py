@@ -231,9 +231,11 @@ def _check_pipeline_class(model: str, spec: GeneratorSpec) -> None:
 
     held = pipeline_class_of(model)
     if held is not None and held != spec.pipeline_class:
+        fits = [n for n, s in GENERATORS.items() if s.pipeline_class == held]
         raise DiffalignError(
             f"--model {model} holds a {held}, but generator {spec.name} runs a "
-            f"{spec.pipeline_class}; generators for this model: {_choices(held)}"
+            f"{spec.pipeline_class}; "
+            + (f"generators for this model: {', '.join(fits)}" if fits else "no generator runs it")
         )
 
 
