@@ -332,26 +332,31 @@ def test_a_vae_of_another_kind_is_our_line_alone(sd21, tiny_model_dir, tmp_path)
     assert lines[0].startswith("diffalign: error: ") and "dinov2" in lines[0]
 
 
-def test_an_init_lora_of_another_model_is_our_line_alone(sd21, tmp_path, capsys, library_records):
+def _lora_of_another_model(model: str, out: Path) -> Path:
+    """A diffusers LoRA whose down projections expect 8 more inputs than `model`'s layers."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
 
     from diffalign.engine.lora import save_unet_lora
 
-    data = write_pairs(tmp_path / "data", n=1)
-    ds = tmp_path / "ds"
-    argv = ["noise", "build-dataset", "--data-root", str(data), "--output-dir", str(ds)]
-    assert main([*argv, "--steps", "1", "--no-plots", *sd21_args(sd21)]) == 0
-    # a LoRA whose down projections expect 8 more inputs than this U-Net's layers have
-    unet = UNet2DConditionModel.from_pretrained(sd21, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"]))
-    file = save_unet_lora(StableDiffusionPipeline, tmp_path / "lora", unet)
+    file = save_unet_lora(StableDiffusionPipeline, out, unet)
     tensors, meta = load_tensors(file)
     tensors = {
         k: torch.zeros(v.shape[0], v.shape[1] + 8) if ".lora.down." in k else v
         for k, v in tensors.items()
     }
     save_tensors(file, tensors, meta)
+    return file
+
+
+def test_an_init_lora_of_another_model_is_our_line_alone(sd21, tmp_path, capsys, library_records):
+    data = write_pairs(tmp_path / "data", n=1)
+    ds = tmp_path / "ds"
+    argv = ["noise", "build-dataset", "--data-root", str(data), "--output-dir", str(ds)]
+    assert main([*argv, "--steps", "1", "--no-plots", *sd21_args(sd21)]) == 0
+    _lora_of_another_model(sd21, tmp_path / "lora")
     capsys.readouterr()
     library_records.clear()
     argv = ["noise", "sft", "--manifest-path", str(ds), "--output-dir", str(tmp_path / "run")]
@@ -360,6 +365,21 @@ def test_an_init_lora_of_another_model_is_our_line_alone(sd21, tmp_path, capsys,
     line = one_line(capsys)
     assert "--init-lora" in line and "cannot load it" in line
     # what diffusers logged ("Loading default was unsuccessful ...", the size mismatches)
+    assert not [r.getMessage() for r in library_records if r.levelno >= logging.ERROR]
+
+
+def test_a_hyper_sd15_lora_of_another_model_is_our_line_alone(
+    tiny_model_dir, tmp_path, capsys, library_records
+):
+    sd15 = tiny_model_dir("sd15")
+    lora = _lora_of_another_model(sd15, tmp_path / "lora")
+    target = write_pairs(tmp_path / "data", n=1) / "images" / "0000.png"
+    argv = ["noise", "assign", "--prompt", "a cat", "--target-image", str(target), "--steps", "1"]
+    argv += ["--output-dir", str(tmp_path / "o"), *model_args(sd15), "--generator", "hyper-sd15"]
+    capsys.readouterr()
+    library_records.clear()
+    assert run_cli([*argv, "--weights", str(lora)]) == 2
+    assert "not a hyper-sd15 LoRA for this model" in one_line(capsys)
     assert not [r.getMessage() for r in library_records if r.levelno >= logging.ERROR]
 
 
