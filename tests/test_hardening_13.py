@@ -73,6 +73,13 @@ def test_zero_assignment_steps_are_refused(sd21, tmp_path, capsys, verb):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("verb", ["assign", "em"])
+def test_zero_assignment_steps_are_refused_by_the_toy_verbs(tmp_path, capsys, verb):
+    argv = ["noise", "toy", verb, "--generator-ckpt", str(tmp_path / "gen")]
+    assert run_cli([*argv, "--output-dir", str(tmp_path / "o"), "--assign-steps", "0"]) == 2
+    assert "--assign_steps: '0' must be >= 1" in one_line(capsys)
+
+
 def test_zero_assignment_steps_are_refused_by_the_library():
     from diffalign.noise.assign import _check_settings
 
