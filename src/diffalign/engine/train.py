@@ -22,11 +22,11 @@ run). Exports (`checkpoint-final/`, `checkpoint-best/`,
 `checkpoint-epoch-NNN/`) go through `task.export` with the EMA weights applied. A non-finite loss
 skips the optimizer step; `max_nonfinite_steps` consecutive ones stop the run with a
 `DiffalignError`, and so does a run that ends without one finite step since it started or
-resumed (nothing was trained: no checkpoint or export is written for it). Several optimizers (a GAN): `training_step` calls `ctx.backward(loss, name)` for
-each; all gradients are cleared at the start of every accumulation window. Data parallel only (no
-DeepSpeed/FSDP). On a CPU-only machine two processes need
-`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py` (`--cpu` alone
-starts a single process).
+resumed (nothing was trained: no checkpoint-final is written). Several optimizers (a GAN):
+`training_step` calls `ctx.backward(loss, name)` for each; all gradients are cleared at the start
+of every accumulation window. Data parallel only (no DeepSpeed/FSDP). On a CPU-only machine two
+processes need `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py`
+(`--cpu` alone starts a single process).
 
     class Regression(TrainTask):
         def trainable(self): return {"net": self.net}

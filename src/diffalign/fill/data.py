@@ -89,8 +89,9 @@ class TriptychDataset(torch.utils.data.Dataset):
     """A folder of triptych images `[visible | target | semantic]` with captions.
 
     Captions come from `captions` (a jsonl in `root` or a path; `{image_field: relative path,
-    prompt_field: text}` per line; a path outside `root` is a DiffalignError) or, with `captions=None` or when the default `captions.jsonl`
-    is absent, from `NAME.txt` beside each image. `panel=None` keeps the native panel size (all
+    prompt_field: text}` per line; a path outside `root` is a DiffalignError) or, with
+    `captions=None` or when the default `captions.jsonl` is absent, from `NAME.txt` beside each
+    image. `panel=None` keeps the native panel size (all
     triptychs must share it; the most common size wins); an int resizes every panel to it.
 
     Bad triptychs (unreadable, wrong aspect, panel not divisible by 16, no caption, another panel

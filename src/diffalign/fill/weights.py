@@ -42,10 +42,7 @@ def save_lora(out_dir: str | Path, transformer: nn.Module, lora_config: Any) -> 
     out_dir = Path(out_dir)
     meta = {"format": "pt"}
     if lora_config is not None:
-        cfg = json.loads(json.dumps(lora_config.to_dict(), default=_jsonable))
-        meta[LORA_METADATA_KEY] = json.dumps(
-            {f"transformer.{k}": v for k, v in cfg.items()}, indent=2, sort_keys=True
-        )
+        meta[LORA_METADATA_KEY] = lora_metadata(lora_config)
 
     def write(tensors: dict[str, torch.Tensor], filename: str) -> None:
         save_tensors(filename, tensors, metadata=meta)
@@ -57,6 +54,13 @@ def save_lora(out_dir: str | Path, transformer: nn.Module, lora_config: Any) -> 
         save_function=write,
     )
     return out_dir / LORA_FILE
+
+
+def lora_metadata(lora_config: Any) -> str:
+    """The peft config as diffusers' writer stores it: keys prefixed `transformer.`, JSON with
+    sorted keys (sets as sorted lists)."""
+    cfg = json.loads(json.dumps(lora_config.to_dict(), default=_jsonable))
+    return json.dumps({f"transformer.{k}": v for k, v in cfg.items()}, indent=2, sort_keys=True)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -79,10 +83,7 @@ def save_combined(
     tensors = {f"transformer.{k}": v for k, v in lora_state_dict(transformer).items()}
     meta: dict[str, str] = {"format": "diffalign-fill-lora+semantic"}
     if lora_config is not None:
-        cfg = json.loads(json.dumps(lora_config.to_dict(), default=_jsonable))
-        meta[LORA_METADATA_KEY] = json.dumps(
-            {f"transformer.{k}": v for k, v in cfg.items()}, indent=2, sort_keys=True
-        )
+        meta[LORA_METADATA_KEY] = lora_metadata(lora_config)
     if semantic is not None:
         tensors.update({f"semantic.{k}": v.float() for k, v in semantic.state_dict().items()})
         meta.update({f"semantic_{k}": str(v) for k, v in semantic.config().items()})

@@ -178,7 +178,8 @@ def preprocess_images(
         raise DiffalignError(f"--resolution must be a multiple of 8 (the VAE's), got {resolution}")
     if resolution > MAX_RESOLUTION:  # 3 x side^2 bytes per decoded image, several held at once
         raise DiffalignError(
-            f"--resolution {resolution} is above the maximum {MAX_RESOLUTION} px (the seed uses 512)"
+            f"--resolution {resolution} is above the maximum {MAX_RESOLUTION} px "
+            "(the seed uses 512)"
         )
     if not 1 <= quality <= 100:
         raise DiffalignError(f"--quality must be 1..100, got {quality}")

@@ -38,7 +38,8 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
 
     A bare name has weight 1. Names are case-insensitive (`HPSv2`, `ImageReward`, `PickScore`
     as the download names spell them). An unknown name, a weight that is not a finite number
-    or is 0, an empty item or a name given twice is one DiffalignError line listing the valid names.
+    or is 0, an empty item or a name given twice is one DiffalignError line listing the valid
+    names.
     `hybrid` stays one item here; `load_reward` expands it to the seed's clip + aesthetic.
     """
     text = str(spec).strip() if spec is not None else ""
