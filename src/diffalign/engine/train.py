@@ -21,11 +21,12 @@ not draw from the global RNG; on CUDA it needs `deterministic=True`: determinist
 run). Exports (`checkpoint-final/`, `checkpoint-best/`,
 `checkpoint-epoch-NNN/`) go through `task.export` with the EMA weights applied. A non-finite loss
 skips the optimizer step; `max_nonfinite_steps` consecutive ones stop the run with a
-`DiffalignError`. Several optimizers (a GAN): `training_step` calls `ctx.backward(loss, name)` for
-each; all gradients are cleared at the start of every accumulation window. Data parallel only (no
-DeepSpeed/FSDP). On a CPU-only machine two processes need
-`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py` (`--cpu` alone
-starts a single process).
+`DiffalignError`, and so does a run that ends without one finite step since it started or
+resumed (nothing was trained: no checkpoint-final is written). Several optimizers (a GAN):
+`training_step` calls `ctx.backward(loss, name)` for each; all gradients are cleared at the start
+of every accumulation window. Data parallel only (no DeepSpeed/FSDP). On a CPU-only machine two
+processes need `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py`
+(`--cpu` alone starts a single process).
 
     class Regression(TrainTask):
         def trainable(self): return {"net": self.net}
@@ -160,6 +161,15 @@ class OptimizerSpec:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+
+
+def check_adam_settings(betas: tuple[float, float], eps: float, what: str = "AdamW") -> None:
+    """AdamW's betas in [0, 1) and eps > 0 (finite), else one DiffalignError line."""
+    for i, beta in enumerate(betas, 1):
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0.0 <= beta < 1.0:
+            raise DiffalignError(f"{what}: adam_beta{i} must be in [0, 1), got {beta!r}")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 < eps < math.inf:
+        raise DiffalignError(f"{what}: adam_eps must be a finite number > 0, got {eps!r}")
 
 
 class TrainTask:
@@ -567,6 +577,7 @@ class _Trainer:
                     f"optimizer '{name}' updates a parameter that is in no trainable() module "
                     "(it would be neither checkpointed nor EMA'd)"
                 )
+            check_adam_settings(spec.betas, spec.eps, f"optimizer '{name}'")
             opt = torch.optim.AdamW(
                 groups, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps
             )
@@ -1093,6 +1104,7 @@ class _Trainer:
         resume_from = self._resolve_resume()
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+        self._start_step = self.step
         if self.is_main:
             write_json(
                 self.output_dir / "run_config.json",
@@ -1114,6 +1126,7 @@ class _Trainer:
             )
         try:
             self._loop()
+            self._check_something_trained()
             if self.val_dl is not None or type(self.task).on_validation_end is not (
                 TrainTask.on_validation_end
             ):
@@ -1244,6 +1257,18 @@ class _Trainer:
                 )
         else:
             self.consecutive_nonfinite = 0
+
+    def _check_something_trained(self) -> None:
+        """A run whose every step (since it started or resumed) had a NaN/inf loss trained
+        nothing: an error, whatever `max_nonfinite_steps` allows along the way."""
+        ran = self.step - self._start_step
+        if ran > 0 and self.consecutive_nonfinite >= ran:
+            ckpts = list_checkpoints(self.output_dir)
+            last = f"; last checkpoint: {ckpts[-1]}" if ckpts else ""
+            raise DiffalignError(
+                f"loss is NaN/inf at every step of this run (steps {self._start_step + 1}-"
+                f"{self.step}): nothing was trained, no checkpoint-final written{last}"
+            )
 
 
 def _val_key(k: str) -> str:

@@ -295,6 +295,9 @@ def read_input_dir(folder: str | Path) -> list[dict]:
                 raise DiffalignError(f"{manifest}:{lineno}: needs 'visible' and 'prompt' fields")
             if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
                 raise DiffalignError(f"{manifest}:{lineno}: missing caption (empty 'prompt')")
+            for key in ("visible", "semantic", "name"):
+                if "\x00" in str(obj.get(key) or ""):  # no OS path can hold it
+                    raise DiffalignError(f"{manifest}:{lineno}: '{key}' holds a NUL byte")
             vis = root / str(obj["visible"])
             name = str(obj.get("name") or Path(str(obj["visible"])).stem)
             sem = root / str(obj["semantic"]) if obj.get("semantic") else None

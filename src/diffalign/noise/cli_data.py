@@ -79,9 +79,9 @@ def add_assign_options(p, prefix: str = "") -> None:
     g = p.add_argument_group("assignment")
     g.add_argument(
         f"--{prefix}steps",
-        type=nonneg_int,
+        type=positive_int,
         default=40,
-        help="Adam steps on each item's orthogonal Q (default: %(default)s, the seed's)",
+        help="Adam steps on each item's orthogonal Q, >= 1 (default: %(default)s, the seed's)",
     )
     g.add_argument(
         f"--{prefix}lr",
@@ -416,10 +416,11 @@ def register(verbs) -> None:
 
 
 def _device(args):
+    from diffalign.engine.distributed import check_device
     from diffalign.noise.assign import dist_state
 
     if getattr(args, "device", None):
-        return args.device
+        return check_device(args.device)
     _, world, state = dist_state()
     if state is not None:
         return str(state.device)
@@ -527,7 +528,7 @@ def _run_build(args) -> int:
                 f"{args.output_dir}/failures.jsonl",
                 file=sys.stderr,
             )
-            return 1
+            return 2  # bad input, like every other one-line error (README)
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from diffalign.engine.errors import DiffalignError
+from diffalign.engine.errors import DiffalignError, library_output_held
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.noise.assign import assign_loss, base_noise, load_target_image
 
@@ -283,7 +283,8 @@ def prepare_unet(
         return False
     if init_lora is not None:
         try:
-            generator.pipe.load_lora_weights(str(init_lora), adapter_name="default")
+            with library_output_held():  # diffusers logs the failure itself: our line alone
+                generator.pipe.load_lora_weights(str(init_lora), adapter_name="default")
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DiffalignError(f"--init-lora {init_lora}: cannot load it ({first})") from None

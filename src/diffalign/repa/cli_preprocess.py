@@ -88,7 +88,10 @@ def _images(steps) -> None:
         help="deterministic class-balanced subset of this size (Track A: 200000; default: all)",
     )
     p.add_argument(
-        "--resolution", type=positive_int, default=512, help="output side in px (default: 512)"
+        "--resolution",
+        type=positive_int,
+        default=512,
+        help="output side in px, a multiple of 8 up to 4096 (default: 512)",
     )
     p.add_argument("--quality", type=positive_int, default=95, help="JPEG quality (default: 95)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the subset draw (default: 0)")

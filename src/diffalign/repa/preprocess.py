@@ -44,6 +44,7 @@ CLIP_FILE = "clip_embeddings.safetensors"
 STAGING = ".images_staging"
 DINO_KEY_SUFFIX = "_mid"
 PROMPT_TEMPLATE = "a photo of a {name}"
+MAX_RESOLUTION = 4096  # px per side: 48 MiB per decoded RGB image (SDXL trains at 1024)
 
 
 def summary_path(data_dir: str | os.PathLike, step: str) -> Path:
@@ -175,6 +176,11 @@ def preprocess_images(
 
     if resolution < 8 or resolution % 8:
         raise DiffalignError(f"--resolution must be a multiple of 8 (the VAE's), got {resolution}")
+    if resolution > MAX_RESOLUTION:  # 3 x side^2 bytes per decoded image, several held at once
+        raise DiffalignError(
+            f"--resolution {resolution} is above the maximum {MAX_RESOLUTION} px "
+            "(the seed uses 512)"
+        )
     if not 1 <= quality <= 100:
         raise DiffalignError(f"--quality must be 1..100, got {quality}")
     check_sample_id(split, "--split")
