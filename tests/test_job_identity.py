@@ -357,3 +357,24 @@ def test_fill_infer_rerun_with_other_settings_is_refused(tiny_model_dir, tmp_pat
     assert main([*argv, "--guidance", "3", "--overwrite"]) == 0
     assert json.loads((out / "summary.json").read_text())["guidance"] == 3.0
     assert (out / "v.png").read_bytes() != image
+
+
+def test_build_dataset_rerun_compares_models_by_identity(
+    sdxl, sft_dataset, tmp_path, monkeypatch, capsys
+):
+    """A relative path to the same model resumes the dataset; another model under another
+    path is refused naming it (the record held the --model text before)."""
+    from pathlib import Path
+
+    from noise_data_helpers import SIZE
+
+    data = sft_dataset.parent / "data"
+    argv = ["noise", "build-dataset", "--data-root", str(data), "--output-dir", str(sft_dataset)]
+    argv += ["--steps", "1", "--batch-size", "2", "--no-plots"]
+    argv += ["--height", str(SIZE), "--width", str(SIZE)]
+    monkeypatch.chdir(Path(sdxl).parent)
+    assert main([*argv, "--model", Path(sdxl).name]) == 0
+    assert "0 failed" in capsys.readouterr().out
+    other = str(shutil.copytree(sdxl, tmp_path / "other"))
+    assert main([*argv, "--model", other]) == 2
+    assert "other settings (model.model.path)" in _last_error(capsys)

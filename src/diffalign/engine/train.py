@@ -707,13 +707,17 @@ class _Trainer:
 
     def _identity(self) -> dict:
         """The run's identity (`engine.identity`): the loop options that change the weights
-        (max_steps only under a schedule that depends on it) and the task's."""
+        (max_steps only under a schedule that depends on it) and the task's; computed once (a
+        task's identity may hash model files)."""
+        if getattr(self, "_identity_cache", None) is not None:
+            return self._identity_cache
         cfg = self.config
         loop = {k: getattr(cfg, k) for k in LOOP_IDENTITY}
         loop["warmup_steps"] = self.warmup_steps
         if cfg.lr_scheduler != "constant":
             loop["max_steps"] = self.max_steps
-        return {"loop": loop, "task": self.task.identity()}
+        self._identity_cache = {"loop": loop, "task": self.task.identity()}
+        return self._identity_cache
 
     def _module_shapes(self) -> dict[str, dict[str, list[int]]]:
         return {name: trainable_state_shapes(m) for name, m in self.modules.items()}

@@ -664,7 +664,7 @@ def preprocess_dino(
     from diffalign.engine.identity import model_identity
     from diffalign.engine.io import output_lock
     from diffalign.engine.lmdb_store import TensorLMDB
-    from diffalign.repa.teacher import TOKEN_LAYOUTS, dino_tokens, load_dino
+    from diffalign.repa.teacher import TOKEN_LAYOUTS, _resolve_dino, dino_tokens, load_dino
 
     if token_layout not in TOKEN_LAYOUTS:
         raise DiffalignError(f"--token-layout must be one of {', '.join(TOKEN_LAYOUTS)}")
@@ -675,7 +675,7 @@ def preprocess_dino(
     store = root / DINO_LMDB
     identity = {
         "kind": "dino_tokens",
-        "model": model_identity(dino_model),
+        "model": model_identity(_resolve_dino(dino_model)[0]),
         "token_layout": token_layout,
         "grid": grid,
         "dtype": dtype,
@@ -818,7 +818,7 @@ def preprocess_clip(
 ) -> dict:
     """Seed §3.4: class prompts + the empty prompt through SD 1.5's tokenizer and CLIP text
     encoder (77 tokens) -> `clip_embeddings.safetensors` (`embeddings`, fp16). The file records
-    its identity (text encoder, prompts, dtype, batch size): the same is skipped, another is
+    its identity (text encoder, prompts, dtype): the same is skipped, another is
     refused (`overwrite`: recomputed); a class list that does not cover the manifest's labels
     is refused before anything is replaced."""
     from diffalign.engine.distributed import process_state
@@ -856,8 +856,7 @@ def preprocess_clip(
         "model": model_identity(model, ("tokenizer", "text_encoder")),
         "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "dtype": dtype,
-        "batch_size": batch_size,
-    }
+    }  # no batch size: the file is written whole by one run, never completed by another
     state = process_state(_resolve_device(device))
     with output_lock(root, "data folder"):
         if out_file.is_file() and not overwrite:

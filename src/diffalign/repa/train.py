@@ -296,6 +296,7 @@ class RepaTask(TrainTask):
         """Compared on resume (`engine.identity`): the settings outside RESUME_FREE, the U-Net
         (and online teacher) by identity, and the identity each data store records."""
         from diffalign.engine.identity import file_sha256, model_identity
+        from diffalign.repa.teacher import _resolve_dino
 
         root = Path(self.cfg.data_dir)
         online = self.cfg.teacher == "online"
@@ -306,7 +307,9 @@ class RepaTask(TrainTask):
             **{k: v for k, v in self.config_dict().items() if k not in RESUME_FREE},
             "models": {
                 "unet": model_identity(self.cfg.model, ("unet", "scheduler")),
-                "teacher": model_identity(self.cfg.teacher_model) if online else None,
+                "teacher": model_identity(_resolve_dino(self.cfg.teacher_model)[0])
+                if online
+                else None,
             },
             "data": {**stores, "clip_sha256": file_sha256(root / CLIP)},
         }
