@@ -328,7 +328,9 @@ def test_refuses_to_clobber_a_finished_run(tmp_path):
     with pytest.raises(DiffalignError, match=r"other settings \(loop.max_steps\)"):
         train(RegressionTask(), _cfg(tmp_path, max_steps=5, resume="latest"))
     train(RegressionTask(), _cfg(tmp_path, max_steps=3, lr_scheduler="constant", overwrite=True))
-    res = train(RegressionTask(), _cfg(tmp_path, max_steps=5, lr_scheduler="constant", resume="latest"))
+    res = train(
+        RegressionTask(), _cfg(tmp_path, max_steps=5, lr_scheduler="constant", resume="latest")
+    )
     assert res.step == 5
 
 

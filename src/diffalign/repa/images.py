@@ -96,8 +96,7 @@ def read_classes(path: str | os.PathLike) -> list[dict]:
                     f"{path}: not a class list (expected the columns {','.join(CLASS_COLUMNS)})"
                 )
             rows = [
-                {"label": int(r["label"]), "wnid": r["wnid"], "name": r["name"]}
-                for r in reader
+                {"label": int(r["label"]), "wnid": r["wnid"], "name": r["name"]} for r in reader
             ]
     except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as e:
         raise DiffalignError(f"{path}: unreadable class list ({str(e)[:120]})") from None
