@@ -355,6 +355,9 @@ def test_fill_infer_rerun_with_other_settings_is_refused(tiny_model_dir, tmp_pat
     assert (out / "v.png").read_bytes() == image
     assert json.loads((out / "summary.json").read_text())["guidance"] == 30.0
     assert main([*argv, "--batch-size", "2"]) == 0  # batching does not decide the pixels
+    other = [*argv[:7], "another prompt", *argv[8:]]
+    assert main(other) == 2  # the same name with another prompt
+    assert "other settings (inputs.v)" in _last_error(capsys)
     assert main([*argv, "--guidance", "3", "--overwrite"]) == 0
     assert json.loads((out / "summary.json").read_text())["guidance"] == 3.0
     assert (out / "v.png").read_bytes() != image
