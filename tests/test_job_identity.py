@@ -382,3 +382,31 @@ def test_build_dataset_rerun_compares_models_by_identity(
     other = str(shutil.copytree(sdxl, tmp_path / "other"))
     assert main([*argv, "--model", other]) == 2
     assert "other settings (model.model.path)" in _last_error(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# text-stream generation folders
+
+
+def test_textstream_settings_compare_models_by_identity(tmp_path, monkeypatch):
+    """settings.json records the model by identity: a relative path to the same folder is the
+    same run; other weights under the same path are not (the path text matched before)."""
+    from diffalign.textstream.generate import (
+        GenerationConfig,
+        ResidualConfig,
+        _base_settings,
+        _settings_diff,
+    )
+
+    model = _model(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+
+    def settings(path, **kw):
+        cfg = GenerationConfig(model=str(path), **kw)
+        return json.loads(json.dumps(_base_settings("generate", cfg, ResidualConfig())))
+
+    first = settings(model)
+    assert _settings_diff(first, settings("m")) == []
+    assert _settings_diff(first, settings("m", steps=5)) == ["steps: 28 -> 5"]
+    (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"changed")
+    assert _settings_diff(first, settings(model)) == ["model.weights"]
