@@ -80,9 +80,23 @@ def test_subfolders_limit_what_is_hashed(tmp_path):
     assert model_identity(m) != model_identity(m, ("vae",))
 
 
-def test_hub_id_is_identified_by_revision():
+def test_hub_id_is_identified_by_revision(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    repo = tmp_path / "models--org--name"
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "snapshots" / "0123abcd" / "model_index.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert model_identity("org/name") == {"hub_id": "org/name", "revision": "0123abcd"}
     ident = model_identity("someorg/not-cached-model")
     assert ident == {"hub_id": "someorg/not-cached-model", "revision": None}
+    cached = {"hub_id": "someorg/not-cached-model", "revision": "abc"}
+    assert identity_differences({"m": ident}, {"m": cached}) == []  # downloaded meanwhile
+    assert identity_differences({"m": cached}, {"m": {**cached, "revision": "def"}}) == [
+        "m.revision"
+    ]
 
 
 def test_message_names_every_differing_key_and_overwrite():

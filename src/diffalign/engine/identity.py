@@ -18,7 +18,8 @@ A model's identity:
   sub-folders the job loads (``vae/`` for a VAE step, ...);
 - a Hub id: ``hub_id`` and ``revision``, the commit of the snapshot in the local Hugging Face
   cache (a snapshot's files are fixed by its commit, so nothing is hashed); None when the
-  model is not cached yet.
+  model is not cached yet (it downloads during the run), and an unknown revision on either
+  side is not compared.
 
 Why weight files are hashed whole, with a cache: a digest of size + mtime + a few blocks is
 cheap but calls a copied checkpoint (new mtime) another model, and misses a fine-tune that keeps
@@ -206,7 +207,19 @@ def identity_differences(
     free = list(free)
     a, b = _flatten(_plain(dict(old))), _flatten(_plain(dict(new)))
     keys = list(a) + [k for k in b if k not in a]
-    return [k for k in keys if not _is_free(k, free) and a.get(k, _MISSING) != b.get(k, _MISSING)]
+    return [
+        k
+        for k in keys
+        if not _is_free(k, free)
+        and a.get(k, _MISSING) != b.get(k, _MISSING)
+        and not _unknown_revision(k, a.get(k), b.get(k))
+    ]
+
+
+def _unknown_revision(key: str, a: Any, b: Any) -> bool:
+    """A Hub revision not known on one side (the model was not cached yet when that job
+    started; it downloads during the run) is not compared."""
+    return key.rsplit(".", 1)[-1] == "revision" and (a is None or b is None)
 
 
 _MISSING = object()
