@@ -586,9 +586,8 @@ def _check_train_dtype(args) -> None:
 
 
 def _run_sft(args) -> int:
-    from diffalign.noise.sft import sft
-
     from diffalign.noise.dataset import dataset_image_size
+    from diffalign.noise.sft import sft
 
     _check_train_dtype(args)
     # the dataset's noises and targets have the size it records: the default here
@@ -625,11 +624,10 @@ def _check_init_lora(init_lora, kind: str) -> None:
 
 
 def _run_em(args) -> int:
-    from diffalign.noise.em import em
-
     from pathlib import Path
 
     from diffalign.noise.dataset import dataset_image_size
+    from diffalign.noise.em import em
 
     _check_train_dtype(args)
     if args.initial_model:

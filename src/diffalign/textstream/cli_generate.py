@@ -273,9 +273,7 @@ def register(verbs) -> None:
     p.set_defaults(func=_run_dpg)
 
 
-def dpg_resolution(
-    resolution: int | None, height: int | None, width: int | None
-) -> int | None:
+def dpg_resolution(resolution: int | None, height: int | None, width: int | None) -> int | None:
     """DPG-Bench tiles are square: `--resolution`, or equal `--height`/`--width`, else None
     (the model's own sample size)."""
     from diffalign.engine.errors import DiffalignError
