@@ -109,3 +109,117 @@ def test_em_names_failures_and_overwrite_starts_over(sdxl, tmp_path, capsys):
     assert not marker.exists() and final.is_dir()  # started over
     # the seed's spelling of the folder still works
     assert main([*[a if a != "--output-dir" else "--work-dir" for a in argv], "--resize"]) == 0
+
+
+# ------------------------------------------------------------------ items 13, 14: text stream
+
+
+@pytest.fixture(scope="module")
+def sd3(tiny_model_dir):
+    return tiny_model_dir("sd3")  # transformer sample_size 16, VAE factor 2: its own size 32
+
+
+def test_textstream_defaults_to_the_model_size_and_refuses_one_it_cannot_make(
+    sd3, tmp_path, capsys
+):
+    from PIL import Image
+
+    out = tmp_path / "s"
+    argv = ["textstream", "sample", "--prompt", "a cat", "--model", sd3, "--steps", "1"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    assert Image.open(folder / "000.png").size == (32, 32)
+    assert json.loads((folder / "settings.json").read_text())["options"]["height"] == 32
+    capsys.readouterr()
+    # 96 (pos_embed_max_size) x 2 (patch) x 2 (VAE) = 384 px at most
+    (tmp_path / "p.txt").write_text("a cat\n")
+    for verb in ("sample", "generate"):
+        cmd = ["textstream", verb, "--model", sd3, "--steps", "1", "--height", "512"]
+        cmd += ["--prompt", "a cat"] if verb == "sample" else ["--prompts", str(tmp_path / "p.txt")]
+        assert main([*cmd, "--output-dir", str(tmp_path / verb)]) == 2
+        err = _err_lines(capsys)
+        assert len(err) == 1 and err[0].startswith("diffalign: error: --height 512"), err
+        assert "at most 384 px" in err[0] and "its own size, 32 px" in err[0]
+
+
+def test_textstream_failed_run_does_not_block_and_dpg_names_its_folder(
+    sd3, tmp_path, capsys, monkeypatch
+):
+    import diffalign.textstream.generate as gen_mod
+
+    prompts = tmp_path / "dpg"
+    prompts.mkdir()
+    (prompts / "7.txt").write_text("a red bus")
+    out = tmp_path / "o"
+    argv = ["textstream", "dpg", "--prompts-dir", str(prompts), "--model", sd3]
+    argv += ["--output-dir", str(out)]
+
+    def broken(self, prompt, seeds):
+        raise gen_mod.DiffalignError("the run fails before its first image")
+
+    with monkeypatch.context() as m:
+        m.setattr(gen_mod.ResidualGenerator, "images", broken)
+        assert main([*argv, "--steps", "1"]) == 2
+    assert (tmp_path / "o.settings.json").is_file() and not list(out.glob("*.png"))
+    assert main([*argv, "--steps", "2"]) == 0  # corrected rerun: other settings, not refused
+    assert (out / "7.png").is_file()
+    capsys.readouterr()
+    assert main([*argv, "--steps", "1"]) == 2  # now the folder holds images: refused
+    err = _err_lines(capsys)
+    assert f"{out} holds images made with other settings (steps: 2 -> 1)" in err[-1], err
+
+
+# ------------------------------------------------------------------ item 15
+
+
+FOLDER_VERBS = [
+    ["make-tiny"],
+    ["fill", "make-triptychs"],
+    ["fill", "infer"],
+    ["repa", "extract"],
+    ["repa", "probe"],
+    ["noise", "em"],
+    ["noise", "build-dataset"],
+    ["textstream", "generate"],
+]
+
+
+@pytest.mark.parametrize("verb", FOLDER_VERBS, ids=lambda v: " ".join(v))
+def test_every_folder_verb_spells_output_dir(verb, capsys):
+    with pytest.raises(SystemExit):
+        main([*verb, "--help"])
+    assert "--output-dir DIR" in capsys.readouterr().out or verb[0] in ("noise", "textstream")
+    # a parse error is one line beginning like every other error
+    with pytest.raises(SystemExit) as e:
+        main([*verb, "--no-such-option"])
+    assert e.value.code == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("diffalign: error: "), err
+
+
+def test_a_verb_parse_error_begins_like_every_other_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["make-tiny"])
+    assert e.value.code == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1, err
+    assert err[0].startswith("diffalign: error: make-tiny: the following arguments are required:")
+    assert "--output-dir" in err[0]
+
+
+def test_old_output_spellings_stay_aliases(tmp_path):
+    from diffalign.cli import build_parser
+
+    parser = build_parser()
+    for verb, old, dest in (
+        (["make-tiny", "sd3"], "--out", "out"),
+        (["fill", "make-triptychs", "--input", "x"], "--out", "out"),
+        (["fill", "infer", "--model", "m"], "--output", "output"),
+        (["repa", "probe", "--features", "f"], "--out", "out"),
+        (["noise", "em", "--data-root", "d"], "--work-dir", "output_dir"),
+    ):
+        for spelling in ("--output-dir", old):
+            args = parser.parse_args([*verb, spelling, str(tmp_path / "o")])
+            assert getattr(args, dest) == str(tmp_path / "o"), (verb, spelling)
+    assert main(["make-tiny", "sd3", "--output-dir", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "model_index.json").is_file()

@@ -466,12 +466,12 @@ def _check_output(out: Path, identity: dict, names: list[str], overwrite: bool) 
             {**identity, "inputs": {n: new_inputs[n] for n in shared}},
             f"{out} holds images",
             hint="rerun with the settings it was made with, pass --overwrite to regenerate "
-            "them, or choose another --output",
+            "them, or choose another --output-dir",
         )
     elif any((out / f"{n}.png").is_file() for n in names):
         raise DiffalignError(
             f"{out} holds images this run would keep but no record of what made them "
-            f"({SETTINGS_FILE}): pass --overwrite to regenerate them or choose another --output"
+            f"({SETTINGS_FILE}): pass --overwrite to regenerate them or choose another --output-dir"
         )
 
 

@@ -83,7 +83,12 @@ def _register_extract(verbs) -> None:
     )
     p.add_argument("--data-dir", required=True, help="preprocessed data folder")
     p.add_argument(
-        "--out", required=True, help="output folder (features.safetensors, summary.json)"
+        "--output-dir",
+        "--out",  # the earlier spelling
+        dest="out",
+        metavar="DIR",
+        required=True,
+        help="output folder: features.safetensors, summary.json (--out: the earlier spelling)",
     )
     p.add_argument("--split", default="val", help="manifest split to extract (default val)")
     p.add_argument(
@@ -156,7 +161,14 @@ def _register_probe(verbs) -> None:
         ),
     )
     p.add_argument("--features", required=True, help="`repa extract` output folder")
-    p.add_argument("--out", required=True, help="output folder (summary.json, probe.png)")
+    p.add_argument(
+        "--output-dir",
+        "--out",  # the earlier spelling
+        dest="out",
+        metavar="DIR",
+        required=True,
+        help="output folder: summary.json, probe.png (--out: the earlier spelling)",
+    )
     p.add_argument(
         "--test-fraction", type=unit_float, default=0.25, help="held-out fraction (default 0.25)"
     )
