@@ -223,3 +223,32 @@ def test_old_output_spellings_stay_aliases(tmp_path):
             assert getattr(args, dest) == str(tmp_path / "o"), (verb, spelling)
     assert main(["make-tiny", "sd3", "--output-dir", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "model_index.json").is_file()
+
+
+# ------------------------------------------------------------------ item 16
+
+
+def test_fill_resume_latest_without_checkpoint_starts_fresh_and_says_so(
+    tiny_model_dir, tmp_path, capsys
+):
+    from fill_helpers import tiny_train_args, write_triptychs
+
+    flux = tiny_model_dir("flux-fill")
+    data = write_triptychs(tmp_path / "trip", n=2)
+    out = tmp_path / "run"
+    args = tiny_train_args(
+        flux, data, out, max_steps=1, num_validation=0, resume="latest", checkpoint_every=0
+    )
+    assert main(args) == 0
+    said = [x for x in capsys.readouterr().out.splitlines() if "--resume latest" in x]
+    assert said == [f"diffalign: --resume latest: no checkpoint under {out}; starting a new run"], (
+        said
+    )
+    assert (out / "checkpoint-final").is_dir()
+    # a finished run whose resumable checkpoints were removed is not silently trained over
+    import shutil
+
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    assert main(args) == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "finished run without a resumable checkpoint" in err[0], err
