@@ -252,3 +252,39 @@ def test_fill_resume_latest_without_checkpoint_starts_fresh_and_says_so(
     assert main(args) == 2
     err = _err_lines(capsys)
     assert len(err) == 1 and "finished run without a resumable checkpoint" in err[0], err
+
+
+# ------------------------------------------------------------------ item 17
+
+
+SEED_SECTION = r"seed (00\d|§|\d+\.\d)|seed's section"  # reads like --seed
+
+
+def _help_texts(parser) -> list[str]:
+    import argparse
+
+    texts = [parser.format_help()]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                texts += _help_texts(sub)
+    return texts
+
+
+def test_user_facing_text_names_the_recipe_not_a_seed_section():
+    import re
+    from pathlib import Path
+
+    from diffalign.cli import build_parser
+
+    parser = build_parser()
+    (repa,) = [
+        a.choices["repa"]
+        for a in parser._actions
+        if getattr(a, "choices", None) and "repa" in a.choices
+    ]
+    for text in _help_texts(repa):
+        assert not re.search(SEED_SECTION, text), re.search(SEED_SECTION, text)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    hits = [line for line in readme.splitlines() if re.search(SEED_SECTION, line)]
+    assert not hits, hits
