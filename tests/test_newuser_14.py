@@ -288,3 +288,45 @@ def test_user_facing_text_names_the_recipe_not_a_seed_section():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     hits = [line for line in readme.splitlines() if re.search(SEED_SECTION, line)]
     assert not hits, hits
+
+
+# ------------------------------------------------------------------ item 18: plots, summary
+
+
+def test_plot_curves_integer_ticks_markers_and_no_empty_legend(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from matplotlib.ticker import MaxNLocator
+
+    from diffalign.engine.reports import plot_curves
+
+    figs = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "savefig",
+        lambda self, *a, **k: (figs.append(self), save(self, *a, **k)),
+    )
+    plot_curves(
+        tmp_path / "procrustes_errors.png",
+        {
+            "before rotation": ([1, 2, 3], [0.9, 0.7, 0.8]),
+            "after rotation": ([1, 2, 3], [0.3, 0.2, 0.25]),
+            "no data": [],
+            "only NaN": [float("nan")],
+        },
+        xlabel="target layer",
+    )
+    (ax,) = figs[-1].axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "before rotation",
+        "after rotation",
+    ]
+    assert all(line.get_marker() == "o" for line in ax.get_lines())  # 3 points: markers
+    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    plot_curves(tmp_path / "long.png", {"train/loss": list(range(100))})
+    (ax,) = figs[-1].axes
+    assert ax.get_lines()[0].get_marker() in (None, "None", "")  # many points: a plain line
+    plot_curves(tmp_path / "empty.png", {"val/loss": []})
+    assert figs[-1].axes[0].get_legend() is None
