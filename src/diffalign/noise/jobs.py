@@ -169,6 +169,12 @@ def run_assignment_job(
 
     if state is not None:
         state.wait_for_everyone()
+    counts = {"skipped": skipped, "redone": redone, "written": writer.written}
+    if state is not None:  # every rank's counts, summed on rank 0 (summary.json)
+        from accelerate.utils import gather_object
+
+        parts = gather_object([counts])
+        counts = {k: sum(int(p[k]) for p in parts) for k in counts}
     summary: dict = {}
     if rank == 0:
         records, failures = merge_records(out)
@@ -180,12 +186,13 @@ def run_assignment_job(
         }
         summary.update(job.finalize(out, records, failures))
         work = time.time() - t_sync
+        written = counts["written"]
         summary.update(
-            skipped_finished=skipped if world == 1 else None,
-            redone_damaged=redone if world == 1 else None,
+            skipped_finished=counts["skipped"],
+            redone_damaged=counts["redone"],
             world_size=world,
-            written_this_run=writer.written if world == 1 else None,
-            samples_per_second=writer.written / work if world == 1 and writer.written else None,
+            written_this_run=written,
+            samples_per_second=written / work if written else None,
             seconds=round(time.time() - t0, 3),
             work_seconds=round(work, 3),
         )
