@@ -330,3 +330,30 @@ def test_plot_curves_integer_ticks_markers_and_no_empty_legend(tmp_path, monkeyp
     assert ax.get_lines()[0].get_marker() in (None, "None", "")  # many points: a plain line
     plot_curves(tmp_path / "empty.png", {"val/loss": []})
     assert figs[-1].axes[0].get_legend() is None
+
+
+def test_fill_infer_failed_run_does_not_block_the_corrected_rerun(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    import diffalign.fill.infer as infer_mod
+    from diffalign.engine.errors import DiffalignError
+    from fill_helpers import write_image
+
+    flux = tiny_model_dir("flux-fill")
+    vis = write_image(tmp_path / "v.png", (16, 16), seed=1)
+    out = tmp_path / "out"
+    argv = ["fill", "infer", "--model", flux, "--visible", str(vis), "--prompt", "a photo"]
+    argv += ["--output-dir", str(out), "--max-sequence-length", "8"]
+
+    def fails(*a, **k):
+        raise DiffalignError("the run fails before its first image")
+
+    with monkeypatch.context() as m:
+        m.setattr(infer_mod, "sample_panels", fails)
+        assert main([*argv, "--steps", "1"]) == 2
+    assert not list(out.glob("*.png"))
+    assert main([*argv, "--steps", "2"]) == 0  # other settings: nothing written under them
+    assert (out / "v.png").is_file()
+    capsys.readouterr()
+    assert main([*argv, "--steps", "1"]) == 2  # now an image binds its settings
+    assert "other settings (steps)" in _err_lines(capsys)[-1]
