@@ -322,12 +322,14 @@ def test_plot_curves_integer_ticks_markers_and_no_empty_legend(tmp_path, monkeyp
         "after rotation",
     ]
     assert all(line.get_marker() == "o" for line in ax.get_lines())  # 3 points: markers
-    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
-    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
-    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert list(ax.get_xticks()) == [1, 2, 3]  # one integer tick per layer
+    plot_curves(tmp_path / "one.png", {"val/loss": ([1], [0.5])})  # one step: tick 1 only
+    assert list(figs[-1].axes[0].get_xticks()) == [1]
     plot_curves(tmp_path / "long.png", {"train/loss": list(range(100))})
     (ax,) = figs[-1].axes
     assert ax.get_lines()[0].get_marker() in (None, "None", "")  # many points: a plain line
+    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
+    assert all(float(t).is_integer() for t in ax.get_xticks())
     plot_curves(tmp_path / "empty.png", {"val/loss": []})
     assert figs[-1].axes[0].get_legend() is None
 

@@ -175,6 +175,7 @@ def plot_curves(
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     plotted = 0
     all_int = True
+    x_values: set[float] = set()
     for name, values in series.items():
         xs, ys = _points(values)
         keep = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(float(y))]
@@ -182,12 +183,16 @@ def plot_curves(
             continue
         xs, ys = [float(x) for x, _ in keep], [float(y) for _, y in keep]
         all_int = all_int and all(x == int(x) for x in xs)
+        x_values.update(xs)
         ax.plot(xs, ys, label=name, marker="o" if len(ys) <= MARKER_POINTS else None, ms=4)
         plotted += 1
     if logy:
         ax.set_yscale("log")
-    if plotted and all_int:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if plotted and all_int:  # few x values (layers, a short run): one tick each
+        if len(x_values) <= MARKER_POINTS // 2:
+            ax.set_xticks(sorted(x_values))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
