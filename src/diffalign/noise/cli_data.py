@@ -383,7 +383,7 @@ def register(verbs) -> None:
     p = verbs.add_parser(
         "em",
         help="EM loop: build-dataset with the current model (E), SFT from it (M), repeated",
-        description="Cycle k writes WORK_DIR/cycle-NNN/{dataset,sft}; the next cycle starts "
+        description="Cycle k writes OUTPUT_DIR/cycle-NNN/{dataset,sft}; the next cycle starts "
         "from the last cycle's checkpoint-final. Re-running resumes (finished cycles are kept, "
         "an unfinished one goes on where it stopped).",
     )
