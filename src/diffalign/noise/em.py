@@ -129,8 +129,8 @@ def em(
     def e_step(current: str, cdir: Path, k: int) -> dict:
         gen, prev_lora = model_for(current)
         if prev_lora is not None:
-            gen.pipe.load_lora_weights(prev_lora)
-            gen.pipe.fuse_lora()
+            gen.load_lora(prev_lora)
+            gen.fuse_lora()
         return build_dataset(
             gen,
             data_root,

@@ -60,7 +60,15 @@ def finetuned_generator(model: str | None) -> str | None:
         kind = json.loads(path.read_text(encoding="utf-8")).get("generator")
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None
-    return kind if kind in GENERATORS else None
+    return kind if kind in all_generator_names() else None
+
+
+def all_generator_names() -> tuple[str, ...]:
+    """Every generator kind: the U-Net ones here and the few-step transformer ones
+    (:mod:`diffalign.noise.flow_generators`)."""
+    from diffalign.noise.flow_generators import FEWSTEP_GENERATORS
+
+    return (*GENERATORS, *FEWSTEP_GENERATORS)
 
 
 @dataclass(frozen=True)
@@ -298,6 +306,13 @@ class DiffusionOneStepGenerator(OneStepGenerator):
         new.unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
         return new
 
+    def load_lora(self, path, adapter_name: str = "default") -> None:
+        """Load a LoRA export (a folder or file `pipe.load_lora_weights` reads) onto the U-Net."""
+        self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+
+    def fuse_lora(self) -> None:
+        self.pipe.fuse_lora()
+
     def export_finetuned(self, out_dir, info: dict | None = None) -> None:
         """Full U-Net: the whole pipeline (`save_pretrained`, loadable as `--model`); a U-Net
         with a LoRA adapter: `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights`
@@ -321,26 +336,33 @@ class DiffusionOneStepGenerator(OneStepGenerator):
 
 def infer_generator_kind(model: str) -> str:
     """The generator kind of ``--model``: a kind's name, else from the pipeline class."""
-    if model in GENERATORS:
+    from diffalign.noise.flow_generators import FEWSTEP_GENERATORS, fewstep_kind_of_folder
+
+    if model in GENERATORS or model in FEWSTEP_GENERATORS:
         return model
     from diffalign.engine.loading import resolve_model
 
     resolved = resolve_model(model)
-    if resolved.preset in GENERATORS:
+    if resolved.preset in GENERATORS or resolved.preset in FEWSTEP_GENERATORS:
         return resolved.preset
     if resolved.kind == "folder":
+        fewstep = fewstep_kind_of_folder(resolved.source)
+        if fewstep is not None:
+            return fewstep
         index = Path(resolved.source) / "model_index.json"
         try:
             cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             cls = ""
+        if cls.startswith("StableDiffusion3"):
+            cls = ""  # SD3 medium / large / turbo: no U-Net generator; --generator says which
         if cls.startswith("StableDiffusionXL"):
             return "sdxl-turbo"
         if cls.startswith("StableDiffusion"):
             return "sd-turbo"
     raise DiffalignError(
         f"cannot tell which one-step generator --model {model} is; pass --generator "
-        f"{'|'.join(GENERATORS)}"
+        f"{'|'.join(all_generator_names())}"
     )
 
 
@@ -433,7 +455,8 @@ def load_generator(
     width: int | None = None,
     gradient_checkpointing: bool = True,
     apply_weights: bool = True,
-) -> DiffusionOneStepGenerator:
+    num_steps: int | None = None,
+) -> OneStepGenerator:
     """Load a one-step generator through ``engine.loading.load_pipeline`` (spec E).
 
     ``model``: a generator kind (``sdxl-turbo``, ``sd-turbo``, ``hyper-sd15``, ``hyper-sdxl``;
@@ -446,12 +469,32 @@ def load_generator(
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from diffalign.engine.loading import load_pipeline, load_vae, parse_dtype
+    from diffalign.noise.flow_generators import FEWSTEP_GENERATORS, load_fewstep_generator
 
-    if generator is not None and generator not in GENERATORS:
+    if generator is not None and generator not in all_generator_names():
         raise DiffalignError(
-            f"unknown generator '{generator}'; choose one of {', '.join(GENERATORS)}"
+            f"unknown generator '{generator}'; choose one of {', '.join(all_generator_names())}"
         )
     kind = generator or infer_generator_kind(model or "sdxl-turbo")
+    if kind in FEWSTEP_GENERATORS:  # the transformer generators (issue 17)
+        if weights:
+            raise DiffalignError(f"--weights is for hyper-sd15 / hyper-sdxl, not {kind}")
+        if vae is not None:
+            raise DiffalignError(f"--vae is for the U-Net generators, not {kind}")
+        return load_fewstep_generator(
+            model,
+            kind,
+            num_steps=num_steps,
+            dtype=dtype,
+            device=device,
+            height=height,
+            width=width,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+    if num_steps not in (None, 1):
+        raise DiffalignError(
+            f"--num-steps {num_steps}: {kind} samples in exactly 1 step (no multi-step sampling)"
+        )
     spec = GENERATORS[kind]
     base = spec.default_model if model in (None, kind) else str(model)
     torch_dtype = parse_dtype(dtype)

@@ -93,6 +93,27 @@ class OneStepGenerator(nn.Module):
         """Write the fine-tuned generator so that it loads again as a generator/model."""
         raise NotImplementedError
 
+    def load_lora(self, path, adapter_name: str = "default") -> None:
+        """Load a LoRA export of :meth:`export_finetuned` onto :meth:`trainable_module`."""
+        raise DiffalignError(f"{self.name} takes no LoRA")
+
+    def fuse_lora(self) -> None:
+        """Merge the loaded LoRA into the weights."""
+        raise DiffalignError(f"{self.name} takes no LoRA")
+
+    def max_steps(self) -> int:
+        """The most sampling steps :meth:`render` takes (1: no multi-step sampling)."""
+        return 1
+
+    def render(self, noise: torch.Tensor, embeds: PromptEmbeds, num_steps: int) -> torch.Tensor:
+        """Images from ``num_steps`` sampling steps of the same model (`--final-steps`)."""
+        if num_steps != 1:
+            raise DiffalignError(
+                f"--final-steps {num_steps}: {self.name} has no multi-step sampling"
+            )
+        with torch.no_grad():
+            return self.generate(noise, embeds)
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters():

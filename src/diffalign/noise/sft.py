@@ -283,7 +283,7 @@ def prepare_unet(
         return False
     if init_lora is not None:
         try:
-            generator.pipe.load_lora_weights(str(init_lora), adapter_name="default")
+            generator.load_lora(init_lora, adapter_name="default")
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DiffalignError(f"--init-lora {init_lora}: cannot load it ({first})") from None
