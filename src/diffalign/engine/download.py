@@ -213,6 +213,22 @@ ASSETS: dict[str, Asset] = {
                 ),
             ),
         ),
+        Asset(
+            "flux-dev",
+            "FLUX.1-dev text-to-image (diffusers; guidance-distilled, 28-50 steps)",
+            _diffusers("black-forest-labs/FLUX.1-dev"),
+            gated=True,
+        ),
+        Asset(
+            "flux-schnell",
+            "FLUX.1-schnell text-to-image (diffusers; 1-4 steps, no guidance)",
+            _diffusers("black-forest-labs/FLUX.1-schnell"),
+        ),
+        Asset(
+            "qwen-image",
+            "Qwen-Image text-to-image (diffusers; Qwen2.5-VL text encoder, 60 MMDiT blocks)",
+            _diffusers("Qwen/Qwen-Image"),
+        ),
     )
 }
 # other names accepted by --only (the seed's / issue's spellings) -> the asset's folder name
