@@ -75,6 +75,9 @@ def test_registry_covers_the_spec():
         "sd-turbo": "stabilityai/sd-turbo",
         "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
         "hyper-sd": "ByteDance/Hyper-SD",
+        "flux-dev": "black-forest-labs/FLUX.1-dev",
+        "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+        "qwen-image": "Qwen/Qwen-Image",
     }
     assert {n: a.sources[0].repo_id for n, a in download.ASSETS.items()} == expected
     assert download.DEFAULT_ASSETS == ("sd3", "sd3.5")
