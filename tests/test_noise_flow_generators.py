@@ -11,6 +11,7 @@ from diffalign.noise.generators import load_generator
 
 # kind -> (make-tiny kind, image size, step counts to check, pipeline class name)
 CASES = {
+    "flux-schnell": ("flux-schnell", 32, (1, 4), "FluxPipeline"),
     "sd3.5-large-turbo": ("sd35-turbo", 32, (1, 2), "StableDiffusion3Pipeline"),
     "sana-sprint": ("sana-sprint", 64, (1, 2), "SanaSprintPipeline"),
     "pixart-dmd": ("pixart-dmd", 32, (1,), "PixArtAlphaPipeline"),
@@ -58,11 +59,19 @@ def test_generator_matches_its_pipeline_and_is_differentiable(tiny_model_dir, ki
     assert images.shape == (2, 3, size, size)
     pipe = _pipeline(folder, cls_name)  # independent of the generator's own pipeline object
     with torch.no_grad():  # fresh kwargs per call: SANA's 2-step re-noising seed
-        out = pipe(prompt=prompts, latents=_packed(pipe, z), output_type="latent",
-                   **pipeline_kwargs(gen, steps))
+        out = pipe(
+            prompt=prompts,
+            latents=_packed(pipe, z),
+            output_type="latent",
+            **pipeline_kwargs(gen, steps),
+        )
         ref_lat = _unpacked(pipe, out.images, size)
-        ref = pipe(prompt=prompts, latents=_packed(pipe, z), output_type="pt",
-                   **pipeline_kwargs(gen, steps)).images
+        ref = pipe(
+            prompt=prompts,
+            latents=_packed(pipe, z),
+            output_type="pt",
+            **pipeline_kwargs(gen, steps),
+        ).images
     # the sampled latents: the same kernels, equal to float rounding of the scheduler maths
     diff = float((latents.detach() - ref_lat).abs().max())
     assert diff <= 1e-6, diff

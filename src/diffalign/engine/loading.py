@@ -61,7 +61,9 @@ PRESETS: dict[str, Preset] = {
             "sana-sprint",
             "sana-sprint",
         ),
-        Preset("pixart-dmd", "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512", "pixart-dmd", "pixart-dmd"),
+        Preset(
+            "pixart-dmd", "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512", "pixart-dmd", "pixart-dmd"
+        ),
     )
 }
 

@@ -27,21 +27,13 @@ PIXART_DMD_RELEASE = "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512"
 MODEL_CARD = "README.md"
 
 
-def write_model_card(out: str | Path, release: str, kind: str) -> None:
-    """A Hub-style model card whose front matter and title name the release the folder is."""
-    text = (
-        "---\n"
-        "library_name: diffusers\n"
-        "pipeline_tag: text-to-image\n"
-        f"release: {release}\n"
-        "tags:\n- diffalign-tiny\n"
-        "---\n\n"
-        f"# {release}\n\n"
-        f"A tiny random stand-in for `{release}` written by `diffalign make-tiny {kind}`: the "
-        "release's pipeline class, component classes and file layout, with a few thousand random "
-        "weights. For tests and smoke runs only.\n"
-    )
-    (Path(out) / MODEL_CARD).write_text(text, encoding="utf-8")
+def write_model_card(out: str | Path, release: str, title: str, pipeline_class: str) -> None:
+    """The release's model card (title and `from_pretrained("<repo id>")`, the format of
+    `tiny_flux1.release_model_card`), marked as tiny random weights."""
+    from diffalign.engine.tiny_flux1 import release_model_card
+
+    card = release_model_card(title, release, pipeline_class, "few-step generator")
+    (Path(out) / MODEL_CARD).write_text(card, encoding="utf-8")
 
 
 def _positive(**values: Any) -> None:
@@ -84,7 +76,9 @@ def _build_sd35_turbo(out: Path, seed: int, **overrides: Any) -> None:
     ).eval()
     pipe.register_modules(vae=vae)
     pipe.save_pretrained(out)
-    write_model_card(out, SD35_TURBO_RELEASE, "sd35-turbo")
+    write_model_card(
+        out, SD35_TURBO_RELEASE, "Stable Diffusion 3.5 Large Turbo", "StableDiffusion3Pipeline"
+    )
 
 
 # ------------------------------------------------------------------------------ SANA-Sprint
@@ -196,7 +190,7 @@ def build_tiny_sana_sprint_pipeline(
 )
 def _build_sana_sprint(out: Path, seed: int, **overrides: Any) -> None:
     build_tiny_sana_sprint_pipeline(seed, **overrides).save_pretrained(out)
-    write_model_card(out, SANA_SPRINT_RELEASE, "sana-sprint")
+    write_model_card(out, SANA_SPRINT_RELEASE, "SANA-Sprint 1.6B 1024px", "SanaSprintPipeline")
 
 
 # ------------------------------------------------------------------------------ PixArt-alpha DMD
@@ -270,4 +264,6 @@ def build_tiny_pixart_dmd_pipeline(
 )
 def _build_pixart_dmd(out: Path, seed: int, **overrides: Any) -> None:
     build_tiny_pixart_dmd_pipeline(seed, **overrides).save_pretrained(out)
-    write_model_card(out, PIXART_DMD_RELEASE, "pixart-dmd")
+    write_model_card(
+        out, PIXART_DMD_RELEASE, "PixArt-Alpha-DMD-XL-2-512x512", "PixArtAlphaPipeline"
+    )

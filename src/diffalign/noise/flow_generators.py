@@ -71,6 +71,7 @@ FEWSTEP_GENERATORS: dict[str, FewStepSpec] = {
             1,
             4,
             "FluxTransformer2DModel",
+            ("FLUX.1 [schnell]",),
         ),
         FewStepSpec(
             "sd3.5-large-turbo",
@@ -81,6 +82,7 @@ FEWSTEP_GENERATORS: dict[str, FewStepSpec] = {
             4,
             4,
             "SD3Transformer2DModel",
+            ("Stable Diffusion 3.5 Large Turbo",),
         ),
         FewStepSpec(
             "sana-sprint",
@@ -91,7 +93,7 @@ FEWSTEP_GENERATORS: dict[str, FewStepSpec] = {
             2,
             2,
             "SanaTransformer2DModel",
-            ("Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",),
+            ("Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers", "SANA-Sprint 1.6B 1024px"),
         ),
         FewStepSpec(
             "pixart-dmd",
@@ -102,6 +104,7 @@ FEWSTEP_GENERATORS: dict[str, FewStepSpec] = {
             1,
             1,
             "PixArtTransformer2DModel",
+            ("PixArt-Alpha-DMD-XL-2-512x512",),
         ),
     )
 }
@@ -120,20 +123,19 @@ STEP_NOISE_SEED = 0  # the SANA 2-step re-noising draw
 # ------------------------------------------------------------------------------ recognition
 
 
-def _card_release(folder: Path) -> str | None:
-    """The release a folder's model card names (front-matter `release:` or its first title)."""
-    card = folder / "README.md"
+def card_releases(folder: Path) -> list[str]:
+    """The release names a folder's model card gives: `from_pretrained("<repo id>")` lines, a
+    front-matter `release:` and its title (the marks of `make-tiny` cards and the Hub's)."""
+    import re
+
     try:
-        text = card.read_text(encoding="utf-8")[:4000]
+        text = (folder / "README.md").read_text(encoding="utf-8")[:20000]
     except (OSError, UnicodeDecodeError):
-        return None
-    for line in text.splitlines():
-        if line.startswith("release:"):
-            return line.split(":", 1)[1].strip()
-    for line in text.splitlines():
-        if line.startswith("# "):
-            return line[2:].strip()
-    return None
+        return []
+    names = re.findall(r"from_pretrained\(\s*[\"']([^\"']+)[\"']", text)
+    names += [m.strip() for m in re.findall(r"^release:(.*)$", text, flags=re.M)]
+    names += [m.strip() for m in re.findall(r"^# (.*)$", text, flags=re.M)[:1]]
+    return names
 
 
 def release_kind(release: str | None) -> str | None:
@@ -144,6 +146,15 @@ def release_kind(release: str | None) -> str | None:
         if release == spec.release or release in spec.releases:
             return spec.name
     return None
+
+
+def _card_kind(folder: Path) -> tuple[str | None, str | None]:
+    """(kind, release name) of the first card mark that names a few-step release."""
+    for name in card_releases(folder):
+        kind = release_kind(name)
+        if kind is not None:
+            return kind, name
+    return None, None
 
 
 def _pipeline_class(folder: Path) -> str:
@@ -161,12 +172,19 @@ def fewstep_kind_of_folder(folder: str | Path) -> str | None:
     """The few-step kind a pipeline folder is by its marks (model card release, else the
     pipeline class where only one kind uses it), else None."""
     folder = Path(folder)
-    kind = release_kind(_card_release(folder))
+    kind, _ = _card_kind(folder)
     if kind is not None:
         return kind
     cls = _pipeline_class(folder)
-    if cls in ("SanaSprintPipeline",):
+    if cls == "SanaSprintPipeline":
         return "sana-sprint"
+    if cls == "FluxPipeline":  # schnell is the FLUX.1 text-to-image model without guidance
+        try:
+            config = json.loads((folder / "transformer" / "config.json").read_text("utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if isinstance(config, dict) and config.get("guidance_embeds") is False:
+            return "flux-schnell"
     return None
 
 
@@ -177,9 +195,8 @@ def check_folder_is(folder: Path, spec: FewStepSpec) -> None:
         raise DiffalignError(
             f"--model {folder} holds a {cls}, not {spec.name} ({spec.pipeline}, {spec.release})"
         )
-    release = _card_release(folder)
-    other = release_kind(release)
-    if release and other is not None and other != spec.name:
+    other, release = _card_kind(folder)
+    if other is not None and other != spec.name:
         raise DiffalignError(
             f"--model {folder} is {release} (model card), not {spec.name} ({spec.release})"
         )
