@@ -16,7 +16,9 @@ from diffalign.engine.cliutils import (
 
 
 def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = True) -> None:
-    from diffalign.noise.generators import GENERATORS
+    from diffalign.noise.generators import all_generator_names
+
+    generators = all_generator_names()
 
     g = p.add_argument_group("model")
     g.add_argument(
@@ -24,14 +26,22 @@ def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = Tr
         "--model-id",
         dest="model",
         default="sdxl-turbo",
-        help=f"generator ({', '.join(GENERATORS)}), a preset, a diffusers pipeline folder (e.g. "
+        help=f"generator ({', '.join(generators)}), a preset, a diffusers pipeline folder (e.g. "
         "an earlier `noise sft` checkpoint-final) or a Hub id (default: %(default)s)",
     )
     g.add_argument(
         "--generator",
-        choices=tuple(GENERATORS),
+        choices=generators,
         default=None,
         help="which one-step recipe to run --model with (default: from --model)",
+    )
+    g.add_argument(
+        "--num-steps",
+        type=positive_int,
+        default=None,
+        help="sampling steps of a few-step generator, gradients through every one "
+        "(flux-schnell 1-4, default 1; sd3.5-large-turbo 1-4, default 4; sana-sprint 1-2, "
+        "default 2; pixart-dmd and the U-Net generators: 1)",
     )
     g.add_argument(
         "--weights",
@@ -61,7 +71,7 @@ def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = Tr
     g.add_argument(
         "--no-gradient-checkpointing",
         action="store_true",
-        help="keep all U-Net and VAE activations instead of recomputing them",
+        help="keep all U-Net / transformer and VAE activations instead of recomputing them",
     )
     g.add_argument(
         "--height", type=positive_int, default=None, help="image height (default: the model's)"
@@ -443,6 +453,7 @@ def _load(args, model: str | None = None, first: bool = True):
         width=args.width,
         gradient_checkpointing=not args.no_gradient_checkpointing,
         apply_weights=first,
+        num_steps=args.num_steps,
     )
 
 
@@ -453,6 +464,7 @@ def _model_info(args, gen) -> dict:
         "dtype": args.dtype,
         "vae": args.vae,
         "weights": args.weights,
+        "num_steps": getattr(gen, "num_steps", 1),
     }
 
 
