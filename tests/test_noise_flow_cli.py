@@ -109,3 +109,66 @@ def test_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, kind, extra, me
     assert code == 2 and len(err) == 1 and err[0].startswith("diffalign: error:"), err
     assert message in err[0], err
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+# kind -> (make-tiny kind, image size); pixart-dmd takes no LoRA (tested as bad input)
+OTHERS = {
+    "sd3.5-large-turbo": ("sd35-turbo", 32),
+    "sana-sprint": ("sana-sprint", 64),
+}
+
+
+@pytest.mark.parametrize("kind", list(OTHERS))
+def test_lora_sft_on_the_other_generators_loads_into_their_pipelines(
+    tiny_model_dir, tmp_path, capsys, kind
+):
+    import diffusers
+
+    from diffalign.noise.flow_generators import FEWSTEP_GENERATORS
+
+    tiny, size = OTHERS[kind]
+    model = tiny_model_dir(tiny)
+    margs = ["--model", model, "--height", str(size), "--width", str(size), "--num-steps", "1"]
+    data = write_pairs(tmp_path / "data", n=1, size=size)
+    ds = tmp_path / "ds"
+    argv = ["noise", "build-dataset", "--data-root", str(data), "--output-dir", str(ds)]
+    argv += ["--steps", "1", "--no-plots", "--num-intermediates", "0", *margs]
+    assert main(argv) == 0, capsys.readouterr().err
+    sft = tmp_path / "sft"
+    argv = ["noise", "sft", "--manifest-path", str(ds), "--output-dir", str(sft), "--lr", "1e-2"]
+    argv += ["--max-steps", "1", "--lora-rank", "2", "--tracker", "none", *margs]
+    assert main(argv) == 0, capsys.readouterr().err
+    final = sft / "checkpoint-final"
+    tensors, _ = load_tensors(final / "pytorch_lora_weights.safetensors")
+    assert tensors and all("lora" in k for k in tensors)
+    pipe = getattr(diffusers, FEWSTEP_GENERATORS[kind].pipeline).from_pretrained(model)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(final)
+    pipe.fuse_lora()
+    after = {k.replace(".base_layer.", "."): v for k, v in pipe.transformer.state_dict().items()}
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k in after)
+
+
+def test_full_transformer_sft_exports_a_pipeline_that_runs_again(tiny_model_dir, tmp_path, capsys):
+    from diffalign.noise.generators import load_generator
+
+    model = tiny_model_dir("pixart-dmd")
+    data = write_pairs(tmp_path / "data", n=1)
+    ds = tmp_path / "ds"
+    argv = ["noise", "build-dataset", "--data-root", str(data), "--output-dir", str(ds)]
+    assert main(argv + ["--steps", "1", "--no-plots", *model_args(model)]) == 0
+    sft = tmp_path / "sft"
+    argv = ["noise", "sft", "--manifest-path", str(ds), "--output-dir", str(sft)]
+    argv += ["--max-steps", "1", "--tracker", "none", *model_args(model)]
+    capsys.readouterr()
+    assert main([*argv, "--lora-rank", "2"]) == 2  # PixArt-alpha has no diffusers LoRA loader
+    assert "pixart-dmd takes no LoRA" in capsys.readouterr().err
+    assert main(argv) == 0
+    final = sft / "checkpoint-final"
+    record = json.loads((final / "onestep_generator.json").read_text())
+    assert record["generator"] == "pixart-dmd"
+    gen = load_generator(str(final), None, height=SIZE, width=SIZE, device="cpu")
+    assert gen.name == "pixart-dmd"  # recognised again without --generator
+    with torch.no_grad():
+        img = gen.generate(gen.sample_noise(1), gen.encode_prompts(["a cat"]))
+    assert img.shape == (1, 3, SIZE, SIZE)

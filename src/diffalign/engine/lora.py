@@ -40,13 +40,9 @@ def save_unet_lora(
 def save_transformer_lora(pipeline_cls: Any, out_dir: str | os.PathLike, transformer: Any) -> Path:
     """Write a peft-wrapped transformer's adapter in diffusers' LoRA layout: through
     `pipeline_cls.save_lora_weights(transformer_lora_layers=...)` (read back by
-    `pipe.load_lora_weights(folder)`), or, for a pipeline without a LoRA loader (PixArt-alpha),
-    the transformer's own `save_lora_adapter` (read by `transformer.load_lora_adapter`)."""
+    `pipe.load_lora_weights(folder)`)."""
     from peft.utils import get_peft_model_state_dict
 
-    if not hasattr(pipeline_cls, "save_lora_weights"):
-        transformer.save_lora_adapter(str(out_dir), weight_name=LORA_WEIGHTS_FILE)
-        return Path(out_dir) / LORA_WEIGHTS_FILE
     lora = {
         k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()
     }

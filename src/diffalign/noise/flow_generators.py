@@ -343,21 +343,18 @@ class FewStepTransformerGenerator(OneStepGenerator):
 
     def load_lora(self, path: str | Path, adapter_name: str = "default") -> None:
         """Load a LoRA export (a folder or file) onto the transformer."""
-        if hasattr(self.pipe, "load_lora_weights"):
-            self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-        else:  # PixArt's pipeline has no LoRA loader: the transformer's own adapter loader
-            self.transformer.load_lora_adapter(str(path), prefix=None, adapter_name=adapter_name)
+        if not hasattr(self.pipe, "load_lora_weights"):
+            raise DiffalignError(no_lora_message(self))
+        self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
 
     def fuse_lora(self) -> None:
-        if hasattr(self.pipe, "fuse_lora"):
-            self.pipe.fuse_lora()
-        else:
-            self.transformer.fuse_lora()
+        if not hasattr(self.pipe, "fuse_lora"):
+            raise DiffalignError(no_lora_message(self))
+        self.pipe.fuse_lora()
 
     def export_finetuned(self, out_dir, info: dict | None = None) -> None:
         """Full transformer: the whole pipeline (`save_pretrained`) plus the kind it runs as; a
-        LoRA: `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights` reads (PixArt:
-        the transformer's `load_lora_adapter`)."""
+        LoRA: `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights` reads."""
         from diffalign.engine.io import write_json
         from diffalign.noise.generators import FINETUNED_FILE
 
@@ -374,6 +371,16 @@ class FewStepTransformerGenerator(OneStepGenerator):
             Path(out_dir) / FINETUNED_FILE,
             {"generator": self.name, "release": self.spec.release, **_plain(info)},
         )
+
+
+def no_lora_message(gen: OneStepGenerator) -> str:
+    """Why a generator takes no LoRA (PixArt-alpha: neither its pipeline nor its transformer
+    has diffusers' LoRA loaders in 0.42), and what to do instead."""
+    return (
+        f"{gen.name} takes no LoRA: its {type(gen.pipe).__name__} / "
+        f"{type(gen.trainable_module()).__name__} have no diffusers LoRA loader; fine-tune the "
+        "whole transformer (leave out --lora-rank / --init-lora)"
+    )
 
 
 def _plain(info: dict | None) -> dict:

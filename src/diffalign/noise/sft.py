@@ -281,6 +281,11 @@ def prepare_unet(
     if lora_rank is None and init_lora is None:
         unet.requires_grad_(True)
         return False
+    if not hasattr(unet, "add_adapter"):  # e.g. PixArt-alpha's transformer in diffusers 0.42
+        raise DiffalignError(
+            f"{generator.name} takes no LoRA: its {type(unet).__name__} has no diffusers LoRA "
+            "support; fine-tune the whole model (leave out --lora-rank / --init-lora)"
+        )
     if init_lora is not None:
         try:
             generator.load_lora(init_lora, adapter_name="default")
