@@ -91,8 +91,9 @@ def test_assign_dataset_lora_sft_em_on_flux_schnell(flux, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("kind", "extra", "message"),
     [
-        ("sd35-turbo", ["--generator", "flux-schnell"], "not flux-schnell"),
-        ("sdxl", ["--generator", "pixart-dmd"], "not pixart-dmd"),
+        ("sd35-turbo", ["--generator", "flux-schnell"], "runs a FluxPipeline"),
+        ("sdxl", ["--generator", "pixart-dmd"], "runs a PixArtAlphaPipeline"),
+        ("flux-dev", ["--generator", "flux-schnell"], "embeds guidance (FLUX.1-dev)"),
         ("flux-schnell", ["--num-steps", "5"], "outside flux-schnell's range 1..4"),
         ("sana-sprint", ["--num-steps", "3"], "outside sana-sprint's range 1..2"),
         ("pixart-dmd", ["--num-steps", "2"], "exactly 1 step"),
@@ -141,7 +142,12 @@ def test_lora_sft_on_the_other_generators_loads_into_their_pipelines(
     final = sft / "checkpoint-final"
     tensors, _ = load_tensors(final / "pytorch_lora_weights.safetensors")
     assert tensors and all("lora" in k for k in tensors)
-    pipe = getattr(diffusers, FEWSTEP_GENERATORS[kind].pipeline).from_pretrained(model)
+    from diffalign.noise.generators import load_generator
+
+    # the export records its recipe: it loads again as this kind (base + the LoRA fused)
+    gen = load_generator(str(final), None, height=size, width=size, device="cpu")
+    assert gen.name == kind and gen.recipe.loras == (str(final.absolute()),)
+    pipe = getattr(diffusers, FEWSTEP_GENERATORS[kind].recipe.pipeline_class).from_pretrained(model)
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     pipe.load_lora_weights(final)
     pipe.fuse_lora()
@@ -165,8 +171,8 @@ def test_full_transformer_sft_exports_a_pipeline_that_runs_again(tiny_model_dir,
     assert "pixart-dmd takes no LoRA" in capsys.readouterr().err
     assert main(argv) == 0
     final = sft / "checkpoint-final"
-    record = json.loads((final / "onestep_generator.json").read_text())
-    assert record["generator"] == "pixart-dmd"
+    record = json.loads((final / "diffalign_generator.json").read_text())
+    assert record["generator"] == "pixart-dmd" and record["export"] == "pipeline"
     gen = load_generator(str(final), None, height=SIZE, width=SIZE, device="cpu")
     assert gen.name == "pixart-dmd"  # recognised again without --generator
     with torch.no_grad():

@@ -16,9 +16,7 @@ from diffalign.engine.cliutils import (
 
 
 def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = True) -> None:
-    from diffalign.noise.generators import all_generator_names
-
-    generators = all_generator_names()
+    from diffalign.noise.recipes import GENERATORS
 
     g = p.add_argument_group("model")
     g.add_argument(
@@ -26,14 +24,17 @@ def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = Tr
         "--model-id",
         dest="model",
         default="sdxl-turbo",
-        help=f"generator ({', '.join(generators)}), a preset, a diffusers pipeline folder (e.g. "
+        help=f"generator ({', '.join(GENERATORS)}), a preset, a diffusers pipeline folder (e.g. "
         "an earlier `noise sft` checkpoint-final) or a Hub id (default: %(default)s)",
     )
     g.add_argument(
         "--generator",
-        choices=generators,
+        choices=tuple(GENERATORS),
         default=None,
-        help="which one-step recipe to run --model with (default: from --model)",
+        help="which one-step recipe to run --model with (default: the recipe a `noise sft` "
+        "export recorded, or the release --model is: SDXL-Turbo, SD-Turbo, FLUX.1-schnell, "
+        "SD3.5-Large-Turbo, SANA-Sprint, PixArt-alpha DMD; required for any other model, e.g. "
+        "an SD 1.5 or SDXL base with hyper-sd15 / hyper-sdxl)",
     )
     g.add_argument(
         "--num-steps",
@@ -434,17 +435,14 @@ def _device(args):
 
 
 def _load(args, model: str | None = None, first: bool = True):
-    """The generator of ``model``; a fine-tuned pipeline (an earlier `noise sft` or `em`
-    checkpoint-final) runs as the kind it was made from, without re-applying Hyper-SD weights."""
-    from diffalign.noise.generators import finetuned_generator, load_generator
+    """The generator of ``model`` (default ``--model``) as `generator_recipe` finds it; an
+    earlier `noise sft` / `em` export runs as the recipe it recorded, its Hyper-SD weights not
+    applied again. ``--weights`` goes to the initial model only (``first``)."""
+    from diffalign.noise.generators import load_generator
 
-    model = model or args.model
-    kind = finetuned_generator(model)
-    if kind is not None:
-        first = False
     return load_generator(
-        model,
-        args.generator or kind,
+        model or args.model,
+        args.generator,
         weights=args.weights if first else None,
         dtype=args.dtype,
         device=_device(args),
@@ -452,7 +450,6 @@ def _load(args, model: str | None = None, first: bool = True):
         height=args.height,
         width=args.width,
         gradient_checkpointing=not args.no_gradient_checkpointing,
-        apply_weights=first,
         num_steps=args.num_steps,
     )
 

@@ -18,13 +18,13 @@ pipeline's own sampling loop, differentiably from the initial noise ``z [B, C, H
 
 Gradient checkpointing of the transformer (and the VAE decoder where it has it) is on by default:
 the gradient flows through every step. ``render(z, c, k)`` re-renders with ``k`` steps of the same
-model (`noise optimize --final-steps`). Each kind names its release and pipeline class in
-:data:`FEWSTEP_GENERATORS` (the marks a folder is recognised by).
+model (`noise optimize --final-steps`). Each kind is also a recipe of
+:mod:`diffalign.noise.recipes` (pipeline class, release, preset), so a folder is recognised as
+every generator's is (:func:`~diffalign.noise.recipes.generator_recipe`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,73 +39,34 @@ __all__ = [
     "FEWSTEP_GENERATORS",
     "FewStepSpec",
     "FewStepTransformerGenerator",
-    "fewstep_kind_of_folder",
     "load_fewstep_generator",
 ]
 
 
 @dataclass(frozen=True)
 class FewStepSpec:
-    """One few-step transformer generator kind and its identifying marks."""
+    """How a few-step kind samples; its recipe (pipeline class, release, preset, image size)
+    is :data:`diffalign.noise.recipes.GENERATORS` ``[name]``."""
 
     name: str
-    pipeline: str  # diffusers pipeline class (model_index.json `_class_name`)
-    release: str  # the Hub repo it stands for
-    preset: str  # `engine.loading` preset of the release
-    size: int  # default image height = width
     default_steps: int  # steps while optimising
     max_steps: int  # the model's step range is 1..max_steps
     transformer: str  # transformer class name
-    releases: tuple[str, ...] = ()  # further release names that mean this kind
+
+    @property
+    def recipe(self):
+        from diffalign.noise.recipes import GENERATORS
+
+        return GENERATORS[self.name]
 
 
 FEWSTEP_GENERATORS: dict[str, FewStepSpec] = {
     s.name: s
     for s in (
-        FewStepSpec(
-            "flux-schnell",
-            "FluxPipeline",
-            "black-forest-labs/FLUX.1-schnell",
-            "flux-schnell",
-            1024,
-            1,
-            4,
-            "FluxTransformer2DModel",
-            ("FLUX.1 [schnell]",),
-        ),
-        FewStepSpec(
-            "sd3.5-large-turbo",
-            "StableDiffusion3Pipeline",
-            "stabilityai/stable-diffusion-3.5-large-turbo",
-            "sd3.5-large-turbo",
-            1024,
-            4,
-            4,
-            "SD3Transformer2DModel",
-            ("Stable Diffusion 3.5 Large Turbo",),
-        ),
-        FewStepSpec(
-            "sana-sprint",
-            "SanaSprintPipeline",
-            "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
-            "sana-sprint",
-            1024,
-            2,
-            2,
-            "SanaTransformer2DModel",
-            ("Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers", "SANA-Sprint 1.6B 1024px"),
-        ),
-        FewStepSpec(
-            "pixart-dmd",
-            "PixArtAlphaPipeline",
-            "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
-            "pixart-dmd",
-            512,
-            1,
-            1,
-            "PixArtTransformer2DModel",
-            ("PixArt-Alpha-DMD-XL-2-512x512",),
-        ),
+        FewStepSpec("flux-schnell", 1, 4, "FluxTransformer2DModel"),
+        FewStepSpec("sd3.5-large-turbo", 4, 4, "SD3Transformer2DModel"),
+        FewStepSpec("sana-sprint", 2, 2, "SanaTransformer2DModel"),
+        FewStepSpec("pixart-dmd", 1, 1, "PixArtTransformer2DModel"),
     )
 }
 
@@ -118,88 +79,6 @@ SANA_INTERMEDIATE_TIMESTEP = 1.3
 PIXART_DMD_TIMESTEP = 400  # the release's demo: timesteps=[400], guidance 1, one step
 PIXART_MAX_SEQUENCE_LENGTH = 120
 STEP_NOISE_SEED = 0  # the SANA 2-step re-noising draw
-
-
-# ------------------------------------------------------------------------------ recognition
-
-
-def card_releases(folder: Path) -> list[str]:
-    """The release names a folder's model card gives: `from_pretrained("<repo id>")` lines, a
-    front-matter `release:` and its title (the marks of `make-tiny` cards and the Hub's)."""
-    import re
-
-    try:
-        text = (folder / "README.md").read_text(encoding="utf-8")[:20000]
-    except (OSError, UnicodeDecodeError):
-        return []
-    names = re.findall(r"from_pretrained\(\s*[\"']([^\"']+)[\"']", text)
-    names += [m.strip() for m in re.findall(r"^release:(.*)$", text, flags=re.M)]
-    names += [m.strip() for m in re.findall(r"^# (.*)$", text, flags=re.M)[:1]]
-    return names
-
-
-def release_kind(release: str | None) -> str | None:
-    """The few-step kind whose release (or alias) is ``release``, else None."""
-    if not release:
-        return None
-    for spec in FEWSTEP_GENERATORS.values():
-        if release == spec.release or release in spec.releases:
-            return spec.name
-    return None
-
-
-def _card_kind(folder: Path) -> tuple[str | None, str | None]:
-    """(kind, release name) of the first card mark that names a few-step release."""
-    for name in card_releases(folder):
-        kind = release_kind(name)
-        if kind is not None:
-            return kind, name
-    return None, None
-
-
-def _pipeline_class(folder: Path) -> str:
-    try:
-        return str(
-            json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get(
-                "_class_name", ""
-            )
-        )
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return ""
-
-
-def fewstep_kind_of_folder(folder: str | Path) -> str | None:
-    """The few-step kind a pipeline folder is by its marks (model card release, else the
-    pipeline class where only one kind uses it), else None."""
-    folder = Path(folder)
-    kind, _ = _card_kind(folder)
-    if kind is not None:
-        return kind
-    cls = _pipeline_class(folder)
-    if cls == "SanaSprintPipeline":
-        return "sana-sprint"
-    if cls == "FluxPipeline":  # schnell is the FLUX.1 text-to-image model without guidance
-        try:
-            config = json.loads((folder / "transformer" / "config.json").read_text("utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        if isinstance(config, dict) and config.get("guidance_embeds") is False:
-            return "flux-schnell"
-    return None
-
-
-def check_folder_is(folder: Path, spec: FewStepSpec) -> None:
-    """A folder whose marks name another release or pipeline is not ``spec``: one line."""
-    cls = _pipeline_class(folder)
-    if cls and cls != spec.pipeline:
-        raise DiffalignError(
-            f"--model {folder} holds a {cls}, not {spec.name} ({spec.pipeline}, {spec.release})"
-        )
-    other, release = _card_kind(folder)
-    if other is not None and other != spec.name:
-        raise DiffalignError(
-            f"--model {folder} is {release} (model card), not {spec.name} ({spec.release})"
-        )
 
 
 # ------------------------------------------------------------------------------ the generators
@@ -219,6 +98,7 @@ class FewStepTransformerGenerator(OneStepGenerator):
         pipe,
         spec: FewStepSpec,
         *,
+        recipe=None,
         num_steps: int | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -228,6 +108,7 @@ class FewStepTransformerGenerator(OneStepGenerator):
         super().__init__()
         self.name = spec.name
         self.spec = spec
+        self.recipe = recipe  # how it was loaded (`noise.recipes.Recipe`), recorded in exports
         self.pipe = pipe
         self.transformer = pipe.transformer.eval().requires_grad_(False)
         self.vae = pipe.vae.eval().requires_grad_(False)
@@ -238,8 +119,8 @@ class FewStepTransformerGenerator(OneStepGenerator):
         if vae_upcast and self.vae.dtype in (torch.float16, torch.bfloat16):
             self.vae.to(torch.float32)
         self.num_steps = check_num_steps(spec, num_steps)
-        self.height = height or spec.size
-        self.width = width or spec.size
+        self.height = height or spec.recipe.size
+        self.width = width or spec.recipe.size
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
             if getattr(self.vae, "_supports_gradient_checkpointing", False):
@@ -356,21 +237,18 @@ class FewStepTransformerGenerator(OneStepGenerator):
         """Full transformer: the whole pipeline (`save_pretrained`) plus the kind it runs as; a
         LoRA: `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights` reads."""
         from diffalign.engine.io import write_json
-        from diffalign.noise.generators import FINETUNED_FILE
+        from diffalign.noise.recipes import RECIPE_FILE, recipe_record
 
         if getattr(self.transformer, "peft_config", None):
             from diffalign.engine.lora import save_transformer_lora
 
             save_transformer_lora(type(self.pipe), out_dir, self.transformer)
+            export = "lora"
         else:
             self.pipe.save_pretrained(str(out_dir), safe_serialization=True)
-            card = Path(str(getattr(self.pipe, "_name_or_path", "") or "")) / "README.md"
-            if card.is_file():  # the release's card: the export stays recognisable
-                (Path(out_dir) / "README.md").write_bytes(card.read_bytes())
-        write_json(
-            Path(out_dir) / FINETUNED_FILE,
-            {"generator": self.name, "release": self.spec.release, **_plain(info)},
-        )
+            export = "pipeline"
+        record = recipe_record(self.spec.recipe, export, self.recipe, None)
+        write_json(Path(out_dir) / RECIPE_FILE, {**record, "num_steps": self.num_steps})
 
 
 def no_lora_message(gen: OneStepGenerator) -> str:
@@ -381,10 +259,6 @@ def no_lora_message(gen: OneStepGenerator) -> str:
         f"{type(gen.trainable_module()).__name__} have no diffusers LoRA loader; fine-tune the "
         "whole transformer (leave out --lora-rank / --init-lora)"
     )
-
-
-def _plain(info: dict | None) -> dict:
-    return {k: v for k, v in (info or {}).items() if isinstance(v, str | int | float | bool)}
 
 
 def check_num_steps(spec: FewStepSpec, num_steps: int | None, option: str = "--num-steps") -> int:
@@ -660,21 +534,8 @@ def pipeline_kwargs(gen: FewStepTransformerGenerator, num_steps: int | None = No
 # ------------------------------------------------------------------------------ loading
 
 
-def _pipeline_cls(spec: FewStepSpec):
-    import diffusers
-
-    return getattr(diffusers, spec.pipeline)
-
-
-def _transformer_cls(spec: FewStepSpec):
-    import diffusers
-
-    return getattr(diffusers, spec.transformer)
-
-
 def load_fewstep_generator(
-    model: str | None,
-    kind: str,
+    recipe,
     *,
     num_steps: int | None = None,
     dtype: str | torch.dtype = "float32",
@@ -683,36 +544,39 @@ def load_fewstep_generator(
     width: int | None = None,
     gradient_checkpointing: bool = True,
 ) -> FewStepTransformerGenerator:
-    """Load a few-step generator of ``kind`` from ``model`` (a local pipeline folder, the kind's
-    name / preset, or a Hub id) through ``engine.loading.load_pipeline``."""
-    from diffalign.engine.loading import PRESETS, load_pipeline, parse_dtype, resolve_model
+    """Load the few-step generator a :class:`~diffalign.noise.recipes.Recipe` names (its kind,
+    the pipeline to load, LoRA exports to fuse) through ``engine.loading.load_pipeline``."""
+    import diffusers
 
+    from diffalign.engine.loading import load_pipeline, parse_dtype
+    from diffalign.noise.generators import _fuse_finetuned_lora
+
+    kind = recipe.spec.name
     spec = FEWSTEP_GENERATORS[kind]
     steps = check_num_steps(spec, num_steps)  # before minutes of loading
-    base = spec.preset if model in (None, kind) else str(model)
-    resolved = resolve_model(base)
-    if resolved.kind == "folder":
-        check_folder_is(Path(resolved.source), spec)
     torch_dtype = parse_dtype(dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    preset = PRESETS.get(spec.preset)
     pipe = load_pipeline(
-        base,
-        _pipeline_cls(spec),
-        preset.family if preset is not None else kind,
+        recipe.model,
+        getattr(diffusers, recipe.spec.pipeline_class),
+        recipe.spec.family,
         dtype=torch_dtype,
         device=None,
-        expect={"transformer": _transformer_cls(spec)},
+        expect={"transformer": getattr(diffusers, spec.transformer)},
     )
     if kind == "flux-schnell" and pipe.transformer.config.guidance_embeds:
         raise DiffalignError(
-            f"--model {model}: its transformer embeds guidance (FLUX.1-dev), not FLUX.1-schnell"
+            f"--model {recipe.model}: its transformer embeds guidance (FLUX.1-dev), not "
+            "FLUX.1-schnell"
         )
+    for i, lora in enumerate(recipe.loras):  # fine-tuned LoRA exports, in the order made
+        _fuse_finetuned_lora(pipe, lora, f"finetuned{i}")
     pipe.to(device)
     return _CLASSES[kind](
         pipe,
         spec,
+        recipe=recipe,
         num_steps=steps,
         height=height,
         width=width,
