@@ -81,3 +81,16 @@ def test_generator_matches_its_pipeline_and_is_differentiable(tiny_model_dir, ki
     assert diff <= 1e-4, diff
     (images * torch.linspace(0, 1, images.numel()).view_as(images)).sum().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and float(z.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_tiny_folders_carry_their_release_marks(tiny_model_dir, kind):
+    """make-tiny writes the release's model card: the folder is recognised as that release."""
+    from diffalign.engine.releases import identify_release, pipeline_class_of
+    from diffalign.noise.recipes import GENERATORS, generator_recipe
+
+    folder = tiny_model_dir(CASES[kind][0])
+    release, mark = identify_release(folder)
+    assert release.hub_id == GENERATORS[kind].release and "model card" in mark
+    assert pipeline_class_of(folder) == CASES[kind][3]
+    assert generator_recipe(folder).spec.name == kind
