@@ -45,7 +45,7 @@ def test_optimize_on_flux_schnell_raises_the_reward_and_keeps_q_orthogonal(
     assert s["final_steps"] == 4 and isinstance(s["final_steps_reward"], float)
 
 
-def test_assign_dataset_lora_sft_em_on_flux_schnell(flux, tmp_path, capsys):
+def test_assign_dataset_lora_sft_on_flux_schnell(flux, tmp_path, capsys):
     from diffusers import FluxPipeline
 
     data = write_pairs(tmp_path / "data", n=2)
@@ -77,6 +77,9 @@ def test_assign_dataset_lora_sft_em_on_flux_schnell(flux, tmp_path, capsys):
     after = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
     assert float((after - before).abs().max()) > 0
 
+
+def test_em_cycles_a_lora_on_flux_schnell(flux, tmp_path, capsys):
+    data = write_pairs(tmp_path / "data", n=2)
     work = tmp_path / "em"
     argv = ["noise", "em", "--data-root", str(data), "--work-dir", str(work)]
     argv += ["--num-cycles", "2", "--assign-steps", "1", "--train-max-steps", "1"]

@@ -3,8 +3,9 @@
 A one-step generator maps an initial noise ``z [B, C, h, w]`` and encoded prompts to images in
 ``[0, 1]``, differentiably from ``z``. Test-time optimisation (:mod:`diffalign.noise.optimize`)
 only talks to this interface; the real diffusion generators (SDXL-Turbo, SD-Turbo, Hyper-SD, in
-:mod:`diffalign.noise.generators`) and the toy GAN (:mod:`diffalign.noise.toy.onestep`) are two
-implementations of it.
+:mod:`diffalign.noise.generators`; FLUX.1-schnell, SD3.5-Large-Turbo, SANA-Sprint, PixArt DMD,
+in :mod:`diffalign.noise.flow_generators`) and the toy GAN (:mod:`diffalign.noise.toy.onestep`)
+implement it.
 
 Encoded prompts are a dict of batch-first tensors, so a batch can be sliced and repeated with
 :func:`select_embeds` / :func:`repeat_embeds` whatever the model puts in it.
