@@ -141,7 +141,7 @@ def test_hyper_sd15_export_is_not_fused_twice(tiny, manifest, tmp_path, monkeypa
     assert not (tmp_path / "o").exists()
 
 
-def test_lora_export_records_its_recipe_and_loads_as_model(tiny, manifest, tmp_path):
+def test_lora_export_records_its_recipe_and_loads_as_model(tiny, manifest, tmp_path, capsys):
     """A LoRA export (hyper-sd15 + a fine-tuned LoRA) records kind, scheduler, base model and
     Hyper file; as `--model` it is the base + the Hyper LoRA + its LoRA, each fused once."""
     from diffusers import StableDiffusionPipeline, TCDScheduler
@@ -182,6 +182,57 @@ def test_lora_export_records_its_recipe_and_loads_as_model(tiny, manifest, tmp_p
     assert rec2["export"] == "pipeline" and rec2["weights_in_export"] is True
     r2 = generator_recipe(again, "hyper-sd15")
     assert r2.weights_in_model and r2.loras == () and r2.model == again
+    # continuing the LoRA on a model of another recipe: one line
+    argv = ["noise", "sft", "--manifest-path", str(manifest), "--output-dir", str(tmp_path / "x")]
+    argv += ["--direct", "--init-lora", export, "--tracker", "none", *model_args(tiny("sd21"))]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "was trained on hyper-sd15" in err[0], err
+
+
+def test_em_lora_e_step_keeps_the_hyper_lora(tiny, tmp_path, monkeypatch):
+    """EM with a LoRA on hyper-sd15: cycle 1 assigns with base + Hyper LoRA + cycle 0's LoRA
+    (loading cycle 0's LoRA beside the fused Hyper adapter used to unmerge and drop it)."""
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+
+    from diffalign.noise import dataset as dataset_module
+    from diffalign.noise.dataset import AssignSettings
+    from diffalign.noise.em import em
+
+    lora = _hyper(tiny, "Hyper-SD15-1step-lora.safetensors")
+    seen = []
+    real = dataset_module.build_dataset
+
+    def spy(gen, *args, **kwargs):
+        seen.append(gen)
+        return real(gen, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "build_dataset", spy)
+    s = em(
+        tiny("sd15"),
+        write_pairs(tmp_path / "data", n=2),
+        tmp_path / "em",
+        num_cycles=2,
+        load=lambda m, first: load_generator(
+            m, "hyper-sd15", weights=lora if first else None, **KW
+        ),
+        assign_kwargs={"settings": AssignSettings(steps=1), "batch_size": 2, "plots": False},
+        sft_kwargs={"lora_rank": 2, "max_steps": 1, "lr": 1e-2, "batch_size": 2,
+                    "tracker": "none"},
+        lora=True,
+        progress=False,
+    )  # fmt: skip
+    cycle0 = s["cycles"][0]["model"]
+    z, img = _images(seen[1])
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny("sd15"), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.load_lora_weights(lora, adapter_name="hyper")
+    pipe.load_lora_weights(cycle0, adapter_name="tuned")
+    pipe.set_adapters(["hyper", "tuned"], [1.0, 1.0])
+    ref = _reference(pipe, TCDScheduler, z, num_inference_steps=1, eta=1.0)
+    assert torch.allclose(img, ref, atol=1e-4), float((img - ref).abs().max())
 
 
 # ------------------------------------------------------------------ item 7: recognition
@@ -244,3 +295,56 @@ def test_pipeline_class_mismatch_is_one_line(tiny, tmp_path, capsys):
     assert len(err) == 1 and "StableDiffusionXLPipeline" in err[0], err
     assert "sd-turbo runs a StableDiffusionPipeline" in err[0], err
     assert not out.exists()
+
+
+def test_model_card_title_skips_the_front_matter(tmp_path):
+    """An early SDXL-Turbo card has YAML comments starting with '# ' in its front matter."""
+    from diffalign.engine.releases import identify_release, model_card_title
+
+    (tmp_path / "README.md").write_text(
+        "---\n# For reference on model card metadata, see the spec\n{}\n---\n\n"
+        "# SDXL-Turbo Model Card\n\n<!-- summary -->\n## Model Details\n"
+    )
+    assert model_card_title(tmp_path) == "SDXL-Turbo Model Card"
+    assert identify_release(str(tmp_path))[0].hub_id == "stabilityai/sdxl-turbo"
+    (tmp_path / "README.md").write_text("# My SDXL fine-tune\n\nbased on SDXL-Turbo Model Card\n")
+    assert identify_release(str(tmp_path)) is None
+
+
+def test_a_new_kind_registers_its_marks_in_one_place(tiny, tmp_path, monkeypatch):
+    """A kind names its release (engine.releases: Hub ids, card title, pipeline class); folders
+    and Hub ids of that release then run as the kind with no other change."""
+    from dataclasses import replace
+
+    from diffalign.engine import releases
+    from diffalign.noise import recipes
+
+    rel = releases.Release(
+        "Tiny-Lightning", ("example/tiny-lightning",), "Tiny-Lightning", "StableDiffusionXLPipeline"
+    )
+    monkeypatch.setitem(releases.RELEASES, rel.hub_id, rel)
+    spec = replace(recipes.GENERATORS["sdxl-turbo"], name="tiny-lightning", release=rel.hub_id)
+    monkeypatch.setitem(recipes.GENERATORS, spec.name, spec)
+    folder = tmp_path / "m"
+    shutil.copytree(tiny("sdxl"), folder)
+    releases.write_model_card(folder, rel, "a tiny stand-in")
+    assert recipes.generator_recipe(str(folder)).spec.name == "tiny-lightning"
+    assert recipes.generator_recipe("example/tiny-lightning").spec.name == "tiny-lightning"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("{not json", "not a valid recipe record"),
+        ('{"generator": ["sdxl-turbo"], "export": "pipeline"}', "records generator"),
+        ('{"generator": "sdxl-lightning", "export": "pipeline"}', "records generator"),
+        ('{"generator": "sdxl-turbo", "export": "zip"}', "'export' must be"),
+        ('{"generator": "hyper-sd15", "export": "lora", "base_model": 3}', "'base_model'"),
+    ],
+)
+def test_a_broken_recipe_record_is_one_error(tmp_path, text, needle):
+    from diffalign.noise.recipes import RECIPE_FILE, generator_recipe
+
+    (tmp_path / RECIPE_FILE).write_text(text)
+    with pytest.raises(DiffalignError, match=needle):
+        generator_recipe(str(tmp_path))

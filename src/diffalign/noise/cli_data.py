@@ -24,8 +24,9 @@ def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = Tr
         "--model-id",
         dest="model",
         default="sdxl-turbo",
-        help=f"generator ({', '.join(GENERATORS)}), a preset, a diffusers pipeline folder (e.g. "
-        "an earlier `noise sft` checkpoint-final) or a Hub id (default: %(default)s)",
+        help=f"generator ({', '.join(GENERATORS)}), a preset, a diffusers pipeline folder, an "
+        "earlier `noise sft` checkpoint-final (pipeline or LoRA: runs as its recorded recipe) "
+        "or a Hub id (default: %(default)s)",
     )
     g.add_argument(
         "--generator",
@@ -580,6 +581,7 @@ def _run_sft(args) -> int:
 
     _check_train_dtype(args)
     gen = _load(args)
+    _check_init_lora(args.init_lora, gen.name)
     r = sft(
         gen,
         args.manifest_path,
@@ -593,6 +595,19 @@ def _run_sft(args) -> int:
     )
     print(f"model: {r['model']} ({r['steps']} steps; best: {r['best']})")
     return 0
+
+
+def _check_init_lora(init_lora, kind: str) -> None:
+    """An `--init-lora` export made for another recipe does not continue on this one."""
+    from diffalign.engine.errors import DiffalignError
+    from diffalign.noise.recipes import RECIPE_FILE, read_recorded_recipe
+
+    record = read_recorded_recipe(init_lora)
+    if record is not None and record["generator"] != kind:
+        raise DiffalignError(
+            f"--init-lora {init_lora} was trained on {record['generator']} ({RECIPE_FILE}), "
+            f"not on this {kind} model"
+        )
 
 
 def _run_em(args) -> int:

@@ -232,13 +232,16 @@ def read_recorded_recipe(model: str | None) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DiffalignError(f"{path}: not a valid recipe record ({e})") from None
-    if not isinstance(record, dict) or record.get("generator") not in GENERATORS:
-        kind = record.get("generator") if isinstance(record, dict) else None
+    kind = record.get("generator") if isinstance(record, dict) else None
+    if not isinstance(kind, str) or kind not in GENERATORS:
         raise DiffalignError(f"{path}: records generator {kind!r}, not one of {_choices()}")
     if legacy:
         return {"generator": record["generator"], "export": "pipeline", "weights_in_export": True}
     if record.get("export") not in ("pipeline", "lora"):
         raise DiffalignError(f"{path}: 'export' must be pipeline or lora")
+    for key in ("base_model", "weights_file"):
+        if not isinstance(record.get(key), str | None):
+            raise DiffalignError(f"{path}: '{key}' must be a path")
     return record
 
 
@@ -281,9 +284,11 @@ def _check_pipeline_class(model: str, spec: GeneratorSpec) -> None:
 
     held = pipeline_class_of(model)
     if held is not None and held != spec.pipeline_class:
+        fits = [n for n, s in GENERATORS.items() if s.pipeline_class == held]
         raise DiffalignError(
             f"--model {model} holds a {held}, but generator {spec.name} runs a "
-            f"{spec.pipeline_class}; generators for this model: {_choices(held)}"
+            f"{spec.pipeline_class}; "
+            + (f"generators for this model: {', '.join(fits)}" if fits else "no generator runs it")
         )
 
 
