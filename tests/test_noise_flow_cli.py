@@ -150,6 +150,7 @@ def test_lora_sft_on_the_other_generators_loads_into_their_pipelines(
     # the export records its recipe: it loads again as this kind (base + the LoRA fused)
     gen = load_generator(str(final), None, height=size, width=size, device="cpu")
     assert gen.name == kind and gen.recipe.loras == (str(final.absolute()),)
+    assert gen.num_steps == 1  # as trained (--num-steps 1), not the kind's default
     pipe = getattr(diffusers, FEWSTEP_GENERATORS[kind].recipe.pipeline_class).from_pretrained(model)
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     pipe.load_lora_weights(final)

@@ -534,6 +534,19 @@ def pipeline_kwargs(gen: FewStepTransformerGenerator, num_steps: int | None = No
 # ------------------------------------------------------------------------------ loading
 
 
+def recorded_num_steps(recipe) -> int | None:
+    """The step count a `noise sft` export of this recipe recorded (its newest LoRA export's,
+    else the pipeline export's), else None."""
+    from diffalign.noise.recipes import read_recorded_recipe
+
+    for source in (*reversed(recipe.loras), recipe.model):
+        record = read_recorded_recipe(source)
+        steps = (record or {}).get("num_steps")
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            return steps
+    return None
+
+
 def load_fewstep_generator(
     recipe,
     *,
@@ -553,6 +566,8 @@ def load_fewstep_generator(
 
     kind = recipe.spec.name
     spec = FEWSTEP_GENERATORS[kind]
+    if num_steps is None:  # a fine-tuned export samples as it was trained
+        num_steps = recorded_num_steps(recipe)
     steps = check_num_steps(spec, num_steps)  # before minutes of loading
     torch_dtype = parse_dtype(dtype)
     if device is None:
