@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -140,8 +140,15 @@ class TextStreamResidual:
             target, origin, weight, self.mode, rotation, layernorm=self.layernorm, eps=self.eps
         )
 
-    def attach(self, transformer: torch.nn.Module) -> AttachedResidual:
-        """Register the hooks on `transformer.transformer_blocks`; returns the detach handle."""
+    def attach(
+        self, transformer: torch.nn.Module, weights: WeightSource | None = None
+    ) -> AttachedResidual:
+        """Register the hooks on `transformer.transformer_blocks`; returns the detach handle.
+
+        `weights` (learned weights) replaces `self.weights`: a `[len(target_layers)]` tensor, or
+        a callable returning one, read each time a target block runs, so a tensor that requires
+        grad receives the gradient of the output. Every target is then hooked.
+        """
         blocks = getattr(transformer, "transformer_blocks", None)
         if blocks is None:
             raise DiffalignError(
@@ -149,7 +156,7 @@ class TextStreamResidual:
                 "residual needs an SD3/SD3.5 SD3Transformer2DModel"
             )
         self.check_model(len(blocks), transformer_feature_dim(transformer))
-        return AttachedResidual(self, blocks, _module_device(transformer))
+        return AttachedResidual(self, blocks, _module_device(transformer), weights)
 
     def settings(self) -> dict[str, Any]:
         """JSON-able resolved settings (recorded in settings.json by generation commands)."""
@@ -178,15 +185,25 @@ class AttachedResidual:
     """Hooks of one `TextStreamResidual` on one transformer; `detach()` (or leaving the `with`
     block, also on an exception) removes them and leaves the model exactly as before."""
 
-    def __init__(self, residual: TextStreamResidual, blocks: Sequence[torch.nn.Module], device):
+    def __init__(
+        self,
+        residual: TextStreamResidual,
+        blocks: Sequence[torch.nn.Module],
+        device,
+        weights: WeightSource | None = None,
+    ):
         self.residual = residual
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._origins: dict[int, tuple[weakref.ref | None, torch.Tensor]] = {}
         self._rotations: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._weight_source = weights
         if residual.rotations and device is not None:
             for t, r in residual.rotations.items():
                 self._rotations[(t, torch.device(device))] = r.to(device)
-        active = residual.active_targets
+        active: list[tuple[int, float | None]] = list(residual.active_targets)
+        if weights is not None:
+            _check_weight_source(weights, len(residual.target_layers))
+            active = [(t, None) for t in residual.target_layers]
         if not active:
             return  # nothing registered: the transformer runs untouched (bit-identical)
         try:
@@ -196,9 +213,10 @@ class AttachedResidual:
                 )
             )
             for layer, weight in active:
+                index = residual.target_layers.index(layer)
                 self._handles.append(
                     blocks[layer].register_forward_pre_hook(
-                        self._make_target_hook(layer, weight), with_kwargs=True
+                        self._make_target_hook(layer, weight, index), with_kwargs=True
                     )
                 )
         except BaseException:
@@ -255,17 +273,22 @@ class AttachedResidual:
             self._rotations[key] = self.residual.rotations[layer].to(device)
         return self._rotations[key]
 
-    def _make_target_hook(self, layer: int, weight: float):
+    def _make_target_hook(self, layer: int, weight: float | None, index: int):
         res = self.residual
 
         def hook(module, args, kwargs):
             text = _get_text(args, kwargs)
             origin = self._lookup_origin(args, kwargs)
+            if weight is None:  # a learned weight, read now (the gradient reaches it)
+                w = self._weight_source
+                weight_now = (w() if callable(w) else w)[index]
+            else:
+                weight_now = weight
             if res.mode == "ln":
                 rotation = self._rotation_on(layer, text.device)
-                mixed = ln_mix(text, origin, weight, rotation, res.layernorm, res.eps)
+                mixed = ln_mix(text, origin, weight_now, rotation, res.layernorm, res.eps)
             else:
-                mixed = residual_mix(text, origin, weight, "plain")
+                mixed = residual_mix(text, origin, weight_now, "plain")
             return _set_text(args, kwargs, mixed)
 
         return hook
@@ -347,6 +370,17 @@ def transformer_feature_dim(transformer: torch.nn.Module) -> int:
 
 
 # -- helpers -------------------------------------------------------------------------------
+WeightSource = torch.Tensor | Callable[[], torch.Tensor]
+
+
+def _check_weight_source(weights: WeightSource, n: int) -> None:
+    """A weight tensor (or the tensor a callable returns now) must be 1-D with n entries."""
+    probe = weights() if callable(weights) else weights
+    if not isinstance(probe, torch.Tensor) or probe.shape != (n,):
+        shape = list(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+        raise DiffalignError(f"learned residual weights must be a [{n}] tensor (got {shape})")
+
+
 def _drop(store: dict, key: int, ref: weakref.ref) -> None:
     entry = store.get(key)
     if entry is not None and entry[0] is ref:

@@ -166,6 +166,13 @@ def _add_common(
         action="store_true",
         help="parameter-free LayerNorm on the mix before rescaling (ln mode)",
     )
+    r.add_argument(
+        "--residual-weights-file",
+        default=None,
+        metavar="FILE",
+        help="learned weights from `textstream train-weights` (residual_weights.safetensors): "
+        "sets origin, targets, weights and mode; give the rotation file it was trained with",
+    )
 
 
 def register(verbs) -> None:
@@ -298,7 +305,7 @@ def dpg_resolution(resolution: int | None, height: int | None, width: int | None
 
 def _configs(args, n_samples: int, model: str | None = None):
     from diffalign.engine.cliutils import parse_float_list, parse_int_list
-    from diffalign.textstream.generate import GenerationConfig, ResidualConfig
+    from diffalign.textstream.generate import GenerationConfig, ResidualConfig, apply_weights_file
 
     cfg = GenerationConfig(
         model=model if model is not None else args.model,
@@ -328,8 +335,9 @@ def _configs(args, n_samples: int, model: str | None = None):
         mode=args.residual_mode,
         procrustes_path=args.residual_procrustes_path,
         layernorm=args.residual_layernorm,
+        weights_file=args.residual_weights_file,
     )
-    return cfg, rc
+    return cfg, apply_weights_file(rc)
 
 
 def _print_summary(summary: dict, where: str) -> None:

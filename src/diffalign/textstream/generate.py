@@ -87,6 +87,28 @@ class ResidualConfig:
     mode: str | None = None
     procrustes_path: str | None = None
     layernorm: bool = False
+    weights_file: str | None = None  # learned weights (`train-weights`): fills the fields above
+
+
+def apply_weights_file(rc: ResidualConfig) -> ResidualConfig:
+    """`rc` with origin, targets, weights, mode and layernorm taken from `rc.weights_file`
+    (unchanged without one); options that disagree with the file are one DiffalignError line."""
+    if rc.weights_file is None:
+        return rc
+    from dataclasses import replace
+
+    from diffalign.textstream.weights import resolve_weights_file
+
+    resolved = resolve_weights_file(
+        rc.weights_file,
+        origin_layer=rc.origin_layer,
+        target_layers=rc.target_layers,
+        weights=rc.weights,
+        mode=rc.mode,
+        procrustes_path=rc.procrustes_path,
+        layernorm=rc.layernorm,
+    )
+    return replace(rc, **resolved)
 
 
 @dataclass
@@ -194,6 +216,7 @@ def validate_config(cfg: GenerationConfig) -> None:
 
 def validate_residual_config(rc: ResidualConfig) -> None:
     """Checks that need no model: list lengths, file existence, origin < targets."""
+    rc = apply_weights_file(rc)
     if rc.procrustes_path is not None and not Path(rc.procrustes_path).is_file():
         raise DiffalignError(f"rotation file not found: {rc.procrustes_path}")
     if rc.mode not in (None, "plain", "ln"):
@@ -327,6 +350,7 @@ def build_residual_from_config(rc: ResidualConfig, num_layers: int, feature_dim:
     """`diffalign.textstream.build_residual` for these options (None when the feature is off)."""
     from diffalign.textstream import build_residual
 
+    rc = apply_weights_file(rc)
     kwargs: dict[str, Any] = {
         "origin_layer": rc.origin_layer,
         "target_layers": rc.target_layers,
