@@ -524,3 +524,86 @@ def test_train_weights_refuses_another_model_and_missing_rotations(
     assert len(err) == 1 and "no rotation for target layers [3]" in err[0]
     assert main(_train_args(sd3, tmp_path, tmp_path / "c")) == 2
     assert "not a text-stream cache" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# a planted target: data whose best weights are known
+
+
+def _exact_loss(tr, res, weights, latents, pe, pooled) -> float:
+    """`mean ||v_w(x0, t=0) + x0||^2`: the expected loss at s = 0 minus E||eps||^2."""
+    with torch.no_grad(), res.attach(tr, weights=torch.tensor(weights)):
+        v = tr(
+            hidden_states=latents,
+            timestep=torch.zeros(latents.shape[0]),
+            encoder_hidden_states=pe,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+    return float((v + latents).pow(2).mean())
+
+
+@pytest.mark.slow  # about 30 s on a busy 2-core machine: 60 steps
+def test_planted_weights_are_learned(sd3, tmp_path):
+    """At s = 0 the loss is `||v_w(x0) + x0||^2 + E||eps||^2`; latents that are fixed points
+    `x0 = -v_{w*}(x0)` make w* its minimum. Training from elsewhere must move toward w* and lower
+    the held-out loss (the text-to-image attention values are scaled up so that w matters)."""
+    import shutil
+
+    from diffusers import SD3Transformer2DModel
+
+    from diffalign.engine.lmdb_store import TensorLMDB, TensorLMDBWriter
+
+    model = tmp_path / "model"
+    shutil.copytree(sd3, model)
+    tr = SD3Transformer2DModel.from_pretrained(model / "transformer")
+    with torch.no_grad():
+        for block in tr.transformer_blocks:
+            block.attn.add_v_proj.weight.mul_(30.0)
+    tr.save_pretrained(model / "transformer")
+    tr.requires_grad_(False)
+    data = _image_folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    assert main(_cache_args(str(model), data, cache)) == 0
+
+    planted, init = [2.0, 1.0], [0.5, 0.5]
+    res = TextStreamResidual(origin_layer=0, target_layers=[1, 3])
+    ids = [json.loads(line)["id"] for line in (cache / "pairs.jsonl").read_text().splitlines()]
+    stores = {n: TensorLMDB(cache / n) for n in ("prompt_embeds.lmdb", "pooled_prompt_embeds.lmdb")}
+    pe = torch.stack([stores["prompt_embeds.lmdb"].get(k).float() for k in ids])
+    pooled = torch.stack([stores["pooled_prompt_embeds.lmdb"].get(k).float() for k in ids])
+    x = TensorLMDB(cache / "latents.lmdb").get_many(ids).float()
+    with torch.no_grad(), res.attach(tr, weights=torch.tensor(planted)):
+        for _ in range(30):  # x <- -v(x): a contraction on this model
+            x = -tr(
+                hidden_states=x,
+                timestep=torch.zeros(len(ids)),
+                encoder_hidden_states=pe,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+    with TensorLMDBWriter(cache / "latents.lmdb", tuple(x.shape[1:])) as w:
+        for k, xi in zip(ids, x):
+            w.put(k, xi)
+    x = TensorLMDB(cache / "latents.lmdb").get_many(ids).float()  # as stored (fp16)
+
+    # the finite-difference picture: w* is the minimum of the exact loss on a grid around it
+    grid = {(a, b): _exact_loss(tr, res, [a, b], x, pe, pooled) for a in (1.5, 2.0, 2.5)
+            for b in (0.5, 1.0, 1.5)}  # fmt: skip
+    assert min(grid, key=grid.get) == (2.0, 1.0) and grid[(2.0, 1.0)] < 1e-5
+
+    run = tmp_path / "run"
+    s_zero = ["--time-mode", "gaussian", "--time-mean", "-5", "--time-std", "0.001"]
+    args = _train_args(str(model), cache, run, *s_zero, "--time-shift", "1", "--init", "0.5")
+    args[args.index("--residual-target-layers") + 1] = "1,3"
+    args[args.index("--max-steps") + 1] = "60"
+    args[args.index("--lr") + 1] = "0.1"
+    args[args.index("--batch-size") + 1] = "4"
+    assert main([*args, "--num-val", "2", "--lr-scheduler", "constant"]) == 0
+    learned = load_learned_weights(run / "residual_weights.safetensors").weights
+    for w, p, i in zip(learned, planted, init):
+        assert abs(w - p) < 0.5 * abs(i - p), (learned, planted)
+    held = [ids.index(k) for k in ids[-2:]]
+    before = _exact_loss(tr, res, init, x[held], pe[held], pooled[held])
+    after = _exact_loss(tr, res, learned, x[held], pe[held], pooled[held])
+    assert after < 0.5 * before, (before, after)
