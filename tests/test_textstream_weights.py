@@ -386,6 +386,23 @@ def test_cache_killed_then_rerun_equals_straight_run(sd3, cache, tmp_path, monke
         assert len(err) == 1 and match in err[0] and "--overwrite" in err[0], err
 
 
+@pytest.mark.slow
+def test_cache_two_processes_match_one(sd3, cache, tmp_path):
+    """`accelerate launch` with 2 CPU processes: rank 1's batches reach rank 0's writer, and the
+    store holds the records of the 1-process cache bit for bit."""
+    from launch_helper import launch_two_cpu_processes
+
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "cache2"
+    proc = launch_two_cpu_processes(["-m", "diffalign.cli", *_cache_args(sd3, data, out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["num_processes"] == 2
+    a, b = _records(cache), _records(out)
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+
+
 def test_train_weights_then_sample_with_the_file(sd3, cache, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_train_args(sd3, cache, run, "--num-val", "2", "--eval-every", "2")) == 0
