@@ -349,6 +349,10 @@ def test_cache_records_match_the_pipeline(sd3, cache):
     torch.testing.assert_close(recs["pooled_prompt_embeds.lmdb"]["__empty__"], epooled[0].half())
 
 
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
 def test_cache_killed_then_rerun_equals_straight_run(sd3, cache, tmp_path, monkeypatch, capsys):
     from diffalign.textstream import cache as cache_mod
 
@@ -369,6 +373,11 @@ def test_cache_killed_then_rerun_equals_straight_run(sd3, cache, tmp_path, monke
     assert len(_records(out)["latents.lmdb"]) == 4  # two batches of two were committed
     assert main(_cache_args(sd3, data, out)) == 0
     assert json.loads((out / "summary.json").read_text())["already_present"] == 4
+    # a re-run with nothing left loads no model
+    monkeypatch.setattr("diffalign.engine.loading.load_sd3_pipeline", _no_model)
+    assert main(_cache_args(sd3, data, out)) == 0
+    assert json.loads((out / "summary.json").read_text())["already_present"] == len(CAPTIONS)
+    monkeypatch.undo()
     a, b = _records(cache), _records(out)
     for name in a:
         assert a[name].keys() == b[name].keys()
@@ -480,10 +489,11 @@ def test_transformer_stays_bit_identical_and_frozen(sd3, cache, tmp_path):
     from diffalign.textstream.train_weights import WeightsTask, WeightsTrainConfig, loop_config
 
     cfg = WeightsTrainConfig(
-        cache=str(cache), model=sd3, output_dir=str(tmp_path / "run"), target_layers=[1, 2, 3],
+        cache=str(cache), model=None, output_dir=str(tmp_path / "run"), target_layers=[1, 2, 3],
         max_steps=2, batch_size=2, lr=0.5, eval_steps=1, eval_samples=1, tracker="none",
     )  # fmt: skip
     task = WeightsTask(cfg)
+    assert cfg.model == sd3  # the model the cache was made with
     before = {k: v.clone() for k, v in task.transformer.state_dict().items()}
     start = task.weights().detach().clone()
     train(task, loop_config(cfg))

@@ -342,40 +342,43 @@ def _build_locked(
 ) -> dict:
     import contextlib
 
-    from diffalign.engine.io import write_json, write_text
-    from diffalign.engine.lmdb_store import TensorLMDBWriter, existing_valid_keys
+    from diffalign.engine.io import read_json, write_json, write_text
+    from diffalign.engine.lmdb_store import TensorLMDBWriter
     from diffalign.engine.loading import load_sd3_pipeline
     from diffalign.engine.progress import progress
     from diffalign.engine.reports import write_summary
 
     pairs = pair_set.pairs
-    run_device = torch.device(device) if device else state.device
-    torch_dtype = _dtype(dtype, run_device)
-    pipe = load_sd3_pipeline(
-        model, dtype=torch_dtype, device=str(run_device), single_file_config=single_file_config
-    )
-    pipe.set_progress_bar_config(disable=True)
-    codec = CODECS["sd3"](pipe, job["max_sequence_length"])
-    lshape = codec.latent_shape(job["resolution"])
-    empty_pe, empty_pooled = codec.encode_text([""])
-    shapes = {
-        LATENTS: lshape,
-        PROMPT_EMBEDS: tuple(empty_pe.shape[1:]),
-        POOLED: tuple(empty_pooled.shape[1:]),
-    }
-    if state.is_main_process:
-        if not (out / JOB_FILE).is_file():
-            lines = [
-                json.dumps({"id": p.id, "caption": p.caption, "image": str(p.image)}) for p in pairs
-            ]
-            write_text(out / PAIRS_FILE, "\n".join(lines) + "\n")
-            write_json(out / JOB_FILE, {**job, "shapes": {k: list(v) for k, v in shapes.items()}})
-    done = set.intersection(*(existing_valid_keys(out / n, s) for n, s in shapes.items()))
-    state.wait_for_everyone()  # every rank has read what is done before rank 0 writes
-
     n_batches = math.ceil(len(pairs) / batch_size)
     batches = [pairs[k * batch_size : (k + 1) * batch_size] for k in range(n_batches)]
-    todo = [k for k, b in enumerate(batches) if not all(p.id in done for p in b)]
+    run_device = torch.device(device) if device else state.device
+    torch_dtype = _dtype(dtype, run_device)
+    todo: list[int] | None = None
+    if (out / JOB_FILE).is_file():  # a re-run: nothing left to do loads no model
+        shapes = {k: tuple(v) for k, v in read_json(out / JOB_FILE)["shapes"].items()}
+        todo = _batches_to_do(out, shapes, batches)
+    if todo != []:
+        pipe = load_sd3_pipeline(
+            model, dtype=torch_dtype, device=str(run_device), single_file_config=single_file_config
+        )
+        pipe.set_progress_bar_config(disable=True)
+        codec = CODECS["sd3"](pipe, job["max_sequence_length"])
+        empty_pe, empty_pooled = codec.encode_text([""])
+        shapes = {
+            LATENTS: codec.latent_shape(job["resolution"]),
+            PROMPT_EMBEDS: tuple(empty_pe.shape[1:]),
+            POOLED: tuple(empty_pooled.shape[1:]),
+        }
+    if state.is_main_process and not (out / JOB_FILE).is_file():
+        lines = [
+            json.dumps({"id": p.id, "caption": p.caption, "image": str(p.image)}) for p in pairs
+        ]
+        write_text(out / PAIRS_FILE, "\n".join(lines) + "\n")
+        record = {**job, "shapes": {k: list(v) for k, v in shapes.items()}, "made_with": model}
+        write_json(out / JOB_FILE, record)
+    todo = _batches_to_do(out, shapes, batches)
+    state.wait_for_everyone()  # every rank has read what is done before rank 0 writes
+
     world, rank = state.num_processes, state.process_index
     rounds = math.ceil(len(todo) / world)
     failures: list[dict] = []
@@ -388,8 +391,9 @@ def _build_locked(
                 name: stack.enter_context(TensorLMDBWriter(out / name, shape, meta=meta))
                 for name, shape in shapes.items()
             }
-            for name, t in ((PROMPT_EMBEDS, empty_pe[0]), (POOLED, empty_pooled[0])):
-                writers[name].put(EMPTY_KEY, t)
+            if todo:
+                for name, t in ((PROMPT_EMBEDS, empty_pe[0]), (POOLED, empty_pooled[0])):
+                    writers[name].put(EMPTY_KEY, t)
         bar = progress(total=len(todo), desc="cache", unit="batch")
         for r in range(rounds):
             k = todo[r * world + rank] if r * world + rank < len(todo) else None
@@ -427,6 +431,14 @@ def _build_locked(
         write_summary(out / "summary.json", summary)
     state.wait_for_everyone()
     return summary
+
+
+def _batches_to_do(out: Path, shapes: dict, batches: list) -> list[int]:
+    """Indices of the batches with a record missing in any store."""
+    from diffalign.engine.lmdb_store import existing_valid_keys
+
+    done = set.intersection(*(existing_valid_keys(out / n, s) for n, s in shapes.items()))
+    return [k for k, b in enumerate(batches) if not all(p.id in done for p in b)]
 
 
 def _encode_batch(codec, batch, resolution: int) -> tuple[list, list[dict]]:

@@ -94,7 +94,9 @@ def register(verbs) -> None:
     )
     p.add_argument("--cache", required=True, help="cache folder from `textstream cache`")
     p.add_argument(
-        "--model", default="sd3", help="the model the cache was made with (default: sd3)"
+        "--model",
+        default=None,
+        help="the model the cache was made with, checked against it (default: that model)",
     )
     p.add_argument("--output-dir", required=True, help="run folder")
     p.add_argument(

@@ -83,7 +83,7 @@ class WeightsTrainConfig:
     """Options of `train-weights` (CLI names with dashes)."""
 
     cache: str
-    model: str
+    model: str | None  # None: the model the cache was made with (its job.json)
     output_dir: str
     origin_layer: int | None = None
     target_layers: list[int] | None = None
@@ -265,6 +265,12 @@ class WeightsTask(TrainTask):
         self.cfg = cfg
         self.log = log
         self.cache = open_cache(cfg.cache)
+        if not cfg.model:
+            cfg.model = self.cache.job.get("made_with")
+            if not cfg.model:
+                raise DiffalignError(
+                    f"cache {self.cache.root} does not name its model: give --model"
+                )
         self._check_cache_identity()
         self.pipe = _load_frozen_pipeline(cfg.model, cfg.mixed_precision)
         tr = self.pipe.transformer
