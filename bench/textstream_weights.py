@@ -63,6 +63,7 @@ def run(args) -> dict:
         velocity_loss,
     )
 
+    load_start = list(os.getloadavg())
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     tr, side = build_transformer(
@@ -184,7 +185,7 @@ def run(args) -> dict:
             "gradient_checkpointing": args.gradient_checkpointing,
             "clock": "wall" if device.type == "cuda" else "thread CPU time, 1 torch thread",
         },
-        "load_average_start": list(os.getloadavg()),
+        "load_average_start": load_start,
         "variants": rows,
     }
 
