@@ -374,7 +374,7 @@ def test_cache_killed_then_rerun_equals_straight_run(sd3, cache, tmp_path, monke
     assert main(_cache_args(sd3, data, out)) == 0
     assert json.loads((out / "summary.json").read_text())["already_present"] == 4
     # a re-run with nothing left loads no model
-    monkeypatch.setattr("diffalign.engine.loading.load_sd3_pipeline", _no_model)
+    monkeypatch.setattr("diffalign.engine.loading.load_pipeline", _no_model)
     assert main(_cache_args(sd3, data, out)) == 0
     assert json.loads((out / "summary.json").read_text())["already_present"] == len(CAPTIONS)
     monkeypatch.undo()

@@ -104,58 +104,6 @@ def _short(v: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# the SD3 codec: what is encoded and how (one per model family)
-
-
-class SD3Codec:
-    """VAE latents and joint text embeddings of a `StableDiffusion3Pipeline`."""
-
-    family = "sd3"
-
-    def __init__(self, pipe, max_sequence_length: int):
-        self.pipe = pipe
-        self.msl = int(max_sequence_length)
-        self.vae_factor = int(pipe.vae_scale_factor)
-        self.patch = int(pipe.transformer.config.patch_size)
-
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        multiple = self.vae_factor * self.patch
-        if resolution % multiple:
-            raise DiffalignError(
-                f"--resolution {resolution} must be a multiple of {multiple} for this model"
-            )
-        side = resolution // self.vae_factor
-        return (int(self.pipe.vae.config.latent_channels), side, side)
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`[B, 3, R, R]` in [-1, 1] -> scaled latents (posterior mean), float32 on the CPU."""
-        vae = self.pipe.vae
-        p = next(vae.parameters())
-        mean = vae.encode(pixels.to(p.device, p.dtype)).latent_dist.mean.float()
-        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        return ((mean - shift) * float(vae.config.scaling_factor)).cpu()
-
-    @torch.no_grad()
-    def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds `[B, L, D]`, pooled `[B, P]`), float32 on the CPU."""
-        device = next(self.pipe.transformer.parameters()).device
-        pe, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(captions),
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=False,
-            num_images_per_prompt=1,
-            max_sequence_length=self.msl,
-        )
-        return pe.float().cpu(), pooled.float().cpu()
-
-
-CODECS = {"sd3": SD3Codec}
-
-
-# ---------------------------------------------------------------------------------------------
 # reading a cache
 
 
@@ -344,9 +292,9 @@ def _build_locked(
 
     from diffalign.engine.io import read_json, write_json, write_text
     from diffalign.engine.lmdb_store import TensorLMDBWriter
-    from diffalign.engine.loading import load_sd3_pipeline
     from diffalign.engine.progress import progress
     from diffalign.engine.reports import write_summary
+    from diffalign.textstream.flow import family
 
     pairs = pair_set.pairs
     n_batches = math.ceil(len(pairs) / batch_size)
@@ -357,15 +305,15 @@ def _build_locked(
     if (out / JOB_FILE).is_file():  # a re-run: nothing left to do loads no model
         shapes = {k: tuple(v) for k, v in read_json(out / JOB_FILE)["shapes"].items()}
         todo = _batches_to_do(out, shapes, batches)
+    flow = family(job["family"])
+    msl = job["max_sequence_length"]
     if todo != []:
-        pipe = load_sd3_pipeline(
+        pipe = flow.load(
             model, dtype=torch_dtype, device=str(run_device), single_file_config=single_file_config
         )
-        pipe.set_progress_bar_config(disable=True)
-        codec = CODECS["sd3"](pipe, job["max_sequence_length"])
-        empty_pe, empty_pooled = codec.encode_text([""])
+        empty_pe, empty_pooled = flow.encode_text(pipe, [""], msl)
         shapes = {
-            LATENTS: codec.latent_shape(job["resolution"]),
+            LATENTS: flow.latent_shape(pipe, job["resolution"]),
             PROMPT_EMBEDS: tuple(empty_pe.shape[1:]),
             POOLED: tuple(empty_pooled.shape[1:]),
         }
@@ -400,7 +348,7 @@ def _build_locked(
             records: list[tuple[str, str, bytes]] = []
             failed: list[dict] = []
             if k is not None:
-                records, failed = _encode_batch(codec, batches[k], job["resolution"])
+                records, failed = _encode_batch(flow, pipe, batches[k], job["resolution"], msl)
             for part_records, part_failed in _gather_to_main(state, (records, failed)):
                 failures.extend(part_failed)
                 if writers is not None:
@@ -441,7 +389,7 @@ def _batches_to_do(out: Path, shapes: dict, batches: list) -> list[int]:
     return [k for k, b in enumerate(batches) if not all(p.id in done for p in b)]
 
 
-def _encode_batch(codec, batch, resolution: int) -> tuple[list, list[dict]]:
+def _encode_batch(flow, pipe, batch, resolution: int, msl: int) -> tuple[list, list[dict]]:
     """Records `(store, key, bytes)` of one batch and its failures (a bad image is skipped)."""
     from diffalign.engine.lmdb_store import tensor_to_record
 
@@ -454,8 +402,8 @@ def _encode_batch(codec, batch, resolution: int) -> tuple[list, list[dict]]:
             failed.append({"id": p.id, "image": str(p.image), "error": str(e)})
     if not ok:
         return [], failed
-    latents = codec.encode_images(torch.stack(pixels))
-    pe, pooled = codec.encode_text([p.caption for p in ok])
+    latents = flow.encode_images(pipe, torch.stack(pixels))
+    pe, pooled = flow.encode_text(pipe, [p.caption for p in ok], msl)
     records = []
     for i, p in enumerate(ok):
         records.append((LATENTS, p.id, tensor_to_record(latents[i])))

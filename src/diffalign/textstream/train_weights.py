@@ -41,6 +41,7 @@ from diffalign.textstream.cache import (
     model_fingerprint,
     open_cache,
 )
+from diffalign.textstream.flow import family
 from diffalign.textstream.weights import (
     WEIGHTS_FILE,
     LearnedWeights,
@@ -272,7 +273,10 @@ class WeightsTask(TrainTask):
                     f"cache {self.cache.root} does not name its model: give --model"
                 )
         self._check_cache_identity()
-        self.pipe = _load_frozen_pipeline(cfg.model, cfg.mixed_precision)
+        self.flow = family(self.cache.job.get("family", "sd3"))
+        # no text encoders (the cache holds the text); the frozen weights in the autocast dtype
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.mixed_precision, "float32")
+        self.pipe = self.flow.load(cfg.model, dtype=dtype, text=False)
         tr = self.pipe.transformer
         self.transformer = tr
         self._check_cache_shapes()
@@ -332,19 +336,14 @@ class WeightsTask(TrainTask):
         )
 
     def _check_cache_shapes(self) -> None:
-        tcfg = self.transformer.config
         shapes = self.cache.job["shapes"]
-        want = {
-            "latent channels": (shapes[LATENTS][0], int(tcfg.in_channels)),
-            "text width": (shapes[PROMPT_EMBEDS][-1], int(tcfg.joint_attention_dim)),
-            "pooled width": (shapes[POOLED][-1], int(tcfg.pooled_projection_dim)),
-        }
-        for what, (have, need) in want.items():
-            if have != need:
-                raise DiffalignError(
-                    f"cache {self.cache.root} has {what} {have}, --model {self.cfg.model} "
-                    f"needs {need} (made with another model?)"
-                )
+        named = {"latents": shapes[LATENTS], "prompt_embeds": shapes[PROMPT_EMBEDS]}
+        named["pooled"] = shapes[POOLED]
+        for what, have, need in self.flow.check_shapes(self.transformer, named):
+            raise DiffalignError(
+                f"cache {self.cache.root} has {what} {have}, --model {self.cfg.model} needs "
+                f"{need} (made with another model?)"
+            )
 
     # -- TrainTask -----------------------------------------------------------------------------
 
@@ -378,19 +377,12 @@ class WeightsTask(TrainTask):
         self, batch: dict, eps: torch.Tensor, s: torch.Tensor, device: torch.device
     ) -> torch.Tensor:
         """Velocity MSE of the frozen transformer with the residual at the current weights."""
-        tr = self.transformer
-        dtype = next(tr.parameters()).dtype
         x0 = batch["latents"].to(device, torch.float32)
         eps, s = eps.to(device), s.to(device)
         xs = noisy_latents(x0, eps, s)
         timestep = s * float(self.pipe.scheduler.config.num_train_timesteps)
-        pred = tr(
-            hidden_states=xs.to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=batch["prompt_embeds"].to(device, dtype),
-            pooled_projections=batch["pooled"].to(device, dtype),
-            return_dict=False,
-        )[0]
+        pe, pooled = batch["prompt_embeds"], batch["pooled"]
+        pred = self.flow.velocity(self.transformer, xs, timestep, pe, pooled)
         return velocity_loss(pred, x0, eps)
 
     def training_step(self, batch: Any, step: int, ctx: StepContext) -> dict:
@@ -470,26 +462,23 @@ class WeightsTask(TrainTask):
         device = next(tr.parameters()).device
         dtype = next(tr.parameters()).dtype
         seed = self.cfg.seed if seed is None else seed
-        res = self.cache.resolution
+
+        def get(store: str, key: str) -> torch.Tensor:
+            return stores[store].get(key).to(device, dtype)[None]
+
         out = []
         for k, key in enumerate(ids):
-            pe = stores[PROMPT_EMBEDS].get(key).to(device, dtype)[None]
-            pooled = stores[POOLED].get(key).to(device, dtype)[None]
-            npe = stores[PROMPT_EMBEDS].get(EMPTY_KEY).to(device, dtype)[None]
-            npooled = stores[POOLED].get(EMPTY_KEY).to(device, dtype)[None]
-            result = self.pipe(
-                prompt_embeds=pe,
-                pooled_prompt_embeds=pooled,
-                negative_prompt_embeds=npe,
-                negative_pooled_prompt_embeds=npooled,
-                num_inference_steps=self.cfg.eval_steps,
-                guidance_scale=self.cfg.eval_cfg,
-                height=res,
-                width=res,
-                generator=torch.Generator("cpu").manual_seed(seed + k),
-                output_type="pil",
+            out += self.flow.sample(
+                self.pipe,
+                get(PROMPT_EMBEDS, key),
+                get(POOLED, key),
+                get(PROMPT_EMBEDS, EMPTY_KEY),
+                get(POOLED, EMPTY_KEY),
+                steps=self.cfg.eval_steps,
+                cfg=self.cfg.eval_cfg,
+                resolution=self.cache.resolution,
+                seed=seed + k,
             )
-            out.extend(result.images)
         return out
 
     def weights_record(self, weights: list[float]) -> dict:
@@ -552,38 +541,6 @@ class WeightsTask(TrainTask):
 
     def close(self) -> None:
         self.handle.detach()
-
-
-def _load_frozen_pipeline(model: str, mixed_precision: str):
-    """Transformer, VAE and scheduler of `model` (no text encoders: the cache has the text);
-    the frozen weights in the autocast dtype (bf16 / fp16) or float32."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    from diffalign.engine.loading import load_pipeline
-
-    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
-    none = {
-        name: None
-        for name in (
-            "text_encoder",
-            "text_encoder_2",
-            "text_encoder_3",
-            "tokenizer",
-            "tokenizer_2",
-            "tokenizer_3",
-        )
-    }
-    pipe = load_pipeline(
-        model,
-        StableDiffusion3Pipeline,
-        "sd3",
-        dtype=dtype,
-        device="cpu",
-        expect={"transformer": SD3Transformer2DModel},
-        **none,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # ---------------------------------------------------------------------------------------------
