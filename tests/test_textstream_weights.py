@@ -395,6 +395,18 @@ def test_cache_killed_then_rerun_equals_straight_run(sd3, cache, tmp_path, monke
         assert len(err) == 1 and match in err[0] and "--overwrite" in err[0], err
 
 
+def test_cache_skips_an_unreadable_image(sd3, tmp_path):
+    from diffalign.textstream.cache import open_cache
+
+    data = _image_folder(tmp_path / "data", n=3)
+    (data / "broken.png").write_bytes(b"not a png")
+    (data / "broken.txt").write_text("a broken image")
+    assert main(_cache_args(sd3, data, tmp_path / "cache")) == 0
+    summary = json.loads((tmp_path / "cache" / "summary.json").read_text())
+    assert summary["failed"] == 1 and summary["failures"][0]["id"] == "broken"
+    assert open_cache(tmp_path / "cache").complete_ids() == ["img0", "img1", "img2"]
+
+
 @pytest.mark.slow
 def test_cache_two_processes_match_one(sd3, cache, tmp_path):
     """`accelerate launch` with 2 CPU processes: rank 1's batches reach rank 0's writer, and the
