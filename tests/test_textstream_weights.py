@@ -255,6 +255,26 @@ def test_weights_file_round_trip_and_checks(tmp_path):
         load_learned_weights(rot)
 
 
+def test_init_from_a_constant_a_json_or_a_weights_file(tmp_path):
+    from diffalign.textstream.train_weights import parse_init
+
+    assert parse_init("0.5", [2, 3]).tolist() == [0.5, 0.5]
+    (tmp_path / "list.json").write_text("[0.25, 2.0]")
+    (tmp_path / "dict.json").write_text('{"residual_weights": [1.5, 0.5]}')
+    assert parse_init(str(tmp_path / "list.json"), [2, 3]).tolist() == [0.25, 2.0]
+    assert parse_init(str(tmp_path / "dict.json"), [2, 3]).tolist() == [1.5, 0.5]
+    save_learned_weights(tmp_path / "w.safetensors", LearnedWeights([0.75, 3.0], 0, [2, 3], "ln"))
+    assert parse_init(str(tmp_path / "w.safetensors"), [2, 3]).tolist() == [0.75, 3.0]
+    for init, targets, match in (
+        (str(tmp_path / "w.safetensors"), [1, 2], "target layers"),
+        (str(tmp_path / "list.json"), [1, 2, 3], "2 weights for 3"),
+        ("-1", [2], "> 0"),
+        ("nan", [2], "> 0"),
+    ):
+        with pytest.raises(DiffalignError, match=match):
+            parse_init(init, targets)
+
+
 # ---------------------------------------------------------------------------------------------
 # cache -> train-weights -> sample on the tiny SD3
 
