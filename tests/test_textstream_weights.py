@@ -48,6 +48,24 @@ def test_shift_matches_the_flow_match_scheduler_sigmas():
     assert torch.equal(shift_times(u, 1.0), u)
 
 
+@pytest.mark.parametrize("shift_type", ["exponential", "linear"])
+def test_default_shift_is_the_schedulers_also_with_dynamic_shifting(shift_type):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    from diffalign.textstream.train_weights import scheduler_shift
+
+    static = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    assert scheduler_shift(static.config, 4096) == 3.0
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type=shift_type)
+    c = sched.config
+    mu = calculate_shift(1024, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    u = torch.linspace(1.0, 0.05, 8)
+    sched.set_timesteps(sigmas=u.numpy(), mu=mu)
+    shifted = shift_times(u, scheduler_shift(sched.config, 1024))
+    torch.testing.assert_close(shifted, sched.sigmas[:-1].float(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "ts,mean,var",
     [

@@ -235,8 +235,9 @@ def parse_init(init: str | float, targets: list[int]) -> torch.Tensor:
 
 
 def scheduler_shift(scheduler_config: Any, image_seq_len: int) -> float:
-    """The time shift the model's scheduler applies at inference: its static `shift`, or
-    `exp(mu)` of the resolution-dependent shift when it uses dynamic shifting."""
+    """The time shift the model's scheduler applies at inference: its static `shift`, or, with
+    dynamic shifting, `exp(mu)` (`mu` for the "linear" shift type) of the resolution's `mu`:
+    both give `s = shift u / (1 + (shift - 1) u)`."""
     cfg = dict(scheduler_config)
     if not cfg.get("use_dynamic_shifting", False):
         return float(cfg.get("shift", 1.0))
@@ -249,7 +250,7 @@ def scheduler_shift(scheduler_config: Any, image_seq_len: int) -> float:
         cfg.get("base_shift", 0.5),
         cfg.get("max_shift", 1.16),
     )
-    return float(math.exp(mu))
+    return float(mu) if cfg.get("time_shift_type") == "linear" else float(math.exp(mu))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def scheduler_shift(scheduler_config: Any, image_seq_len: int) -> float:
 
 
 class WeightsTask(TrainTask):
-    """Residual weights on a frozen SD3/SD3.5 transformer as a `TrainTask`."""
+    """Residual weights on a frozen transformer (of the cache's model family) as a `TrainTask`."""
 
     def __init__(self, cfg: WeightsTrainConfig, log=print):
         from diffalign.textstream import build_residual
