@@ -93,12 +93,15 @@ def check_job(saved: dict[str, Any], current: dict[str, Any], where: str, hint: 
     diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:
         named = ", ".join(
-            f"{k}: {_short(saved.get(k))} -> {_short(current.get(k))}" for k in diffs[:3]
+            f"{k}: {short_value(saved.get(k))} -> {short_value(current.get(k))}" for k in diffs[:3]
         )
         raise DiffalignError(f"{where} was made with other settings ({named}); {hint}")
 
 
-def _short(v: Any) -> str:
+def short_value(v: Any) -> str:
+    """A recorded value in a few characters (for error lines)."""
+    if isinstance(v, dict) and "fingerprint" in v:
+        v = v["fingerprint"][:12]
     text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
     return text if len(text) <= 40 else text[:37] + "..."
 

@@ -37,9 +37,9 @@ from diffalign.textstream.cache import (
     POOLED,
     PROMPT_EMBEDS,
     CacheInfo,
-    check_job,
     model_fingerprint,
     open_cache,
+    short_value,
 )
 from diffalign.textstream.flow import family
 from diffalign.textstream.weights import (
@@ -328,13 +328,13 @@ class WeightsTask(TrainTask):
                 f"cache {self.cache.root} was made at resolution {job['resolution']}, not "
                 f"--resolution {cfg.resolution}"
             )
-        check_job(
-            {"model": job.get("model")},
-            {"model": model_fingerprint(cfg.model)},
-            f"cache {self.cache.root}",
-            f"it was made with another model than --model {cfg.model}: cache the pairs with "
-            "this model",
-        )
+        here = model_fingerprint(cfg.model)
+        if job.get("model") != here:
+            raise DiffalignError(
+                f"cache {self.cache.root} was made with another model than --model {cfg.model} "
+                f"(made with {job.get('made_with', '?')}, identity {short_value(job.get('model'))}, "
+                f"here {short_value(here)}): cache the pairs with this model"
+            )
 
     def _check_cache_shapes(self) -> None:
         shapes = self.cache.job["shapes"]
