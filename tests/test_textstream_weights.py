@@ -293,6 +293,58 @@ def test_init_from_a_constant_a_json_or_a_weights_file(tmp_path):
             parse_init(init, targets)
 
 
+def test_the_authors_weight_files_are_read(tmp_path):
+    """Their `residual_weights_step*.json` and `.pth` (weights_only): weights, origin and
+    targets; mode and rotation are not recorded there, so the given ones are kept unchecked."""
+    data = {"residual_weights": [0.5, 1.25], "origin_layer": 1, "target_layers": [2, 3]}
+    (tmp_path / "w.json").write_text(json.dumps(data))
+    torch.save({**data, "residual_weights": torch.tensor([0.5, 1.25])}, tmp_path / "w.pth")
+    rot = _rotation_file(tmp_path / "rot.safetensors", [2, 3])
+    base = dict(origin_layer=None, target_layers=None, weights=None, layernorm=False)
+    for name in ("w.json", "w.pth"):
+        lw = load_learned_weights(tmp_path / name)
+        assert (lw.weights, lw.origin_layer, lw.target_layers) == ([0.5, 1.25], 1, [2, 3])
+        assert lw.mode is None and lw.rotation_sha256 is None
+        got = resolve_weights_file(tmp_path / name, mode="ln", procrustes_path=str(rot), **base)
+        assert got["mode"] == "ln" and got["weights"] == [0.5, 1.25]
+        assert (
+            resolve_weights_file(tmp_path / name, mode=None, procrustes_path=None, **base)["mode"]
+            is None
+        )
+    (tmp_path / "bad.json").write_text(json.dumps({"residual_weights": [1.0]}))
+    with pytest.raises(DiffalignError, match="needs residual_weights, origin_layer"):
+        load_learned_weights(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("verb", ["sample", "generate", "geneval", "dpg"])
+def test_every_generation_verb_reads_and_checks_a_weights_file(verb, tmp_path, capsys):
+    save_learned_weights(tmp_path / "w.safetensors", LearnedWeights([0.5, 1.5], 0, [2, 3], "plain"))
+    (tmp_path / "p.txt").write_text("a cat\n")
+    meta = {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a cat"}
+    (tmp_path / "meta.jsonl").write_text(json.dumps(meta) + "\n")
+    (tmp_path / "dpg").mkdir()
+    (tmp_path / "dpg" / "a.txt").write_text("a cat")
+    source = {
+        "sample": ["--prompt", "a cat"],
+        "generate": ["--prompts", str(tmp_path / "p.txt")],
+        "geneval": ["--metadata", str(tmp_path / "meta.jsonl")],
+        "dpg": ["--prompts-dir", str(tmp_path / "dpg")],
+    }[verb]
+    out = tmp_path / "out"
+    argv = ["textstream", verb, *source, "--output-dir", str(out), "--model", "missing-model"]
+    for extra, match in (
+        (["--residual-weights-file", str(tmp_path / "none.safetensors")], "not found"),
+        (
+            ["--residual-weights-file", str(tmp_path / "w.safetensors"), "--residual-mode", "ln"],
+            "trained in mode 'plain'",
+        ),
+    ):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+        assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # cache -> train-weights -> sample on the tiny SD3
 

@@ -150,14 +150,16 @@ def velocity_loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> to
 
 @dataclass
 class LearnedWeights:
-    """What `residual_weights.safetensors` holds."""
+    """What `residual_weights.safetensors` holds. Read from the authors' own output (JSON or
+    `.pth` with `residual_weights`, `origin_layer`, `target_layers`), `mode`, `layernorm` and
+    `rotation_sha256` are None: not recorded there, so not checked."""
 
     weights: list[float]
     origin_layer: int
     target_layers: list[int]
-    mode: str
-    layernorm: bool = False
-    rotation_sha256: str = ""
+    mode: str | None
+    layernorm: bool | None = False
+    rotation_sha256: str | None = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -202,12 +204,22 @@ def load_learned_weights(path: str | os.PathLike) -> LearnedWeights:
     path = Path(path)
     if not path.is_file():
         raise DiffalignError(f"residual weights file not found: {path}")
+    if path.suffix.lower() == ".json":
+        from diffalign.engine.io import read_json
+
+        return _authors_weights(path, read_json(path))
     try:
         tensors, meta = load_tensors(path)
     except DiffalignError:
         raise
     except Exception as e:  # not a safetensors file
         raise DiffalignError(f"{path}: not a residual weights file ({type(e).__name__})") from None
+    if "residual_weights" in tensors and "format" not in meta:  # the authors' .pth
+        try:
+            raw = {k: json.loads(v) for k, v in meta.items()}
+        except ValueError:
+            raw = {}
+        return _authors_weights(path, {**raw, "residual_weights": tensors["residual_weights"]})
     if meta.get("format") != WEIGHTS_FORMAT or "weights" not in tensors:
         raise DiffalignError(
             f"{path}: not a residual weights file (written by `diffalign textstream train-weights`)"
@@ -231,6 +243,25 @@ def load_learned_weights(path: str | os.PathLike) -> LearnedWeights:
         rotation_sha256=meta.get("rotation_sha256", ""),
         metadata={k: v for k, v in meta.items() if k not in known},
     )
+
+
+def _authors_weights(path: Path, data: Any) -> LearnedWeights:
+    """`{"residual_weights": [...], "origin_layer": k, "target_layers": [...]}` (the authors'
+    `residual_weights_step*.json` / `.pth`)."""
+    try:
+        weights = data["residual_weights"]
+        weights = weights.flatten().tolist() if isinstance(weights, torch.Tensor) else weights
+        weights = [float(w) for w in weights]
+        targets = [int(t) for t in data["target_layers"]]
+        origin = int(data["origin_layer"])
+    except (KeyError, TypeError, ValueError):
+        raise DiffalignError(
+            f"{path}: not a residual weights file (needs residual_weights, origin_layer, "
+            "target_layers)"
+        ) from None
+    if len(weights) != len(targets) or not all(math.isfinite(w) for w in weights):
+        raise DiffalignError(f"{path}: needs one finite weight per target layer")
+    return LearnedWeights(weights, origin, targets, None, None, None, {"source": "authors"})
 
 
 def resolve_weights_file(
@@ -263,16 +294,17 @@ def resolve_weights_file(
             f"{where} was trained for target layers {lw.target_layers}, not "
             f"--residual-target-layers {list(target_layers)}"
         )
-    if mode is not None and mode != lw.mode:
+    if lw.mode is not None and mode is not None and mode != lw.mode:
         raise DiffalignError(f"{where} was trained in mode '{lw.mode}', not --residual-mode {mode}")
-    if layernorm and not lw.layernorm:
+    if lw.layernorm is not None and layernorm and not lw.layernorm:
         raise DiffalignError(f"{where} was trained without --residual-layernorm")
+    # rotation_sha256 None: not recorded (the authors' files), the rotation is the user's choice
     if lw.rotation_sha256 and procrustes_path is None:
         raise DiffalignError(
             f"{where} was trained with a rotation file (sha256 {lw.rotation_sha256[:12]}...): "
             "give it with --residual-procrustes-path"
         )
-    if procrustes_path is not None:
+    if procrustes_path is not None and lw.rotation_sha256 is not None:
         digest = file_sha256(procrustes_path) if Path(procrustes_path).is_file() else None
         if digest != lw.rotation_sha256:
             trained = lw.rotation_sha256[:12] + "..." if lw.rotation_sha256 else "none"
@@ -284,6 +316,6 @@ def resolve_weights_file(
         "origin_layer": lw.origin_layer,
         "target_layers": lw.target_layers,
         "weights": lw.weights,
-        "mode": lw.mode,
-        "layernorm": lw.layernorm,
+        "mode": lw.mode if lw.mode is not None else mode,
+        "layernorm": lw.layernorm if lw.layernorm is not None else layernorm,
     }
