@@ -7,7 +7,7 @@ Variants, on an SD3-shaped `SD3Transformer2DModel` (random weights, frozen):
 - `frozen_fwd_bwd` (the baseline): forward + backward of the velocity loss with respect to the
   noisy latents: the cheapest backward through a frozen transformer;
 - `weights_step_*`: one training step of `train-weights`: the velocity loss with the residual
-  attached and its weights read from `softplus(raw)` at hook time, backward to `raw`, AdamW;
+  attached and its weights set to `softplus(raw)` (read by the hooks), backward to `raw`, AdamW;
   `ln_rot` = LN + rotation on every block from 2 to the last (origin 0), `plain_late` = plain
   mode on the last quarter of the blocks (the backward stops at the first target).
 
@@ -122,6 +122,7 @@ def run(args) -> dict:
         def step() -> None:
             eps, s = draws()
             opt.zero_grad(set_to_none=True)
+            res.weights = weights()  # read by the hooks: this step's weights
             velocity_loss(velocity(noisy_latents(x0, eps, s), s), x0, eps).backward()
             torch.nn.utils.clip_grad_norm_([weights.raw], 1.0)
             opt.step()
@@ -137,7 +138,7 @@ def run(args) -> dict:
 
     def timed(name: str) -> float:
         res = setups.get(name)  # the residual is attached only while its variant runs
-        handle = res.attach(tr, weights=weight_modules[name]) if res is not None else None
+        handle = res.attach(tr) if res is not None else None
         try:
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -169,13 +169,14 @@ def test_gradient_reaches_only_the_weights_and_matches_finite_differences(mode):
     before = {k: v.clone() for k, v in tr.state_dict().items()}
     inputs = make_inputs()
     probe = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    res = TextStreamResidual(origin_layer=1, target_layers=[2, 3], mode=mode)
     weights = ResidualWeights(torch.tensor([0.7, 1.3])).double()
+    res = TextStreamResidual(origin_layer=1, target_layers=[2, 3], weights=weights(), mode=mode)
 
     def loss() -> torch.Tensor:
+        res.weights = weights()  # swapped in before each forward, read by the hooks
         return (tr(**inputs, return_dict=False)[0] * probe).sum()
 
-    with res.attach(tr, weights=weights):
+    with res.attach(tr):
         value = loss()
         value.backward()
         grad = weights.raw.grad.clone()
@@ -198,25 +199,30 @@ def test_gradient_reaches_only_the_weights_and_matches_finite_differences(mode):
 
 
 def test_gradient_checkpointing_gives_the_same_weight_gradient():
-    res = TextStreamResidual(origin_layer=0, target_layers=[1, 2, 3], mode="ln")
-
     def grad(checkpointing: bool) -> torch.Tensor:
         tr = make_transformer().requires_grad_(False)
         if checkpointing:
             tr.enable_gradient_checkpointing()
         weights = ResidualWeights(torch.tensor([0.5, 1.0, 2.0]))
-        with res.attach(tr, weights=weights):
+        res = TextStreamResidual(0, [1, 2, 3], weights=weights(), mode="ln")
+        with res.attach(tr):
             tr(**make_inputs(torch.float32), return_dict=False)[0].square().mean().backward()
         return weights.raw.grad
 
     torch.testing.assert_close(grad(True), grad(False), rtol=1e-5, atol=1e-9)
 
 
-def test_weight_tensor_must_have_one_entry_per_target():
-    tr = make_transformer()
-    res = TextStreamResidual(origin_layer=0, target_layers=[1, 2])
-    with pytest.raises(DiffalignError, match=r"\[2\] tensor"):
-        res.attach(tr, weights=torch.ones(3))
+def test_weight_tensor_is_kept_and_checked():
+    w = torch.tensor([0.5, 0.0], requires_grad=True)
+    res = TextStreamResidual(origin_layer=0, target_layers=[1, 2], weights=w)
+    assert res.weights is not None and res.weights.requires_grad
+    assert [t for t, _ in res.active_targets] == [1, 2]  # a zero tensor weight is still hooked
+    assert res.settings()["weights"] == [0.5, 0.0]
+    assert TextStreamResidual(0, [1, 2], weights=torch.tensor([2.0])).weights.tolist() == [2, 2]
+    with pytest.raises(DiffalignError, match="3 residual weights for 2"):
+        TextStreamResidual(origin_layer=0, target_layers=[1, 2], weights=torch.ones(3))
+    with pytest.raises(DiffalignError, match="finite"):
+        TextStreamResidual(0, [1, 2], weights=torch.tensor([1.0, float("nan")]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,7 +667,8 @@ def test_train_weights_refuses_another_model_and_missing_rotations(
 
 def _exact_loss(tr, res, weights, latents, pe, pooled) -> float:
     """`mean ||v_w(x0, t=0) + x0||^2`: the expected loss at s = 0 minus E||eps||^2."""
-    with torch.no_grad(), res.attach(tr, weights=torch.tensor(weights)):
+    res.weights = torch.tensor(weights)
+    with torch.no_grad(), res.attach(tr):
         v = tr(
             hidden_states=latents,
             timestep=torch.zeros(latents.shape[0]),
@@ -702,7 +709,8 @@ def test_planted_weights_are_learned(sd3, tmp_path):
     pe = torch.stack([stores["prompt_embeds.lmdb"].get(k).float() for k in ids])
     pooled = torch.stack([stores["pooled_prompt_embeds.lmdb"].get(k).float() for k in ids])
     x = TensorLMDB(cache / "latents.lmdb").get_many(ids).float()
-    with torch.no_grad(), res.attach(tr, weights=torch.tensor(planted)):
+    res.weights = torch.tensor(planted)
+    with torch.no_grad(), res.attach(tr):
         for _ in range(30):  # x <- -v(x): a contraction on this model
             x = -tr(
                 hidden_states=x,

@@ -17,6 +17,9 @@ keyed by the identity of that forward's `temb` tensor (one object shared by ever
 transformer forward); a target block's hook looks them up by its own `temb`. So a recompute
 under gradient checkpointing, which calls a block's hook again with the same inputs, gives the
 same result, even when several forwards ran before the backward.
+
+Weights are read from the residual object when a target hook runs (`residual.weights[i]`), so
+a tensor of learned weights (requiring grad) may be swapped in; the mix is differentiable in it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,7 +53,7 @@ class TextStreamResidual:
         self,
         origin_layer: int = 0,
         target_layers: Sequence[int] | str | None = (),
-        weights: Sequence[float] | float | str | None = None,
+        weights: Sequence[float] | float | str | torch.Tensor | None = None,
         mode: str = "plain",
         rotations: Mapping[int, torch.Tensor] | RotationSet | None = None,
         layernorm: bool = False,
@@ -108,10 +111,11 @@ class TextStreamResidual:
         self.source: dict[str, Any] = {}  # where the rotations came from (for settings())
 
     @property
-    def active_targets(self) -> list[tuple[int, float]]:
-        """(layer, weight) pairs that change the output (zero-weight plain targets are skipped)."""
+    def active_targets(self) -> list[tuple[int, Any]]:
+        """(layer, weight) pairs that change the output (zero-weight plain targets are skipped;
+        tensor weights are never skipped: they may change)."""
         pairs = list(zip(self.target_layers, self.weights))
-        if self.mode == "plain":
+        if self.mode == "plain" and not isinstance(self.weights, torch.Tensor):
             pairs = [(t, w) for t, w in pairs if w != 0.0]
         return pairs
 
@@ -140,15 +144,8 @@ class TextStreamResidual:
             target, origin, weight, self.mode, rotation, layernorm=self.layernorm, eps=self.eps
         )
 
-    def attach(
-        self, transformer: torch.nn.Module, weights: WeightSource | None = None
-    ) -> AttachedResidual:
-        """Register the hooks on `transformer.transformer_blocks`; returns the detach handle.
-
-        `weights` (learned weights) replaces `self.weights`: a `[len(target_layers)]` tensor, or
-        a callable returning one, read each time a target block runs, so a tensor that requires
-        grad receives the gradient of the output. Every target is then hooked.
-        """
+    def attach(self, transformer: torch.nn.Module) -> AttachedResidual:
+        """Register the hooks on `transformer.transformer_blocks`; returns the detach handle."""
         blocks = getattr(transformer, "transformer_blocks", None)
         if blocks is None:
             raise DiffalignError(
@@ -156,7 +153,7 @@ class TextStreamResidual:
                 "residual needs an SD3/SD3.5 SD3Transformer2DModel"
             )
         self.check_model(len(blocks), transformer_feature_dim(transformer))
-        return AttachedResidual(self, blocks, _module_device(transformer), weights)
+        return AttachedResidual(self, blocks, _module_device(transformer))
 
     def settings(self) -> dict[str, Any]:
         """JSON-able resolved settings (recorded in settings.json by generation commands)."""
@@ -164,7 +161,7 @@ class TextStreamResidual:
             "enabled": bool(self.active_targets),
             "origin_layer": self.origin_layer,
             "target_layers": list(self.target_layers),
-            "weights": list(self.weights),
+            "weights": [float(w) for w in _detached(self.weights)],
             "mode": self.mode,
             "layernorm": self.layernorm,
             "eps": self.eps,
@@ -185,25 +182,15 @@ class AttachedResidual:
     """Hooks of one `TextStreamResidual` on one transformer; `detach()` (or leaving the `with`
     block, also on an exception) removes them and leaves the model exactly as before."""
 
-    def __init__(
-        self,
-        residual: TextStreamResidual,
-        blocks: Sequence[torch.nn.Module],
-        device,
-        weights: WeightSource | None = None,
-    ):
+    def __init__(self, residual: TextStreamResidual, blocks: Sequence[torch.nn.Module], device):
         self.residual = residual
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._origins: dict[int, tuple[weakref.ref | None, torch.Tensor]] = {}
         self._rotations: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._weight_source = weights
         if residual.rotations and device is not None:
             for t, r in residual.rotations.items():
                 self._rotations[(t, torch.device(device))] = r.to(device)
-        active: list[tuple[int, float | None]] = list(residual.active_targets)
-        if weights is not None:
-            _check_weight_source(weights, len(residual.target_layers))
-            active = [(t, None) for t in residual.target_layers]
+        active = residual.active_targets
         if not active:
             return  # nothing registered: the transformer runs untouched (bit-identical)
         try:
@@ -212,11 +199,11 @@ class AttachedResidual:
                     self._capture_origin, with_kwargs=True
                 )
             )
-            for layer, weight in active:
-                index = residual.target_layers.index(layer)
+            index = {t: i for i, t in enumerate(residual.target_layers)}
+            for layer, _ in active:
                 self._handles.append(
                     blocks[layer].register_forward_pre_hook(
-                        self._make_target_hook(layer, weight, index), with_kwargs=True
+                        self._make_target_hook(layer, index[layer]), with_kwargs=True
                     )
                 )
         except BaseException:
@@ -273,22 +260,18 @@ class AttachedResidual:
             self._rotations[key] = self.residual.rotations[layer].to(device)
         return self._rotations[key]
 
-    def _make_target_hook(self, layer: int, weight: float | None, index: int):
+    def _make_target_hook(self, layer: int, i: int):
         res = self.residual
 
         def hook(module, args, kwargs):
             text = _get_text(args, kwargs)
             origin = self._lookup_origin(args, kwargs)
-            if weight is None:  # a learned weight, read now (the gradient reaches it)
-                w = self._weight_source
-                weight_now = (w() if callable(w) else w)[index]
-            else:
-                weight_now = weight
+            weight = res.weights[i]  # read now: a learned weight tensor may be swapped in
             if res.mode == "ln":
                 rotation = self._rotation_on(layer, text.device)
-                mixed = ln_mix(text, origin, weight_now, rotation, res.layernorm, res.eps)
+                mixed = ln_mix(text, origin, weight, rotation, res.layernorm, res.eps)
             else:
-                mixed = residual_mix(text, origin, weight_now, "plain")
+                mixed = residual_mix(text, origin, weight, "plain")
             return _set_text(args, kwargs, mixed)
 
         return hook
@@ -370,17 +353,6 @@ def transformer_feature_dim(transformer: torch.nn.Module) -> int:
 
 
 # -- helpers -------------------------------------------------------------------------------
-WeightSource = torch.Tensor | Callable[[], torch.Tensor]
-
-
-def _check_weight_source(weights: WeightSource, n: int) -> None:
-    """A weight tensor (or the tensor a callable returns now) must be 1-D with n entries."""
-    probe = weights() if callable(weights) else weights
-    if not isinstance(probe, torch.Tensor) or probe.shape != (n,):
-        shape = list(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
-        raise DiffalignError(f"learned residual weights must be a [{n}] tensor (got {shape})")
-
-
 def _drop(store: dict, key: int, ref: weakref.ref) -> None:
     entry = store.get(key)
     if entry is not None and entry[0] is ref:
@@ -426,7 +398,25 @@ def _layer_index(value: Any, what: str) -> int:
     return value
 
 
-def _expand_weights(weights: Sequence[float] | float | str | None, n: int) -> list[float]:
+def _detached(weights: Sequence[float] | torch.Tensor):
+    return weights.detach() if isinstance(weights, torch.Tensor) else weights
+
+
+def _expand_weights(
+    weights: Sequence[float] | float | str | torch.Tensor | None, n: int
+) -> list[float] | torch.Tensor:
+    if isinstance(weights, torch.Tensor) and weights.is_floating_point():
+        # learned weights: kept as a tensor (grad flows through the mix), one per target
+        w = weights.reshape(-1)
+        if w.numel() == 1 and n != 1:
+            w = w.expand(n)
+        if w.numel() != n:
+            raise DiffalignError(f"{w.numel()} residual weights for {n} target layers")
+        if not bool(torch.isfinite(w.detach()).all()):
+            raise DiffalignError("residual weights must be finite")
+        return w
+    if isinstance(weights, torch.Tensor):
+        weights = weights.tolist()
     if isinstance(weights, str):
         weights = parse_float_list(weights, "weights") or None
     if weights is None:

@@ -42,11 +42,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def add_weighted(base: torch.Tensor, other: torch.Tensor, weight: float | torch.Tensor):
-    """`base + weight * other`; a tensor weight (0-dim) is cast to `base`'s dtype and device."""
+def _scaled_add(a: torch.Tensor, b: torch.Tensor, weight) -> torch.Tensor:
+    """`a + weight * b`; a tensor weight stays in the graph (learned weights)."""
     if isinstance(weight, torch.Tensor):
-        return base + weight.to(device=base.device, dtype=base.dtype) * other
-    return torch.add(base, other, alpha=weight)
+        return a + weight.to(device=a.device, dtype=a.dtype) * b
+    return torch.add(a, b, alpha=weight)
 
 
 def residual_mix(
@@ -74,7 +74,7 @@ def residual_mix(
     if mode == "plain":
         if rotation is not None or layernorm:
             raise DiffalignError("rotations and --residual-layernorm need mode 'ln', not 'plain'")
-        return add_weighted(target.to(compute), origin.to(compute), weight).to(target.dtype)
+        return _scaled_add(target.to(compute), origin.to(compute), weight).to(target.dtype)
     origin_norm = standardize(origin.to(compute), eps)[0]
     return ln_mix(target, origin_norm, weight, rotation, layernorm, eps)
 
@@ -99,7 +99,7 @@ def ln_mix(
                 f"rotation of shape {tuple(rotation.shape)} does not fit feature size {d}"
             )
         o_norm = o_norm @ rotation.to(device=o_norm.device, dtype=compute)
-    mixed = add_weighted(t_norm, o_norm, weight)
+    mixed = _scaled_add(t_norm, o_norm, weight)
     if layernorm:
         mixed = torch.nn.functional.layer_norm(mixed, mixed.shape[-1:], eps=eps)
     return torch.addcmul(mean_t, mixed, std_t).to(target.dtype)

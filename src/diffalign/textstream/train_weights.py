@@ -4,7 +4,8 @@ shared training loop (`engine.train`).
 
 Each step draws a batch of cached pairs (`textstream cache`), noise `eps` and flow times `s`
 (`weights.sample_times`), runs the frozen transformer on `x_s = (1 - s) x0 + s eps` at timestep
-`1000 s` with the residual attached and its weights read from `softplus(raw)` at hook time, and
+`1000 s` with the residual attached (its `weights` set to `softplus(raw)` before each forward,
+read by the hooks), and
 minimises `||v - (eps - x0)||^2 + smoothness_weight * mean (w_{k+1} - w_k)^2`. Only `raw`
 trains (AdamW, warm-up + cosine, clipping, exact resume, TensorBoard through the loop).
 
@@ -307,7 +308,8 @@ class WeightsTask(TrainTask):
         if cfg.gradient_checkpointing:
             tr.enable_gradient_checkpointing()
         tr.requires_grad_(False)
-        self.handle = self.residual.attach(tr, weights=self.weights)
+        self.residual.weights = self.weights()  # a tensor: every target is hooked
+        self.handle = self.residual.attach(tr)
         ids = self.cache.complete_ids()
         if len(ids) <= cfg.num_val:
             raise DiffalignError(
@@ -383,6 +385,7 @@ class WeightsTask(TrainTask):
         xs = noisy_latents(x0, eps, s)
         timestep = s * float(self.pipe.scheduler.config.num_train_timesteps)
         pe, pooled = batch["prompt_embeds"], batch["pooled"]
+        self.residual.weights = self.weights()  # read by the hooks: this forward's weights
         pred = self.flow.velocity(self.transformer, xs, timestep, pe, pooled)
         return velocity_loss(pred, x0, eps)
 
@@ -467,6 +470,7 @@ class WeightsTask(TrainTask):
         def get(store: str, key: str) -> torch.Tensor:
             return stores[store].get(key).to(device, dtype)[None]
 
+        self.residual.weights = self.weights().detach()
         out = []
         for k, key in enumerate(ids):
             out += self.flow.sample(
