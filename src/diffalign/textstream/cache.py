@@ -3,8 +3,9 @@ training data of learned residual weights (spec T: learned weights; spec E: Data
 
 Layout of a cache folder (every LMDB record fp16, key = the pair's id):
 
-    job.json                    what made the cache: model identity, resolution, text length,
-                                pairs digest; a re-run (or `train-weights`) that differs is refused
+    job.json                    what made the cache: model identity (`engine.identity`),
+                                resolution, text length, pairs digest; a re-run (or
+                                `train-weights`) that differs is refused
     pairs.jsonl                 {"id", "caption", "image"} per pair, in dataset order
     latents.lmdb/               [C, R/f, R/f] = (VAE posterior mean - shift_factor) * scaling_factor
     prompt_embeds.lmdb/         [L, D] the pipeline's joint text embeddings (SD3: CLIP-L + CLIP-G
@@ -48,62 +49,6 @@ EMPTY_KEY = "__empty__"
 CACHE_FORMAT = "diffalign-textstream-cache-v1"
 _FINGERPRINT_BLOCK = 1 << 20
 _MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".safetensors", ".bin", ".sft")
-
-
-# ---------------------------------------------------------------------------------------------
-# job identity (minimal; engine.identity will replace these two functions)
-
-
-def model_fingerprint(model: str, family: str = "sd3") -> dict[str, Any]:
-    """What `--model` is, independent of where it lies: sha256 over each config / weight file's
-    relative path, size and first MiB (a folder or single file); a Hub id and its cached
-    snapshot revision otherwise."""
-    from diffalign.engine.loading import resolve_model
-
-    resolved = resolve_model(model, family)
-    if resolved.kind == "hub":
-        revision = None
-        try:
-            from huggingface_hub import snapshot_download
-
-            revision = Path(snapshot_download(resolved.source, local_files_only=True)).name
-        except Exception:  # not cached: the id alone
-            pass
-        return {"hub_id": resolved.source, "revision": revision}
-    root = Path(resolved.source)
-    files = (
-        [root]
-        if root.is_file()
-        else sorted(
-            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _MODEL_FILE_SUFFIXES
-        )
-    )
-    h = hashlib.sha256()
-    for f in files:
-        rel = f.name if f == root else f.relative_to(root).as_posix()
-        with open(f, "rb") as fh:
-            head = fh.read(_FINGERPRINT_BLOCK)
-        h.update(f"{rel}\0{f.stat().st_size}\0".encode())
-        h.update(hashlib.sha256(head).digest())
-    return {"fingerprint": h.hexdigest(), "files": len(files)}
-
-
-def check_job(saved: dict[str, Any], current: dict[str, Any], where: str, hint: str) -> None:
-    """Refuse (one line) when a recorded job identity differs from the current one."""
-    diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if diffs:
-        named = ", ".join(
-            f"{k}: {short_value(saved.get(k))} -> {short_value(current.get(k))}" for k in diffs[:3]
-        )
-        raise DiffalignError(f"{where} was made with other settings ({named}); {hint}")
-
-
-def short_value(v: Any) -> str:
-    """A recorded value in a few characters (for error lines)."""
-    if isinstance(v, dict) and "fingerprint" in v:
-        v = v["fingerprint"][:12]
-    text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +125,7 @@ def build_cache(
     """Encode every pair of `dataset` into the cache folder `output_dir` (module docstring);
     returns the summary (also `summary.json`, written by rank 0)."""
     from diffalign.engine.distributed import process_state
+    from diffalign.engine.identity import model_identity
     from diffalign.engine.io import locked_output_dir
     from diffalign.engine.loading import check_model_available
     from diffalign.engine.pairs import load_image_captions
@@ -203,7 +149,7 @@ def build_cache(
     job = {
         "format": CACHE_FORMAT,
         "family": "sd3",
-        "model": model_fingerprint(model),
+        "model": model_identity(model),
         "resolution": int(resolution),
         "max_sequence_length": int(max_sequence_length),
         "pairs_sha256": _pairs_digest(pair_set.pairs),
@@ -233,6 +179,7 @@ def _pairs_digest(pairs) -> str:
 
 
 def _check_or_reset(out: Path, job: dict, overwrite: bool, state) -> None:
+    from diffalign.engine.identity import check_identity
     from diffalign.engine.io import read_json
 
     job_path = out / JOB_FILE
@@ -244,11 +191,11 @@ def _check_or_reset(out: Path, job: dict, overwrite: bool, state) -> None:
                 (out / name).unlink(missing_ok=True)
         else:
             saved = read_json(job_path)
-            check_job(
+            check_identity(
                 {k: saved.get(k) for k in job},
                 job,
-                f"cache {out}",
-                "pass --overwrite to start over or choose another --output-dir",
+                f"cache {out} was",
+                hint="pass --overwrite to start over or choose another --output-dir",
             )
     state.wait_for_everyone()
 

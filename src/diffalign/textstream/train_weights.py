@@ -38,9 +38,7 @@ from diffalign.textstream.cache import (
     POOLED,
     PROMPT_EMBEDS,
     CacheInfo,
-    model_fingerprint,
     open_cache,
-    short_value,
 )
 from diffalign.textstream.flow import family
 from diffalign.textstream.weights import (
@@ -330,13 +328,15 @@ class WeightsTask(TrainTask):
                 f"cache {self.cache.root} was made at resolution {job['resolution']}, not "
                 f"--resolution {cfg.resolution}"
             )
-        here = model_fingerprint(cfg.model)
-        if job.get("model") != here:
-            raise DiffalignError(
-                f"cache {self.cache.root} was made with another model than --model {cfg.model} "
-                f"(made with {job.get('made_with', '?')}, identity {short_value(job.get('model'))}, "
-                f"here {short_value(here)}): cache the pairs with this model"
-            )
+        from diffalign.engine.identity import check_identity, model_identity
+
+        check_identity(
+            {"model": job.get("model")},
+            {"model": model_identity(cfg.model)},
+            f"cache {self.cache.root} ({job.get('made_with', '?')}) was",
+            hint=f"it was made with another model than --model {cfg.model}: cache the pairs "
+            "with this model",
+        )
 
     def _check_cache_shapes(self) -> None:
         shapes = self.cache.job["shapes"]
@@ -530,6 +530,11 @@ class WeightsTask(TrainTask):
             val_pairs=len(self.val_ids),
         )
         return d
+
+    def identity(self) -> dict:
+        """What decides the learned weights (compared on resume by the loop): the settings
+        outside RESUME_FREE, the cache's job record (model identity included)."""
+        return {k: v for k, v in self.config_dict().items() if k not in RESUME_FREE}
 
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
         from diffalign.engine.config_values import check_resume_config
