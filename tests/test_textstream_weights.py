@@ -567,6 +567,17 @@ def test_train_weights_then_sample_with_the_file(sd3, cache, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_sd35_cache_and_train(tiny_model_dir, tmp_path):
+    sd35 = tiny_model_dir("sd35")
+    data = _image_folder(tmp_path / "data", n=2)
+    assert main(_cache_args(sd35, data, tmp_path / "cache")) == 0
+    args = _train_args(sd35, tmp_path / "cache", tmp_path / "run", "--residual-mode", "ln")
+    args[args.index("--max-steps") + 1] = "2"
+    assert main(args) == 0
+    lw = load_learned_weights(tmp_path / "run" / "residual_weights.safetensors")
+    assert lw.mode == "ln" and lw.target_layers == [2, 3] and lw.weights != [1.0, 1.0]
+
+
 def test_train_weights_stop_and_resume_equals_straight_run(sd3, cache, tmp_path, monkeypatch):
     from diffalign.engine.io import load_tensors
     from diffalign.textstream.train_weights import WeightsTask
