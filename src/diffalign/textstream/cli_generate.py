@@ -149,6 +149,13 @@ def _add_common(
         help="one weight per target, or one for all (default: 1.0 each)",
     )
     r.add_argument(
+        "--residual-weights-file",
+        default=None,
+        metavar="FILE",
+        help="learned weights from `textstream train-weights` (residual_weights.safetensors): "
+        "sets origin, targets, weights and mode; give the rotation file it was trained with",
+    )
+    r.add_argument(
         "--residual-procrustes-path",
         default=None,
         metavar="FILE",
@@ -165,13 +172,6 @@ def _add_common(
         "--residual-layernorm",
         action="store_true",
         help="parameter-free LayerNorm on the mix before rescaling (ln mode)",
-    )
-    r.add_argument(
-        "--residual-weights-file",
-        default=None,
-        metavar="FILE",
-        help="learned weights from `textstream train-weights` (residual_weights.safetensors): "
-        "sets origin, targets, weights and mode; give the rotation file it was trained with",
     )
 
 
@@ -305,7 +305,8 @@ def dpg_resolution(resolution: int | None, height: int | None, width: int | None
 
 def _configs(args, n_samples: int, model: str | None = None):
     from diffalign.engine.cliutils import parse_float_list, parse_int_list
-    from diffalign.textstream.generate import GenerationConfig, ResidualConfig, apply_weights_file
+    from diffalign.textstream.generate import GenerationConfig, ResidualConfig
+    from diffalign.textstream.weights import apply_weights_file
 
     cfg = GenerationConfig(
         model=model if model is not None else args.model,
@@ -332,10 +333,10 @@ def _configs(args, n_samples: int, model: str | None = None):
         if targets is None
         else parse_int_list(targets, "--residual-target-layers"),
         weights=None if not weights else parse_float_list(weights, "--residual-weights") or None,
+        weights_file=args.residual_weights_file,
         mode=args.residual_mode,
         procrustes_path=args.residual_procrustes_path,
         layernorm=args.residual_layernorm,
-        weights_file=args.residual_weights_file,
     )
     return cfg, apply_weights_file(rc)
 

@@ -84,31 +84,10 @@ class ResidualConfig:
     origin_layer: int | None = None
     target_layers: list[int] | None = None
     weights: list[float] | None = None
+    weights_file: str | None = None  # learned weights (`train-weights`): see apply_weights_file
     mode: str | None = None
     procrustes_path: str | None = None
     layernorm: bool = False
-    weights_file: str | None = None  # learned weights (`train-weights`): fills the fields above
-
-
-def apply_weights_file(rc: ResidualConfig) -> ResidualConfig:
-    """`rc` with origin, targets, weights, mode and layernorm taken from `rc.weights_file`
-    (unchanged without one); options that disagree with the file are one DiffalignError line."""
-    if rc.weights_file is None:
-        return rc
-    from dataclasses import replace
-
-    from diffalign.textstream.weights import resolve_weights_file
-
-    resolved = resolve_weights_file(
-        rc.weights_file,
-        origin_layer=rc.origin_layer,
-        target_layers=rc.target_layers,
-        weights=rc.weights,
-        mode=rc.mode,
-        procrustes_path=rc.procrustes_path,
-        layernorm=rc.layernorm,
-    )
-    return replace(rc, **resolved)
 
 
 @dataclass
@@ -216,7 +195,6 @@ def validate_config(cfg: GenerationConfig) -> None:
 
 def validate_residual_config(rc: ResidualConfig) -> None:
     """Checks that need no model: list lengths, file existence, origin < targets."""
-    rc = apply_weights_file(rc)
     if rc.procrustes_path is not None and not Path(rc.procrustes_path).is_file():
         raise DiffalignError(f"rotation file not found: {rc.procrustes_path}")
     if rc.mode not in (None, "plain", "ln"):
@@ -253,6 +231,10 @@ def validate_residual_config(rc: ResidualConfig) -> None:
                 "--residual-weights does nothing without target layers (the residual is off): "
                 "add --residual-target-layers (or a --residual-procrustes-path rotation file)"
             )
+    if rc.weights_file is not None:
+        from diffalign.textstream.weights import apply_weights_file
+
+        apply_weights_file(rc)  # the file's own checks, before any model loads
 
 
 def _resolve_device(cfg: GenerationConfig, state_device: Any) -> str:
@@ -349,6 +331,7 @@ class ResidualGenerator:
 def build_residual_from_config(rc: ResidualConfig, num_layers: int, feature_dim: int):
     """`diffalign.textstream.build_residual` for these options (None when the feature is off)."""
     from diffalign.textstream import build_residual
+    from diffalign.textstream.weights import apply_weights_file
 
     rc = apply_weights_file(rc)
     kwargs: dict[str, Any] = {

@@ -319,3 +319,23 @@ def resolve_weights_file(
         "mode": lw.mode if lw.mode is not None else mode,
         "layernorm": lw.layernorm if lw.layernorm is not None else layernorm,
     }
+
+
+def apply_weights_file(rc: Any) -> Any:
+    """A residual config (`generate.ResidualConfig`) with origin, targets, weights, mode and
+    layernorm taken from its `weights_file` (unchanged without one); options that disagree
+    with the file are one DiffalignError line (`resolve_weights_file`)."""
+    if getattr(rc, "weights_file", None) is None:
+        return rc
+    from dataclasses import replace
+
+    resolved = resolve_weights_file(
+        rc.weights_file,
+        origin_layer=rc.origin_layer,
+        target_layers=rc.target_layers,
+        weights=rc.weights,
+        mode=rc.mode,
+        procrustes_path=rc.procrustes_path,
+        layernorm=rc.layernorm,
+    )
+    return replace(rc, **resolved)
