@@ -578,6 +578,25 @@ def test_sd35_cache_and_train(tiny_model_dir, tmp_path):
     assert lw.mode == "ln" and lw.target_layers == [2, 3] and lw.weights != [1.0, 1.0]
 
 
+def test_generate_resumes_with_a_moved_copy_and_refuses_other_weights(sd3, tmp_path, capsys):
+    import shutil
+
+    save_learned_weights(tmp_path / "a.safetensors", LearnedWeights([0.5, 1.5], 0, [2, 3], "ln"))
+    shutil.copy(tmp_path / "a.safetensors", tmp_path / "copy.safetensors")
+    save_learned_weights(tmp_path / "b.safetensors", LearnedWeights([0.5, 2.5], 0, [2, 3], "ln"))
+    (tmp_path / "p.txt").write_text("a cat\n")
+    argv = [
+        "textstream", "generate", "--model", sd3, "--prompts", str(tmp_path / "p.txt"),
+        "--output-dir", str(tmp_path / "out"), "--steps", "1", "--height", "32", "--width", "32",
+    ]  # fmt: skip
+    assert main([*argv, "--residual-weights-file", str(tmp_path / "a.safetensors")]) == 0
+    assert main([*argv, "--residual-weights-file", str(tmp_path / "copy.safetensors")]) == 0
+    assert "0 prompts generated, 1 skipped" in capsys.readouterr().out
+    assert main([*argv, "--residual-weights-file", str(tmp_path / "b.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0], err
+
+
 def test_train_weights_stop_and_resume_equals_straight_run(sd3, cache, tmp_path, monkeypatch):
     from diffalign.engine.io import load_tensors
     from diffalign.textstream.train_weights import WeightsTask

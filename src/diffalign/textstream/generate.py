@@ -372,6 +372,9 @@ def _settings_identity(settings: dict) -> dict:
     proc = rc.get("procrustes_path")
     if proc and Path(proc).is_file():
         rc["procrustes_path"] = {"path": path_key(proc), "sha256": file_sha256(proc)}
+    learned = rc.get("weights_file")
+    if learned and Path(learned).is_file():  # by content: a moved copy is the same weights
+        rc["weights_file"] = {"sha256": file_sha256(learned)}
     return {"options": opts, "residual_options": rc}
 
 
