@@ -17,6 +17,9 @@ keyed by the identity of that forward's `temb` tensor (one object shared by ever
 transformer forward); a target block's hook looks them up by its own `temb`. So a recompute
 under gradient checkpointing, which calls a block's hook again with the same inputs, gives the
 same result, even when several forwards ran before the backward.
+
+Weights are read from the residual object when a target hook runs (`residual.weights[i]`), so
+a tensor of learned weights (requiring grad) may be swapped in; the mix is differentiable in it.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class TextStreamResidual:
         self,
         origin_layer: int = 0,
         target_layers: Sequence[int] | str | None = (),
-        weights: Sequence[float] | float | str | None = None,
+        weights: Sequence[float] | float | str | torch.Tensor | None = None,
         mode: str = "plain",
         rotations: Mapping[int, torch.Tensor] | RotationSet | None = None,
         layernorm: bool = False,
@@ -108,10 +111,11 @@ class TextStreamResidual:
         self.source: dict[str, Any] = {}  # where the rotations came from (for settings())
 
     @property
-    def active_targets(self) -> list[tuple[int, float]]:
-        """(layer, weight) pairs that change the output (zero-weight plain targets are skipped)."""
+    def active_targets(self) -> list[tuple[int, Any]]:
+        """(layer, weight) pairs that change the output (zero-weight plain targets are skipped;
+        tensor weights are never skipped: they may change)."""
         pairs = list(zip(self.target_layers, self.weights))
-        if self.mode == "plain":
+        if self.mode == "plain" and not isinstance(self.weights, torch.Tensor):
             pairs = [(t, w) for t, w in pairs if w != 0.0]
         return pairs
 
@@ -157,7 +161,7 @@ class TextStreamResidual:
             "enabled": bool(self.active_targets),
             "origin_layer": self.origin_layer,
             "target_layers": list(self.target_layers),
-            "weights": list(self.weights),
+            "weights": [float(w) for w in _detached(self.weights)],
             "mode": self.mode,
             "layernorm": self.layernorm,
             "eps": self.eps,
@@ -195,10 +199,11 @@ class AttachedResidual:
                     self._capture_origin, with_kwargs=True
                 )
             )
-            for layer, weight in active:
+            index = {t: i for i, t in enumerate(residual.target_layers)}
+            for layer, _ in active:
                 self._handles.append(
                     blocks[layer].register_forward_pre_hook(
-                        self._make_target_hook(layer, weight), with_kwargs=True
+                        self._make_target_hook(layer, index[layer]), with_kwargs=True
                     )
                 )
         except BaseException:
@@ -255,12 +260,13 @@ class AttachedResidual:
             self._rotations[key] = self.residual.rotations[layer].to(device)
         return self._rotations[key]
 
-    def _make_target_hook(self, layer: int, weight: float):
+    def _make_target_hook(self, layer: int, i: int):
         res = self.residual
 
         def hook(module, args, kwargs):
             text = _get_text(args, kwargs)
             origin = self._lookup_origin(args, kwargs)
+            weight = res.weights[i]  # read now: a learned weight tensor may be swapped in
             if res.mode == "ln":
                 rotation = self._rotation_on(layer, text.device)
                 mixed = ln_mix(text, origin, weight, rotation, res.layernorm, res.eps)
@@ -392,7 +398,25 @@ def _layer_index(value: Any, what: str) -> int:
     return value
 
 
-def _expand_weights(weights: Sequence[float] | float | str | None, n: int) -> list[float]:
+def _detached(weights: Sequence[float] | torch.Tensor):
+    return weights.detach() if isinstance(weights, torch.Tensor) else weights
+
+
+def _expand_weights(
+    weights: Sequence[float] | float | str | torch.Tensor | None, n: int
+) -> list[float] | torch.Tensor:
+    if isinstance(weights, torch.Tensor) and weights.is_floating_point():
+        # learned weights: kept as a tensor (grad flows through the mix), one per target
+        w = weights.reshape(-1)
+        if w.numel() == 1 and n != 1:
+            w = w.expand(n)
+        if w.numel() != n:
+            raise DiffalignError(f"{w.numel()} residual weights for {n} target layers")
+        if not bool(torch.isfinite(w.detach()).all()):
+            raise DiffalignError("residual weights must be finite")
+        return w
+    if isinstance(weights, torch.Tensor):
+        weights = weights.tolist()
     if isinstance(weights, str):
         weights = parse_float_list(weights, "weights") or None
     if weights is None:

@@ -149,6 +149,13 @@ def _add_common(
         help="one weight per target, or one for all (default: 1.0 each)",
     )
     r.add_argument(
+        "--residual-weights-file",
+        default=None,
+        metavar="FILE",
+        help="learned weights from `textstream train-weights` (residual_weights.safetensors): "
+        "sets origin, targets, weights and mode; give the rotation file it was trained with",
+    )
+    r.add_argument(
         "--residual-procrustes-path",
         default=None,
         metavar="FILE",
@@ -299,6 +306,7 @@ def dpg_resolution(resolution: int | None, height: int | None, width: int | None
 def _configs(args, n_samples: int, model: str | None = None):
     from diffalign.engine.cliutils import parse_float_list, parse_int_list
     from diffalign.textstream.generate import GenerationConfig, ResidualConfig
+    from diffalign.textstream.weights import apply_weights_file
 
     cfg = GenerationConfig(
         model=model if model is not None else args.model,
@@ -325,11 +333,12 @@ def _configs(args, n_samples: int, model: str | None = None):
         if targets is None
         else parse_int_list(targets, "--residual-target-layers"),
         weights=None if not weights else parse_float_list(weights, "--residual-weights") or None,
+        weights_file=args.residual_weights_file,
         mode=args.residual_mode,
         procrustes_path=args.residual_procrustes_path,
         layernorm=args.residual_layernorm,
     )
-    return cfg, rc
+    return cfg, apply_weights_file(rc)
 
 
 def _print_summary(summary: dict, where: str) -> None:

@@ -84,6 +84,7 @@ class ResidualConfig:
     origin_layer: int | None = None
     target_layers: list[int] | None = None
     weights: list[float] | None = None
+    weights_file: str | None = None  # learned weights (`train-weights`): see apply_weights_file
     mode: str | None = None
     procrustes_path: str | None = None
     layernorm: bool = False
@@ -230,6 +231,10 @@ def validate_residual_config(rc: ResidualConfig) -> None:
                 "--residual-weights does nothing without target layers (the residual is off): "
                 "add --residual-target-layers (or a --residual-procrustes-path rotation file)"
             )
+    if rc.weights_file is not None:
+        from diffalign.textstream.weights import apply_weights_file
+
+        apply_weights_file(rc)  # the file's own checks, before any model loads
 
 
 def _resolve_device(cfg: GenerationConfig, state_device: Any) -> str:
@@ -326,7 +331,9 @@ class ResidualGenerator:
 def build_residual_from_config(rc: ResidualConfig, num_layers: int, feature_dim: int):
     """`diffalign.textstream.build_residual` for these options (None when the feature is off)."""
     from diffalign.textstream import build_residual
+    from diffalign.textstream.weights import apply_weights_file
 
+    rc = apply_weights_file(rc)
     kwargs: dict[str, Any] = {
         "origin_layer": rc.origin_layer,
         "target_layers": rc.target_layers,
@@ -365,6 +372,9 @@ def _settings_identity(settings: dict) -> dict:
     proc = rc.get("procrustes_path")
     if proc and Path(proc).is_file():
         rc["procrustes_path"] = {"path": path_key(proc), "sha256": file_sha256(proc)}
+    learned = rc.get("weights_file")
+    if learned and Path(learned).is_file():  # by content: a moved copy is the same weights
+        rc["weights_file"] = {"sha256": file_sha256(learned)}
     return {"options": opts, "residual_options": rc}
 
 

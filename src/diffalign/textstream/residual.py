@@ -11,7 +11,8 @@ LN + rescale (+ rotation) mode (seed 000), per token over the feature axis:
     out                   = m * std_t + mean_t
 
 The arithmetic runs in float32 (or float64 when given float64) and the result is cast back to
-the target's dtype.
+the target's dtype. A weight may be a Python number or a 0-dim tensor (a learned weight: the
+gradient flows to it through the mix).
 """
 
 from __future__ import annotations
@@ -41,10 +42,17 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _scaled_add(a: torch.Tensor, b: torch.Tensor, weight) -> torch.Tensor:
+    """`a + weight * b`; a tensor weight stays in the graph (learned weights)."""
+    if isinstance(weight, torch.Tensor):
+        return a + weight.to(device=a.device, dtype=a.dtype) * b
+    return torch.add(a, b, alpha=weight)
+
+
 def residual_mix(
     target: torch.Tensor,
     origin: torch.Tensor,
-    weight: float,
+    weight: float | torch.Tensor,
     mode: str,
     rotation: torch.Tensor | None = None,
     layernorm: bool = False,
@@ -66,7 +74,7 @@ def residual_mix(
     if mode == "plain":
         if rotation is not None or layernorm:
             raise DiffalignError("rotations and --residual-layernorm need mode 'ln', not 'plain'")
-        return torch.add(target.to(compute), origin.to(compute), alpha=weight).to(target.dtype)
+        return _scaled_add(target.to(compute), origin.to(compute), weight).to(target.dtype)
     origin_norm = standardize(origin.to(compute), eps)[0]
     return ln_mix(target, origin_norm, weight, rotation, layernorm, eps)
 
@@ -74,7 +82,7 @@ def residual_mix(
 def ln_mix(
     target: torch.Tensor,
     origin_norm: torch.Tensor,
-    weight: float,
+    weight: float | torch.Tensor,
     rotation: torch.Tensor | None = None,
     layernorm: bool = False,
     eps: float = 1e-6,
@@ -91,7 +99,7 @@ def ln_mix(
                 f"rotation of shape {tuple(rotation.shape)} does not fit feature size {d}"
             )
         o_norm = o_norm @ rotation.to(device=o_norm.device, dtype=compute)
-    mixed = torch.add(t_norm, o_norm, alpha=weight)
+    mixed = _scaled_add(t_norm, o_norm, weight)
     if layernorm:
         mixed = torch.nn.functional.layer_norm(mixed, mixed.shape[-1:], eps=eps)
     return torch.addcmul(mean_t, mixed, std_t).to(target.dtype)
