@@ -1,0 +1,189 @@
+"""The T verbs on FLUX.1 and Qwen-Image tiny models (issue 15): calibrate -> generate from the
+CLI, per-model-card defaults, the method authors' `.pt` rotation layout driving generation, and
+bad input (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffalign.cli import main
+from diffalign.textstream import TextStreamResidual, load_rotations
+from diffalign.textstream.generate import GenerationConfig, resolve_sampling
+from test_textstream_families import random_orthogonal
+
+SIZE = ["--height", "32", "--width", "32"]
+
+
+def test_model_card_defaults(tiny_model_dir):
+    got = {
+        kind: resolve_sampling(GenerationConfig(model=tiny_model_dir(kind)))
+        for kind in ("flux-dev", "flux-schnell", "qwen-image", "sd3")
+    }
+    table = {k: (c.steps, c.cfg, c.guidance, c.max_sequence_length) for k, c in got.items()}
+    assert table == {
+        "flux-dev": (28, 1.0, 3.5, 512),
+        "flux-schnell": (4, 1.0, 0.0, 256),
+        "qwen-image": (50, 4.0, None, 512),
+        "sd3": (28, 7.0, None, 256),
+    }
+    given = GenerationConfig(model=tiny_model_dir("flux-dev"), steps=3, guidance=2.0)
+    assert (resolve_sampling(given).steps, resolve_sampling(given).guidance) == (3, 2.0)
+
+
+@pytest.mark.parametrize("kind", ["flux-schnell", "qwen-image"])
+def test_cli_calibrate_then_generate(tiny_model_dir, tmp_path, kind, capsys):
+    model = tiny_model_dir(kind)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\ntwo dogs\na blue car\nsnow\n")
+    rot = tmp_path / "cal" / "rot.safetensors"
+    args = ["textstream", "calibrate", "--model", model, "--dataset", str(prompts)]
+    args += ["--num-samples", "4", "--steps", "3", "--origin-layer", "0", "--output", str(rot)]
+    args += ["--max-sequence-length", "24", "--token-strategy", "valid", *SIZE]
+    assert main(args) == 0
+    rs = load_rotations(rot)
+    family = "flux" if kind.startswith("flux") else "qwen-image"
+    assert rs.model_family == family and rs.token_strategy == "valid"
+    summary = json.loads((rot.parent / "summary.json").read_text())
+    assert summary["model_family"] == family and summary["num_valid_tokens"] > 0
+    assert summary["mean_error_after"] <= summary["mean_error_before"]
+    # FLUX: global indices over 2 double + 2 single blocks; default targets 2..3
+    assert rs.target_layers == [2, 3] if family == "flux" else [2, 3][:0] or rs.target_layers
+
+    out = tmp_path / "gen"
+    gen = ["textstream", "generate", "--model", model, "--prompts", str(prompts), "--limit", "1"]
+    gen += ["--output-dir", str(out), "--residual-procrustes-path", str(rot), "--steps", "2"]
+    assert main([*gen, *SIZE]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    opts = settings["options"]
+    if kind == "flux-schnell":
+        assert (opts["guidance"], opts["max_sequence_length"], opts["cfg"]) == (0.0, 256, 1.0)
+    else:
+        assert (opts["cfg"], opts["max_sequence_length"], opts["guidance"]) == (4.0, 512, None)
+    assert settings["residual"]["procrustes"]["model_family"] == family
+    assert len(list(out.glob("00000_*/000.png"))) == 1
+
+
+def authors_pt(path: Path, d: int, origin: int, targets: list[int], n_buckets: int, **extra):
+    """A rotation file in the method authors' `.pt` layout (their keys, [N, L, d, d])."""
+    mats = torch.stack(
+        [torch.stack([random_orthogonal(d, 7 * b + t) for t in targets]) for b in range(n_buckets)]
+    )
+    raw = {
+        "origin_layer": origin,
+        "target_layers": targets,
+        "rotation_matrices": mats,
+        "feature_dim": d,
+        "num_valid_tokens": 1234,
+        "strategy": "row_ln",
+        "column_center": False,
+        "timestep_buckets": n_buckets,
+        "timestep_bucket_edges": torch.linspace(0, 1000, n_buckets + 1).tolist(),
+        **extra,
+    }
+    torch.save(raw, path)
+    return mats
+
+
+def test_authors_pt_layout_drives_generation(tiny_model_dir, tmp_path):
+    from diffusers import FluxPipeline
+
+    model = tiny_model_dir("flux-dev")
+    path = tmp_path / "flux_coco5k_o1.pt"
+    mats = authors_pt(path, 32, 1, [2, 3], 2)
+    rs = load_rotations(path, feature_dim=32, family="flux")
+    assert rs.num_buckets == 2 and rs.timestep_bucket_edges == [0.0, 500.0, 1000.0]
+    torch.testing.assert_close(rs.rotations[3], mats[:, 1])
+
+    out = tmp_path / "s"
+    args = ["textstream", "sample", "--model", model, "--prompt", "a red cat", *SIZE]
+    args += ["--steps", "3", "--output-dir", str(out), "--residual-procrustes-path", str(path)]
+    args += ["--residual-weights", "0.8", "--max-sequence-length", "16", "--dtype", "fp32"]
+    assert main(args) == 0
+    folder = next(out.glob("*_a_red_cat"))
+    ours = np.asarray(__import__("PIL.Image").Image.open(folder / "000.png"))
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["residual"]["timestep_bucket_edges"] == [0.0, 500.0, 1000.0]
+
+    pipe = FluxPipeline.from_pretrained(model)
+    res = TextStreamResidual(1, [2, 3], [0.8], mode="ln", rotations=rs)
+
+    def render(residual):
+        kwargs = dict(
+            prompt="a red cat",
+            num_inference_steps=3,
+            guidance_scale=3.5,
+            height=32,
+            width=32,
+            max_sequence_length=16,
+            generator=[torch.Generator("cpu").manual_seed(0)],
+        )
+        if residual is None:
+            return np.asarray(pipe(**kwargs).images[0])
+        with residual.attach(pipe.transformer):
+            return np.asarray(pipe(**kwargs).images[0])
+
+    assert np.array_equal(ours, render(res))
+    assert not np.array_equal(ours, render(None))
+
+
+BAD = [
+    ("family", "calibrated on a sd3 model"),
+    ("dimension", "feature size 16"),
+    ("buckets", "timestep_buckets says 3"),
+    ("past-last", "has 4 blocks"),
+    ("col-center", "without column centring"),
+    ("guidance", "distilled guidance"),
+]
+
+
+@pytest.mark.parametrize("case,match", BAD, ids=[c for c, _ in BAD])
+def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path, capsys, case, match):
+    model = tiny_model_dir("flux-schnell")
+    f = tmp_path / "r.pt"
+    extra: list[str] = []
+    if case == "family":
+        authors_pt(f, 32, 1, [2, 3], 1, model_family="sd3")
+    elif case == "dimension":
+        authors_pt(f, 16, 1, [2, 3], 1)
+    elif case == "buckets":
+        authors_pt(f, 32, 1, [2, 3], 2)
+        raw = torch.load(f, weights_only=True)
+        raw["timestep_buckets"] = 3
+        torch.save(raw, f)
+    elif case == "past-last":
+        authors_pt(f, 32, 1, [2, 3, 4], 1)
+    elif case == "col-center":
+        authors_pt(f, 32, 1, [2, 3], 1)
+        extra = ["--col-center"]
+    else:
+        authors_pt(f, 32, 1, [2, 3], 1)
+        extra = ["--guidance", "2"]
+        model = tiny_model_dir("qwen-image")
+    out = tmp_path / "out"
+    args = ["textstream", "sample", "--model", model, "--prompt", "x", "--output-dir", str(out)]
+    args += ["--residual-procrustes-path", str(f), "--steps", "1", *SIZE, *extra]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert not out.exists() or not any(p for p in out.rglob("*.png"))
+
+
+def test_calibrate_bad_targets_and_empty_bucket(tiny_model_dir, tmp_path, capsys):
+    model = tiny_model_dir("flux-schnell")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    base = ["textstream", "calibrate", "--model", model, "--dataset", str(prompts), *SIZE]
+    capsys.readouterr()
+    out = tmp_path / "c" / "r.safetensors"
+    assert main([*base, "--target-layers", "2,4", "--output", str(out)]) == 2
+    assert "has 4 blocks" in capsys.readouterr().err
+    # 2 samples cannot fill 4 buckets: refused, nothing written
+    rc = main([*base, "--num-samples", "2", "--timestep-buckets", "4", "--output", str(out)])
+    assert rc == 2 and "got no samples" in capsys.readouterr().err
+    assert not out.exists()
