@@ -187,3 +187,123 @@ def test_calibrate_bad_targets_and_empty_bucket(tiny_model_dir, tmp_path, capsys
     rc = main([*base, "--num-samples", "2", "--timestep-buckets", "4", "--output", str(out)])
     assert rc == 2 and "got no samples" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("xt_source", ["trajectory", "noise"])
+def test_flux_calibration_matches_store_all_reference(tiny_model_dir, tmp_path, xt_source):
+    """Calibration through the FLUX pipeline = run the pipeline, record the transformer call of
+    the drawn step, rerun it storing every text token entering each block, scipy Procrustes."""
+    from diffusers import FluxPipeline
+    from scipy.linalg import orthogonal_procrustes
+
+    from diffalign.textstream.calibrate import calibrate, draw_sample
+
+    pipe = FluxPipeline.from_pretrained(tiny_model_dir("flux-dev"))
+    prompts = ["a red cat", "two dogs on grass", "x"]
+    steps, seed, origin, targets = 4, 3, 1, [2, 3]
+    out = tmp_path / "r.safetensors"
+    calibrate(
+        pipe=pipe,
+        prompts=prompts,
+        num_samples=3,
+        origin_layer=origin,
+        target_layers=targets,
+        output=str(out),
+        seed=seed,
+        steps=steps,
+        height=32,
+        width=32,
+        xt_source=xt_source,
+        max_sequence_length=16,
+        batch_size=2,
+    )
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    xs, ys = [], {t: [] for t in targets}
+    for i, prompt in enumerate(prompts):
+        k, noise = draw_sample(seed, i, steps, (16, 4, 4))
+        packed = pipe._pack_latents(noise[None], 1, 16, 4, 4)
+        calls = []
+        h = pipe.transformer.register_forward_pre_hook(
+            lambda m, a, kw, calls=calls: calls.append(dict(kw)), with_kwargs=True
+        )
+        try:
+            pipe(
+                prompt,
+                latents=packed,
+                num_inference_steps=steps,
+                guidance_scale=3.5,
+                height=32,
+                width=32,
+                max_sequence_length=16,
+                output_type="latent",
+            )
+        finally:
+            h.remove()
+        kwargs = dict(calls[k])
+        if xt_source == "noise":
+            kwargs["hidden_states"] = packed
+        entering = []
+        hooks = [
+            b.register_forward_pre_hook(
+                lambda m, a, kw, e=entering: e.append(kw["encoder_hidden_states"][0].double()),
+                with_kwargs=True,
+            )
+            for b in blocks
+        ]
+        try:
+            with torch.no_grad():
+                pipe.transformer(**kwargs)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        xs.append(entering[origin].numpy())
+        for t in targets:
+            ys[t].append(entering[t].numpy())
+
+    def std(a):
+        return (a - a.mean(1, keepdims=True)) / np.sqrt(a.var(1, keepdims=True) + 1e-6)
+
+    x = std(np.concatenate(xs))
+    ones = np.ones((1, x.shape[1]))
+    rs = load_rotations(out)
+    assert rs.num_valid_tokens == len(x) == 3 * 16
+    for t in targets:
+        y = std(np.concatenate(ys[t]))
+        r, _ = orthogonal_procrustes(np.vstack([x, ones]), np.vstack([y, ones]))
+        np.testing.assert_allclose(rs.rotations[t].numpy(), r, atol=2e-4)
+
+
+def test_sd3_buckets_and_col_center_file(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"prompt {i}" for i in range(8)) + "\n")
+    out = tmp_path / "r.safetensors"
+    args = ["textstream", "calibrate", "--model", tiny_model_dir("sd3"), "--dataset", str(prompts)]
+    args += ["--num-samples", "8", "--steps", "4", "--timestep-buckets", "2", "--col-center"]
+    args += ["--xt-source", "noise", "--output", str(out)]
+    assert main(args) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        shape = tuple(f.get_slice("rotation_matrices").get_shape())
+        meta = f.metadata()
+    assert shape == (2, 2, 32, 32)  # [N, L, d, d]
+    assert meta["strategy"] == "row_ln_then_col_center" and meta["model_family"] == "sd3"
+    assert json.loads(meta["timestep_bucket_edges"]) == [0.0, 500.0, 1000.0]
+    rs = load_rotations(out, feature_dim=32, family="sd3")
+    assert rs.column_center and rs.num_buckets == 2
+
+
+def test_safetensors_header_length_starting_with_0x80_is_not_a_pickle(tmp_path):
+    """A safetensors file whose 8-byte header length begins with byte 0x80 was sniffed as a
+    pickle and refused ("not a text-stream rotation file"); found while adding metadata."""
+    from diffalign.textstream.rotations import RotationSet, save_rotations
+
+    rots = {2: random_orthogonal(8, 1)}
+    for pad in range(0, 256):
+        path = tmp_path / f"r{pad}.safetensors"
+        save_rotations(path, RotationSet(0, [2], rots, 8, 1, "all", {"pad": "x" * pad}))
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length starting with 0x80")
+    assert load_rotations(path).target_layers == [2]
