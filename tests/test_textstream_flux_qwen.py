@@ -307,3 +307,57 @@ def test_safetensors_header_length_starting_with_0x80_is_not_a_pickle(tmp_path):
     else:
         pytest.fail("no padding gave a header length starting with 0x80")
     assert load_rotations(path).target_layers == [2]
+
+
+def test_run_inference_sh_flux_schnell(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_MODEL_PATH")}
+    env.pop("VAE_PATH", None)
+    env.update(
+        MODEL_DIR=str(tmp_path / "models"),
+        FLUX_SCHNELL_MODEL_PATH=tiny_model_dir("flux-schnell"),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(repo / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    out = tmp_path / "o"
+    cmd = ["bash", str(repo / "run_inference.sh"), "flux-schnell", "a cat", *SIZE]
+    cmd += ["--save_dir", str(out), "--residual_target_layers", "3", "--residual_origin_layer", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    settings = json.loads((folder / "settings.json").read_text())
+    assert (settings["options"]["steps"], settings["options"]["guidance"]) == (4, 0.0)
+    assert settings["residual"]["target_layers"] == [3]  # a single-stream block of FLUX
+    env.pop("FLUX_SCHNELL_MODEL_PATH")
+    proc = subprocess.run(cmd[:4], env=env, capture_output=True, text=True, timeout=300)
+    note = [line for line in proc.stderr.splitlines() if line.startswith("run_inference.sh:")]
+    assert proc.returncode == 2 and "FLUX_SCHNELL_MODEL_PATH" in note[0]
+
+
+def test_geneval_on_flux_dev_and_dpg_on_qwen_image(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text(json.dumps({"tag": "single_object", "include": [], "prompt": "a cat"}) + "\n")
+    out = tmp_path / "ge"
+    argv = ["textstream", "geneval", "--metadata", str(meta), "--model", tiny_model_dir("flux-dev")]
+    argv += ["--output-dir", str(out), "--n-samples", "1", "--steps", "1", *SIZE]
+    argv += ["--residual-target-layers", "2,3", "--residual-weights", "0.5"]
+    assert main(argv) == 0
+    assert Image.open(out / "00000" / "samples" / "0000.png").size == (32, 32)
+    prompts = tmp_path / "dpg" / "prompts"
+    prompts.mkdir(parents=True)
+    (prompts / "p1.txt").write_text("a blue cube\n")
+    dpg = tmp_path / "dpg_out"
+    argv = ["textstream", "dpg", "--prompts-dir", str(prompts.parent), "--output-dir", str(dpg)]
+    argv += ["--model", tiny_model_dir("qwen-image"), "--resolution", "32"]
+    argv += ["--residual-target-layers", "3", "--residual-origin-layer", "1"]
+    # one step on Qwen-Image's shift_terminal schedule gives NaN sigmas: refused
+    assert main([*argv, "--steps", "1"]) == 2 and not dpg.exists()
+    assert main([*argv, "--steps", "2"]) == 0
+    assert Image.open(dpg / "p1.png").size == (64, 64)
+    settings = json.loads((tmp_path / "dpg_out.settings.json").read_text())
+    assert settings["options"]["cfg"] == 4.0 and settings["residual"]["target_layers"] == [3]

@@ -345,7 +345,12 @@ def _calibrate_locked(
     if not prompts:
         raise DiffalignError("the calibration prompt set is empty")
 
-    from diffalign.textstream.families import DEFAULTS, family_of_variant, model_variant
+    from diffalign.textstream.families import (
+        DEFAULTS,
+        check_schedule,
+        family_of_variant,
+        model_variant,
+    )
 
     variant = None
     if pipe is None:
@@ -363,6 +368,7 @@ def _calibrate_locked(
             variant = "flux-dev" if tr.config.guidance_embeds else "flux-schnell"
     card = DEFAULTS[variant]
     steps = card.steps if steps is None else int(steps)
+    check_schedule(pipe, steps)
     if max_sequence_length is None:
         max_sequence_length = card.max_sequence_length
     if guidance is not None and card.guidance is None:
@@ -465,7 +471,7 @@ def _calibrate_locked(
             t: torch.stack([rots[t] for rots in bucket_rotations]).to(torch.float32)
             for t in target_layers
         }
-    num_valid_tokens = sum(bucket_tokens)
+    num_valid_tokens = sum(int(acc.count[0]) for acc in accs)  # after solve(): all counted
     summary = {
         "output": str(output_path),
         "model": str(model) if model else type(pipe).__name__,

@@ -160,3 +160,14 @@ def pipeline_kwargs(
     # Qwen-Image: true CFG needs a negative prompt; its model card uses " "
     out["negative_prompt"] = negative_prompt if negative_prompt is not None else " "
     return out
+
+
+def check_schedule(pipe, steps: int) -> None:
+    """Refuse step counts the pipeline's scheduler cannot make: with `shift_terminal` (Qwen-Image)
+    one step gives a NaN sigma (diffusers stretches the schedule by `1 - sigma_last` = 0)."""
+    config = getattr(getattr(pipe, "scheduler", None), "config", {}) or {}
+    if int(steps) < 2 and config.get("shift_terminal"):
+        raise DiffalignError(
+            f"--steps {steps}: this model's scheduler (shift_terminal "
+            f"{config.get('shift_terminal')}) needs at least 2 steps (1 step gives NaN images)"
+        )

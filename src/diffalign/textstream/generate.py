@@ -292,6 +292,7 @@ class ResidualGenerator:
 
         from diffalign.textstream.adapters import stream_adapter
         from diffalign.textstream.families import (
+            check_schedule,
             family_of_variant,
             load_text_to_image,
             model_variant,
@@ -313,6 +314,7 @@ class ResidualGenerator:
             single_file_config=cfg.single_file_config,
         )
         self.pipe.set_progress_bar_config(disable=True)
+        check_schedule(self.pipe, cfg.steps)
         adapter = stream_adapter(self.pipe.transformer)
         self.num_layers = adapter.num_blocks
         self.feature_dim = adapter.feature_dim
