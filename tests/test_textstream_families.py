@@ -305,3 +305,27 @@ def test_flux2_is_refused_with_the_reason():
 
     with pytest.raises(DiffalignError, match="FLUX.2.*concatenated"):
         stream_adapter(Flux2Transformer2DModel())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_positional_calls_match(family):
+    """Under gradient checkpointing the blocks are called positionally (Qwen-Image: the text
+    mask before temb); outputs and weight gradients equal the plain run's."""
+    make, inputs, _, n = FAMILIES[family]
+    tr, inp = make(), inputs(timesteps=[0.25, 0.9])
+    edges = [0.0, 500.0, 1000.0]
+    rots = {t: torch.stack([random_orthogonal(D, 3 * t + b) for b in range(2)]) for t in (2, 3)}
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            tr.enable_gradient_checkpointing()
+        w = torch.tensor([0.4, 0.7], requires_grad=True)
+        res = TextStreamResidual(
+            1, [2, 3], w, mode="ln", rotations=rots, timestep_bucket_edges=edges
+        )
+        with res.attach(tr):
+            out = run(tr, inp)
+            out.square().mean().backward()
+        results.append((out.detach(), w.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
