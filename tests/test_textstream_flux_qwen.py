@@ -138,6 +138,8 @@ BAD = [
     ("past-last", "has 4 blocks"),
     ("col-center", "without column centring"),
     ("guidance", "distilled guidance"),
+    ("origin-after-target", "has 4 blocks"),
+    ("target-past-last", "has 4 blocks"),
 ]
 
 
@@ -160,13 +162,19 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path, cap
     elif case == "col-center":
         authors_pt(f, 32, 1, [2, 3], 1)
         extra = ["--col-center"]
-    else:
+    elif case == "guidance":
         authors_pt(f, 32, 1, [2, 3], 1)
         extra = ["--guidance", "2"]
         model = tiny_model_dir("qwen-image")
+    elif case == "origin-after-target":
+        extra = ["--residual-origin-layer", "3", "--residual-target-layers", "2"]
+    else:
+        extra = ["--residual-target-layers", "2,7"]
     out = tmp_path / "out"
     args = ["textstream", "sample", "--model", model, "--prompt", "x", "--output-dir", str(out)]
-    args += ["--residual-procrustes-path", str(f), "--steps", "1", *SIZE, *extra]
+    args += ["--steps", "1", *SIZE, *extra]
+    if f.exists():
+        args += ["--residual-procrustes-path", str(f)]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

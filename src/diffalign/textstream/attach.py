@@ -472,6 +472,14 @@ def build_residual(
         }
     if not target_layers:
         return None
+    origin = 0 if origin_layer is None else origin_layer
+    early = [t for t in target_layers if isinstance(t, int) and t <= origin]
+    if early:
+        raise DiffalignError(
+            f"target layers {early} are not after the origin layer {origin}: the transformer "
+            f"has {num_layers} blocks (origin 0..{num_layers - 2}, targets origin+1.."
+            f"{num_layers - 1})"
+        )
     res = TextStreamResidual(
         origin_layer=0 if origin_layer is None else origin_layer,
         target_layers=target_layers,

@@ -18,6 +18,14 @@ Where x_t comes from (`xt_source`):
 Token strategy: "all" uses every text token (77 CLIP + T5 tokens); "valid" keeps CLIP tokens
 through EOS and T5 tokens through EOS (the tokenizers' attention masks), dropping padding.
 
+Families (issue 15): SD3/SD3.5 run the loop above by hand; FLUX.1 and Qwen-Image run their own
+pipeline from the sample's noise with a step callback (`_run_batch_pipeline`), so distilled
+guidance, true CFG and dynamic shifting are exactly the pipeline's. Blocks are found by the
+family's `StreamAdapter` (global indices). "valid" keeps T5 tokens through EOS on FLUX.1 and
+the tokens the Qwen-Image blocks' text mask keeps. With `timestep_buckets` N > 1 each row goes
+to the accumulator of the bucket its timestep falls in (one rotation per bucket and target);
+`col_center` centres the feature columns before each solve (`X^T Y - s_x s_y^T / n`).
+
 Under `accelerate launch` each process takes samples `rank, rank + world, ...`, the sums are
 all-reduced, and rank 0 writes the rotation file, `summary.json` and `procrustes_errors.png`.
 Each sample's randomness comes from `(seed, sample index)`, so the result does not depend on

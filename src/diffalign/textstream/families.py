@@ -87,6 +87,17 @@ def model_variant(model: str) -> str:
     return "sd3"
 
 
+def config_block_count(model: str) -> int | None:
+    """Blocks of a local pipeline folder's transformer in execution order (FLUX.1: double +
+    single), read from `transformer/config.json`; None when unknown (presets, Hub ids)."""
+    path = Path(str(model)).expanduser() / "transformer" / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        return int(config.get("num_layers", 0)) + int(config.get("num_single_layers", 0)) or None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
+        return None
+
+
 def _flux_guided(folder: Path) -> bool:
     try:
         config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))

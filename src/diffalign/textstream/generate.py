@@ -227,8 +227,13 @@ def validate_config(cfg: GenerationConfig) -> None:
     normalize_dtype(cfg.dtype, "cpu")
 
 
-def validate_residual_config(rc: ResidualConfig) -> None:
-    """Checks that need no model: list lengths, file existence, origin < targets."""
+def validate_residual_config(rc: ResidualConfig, model: str | None = None) -> None:
+    """Checks that need no loaded model: list lengths, file existence, origin < targets, and
+    (for a local folder `model`) targets within its transformer's block count."""
+    from diffalign.textstream.families import config_block_count
+
+    blocks = config_block_count(model) if model is not None else None
+    count = f" (the transformer has {blocks} blocks)" if blocks else ""
     if rc.procrustes_path is not None and not Path(rc.procrustes_path).is_file():
         raise DiffalignError(f"rotation file not found: {rc.procrustes_path}")
     if rc.mode not in (None, "plain", "ln"):
@@ -254,7 +259,12 @@ def validate_residual_config(rc: ResidualConfig) -> None:
         if rc.origin_layer is not None and any(t <= rc.origin_layer for t in targets):
             raise DiffalignError(
                 f"residual target layers {targets} must all be after the origin layer "
-                f"{rc.origin_layer}"
+                f"{rc.origin_layer}{count}"
+            )
+        if blocks and max(targets) > blocks - 1:
+            raise DiffalignError(
+                f"residual target layers {[t for t in targets if t > blocks - 1]} out of range: "
+                f"the transformer has {blocks} blocks (0..{blocks - 1})"
             )
     if rc.origin_layer is not None and rc.origin_layer < 0:
         raise DiffalignError(f"--residual-origin-layer must be >= 0 (got {rc.origin_layer})")
@@ -617,7 +627,8 @@ def run_sample(
     if not models:
         raise DiffalignError("no --model given")
     validate_config(cfg)
-    validate_residual_config(rc)
+    for m in models:
+        validate_residual_config(rc, m)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
@@ -708,7 +719,7 @@ def run_generate(
 
     cfg = resolve_sampling(cfg)
     validate_config(cfg)
-    validate_residual_config(rc)
+    validate_residual_config(rc, cfg.model)
     records = load_prompts(prompts, datadir, limit=limit, prompt_field=prompt_field)
     out = Path(output_dir)
     run_extra = {"prompts": _spec_text(prompts), "datadir": datadir, "limit": limit}
@@ -743,7 +754,7 @@ def run_geneval(
 
     cfg = resolve_sampling(cfg)
     validate_config(cfg)
-    validate_residual_config(rc)
+    validate_residual_config(rc, cfg.model)
     lines = load_geneval_metadata(metadata)
     if limit is not None:
         if limit < 1:
@@ -788,7 +799,7 @@ def run_dpg(
     cfg.n_samples = 4
     cfg = resolve_sampling(cfg)
     validate_config(cfg)
-    validate_residual_config(rc)
+    validate_residual_config(rc, cfg.model)
     items = load_dpg_prompts(prompts_dir)
     if limit is not None:
         if limit < 1:
