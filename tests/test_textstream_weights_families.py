@@ -15,13 +15,14 @@ from PIL import Image
 from diffalign.cli import main
 from diffalign.engine.lmdb_store import TensorLMDB
 from diffalign.textstream.flow import FluxFlow, QwenImageFlow, pack_latents, unpack_latents
-from diffalign.textstream.weights import load_learned_weights
+from diffalign.textstream.train_weights import scheduler_shift
+from diffalign.textstream.weights import load_learned_weights, shift_times
 
 CAPTIONS = ["a red square", "a blue circle", "a green cat", "a yellow dog"]
 RES = 32
-TARGETS = {"flux-dev": "1,2", "qwen-image": "2,3"}  # FLUX: double block 1, single block 0
+TARGETS = {"flux-dev": "1,2", "flux-schnell": "1,3", "qwen-image": "2,3"}  # FLUX: 2 + 2 blocks
 # text length: the tiny Qwen tokenizer gives 128-140 tokens per caption, so 160 pads every one
-MSL = {"flux-dev": 8, "qwen-image": 160}
+MSL = {"flux-dev": 8, "flux-schnell": 8, "qwen-image": 160}
 
 
 def _image_folder(root: Path) -> Path:
@@ -50,7 +51,7 @@ def _train_args(model: str, cache: Path, out: Path, targets: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["flux-dev", "qwen-image"])
+@pytest.fixture(scope="module", params=["flux-dev", "flux-schnell", "qwen-image"])
 def fam(request, tiny_model_dir, tmp_path_factory):
     """(kind, model folder, cache folder) of one family's tiny model."""
     kind = request.param
@@ -136,6 +137,8 @@ def test_cached_latents_and_text_are_the_pipelines(fam):
 
 
 def test_velocity_is_the_pipelines_transformer_call(fam):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     kind, model, cache = fam
     pipe = _pipeline(kind, model)
     tr = pipe.transformer
@@ -149,17 +152,20 @@ def test_velocity_is_the_pipelines_transformer_call(fam):
     with torch.no_grad():
         if kind.startswith("flux"):
             flow = FluxFlow
+            # FLUX.1-dev: the card's distilled guidance; schnell has no guidance embedder
+            guidance = torch.full([1], 3.5) if kind == "flux-dev" else None
+            assert FluxFlow.settings(tr) == {"guidance": None if guidance is None else 3.5}
             ref = tr(
                 hidden_states=packed,
                 timestep=t / 1000,
-                guidance=torch.full([1], 3.5),  # the FLUX.1-dev card's distilled guidance
+                guidance=guidance,
                 pooled_projections=second,
                 encoder_hidden_states=pe,
                 txt_ids=torch.zeros(pe.shape[1], 3),
                 img_ids=pipe._prepare_latent_image_ids(1, h // 2, h // 2, "cpu", torch.float32),
                 return_dict=False,
             )[0]
-            assert FluxFlow.settings(tr) == {"guidance": 3.5}
+
         else:
             flow = QwenImageFlow
             ref = tr(
@@ -188,6 +194,20 @@ def test_velocity_is_the_pipelines_transformer_call(fam):
     torch.testing.assert_close(pack_latents(got), ref, rtol=0, atol=0)
     # dynamic time shift keyed on the packed sequence length, as the pipelines compute it
     assert flow.image_seq_len(tr, [16, h, h]) == packed.shape[1]
+    cfg = pipe.scheduler.config
+    u = torch.tensor([0.2, 0.5, 0.9])
+    shift = scheduler_shift(cfg, flow.image_seq_len(tr, [16, h, h]))
+    if not cfg.use_dynamic_shifting:  # FLUX.1-schnell: the static shift (1)
+        assert shift == cfg.shift == 1.0
+        return
+    mu = calculate_shift(
+        packed.shape[1],
+        cfg.base_image_seq_len,
+        cfg.max_image_seq_len,
+        cfg.base_shift,
+        cfg.max_shift,
+    )
+    torch.testing.assert_close(shift_times(u, shift), pipe.scheduler.time_shift(mu, 1.0, u))
 
 
 def test_cache_train_weights_sample_from_the_cli(fam, tmp_path, monkeypatch, capsys):
@@ -213,8 +233,8 @@ def test_cache_train_weights_sample_from_the_cli(fam, tmp_path, monkeypatch, cap
     assert lw.weights != [1.0, 1.0]
     summary = json.loads((run / "summary.json").read_text())["residual_weights"]
     assert summary["family"] == flow.name and summary["val_loss_final"] is not None
-    if kind == "flux-dev":
-        assert summary["guidance"] == 3.5
+    if kind.startswith("flux"):
+        assert summary["guidance"] == (3.5 if kind == "flux-dev" else None)
     assert (run / "validation" / "step-0000003" / "grid.png").is_file()
 
     out = tmp_path / "samples"
