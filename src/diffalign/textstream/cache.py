@@ -3,14 +3,21 @@ training data of learned residual weights (spec T: learned weights; spec E: Data
 
 Layout of a cache folder (every LMDB record fp16, key = the pair's id):
 
-    job.json                    what made the cache: model identity (`engine.identity`),
-                                resolution, text length, pairs digest; a re-run (or
-                                `train-weights`) that differs is refused
+    job.json                    what made the cache: model family ("sd3", "flux", "qwen-image"),
+                                model identity (`engine.identity`), resolution, text length,
+                                pairs digest; a re-run (or `train-weights`) that differs is
+                                refused
     pairs.jsonl                 {"id", "caption", "image"} per pair, in dataset order
-    latents.lmdb/               [C, R/f, R/f] = (VAE posterior mean - shift_factor) * scaling_factor
-    prompt_embeds.lmdb/         [L, D] the pipeline's joint text embeddings (SD3: CLIP-L + CLIP-G
-                                zero-padded to the T5 width, 77 tokens, then the T5 tokens)
-    pooled_prompt_embeds.lmdb/  [P] the pooled CLIP embeddings (SD3: CLIP-L | CLIP-G)
+    latents.lmdb/               [C, R/f, R/f] normalised VAE posterior mean, unpacked:
+                                SD3, FLUX.1: (mean - shift_factor) * scaling_factor;
+                                Qwen-Image: (mean - latents_mean) / latents_std (per channel)
+    prompt_embeds.lmdb/         [L, D] the pipeline's text embeddings (SD3: CLIP-L + CLIP-G
+                                zero-padded to the T5 width, 77 tokens, then the T5 tokens;
+                                FLUX.1: the T5 tokens; Qwen-Image: Qwen2.5-VL tokens zero-padded
+                                to L = max_sequence_length)
+    pooled_prompt_embeds.lmdb/  SD3: [P] pooled CLIP-L | CLIP-G; FLUX.1: [P] pooled CLIP-L;
+                                Qwen-Image (no pooled embedding): [L] its text mask, 1 = token,
+                                0 = padding
     summary.json                counts, failures, seconds
 
 The text stores also hold the key `__empty__`: the empty prompt's embeddings (the unconditional
@@ -144,11 +151,12 @@ def build_cache(
     pair_set = load_image_captions(
         dataset, datadir, limit=limit, caption_field=caption_field, image_field=image_field
     )
-    check_model_available(model, "sd3")
+    fam = model_family(model)
+    check_model_available(model, fam)
     state = process_state(device)
     job = {
         "format": CACHE_FORMAT,
-        "family": "sd3",
+        "family": fam,
         "model": model_identity(model),
         "resolution": int(resolution),
         "max_sequence_length": int(max_sequence_length),
@@ -169,6 +177,14 @@ def build_cache(
             single_file_config=single_file_config,
             started=started,
         )
+
+
+def model_family(model: str) -> str:
+    """The cache family ("sd3", "flux", "qwen-image") of a `--model` value, read from its
+    files or name without loading it."""
+    from diffalign.textstream.families import family_of_variant, model_variant
+
+    return family_of_variant(model_variant(model))
 
 
 def _pairs_digest(pairs) -> str:

@@ -20,7 +20,8 @@ def register(verbs) -> None:
         help="VAE latents + text embeddings of image-caption pairs (for train-weights)",
         description="Encode image-caption pairs (COCO captions json, pairs.jsonl + images, or a "
         "folder of images with <stem>.txt captions) into CACHE: latents.lmdb, "
-        "prompt_embeds.lmdb, pooled_prompt_embeds.lmdb (fp16, key = pair id; the text stores "
+        "prompt_embeds.lmdb, pooled_prompt_embeds.lmdb (Qwen-Image: its text mask) (fp16, key = "
+        "pair id; the text stores "
         "also hold __empty__), pairs.jsonl, job.json (model identity, resolution) and "
         "summary.json. Images are resized and centre-cropped to --resolution. Resumable (a "
         "re-run finishes the missing records; one with another model or resolution is "
@@ -29,8 +30,8 @@ def register(verbs) -> None:
     p.add_argument(
         "--model",
         default="sd3",
-        help="sd3 | sd3.5 | sd3.5-medium | diffusers folder | Hub id | .safetensors "
-        "(default: %(default)s)",
+        help="sd3 | sd3.5 | sd3.5-medium | flux-dev | flux-schnell | qwen-image | diffusers "
+        "folder | Hub id | .safetensors (default: %(default)s)",
     )
     p.add_argument(
         "--single-file-config",
@@ -168,7 +169,8 @@ def register(verbs) -> None:
         "--time-shift",
         type=positive_float,
         default=None,
-        help="s = shift*u / (1 + (shift-1)*u); default: the scheduler's shift (SD3: 3); 1 = none",
+        help="s = shift*u / (1 + (shift-1)*u); default: the scheduler's shift (SD3: 3; FLUX.1-dev, "
+        "Qwen-Image: dynamic by the cached resolution); 1 = none",
     )
     o = p.add_argument_group("optimisation")
     o.add_argument(

@@ -261,7 +261,8 @@ class WeightsTask(TrainTask):
 
     def __init__(self, cfg: WeightsTrainConfig, log=print):
         from diffalign.textstream import build_residual
-        from diffalign.textstream.attach import transformer_feature_dim
+        from diffalign.textstream.adapters import stream_adapter
+        from diffalign.textstream.families import check_schedule
 
         self.cfg = cfg
         self.log = log
@@ -280,10 +281,12 @@ class WeightsTask(TrainTask):
         tr = self.pipe.transformer
         self.transformer = tr
         self._check_cache_shapes()
-        num_layers, feature_dim = len(tr.transformer_blocks), transformer_feature_dim(tr)
+        check_schedule(self.pipe, cfg.eval_steps)  # Qwen-Image: validation images need 2 steps
+        adapter = stream_adapter(tr)  # blocks in execution order (FLUX.1: double, then single)
         self.residual = build_residual(
-            num_layers,
-            feature_dim,
+            adapter.num_blocks,
+            adapter.feature_dim,
+            family=adapter.family,
             origin_layer=cfg.origin_layer,
             target_layers=cfg.target_layers,
             weights=None,
@@ -300,8 +303,8 @@ class WeightsTask(TrainTask):
         self.init = parse_init(cfg.init, self.targets)
         self.weights = ResidualWeights(self.init)
         self.rotation_sha256 = file_sha256(cfg.procrustes_path) if cfg.procrustes_path else ""
-        side = self.cache.job["shapes"][LATENTS][-1] // int(tr.config.patch_size)
-        self.time = cfg.time_sampling(scheduler_shift(self.pipe.scheduler.config, side * side))
+        seq_len = self.flow.image_seq_len(tr, self.cache.job["shapes"][LATENTS])
+        self.time = cfg.time_sampling(scheduler_shift(self.pipe.scheduler.config, seq_len))
         self.time.validate()
         if cfg.gradient_checkpointing:
             tr.enable_gradient_checkpointing()
@@ -329,7 +332,15 @@ class WeightsTask(TrainTask):
                 f"--resolution {cfg.resolution}"
             )
         from diffalign.engine.identity import check_identity, model_identity
+        from diffalign.textstream.cache import model_family
 
+        made_for, wanted = job.get("family", "sd3"), model_family(cfg.model)
+        if made_for != wanted:
+            raise DiffalignError(
+                f"cache {self.cache.root} was made for a {made_for} model "
+                f"({job.get('made_with', '?')}); --model {cfg.model} is {wanted}: cache the "
+                "pairs with this model"
+            )
         check_identity(
             {"model": job.get("model")},
             {"model": model_identity(cfg.model)},
@@ -524,6 +535,8 @@ class WeightsTask(TrainTask):
             resolved_mode=self.residual.mode,
             rotation_sha256=self.rotation_sha256,
             time_shift_used=self.time.shift,
+            family=self.flow.name,
+            family_settings=self.flow.settings(self.transformer),
             init_weights=self.init.tolist(),
             cache_job=self.cache.job,
             train_pairs=len(self.train_ids),
@@ -650,6 +663,8 @@ def _run(cfg: WeightsTrainConfig, loop: TrainConfig, log):
             "val_loss_initial": task.init_val_loss,
             "val_loss_final": val[-1] if val else None,
             "time_shift": task.time.shift,
+            "family": task.flow.name,
+            **task.flow.settings(task.transformer),
             "train_pairs": len(task.train_ids),
             "val_pairs": len(task.val_ids),
         },
