@@ -198,3 +198,43 @@ def test_module_at_init_leaves_transformer_output_bit_identical(pipe):
     with torch.no_grad():
         m.layers[0].scale.fill_(0.2)
     assert not torch.allclose(run(m(x_t, sem)), plain)
+
+
+def test_panel_layout_is_the_panels_own_tokens(pipe):
+    """`panel` (the seed's literal layout): K/V = the semantic panel's packed latents alone."""
+    _, _, semantic = _panels()
+    enc = FillEncoder(pipe, sample_mode="argmax")
+    panel = enc.encode_semantic(semantic, layout="panel")
+    z = pipe.vae.encode(enc.to_pixels(semantic)).latent_dist.mode()
+    z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    assert panel.shape == (2, (P // 16) ** 2, 64)
+    torch.testing.assert_close(panel, pack_latents(z))
+
+
+def _attention_mass_on_zero_tokens(enc, layout, panel=64):
+    """Mean share of the softmax attention that a fresh semantic layer puts on semantic tokens
+    that are all zero (the visible half of `target-half`), explicit `softmax(QK^T/sqrt d)`."""
+    from diffalign.fill.attention import SemanticCrossAttention
+
+    g = torch.Generator().manual_seed(0)
+    semantic = torch.rand(2, 3, panel, panel, generator=g)
+    s = enc.encode_semantic(semantic, layout=layout)
+    x = torch.randn(2, (panel // 16) * (2 * panel // 16), 64, generator=g)
+    torch.manual_seed(0)
+    layer = SemanticCrossAttention(64, heads=8, layers=1).layers[0]
+    with torch.no_grad():
+        q, k, _ = layer.project(x, s)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    zero = s.abs().sum(-1).eq(0)[:, None, None, :]
+    return float((probs * zero).sum(-1).mean())
+
+
+def test_zero_tokens_take_half_the_attention_in_the_target_half_layout(pipe):
+    """Supports README's note: the visible half's zero latents become identical K/V tokens
+    (LayerNorm of a zero vector is its bias) and take about half of the attention mass at
+    initialisation (0.495 at 64 px panels, 0.499 at 128 px); `panel` has none."""
+    enc = FillEncoder(pipe, sample_mode="argmax")
+    mass = _attention_mass_on_zero_tokens(enc, "target-half")
+    assert 0.4 < mass < 0.6, mass
+    assert _attention_mass_on_zero_tokens(enc, "panel") == 0.0
+    assert _attention_mass_on_zero_tokens(enc, "both-halves") == 0.0

@@ -306,9 +306,9 @@ def test_semantic_layout_follows_the_training_run(tmp_path):
     assert resolve_semantic_layout(None, str(module), logged.append) == "both-halves"
     assert resolve_semantic_layout(None, None, logged.append) == "target-half"
     assert resolve_semantic_layout(None, str(tmp_path / "x.safetensors")) == "target-half"
-    assert not logged
-    assert resolve_semantic_layout("target-half", str(run), logged.append) == "target-half"
-    assert len(logged) == 1 and "both-halves" in logged[0]
+    assert len(logged) == 2 and "both-halves" in logged[0]
+    with pytest.raises(DiffalignError, match="trained with both-halves"):
+        resolve_semantic_layout("target-half", str(run), logged.append)
     (run / "fill_config.json").write_text("[1, 2]")
     assert resolve_semantic_layout(None, str(run)) == "target-half"
     with pytest.raises(DiffalignError, match="semantic-layout"):
@@ -351,3 +351,195 @@ def test_a_flux_dev_transformer_is_one_line(flux, tmp_path, capsys):
     data = write_triptychs(tmp_path / "data", n=1)
     err = _one_line_error(capsys, tiny_train_args(str(model), data, tmp_path / "run"))
     assert "384" in err
+
+
+def test_the_checkpoint_records_its_layout_and_infer_follows_it(tmp_path):
+    """Item 14.8: the layout lives in the module's own metadata (both files), read back at
+    infer; an explicit contradicting --semantic-layout is one error, not a warning."""
+    from diffalign.engine.io import write_json
+    from diffalign.fill.infer import resolve_semantic_layout
+    from diffalign.fill.model import add_lora
+    from diffalign.fill.weights import build_semantic, load_semantic, save_combined, save_semantic
+
+    module = build_semantic(64, 8, 1)
+    save_semantic(tmp_path / "semantic_module.safetensors", module, "panel")
+    write_json(tmp_path / "fill_config.json", {"semantic_layout": "both-halves"})  # stale
+    assert resolve_semantic_layout(None, str(tmp_path)) == "panel"  # the checkpoint wins
+    assert resolve_semantic_layout("panel", str(tmp_path)) == "panel"
+    with pytest.raises(
+        DiffalignError, match=r"--semantic-layout both-halves, .* trained with panel"
+    ):
+        resolve_semantic_layout("both-halves", str(tmp_path / "semantic_module.safetensors"))
+    assert load_semantic(tmp_path, 64).layout == "panel"
+
+    transformer = _tiny_transformer()
+    cfg = add_lora(transformer, rank=2)
+    save_combined(tmp_path / "both.safetensors", transformer, module, cfg, "panel")
+    assert resolve_semantic_layout(None, str(tmp_path / "both.safetensors")) == "panel"
+    assert load_semantic(tmp_path / "both.safetensors", 64).layout == "panel"
+    # a module saved without a layout falls back to fill_config.json, then target-half
+    save_semantic(tmp_path / "old" / "semantic_module.safetensors", module)
+    assert load_semantic(tmp_path / "old", 64).layout is None
+    assert resolve_semantic_layout("panel", str(tmp_path / "old")) == "panel"
+    assert resolve_semantic_layout(None, str(tmp_path / "old")) == "target-half"
+
+
+def _tiny_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=8,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def test_panel_layout_trains_records_and_infers(flux, tmp_path):
+    """`semantic_layout: panel` end to end: K/V = the semantic panel's tokens (half the
+    diptych's), recorded in the exported module, used by `fill infer` without being told."""
+    import json
+
+    from diffalign.cli import main
+    from diffalign.fill.weights import load_semantic
+    from fill_helpers import write_image
+
+    data = write_triptychs(tmp_path / "data", n=2)
+    args = tiny_train_args(
+        flux, data, tmp_path / "run", max_steps=1, num_validation=1, semantic_layout="panel"
+    )
+    assert main(args) == 0
+    final = tmp_path / "run" / "checkpoint-final"
+    assert load_semantic(final, 64).layout == "panel"
+    write_image(tmp_path / "v.png", (16, 16))
+    write_image(tmp_path / "s.png", (16, 16), seed=1)
+    common = [
+        "fill",
+        "infer",
+        "--model",
+        flux,
+        "--lora",
+        str(final),
+        "--semantic-module",
+        str(final),
+        "--visible",
+        str(tmp_path / "v.png"),
+        "--semantic",
+        str(tmp_path / "s.png"),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+    ]
+    assert main([*common, "--output", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["semantic_layout"] == "panel"
+    assert (
+        main([*common, "--output", str(tmp_path / "o2"), "--semantic-layout", "target-half"]) == 2
+    )
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("layout", ["panel", "target-half"])
+def test_attach_semantic_on_a_plain_pipeline_equals_our_sampler(flux, tmp_path, layout):
+    """Item 14.9: a plain diffusers FluxFillPipeline with the LoRA loaded by
+    `load_lora_weights` and the module hooked in by `attach_semantic` gives the same image as
+    our sampler (the `fill infer` model) for the same noise, fill condition and semantic tokens.
+    The comparison fixes the noise and the VAE samples explicitly rather than going through
+    `fill infer`'s seeds (their draw order is being aligned with the pipeline's separately)."""
+    from diffusers import FluxFillPipeline
+
+    from diffalign.fill import attach_semantic
+    from diffalign.fill.encode import FillEncoder
+    from diffalign.fill.infer import (
+        build_model,
+        decode_latents,
+        fresh_scheduler,
+        sample_latents,
+    )
+    from diffalign.fill.model import add_lora, lora_parameters
+    from diffalign.fill.train import load_fill_pipeline
+    from diffalign.fill.weights import SEMANTIC_FILE, build_semantic, save_lora, save_semantic
+
+    torch.manual_seed(0)
+    src = load_fill_pipeline(flux)
+    cfg = add_lora(src.transformer, rank=4, alpha=8)
+    for p in lora_parameters(src.transformer):
+        p.data.normal_(0, 0.1)
+    semantic = build_semantic(64, 8, 1)
+    with torch.no_grad():
+        semantic.layers[0].scale.fill_(0.7)  # a trained module: the branch changes the output
+    ck = tmp_path / "checkpoint-final"
+    save_lora(ck, src.transformer, cfg)
+    save_semantic(ck / SEMANTIC_FILE, semantic, layout)
+
+    g = torch.Generator().manual_seed(1)
+    vis, sem_img = torch.rand(1, 3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g)
+    diptych = torch.cat([vis, torch.zeros_like(vis)], -1)
+    mask = torch.zeros(1, 1, 16, 32)
+    mask[..., 16:] = 1
+    noise = FluxFillPipeline._pack_latents(torch.randn(1, 16, 2, 4, generator=g), 1, 16, 2, 4)
+    pe, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
+    call = dict(
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pooled,
+        image=diptych,
+        mask_image=mask,
+        latents=noise,
+        height=16,
+        width=32,
+        num_inference_steps=3,
+        guidance_scale=30.0,
+        output_type="pt",
+    )
+    plain = FluxFillPipeline.from_pretrained(flux)
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(str(ck))
+    attached = attach_semantic(plain, ck, sem_img, generator=torch.Generator().manual_seed(7))
+    assert attached.layout == layout  # read from the checkpoint
+    want = plain(**call, generator=torch.Generator().manual_seed(5)).images
+
+    ours = load_fill_pipeline(flux)
+    model = build_model(ours, str(ck), str(ck), guidance=30.0)
+    tokens = FillEncoder(ours).encode_semantic(
+        sem_img[None], layout, generator=torch.Generator().manual_seed(7)
+    )
+    assert torch.equal(tokens, attached.semantic_tokens)
+    init = ours.image_processor.preprocess(diptych, height=16, width=32).float()
+    m = ours.mask_processor.preprocess(mask, height=16, width=32)
+    mask_l, masked_l = ours.prepare_mask_latents(
+        m, init * (1 - m), 1, 16, 1, 16, 32, pe.dtype, "cpu", torch.Generator().manual_seed(5)
+    )
+    latents = sample_latents(
+        model,
+        fresh_scheduler(ours),
+        noise=noise,
+        cond=torch.cat([masked_l, mask_l], -1),
+        img_ids=ours._prepare_latent_image_ids(1, 1, 2, "cpu", pe.dtype),
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pooled,
+        text_ids=torch.zeros(8, 3),
+        steps=3,
+        semantic_tokens=tokens,
+        guidance=30.0,
+    )
+    assert torch.equal(decode_latents(ours, latents, 16, 32), want)
+
+    attached.remove()  # the plain pipeline again: the module did change the image
+    without = plain(**call, generator=torch.Generator().manual_seed(5)).images
+    assert not torch.allclose(without, want)
+    with pytest.raises(DiffalignError, match="trained with"):
+        attach_semantic(plain, ck, layout="both-halves")
+    empty = attach_semantic(plain, ck)
+    with pytest.raises(DiffalignError, match="no semantic image yet"):
+        plain(**call, generator=torch.Generator().manual_seed(5))
+    empty.set_semantic(torch.rand(3, 32, 32))  # another size than the visible panel
+    with pytest.raises(DiffalignError, match="semantic panel must be the visible panel's size"):
+        plain(**call, generator=torch.Generator().manual_seed(5))
+    empty.remove()

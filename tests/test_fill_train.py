@@ -170,8 +170,10 @@ def test_init_output_is_bit_identical_to_the_plain_transformer():
         model.semantic.layers[0].scale.fill_(0.5)
         moved = model(xt, cond, t, pe, pooled, txt, img, semantic_tokens=sem)
     assert not torch.equal(moved, ref)
-    with pytest.raises(DiffalignError, match="semantic"):
-        model(xt, cond, t, pe, pooled, txt, img, semantic_tokens=sem[:, :3])
+    # the `panel` layout's tokens: half as many (K/V only; the output keeps the latent shape)
+    assert model(xt, cond, t, pe, pooled, txt, img, semantic_tokens=sem[:, :3]).shape == ref.shape
+    with pytest.raises(DiffalignError, match="semantic"):  # neither L nor L/2 tokens
+        model(xt, cond, t, pe, pooled, txt, img, semantic_tokens=sem[:, :2])
 
 
 # ---------------------------------------------------------------------------------------------

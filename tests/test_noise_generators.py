@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.noise.generators import GENERATORS, infer_generator_kind, load_generator
+from diffalign.noise.generators import GENERATORS, generator_recipe, load_generator
 
 SIZE = 32  # pixels; the tiny VAEs downsample 8x -> a 4x4 latent
 
@@ -138,9 +138,10 @@ def test_other_vae_runs_in_the_model_dtype(tiny):
 
 
 def test_kind_inference_and_bad_inputs(tiny, tmp_path):
-    assert infer_generator_kind(tiny("sdxl")) == "sdxl-turbo"
-    assert infer_generator_kind(tiny("sd21")) == "sd-turbo"
-    assert infer_generator_kind("hyper-sdxl") == "hyper-sdxl"
+    # recognised by the release's model card make-tiny writes (tests/test_noise_recipe.py)
+    assert generator_recipe(tiny("sdxl")).spec.name == "sdxl-turbo"
+    assert generator_recipe(tiny("sd21")).spec.name == "sd-turbo"
+    assert generator_recipe("hyper-sdxl").spec.name == "hyper-sdxl"
     with pytest.raises(DiffalignError, match="unknown generator"):
         load_generator(tiny("sdxl"), "sdxl-lightning")
     # a model folder without a component the generator needs

@@ -160,10 +160,11 @@ def test_hyper_sd15_sft_keeps_the_fused_one_step_lora(tiny_model_dir, dataset, t
         gen, dataset, tmp_path / "h", direct=True, max_steps=1, lr=1e-9, tracker="none",
         progress=False,
     )  # fmt: skip
-    from diffalign.noise.generators import finetuned_generator
+    from diffalign.noise.recipes import generator_recipe
 
-    assert finetuned_generator(r["model"]) == "hyper-sd15"  # the CLI loads it as such
-    again = load_generator(r["model"], "hyper-sd15", apply_weights=False, **kw)
+    recipe = generator_recipe(r["model"])  # what every verb loads it as
+    assert recipe.spec.name == "hyper-sd15" and recipe.weights_in_model
+    again = load_generator(r["model"], **kw)
     with torch.no_grad():
         after = again.generate(z, again.encode_prompts(["a cat"]))
     assert torch.allclose(before, after, atol=1e-4)

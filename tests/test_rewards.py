@@ -125,13 +125,13 @@ def _reference_clip_cos(clip_dir, images, prompts):
     """Slow reference: the CLIPModel's own forward (logits_per_image / logit_scale)."""
     from transformers import AutoTokenizer, CLIPModel
 
+    from diffalign.engine.selftest_refs import reference_clip_cos
+
     model = CLIPModel.from_pretrained(clip_dir).eval()
     tok = AutoTokenizer.from_pretrained(clip_dir)
-    t = tok(prompts, padding=True, return_tensors="pt")
     pix = clip_preprocess(images, model.config.vision_config.image_size)
-    with torch.no_grad():
-        out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], pixel_values=pix)
-    return (out.logits_per_image / model.logit_scale.exp()).diagonal(), model, pix
+    cos, embeds = reference_clip_cos(model, tok, pix, prompts)
+    return cos, embeds
 
 
 def test_clip_reward_values_grad_and_loss(clip_dir):
@@ -141,7 +141,7 @@ def test_clip_reward_values_grad_and_loss(clip_dir):
     x = _images()
     value = reward(x, PROMPTS)
     assert value.shape == (2,) and value.dtype == torch.float32 and torch.isfinite(value).all()
-    cos, _, _ = _reference_clip_cos(clip_dir, x.detach(), PROMPTS)
+    cos, _ = _reference_clip_cos(clip_dir, x.detach(), PROMPTS)
     torch.testing.assert_close(value.detach(), 100 * cos, atol=1e-4, rtol=1e-4)
     loss = reward.loss(x, PROMPTS)
     torch.testing.assert_close(loss, 100 - value)  # ReNO: 100 - 100 cos
@@ -170,25 +170,12 @@ def test_aesthetic_matches_plain_sequential(clip_dir, aesthetic_ckpt):
     x = _images(1)
     value = reward(x, PROMPTS)
     # reference: the LAION predictor exactly as published (nn.Sequential, torch.load)
-    sd = torch.load(aesthetic_ckpt, weights_only=True)
-    dims = [sd["layers.0.weight"].shape[1]] + [
-        sd[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6, 7)
-    ]
-    head = torch.nn.Sequential(
-        torch.nn.Linear(dims[0], dims[1]),
-        torch.nn.Dropout(0.2),
-        torch.nn.Linear(dims[1], dims[2]),
-        torch.nn.Dropout(0.2),
-        torch.nn.Linear(dims[2], dims[3]),
-        torch.nn.Dropout(0.1),
-        torch.nn.Linear(dims[3], dims[4]),
-        torch.nn.Linear(dims[4], dims[5]),
-    ).eval()
-    head.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})
-    _, model, pix = _reference_clip_cos(clip_dir, x.detach(), PROMPTS)
+    from diffalign.engine.selftest_refs import reference_aesthetic_head
+
+    head = reference_aesthetic_head(torch.load(aesthetic_ckpt, weights_only=True))
+    _, emb = _reference_clip_cos(clip_dir, x.detach(), PROMPTS)
     with torch.no_grad():
-        emb = model.get_image_features(pixel_values=pix).pooler_output
-        ref = head(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1)
+        ref = head(emb).squeeze(-1)
     torch.testing.assert_close(value.detach(), ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(reward.loss(x, PROMPTS), 10 - value)
     value.sum().backward()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.rewards import clip_preprocess, load_reward
 from diffalign.engine.rewards.hpsv2 import HPS_UNUSED_KEYS, map_open_clip_to_transformers
+from diffalign.engine.selftest_refs import reference_hps
 
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour at dusk"]
 
@@ -19,49 +20,6 @@ PROMPTS = ["a photo of a cat", "an oil painting of a harbour at dusk"]
 @pytest.fixture(scope="module")
 def hps_dir(tiny_model_dir):
     return Path(tiny_model_dir("hpsv2"))
-
-
-def _block(x, sd, p, heads, causal):
-    """open_clip ResidualAttentionBlock: x + attn(ln_1 x); x + mlp(ln_2 x), plain torch ops."""
-    b, n, w = x.shape
-    h = F.layer_norm(x, (w,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], 1e-5)
-    qkv = h @ sd[p + "attn.in_proj_weight"].t() + sd[p + "attn.in_proj_bias"]
-    q, k, v = (t.reshape(b, n, heads, w // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
-    att = (q @ k.transpose(-1, -2)) / (w // heads) ** 0.5
-    if causal:
-        att = att.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    o = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, w)
-    x = x + o @ sd[p + "attn.out_proj.weight"].t() + sd[p + "attn.out_proj.bias"]
-    h = F.layer_norm(x, (w,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"], 1e-5)
-    h = F.gelu(h @ sd[p + "mlp.c_fc.weight"].t() + sd[p + "mlp.c_fc.bias"])
-    return x + h @ sd[p + "mlp.c_proj.weight"].t() + sd[p + "mlp.c_proj.bias"]
-
-
-def reference_hps(sd, pixels, tokens, text_heads, vision_heads):
-    """open_clip's CLIP.encode_image / encode_text (normalised) and HPS = their cosine."""
-    w = sd["visual.class_embedding"].numel()
-    x = F.conv2d(pixels, sd["visual.conv1.weight"], stride=sd["visual.conv1.weight"].shape[-1])
-    x = x.flatten(2).transpose(1, 2)
-    x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, w), x], 1)
-    x = x + sd["visual.positional_embedding"]
-    x = F.layer_norm(x, (w,), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"], 1e-5)
-    i = 0
-    while f"visual.transformer.resblocks.{i}.ln_1.weight" in sd:
-        x = _block(x, sd, f"visual.transformer.resblocks.{i}.", vision_heads, False)
-        i += 1
-    x = F.layer_norm(x[:, 0], (w,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"], 1e-5)
-    img = F.normalize(x @ sd["visual.proj"], dim=-1)
-
-    t = sd["token_embedding.weight"][tokens] + sd["positional_embedding"][: tokens.shape[1]]
-    i = 0
-    while f"transformer.resblocks.{i}.ln_1.weight" in sd:
-        t = _block(t, sd, f"transformer.resblocks.{i}.", text_heads, True)
-        i += 1
-    tw = t.shape[-1]
-    t = F.layer_norm(t, (tw,), sd["ln_final.weight"], sd["ln_final.bias"], 1e-5)
-    t = t[torch.arange(t.shape[0]), tokens.argmax(-1)] @ sd["text_projection"]
-    txt = F.normalize(t, dim=-1)
-    return (img * txt).sum(-1)
 
 
 def test_key_map_is_complete(hps_dir):
@@ -220,3 +178,75 @@ def test_hps_defaults_versions_and_errors(hps_dir, tmp_path, monkeypatch):
         load_reward("hpsv2", hps_checkpoint_path=str(bad), hps_processor=proc)
     with pytest.raises(DiffalignError, match="processor folder not found.*--hps-processor"):
         load_reward("hpsv2", hps_checkpoint_path=str(bad), hps_processor=str(tmp_path / "none"))
+
+
+def official_resize_max_pad(image: np.ndarray, size: int) -> np.ndarray:
+    """open_clip's `ResizeMaxSize(size, fill=0)` written on PIL and numpy (the official HPSv2
+    `img_score.py` preprocessing before normalisation): PIL bicubic resize of the longer side to
+    `size`, then black padding `pad // 2` before, the rest after. `image`: [3, H, W] floats;
+    each channel is resized as a float ("F") image, so no uint8 rounding enters."""
+    from PIL import Image
+
+    _, h, w = image.shape
+    scale = size / float(max(h, w))
+    nh, nw = round(h * scale), round(w * scale)
+    chans = [
+        np.asarray(Image.fromarray(c, mode="F").resize((nw, nh), Image.BICUBIC)) for c in image
+    ]
+    out = np.zeros((3, size, size), np.float32)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[:, top : top + nh, left : left + nw] = np.stack(chans)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(3, 60, 100), (3, 90, 40)])
+def test_official_geometry_is_open_clip_resize_max_pad(shape):
+    from diffalign.engine.rewards.base import resize_max_pad
+
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    x = torch.from_numpy(image)[None].requires_grad_(True)
+    out = resize_max_pad(x, 32)
+    np.testing.assert_allclose(
+        out[0].detach().numpy(), official_resize_max_pad(image, 32), atol=1e-5
+    )
+    out.sum().backward()  # differentiable
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # a square image of the model's size passes unchanged
+    same = torch.rand(1, 3, 32, 32)
+    assert torch.equal(resize_max_pad(same, 32), same)
+
+
+def test_hps_geometry_option_reaches_the_reward(hps_dir):
+    from diffalign.engine.rewards import add_reward_arguments, reward_from_args
+    from diffalign.engine.rewards.base import CLIP_MEAN, CLIP_STD
+
+    ckpt = str(hps_dir / "HPS_v2.1_compressed.pt")
+    x = torch.rand(2, 3, 40, 64, generator=torch.Generator().manual_seed(1))
+    sd = torch.load(ckpt, weights_only=True)["state_dict"]
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    official = torch.from_numpy(np.stack([official_resize_max_pad(i, 32) for i in x.numpy()]))
+    parser = __import__("argparse").ArgumentParser()
+    add_reward_arguments(parser)
+    values = {}
+    for geometry in ("official", "reno"):
+        argv = ["--reward", "hpsv2", "--hps-checkpoint-path", ckpt, "--hps-geometry", geometry]
+        reward = reward_from_args(parser.parse_args(argv))
+        values[geometry] = reward(x, PROMPTS)
+        assert reward.bundle.geometry == geometry
+    tok = reward.bundle.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")
+    ref = reference_hps(sd, (official - mean) / std, tok["input_ids"], text_heads=4, vision_heads=5)
+    torch.testing.assert_close(values["official"], ref, atol=1e-5, rtol=1e-4)
+    assert (values["official"] - values["reno"]).abs().max() > 1e-4  # the geometry matters
+    # the default stays ReNO's; square images score the same either way
+    default = reward_from_args(
+        parser.parse_args(["--reward", "hpsv2", "--hps-checkpoint-path", ckpt])
+    )
+    assert default.bundle.geometry == "reno"
+    sq = torch.rand(1, 3, 48, 48)
+    official_reward = load_reward("hpsv2", hps_checkpoint_path=ckpt, hps_geometry="official")
+    torch.testing.assert_close(official_reward(sq, PROMPTS[:1]), default(sq, PROMPTS[:1]))
+    with pytest.raises(DiffalignError, match="--hps-geometry must be one of reno, official"):
+        load_reward("hpsv2", hps_checkpoint_path=ckpt, hps_geometry="square")
+    with pytest.raises(DiffalignError, match="--hps-geometry"):  # only for hpsv2
+        reward_from_args(parser.parse_args(["--reward", "clip", "--hps-geometry", "official"]))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from diffalign.engine import selftest_refs
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.rewards import clip_preprocess, load_reward
 from diffalign.engine.rewards.imagereward import (
@@ -30,78 +30,11 @@ def ir_dir(tiny_model_dir):
     return Path(tiny_model_dir("imagereward"))
 
 
-def _attn(q_in, kv_in, sd, p, heads, mask=None):
-    """BLIP med BertSelfAttention + BertSelfOutput (post-LayerNorm residual)."""
-    b, n, w = q_in.shape
-    hd = w // heads
-    q = (q_in @ sd[p + "self.query.weight"].t() + sd[p + "self.query.bias"]).view(b, n, heads, hd)
-    k = (kv_in @ sd[p + "self.key.weight"].t() + sd[p + "self.key.bias"]).view(b, -1, heads, hd)
-    v = (kv_in @ sd[p + "self.value.weight"].t() + sd[p + "self.value.bias"]).view(b, -1, heads, hd)
-    s = torch.einsum("bnhd,bmhd->bhnm", q, k) / hd**0.5
-    if mask is not None:
-        s = s + (1.0 - mask[:, None, None, :].float()) * -10000.0  # med.py's extended mask
-    o = torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v).reshape(b, n, w)
-    o = o @ sd[p + "output.dense.weight"].t() + sd[p + "output.dense.bias"]
-    return F.layer_norm(
-        o + q_in, (w,), sd[p + "output.LayerNorm.weight"], sd[p + "output.LayerNorm.bias"], 1e-12
-    )
-
-
 def reference_imagereward(sd, pixels, ids, mask, vision_heads, text_heads):
     """ImageReward.score_gard on the official state dict, no transformers involved."""
-    v = "blip.visual_encoder."
-    w = sd[v + "cls_token"].shape[-1]
-    x = F.conv2d(
-        pixels,
-        sd[v + "patch_embed.proj.weight"],
-        sd[v + "patch_embed.proj.bias"],
-        stride=sd[v + "patch_embed.proj.weight"].shape[-1],
+    return selftest_refs.reference_imagereward(
+        sd, pixels, ids, mask, vision_heads, text_heads, IMAGEREWARD_MEAN, IMAGEREWARD_STD
     )
-    x = torch.cat([sd[v + "cls_token"].expand(x.shape[0], 1, w), x.flatten(2).transpose(1, 2)], 1)
-    x = x + sd[v + "pos_embed"][:, : x.shape[1]]
-    i = 0
-    while f"{v}blocks.{i}.norm1.weight" in sd:
-        p = f"{v}blocks.{i}."
-        h = F.layer_norm(x, (w,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], 1e-6)
-        b, n, _ = h.shape
-        qkv = (
-            (h @ sd[p + "attn.qkv.weight"].t() + sd[p + "attn.qkv.bias"])
-            .reshape(b, n, 3, vision_heads, w // vision_heads)
-            .permute(2, 0, 3, 1, 4)
-        )
-        a = ((qkv[0] @ qkv[1].transpose(-2, -1)) * (w // vision_heads) ** -0.5).softmax(-1)
-        o = (a @ qkv[2]).transpose(1, 2).reshape(b, n, w)
-        x = x + o @ sd[p + "attn.proj.weight"].t() + sd[p + "attn.proj.bias"]
-        h = F.layer_norm(x, (w,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], 1e-6)
-        h = F.gelu(h @ sd[p + "mlp.fc1.weight"].t() + sd[p + "mlp.fc1.bias"])
-        x = x + h @ sd[p + "mlp.fc2.weight"].t() + sd[p + "mlp.fc2.bias"]
-        i += 1
-    image_embeds = F.layer_norm(x, (w,), sd[v + "norm.weight"], sd[v + "norm.bias"], 1e-6)
-
-    t = "blip.text_encoder."
-    e = (
-        sd[t + "embeddings.word_embeddings.weight"][ids]
-        + sd[t + "embeddings.position_embeddings.weight"][: ids.shape[1]]
-    )
-    tw = e.shape[-1]
-    h = F.layer_norm(
-        e, (tw,), sd[t + "embeddings.LayerNorm.weight"], sd[t + "embeddings.LayerNorm.bias"], 1e-12
-    )
-    i = 0
-    while f"{t}encoder.layer.{i}.intermediate.dense.weight" in sd:
-        p = f"{t}encoder.layer.{i}."
-        h = _attn(h, h, sd, p + "attention.", text_heads, mask)
-        h = _attn(h, image_embeds, sd, p + "crossattention.", text_heads)
-        f = F.gelu(h @ sd[p + "intermediate.dense.weight"].t() + sd[p + "intermediate.dense.bias"])
-        f = f @ sd[p + "output.dense.weight"].t() + sd[p + "output.dense.bias"]
-        h = F.layer_norm(
-            f + h, (tw,), sd[p + "output.LayerNorm.weight"], sd[p + "output.LayerNorm.bias"], 1e-12
-        )
-        i += 1
-    r = h[:, 0]
-    for idx in (0, 2, 4, 6, 7):
-        r = r @ sd[f"mlp.layers.{idx}.weight"].t() + sd[f"mlp.layers.{idx}.bias"]
-    return (r.squeeze(-1) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
 
 def test_key_map_is_complete(ir_dir):

@@ -14,6 +14,7 @@ from diffalign.engine.progress import quiet_library_bars
 
 
 def build_parser() -> ArgumentParser:
+    from diffalign import selftest as selftest_cli
     from diffalign.engine import cli as engine_cli
     from diffalign.fill import cli as fill_cli
     from diffalign.noise import cli as noise_cli
@@ -28,6 +29,7 @@ def build_parser() -> ArgumentParser:
     sub = make_subparsers(parser)
     noise_cli.register_demo(sub)
     engine_cli.register(sub)
+    selftest_cli.register(sub)
     textstream_cli.register(sub)
     noise_cli.register(sub)
     repa_cli.register(sub)

@@ -10,6 +10,8 @@ does for the real ones):
 - `Hyper-SDXL-1step-Unet.safetensors`: a full diffusers `UNet2DConditionModel` state dict for
   the U-Net config of `make-tiny sdxl` (loaded with `unet.load_state_dict`, as the release card
   shows), with its own random weights.
+
+The folder carries the release's model card (`README.md`: ByteDance/Hyper-SD).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from diffalign.engine import releases
 from diffalign.engine.tiny import register_kind
 
 HYPER_SD15_LORA = "Hyper-SD15-1step-lora.safetensors"
@@ -68,3 +71,9 @@ def _build_hyper_sd(out: Path, seed: int, **overrides: Any) -> None:
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     save_tensors(Path(out) / HYPER_SDXL_UNET, dict(unet.state_dict()), metadata={"format": "pt"})
+    releases.write_model_card(
+        out,
+        releases.HYPER_SD,
+        f"Tiny random stand-in for {releases.HYPER_SD.hub_id}, written by "
+        "`diffalign make-tiny hyper-sd`.",
+    )

@@ -4,6 +4,9 @@ Each kind writes the folder `save_pretrained` writes for the real release (`mode
 `unet/`, `vae/`, `text_encoder*/`, `tokenizer*/`, `scheduler/`) with the real component classes
 and scheduler configs, only with a few thousand random weights; the VAE keeps the real 8x
 downsampling, so an image of H x W pixels has an H/8 x W/8 latent as with the real models.
+Each folder also carries the model card (`README.md` front matter and title) of the release it
+stands for, which is how a folder identifies itself (`engine.releases`): `sd15` is SD 1.5 (a
+base model, not one-step), `sd21` is SD-Turbo, `sdxl` is SDXL-Turbo.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from diffalign.engine import releases
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.tiny import register_kind, tiny_clip_text_config, tiny_clip_tokenizer
 
@@ -226,28 +230,40 @@ def build_tiny_sdxl_pipeline(
 @register_kind(
     "sd15",
     "StableDiffusionPipeline shaped like SD 1.5 (U-Net with a cross-attention mid block, CLIP "
-    "text encoder, 8x VAE with scale 0.18215, PNDM scheduler, no safety checker)",
+    "text encoder, 8x VAE with scale 0.18215, PNDM scheduler, no safety checker); its model "
+    "card is SD 1.5's (a base model, not one-step)",
     _UNET_OVERRIDES,
 )
 def _build_sd15(out: Path, seed: int, **overrides: Any) -> None:
     build_tiny_sd15_pipeline(seed, **overrides).save_pretrained(out)
+    _card(out, "sd15", releases.SD15)
 
 
 @register_kind(
     "sd21",
     "StableDiffusionPipeline shaped like SD 2.1 base / SD-Turbo (linear projections, Euler "
-    "trailing scheduler); serves --model sd-turbo in tests",
+    "trailing scheduler); its model card is SD-Turbo's, so it runs as sd-turbo",
     _UNET_OVERRIDES,
 )
 def _build_sd21(out: Path, seed: int, **overrides: Any) -> None:
     build_tiny_sd21_pipeline(seed, **overrides).save_pretrained(out)
+    _card(out, "sd21", releases.SD_TURBO)
 
 
 @register_kind(
     "sdxl",
     "StableDiffusionXLPipeline shaped like SDXL-Turbo (2 text encoders, text_time conditioning, "
-    "EulerAncestral trailing, VAE scale 0.13025)",
+    "EulerAncestral trailing, VAE scale 0.13025); its model card is SDXL-Turbo's",
     _UNET_OVERRIDES,
 )
 def _build_sdxl(out: Path, seed: int, **overrides: Any) -> None:
     build_tiny_sdxl_pipeline(seed, **overrides).save_pretrained(out)
+    _card(out, "sdxl", releases.SDXL_TURBO)
+
+
+def _card(out: Path, kind: str, release: releases.Release) -> None:
+    releases.write_model_card(
+        out,
+        release,
+        f"Tiny random stand-in for {release.hub_id}, written by `diffalign make-tiny {kind}`.",
+    )

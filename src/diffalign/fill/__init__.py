@@ -6,6 +6,9 @@ Public API (spec F):
     m = SemanticCrossAttention(dim=64, heads=8, layers=1)
     enhanced = m(x_t_tokens, semantic_tokens)            # [B, L, 64] each
 
+    from diffalign.fill import attach_semantic           # a trained module on a plain
+    attach_semantic(pipe, "checkpoint-final", "semantic.png")   # diffusers FluxFillPipeline
+
     from diffalign.fill.encode import FillEncoder, TextCache
     from diffalign.fill.data import TriptychDataset, split_triptych
 
@@ -27,6 +30,8 @@ __all__ = [
     "TextCache",
     "TriptychDataset",
     "split_triptych",
+    "attach_semantic",
+    "SemanticAttachment",
 ]
 
 _WHERE = {
@@ -40,9 +45,12 @@ _WHERE = {
     "TextCache": "encode",
     "TriptychDataset": "data",
     "split_triptych": "data",
+    "attach_semantic": "attach",
+    "SemanticAttachment": "attach",
 }
 
 if TYPE_CHECKING:
+    from diffalign.fill.attach import SemanticAttachment, attach_semantic
     from diffalign.fill.attention import (
         SemanticCrossAttention,
         SemanticCrossAttentionLayer,

@@ -143,12 +143,17 @@ def seed_reference_forward(
 # Checkpoints: safetensors with the module shape in the metadata.
 
 
-def save_semantic_module(path: str | os.PathLike, module: SemanticCrossAttention) -> None:
-    """Write `module` as safetensors (atomically), recording dim/heads/layers in the metadata."""
+def save_semantic_module(
+    path: str | os.PathLike, module: SemanticCrossAttention, layout: str | None = None
+) -> None:
+    """Write `module` as safetensors (atomically), recording dim/heads/layers in the metadata
+    and, when given, the semantic token `layout` it was trained with."""
     from diffalign.engine.io import save_tensors
 
     meta = {"format": "diffalign.fill.SemanticCrossAttention"}
     meta.update({k: str(v) for k, v in module.config().items()})
+    if layout is not None:
+        meta["layout"] = str(layout)
     save_tensors(path, module.state_dict(), metadata=meta)
 
 

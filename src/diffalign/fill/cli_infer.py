@@ -67,11 +67,12 @@ def register(verbs) -> None:
     )
     p.add_argument(
         "--semantic-layout",
-        choices=("target-half", "both-halves"),
+        choices=("target-half", "both-halves", "panel"),
         default=None,
-        help="semantic latents on the target half (zeros on the visible half) or on both "
-        "(default: the training run's setting from fill_config.json beside --semantic-module, "
-        "else target-half)",
+        help="the semantic K/V tokens: on the diptych grid's target half (zeros on the visible "
+        "half), on both halves, or the semantic panel's own tokens (panel, the seed's) "
+        "(default: the layout recorded in --semantic-module's checkpoint, else target-half; "
+        "another one than the recorded layout is an error)",
     )
     p.add_argument(
         "--max-sequence-length",

@@ -54,8 +54,9 @@ class FillTrainConfig:
     semantic_layers: int = _opt(1, "stacked semantic cross-attention layers")
     semantic_layout: str = _opt(
         "target-half",
-        "where the semantic latents sit on the diptych token grid",
-        ("target-half", "both-halves"),
+        "the semantic K/V tokens: target-half (diptych grid, zeros on the visible half), "
+        "both-halves, or panel (the seed's: the semantic panel's own tokens)",
+        ("target-half", "both-halves", "panel"),
     )
     guidance: float = _opt(30.0, "guidance-embedding value (FLUX.1-Fill-dev: 30)")
     gradient_checkpointing: bool = _opt(False, "gradient checkpointing of the transformer")

@@ -26,7 +26,9 @@ import torch
 
 from diffalign.engine.errors import DiffalignError
 
-SEMANTIC_LAYOUTS = ("target-half", "both-halves")
+# where the semantic latents go as K/V (spec F "same token grid"; `panel`: the seed's literal
+# K/V = the semantic panel's own tokens, half as many as the diptych's)
+SEMANTIC_LAYOUTS = ("target-half", "both-halves", "panel")
 SAMPLE_MODES = ("sample", "argmax")
 _COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -310,11 +312,12 @@ class FillEncoder:
         generator=None,
         visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Semantic panel `[B, 3, P, P]` in [0, 1] -> VAE tokens on the diptych grid `[B, L, 64]`.
+        """Semantic panel `[B, 3, P, P]` in [0, 1] -> its packed VAE tokens (the K/V source).
 
-        `target-half` (default): the semantic latents sit on the target half, zeros on the visible
-        half; `both-halves`: they fill both halves. No gradient flows (seed 004 section 3).
-        With `visible`, a semantic panel of another size is an error.
+        `target-half` (default): on the diptych grid `[B, L, 64]`, the semantic latents on the
+        target half, zeros on the visible half; `both-halves`: they fill both halves; `panel`
+        (the seed's literal layout): the panel's own tokens only, `[B, L/2, 64]`. No gradient
+        flows (seed 004 section 3). With `visible`, a semantic panel of another size is an error.
         """
         if layout not in SEMANTIC_LAYOUTS:
             raise DiffalignError(
@@ -324,6 +327,8 @@ class FillEncoder:
             self.check_panels(visible=visible, semantic=semantic)
         self.check_panels(semantic=semantic)
         z = self._vae_latents(self.to_pixels(semantic), generator)
+        if layout == "panel":
+            return pack_latents(z)
         left = torch.zeros_like(z) if layout == "target-half" else z
         return pack_latents(torch.cat([left, z], dim=-1))
 

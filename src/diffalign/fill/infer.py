@@ -338,32 +338,41 @@ def read_input_dir(folder: str | Path) -> list[dict]:
 
 
 def resolve_semantic_layout(layout: str | None, semantic_module: str | None, log=print) -> str:
-    """`layout`, or the training run's `semantic_layout` from the `fill_config.json` beside
-    `--semantic-module` (a checkpoint folder or a file in one), else `target-half`. An explicit
-    layout that differs from the recorded one is used, with a warning."""
+    """The semantic layout to sample with: the one the module was trained with (recorded in
+    its checkpoint's metadata; for older checkpoints, `semantic_layout` in the `fill_config.json`
+    beside `--semantic-module`), else `layout`, else `target-half`. An explicit `layout` that
+    contradicts the recorded one is one DiffalignError line; one that agrees is used."""
     from diffalign.engine.io import read_json
     from diffalign.fill.encode import SEMANTIC_LAYOUTS
+    from diffalign.fill.weights import recorded_semantic_layout
 
     if layout is not None and layout not in SEMANTIC_LAYOUTS:
         raise DiffalignError(
             f"--semantic-layout must be one of {', '.join(SEMANTIC_LAYOUTS)}, got {layout!r}"
         )
-    trained = None
+    trained, where = None, None
     if semantic_module:
         p = Path(semantic_module)
+        try:
+            trained, where = recorded_semantic_layout(p), "its checkpoint"
+        except DiffalignError:
+            trained = None  # no or a bad module file: build_model reports it
         record = (p if p.is_dir() else p.parent) / "fill_config.json"
-        if record.is_file():
+        if trained is None and record.is_file():
             try:
-                trained = read_json(record).get("semantic_layout")
+                trained, where = read_json(record).get("semantic_layout"), str(record)
             except (DiffalignError, AttributeError, OSError, UnicodeDecodeError):
                 trained = None
             if trained not in SEMANTIC_LAYOUTS:
                 trained = None
     if layout is None:
+        if trained is not None:
+            log(f"[fill] semantic layout {trained} (recorded in {where})")
         return trained or "target-half"
     if trained is not None and layout != trained:
-        log(
-            f"[fill] warning: --semantic-layout {layout}, but the module was trained with {trained}"
+        raise DiffalignError(
+            f"--semantic-layout {layout}, but the semantic module was trained with {trained} "
+            f"(recorded in {where}): drop --semantic-layout"
         )
     return layout
 

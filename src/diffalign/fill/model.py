@@ -105,6 +105,21 @@ def count_parameters(params) -> int:
     return int(sum(p.numel() for p in params))
 
 
+def check_semantic_tokens(x_t: torch.Tensor, semantic_tokens: torch.Tensor) -> None:
+    """Semantic tokens fit the latent tokens `[B, L, C]`: `[B, L, C]` (grid layouts) or
+    `[B, L/2, C]` (the `panel` layout); else one DiffalignError."""
+    b, n, c = x_t.shape
+    if (
+        semantic_tokens.ndim != 3
+        or semantic_tokens.shape[0] != b
+        or (tuple(semantic_tokens.shape[1:]) not in ((n, c), (n // 2, c)))
+    ):
+        raise DiffalignError(
+            f"semantic tokens {list(semantic_tokens.shape)} do not match the latent tokens "
+            f"{list(x_t.shape)} (the semantic panel must be the visible panel's size)"
+        )
+
+
 class SemanticFillTransformer(nn.Module):
     """FluxTransformer2DModel (with or without LoRA) fed `[semantic(x_t) | cond]` (seed 004, 4)."""
 
@@ -127,11 +142,7 @@ class SemanticFillTransformer(nn.Module):
         """The noisy latent tokens after the semantic module (unchanged without one)."""
         if self.semantic is None or semantic_tokens is None:
             return x_t
-        if semantic_tokens.shape != x_t.shape:
-            raise DiffalignError(
-                f"semantic tokens {list(semantic_tokens.shape)} do not match the latent tokens "
-                f"{list(x_t.shape)} (the semantic panel must be the visible panel's size)"
-            )
+        check_semantic_tokens(x_t, semantic_tokens)
         return self.semantic(x_t, semantic_tokens.to(x_t.dtype))
 
     def forward(

@@ -398,9 +398,12 @@ class FillTrainTask(TrainTask):
         """LoRA in diffusers' format, the module, both in one file, and fill_config.json."""
         out_dir = Path(out_dir)
         save_lora(out_dir, self.transformer, self.lora_config)
+        layout = self.cfg.semantic_layout
         if self.semantic is not None:
-            save_semantic(out_dir / SEMANTIC_FILE, self.semantic)
-        save_combined(out_dir / COMBINED_FILE, self.transformer, self.semantic, self.lora_config)
+            save_semantic(out_dir / SEMANTIC_FILE, self.semantic, layout)
+        save_combined(
+            out_dir / COMBINED_FILE, self.transformer, self.semantic, self.lora_config, layout
+        )
         write_json(out_dir / "fill_config.json", self.config_dict())
 
     def check_resume(self, saved_config: dict | None, path: Path) -> None:

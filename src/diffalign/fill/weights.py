@@ -4,8 +4,9 @@
   `transformer.<module>.lora_A/B.weight`, peft config in the metadata), written by
   `FluxFillPipeline.save_lora_weights`; a plain `FluxFillPipeline.load_lora_weights(folder)` loads it.
 - `semantic_module.safetensors`: the semantic cross-attention weights, its shape (dim, heads,
-  layers) in the metadata.
-- `fill_semantic.safetensors`: both in one file (`transformer.*` LoRA keys + `semantic.*`).
+  layers) and the semantic token layout it was trained with (`layout`) in the metadata.
+- `fill_semantic.safetensors`: both in one file (`transformer.*` LoRA keys + `semantic.*`;
+  metadata `semantic_dim`, ..., `semantic_layout`).
 """
 
 from __future__ import annotations
@@ -56,15 +57,20 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def save_semantic(path: str | Path, module: nn.Module) -> None:
-    """Write the module with its shape in the metadata (`fill.attention.save_semantic_module`)."""
+def save_semantic(path: str | Path, module: nn.Module, layout: str | None = None) -> None:
+    """Write the module with its shape and `layout` in the metadata
+    (`fill.attention.save_semantic_module`)."""
     from diffalign.fill.attention import save_semantic_module
 
-    save_semantic_module(path, module)
+    save_semantic_module(path, module, layout)
 
 
 def save_combined(
-    path: str | Path, transformer: nn.Module, semantic: nn.Module | None, lora_config: Any = None
+    path: str | Path,
+    transformer: nn.Module,
+    semantic: nn.Module | None,
+    lora_config: Any = None,
+    layout: str | None = None,
 ) -> None:
     """LoRA (diffusers keys, `transformer.` prefix) and module (`semantic.` prefix) in one file."""
     tensors = {f"transformer.{k}": v for k, v in lora_state_dict(transformer).items()}
@@ -77,6 +83,8 @@ def save_combined(
     if semantic is not None:
         tensors.update({f"semantic.{k}": v.float() for k, v in semantic.state_dict().items()})
         meta.update({f"semantic_{k}": str(v) for k, v in semantic.config().items()})
+        if layout is not None:
+            meta["semantic_layout"] = str(layout)
     save_tensors(path, tensors, metadata=meta)
 
 
@@ -174,9 +182,37 @@ def build_semantic(dim: int, heads: int, layers: int) -> nn.Module:
     return SemanticCrossAttention(dim, heads=heads, layers=layers)
 
 
+def recorded_semantic_layout(path: str | Path) -> str | None:
+    """The semantic layout the module in `path` (a file or a folder, as `load_semantic`) was
+    trained with, from the file's metadata alone (no tensor read); None when not recorded (a
+    module saved before the layout was recorded) or not a safetensors file."""
+    from diffalign.fill.encode import SEMANTIC_LAYOUTS
+
+    file = _resolve_file(path, SEMANTIC_FILE, "--semantic-module")
+    if file.suffix != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # corrupt or truncated file
+        raise DiffalignError(
+            f"--semantic-module {file}: cannot read ({type(e).__name__})"
+        ) from None
+    layout = meta.get("layout", meta.get("semantic_layout"))
+    if layout is not None and layout not in SEMANTIC_LAYOUTS:
+        raise DiffalignError(
+            f"--semantic-module {file}: records an unknown semantic layout '{layout}' (known: "
+            f"{', '.join(SEMANTIC_LAYOUTS)})"
+        )
+    return layout
+
+
 def load_semantic(path: str | Path, latent_dim: int) -> nn.Module:
     """The module saved in `path` (semantic_module.safetensors, the combined file or a folder
-    holding either); its width must be the model's latent token width, its tensors must fit."""
+    holding either); its width must be the model's latent token width, its tensors must fit.
+    `module.layout` is the semantic layout it was trained with (None if not recorded)."""
     from diffalign.fill.attention import semantic_module_from_tensors
 
     file = _resolve_file(path, SEMANTIC_FILE, "--semantic-module")
@@ -189,4 +225,5 @@ def load_semantic(path: str | Path, latent_dim: int) -> nn.Module:
     module = semantic_module_from_tensors(
         tensors, meta, f"--semantic-module {file}", expect={"dim": latent_dim}
     )
+    module.layout = recorded_semantic_layout(file)
     return module.eval()

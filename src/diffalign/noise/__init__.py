@@ -3,7 +3,8 @@
 Public API: :class:`PatchOrthogonal` (patch-wise orthogonal map ``z -> Q z``), :func:`patchify` /
 :func:`unpatchify`, :func:`orthogonality_error`, the Gaussianity diagnostics
 :func:`gaussianity_report` / :func:`write_gaussianity_diagnostics`, the one-step generators
-(:class:`OneStepGenerator`, :func:`load_generator`) and test-time optimisation
+(:class:`OneStepGenerator`, :func:`load_generator`; :func:`generator_recipe` says which
+recipe a model runs as) and test-time optimisation
 (:func:`optimize_prompts`, :func:`run_optimize`, :class:`OptimizeSettings`), and the methods
 on any one-step generator: :func:`assign_noise` / :func:`assign_image` (inversion),
 :func:`build_dataset`, :class:`MatchedSftTask` (matched / direct SFT; ``diffalign.noise.sft.sft``)
@@ -31,6 +32,7 @@ _EXPORTS = {
     "OneStepGenerator": "onestep",
     "GENERATORS": "generators",
     "load_generator": "generators",
+    "generator_recipe": "recipes",
     "OptimizeSettings": "optimize",
     "optimize_prompts": "optimize",
     "run_optimize": "optimize",
@@ -53,6 +55,7 @@ __all__ = [
     "PatchOrthogonal",
     "apply_patch_orthogonal",
     "gaussianity_report",
+    "generator_recipe",
     "haar_orthogonal",
     "load_generator",
     "optimize_prompts",
@@ -81,6 +84,7 @@ if TYPE_CHECKING:
         skew_to_orthogonal,
         unpatchify,
     )
+    from diffalign.noise.recipes import generator_recipe
     from diffalign.noise.sft import MatchedSftTask
 
 

@@ -16,7 +16,7 @@ from diffalign.engine.cliutils import (
 
 
 def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = True) -> None:
-    from diffalign.noise.generators import GENERATORS
+    from diffalign.noise.recipes import GENERATORS
 
     g = p.add_argument_group("model")
     g.add_argument(
@@ -24,14 +24,17 @@ def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = Tr
         "--model-id",
         dest="model",
         default="sdxl-turbo",
-        help=f"generator ({', '.join(GENERATORS)}), a preset, a diffusers pipeline folder (e.g. "
-        "an earlier `noise sft` checkpoint-final) or a Hub id (default: %(default)s)",
+        help=f"generator ({', '.join(GENERATORS)}), a preset, a diffusers pipeline folder, an "
+        "earlier `noise sft` checkpoint-final (pipeline or LoRA: runs as its recorded recipe) "
+        "or a Hub id (default: %(default)s)",
     )
     g.add_argument(
         "--generator",
         choices=tuple(GENERATORS),
         default=None,
-        help="which one-step recipe to run --model with (default: from --model)",
+        help="which one-step recipe to run --model with (default: the recipe a `noise sft` "
+        "export recorded, or the release --model is: SDXL-Turbo, SD-Turbo; required for any "
+        "other model, e.g. an SD 1.5 or SDXL base with hyper-sd15 / hyper-sdxl)",
     )
     g.add_argument(
         "--weights",
@@ -424,17 +427,14 @@ def _device(args):
 
 
 def _load(args, model: str | None = None, first: bool = True):
-    """The generator of ``model``; a fine-tuned pipeline (an earlier `noise sft` or `em`
-    checkpoint-final) runs as the kind it was made from, without re-applying Hyper-SD weights."""
-    from diffalign.noise.generators import finetuned_generator, load_generator
+    """The generator of ``model`` (default ``--model``) as `generator_recipe` finds it; an
+    earlier `noise sft` / `em` export runs as the recipe it recorded, its Hyper-SD weights not
+    applied again. ``--weights`` goes to the initial model only (``first``)."""
+    from diffalign.noise.generators import load_generator
 
-    model = model or args.model
-    kind = finetuned_generator(model)
-    if kind is not None:
-        first = False
     return load_generator(
-        model,
-        args.generator or kind,
+        model or args.model,
+        args.generator,
         weights=args.weights if first else None,
         dtype=args.dtype,
         device=_device(args),
@@ -442,7 +442,6 @@ def _load(args, model: str | None = None, first: bool = True):
         height=args.height,
         width=args.width,
         gradient_checkpointing=not args.no_gradient_checkpointing,
-        apply_weights=first,
     )
 
 
@@ -571,6 +570,7 @@ def _run_sft(args) -> int:
 
     _check_train_dtype(args)
     gen = _load(args)
+    _check_init_lora(args.init_lora, gen.name)
     r = sft(
         gen,
         args.manifest_path,
@@ -584,6 +584,19 @@ def _run_sft(args) -> int:
     )
     print(f"model: {r['model']} ({r['steps']} steps; best: {r['best']})")
     return 0
+
+
+def _check_init_lora(init_lora, kind: str) -> None:
+    """An `--init-lora` export made for another recipe does not continue on this one."""
+    from diffalign.engine.errors import DiffalignError
+    from diffalign.noise.recipes import RECIPE_FILE, read_recorded_recipe
+
+    record = read_recorded_recipe(init_lora)
+    if record is not None and record["generator"] != kind:
+        raise DiffalignError(
+            f"--init-lora {init_lora} was trained on {record['generator']} ({RECIPE_FILE}), "
+            f"not on this {kind} model"
+        )
 
 
 def _run_em(args) -> int:

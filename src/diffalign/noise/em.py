@@ -105,8 +105,9 @@ def em(
     resume: str = "latest",
 ) -> dict:
     """`diffalign noise em` on a diffusion generator. ``load(model, first)`` loads a generator
-    (``first``: the initial model; later cycles load ``checkpoint-final`` pipelines, or the base
-    model plus the last LoRA, which the M-step continues via ``init_lora``). ``resume``:
+    (``first``: the initial model; later cycles load the last ``checkpoint-final``, a pipeline
+    or a LoRA export, as the recipe it recorded; a LoRA M-step trains from the base model and
+    continues the last LoRA via ``init_lora``). ``resume``:
     ``latest`` continues an unfinished M-step from its last checkpoint, ``restart`` starts it
     over (finished cycles are kept either way)."""
     from diffalign.noise.dataset import build_dataset
@@ -120,17 +121,9 @@ def em(
         set_cublas_workspace_config()
     initial = str(model)
 
-    def model_for(current: str) -> tuple[object, str | None]:
-        if lora and current != initial:  # base model + the previous cycle's LoRA
-            gen = load(initial, True)
-            return gen, current
-        return load(current, current == initial), None
-
     def e_step(current: str, cdir: Path, k: int) -> dict:
-        gen, prev_lora = model_for(current)
-        if prev_lora is not None:
-            gen.pipe.load_lora_weights(prev_lora)
-            gen.pipe.fuse_lora()
+        # a LoRA export loads as its base + the Hyper-SD weights (once) + its LoRA, fused
+        gen = load(current, current == initial)
         return build_dataset(
             gen,
             data_root,
@@ -141,7 +134,10 @@ def em(
         )
 
     def m_step(current: str, cdir: Path, k: int) -> dict:
-        gen, prev_lora = model_for(current)
+        if lora and current != initial:  # the base model; the previous LoRA trains on
+            gen, prev_lora = load(initial, True), current
+        else:
+            gen, prev_lora = load(current, current == initial), None
         return sft(
             gen,
             cdir / "dataset" / "manifest.jsonl",

@@ -25,9 +25,7 @@ is on by default (it only acts while gradients are recorded).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,82 +33,23 @@ import torch
 
 from diffalign.engine.errors import DiffalignError
 from diffalign.noise.onestep import OneStepGenerator, PromptEmbeds
+from diffalign.noise.recipes import (
+    GENERATORS,
+    RECIPE_FILE,
+    GeneratorSpec,
+    Recipe,
+    generator_recipe,
+    recipe_record,
+)
 
 __all__ = [
     "GENERATORS",
     "DiffusionOneStepGenerator",
     "GeneratorSpec",
     "OneStepGenerator",
+    "generator_recipe",
     "load_generator",
 ]
-
-
-FINETUNED_FILE = "onestep_generator.json"  # written beside a fine-tuned pipeline export
-
-
-def finetuned_generator(model: str | None) -> str | None:
-    """The generator kind a fine-tuned pipeline folder (`noise sft` checkpoint) was made from,
-    else None; such a folder already holds any Hyper-SD weights."""
-    if model is None:
-        return None
-    path = Path(str(model)) / FINETUNED_FILE
-    if not path.is_file():
-        return None
-    try:
-        kind = json.loads(path.read_text(encoding="utf-8")).get("generator")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
-    return kind if kind in GENERATORS else None
-
-
-@dataclass(frozen=True)
-class GeneratorSpec:
-    """One generator kind: its pipeline family, default model, scheduler and extra weights."""
-
-    name: str
-    pipeline: str  # "sdxl" | "sd"
-    family: str  # the `load_pipeline` family of its base model
-    default_model: str  # preset of the base pipeline
-    scheduler: str  # "euler_ancestral" | "euler" | "tcd" | "lcm"
-    size: int  # default image height = width
-    timesteps: tuple[int, ...] | None = None  # explicit timesteps (LCM at 800)
-    eta: float | None = None  # TCD's eta
-    weights: str | None = None  # "lora" | "unet": extra weights applied to the base model
-    weights_file: str | None = None  # file name in the release (models/hyper-sd/<file>)
-    weights_asset: str | None = None  # `diffalign download --only` name of that file
-
-
-GENERATORS: dict[str, GeneratorSpec] = {
-    s.name: s
-    for s in (
-        GeneratorSpec("sdxl-turbo", "sdxl", "sdxl", "sdxl-turbo", "euler_ancestral", 512),
-        GeneratorSpec("sd-turbo", "sd", "sd21", "sd-turbo", "euler", 512),
-        GeneratorSpec(
-            "hyper-sd15",
-            "sd",
-            "sd15",
-            "sd15",
-            "tcd",
-            512,
-            eta=1.0,
-            weights="lora",
-            weights_file="Hyper-SD15-1step-lora.safetensors",
-            weights_asset="hyper-sd",
-        ),
-        GeneratorSpec(
-            "hyper-sdxl",
-            "sdxl",
-            "sdxl",
-            "sdxl-base",
-            "lcm",
-            1024,
-            timesteps=(800,),
-            weights="unet",
-            weights_file="Hyper-SDXL-1step-Unet.safetensors",
-            weights_asset="hyper-sd",
-        ),
-    )
-}
 
 
 def _scheduler(kind: str, config):
@@ -144,10 +83,15 @@ class DiffusionOneStepGenerator(OneStepGenerator):
         width: int | None = None,
         gradient_checkpointing: bool = True,
         vae_upcast: bool = True,
+        recipe: Recipe | None = None,
+        weights_path: str | None = None,
     ) -> None:
         super().__init__()
         self.name = spec.name
         self.spec = spec
+        # how it was loaded, recorded in its exports: the recipe and the extra weights applied
+        self.recipe = recipe
+        self.weights_path = weights_path
         self.pipe = pipe
         self.unet = pipe.unet.eval().requires_grad_(False)
         self.vae = pipe.vae.eval().requires_grad_(False)
@@ -301,47 +245,23 @@ class DiffusionOneStepGenerator(OneStepGenerator):
     def export_finetuned(self, out_dir, info: dict | None = None) -> None:
         """Full U-Net: the whole pipeline (`save_pretrained`, loadable as `--model`); a U-Net
         with a LoRA adapter: `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights`
-        reads (diffusers' LoRA layout)."""
+        reads (diffusers' LoRA layout). Either records its recipe (``RECIPE_FILE``), so it
+        loads again as this kind, the Hyper-SD weights applied exactly once."""
+        from diffalign.engine.io import write_json
+
         if getattr(self.unet, "peft_config", None):
             from diffalign.engine.lora import save_unet_lora
 
             save_unet_lora(type(self.pipe), out_dir, self.unet)
+            export = "lora"
         else:
             self.pipe.save_pretrained(str(out_dir), safe_serialization=True)
-            # the kind (scheduler, timestep) and that the Hyper-SD weights are already in it
-            from diffalign.engine.io import write_json
-
-            write_json(
-                Path(out_dir) / FINETUNED_FILE, {"generator": self.name, "weights_applied": True}
-            )
+            export = "pipeline"
+        record = recipe_record(self.spec, export, self.recipe, self.weights_path)
+        write_json(Path(out_dir) / RECIPE_FILE, record)
 
 
 # ------------------------------------------------------------------ loading
-
-
-def infer_generator_kind(model: str) -> str:
-    """The generator kind of ``--model``: a kind's name, else from the pipeline class."""
-    if model in GENERATORS:
-        return model
-    from diffalign.engine.loading import resolve_model
-
-    resolved = resolve_model(model)
-    if resolved.preset in GENERATORS:
-        return resolved.preset
-    if resolved.kind == "folder":
-        index = Path(resolved.source) / "model_index.json"
-        try:
-            cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            cls = ""
-        if cls.startswith("StableDiffusionXL"):
-            return "sdxl-turbo"
-        if cls.startswith("StableDiffusion"):
-            return "sd-turbo"
-    raise DiffalignError(
-        f"cannot tell which one-step generator --model {model} is; pass --generator "
-        f"{'|'.join(GENERATORS)}"
-    )
 
 
 def default_weights_path(spec: GeneratorSpec) -> Path | None:
@@ -357,25 +277,29 @@ def default_weights_path(spec: GeneratorSpec) -> Path | None:
     return models_dir() / str(spec.weights_asset) / spec.weights_file
 
 
+def _fuse_lora(pipe, source, adapter: str) -> None:
+    """Load a LoRA (file tensors or a folder), fuse it into the U-Net and drop its adapter
+    layers, keeping the fused weights: a later LoRA then loads onto plain weights (loading one
+    beside a fused adapter unmerges that adapter and leaves it inactive)."""
+    pipe.load_lora_weights(source, adapter_name=adapter)
+    pipe.fuse_lora(adapter_names=[adapter])
+    pipe.unload_lora_weights()
+
+
 def _apply_lora(pipe, path: Path, spec: GeneratorSpec) -> int:
-    """Load and fuse a LoRA file (kohya `lora_unet_*` or diffusers/peft keys) into the U-Net;
-    return how many U-Net weights it changed (0 means the file does not fit this U-Net)."""
+    """Fuse a LoRA file (kohya `lora_unet_*` or diffusers/peft keys) into the U-Net; return how
+    many U-Net weights it changed (0 means the file does not fit this U-Net)."""
     from diffalign.engine.io import load_tensors
 
     tensors, _ = load_tensors(path)  # safetensors only in practice; .pt via weights_only
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items() if k.endswith("weight")}
     try:
-        pipe.load_lora_weights(tensors, adapter_name="onestep")
-        pipe.fuse_lora(adapter_names=["onestep"])
+        _fuse_lora(pipe, tensors, "onestep")
     except (ValueError, KeyError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DiffalignError(f"{path}: not a {spec.name} LoRA for this model ({first})") from None
     after = pipe.unet.state_dict()
-    changed = 0
-    for k, v in before.items():
-        key = k if k in after else k.replace(".weight", ".base_layer.weight")
-        if key in after and not torch.equal(after[key], v):
-            changed += 1
+    changed = sum(1 for k, v in before.items() if k in after and not torch.equal(after[k], v))
     if changed == 0:
         raise DiffalignError(f"{path}: no LoRA weight in it matches this model's U-Net")
     return changed
@@ -432,28 +356,31 @@ def load_generator(
     height: int | None = None,
     width: int | None = None,
     gradient_checkpointing: bool = True,
-    apply_weights: bool = True,
 ) -> DiffusionOneStepGenerator:
     """Load a one-step generator through ``engine.loading.load_pipeline`` (spec E).
 
     ``model``: a generator kind (``sdxl-turbo``, ``sd-turbo``, ``hyper-sd15``, ``hyper-sdxl``;
-    the base model then comes from its preset), a preset, a local pipeline folder or a Hub id.
-    ``generator`` names the kind when ``model`` does not say it. ``weights``: the Hyper-SD LoRA
-    / U-Net file (default: ``models/hyper-sd/<release file name>``); ``apply_weights=False``
-    skips it (a fine-tuned pipeline that already holds them). ``vae``: another VAE (e.g.
-    the fp16-fix SDXL VAE), run in ``dtype``.
+    the base model then comes from its preset), a preset, a local pipeline folder, a Hub id or a
+    `noise sft` export (pipeline or LoRA). Its recipe comes from :func:`generator_recipe`
+    (``generator``: ``--generator``). ``weights``: the Hyper-SD LoRA / U-Net file (default: the
+    one an export recorded, else ``models/hyper-sd/<release file name>``); never applied to a
+    model that already holds it. ``vae``: another VAE (e.g. the fp16-fix SDXL VAE), run in
+    ``dtype``.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from diffalign.engine.loading import load_pipeline, load_vae, parse_dtype
 
-    if generator is not None and generator not in GENERATORS:
+    recipe = generator_recipe(model, generator)
+    spec = recipe.spec
+    if weights and spec.weights is None:
+        raise DiffalignError(f"--weights is for hyper-sd15 / hyper-sdxl, not {spec.name}")
+    if weights and recipe.weights_in_model:
         raise DiffalignError(
-            f"unknown generator '{generator}'; choose one of {', '.join(GENERATORS)}"
+            f"--model {model} already holds the {spec.name} weights ({recipe.found_by}); drop "
+            "--weights"
         )
-    kind = generator or infer_generator_kind(model or "sdxl-turbo")
-    spec = GENERATORS[kind]
-    base = spec.default_model if model in (None, kind) else str(model)
+    base = recipe.model
     torch_dtype = parse_dtype(dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -477,8 +404,9 @@ def load_generator(
         expect=_expected_components(spec),
         **components,
     )
-    if spec.weights is not None and apply_weights:
-        path = Path(weights) if weights else default_weights_path(spec)
+    applied = None
+    if spec.weights is not None and not recipe.weights_in_model:
+        path = Path(weights or recipe.weights or default_weights_path(spec))
         if not path.is_file():
             raise DiffalignError(
                 f"{spec.name} needs {spec.weights_file}: {path} not found; fetch it with "
@@ -488,8 +416,9 @@ def load_generator(
             _apply_lora(pipe, path, spec)
         else:
             _apply_unet(pipe, path, spec)
-    elif weights and apply_weights:
-        raise DiffalignError(f"--weights is for hyper-sd15 / hyper-sdxl, not {spec.name}")
+        applied = str(path)
+    for i, lora in enumerate(recipe.loras):  # fine-tuned LoRA exports, in the order made
+        _fuse_finetuned_lora(pipe, lora, f"finetuned{i}")
     pipe.to(device)
     return DiffusionOneStepGenerator(
         pipe,
@@ -498,4 +427,15 @@ def load_generator(
         width=width,
         gradient_checkpointing=gradient_checkpointing,
         vae_upcast=vae is None,
+        recipe=recipe,
+        weights_path=applied,
     )
+
+
+def _fuse_finetuned_lora(pipe, folder: str, adapter: str) -> None:
+    """Fuse a `noise sft` LoRA export into the U-Net (diffusers' LoRA layout)."""
+    try:
+        _fuse_lora(pipe, str(folder), adapter)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DiffalignError(f"{folder}: cannot load its LoRA into this model ({first})") from None

@@ -12,6 +12,7 @@ from diffalign.engine.rewards.base import (
     Reward,
     clip_preprocess,
     resize_center_crop,
+    resize_max_pad,
 )
 from diffalign.engine.rewards.load import (
     HPS_VERSIONS,
@@ -48,6 +49,7 @@ __all__ = [
     "load_reward",
     "parse_reward_spec",
     "resize_center_crop",
+    "resize_max_pad",
     "reward_from_args",
     "reward_spec_from_args",
     "reward_type_spec",

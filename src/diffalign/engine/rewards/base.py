@@ -46,14 +46,48 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images
 
 
+def resize_max_pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """open_clip's `ResizeMaxSize(size, fill=0)` (the official HPSv2 `img_score.py` geometry),
+    differentiable.
+
+    The longer side becomes `size` (bicubic, antialiased like PIL), the shorter one
+    `round(short * size / long)`; the rest is padded with 0 (black, before normalisation),
+    `pad // 2` before and the remainder after. open_clip skips the padding when the longer side
+    is already `size`; the model needs a square input, so we pad then too.
+    """
+    h, w = images.shape[-2:]
+    scale = size / float(max(h, w))
+    new_h, new_w = round(h * scale), round(w * scale)
+    if (new_h, new_w) != (h, w):
+        images = F.interpolate(
+            images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
+        )
+    pad_h, pad_w = size - new_h, size - new_w
+    if pad_h or pad_w:
+        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return images
+
+
+# how an image becomes the reward model's square input: ReNO's (and our default) resize of the
+# shorter side + centre crop, or open_clip's resize of the longer side + zero padding (official
+# HPSv2 scoring). Square images give the same input either way.
+GEOMETRIES = {"reno": resize_center_crop, "official": resize_max_pad}
+
+
 def clip_preprocess(
     images: torch.Tensor,
     size: int,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    geometry: str = "reno",
 ) -> torch.Tensor:
-    """ReNO's reward preprocessing: resize `size` bicubic, centre crop `size`, normalise."""
-    x = resize_center_crop(images, size)
+    """ReNO's reward preprocessing: resize `size` bicubic, centre crop `size`, normalise
+    (`geometry="official"`: resize the longer side, pad to square, normalise)."""
+    if geometry not in GEOMETRIES:
+        raise DiffalignError(
+            f"image geometry must be one of {', '.join(GEOMETRIES)}, got '{geometry}'"
+        )
+    x = GEOMETRIES[geometry](images, size)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s

@@ -127,6 +127,9 @@ class CLIPBundle:
         # set to a dict by CombinedReward for one call: terms sharing this model (clip +
         # aesthetic in hybrid) then run its image tower once per batch
         self.memo: dict | None = None
+        # "reno" (resize shorter side + centre crop) or "official" (HPSv2: resize longer side
+        # + zero padding); see rewards.base.GEOMETRIES
+        self.geometry = "reno"
 
     @property
     def projection_dim(self) -> int:
@@ -138,7 +141,8 @@ class CLIPBundle:
         if self.memo is not None and key in self.memo:
             return self.memo[key]
         dtype = self.model.visual_projection.weight.dtype
-        x = clip_preprocess(images.float(), self.size, self.mean, self.std).to(dtype)
+        x = clip_preprocess(images.float(), self.size, self.mean, self.std, self.geometry)
+        x = x.to(dtype)
         emb = F.normalize(_pooled(self.model.get_image_features(pixel_values=x)).float(), dim=-1)
         if self.memo is not None:
             self.memo[key] = emb

@@ -233,15 +233,23 @@ def load_hpsv2(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
+    geometry: str = "reno",
 ):
     """The `hpsv2` reward from `HPS_v2.1_compressed.pt` / `HPS_v2_compressed.pt` (weights_only)
-    and a CLIP-H/14 tokenizer + processor folder (default `processor/` beside the checkpoint)."""
+    and a CLIP-H/14 tokenizer + processor folder (default `processor/` beside the checkpoint).
+
+    `geometry`: "reno" (default, ReNO's resize of the shorter side + centre crop) or "official"
+    (`img_score.py`'s open_clip `ResizeMaxSize`: resize the longer side, pad with black)."""
     from transformers import AutoTokenizer
 
     from diffalign.engine.io import load_pt
-    from diffalign.engine.rewards.base import enable_gradient_checkpointing, freeze
+    from diffalign.engine.rewards.base import GEOMETRIES, enable_gradient_checkpointing, freeze
     from diffalign.engine.rewards.clip import CLIPBundle, CLIPScoreReward, _processor_settings
 
+    if geometry not in GEOMETRIES:
+        raise DiffalignError(
+            f"--hps-geometry must be one of {', '.join(GEOMETRIES)}, got '{geometry}'"
+        )
     if version not in HPS_FILES:
         raise DiffalignError(
             f"--hps-version must be one of {', '.join(HPS_FILES)}, got '{version}'"
@@ -281,6 +289,7 @@ def load_hpsv2(
     if backend is not None:  # open_clip tokenises the cleaned text as it is: no NFC after it
         backend.normalizer = None
     bundle = CLIPBundle(model, tokenizer, size, mean, std, str(path), clean=open_clip_clean)
+    bundle.geometry = geometry
     reward = CLIPScoreReward(bundle, name="hpsv2", scale=1.0, loss_offset=1.0)
     reward.version = version
     return reward

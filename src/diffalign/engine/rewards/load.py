@@ -23,6 +23,7 @@ from diffalign.engine.rewards.spec import (
 )
 
 HPS_VERSIONS = tuple(sorted(HPS_FILES))  # ("v2.0", "v2.1")
+HPS_GEOMETRIES = ("reno", "official")  # rewards.base.GEOMETRIES
 # laion CLIP-H/14: the tokenizer + image processor PickScore and HPSv2 were trained with
 CLIP_H_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
@@ -135,6 +136,7 @@ class _Loader:
             self.opts["hps_checkpoint_path"],
             self.opts["hps_processor"],
             version=self.opts["hps_version"],
+            geometry=self.opts["hps_geometry"],
             device=self.device,
             dtype=self.dtype,
             gradient_checkpointing=self.opts["gradient_checkpointing"],
@@ -156,6 +158,7 @@ def load_reward(
     hps_version: str = "v2.1",
     hps_checkpoint_path: str | None = None,
     hps_processor: str | None = None,
+    hps_geometry: str = "reno",
     gradient_checkpointing: bool = False,
 ) -> Reward:
     """Build the reward `spec_or_name` names (`"clip"`, `"hybrid"`,
@@ -186,6 +189,7 @@ def load_reward(
         "hps_version": hps_version,
         "hps_checkpoint_path": hps_checkpoint_path,
         "hps_processor": hps_processor,
+        "hps_geometry": hps_geometry,
         "gradient_checkpointing": bool(gradient_checkpointing),
     }
     loader = _Loader(device, parse_dtype(dtype), opts)
@@ -360,6 +364,16 @@ def add_reward_arguments(parser: argparse.ArgumentParser, default: str | None = 
         "checkpoint)",
     )
     g.add_argument(
+        "--hps-geometry",
+        choices=HPS_GEOMETRIES,
+        action=_RewardOption,
+        rewards=("hpsv2",),
+        default="reno",
+        help="how HPSv2 sees a non-square image: reno (resize the shorter side, centre crop; "
+        "ReNO's, for optimisation) or official (img_score.py: resize the longer side, pad with "
+        "black) (default: %(default)s)",
+    )
+    g.add_argument(
         "--reward-gradient-checkpointing",
         action="store_true",
         help="recompute the reward models' layers in the backward pass (less memory, as ReNO)",
@@ -413,5 +427,6 @@ def reward_from_args(
         hps_version=getattr(args, "hps_version", "v2.1") or "v2.1",
         hps_checkpoint_path=getattr(args, "hps_checkpoint_path", None),
         hps_processor=getattr(args, "hps_processor", None),
+        hps_geometry=getattr(args, "hps_geometry", "reno") or "reno",
         gradient_checkpointing=bool(getattr(args, "reward_gradient_checkpointing", False)),
     )
