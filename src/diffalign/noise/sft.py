@@ -337,6 +337,7 @@ def sft(
     progress: bool = True,
     model_info: dict | None = None,
     deterministic: bool = False,
+    compile: bool = False,
 ) -> dict:
     """`diffalign noise sft`: fine-tune a diffusion one-step generator's U-Net (full, or LoRA
     with ``lora_rank``) on a `build-dataset` manifest; ``direct`` = random-noise baseline."""
@@ -419,5 +420,6 @@ def sft(
         overwrite=overwrite,
         resume=resume,
         deterministic=deterministic,
+        compile=compile,
     )
     return sft_result(run_sft(task, cfg))
