@@ -51,6 +51,31 @@ def compile_module(module: nn.Module, regional: bool = True, **compile_kwargs) -
     return "whole"
 
 
+def compile_layers(module: nn.Module, **compile_kwargs) -> int:
+    """Regional compilation of a transformers model: each of its layers (the
+    `GradientCheckpointingLayer`s: CLIP's, BLIP's encoder layers) compiled in place, one graph
+    shared by the layers of one shape; returns how many. A module without such layers is
+    compiled whole (returns 0)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for m in layers:
+        m.compile(**compile_kwargs)
+    if not layers:
+        module.compile(**compile_kwargs)
+    return len(layers)
+
+
+def check_cuda_graphs(device: torch.device | str | None) -> None:
+    """CUDA graphs replay recorded GPU work: a one-line DiffalignError on any other device
+    (`device` None: the default, cuda when available)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    if kind != "cuda":
+        raise DiffalignError(f"--cuda-graphs needs a CUDA device; this run is on {kind}")
+
+
 def compile_function(fn: Callable, **compile_kwargs) -> Callable:
     """torch.compile of a pure tensor function (same results, fused kernels)."""
     return torch.compile(fn, **compile_kwargs)

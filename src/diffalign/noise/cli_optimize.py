@@ -181,6 +181,7 @@ def _run(args) -> int:
         reward_from_args,
         reward_spec_from_args,
     )
+    from diffalign.noise.cli_data import check_speed_options, speed_up
     from diffalign.noise.generators import load_generator
     from diffalign.noise.optimize import run_optimize
 
@@ -191,6 +192,7 @@ def _run(args) -> int:
     for name, _ in parse_reward_spec(spec):  # before minutes of model loading
         if name not in REWARD_NAMES:
             raise DiffalignError(f"unknown reward '{name}'; valid names: {', '.join(REWARD_NAMES)}")
+    check_speed_options(args, args.device)
     generator = load_generator(
         args.model,
         args.generator,
@@ -203,6 +205,7 @@ def _run(args) -> int:
         gradient_checkpointing=not args.no_gradient_checkpointing,
     )
     reward = reward_from_args(args, device=generator.device, dtype="float32")
+    speed_up(args, generator, reward)
     report = run_optimize(
         generator,
         reward,
