@@ -220,6 +220,6 @@ def test_a_build_where_every_sample_fails_exits_non_zero(sdxl, tmp_path, capsys)
     (data / "pairs.jsonl").write_text(json.dumps({"prompt": "x", "image": "nope.png"}) + "\n")
     out = tmp_path / "ds"
     argv = ["noise", "build-dataset", "--data-root", str(data), "--output-dir", str(out)]
-    assert main([*argv, "--steps", "1", *model_args(sdxl)]) == 1
+    assert main([*argv, "--steps", "1", *model_args(sdxl)]) == 2
     assert "failures.jsonl" in capsys.readouterr().err
     assert json.loads((out / "failures.jsonl").read_text())["error"].endswith("not found")

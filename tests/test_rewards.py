@@ -477,7 +477,7 @@ def test_options_of_a_reward_not_selected_are_an_error(argv, message):
             + ["--pickscore-processor", "p", "--imagereward-med-config-path", "m"],
             RENO_DEFAULT_SPEC,
         ),
-        (["--reward", "hpsv2:0,clip", "--hps-processor", "p"], "hpsv2:0,clip"),  # weight 0: built
+        (["--reward", "hpsv2:0.5,clip", "--hps-processor", "p"], "hpsv2:0.5,clip"),
         (["--reward", "pickscore", "--reward-gradient-checkpointing"], "pickscore"),  # every reward
     ],
 )

@@ -93,7 +93,7 @@ def test_fused_adamw_kernel_is_kept_on_resume_and_resumes_exactly(tmp_path, monk
     monkeypatch.undo()
     out = tmp_path / "b"
     task = RegressionTask()
-    trainer = train_mod._Trainer(task, _cfg(out, ema_decay=None, max_steps=8, resume="latest"))
+    trainer = train_mod._Trainer(task, _cfg(out, ema_decay=None, resume="latest"))
     trainer._setup()
     trainer._load_checkpoint(train_mod.list_checkpoints(out)[-1])
     groups = trainer.optimizers["main"].optimizer.param_groups

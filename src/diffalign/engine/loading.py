@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffalign.engine.errors import DiffalignError, ModelNotFoundError
+from diffalign.engine.errors import DiffalignError, ModelNotFoundError, library_output_held
 from diffalign.engine.progress import quiet_library_bars
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -568,11 +568,16 @@ def load_vae(
 
     A single file needs a config: `config` (a pipeline folder or Hub id whose `vae/` holds it).
     """
-    from diffusers import AutoencoderKL
-
     torch_dtype = parse_dtype(dtype)
     offline = hub_offline()
     path = Path(vae).expanduser()
+    with library_output_held():  # a failed load: our line alone, not diffusers' before it
+        return _load_vae(vae, path, config, torch_dtype, family, offline)
+
+
+def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str, offline: bool):
+    from diffusers import AutoencoderKL
+
     try:
         if path.is_dir():
             sub = "vae" if (path / "vae" / "config.json").is_file() else None

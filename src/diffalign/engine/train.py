@@ -21,15 +21,17 @@ not draw from the global RNG; on CUDA it needs `deterministic=True`: determinist
 run). Exports (`checkpoint-final/`, `checkpoint-best/`,
 `checkpoint-epoch-NNN/`) go through `task.export` with the EMA weights applied. A non-finite loss
 skips the optimizer step; `max_nonfinite_steps` consecutive ones stop the run with a
-`DiffalignError`. Several optimizers (a GAN): `training_step` calls `ctx.backward(loss, name)` for
-each; all gradients are cleared at the start of every accumulation window. Data parallel only (no
-DeepSpeed/FSDP). On a CPU-only machine two processes need
-`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py` (`--cpu` alone
-starts a single process). Speed (issue 18): `compile=True` compiles every trainable module in
-place (`engine.compile.compile_module`: regional for diffusers models with repeated blocks, same
-state-dict keys, so checkpoints and exact resume are unchanged), `channels_last=True` puts the
-weights of modules with convolutions in NHWC layout, and AdamW runs its fused kernel when every
-parameter is on CUDA (not under fp16; a resume keeps this run's kernel).
+`DiffalignError`, and so does a run that ends without one finite step since it started or
+resumed (nothing was trained: no checkpoint-final is written). Several optimizers (a GAN):
+`training_step` calls `ctx.backward(loss, name)` for each; all gradients are cleared at the start
+of every accumulation window. Data parallel only (no DeepSpeed/FSDP). On a CPU-only machine two
+processes need `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py`
+(`--cpu` alone starts a single process). Speed (issue 18): `compile=True` compiles every
+trainable module in place (`engine.compile.compile_module`: regional for diffusers models with
+repeated blocks, same state-dict keys, so checkpoints and exact resume are unchanged),
+`channels_last=True` puts the weights of modules with convolutions in NHWC layout, and AdamW
+runs its fused kernel when every parameter is on CUDA (not under fp16; a resume keeps this
+run's kernel).
 
     class Regression(TrainTask):
         def trainable(self): return {"net": self.net}
@@ -70,6 +72,7 @@ from diffalign.engine.compile import (
 )
 from diffalign.engine.ema import EMA
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.identity import check_identity
 from diffalign.engine.io import (
     atomic_dir,
     clean_stale_temporaries,
@@ -88,6 +91,17 @@ SCHEDULES = ("cosine", "constant", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# TrainConfig options that change the trained weights (compared on resume, engine.identity);
+# the others say how the run is watched or saved (deterministic: kernel choice, resume-free)
+LOOP_IDENTITY = (
+    "gradient_accumulation_steps",
+    "mixed_precision",
+    "max_grad_norm",
+    "lr_scheduler",
+    "ema_decay",
+    "ema_warmup",
+    "seed",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +188,15 @@ class OptimizerSpec:
     eps: float = 1e-8
 
 
+def check_adam_settings(betas: tuple[float, float], eps: float, what: str = "AdamW") -> None:
+    """AdamW's betas in [0, 1) and eps > 0 (finite), else one DiffalignError line."""
+    for i, beta in enumerate(betas, 1):
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0.0 <= beta < 1.0:
+            raise DiffalignError(f"{what}: adam_beta{i} must be in [0, 1), got {beta!r}")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 < eps < math.inf:
+        raise DiffalignError(f"{what}: adam_eps must be a finite number > 0, got {eps!r}")
+
+
 class TrainTask:
     """What to train; subclass it and override the methods marked required."""
 
@@ -217,6 +240,12 @@ class TrainTask:
     def config_dict(self) -> dict:
         """Task settings recorded in run_config.json and in each checkpoint's state.json."""
         return {}
+
+    def identity(self) -> dict:
+        """What decides the trained weights besides the loop's options (the models used and the
+        settings that change the bytes; not how the run is watched): recorded in every checkpoint
+        and compared on resume (`engine.identity`). Default: `config_dict()`."""
+        return self.config_dict()
 
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
         """Raise DiffalignError when checkpoint `path` (task settings `saved_config`, None for
@@ -580,6 +609,7 @@ class _Trainer:
                     f"optimizer '{name}' updates a parameter that is in no trainable() module "
                     "(it would be neither checkpointed nor EMA'd)"
                 )
+            check_adam_settings(spec.betas, spec.eps, f"optimizer '{name}'")
             opt = torch.optim.AdamW(
                 groups,
                 lr=spec.lr,
@@ -729,6 +759,20 @@ class _Trainer:
             raise DiffalignError(f"{path} is not a diffalign checkpoint folder (no state.json)")
         return path
 
+    def _identity(self) -> dict:
+        """The run's identity (`engine.identity`): the loop options that change the weights
+        (max_steps only under a schedule that depends on it) and the task's; computed once (a
+        task's identity may hash model files)."""
+        if getattr(self, "_identity_cache", None) is not None:
+            return self._identity_cache
+        cfg = self.config
+        loop = {k: getattr(cfg, k) for k in LOOP_IDENTITY}
+        loop["warmup_steps"] = self.warmup_steps
+        if cfg.lr_scheduler != "constant":
+            loop["max_steps"] = self.max_steps
+        self._identity_cache = {"loop": loop, "task": self.task.identity()}
+        return self._identity_cache
+
     def _module_shapes(self) -> dict[str, dict[str, list[int]]]:
         return {name: trainable_state_shapes(m) for name, m in self.modules.items()}
 
@@ -759,6 +803,13 @@ class _Trainer:
                 f"{where}: it holds optimizers {sorted(state.get('optimizers', []))}, "
                 f"this task has {sorted(self.optimizers)}"
             )
+        check_identity(
+            state.get("identity"),
+            self._identity(),
+            f"cannot resume from {path}: it holds a run",
+            hint="resume with the settings it was made with, or start over (no --resume, "
+            "--overwrite) or in another --output-dir",
+        )
         if (self.ema is None) != (not (path / "ema.safetensors").is_file()):
             logger.warning(
                 "EMA setting differs from %s; EMA restarts from the current weights", path
@@ -830,6 +881,7 @@ class _Trainer:
             "optimizers": sorted(self.optimizers),
             "config": dataclasses.asdict(self.config),
             "task": self.task.config_dict(),
+            "identity": self._identity(),
             "task_state": self.task.state_dict(),
             "history": self.history,
         }
@@ -1132,12 +1184,14 @@ class _Trainer:
         resume_from = self._resolve_resume()
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+        self._start_step = self.step
         if self.is_main:
             write_json(
                 self.output_dir / "run_config.json",
                 {
                     "train": dataclasses.asdict(cfg),
                     "task": self.task.config_dict(),
+                    "identity": self._identity(),
                     "task_class": f"{type(self.task).__module__}.{type(self.task).__qualname__}",
                     "num_processes": self.world,
                     "max_steps": self.max_steps,
@@ -1153,6 +1207,7 @@ class _Trainer:
             )
         try:
             self._loop()
+            self._check_something_trained()
             if self.val_dl is not None or type(self.task).on_validation_end is not (
                 TrainTask.on_validation_end
             ):
@@ -1283,6 +1338,18 @@ class _Trainer:
                 )
         else:
             self.consecutive_nonfinite = 0
+
+    def _check_something_trained(self) -> None:
+        """A run whose every step (since it started or resumed) had a NaN/inf loss trained
+        nothing: an error, whatever `max_nonfinite_steps` allows along the way."""
+        ran = self.step - self._start_step
+        if ran > 0 and self.consecutive_nonfinite >= ran:
+            ckpts = list_checkpoints(self.output_dir)
+            last = f"; last checkpoint: {ckpts[-1]}" if ckpts else ""
+            raise DiffalignError(
+                f"loss is NaN/inf at every step of this run (steps {self._start_step + 1}-"
+                f"{self.step}): nothing was trained, no checkpoint-final written{last}"
+            )
 
 
 def _keep_adamw_kernel(optimizer: torch.optim.Optimizer, kernel: list[tuple]) -> None:

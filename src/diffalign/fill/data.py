@@ -29,6 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.io import resolve_inside
 from diffalign.engine.reports import pil_to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -88,8 +89,9 @@ class TriptychDataset(torch.utils.data.Dataset):
     """A folder of triptych images `[visible | target | semantic]` with captions.
 
     Captions come from `captions` (a jsonl in `root` or a path; `{image_field: relative path,
-    prompt_field: text}` per line) or, with `captions=None` or when the default `captions.jsonl`
-    is absent, from `NAME.txt` beside each image. `panel=None` keeps the native panel size (all
+    prompt_field: text}` per line; a path outside `root` is a DiffalignError) or, with
+    `captions=None` or when the default `captions.jsonl` is absent, from `NAME.txt` beside each
+    image. `panel=None` keeps the native panel size (all
     triptychs must share it; the most common size wins); an int resizes every panel to it.
 
     Bad triptychs (unreadable, wrong aspect, panel not divisible by 16, no caption, another panel
@@ -155,11 +157,12 @@ class TriptychDataset(torch.utils.data.Dataset):
             except json.JSONDecodeError:
                 self._skip(where, "corrupt record", "not valid JSON")
                 continue
-            if not isinstance(rec, dict) or not isinstance(rec.get(self.image_field), str):
+            image = rec.get(self.image_field) if isinstance(rec, dict) else None
+            if not isinstance(image, str) or not image.strip():
                 self._skip(where, "corrupt record", f"no '{self.image_field}' field")
                 continue
-            image = Path(rec[self.image_field])
-            path = image if image.is_absolute() else self.root / image
+            # like every manifest: relative to the folder and inside it (no ../, no absolute path)
+            path = resolve_inside(self.root, image, f"{where}: '{self.image_field}'")
             prompt = rec.get(self.prompt_field)
             prompt = prompt.strip() if isinstance(prompt, str) and prompt.strip() else None
             out.append((path, prompt, rec[self.image_field]))

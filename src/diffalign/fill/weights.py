@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffalign.engine.errors import DiffalignError
+from diffalign.engine.errors import DiffalignError, library_output_held
 from diffalign.engine.io import load_tensors, save_tensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -35,20 +35,33 @@ def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora(out_dir: str | Path, transformer: nn.Module, lora_config: Any) -> Path:
-    """Write `pytorch_lora_weights.safetensors` with `FluxFillPipeline.save_lora_weights`."""
+    """Write `pytorch_lora_weights.safetensors` with `FluxFillPipeline.save_lora_weights`
+    (its key names) and the metadata diffusers' own writer puts there, written by
+    `engine.io.save_tensors` (sorted metadata keys: the same weights give the same bytes)."""
     from diffusers import FluxFillPipeline
 
     out_dir = Path(out_dir)
-    metadata = lora_config.to_dict() if lora_config is not None else None
-    if metadata is not None:
-        metadata = json.loads(json.dumps(metadata, default=_jsonable))
+    meta = {"format": "pt"}
+    if lora_config is not None:
+        meta[LORA_METADATA_KEY] = lora_metadata(lora_config)
+
+    def write(tensors: dict[str, torch.Tensor], filename: str) -> None:
+        save_tensors(filename, tensors, metadata=meta)
+
     FluxFillPipeline.save_lora_weights(
         out_dir,
         transformer_lora_layers=lora_state_dict(transformer),
-        transformer_lora_adapter_metadata=metadata,
         weight_name=LORA_FILE,
+        save_function=write,
     )
     return out_dir / LORA_FILE
+
+
+def lora_metadata(lora_config: Any) -> str:
+    """The peft config as diffusers' writer stores it: keys prefixed `transformer.`, JSON with
+    sorted keys (sets as sorted lists)."""
+    cfg = json.loads(json.dumps(lora_config.to_dict(), default=_jsonable))
+    return json.dumps({f"transformer.{k}": v for k, v in cfg.items()}, indent=2, sort_keys=True)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -76,10 +89,7 @@ def save_combined(
     tensors = {f"transformer.{k}": v for k, v in lora_state_dict(transformer).items()}
     meta: dict[str, str] = {"format": "diffalign-fill-lora+semantic"}
     if lora_config is not None:
-        cfg = json.loads(json.dumps(lora_config.to_dict(), default=_jsonable))
-        meta[LORA_METADATA_KEY] = json.dumps(
-            {f"transformer.{k}": v for k, v in cfg.items()}, indent=2, sort_keys=True
-        )
+        meta[LORA_METADATA_KEY] = lora_metadata(lora_config)
     if semantic is not None:
         tensors.update({f"semantic.{k}": v.float() for k, v in semantic.state_dict().items()})
         meta.update({f"semantic_{k}": str(v) for k, v in semantic.config().items()})
@@ -164,9 +174,10 @@ def load_lora_into_pipeline(pipe: Any, path: str | Path, adapter_name: str = "fi
             )
             file = Path(tmp) / LORA_FILE
         try:
-            pipe.load_lora_weights(
-                str(file.parent), weight_name=file.name, adapter_name=adapter_name
-            )
+            with library_output_held():  # diffusers logs the failure itself: our line alone
+                pipe.load_lora_weights(
+                    str(file.parent), weight_name=file.name, adapter_name=adapter_name
+                )
         except (ValueError, RuntimeError, KeyError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DiffalignError(f"--lora {path}: cannot be loaded ({first})") from None

@@ -373,8 +373,8 @@ def check_noise_file(
 def _check_settings(steps, lr, patch_size, latent_loss_weight, pixel_l1_weight, latent_shape):
     import math
 
-    if steps < 0:
-        raise DiffalignError(f"--steps must be >= 0, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DiffalignError(f"--steps must be >= 1 (0 steps assign nothing), got {steps}")
     if not math.isfinite(lr) or lr <= 0:
         raise DiffalignError(f"--lr must be > 0, got {lr}")
     for name, v in (

@@ -96,9 +96,9 @@ def add_assign_options(p, prefix: str = "") -> None:
     g = p.add_argument_group("assignment")
     g.add_argument(
         f"--{prefix}steps",
-        type=nonneg_int,
+        type=positive_int,
         default=40,
-        help="Adam steps on each item's orthogonal Q (default: %(default)s, the seed's)",
+        help="Adam steps on each item's orthogonal Q, >= 1 (default: %(default)s, the seed's)",
     )
     g.add_argument(
         f"--{prefix}lr",
@@ -389,6 +389,12 @@ def register(verbs) -> None:
         "--resume", default=None, help="'latest' or a checkpoint folder under checkpoints/"
     )
     p.add_argument("--overwrite", action="store_true", help="start over in a folder holding a run")
+    p.add_argument(
+        "--allow-other-generator",
+        action="store_true",
+        help="train on a dataset built with another generator or model (its dataset_config.json "
+        "says which): a warning instead of the refusal",
+    )
     p.set_defaults(func=_run_sft)
 
     p = verbs.add_parser(
@@ -439,10 +445,11 @@ def register(verbs) -> None:
 
 
 def _device(args):
+    from diffalign.engine.distributed import check_device
     from diffalign.noise.assign import dist_state
 
     if getattr(args, "device", None):
-        return args.device
+        return check_device(args.device)
     _, world, state = dist_state()
     if state is not None:
         return str(state.device)
@@ -571,7 +578,7 @@ def _run_build(args) -> int:
                 f"{args.output_dir}/failures.jsonl",
                 file=sys.stderr,
             )
-            return 1
+            return 2  # bad input, like every other one-line error (README)
     return 0
 
 
@@ -625,6 +632,7 @@ def _run_sft(args) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         model_info=_model_info(args, gen),
+        allow_other_generator=args.allow_other_generator,
         **_sft_kwargs(args),
     )
     print(f"model: {r['model']} ({r['steps']} steps; best: {r['best']})")

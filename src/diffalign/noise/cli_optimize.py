@@ -174,6 +174,7 @@ def _prompts_from_args(args) -> list[str]:
 
 
 def _run(args) -> int:
+    from diffalign.engine.distributed import check_device
     from diffalign.engine.errors import DiffalignError
     from diffalign.engine.rewards import (
         REWARD_NAMES,
@@ -186,6 +187,7 @@ def _run(args) -> int:
     from diffalign.noise.optimize import run_optimize
 
     prompts = _prompts_from_args(args)
+    check_device(args.device)  # before minutes of model loading
     settings = settings_from_args(args)
     settings.validate()
     spec = reward_spec_from_args(args)

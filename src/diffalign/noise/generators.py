@@ -292,12 +292,14 @@ def _fuse_lora(pipe, source, adapter: str) -> None:
 def _apply_lora(pipe, path: Path, spec: GeneratorSpec) -> int:
     """Fuse a LoRA file (kohya `lora_unet_*` or diffusers/peft keys) into the U-Net; return how
     many U-Net weights it changed (0 means the file does not fit this U-Net)."""
+    from diffalign.engine.errors import library_output_held
     from diffalign.engine.io import load_tensors
 
     tensors, _ = load_tensors(path)  # safetensors only in practice; .pt via weights_only
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items() if k.endswith("weight")}
     try:
-        _fuse_lora(pipe, tensors, "onestep")
+        with library_output_held():  # diffusers logs the failure itself: our line alone
+            _fuse_lora(pipe, tensors, "onestep")
     except (ValueError, KeyError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DiffalignError(f"{path}: not a {spec.name} LoRA for this model ({first})") from None

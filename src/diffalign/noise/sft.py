@@ -27,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from diffalign.engine.errors import DiffalignError
+from diffalign.engine.errors import DiffalignError, library_output_held
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.noise.assign import assign_loss, base_noise, load_target_image
 
@@ -113,6 +114,7 @@ class MatchedSftTask(TrainTask):
         weight_decay: float = 0.0,
         seed: int = 0,
         export_info: dict | None = None,
+        models: dict | None = None,
     ) -> None:
         self.generator, self.base, self.data, self.val_data = generator, base, data, val_data
         self.lr, self.weight_decay = lr, weight_decay
@@ -122,6 +124,7 @@ class MatchedSftTask(TrainTask):
         self.direct, self.lora, self.seed = direct, lora, seed
         self.latent_shape = tuple(generator.latent_shape())
         self.export_info = dict(export_info or {})
+        self.models = dict(models or {})  # identities of the models and data (engine.identity)
         self.module = generator.trainable_module()
 
     @property
@@ -233,6 +236,10 @@ class MatchedSftTask(TrainTask):
             "generator": getattr(self.generator, "name", None),
         }
 
+    def identity(self) -> dict:
+        """Compared on resume: the settings above, weight decay, the models and the data."""
+        return {**self.config_dict(), "weight_decay": self.weight_decay, **self.models}
+
 
 def check_sft_settings(lr: float, batch_size: int, **weights: float) -> None:
     """One-line errors for settings the optimiser or the loss would choke on."""
@@ -283,7 +290,8 @@ def prepare_unet(
         return False
     if init_lora is not None:
         try:
-            generator.pipe.load_lora_weights(str(init_lora), adapter_name="default")
+            with library_output_held():  # diffusers logs the failure itself: our line alone
+                generator.pipe.load_lora_weights(str(init_lora), adapter_name="default")
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DiffalignError(f"--init-lora {init_lora}: cannot load it ({first})") from None
@@ -337,11 +345,19 @@ def sft(
     progress: bool = True,
     model_info: dict | None = None,
     deterministic: bool = False,
+    allow_other_generator: bool = False,
     compile: bool = False,
 ) -> dict:
     """`diffalign noise sft`: fine-tune a diffusion one-step generator's U-Net (full, or LoRA
-    with ``lora_rank``) on a `build-dataset` manifest; ``direct`` = random-noise baseline."""
-    from diffalign.noise.dataset import load_dataset_manifest
+    with ``lora_rank``) on a `build-dataset` manifest; ``direct`` = random-noise baseline. A
+    dataset built with another generator or model is refused (``allow_other_generator``: a
+    warning); a resume with other settings, models or data is refused (`engine.identity`)."""
+    from diffalign.engine.identity import file_sha256, model_identity
+    from diffalign.noise.dataset import (
+        check_dataset_generator,
+        load_dataset_manifest,
+        model_record,
+    )
 
     check_sft_settings(
         lr,
@@ -356,6 +372,25 @@ def sft(
     if lora_rank is not None and lora_rank < 1:
         raise DiffalignError(f"--lora-rank must be >= 1, got {lora_rank}")
     records, _ = load_dataset_manifest(manifest_path)
+    record = model_record(model_info)
+    warning = None
+    if not direct:  # the direct baseline reads targets and prompts only, never the noises
+        warning = check_dataset_generator(
+            manifest_path, generator.name, record, allow=allow_other_generator
+        )
+    if warning is not None:
+        print(f"diffalign: warning: {warning}", file=sys.stderr, flush=True)
+    models = {
+        "models": {k: record.get(k) for k in ("model", "vae", "weights")},
+        "init_lora": model_identity(init_lora),
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "manifest_sha256": file_sha256(
+            Path(manifest_path) / "manifest.jsonl"
+            if Path(manifest_path).is_dir()
+            else manifest_path
+        ),
+    }
     shape = tuple(generator.latent_shape())
     if not direct:
         from diffalign.noise.assign import check_noise_file
@@ -393,6 +428,7 @@ def sft(
         weight_decay=weight_decay,
         seed=seed,
         export_info=model_info,
+        models=models,
     )
     from diffalign.noise.assign import dist_state
 

@@ -145,6 +145,11 @@ class RepaTrainConfig:
             raise DiffalignError(f"config: seed must be in [0, 2**63 - 1], got {self.seed}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise DiffalignError(f"config: lr must be > 0, got {self.lr}")
+        if not (self.lora_alpha > 0 and self.lora_alpha < float("inf")):  # 0: the LoRA adds nothing
+            raise DiffalignError(f"config: lora_alpha must be > 0, got {self.lora_alpha}")
+        from diffalign.engine.train import check_adam_settings
+
+        check_adam_settings((self.adam_beta1, self.adam_beta2), self.adam_eps, "config")
         if self.manifold_cap is not None and not self.manifold_cap > 0:
             raise DiffalignError(f"config: manifold_cap must be > 0, got {self.manifold_cap}")
 

@@ -148,6 +148,8 @@ class RepaSpec:
             v = getattr(spec, key)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise DiffalignError(f"U-REPA spec: {key} must be a finite number, got {v!r}")
+        if not spec.lora_alpha > 0:
+            raise DiffalignError(f"U-REPA spec: lora_alpha must be > 0, got {spec.lora_alpha}")
         if not 0.0 <= spec.lora_dropout <= 1.0:
             raise DiffalignError(
                 f"U-REPA spec: lora_dropout must be in [0, 1], got {spec.lora_dropout}"

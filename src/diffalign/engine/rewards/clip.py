@@ -7,6 +7,7 @@ PickScore `30 - logit_scale.exp() cos`, aesthetic `10 - mlp`.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,12 @@ def load_clip_bundle(
             )
     except DiffalignError:
         raise
+    except pickle.UnpicklingError as e:  # a pickled pytorch_model.bin that is not plain tensors
+        raise DiffalignError(
+            f"{what} {source}: its pickled weights (pytorch_model.bin) hold more than plain "
+            f"tensors ({type(e).__name__} under weights_only=True) and are never loaded; "
+            "convert them to model.safetensors"
+        ) from None
     except _hub_errors() as e:
         raise ModelNotFoundError(source, download_name, _first_line(e)) from None
     size = int(model.config.vision_config.image_size)

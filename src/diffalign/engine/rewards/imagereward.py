@@ -150,6 +150,37 @@ def blip_vision_config(vision: dict[str, torch.Tensor]):
     )
 
 
+# med_config.json keys the text encoder reads: (type, check, what the check wants)
+_MED_KEYS = {
+    "hidden_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "vocab_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "num_hidden_layers": (int, lambda v: v >= 1, "an integer >= 1"),
+    "num_attention_heads": (int, lambda v: v >= 1, "an integer >= 1"),
+    "pad_token_id": (int, lambda v: v >= 0, "an integer >= 0"),
+    "layer_norm_eps": (float, lambda v: 0 < v < math.inf, "a number > 0"),
+    "hidden_act": (str, lambda v: v in _activations(), "a transformers activation name"),
+}
+
+
+def _activations() -> set[str]:
+    from transformers.activations import ACT2FN
+
+    return set(ACT2FN)
+
+
+def check_med_config(med: dict, path: Path) -> dict:
+    """`med` with every key the text encoder reads of the right type (one line naming the key
+    otherwise); JSON integers are accepted for float keys."""
+    for key, (kind, ok, want) in _MED_KEYS.items():
+        if key not in med:
+            continue
+        v = med[key]
+        typed = isinstance(v, kind) or (kind is float and isinstance(v, int))
+        if isinstance(v, bool) or not typed or not ok(v):
+            raise DiffalignError(f"ImageReward med_config {path}: {key} must be {want}, got {v!r}")
+    return med
+
+
 def blip_text_config(med: dict, text: dict[str, torch.Tensor], vision_width: int, path: Path):
     """BlipTextConfig from med_config.json, checked against the text-encoder tensors."""
     from transformers import BlipTextConfig
@@ -161,18 +192,24 @@ def blip_text_config(med: dict, text: dict[str, torch.Tensor], vision_width: int
         ("vocab_size", vocab),
         ("num_hidden_layers", len(layers)),
     ):
-        if name in med and int(med[name]) != actual:
+        if name in med and med[name] != actual:
             raise DiffalignError(
                 f"med_config.json says {name}={med[name]} but {path} has {actual}: "
                 "the config does not belong to this checkpoint"
             )
+    heads = med.get("num_attention_heads", 12)
+    if hidden % heads:
+        raise DiffalignError(
+            f"med_config.json says num_attention_heads={heads}, which does not divide the "
+            f"text encoder's width {hidden} in {path}"
+        )
     return BlipTextConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         encoder_hidden_size=vision_width,  # BLIP sets encoder_width = vision width in code
         intermediate_size=text["encoder.layer.0.intermediate.dense.weight"].shape[0],
         num_hidden_layers=len(layers),
-        num_attention_heads=int(med.get("num_attention_heads", 12)),
+        num_attention_heads=heads,
         max_position_embeddings=text["embeddings.position_embeddings.weight"].shape[0],
         hidden_act=med.get("hidden_act", "gelu"),
         layer_norm_eps=float(med.get("layer_norm_eps", 1e-12)),
@@ -300,7 +337,7 @@ def load_imagereward(
             "ImageReward BERT tokenizer folder", tok_dir, "ImageReward", "--imagereward-tokenizer"
         )
     check_tokenizer_files(tok_dir, "wordpiece", "ImageReward BERT tokenizer folder")
-    med = read_json_config(med_path, "ImageReward med_config")
+    med = check_med_config(read_json_config(med_path, "ImageReward med_config"), med_path)
     sd = state_dict_of(load_pt(path), path, "ImageReward checkpoint")
     vision_sd, text_sd, mlp_sd, _ = split_imagereward_state_dict(sd, path)
 

@@ -37,8 +37,9 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     """`"hpsv2:5,imagereward:1"` -> `[("hpsv2", 5.0), ("imagereward", 1.0)]`.
 
     A bare name has weight 1. Names are case-insensitive (`HPSv2`, `ImageReward`, `PickScore`
-    as the download names spell them). An unknown name, a weight that is not a finite number,
-    an empty item or a name given twice is one DiffalignError line listing the valid names.
+    as the download names spell them). An unknown name, a weight that is not a finite number
+    or is 0, an empty item or a name given twice is one DiffalignError line listing the valid
+    names.
     `hybrid` stays one item here; `load_reward` expands it to the seed's clip + aesthetic.
     """
     text = str(spec).strip() if spec is not None else ""
@@ -71,6 +72,11 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
                     f"--reward '{spec}': weight of '{name}' must be a finite number, got "
                     f"'{weight_text.strip()}' (use NAME:WEIGHT, e.g. hpsv2:5; valid names: {_valid()})"
                 )
+        if weight == 0:  # the term would be loaded and computed for nothing
+            raise DiffalignError(
+                f"--reward '{spec}': weight of '{name}' is 0 (it would change nothing); "
+                "leave the reward out or give it a non-zero weight"
+            )
         if name in seen:
             raise DiffalignError(f"--reward '{spec}': '{name}' is listed twice")
         seen.add(name)

@@ -146,9 +146,9 @@ def _assign_options(p, with_lr: bool = True) -> None:
     g = p.add_argument_group("assignment")
     g.add_argument(
         "--assign-steps",
-        type=nonneg_int,
+        type=positive_int,
         default=100,
-        help="Adam steps on each item's orthogonal Q (default: %(default)s)",
+        help="Adam steps on each item's orthogonal Q, >= 1 (default: %(default)s)",
     )
     if with_lr:
         g.add_argument(
