@@ -31,7 +31,19 @@ import torch
 
 from diffalign.engine.cliutils import parse_float_list, parse_int_list
 from diffalign.engine.errors import DiffalignError
-from diffalign.textstream.residual import MODES, compute_dtype, ln_mix, residual_mix, standardize
+from diffalign.textstream.residual import (
+    MODES,
+    ROTATION_PRECISIONS,
+    compiled_mix_rescale,
+    compute_dtype,
+    gemm_dtype,
+    mix_rescale,
+    residual_mix,
+    rotate,
+    rotate_all,
+    stack_rotations,
+    standardize,
+)
 from diffalign.textstream.rotations import RotationSet, check_rotation, load_rotations
 
 
@@ -43,7 +55,10 @@ class TextStreamResidual:
     weights: one per target, or one value for all, or None (= 1.0). mode: "plain" or "ln".
     rotations: `{layer: [d, d] orthogonal}` for every target, or the `RotationSet` that
     `load_rotations` returns ("ln" only). layernorm: apply a parameter-free LayerNorm to the
-    mix ("ln" only).
+    mix ("ln" only). Speed (issue 18, "ln" only; the defaults are the reference arithmetic):
+    rotation_precision "model" runs the rotation GEMM in the model's dtype when it is half
+    precision (fp32 models: unchanged); batched_rotation computes every target's rotated origin
+    in one GEMM when the origin block runs; compile runs the standardise-mix-rescale compiled.
     """
 
     def __init__(
@@ -55,6 +70,9 @@ class TextStreamResidual:
         rotations: Mapping[int, torch.Tensor] | RotationSet | None = None,
         layernorm: bool = False,
         eps: float = 1e-6,
+        rotation_precision: str = "fp32",
+        batched_rotation: bool = False,
+        compile: bool = False,
     ):
         if isinstance(rotations, RotationSet):  # straight from load_rotations(path)
             rotations = rotations.rotations
@@ -84,6 +102,14 @@ class TextStreamResidual:
             raise DiffalignError(f"eps must be a positive number (got {eps!r})")
         self.eps = float(eps)
         self.layernorm = bool(layernorm)
+        if rotation_precision not in ROTATION_PRECISIONS:
+            raise DiffalignError(
+                f"rotation precision must be one of {', '.join(ROTATION_PRECISIONS)} "
+                f"(got '{rotation_precision}')"
+            )
+        self.rotation_precision = rotation_precision
+        self.batched_rotation = bool(batched_rotation)
+        self.compile = bool(compile)
         if mode == "plain" and rotations:
             raise DiffalignError(
                 "rotations (a Procrustes file) need --residual-mode ln; plain mode adds the "
@@ -163,7 +189,19 @@ class TextStreamResidual:
             "eps": self.eps,
             "rotations": bool(self.rotations),
             **({"procrustes": dict(self.source)} if self.source else {}),
+            **self.speed_settings(),
         }
+
+    def speed_settings(self) -> dict[str, Any]:
+        """The speed options that differ from the reference arithmetic (recorded when set)."""
+        out: dict[str, Any] = {}
+        if self.rotation_precision != "fp32":
+            out["rotation_precision"] = self.rotation_precision
+        if self.batched_rotation:
+            out["batched_rotation"] = True
+        if self.compile:
+            out["compile"] = True
+        return out
 
     def __repr__(self) -> str:
         s = self.settings()
@@ -181,8 +219,10 @@ class AttachedResidual:
     def __init__(self, residual: TextStreamResidual, blocks: Sequence[torch.nn.Module], device):
         self.residual = residual
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._origins: dict[int, tuple[weakref.ref | None, torch.Tensor]] = {}
+        self._origins: dict[int, tuple[weakref.ref | None, torch.Tensor, dict | None]] = {}
         self._rotations: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._stacked: dict[torch.device, tuple[list[int], torch.Tensor]] = {}
+        self._mix = compiled_mix_rescale() if residual.compile else mix_rescale
         if residual.rotations and device is not None:
             for t, r in residual.rotations.items():
                 self._rotations[(t, torch.device(device))] = r.to(device)
@@ -231,17 +271,35 @@ class AttachedResidual:
             origins = self._origins
             ref = weakref.ref(temb, lambda _r, k=key, d=origins: _drop(d, k, _r))
         # LN mode: the origin is standardised once per forward and shared by every target
+        rotated = None
         if self.residual.mode == "ln":
+            dtype = text.dtype
             text = standardize(text.to(compute_dtype(text)), self.residual.eps)[0]
-        self._origins[key] = (ref, text)
+            if self.residual.batched_rotation and self.residual.rotations:
+                layers, stacked = self._stacked_on(text.device)
+                gemm = gemm_dtype(dtype, self.residual.rotation_precision)
+                rotated = dict(zip(layers, rotate_all(text, stacked, gemm)))
+        self._origins[key] = (ref, text, rotated)
         return None
+
+    def _stacked_on(self, device: torch.device) -> tuple[list[int], torch.Tensor]:
+        """The active targets' rotations side by side on `device` (built once per device)."""
+        if device not in self._stacked:
+            layers = [t for t, _ in self.residual.active_targets]
+            rots = [self.residual.rotations[t] for t in layers]
+            self._stacked[device] = (layers, stack_rotations(rots).to(device))
+        return self._stacked[device]
 
     def _lookup_origin(self, args, kwargs) -> torch.Tensor:
         """The origin tokens (standardised in LN mode) captured in this forward."""
+        return self._lookup_entry(args, kwargs)[1]
+
+    def _lookup_entry(self, args, kwargs) -> tuple:
+        """(ref, origin tokens, rotated origins per target or None) of this forward."""
         temb = _get_temb(args, kwargs)
         entry = self._origins.get(id(temb))
         if entry is not None and (entry[0] is None or entry[0]() is temb):
-            return entry[1]
+            return entry
         raise DiffalignError(
             f"text-stream residual: origin block {self.residual.origin_layer} did not run before "
             "a target block in this forward (is it in skip_layers?)"
@@ -260,10 +318,17 @@ class AttachedResidual:
 
         def hook(module, args, kwargs):
             text = _get_text(args, kwargs)
-            origin = self._lookup_origin(args, kwargs)
+            _, origin, rotated = self._lookup_entry(args, kwargs)
             if res.mode == "ln":
-                rotation = self._rotation_on(layer, text.device)
-                mixed = ln_mix(text, origin, weight, rotation, res.layernorm, res.eps)
+                if rotated is not None:
+                    o_rot = rotated[layer]
+                else:
+                    rotation = self._rotation_on(layer, text.device)
+                    o_rot = origin
+                    if rotation is not None:
+                        gemm = gemm_dtype(text.dtype, res.rotation_precision)
+                        o_rot = rotate(origin, rotation, gemm)
+                mixed = self._mix(text, o_rot, weight, res.layernorm, res.eps)
             else:
                 mixed = residual_mix(text, origin, weight, "plain")
             return _set_text(args, kwargs, mixed)
