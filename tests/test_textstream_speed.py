@@ -108,3 +108,26 @@ def test_compiled_residual_forward_equals_eager():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_bucketed_rotations_keep_the_per_target_path_under_batched_rotation():
+    """With timestep buckets each row may take another rotation: `batched_rotation` falls back to
+    the per-target GEMMs (the same result bit for bit); column centring and tensor weights too."""
+    from diffalign.textstream.rotations import equal_bucket_edges
+
+    tr = make_transformer("sd3")
+    inputs = make_inputs(batch=2)
+    rots = {
+        t: torch.stack([random_orthogonal(32, 10 + t), random_orthogonal(32, 20 + t)])
+        for t in TARGETS
+    }
+
+    def res(**kw):
+        return TextStreamResidual(
+            0, TARGETS, torch.tensor([0.6, 0.4, 0.2]), mode="ln", rotations=rots,
+            timestep_bucket_edges=equal_bucket_edges(2), column_center=True, **kw,
+        )  # fmt: skip
+
+    ref = _forward(tr, inputs, res())
+    assert torch.equal(_forward(tr, inputs, res(batched_rotation=True)), ref)
+    assert torch.equal(_forward(tr, inputs, res(rotation_precision="model")), ref)
