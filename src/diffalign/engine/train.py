@@ -26,7 +26,12 @@ resumed (nothing was trained: no checkpoint-final is written). Several optimizer
 `training_step` calls `ctx.backward(loss, name)` for each; all gradients are cleared at the start
 of every accumulation window. Data parallel only (no DeepSpeed/FSDP). On a CPU-only machine two
 processes need `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py`
-(`--cpu` alone starts a single process).
+(`--cpu` alone starts a single process). Speed (issue 18): `compile=True` compiles every
+trainable module in place (`engine.compile.compile_module`: regional for diffusers models with
+repeated blocks, same state-dict keys, so checkpoints and exact resume are unchanged),
+`channels_last=True` puts the weights of modules with convolutions in NHWC layout, and AdamW
+runs its fused kernel when every parameter is on CUDA (not under fp16; a resume keeps this
+run's kernel).
 
     class Regression(TrainTask):
         def trainable(self): return {"net": self.net}
@@ -59,6 +64,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from diffalign.engine.compile import (
+    check_compile_available,
+    compile_module,
+    to_channels_last,
+    uses_fused_adamw,
+)
 from diffalign.engine.ema import EMA
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.identity import check_identity
@@ -126,6 +137,8 @@ class TrainConfig:
     overwrite: bool = False  # start over in an output_dir that already holds a run
     max_nonfinite_steps: int = 10  # consecutive non-finite steps before the run stops
     deterministic: bool = False  # deterministic kernels during train() (CUDA: slower)
+    compile: bool = False  # torch.compile the trainable modules (engine.compile.compile_module)
+    channels_last: bool = False  # NHWC weights for trainable modules with convolutions (U-Nets)
 
     def validate(self) -> None:
         """Raise DiffalignError on an impossible combination of options."""
@@ -569,6 +582,7 @@ class _Trainer:
             m.requires_grad_(False)
         if self.world > 1:
             self._broadcast_trainable()
+        self._speed_up_modules()
 
         # optimizers: one AdamW per name, every parameter must belong to a trainable module
         owned = {id(p) for m in self.modules.values() for p in m.parameters()}
@@ -597,7 +611,12 @@ class _Trainer:
                 )
             check_adam_settings(spec.betas, spec.eps, f"optimizer '{name}'")
             opt = torch.optim.AdamW(
-                groups, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps
+                groups,
+                lr=spec.lr,
+                weight_decay=spec.weight_decay,
+                betas=spec.betas,
+                eps=spec.eps,
+                **self._adamw_kernel(params),
             )
             self.optimizers[name] = acc.prepare_optimizer(opt)
             self.opt_params[name] = params
@@ -656,6 +675,25 @@ class _Trainer:
         self.last_ckpt_step = -1
         self.seconds_before = 0.0
         self._reset_log_window()
+
+    def _speed_up_modules(self) -> None:
+        """channels_last and compilation of the trainable modules (in place: the same module
+        objects, parameters and state-dict keys, so checkpoints are unchanged)."""
+        if self.config.channels_last:
+            for m in self.modules.values():
+                to_channels_last(m)
+        if self.config.compile:
+            check_compile_available(self.device)
+            for name, m in self.modules.items():
+                how = compile_module(m)
+                logger.info("compiled trainable module '%s' (%s)", name, how)
+
+    def _adamw_kernel(self, params: list[nn.Parameter]) -> dict:
+        """AdamW's fused kernel when every parameter is on CUDA, else torch's default. Not under
+        fp16: the grad scaler skips an overflowing step inside a fused kernel, where accelerate
+        cannot see that it skipped (and the EMA would update)."""
+        fused = uses_fused_adamw(params) and self.config.mixed_precision != "fp16"
+        return {"fused": True} if fused else {}
 
     def _broadcast_trainable(self) -> None:
         """Start every process from rank 0's weights (as DDP does)."""
@@ -796,7 +834,9 @@ class _Trainer:
             self.ema.load_state_dict(tensors)
         try:
             for name, opt in self.optimizers.items():
+                kernel = [(g.get("fused"), g.get("foreach")) for g in opt.optimizer.param_groups]
                 opt.load_state_dict(load_pt(path / f"optimizer-{name}.pt"))
+                _keep_adamw_kernel(opt.optimizer, kernel)
                 self.schedulers[name].load_state_dict(load_pt(path / f"scheduler-{name}.pt"))
         except (ValueError, KeyError) as e:
             raise DiffalignError(f"{where}: optimizer state does not fit ({e})") from None
@@ -1321,6 +1361,19 @@ class _Trainer:
                 f"loss is NaN/inf at every step of this run (steps {self._start_step + 1}-"
                 f"{self.step}): nothing was trained, no checkpoint-final written{last}"
             )
+
+
+def _keep_adamw_kernel(optimizer: torch.optim.Optimizer, kernel: list[tuple]) -> None:
+    """After loading a checkpoint: AdamW keeps this run's kernel (fused on CUDA, for-each on the
+    CPU), not the one the checkpoint was written with, and its step counters where that kernel
+    keeps them (fused: float32 on the parameter's device; otherwise a CPU scalar)."""
+    for g, (fused, foreach) in zip(optimizer.param_groups, kernel):
+        g["fused"], g["foreach"] = fused, foreach
+        for p in g["params"]:
+            st = optimizer.state.get(p)
+            if st and isinstance(st.get("step"), torch.Tensor):
+                where = p.device if fused else torch.device("cpu")
+                st["step"] = st["step"].to(dtype=torch.float32, device=where)
 
 
 def _val_key(k: str) -> str:
