@@ -17,6 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFALIGN_NO_PROGRESS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# weight digests of the tiny models are cached per test session, not in ~/.cache
+os.environ.setdefault(
+    "DIFFALIGN_HASH_CACHE",
+    os.path.join(__import__("tempfile").mkdtemp(prefix="diffalign-hashes-"), "sha256.json"),
+)
 torch.set_num_threads(1)
 
 

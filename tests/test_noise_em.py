@@ -36,7 +36,10 @@ def test_em_cycles_chain_and_resume(sdxl, tmp_path, lora):
         assert s["cycles"][k]["e_step"]["finished"] == 2
     # cycle 1 assigned with cycle 0's model and trained from it
     cfg1 = json.loads((work / "cycle-001" / "dataset" / "dataset_config.json").read_text())
-    assert cfg1["model"]["model"] == str(work / "cycle-000" / "sft" / "checkpoint-final")
+    # (recorded by identity: resolved path and hashes, engine.identity)
+    assert cfg1["model"]["model"]["path"] == str(
+        (work / "cycle-000/sft/checkpoint-final").resolve()
+    )
     assert s["final_model"] == str(work / "cycle-001" / "sft" / "checkpoint-final")
     if lora:
         assert (work / "cycle-001/sft/checkpoint-final/pytorch_lora_weights.safetensors").is_file()

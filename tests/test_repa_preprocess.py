@@ -161,8 +161,9 @@ def test_vae_step_latents_resume_and_corrupt_record(data_dir, tiny_model_dir, ca
     from diffusers import AutoencoderKL
 
     sd15 = tiny_model_dir("sd15")
-    args = ["repa", "preprocess", "vae", "--data-dir", str(data_dir), "--model", sd15]
-    assert main([*args, "--batch-size", "5"]) == 0
+    args = ["repa", "preprocess", "vae", "--data-dir", str(data_dir), "--batch-size", "5"]
+    args += ["--model", sd15]  # re-runs keep the batch size: the store records it
+    assert main(args) == 0
     db = TensorLMDB(data_dir / "vae_latents.lmdb")
     assert len(db) == 12 and db.shape == (4, 8, 8) and db.dtype == torch.float16
     assert db.meta["scaling_factor"] == pytest.approx(0.18215)

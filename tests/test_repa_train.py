@@ -249,6 +249,39 @@ def test_resume_from_another_configuration_is_one_line(data_dir, sd15, tmp_path)
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
 
 
+def test_resume_with_another_unet_or_data_is_refused(data_dir, sd15, tmp_path):
+    """engine.identity (issue 13): the U-Net by resolved path and hashes, the stores by what
+    they record; the same model under another spelling of its path resumes."""
+    import os
+    import shutil
+
+    from diffalign.repa.train import train_repa
+
+    train_repa(tiny_cfg(data_dir, sd15, tmp_path / "r", max_steps=2), progress=False)
+    other = shutil.copytree(sd15, tmp_path / "sd15-copy")
+    with pytest.raises(DiffalignError, match=r"other settings \(task.models.unet.path\)"):
+        cfg = tiny_cfg(data_dir, str(other), tmp_path / "r", max_steps=2)
+        train_repa(cfg, resume="latest", progress=False)
+    rel = os.path.relpath(sd15)
+    cfg = tiny_cfg(data_dir, rel, tmp_path / "r", max_steps=2)
+    assert train_repa(cfg, resume="latest", progress=False).step == 2
+
+
+def test_latents_of_another_vae_are_refused_at_train_start(sd15, tmp_path):
+    """Issue 13 item 3: a store whose VAE (recorded scaling factor) is not the trained U-Net's."""
+    from diffalign.repa.train import train_repa
+
+    data = build_data_dir(tmp_path / "data")
+    with TensorLMDBWriter(data / "vae_latents.lmdb", (4, 8, 8)) as w:
+        w.update_meta(scaling_factor=0.13025, latent_channels=4, model="sdxl-vae")
+    with pytest.raises(DiffalignError, match=r"sdxl-vae.*0\.13025.*0\.18215") as e:
+        train_repa(tiny_cfg(data, sd15, tmp_path / "out"), progress=False)
+    assert "\n" not in str(e.value)
+    with TensorLMDBWriter(data / "vae_latents.lmdb", (4, 8, 8)) as w:
+        w.update_meta(scaling_factor=0.18215)
+    assert train_repa(tiny_cfg(data, sd15, tmp_path / "ok", max_steps=1), progress=False).step == 1
+
+
 def test_manifold_cap_and_anomalies_are_counted(data_dir, sd15, tmp_path):
     from diffalign.repa.train import train_repa
 

@@ -323,9 +323,35 @@ def test_refuses_to_clobber_a_finished_run(tmp_path):
     res = train(RegressionTask(), _cfg(tmp_path, max_steps=3, overwrite=True))
     assert res.step == 3
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-3"]
-    # resuming a finished run to a longer horizon continues it
-    res = train(RegressionTask(), _cfg(tmp_path, max_steps=5, resume="latest"))
+    # a longer horizon changes the cosine schedule of the steps already taken: refused (issue
+    # 13); under a constant learning rate a finished run continues to a longer horizon
+    with pytest.raises(DiffalignError, match=r"other settings \(loop.max_steps\)"):
+        train(RegressionTask(), _cfg(tmp_path, max_steps=5, resume="latest"))
+    train(RegressionTask(), _cfg(tmp_path, max_steps=3, lr_scheduler="constant", overwrite=True))
+    res = train(
+        RegressionTask(), _cfg(tmp_path, max_steps=5, lr_scheduler="constant", resume="latest")
+    )
     assert res.step == 5
+
+
+def test_resume_with_other_loop_or_task_settings_is_refused(tmp_path):
+    """engine.identity on resume: a loop option that changes the weights (seed, clipping, EMA)
+    or the task's identity is one line naming the keys; watching options are free."""
+    train(RegressionTask(), _cfg(tmp_path, max_steps=2, lr_scheduler="constant"))
+    for kw, key in (({"seed": 1}, "loop.seed"), ({"max_grad_norm": 0.5}, "loop.max_grad_norm")):
+        cfg = _cfg(tmp_path, max_steps=3, lr_scheduler="constant", resume="latest", **kw)
+        with pytest.raises(DiffalignError, match=rf"\({key}\); resume with the settings"):
+            train(RegressionTask(), cfg)
+
+    class OtherLr(RegressionTask):
+        def identity(self):
+            return {**super().identity(), "lr": 0.5}
+
+    cfg = _cfg(tmp_path, max_steps=3, lr_scheduler="constant", resume="latest")
+    with pytest.raises(DiffalignError, match=r"\(task.lr\)"):
+        train(OtherLr(), cfg)
+    cfg = _cfg(tmp_path, max_steps=3, lr_scheduler="constant", resume="latest", log_every=5)
+    assert train(RegressionTask(), cfg).step == 3
 
 
 def test_bad_config_errors(tmp_path):

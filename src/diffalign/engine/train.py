@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader
 
 from diffalign.engine.ema import EMA
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.identity import check_identity
 from diffalign.engine.io import (
     atomic_dir,
     clean_stale_temporaries,
@@ -79,6 +80,17 @@ SCHEDULES = ("cosine", "constant", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# TrainConfig options that change the trained weights (compared on resume, engine.identity);
+# the others say how the run is watched or saved (deterministic: kernel choice, resume-free)
+LOOP_IDENTITY = (
+    "gradient_accumulation_steps",
+    "mixed_precision",
+    "max_grad_norm",
+    "lr_scheduler",
+    "ema_decay",
+    "ema_warmup",
+    "seed",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +227,12 @@ class TrainTask:
     def config_dict(self) -> dict:
         """Task settings recorded in run_config.json and in each checkpoint's state.json."""
         return {}
+
+    def identity(self) -> dict:
+        """What decides the trained weights besides the loop's options (the models used and the
+        settings that change the bytes; not how the run is watched): recorded in every checkpoint
+        and compared on resume (`engine.identity`). Default: `config_dict()`."""
+        return self.config_dict()
 
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
         """Raise DiffalignError when checkpoint `path` (task settings `saved_config`, None for
@@ -703,6 +721,20 @@ class _Trainer:
             raise DiffalignError(f"{path} is not a diffalign checkpoint folder (no state.json)")
         return path
 
+    def _identity(self) -> dict:
+        """The run's identity (`engine.identity`): the loop options that change the weights
+        (max_steps only under a schedule that depends on it) and the task's; computed once (a
+        task's identity may hash model files)."""
+        if getattr(self, "_identity_cache", None) is not None:
+            return self._identity_cache
+        cfg = self.config
+        loop = {k: getattr(cfg, k) for k in LOOP_IDENTITY}
+        loop["warmup_steps"] = self.warmup_steps
+        if cfg.lr_scheduler != "constant":
+            loop["max_steps"] = self.max_steps
+        self._identity_cache = {"loop": loop, "task": self.task.identity()}
+        return self._identity_cache
+
     def _module_shapes(self) -> dict[str, dict[str, list[int]]]:
         return {name: trainable_state_shapes(m) for name, m in self.modules.items()}
 
@@ -733,6 +765,13 @@ class _Trainer:
                 f"{where}: it holds optimizers {sorted(state.get('optimizers', []))}, "
                 f"this task has {sorted(self.optimizers)}"
             )
+        check_identity(
+            state.get("identity"),
+            self._identity(),
+            f"cannot resume from {path}: it holds a run",
+            hint="resume with the settings it was made with, or start over (no --resume, "
+            "--overwrite) or in another --output-dir",
+        )
         if (self.ema is None) != (not (path / "ema.safetensors").is_file()):
             logger.warning(
                 "EMA setting differs from %s; EMA restarts from the current weights", path
@@ -802,6 +841,7 @@ class _Trainer:
             "optimizers": sorted(self.optimizers),
             "config": dataclasses.asdict(self.config),
             "task": self.task.config_dict(),
+            "identity": self._identity(),
             "task_state": self.task.state_dict(),
             "history": self.history,
         }
@@ -1111,6 +1151,7 @@ class _Trainer:
                 {
                     "train": dataclasses.asdict(cfg),
                     "task": self.task.config_dict(),
+                    "identity": self._identity(),
                     "task_class": f"{type(self.task).__module__}.{type(self.task).__qualname__}",
                     "num_processes": self.world,
                     "max_steps": self.max_steps,

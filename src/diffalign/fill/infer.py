@@ -425,6 +425,56 @@ def _kept_entries(summary_path: Path, records: list[dict], todo: list) -> list[d
     return [e for e in old if isinstance(e, dict) and e.get("name") in kept]
 
 
+SETTINGS_FILE = "infer_settings.json"  # the identity of the images in an output folder
+
+
+def _input_digest(r: dict) -> str:
+    """sha256 of one input (prompt, visible and semantic image bytes)."""
+    import hashlib
+
+    h = hashlib.sha256(r["prompt"].encode())
+    for key in ("visible", "semantic"):
+        h.update(Path(r[key]).read_bytes() if r.get(key) else b"-")
+    return h.hexdigest()
+
+
+def _read_inputs(out: Path) -> dict:
+    """The input digests an earlier run recorded (images of other names stay described)."""
+    from diffalign.engine.io import read_json
+
+    inputs = read_json(out / SETTINGS_FILE).get("inputs")
+    return inputs if isinstance(inputs, dict) else {}
+
+
+def _check_output(out: Path, identity: dict, names: list[str], overwrite: bool) -> None:
+    """A folder whose images another model, LoRA, module or setting made is refused, and so is
+    an input of a name it holds with another prompt or image (`engine.identity`): a re-run
+    never keeps an old image under new settings. New names may be added (a resume)."""
+    from diffalign.engine.identity import check_identity
+    from diffalign.engine.io import read_json
+
+    if overwrite:
+        return
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        old = read_json(path)
+        old_inputs = old.get("inputs") if isinstance(old.get("inputs"), dict) else {}
+        new_inputs = identity["inputs"]
+        shared = [n for n in new_inputs if n in old_inputs]
+        check_identity(
+            {**old, "inputs": {n: old_inputs[n] for n in shared}},
+            {**identity, "inputs": {n: new_inputs[n] for n in shared}},
+            f"{out} holds images",
+            hint="rerun with the settings it was made with, pass --overwrite to regenerate "
+            "them, or choose another --output",
+        )
+    elif any((out / f"{n}.png").is_file() for n in names):
+        raise DiffalignError(
+            f"{out} holds images this run would keep but no record of what made them "
+            f"({SETTINGS_FILE}): pass --overwrite to regenerate them or choose another --output"
+        )
+
+
 def run_infer(
     *,
     model: str,
@@ -486,12 +536,32 @@ def run_infer(
 
     out = Path(output)
     t0 = time.perf_counter()
+    from diffalign.engine.identity import model_identity
+
+    # what decides the pixels (not the batching, the device or whether diptychs are kept)
+    identity = {
+        "model": model_identity(model),
+        "lora": model_identity(lora),
+        "semantic_module": model_identity(semantic_module),
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "semantic_layout": semantic_layout if semantic_module else None,
+        "max_sequence_length": max_sequence_length,
+        "dtype": dtype,
+        "inputs": {r["name"]: _input_digest(r) for r in records},
+    }
+    names = [r["name"] for r in records]
+    _check_output(out, identity, names, overwrite)  # before the model loads
     # model, LoRA and module are checked before the output folder is touched
     pipe = load_fill_pipeline(model, dtype)
     pipe = pipe.to(device)
     fill_model = build_model(pipe, lora, semantic_module, guidance)
     encoder = FillEncoder(pipe)
     with output_lock(out):
+        _check_output(out, identity, names, overwrite)
+        kept = {} if overwrite or not (out / SETTINGS_FILE).is_file() else _read_inputs(out)
+        write_json(out / SETTINGS_FILE, {**identity, "inputs": {**kept, **identity["inputs"]}})
         todo = [
             (i, r)
             for i, r in enumerate(records)

@@ -417,6 +417,19 @@ class FillTrainTask(TrainTask):
         current = self.config_dict()
         check_resume_config(saved_config, current, resume_free_keys(saved_config, current), path)
 
+    def identity(self) -> dict:
+        """Compared on resume (`engine.identity`): the settings outside RESUME_FREE (the loop's
+        own options, max_steps included, are compared by the loop) and the base model by
+        identity (resolved path, config and weights hashes) instead of its path text."""
+        from diffalign.engine.identity import model_identity
+        from diffalign.fill.config import RESUME_FREE
+
+        free = RESUME_FREE | {"max_steps", "epochs"}
+        return {
+            **{k: v for k, v in self.config_dict().items() if k not in free},
+            "models": {"model": model_identity(self.cfg.model, ("transformer",))},
+        }
+
     def config_dict(self) -> dict:
         import dataclasses
 

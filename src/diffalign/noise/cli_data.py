@@ -366,6 +366,12 @@ def register(verbs) -> None:
         "--resume", default=None, help="'latest' or a checkpoint folder under checkpoints/"
     )
     p.add_argument("--overwrite", action="store_true", help="start over in a folder holding a run")
+    p.add_argument(
+        "--allow-other-generator",
+        action="store_true",
+        help="train on a dataset built with another generator or model (its dataset_config.json "
+        "says which): a warning instead of the refusal",
+    )
     p.set_defaults(func=_run_sft)
 
     p = verbs.add_parser(
@@ -581,6 +587,7 @@ def _run_sft(args) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         model_info=_model_info(args, gen),
+        allow_other_generator=args.allow_other_generator,
         **_sft_kwargs(args),
     )
     print(f"model: {r['model']} ({r['steps']} steps; best: {r['best']})")

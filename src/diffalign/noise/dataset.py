@@ -197,7 +197,7 @@ def build_dataset(
         "prompt_field": prompt_field,
         "image_field": image_field,
         "generator": generator.name,
-        "model": dict(model_info or {}),
+        "model": model_record(model_info),
         "latent_shape": list(latent_shape),
         "image_size": list(generator.image_size()),
         "batch_size": batch_size,
@@ -373,6 +373,61 @@ def seed_record(r: dict) -> dict:
         "noise_file": f"{sdir}/{Path(r['best_input_noise_path']).name}",
         "target_image": f"{sdir}/{Path(r['target_image_path']).name}",
     }
+
+
+MODEL_PATH_KEYS = ("model", "vae", "weights")  # the model_info entries naming files or Hub ids
+
+
+def model_record(model_info: dict | None) -> dict:
+    """`model_info` with its model, VAE and weights named by identity (resolved path, config and
+    weights hashes, or Hub revision: `engine.identity.model_identity`), as build-dataset records
+    it in dataset_config.json and `noise sft` compares it."""
+    from diffalign.engine.identity import model_identity
+
+    info = dict(model_info or {})
+    for k in MODEL_PATH_KEYS:
+        if info.get(k) is not None:
+            info[k] = model_identity(info[k])
+    return info
+
+
+def check_dataset_generator(
+    manifest_path: str | os.PathLike, generator: str, record: dict, allow: bool = False
+) -> str | None:
+    """Refuse (one line) to train `generator` with the model `record` (`model_record`) on a
+    dataset whose dataset_config.json says another generator or model assigned its noises; with
+    `allow` the line is returned as a warning instead. None: the same, or nothing recorded."""
+    from diffalign.engine.identity import identity_differences
+
+    path = Path(manifest_path)
+    cfg_path = (path if path.is_dir() else path.parent) / "dataset_config.json"
+    if not cfg_path.is_file():
+        return None  # a manifest made by hand records no generator
+    from diffalign.engine.io import read_json
+
+    built = read_json(cfg_path)
+    old_model = built.get("model") if isinstance(built.get("model"), dict) else {}
+    # a dataset built through the Python API without model_info records the generator only
+    keys = MODEL_PATH_KEYS if old_model.get("model") is not None else ()
+    then = {"generator": built.get("generator"), **{k: old_model.get(k) for k in keys}}
+    now = {"generator": generator, **{k: record.get(k) for k in keys}}
+    diff = identity_differences(then, now)
+    if not diff:
+        return None
+    line = (
+        f"{cfg_path.parent} was built with {_describe(then)}, this run trains {_describe(now)} "
+        f"(differs: {', '.join(diff)}); its noises were assigned for that model"
+    )
+    if allow:
+        return line
+    raise DiffalignError(f"{line}: pass --allow-other-generator to train on it anyway")
+
+
+def _describe(rec: dict) -> str:
+    model = rec.get("model")
+    if isinstance(model, dict):
+        model = model.get("path") or model.get("hub_id")
+    return f"{rec.get('generator')} ({model})"
 
 
 def load_dataset_manifest(manifest_path: str | os.PathLike) -> tuple[list[dict], Path]:

@@ -6,7 +6,8 @@ One runner for every assignment dataset: `diffalign noise build-dataset`
 toy GAN). An :class:`AssignmentJob` says what its items are, when an item's earlier output is
 still good and how a batch is assigned and written; :func:`run_assignment_job` owns the rest:
 
-- the settings file (a re-run with other settings is refused) and the folder's state;
+- the settings file (a re-run with other settings is refused: `engine.identity`, the models by
+  resolved path and hashes) and the folder's state;
 - resume: items whose manifest record the job accepts are skipped, the others redone;
 - fixed batches (this process's items in order, ``batch_size`` at a time): a batch with
   unfinished work runs whole again and only its unfinished items are written, so a resumed run
@@ -24,7 +25,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from diffalign.engine.errors import DiffalignError
+from diffalign.engine.identity import check_identity
 from diffalign.engine.io import append_jsonl, clean_stale_temporaries, read_json, write_json
 from diffalign.engine.progress import progress
 from diffalign.noise.assign import dist_state, read_records, rewrite_jsonl
@@ -108,14 +109,14 @@ def run_assignment_job(
     rank, world, state = dist_state()
     cfg_path = out / job.config_file
     if cfg_path.is_file():
-        old = read_json(cfg_path)
-        diff = [k for k in config if k not in job.config_ignore and old.get(k) != config[k]]
-        if diff:
-            raise DiffalignError(
-                f"{out} holds a {job.what} made with other settings ({', '.join(diff)}); rerun "
-                "with the settings it was made with, or write to another folder (--output-dir; "
-                "noise em: --work-dir)"
-            )
+        check_identity(
+            read_json(cfg_path),
+            config,
+            f"{out} holds a {job.what}",
+            free=job.config_ignore,
+            hint="rerun with the settings it was made with, or write to another folder "
+            "(--output-dir; noise em: --work-dir)",
+        )
     elif rank == 0:
         write_json(cfg_path, config)
     if state is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -122,6 +123,7 @@ class MatchedSftTask(TrainTask):
         weight_decay: float = 0.0,
         seed: int = 0,
         export_info: dict | None = None,
+        models: dict | None = None,
     ) -> None:
         self.generator, self.base, self.data, self.val_data = generator, base, data, val_data
         self.lr, self.weight_decay = lr, weight_decay
@@ -131,6 +133,7 @@ class MatchedSftTask(TrainTask):
         self.direct, self.lora, self.seed = direct, lora, seed
         self.latent_shape = tuple(generator.latent_shape())
         self.export_info = dict(export_info or {})
+        self.models = dict(models or {})  # identities of the models and data (engine.identity)
         self.module = generator.trainable_module()
 
     @property
@@ -243,6 +246,10 @@ class MatchedSftTask(TrainTask):
             "generator": getattr(self.generator, "name", None),
         }
 
+    def identity(self) -> dict:
+        """Compared on resume: the settings above, weight decay, the models and the data."""
+        return {**self.config_dict(), "weight_decay": self.weight_decay, **self.models}
+
 
 def check_sft_settings(lr: float, batch_size: int, **weights: float) -> None:
     """One-line errors for settings the optimiser or the loss would choke on."""
@@ -348,10 +355,18 @@ def sft(
     progress: bool = True,
     model_info: dict | None = None,
     deterministic: bool = False,
+    allow_other_generator: bool = False,
 ) -> dict:
     """`diffalign noise sft`: fine-tune a diffusion one-step generator's U-Net (full, or LoRA
-    with ``lora_rank``) on a `build-dataset` manifest; ``direct`` = random-noise baseline."""
-    from diffalign.noise.dataset import load_dataset_manifest
+    with ``lora_rank``) on a `build-dataset` manifest; ``direct`` = random-noise baseline. A
+    dataset built with another generator or model is refused (``allow_other_generator``: a
+    warning); a resume with other settings, models or data is refused (`engine.identity`)."""
+    from diffalign.engine.identity import file_sha256, model_identity
+    from diffalign.noise.dataset import (
+        check_dataset_generator,
+        load_dataset_manifest,
+        model_record,
+    )
 
     check_sft_settings(
         lr,
@@ -366,6 +381,25 @@ def sft(
     if lora_rank is not None and lora_rank < 1:
         raise DiffalignError(f"--lora-rank must be >= 1, got {lora_rank}")
     records, _ = load_dataset_manifest(manifest_path)
+    record = model_record(model_info)
+    warning = None
+    if not direct:  # the direct baseline reads targets and prompts only, never the noises
+        warning = check_dataset_generator(
+            manifest_path, generator.name, record, allow=allow_other_generator
+        )
+    if warning is not None:
+        print(f"diffalign: warning: {warning}", file=sys.stderr, flush=True)
+    models = {
+        "models": {k: record.get(k) for k in ("model", "vae", "weights")},
+        "init_lora": model_identity(init_lora),
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "manifest_sha256": file_sha256(
+            Path(manifest_path) / "manifest.jsonl"
+            if Path(manifest_path).is_dir()
+            else manifest_path
+        ),
+    }
     shape = tuple(generator.latent_shape())
     if not direct:
         from diffalign.noise.assign import check_noise_file
@@ -404,6 +438,7 @@ def sft(
         weight_decay=weight_decay,
         seed=seed,
         export_info=model_info,
+        models=models,
     )
     from diffalign.noise.assign import dist_state
 

@@ -8,7 +8,8 @@ _LAYOUT = (
     "Data folder (--data-dir): images.zip, manifest.csv (id,wnid,label,split), classes.csv, "
     "vae_latents.lmdb/, dino_tokens.lmdb/ (keys {id}_mid), clip_embeddings.safetensors, "
     "summary_<step>.json. Every step resumes (present records are skipped, corrupt ones redone) "
-    "and shards over the processes of `accelerate launch`."
+    "and shards over the processes of `accelerate launch`; a store made by another model or "
+    "with other settings is refused (--overwrite rebuilds it)."
 )
 
 
@@ -54,6 +55,15 @@ def _workers(p) -> None:
         type=positive_int,
         default=4,
         help="threads decoding the next batch's images while the model runs (default: 4)",
+    )
+
+
+def _overwrite(p, what: str) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"rebuild {what} when it was made by another model or with other settings "
+        "(refused otherwise)",
     )
 
 
@@ -147,9 +157,16 @@ def _vae(steps) -> None:
         default="sd15",
         help="SD 1.5 pipeline folder, preset or Hub id; only its VAE is loaded (default: sd15)",
     )
+    p.add_argument(
+        "--unet-model",
+        default=None,
+        help="the model `repa train` will train on these latents: its VAE's scaling factor and "
+        "channels must match (default: an SD 1.5 U-Net, 0.18215 and 4)",
+    )
     _split(p)
     _device(p, "VAE")
     _workers(p)
+    _overwrite(p, "vae_latents.lmdb")
     p.set_defaults(func=_run_vae)
 
 
@@ -164,6 +181,8 @@ def _run_vae(args) -> int:
         device=args.device,
         dtype=args.dtype,
         num_workers=args.num_workers,
+        unet_model=args.unet_model,
+        overwrite=args.overwrite,
     )
     if s:
         print(f"vae: {s['written']} written, {s['already_present']} already there -> {s['store']}")
@@ -197,6 +216,7 @@ def _dino(steps) -> None:
     _split(p)
     _device(p, "DINOv2 model")
     _workers(p)
+    _overwrite(p, "dino_tokens.lmdb")
     p.set_defaults(func=_run_dino)
 
 
@@ -213,6 +233,7 @@ def _run_dino(args) -> int:
         device=args.device,
         dtype=args.dtype,
         num_workers=args.num_workers,
+        overwrite=args.overwrite,
     )
     if s:
         print(f"dino: {s['written']} written, {s['already_present']} already there -> {s['store']}")
@@ -245,6 +266,7 @@ def _clip(steps) -> None:
         help="prompt per class; {name} is the class name (default: %(default)s)",
     )
     _device(p, "text encoder", "prompts")
+    _overwrite(p, "clip_embeddings.safetensors")
     p.set_defaults(func=_run_clip)
 
 
@@ -259,6 +281,7 @@ def _run_clip(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     if s and "shape" in s:
         print(f"clip: embeddings {s['shape']} -> {s['file']}")

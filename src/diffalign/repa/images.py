@@ -88,11 +88,22 @@ def read_classes(path: str | os.PathLike) -> list[dict]:
         raise DiffalignError(
             f"class list not found: {path} (run `diffalign repa preprocess images`)"
         )
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [
-            {"label": int(r["label"]), "wnid": r["wnid"], "name": r["name"]}
-            for r in csv.DictReader(f)
-        ]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not set(CLASS_COLUMNS) <= set(reader.fieldnames or ()):
+                raise DiffalignError(
+                    f"{path}: not a class list (expected the columns {','.join(CLASS_COLUMNS)})"
+                )
+            rows = [
+                {"label": int(r["label"]), "wnid": r["wnid"], "name": r["name"]} for r in reader
+            ]
+    except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        raise DiffalignError(f"{path}: unreadable class list ({str(e)[:120]})") from None
+    if not rows:
+        raise DiffalignError(f"{path}: no classes (run `diffalign repa preprocess images` again)")
+    if any(not r["wnid"] or not r["name"] for r in rows):
+        raise DiffalignError(f"{path}: a class without wnid or name")
     if [r["label"] for r in rows] != list(range(len(rows))):
         raise DiffalignError(f"{path}: labels must be 0..{len(rows) - 1} in order")
     return rows

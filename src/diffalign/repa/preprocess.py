@@ -20,6 +20,7 @@ images survive a kill. Each step holds an `output_lock` on what it writes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -79,13 +80,18 @@ def _run_sharded(
     write: Callable[[str, bytes], None] | None,
     desc: str,
     prepare: Callable[[list[Any]], Any] | None = None,
+    needed: Callable[[list[Any]], bool] | None = None,
+    total: int | None = None,
 ) -> list[dict]:
     """Rank r computes items r, r + N, ... in batches; rank 0 writes every rank's records.
 
     `compute(batch) -> (records, failures)`; it must not raise for one bad item (a rank that
     stops would leave the others waiting). With `prepare`, `compute` receives
     `prepare(batch)`, made in a background thread one batch ahead (image decoding overlaps
-    the model). Returns all failures (on rank 0).
+    the model). With `needed`, a batch for which it is False is not computed (every item is
+    already done): the batches stay the fixed ones of the whole item list, so a resumed run
+    batches an item with the same neighbours as an uninterrupted run. Returns all failures (on
+    rank 0).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -95,18 +101,22 @@ def _run_sharded(
     per_rank = math.ceil(len(items) / state.num_processes)
     n_batches = math.ceil(per_rank / batch_size) if per_rank else 0
     chunks = [mine[b * batch_size : (b + 1) * batch_size] for b in range(n_batches)]
+    # every rank takes part in every gather, with an empty batch where it has nothing to do
+    chunks = [c if c and (needed is None or needed(c)) else [] for c in chunks]
+    work = [c for c in chunks if c]
     failures: list[dict] = []
-    bar = progress(total=len(items), desc=desc, unit="img")
+    bar = progress(total=len(items) if total is None else total, desc=desc, unit="img")
     ahead = ThreadPoolExecutor(max_workers=1) if prepare is not None else None
     try:
-        pending = ahead.submit(prepare, chunks[0]) if ahead and chunks and chunks[0] else None
-        for b, chunk in enumerate(chunks):
+        pending = ahead.submit(prepare, work[0]) if ahead and work else None
+        k = 0
+        for chunk in chunks:
             if not chunk:
                 records, failed = [], []
             elif ahead is not None:
                 prepared = pending.result()
-                nxt = chunks[b + 1] if b + 1 < len(chunks) else None
-                pending = ahead.submit(prepare, nxt) if nxt else None
+                k += 1
+                pending = ahead.submit(prepare, work[k]) if k < len(work) else None
                 records, failed = compute(prepared)
             else:
                 records, failed = compute(chunk)
@@ -413,7 +423,8 @@ def _store_step(
     images = ImageZip(data_dir / IMAGES_ZIP)
     rows = _rows_for(data_dir, split)
     done = existing_valid_keys(store, shape)
-    todo = [r["id"] for r in rows if key_of(r["id"]) not in done]
+    ids = [r["id"] for r in rows]
+    todo = {sid for sid in ids if key_of(sid) not in done}
     state.wait_for_everyone()  # every rank has its to-do list before rank 0 opens the writer
 
     from concurrent.futures import ThreadPoolExecutor
@@ -426,8 +437,13 @@ def _store_step(
         if pixels is None:
             return [], failed
         out = encode(pixels)
-        records = [(key_of(sid), tensor_to_record(t)) for sid, t in zip(ok, out, strict=True)]
-        return records, failed
+        # the whole fixed batch ran; only its unfinished items are written
+        records = [
+            (key_of(sid), tensor_to_record(t))
+            for sid, t in zip(ok, out, strict=True)
+            if sid in todo
+        ]
+        return records, [f for f in failed if f["id"] in todo]
 
     with (
         ThreadPoolExecutor(max_workers=max(1, num_workers)) as decoders,
@@ -437,12 +453,14 @@ def _store_step(
             writer.update_meta(**meta)
         failures = _run_sharded(
             state,
-            todo,
+            ids,
             batch_size,
             compute,
             writer.put_record if writer else None,
             step,
             prepare=prepare,
+            needed=lambda chunk: not todo.isdisjoint(chunk),
+            total=len(todo),
         )
     summary: dict[str, Any] = {}
     if state.is_main_process:
@@ -468,8 +486,81 @@ def _store_step(
     return summary
 
 
+def _check_store(store: Path, identity: dict, overwrite: bool) -> None:
+    """Before any model loads or record is written: a store made by another model or with other
+    settings (its `__meta__` identity, `engine.identity`) is refused, partial or complete, so it
+    never mixes records of two models and its meta never claims another one; `overwrite`
+    empties it instead."""
+    from diffalign.engine.identity import check_identity
+    from diffalign.engine.lmdb_store import TensorLMDB
+
+    if not (store / "data.mdb").is_file():
+        return
+    if overwrite:
+        for name in ("data.mdb", "lock.mdb"):
+            (store / name).unlink(missing_ok=True)
+        return
+    db = TensorLMDB(store)
+    try:
+        old, n = db.meta.get("identity"), len(db)
+    finally:
+        db.close()
+    if old is None and n:
+        raise DiffalignError(
+            f"{store} holds {n} records but no record of the model and settings that made them "
+            "(an older diffalign): pass --overwrite to rebuild it"
+        )
+    check_identity(
+        old,
+        identity,
+        f"{store} holds records",
+        hint="rerun with the model and settings it was made with, or pass --overwrite to "
+        "rebuild it",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # vae
+
+SD15_VAE_SCALING = 0.18215  # the VAE every SD 1.5 U-Net was trained on (seed 003 §3.2)
+SD15_LATENT_CHANNELS = 4
+
+
+def expected_vae(model: str | None) -> tuple[float, int, str]:
+    """(scaling factor, latent channels, where from) of the VAE the U-Net of `model` (the SD 1.5
+    model `repa train` trains) was trained with: its pipeline's `vae/config.json` when `model`
+    is a local folder, else SD 1.5's (0.18215, 4): `repa train` trains SD 1.5 U-Nets only."""
+    from diffalign.engine.loading import resolve_model
+
+    resolved = None
+    if model is not None:
+        try:
+            resolved = resolve_model(model, "sd15")
+        except DiffalignError:
+            pass
+    if resolved is not None and resolved.kind == "folder":
+        cfg = Path(resolved.source) / "vae" / "config.json"
+        if cfg.is_file():
+            try:
+                c = json.loads(cfg.read_text(encoding="utf-8"))
+                return float(c["scaling_factor"]), int(c["latent_channels"]), str(cfg)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+    return SD15_VAE_SCALING, SD15_LATENT_CHANNELS, "SD 1.5"
+
+
+def check_vae_fits(scaling: float, channels: int, unet_model: str | None, what: str) -> None:
+    """Refuse (one line) latents whose VAE is not the one the trained U-Net (`unet_model`'s;
+    None: an SD 1.5 U-Net) was trained with: another scaling factor or latent channel count,
+    e.g. SDXL's 0.13025."""
+    want_scaling, want_channels, source = expected_vae(unet_model)
+    if abs(float(scaling) - want_scaling) > 1e-6 or int(channels) != want_channels:
+        unet = f"the U-Net of {unet_model}" if unet_model else "an SD 1.5 U-Net"
+        raise DiffalignError(
+            f"{what} has scaling factor {scaling} and {channels} latent channels; {unet} was "
+            f"trained on a VAE with {want_scaling} and {want_channels} ({source}): use an "
+            "SD 1.5 VAE"
+        )
 
 
 def preprocess_vae(
@@ -481,12 +572,20 @@ def preprocess_vae(
     device: str | None = None,
     dtype: str = "float32",
     num_workers: int = 4,
+    unet_model: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Seed §3.2: VAE posterior mode x scaling factor -> `vae_latents.lmdb`, fp16, key = id.
 
-    `model`: an SD 1.5 pipeline folder, preset (`sd15`) or Hub id; only its VAE is loaded.
+    `model`: an SD 1.5 pipeline folder, preset (`sd15`) or Hub id; only its VAE is loaded. The
+    VAE must be the one the U-Net that will train on the store was trained with: that of
+    `unet_model` when given (`expected_vae`), else SD 1.5's (`repa train` checks the store's
+    VAE against its model again). The store records its identity (the
+    VAE's, dtype, batch size): a re-run with another is refused (`overwrite`: rebuilt). Items run
+    in fixed batches, so a resumed run writes the bytes an uninterrupted one writes.
     """
     from diffalign.engine.distributed import process_state
+    from diffalign.engine.identity import model_identity
     from diffalign.engine.io import output_lock
     from diffalign.engine.loading import load_vae
 
@@ -495,11 +594,20 @@ def preprocess_vae(
     _rows_for(root, split)  # a missing manifest fails before the model loads
     state = process_state(_resolve_device(device))
     store = root / VAE_LMDB
+    identity = {
+        "kind": "vae_latents",
+        "model": model_identity(model, ("vae",)),
+        "dtype": dtype,
+        "batch_size": batch_size,  # the encoder's numerics depend on the batch it runs in
+    }
     with output_lock(store, "LMDB store"):
+        _check_store(store, identity, overwrite)
         vae = load_vae(model, dtype=dtype, family="sd15").to(state.device).eval()
         vae.requires_grad_(False)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         scaling = float(vae.config.scaling_factor)
+        channels = int(vae.config.latent_channels)
+        check_vae_fits(scaling, channels, unet_model, f"the VAE of {model}")
         from diffalign.repa.images import ImageZip
 
         side = _image_side(ImageZip(root / IMAGES_ZIP), _rows_for(root, split))
@@ -513,7 +621,13 @@ def preprocess_vae(
             x = (pixels * 2.0 - 1.0).to(param.device, param.dtype)
             return vae.encode(x).latent_dist.mode().float().cpu() * scaling
 
-        meta = {"kind": "vae_latents", "model": str(model), "scaling_factor": scaling}
+        meta = {
+            "kind": "vae_latents",
+            "model": str(model),
+            "scaling_factor": scaling,
+            "latent_channels": channels,
+            "identity": identity,
+        }
         return _store_step(
             step="vae",
             data_dir=root,
@@ -546,13 +660,17 @@ def preprocess_dino(
     device: str | None = None,
     dtype: str = "float32",
     num_workers: int = 4,
+    overwrite: bool = False,
 ) -> dict:
     """Seed §3.3: DINOv2 at 518 px -> 16 x 16 pooled patch tokens, L2-normalised ->
-    `dino_tokens.lmdb`, fp16, key `{id}_mid` (`token_layout`: see `repa.teacher`)."""
+    `dino_tokens.lmdb`, fp16, key `{id}_mid` (`token_layout`: see `repa.teacher`). The store
+    records its identity (model, layout, grid, dtype, batch size): a re-run with another is
+    refused (`overwrite`: rebuilt)."""
     from diffalign.engine.distributed import process_state
+    from diffalign.engine.identity import model_identity
     from diffalign.engine.io import output_lock
     from diffalign.engine.lmdb_store import TensorLMDB
-    from diffalign.repa.teacher import TOKEN_LAYOUTS, dino_tokens, load_dino
+    from diffalign.repa.teacher import TOKEN_LAYOUTS, _resolve_dino, dino_tokens, load_dino
 
     if token_layout not in TOKEN_LAYOUTS:
         raise DiffalignError(f"--token-layout must be one of {', '.join(TOKEN_LAYOUTS)}")
@@ -561,18 +679,29 @@ def preprocess_dino(
     _rows_for(root, split)
     state = process_state(_resolve_device(device))
     store = root / DINO_LMDB
+    identity = {
+        "kind": "dino_tokens",
+        "model": model_identity(_resolve_dino(dino_model)[0]),
+        "token_layout": token_layout,
+        "grid": grid,
+        "dtype": dtype,
+        "batch_size": batch_size,
+    }
     with output_lock(store, "LMDB store"):
-        if (store / "data.mdb").is_file():
-            old = TensorLMDB(store).meta
-            TensorLMDB(store).close()
+        if (store / "data.mdb").is_file() and not overwrite:
+            db = TensorLMDB(store)
+            old = db.meta
+            db.close()
             if (
                 old.get("token_layout", token_layout) != token_layout
                 or old.get("grid", grid) != grid
             ):
                 raise DiffalignError(
                     f"{store} holds {old.get('token_layout')} tokens on a {old.get('grid')}-grid; "
-                    f"asked for {token_layout} on {grid}: use the same options or remove it"
+                    f"asked for {token_layout} on {grid}: use the same options or pass "
+                    "--overwrite to rebuild it"
                 )
+        _check_store(store, identity, overwrite)
         model = load_dino(dino_model, state.device, dtype)
         shape = (grid * grid, int(model.config.hidden_size))
 
@@ -585,6 +714,7 @@ def preprocess_dino(
             "token_layout": token_layout,
             "grid": grid,
             "key_suffix": DINO_KEY_SUFFIX,
+            "identity": identity,
         }
         return _store_step(
             step="dino",
@@ -670,6 +800,17 @@ def load_class_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, list[s
     return emb, prompts
 
 
+def _clip_identity(path: Path) -> dict | None:
+    """The identity `clip_embeddings.safetensors` records (None: an older file)."""
+    from diffalign.engine.io import load_tensors
+
+    raw = load_tensors(path)[1].get("identity")
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        raise DiffalignError(f"{path}: unreadable identity record") from None
+
+
 def preprocess_clip(
     data_dir: str | os.PathLike,
     model: str = "sd15",
@@ -679,13 +820,18 @@ def preprocess_clip(
     batch_size: int = 64,
     device: str | None = None,
     dtype: str = "float32",
+    overwrite: bool = False,
 ) -> dict:
     """Seed §3.4: class prompts + the empty prompt through SD 1.5's tokenizer and CLIP text
-    encoder (77 tokens) -> `clip_embeddings.safetensors` (`embeddings`, fp16)."""
+    encoder (77 tokens) -> `clip_embeddings.safetensors` (`embeddings`, fp16). The file records
+    its identity (text encoder, prompts, dtype): the same is skipped, another is
+    refused (`overwrite`: recomputed); a class list that does not cover the manifest's labels
+    is refused before anything is replaced."""
     from diffalign.engine.distributed import process_state
+    from diffalign.engine.identity import check_identity, model_identity
     from diffalign.engine.io import output_lock, save_tensors
     from diffalign.engine.reports import write_summary
-    from diffalign.repa.images import read_classes, read_synsets
+    from diffalign.repa.images import read_classes, read_manifest, read_synsets
 
     start = time.time()
     root = Path(data_dir)
@@ -703,16 +849,42 @@ def preprocess_clip(
         classes = read_classes(root / CLASSES)
         names, wnids = [c["name"] for c in classes], [c["wnid"] for c in classes]
     prompts = class_prompts(names, prompt_template)
+    if (root / MANIFEST).is_file():
+        labels = [int(r["label"]) for r in read_manifest(root / MANIFEST)]
+        if labels and max(labels) >= len(names):
+            raise DiffalignError(
+                f"{root / MANIFEST} has label {max(labels)}, the class list only "
+                f"{len(names)} classes: fix the class list (the embeddings are kept)"
+            )
     out_file = root / CLIP_FILE
+    identity = {
+        "kind": "clip_embeddings",
+        "model": model_identity(model, ("tokenizer", "text_encoder")),
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "dtype": dtype,
+    }  # no batch size: the file is written whole by one run, never completed by another
     state = process_state(_resolve_device(device))
     with output_lock(root, "data folder"):
-        if out_file.is_file():
+        if out_file.is_file() and not overwrite:
             try:
-                emb, old_prompts = load_class_embeddings(out_file)
-                same = old_prompts == prompts
+                load_class_embeddings(out_file)
+                old = _clip_identity(out_file)
+                readable = True
             except DiffalignError:
-                same = False  # a damaged file is redone
-            if same:
+                readable = False  # a damaged file is redone
+            if readable:
+                if old is None:
+                    raise DiffalignError(
+                        f"{out_file} records no model and settings that made it (an older "
+                        "diffalign): pass --overwrite to recompute it"
+                    )
+                check_identity(
+                    old,
+                    identity,
+                    f"{out_file} holds embeddings",
+                    hint="rerun with the model and settings it was made with, or pass "
+                    "--overwrite to recompute it",
+                )
                 summary = {"step": "clip", "skipped": "already done", "file": str(out_file)}
                 if state.is_main_process:
                     print(f"{out_file} already holds these {len(prompts)} prompts")
@@ -759,6 +931,7 @@ def preprocess_clip(
                     "model": str(model),
                     "template": prompt_template,
                     "null_index": str(len(prompts) - 1),
+                    "identity": json.dumps(identity),
                 },
             )
             summary = {

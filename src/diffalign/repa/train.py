@@ -34,7 +34,7 @@ from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import write_json
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.repa.config import RESUME_FREE, RepaTrainConfig
-from diffalign.repa.data import CLIP, RepaDataset, collate
+from diffalign.repa.data import CLIP, LATENTS, RepaDataset, collate
 from diffalign.repa.heads import lora_parameters
 from diffalign.repa.losses import (
     add_noise,
@@ -47,6 +47,7 @@ from diffalign.repa.losses import (
     total_loss,
 )
 from diffalign.repa.model import RepaModel, RepaSpec, load_sd15_unet
+from diffalign.repa.preprocess import check_vae_fits
 
 logger = logging.getLogger("diffalign.repa")
 
@@ -97,6 +98,14 @@ class RepaTask(TrainTask):
             raise DiffalignError(
                 f"latents in {root} have shape {list(latent)}; the U-Net takes "
                 f"{unet.config.in_channels} channels"
+            )
+        meta = self.train_ds.latents.meta
+        if "scaling_factor" in meta:  # our stores record their VAE (the seed's caches do not)
+            check_vae_fits(
+                meta["scaling_factor"],
+                meta.get("latent_channels", latent[0]),
+                cfg.model,
+                f"{root / LATENTS} (made with {meta.get('model')})",
             )
 
         self.dino = None
@@ -282,6 +291,28 @@ class RepaTask(TrainTask):
                 k: self.schedule.get(k)
                 for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
             },
+        }
+
+    def identity(self) -> dict:
+        """Compared on resume (`engine.identity`): the settings outside RESUME_FREE, the U-Net
+        (and online teacher) by identity, and the identity each data store records."""
+        from diffalign.engine.identity import file_sha256, model_identity
+        from diffalign.repa.teacher import _resolve_dino
+
+        root = Path(self.cfg.data_dir)
+        online = self.cfg.teacher == "online"
+        stores = {"latents": self.train_ds.latents.meta.get("identity")}
+        if self.train_ds.tokens is not None:
+            stores["tokens"] = self.train_ds.tokens.meta.get("identity")
+        return {
+            **{k: v for k, v in self.config_dict().items() if k not in RESUME_FREE},
+            "models": {
+                "unet": model_identity(self.cfg.model, ("unet", "scheduler")),
+                "teacher": model_identity(_resolve_dino(self.cfg.teacher_model)[0])
+                if online
+                else None,
+            },
+            "data": {**stores, "clip_sha256": file_sha256(root / CLIP)},
         }
 
     def check_resume(self, saved_config: dict | None, path: Path) -> None:

@@ -344,9 +344,28 @@ def build_residual_from_config(rc: ResidualConfig, num_layers: int, feature_dim:
 
 
 def _settings_key(settings: dict) -> dict:
-    """The part of a settings dict that decides the pixels (used to refuse mixing runs)."""
+    """The part of a settings dict that decides the pixels (used to refuse mixing runs): the
+    identity recorded when the images were made (`engine.identity`: models by resolved path and
+    hashes), or, for a settings.json of an older diffalign, the options as written."""
+    if isinstance(settings.get("identity"), dict):
+        return settings["identity"]
     opts = {k: v for k, v in settings.get("options", {}).items() if k not in _NOT_IMAGE_AFFECTING}
     return {"options": opts, "residual_options": settings.get("residual_options")}
+
+
+def _settings_identity(settings: dict) -> dict:
+    """`_settings_key` of a new run, with its model, VAE and Procrustes file by identity."""
+    from diffalign.engine.identity import file_sha256, model_identity, path_key
+
+    key = _settings_key({k: v for k, v in settings.items() if k != "identity"})
+    opts, rc = dict(key["options"]), dict(key["residual_options"] or {})
+    for k in ("model", "vae"):
+        if opts.get(k):
+            opts[k] = model_identity(opts[k])
+    proc = rc.get("procrustes_path")
+    if proc and Path(proc).is_file():
+        rc["procrustes_path"] = {"path": path_key(proc), "sha256": file_sha256(proc)}
+    return {"options": opts, "residual_options": rc}
 
 
 def _check_compatible(path: Path, settings: dict, overwrite: bool) -> None:
@@ -366,18 +385,24 @@ def _check_compatible(path: Path, settings: dict, overwrite: bool) -> None:
 
 
 def _settings_diff(old: dict, new: dict) -> list[str]:
-    """The image-affecting settings that differ, as `name: old -> new` (empty: compatible)."""
+    """The image-affecting settings that differ, as `name: old -> new` or, for a model's
+    identity, `model.weights` (empty: compatible)."""
+    from diffalign.engine.identity import identity_differences
+
     a, b = _settings_key(old), _settings_key(new)
-    if a == b:
-        return []
-    diffs = [
-        f"{k}: {a['options'].get(k)!r} -> {b['options'].get(k)!r}"
-        for k in sorted(set(a["options"]) | set(b["options"]))
-        if a["options"].get(k) != b["options"].get(k)
-    ]
-    if a["residual_options"] != b["residual_options"]:
-        diffs.append("residual options")
-    return diffs
+    out = []
+    for key in identity_differences(a, b):
+        name = key.removeprefix("options.").replace("residual_options", "residual options")
+        va, vb = _dotted(a, key), _dotted(b, key)
+        short = not isinstance(va, dict) and not isinstance(vb, dict)
+        out.append(f"{name}: {va!r} -> {vb!r}" if short and len(repr((va, vb))) < 80 else name)
+    return out
+
+
+def _dotted(d: Any, key: str) -> Any:
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def _base_settings(
@@ -385,7 +410,7 @@ def _base_settings(
 ) -> dict:
     from diffalign import __version__
 
-    return {
+    settings = {
         "command": command,
         "diffalign_version": __version__,
         "options": asdict(cfg),
@@ -393,6 +418,8 @@ def _base_settings(
         "seed_rule": SEED_RULE,
         **(extra or {}),
     }
+    settings["identity"] = _settings_identity(settings)
+    return settings
 
 
 def _clean_stale(folder: Path) -> None:
