@@ -170,3 +170,30 @@ def test_paired_gain():
     gain, se = paired_gain(after, before)
     d = after - before
     assert gain == pytest.approx(2.0) and se == pytest.approx(float(d.std() / 2.0))
+
+
+def test_a_saturated_reward_is_flagged(gen_dir, tmp_path):
+    """A classifier that is sure of the class whatever the image (p ~ 1): nothing to gain, and
+    the proof says the reward is saturated."""
+    from diffalign.noise.optimize import OptimizeSettings
+    from diffalign.noise.toy.optimize import toy_optimize
+
+    torch.manual_seed(0)
+    clf = build_model(ToyModelConfig.for_dataset("classifier", "digits"))
+    with torch.no_grad():
+        clf.head.weight.zero_()
+        clf.head.bias.zero_()
+        clf.head.bias[2] = 20.0
+    save_model(clf, tmp_path / "clf")
+    s = toy_optimize(
+        gen_dir,
+        tmp_path / "run",
+        classifier_ckpt=str(tmp_path / "clf"),
+        classes=["2"],
+        settings=OptimizeSettings(steps=2, lr=0.05, images_per_prompt=2),
+        heldout_noise=64,
+        save_every=0,
+        show_progress=False,
+    )
+    assert s["proof"]["reward_saturated"] is True
+    assert s["proof"]["heldout_mean_p_class_identity"] > 0.999
