@@ -489,7 +489,12 @@ def _prompt_summary(index: int, result: PromptResult) -> dict[str, Any]:
 
 
 def write_prompt_outputs(
-    out: Path, index: int, result: PromptResult, patch_size: int, save_q_every: int = 0
+    out: Path,
+    index: int,
+    result: PromptResult,
+    patch_size: int,
+    save_q_every: int = 0,
+    sigma: float = 1.0,
 ) -> dict[str, Any]:
     """Per prompt (seed layout): init.png, best.png, final_best.png, best_noise.safetensors,
     adapter_final.safetensors, reward_history.{png,json}, orthogonal_gaussian_{init,final}.
@@ -520,7 +525,13 @@ def write_prompt_outputs(
         save_tensors(
             out / "best_noise.safetensors",
             {"noise": result.best_noise, "base_noise": result.base_noise},
-            metadata={"prompt": result.prompt, "best_step": str(result.best_step)},
+            metadata={
+                "prompt": result.prompt,
+                "best_step": str(result.best_step),
+                # z, not the seed's sigma * z (diffalign.noise.assign.read_noise_file)
+                "sigma_scaled": "false",
+                "init_noise_sigma": str(sigma),
+            },
         )
         save_tensors(
             out / "adapter_final.safetensors",
@@ -656,7 +667,9 @@ def run_optimize(
             )
             timings.append((time.perf_counter() - t0) / max(1, settings.steps + 1))
             for j, (d, res) in enumerate(zip(dirs, chunk_results)):
-                s = write_prompt_outputs(d, start + j, res, settings.patch_size)
+                s = write_prompt_outputs(
+                    d, start + j, res, settings.patch_size, sigma=generator.init_noise_sigma()
+                )
                 s["folder"] = "." if single else d.name
                 summaries.append(s)
                 results.append(res)
