@@ -21,6 +21,14 @@ Models: the tiny SDXL-Turbo pipeline of `make-tiny sdxl` and the tiny CLIP of `m
 
     python bench/noise_optimize.py [--quick] [--size 128] [--steps 5] [--json PATH]
     python bench/noise_optimize.py --only-dataset [--dataset-items 16]   # section 3 only
+    python bench/noise_optimize.py --generator flux-schnell [--flux-sizes tiny,mid]
+
+With ``--generator flux-schnell`` (issue 17) section 1 runs on the few-step FLUX.1-schnell
+generator (1 step, packed latents) instead: step time of `optimize_prompts` against the bare
+generator + reward backward in the same run, and the bytes saved for backward, at the sizes of
+``--flux-sizes``: ``tiny`` (`make-tiny flux-schnell` defaults, 128 px), ``mid`` (4 double + 8
+single blocks of width 128, 256 px) and ``full`` (FLUX.1-schnell's own transformer shape: 19 +
+38 blocks of width 3072, random weights in bf16, 1024 px; for a GPU).
 """
 
 from __future__ import annotations
@@ -188,6 +196,88 @@ def machinery_cost(steps: int, repeats: int, batches=(1, 4)) -> list[dict]:
     return out
 
 
+# make-tiny flux-schnell overrides, image size and dtype per --flux-sizes name
+FLUX_SIZES: dict[str, tuple[dict, int, str]] = {
+    "tiny": ({}, 128, "float32"),
+    "mid": (
+        {
+            "num_layers": 4,
+            "num_single_layers": 8,
+            "num_attention_heads": 4,
+            "attention_head_dim": 32,
+            "joint_attention_dim": 64,
+            "clip_hidden_size": 64,
+        },
+        256,
+        "float32",
+    ),
+    "full": (  # FLUX.1-schnell's transformer shape (text encoders and VAE stay tiny)
+        {
+            "num_layers": 19,
+            "num_single_layers": 38,
+            "num_attention_heads": 24,
+            "attention_head_dim": 128,
+            "joint_attention_dim": 4096,
+            "clip_hidden_size": 768,
+        },
+        1024,
+        "bfloat16",
+    ),
+}
+
+
+def flux_section(tmp: Path, sizes: list[str], steps: int, repeats: int, device: str) -> list:
+    """Section 1 on FLUX.1-schnell (module doc): bare vs ours per step, saved bytes, memory."""
+    from diffalign.engine.rewards import load_reward
+    from diffalign.engine.tiny import make_tiny
+    from diffalign.noise.generators import load_generator
+
+    _, clip = _models(tmp)
+    reward = load_reward("clip", device=device, clip_model=str(clip))
+    out = []
+    for name in sizes:
+        overrides, size, dtype = FLUX_SIZES[name]
+        folder = tmp / f"flux-schnell-{name}"
+        if not folder.is_dir():
+            make_tiny("flux-schnell", folder, **overrides)
+        gen = load_generator(
+            str(folder), "flux-schnell", height=size, width=size, device=device, dtype=dtype
+        )
+        params = sum(p.numel() for p in gen.transformer.parameters())
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        row = {
+            "size": name,
+            "image_size": size,
+            "dtype": dtype,
+            "transformer_params": params,
+            "latent": list(gen.latent_shape()),
+            **overhead(gen, reward, steps, repeats, device, 1),
+        }
+        if device.startswith("cuda"):
+            row["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            row["saved_for_backward"] = saved_for_backward(gen, reward, steps)
+        out.append(row)
+        del gen
+    return out
+
+
+def _print_flux(rows: list) -> None:
+    for r in rows:
+        extra = ""
+        if "saved_for_backward" in r:
+            sv = r["saved_for_backward"]
+            extra = f", saved for backward {sv['ours'] / 2**20:.2f} MiB/step (x{sv['ratio']:.4f})"
+        if "peak_cuda_gib" in r:
+            extra = f", peak {r['peak_cuda_gib']:.1f} GiB"
+        print(
+            f"flux-schnell {r['size']} ({r['transformer_params'] / 1e6:.2f} M params, "
+            f"{r['image_size']} px, {r['dtype']}): bare {r['bare_s_per_step'] * 1e3:.1f} ms/step,"
+            f" ours {r['ours_s_per_step'] * 1e3:.1f} ms/step, ratio {r['time_ratio']:.3f}{extra}"
+        )
+
+
 def _child(args) -> int:
     """One variant in a fresh process: time and peak-memory growth of the run."""
     torch.manual_seed(0)
@@ -352,6 +442,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--dataset-steps", type=int, default=5, help="assignment steps per sample (5)")
     p.add_argument("--dataset-batch", type=int, default=4, help="samples optimised together (4)")
+    p.add_argument(
+        "--generator",
+        choices=("sdxl-turbo", "flux-schnell"),
+        default="sdxl-turbo",
+        help="flux-schnell: section 1 on the few-step FLUX.1-schnell generator (module doc)",
+    )
+    p.add_argument(
+        "--flux-sizes",
+        default="tiny,mid",
+        help="comma list of tiny, mid, full for --generator flux-schnell (default tiny,mid)",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("DIFFALIGN_NO_PROGRESS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -366,6 +467,29 @@ def main(argv: list[str] | None = None) -> int:
         args.dataset_batch,
         torch.get_num_threads(),
     )
+    if args.generator == "flux-schnell":
+        sizes = [x for x in args.flux_sizes.split(",") if x]
+        bad = [x for x in sizes if x not in FLUX_SIZES]
+        if bad:
+            p.error(f"--flux-sizes: unknown {bad}; choose from {', '.join(FLUX_SIZES)}")
+        results = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}",
+            "device": args.device,
+            "load_average_before": os.getloadavg(),
+        }
+        with tempfile.TemporaryDirectory() as tmp_name:
+            rows = flux_section(Path(tmp_name), sizes, args.steps, repeats, args.device)
+        results.update(flux_schnell=rows, load_average_after=os.getloadavg())
+        _print_flux(rows)
+        print(f"machine: {results['machine']}")
+        print(
+            f"load average before/after: {results['load_average_before']} / "
+            f"{results['load_average_after']}"
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
     if args.only_dataset:
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory() as tmp_name:

@@ -15,7 +15,13 @@
    the end (walked from the object); beside them the size computed from the shapes.
    Goal: streaming memory independent of the number of samples.
 
-    python bench/textstream.py [--quick] [--sd3-medium] [--json results.json]
+With `--model flux` both parts run on FLUX.1's structure instead (issue 15): a
+`FluxTransformer2DModel` (19 double-stream + 38 single-stream blocks on CPU, narrow heads;
+`--flux-dev` is the real FLUX.1-dev size for a GPU: 24 x 128 = 3072 wide, 4096 image + 512 text
+tokens), origin 2 and targets 3..56 as the authors' published FLUX file, plus a variant with 4
+timestep buckets and column centring; the memory part calibrates a tiny FLUX.1-dev pipeline.
+
+    python bench/textstream.py [--quick] [--sd3-medium] [--model flux [--flux-dev]] [--json F]
 """
 
 from __future__ import annotations
@@ -57,43 +63,117 @@ def build_transformer(layers: int, heads: int, head_dim: int, image_tokens: int,
     return tr.to(device=device, dtype=dtype).eval(), side
 
 
-def forward_overhead(args) -> dict:
-    from diffalign.textstream import TextStreamResidual
+def build_flux_transformer(
+    double: int, single: int, heads: int, head_dim: int, device, dtype
+) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
 
-    device = torch.device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype
-    ]
-    tr, side = build_transformer(
-        args.layers, args.heads, args.head_dim, args.image_tokens, device, dtype
-    )
-    d = args.heads * args.head_dim
-    g = torch.Generator().manual_seed(1)
-    inputs = {
+    from diffalign.engine.tiny_flux1 import flux_rope_axes
+
+    wide = heads * head_dim >= 1536
+    torch.manual_seed(0)
+    with torch.device(device):
+        tr = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=double,
+            num_single_layers=single,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=4096 if wide else 256,
+            pooled_projection_dim=768 if wide else 64,
+            guidance_embeds=True,
+            axes_dims_rope=flux_rope_axes(head_dim),
+        )
+    return tr.to(device=device, dtype=dtype).eval()
+
+
+def _inputs(args, tr, g) -> tuple[dict, int]:
+    """Random transformer inputs for the benchmarked model and the image token count."""
+    if args.model == "flux":
+        n_img, n_txt, b = args.image_tokens, args.text_tokens, args.batch
+        side = int(round(n_img**0.5))
+        img_ids = torch.zeros(side, side, 3)
+        img_ids[..., 1] = torch.arange(side)[:, None]
+        img_ids[..., 2] = torch.arange(side)[None, :]
+        return {
+            "hidden_states": torch.randn(b, side * side, 64, generator=g),
+            "encoder_hidden_states": torch.randn(
+                b, n_txt, tr.config.joint_attention_dim, generator=g
+            ),
+            "pooled_projections": torch.randn(b, tr.config.pooled_projection_dim, generator=g),
+            "timestep": torch.full((b,), 0.5),  # FLUX gets t / 1000
+            "guidance": torch.full((b,), 3.5),
+            "img_ids": img_ids.reshape(-1, 3),
+            "txt_ids": torch.zeros(n_txt, 3),
+        }, side * side
+    side = int(round(args.image_tokens**0.5)) * 2
+    return {
         "hidden_states": torch.randn(args.batch, 16, side, side, generator=g),
         "encoder_hidden_states": torch.randn(
             args.batch, args.text_tokens, tr.config.joint_attention_dim, generator=g
         ),
         "pooled_projections": torch.randn(args.batch, tr.config.pooled_projection_dim, generator=g),
         "timestep": torch.full((args.batch,), 500.0),
-    }
+    }, (side // 2) ** 2
+
+
+def forward_overhead(args) -> dict:
+    from diffalign.textstream import TextStreamResidual
+    from diffalign.textstream.adapters import stream_adapter
+    from diffalign.textstream.rotations import equal_bucket_edges
+
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype
+    ]
+    if args.model == "flux":
+        tr = build_flux_transformer(
+            args.layers, args.single_layers, args.heads, args.head_dim, device, dtype
+        )
+    else:
+        tr, _ = build_transformer(
+            args.layers, args.heads, args.head_dim, args.image_tokens, device, dtype
+        )
+    num_blocks = stream_adapter(tr).num_blocks
+    d = args.heads * args.head_dim
+    g = torch.Generator().manual_seed(1)
+    inputs, image_tokens = _inputs(args, tr, g)
     inputs = {
         k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
         for k, v in inputs.items()
     }
-    targets = list(range(2, args.layers))
-    rotations = {}
-    for t in targets:
+    # FLUX: the authors' published file's layers (origin 2, targets 3..56); SD3: 0 -> 2..L-1
+    origin = 2 if args.model == "flux" else 0
+    targets = list(range(origin + (1 if args.model == "flux" else 2), num_blocks))
+
+    def random_rotation() -> torch.Tensor:
         q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-        rotations[t] = q.float()
+        return q.float()
+
+    rotations = {t: random_rotation() for t in targets}
     variants = {
         "vanilla": None,
         "off": TextStreamResidual(0, []),
-        "plain_1_target": TextStreamResidual(0, [args.layers // 2], [0.5], mode="plain"),
+        "plain_1_target": TextStreamResidual(0, [num_blocks // 2], [0.5], mode="plain"),
         f"ln_rot_{len(targets)}_targets": TextStreamResidual(
-            0, targets, [0.5], mode="ln", rotations=rotations
+            origin, targets, [0.5], mode="ln", rotations=rotations
         ),
     }
+    if args.model == "flux":  # 4 timestep buckets (the rows' bucket looked up per forward)
+        bucketed = {
+            t: torch.stack([r, *(random_rotation() for _ in range(3))])
+            for t, r in rotations.items()
+        }
+        variants[f"ln_rot_4bkt_cc_{len(targets)}"] = TextStreamResidual(
+            origin,
+            targets,
+            [0.5],
+            mode="ln",
+            rotations=bucketed,
+            timestep_bucket_edges=equal_bucket_edges(4),
+            column_center=True,
+        )
 
     # On CPU the clock is the calling thread's CPU time with one torch thread: on a shared
     # machine, time slices lost to other processes then do not count. On GPU: wall time.
@@ -143,12 +223,13 @@ def forward_overhead(args) -> dict:
         }
     return {
         "shape": {
-            "layers": args.layers,
+            "model": args.model,
+            "layers": num_blocks,
             "heads": args.heads,
             "head_dim": args.head_dim,
             "width": d,
             "text_tokens": args.text_tokens,
-            "image_tokens": (side // 2) ** 2,
+            "image_tokens": image_tokens,
             "batch": args.batch,
             "dtype": args.dtype,
             "device": str(device),
@@ -192,7 +273,7 @@ class RssSampler:
         return (self.peak - self.start) / 2**20
 
 
-def memory_child(mode: str, samples: int, out: str) -> None:
+def memory_child(mode: str, samples: int, out: str, model: str = "sd3") -> None:
     """Run calibrate() on a tiny pipeline; write peak-RSS growth over a warm-up run."""
     torch.set_num_threads(1)
     import diffalign.textstream.calibrate as cal
@@ -214,12 +295,12 @@ def memory_child(mode: str, samples: int, out: str) -> None:
             self.stored[layer].append((x.clone(), y.clone()))
             held["bytes"] += 2 * x.numel() * 8
 
-        def solve(self):
+        def solve(self, column_center=False):
             for layer, pairs in self.stored.items():
                 x = torch.cat([p[0] for p in pairs])
                 y = torch.cat([p[1] for p in pairs])
                 super().add(layer, x, y)
-            return super().solve()
+            return super().solve(column_center=column_center)
 
     class Streaming(ProcrustesAccumulator):
         def __init__(self, *a, **kw):
@@ -228,17 +309,26 @@ def memory_child(mode: str, samples: int, out: str) -> None:
             instances.append(self)
 
     cal.ProcrustesAccumulator = StoreAll if mode == "store_all" else Streaming
-    pipe = build_tiny_sd3_pipeline(0, num_layers=8, num_attention_heads=4, attention_head_dim=64)
+    if model == "flux":
+        from diffalign.engine.tiny_flux1 import build_tiny_flux1_pipeline
+
+        pipe = build_tiny_flux1_pipeline(
+            "flux-dev", 0, num_layers=2, num_single_layers=6, attention_head_dim=128
+        )
+        size = dict(height=32, width=32, steps=2, origin_layer=2, target_layer_start=3)
+    else:
+        pipe = build_tiny_sd3_pipeline(
+            0, num_layers=8, num_attention_heads=4, attention_head_dim=64
+        )
+        size = dict(steps=28, origin_layer=0, target_layer_start=2)
     prompts = [f"prompt number {i} with a few words" for i in range(samples)]
     with tempfile.TemporaryDirectory() as tmp:
         kw = dict(
             pipe=pipe,
-            origin_layer=0,
-            target_layer_start=2,
             xt_source="noise",
-            steps=28,
             output=os.path.join(tmp, "rot.safetensors"),
             device="cpu",
+            **size,
         )
         cal.calibrate(prompts=prompts[:1], num_samples=1, **kw)  # warm-up: allocator, imports
         sampler = RssSampler()
@@ -287,7 +377,7 @@ def tensor_storage_bytes(obj, seen: set | None = None) -> int:
     return 0
 
 
-def calibration_memory(sample_counts: list[int]) -> list[dict]:
+def calibration_memory(sample_counts: list[int], model: str = "sd3") -> list[dict]:
     rows = []
     for n in sample_counts:
         for mode in ("streaming", "store_all"):
@@ -295,7 +385,7 @@ def calibration_memory(sample_counts: list[int]) -> list[dict]:
                 out = f.name
             env = {**os.environ, "DIFFALIGN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
             subprocess.run(
-                [sys.executable, __file__, "--memory-child", mode, str(n), out],
+                [sys.executable, __file__, "--memory-child", mode, str(n), out, "--model", model],
                 check=True,
                 env=env,
                 stdout=subprocess.DEVNULL,
@@ -315,11 +405,30 @@ def main(argv=None) -> int:
         help="real SD3-medium size: 24 blocks, 24 heads x 64, 4096 image tokens, "
         "CFG batch 2 (for a GPU)",
     )
-    p.add_argument("--layers", type=int, default=None, help="blocks (CPU default 24)")
+    p.add_argument(
+        "--model",
+        choices=("sd3", "flux"),
+        default="sd3",
+        help="transformer structure: SD3 joint blocks, or FLUX.1 double + single blocks",
+    )
+    p.add_argument(
+        "--flux-dev",
+        action="store_true",
+        help="with --model flux: real FLUX.1-dev size: 19 + 38 blocks, 24 heads x 128, 4096 "
+        "image + 512 text tokens (for a GPU)",
+    )
+    p.add_argument(
+        "--single-layers", type=int, default=None, help="FLUX single-stream blocks (default 38)"
+    )
+    p.add_argument(
+        "--layers", type=int, default=None, help="blocks (CPU default 24; FLUX: double, 19)"
+    )
     p.add_argument("--heads", type=int, default=None, help="attention heads (CPU default 4)")
-    p.add_argument("--head-dim", type=int, default=64, help="head width (default 64)")
+    p.add_argument("--head-dim", type=int, default=None, help="head width (default 64; FLUX 128)")
     p.add_argument("--image-tokens", type=int, default=None, help="CPU default 1024")
-    p.add_argument("--text-tokens", type=int, default=333, help="77 CLIP + 256 T5 (default)")
+    p.add_argument(
+        "--text-tokens", type=int, default=None, help="SD3: 77 CLIP + 256 T5 = 333; FLUX: 512"
+    )
     p.add_argument("--batch", type=int, default=None, help="batch (default 1; 2 with sd3)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (default 2)")
@@ -337,10 +446,34 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.memory_child:
         mode, n, out = args.memory_child
-        memory_child(mode, int(n), out)
+        memory_child(mode, int(n), out, args.model)
         return 0
 
-    if args.sd3_medium:
+    if args.model == "flux" and args.flux_dev:
+        defaults = dict(
+            layers=19,
+            single_layers=38,
+            heads=24,
+            head_dim=128,
+            image_tokens=4096,
+            text_tokens=512,
+            batch=1,
+            reps=10,
+            dtype="bfloat16" if args.device.startswith("cuda") else "float32",
+        )
+    elif args.model == "flux":
+        defaults = dict(
+            layers=8 if args.quick else 19,
+            single_layers=16 if args.quick else 38,
+            heads=2,
+            head_dim=128,
+            image_tokens=256 if args.quick else 1024,
+            text_tokens=512,
+            batch=1,
+            reps=5 if args.quick else 7,
+            dtype="float32",
+        )
+    elif args.sd3_medium:
         defaults = dict(
             layers=24,
             heads=24,
@@ -353,8 +486,10 @@ def main(argv=None) -> int:
         defaults = dict(layers=8, heads=4, image_tokens=256, batch=1, reps=7, dtype="float32")
     else:
         defaults = dict(layers=24, heads=4, image_tokens=1024, batch=1, reps=15, dtype="float32")
+    defaults.setdefault("text_tokens", 333)
+    defaults.setdefault("head_dim", 64)
     for k, v in defaults.items():
-        if getattr(args, k) is None:
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.device == "cpu":
         torch.set_num_threads(1)  # thread_time() then covers all the compute
@@ -391,9 +526,14 @@ def main(argv=None) -> int:
             int(x)
             for x in (args.memory_samples or ("4,16" if args.quick else "4,16,64")).split(",")
         ]
-        mem = calibration_memory(counts)
+        mem = calibration_memory(counts, args.model)
         results["calibration_memory"] = mem
-        print("calibration memory (tiny pipeline, 8 blocks, width 256, 333 tokens/sample):")
+        shape = (
+            "tiny FLUX.1-dev, 2 + 6 blocks, width 256, 512 tokens/sample, 5 targets"
+            if args.model == "flux"
+            else "tiny pipeline, 8 blocks, width 256, 333 tokens/sample"
+        )
+        print(f"calibration memory ({shape}):")
         print(
             f"  {'samples':>7} {'mode':<10} {'tokens':>7} {'computed MB':>12} "
             f"{'measured MB':>12} {'peak RSS +MB':>13} {'max RSS MB':>11}"

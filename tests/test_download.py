@@ -75,6 +75,12 @@ def test_registry_covers_the_spec():
         "sd-turbo": "stabilityai/sd-turbo",
         "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
         "hyper-sd": "ByteDance/Hyper-SD",
+        "flux-dev": "black-forest-labs/FLUX.1-dev",
+        "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+        "qwen-image": "Qwen/Qwen-Image",
+        "sd3.5-large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo",
+        "sana-sprint": "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+        "pixart-dmd": "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
     }
     assert {n: a.sources[0].repo_id for n, a in download.ASSETS.items()} == expected
     assert download.DEFAULT_ASSETS == ("sd3", "sd3.5")

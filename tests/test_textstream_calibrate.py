@@ -144,10 +144,11 @@ def test_calibration_matches_store_all_reference(pipe, tmp_path, opts):
         xt_source=opts["xt_source"],
     )
     rs = load_rotations(out, feature_dim=32)
-    assert (rs.origin_layer, rs.target_layers, rs.strategy) == (
+    assert (rs.origin_layer, rs.target_layers, rs.token_strategy, rs.strategy) == (
         origin,
         [2, 3],
         opts["token_strategy"],
+        "row_ln",
     )
     assert rs.num_valid_tokens == ref[2][3] == summary["num_valid_tokens"]
     for row in summary["per_layer"]:

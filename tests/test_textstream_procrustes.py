@@ -127,11 +127,12 @@ def test_rotation_file_round_trip_and_layout(tmp_path):
         assert f.get_tensor("target_layers").dtype == torch.int64
         meta = f.metadata()
     assert json.loads(meta["target_layers"]) == [2, 3, 5]
-    assert (meta["origin_layer"], meta["feature_dim"], meta["strategy"]) == ("0", "8", "valid")
+    assert (meta["origin_layer"], meta["feature_dim"], meta["strategy"]) == ("0", "8", "row_ln")
+    assert meta["token_strategy"] == "valid"
     assert meta["num_valid_tokens"] == "1234"
     back = load_rotations(path, feature_dim=8)
     assert (back.origin_layer, back.target_layers, back.feature_dim) == (0, [2, 3, 5], 8)
-    assert (back.num_valid_tokens, back.strategy) == (1234, "valid")
+    assert (back.num_valid_tokens, back.token_strategy, back.strategy) == (1234, "valid", "row_ln")
     assert back.metadata["model"] == "tiny" and back.metadata["seed"] == 7
     for t in (2, 3, 5):
         assert torch.equal(back.rotations[t], rs.rotations[t])
@@ -156,7 +157,7 @@ def test_seed_pt_layout_is_read(tmp_path):
         path,
     )
     back = load_rotations(path, feature_dim=8)
-    assert back.target_layers == [2, 3, 5] and back.strategy == "all"
+    assert back.target_layers == [2, 3, 5] and back.token_strategy == "all"
     assert torch.equal(back.rotations[5], rs.rotations[5])
     # one matrix per block (indexed by layer) is accepted too
     full = torch.stack([torch.eye(8)] * 6)
@@ -228,7 +229,7 @@ def test_bad_rotation_files(tmp_path):
         load_rotations(write(rotation_matrices=bad_orth[:2]))
     with pytest.raises(DiffalignError, match="feature_dim"):
         load_rotations(write(feature_dim=9))
-    with pytest.raises(DiffalignError, match=r"\[n, d, d\]"):
+    with pytest.raises(DiffalignError, match=r"\[L, d, d\]"):
         load_rotations(write(rotation_matrices=torch.zeros(3, 8)))
     with pytest.raises(DiffalignError, match="malformed"):
         load_rotations(write(target_layers="two"))

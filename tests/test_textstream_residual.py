@@ -449,7 +449,8 @@ def test_build_residual_resolves_defaults(tmp_path):
     assert (res.origin_layer, res.target_layers, res.mode) == (1, [2, 3], "ln")
     assert torch.equal(res.rotations[3], rots[3])
     s = res.settings()
-    assert s["rotations"] and s["procrustes"]["strategy"] == "valid"
+    assert s["rotations"] and s["procrustes"]["token_strategy"] == "valid"
+    assert s["procrustes"]["strategy"] == "row_ln"
     res = build_residual(4, 32, origin_layer=0, target_layers=[3], procrustes_path=str(path))
     assert (res.origin_layer, res.target_layers) == (0, [3])
     assert build_residual(4, 32, target_layers=[], procrustes_path=str(path)) is None

@@ -213,6 +213,39 @@ ASSETS: dict[str, Asset] = {
                 ),
             ),
         ),
+        Asset(
+            "flux-dev",
+            "FLUX.1-dev text-to-image (diffusers; guidance-distilled, 28-50 steps)",
+            _diffusers("black-forest-labs/FLUX.1-dev"),
+            gated=True,
+        ),
+        Asset(
+            "flux-schnell",
+            "FLUX.1-schnell text-to-image (diffusers; 1-4 steps, no guidance)",
+            _diffusers("black-forest-labs/FLUX.1-schnell"),
+        ),
+        Asset(
+            "qwen-image",
+            "Qwen-Image text-to-image (diffusers; Qwen2.5-VL text encoder, 60 MMDiT blocks)",
+            _diffusers("Qwen/Qwen-Image"),
+        ),
+        Asset(
+            "sd3.5-large-turbo",
+            "SD3.5-Large-Turbo few-step generator (diffusers)",
+            _diffusers("stabilityai/stable-diffusion-3.5-large-turbo"),
+            gated=True,
+        ),
+        Asset(
+            "sana-sprint",
+            "SANA-Sprint 1.6B 1024px few-step generator (diffusers)",
+            _diffusers("Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers"),
+        ),
+        Asset(
+            "pixart-dmd",
+            "PixArt-alpha DMD 512px one-step transformer + scheduler (diffusers; text encoder and "
+            "VAE come from PixArt-alpha/PixArt-XL-2-512x512)",
+            _diffusers("PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512"),
+        ),
     )
 }
 # other names accepted by --only (the seed's / issue's spellings) -> the asset's folder name

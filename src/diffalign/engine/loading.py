@@ -46,6 +46,24 @@ PRESETS: dict[str, Preset] = {
         Preset("flux-fill", "black-forest-labs/FLUX.1-Fill-dev", "flux-fill", "flux-fill"),
         Preset("sd-turbo", "stabilityai/sd-turbo", "sd21", "sd-turbo"),
         Preset("sdxl-base", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "sdxl-base"),
+        Preset("flux-dev", "black-forest-labs/FLUX.1-dev", "flux", "flux-dev"),
+        Preset("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flux", "flux-schnell"),
+        Preset("qwen-image", "Qwen/Qwen-Image", "qwen-image", "qwen-image"),
+        Preset(
+            "sd3.5-large-turbo",
+            "stabilityai/stable-diffusion-3.5-large-turbo",
+            "sd3.5-large-turbo",
+            "sd3.5-large-turbo",
+        ),
+        Preset(
+            "sana-sprint",
+            "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+            "sana-sprint",
+            "sana-sprint",
+        ),
+        Preset(
+            "pixart-dmd", "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512", "pixart-dmd", "pixart-dmd"
+        ),
     )
 }
 

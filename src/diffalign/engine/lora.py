@@ -35,3 +35,18 @@ def save_unet_lora(
         safe_serialization=True,
     )
     return Path(out_dir) / LORA_WEIGHTS_FILE
+
+
+def save_transformer_lora(pipeline_cls: Any, out_dir: str | os.PathLike, transformer: Any) -> Path:
+    """Write a peft-wrapped transformer's adapter in diffusers' LoRA layout: through
+    `pipeline_cls.save_lora_weights(transformer_lora_layers=...)` (read back by
+    `pipe.load_lora_weights(folder)`)."""
+    from peft.utils import get_peft_model_state_dict
+
+    lora = {
+        k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()
+    }
+    pipeline_cls.save_lora_weights(
+        str(out_dir), transformer_lora_layers=lora, safe_serialization=True
+    )
+    return Path(out_dir) / LORA_WEIGHTS_FILE

@@ -112,6 +112,44 @@ HYPER_SD = register_release(
 )
 
 
+# the few-step transformer generators' releases (issue 17); titles as `make-tiny` writes them
+FLUX1_SCHNELL = register_release(
+    Release(
+        "FLUX.1 [schnell]",
+        ("black-forest-labs/FLUX.1-schnell",),
+        "FLUX.1 [schnell]",
+        "FluxPipeline",
+    )
+)
+SD35_LARGE_TURBO = register_release(
+    Release(
+        "Stable Diffusion 3.5 Large Turbo",
+        ("stabilityai/stable-diffusion-3.5-large-turbo",),
+        "Stable Diffusion 3.5 Large Turbo",
+        "StableDiffusion3Pipeline",
+    )
+)
+SANA_SPRINT = register_release(
+    Release(
+        "SANA-Sprint 1.6B 1024px",
+        (
+            "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+            "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
+        ),
+        "SANA-Sprint 1.6B 1024px",
+        "SanaSprintPipeline",
+    )
+)
+PIXART_DMD = register_release(
+    Release(
+        "PixArt-alpha DMD 512px",
+        ("PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",),
+        "PixArt-Alpha-DMD-XL-2-512x512",
+        "PixArtAlphaPipeline",
+    )
+)
+
+
 def release_by_hub_id(hub_id: str) -> Release | None:
     text = str(hub_id).strip().lower()
     for release in RELEASES.values():

@@ -33,8 +33,17 @@ def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = Tr
         choices=tuple(GENERATORS),
         default=None,
         help="which one-step recipe to run --model with (default: the recipe a `noise sft` "
-        "export recorded, or the release --model is: SDXL-Turbo, SD-Turbo; required for any "
-        "other model, e.g. an SD 1.5 or SDXL base with hyper-sd15 / hyper-sdxl)",
+        "export recorded, or the release --model is: SDXL-Turbo, SD-Turbo, FLUX.1-schnell, "
+        "SD3.5-Large-Turbo, SANA-Sprint, PixArt-alpha DMD; required for any other model, e.g. "
+        "an SD 1.5 or SDXL base with hyper-sd15 / hyper-sdxl)",
+    )
+    g.add_argument(
+        "--num-steps",
+        type=positive_int,
+        default=None,
+        help="sampling steps of a few-step generator, gradients through every one "
+        "(flux-schnell 1-4, default 1; sd3.5-large-turbo 1-4, default 4; sana-sprint 1-2, "
+        "default 2; pixart-dmd and the U-Net generators: 1)",
     )
     g.add_argument(
         "--weights",
@@ -64,7 +73,7 @@ def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = Tr
     g.add_argument(
         "--no-gradient-checkpointing",
         action="store_true",
-        help="keep all U-Net and VAE activations instead of recomputing them",
+        help="keep all U-Net / transformer and VAE activations instead of recomputing them",
     )
     g.add_argument(
         "--height", type=positive_int, default=None, help="image height (default: the model's)"
@@ -449,6 +458,7 @@ def _load(args, model: str | None = None, first: bool = True):
         height=args.height,
         width=args.width,
         gradient_checkpointing=not args.no_gradient_checkpointing,
+        num_steps=args.num_steps,
     )
 
 
@@ -459,6 +469,7 @@ def _model_info(args, gen) -> dict:
         "dtype": args.dtype,
         "vae": args.vae,
         "weights": args.weights,
+        "num_steps": getattr(gen, "num_steps", 1),
     }
 
 

@@ -169,6 +169,14 @@ def register(verbs) -> None:
         help="prompts optimised together in one batch, one Q each (default: %(default)s)",
     )
     add_optimize_options(p)
+    p.add_argument(
+        "--final-steps",
+        type=positive_int,
+        default=None,
+        help="after optimising, re-render each best noise with this many steps of the same "
+        "model, saved as best_{K}step.png beside best.png (ReNO: 4 for flux-schnell; needs a "
+        "generator with multi-step sampling)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -194,7 +202,7 @@ def _run(args) -> int:
         reward_spec_from_args,
     )
     from diffalign.noise.generators import load_generator
-    from diffalign.noise.optimize import run_optimize
+    from diffalign.noise.optimize import check_final_steps, run_optimize
 
     prompts = _prompts_from_args(args)
     check_device(args.device)  # before minutes of model loading
@@ -214,7 +222,9 @@ def _run(args) -> int:
         height=args.height,
         width=args.width,
         gradient_checkpointing=not args.no_gradient_checkpointing,
+        num_steps=args.num_steps,
     )
+    check_final_steps(generator, args.final_steps)  # before the reward model loads
     reward = reward_from_args(args, device=generator.device, dtype="float32")
     report = run_optimize(
         generator,
@@ -228,6 +238,7 @@ def _run(args) -> int:
         seed=args.seed,
         save_every=args.save_every,
         overwrite=args.overwrite,
+        final_steps=args.final_steps,
         run_info={
             "command": "noise optimize",
             "model": args.model,
@@ -235,6 +246,7 @@ def _run(args) -> int:
             "reward": spec,
             "dtype": args.dtype,
             "vae": args.vae,
+            "num_steps": getattr(generator, "num_steps", 1),
             "height": generator.height if args.height is None else args.height,
             "width": generator.width if args.width is None else args.width,
         },

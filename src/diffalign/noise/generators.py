@@ -248,6 +248,13 @@ class DiffusionOneStepGenerator(OneStepGenerator):
         new.unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
         return new
 
+    def load_lora(self, path, adapter_name: str = "default") -> None:
+        """Load a LoRA export (a folder or file `pipe.load_lora_weights` reads) onto the U-Net."""
+        self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+
+    def fuse_lora(self) -> None:
+        self.pipe.fuse_lora()
+
     def export_finetuned(self, out_dir, info: dict | None = None) -> None:
         """Full U-Net: the whole pipeline (`save_pretrained`, loadable as `--model`); a U-Net
         with a LoRA adapter: `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights`
@@ -364,7 +371,8 @@ def load_generator(
     height: int | None = None,
     width: int | None = None,
     gradient_checkpointing: bool = True,
-) -> DiffusionOneStepGenerator:
+    num_steps: int | None = None,
+) -> OneStepGenerator:
     """Load a one-step generator through ``engine.loading.load_pipeline`` (spec E).
 
     ``model``: a generator kind (``sdxl-turbo``, ``sd-turbo``, ``hyper-sd15``, ``hyper-sdxl``;
@@ -381,6 +389,27 @@ def load_generator(
 
     recipe = generator_recipe(model, generator)
     spec = recipe.spec
+    from diffalign.noise.flow_generators import FEWSTEP_GENERATORS, load_fewstep_generator
+
+    if spec.name in FEWSTEP_GENERATORS:  # the few-step transformer generators (issue 17)
+        if weights:
+            raise DiffalignError(f"--weights is for hyper-sd15 / hyper-sdxl, not {spec.name}")
+        if vae is not None:
+            raise DiffalignError(f"--vae is for the U-Net generators, not {spec.name}")
+        return load_fewstep_generator(
+            recipe,
+            num_steps=num_steps,
+            dtype=dtype,
+            device=device,
+            height=height,
+            width=width,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+    if num_steps not in (None, 1):
+        raise DiffalignError(
+            f"--num-steps {num_steps}: {spec.name} samples in exactly 1 step (no multi-step "
+            "sampling)"
+        )
     if weights and spec.weights is None:
         raise DiffalignError(f"--weights is for hyper-sd15 / hyper-sdxl, not {spec.name}")
     if weights and recipe.weights_in_model:

@@ -3,8 +3,9 @@
 A one-step generator maps an initial noise ``z [B, C, h, w]`` and encoded prompts to images in
 ``[0, 1]``, differentiably from ``z``. Test-time optimisation (:mod:`diffalign.noise.optimize`)
 only talks to this interface; the real diffusion generators (SDXL-Turbo, SD-Turbo, Hyper-SD, in
-:mod:`diffalign.noise.generators`) and the toy GAN (:mod:`diffalign.noise.toy.onestep`) are two
-implementations of it.
+:mod:`diffalign.noise.generators`; FLUX.1-schnell, SD3.5-Large-Turbo, SANA-Sprint, PixArt DMD,
+in :mod:`diffalign.noise.flow_generators`) and the toy GAN (:mod:`diffalign.noise.toy.onestep`)
+implement it.
 
 Encoded prompts are a dict of batch-first tensors, so a batch can be sliced and repeated with
 :func:`select_embeds` / :func:`repeat_embeds` whatever the model puts in it.
@@ -93,6 +94,27 @@ class OneStepGenerator(nn.Module):
         """Write the fine-tuned generator so that it loads again as a generator/model."""
         raise NotImplementedError
 
+    def load_lora(self, path, adapter_name: str = "default") -> None:
+        """Load a LoRA export of :meth:`export_finetuned` onto :meth:`trainable_module`."""
+        raise DiffalignError(f"{self.name} takes no LoRA")
+
+    def fuse_lora(self) -> None:
+        """Merge the loaded LoRA into the weights."""
+        raise DiffalignError(f"{self.name} takes no LoRA")
+
+    def max_steps(self) -> int:
+        """The most sampling steps :meth:`render` takes (1: no multi-step sampling)."""
+        return 1
+
+    def render(self, noise: torch.Tensor, embeds: PromptEmbeds, num_steps: int) -> torch.Tensor:
+        """Images from ``num_steps`` sampling steps of the same model (`--final-steps`)."""
+        if num_steps != 1:
+            raise DiffalignError(
+                f"--final-steps {num_steps}: {self.name} has no multi-step sampling"
+            )
+        with torch.no_grad():
+            return self.generate(noise, embeds)
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters():
@@ -102,8 +124,9 @@ class OneStepGenerator(nn.Module):
     def init_noise_sigma(self) -> float:
         """``sigma`` of the model's first latents ``sigma * z`` for standard-normal ``z``: the
         scheduler's ``init_noise_sigma`` (14.6 on SDXL-Turbo / SD-Turbo's trailing Euler, 1 for
-        flow matching, TCD, LCM and the toy GAN; default 1). The seed's noises (its drift term,
-        its ``.pt`` noise files) are ``sigma * z``; ours are ``z``."""
+        flow matching, TCD, LCM, PixArt DMD's DDPM, SANA-Sprint's SCM (its ``sigma_data``
+        scaling stays inside its sampler) and the toy GAN; default 1). The seed's noises (its
+        drift term, its ``.pt`` noise files) are ``sigma * z``; ours are ``z``."""
         return 1.0
 
     def sample_noise(

@@ -495,6 +495,7 @@ def write_prompt_outputs(
     patch_size: int,
     save_q_every: int = 0,
     sigma: float = 1.0,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per prompt (seed layout): init.png, best.png, final_best.png, best_noise.safetensors,
     adapter_final.safetensors, reward_history.{png,json}, orthogonal_gaussian_{init,final}.
@@ -503,7 +504,7 @@ def write_prompt_outputs(
     from diffalign.noise.diagnostics import write_gaussianity_diagnostics
 
     out.mkdir(parents=True, exist_ok=True)
-    summary = _prompt_summary(index, result)
+    summary = {**_prompt_summary(index, result), **(extra or {})}
     write_json(
         out / "reward_history.json",
         {
@@ -594,16 +595,19 @@ def run_optimize(
     overwrite: bool = False,
     run_info: dict[str, Any] | None = None,
     show_progress: bool = True,
+    final_steps: int | None = None,
 ) -> RunReport:
     """Optimise every prompt (``batch_size`` prompts per batch, one Q each) and write the seed's
     layout: one prompt -> files in ``output_dir``; several -> ``output_dir/prompt_{i}/`` plus
     ``summary.json``, ``metrics_per_prompt.json``, ``metrics_summary.json`` and
     ``failures.jsonl`` at the top. Every prompt starts from the same seeded base noise (as the
-    seed does). Holds the output-folder lock for the whole run."""
+    seed does). ``final_steps``: also re-render each best noise with that many steps
+    (``best_{K}step.png`` beside ``best.png``). Holds the output-folder lock for the whole run."""
     from diffalign.engine.io import append_jsonl, output_lock, write_json
     from diffalign.engine.progress import progress
 
     settings.validate()
+    check_final_steps(generator, final_steps)
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise DiffalignError("no prompts given (use --prompt or --prompts FILE)")
@@ -667,8 +671,16 @@ def run_optimize(
             )
             timings.append((time.perf_counter() - t0) / max(1, settings.steps + 1))
             for j, (d, res) in enumerate(zip(dirs, chunk_results)):
+                extra = {}
+                if final_steps is not None and res.ok:
+                    extra = render_final(generator, reward, res, final_steps, d)
                 s = write_prompt_outputs(
-                    d, start + j, res, settings.patch_size, sigma=generator.init_noise_sigma()
+                    d,
+                    start + j,
+                    res,
+                    settings.patch_size,
+                    sigma=generator.init_noise_sigma(),
+                    extra=extra,
                 )
                 s["folder"] = "." if single else d.name
                 summaries.append(s)
@@ -725,6 +737,48 @@ def run_optimize(
                 f"every prompt failed (first: {first}); see {out / 'failures.jsonl'}"
             )
     return RunReport(summary, results)
+
+
+def check_final_steps(generator: OneStepGenerator, final_steps: int | None) -> None:
+    """``--final-steps K`` needs a generator with multi-step sampling and K in its range."""
+    if final_steps is None:
+        return
+    most = generator.max_steps()
+    if most <= 1:
+        raise DiffalignError(
+            f"--final-steps {final_steps}: {generator.name} has no multi-step sampling"
+        )
+    if isinstance(final_steps, bool) or not 1 <= int(final_steps) <= most:
+        raise DiffalignError(
+            f"--final-steps {final_steps} is outside {generator.name}'s range 1..{most}"
+        )
+
+
+def final_step_file(final_steps: int) -> str:
+    """The re-rendered best image beside ``best.png`` (``best_4step.png``)."""
+    return f"best_{final_steps}step.png"
+
+
+def render_final(
+    generator: OneStepGenerator,
+    reward: torch.nn.Module,
+    result: PromptResult,
+    final_steps: int,
+    out: Path,
+) -> dict[str, Any]:
+    """Re-render the best noise with ``final_steps`` steps of the same model (ReNO re-renders
+    FLUX-schnell with 4), save it beside ``best.png`` and score it with the same reward."""
+    k = result.best_noise.shape[0]
+    with torch.no_grad():
+        embeds = repeat_embeds(generator.encode_prompts([result.prompt]), k)
+        images = generator.render(result.best_noise, embeds, final_steps).float()
+        value = reward(images, [result.prompt] * k).float().mean()
+    _save_images(out / final_step_file(final_steps), images.cpu())
+    return {
+        "final_steps": final_steps,
+        "final_steps_image": final_step_file(final_steps),
+        "final_steps_reward": float(value),
+    }
 
 
 def _mean_per_step(results: Sequence[PromptResult]) -> list[float]:

@@ -48,7 +48,7 @@ class GeneratorSpec:
     """One generator kind: its pipeline family, default model, scheduler and extra weights."""
 
     name: str
-    pipeline: str  # "sdxl" | "sd"
+    pipeline: str  # "sdxl" | "sd" | "transformer" (the few-step kinds of flow_generators)
     family: str  # the `load_pipeline` family of its base model
     default_model: str  # preset of the base pipeline
     scheduler: str  # "euler_ancestral" | "euler" | "tcd" | "lcm"
@@ -125,6 +125,59 @@ register_generator(
         weights_file="Hyper-SDXL-1step-Unet.safetensors",
         weights_asset="hyper-sd",
         pipeline_class="StableDiffusionXLPipeline",
+    )
+)
+
+
+# The few-step transformer generators (issue 17; `diffalign.noise.flow_generators` runs them,
+# with their step counts): pipeline "transformer", their presets, the releases they run as.
+register_generator(
+    GeneratorSpec(
+        "flux-schnell",
+        "transformer",
+        "flux",
+        "flux-schnell",
+        "flow_match",
+        1024,
+        pipeline_class="FluxPipeline",
+        release="black-forest-labs/FLUX.1-schnell",
+    )
+)
+register_generator(
+    GeneratorSpec(
+        "sd3.5-large-turbo",
+        "transformer",
+        "sd3.5-large-turbo",
+        "sd3.5-large-turbo",
+        "flow_match",
+        1024,
+        pipeline_class="StableDiffusion3Pipeline",
+        release="stabilityai/stable-diffusion-3.5-large-turbo",
+    )
+)
+register_generator(
+    GeneratorSpec(
+        "sana-sprint",
+        "transformer",
+        "sana-sprint",
+        "sana-sprint",
+        "scm",
+        1024,
+        pipeline_class="SanaSprintPipeline",
+        release="Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+    )
+)
+register_generator(
+    GeneratorSpec(
+        "pixart-dmd",
+        "transformer",
+        "pixart-dmd",
+        "pixart-dmd",
+        "ddpm",
+        512,
+        timesteps=(400,),
+        pipeline_class="PixArtAlphaPipeline",
+        release="PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
     )
 )
 

@@ -298,10 +298,15 @@ def prepare_unet(
     if lora_rank is None and init_lora is None:
         unet.requires_grad_(True)
         return False
+    if not hasattr(unet, "add_adapter"):  # e.g. PixArt-alpha's transformer in diffusers 0.42
+        raise DiffalignError(
+            f"{generator.name} takes no LoRA: its {type(unet).__name__} has no diffusers LoRA "
+            "support; fine-tune the whole model (leave out --lora-rank / --init-lora)"
+        )
     if init_lora is not None:
         try:
             with library_output_held():  # diffusers logs the failure itself: our line alone
-                generator.pipe.load_lora_weights(str(init_lora), adapter_name="default")
+                generator.load_lora(init_lora, adapter_name="default")
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DiffalignError(f"--init-lora {init_lora}: cannot load it ({first})") from None

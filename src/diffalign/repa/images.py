@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.pairs import center_crop_resize  # noqa: F401  (the §3.1 transform)
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MANIFEST_COLUMNS = ("id", "wnid", "label", "split")
@@ -213,20 +214,6 @@ class ImageZip:
 
 # ---------------------------------------------------------------------------------------------
 # The §3.1 transform
-
-
-def center_crop_resize(img, resolution: int):
-    """Seed §3.1: RGB, shorter side to `resolution` (bicubic), centre crop `resolution`^2."""
-    from PIL import Image
-
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
 
 
 def encode_jpeg(path: str | os.PathLike, resolution: int, quality: int = 95) -> bytes:

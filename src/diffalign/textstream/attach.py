@@ -1,7 +1,9 @@
-"""Attach the text-stream residual to an SD3 / SD3.5 `SD3Transformer2DModel` (spec T).
+"""Attach the text-stream residual to an MMDiT transformer (spec T; issue 15).
 
 `TextStreamResidual` holds validated settings; `attach(transformer)` registers torch forward
-pre-hooks on the joint blocks and returns a handle that is also a context manager:
+pre-hooks on the blocks that the family's `StreamAdapter` lists (SD3/SD3.5 joint blocks, FLUX.1
+double then single blocks with global indices, Qwen-Image blocks) and returns a handle that is
+also a context manager:
 
     with TextStreamResidual(origin_layer=0, target_layers=[2, 3], weights=[0.5]).attach(tr):
         images = pipe(prompt).images
@@ -17,6 +19,11 @@ keyed by the identity of that forward's `temb` tensor (one object shared by ever
 transformer forward); a target block's hook looks them up by its own `temb`. So a recompute
 under gradient checkpointing, which calls a block's hook again with the same inputs, gives the
 same result, even when several forwards ran before the backward.
+
+Per-timestep-bucket rotations: a pre-hook on the transformer reads that forward's `timestep`;
+the origin hook turns it into each row's bucket and stores it with the origin tokens.
+Weights are read from the residual object when a target hook runs (`residual.weights[i]`), so
+a tensor of learned weights (requiring grad) may be swapped in; the mix is differentiable in it.
 """
 
 from __future__ import annotations
@@ -31,32 +38,61 @@ import torch
 
 from diffalign.engine.cliutils import parse_float_list, parse_int_list
 from diffalign.engine.errors import DiffalignError
-from diffalign.textstream.residual import MODES, compute_dtype, ln_mix, residual_mix, standardize
-from diffalign.textstream.rotations import RotationSet, check_rotation, load_rotations
+from diffalign.textstream.adapters import StreamAdapter, stream_adapter, transformer_feature_dim
+from diffalign.textstream.residual import (
+    MODES,
+    bucket_index,
+    column_center,
+    compute_dtype,
+    ln_mix,
+    residual_mix,
+    standardize,
+)
+from diffalign.textstream.rotations import (
+    RotationSet,
+    check_bucket_edges,
+    check_rotation,
+    load_rotations,
+)
+
+__all__ = [
+    "AttachedResidual",
+    "TextStreamResidual",
+    "build_residual",
+    "stream_adapter",
+    "transformer_feature_dim",
+]
 
 
 class TextStreamResidual:
     """Residual text-stream streaming settings (spec T); `attach` applies them to a transformer.
 
     origin_layer: 0 = text after the context embedder (= input of block 0); k = text entering
-    block k. target_layers: blocks whose incoming text gets the residual (origin < t).
-    weights: one per target, or one value for all, or None (= 1.0). mode: "plain" or "ln".
-    rotations: `{layer: [d, d] orthogonal}` for every target, or the `RotationSet` that
-    `load_rotations` returns ("ln" only). layernorm: apply a parameter-free LayerNorm to the
-    mix ("ln" only).
+    block k (global block index in execution order, see `adapters`). target_layers: blocks whose
+    incoming text gets the residual (origin < t). weights: one per target, or one value for all,
+    or None (= 1.0); a 1-D tensor (e.g. learned, requiring grad) is kept as a tensor and read at
+    call time. mode: "plain" or "ln". rotations: `{layer: [d, d] orthogonal}` (or `[N, d, d]`,
+    one per timestep bucket, with `timestep_bucket_edges`) for every target, or the
+    `RotationSet` that `load_rotations` returns ("ln" only). layernorm: a parameter-free
+    LayerNorm on the mix ("ln" only). column_center: centre the standardised origin tokens'
+    feature columns over the sequence before rotating (for files calibrated with --col-center).
     """
 
     def __init__(
         self,
         origin_layer: int = 0,
         target_layers: Sequence[int] | str | None = (),
-        weights: Sequence[float] | float | str | None = None,
+        weights: Sequence[float] | float | str | torch.Tensor | None = None,
         mode: str = "plain",
         rotations: Mapping[int, torch.Tensor] | RotationSet | None = None,
         layernorm: bool = False,
         eps: float = 1e-6,
+        timestep_bucket_edges: Sequence[float] | None = None,
+        column_center: bool = False,
     ):
         if isinstance(rotations, RotationSet):  # straight from load_rotations(path)
+            if timestep_bucket_edges is None:
+                timestep_bucket_edges = rotations.timestep_bucket_edges
             rotations = rotations.rotations
         if rotations is not None and not isinstance(rotations, Mapping):
             raise DiffalignError(
@@ -84,6 +120,7 @@ class TextStreamResidual:
             raise DiffalignError(f"eps must be a positive number (got {eps!r})")
         self.eps = float(eps)
         self.layernorm = bool(layernorm)
+        self.column_center = bool(column_center)
         if mode == "plain" and rotations:
             raise DiffalignError(
                 "rotations (a Procrustes file) need --residual-mode ln; plain mode adds the "
@@ -91,6 +128,12 @@ class TextStreamResidual:
             )
         if mode == "plain" and self.layernorm:
             raise DiffalignError("--residual-layernorm needs --residual-mode ln")
+        if mode == "plain" and self.column_center:
+            raise DiffalignError("--col-center needs --residual-mode ln")
+        self.timestep_bucket_edges: list[float] | None = None
+        if timestep_bucket_edges is not None:
+            self.timestep_bucket_edges = check_bucket_edges(timestep_bucket_edges)
+        buckets = self.num_buckets
         self.rotations: dict[int, torch.Tensor] | None = None
         if rotations:
             missing = [t for t in targets if t not in rotations]
@@ -103,15 +146,25 @@ class TextStreamResidual:
             if len(dims) > 1:
                 raise DiffalignError(f"rotations of different sizes: {sorted(dims)}")
             self.rotations = {
-                t: check_rotation(rotations[t], None, f"rotation for layer {t}") for t in targets
+                t: _check_bucketed(rotations[t], buckets, None, f"rotation for layer {t}")
+                for t in targets
             }
+        elif buckets > 1:
+            raise DiffalignError("timestep buckets need per-bucket rotations (a rotation file)")
         self.source: dict[str, Any] = {}  # where the rotations came from (for settings())
 
     @property
-    def active_targets(self) -> list[tuple[int, float]]:
-        """(layer, weight) pairs that change the output (zero-weight plain targets are skipped)."""
+    def num_buckets(self) -> int:
+        """Timestep buckets of the rotations (1 without bucket edges)."""
+        edges = self.timestep_bucket_edges
+        return 1 if edges is None else len(edges) - 1
+
+    @property
+    def active_targets(self) -> list[tuple[int, Any]]:
+        """(layer, weight) pairs that change the output (zero-weight plain targets are skipped;
+        tensor weights are never skipped: they may change)."""
         pairs = list(zip(self.target_layers, self.weights))
-        if self.mode == "plain":
+        if self.mode == "plain" and not isinstance(self.weights, torch.Tensor):
             pairs = [(t, w) for t, w in pairs if w != 0.0]
         return pairs
 
@@ -125,31 +178,45 @@ class TextStreamResidual:
             )
         if self.origin_layer > num_layers - 1:
             raise DiffalignError(
-                f"origin layer {self.origin_layer} out of range (0..{num_layers - 1})"
+                f"origin layer {self.origin_layer} out of range: the transformer has "
+                f"{num_layers} blocks (0..{num_layers - 1})"
             )
         if self.rotations:
             for t, r in self.rotations.items():
-                check_rotation(r, feature_dim, f"rotation for layer {t}")
+                _check_bucketed(r, self.num_buckets, feature_dim, f"rotation for layer {t}")
+
+    def rotation(self, layer: int, bucket: int = 0) -> torch.Tensor | None:
+        """The `[d, d]` rotation of `layer` in timestep bucket `bucket` (None without)."""
+        if not self.rotations:
+            return None
+        r = self.rotations[layer]
+        return r if r.ndim == 2 else r[bucket]
 
     def mix(
-        self, layer: int, weight: float, target: torch.Tensor, origin: torch.Tensor
+        self,
+        layer: int,
+        weight: float | torch.Tensor,
+        target: torch.Tensor,
+        origin: torch.Tensor,
+        bucket: int = 0,
     ) -> torch.Tensor:
         """The residual for one target block (spec T), delegating to `residual_mix`."""
-        rotation = self.rotations[layer] if self.rotations else None
         return residual_mix(
-            target, origin, weight, self.mode, rotation, layernorm=self.layernorm, eps=self.eps
+            target,
+            origin,
+            weight,
+            self.mode,
+            self.rotation(layer, bucket),
+            layernorm=self.layernorm,
+            eps=self.eps,
+            center_origin=self.column_center,
         )
 
     def attach(self, transformer: torch.nn.Module) -> AttachedResidual:
-        """Register the hooks on `transformer.transformer_blocks`; returns the detach handle."""
-        blocks = getattr(transformer, "transformer_blocks", None)
-        if blocks is None:
-            raise DiffalignError(
-                f"{type(transformer).__name__} has no transformer_blocks; the text-stream "
-                "residual needs an SD3/SD3.5 SD3Transformer2DModel"
-            )
-        self.check_model(len(blocks), transformer_feature_dim(transformer))
-        return AttachedResidual(self, blocks, _module_device(transformer))
+        """Register the hooks on the transformer's blocks (see `adapters`); returns the handle."""
+        adapter = stream_adapter(transformer)
+        self.check_model(adapter.num_blocks, adapter.feature_dim)
+        return AttachedResidual(self, adapter, transformer)
 
     def settings(self) -> dict[str, Any]:
         """JSON-able resolved settings (recorded in settings.json by generation commands)."""
@@ -157,11 +224,17 @@ class TextStreamResidual:
             "enabled": bool(self.active_targets),
             "origin_layer": self.origin_layer,
             "target_layers": list(self.target_layers),
-            "weights": list(self.weights),
+            "weights": [float(w) for w in self.weights],
             "mode": self.mode,
             "layernorm": self.layernorm,
             "eps": self.eps,
             "rotations": bool(self.rotations),
+            **(
+                {"timestep_bucket_edges": list(self.timestep_bucket_edges)}
+                if self.timestep_bucket_edges is not None
+                else {}
+            ),
+            **({"column_center": True} if self.column_center else {}),
             **({"procrustes": dict(self.source)} if self.source else {}),
         }
 
@@ -178,27 +251,34 @@ class AttachedResidual:
     """Hooks of one `TextStreamResidual` on one transformer; `detach()` (or leaving the `with`
     block, also on an exception) removes them and leaves the model exactly as before."""
 
-    def __init__(self, residual: TextStreamResidual, blocks: Sequence[torch.nn.Module], device):
+    def __init__(
+        self, residual: TextStreamResidual, adapter: StreamAdapter, transformer: torch.nn.Module
+    ):
         self.residual = residual
+        self.adapter = adapter
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._origins: dict[int, tuple[weakref.ref | None, torch.Tensor]] = {}
+        self._origins: dict[int, tuple[weakref.ref | None, torch.Tensor, Any]] = {}
         self._rotations: dict[tuple[int, torch.device], torch.Tensor] = {}
-        if residual.rotations and device is not None:
-            for t, r in residual.rotations.items():
-                self._rotations[(t, torch.device(device))] = r.to(device)
+        self._timestep: torch.Tensor | None = None
         active = residual.active_targets
         if not active:
             return  # nothing registered: the transformer runs untouched (bit-identical)
+        blocks = adapter.blocks
+        index = {t: i for i, t in enumerate(residual.target_layers)}
         try:
+            if residual.num_buckets > 1:
+                self._handles.append(
+                    transformer.register_forward_pre_hook(self._capture_timestep, with_kwargs=True)
+                )
             self._handles.append(
                 blocks[residual.origin_layer].register_forward_pre_hook(
                     self._capture_origin, with_kwargs=True
                 )
             )
-            for layer, weight in active:
+            for layer, _ in active:
                 self._handles.append(
                     blocks[layer].register_forward_pre_hook(
-                        self._make_target_hook(layer, weight), with_kwargs=True
+                        self._make_target_hook(layer, index[layer]), with_kwargs=True
                     )
                 )
         except BaseException:
@@ -214,6 +294,7 @@ class AttachedResidual:
         while self._handles:
             self._handles.pop().remove()
         self._origins.clear()
+        self._timestep = None
 
     def __enter__(self) -> AttachedResidual:
         return self
@@ -222,51 +303,91 @@ class AttachedResidual:
         self.detach()
 
     # -- hooks ---------------------------------------------------------------------------
+    def _capture_timestep(self, module, args, kwargs):
+        t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
+        if not isinstance(t, torch.Tensor | int | float):
+            raise DiffalignError("text-stream residual: timestep buckets need the timestep")
+        self._timestep = torch.as_tensor(t)
+        return None
+
+    def _buckets(self, batch: int) -> torch.Tensor | None:
+        """This forward's bucket per batch row (None with one bucket)."""
+        res = self.residual
+        if res.num_buckets == 1:
+            return None
+        if self._timestep is None:
+            raise DiffalignError("text-stream residual: no timestep seen before the origin block")
+        t = self._timestep.detach().to(torch.float64).cpu().flatten() * self.adapter.timestep_scale
+        buckets = bucket_index(t, res.timestep_bucket_edges)
+        if buckets.numel() == 1:
+            return buckets.expand(batch)
+        if buckets.numel() != batch:
+            raise DiffalignError(
+                f"text-stream residual: {buckets.numel()} timesteps for a batch of {batch}"
+            )
+        return buckets
+
     def _capture_origin(self, module, args, kwargs):
-        text = _get_text(args, kwargs)
-        temb = _get_temb(args, kwargs)
+        res = self.residual
+        text = self.adapter.get_text(args, kwargs)
+        temb = self.adapter.get_temb(args, kwargs)
         key = id(temb)
         ref = None
         if isinstance(temb, torch.Tensor):
             origins = self._origins
             ref = weakref.ref(temb, lambda _r, k=key, d=origins: _drop(d, k, _r))
+        old = self._origins.get(key)
+        if old is not None and old[0] is not None and old[0]() is temb:
+            buckets = old[2]  # a recompute (gradient checkpointing): keep the forward's buckets
+        else:
+            buckets = self._buckets(text.shape[0])
         # LN mode: the origin is standardised once per forward and shared by every target
-        if self.residual.mode == "ln":
-            text = standardize(text.to(compute_dtype(text)), self.residual.eps)[0]
-        self._origins[key] = (ref, text)
+        if res.mode == "ln":
+            text = standardize(text.to(compute_dtype(text)), res.eps)[0]
+            if res.column_center:
+                text = column_center(text)
+        self._origins[key] = (ref, text, buckets)
         return None
 
-    def _lookup_origin(self, args, kwargs) -> torch.Tensor:
-        """The origin tokens (standardised in LN mode) captured in this forward."""
-        temb = _get_temb(args, kwargs)
+    def _lookup_origin(self, args, kwargs) -> tuple[torch.Tensor, Any]:
+        """The origin tokens (standardised in LN mode) and buckets captured in this forward."""
+        temb = self.adapter.get_temb(args, kwargs)
         entry = self._origins.get(id(temb))
         if entry is not None and (entry[0] is None or entry[0]() is temb):
-            return entry[1]
+            return entry[1], entry[2]
         raise DiffalignError(
             f"text-stream residual: origin block {self.residual.origin_layer} did not run before "
             "a target block in this forward (is it in skip_layers?)"
         )
 
-    def _rotation_on(self, layer: int, device: torch.device) -> torch.Tensor | None:
+    def _rotation_on(self, layer: int, device: torch.device, buckets) -> torch.Tensor | None:
+        """`[d, d]`, or `[B, d, d]` when the rows of the batch fall in different buckets."""
         if not self.residual.rotations:
             return None
         key = (layer, device)
         if key not in self._rotations:
-            self._rotations[key] = self.residual.rotations[layer].to(device)
-        return self._rotations[key]
+            r = self.residual.rotations[layer]
+            self._rotations[key] = (r if r.ndim == 3 else r[None]).to(device)
+        stack = self._rotations[key]
+        if buckets is None:
+            return stack[0]
+        if bool((buckets == buckets[0]).all()):
+            return stack[int(buckets[0])]
+        return stack[buckets.to(device)]
 
-    def _make_target_hook(self, layer: int, weight: float):
+    def _make_target_hook(self, layer: int, i: int):
         res = self.residual
 
         def hook(module, args, kwargs):
-            text = _get_text(args, kwargs)
-            origin = self._lookup_origin(args, kwargs)
+            text = self.adapter.get_text(args, kwargs)
+            origin, buckets = self._lookup_origin(args, kwargs)
+            weight = res.weights[i]  # read now: a learned weight tensor may be swapped in
             if res.mode == "ln":
-                rotation = self._rotation_on(layer, text.device)
+                rotation = self._rotation_on(layer, text.device, buckets)
                 mixed = ln_mix(text, origin, weight, rotation, res.layernorm, res.eps)
             else:
                 mixed = residual_mix(text, origin, weight, "plain")
-            return _set_text(args, kwargs, mixed)
+            return self.adapter.set_text(args, kwargs, mixed)
 
         return hook
 
@@ -276,17 +397,22 @@ def build_residual(
     feature_dim: int,
     origin_layer: int | None = None,
     target_layers: Sequence[int] | str | None = None,
-    weights: Sequence[float] | float | str | None = None,
+    weights: Sequence[float] | float | str | torch.Tensor | None = None,
     mode: str | None = None,
     procrustes_path: str | None = None,
     layernorm: bool = False,
     eps: float = 1e-6,
+    family: str | None = None,
+    column_center: bool | None = None,
+    timestep_buckets: int | None = None,
 ) -> TextStreamResidual | None:
     """Resolve the CLI's residual options for a transformer of this shape (spec T).
 
     Returns None when the feature is off (no targets). With `procrustes_path`: mode defaults to
     "ln" ("plain" is an error), origin and targets default to the file's, and the file's
-    rotation size must equal `feature_dim`.
+    rotation size (and, with `family`, its model family) must fit the model. `column_center`
+    True needs a file calibrated with column centring; `timestep_buckets` (if given) must equal
+    the file's bucket count.
     """
     if isinstance(target_layers, str):
         target_layers = parse_int_list(target_layers, "--residual-target-layers")
@@ -294,6 +420,9 @@ def build_residual(
         weights = parse_float_list(weights, "--residual-weights") or None
     source: dict[str, Any] = {}
     rotations = None
+    edges = None
+    if column_center and not procrustes_path:
+        raise DiffalignError("--col-center needs a rotation file calibrated with --col-center")
     if procrustes_path:
         if mode == "plain":
             raise DiffalignError(
@@ -301,7 +430,22 @@ def build_residual(
                 "standardised tokens)"
             )
         mode = mode or "ln"
-        rs = load_rotations(procrustes_path, feature_dim=feature_dim)
+        rs = load_rotations(procrustes_path, feature_dim=feature_dim, family=family)
+        if column_center and not rs.column_center:
+            raise DiffalignError(
+                f"{procrustes_path}: --col-center given, but the file was calibrated without "
+                f"column centring (strategy {rs.strategy})"
+            )
+        if timestep_buckets is not None and timestep_buckets != rs.num_buckets:
+            raise DiffalignError(
+                f"{procrustes_path}: {rs.num_buckets} timestep bucket(s) in the file, "
+                f"{timestep_buckets} asked for"
+            )
+        if rs.target_layers and max(rs.target_layers) > num_layers - 1:
+            raise DiffalignError(
+                f"{procrustes_path}: rotations for blocks up to {max(rs.target_layers)}, but the "
+                f"transformer has {num_layers} blocks (calibrated for another model?)"
+            )
         if origin_layer is None:
             origin_layer = rs.origin_layer
         if target_layers is None:
@@ -314,15 +458,28 @@ def build_residual(
                     f"layers {rs.target_layers})"
                 )
         rotations = {t: rs.rotations[t] for t in (target_layers or [])}
+        edges = rs.timestep_bucket_edges
         source = {
             "path": str(procrustes_path),
             "origin_layer": rs.origin_layer,
             "target_layers": list(rs.target_layers),
             "strategy": rs.strategy,
+            "token_strategy": rs.token_strategy,
             "num_valid_tokens": rs.num_valid_tokens,
+            "column_center": rs.column_center,
+            "timestep_buckets": rs.num_buckets,
+            **({"model_family": rs.model_family} if rs.model_family else {}),
         }
     if not target_layers:
         return None
+    origin = 0 if origin_layer is None else origin_layer
+    early = [t for t in target_layers if isinstance(t, int) and t <= origin]
+    if early:
+        raise DiffalignError(
+            f"target layers {early} are not after the origin layer {origin}: the transformer "
+            f"has {num_layers} blocks (origin 0..{num_layers - 2}, targets origin+1.."
+            f"{num_layers - 1})"
+        )
     res = TextStreamResidual(
         origin_layer=0 if origin_layer is None else origin_layer,
         target_layers=target_layers,
@@ -331,19 +488,12 @@ def build_residual(
         rotations=rotations,
         layernorm=layernorm,
         eps=eps,
+        timestep_bucket_edges=edges,
+        column_center=bool(column_center),
     )
     res.check_model(num_layers, feature_dim)
     res.source = source
     return res
-
-
-def transformer_feature_dim(transformer: torch.nn.Module) -> int:
-    """Width of the text stream: `num_attention_heads * attention_head_dim`."""
-    cfg = getattr(transformer, "config", None)
-    try:
-        return int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
-    except AttributeError:
-        return int(transformer.inner_dim)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -351,32 +501,6 @@ def _drop(store: dict, key: int, ref: weakref.ref) -> None:
     entry = store.get(key)
     if entry is not None and entry[0] is ref:
         del store[key]
-
-
-def _get_text(args: tuple, kwargs: dict) -> torch.Tensor:
-    if "encoder_hidden_states" in kwargs:
-        return kwargs["encoder_hidden_states"]
-    if len(args) > 1:
-        return args[1]
-    raise DiffalignError("text-stream residual: block called without encoder_hidden_states")
-
-
-def _get_temb(args: tuple, kwargs: dict) -> Any:
-    if "temb" in kwargs:
-        return kwargs["temb"]
-    return args[2] if len(args) > 2 else None
-
-
-def _set_text(args: tuple, kwargs: dict, text: torch.Tensor) -> tuple[tuple, dict]:
-    if "encoder_hidden_states" in kwargs:
-        return args, {**kwargs, "encoder_hidden_states": text}
-    return (args[0], text, *args[2:]), kwargs
-
-
-def _module_device(module: torch.nn.Module):
-    for p in module.parameters():
-        return p.device
-    return None
 
 
 def _layer_index(value: Any, what: str) -> int:
@@ -392,7 +516,38 @@ def _layer_index(value: Any, what: str) -> int:
     return value
 
 
-def _expand_weights(weights: Sequence[float] | float | str | None, n: int) -> list[float]:
+def _check_bucketed(
+    rotation: torch.Tensor, buckets: int, feature_dim: int | None, what: str
+) -> torch.Tensor:
+    """A `[d, d]` rotation (one bucket) or `[N, d, d]` (one per bucket), each checked."""
+    if isinstance(rotation, torch.Tensor) and rotation.ndim == 3:
+        if rotation.shape[0] != buckets:
+            raise DiffalignError(
+                f"{what}: {rotation.shape[0]} per-bucket rotations for {buckets} timestep bucket(s)"
+            )
+        return torch.stack(
+            [check_rotation(r, feature_dim, f"{what}, bucket {b}") for b, r in enumerate(rotation)]
+        )
+    if buckets != 1:
+        raise DiffalignError(f"{what}: one rotation for {buckets} timestep buckets")
+    return check_rotation(rotation, feature_dim, what)
+
+
+def _expand_weights(
+    weights: Sequence[float] | float | str | torch.Tensor | None, n: int
+) -> list[float] | torch.Tensor:
+    if isinstance(weights, torch.Tensor) and weights.is_floating_point():
+        # learned weights: kept as a tensor (grad flows through the mix), one per target
+        w = weights.reshape(-1)
+        if w.numel() == 1 and n != 1:
+            w = w.expand(n)
+        if w.numel() != n:
+            raise DiffalignError(f"{w.numel()} residual weights for {n} target layers")
+        if not bool(torch.isfinite(w.detach()).all()):
+            raise DiffalignError("residual weights must be finite")
+        return w
+    if isinstance(weights, torch.Tensor):
+        weights = weights.tolist()
     if isinstance(weights, str):
         weights = parse_float_list(weights, "weights") or None
     if weights is None:

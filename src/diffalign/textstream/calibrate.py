@@ -18,6 +18,14 @@ Where x_t comes from (`xt_source`):
 Token strategy: "all" uses every text token (77 CLIP + T5 tokens); "valid" keeps CLIP tokens
 through EOS and T5 tokens through EOS (the tokenizers' attention masks), dropping padding.
 
+Families (issue 15): SD3/SD3.5 run the loop above by hand; FLUX.1 and Qwen-Image run their own
+pipeline from the sample's noise with a step callback (`_run_batch_pipeline`), so distilled
+guidance, true CFG and dynamic shifting are exactly the pipeline's. Blocks are found by the
+family's `StreamAdapter` (global indices). "valid" keeps T5 tokens through EOS on FLUX.1 and
+the tokens the Qwen-Image blocks' text mask keeps. With `timestep_buckets` N > 1 each row goes
+to the accumulator of the bucket its timestep falls in (one rotation per bucket and target);
+`col_center` centres the feature columns before each solve (`X^T Y - s_x s_y^T / n`).
+
 Under `accelerate launch` each process takes samples `rank, rank + world, ...`, the sums are
 all-reduced, and rank 0 writes the rotation file, `summary.json` and `procrustes_errors.png`.
 Each sample's randomness comes from `(seed, sample index)`, so the result does not depend on
@@ -36,10 +44,11 @@ import torch
 
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.progress import progress
-from diffalign.textstream.attach import TextStreamResidual, transformer_feature_dim
+from diffalign.textstream.adapters import StreamAdapter, stream_adapter
+from diffalign.textstream.attach import TextStreamResidual
 from diffalign.textstream.procrustes import ProcrustesAccumulator
-from diffalign.textstream.residual import standardize
-from diffalign.textstream.rotations import RotationSet, save_rotations
+from diffalign.textstream.residual import bucket_index, standardize
+from diffalign.textstream.rotations import RotationSet, equal_bucket_edges, save_rotations
 
 TOKEN_STRATEGIES = ("all", "valid")
 XT_SOURCES = ("trajectory", "noise")
@@ -97,38 +106,100 @@ def text_token_mask(pipe, prompts: list[str], num_tokens: int, max_sequence_leng
 
 
 class _TokenCollector:
-    """Forward pre-hooks that stream standardised origin/target tokens into the accumulator.
+    """Forward pre-hooks that stream standardised origin/target tokens into the accumulators.
 
     Inactive unless `rows` is set: then the rows `rows` of the batch, restricted to the token
-    mask `mask [len(rows), n]`, are collected during the next transformer forward.
+    mask `mask [len(rows), n]` (None: every token, or on Qwen-Image with `use_call_mask` the
+    mask the blocks get), are collected during the next transformer forward, each row into the
+    accumulator of its timestep bucket (`accs[b]`; one accumulator without bucket edges).
+    `blocks` is a `StreamAdapter` (or, for SD3, the list of joint blocks).
     """
 
     def __init__(
-        self, blocks, origin: int, targets: list[int], acc: ProcrustesAccumulator, eps: float
+        self,
+        blocks,
+        origin: int,
+        targets: list[int],
+        accs,
+        eps: float,
+        transformer: torch.nn.Module | None = None,
+        bucket_edges: Sequence[float] | None = None,
     ):
-        self.acc, self.eps, self.origin = acc, eps, origin
+        accs = list(accs) if isinstance(accs, list | tuple) else [accs]
+        if not isinstance(blocks, StreamAdapter):
+            blocks = StreamAdapter("sd3", tuple(blocks), accs[0].feature_dim)
+        self.adapter, self.accs, self.eps, self.origin = blocks, accs, eps, origin
+        self.acc = accs[0]
+        self.edges = None if bucket_edges is None else list(bucket_edges)
         self.rows: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
-        self._x: torch.Tensor | None = None
-        self.handles = [blocks[origin].register_forward_pre_hook(self._origin, with_kwargs=True)]
+        self.use_call_mask = False
+        self.call_masks: list[torch.Tensor | None] | None = None  # per call of one step
+        self.calls_in_step = 0
+        self._row_buckets: torch.Tensor | None = None
+        self._x: list | None = None
+        self.handles = []
+        if transformer is not None:
+            self.handles.append(
+                transformer.register_forward_pre_hook(self._forward, with_kwargs=True)
+            )
+        blocks = self.adapter.blocks
+        self.handles.append(
+            blocks[origin].register_forward_pre_hook(self._origin, with_kwargs=True)
+        )
         for t in targets:
             self.handles.append(
                 blocks[t].register_forward_pre_hook(self._target(t), with_kwargs=True)
             )
 
-    def _tokens(self, args, kwargs) -> torch.Tensor:
-        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
-        sel = text[self.rows.to(text.device)].to(device=self.acc.xty.device, dtype=torch.float64)
-        sel = sel[self.mask.to(sel.device)]  # [tokens, d]
-        return standardize(sel, self.eps)[0]
+    def _forward(self, module, args, kwargs):
+        """Per transformer call: the rows' buckets from its timestep; the call's token mask."""
+        if self.call_masks is not None and self.rows is not None:
+            k = min(self.calls_in_step, len(self.call_masks) - 1)
+            self.mask = self.call_masks[k]
+        self.calls_in_step += 1
+        if self.edges is None:
+            self._row_buckets = None
+            return
+        t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
+        if t is None:
+            raise DiffalignError("timestep buckets: the transformer was called without timestep")
+        t = torch.as_tensor(t).detach().to(torch.float64).cpu().flatten()
+        self._row_buckets = bucket_index(t * self.adapter.timestep_scale, self.edges)
+
+    def _groups(self, args, kwargs) -> list[tuple[int, torch.Tensor]]:
+        """(bucket, standardised `[tokens, d]`) of the collected rows of this call."""
+        text = self.adapter.get_text(args, kwargs)
+        rows = self.rows.to(text.device)
+        sel = text[rows].to(device=self.acc.xty.device, dtype=torch.float64)
+        mask = self.mask
+        if mask is None and self.use_call_mask:
+            mask = self.adapter.get_text_mask(args, kwargs)
+            mask = None if mask is None else mask[rows].bool()
+        if mask is None:
+            mask = torch.ones(sel.shape[:2], dtype=torch.bool)
+        mask = mask.to(sel.device)
+        if self._row_buckets is None:
+            buckets = torch.zeros(len(rows), dtype=torch.long)
+        else:
+            rb = self._row_buckets
+            buckets = rb.expand(text.shape[0]) if rb.numel() == 1 else rb
+            buckets = buckets[self.rows.cpu()]
+        out = []
+        for b in sorted(set(buckets.tolist())):
+            pick = (buckets == b).to(sel.device)
+            tokens = sel[pick][mask[pick]]  # [tokens, d]
+            out.append((b, standardize(tokens, self.eps)[0]))
+        return out
 
     def _origin(self, module, args, kwargs):
-        self._x = None if self.rows is None else self._tokens(args, kwargs)
+        self._x = None if self.rows is None else self._groups(args, kwargs)
 
     def _target(self, layer: int):
         def hook(module, args, kwargs):
             if self.rows is not None:
-                self.acc.add(layer, self._x, self._tokens(args, kwargs))
+                for (b, x), (_, y) in zip(self._x, self._groups(args, kwargs)):
+                    self.accs[b].add(layer, x, y)
 
         return hook
 
@@ -149,25 +220,31 @@ def calibrate(
     seed: int = 0,
     token_strategy: str = "all",
     xt_source: str = "trajectory",
-    steps: int = 28,
+    steps: int | None = None,
     cfg: float = 1.0,
     height: int | None = None,
     width: int | None = None,
     batch_size: int = 1,
     dtype: str = "auto",
     device: str | None = None,
-    max_sequence_length: int = 256,
+    max_sequence_length: int | None = None,
     eps: float = 1e-6,
     pipe: Any = None,
     prompts: Sequence[str] | None = None,
     single_file_config: str | None = None,
+    timestep_buckets: int = 1,
+    col_center: bool = False,
+    guidance: float | None = None,
 ) -> dict:
     """Calibrate per-layer Procrustes rotations and write them to `output` (spec T).
 
-    `pipe` (a loaded `StableDiffusion3Pipeline`) and `prompts` may be given instead of
+    `pipe` (a loaded SD3, FLUX.1 or Qwen-Image pipeline) and `prompts` may be given instead of
     `model` / `dataset`. `cfg > 1` adds the unconditional branch (empty negative prompt) to both
-    the trajectory and the collected tokens. Returns the summary that is also written to
-    `summary.json` beside `output`.
+    the trajectory and the collected tokens. `steps`, `max_sequence_length` and FLUX's
+    `guidance` default to the model card's. `timestep_buckets` N > 1 calibrates one rotation
+    per bucket of the 0..1000 schedule split in N equal parts, from the samples whose drawn
+    timestep falls in it; `col_center` centres the feature columns before each solve. Returns
+    the summary that is also written to `summary.json` beside `output`.
     """
     from diffalign.engine.distributed import process_state
 
@@ -178,13 +255,17 @@ def calibrate(
         raise DiffalignError(f"--xt-source must be one of {', '.join(XT_SOURCES)}")
     for name, value in (
         ("--num-samples", num_samples),
-        ("--steps", steps),
+        ("--steps", 1 if steps is None else steps),
         ("--batch-size", batch_size),
+        ("--timestep-buckets", timestep_buckets),
+        ("--max-sequence-length", 1 if max_sequence_length is None else max_sequence_length),
     ):
         if int(value) < 1:
             raise DiffalignError(f"{name} must be at least 1 (got {value})")
     if not math.isfinite(float(cfg)) or cfg < 0:
         raise DiffalignError(f"--cfg must be a finite number >= 0 (got {cfg})")
+    if guidance is not None and (not math.isfinite(float(guidance)) or guidance < 0):
+        raise DiffalignError(f"--guidance must be a finite number >= 0 (got {guidance})")
     if not 0 <= int(seed) <= 2**63 - 1:
         raise DiffalignError(f"--seed must be between 0 and 2**63 - 1 (got {seed})")
     output_path = Path(output)
@@ -222,6 +303,9 @@ def calibrate(
             prompts=prompts,
             single_file_config=single_file_config,
             started=started,
+            timestep_buckets=int(timestep_buckets),
+            col_center=bool(col_center),
+            guidance=guidance,
         )
 
 
@@ -252,6 +336,9 @@ def _calibrate_locked(
     prompts,
     single_file_config,
     started,
+    timestep_buckets=1,
+    col_center=False,
+    guidance=None,
 ) -> dict:
     run_device = torch.device(device) if device else state.device
     torch_dtype = _resolve_dtype(dtype, run_device)
@@ -266,14 +353,36 @@ def _calibrate_locked(
     if not prompts:
         raise DiffalignError("the calibration prompt set is empty")
 
+    from diffalign.textstream.families import (
+        DEFAULTS,
+        check_schedule,
+        family_of_variant,
+        model_variant,
+    )
+
+    variant = None
     if pipe is None:
         if not model:
             raise DiffalignError("calibration needs --model")
-        pipe = _load_pipeline(model, torch_dtype, run_device, single_file_config)
+        variant = model_variant(model)
+        pipe = _load_pipeline(model, variant, torch_dtype, run_device, single_file_config)
     pipe = pipe.to(device=run_device, dtype=torch_dtype)
     tr = pipe.transformer
-    blocks = tr.transformer_blocks
-    num_layers, feature_dim = len(blocks), transformer_feature_dim(tr)
+    adapter = stream_adapter(tr)
+    family = adapter.family
+    if variant is None or family_of_variant(variant) != family:  # a pipeline passed in
+        variant = family
+        if family == "flux":
+            variant = "flux-dev" if tr.config.guidance_embeds else "flux-schnell"
+    card = DEFAULTS[variant]
+    steps = card.steps if steps is None else int(steps)
+    check_schedule(pipe, steps)
+    if max_sequence_length is None:
+        max_sequence_length = card.max_sequence_length
+    if guidance is not None and card.guidance is None:
+        raise DiffalignError(f"--guidance is FLUX.1's distilled guidance; {variant} has none")
+    guidance = card.guidance if guidance is None else float(guidance)
+    num_layers, feature_dim = adapter.num_blocks, adapter.feature_dim
     if target_layers is None:
         target_layers = list(range(int(target_layer_start), num_layers))
     target_layers = list(target_layers)
@@ -285,23 +394,36 @@ def _calibrate_locked(
     # same validation as the runtime residual (range, origin < target, duplicates)
     TextStreamResidual(origin_layer, target_layers, mode="ln").check_model(num_layers, feature_dim)
 
-    vsf = getattr(pipe, "vae_scale_factor", 8)
+    vsf = int(getattr(pipe, "vae_scale_factor", 8))
     default_size = int(getattr(pipe, "default_sample_size", 128)) * vsf
     height, width = int(height or default_size), int(width or default_size)
-    multiple = vsf * int(tr.config.patch_size)
+    patch = int(tr.config.patch_size) if family == "sd3" else 2  # FLUX/Qwen pack 2x2
+    multiple = vsf * patch
     if height % multiple or width % multiple:
         raise DiffalignError(f"--height/--width must be multiples of {multiple}")
-    latent_shape = (int(tr.config.in_channels), height // vsf, width // vsf)
+    channels = int(tr.config.in_channels) // (1 if family == "sd3" else 4)
+    latent_shape = (channels, height // vsf, width // vsf)
 
-    acc = ProcrustesAccumulator(target_layers, feature_dim, device=run_device)
+    edges = None
+    if timestep_buckets > 1:
+        num_train = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+        edges = equal_bucket_edges(timestep_buckets, num_train)
+    accs = [
+        ProcrustesAccumulator(target_layers, feature_dim, device=run_device)
+        for _ in range(max(1, timestep_buckets))
+    ]
     mine = list(range(state.process_index, len(prompts), state.num_processes))
     drawn: dict[int, int] = {}
-    collector = _TokenCollector(blocks, origin_layer, target_layers, acc, eps)
+    collector = _TokenCollector(
+        adapter, origin_layer, target_layers, accs, eps, transformer=tr, bucket_edges=edges
+    )
     try:
         with torch.no_grad():
             batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
             for batch in progress(batches, desc="calibrate", total=len(batches)):
-                ks = _run_batch(
+                run = _run_batch if family == "sd3" else _run_batch_pipeline
+                extra = {} if family == "sd3" else {"guidance": guidance, "size": (height, width)}
+                ks = run(
                     pipe,
                     collector,
                     batch,
@@ -315,6 +437,7 @@ def _calibrate_locked(
                     max_sequence_length=max_sequence_length,
                     dtype=torch_dtype,
                     device=run_device,
+                    **extra,
                 )
                 drawn.update(zip(batch, ks))
     finally:
@@ -323,9 +446,10 @@ def _calibrate_locked(
     if state.num_processes > 1:
         import torch.distributed as dist
 
-        flat = acc.state()
-        dist.all_reduce(flat)
-        acc.load_state(flat)
+        for acc in accs:
+            flat = acc.state()
+            dist.all_reduce(flat)
+            acc.load_state(flat)
         counts = torch.zeros(steps, dtype=torch.float64, device=flat.device)
         for k in drawn.values():
             counts[k] += 1
@@ -334,8 +458,28 @@ def _calibrate_locked(
     else:
         histogram = [sum(1 for k in drawn.values() if k == s) for s in range(steps)]
 
-    rotations, per_layer = acc.solve()
-    num_valid_tokens = int(acc.count[0])
+    bucket_tokens = [int(acc.count[0]) for acc in accs]
+    empty = [b for b, n in enumerate(bucket_tokens) if n == 0]
+    if empty and edges is not None:
+        ranges = ", ".join(f"{edges[b]:g}..{edges[b + 1]:g}" for b in empty)
+        raise DiffalignError(
+            f"timestep bucket(s) {empty} ({ranges}) got no samples: use more --num-samples or "
+            "fewer --timestep-buckets (nothing written)"
+        )
+    per_layer: list[dict] = []
+    bucket_rotations = []
+    for b, acc in enumerate(accs):
+        rots, report = acc.solve(column_center=col_center)
+        bucket_rotations.append(rots)
+        per_layer += [{**r, "bucket": b} if edges is not None else r for r in report]
+    if edges is None:
+        rotations = {t: r.to(torch.float32) for t, r in bucket_rotations[0].items()}
+    else:
+        rotations = {
+            t: torch.stack([rots[t] for rots in bucket_rotations]).to(torch.float32)
+            for t in target_layers
+        }
+    num_valid_tokens = sum(int(acc.count[0]) for acc in accs)  # after solve(): all counted
     summary = {
         "output": str(output_path),
         "model": str(model) if model else type(pipe).__name__,
@@ -346,6 +490,14 @@ def _calibrate_locked(
         "feature_dim": feature_dim,
         "num_valid_tokens": num_valid_tokens,
         "token_strategy": token_strategy,
+        "model_family": family,
+        "strategy": "row_ln_then_col_center" if col_center else "row_ln",
+        "column_center": bool(col_center),
+        "timestep_buckets": len(accs),
+        "timestep_bucket_edges": edges,
+        "bucket_tokens": bucket_tokens,
+        "guidance": guidance,
+        "max_sequence_length": int(max_sequence_length),
         "xt_source": xt_source,
         "steps": int(steps),
         "cfg": float(cfg),
@@ -378,11 +530,15 @@ def _calibrate_locked(
             RotationSet(
                 origin_layer=int(origin_layer),
                 target_layers=target_layers,
-                rotations={t: r.to(torch.float32) for t, r in rotations.items()},
+                rotations=rotations,
                 feature_dim=feature_dim,
                 num_valid_tokens=num_valid_tokens,
-                strategy=token_strategy,
+                strategy=summary["strategy"],
                 metadata={k: summary[k] for k in meta_keys},
+                timestep_bucket_edges=edges,
+                column_center=bool(col_center),
+                model_family=family,
+                token_strategy=token_strategy,
             ),
         )
         _write_reports(output_path.parent, summary)
@@ -484,6 +640,109 @@ def _run_batch(
     return ks
 
 
+def _run_batch_pipeline(
+    pipe,
+    collector: _TokenCollector,
+    indices: list[int],
+    prompts: list[str],
+    *,
+    seed: int,
+    steps: int,
+    latent_shape,
+    cfg: float,
+    guidance: float | None,
+    size: tuple[int, int],
+    xt_source: str,
+    token_strategy: str,
+    max_sequence_length: int,
+    dtype,
+    device,
+) -> list[int]:
+    """FLUX.1 / Qwen-Image: run the pipeline itself from each sample's noise and collect at the
+    drawn step; returns the drawn step indices.
+
+    The pipeline is driven with `latents=` (the packed noise of `draw_sample`) and a step
+    callback that arms the collector for the rows whose step comes next and stops the loop
+    after the last one. "noise" resets the latents to the initial noise after every step, so
+    the transformer sees pure noise at the drawn step's timestep. With true CFG (`cfg > 1`) the
+    pipeline calls the transformer once for the prompts, then once for the empty negative
+    prompt; both calls are collected, each with its own token mask.
+    """
+    from diffalign.textstream.families import pipeline_kwargs
+
+    family = collector.adapter.family
+    draws = [draw_sample(seed, i, steps, latent_shape) for i in indices]
+    ks = [k for k, _ in draws]
+    b = len(prompts)
+    c, h, w = latent_shape
+    noise = torch.stack([n for _, n in draws]).to(device=device, dtype=dtype)
+    packed = pipe._pack_latents(noise, b, c, h, w)
+    use_cfg = cfg > 1.0
+    negative = "" if family == "flux" else " "
+    masks: list[torch.Tensor | None] = [None, None]
+    collector.use_call_mask = False
+    if token_strategy == "valid":
+        if family == "flux":
+            masks = [
+                _t5_mask(pipe.tokenizer_2, texts, max_sequence_length)
+                for texts in (prompts, [negative] * b)
+            ]
+        else:  # Qwen-Image: the blocks get the text mask
+            collector.use_call_mask = True
+
+    def arm(step: int) -> None:
+        rows = [s for s in range(b) if ks[s] == step]
+        collector.calls_in_step = 0
+        if not rows:
+            collector.rows = None
+            return
+        collector.rows = torch.tensor(rows)
+        collector.call_masks = [None if m is None else m[rows] for m in masks]
+
+    def on_step_end(p, i, t, kwargs):
+        arm(i + 1)
+        if i >= max(ks):
+            p._interrupt = True  # the remaining steps are skipped
+        return {"latents": packed.clone()} if xt_source == "noise" else {}
+
+    arm(0)
+    try:
+        pipe(
+            prompt=prompts,
+            latents=packed.clone(),
+            height=size[0],
+            width=size[1],
+            output_type="latent",
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **pipeline_kwargs(
+                family,
+                steps=steps,
+                cfg=cfg,
+                guidance=guidance,
+                negative_prompt=negative if use_cfg else None,
+                max_sequence_length=max_sequence_length,
+            ),
+        )
+    finally:
+        collector.rows = None
+        collector.call_masks = None
+        pipe._interrupt = False
+    return ks
+
+
+def _t5_mask(tokenizer, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
+    """Bool `[B, max_sequence_length]`: T5 tokens through EOS, as FLUX's pipeline pads them."""
+    enc = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return enc.attention_mask.bool()
+
+
 def _shift_kwargs(scheduler, tr, latents) -> dict:
     """`mu` for schedulers with dynamic shifting, as the SD3 pipeline computes it."""
     cfg = scheduler.config
@@ -512,26 +771,37 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _load_pipeline(
-    model: str, torch_dtype: torch.dtype, device: torch.device, single_file_config: str | None
+    model: str,
+    variant: str,
+    torch_dtype: torch.dtype,
+    device: torch.device,
+    single_file_config: str | None,
 ):
-    from diffalign.engine.loading import load_sd3_pipeline
+    from diffalign.textstream.families import load_text_to_image
 
-    return load_sd3_pipeline(
-        model, dtype=torch_dtype, device=str(device), single_file_config=single_file_config
+    return load_text_to_image(
+        model,
+        variant,
+        dtype=torch_dtype,
+        device=str(device),
+        single_file_config=single_file_config,
     )
 
 
 def _write_reports(folder: Path, summary: dict) -> None:
     from diffalign.engine.reports import plot_curves, write_summary
 
-    layers = [r["layer"] for r in summary["per_layer"]]
     write_summary(folder / "summary.json", summary)
+    curves = {}
+    for b in sorted({r.get("bucket", 0) for r in summary["per_layer"]}):
+        rows = [r for r in summary["per_layer"] if r.get("bucket", 0) == b]
+        tag = f" (bucket {b})" if summary.get("timestep_buckets", 1) > 1 else ""
+        layers = [r["layer"] for r in rows]
+        curves[f"before rotation{tag}"] = (layers, [r["error_before"] for r in rows])
+        curves[f"after rotation{tag}"] = (layers, [r["error_after"] for r in rows])
     plot_curves(
         folder / "procrustes_errors.png",
-        {
-            "before rotation": (layers, [r["error_before"] for r in summary["per_layer"]]),
-            "after rotation": (layers, [r["error_after"] for r in summary["per_layer"]]),
-        },
+        curves,
         title=f"text-stream alignment to origin layer {summary['origin_layer']}",
         xlabel="target layer",
         ylabel="||X R - Y||^2 / ||Y||^2",

@@ -6,7 +6,7 @@ from diffalign.engine.cliutils import make_subparsers
 
 
 def register(sub) -> None:
-    from diffalign.textstream import cli_calibrate, cli_generate
+    from diffalign.textstream import cli_calibrate, cli_generate, cli_weights
 
     parser = sub.add_parser(
         "textstream",
@@ -16,3 +16,4 @@ def register(sub) -> None:
     verbs = make_subparsers(parser)
     cli_calibrate.register(verbs)
     cli_generate.register(verbs)
+    cli_weights.register(verbs)

@@ -21,8 +21,8 @@ def register(verbs) -> None:
     p.add_argument(
         "--model",
         default="sd3",
-        help="sd3 | sd3.5 | sd3.5-medium | diffusers folder | Hub id | .safetensors "
-        "(default: %(default)s)",
+        help="sd3 | sd3.5 | sd3.5-medium | flux-dev | flux-schnell | qwen-image | diffusers "
+        "folder | Hub id | .safetensors (default: %(default)s)",
     )
     p.add_argument(
         "--single-file-config",
@@ -47,7 +47,8 @@ def register(verbs) -> None:
         "--origin-layer",
         type=nonneg_int,
         default=0,
-        help="origin block; 0 = text after the context embedder (default: %(default)s)",
+        help="origin block (global index: on FLUX.1 double blocks 0-18, then single blocks "
+        "19+j); 0 = text after the context embedder (default: %(default)s)",
     )
     p.add_argument(
         "--target-layer-start",
@@ -85,8 +86,29 @@ def register(verbs) -> None:
     p.add_argument(
         "--steps",
         type=positive_int,
-        default=28,
-        help="sampling steps of the schedule the timestep index is drawn from (default: 28)",
+        default=None,
+        help="sampling steps of the schedule the timestep index is drawn from (default: the "
+        "model card's: SD3 28, FLUX.1-dev 28, FLUX.1-schnell 4, Qwen-Image 50)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=nonneg_float,
+        default=None,
+        help="FLUX.1 distilled guidance of the trajectory (default: dev 3.5, schnell 0)",
+    )
+    p.add_argument(
+        "--timestep-buckets",
+        type=positive_int,
+        default=1,
+        help="split the 0..1000 schedule into N equal buckets and calibrate one rotation per "
+        "bucket and target from the samples whose drawn timestep falls in it; generation "
+        "picks the current timestep's (default: %(default)s)",
+    )
+    p.add_argument(
+        "--col-center",
+        action="store_true",
+        help="centre each feature column over the calibration tokens after the per-token "
+        "standardisation, before the Procrustes solve (strategy row_ln_then_col_center)",
     )
     p.add_argument(
         "--cfg",
@@ -110,8 +132,9 @@ def register(verbs) -> None:
     p.add_argument(
         "--max-sequence-length",
         type=positive_int,
-        default=256,
-        help="T5 tokens, as in generation (default: %(default)s)",
+        default=None,
+        help="text-encoder tokens, as in generation (default: SD3 256, FLUX.1-dev 512, "
+        "FLUX.1-schnell 256, Qwen-Image 512)",
     )
     p.add_argument(
         "--dtype",
@@ -157,6 +180,9 @@ def _run_calibrate(args) -> int:
         dtype=args.dtype,
         device=args.device,
         max_sequence_length=args.max_sequence_length,
+        timestep_buckets=args.timestep_buckets,
+        col_center=args.col_center,
+        guidance=args.guidance,
     )
     from diffalign.engine.progress import is_main_process
 

@@ -34,15 +34,16 @@ def _add_common(
             action="extend",
             default=None,
             metavar="MODEL",
-            help="sd3 | sd3.5 | sd3.5-medium | diffusers folder | Hub id | single-file "
-            ".safetensors; several give one folder per prompt/model (default: sd3)",
+            help="sd3 | sd3.5 | sd3.5-medium | flux-dev | flux-schnell | qwen-image | diffusers "
+            "folder | Hub id | single-file .safetensors; several give one folder per "
+            "prompt/model (default: sd3)",
         )
     else:
         g.add_argument(
             "--model",
             default="sd3",
-            help="sd3 | sd3.5 | sd3.5-medium | diffusers folder | Hub id | single-file "
-            ".safetensors (default: %(default)s)",
+            help="sd3 | sd3.5 | sd3.5-medium | flux-dev | flux-schnell | qwen-image | diffusers "
+            "folder | Hub id | single-file .safetensors (default: %(default)s)",
         )
     g.add_argument("--vae", default=None, help="VAE to use instead of the model's own")
     g.add_argument(
@@ -52,14 +53,25 @@ def _add_common(
         "inferred from the file)",
     )
     g.add_argument(
-        "--steps", type=positive_int, default=28, help="denoising steps (default: %(default)s)"
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="denoising steps (default: the model card's: SD3 28, FLUX.1-dev 28, "
+        "FLUX.1-schnell 4, Qwen-Image 50)",
     )
     g.add_argument(
         *cfg_names,
         dest="cfg",
         type=nonneg_float,
-        default=7.0,
-        help="classifier-free guidance scale, a finite number >= 0 (default: %(default)s)",
+        default=None,
+        help="classifier-free guidance scale (true CFG on FLUX.1 / Qwen-Image), a finite "
+        "number >= 0 (default: SD3 7.0, FLUX.1 1.0 = off, Qwen-Image 4.0)",
+    )
+    g.add_argument(
+        "--guidance",
+        type=nonneg_float,
+        default=None,
+        help="FLUX.1 distilled guidance (default: dev 3.5, schnell 0; not for other models)",
     )
     if size:
         g.add_argument(
@@ -115,8 +127,9 @@ def _add_common(
     g.add_argument(
         "--max-sequence-length",
         type=positive_int,
-        default=256,
-        help="T5 token length (default: %(default)s)",
+        default=None,
+        help="text-encoder token length (default: SD3 256, FLUX.1-dev 512, FLUX.1-schnell "
+        "256, Qwen-Image 512)",
     )
     g.add_argument(
         "--overwrite",
@@ -149,6 +162,13 @@ def _add_common(
         help="one weight per target, or one for all (default: 1.0 each)",
     )
     r.add_argument(
+        "--residual-weights-file",
+        default=None,
+        metavar="FILE",
+        help="learned weights from `textstream train-weights` (residual_weights.safetensors): "
+        "sets origin, targets, weights and mode; give the rotation file it was trained with",
+    )
+    r.add_argument(
         "--residual-procrustes-path",
         default=None,
         metavar="FILE",
@@ -165,6 +185,12 @@ def _add_common(
         "--residual-layernorm",
         action="store_true",
         help="parameter-free LayerNorm on the mix before rescaling (ln mode)",
+    )
+    r.add_argument(
+        "--col-center",
+        action="store_true",
+        help="centre the standardised origin tokens' columns over the prompt's tokens before "
+        "the rotation (needs a rotation file calibrated with --col-center)",
     )
 
 
@@ -299,6 +325,7 @@ def dpg_resolution(resolution: int | None, height: int | None, width: int | None
 def _configs(args, n_samples: int, model: str | None = None):
     from diffalign.engine.cliutils import parse_float_list, parse_int_list
     from diffalign.textstream.generate import GenerationConfig, ResidualConfig
+    from diffalign.textstream.weights import apply_weights_file
 
     cfg = GenerationConfig(
         model=model if model is not None else args.model,
@@ -316,6 +343,7 @@ def _configs(args, n_samples: int, model: str | None = None):
         device=args.device,
         max_sequence_length=args.max_sequence_length,
         overwrite=args.overwrite,
+        guidance=args.guidance,
     )
     targets = args.residual_target_layers
     weights = args.residual_weights
@@ -325,11 +353,13 @@ def _configs(args, n_samples: int, model: str | None = None):
         if targets is None
         else parse_int_list(targets, "--residual-target-layers"),
         weights=None if not weights else parse_float_list(weights, "--residual-weights") or None,
+        weights_file=args.residual_weights_file,
         mode=args.residual_mode,
         procrustes_path=args.residual_procrustes_path,
         layernorm=args.residual_layernorm,
+        col_center=args.col_center,
     )
-    return cfg, rc
+    return cfg, apply_weights_file(rc)
 
 
 def _print_summary(summary: dict, where: str) -> None:

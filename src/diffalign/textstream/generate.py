@@ -1,8 +1,9 @@
 """Image generation with the text-stream residual: `sample`, `generate`, `geneval`, `dpg`
 (spec T: Generation; seeds 002 and 000).
 
-Each command is a list of prompts turned into images by one SD3/SD3.5 pipeline with an optional
-`TextStreamResidual` attached to its transformer. What differs is only where the images go:
+Each command is a list of prompts turned into images by one SD3/SD3.5, FLUX.1 or Qwen-Image
+pipeline (`families`) with an optional `TextStreamResidual` attached to its transformer.
+Unset sampling options (steps, cfg, FLUX guidance, token length) take the model card's values. What differs is only where the images go:
 
 - `sample`:   `OUT/<model>_<prompt slug>/000.png ...` + `settings.json` per folder (seed 002:
   one folder per prompt/model combination), `grid.png` when there are several samples.
@@ -59,8 +60,8 @@ class GenerationConfig:
     model: str = "sd3"
     vae: str | None = None
     single_file_config: str | None = None
-    steps: int = 28
-    cfg: float = 7.0
+    steps: int | None = None  # None: the model card's (families.DEFAULTS)
+    cfg: float | None = None
     height: int = 1024
     width: int = 1024
     seed: int = 0
@@ -69,8 +70,9 @@ class GenerationConfig:
     negative_prompt: str | None = None
     dtype: str | None = None  # fp32 | fp16 | bf16; None: bf16 on cuda, fp32 otherwise
     device: str | None = None  # None: the accelerate process's device (cuda if available)
-    max_sequence_length: int = 256
+    max_sequence_length: int | None = None
     overwrite: bool = False
+    guidance: float | None = None  # FLUX.1 distilled guidance; None: the model card's
 
 
 @dataclass
@@ -84,9 +86,11 @@ class ResidualConfig:
     origin_layer: int | None = None
     target_layers: list[int] | None = None
     weights: list[float] | None = None
+    weights_file: str | None = None  # learned weights (`train-weights`): see apply_weights_file
     mode: str | None = None
     procrustes_path: str | None = None
     layernorm: bool = False
+    col_center: bool = False  # centre origin columns; needs a file calibrated with --col-center
 
 
 @dataclass
@@ -176,10 +180,42 @@ def sample_folder_names(models: Sequence[str], prompts: Sequence[str]) -> list[l
 # validation before anything is loaded or written
 
 
+def resolve_sampling(cfg: GenerationConfig) -> GenerationConfig:
+    """`cfg` with the unset sampling options filled from the model card of `cfg.model`'s
+    family (families.DEFAULTS); `--guidance` on a model without distilled guidance is an
+    error."""
+    from diffalign.textstream.families import DEFAULTS, model_variant
+
+    variant = model_variant(cfg.model)
+    d = DEFAULTS[variant]
+    if cfg.guidance is not None and d.guidance is None:
+        raise DiffalignError(
+            f"--guidance is FLUX.1's distilled guidance; --model {cfg.model} ({variant}) has "
+            "none (use --cfg)"
+        )
+    return GenerationConfig(
+        **{
+            **asdict(cfg),
+            "steps": d.steps if cfg.steps is None else cfg.steps,
+            "cfg": d.cfg if cfg.cfg is None else cfg.cfg,
+            "guidance": d.guidance if cfg.guidance is None else cfg.guidance,
+            "max_sequence_length": (
+                d.max_sequence_length
+                if cfg.max_sequence_length is None
+                else cfg.max_sequence_length
+            ),
+        }
+    )
+
+
 def validate_config(cfg: GenerationConfig) -> None:
     """Check the sampling options that need no model; one-line DiffalignError on bad values."""
     import math
 
+    if None in (cfg.steps, cfg.cfg, cfg.max_sequence_length):
+        cfg = resolve_sampling(cfg)
+    if cfg.guidance is not None and (not math.isfinite(float(cfg.guidance)) or cfg.guidance < 0):
+        raise DiffalignError(f"--guidance must be a finite number >= 0 (got {cfg.guidance})")
     for name in ("steps", "height", "width", "n_samples", "max_sequence_length"):
         if int(getattr(cfg, name)) < 1:
             raise DiffalignError(f"--{name.replace('_', '-')} must be at least 1")
@@ -192,16 +228,24 @@ def validate_config(cfg: GenerationConfig) -> None:
     normalize_dtype(cfg.dtype, "cpu")
 
 
-def validate_residual_config(rc: ResidualConfig) -> None:
-    """Checks that need no model: list lengths, file existence, origin < targets."""
+def validate_residual_config(rc: ResidualConfig, model: str | None = None) -> None:
+    """Checks that need no loaded model: list lengths, file existence, origin < targets, and
+    (for a local folder `model`) targets within its transformer's block count."""
+    from diffalign.textstream.families import config_block_count
+
+    blocks = config_block_count(model) if model is not None else None
+    count = f" (the transformer has {blocks} blocks)" if blocks else ""
     if rc.procrustes_path is not None and not Path(rc.procrustes_path).is_file():
         raise DiffalignError(f"rotation file not found: {rc.procrustes_path}")
     if rc.mode not in (None, "plain", "ln"):
         raise DiffalignError(f"--residual-mode must be plain or ln (got '{rc.mode}')")
-    if rc.mode == "plain" and (rc.layernorm or rc.procrustes_path):
+    if rc.mode == "plain" and (rc.layernorm or rc.procrustes_path or rc.col_center):
         raise DiffalignError(
-            "--residual-layernorm and --residual-procrustes-path need --residual-mode ln"
+            "--residual-layernorm, --residual-procrustes-path and --col-center need "
+            "--residual-mode ln"
         )
+    if rc.col_center and rc.procrustes_path is None:
+        raise DiffalignError("--col-center needs a rotation file calibrated with --col-center")
     targets = rc.target_layers
     if targets:
         if len(set(targets)) != len(targets):
@@ -216,7 +260,12 @@ def validate_residual_config(rc: ResidualConfig) -> None:
         if rc.origin_layer is not None and any(t <= rc.origin_layer for t in targets):
             raise DiffalignError(
                 f"residual target layers {targets} must all be after the origin layer "
-                f"{rc.origin_layer}"
+                f"{rc.origin_layer}{count}"
+            )
+        if blocks and max(targets) > blocks - 1:
+            raise DiffalignError(
+                f"residual target layers {[t for t in targets if t > blocks - 1]} out of range: "
+                f"the transformer has {blocks} blocks (0..{blocks - 1})"
             )
     if rc.origin_layer is not None and rc.origin_layer < 0:
         raise DiffalignError(f"--residual-origin-layer must be >= 0 (got {rc.origin_layer})")
@@ -230,6 +279,10 @@ def validate_residual_config(rc: ResidualConfig) -> None:
                 "--residual-weights does nothing without target layers (the residual is off): "
                 "add --residual-target-layers (or a --residual-procrustes-path rotation file)"
             )
+    if rc.weights_file is not None:
+        from diffalign.textstream.weights import apply_weights_file
+
+        apply_weights_file(rc)  # the file's own checks, before any model loads
 
 
 def _resolve_device(cfg: GenerationConfig, state_device: Any) -> str:
@@ -246,30 +299,48 @@ def _resolve_device(cfg: GenerationConfig, state_device: Any) -> str:
 
 
 class ResidualGenerator:
-    """A loaded SD3/SD3.5 pipeline plus an optional residual; `images(prompt, seeds)`."""
+    """A loaded SD3/SD3.5, FLUX.1 or Qwen-Image pipeline plus an optional residual;
+    `images(prompt, seeds)`."""
 
     def __init__(self, cfg: GenerationConfig, rc: ResidualConfig, device: str):
         import torch
 
-        from diffalign.engine.loading import load_sd3_pipeline
+        from diffalign.textstream.adapters import stream_adapter
+        from diffalign.textstream.families import (
+            check_schedule,
+            family_of_variant,
+            load_text_to_image,
+            model_variant,
+        )
 
+        cfg = resolve_sampling(cfg)
         self.cfg = cfg
         self.device = device
+        self.variant = model_variant(cfg.model)
+        self.family = family_of_variant(self.variant)
         self.dtype_name = normalize_dtype(cfg.dtype, device)
         dtype = getattr(torch, DTYPES[self.dtype_name])
-        self.pipe = load_sd3_pipeline(
+        self.pipe = load_text_to_image(
             cfg.model,
+            self.variant,
             dtype=dtype,
             device=device,
             vae=cfg.vae,
             single_file_config=cfg.single_file_config,
         )
         self.pipe.set_progress_bar_config(disable=True)
-        tcfg = self.pipe.transformer.config
-        self.num_layers = int(tcfg.num_layers)
-        self.feature_dim = int(tcfg.num_attention_heads * tcfg.attention_head_dim)
-        self.residual = build_residual_from_config(rc, self.num_layers, self.feature_dim)
-        multiple = int(self.pipe.vae_scale_factor) * int(getattr(self.pipe, "patch_size", 1) or 1)
+        check_schedule(self.pipe, cfg.steps)
+        adapter = stream_adapter(self.pipe.transformer)
+        self.num_layers = adapter.num_blocks
+        self.feature_dim = adapter.feature_dim
+        self.residual = build_residual_from_config(
+            rc, self.num_layers, self.feature_dim, family=adapter.family
+        )
+        if self.family == "sd3":
+            patch = int(getattr(self.pipe, "patch_size", 1) or 1)
+        else:  # FLUX / Qwen-Image pack 2x2 latent patches
+            patch = 2
+        multiple = int(self.pipe.vae_scale_factor) * patch
         for name in ("height", "width"):
             if getattr(cfg, name) % multiple:
                 raise DiffalignError(
@@ -285,6 +356,8 @@ class ResidualGenerator:
 
         import torch
 
+        from diffalign.textstream.families import pipeline_kwargs
+
         cfg = self.cfg
         bs = cfg.batch_size or len(seeds)
         out = []
@@ -299,15 +372,19 @@ class ResidualGenerator:
             with ctx:
                 result = self.pipe(
                     prompt=prompt,
-                    negative_prompt=cfg.negative_prompt,
-                    num_inference_steps=cfg.steps,
-                    guidance_scale=cfg.cfg,
                     height=cfg.height,
                     width=cfg.width,
                     num_images_per_prompt=len(chunk),
                     generator=gens,
-                    max_sequence_length=cfg.max_sequence_length,
                     output_type="pil",
+                    **pipeline_kwargs(
+                        self.family,
+                        steps=cfg.steps,
+                        cfg=cfg.cfg,
+                        guidance=cfg.guidance,
+                        negative_prompt=cfg.negative_prompt,
+                        max_sequence_length=cfg.max_sequence_length,
+                    ),
                 )
             out.extend(result.images)
         return out
@@ -323,16 +400,22 @@ class ResidualGenerator:
             torch.cuda.empty_cache()
 
 
-def build_residual_from_config(rc: ResidualConfig, num_layers: int, feature_dim: int):
+def build_residual_from_config(
+    rc: ResidualConfig, num_layers: int, feature_dim: int, family: str | None = None
+):
     """`diffalign.textstream.build_residual` for these options (None when the feature is off)."""
     from diffalign.textstream import build_residual
+    from diffalign.textstream.weights import apply_weights_file
 
+    rc = apply_weights_file(rc)
     kwargs: dict[str, Any] = {
         "origin_layer": rc.origin_layer,
         "target_layers": rc.target_layers,
         "weights": rc.weights,
         "procrustes_path": rc.procrustes_path,
         "layernorm": rc.layernorm,
+        "family": family,
+        "column_center": rc.col_center,
     }
     if rc.mode is not None:
         kwargs["mode"] = rc.mode
@@ -365,6 +448,9 @@ def _settings_identity(settings: dict) -> dict:
     proc = rc.get("procrustes_path")
     if proc and Path(proc).is_file():
         rc["procrustes_path"] = {"path": path_key(proc), "sha256": file_sha256(proc)}
+    learned = rc.get("weights_file")
+    if learned and Path(learned).is_file():  # by content: a moved copy is the same weights
+        rc["weights_file"] = {"sha256": file_sha256(learned)}
     return {"options": opts, "residual_options": rc}
 
 
@@ -578,15 +664,18 @@ def run_sample(
     if not models:
         raise DiffalignError("no --model given")
     validate_config(cfg)
-    validate_residual_config(rc)
+    for m in models:
+        validate_residual_config(rc, m)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
     names = sample_folder_names(models, prompts)
     from diffalign.engine.loading import check_model_available, check_vae_available, resolve_model
+    from diffalign.textstream.families import model_variant
 
     for m in models:  # a missing model or one of another family fails here, before torch loads
-        check_model_available(m, "sd3")
+        model_variant(m)
+        check_model_available(m)
     check_vae_available(cfg.vae)
     state = _distributed(cfg)
     device = _resolve_device(cfg, state.device)
@@ -665,8 +754,9 @@ def run_generate(
     """
     from diffalign.engine.prompts import load_prompts
 
+    cfg = resolve_sampling(cfg)
     validate_config(cfg)
-    validate_residual_config(rc)
+    validate_residual_config(rc, cfg.model)
     records = load_prompts(prompts, datadir, limit=limit, prompt_field=prompt_field)
     out = Path(output_dir)
     run_extra = {"prompts": _spec_text(prompts), "datadir": datadir, "limit": limit}
@@ -699,8 +789,9 @@ def run_geneval(
     `grid=False` leaves out each prompt's `grid.png` (GenEval's `--skip_grid`)."""
     from diffalign.engine.prompts import load_geneval_metadata
 
+    cfg = resolve_sampling(cfg)
     validate_config(cfg)
-    validate_residual_config(rc)
+    validate_residual_config(rc, cfg.model)
     lines = load_geneval_metadata(metadata)
     if limit is not None:
         if limit < 1:
@@ -743,8 +834,9 @@ def run_dpg(
         raise DiffalignError("--resolution must be at least 1")
     cfg = GenerationConfig(**{**asdict(cfg), "height": resolution, "width": resolution})
     cfg.n_samples = 4
+    cfg = resolve_sampling(cfg)
     validate_config(cfg)
-    validate_residual_config(rc)
+    validate_residual_config(rc, cfg.model)
     items = load_dpg_prompts(prompts_dir)
     if limit is not None:
         if limit < 1:
@@ -790,7 +882,10 @@ def _run_layout(
 
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
-    check_model_available(cfg.model, "sd3")  # missing or of another family: fails before torch
+    from diffalign.textstream.families import model_variant
+
+    model_variant(cfg.model)  # of another family: fails before torch
+    check_model_available(cfg.model)  # missing: fails before torch
     check_vae_available(cfg.vae)
     state = _distributed(cfg)
     t0 = time.perf_counter()
@@ -854,7 +949,8 @@ def _pick_sample_folder(
 
 
 def _with_model(cfg: GenerationConfig, model: str) -> GenerationConfig:
-    return GenerationConfig(**{**asdict(cfg), "model": model})
+    """`cfg` for `model`, with that model card's defaults for the options left unset."""
+    return resolve_sampling(GenerationConfig(**{**asdict(cfg), "model": model}))
 
 
 def _spec_text(spec: str | Sequence[str]) -> str | list[str]:
@@ -864,7 +960,7 @@ def _spec_text(spec: str | Sequence[str]) -> str | list[str]:
 def _describe_source(resolve_model: Callable, model: str) -> Any:
     """What `--model` resolved to, JSON-friendly (recorded in settings.json)."""
     try:
-        src = resolve_model(model, "sd3")
+        src = resolve_model(model)
     except DiffalignError:
         return str(model)
     if hasattr(src, "__dataclass_fields__"):

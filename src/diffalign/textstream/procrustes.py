@@ -4,6 +4,10 @@ For token-wise standardised origin tokens X and target tokens Y (`[tokens, d]`),
 `min_R ||X R - Y||_F s.t. R^T R = I` has the closed form `R = U V^T` where `U S V^T = X^T Y`.
 Only `X^T Y`, `||X||^2`, `||Y||^2` and the token count are needed, so `ProcrustesAccumulator`
 streams them in float64 and never keeps tokens: memory is O(layers x d^2).
+Column centring (`--col-center`, issue 15) subtracts each feature column's mean over the
+calibration tokens from X and Y before the solve; streamed, that is
+`Xc^T Yc = X^T Y - n mu_x mu_y^T = X^T Y - s_x s_y^T / n` with the column sums `s_x`, `s_y`,
+so the accumulator also keeps those sums (memory still O(layers x d^2)).
 With fewer token rows than d the solution is not unique (any rotation of the unseen subspace
 fits as well); calibrate with many more tokens than features.
 """
@@ -55,6 +59,14 @@ def alignment_error(
     return max(xx + yy - 2.0 * cross, 0.0) / yy
 
 
+def centered_cross(
+    xty: torch.Tensor, sum_x: torch.Tensor, sum_y: torch.Tensor, count: float
+) -> torch.Tensor:
+    """`Xc^T Yc` of column-centred X, Y from the streamed sums: `X^T Y - s_x s_y^T / n`."""
+    m = xty.to(torch.float64)
+    return m - torch.outer(sum_x.to(m), sum_y.to(m)) / float(count)
+
+
 def pin_mean_direction(xty: torch.Tensor) -> torch.Tensor:
     """`X^T Y + s * 1 1^T / d`: makes the Procrustes solution unique for standardised tokens.
 
@@ -75,7 +87,8 @@ def pin_mean_direction(xty: torch.Tensor) -> torch.Tensor:
 
 
 class ProcrustesAccumulator:
-    """Streaming float64 sums per target layer: `X^T Y`, `||X||^2`, `||Y||^2`, token count.
+    """Streaming float64 sums per target layer: `X^T Y`, `||X||^2`, `||Y||^2`, token count and
+    the column sums of X and Y (for column centring).
 
     `add(layer, x, y)` takes already standardised `[..., tokens, d]` tensors of equal shape
     (rows are paired tokens). `state()`/`load_state()` pack everything in one float64 tensor so
@@ -90,6 +103,8 @@ class ProcrustesAccumulator:
         self.xx = torch.zeros(n, dtype=torch.float64, device=device)
         self.yy = torch.zeros(n, dtype=torch.float64, device=device)
         self.count = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sum_x = torch.zeros(n, d, dtype=torch.float64, device=device)
+        self.sum_y = torch.zeros(n, d, dtype=torch.float64, device=device)
         self._index = {layer: i for i, layer in enumerate(self.target_layers)}
 
     def add(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -106,10 +121,21 @@ class ProcrustesAccumulator:
         self.xx[i] += (x2 * x2).sum()
         self.yy[i] += (y2 * y2).sum()
         self.count[i] += x2.shape[0]
+        self.sum_x[i] += x2.sum(0)
+        self.sum_y[i] += y2.sum(0)
 
     def state(self) -> torch.Tensor:
         """All sums flattened into one float64 vector (for all-reduce)."""
-        return torch.cat([self.xty.flatten(), self.xx, self.yy, self.count])
+        return torch.cat(
+            [
+                self.xty.flatten(),
+                self.xx,
+                self.yy,
+                self.count,
+                self.sum_x.flatten(),
+                self.sum_y.flatten(),
+            ]
+        )
 
     def load_state(self, flat: torch.Tensor) -> None:
         """Inverse of `state()`."""
@@ -118,23 +144,35 @@ class ProcrustesAccumulator:
         self.xty = flat[: n * d * d].reshape(n, d, d).clone()
         rest = flat[n * d * d :]
         self.xx, self.yy, self.count = (rest[k * n : (k + 1) * n].clone() for k in range(3))
+        sums = rest[3 * n :]
+        self.sum_x = sums[: n * d].reshape(n, d).clone()
+        self.sum_y = sums[n * d :].reshape(n, d).clone()
 
-    def solve(self) -> tuple[dict[int, torch.Tensor], list[dict]]:
-        """Rotation per target layer (float64) and per-layer error before/after rotation."""
+    def solve(self, column_center: bool = False) -> tuple[dict[int, torch.Tensor], list[dict]]:
+        """Rotation per target layer (float64) and per-layer error before/after rotation;
+        with `column_center` on the column-centred tokens."""
         rotations: dict[int, torch.Tensor] = {}
         report = []
         for i, layer in enumerate(self.target_layers):
-            if self.count[i] <= 0:
+            n = float(self.count[i])
+            if n <= 0:
                 raise DiffalignError(f"no tokens were collected for target layer {layer}")
-            r = solve_procrustes(pin_mean_direction(self.xty[i].cpu()))
-            rotations[layer] = r
+            # solved where the sums live (a GPU's SVD is much faster at d = 3072)
+            xty = self.xty[i]
             xx, yy = float(self.xx[i]), float(self.yy[i])
+            if column_center:
+                sx, sy = self.sum_x[i], self.sum_y[i]
+                xty = centered_cross(xty, sx, sy, n)
+                xx -= float(sx @ sx) / n
+                yy -= float(sy @ sy) / n
+            r = solve_procrustes(pin_mean_direction(xty))
+            rotations[layer] = r.cpu()
             report.append(
                 {
                     "layer": layer,
-                    "tokens": int(self.count[i]),
-                    "error_before": alignment_error(xx, yy, self.xty[i].cpu()),
-                    "error_after": alignment_error(xx, yy, self.xty[i].cpu(), r),
+                    "tokens": int(n),
+                    "error_before": alignment_error(xx, yy, xty),
+                    "error_after": alignment_error(xx, yy, xty, r),
                 }
             )
         return rotations, report

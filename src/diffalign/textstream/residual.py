@@ -10,6 +10,11 @@ LN + rescale (+ rotation) mode (seed 000), per token over the feature axis:
     m                     = layer_norm(m, eps)      # optional, no affine parameters
     out                   = m * std_t + mean_t
 
+With column centring (issue 15, files calibrated with `--col-center`) the standardised origin
+tokens are centred over the sequence's tokens before the rotation: `o_norm -= mean_tokens(o_norm)`.
+With timestep buckets, `R` is the rotation of the bucket the current timestep falls in
+(`bucket_index`). `w` may be a tensor (learned weights): the mix is differentiable in it.
+
 The arithmetic runs in float32 (or float64 when given float64) and the result is cast back to
 the target's dtype.
 """
@@ -41,19 +46,42 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def column_center(x: torch.Tensor) -> torch.Tensor:
+    """Centre each feature column over the tokens (axis -2): `x - mean_tokens(x)`."""
+    return x - x.mean(dim=-2, keepdim=True)
+
+
+def bucket_index(timesteps: torch.Tensor, edges) -> torch.Tensor:
+    """Bucket of each timestep for increasing `edges` `[N + 1]`: bucket b holds
+    `edges[b] <= t < edges[b + 1]`; timesteps below or above the edges go to the end buckets."""
+    e = torch.as_tensor(edges, dtype=torch.float64)
+    t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
+    inner = e[1:-1].to(t.device)
+    return torch.bucketize(t, inner, right=True).to(torch.long)
+
+
+def _scaled_add(a: torch.Tensor, b: torch.Tensor, weight) -> torch.Tensor:
+    """`a + weight * b`; a tensor weight stays in the graph (learned weights)."""
+    if isinstance(weight, torch.Tensor):
+        return a + weight.to(device=a.device, dtype=a.dtype) * b
+    return torch.add(a, b, alpha=weight)
+
+
 def residual_mix(
     target: torch.Tensor,
     origin: torch.Tensor,
-    weight: float,
+    weight: float | torch.Tensor,
     mode: str,
     rotation: torch.Tensor | None = None,
     layernorm: bool = False,
     eps: float = 1e-6,
+    center_origin: bool = False,
 ) -> torch.Tensor:
     """Mix the origin text tokens into the target text tokens (spec T), `[..., n, d]` each.
 
-    `mode` is "plain" or "ln"; `rotation` (a `[d, d]` orthogonal matrix) and `layernorm` apply
-    to "ln" mode only. Returns a tensor of `target`'s shape and dtype.
+    `mode` is "plain" or "ln"; `rotation` (a `[d, d]` orthogonal matrix, or `[B, d, d]` one per
+    batch row), `layernorm` and `center_origin` apply to "ln" mode only. Returns a tensor of
+    `target`'s shape and dtype.
     """
     if mode not in MODES:
         raise DiffalignError(f"residual mode must be one of {', '.join(MODES)} (got '{mode}')")
@@ -64,17 +92,21 @@ def residual_mix(
         )
     compute = compute_dtype(target)
     if mode == "plain":
-        if rotation is not None or layernorm:
-            raise DiffalignError("rotations and --residual-layernorm need mode 'ln', not 'plain'")
-        return torch.add(target.to(compute), origin.to(compute), alpha=weight).to(target.dtype)
+        if rotation is not None or layernorm or center_origin:
+            raise DiffalignError(
+                "rotations, --residual-layernorm and --col-center need mode 'ln', not 'plain'"
+            )
+        return _scaled_add(target.to(compute), origin.to(compute), weight).to(target.dtype)
     origin_norm = standardize(origin.to(compute), eps)[0]
+    if center_origin:
+        origin_norm = column_center(origin_norm)
     return ln_mix(target, origin_norm, weight, rotation, layernorm, eps)
 
 
 def ln_mix(
     target: torch.Tensor,
     origin_norm: torch.Tensor,
-    weight: float,
+    weight: float | torch.Tensor,
     rotation: torch.Tensor | None = None,
     layernorm: bool = False,
     eps: float = 1e-6,
@@ -86,12 +118,16 @@ def ln_mix(
     o_norm = origin_norm.to(compute)
     if rotation is not None:
         d = t_norm.shape[-1]
-        if rotation.shape != (d, d):
+        if rotation.shape[-2:] != (d, d) or rotation.ndim not in (2, 3):
             raise DiffalignError(
                 f"rotation of shape {tuple(rotation.shape)} does not fit feature size {d}"
             )
+        if rotation.ndim == 3 and (o_norm.ndim != 3 or rotation.shape[0] != o_norm.shape[0]):
+            raise DiffalignError(
+                f"{rotation.shape[0]} per-row rotations for tokens of shape {tuple(o_norm.shape)}"
+            )
         o_norm = o_norm @ rotation.to(device=o_norm.device, dtype=compute)
-    mixed = torch.add(t_norm, o_norm, alpha=weight)
+    mixed = _scaled_add(t_norm, o_norm, weight)
     if layernorm:
         mixed = torch.nn.functional.layer_norm(mixed, mixed.shape[-1:], eps=eps)
     return torch.addcmul(mean_t, mixed, std_t).to(target.dtype)

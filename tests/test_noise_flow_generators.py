@@ -1,0 +1,96 @@
+"""Few-step transformer generators (issue 17): each equals its own diffusers pipeline, built in
+the test from the same tiny folder, for the same noise and settings (fp32); gradients reach z."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffalign.noise.flow_generators import pipeline_kwargs
+from diffalign.noise.generators import load_generator
+
+# kind -> (make-tiny kind, image size, step counts to check, pipeline class name)
+CASES = {
+    "flux-schnell": ("flux-schnell", 32, (1, 4), "FluxPipeline"),
+    "sd3.5-large-turbo": ("sd35-turbo", 32, (1, 2), "StableDiffusion3Pipeline"),
+    "sana-sprint": ("sana-sprint", 64, (1, 2), "SanaSprintPipeline"),
+    "pixart-dmd": ("pixart-dmd", 32, (1,), "PixArtAlphaPipeline"),
+}
+
+
+def _pipeline(folder: str, cls_name: str):
+    import diffusers
+
+    return getattr(diffusers, cls_name).from_pretrained(folder).to("cpu")
+
+
+def _packed(pipe, z: torch.Tensor) -> torch.Tensor:
+    """The pipeline's own latent input for the unpacked noise (FLUX packs 2x2 patches)."""
+    z = z.detach().clone()
+    if type(pipe).__name__ == "FluxPipeline":
+        b, c, h, w = z.shape
+        return pipe._pack_latents(z, b, c, h, w)
+    return z
+
+
+def _unpacked(pipe, lat: torch.Tensor, size: int) -> torch.Tensor:
+    if type(pipe).__name__ == "FluxPipeline":
+        return pipe._unpack_latents(lat, size, size, pipe.vae_scale_factor)
+    return lat
+
+
+def _case(kind: str, steps: int, tiny_model_dir):
+    tiny_kind, size, _, cls_name = CASES[kind]
+    folder = tiny_model_dir(tiny_kind)
+    gen = load_generator(folder, None, height=size, width=size, device="cpu", num_steps=steps)
+    assert gen.name == kind  # recognised from the folder's marks
+    return gen, folder, cls_name, size
+
+
+@pytest.mark.parametrize(
+    "kind,steps", [(k, s) for k, case in CASES.items() for s in case[2]], ids=str
+)
+def test_generator_matches_its_pipeline_and_is_differentiable(tiny_model_dir, kind, steps):
+    gen, folder, cls_name, size = _case(kind, steps, tiny_model_dir)
+    prompts = ["a cat", "a red dog"]
+    z = gen.sample_noise(2, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    latents = gen.denoise(z, gen.encode_prompts(prompts))
+    images = gen.decode(latents)
+    assert images.shape == (2, 3, size, size)
+    pipe = _pipeline(folder, cls_name)  # independent of the generator's own pipeline object
+    with torch.no_grad():  # fresh kwargs per call: SANA's 2-step re-noising seed
+        out = pipe(
+            prompt=prompts,
+            latents=_packed(pipe, z),
+            output_type="latent",
+            **pipeline_kwargs(gen, steps),
+        )
+        ref_lat = _unpacked(pipe, out.images, size)
+        ref = pipe(
+            prompt=prompts,
+            latents=_packed(pipe, z),
+            output_type="pt",
+            **pipeline_kwargs(gen, steps),
+        ).images
+    # the sampled latents: the same kernels, equal to float rounding of the scheduler maths
+    diff = float((latents.detach() - ref_lat).abs().max())
+    assert diff <= 1e-6, diff
+    # images: the frozen VAE (requires_grad off) takes other conv kernels than the plain
+    # pipeline's, which moves the pixels by float rounding (~1e-5)
+    diff = float((images.detach() - ref).abs().max())
+    assert diff <= 1e-4, diff
+    (images * torch.linspace(0, 1, images.numel()).view_as(images)).sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and float(z.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_tiny_folders_carry_their_release_marks(tiny_model_dir, kind):
+    """make-tiny writes the release's model card: the folder is recognised as that release."""
+    from diffalign.engine.releases import identify_release, pipeline_class_of
+    from diffalign.noise.recipes import GENERATORS, generator_recipe
+
+    folder = tiny_model_dir(CASES[kind][0])
+    release, mark = identify_release(folder)
+    assert release.hub_id == GENERATORS[kind].release and "model card" in mark
+    assert pipeline_class_of(folder) == CASES[kind][3]
+    assert generator_recipe(folder).spec.name == kind
