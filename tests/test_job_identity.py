@@ -416,6 +416,7 @@ def test_textstream_settings_compare_models_by_identity(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     def settings(path, **kw):
+        kw.setdefault("steps", 28)  # the CLI fills unset sampling options from the model card
         cfg = GenerationConfig(model=str(path), **kw)
         return json.loads(json.dumps(_base_settings("generate", cfg, ResidualConfig())))
 

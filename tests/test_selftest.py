@@ -1,6 +1,7 @@
 """`diffalign selftest` (issue 14 item 11) on a models folder of tiny kinds: assets found by
 their contents under any name, every check passes, the table and selftest.json, exit codes, an
-empty folder, and a drifted implementation caught as FAIL."""
+empty folder, and a drifted implementation caught as FAIL; the few-step generators (issue 17)
+and the FLUX.1 / Qwen-Image text-stream families (issue 15) included."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SIZE = "32"
 
@@ -95,6 +97,77 @@ def test_generators_fill_and_textstream_pass(tmp_path, tiny_model_dir, capsys):
     assert rows[("asset4", "text-stream residual off = plain pipeline")] == "pass"
     off = next(r for r in report["results"] if r["check"].startswith("text-stream"))
     assert off["max_difference"] == 0.0 and off["tolerance"] == 0.0  # bit for bit
+    # an SD3 folder is not SD3.5-Large-Turbo: no few-step generator check on it
+    assert not any(a == "asset4" and c.startswith("generator") for a, c in rows)
+
+
+FEWSTEP = {  # make-tiny kind -> the generator check its folder gets (recognised by its card)
+    "flux-schnell": "generator flux-schnell vs FluxPipeline",
+    "sd35-turbo": "generator sd3.5-large-turbo vs StableDiffusion3Pipeline",
+    "sana-sprint": "generator sana-sprint vs SanaSprintPipeline",
+    "pixart-dmd": "generator pixart-dmd vs PixArtAlphaPipeline",
+    "qwen-image": None,
+}
+OFF = "text-stream residual off = plain pipeline"
+
+
+def test_fewstep_generators_and_flux_qwen_textstream_pass(tmp_path, tiny_model_dir, capsys):
+    """Each few-step generator equals its own pipeline for the same noise and settings (FLUX:
+    packed latents); the residual off is bit-identical on FLUX.1-schnell, SD3.5 and Qwen-Image
+    (whose one-step latents were all NaN: the check samples two steps, on finite latents)."""
+    kinds = list(FEWSTEP)
+    models = _models(tmp_path, tiny_model_dir, kinds)
+    code, out, report = _run(
+        capsys, ["--models", str(models), "--output-dir", str(tmp_path / "r"), "--size", SIZE]
+    )
+    assert code == 0, out
+    rows = _rows(report)
+    expected = {}
+    for i, kind in enumerate(kinds):
+        if FEWSTEP[kind]:
+            expected[(f"asset{i}", FEWSTEP[kind])] = "pass"
+        if kind in ("flux-schnell", "sd35-turbo", "qwen-image"):
+            expected[(f"asset{i}", OFF)] = "pass"
+    assert rows == expected, out
+    for r in report["results"]:
+        assert r["max_difference"] <= r["tolerance"], r
+        if r["check"] == OFF:
+            assert r["max_difference"] == 0.0 and r["tolerance"] == 0.0
+
+
+def test_a_drifted_fewstep_generator_and_off_residual_fail(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    """A FLUX.1-schnell sampling loop whose step drifted by 1e-2, and an "off" residual that
+    registers no hook but leaves Qwen-Image's last block changed: both FAIL, exit 1; the
+    untouched checks still pass."""
+    from diffalign.noise import flow_generators
+    from diffalign.textstream import attach
+
+    sample = flow_generators.FluxSchnellGenerator._sample
+    monkeypatch.setattr(
+        flow_generators.FluxSchnellGenerator,
+        "_sample",
+        lambda self, *a: sample(self, *a) + 1e-2,
+    )
+
+    def enter(self):
+        with torch.no_grad():
+            next(self.adapter.blocks[-1].parameters()).add_(1e-3)
+        return self
+
+    monkeypatch.setattr(attach.AttachedResidual, "__enter__", enter)
+    models = _models(tmp_path, tiny_model_dir, ["flux-schnell", "sana-sprint", "qwen-image"])
+    code, out, report = _run(
+        capsys, ["--models", str(models), "--output-dir", str(tmp_path), "--size", SIZE]
+    )
+    assert code == 1, out
+    rows = _rows(report)
+    assert rows[("asset0", FEWSTEP["flux-schnell"])] == "FAIL"
+    assert rows[("asset0", OFF)] == "FAIL"
+    assert rows[("asset1", FEWSTEP["sana-sprint"])] == "pass"
+    assert rows[("asset2", OFF)] == "FAIL"
+    assert not report["passed"] and report["counts"]["FAIL"] == 3
 
 
 def test_empty_and_missing_folders(tmp_path, capsys, monkeypatch):

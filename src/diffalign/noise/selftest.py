@@ -1,16 +1,21 @@
-"""`diffalign selftest` checks of the one-step generators: each generator kind against its own
-diffusers pipeline for the same noise (`tests/test_noise_generators.py` on the real files).
+"""`diffalign selftest` checks of the one-step and few-step generators: each generator kind
+against its own diffusers pipeline for the same noise and settings
+(`tests/test_noise_generators.py`, `tests/test_noise_flow_generators.py` on the real files).
 
-One check per entry of `noise.generators.GENERATORS`; `FAMILIES` says, per `GeneratorSpec.pipeline`
-family, which pipeline folders (model_index `_class_name`) it runs on and how its images are
-compared with the pipeline's (a new family adds its line there; a family without a line is not
-checked). Kinds with extra weights (Hyper-SD) are checked on their weights file, with the first
-pipeline folder it fits.
+One check per entry of `noise.generators.GENERATORS`; `FAMILIES` says, per kind (or per
+`GeneratorSpec.pipeline` family), which pipeline folders (model_index `_class_name`) it runs on
+and how its images are compared with the pipeline's (a new kind adds its line there; a kind
+without a line is not checked). The U-Net kinds' one step runs on every folder of their class;
+a few-step transformer kind's sampling is its release's, so it runs only on folders recognised
+as that kind (`generator_recipe`: the release's marks or a recorded recipe, whatever the folder
+is called). Kinds with extra weights (Hyper-SD) are checked on their weights file, with the
+first pipeline folder it fits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,27 +36,73 @@ from diffalign.noise.generators import GENERATORS, GeneratorSpec
 TOLERANCE = 1e-4  # images in [0, 1]; the tests see < 1e-5 on the tiny models
 
 
-def generator_difference(gen, size: int) -> float:
-    """Max |our generate(z) - the pipeline's image for latents z| for two prompts."""
+def generator_difference(
+    gen,
+    size: int,
+    kwargs: dict[str, Any] | None = None,
+    pipe_latents: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """Max |our generate(z) - the pipeline's image for latents z| for two prompts. ``kwargs``:
+    the pipeline settings of the generator's own path (default ``gen.pipeline_kwargs()``);
+    ``pipe_latents(pipe, z)``: the pipeline's own latent input for z (default z itself)."""
     z = gen.sample_noise(2, generator=torch.Generator().manual_seed(0))
+    settings = {"height": size, "width": size}
+    settings.update(gen.pipeline_kwargs() if kwargs is None else kwargs)
+    latents = z.clone().to(gen.device)
     with torch.no_grad():
         ours = gen.generate(z, gen.encode_prompts(PROMPTS))
         ref = gen.pipe(
             prompt=PROMPTS,
-            latents=z.clone().to(gen.device),
-            height=size,
-            width=size,
+            latents=latents if pipe_latents is None else pipe_latents(gen.pipe, latents),
             output_type="pt",
-            **gen.pipeline_kwargs(),
+            **settings,
         ).images
     return float((ours.float().cpu() - ref.float().cpu()).abs().max())
 
 
-# GeneratorSpec.pipeline -> (the model_index `_class_name`s it runs on, the comparison)
+def fewstep_difference(
+    gen, size: int, pipe_latents: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+) -> float:
+    """`generator_difference` of a few-step transformer kind: the pipeline call that takes its
+    path (`flow_generators.pipeline_kwargs`: steps, guidance, sequence length, ...)."""
+    from diffalign.noise.flow_generators import pipeline_kwargs
+
+    return generator_difference(gen, size, pipeline_kwargs(gen), pipe_latents)
+
+
+def flux_packed(pipe, z: torch.Tensor) -> torch.Tensor:
+    """FluxPipeline's latent input: z packed into 2x2 patches, as the generator packs it."""
+    return pipe._pack_latents(z, *z.shape)
+
+
+# a kind's name or its GeneratorSpec.pipeline -> (the model_index `_class_name`s it runs on,
+# the comparison)
 FAMILIES: dict[str, tuple[tuple[str, ...], Callable[[Any, int], float]]] = {
     "sdxl": (("StableDiffusionXLPipeline",), generator_difference),
     "sd": (("StableDiffusionPipeline",), generator_difference),
+    "flux-schnell": (("FluxPipeline",), partial(fewstep_difference, pipe_latents=flux_packed)),
+    "sd3.5-large-turbo": (("StableDiffusion3Pipeline",), fewstep_difference),
+    "sana-sprint": (("SanaSprintPipeline",), fewstep_difference),
+    "pixart-dmd": (("PixArtAlphaPipeline",), fewstep_difference),
 }
+
+
+def recognised_as(spec: GeneratorSpec, classes: tuple[str, ...]) -> Callable[[Asset], bool]:
+    """`applies` for pipeline folders of `classes` that run as `spec` by their own marks
+    (`generator_recipe` without --generator), whatever their name."""
+    from diffalign.noise.recipes import generator_recipe
+
+    of_class = pipeline_of(*classes)
+
+    def applies(asset: Asset) -> bool:
+        if not of_class(asset):
+            return False
+        try:
+            return generator_recipe(str(asset.path)).spec.name == spec.name
+        except DiffalignError:  # no release mark, or another release's
+            return False
+
+    return applies
 
 
 def _load(model: str, spec: GeneratorSpec, ctx: SelftestContext, weights: str | None = None):
@@ -71,11 +122,18 @@ def _load(model: str, spec: GeneratorSpec, ctx: SelftestContext, weights: str | 
 
 
 def _register(spec: GeneratorSpec) -> None:
-    classes, compare = FAMILIES.get(spec.pipeline, ((), generator_difference))
+    family = spec.name if spec.name in FAMILIES else spec.pipeline
+    classes, compare = FAMILIES.get(family, ((), generator_difference))
     name = f"generator {spec.name} vs {'/'.join(classes) or spec.pipeline + ' pipeline'}"
     if spec.weights_file is None:
+        # few-step kinds: only their own release's folders (FLUX.1-dev is no schnell)
+        applies = (
+            recognised_as(spec, classes)
+            if spec.pipeline == "transformer"
+            else pipeline_of(*classes)
+        )
 
-        @register_check(name, pipeline_of(*classes), TOLERANCE)
+        @register_check(name, applies, TOLERANCE)
         def _check(asset: Asset, ctx: SelftestContext) -> float:
             return compare(_load(str(asset.path), spec, ctx), ctx.size)
 
