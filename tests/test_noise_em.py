@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from diffalign.cli import main
 from noise_data_helpers import model_args, write_pairs
@@ -44,6 +45,22 @@ def test_em_cycles_chain_and_resume(sdxl, tmp_path, lora):
         assert (work / "cycle-001/sft/checkpoint-final/pytorch_lora_weights.safetensors").is_file()
     else:
         assert (work / "cycle-001/sft/checkpoint-final/model_index.json").is_file()
+    # each E-step draws fresh base noise: cycle k's seed is seed + 1000 k (the seed's EM)
+    from diffalign.engine.io import load_tensors
+    from diffalign.noise.assign import base_noise
+
+    eps = []
+    for k in range(2):
+        noise_file = next(
+            (work / f"cycle-{k:03d}" / "dataset" / "samples").glob("000000_*/*.safet*")
+        )
+        t, meta = load_tensors(noise_file)
+        ref = base_noise([0], t["base_noise"].shape, 1000 * k)[0]  # --seed 0
+        assert torch.equal(t["base_noise"], ref), k
+        eps.append(t["base_noise"])
+    assert not torch.equal(eps[0], eps[1])
+    cfg0 = json.loads((work / "cycle-000" / "sft" / "run_config.json").read_text())
+    assert cfg0["task"]["weight_decay"] == 1e-4  # the seed's default
     # a re-run keeps the finished cycles
     assert main(argv) == 0
     s2 = json.loads((work / "summary.json").read_text())

@@ -139,6 +139,14 @@ def test_run_optimize_layouts(tmp_path):
     summary = json.loads((one / "summary.json").read_text())
     assert summary["prompt"] == "a cat" and summary["status"] == "ok"
     assert summary["orthogonality_error_final"] < 1e-5
+    assert summary["init_noise_sigma"] == 1.0
+    from diffalign.engine.io import load_tensors
+    from diffalign.noise.assign import read_noise_file
+
+    _, meta = load_tensors(one / "best_noise.safetensors")
+    assert meta["sigma_scaled"] == "false" and meta["init_noise_sigma"] == "1.0"
+    noise, _ = read_noise_file(one / "best_noise.safetensors", 14.6)  # z, whatever the sigma
+    assert torch.equal(noise, load_tensors(one / "best_noise.safetensors")[0]["noise"][0])
     with pytest.raises(DiffalignError, match="already holds a run"):
         run_optimize(gen, reward, ["a cat"], one, s)
 

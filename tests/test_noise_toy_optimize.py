@@ -28,39 +28,45 @@ def gen_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def proof_run(gen_dir, tmp_path_factory):
+    import contextlib
+    import io
+
     out = tmp_path_factory.mktemp("toyopt") / "run"
-    code = main(
-        [
-            "noise",
-            "toy",
-            "optimize",
-            "--reward",
-            "classifier",
-            "--generator-ckpt",
-            str(gen_dir),
-            "--output-dir",
-            str(out),
-            "--classifier-steps",
-            "80",
-            "--classes",
-            "1",
-            "digit 4",
-            "7",
-            "--steps",
-            "12",
-            "--images-per-prompt",
-            "8",
-            "--heldout-noise",
-            "512",
-            "--save-every",
-            "6",
-        ]
-    )
-    return code, out
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(
+            [
+                "noise",
+                "toy",
+                "optimize",
+                "--reward",
+                "classifier",
+                "--generator-ckpt",
+                str(gen_dir),
+                "--output-dir",
+                str(out),
+                "--classifier-steps",
+                "80",
+                "--classes",
+                "1",
+                "digit 4",
+                "7",
+                "--steps",
+                "12",
+                "--images-per-prompt",
+                "8",
+                "--heldout-noise",
+                "512",
+                "--save-every",
+                "6",
+            ]
+        )
+    capsys_text = buf.getvalue()
+    return code, out, capsys_text
 
 
 def test_proof_holds_on_a_quick_run(proof_run):
-    code, out = proof_run
+    code, out, printed = proof_run
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     proof = summary["proof"]
@@ -71,11 +77,22 @@ def test_proof_holds_on_a_quick_run(proof_run):
     assert [c["prompt"] for c in proof["per_class"]] == ["1", "digit 4", "7"]
     for c in proof["per_class"]:
         assert c["reward_best"] > c["reward_step0"]
+    # in-sample and held-out side by side: the held-out gain is zero up to Monte Carlo error
+    table = proof["table"]
+    assert [r["class"] for r in table] == ["1", "digit 4", "7", "mean"]
+    for r, c in zip(table, proof["per_class"]):
+        assert r["in_sample_best"] == c["reward_best"]
+        assert r["heldout_q"] - r["heldout_identity"] == pytest.approx(r["heldout_gain"], abs=1e-6)
+        assert abs(r["heldout_gain"]) <= 4 * r["heldout_gain_se"]
+    assert proof["checks"]["heldout_gain_within_noise"] is True
+    assert isinstance(proof["reward_saturated"], bool)
+    assert "held-out: Q = I -> Q" in printed and "mean" in printed
     # the `noise optimize` layout, one folder per class
     for i in range(3):
         d = out / f"prompt_{i}"
         for name in ("best.png", "step_000.png", "step_006.png", "step_012.png"):
             assert (d / name).is_file(), name
+        assert not (d / "step_001.png").exists()  # --save-every 6 reaches run_optimize
         hist = json.loads((d / "reward_history.json").read_text())
         assert len(hist["reward"]) == 13
 
@@ -143,3 +160,40 @@ def test_bad_input(gen_dir, tmp_path, capsys, extra, message):
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("diffalign") and message in err, err
+
+
+def test_paired_gain():
+    """The held-out gain is a paired mean with its standard error."""
+    from diffalign.noise.toy.optimize import paired_gain
+
+    after, before = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([0.0, 1.0, 1.0, 2.0])
+    gain, se = paired_gain(after, before)
+    d = after - before
+    assert gain == pytest.approx(2.0) and se == pytest.approx(float(d.std() / 2.0))
+
+
+def test_a_saturated_reward_is_flagged(gen_dir, tmp_path):
+    """A classifier that is sure of the class whatever the image (p ~ 1): nothing to gain, and
+    the proof says the reward is saturated."""
+    from diffalign.noise.optimize import OptimizeSettings
+    from diffalign.noise.toy.optimize import toy_optimize
+
+    torch.manual_seed(0)
+    clf = build_model(ToyModelConfig.for_dataset("classifier", "digits"))
+    with torch.no_grad():
+        clf.head.weight.zero_()
+        clf.head.bias.zero_()
+        clf.head.bias[2] = 20.0
+    save_model(clf, tmp_path / "clf")
+    s = toy_optimize(
+        gen_dir,
+        tmp_path / "run",
+        classifier_ckpt=str(tmp_path / "clf"),
+        classes=["2"],
+        settings=OptimizeSettings(steps=2, lr=0.05, images_per_prompt=2),
+        heldout_noise=64,
+        save_every=0,
+        show_progress=False,
+    )
+    assert s["proof"]["reward_saturated"] is True
+    assert s["proof"]["heldout_mean_p_class_identity"] > 0.999

@@ -332,12 +332,55 @@ def save_noise_file(
     meta: dict,
 ) -> None:
     """``best_input_noise.safetensors``: ``noise`` (= Q eps, the generator's input), the base
-    noise ``eps`` and ``Q``; the item's id, prompt hash and settings in the metadata."""
+    noise ``eps`` and ``Q``; the item's id, prompt hash and settings in the metadata, and
+    ``sigma_scaled = false``: our noises are the standard-normal ``z``, not the seed's
+    ``init_noise_sigma * z`` (:func:`read_noise_file` reads both)."""
     save_tensors(
         path,
         {"noise": noise.contiguous(), "base_noise": base.contiguous(), "q": q.contiguous()},
-        metadata={k: str(v) for k, v in meta.items()},
+        metadata={**{k: str(v) for k, v in meta.items()}, SIGMA_SCALED_KEY: "false"},
     )
+
+
+SIGMA_SCALED_KEY = "sigma_scaled"
+
+
+def read_noise_file(path: str | os.PathLike, sigma: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """The standard-normal noise ``z [C, h, w]`` (float32) of a noise file, and its metadata.
+
+    Ours (``best_input_noise.safetensors``, ``sigma_scaled = false``, or older files without the
+    key) hold ``z``; the seed's ``best_input_noise.pt`` (a bare tensor ``[1, C, h, w]``, read with
+    ``weights_only=True``) and any file recording ``sigma_scaled = true`` hold the model's first
+    latents ``sigma * z``, so they are divided by the generator's ``sigma``
+    (:meth:`OneStepGenerator.init_noise_sigma`). The metadata says which it was."""
+    import json
+
+    tensors, meta = load_tensors(path)
+    meta = dict(meta)
+    if "noise" in tensors:
+        noise = tensors["noise"]
+        flag = meta.get(SIGMA_SCALED_KEY, "false")
+        try:  # a .pt dict keeps its values JSON-encoded
+            flag = json.loads(flag) if isinstance(flag, str) and flag.startswith('"') else flag
+        except ValueError:
+            pass
+        scaled = str(flag).strip().lower() == "true"
+    elif set(tensors) == {"tensor"}:  # the seed's torch.save(best_input_noise): sigma * z
+        noise, scaled = tensors["tensor"], True
+        meta["format"] = "seed"
+    else:
+        raise DiffalignError(
+            f"{path}: no 'noise' tensor (not a best_input_noise file); found {sorted(tensors)}"
+        )
+    if noise.ndim == 4 and noise.shape[0] == 1:  # the seed saves its batch of one
+        noise = noise[0]
+    noise = noise.float()
+    if scaled:
+        if not (sigma > 0):
+            raise DiffalignError(f"{path}: a sigma-scaled noise needs sigma > 0, got {sigma}")
+        noise = noise / float(sigma)
+    meta[SIGMA_SCALED_KEY] = "true" if scaled else "false"
+    return noise, meta
 
 
 def prompt_sha(prompt: str) -> str:
@@ -352,15 +395,14 @@ def check_noise_file(
     if not path.is_file():
         return "noise file missing"
     try:
-        tensors, meta = load_tensors(path)
+        noise, meta = read_noise_file(path)
     except DiffalignError as e:
         return f"noise file corrupt ({e})"
     if item is not None and meta.get("id") != str(item):
         return f"noise file belongs to item {meta.get('id', '(no id recorded)')}, not {item}"
     if prompt is not None and meta.get("prompt_sha") not in (None, prompt_sha(prompt)):
         return "noise file was made for another prompt"
-    noise = tensors.get("noise")
-    if noise is None or tuple(noise.shape) != tuple(latent_shape):
+    if tuple(noise.shape) != tuple(latent_shape):
         return f"noise file has no 'noise' of shape {tuple(latent_shape)}"
     if not torch.isfinite(noise).all():
         return "noise file holds NaN/inf"
@@ -560,12 +602,10 @@ def assign_image(
     return summary
 
 
-def load_noise(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
-    """The assigned noise ``[C, h, w]`` of a ``best_input_noise.safetensors`` and its metadata."""
-    tensors, meta = load_tensors(path)
-    if "noise" not in tensors:
-        raise DiffalignError(f"{path}: no 'noise' tensor (not a best_input_noise file)")
-    return tensors["noise"], meta
+def load_noise(path: str | os.PathLike, sigma: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """The assigned noise ``z [C, h, w]`` of a noise file (ours or the seed's ``.pt``, whose
+    ``sigma * z`` is divided by ``sigma``) and its metadata (:func:`read_noise_file`)."""
+    return read_noise_file(path, sigma)
 
 
 __all__ = [
@@ -577,4 +617,5 @@ __all__ = [
     "check_noise_file",
     "load_noise",
     "load_target_image",
+    "read_noise_file",
 ]

@@ -251,8 +251,8 @@ def add_sft_options(p, prefix: str = "") -> None:
     g.add_argument(
         "--weight-decay",
         type=nonneg_float,
-        default=0.0,
-        help="AdamW weight decay (default: %(default)s)",
+        default=1e-4,
+        help="AdamW weight decay (default: %(default)s, the seed's)",
     )
     g.add_argument(
         "--val-items",

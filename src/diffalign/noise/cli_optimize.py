@@ -50,19 +50,29 @@ def add_optimize_options(
         "--parametrization",
         choices=("matrix_exp", "cayley"),
         default="matrix_exp",
-        help="map from a skew-symmetric matrix to Q (default: %(default)s)",
+        help="Q = f(S) with S = A - A^T for the free parameter A (the seed's raw - raw^T, so "
+        "a step at a given lr equals the seed's); f = exp or Cayley (default: %(default)s)",
     )
     g.add_argument(
         "--noise-l2-weight",
         type=nonneg_float,
         default=1e-3,
-        help="weight of the seed's drift regulariser mean((Q z - z)^2) (default: %(default)s)",
+        help="weight of the seed's drift regulariser mean((sigma Q z - sigma z)^2), on the "
+        "seed's sigma-scaled noise (sigma = the scheduler's init_noise_sigma: 14.6 on "
+        "SDXL-Turbo, 1 on flow matching; default: %(default)s)",
     )
     g.add_argument(
         "--weight-decay",
         type=nonneg_float,
         default=0.0,
         help="optimizer weight decay on the free parameter of Q (default: %(default)s)",
+    )
+    g.add_argument(
+        "--init-std",
+        type=nonneg_float,
+        default=0.0,
+        help="start A at init_std * randn (seeded by --seed) instead of 0 (Q = I exactly); the "
+        "seed starts at 1e-4 (default: %(default)s)",
     )
     g.add_argument(
         "--grad-clip",
@@ -110,6 +120,7 @@ def settings_from_args(args):
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
         images_per_prompt=args.images_per_prompt,
+        init_std=args.init_std,
     )
 
 

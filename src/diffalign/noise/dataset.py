@@ -361,6 +361,22 @@ def _dataset_diagnostics(out: Path, records: list[dict], patch_size: int, plots:
 # ----------------------------------------------------------------------------- reading it back
 
 
+def seed_record(r: dict) -> dict:
+    """A record of the seed's `build_assigned_noise_dataset` manifest (``sample_id``,
+    ``best_input_noise_path``, ``target_image_path``, ``prompt``: absolute paths of the machine
+    that built it) as ours: the files are read from ``samples/<sample_id>/`` beside the
+    manifest, wherever the folder now is. Other records are returned unchanged."""
+    keys = ("sample_id", "best_input_noise_path", "target_image_path")
+    if not all(isinstance(r.get(k), str) for k in keys):
+        return r
+    sdir = f"samples/{r['sample_id']}"
+    return {
+        **r,
+        "noise_file": f"{sdir}/{Path(r['best_input_noise_path']).name}",
+        "target_image": f"{sdir}/{Path(r['target_image_path']).name}",
+    }
+
+
 MODEL_PATH_KEYS = ("model", "vae", "weights")  # the model_info entries naming files or Hub ids
 
 
@@ -482,8 +498,9 @@ def _first_failure(folder: Path) -> str:
 
 
 def load_dataset_manifest(manifest_path: str | os.PathLike) -> tuple[list[dict], Path]:
-    """Records of a `build-dataset` manifest with ``noise_path`` / ``target_path`` resolved
-    inside the dataset folder (a path that leaves it is a one-line error)."""
+    """Records of a `build-dataset` manifest (or the seed's, :func:`seed_record`) with
+    ``noise_path`` / ``target_path`` resolved inside the dataset folder (a path that leaves it
+    is a one-line error)."""
     path = Path(manifest_path)
     if path.is_dir():
         path = path / "manifest.jsonl"
@@ -497,6 +514,8 @@ def load_dataset_manifest(manifest_path: str | os.PathLike) -> tuple[list[dict],
     root = path.parent
     out = []
     for i, r in enumerate(records, 1):
+        if isinstance(r, dict) and "noise_file" not in r:
+            r = seed_record(r)
         if not isinstance(r, dict) or not all(
             k in r for k in ("noise_file", "target_image", "prompt")
         ):

@@ -11,6 +11,7 @@ resumes item by item and an unfinished M-step from its last resumable checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +19,13 @@ from pathlib import Path
 
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import locked_output_dir, write_json
+
+
+def cycle_seed(seed: int, cycle: int) -> int:
+    """The base-noise seed of E-step ``cycle``: ``seed + 1000 * cycle``, so every cycle assigns
+    from fresh base noise (the seed's `run_em_latent_matched_sft` passes ``seed + 1000 * cycle``
+    to its dataset builder); cycle 0 uses ``seed`` itself, as a plain `build-dataset` does."""
+    return int(seed) + 1000 * int(cycle)
 
 
 def em_cycles(
@@ -127,7 +135,8 @@ def em(
     """`diffalign noise em` on a diffusion generator. ``load(model, first)`` loads a generator
     (``first``: the initial model; later cycles load the last ``checkpoint-final``, a pipeline
     or a LoRA export, as the recipe it recorded; a LoRA M-step trains from the base model and
-    continues the last LoRA via ``init_lora``). ``resume``:
+    continues the last LoRA via ``init_lora``). The E-step of cycle ``k`` draws fresh base
+    noise with :func:`cycle_seed` (``assign_kwargs["settings"].seed + 1000 k``). ``resume``:
     ``latest`` continues an unfinished M-step from its last checkpoint, ``restart`` starts it
     over (finished cycles are kept either way); ``overwrite`` starts the whole loop over."""
     from diffalign.noise.dataset import build_dataset
@@ -144,13 +153,17 @@ def em(
     def e_step(current: str, cdir: Path, k: int) -> dict:
         # a LoRA export loads as its base + the Hyper-SD weights (once) + its LoRA, fused
         gen = load(current, current == initial)
+        kwargs = dict(assign_kwargs)
+        settings = kwargs.pop("settings")
+        settings = dataclasses.replace(settings, seed=cycle_seed(settings.seed, k))
         return build_dataset(
             gen,
             data_root,
             cdir / "dataset",
+            settings,
             desc=f"E-step {k}",
             model_info={"model": current},
-            **assign_kwargs,
+            **kwargs,
         )
 
     def m_step(current: str, cdir: Path, k: int) -> dict:

@@ -470,6 +470,10 @@ class PixArtDMDGenerator(FewStepTransformerGenerator):
         )
         return {"prompt_embeds": pe.to(self.dtype), "prompt_attention_mask": mask}
 
+    def init_noise_sigma(self) -> float:
+        """DDPM's ``init_noise_sigma`` (1), the factor ``_sample`` scales the noise by."""
+        return float(self.scheduler.init_noise_sigma)
+
     def _sample(self, noise: torch.Tensor, embeds: PromptEmbeds, num_steps: int) -> torch.Tensor:
         sched = self.scheduler
         sched.set_timesteps(timesteps=[PIXART_DMD_TIMESTEP], device=self.device)

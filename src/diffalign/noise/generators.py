@@ -153,6 +153,12 @@ class DiffusionOneStepGenerator(OneStepGenerator):
         )
         return {"prompt_embeds": pe.to(self.dtype)}
 
+    def init_noise_sigma(self) -> float:
+        """The scheduler's ``init_noise_sigma`` once its one-step timesteps are set (EulerAncestral
+        / Euler trailing: ``sigma_max``, 14.6 on the SD-2/SDXL schedules; TCD, LCM: 1)."""
+        self._timestep()
+        return float(self.scheduler.init_noise_sigma)
+
     def _timestep(self) -> torch.Tensor:
         if self.spec.timesteps:
             self.scheduler.set_timesteps(timesteps=list(self.spec.timesteps), device=self.device)

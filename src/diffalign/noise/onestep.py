@@ -125,6 +125,14 @@ class OneStepGenerator(nn.Module):
             return p.device
         return torch.device("cpu")
 
+    def init_noise_sigma(self) -> float:
+        """``sigma`` of the model's first latents ``sigma * z`` for standard-normal ``z``: the
+        scheduler's ``init_noise_sigma`` (14.6 on SDXL-Turbo / SD-Turbo's trailing Euler, 1 for
+        flow matching, TCD, LCM, PixArt DMD's DDPM, SANA-Sprint's SCM (its ``sigma_data``
+        scaling stays inside its sampler) and the toy GAN; default 1). The seed's noises (its
+        drift term, its ``.pt`` noise files) are ``sigma * z``; ours are ``z``."""
+        return 1.0
+
     def sample_noise(
         self,
         n: int,

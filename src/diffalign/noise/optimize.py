@@ -5,11 +5,14 @@ For prompts ``p_1..p_P`` with base noises ``z_i`` (the seed: the same seeded noi
 prompt), one patch-wise orthogonal ``Q_i`` per prompt (:class:`PatchOrthogonal` with
 ``num_transforms = P``) is optimised to maximise
 
-    ``R(G(Q_i z_i, p_i), p_i) - w * mean((Q_i z_i - z_i)^2)``
+    ``R(G(Q_i z_i, p_i), p_i) - w * mean((sigma Q_i z_i - sigma z_i)^2)``
 
 through any :class:`~diffalign.noise.onestep.OneStepGenerator` ``G`` and any reward ``R``
 (``forward(images in [0, 1], prompts) -> [B]``, higher is better). The drift term is the seed's
-``noise_l2_weight`` regulariser. The loss is the *sum* over prompts and the SGD clip is applied
+``noise_l2_weight`` regulariser on the seed's sigma-scaled noise (``sigma = G.init_noise_sigma()``:
+14.6 on SDXL-Turbo, so the same ``w`` weighs 214x more than on ``z``; 1 for flow matching and
+the toy). ``Q_i`` starts at ``I`` or, with ``init_std``, at the seed's ``A = init_std * randn``
+(``S = A - A^T``, :mod:`diffalign.noise.orthogonal`). The loss is the *sum* over prompts and the SGD clip is applied
 per prompt, so optimising P prompts as one batch gives each prompt the update it would get
 alone (tested). Optimisers: ``adam`` (the seed's AdamW) or ``sgd`` (ReNO's: Nesterov momentum 0.9,
 gradient-norm clip 0.1).
@@ -44,7 +47,8 @@ SGD_DEFAULT_CLIP = 0.1  # ReNO
 
 @dataclass
 class OptimizeSettings:
-    """Optimisation settings (seed defaults: 30 steps, AdamW lr 5e-4, patch 2, drift 1e-3)."""
+    """Optimisation settings (seed defaults: 30 steps, AdamW lr 5e-4, patch 2, drift 1e-3;
+    ``init_std`` 0 is the spec's Q = I start, the seed's is 1e-4)."""
 
     steps: int = 30
     lr: float = 5e-4
@@ -56,6 +60,7 @@ class OptimizeSettings:
     momentum: float = 0.9
     grad_clip: float | None = None  # None: 0.1 for sgd (ReNO), off for adam
     images_per_prompt: int = 1
+    init_std: float = 0.0
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -71,7 +76,7 @@ class OptimizeSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (name != "steps"):
                 raise DiffalignError(f"--{name.replace('_', '-')} must be a positive integer")
-        for name in ("lr", "noise_l2_weight", "weight_decay", "momentum"):
+        for name in ("lr", "noise_l2_weight", "weight_decay", "momentum", "init_std"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise DiffalignError(f"--{name.replace('_', '-')} must be finite and >= 0")
@@ -91,7 +96,7 @@ class PromptResult:
     """What one prompt's optimisation gives (tensors on the CPU)."""
 
     prompt: str
-    reward_history: list[float]  # steps + 1 values: step 0 is the identity Q (the base noise)
+    reward_history: list[float]  # steps + 1 values: step 0 is the starting Q (I by default)
     term_history: dict[str, list[float]]
     drift_history: list[float]
     best_step: int
@@ -105,6 +110,7 @@ class PromptResult:
     weight_best: torch.Tensor  # the free parameter A of Q_best (PatchOrthogonal.weight[i])
     error: str | None = None
     failed_step: int | None = None
+    q_init: torch.Tensor | None = None  # the starting Q (None: the identity)
 
     @property
     def ok(self) -> bool:
@@ -124,9 +130,10 @@ def clip_grad_norm_per_transform(grad: torch.Tensor, max_norm: float) -> torch.T
     return norms
 
 
-def drift_per_sample(zq: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """The seed's drift regulariser ``mean((Q z - z)^2)``, one value per sample."""
-    return ((zq.float() - z.float()) ** 2).flatten(1).mean(1)
+def drift_per_sample(zq: torch.Tensor, z: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """The seed's drift regulariser ``mean((sigma Q z - sigma z)^2)`` (its ``F.mse_loss`` on the
+    sigma-scaled noises), one value per sample."""
+    return ((sigma * zq.float() - sigma * z.float()) ** 2).flatten(1).mean(1)
 
 
 def all_matrices(transform: PatchOrthogonal) -> torch.Tensor:
@@ -169,11 +176,13 @@ def optimize_prompts(
     base_noise: torch.Tensor,
     settings: OptimizeSettings,
     on_step: StepCallback | None = None,
+    init_seed: int = 0,
 ) -> list[PromptResult]:
     """Optimise one orthogonal ``Q_i`` per prompt, all prompts in one batch (see module doc).
 
     ``base_noise``: ``[P * K, C, h, w]`` with ``K = settings.images_per_prompt`` noises per
-    prompt, prompt-major. Evaluates ``steps + 1`` times (step 0 = identity ``Q``) and updates
+    prompt, prompt-major. Evaluates ``steps + 1`` times (step 0 = the starting ``Q``: ``I``, or
+    the seed's ``init_std`` start drawn with ``init_seed``, the same for every prompt) and updates
     ``steps`` times. ``on_step(step, active, images [A*K, ...], rewards [A])`` sees every
     evaluation of the ``A`` prompts still running. A prompt whose image, reward or gradient
     becomes NaN/inf (the reward raises, or returns it) is stopped and reported with ``error``;
@@ -198,7 +207,12 @@ def optimize_prompts(
         settings.parametrization,
         init="identity",
         num_transforms=n_prompts,
+        seed=init_seed,
+        init_std=settings.init_std,
     ).to(device)
+    sigma = float(generator.init_noise_sigma())
+    with torch.no_grad():
+        q_start = all_matrices(transform).detach().cpu() if settings.init_std > 0 else None
     optimizer = make_optimizer(transform.parameters(), settings)
     clip = settings.clip()
     with torch.no_grad():
@@ -232,7 +246,7 @@ def optimize_prompts(
                     f"the reward returned shape {tuple(values.shape)}, expected [{len(rows)}]"
                 )
             per_prompt = values.float().view(len(active), k).mean(1)
-            drift = drift_per_sample(zq, z[rows]).view(len(active), k).mean(1)
+            drift = drift_per_sample(zq, z[rows], sigma).view(len(active), k).mean(1)
         terms = {
             name: t.detach().float().view(len(active), k).mean(1).cpu()
             for name, t in reward_terms(reward).items()
@@ -340,6 +354,7 @@ def optimize_prompts(
                     torch.zeros_like(shape_q),
                     errors[i],
                     failed_step[i],
+                    None if q_start is None else q_start[i],
                 )
             )
             continue
@@ -360,6 +375,7 @@ def optimize_prompts(
                 best_w[i],
                 errors[i],
                 failed_step[i],
+                None if q_start is None else q_start[i],
             )
         )
     return results
@@ -427,7 +443,7 @@ def plot_reward_history(path: Path, result: PromptResult, title: str) -> None:
     from diffalign.engine.io import atomic_path
 
     series = {"reward": result.reward_history, **result.term_history}
-    series["drift mean((Qz - z)^2)"] = result.drift_history
+    series["drift mean((sigma Qz - sigma z)^2)"] = result.drift_history
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), dpi=90)
     axes = [axes] if len(series) == 1 else list(axes)
     for ax, (name, ys) in zip(axes, series.items()):
@@ -478,6 +494,7 @@ def write_prompt_outputs(
     result: PromptResult,
     patch_size: int,
     save_q_every: int = 0,
+    sigma: float = 1.0,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per prompt (seed layout): init.png, best.png, final_best.png, best_noise.safetensors,
@@ -509,22 +526,32 @@ def write_prompt_outputs(
         save_tensors(
             out / "best_noise.safetensors",
             {"noise": result.best_noise, "base_noise": result.base_noise},
-            metadata={"prompt": result.prompt, "best_step": str(result.best_step)},
+            metadata={
+                "prompt": result.prompt,
+                "best_step": str(result.best_step),
+                # z, not the seed's sigma * z (diffalign.noise.assign.read_noise_file)
+                "sigma_scaled": "false",
+                "init_noise_sigma": str(sigma),
+            },
         )
         save_tensors(
             out / "adapter_final.safetensors",
             {"q_best": result.q_best, "q_final": result.q_final, "weight_best": result.weight_best},
             metadata={"patch_size": str(patch_size), "prompt": result.prompt},
         )
-        identity = torch.eye(result.q_best.shape[-1])
+        if result.q_init is None:
+            q0, z0, what = torch.eye(result.q_best.shape[-1]), result.base_noise, "Q = I"
+        else:
+            q0, what = result.q_init, "the seed's init_std start"
+            z0 = apply_patch_orthogonal(result.base_noise, q0, patch_size)
         init = write_gaussianity_diagnostics(
             out,
             "orthogonal_gaussian_init",
             result.base_noise,
-            result.base_noise,
-            q=identity,
+            z0,
+            q=q0,
             patch_size=patch_size,
-            title="Before optimisation: base noise vs Q z (Q = I)",
+            title=f"Before optimisation: base noise vs Q z ({what})",
         )
         final = write_gaussianity_diagnostics(
             out,
@@ -640,13 +667,21 @@ def run_optimize(
                 noise_one.repeat(len(chunk), 1, 1, 1),
                 settings,
                 on_step=on_step,
+                init_seed=seed,
             )
             timings.append((time.perf_counter() - t0) / max(1, settings.steps + 1))
             for j, (d, res) in enumerate(zip(dirs, chunk_results)):
                 extra = {}
                 if final_steps is not None and res.ok:
                     extra = render_final(generator, reward, res, final_steps, d)
-                s = write_prompt_outputs(d, start + j, res, settings.patch_size, extra=extra)
+                s = write_prompt_outputs(
+                    d,
+                    start + j,
+                    res,
+                    settings.patch_size,
+                    sigma=generator.init_noise_sigma(),
+                    extra=extra,
+                )
                 s["folder"] = "." if single else d.name
                 summaries.append(s)
                 results.append(res)
@@ -667,6 +702,8 @@ def run_optimize(
             "num_failed": len(summaries) - len(ok),
             "seconds_per_step_per_batch": timings,
             "latent_shape": list(latent),
+            # the drift term is on sigma * z, the seed's noise scale (module doc)
+            "init_noise_sigma": float(generator.init_noise_sigma()),
         }
         if ok:
             top["mean_init_reward"] = sum(s["init_reward"] for s in ok) / len(ok)

@@ -5,18 +5,23 @@ A latent ``z [B, C, H, W]`` is cut into non-overlapping ``p x p`` patches; each 
 orthogonal ``Q``. For a fixed ``Q`` and ``z ~ N(0, I)``, ``Q z ~ N(0, I)`` exactly (a rotation
 of an isotropic Gaussian), and every patch keeps its Euclidean norm.
 
-``Q`` is parameterised by a free matrix ``A``; its skew part ``S = (A - A^T) / 2`` is mapped
-to the orthogonal group exactly (no truncated series):
+``Q`` is parameterised by a free matrix ``A`` as the seed does (``PatchOrthogonalNoise.raw``):
+``S = A - A^T`` (so a gradient step on ``A`` at a given lr moves ``S`` exactly as the seed's
+step does), mapped to the orthogonal group exactly (no truncated series):
 
 - ``matrix_exp``: ``Q = exp(S)`` (``torch.linalg.matrix_exp``),
 - ``cayley``: ``Q = (I - S)^{-1} (I + S)`` (``torch.linalg.solve``; ``I - S`` is always
   invertible because the eigenvalues of ``S`` are purely imaginary),
 
 optionally composed with a fixed Haar-random base ``Q0`` (``Q = Q0 f(S)``), so a random start
-is still trainable. Gradient steps move ``A`` freely and ``Q`` stays on the group.
+is still trainable. Gradient steps move ``A`` freely and ``Q`` stays on the group. ``A`` starts
+at 0 (``Q = I`` exactly, the spec's default) or, with ``init_std``, at ``init_std * N(0, 1)``
+(the seed's ``init_scale = 1e-4`` start).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -67,8 +72,13 @@ def unpatchify(
     return x.reshape(b, channels, height, width)
 
 
+def skew_part(a: torch.Tensor) -> torch.Tensor:
+    """``S = A - A^T``: the seed's skew-symmetric matrix of the free parameter ``A``."""
+    return a - a.transpose(-1, -2)
+
+
 def skew_to_orthogonal(a: torch.Tensor, parametrization: str = "matrix_exp") -> torch.Tensor:
-    """Map a free ``[..., D, D]`` matrix to an orthogonal float32 one via its skew part.
+    """Map a free ``[..., D, D]`` matrix ``A`` to an orthogonal float32 ``f(A - A^T)``.
 
     Both maps are exact; they are evaluated in float64 and rounded to float32, because in
     float32 the error of ``exp`` grows with ``||S||`` (up to ~3e-4 for D = 256 after large
@@ -83,7 +93,7 @@ def _skew_to_orthogonal_f64(a: torch.Tensor, parametrization: str) -> torch.Tens
             f"unknown parametrization {parametrization!r}; choose one of {', '.join(PARAMETRIZATIONS)}"
         )
     a = a.to(_compute_dtype(a.device))
-    s = 0.5 * (a - a.transpose(-1, -2))
+    s = skew_part(a)
     if parametrization == "matrix_exp":
         return torch.linalg.matrix_exp(s)
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
@@ -141,6 +151,15 @@ def apply_patch_orthogonal(z: torch.Tensor, q: torch.Tensor, patch_size: int) ->
     return unpatchify(y, patch_size, c, h, w).to(z.dtype)
 
 
+def seed_start(dim: int, init_std: float, seed: int | None = None) -> torch.Tensor:
+    """The seed's start of ``A``: ``init_std * randn(D, D)`` from a CPU generator seeded with
+    ``seed`` (the seed draws it right after ``torch.manual_seed(seed)``, so the same seed gives
+    the same ``A``); every transform of a batch starts from this one draw, as every prompt of the
+    seed's runs does."""
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    return float(init_std) * torch.randn((dim, dim), generator=gen, dtype=torch.float32)
+
+
 def orthogonality_error(q: torch.Tensor) -> float:
     """``max |Q^T Q - I|`` over all entries (and all matrices of a ``[N, D, D]`` stack)."""
     q = q.detach()
@@ -155,7 +174,8 @@ class PatchOrthogonal(nn.Module):
     ``num_transforms = N > 1`` holds N independent ``Q``'s trained at once: the input batch must
     be N and sample ``i`` uses ``Q_i`` (one optimiser step updates all of them).
     ``init="identity"`` starts at ``Q = I`` (``q(z) == z`` exactly); ``init="random"`` starts at a
-    seeded Haar-random ``Q0`` and learns ``Q = Q0 f(S)``. The parameter and ``Q0`` stay float32
+    seeded Haar-random ``Q0`` and learns ``Q = Q0 f(S)``; ``init_std > 0`` starts ``A`` at the
+    seed's ``init_std * randn`` (:func:`seed_start`, seeded by ``seed``) instead of 0. The parameter and ``Q0`` stay float32
     even under ``module.to(torch.bfloat16)`` (only device moves apply); ``Q`` is built in float64
     and returned as float32; the product runs in float32 and the output has the input's dtype.
     """
@@ -168,6 +188,7 @@ class PatchOrthogonal(nn.Module):
         init: str = "identity",
         num_transforms: int = 1,
         seed: int | None = None,
+        init_std: float = 0.0,
     ) -> None:
         super().__init__()
         self.channels = _check_positive_int(channels, "channels")
@@ -180,12 +201,17 @@ class PatchOrthogonal(nn.Module):
             )
         if init not in INITS:
             raise DiffalignError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std >= 0):
+            raise DiffalignError(f"init_std must be finite and >= 0, got {init_std!r}")
         self.parametrization = parametrization
         self.init = init
+        self.init_std = float(init_std)
         self.dim = self.channels * self.patch_size**2
         n, d = self.num_transforms, self.dim
-        # Free parameter A; only its skew part enters Q. Zero -> S = 0 -> f(S) = I.
+        # Free parameter A; S = A - A^T enters Q. Zero -> S = 0 -> f(S) = I.
         self.weight = nn.Parameter(torch.zeros(n, d, d, dtype=torch.float32))
+        if self.init_std > 0:
+            self.weight.data.copy_(seed_start(d, self.init_std, seed).expand(n, d, d))
         if init == "random":
             gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
             self.register_buffer("base", haar_orthogonal(d, count=n, generator=gen))
@@ -196,7 +222,7 @@ class PatchOrthogonal(nn.Module):
         return (
             f"channels={self.channels}, patch_size={self.patch_size}, dim={self.dim}, "
             f"parametrization={self.parametrization!r}, init={self.init!r}, "
-            f"num_transforms={self.num_transforms}"
+            f"num_transforms={self.num_transforms}, init_std={self.init_std}"
         )
 
     def _apply(self, fn, recurse=True):

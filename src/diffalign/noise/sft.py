@@ -38,19 +38,29 @@ from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, Trai
 from diffalign.noise.assign import assign_loss, base_noise, load_target_image
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# AdamW weight decay of `noise sft` / `noise em` (seed 001 `cli_train_latent_matched_sft`); the toy
+# branch keeps its own default (the seed's toy trainers use Adam without decay)
+SEED_WEIGHT_DECAY = 1e-4
 
 
 class ManifestPairs(Dataset):
     """(assigned noise, target image, prompt) items of a `build-dataset` manifest."""
 
-    def __init__(self, records: list[dict], size: tuple[int, int], with_noise: bool = True):
+    def __init__(
+        self,
+        records: list[dict],
+        size: tuple[int, int],
+        with_noise: bool = True,
+        sigma: float = 1.0,
+    ):
         self.records, self.size, self.with_noise = records, tuple(size), with_noise
+        self.sigma = sigma  # the generator's init_noise_sigma: the seed's .pt files hold sigma z
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        from diffalign.engine.io import load_tensors
+        from diffalign.noise.assign import read_noise_file
 
         r = self.records[i]
         item = {
@@ -59,8 +69,7 @@ class ManifestPairs(Dataset):
             "index": i,
         }
         if self.with_noise:
-            tensors, _ = load_tensors(r["noise_path"])
-            item["noise"] = tensors["noise"].float()
+            item["noise"] = read_noise_file(r["noise_path"], self.sigma)[0]
         return item
 
 
@@ -233,6 +242,7 @@ class MatchedSftTask(TrainTask):
             "preserve_latent_weight": self.pw[0],
             "preserve_pixel_weight": self.pw[1],
             "lora": self.lora,
+            "weight_decay": self.weight_decay,
             "generator": getattr(self.generator, "name", None),
         }
 
@@ -340,7 +350,7 @@ def sft(
     mixed_precision: str = "no",
     gradient_accumulation_steps: int = 1,
     max_grad_norm: float | None = 1.0,
-    weight_decay: float = 0.0,
+    weight_decay: float = SEED_WEIGHT_DECAY,
     val_items: int = 4,
     seed: int = 0,
     checkpoint_every: int = 0,
@@ -416,8 +426,9 @@ def sft(
     base = None
     if (preserve_latent_weight or preserve_pixel_weight) and not lora:
         base = generator.frozen_copy()
-    data = ManifestPairs(records, size, with_noise=not direct)
-    val = ManifestPairs(records[: max(1, val_items)], size, with_noise=not direct)
+    sigma = float(generator.init_noise_sigma())
+    data = ManifestPairs(records, size, with_noise=not direct, sigma=sigma)
+    val = ManifestPairs(records[: max(1, val_items)], size, with_noise=not direct, sigma=sigma)
     torch.manual_seed(seed)
     task = MatchedSftTask(
         generator,

@@ -93,16 +93,28 @@ def _run(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         heldout_noise=args.heldout_noise,
+        save_every=args.save_every,
         overwrite=args.overwrite,
     )
+    from diffalign.noise.toy.optimize import format_proof_table
+
     proof = s["proof"]
+    print(format_proof_table(proof["table"]))
     print(
         f"mean reward (log p) step 0 {proof['mean_reward_step0']:.3f} -> last "
         f"{proof['mean_reward_last']:.3f} (best {proof['mean_reward_best']:.3f}); rises for "
         f"{proof['fraction_classes_reward_rises']:.0%} of classes; max |Q^T Q - I| "
         f"{proof['max_orthogonality_error']:.1e}; min KS p of Q z on fresh noise "
-        f"{proof['min_fresh_qz_ks_pvalue']:.3f}"
+        f"{proof['min_fresh_qz_ks_pvalue']:.3f}; held-out gain within "
+        f"noise: {proof['checks']['heldout_gain_within_noise']}"
     )
+    if proof["reward_saturated"]:
+        p_class = proof["heldout_mean_p_class_identity"]
+        print(
+            f"note: the reward is saturated (mean p(class) {p_class:.4f} with Q = I): log p has "
+            "no room to rise; for an informative run use a weaker generator, e.g. "
+            "`noise toy train-gan --max-steps 300`"
+        )
     status = "all checks passed" if proof["all_checks_passed"] else "SOME CHECKS FAILED"
     print(f"{status}; wrote {args.output_dir}/summary.json")
     return 0 if proof["all_checks_passed"] else 1
