@@ -55,6 +55,7 @@ def test_build_dataset_compile_compiles_the_generator(tiny_model_dir, tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_compiled_generator_and_reward_equal_eager(tiny_model_dir, dtype):
     """Image, reward and gradient wrt the noise of tiny SDXL-Turbo + CLIP, eager then compiled
@@ -91,6 +92,7 @@ def test_compiled_generator_and_reward_equal_eager(tiny_model_dir, dtype):
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_cli_optimize_compile_equals_eager_fp32(tiny_model_dir, tmp_path):
     base = [
         "noise", "optimize", "--prompt", "a cat", "--model", tiny_model_dir("sdxl"),

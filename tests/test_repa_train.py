@@ -704,6 +704,7 @@ def test_extract_two_processes_equals_one(data_dir, sd15, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_compiled_training_equals_eager_and_resumes_exactly(data_dir, sd15, tmp_path, monkeypatch):
     """compile: true (inductor on the CPU; regional: the U-Net's transformer blocks) gives the
     eager losses and weights to fp32 rounding, and a compiled checkpoint resumes bit-exactly."""

@@ -98,6 +98,7 @@ def test_compiled_mix_rescale_equals_eager():
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_compiled_residual_forward_equals_eager():
     """Attached with compile=True (LayerNorm on): the eager forward to float rounding."""
     tr = make_transformer("sd3")
