@@ -124,7 +124,7 @@ def test_dpg_square_height_and_width_set_the_resolution(sd3, tmp_path, capsys):
     assert "square" in _error(capsys)
     from diffalign.textstream.cli_generate import dpg_resolution
 
-    assert dpg_resolution(None, None, None) == 1024
+    assert dpg_resolution(None, None, None) is None  # the model's own size
     assert dpg_resolution(None, 512, 512) == 512 and dpg_resolution(256, 256, None) == 256
 
 

@@ -160,6 +160,10 @@ def test_two_processes_shard_the_pairs(sdxl, gen, tmp_path):
     recs = _manifest(out)
     assert [x["id"] for x in recs] == [0, 1, 2, 3]
     assert not list(out.glob("*.rank-*.jsonl"))
+    # every rank's counts are summed into summary.json (issue 14 item 18), not null
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["written_this_run"] == 4 and s["skipped_finished"] == 0
+    assert s["redone_damaged"] == 0 and s["samples_per_second"] > 0
     ref = tmp_path / "single"
     build_dataset(gen, data, ref, AssignSettings(steps=2), batch_size=2, plots=False)
     for a, b in zip(recs, _manifest(ref)):

@@ -24,11 +24,20 @@ def _register_make_tiny(sub) -> None:
         ),
     )
     p.add_argument("kind", metavar="KIND", help=f"model kind: {', '.join(TINY_KINDS)}")
-    p.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    p.add_argument(
+        "--output-dir",
+        "--out",  # the earlier spelling
+        dest="out",
+        metavar="DIR",
+        required=True,
+        help="output folder, must be empty or absent (--out: the earlier spelling)",
+    )
     p.add_argument(
         "--seed", type=seed_int, default=0, help="seed of the random weights (default: %(default)s)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not empty")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --output-dir even if it is not empty"
+    )
     g = p.add_argument_group(
         "size overrides (sd3/sd35; default: the tiny test size, only the transformer grows)"
     )

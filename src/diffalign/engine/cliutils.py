@@ -31,7 +31,8 @@ class ArgumentParser(argparse.ArgumentParser):
         return group
 
     def error(self, message: str):  # one line, exit 2, like every other bad input
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        verb = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"{self.prog.split(' ', 1)[0]}: error: {verb}{message}\n")
 
 
 def with_snake_aliases(names) -> list[str]:

@@ -5,7 +5,10 @@ A job that can be re-run or resumed (a dataset build, a preprocessing store, a t
 inference folder) records its *identity*: a JSON dict of every setting that changes the bytes
 it writes, and for each model it used :func:`model_identity`. A re-run computes the identity
 again and :func:`check_identity` refuses any difference with one line that names the differing
-keys and says that ``--overwrite`` starts over (or another ``--output-dir`` keeps both). A job
+keys and says that ``--overwrite`` starts over (or another ``--output-dir`` keeps both). A
+record binds only once output was written under it (``written``): a run that failed before its
+first image, record or sample leaves nothing to protect, so the corrected rerun replaces the
+record instead of being refused. A job
 leaves out, by name, the settings that cannot change its bytes (progress bars, worker counts,
 output paths, how often it logs or checkpoints, a batch size where results do not depend on
 the batching); a batch size stays in where they do.
@@ -225,6 +228,12 @@ def _unknown_revision(key: str, a: Any, b: Any) -> bool:
 _MISSING = object()
 
 
+def binding(old: Mapping[str, Any] | None, written: bool) -> Mapping[str, Any] | None:
+    """The recorded identity a re-run is held to: `old`, or None when nothing was written
+    under it (module doc: a run that failed before its first output binds nothing)."""
+    return old if written else None
+
+
 def check_identity(
     old: Mapping[str, Any] | None,
     new: Mapping[str, Any],
@@ -232,9 +241,12 @@ def check_identity(
     *,
     free: Iterable[str] = (),
     hint: str = OVERWRITE_HINT,
+    written: bool = True,
 ) -> None:
     """Refuse (one DiffalignError line) when the recorded identity `old` differs from `new`:
-    "<subject> made with other settings (<keys>); <hint>". `old` None: nothing recorded."""
+    "<subject> made with other settings (<keys>); <hint>". `old` None, or `written` False
+    (no output was written under it: `binding`): nothing to hold the run to."""
+    old = binding(old, written)
     if old is None:
         return
     diff = identity_differences(old, new, free)

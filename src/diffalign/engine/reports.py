@@ -142,6 +142,16 @@ def save_image_grid(
     return grid
 
 
+MARKER_POINTS = 30  # series of at most this many points are drawn with markers
+
+
+def _points(values) -> tuple[list, list]:
+    if isinstance(values, tuple) and len(values) == 2:
+        return list(values[0]), list(values[1])
+    ys = list(values)
+    return list(range(len(ys))), ys
+
+
 def plot_curves(
     path: str | os.PathLike,
     series: Mapping[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]],
@@ -150,27 +160,43 @@ def plot_curves(
     ylabel: str = "",
     logy: bool = False,
 ) -> None:
-    """One PNG with a line per series; a series is `ys` or `(xs, ys)`."""
+    """One PNG with a line per series; a series is `ys` or `(xs, ys)`. Points whose y is None
+    or not finite are left out, and a series left without points gets no line and no legend
+    entry; a series of few points is drawn with markers (a lone point would be invisible);
+    integer x values (layers, steps) get integer ticks."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    plotted = 0
+    all_int = True
+    x_values: set[float] = set()
     for name, values in series.items():
-        if isinstance(values, tuple) and len(values) == 2:
-            xs, ys = values
-        else:
-            ys = list(values)
-            xs = list(range(len(ys)))
-        if len(ys):
-            ax.plot(list(xs), list(ys), label=name)
+        xs, ys = _points(values)
+        keep = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(float(y))]
+        if not keep:
+            continue
+        xs, ys = [float(x) for x, _ in keep], [float(y) for _, y in keep]
+        all_int = all_int and all(x == int(x) for x in xs)
+        x_values.update(xs)
+        ax.plot(xs, ys, label=name, marker="o" if len(ys) <= MARKER_POINTS else None, ms=4)
+        plotted += 1
     if logy:
         ax.set_yscale("log")
+    if plotted and all_int:  # few x values (layers, a short run): one tick each
+        if len(x_values) <= MARKER_POINTS // 2:
+            ax.set_xticks(sorted(x_values))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if series:
+    if plotted:
         ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

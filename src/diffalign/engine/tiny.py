@@ -84,9 +84,9 @@ def make_tiny(
         )
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise DiffalignError(f"--out {out} exists and is not a folder")
+        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DiffalignError(f"--out {out} is not empty; pass --overwrite to replace it")
+        raise DiffalignError(f"--output-dir {out} is not empty; pass --overwrite to replace it")
     from diffalign.engine.io import atomic_dir  # imports torch: keep `--help` fast
 
     options = {**spec.overrides, **overrides}

@@ -710,10 +710,21 @@ class _Trainer:
             return None
         if r == "latest":
             ckpts = list_checkpoints(self.output_dir)
-            if not ckpts:
-                logger.info("no checkpoint under %s; starting a new run", self.output_dir)
-                return None
-            return ckpts[-1]
+            if ckpts:
+                return ckpts[-1]
+            if (self.output_dir / "checkpoint-final").is_dir() and not self.config.overwrite:
+                raise DiffalignError(
+                    f"{self.output_dir} holds a finished run without a resumable checkpoint "
+                    "(checkpoints/): nothing to resume; pass --overwrite to start over"
+                )
+            # documented (README): a first run with --resume latest starts fresh, and says so
+            if self.is_main:
+                print(
+                    f"diffalign: --resume latest: no checkpoint under {self.output_dir}; "
+                    "starting a new run",
+                    flush=True,
+                )
+            return None
         path = Path(r)
         if not path.is_dir():
             raise DiffalignError(f"resume checkpoint not found: {path}")

@@ -23,7 +23,14 @@ def register(verbs) -> None:
         ),
     )
     p.add_argument("--input", required=True, help="folder of NAME_<role>.EXT triples or a jsonl")
-    p.add_argument("--out", required=True, help="output folder (locked while running)")
+    p.add_argument(
+        "--output-dir",
+        "--out",  # the earlier spelling
+        dest="out",
+        metavar="DIR",
+        required=True,
+        help="output folder, locked while running (--out: the earlier spelling)",
+    )
     p.add_argument(
         "--panel-size",
         type=positive_int,

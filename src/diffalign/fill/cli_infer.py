@@ -16,7 +16,7 @@ def register(verbs) -> None:
             "One input (--visible --semantic --prompt) or a folder (--input-dir: inputs.jsonl "
             "with visible/semantic/prompt fields, or <name>_visible.png + <name>_semantic.png + "
             "<name>.txt). Writes <name>.png (the target panel), <name>_diptych.png with "
-            "--save-diptych, and summary.json; images already in --output are kept."
+            "--save-diptych, and summary.json; images already in --output-dir are kept."
         ),
     )
     p.add_argument(
@@ -44,7 +44,14 @@ def register(verbs) -> None:
         default=None,
         help="folder of (visible, semantic, prompt) triples instead of --visible/--prompt",
     )
-    p.add_argument("--output", default="outputs/fill", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--output-dir",
+        "--output",  # the earlier spelling
+        dest="output",
+        metavar="DIR",
+        default="outputs/fill",
+        help="output folder (default: %(default)s; --output: the earlier spelling)",
+    )
     p.add_argument(
         "--steps", type=positive_int, default=50, help="sampling steps (default: %(default)s)"
     )
@@ -86,7 +93,9 @@ def register(verbs) -> None:
         help="float32 | bfloat16 | float16 (default: bfloat16 on a GPU, float32 on the CPU)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--overwrite", action="store_true", help="regenerate images already in --output")
+    p.add_argument(
+        "--overwrite", action="store_true", help="regenerate images already in --output-dir"
+    )
     p.set_defaults(func=_run)
 
 

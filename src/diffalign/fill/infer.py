@@ -466,12 +466,13 @@ def _check_output(out: Path, identity: dict, names: list[str], overwrite: bool) 
             {**identity, "inputs": {n: new_inputs[n] for n in shared}},
             f"{out} holds images",
             hint="rerun with the settings it was made with, pass --overwrite to regenerate "
-            "them, or choose another --output",
+            "them, or choose another --output-dir",
+            written=any(out.glob("*.png")),  # a run that failed before its first image
         )
     elif any((out / f"{n}.png").is_file() for n in names):
         raise DiffalignError(
             f"{out} holds images this run would keep but no record of what made them "
-            f"({SETTINGS_FILE}): pass --overwrite to regenerate them or choose another --output"
+            f"({SETTINGS_FILE}): pass --overwrite to regenerate them or choose another --output-dir"
         )
 
 
@@ -560,7 +561,8 @@ def run_infer(
     encoder = FillEncoder(pipe)
     with output_lock(out):
         _check_output(out, identity, names, overwrite)
-        kept = {} if overwrite or not (out / SETTINGS_FILE).is_file() else _read_inputs(out)
+        fresh = overwrite or not (out / SETTINGS_FILE).is_file() or not any(out.glob("*.png"))
+        kept = {} if fresh else _read_inputs(out)
         write_json(out / SETTINGS_FILE, {**identity, "inputs": {**kept, **identity["inputs"]}})
         todo = [
             (i, r)

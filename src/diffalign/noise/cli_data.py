@@ -324,6 +324,12 @@ def register(verbs) -> None:
         help="samples optimised together, one Q each (default: %(default)s)",
     )
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the base noises (default: 0)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a folder that holds a dataset: its records are cleared and every "
+        "pair is assigned again",
+    )
     p.set_defaults(func=_run_build)
 
     p = verbs.add_parser(
@@ -386,17 +392,18 @@ def register(verbs) -> None:
     p = verbs.add_parser(
         "em",
         help="EM loop: build-dataset with the current model (E), SFT from it (M), repeated",
-        description="Cycle k writes WORK_DIR/cycle-NNN/{dataset,sft}; the next cycle starts "
+        description="Cycle k writes OUTPUT_DIR/cycle-NNN/{dataset,sft}; the next cycle starts "
         "from the last cycle's checkpoint-final. Re-running resumes (finished cycles are kept, "
         "an unfinished one goes on where it stopped).",
     )
     add_data_options(p)
     p.add_argument(
-        "--work-dir",
         "--output-dir",
-        dest="work_dir",
+        "--work-dir",  # the seed's name
+        dest="output_dir",
         default="outputs/em_latent_matched_sft",
-        help="work folder (default: %(default)s)",
+        help="work folder, one cycle-NNN/ per cycle (default: %(default)s; --work-dir: the "
+        "seed's name)",
     )
     p.add_argument(
         "--initial-model-id",
@@ -423,6 +430,11 @@ def register(verbs) -> None:
         default="latest",
         help="an unfinished M-step: continue from its last checkpoint (latest) or start it "
         "over (restart); finished cycles are kept (default: %(default)s)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the whole loop over in a folder that holds cycles (they are removed)",
     )
     p.set_defaults(func=_run_em)
 
@@ -531,6 +543,7 @@ def _run_build(args) -> int:
         num_intermediates=args.num_intermediates,
         plots=not args.no_plots,
         model_info=_model_info(args, gen),
+        overwrite=args.overwrite,
     )
     if s:
         print(
@@ -584,9 +597,12 @@ def _check_train_dtype(args) -> None:
 
 
 def _run_sft(args) -> int:
+    from diffalign.noise.dataset import dataset_image_size
     from diffalign.noise.sft import sft
 
     _check_train_dtype(args)
+    # the dataset's noises and targets have the size it records: the default here
+    args.height, args.width = dataset_image_size(args.manifest_path, args.height, args.width)
     gen = _load(args)
     _check_init_lora(args.init_lora, gen.name)
     r = sft(
@@ -619,11 +635,18 @@ def _check_init_lora(init_lora, kind: str) -> None:
 
 
 def _run_em(args) -> int:
+    from pathlib import Path
+
+    from diffalign.noise.dataset import dataset_image_size
     from diffalign.noise.em import em
 
     _check_train_dtype(args)
     if args.initial_model:
         args.model = args.initial_model
+    # a resumed EM run goes on at the size its first dataset was built at
+    if not args.overwrite:
+        first = Path(args.output_dir) / "cycle-000" / "dataset"
+        args.height, args.width = dataset_image_size(first, args.height, args.width)
     settings = _settings(args, "assign_")
     assign_kwargs = {
         "settings": settings,
@@ -637,13 +660,14 @@ def _run_em(args) -> int:
     s = em(
         args.model,
         args.data_root,
-        args.work_dir,
+        args.output_dir,
         num_cycles=args.num_cycles,
         load=lambda model, first: _load(args, model, first),
         assign_kwargs=assign_kwargs,
         sft_kwargs=_sft_kwargs(args, "train_"),
         lora=args.lora_rank is not None,
         resume=args.resume,
+        overwrite=args.overwrite,
     )
     print(f"final model: {s['final_model']} ({s['num_cycles']} cycles)")
     return 0

@@ -173,8 +173,10 @@ def build_dataset(
     plots: bool = True,
     model_info: dict | None = None,
     desc: str = "build-dataset",
+    overwrite: bool = False,
 ) -> dict:
-    """Build (or resume) a matched-noise dataset (module doc); returns the summary (rank 0)."""
+    """Build (or resume) a matched-noise dataset (module doc); returns the summary (rank 0).
+    ``overwrite``: start over in a folder that holds a dataset (`run_assignment_job`)."""
     t0 = time.time()
     s = settings or AssignSettings()
     out = Path(output_dir)
@@ -207,7 +209,7 @@ def build_dataset(
     job = PairsJob(generator, items, s, latent_shape, num_intermediates, plots)
     job.out = out
     with locked_output_dir(out, "dataset folder"):
-        return run_assignment_job(job, out, config, batch_size, desc, t0)
+        return run_assignment_job(job, out, config, batch_size, desc, t0, overwrite)
 
 
 class PairsJob(AssignmentJob):
@@ -407,11 +409,76 @@ def check_dataset_generator(
     raise DiffalignError(f"{line}: pass --allow-other-generator to train on it anyway")
 
 
+def _dataset_config_path(dataset: str | os.PathLike) -> Path:
+    path = Path(dataset)
+    return (path if path.is_dir() else path.parent) / "dataset_config.json"
+
+
+def recorded_image_size(dataset: str | os.PathLike) -> tuple[int, int] | None:
+    """The (height, width) a `build-dataset` folder (or its manifest.jsonl) records in its
+    dataset_config.json; None when it records none (a manifest made by hand)."""
+    cfg_path = _dataset_config_path(dataset)
+    if not cfg_path.is_file():
+        return None
+    from diffalign.engine.io import read_json
+
+    cfg = read_json(cfg_path)
+    size = cfg.get("image_size") if isinstance(cfg, dict) else None
+    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
+def dataset_image_size(
+    dataset: str | os.PathLike, height: int | None, width: int | None
+) -> tuple[int | None, int | None]:
+    """The image size to train on `dataset` with: the one its dataset_config.json records (its
+    noises and targets have that size) unless ``height`` / ``width`` are given; a given size
+    that contradicts the recorded one is a one-line error. (None, None): nothing recorded or
+    given, the model's default."""
+    recorded = recorded_image_size(dataset)
+    if recorded is None:
+        return height, width
+    given = (height or recorded[0], width or recorded[1])
+    if given != recorded:
+        raise DiffalignError(
+            f"--height/--width {given[0]}x{given[1]} contradict the image size "
+            f"{recorded[0]}x{recorded[1]} of {_dataset_config_path(dataset)}: leave them out "
+            "(the dataset's size is the default) or rebuild the dataset at that size"
+        )
+    return recorded
+
+
+def check_generator_size(dataset: str | os.PathLike, generator) -> None:
+    """Refuse (one line) a generator set to another image size than `dataset` records."""
+    recorded = recorded_image_size(dataset)
+    size = tuple(generator.image_size())
+    if recorded is not None and size != recorded:
+        raise DiffalignError(
+            f"{_dataset_config_path(dataset).parent} holds {recorded[0]}x{recorded[1]} images "
+            f"and noises, the generator makes {size[0]}x{size[1]}: load it with height="
+            f"{recorded[0]}, width={recorded[1]} (the CLI's default for this dataset)"
+        )
+
+
 def _describe(rec: dict) -> str:
     model = rec.get("model")
     if isinstance(model, dict):
         model = model.get("path") or model.get("hub_id")
     return f"{rec.get('generator')} ({model})"
+
+
+def _first_failure(folder: Path) -> str:
+    """``"; N failed, the first: <reason> (failures.jsonl)"``, or "" when none failed."""
+    from diffalign.engine.io import read_jsonl
+
+    path = folder / "failures.jsonl"
+    fails = read_jsonl(path, skip_bad=True) if path.is_file() else []
+    if not fails:
+        return ""
+    first = fails[0] if isinstance(fails[0], dict) else {}
+    reason = str(first.get("error", "no reason recorded")).splitlines()[0][:200]
+    return f"; {len(fails)} failed, item {first.get('id')} first: {reason} (see {path})"
 
 
 def load_dataset_manifest(manifest_path: str | os.PathLike) -> tuple[list[dict], Path]:
@@ -426,7 +493,7 @@ def load_dataset_manifest(manifest_path: str | os.PathLike) -> tuple[list[dict],
 
     records = read_jsonl(path)
     if not records:
-        raise DiffalignError(f"{path}: no finished samples")
+        raise DiffalignError(f"{path}: no finished samples{_first_failure(path.parent)}")
     root = path.parent
     out = []
     for i, r in enumerate(records, 1):

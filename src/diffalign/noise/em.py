@@ -28,17 +28,36 @@ def em_cycles(
     m_step: Callable[[str, Path, int], dict],
     finished_model: Callable[[Path], str | None],
     summary_extra: dict | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Run ``num_cycles`` E+M cycles; ``e_step(model, cycle_dir, k)`` -> its summary,
     ``m_step(model, cycle_dir, k)`` -> ``{"model": next model, ...}``, ``finished_model(
-    cycle_dir)`` -> the next model when the cycle's M-step finished in an earlier run."""
+    cycle_dir)`` -> the next model when the cycle's M-step finished in an earlier run.
+    ``overwrite``: remove the folder's cycles (``cycle-NNN/``) and summary first."""
     if num_cycles < 1:
         raise DiffalignError("--num-cycles must be >= 1")
     out = Path(work_dir)
     with locked_output_dir(out, "EM work folder"):  # one EM run per folder (re-entrant)
+        if overwrite:
+            _clear_cycles(out)
         return _cycles(
             out, num_cycles, str(initial_model), e_step, m_step, finished_model, summary_extra
         )
+
+
+def _clear_cycles(out: Path) -> None:
+    """Remove an earlier run's cycles and summary (rank 0; the others wait)."""
+    import shutil
+
+    from diffalign.noise.assign import dist_state
+
+    rank, _, state = dist_state()
+    if rank == 0:
+        for cdir in out.glob("cycle-[0-9][0-9][0-9]"):
+            shutil.rmtree(cdir)
+        (out / "summary.json").unlink(missing_ok=True)
+    if state is not None:
+        state.wait_for_everyone()
 
 
 def _cycles(out, num_cycles, initial_model, e_step, m_step, finished_model, summary_extra):
@@ -103,13 +122,14 @@ def em(
     lora: bool = False,
     progress: bool = True,
     resume: str = "latest",
+    overwrite: bool = False,
 ) -> dict:
     """`diffalign noise em` on a diffusion generator. ``load(model, first)`` loads a generator
     (``first``: the initial model; later cycles load the last ``checkpoint-final``, a pipeline
     or a LoRA export, as the recipe it recorded; a LoRA M-step trains from the base model and
     continues the last LoRA via ``init_lora``). ``resume``:
     ``latest`` continues an unfinished M-step from its last checkpoint, ``restart`` starts it
-    over (finished cycles are kept either way)."""
+    over (finished cycles are kept either way); ``overwrite`` starts the whole loop over."""
     from diffalign.noise.dataset import build_dataset
     from diffalign.noise.sft import sft
 
@@ -155,4 +175,6 @@ def em(
         final = cdir / "sft" / "checkpoint-final"
         return str(final) if final.is_dir() else None
 
-    return em_cycles(work_dir, num_cycles, initial, e_step, m_step, finished, {"lora": lora})
+    return em_cycles(
+        work_dir, num_cycles, initial, e_step, m_step, finished, {"lora": lora}, overwrite
+    )

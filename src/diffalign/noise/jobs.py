@@ -102,22 +102,36 @@ def run_assignment_job(
     batch_size: int,
     desc: str = "assign",
     t0: float | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Run (or resume) ``job`` into ``out`` (module doc); returns the summary on rank 0."""
+    """Run (or resume) ``job`` into ``out`` (module doc); returns the summary on rank 0.
+    ``overwrite``: forget the folder's records (settings, manifest, failures, summary) first, so
+    every item is assigned again under these settings."""
     t0 = time.time() if t0 is None else t0
     out = Path(out)
     rank, world, state = dist_state()
+    if overwrite:
+        if rank == 0:
+            for name in ("manifest*.jsonl", "failures*.jsonl", job.config_file, "summary.json"):
+                for old in out.glob(name):
+                    old.unlink()
+        if state is not None:
+            state.wait_for_everyone()
     cfg_path = out / job.config_file
-    if cfg_path.is_file():
+    # a folder whose earlier run finished no item binds nothing: its record is replaced
+    written = bool(read_records(out, "manifest"))
+    if cfg_path.is_file() and written:
         check_identity(
             read_json(cfg_path),
             config,
             f"{out} holds a {job.what}",
             free=job.config_ignore,
-            hint="rerun with the settings it was made with, or write to another folder "
-            "(--output-dir; noise em: --work-dir)",
+            hint="rerun with the settings it was made with, pass --overwrite to start over "
+            "(build-dataset, em), or write to another --output-dir",
         )
     elif rank == 0:
+        for old in out.glob("failures*.jsonl"):  # the failures of the replaced settings
+            old.unlink()
         write_json(cfg_path, config)
     if state is not None:
         state.wait_for_everyone()
@@ -155,6 +169,12 @@ def run_assignment_job(
 
     if state is not None:
         state.wait_for_everyone()
+    counts = {"skipped": skipped, "redone": redone, "written": writer.written}
+    if state is not None:  # every rank's counts, summed on rank 0 (summary.json)
+        from accelerate.utils import gather_object
+
+        parts = gather_object([counts])
+        counts = {k: sum(int(p[k]) for p in parts) for k in counts}
     summary: dict = {}
     if rank == 0:
         records, failures = merge_records(out)
@@ -166,12 +186,13 @@ def run_assignment_job(
         }
         summary.update(job.finalize(out, records, failures))
         work = time.time() - t_sync
+        written = counts["written"]
         summary.update(
-            skipped_finished=skipped if world == 1 else None,
-            redone_damaged=redone if world == 1 else None,
+            skipped_finished=counts["skipped"],
+            redone_damaged=counts["redone"],
             world_size=world,
-            written_this_run=writer.written if world == 1 else None,
-            samples_per_second=writer.written / work if world == 1 and writer.written else None,
+            written_this_run=written,
+            samples_per_second=written / work if written else None,
             seconds=round(time.time() - t0, 3),
             work_seconds=round(work, 3),
         )

@@ -359,6 +359,7 @@ def sft(
     from diffalign.engine.identity import file_sha256, model_identity
     from diffalign.noise.dataset import (
         check_dataset_generator,
+        check_generator_size,
         load_dataset_manifest,
         model_record,
     )
@@ -376,6 +377,7 @@ def sft(
     if lora_rank is not None and lora_rank < 1:
         raise DiffalignError(f"--lora-rank must be >= 1, got {lora_rank}")
     records, _ = load_dataset_manifest(manifest_path)
+    check_generator_size(manifest_path, generator)
     record = model_record(model_info)
     warning = None
     if not direct:  # the direct baseline reads targets and prompts only, never the noises

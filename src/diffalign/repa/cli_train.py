@@ -19,7 +19,7 @@ def _register_train(verbs) -> None:
 
     p = verbs.add_parser(
         "train",
-        help="LoRA + AlignHead training with token and manifold losses (seed 003)",
+        help="LoRA + AlignHead training with token and manifold losses (the original U-REPA recipe)",
         description=(
             "Train U-REPA on SD 1.5 from preprocessed data. Settings come from --config (YAML, "
             "see configs/repa_track_a.yaml); every key can be overridden as --key value."
@@ -83,20 +83,25 @@ def _register_extract(verbs) -> None:
     )
     p.add_argument("--data-dir", required=True, help="preprocessed data folder")
     p.add_argument(
-        "--out", required=True, help="output folder (features.safetensors, summary.json)"
+        "--output-dir",
+        "--out",  # the earlier spelling
+        dest="out",
+        metavar="DIR",
+        required=True,
+        help="output folder: features.safetensors, summary.json (--out: the earlier spelling)",
     )
     p.add_argument("--split", default="val", help="manifest split to extract (default val)")
     p.add_argument(
         "--timestep",
         type=nonneg_int,
         default=500,
-        help="diffusion timestep (default: 500, seed 11.1)",
+        help="diffusion timestep (default: 500, the original U-REPA recipe's)",
     )
     p.add_argument(
         "--pool",
         choices=("mean", "first"),
         default="mean",
-        help="mean over tokens, or the first token (the seed's [CLS] equivalent; default: mean)",
+        help="mean over tokens, or the first token (the original U-REPA recipe's [CLS] equivalent; default: mean)",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=32, help="samples per forward (default: 32)"
@@ -156,7 +161,14 @@ def _register_probe(verbs) -> None:
         ),
     )
     p.add_argument("--features", required=True, help="`repa extract` output folder")
-    p.add_argument("--out", required=True, help="output folder (summary.json, probe.png)")
+    p.add_argument(
+        "--output-dir",
+        "--out",  # the earlier spelling
+        dest="out",
+        metavar="DIR",
+        required=True,
+        help="output folder: summary.json, probe.png (--out: the earlier spelling)",
+    )
     p.add_argument(
         "--test-fraction", type=unit_float, default=0.25, help="held-out fraction (default 0.25)"
     )

@@ -78,15 +78,15 @@ def _add_common(
             *h_names,
             dest="height",
             type=positive_int,
-            default=1024,
-            help="image height (default: %(default)s)",
+            default=None,
+            help="image height (default: the model's own sample size, 1024 on SD3/SD3.5)",
         )
         g.add_argument(
             *w_names,
             dest="width",
             type=positive_int,
-            default=1024,
-            help="image width (default: %(default)s)",
+            default=None,
+            help="image width (default: the model's own sample size, 1024 on SD3/SD3.5)",
         )
     else:  # dpg: tiles are --resolution squared; equal --height and --width set it
         g.add_argument(
@@ -292,21 +292,22 @@ def register(verbs) -> None:
         type=positive_int,
         default=None,
         help="tile size in pixels (default: --height when --height and --width are equal, "
-        "else 1024)",
+        "else the model's own sample size, 1024 on SD3/SD3.5)",
     )
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
     _add_common(p, size=False)
     p.set_defaults(func=_run_dpg)
 
 
-def dpg_resolution(resolution: int | None, height: int | None, width: int | None) -> int:
-    """DPG-Bench tiles are square: `--resolution`, or equal `--height`/`--width`, else 1024."""
+def dpg_resolution(resolution: int | None, height: int | None, width: int | None) -> int | None:
+    """DPG-Bench tiles are square: `--resolution`, or equal `--height`/`--width`, else None
+    (the model's own sample size)."""
     from diffalign.engine.errors import DiffalignError
 
     sides = {name: v for name, v in (("height", height), ("width", width)) if v is not None}
     if resolution is None:
         if not sides:
-            return 1024
+            return None
         if len(sides) == 2 and height == width:
             return int(height)
         raise DiffalignError(

@@ -62,8 +62,8 @@ class GenerationConfig:
     single_file_config: str | None = None
     steps: int | None = None  # None: the model card's (families.DEFAULTS)
     cfg: float | None = None
-    height: int = 1024
-    width: int = 1024
+    height: int | None = None  # None: the model's own sample size (`model_image_size`)
+    width: int | None = None
     seed: int = 0
     n_samples: int = 1
     batch_size: int | None = None  # None: all samples of a prompt in one pipeline call
@@ -217,7 +217,7 @@ def validate_config(cfg: GenerationConfig) -> None:
     if cfg.guidance is not None and (not math.isfinite(float(cfg.guidance)) or cfg.guidance < 0):
         raise DiffalignError(f"--guidance must be a finite number >= 0 (got {cfg.guidance})")
     for name in ("steps", "height", "width", "n_samples", "max_sequence_length"):
-        if int(getattr(cfg, name)) < 1:
+        if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
             raise DiffalignError(f"--{name.replace('_', '-')} must be at least 1")
     if not math.isfinite(float(cfg.cfg)) or cfg.cfg < 0:
         raise DiffalignError(f"--cfg must be a finite number >= 0 (got {cfg.cfg})")
@@ -283,6 +283,81 @@ def validate_residual_config(rc: ResidualConfig, model: str | None = None) -> No
         from diffalign.textstream.weights import apply_weights_file
 
         apply_weights_file(rc)  # the file's own checks, before any model loads
+
+
+@dataclass(frozen=True)
+class ImageSize:
+    """What sizes a text-to-image transformer makes, read from its config files: its own
+    sample size (`default`, the pipeline's default_sample_size x the VAE factor), the multiple
+    a side must be and, for SD3's cropped position embedding, the largest side (else None)."""
+
+    default: int = 1024
+    multiple: int = 16
+    largest: int | None = None
+
+
+def _component_config(model: str, single_file_config: str | None, name: str) -> dict | None:
+    """`<name>/config.json` of a model folder, a cached Hub snapshot or --single-file-config."""
+    from diffalign.engine.loading import resolve_model
+
+    try:
+        src = resolve_model(model)
+    except DiffalignError:
+        return None
+    rel = f"{name}/config.json"
+    path: Path | None = None
+    if src.kind == "folder":
+        path = Path(src.source) / rel
+    elif src.kind == "single_file" and single_file_config:
+        path = Path(single_file_config) / rel
+    elif src.kind == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(src.source, rel)
+        except Exception:  # noqa: BLE001 - an unreadable cache: the config is unknown
+            hit = None
+        path = Path(hit) if isinstance(hit, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def model_image_size(model: str, single_file_config: str | None = None) -> ImageSize:
+    """The `ImageSize` of `model` without loading it (SD3/SD3.5's 1024 when its config files
+    cannot be read before the download)."""
+    tcfg = _component_config(model, single_file_config, "transformer") or {}
+    vcfg = _component_config(model, single_file_config, "vae") or {}
+    vsf = 2 ** (len(vcfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    patch = int(tcfg.get("patch_size") or 1)
+    sample = tcfg.get("sample_size")
+    default = int(sample) * vsf if isinstance(sample, int) else 128 * vsf
+    max_embed = tcfg.get("pos_embed_max_size")
+    largest = int(max_embed) * patch * vsf if isinstance(max_embed, int) else None
+    return ImageSize(default, vsf * patch, largest)
+
+
+def sized_config(cfg: GenerationConfig) -> GenerationConfig:
+    """`cfg` with the model's own sample size where --height/--width are not given; a size the
+    model cannot make is a one-line error here, before anything is loaded or written."""
+    size = model_image_size(cfg.model, cfg.single_file_config)
+    h, w = cfg.height or size.default, cfg.width or size.default
+    for name, value in (("height", h), ("width", w)):
+        if size.largest is not None and value > size.largest:
+            raise DiffalignError(
+                f"--{name} {value} is more than {cfg.model} can make: at most {size.largest} "
+                f"px (its transformer's pos_embed_max_size); leave --height/--width out for "
+                f"its own size, {size.default} px"
+            )
+        if value % size.multiple:
+            raise DiffalignError(
+                f"--{name} {value} must be a multiple of {size.multiple} for {cfg.model}"
+            )
+    return GenerationConfig(**{**asdict(cfg), "height": h, "width": w})
 
 
 def _resolve_device(cfg: GenerationConfig, state_device: Any) -> str:
@@ -454,18 +529,25 @@ def _settings_identity(settings: dict) -> dict:
     return {"options": opts, "residual_options": rc}
 
 
-def _check_compatible(path: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to add images to an output made with other settings (unless overwriting)."""
+def _check_compatible(path: Path, settings: dict, overwrite: bool, out: Path) -> None:
+    """Refuse to add images to the output folder `out` made with other settings (unless
+    overwriting); settings recorded by a run that wrote no image bind nothing
+    (`engine.identity.binding`): the corrected rerun replaces them."""
+    from diffalign.engine.identity import binding
+
     if overwrite or not path.is_file():
         return
+    written = out.is_dir() and any(out.rglob("*.png"))
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = binding(json.loads(path.read_text(encoding="utf-8")), written)
     except (OSError, json.JSONDecodeError):
+        if not written:
+            return
         raise DiffalignError(f"{path} is unreadable; pass --overwrite to start afresh") from None
-    diffs = _settings_diff(old, settings)
+    diffs = _settings_diff(old, settings) if old is not None else []
     if diffs:
         raise DiffalignError(
-            f"{path.parent} holds images made with other settings ({'; '.join(diffs[:3])}); "
+            f"{out} holds images made with other settings ({'; '.join(diffs[:3])}); "
             "pass --overwrite or choose another --output-dir"
         )
 
@@ -820,17 +902,18 @@ def run_dpg(
     cfg: GenerationConfig,
     rc: ResidualConfig,
     *,
-    resolution: int = 1024,
+    resolution: int | None = None,
     limit: int | None = None,
 ) -> dict:
     """DPG-Bench `prompts/<id>.txt` to `OUT/<id>.png` 2x2 grids (FORMATS.md: DPG-Bench).
 
-    Tiles are `resolution x resolution` (height and width are set to it); 4 samples a prompt.
+    Tiles are `resolution x resolution` (height and width are set to it; None: the model's own
+    sample size); 4 samples a prompt.
     Run files go beside the folder: `OUT.settings.json`, `OUT.summary.json`.
     """
     from diffalign.engine.prompts import load_dpg_prompts
 
-    if resolution < 1:
+    if resolution is not None and resolution < 1:
         raise DiffalignError("--resolution must be at least 1")
     cfg = GenerationConfig(**{**asdict(cfg), "height": resolution, "width": resolution})
     cfg.n_samples = 4
@@ -887,12 +970,14 @@ def _run_layout(
     model_variant(cfg.model)  # of another family: fails before torch
     check_model_available(cfg.model)  # missing: fails before torch
     check_vae_available(cfg.vae)
+    cfg = sized_config(cfg)
     state = _distributed(cfg)
     t0 = time.perf_counter()
     device = _resolve_device(cfg, state.device)
     lock_dir = out if command != "dpg" else Path(str(out).rstrip("/\\") + ".lock")
     with locked_output_dir(lock_dir):
-        _check_compatible(settings_path, _base_settings(command, cfg, rc, run_extra), cfg.overwrite)
+        probe = _base_settings(command, cfg, rc, run_extra)
+        _check_compatible(settings_path, probe, cfg.overwrite, out)
         settings = _base_settings(
             command,
             cfg,
@@ -949,8 +1034,9 @@ def _pick_sample_folder(
 
 
 def _with_model(cfg: GenerationConfig, model: str) -> GenerationConfig:
-    """`cfg` for `model`, with that model card's defaults for the options left unset."""
-    return resolve_sampling(GenerationConfig(**{**asdict(cfg), "model": model}))
+    """`cfg` for `model`, with that model card's defaults for the options left unset and at its
+    own sample size unless one was given (`sized_config`)."""
+    return sized_config(resolve_sampling(GenerationConfig(**{**asdict(cfg), "model": model})))
 
 
 def _spec_text(spec: str | Sequence[str]) -> str | list[str]:
