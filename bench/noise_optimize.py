@@ -16,11 +16,19 @@
    manifest: assignment, writing, merge; not the interpreter start and model load), ratio =
    2-process / 1-process samples/s.
 
+4. **--compile** (issue 18): one prompt's optimisation step eager, then with the generator's
+   forward and the reward's layers compiled in place (`noise.onestep.compile_generator`), in
+   the same run: seconds per step each (medians of the repeats), the compile cold start (the
+   first compiled run minus a warm compiled run of the same length) and the break-even number
+   of steps (cold start / time saved per step; none when the compiled step is not faster).
+   `--cuda-graphs` adds CUDA graphs (CUDA only).
+
 Models: the tiny SDXL-Turbo pipeline of `make-tiny sdxl` and the tiny CLIP of `make-tiny clip`
 (random weights, real architectures and code paths), at 128 px unless told otherwise.
 
     python bench/noise_optimize.py [--quick] [--size 128] [--steps 5] [--json PATH]
     python bench/noise_optimize.py --only-dataset [--dataset-items 16]   # section 3 only
+    python bench/noise_optimize.py --only-compile [--size 64] [--cuda-graphs]   # section 4 only
     python bench/noise_optimize.py --generator flux-schnell [--flux-sizes tiny,mid]
 
 With ``--generator flux-schnell`` (issue 17) section 1 runs on the few-step FLUX.1-schnell
@@ -405,6 +413,51 @@ def dataset_throughput(
     return out
 
 
+def compile_speed(
+    gen, reward, steps: int, repeats: int, device: str, cuda_graphs: bool = False
+) -> dict:
+    """Section 4: eager vs compiled optimisation steps, cold start and break-even steps."""
+    from diffalign.noise.onestep import compile_generator
+
+    prompts = PROMPTS[:1]
+    noise = gen.sample_noise(1, generator=torch.Generator().manual_seed(0))
+
+    def run() -> float:
+        return _time(lambda: ours_run(gen, reward, prompts, noise, steps), device)
+
+    ours_run(gen, reward, prompts, noise, 1)  # eager warm-up
+    eager = [run() for _ in range(repeats)]
+    compiled_as = compile_generator(gen, cuda_graphs=cuda_graphs, reward=reward)
+    first = run()  # compiles (forward and backward graphs) on the way
+    warm = [run() for _ in range(repeats)]
+    e_step = statistics.median(eager) / (steps + 1)
+    c_step = statistics.median(warm) / (steps + 1)
+    cold = first - statistics.median(warm)
+    return {
+        "steps_per_run": steps,
+        "cuda_graphs": cuda_graphs,
+        "compiled": compiled_as,
+        "eager_s_per_step": e_step,
+        "compiled_s_per_step": c_step,
+        "speedup": e_step / c_step,
+        "cold_start_s": cold,
+        "break_even_steps": cold / (e_step - c_step) if e_step > c_step else None,
+        "eager_repeats_s": eager,
+        "compiled_repeats_s": warm,
+        "first_compiled_run_s": first,
+    }
+
+
+def _print_compile(c: dict) -> None:
+    be = c["break_even_steps"]
+    print(
+        f"--compile{' --cuda-graphs' if c['cuda_graphs'] else ''}: eager "
+        f"{c['eager_s_per_step'] * 1e3:.1f} ms/step, compiled {c['compiled_s_per_step'] * 1e3:.1f}"
+        f" ms/step ({c['speedup']:.2f}x); cold start {c['cold_start_s']:.1f} s; break-even "
+        + (f"{be:.0f} steps" if be is not None else "never (not faster)")
+    )
+
+
 def _print_dataset(d: dict) -> None:
     for procs in (1, 2):
         x = d[f"{procs}_process"]
@@ -434,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--only-dataset", action="store_true", help="run only the build-dataset section")
+    p.add_argument("--only-compile", action="store_true", help="run only the --compile section")
+    p.add_argument("--cuda-graphs", action="store_true", help="compile section: CUDA graphs too")
     p.add_argument(
         "--dataset-items", type=int, default=16, help="pairs of the build-dataset runs (16)"
     )
@@ -500,6 +555,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(d, indent=2))
         return 0
+    if args.only_compile:
+        load_before = os.getloadavg()
+        with tempfile.TemporaryDirectory() as tmp_name:
+            gen, reward = _setup(Path(tmp_name), args.size, args.device)
+            c = compile_speed(gen, reward, args.steps, repeats, args.device, args.cuda_graphs)
+        c.update(
+            machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}",
+            device=args.device,
+            image_size=args.size,
+            load_average_before=load_before,
+            load_average_after=os.getloadavg(),
+        )
+        _print_compile(c)
+        print(f"load average before/after: {load_before} / {c['load_average_after']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(c, indent=2))
+        return 0
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         gen, reward = _setup(tmp, args.size, args.device)
@@ -520,8 +593,12 @@ def main(argv: list[str] | None = None) -> int:
                 gen, reward, args.steps, max(1, repeats // 2), args.device, (1, 4, 8)
             ),
             "build_dataset": dataset_throughput(tmp, *dataset_args),
-            "load_average_after": os.getloadavg(),
         }
+        # last: it compiles the generator and the reward in place
+        results["compile"] = compile_speed(
+            gen, reward, args.steps, repeats, args.device, args.cuda_graphs
+        )
+        results["load_average_after"] = os.getloadavg()
     for o in results["overhead"]:
         print(
             f"overhead B={o['batch']}: bare {o['bare_s_per_step'] * 1e3:.1f} ms/step, ours "
@@ -548,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{b['speedup']:.2f}x"
         )
     _print_dataset(results["build_dataset"])
+    _print_compile(results["compile"])
     print(
         f"load average before/after: {results['load_average_before']} / "
         f"{results['load_average_after']}"

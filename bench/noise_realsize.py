@@ -16,7 +16,14 @@ against the bare loop (generator + reward forward/backward w.r.t. a leaf noise),
 B = 1 and 4; and the peak CUDA memory of each. ReNO (its paper) reports 20-50 s per image for
 50 iterations with four rewards on an A100, i.e. 0.4-1 s per step.
 
+With `--compile` (or `--cuda-graphs`), after the eager runs the generator's forward and the
+reward's layers are compiled in place (`noise.onestep.compile_generator`, as `noise optimize
+--compile`) and the B = 1 run is measured again: the first compiled run's extra time is the cold
+start; break-even = cold start / time saved per step (`compiled` in the JSON, which
+`bench/rows.py` then takes for the `noise_b1_step` row).
+
     python bench/noise_realsize.py --device cuda [--dtype bfloat16] [--steps 5] [--json out.json]
+    python bench/noise_realsize.py --device cuda --compile [--cuda-graphs]
     python bench/noise_realsize.py --device cpu --width-div 16 --steps 1   # a CPU smoke run
 """
 
@@ -207,6 +214,32 @@ def measure(gen, reward, device: str, batch: int, steps: int, repeats: int) -> d
     return out
 
 
+def measure_compiled(
+    gen, reward, device: str, steps: int, repeats: int, eager: dict, cuda_graphs: bool
+) -> dict:
+    """Compile in place, then the B = 1 run again: cold start and break-even against `eager`."""
+    from diffalign.noise.onestep import compile_generator
+
+    t0 = time.perf_counter()
+    compiled_as = compile_generator(gen, cuda_graphs=cuda_graphs, reward=reward)
+    setup = time.perf_counter() - t0
+    prompts = PROMPTS[:1]
+    noise = gen.sample_noise(1, generator=torch.Generator().manual_seed(0))
+    first = _time(lambda: ours_run(gen, reward, prompts, noise, steps), device)
+    run = measure(gen, reward, device, 1, steps, repeats)
+    cold = setup + first - run["ours_s_per_step"] * (steps + 1)
+    saved = eager["ours_s_per_step"] - run["ours_s_per_step"]
+    return {
+        "cuda_graphs": cuda_graphs,
+        "compiled": compiled_as,
+        "first_run_s": round(first, 3),
+        "cold_start_s": round(cold, 2),
+        "speedup": round(eager["ours_s_per_step"] / run["ours_s_per_step"], 3),
+        "break_even_steps": round(cold / saved, 1) if saved > 0 else None,
+        "runs": [run],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -215,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats (3)")
     p.add_argument("--batches", default="1,4", help="prompt batch sizes (1,4)")
     p.add_argument("--width-div", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help="also the compiled B = 1 run")
+    p.add_argument("--cuda-graphs", action="store_true", help="compiled with CUDA graphs")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     os.environ.setdefault("DIFFALIGN_NO_PROGRESS", "1")
@@ -239,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
                 for b in args.batches.split(",")
             ],
         }
+        eager_b1 = next((r for r in results["runs"] if r["batch"] == 1), None)
+        if (args.compile or args.cuda_graphs) and eager_b1 is not None:
+            if args.json:  # the eager rows survive a time limit hit while compiling
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            results["compiled"] = measure_compiled(
+                gen, reward, args.device, args.steps, args.repeats, eager_b1, args.cuda_graphs
+            )
     print(
         f"SDXL-Turbo size ({params['unet'] / 1e9:.2f} B U-Net), 512 px, {args.dtype} on "
         f"{results['device']}, CLIP ViT-L/14 reward, {args.steps} steps, medians"
@@ -253,6 +295,21 @@ def main(argv: list[str] | None = None) -> int:
                 f", GPU kernels {r['kernel_s_per_step']:.3f} s/step "
                 f"(step / kernels {r['step_over_kernel']:.2f})"
                 if "kernel_s_per_step" in r
+                else ""
+            )
+        )
+    c = results.get("compiled")
+    if c:
+        r = c["runs"][0]
+        be = c["break_even_steps"]
+        print(
+            f"compiled{' + CUDA graphs' if c['cuda_graphs'] else ''} B=1: ours "
+            f"{r['ours_s_per_step']:.3f} s/step ({c['speedup']:.2f}x eager), cold start "
+            f"{c['cold_start_s']:.1f} s, break-even "
+            + (f"{be:.0f} steps" if be is not None else "never")
+            + (
+                f", step / kernels {r['step_over_kernel']:.2f}"
+                if "step_over_kernel" in r
                 else ""
             )
         )

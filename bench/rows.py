@@ -190,10 +190,15 @@ def write_row(results_dir: str | os.PathLike, row: dict) -> Path:
 
 
 def row_noise(res: dict, command: str, **kw) -> dict | None:
-    """bench/noise_realsize.py: the B=1 run's step time over its GPU kernel time."""
-    run = next((r for r in res.get("runs", []) if r.get("batch") == 1), None)
+    """bench/noise_realsize.py: the B=1 run's step time over its GPU kernel time (the compiled
+    run's when the bench ran with --compile: issue 18's target is `noise optimize --compile`)."""
+    compiled = res.get("compiled") or {}
+    runs = compiled.get("runs") or res.get("runs", [])
+    run = next((r for r in runs if r.get("batch") == 1), None)
     if not run or not run.get("kernel_s_per_step"):
         return None
+    if compiled:
+        run = {**run, **{k: v for k, v in compiled.items() if k != "runs"}}
     value = run["ours_s_per_step"] / run["kernel_s_per_step"]
     return make_row(
         "noise_b1_step",

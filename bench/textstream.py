@@ -2,7 +2,9 @@
 
 1. Forward time of an SD3-shaped `SD3Transformer2DModel` (random weights) in the same run:
    vanilla, residual attached but off (no targets), plain residual on one target, and LN +
-   Procrustes rotation on every block from 2 to the last. Repetitions are interleaved
+   Procrustes rotation on every block from 2 to the last, and that residual with issue 18's
+   speed options (rotation GEMM in the model's dtype, one batched GEMM for all targets, the
+   compiled standardise-mix-rescale, all three; warm-up rounds absorb the compile). Repetitions are interleaved
    (each round in a fresh random order) so machine noise hits every variant alike; medians,
    ratios to vanilla and the median of per-round ratios are reported. On CPU the clock is the
    thread's CPU time with one torch thread (robust on a shared machine). Goal: overhead < 3%.
@@ -174,6 +176,20 @@ def forward_overhead(args) -> dict:
             timestep_bucket_edges=equal_bucket_edges(4),
             column_center=True,
         )
+    # issue 18's speed options on the same LN + rotation residual (`TextStreamResidual` doc)
+    ln = f"ln_rot_{len(targets)}_targets"
+    speed = {
+        "model_gemm": dict(rotation_precision="model"),
+        "batched": dict(batched_rotation=True),
+        "batched_model_gemm": dict(batched_rotation=True, rotation_precision="model"),
+        "compiled_mix": dict(compile=True),
+        "all": dict(batched_rotation=True, rotation_precision="model", compile=True),
+    }
+    for name, kw in speed.items():
+        if args.speed_variants:
+            variants[f"{ln}_{name}"] = TextStreamResidual(
+                origin, targets, [0.5], mode="ln", rotations=rotations, **kw
+            )
 
     # On CPU the clock is the calling thread's CPU time with one torch thread: on a shared
     # machine, time slices lost to other processes then do not count. On GPU: wall time.
@@ -439,6 +455,12 @@ def main(argv=None) -> int:
         default=None,
         help="comma-separated sample counts for the memory part (default 4,16,64)",
     )
+    p.add_argument(
+        "--no-speed-variants",
+        dest="speed_variants",
+        action="store_false",
+        help="leave out the LN + rotation speed variants (model-dtype GEMM, batched, compiled)",
+    )
     p.add_argument("--skip-memory", action="store_true", help="only the forward timing")
     p.add_argument("--skip-forward", action="store_true", help="only the calibration memory")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
@@ -514,10 +536,10 @@ def main(argv=None) -> int:
             f"{s['text_tokens']} text + {s['image_tokens']} image tokens, batch {s['batch']}, "
             f"{s['dtype']} on {s['device']} ({time.time() - t0:.0f} s)"
         )
-        print(f"  {'variant':<24} {'median ms':>10} {'ratio':>8} {'overhead':>9} {'paired':>9}")
+        print(f"  {'variant':<40} {'median ms':>10} {'ratio':>8} {'overhead':>9} {'paired':>9}")
         for name, row in fwd["variants"].items():
             print(
-                f"  {name:<24} {1000 * row['median_s']:>10.1f} {row['ratio']:>8.4f} "
+                f"  {name:<40} {1000 * row['median_s']:>10.1f} {row['ratio']:>8.4f} "
                 f"{row['overhead_pct']:>8.2f}% {row['paired_overhead_pct']:>8.2f}%"
             )
 

@@ -105,3 +105,17 @@ def test_rows_from_bench_outputs_one_file_per_measured_row(tmp_path):
     for f in files:
         data = json.loads((out / f).read_text())
         assert KEYS <= set(data) and isinstance(data["met"], bool)
+
+
+def test_noise_row_takes_the_compiled_run_when_there_is_one():
+    eager = {"batch": 1, "ours_s_per_step": 0.46, "kernel_s_per_step": 0.095, "ours_times": [0.46]}
+    fast = {"batch": 1, "ours_s_per_step": 0.11, "kernel_s_per_step": 0.09, "ours_times": [0.11]}
+    res = {
+        "device": "NVIDIA H200",
+        "runs": [eager],
+        "compiled": {"cold_start_s": 41.0, "break_even_steps": 118.0, "runs": [fast]},
+    }
+    row = rows.row_noise(res, "c", version_info={})
+    assert row["value"] == pytest.approx(0.11 / 0.09, rel=1e-3) and row["met"] is True
+    assert row["details"]["cold_start_s"] == 41.0
+    assert rows.row_noise({"runs": [eager]}, "c", version_info={})["met"] is False

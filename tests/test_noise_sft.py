@@ -127,6 +127,25 @@ def test_deterministic_reaches_the_loop(sdxl, dataset, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_compile_option_compiles_the_trained_unet(sdxl, dataset, tmp_path, monkeypatch):
+    """`noise sft --compile` reaches the loop, which compiles the U-Net in place (regional); the
+    compiled == eager numbers are tests/test_train_compile.py's (inductor is slow on the CPU)."""
+    import diffalign.engine.train as train_mod
+
+    seen = []
+
+    def record(module, **kw):
+        seen.append(type(module).__name__)
+        return "regional"
+
+    monkeypatch.setattr(train_mod, "compile_module", record)
+    base = ["noise", "sft", "--manifest-path", str(dataset), *TRAIN, *model_args(sdxl)]
+    out = tmp_path / "c"
+    assert main([*base, "--output-dir", str(out), "--max-steps", "1", "--compile"]) == 0
+    assert seen == ["UNet2DConditionModel"]
+    assert json.loads((out / "run_config.json").read_text())["train"]["compile"] is True
+
+
 def test_direct_and_matched_differ_and_bad_input(sdxl, dataset, tmp_path, capsys):
     base = ["noise", "sft", "--manifest-path", str(dataset), *TRAIN, *model_args(sdxl)]
     assert main([*base, "--output-dir", str(tmp_path / "d"), "--max-steps", "1", "--direct"]) == 0

@@ -134,6 +134,19 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
+def _keep_adamw_kernel(optimizer: torch.optim.Optimizer, kernel: list[tuple]) -> None:
+    """After loading a checkpoint: AdamW keeps this run's kernel (fused on CUDA, for-each on the
+    CPU), not the one the checkpoint was written with, and its step counters where that kernel
+    keeps them (fused: float32 on the parameter's device; otherwise a CPU scalar)."""
+    for g, (fused, foreach) in zip(optimizer.param_groups, kernel):
+        g["fused"], g["foreach"] = fused, foreach
+        for p in g["params"]:
+            st = optimizer.state.get(p)
+            if st and isinstance(st.get("step"), torch.Tensor):
+                where = p.device if fused else torch.device("cpu")
+                st["step"] = st["step"].to(dtype=torch.float32, device=where)
+
+
 class TrainerCheckpoints:
     """The `engine.train` trainer's output folder, resume, checkpoints and exports (a mixin of
     the trainer: it uses the trainer's config, task, modules, optimizers and counters)."""
@@ -268,7 +281,9 @@ class TrainerCheckpoints:
             self.ema.load_state_dict(tensors)
         try:
             for name, opt in self.optimizers.items():
+                kernel = [(g.get("fused"), g.get("foreach")) for g in opt.optimizer.param_groups]
                 opt.load_state_dict(load_pt(path / f"optimizer-{name}.pt"))
+                _keep_adamw_kernel(opt.optimizer, kernel)
                 self.schedulers[name].load_state_dict(load_pt(path / f"scheduler-{name}.pt"))
         except (ValueError, KeyError) as e:
             raise DiffalignError(f"{where}: optimizer state does not fit ({e})") from None

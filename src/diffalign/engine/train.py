@@ -23,7 +23,12 @@ resumed (nothing was trained: no checkpoint-final is written). Several optimizer
 `training_step` calls `ctx.backward(loss, name)` for each; all gradients are cleared at the start
 of every accumulation window. Data parallel only (no DeepSpeed/FSDP). On a CPU-only machine two
 processes need `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py`
-(`--cpu` alone starts a single process).
+(`--cpu` alone starts a single process). Speed (issue 18): `compile=True` compiles every
+trainable module in place (`engine.compile.compile_module`: regional for diffusers models with
+repeated blocks, same state-dict keys, so checkpoints and exact resume are unchanged),
+`channels_last=True` puts the weights of modules with convolutions in NHWC layout, and AdamW
+runs its fused kernel when every parameter is on CUDA (not under fp16; a resume keeps this
+run's kernel).
 
 Modules: the options in `engine.train_config`, checkpoint IO and resume in `engine.checkpoints`,
 logging and reports in `engine.train_reports`; every public name is importable from here.
@@ -62,6 +67,12 @@ from diffalign.engine.checkpoints import (
     load_trainable_state,
     trainable_state,
     trainable_state_shapes,
+)
+from diffalign.engine.compile import (
+    check_compile_available,
+    compile_module,
+    to_channels_last,
+    uses_fused_adamw,
 )
 from diffalign.engine.ema import EMA
 from diffalign.engine.errors import DiffalignError
@@ -300,6 +311,7 @@ class _Trainer(TrainerCheckpoints, TrainerReports):
             m.requires_grad_(False)
         if self.world > 1:
             self._broadcast_trainable()
+        self._speed_up_modules()
 
         # optimizers: one AdamW per name, every parameter must belong to a trainable module
         owned = {id(p) for m in self.modules.values() for p in m.parameters()}
@@ -328,7 +340,12 @@ class _Trainer(TrainerCheckpoints, TrainerReports):
                 )
             check_adam_settings(spec.betas, spec.eps, f"optimizer '{name}'")
             opt = torch.optim.AdamW(
-                groups, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps
+                groups,
+                lr=spec.lr,
+                weight_decay=spec.weight_decay,
+                betas=spec.betas,
+                eps=spec.eps,
+                **self._adamw_kernel(params),
             )
             self.optimizers[name] = acc.prepare_optimizer(opt)
             self.opt_params[name] = params
@@ -387,6 +404,25 @@ class _Trainer(TrainerCheckpoints, TrainerReports):
         self.last_ckpt_step = -1
         self.seconds_before = 0.0
         self._reset_log_window()
+
+    def _speed_up_modules(self) -> None:
+        """channels_last and compilation of the trainable modules (in place: the same module
+        objects, parameters and state-dict keys, so checkpoints are unchanged)."""
+        if self.config.channels_last:
+            for m in self.modules.values():
+                to_channels_last(m)
+        if self.config.compile:
+            check_compile_available(self.device)
+            for name, m in self.modules.items():
+                how = compile_module(m)
+                logger.info("compiled trainable module '%s' (%s)", name, how)
+
+    def _adamw_kernel(self, params: list[nn.Parameter]) -> dict:
+        """AdamW's fused kernel when every parameter is on CUDA, else torch's default. Not under
+        fp16: the grad scaler skips an overflowing step inside a fused kernel, where accelerate
+        cannot see that it skipped (and the EMA would update)."""
+        fused = uses_fused_adamw(params) and self.config.mixed_precision != "fp16"
+        return {"fused": True} if fused else {}
 
     def _broadcast_trainable(self) -> None:
         """Start every process from rank 0's weights (as DDP does)."""

@@ -68,6 +68,8 @@ class TrainConfig:
     overwrite: bool = False  # start over in an output_dir that already holds a run
     max_nonfinite_steps: int = 10  # consecutive non-finite steps before the run stops
     deterministic: bool = False  # deterministic kernels during train() (CUDA: slower)
+    compile: bool = False  # torch.compile the trainable modules (engine.compile.compile_module)
+    channels_last: bool = False  # NHWC weights for trainable modules with convolutions (U-Nets)
 
     def validate(self) -> None:
         """Raise DiffalignError on an impossible combination of options."""

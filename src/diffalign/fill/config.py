@@ -90,6 +90,9 @@ class FillTrainConfig:
     deterministic: bool = _opt(
         False, "deterministic CUDA kernels (slower): needed for a bit-exact resume on a GPU"
     )
+    compile: bool = _opt(
+        False, "torch.compile the transformer's blocks (regional: faster steps, cold start)"
+    )
     # run
     output_dir: str = _opt("runs/fill_semantic", "run folder")
     log_every: int = _opt(10, "log every N steps (cross-attention scales included)")
@@ -196,6 +199,7 @@ RESUME_FREE = frozenset(
         "mixed_precision",
         "gradient_checkpointing",
         "deterministic",
+        "compile",
         "output_dir",
         "log_every",
         "validate_every",

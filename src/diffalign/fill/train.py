@@ -416,6 +416,7 @@ def train_config(cfg: FillTrainConfig) -> TrainConfig:
         overwrite=cfg.overwrite,
         best_metric="val/loss" if cfg.num_validation > 0 else None,
         deterministic=cfg.deterministic,
+        compile=cfg.compile,
     )
 
 

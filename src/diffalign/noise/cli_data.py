@@ -15,7 +15,9 @@ from diffalign.engine.cliutils import (
 )
 
 
-def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = True) -> None:
+def add_generator_options(
+    p, dtype_default: str = "fp32", with_device: bool = True, with_compile: bool = True
+) -> None:
     from diffalign.noise.recipes import GENERATORS
 
     g = p.add_argument_group("model")
@@ -81,6 +83,21 @@ def add_generator_options(p, dtype_default: str = "fp32", with_device: bool = Tr
     g.add_argument(
         "--width", type=positive_int, default=None, help="image width (default: the model's)"
     )
+    if with_compile:
+        g = p.add_argument_group("speed")
+        g.add_argument(
+            "--compile",
+            dest="compile_forward",
+            action="store_true",
+            help="torch.compile the generator's forward (U-Net transformer blocks, VAE decoder) "
+            "and the reward's layers: faster steps after a cold start, the same results to "
+            "float rounding",
+        )
+        g.add_argument(
+            "--cuda-graphs",
+            action="store_true",
+            help="--compile with whole modules replayed as CUDA graphs (static shapes; CUDA only)",
+        )
 
 
 def add_assign_options(p, prefix: str = "") -> None:
@@ -261,6 +278,12 @@ def add_sft_options(p, prefix: str = "") -> None:
         action="store_true",
         help="deterministic CUDA kernels (slower): needed for a bit-exact resume on a GPU",
     )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the trained U-Net's transformer blocks (faster steps after a "
+        "cold start; the same losses to float rounding, the same checkpoints)",
+    )
 
 
 def register(verbs) -> None:
@@ -357,7 +380,7 @@ def register(verbs) -> None:
         action="store_true",
         help="the random-noise baseline: the same targets, fresh N(0, I) noise every step",
     )
-    add_generator_options(p, with_device=False)
+    add_generator_options(p, with_device=False, with_compile=False)
     add_sft_options(p)
     p.add_argument(
         "--latent-loss-weight",
@@ -414,7 +437,7 @@ def register(verbs) -> None:
     p.add_argument(
         "--num-cycles", type=positive_int, default=2, help="E+M cycles (default: %(default)s)"
     )
-    add_generator_options(p, with_device=False)
+    add_generator_options(p, with_device=False, with_compile=False)
     add_assign_options(p, prefix="assign-")
     p.add_argument(
         "--assign-batch-size",
@@ -454,13 +477,32 @@ def _device(args):
     return None
 
 
+def check_speed_options(args, device: str | None) -> None:
+    """`--cuda-graphs` off CUDA is one error line, before any model loads."""
+    if getattr(args, "cuda_graphs", False):
+        from diffalign.engine.compile import check_cuda_graphs
+
+        check_cuda_graphs(device)
+
+
+def speed_up(args, generator, reward=None) -> None:
+    """`--compile` / `--cuda-graphs`: compile the generator's (and the reward's) forward."""
+    cuda_graphs = getattr(args, "cuda_graphs", False)
+    if getattr(args, "compile_forward", False) or cuda_graphs:
+        from diffalign.noise.onestep import compile_generator
+
+        compile_generator(generator, cuda_graphs=cuda_graphs, reward=reward)
+
+
 def _load(args, model: str | None = None, first: bool = True):
     """The generator of ``model`` (default ``--model``) as `generator_recipe` finds it; an
     earlier `noise sft` / `em` export runs as the recipe it recorded, its Hyper-SD weights not
-    applied again. ``--weights`` goes to the initial model only (``first``)."""
+    applied again. ``--weights`` goes to the initial model only (``first``). `--compile`
+    compiles its forward (assign, build-dataset)."""
     from diffalign.noise.generators import load_generator
 
-    return load_generator(
+    check_speed_options(args, _device(args))
+    gen = load_generator(
         model or args.model,
         args.generator,
         weights=args.weights if first else None,
@@ -472,6 +514,8 @@ def _load(args, model: str | None = None, first: bool = True):
         gradient_checkpointing=not args.no_gradient_checkpointing,
         num_steps=args.num_steps,
     )
+    speed_up(args, gen)
+    return gen
 
 
 def _model_info(args, gen) -> dict:
@@ -583,6 +627,7 @@ def _sft_kwargs(args, prefix: str = "") -> dict:
         "checkpoint_every": args.checkpoint_every,
         "tracker": args.tracker,
         "deterministic": args.deterministic,
+        "compile": args.compile,
     }
 
 

@@ -190,6 +190,7 @@ def _run(args) -> int:
         reward_from_args,
         reward_spec_from_args,
     )
+    from diffalign.noise.cli_data import check_speed_options, speed_up
     from diffalign.noise.generators import load_generator
     from diffalign.noise.optimize import check_final_steps, run_optimize
 
@@ -201,6 +202,7 @@ def _run(args) -> int:
     for name, _ in parse_reward_spec(spec):  # before minutes of model loading
         if name not in REWARD_NAMES:
             raise DiffalignError(f"unknown reward '{name}'; valid names: {', '.join(REWARD_NAMES)}")
+    check_speed_options(args, args.device)
     generator = load_generator(
         args.model,
         args.generator,
@@ -215,6 +217,7 @@ def _run(args) -> int:
     )
     check_final_steps(generator, args.final_steps)  # before the reward model loads
     reward = reward_from_args(args, device=generator.device, dtype="float32")
+    speed_up(args, generator, reward)
     report = run_optimize(
         generator,
         reward,

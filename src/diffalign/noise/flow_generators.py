@@ -214,6 +214,13 @@ class FewStepTransformerGenerator(OneStepGenerator):
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         return {"vae": self.vae, **self._text_encoders()}
 
+    def compiled_modules(self) -> dict[str, torch.nn.Module]:
+        # `--compile`: the transformer (its repeated blocks) and the VAE's decoder
+        return {
+            "transformer": self.transformer,
+            "vae.decoder": getattr(self.vae, "decoder", self.vae),
+        }
+
     def frozen_copy(self) -> FewStepTransformerGenerator:
         import copy
 

@@ -234,6 +234,9 @@ class DiffusionOneStepGenerator(OneStepGenerator):
                 mods[name] = enc
         return mods
 
+    def compiled_modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "vae.decoder": self.vae.decoder}
+
     def frozen_copy(self) -> DiffusionOneStepGenerator:
         import copy
 

@@ -94,6 +94,10 @@ class OneStepGenerator(nn.Module):
         """Write the fine-tuned generator so that it loads again as a generator/model."""
         raise NotImplementedError
 
+    def compiled_modules(self) -> dict[str, nn.Module]:
+        """The modules of the forward that `--compile` compiles (default: the generator's
+        direct sub-modules; diffusion: the U-Net and the VAE decoder)."""
+        return dict(self.named_children())
     def load_lora(self, path, adapter_name: str = "default") -> None:
         """Load a LoRA export of :meth:`export_finetuned` onto :meth:`trainable_module`."""
         raise DiffalignError(f"{self.name} takes no LoRA")
@@ -138,6 +142,36 @@ class OneStepGenerator(nn.Module):
         n = embeds_batch_size(embeds)
         if noise.shape[0] != n:
             raise DiffalignError(f"got {noise.shape[0]} noises for {n} encoded prompts")
+
+
+def compile_generator(
+    generator: OneStepGenerator, cuda_graphs: bool = False, reward: nn.Module | None = None
+) -> dict[str, str]:
+    """Compile the generator's forward, and the reward's, in place (issue 18; `--compile`):
+    each module of :meth:`OneStepGenerator.compiled_modules` through
+    `engine.compile.compile_module` (the U-Net's transformer blocks regionally, the VAE decoder
+    whole) and the reward models' transformer layers (`engine.compile.compile_layers`).
+    ``cuda_graphs``: the generator's modules whole and everything in torch.compile's
+    "reduce-overhead" mode, which replays CUDA graphs (static shapes: one batch and image size
+    per run; CUDA only). Returns name -> "regional" | "whole" | "<n> layers"."""
+    from diffalign.engine.compile import (
+        check_compile_available,
+        check_cuda_graphs,
+        compile_layers,
+        compile_module,
+    )
+
+    if cuda_graphs:
+        check_cuda_graphs(generator.device)
+    check_compile_available(generator.device)
+    kw = {"mode": "reduce-overhead"} if cuda_graphs else {}
+    done = {
+        name: compile_module(m, regional=not cuda_graphs, **kw)
+        for name, m in generator.compiled_modules().items()
+    }
+    if reward is not None:
+        done["reward"] = f"{compile_layers(reward, **kw)} layers"
+    return done
 
 
 def embeds_batch_size(embeds: PromptEmbeds) -> int:

@@ -351,6 +351,7 @@ def sft(
     model_info: dict | None = None,
     deterministic: bool = False,
     allow_other_generator: bool = False,
+    compile: bool = False,
 ) -> dict:
     """`diffalign noise sft`: fine-tune a diffusion one-step generator's U-Net (full, or LoRA
     with ``lora_rank``) on a `build-dataset` manifest; ``direct`` = random-noise baseline. A
@@ -462,5 +463,6 @@ def sft(
         overwrite=overwrite,
         resume=resume,
         deterministic=deterministic,
+        compile=compile,
     )
     return sft_result(run_sft(task, cfg))

@@ -111,6 +111,10 @@ class RepaTrainConfig:
     deterministic: bool = _f(
         False, "deterministic CUDA kernels (slower): needed for a bit-exact resume on a GPU"
     )
+    compile: bool = _f(
+        False, "torch.compile the U-Net's transformer blocks and the heads (faster steps, cold start)"
+    )
+    channels_last: bool = _f(False, "U-Net and head convolutions in channels_last (NHWC) layout")
 
     def validate(self) -> None:
         """One-line errors for values no run can use."""
@@ -157,10 +161,12 @@ class RepaTrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(RepaTrainConfig)}
 
 # keys that may change between a checkpoint and its resume (how the run is watched, not trained;
-# `deterministic` picks kernels, not the model or the objective)
+# `deterministic`, `compile` and `channels_last` pick kernels, not the model or the objective)
 RESUME_FREE = frozenset(
     {
         "deterministic",
+        "compile",
+        "channels_last",
         "output_dir",
         "data_dir",
         "num_workers",

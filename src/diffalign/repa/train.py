@@ -391,6 +391,8 @@ def loop_config(cfg: RepaTrainConfig, resume: str | None, overwrite: bool) -> Tr
         overwrite=overwrite,
         max_nonfinite_steps=cfg.max_nonfinite_steps,
         deterministic=cfg.deterministic,
+        compile=cfg.compile,
+        channels_last=cfg.channels_last,
     )
 
 

@@ -41,11 +41,17 @@ from diffalign.engine.errors import DiffalignError
 from diffalign.textstream.adapters import StreamAdapter, stream_adapter, transformer_feature_dim
 from diffalign.textstream.residual import (
     MODES,
+    ROTATION_PRECISIONS,
     bucket_index,
     column_center,
+    compiled_mix_rescale,
     compute_dtype,
-    ln_mix,
+    gemm_dtype,
+    mix_rescale,
     residual_mix,
+    rotate,
+    rotate_all,
+    stack_rotations,
     standardize,
 )
 from diffalign.textstream.rotations import (
@@ -76,6 +82,11 @@ class TextStreamResidual:
     `RotationSet` that `load_rotations` returns ("ln" only). layernorm: a parameter-free
     LayerNorm on the mix ("ln" only). column_center: centre the standardised origin tokens'
     feature columns over the sequence before rotating (for files calibrated with --col-center).
+    Speed (issue 18, "ln" only; the defaults are the reference arithmetic): rotation_precision
+    "model" runs the rotation GEMM in the model's dtype when it is half precision (fp32 models:
+    unchanged); batched_rotation computes every target's rotated origin in one GEMM when the
+    origin block runs (one rotation per target: without timestep buckets); compile runs the
+    standardise-mix-rescale compiled.
     """
 
     def __init__(
@@ -89,6 +100,9 @@ class TextStreamResidual:
         eps: float = 1e-6,
         timestep_bucket_edges: Sequence[float] | None = None,
         column_center: bool = False,
+        rotation_precision: str = "fp32",
+        batched_rotation: bool = False,
+        compile: bool = False,
     ):
         if isinstance(rotations, RotationSet):  # straight from load_rotations(path)
             if timestep_bucket_edges is None:
@@ -121,6 +135,14 @@ class TextStreamResidual:
         self.eps = float(eps)
         self.layernorm = bool(layernorm)
         self.column_center = bool(column_center)
+        if rotation_precision not in ROTATION_PRECISIONS:
+            raise DiffalignError(
+                f"rotation precision must be one of {', '.join(ROTATION_PRECISIONS)} "
+                f"(got '{rotation_precision}')"
+            )
+        self.rotation_precision = rotation_precision
+        self.batched_rotation = bool(batched_rotation)
+        self.compile = bool(compile)
         if mode == "plain" and rotations:
             raise DiffalignError(
                 "rotations (a Procrustes file) need --residual-mode ln; plain mode adds the "
@@ -236,7 +258,19 @@ class TextStreamResidual:
             ),
             **({"column_center": True} if self.column_center else {}),
             **({"procrustes": dict(self.source)} if self.source else {}),
+            **self.speed_settings(),
         }
+
+    def speed_settings(self) -> dict[str, Any]:
+        """The speed options that differ from the reference arithmetic (recorded when set)."""
+        out: dict[str, Any] = {}
+        if self.rotation_precision != "fp32":
+            out["rotation_precision"] = self.rotation_precision
+        if self.batched_rotation:
+            out["batched_rotation"] = True
+        if self.compile:
+            out["compile"] = True
+        return out
 
     def __repr__(self) -> str:
         s = self.settings()
@@ -257,8 +291,10 @@ class AttachedResidual:
         self.residual = residual
         self.adapter = adapter
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._origins: dict[int, tuple[weakref.ref | None, torch.Tensor, Any]] = {}
+        self._origins: dict[int, tuple[weakref.ref | None, torch.Tensor, Any, Any]] = {}
         self._rotations: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._stacked: dict[torch.device, tuple[list[int], torch.Tensor]] = {}
+        self._mix = compiled_mix_rescale() if residual.compile else mix_rescale
         self._timestep: torch.Tensor | None = None
         active = residual.active_targets
         if not active:
@@ -342,19 +378,39 @@ class AttachedResidual:
         else:
             buckets = self._buckets(text.shape[0])
         # LN mode: the origin is standardised once per forward and shared by every target
+        rotated = None
         if res.mode == "ln":
+            dtype = text.dtype
             text = standardize(text.to(compute_dtype(text)), res.eps)[0]
             if res.column_center:
                 text = column_center(text)
-        self._origins[key] = (ref, text, buckets)
+            if res.batched_rotation and res.rotations and res.num_buckets == 1:
+                layers, stacked = self._stacked_on(text.device)
+                gemm = gemm_dtype(dtype, res.rotation_precision)
+                rotated = dict(zip(layers, rotate_all(text, stacked, gemm)))
+        self._origins[key] = (ref, text, buckets, rotated)
         return None
+
+    def _stacked_on(self, device: torch.device) -> tuple[list[int], torch.Tensor]:
+        """The active targets' rotations side by side on `device` (built once per device)."""
+        if device not in self._stacked:
+            layers = [t for t, _ in self.residual.active_targets]
+            rots = [self.residual.rotations[t] for t in layers]
+            rots = [r if r.ndim == 2 else r[0] for r in rots]  # one bucket: [1, d, d]
+            self._stacked[device] = (layers, stack_rotations(rots).to(device))
+        return self._stacked[device]
 
     def _lookup_origin(self, args, kwargs) -> tuple[torch.Tensor, Any]:
         """The origin tokens (standardised in LN mode) and buckets captured in this forward."""
+        entry = self._lookup_entry(args, kwargs)
+        return entry[1], entry[2]
+
+    def _lookup_entry(self, args, kwargs) -> tuple:
+        """(ref, origin tokens, buckets, rotated origins per target or None) of this forward."""
         temb = self.adapter.get_temb(args, kwargs)
         entry = self._origins.get(id(temb))
         if entry is not None and (entry[0] is None or entry[0]() is temb):
-            return entry[1], entry[2]
+            return entry
         raise DiffalignError(
             f"text-stream residual: origin block {self.residual.origin_layer} did not run before "
             "a target block in this forward (is it in skip_layers?)"
@@ -380,11 +436,18 @@ class AttachedResidual:
 
         def hook(module, args, kwargs):
             text = self.adapter.get_text(args, kwargs)
-            origin, buckets = self._lookup_origin(args, kwargs)
+            _, origin, buckets, rotated = self._lookup_entry(args, kwargs)
             weight = res.weights[i]  # read now: a learned weight tensor may be swapped in
             if res.mode == "ln":
-                rotation = self._rotation_on(layer, text.device, buckets)
-                mixed = ln_mix(text, origin, weight, rotation, res.layernorm, res.eps)
+                if rotated is not None:  # batched_rotation: computed with the origin
+                    o_rot = rotated[layer]
+                else:
+                    o_rot = origin
+                    rotation = self._rotation_on(layer, text.device, buckets)
+                    if rotation is not None:
+                        gemm = gemm_dtype(text.dtype, res.rotation_precision)
+                        o_rot = rotate(origin, rotation, gemm)
+                mixed = self._mix(text, o_rot, weight, res.layernorm, res.eps)
             else:
                 mixed = residual_mix(text, origin, weight, "plain")
             return self.adapter.set_text(args, kwargs, mixed)

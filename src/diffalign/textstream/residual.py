@@ -16,7 +16,12 @@ With timestep buckets, `R` is the rotation of the bucket the current timestep fa
 (`bucket_index`). `w` may be a tensor (learned weights): the mix is differentiable in it.
 
 The arithmetic runs in float32 (or float64 when given float64) and the result is cast back to
-the target's dtype.
+the target's dtype. Speed options (issue 18): the rotation GEMM may run in the target's own dtype
+when the model runs in half precision (`rotation_precision="model"`; its error is below the
+model's own bf16/fp16 rounding, fp32 models are unchanged bit for bit), all targets' rotations
+may run as one GEMM of the shared origin (`rotate_all`), and the standardise-mix-rescale
+(`mix_rescale`) may run compiled (`compiled_mix_rescale`: torch.compile fuses it into a few
+kernels).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from diffalign.engine.errors import DiffalignError
 
 MODES = ("plain", "ln")
+ROTATION_PRECISIONS = ("fp32", "model")
 
 
 def standardize(
@@ -110,14 +116,14 @@ def ln_mix(
     rotation: torch.Tensor | None = None,
     layernorm: bool = False,
     eps: float = 1e-6,
+    rotation_precision: str = "fp32",
 ) -> torch.Tensor:
     """LN-mode mix given the already standardised origin (the hooks standardise the origin
-    once per forward and share it between all targets); otherwise as `residual_mix`."""
-    compute = compute_dtype(target)
-    t_norm, mean_t, std_t = standardize(target.to(compute), eps)
-    o_norm = origin_norm.to(compute)
+    once per forward and share it between all targets); otherwise as `residual_mix`.
+    `rotation_precision`: "fp32" (the compute dtype) or "model" (see `gemm_dtype`)."""
+    o_norm = origin_norm
     if rotation is not None:
-        d = t_norm.shape[-1]
+        d = target.shape[-1]
         if rotation.shape[-2:] != (d, d) or rotation.ndim not in (2, 3):
             raise DiffalignError(
                 f"rotation of shape {tuple(rotation.shape)} does not fit feature size {d}"
@@ -126,8 +132,70 @@ def ln_mix(
             raise DiffalignError(
                 f"{rotation.shape[0]} per-row rotations for tokens of shape {tuple(o_norm.shape)}"
             )
-        o_norm = o_norm @ rotation.to(device=o_norm.device, dtype=compute)
-    mixed = _scaled_add(t_norm, o_norm, weight)
+        o_norm = rotate(o_norm, rotation, gemm_dtype(target.dtype, rotation_precision))
+    return mix_rescale(target, o_norm, weight, layernorm, eps)
+
+
+def gemm_dtype(target_dtype: torch.dtype, precision: str = "fp32") -> torch.dtype:
+    """The dtype of the rotation GEMM: the compute dtype ("fp32"), or with "model" the target's
+    own dtype when it is half precision (fp16/bf16 tensor cores; float32 models keep float32)."""
+    if precision not in ROTATION_PRECISIONS:
+        raise DiffalignError(
+            f"rotation precision must be one of {', '.join(ROTATION_PRECISIONS)} "
+            f"(got '{precision}')"
+        )
+    if precision == "model" and target_dtype in (torch.float16, torch.bfloat16):
+        return target_dtype
+    return torch.float64 if target_dtype == torch.float64 else torch.float32
+
+
+def rotate(o_norm: torch.Tensor, rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`o_norm @ R` (R `[d, d]`, or `[B, d, d]` one per batch row) computed in `dtype`,
+    returned in the compute dtype of `o_norm`."""
+    compute = compute_dtype(o_norm)
+    out = o_norm.to(dtype) @ rotation.to(device=o_norm.device, dtype=dtype)
+    return out.to(compute)
+
+
+def rotate_all(
+    o_norm: torch.Tensor, stacked: torch.Tensor, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Every target's `o_norm @ R_t` as one GEMM: `stacked` is `[R_1 | R_2 | ...]` (`[d, T*d]`,
+    `stack_rotations`); returns the T products (views), in the compute dtype of `o_norm`."""
+    d = o_norm.shape[-1]
+    return list(rotate(o_norm, stacked, dtype).split(d, dim=-1))
+
+
+def stack_rotations(rotations: list[torch.Tensor]) -> torch.Tensor:
+    """`[R_1 | R_2 | ...]`: `[d, d]` rotations side by side, `[d, T*d]` (for `rotate_all`)."""
+    return torch.cat(list(rotations), dim=1)
+
+
+def mix_rescale(
+    target: torch.Tensor,
+    o_rot: torch.Tensor,
+    weight: float | torch.Tensor,
+    layernorm: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Standardise the target, add `weight` times the (rotated, standardised) origin, optional
+    parameter-free LayerNorm, rescale to the target's mean and std, cast to its dtype."""
+    compute = compute_dtype(target)
+    t_norm, mean_t, std_t = standardize(target.to(compute), eps)
+    mixed = _scaled_add(t_norm, o_rot.to(compute), weight)
     if layernorm:
         mixed = torch.nn.functional.layer_norm(mixed, mixed.shape[-1:], eps=eps)
     return torch.addcmul(mean_t, mixed, std_t).to(target.dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_mix_rescale():
+    """`mix_rescale` under torch.compile (built once per process; the same results to float
+    rounding, fewer kernels: the standardise, mix and rescale fused)."""
+    if "mix_rescale" not in _COMPILED:
+        from diffalign.engine.compile import compile_function
+
+        _COMPILED["mix_rescale"] = compile_function(mix_rescale, dynamic=False)
+    return _COMPILED["mix_rescale"]
