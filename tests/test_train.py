@@ -13,7 +13,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-import diffalign.engine.train as train_mod
+import diffalign.engine.checkpoints as checkpoints_mod
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import load_pt, load_tensors, read_json
 from diffalign.engine.train import (
@@ -265,21 +265,21 @@ def test_keep_checkpoints_prunes(tmp_path):
 
 
 def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
-    real = train_mod.write_json
+    real = checkpoints_mod.write_json
 
     def flaky(path, obj, **kw):
         if Path(path).name == "state.json" and obj["step"] == 4:
             raise OSError("disk full")
         return real(path, obj, **kw)
 
-    monkeypatch.setattr(train_mod, "write_json", flaky)
+    monkeypatch.setattr(checkpoints_mod, "write_json", flaky)
     with pytest.raises(DiffalignError, match="checkpoint-4: disk full"):  # one line, path named
         train(RegressionTask(), _cfg(tmp_path, max_steps=6, checkpoint_every=2, keep_checkpoints=1))
     ckpts = tmp_path / "checkpoints"
     assert [p.name for p in ckpts.iterdir()] == ["checkpoint-2"]  # no half folder, no temp left
     state = read_json(ckpts / "checkpoint-2" / "state.json")
     assert state["step"] == 2
-    monkeypatch.setattr(train_mod, "write_json", real)
+    monkeypatch.setattr(checkpoints_mod, "write_json", real)
     res = train(RegressionTask(), _cfg(tmp_path, max_steps=6, checkpoint_every=2, resume="latest"))
     assert res.step == 6
 

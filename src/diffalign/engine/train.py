@@ -10,16 +10,13 @@ each accumulation boundary, so a task may call its own modules directly), gradie
 linear / constant schedule after a linear warm-up (`lr_multiplier`), global-norm clipping, an fp32
 EMA of the trainable parameters (`diffalign.engine.ema.EMA`), validation on the EMA weights,
 TensorBoard / W&B trackers, a progress bar, `train_history.png`, `train_summary.json` (also as
-`summary.json`) and `run_config.json`. Resumable checkpoints `<output_dir>/checkpoints/checkpoint-<step>/` are written
-atomically and hold `<module>.safetensors` (trainable parameters and buffers), `ema.safetensors`,
-`optimizer-<name>.pt` / `scheduler-<name>.pt` / `scaler.pt` (state dicts, read back with
-`weights_only=True`), `rng.pt` (python/numpy/torch RNG of every process) and `state.json` (step,
-epoch, position in the epoch, best metric, config, loss history). Resuming replays the seeded
-sampler of the current epoch and skips the batches already consumed, so k steps + resume to N
-gives the same weights as N steps straight (bit-identical on CPU, given a dataset whose items do
-not draw from the global RNG; on CUDA it needs `deterministic=True`: deterministic kernels for the
-run). Exports (`checkpoint-final/`, `checkpoint-best/`,
-`checkpoint-epoch-NNN/`) go through `task.export` with the EMA weights applied. A non-finite loss
+`summary.json`) and `run_config.json`. Resumable checkpoints
+`<output_dir>/checkpoints/checkpoint-<step>/` are written atomically (their files:
+`engine.checkpoints`). Resuming replays the seeded sampler of the current epoch and skips the
+batches already consumed, so k steps + resume to N gives the same weights as N steps straight
+(bit-identical on CPU, given a dataset whose items do not draw from the global RNG; on CUDA it
+needs `deterministic=True`: deterministic kernels for the run). Exports (`checkpoint-final/`,
+`checkpoint-best/`, `checkpoint-epoch-NNN/`) go through `task.export` with the EMA weights applied. A non-finite loss
 skips the optimizer step; `max_nonfinite_steps` consecutive ones stop the run with a
 `DiffalignError`, and so does a run that ends without one finite step since it started or
 resumed (nothing was trained: no checkpoint-final is written). Several optimizers (a GAN):
@@ -32,6 +29,9 @@ repeated blocks, same state-dict keys, so checkpoints and exact resume are uncha
 `channels_last=True` puts the weights of modules with convolutions in NHWC layout, and AdamW
 runs its fused kernel when every parameter is on CUDA (not under fp16; a resume keeps this
 run's kernel).
+
+Modules: the options in `engine.train_config`, checkpoint IO and resume in `engine.checkpoints`,
+logging and reports in `engine.train_reports`; every public name is importable from here.
 
     class Regression(TrainTask):
         def trainable(self): return {"net": self.net}
@@ -48,10 +48,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
-import random
-import re
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -59,11 +55,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from diffalign.engine.checkpoints import (
+    TrainerCheckpoints,
+    _rng_state,
+    _set_rng_state,
+    list_checkpoints,
+    load_trainable_state,
+    trainable_state,
+    trainable_state_shapes,
+)
 from diffalign.engine.compile import (
     check_compile_available,
     compile_module,
@@ -72,129 +76,55 @@ from diffalign.engine.compile import (
 )
 from diffalign.engine.ema import EMA
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.identity import check_identity
-from diffalign.engine.io import (
-    atomic_dir,
-    clean_stale_temporaries,
-    load_pt,
-    load_tensors,
-    locked_output_dir,
-    read_json,
-    save_pt,
-    save_tensors,
-    write_json,
+from diffalign.engine.io import locked_output_dir, save_tensors, write_json
+from diffalign.engine.train_config import (
+    CUBLAS_WORKSPACE_CONFIG,
+    LOOP_IDENTITY,
+    MIXED_PRECISION,
+    SCHEDULES,
+    TRACKERS,
+    OptimizerSpec,
+    TrainConfig,
+    check_adam_settings,
+    deterministic_algorithms,
+    lr_multiplier,
+    set_cublas_workspace_config,
 )
+from diffalign.engine.train_reports import (
+    TrainerReports,
+    _json_config,
+    _sum_parts,
+    _to_float_tensor,
+    _val_key,
+)
+
+__all__ = [
+    "CUBLAS_WORKSPACE_CONFIG",
+    "LOOP_IDENTITY",
+    "MIXED_PRECISION",
+    "SCHEDULES",
+    "TRACKERS",
+    "OptimizerSpec",
+    "StepContext",
+    "TrainConfig",
+    "TrainResult",
+    "TrainTask",
+    "check_adam_settings",
+    "deterministic_algorithms",
+    "list_checkpoints",
+    "load_trainable_state",
+    "lr_multiplier",
+    "set_cublas_workspace_config",
+    "train",
+    "trainable_state",
+    "trainable_state_shapes",
+]
 
 logger = logging.getLogger("diffalign.train")
 
-SCHEDULES = ("cosine", "constant", "linear")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-TRACKERS = ("tensorboard", "wandb", "none")
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-# TrainConfig options that change the trained weights (compared on resume, engine.identity);
-# the others say how the run is watched or saved (deterministic: kernel choice, resume-free)
-LOOP_IDENTITY = (
-    "gradient_accumulation_steps",
-    "mixed_precision",
-    "max_grad_norm",
-    "lr_scheduler",
-    "ema_decay",
-    "ema_warmup",
-    "seed",
-)
-
 
 # ----------------------------------------------------------------------------------------------
-# public configuration and task interface
-
-
-@dataclass
-class TrainConfig:
-    """Run options of the shared loop (spec E); the defaults are generic, spec R sets its own."""
-
-    output_dir: str
-    max_steps: int | None = None  # optimizer steps (wins over `epochs` when both are given)
-    epochs: int | None = None  # -> max_steps = epochs * ceil(len(train_dataloader) / accumulation)
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    max_grad_norm: float | None = 1.0  # global-norm clipping per optimizer; None = no clipping
-    lr_scheduler: str = "cosine"  # cosine (with linear warm-up) | constant | linear
-    warmup_steps: int | None = None
-    warmup_ratio: float = 0.0  # used when warmup_steps is None
-    ema_decay: float | None = None  # None = no EMA; constant decay by default (U-REPA seed)
-    ema_warmup: bool = False  # True = diffusers-style min(decay, (1+s)/(10+s)) ramp
-    validate_every: int = 0  # 0 = only at the end, if the task has a val loader
-    checkpoint_every: int = 0  # 0 = only the final resumable checkpoint
-    keep_checkpoints: int = 2  # resumable checkpoints kept (0 = all)
-    export_every_epoch: bool = False  # checkpoint-epoch-NNN exports (seed 001)
-    best_metric: str | None = "val/loss"  # lower is better; checkpoint-best when it improves
-    log_every: int = 10  # 0 = only at the end
-    seed: int = 0
-    tracker: str = "tensorboard"  # tensorboard | wandb | none
-    resume: str | None = None  # "latest" or a checkpoint folder
-    progress: bool = True
-    run_name: str = "train"
-    overwrite: bool = False  # start over in an output_dir that already holds a run
-    max_nonfinite_steps: int = 10  # consecutive non-finite steps before the run stops
-    deterministic: bool = False  # deterministic kernels during train() (CUDA: slower)
-    compile: bool = False  # torch.compile the trainable modules (engine.compile.compile_module)
-    channels_last: bool = False  # NHWC weights for trainable modules with convolutions (U-Nets)
-
-    def validate(self) -> None:
-        """Raise DiffalignError on an impossible combination of options."""
-        if self.max_steps is None and self.epochs is None:
-            raise DiffalignError("training needs max_steps or epochs")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise DiffalignError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.epochs is not None and self.epochs < 1:
-            raise DiffalignError(f"epochs must be >= 1, got {self.epochs}")
-        if self.gradient_accumulation_steps < 1:
-            raise DiffalignError("gradient_accumulation_steps must be >= 1")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise DiffalignError(
-                f"unknown mixed_precision '{self.mixed_precision}' (choose from {', '.join(MIXED_PRECISION)})"
-            )
-        if self.lr_scheduler not in SCHEDULES:
-            raise DiffalignError(
-                f"unknown lr_scheduler '{self.lr_scheduler}' (choose from {', '.join(SCHEDULES)})"
-            )
-        if self.tracker not in TRACKERS:
-            raise DiffalignError(
-                f"unknown tracker '{self.tracker}' (choose from {', '.join(TRACKERS)})"
-            )
-        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise DiffalignError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise DiffalignError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise DiffalignError(f"max_grad_norm must be > 0 (or None), got {self.max_grad_norm}")
-        for name in ("validate_every", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 0:
-                raise DiffalignError(f"{name} must be >= 0")
-        if self.max_nonfinite_steps < 1:
-            raise DiffalignError("max_nonfinite_steps must be >= 1")
-        if isinstance(self.seed, bool) or not 0 <= int(self.seed) <= 2**63 - 1:
-            raise DiffalignError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
-
-
-@dataclass
-class OptimizerSpec:
-    """One AdamW optimizer: torch param-group dicts (per-group "lr"/"weight_decay" override)."""
-
-    param_groups: list[dict]
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-
-
-def check_adam_settings(betas: tuple[float, float], eps: float, what: str = "AdamW") -> None:
-    """AdamW's betas in [0, 1) and eps > 0 (finite), else one DiffalignError line."""
-    for i, beta in enumerate(betas, 1):
-        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0.0 <= beta < 1.0:
-            raise DiffalignError(f"{what}: adam_beta{i} must be in [0, 1), got {beta!r}")
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 < eps < math.inf:
-        raise DiffalignError(f"{what}: adam_eps must be a finite number > 0, got {eps!r}")
+# the task interface
 
 
 class TrainTask:
@@ -301,154 +231,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# small pure helpers
-
-
-def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate factor after `step` scheduler steps: linear warm-up `step / warmup`, then
-    cosine `0.5 (1 + cos(pi p))`, linear `1 - p` or constant 1, `p = (step - W) / (T - W)`."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1.0 - progress
-    raise DiffalignError(f"unknown lr_scheduler '{schedule}'")
-
-
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters with requires_grad plus persistent buffers: what a checkpoint stores."""
-    names = {n for n, p in module.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in module.named_buffers()}
-    out = {}
-    for k, v in module.state_dict(keep_vars=True).items():
-        if k in names or (k in buffers and not isinstance(v, nn.Parameter)):
-            out[k] = v.detach().cpu().clone()
-    return out
-
-
-def load_trainable_state(
-    module: nn.Module, tensors: dict[str, torch.Tensor], where: str = "checkpoint"
-) -> None:
-    """Load `trainable_state` tensors back; names and shapes must match exactly."""
-    expected = {k: tuple(v) for k, v in trainable_state_shapes(module).items()}
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise DiffalignError(f"{where} does not match the module ({what})")
-    for k, v in tensors.items():
-        if tuple(v.shape) != expected[k]:
-            raise DiffalignError(
-                f"{where}: '{k}' has shape {list(v.shape)}, the module has {list(expected[k])}"
-            )
-    module.load_state_dict(tensors, strict=False)
-
-
-def trainable_state_shapes(module: nn.Module) -> dict[str, list[int]]:
-    """Names and shapes of `trainable_state` without copying tensors."""
-    names = {n for n, p in module.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in module.named_buffers()}
-    return {
-        k: list(v.shape)
-        for k, v in module.state_dict(keep_vars=True).items()
-        if k in names or (k in buffers and not isinstance(v, nn.Parameter))
-    }
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Resumable checkpoints of a run, oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT_RE.match(p.name))]
-    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
-
-
-def _rng_state() -> dict:
-    """RNG states as tensors / ints / tuples, so that weights_only loading works."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _sum_parts(
-    parts: list[tuple[dict[str, float], dict[str, float]]],
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Key-wise totals of the (sums, counts) pairs gathered from every process."""
-    total_s: dict[str, float] = {}
-    total_c: dict[str, float] = {}
-    for sums, counts in parts:
-        for k in sums:
-            total_s[k] = total_s.get(k, 0.0) + sums[k]
-            total_c[k] = total_c.get(k, 0.0) + counts[k]
-    return total_s, total_c
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            n["key"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(Exception):
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-def _json_config(obj: dict) -> dict:
-    """Tracker-friendly flat config: scalars kept, everything else as a string."""
-    out = {}
-    for k, v in obj.items():
-        if isinstance(v, dict):
-            for k2, v2 in _json_config(v).items():
-                out[f"{k}.{k2}"] = v2
-        elif isinstance(v, bool | int | float | str):
-            out[k] = v
-        else:
-            out[k] = str(v)
-    return out
-
-
-def _to_float_tensor(v: Any) -> torch.Tensor | None:
-    if isinstance(v, torch.Tensor):
-        if v.numel() == 0:
-            return None
-        return v.detach().float().mean()
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int | float | np.floating | np.integer):
-        return torch.tensor(float(v))
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -459,60 +241,7 @@ def train(task: TrainTask, config: TrainConfig) -> TrainResult:
         return _Trainer(task, config).run()
 
 
-CUBLAS_WORKSPACE_CONFIG = ":4096:8"
-
-
-def set_cublas_workspace_config() -> bool:
-    """Set CUBLAS_WORKSPACE_CONFIG=:4096:8 unless the environment has a value; returns whether it
-    set it. cuBLAS is reproducible with a fixed per-stream workspace: torch sizes it from this
-    variable when the process's first cuBLAS handle gets its workspace (the first matmul on CUDA)
-    and, in deterministic mode, checks the variable once, so a command that runs CUDA matmuls
-    before training (the EM loop's E-step, FLUX Fill's text cache) calls this first."""
-    if "CUBLAS_WORKSPACE_CONFIG" in os.environ:
-        return False
-    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
-    return True
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
-    """Deterministic kernels inside the block (`TrainConfig.deterministic`; slower): what a
-    bit-exact resume on a GPU needs, since CUDA kernels (atomics in backward passes, cuBLAS's
-    algorithm choice) round differently from run to run. Sets
-    `torch.use_deterministic_algorithms(True, warn_only=True)` (an op without a deterministic
-    kernel warns, naming itself, instead of stopping the run), `cudnn.deterministic = True`,
-    `cudnn.benchmark = False` and CUBLAS_WORKSPACE_CONFIG (`set_cublas_workspace_config`; it
-    stays set: the cuBLAS handles keep the workspace they were given), and restores the torch
-    settings when the block ends or raises. No-op when `enabled` is false."""
-    if not enabled:
-        yield
-        return
-    cuda_in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
-    if set_cublas_workspace_config() and cuda_in_use:
-        logger.warning(
-            "deterministic: CUDA was in use before CUBLAS_WORKSPACE_CONFIG was set; matmuls that "
-            "already ran fixed cuBLAS's workspace: export CUBLAS_WORKSPACE_CONFIG=%s before "
-            "starting for deterministic matmuls",
-            CUBLAS_WORKSPACE_CONFIG,
-        )
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.backends.cudnn.deterministic = before[2]
-        torch.backends.cudnn.benchmark = before[3]
-
-
-class _Trainer:
+class _Trainer(TrainerCheckpoints, TrainerReports):
     def __init__(self, task: TrainTask, config: TrainConfig):
         self.task = task
         self.config = config
@@ -704,252 +433,6 @@ class _Trainer:
             for t in tensors:
                 dist.broadcast(t.data, src=0)
 
-    def _prepare_output_dir(self) -> None:
-        cfg = self.config
-        if self.is_main:  # a kill during a checkpoint or an export leaves `.<name>.*.tmp`
-            for folder in (self.output_dir, self.output_dir / "checkpoints"):
-                for p in clean_stale_temporaries(folder):
-                    logger.info("removed the stale temporary %s of an interrupted run", p)
-        has_run = (
-            bool(list_checkpoints(self.output_dir))
-            or (self.output_dir / "checkpoint-final").is_dir()
-        )
-        if cfg.resume is None and has_run:
-            if not cfg.overwrite:
-                raise DiffalignError(
-                    f"{self.output_dir} already holds a training run; resume it with "
-                    "resume='latest' (--resume latest) or start over with overwrite=True (--overwrite)"
-                )
-            if self.is_main:
-                for name in (
-                    "checkpoints",
-                    "checkpoint-final",
-                    "checkpoint-best",
-                    "logs",
-                    "validation",
-                ):
-                    shutil.rmtree(self.output_dir / name, ignore_errors=True)
-                for p in self.output_dir.glob("checkpoint-epoch-*"):
-                    shutil.rmtree(p, ignore_errors=True)
-                for name in (
-                    "train_summary.json",
-                    "summary.json",
-                    "train_history.png",
-                    "run_config.json",
-                ):
-                    (self.output_dir / name).unlink(missing_ok=True)
-        self.accelerator.wait_for_everyone()
-
-    # -- resume --------------------------------------------------------------------------------
-
-    def _resolve_resume(self) -> Path | None:
-        r = self.config.resume
-        if r is None:
-            return None
-        if r == "latest":
-            ckpts = list_checkpoints(self.output_dir)
-            if ckpts:
-                return ckpts[-1]
-            if (self.output_dir / "checkpoint-final").is_dir() and not self.config.overwrite:
-                raise DiffalignError(
-                    f"{self.output_dir} holds a finished run without a resumable checkpoint "
-                    "(checkpoints/): nothing to resume; pass --overwrite to start over"
-                )
-            # documented (README): a first run with --resume latest starts fresh, and says so
-            if self.is_main:
-                print(
-                    f"diffalign: --resume latest: no checkpoint under {self.output_dir}; "
-                    "starting a new run",
-                    flush=True,
-                )
-            return None
-        path = Path(r)
-        if not path.is_dir():
-            raise DiffalignError(f"resume checkpoint not found: {path}")
-        if not (path / "state.json").is_file():
-            raise DiffalignError(f"{path} is not a diffalign checkpoint folder (no state.json)")
-        return path
-
-    def _identity(self) -> dict:
-        """The run's identity (`engine.identity`): the loop options that change the weights
-        (max_steps only under a schedule that depends on it) and the task's; computed once (a
-        task's identity may hash model files)."""
-        if getattr(self, "_identity_cache", None) is not None:
-            return self._identity_cache
-        cfg = self.config
-        loop = {k: getattr(cfg, k) for k in LOOP_IDENTITY}
-        loop["warmup_steps"] = self.warmup_steps
-        if cfg.lr_scheduler != "constant":
-            loop["max_steps"] = self.max_steps
-        self._identity_cache = {"loop": loop, "task": self.task.identity()}
-        return self._identity_cache
-
-    def _module_shapes(self) -> dict[str, dict[str, list[int]]]:
-        return {name: trainable_state_shapes(m) for name, m in self.modules.items()}
-
-    def _load_checkpoint(self, path: Path) -> None:
-        state = read_json(path / "state.json")
-        where = f"cannot resume from {path}"
-        self.task.check_resume(state.get("task"), path)
-        saved = state.get("modules", {})
-        here = self._module_shapes()
-        if sorted(saved) != sorted(here):
-            raise DiffalignError(
-                f"{where}: it holds trainable modules {sorted(saved)}, this task has {sorted(here)}"
-            )
-        for name in here:
-            a, b = saved[name], here[name]
-            if set(a) != set(b):
-                diff = sorted(set(a) ^ set(b))
-                raise DiffalignError(
-                    f"{where}: module '{name}' parameters differ (e.g. '{diff[0]}')"
-                )
-            for k in b:
-                if list(a[k]) != list(b[k]):
-                    raise DiffalignError(
-                        f"{where}: '{name}.{k}' has shape {a[k]} there, {b[k]} here"
-                    )
-        if sorted(state.get("optimizers", [])) != sorted(self.optimizers):
-            raise DiffalignError(
-                f"{where}: it holds optimizers {sorted(state.get('optimizers', []))}, "
-                f"this task has {sorted(self.optimizers)}"
-            )
-        check_identity(
-            state.get("identity"),
-            self._identity(),
-            f"cannot resume from {path}: it holds a run",
-            hint="resume with the settings it was made with, or start over (no --resume, "
-            "--overwrite) or in another --output-dir",
-        )
-        if (self.ema is None) != (not (path / "ema.safetensors").is_file()):
-            logger.warning(
-                "EMA setting differs from %s; EMA restarts from the current weights", path
-            )
-
-        for name, m in self.modules.items():
-            tensors, _ = load_tensors(path / f"{name}.safetensors")
-            load_trainable_state(m, tensors, where=f"{path / (name + '.safetensors')}")
-        if self.ema is not None and (path / "ema.safetensors").is_file():
-            tensors, _ = load_tensors(path / "ema.safetensors")
-            self.ema.load_state_dict(tensors)
-        try:
-            for name, opt in self.optimizers.items():
-                kernel = [(g.get("fused"), g.get("foreach")) for g in opt.optimizer.param_groups]
-                opt.load_state_dict(load_pt(path / f"optimizer-{name}.pt"))
-                _keep_adamw_kernel(opt.optimizer, kernel)
-                self.schedulers[name].load_state_dict(load_pt(path / f"scheduler-{name}.pt"))
-        except (ValueError, KeyError) as e:
-            raise DiffalignError(f"{where}: optimizer state does not fit ({e})") from None
-        scaler = self.accelerator.scaler
-        if scaler is not None and (path / "scaler.pt").is_file():
-            scaler.load_state_dict(load_pt(path / "scaler.pt"))
-
-        rng = load_pt(path / "rng.pt")["ranks"]
-        if len(rng) != self.world:
-            logger.warning(
-                "%s was written by %d processes, this run has %d: the data order differs",
-                path,
-                len(rng),
-                self.world,
-            )
-        mine = rng[self.rank % len(rng)]
-        _set_rng_state(mine["rng"])
-        self._log_sums = {k: v.to(self.device) for k, v in mine["log_sums"].items()}
-        self._log_counts = {k: v.to(self.device) for k, v in mine["log_counts"].items()}
-        self._log_steps = int(mine["log_steps"])
-
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
-        if self.batch_in_epoch >= self.batches_per_epoch:
-            self.epoch += 1
-            self.batch_in_epoch = 0
-        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
-        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
-        self.history = list(state.get("history", []))
-        self.best = state.get("best")
-        self.last_val_step = int(state.get("last_val_step", -1))
-        self.last_ckpt_step = self.step
-        self.seconds_before = float(state.get("seconds", 0.0))
-        self.task.load_state_dict(state.get("task_state") or {})
-        logger.info("resumed from %s at step %d", path, self.step)
-
-    # -- checkpoints and exports ---------------------------------------------------------------
-
-    def _state_json(self) -> dict:
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "batches_per_epoch": self.batches_per_epoch,
-            "num_processes": self.world,
-            "skipped_nonfinite": self.skipped_nonfinite,
-            "consecutive_nonfinite": self.consecutive_nonfinite,
-            "best": self.best,
-            "last_val_step": self.last_val_step,
-            "seconds": self._seconds(),
-            "modules": self._module_shapes(),
-            "optimizers": sorted(self.optimizers),
-            "config": dataclasses.asdict(self.config),
-            "task": self.task.config_dict(),
-            "identity": self._identity(),
-            "task_state": self.task.state_dict(),
-            "history": self.history,
-        }
-
-    def _rank_payload(self) -> dict:
-        return {
-            "rng": _rng_state(),
-            "log_sums": {k: v.detach().cpu() for k, v in self._log_sums.items()},
-            "log_counts": {k: v.detach().cpu() for k, v in self._log_counts.items()},
-            "log_steps": self._log_steps,
-        }
-
-    def save_checkpoint(self) -> Path:
-        """Write `checkpoints/checkpoint-<step>/` atomically and prune old ones."""
-        payloads = self._gather([self._rank_payload()])
-        path = self.output_dir / "checkpoints" / f"checkpoint-{self.step}"
-        if self.is_main:
-            with atomic_dir(path) as tmp:
-                for name, m in self.modules.items():
-                    save_tensors(tmp / f"{name}.safetensors", trainable_state(m))
-                if self.ema is not None:
-                    save_tensors(tmp / "ema.safetensors", self.ema.state_dict())
-                for name, opt in self.optimizers.items():
-                    save_pt(opt.state_dict(), tmp / f"optimizer-{name}.pt")
-                    save_pt(self.schedulers[name].state_dict(), tmp / f"scheduler-{name}.pt")
-                if self.accelerator.scaler is not None:
-                    save_pt(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
-                save_pt({"ranks": payloads}, tmp / "rng.pt")
-                write_json(tmp / "state.json", self._state_json())
-            keep = self.config.keep_checkpoints
-            if keep > 0:
-                for old in list_checkpoints(self.output_dir)[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
-            self._write_reports(finished=False)
-        self.last_ckpt_step = self.step
-        self.accelerator.wait_for_everyone()
-        return path
-
-    def export(self, name: str, info: dict | None = None) -> Path:
-        """Export through task.export (EMA weights applied) to `<output_dir>/<name>/`, atomically."""
-        path = self.output_dir / name
-        if self.is_main:
-            ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-            with ctx, atomic_dir(path) as tmp:
-                self.task.export(tmp)
-                write_json(
-                    tmp / "export_info.json",
-                    {
-                        "step": self.step,
-                        "epoch": self.epoch,
-                        "ema": self.ema is not None,
-                        **(info or {}),
-                    },
-                )
-        self.accelerator.wait_for_everyone()
-        return path
-
     # -- one optimizer step --------------------------------------------------------------------
 
     def backward(self, loss: torch.Tensor, name: str) -> None:
@@ -1002,102 +485,6 @@ class _Trainer:
         self._stepped[name] = stepped
         if bad:
             self._bad_step = True
-
-    # -- logging -------------------------------------------------------------------------------
-
-    def _reset_log_window(self) -> None:
-        self._log_sums: dict[str, torch.Tensor] = {}
-        self._log_counts: dict[str, torch.Tensor] = {}
-        self._log_steps = 0
-
-    def _add_log(self, key: str, value: torch.Tensor) -> None:
-        value = value.to(self.device)
-        ok = torch.isfinite(value)
-        v = torch.where(ok, value, torch.zeros_like(value))
-        if key in self._log_sums:
-            self._log_sums[key] = self._log_sums[key] + v
-            self._log_counts[key] = self._log_counts[key] + ok.float()
-        else:
-            self._log_sums[key] = v
-            self._log_counts[key] = ok.float()
-
-    def _gather(self, obj: list) -> list:
-        if self.world == 1:
-            return obj
-        from accelerate.utils import gather_object
-
-        return gather_object(obj)
-
-    def _flush_log(self) -> dict | None:
-        """Average the window's values over steps and processes; append to history; track."""
-        sums = {k: float(v) for k, v in self._log_sums.items()}
-        counts = {k: float(v) for k, v in self._log_counts.items()}
-        parts = self._gather([(sums, counts)])
-        self._reset_log_window()
-        total_s, total_c = _sum_parts(parts)
-        entry: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
-        for k in sorted(total_s):
-            if total_c[k] > 0:
-                entry[self._log_name(k)] = total_s[k] / total_c[k]
-        for name, sched in self.schedulers.items():
-            entry["lr" if len(self.schedulers) == 1 else f"lr/{name}"] = sched.get_last_lr()[0]
-        entry.update({k: float(v) for k, v in self.task.log_state().items()})
-        self.history.append(entry)
-        self.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=self.step)
-        return entry
-
-    def _log_name(self, key: str) -> str:
-        if key.startswith("grad_norm/") and len(self.optimizers) == 1:
-            return "grad_norm"
-        return key
-
-    def _seconds(self) -> float:
-        return self.seconds_before + (time.perf_counter() - self._t0)
-
-    def _write_reports(self, finished: bool) -> dict:
-        """train_history.png and train_summary.json (main process)."""
-        from diffalign.engine.reports import plot_curves, write_summary
-
-        series: dict[str, tuple[list[float], list[float]]] = {}
-        for entry in self.history:
-            for k, v in entry.items():
-                if k in ("step", "epoch") or k.startswith("lr") or k.startswith("grad_norm"):
-                    continue
-                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-                    xs, ys = series.setdefault(k, ([], []))
-                    xs.append(entry["step"])
-                    ys.append(v)
-        if series:
-            plot_curves(
-                self.output_dir / "train_history.png",
-                series,
-                title=f"{self.config.run_name}: training history",
-                ylabel="value",
-            )
-        train_last = next((e for e in reversed(self.history) if "val" not in e), {})
-        val_last = next((e for e in reversed(self.history) if "val" in e), {})
-        summary = {
-            "finished": finished,
-            "steps": self.step,
-            "max_steps": self.max_steps,
-            "epochs_completed": self.epoch,
-            "seconds": round(self._seconds(), 3),
-            "num_processes": self.world,
-            "mixed_precision": self.config.mixed_precision,
-            "skipped_nonfinite": self.skipped_nonfinite,
-            "final_train": train_last,
-            "final_val": val_last,
-            "best": self.best,
-            "output_dir": str(self.output_dir),
-            "config": dataclasses.asdict(self.config),
-        }
-        extra = self.task.summary()
-        if extra:
-            summary["task"] = extra
-        # the seed's name, and the name every long diffalign command writes (spec: Interfaces)
-        for name in ("train_summary.json", "summary.json"):
-            write_summary(self.output_dir / name, summary)
-        return summary
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -1361,23 +748,6 @@ class _Trainer:
                 f"loss is NaN/inf at every step of this run (steps {self._start_step + 1}-"
                 f"{self.step}): nothing was trained, no checkpoint-final written{last}"
             )
-
-
-def _keep_adamw_kernel(optimizer: torch.optim.Optimizer, kernel: list[tuple]) -> None:
-    """After loading a checkpoint: AdamW keeps this run's kernel (fused on CUDA, for-each on the
-    CPU), not the one the checkpoint was written with, and its step counters where that kernel
-    keeps them (fused: float32 on the parameter's device; otherwise a CPU scalar)."""
-    for g, (fused, foreach) in zip(optimizer.param_groups, kernel):
-        g["fused"], g["foreach"] = fused, foreach
-        for p in g["params"]:
-            st = optimizer.state.get(p)
-            if st and isinstance(st.get("step"), torch.Tensor):
-                where = p.device if fused else torch.device("cpu")
-                st["step"] = st["step"].to(dtype=torch.float32, device=where)
-
-
-def _val_key(k: str) -> str:
-    return k if k.startswith("val/") else f"val/{k}"
 
 
 def _all_reduce_grads(

@@ -60,7 +60,7 @@ class SemanticAttachment:
     """
 
     def __init__(self, pipe: Any, module: torch.nn.Module, layout: str):
-        from diffalign.fill.train import latent_width
+        from diffalign.fill.pipeline import latent_width
 
         self.pipe, self.module, self.layout = pipe, module, layout
         self.latent_dim = latent_width(pipe)
@@ -119,7 +119,7 @@ def attach_semantic(
     is encoded now with `generator`, or later with `.set_semantic`. `layout` defaults to the one
     recorded with the module (a contradicting one is an error). Returns the attachment."""
     from diffalign.fill.infer import resolve_semantic_layout
-    from diffalign.fill.train import latent_width
+    from diffalign.fill.pipeline import latent_width
     from diffalign.fill.weights import load_semantic
 
     layout = resolve_semantic_layout(layout, str(path), log=lambda _msg: None)

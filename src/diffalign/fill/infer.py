@@ -396,7 +396,7 @@ def build_model(
 ):
     """The pipeline's transformer with `lora` loaded (pipe.load_lora_weights) and the module."""
     from diffalign.fill.model import SemanticFillTransformer
-    from diffalign.fill.train import latent_width
+    from diffalign.fill.pipeline import latent_width
     from diffalign.fill.weights import load_lora_into_pipeline, load_semantic
 
     if lora:
@@ -504,7 +504,7 @@ def run_infer(
     from diffalign.engine.progress import progress
     from diffalign.engine.reports import save_image
     from diffalign.fill.encode import FillEncoder
-    from diffalign.fill.train import load_fill_pipeline
+    from diffalign.fill.pipeline import load_fill_pipeline
 
     if (input_dir is None) == (visible is None):
         raise DiffalignError("pass either --visible (with --prompt) or --input-dir")

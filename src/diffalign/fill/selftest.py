@@ -16,7 +16,7 @@ FILL = pipeline_of("FluxFillPipeline")
 
 def _pipe(asset: Asset, ctx: SelftestContext):
     """The pipeline of `asset`, loaded once for all Fill checks (they leave it unchanged)."""
-    from diffalign.fill.train import load_fill_pipeline
+    from diffalign.fill.pipeline import load_fill_pipeline
 
     key = f"fill:{asset.path}"
     if key not in ctx.cache:

@@ -186,7 +186,7 @@ def load_lora_into_pipeline(pipe: Any, path: str | Path, adapter_name: str = "fi
 
 def build_semantic(dim: int, heads: int, layers: int) -> nn.Module:
     """A fresh `SemanticCrossAttention(dim, heads, layers)` (identity: scales 0)."""
-    from diffalign.fill import SemanticCrossAttention
+    from diffalign.fill.attention import SemanticCrossAttention
 
     if dim % heads:
         raise DiffalignError(f"semantic heads ({heads}) must divide the latent width ({dim})")

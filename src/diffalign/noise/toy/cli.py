@@ -396,22 +396,11 @@ def register_demo(sub) -> None:
 # ----------------------------------------------------------------------------- handlers
 
 
-def _limit_threads() -> None:
-    """One intra-op thread unless OMP_NUM_THREADS says otherwise: the toy models are so small
-    that extra threads only add synchronisation, and on a busy machine spinning OpenMP threads
-    make each step up to 100x slower (measured on 2 shared cores)."""
-    import os
-
-    if "OMP_NUM_THREADS" not in os.environ:
-        import torch
-
-        torch.set_num_threads(1)
-
-
 def _run_train_gan(args) -> int:
-    _limit_threads()
     from diffalign.noise.toy.gan import train_gan
+    from diffalign.noise.toy.models import limit_threads
 
+    limit_threads()
     r = train_gan(
         args.output_dir,
         dataset=args.dataset,
@@ -433,9 +422,10 @@ def _run_train_gan(args) -> int:
 
 
 def _run_assign(args) -> int:
-    _limit_threads()
     from diffalign.noise.toy.assignment import assign
+    from diffalign.noise.toy.models import limit_threads
 
+    limit_threads()
     s = assign(
         args.generator_ckpt,
         args.output_dir,
@@ -461,9 +451,10 @@ def _run_assign(args) -> int:
 
 
 def _run_sft(args) -> int:
-    _limit_threads()
     from diffalign.noise.toy.finetune import sft
+    from diffalign.noise.toy.models import limit_threads
 
+    limit_threads()
     r = sft(
         args.generator_ckpt,
         args.manifest_path,
@@ -487,9 +478,10 @@ def _run_sft(args) -> int:
 
 
 def _run_direct_sft(args) -> int:
-    _limit_threads()
     from diffalign.noise.toy.finetune import direct_sft
+    from diffalign.noise.toy.models import limit_threads
 
+    limit_threads()
     r = direct_sft(
         args.generator_ckpt,
         args.output_dir,
@@ -516,9 +508,10 @@ def _run_direct_sft(args) -> int:
 
 
 def _run_em(args) -> int:
-    _limit_threads()
     from diffalign.noise.toy.em_loop import em
+    from diffalign.noise.toy.models import limit_threads
 
+    limit_threads()
     s = em(
         args.generator_ckpt,
         args.output_dir,
@@ -547,9 +540,10 @@ def _run_em(args) -> int:
 
 
 def _run_evaluate(args) -> int:
-    _limit_threads()
     from diffalign.noise.toy.evaluate import EvalSettings, evaluate_runs
+    from diffalign.noise.toy.models import limit_threads
 
+    limit_threads()
     settings = EvalSettings(
         num_samples=args.num_samples,
         recon_items=args.recon_items,
@@ -572,8 +566,9 @@ def _run_evaluate(args) -> int:
 
 
 def _run_demo(args) -> int:
-    _limit_threads()
     from diffalign.noise.toy.demo import run_demo
+    from diffalign.noise.toy.models import limit_threads
 
+    limit_threads()
     run_demo(args.output_dir, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
     return 0

@@ -76,10 +76,10 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     from diffalign.noise.cli_optimize import settings_from_args
-    from diffalign.noise.toy.cli import _limit_threads
+    from diffalign.noise.toy.models import limit_threads
     from diffalign.noise.toy.optimize import toy_optimize
 
-    _limit_threads()
+    limit_threads()
     s = toy_optimize(
         args.generator_ckpt,
         args.output_dir,

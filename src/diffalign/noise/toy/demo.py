@@ -148,10 +148,9 @@ def _run_demo_locked(
     )
     from diffalign.noise.toy.finetune import direct_sft, sft
     from diffalign.noise.toy.gan import train_gan
-    from diffalign.noise.toy.models import load_model
+    from diffalign.noise.toy.models import limit_threads, load_model
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # tiny models: threads only add contention (see toy/cli.py)
+    limit_threads()
     t_start = time.time()
     s = sizes or (QUICK if quick else FULL)
     _prepare_output(out, overwrite)
