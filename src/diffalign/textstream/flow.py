@@ -204,7 +204,9 @@ def latent_image_ids(h2: int, w2: int) -> torch.Tensor:
 
 
 class _PackedFlow:
-    """What FLUX.1 and Qwen-Image share: 2x2 packing, latent sizes, the timestep in 0..1."""
+    """What FLUX.1 and Qwen-Image share: 2x2 packing, latent sizes, the timestep in 0..1, the
+    prompt encoding call, the cached-shape checks and the velocity / sampling calls around each
+    family's own inputs (`_second_store_shape`, `_transformer_inputs`, `_sample_inputs`)."""
 
     name = ""
     _text_parts: tuple[str, ...] = ()
@@ -256,9 +258,109 @@ class _PackedFlow:
         return (int(latent_shape[-2]) // 2) * (int(latent_shape[-1]) // 2)
 
     @staticmethod
+    def settings(transformer) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
     def _unit_timestep(timestep: torch.Tensor, batch: int, dtype) -> torch.Tensor:
         """The pipelines' `timestep / 1000` (the transformers scale it back by 1000)."""
         return (timestep.to(dtype) / 1000).expand(batch)
+
+    @staticmethod
+    def _encode_prompt(pipe, captions: Sequence[str], max_sequence_length: int):
+        """The pipeline's own `encode_prompt` of `captions` on the transformer's device."""
+        return pipe.encode_prompt(
+            prompt=list(captions),
+            device=next(pipe.transformer.parameters()).device,
+            num_images_per_prompt=1,
+            max_sequence_length=int(max_sequence_length),
+        )
+
+    @staticmethod
+    def _second_store_shape(cfg, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+        """{what: (cached, needed)} for the second text store."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_shapes(cls, transformer, shapes: dict[str, list[int]]) -> list[tuple[str, int, int]]:
+        """(what, cached, needed) for every cached width the transformer does not take."""
+        cfg = transformer.config
+        pairs = {
+            "latent channels": (shapes["latents"][0] * 4, int(cfg.in_channels)),
+            "text width": (shapes["prompt_embeds"][-1], int(cfg.joint_attention_dim)),
+            **cls._second_store_shape(cfg, shapes),
+        }
+        return [(k, a, b) for k, (a, b) in pairs.items() if a != b]
+
+    @classmethod
+    def _transformer_inputs(
+        cls, transformer, xs: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, dtype
+    ) -> dict[str, Any]:
+        """The family's own transformer inputs besides latents, timestep and text embeddings."""
+        raise NotImplementedError
+
+    @classmethod
+    def velocity(
+        cls,
+        transformer,
+        xs: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> torch.Tensor:
+        """The velocity at `xs` `[B, C, h, w]` (timestep in 0..1000), unpacked to `xs`' shape."""
+        dtype = next(transformer.parameters()).dtype
+        b, _, h, w = xs.shape
+        out = transformer(
+            hidden_states=pack_latents(xs).to(dtype),
+            timestep=cls._unit_timestep(timestep, b, dtype),
+            encoder_hidden_states=prompt_embeds.to(xs.device, dtype),
+            return_dict=False,
+            **cls._transformer_inputs(transformer, xs, prompt_embeds, pooled, dtype),
+        )[0]
+        return unpack_latents(out, h, w)
+
+    @classmethod
+    def _sample_inputs(
+        cls,
+        pipe,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        negative_pooled: torch.Tensor,
+        cfg: float,
+    ) -> dict[str, Any]:
+        """The family's own pipeline inputs besides the prompt embeddings (guidance, negatives)."""
+        raise NotImplementedError
+
+    @classmethod
+    @torch.no_grad()
+    def sample(
+        cls,
+        pipe,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        negative_pooled: torch.Tensor,
+        *,
+        steps: int,
+        cfg: float,
+        resolution: int,
+        seed: int,
+    ) -> list:
+        """PIL images from cached embeddings (`[1, ...]` each), the pipeline's own sampler;
+        guidance as the family's `_sample_inputs` says."""
+        return pipe(
+            prompt_embeds=prompt_embeds,
+            num_inference_steps=steps,
+            height=resolution,
+            width=resolution,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pil",
+            **cls._sample_inputs(
+                pipe, prompt_embeds, pooled, negative_embeds, negative_pooled, cfg
+            ),
+        ).images
 
 
 class FluxFlow(_PackedFlow):
@@ -296,86 +398,47 @@ class FluxFlow(_PackedFlow):
     def encode_images(pipe, pixels: torch.Tensor) -> torch.Tensor:
         return SD3Flow.encode_images(pipe, pixels)
 
-    @staticmethod
+    @classmethod
     @torch.no_grad()
     def encode_text(
-        pipe, captions: Sequence[str], max_sequence_length: int
+        cls, pipe, captions: Sequence[str], max_sequence_length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 embeddings `[B, L, D]`, pooled CLIP `[B, P]`), float32 on the CPU."""
-        device = next(pipe.transformer.parameters()).device
-        pe, pooled, _ = pipe.encode_prompt(
-            prompt=list(captions),
-            prompt_2=None,
-            device=device,
-            num_images_per_prompt=1,
-            max_sequence_length=int(max_sequence_length),
-        )
+        pe, pooled, _ = cls._encode_prompt(pipe, captions, max_sequence_length)
         return pe.float().cpu(), pooled.float().cpu()
 
     @staticmethod
-    def check_shapes(transformer, shapes: dict[str, list[int]]) -> list[tuple[str, int, int]]:
-        cfg = transformer.config
-        pairs = {
-            "latent channels": (shapes["latents"][0] * 4, int(cfg.in_channels)),
-            "text width": (shapes["prompt_embeds"][-1], int(cfg.joint_attention_dim)),
-            "pooled width": (shapes["pooled"][-1], int(cfg.pooled_projection_dim)),
-        }
-        return [(k, a, b) for k, (a, b) in pairs.items() if a != b]
+    def _second_store_shape(cfg, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+        return {"pooled width": (shapes["pooled"][-1], int(cfg.pooled_projection_dim))}
 
     @classmethod
-    def velocity(
-        cls,
-        transformer,
-        xs: torch.Tensor,
-        timestep: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        pooled: torch.Tensor,
-    ) -> torch.Tensor:
-        """The velocity at `xs` `[B, C, h, w]` (timestep in 0..1000), unpacked to `xs`' shape."""
-        dtype = next(transformer.parameters()).dtype
+    def _transformer_inputs(
+        cls, transformer, xs: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, dtype
+    ) -> dict[str, Any]:
+        """Distilled guidance (dev), pooled CLIP, zero text ids and the latent image ids."""
         b, _, h, w = xs.shape
         g = cls.guidance(transformer)
-        guidance = None if g is None else torch.full((b,), g, device=xs.device)
-        out = transformer(
-            hidden_states=pack_latents(xs).to(dtype),
-            timestep=cls._unit_timestep(timestep, b, dtype),
-            guidance=guidance,
-            pooled_projections=pooled.to(xs.device, dtype),
-            encoder_hidden_states=prompt_embeds.to(xs.device, dtype),
-            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=xs.device, dtype=dtype),
-            img_ids=latent_image_ids(h // 2, w // 2).to(xs.device, dtype),
-            return_dict=False,
-        )[0]
-        return unpack_latents(out, h, w)
+        return {
+            "guidance": None if g is None else torch.full((b,), g, device=xs.device),
+            "pooled_projections": pooled.to(xs.device, dtype),
+            "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=xs.device, dtype=dtype),
+            "img_ids": latent_image_ids(h // 2, w // 2).to(xs.device, dtype),
+        }
 
     @classmethod
-    @torch.no_grad()
-    def sample(
+    def _sample_inputs(
         cls,
         pipe,
         prompt_embeds: torch.Tensor,
         pooled: torch.Tensor,
         negative_embeds: torch.Tensor,
         negative_pooled: torch.Tensor,
-        *,
-        steps: int,
         cfg: float,
-        resolution: int,
-        seed: int,
-    ) -> list:
-        """PIL images, the pipeline's sampler. FLUX.1 is guidance-distilled: the distilled
-        guidance (dev) replaces classifier-free guidance, so `cfg` and the negatives are unused."""
+    ) -> dict[str, Any]:
+        """FLUX.1 is guidance-distilled: the distilled guidance (dev) replaces classifier-free
+        guidance, so `cfg` and the negatives are unused."""
         g = cls.guidance(pipe.transformer)
-        return pipe(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled,
-            num_inference_steps=steps,
-            guidance_scale=0.0 if g is None else g,
-            height=resolution,
-            width=resolution,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="pil",
-        ).images
+        return {"pooled_prompt_embeds": pooled, "guidance_scale": 0.0 if g is None else g}
 
 
 class QwenImageFlow(_PackedFlow):
@@ -397,10 +460,6 @@ class QwenImageFlow(_PackedFlow):
         return QwenImagePipeline, QwenImageTransformer2DModel
 
     @staticmethod
-    def settings(transformer) -> dict[str, Any]:
-        return {}
-
-    @staticmethod
     @torch.no_grad()
     def encode_images(pipe, pixels: torch.Tensor) -> torch.Tensor:
         """`[B, 3, R, R]` in [-1, 1] -> normalised latents (posterior mean), float32 on the CPU."""
@@ -412,19 +471,13 @@ class QwenImageFlow(_PackedFlow):
         std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1)
         return ((mean.cpu() - mu) / std)[:, :, 0]
 
-    @staticmethod
+    @classmethod
     @torch.no_grad()
     def encode_text(
-        pipe, captions: Sequence[str], max_sequence_length: int
+        cls, pipe, captions: Sequence[str], max_sequence_length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings `[B, L, D]` zero-padded to L, mask `[B, L]`), float32 on the CPU."""
-        device = next(pipe.transformer.parameters()).device
-        pe, mask = pipe.encode_prompt(
-            prompt=list(captions),
-            device=device,
-            num_images_per_prompt=1,
-            max_sequence_length=int(max_sequence_length),
-        )
+        pe, mask = cls._encode_prompt(pipe, captions, max_sequence_length)
         b, n, d = pe.shape
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(b, n)
@@ -435,71 +488,43 @@ class QwenImageFlow(_PackedFlow):
         return out_pe, out_mask
 
     @staticmethod
-    def check_shapes(transformer, shapes: dict[str, list[int]]) -> list[tuple[str, int, int]]:
-        cfg = transformer.config
-        pairs = {
-            "latent channels": (shapes["latents"][0] * 4, int(cfg.in_channels)),
-            "text width": (shapes["prompt_embeds"][-1], int(cfg.joint_attention_dim)),
-            "text mask length": (shapes["pooled"][-1], shapes["prompt_embeds"][0]),
-        }
-        return [(k, a, b) for k, (a, b) in pairs.items() if a != b]
+    def _second_store_shape(cfg, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+        return {"text mask length": (shapes["pooled"][-1], shapes["prompt_embeds"][0])}
 
     @staticmethod
     def _mask(mask: torch.Tensor, device) -> torch.Tensor:
         return (mask.to(device).float() > 0.5).long()
 
     @classmethod
-    def velocity(
-        cls,
-        transformer,
-        xs: torch.Tensor,
-        timestep: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        pooled: torch.Tensor,
-    ) -> torch.Tensor:
-        """The velocity at `xs` `[B, C, h, w]` (timestep in 0..1000); `pooled` is the text mask."""
-        dtype = next(transformer.parameters()).dtype
+    def _transformer_inputs(
+        cls, transformer, xs: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, dtype
+    ) -> dict[str, Any]:
+        """No guidance; `pooled` is the text mask; the packed image shape per sample."""
         b, _, h, w = xs.shape
-        out = transformer(
-            hidden_states=pack_latents(xs).to(dtype),
-            timestep=cls._unit_timestep(timestep, b, dtype),
-            guidance=None,
-            encoder_hidden_states_mask=cls._mask(pooled, xs.device),
-            encoder_hidden_states=prompt_embeds.to(xs.device, dtype),
-            img_shapes=[[(1, h // 2, w // 2)]] * b,
-            return_dict=False,
-        )[0]
-        return unpack_latents(out, h, w)
+        return {
+            "guidance": None,
+            "encoder_hidden_states_mask": cls._mask(pooled, xs.device),
+            "img_shapes": [[(1, h // 2, w // 2)]] * b,
+        }
 
     @classmethod
-    @torch.no_grad()
-    def sample(
+    def _sample_inputs(
         cls,
         pipe,
         prompt_embeds: torch.Tensor,
         pooled: torch.Tensor,
         negative_embeds: torch.Tensor,
         negative_pooled: torch.Tensor,
-        *,
-        steps: int,
         cfg: float,
-        resolution: int,
-        seed: int,
-    ) -> list:
-        """PIL images, the pipeline's sampler; true CFG (`cfg`) against the cached empty prompt."""
+    ) -> dict[str, Any]:
+        """True CFG (`cfg`) against the cached empty prompt; the masks from the second store."""
         device = prompt_embeds.device
-        return pipe(
-            prompt_embeds=prompt_embeds,
-            prompt_embeds_mask=cls._mask(pooled, device),
-            negative_prompt_embeds=negative_embeds,
-            negative_prompt_embeds_mask=cls._mask(negative_pooled, device),
-            true_cfg_scale=cfg,
-            num_inference_steps=steps,
-            height=resolution,
-            width=resolution,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="pil",
-        ).images
+        return {
+            "prompt_embeds_mask": cls._mask(pooled, device),
+            "negative_prompt_embeds": negative_embeds,
+            "negative_prompt_embeds_mask": cls._mask(negative_pooled, device),
+            "true_cfg_scale": cfg,
+        }
 
 
 FAMILIES = {"sd3": SD3Flow, "flux": FluxFlow, "qwen-image": QwenImageFlow}
