@@ -70,7 +70,7 @@ def build_flux_transformer(
 ) -> torch.nn.Module:
     from diffusers import FluxTransformer2DModel
 
-    from diffalign.engine.tiny_flux1 import flux_rope_axes
+    from diffalign.engine.tiny_flux import flux_rope_axes
 
     wide = heads * head_dim >= 1536
     torch.manual_seed(0)

@@ -52,29 +52,41 @@ _FLUX_FILL_OVERRIDES: dict[str, Any] = {
 }
 
 
-def build_tiny_flux_fill_pipeline(
-    seed: int = 0,
-    *,
-    num_layers: int = 1,
-    num_single_layers: int = 1,
-    num_attention_heads: int = 2,
-    attention_head_dim: int = 16,
-    joint_attention_dim: int = 32,
-    clip_hidden_size: int = 32,
-):
-    """A tiny random `FluxFillPipeline` in memory, wired like FLUX.1-Fill-dev.
+def flux_rope_axes(attention_head_dim: int) -> list[int]:
+    """Three even RoPE axes summing to the head dim, split like FLUX's [16, 56, 56] of 128."""
+    if attention_head_dim % 8:
+        raise DiffalignError(
+            f"make-tiny: attention_head_dim must be a multiple of 8 (RoPE axes), got "
+            f"{attention_head_dim}"
+        )
+    axis0 = max(2, 2 * round(attention_head_dim / 16))
+    axis1 = 2 * ((attention_head_dim - axis0) // 4)
+    return [axis0, axis1, attention_head_dim - axis0 - axis1]
 
-    `joint_attention_dim` is the T5 width, `clip_hidden_size` the CLIP width (= the pooled
-    projection width, as CLIP-L's 768 in the real model). `attention_head_dim` must be divisible
-    by 8 (the three even RoPE axes split it about 1/8, 7/16, 7/16, like 16/56/56 of 128).
+
+def tiny_flux_components(
+    seed: int,
+    *,
+    in_channels: int,
+    out_channels: int | None,
+    guidance_embeds: bool,
+    scheduler_config: dict[str, Any],
+    num_layers: int,
+    num_single_layers: int,
+    num_attention_heads: int,
+    attention_head_dim: int,
+    joint_attention_dim: int,
+    clip_hidden_size: int,
+) -> dict[str, Any]:
+    """The components every tiny FLUX.1 pipeline is built from (its constructor's keywords).
+
+    The transformer (seed), CLIP (seed + 1, width `clip_hidden_size` = the pooled projection
+    width, as CLIP-L's 768 in the real model), T5 (seed + 2, width `joint_attention_dim`), the
+    16-channel VAE with FLUX's shift/scale factors (seed + 3) and the scheduler. Bad sizes raise
+    `DiffalignError`; `attention_head_dim` must be divisible by 8 (`flux_rope_axes`).
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxFillPipeline,
-        FluxTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     for name, value in (
@@ -87,36 +99,24 @@ def build_tiny_flux_fill_pipeline(
     ):
         if int(value) < 1:
             raise DiffalignError(f"make-tiny: {name} must be a positive integer, got {value}")
-    if attention_head_dim % 8:
-        raise DiffalignError(
-            f"make-tiny: attention_head_dim must be a multiple of 8 (RoPE axes), got "
-            f"{attention_head_dim}"
-        )
+    axes = flux_rope_axes(attention_head_dim)
     if clip_hidden_size % 2 or joint_attention_dim % 4:
         raise DiffalignError(
             "make-tiny: clip_hidden_size must be even, joint_attention_dim % 4 == 0"
         )
 
-    latent = FLUX_LATENT_CHANNELS
-    vae_scale = 8  # four VAE blocks, as the real FLUX VAE
-    packed = 4 * latent  # 2x2 patches
-    mask_packed = 4 * vae_scale * vae_scale  # 8x8 pixel-unshuffled mask, packed: 256
-    axis0 = max(2, 2 * round(attention_head_dim / 16))  # 16 of 128 in the real model
-    axis1 = 2 * ((attention_head_dim - axis0) // 4)  # RoPE axes must be even
-    axes = [axis0, axis1, attention_head_dim - axis0 - axis1]
-
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=packed + packed + mask_packed,  # 64 + 64 + 256 = 384 as Fill-dev
-        out_channels=packed,
+        in_channels=in_channels,
+        out_channels=out_channels,
         num_layers=num_layers,
         num_single_layers=num_single_layers,
         attention_head_dim=attention_head_dim,
         num_attention_heads=num_attention_heads,
         joint_attention_dim=joint_attention_dim,
         pooled_projection_dim=clip_hidden_size,
-        guidance_embeds=True,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=axes,
     )
 
@@ -133,9 +133,9 @@ def build_tiny_flux_fill_pipeline(
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 4, 8, 8),
+        block_out_channels=(4, 4, 8, 8),  # four blocks: vae_scale_factor 8 as the real VAE
         layers_per_block=1,
-        latent_channels=latent,
+        latent_channels=FLUX_LATENT_CHANNELS,
         norm_num_groups=1,
         use_quant_conv=False,
         use_post_quant_conv=False,
@@ -144,15 +144,52 @@ def build_tiny_flux_fill_pipeline(
         force_upcast=True,
     ).eval()
 
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_FILL_SCHEDULER_CONFIG)
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**scheduler_config),
+        "vae": vae,
+        "text_encoder": clip,
+        "tokenizer": tiny_clip_tokenizer(),
+        "text_encoder_2": t5,
+        "tokenizer_2": tiny_t5_tokenizer(),
+        "transformer": transformer,
+    }
+
+
+def build_tiny_flux_fill_pipeline(
+    seed: int = 0,
+    *,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    joint_attention_dim: int = 32,
+    clip_hidden_size: int = 32,
+):
+    """A tiny random `FluxFillPipeline` in memory, wired like FLUX.1-Fill-dev.
+
+    `joint_attention_dim` is the T5 width, `clip_hidden_size` the CLIP width (= the pooled
+    projection width, as CLIP-L's 768 in the real model). `attention_head_dim` must be divisible
+    by 8 (the three even RoPE axes split it about 1/8, 7/16, 7/16, like 16/56/56 of 128).
+    """
+    from diffusers import FluxFillPipeline
+
+    packed = 4 * FLUX_LATENT_CHANNELS  # 2x2 patches
+    vae_scale = 8  # four VAE blocks, as the real FLUX VAE
+    mask_packed = 4 * vae_scale * vae_scale  # 8x8 pixel-unshuffled mask, packed: 256
     return FluxFillPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=tiny_clip_tokenizer(),
-        text_encoder_2=t5,
-        tokenizer_2=tiny_t5_tokenizer(),
-        transformer=transformer,
+        **tiny_flux_components(
+            seed,
+            in_channels=packed + packed + mask_packed,  # 64 + 64 + 256 = 384 as Fill-dev
+            out_channels=packed,
+            guidance_embeds=True,
+            scheduler_config=FLUX_FILL_SCHEDULER_CONFIG,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            joint_attention_dim=joint_attention_dim,
+            clip_hidden_size=clip_hidden_size,
+        )
     )
 
 

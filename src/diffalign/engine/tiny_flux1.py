@@ -21,18 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.tiny import (
-    register_kind,
-    tiny_clip_text_config,
-    tiny_clip_tokenizer,
-    tiny_t5_encoder,
-    tiny_t5_tokenizer,
-)
+from diffalign.engine.tiny import register_kind
 from diffalign.engine.tiny_flux import (
     FLUX_FILL_SCHEDULER_CONFIG,
     FLUX_LATENT_CHANNELS,
-    FLUX_VAE_SCALING_FACTOR,
-    FLUX_VAE_SHIFT_FACTOR,
+    tiny_flux_components,
 )
 
 # scheduler/scheduler_config.json of each release (FLUX.1-dev's is the Fill-dev one).
@@ -67,18 +60,6 @@ _FLUX1_OVERRIDES: dict[str, Any] = {
 }
 
 
-def flux_rope_axes(attention_head_dim: int) -> list[int]:
-    """Three even RoPE axes summing to the head dim, split like FLUX's [16, 56, 56] of 128."""
-    if attention_head_dim % 8:
-        raise DiffalignError(
-            f"make-tiny: attention_head_dim must be a multiple of 8 (RoPE axes), got "
-            f"{attention_head_dim}"
-        )
-    axis0 = max(2, 2 * round(attention_head_dim / 16))
-    axis1 = 2 * ((attention_head_dim - axis0) // 4)
-    return [axis0, axis1, attention_head_dim - axis0 - axis1]
-
-
 def build_tiny_flux1_pipeline(
     release: str = "flux-dev",
     seed: int = 0,
@@ -95,81 +76,26 @@ def build_tiny_flux1_pipeline(
     `joint_attention_dim` is the T5 width, `clip_hidden_size` the CLIP width (= the pooled
     projection width, as CLIP-L's 768 in the real model).
     """
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
-    from transformers import CLIPTextModel
+    from diffusers import FluxPipeline
 
     if release not in FLUX1_RELEASES:
         raise DiffalignError(f"unknown FLUX.1 release '{release}' ({', '.join(FLUX1_RELEASES)})")
-    for name, value in (
-        ("num_layers", num_layers),
-        ("num_single_layers", num_single_layers),
-        ("num_attention_heads", num_attention_heads),
-        ("attention_head_dim", attention_head_dim),
-        ("joint_attention_dim", joint_attention_dim),
-        ("clip_hidden_size", clip_hidden_size),
-    ):
-        if int(value) < 1:
-            raise DiffalignError(f"make-tiny: {name} must be a positive integer, got {value}")
-    if clip_hidden_size % 2 or joint_attention_dim % 4:
-        raise DiffalignError(
-            "make-tiny: clip_hidden_size must be even, joint_attention_dim % 4 == 0"
-        )
     _, _, guidance_embeds, scheduler_config = FLUX1_RELEASES[release]
     packed = 4 * FLUX_LATENT_CHANNELS  # 2x2 patches of 16 latent channels: 64, as the real model
-
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=packed,
-        out_channels=None,
-        num_layers=num_layers,
-        num_single_layers=num_single_layers,
-        attention_head_dim=attention_head_dim,
-        num_attention_heads=num_attention_heads,
-        joint_attention_dim=joint_attention_dim,
-        pooled_projection_dim=clip_hidden_size,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=flux_rope_axes(attention_head_dim),
-    )
-
-    torch.manual_seed(seed + 1)
-    clip = CLIPTextModel(tiny_clip_text_config(clip_hidden_size)).eval()
-
-    torch.manual_seed(seed + 2)
-    t5 = tiny_t5_encoder(joint_attention_dim)
-
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 4, 8, 8),  # four blocks: vae_scale_factor 8 as the real VAE
-        layers_per_block=1,
-        latent_channels=FLUX_LATENT_CHANNELS,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=FLUX_VAE_SHIFT_FACTOR,
-        scaling_factor=FLUX_VAE_SCALING_FACTOR,
-        force_upcast=True,
-    ).eval()
-
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=tiny_clip_tokenizer(),
-        text_encoder_2=t5,
-        tokenizer_2=tiny_t5_tokenizer(),
-        transformer=transformer,
+        **tiny_flux_components(
+            seed,
+            in_channels=packed,
+            out_channels=None,
+            guidance_embeds=guidance_embeds,
+            scheduler_config=scheduler_config,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            joint_attention_dim=joint_attention_dim,
+            clip_hidden_size=clip_hidden_size,
+        )
     )
 
 

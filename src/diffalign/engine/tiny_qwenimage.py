@@ -86,7 +86,7 @@ def build_tiny_qwen_image_pipeline(
     )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from diffalign.engine.tiny_flux1 import flux_rope_axes
+    from diffalign.engine.tiny_flux import flux_rope_axes
 
     for name, value in (
         ("num_layers", num_layers),
