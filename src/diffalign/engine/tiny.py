@@ -181,6 +181,30 @@ def tiny_t5_encoder(d_model: int):
     ).eval()
 
 
+def tiny_latent16_vae(seed: int, *, shift_factor: float, scaling_factor: float):
+    """The `AutoencoderKL` of FLUX.1 and SD3.5 in small: four levels (8x downsampling as the real
+    VAEs), 16 latent channels, no quant convs, the release's shift/scale; weights from `seed`."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    ).eval()
+
+
 def tiny_clip_text_config(
     hidden: int,
     *,

@@ -52,28 +52,10 @@ def _positive(**values: Any) -> None:
     {"num_layers": 2, "num_attention_heads": 4, "attention_head_dim": 8, "sample_size": 16},
 )
 def _build_sd35_turbo(out: Path, seed: int, **overrides: Any) -> None:
-    import torch
-    from diffusers import AutoencoderKL
-
-    from diffalign.engine.tiny import build_tiny_sd3_pipeline
+    from diffalign.engine.tiny import build_tiny_sd3_pipeline, tiny_latent16_vae
 
     pipe = build_tiny_sd3_pipeline(seed, qk_norm="rms_norm", **overrides)
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(  # four levels: 8x downsampling as the real SD3.5 VAE
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 4, 8, 8),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=1,
-        sample_size=64,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    ).eval()
+    vae = tiny_latent16_vae(seed + 3, shift_factor=0.0609, scaling_factor=1.5035)
     pipe.register_modules(vae=vae)
     pipe.save_pretrained(out)
     write_model_card(

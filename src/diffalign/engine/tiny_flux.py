@@ -23,6 +23,7 @@ from diffalign.engine.tiny import (
     register_kind,
     tiny_clip_text_config,
     tiny_clip_tokenizer,
+    tiny_latent16_vae,
     tiny_t5_encoder,
     tiny_t5_tokenizer,
 )
@@ -86,7 +87,7 @@ def tiny_flux_components(
     `DiffalignError`; `attention_head_dim` must be divisible by 8 (`flux_rope_axes`).
     """
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     for name, value in (
@@ -126,23 +127,9 @@ def tiny_flux_components(
     torch.manual_seed(seed + 2)
     t5 = tiny_t5_encoder(joint_attention_dim)
 
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 4, 8, 8),  # four blocks: vae_scale_factor 8 as the real VAE
-        layers_per_block=1,
-        latent_channels=FLUX_LATENT_CHANNELS,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=FLUX_VAE_SHIFT_FACTOR,
-        scaling_factor=FLUX_VAE_SCALING_FACTOR,
-        force_upcast=True,
-    ).eval()
+    vae = tiny_latent16_vae(
+        seed + 3, shift_factor=FLUX_VAE_SHIFT_FACTOR, scaling_factor=FLUX_VAE_SCALING_FACTOR
+    )
 
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(**scheduler_config),
