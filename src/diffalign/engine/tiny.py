@@ -181,6 +181,14 @@ def tiny_t5_encoder(d_model: int):
     ).eval()
 
 
+def require_positive(**sizes: Any) -> None:
+    """Raise `DiffalignError` naming the first of a builder's `sizes` below 1 (make-tiny
+    overrides)."""
+    for name, value in sizes.items():
+        if int(value) < 1:
+            raise DiffalignError(f"make-tiny: {name} must be a positive integer, got {value}")
+
+
 def tiny_latent16_vae(seed: int, *, shift_factor: float, scaling_factor: float):
     """The `AutoencoderKL` of FLUX.1 and SD3.5 in small: four levels (8x downsampling as the real
     VAEs), 16 latent channels, no quant convs, the release's shift/scale; weights from `seed`."""
@@ -273,16 +281,14 @@ def build_tiny_sd3_pipeline(
     )
     from transformers import CLIPTextModelWithProjection
 
-    for name, value in (
-        ("num_layers", num_layers),
-        ("num_attention_heads", num_attention_heads),
-        ("attention_head_dim", attention_head_dim),
-        ("joint_attention_dim", joint_attention_dim),
-        ("sample_size", sample_size),
-        ("patch_size", patch_size),
-    ):
-        if int(value) < 1:
-            raise DiffalignError(f"make-tiny: {name} must be a positive integer, got {value}")
+    require_positive(
+        num_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        joint_attention_dim=joint_attention_dim,
+        sample_size=sample_size,
+        patch_size=patch_size,
+    )
     if joint_attention_dim < sum(_CLIP_HIDDEN):
         raise DiffalignError(
             f"make-tiny: joint_attention_dim must be >= {sum(_CLIP_HIDDEN)} (the CLIP widths)"

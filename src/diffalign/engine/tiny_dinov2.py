@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffalign.engine.tiny import register_kind
+from diffalign.engine.tiny import register_kind, require_positive
 
 _OVERRIDES = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16}
 
@@ -51,15 +51,11 @@ def build_tiny_dinov2(
         Dinov2WithRegistersModel,
     )
 
-    from diffalign.engine.errors import DiffalignError
-
-    for name, value in (
-        ("num_layers", num_layers),
-        ("num_attention_heads", num_attention_heads),
-        ("attention_head_dim", attention_head_dim),
-    ):
-        if int(value) < 1:
-            raise DiffalignError(f"make-tiny: {name} must be a positive integer, got {value}")
+    require_positive(
+        num_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+    )
     common: dict[str, Any] = dict(
         hidden_size=num_attention_heads * attention_head_dim,
         num_hidden_layers=num_layers,

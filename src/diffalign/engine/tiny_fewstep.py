@@ -18,8 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffalign.engine.errors import DiffalignError
-from diffalign.engine.tiny import register_kind, tiny_t5_encoder, tiny_t5_tokenizer
+from diffalign.engine.tiny import (
+    register_kind,
+    require_positive,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+)
 
 SD35_TURBO_RELEASE = "stabilityai/stable-diffusion-3.5-large-turbo"
 SANA_SPRINT_RELEASE = "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers"
@@ -34,12 +38,6 @@ def write_model_card(out: str | Path, release: str, title: str, pipeline_class: 
 
     card = release_model_card(title, release, pipeline_class, "few-step generator")
     (Path(out) / MODEL_CARD).write_text(card, encoding="utf-8")
-
-
-def _positive(**values: Any) -> None:
-    for name, value in values.items():
-        if int(value) < 1:
-            raise DiffalignError(f"make-tiny: {name} must be a positive integer, got {value}")
 
 
 # ------------------------------------------------------------------------------ SD3.5 Large Turbo
@@ -90,7 +88,7 @@ def build_tiny_sana_sprint_pipeline(
     from diffusers import AutoencoderDC, SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
     from transformers import Gemma2Config, Gemma2Model
 
-    _positive(
+    require_positive(
         num_layers=num_layers,
         num_attention_heads=num_attention_heads,
         attention_head_dim=attention_head_dim,
@@ -194,7 +192,7 @@ def build_tiny_pixart_dmd_pipeline(
 
     from diffalign.engine.tiny_sd import _tiny_vae
 
-    _positive(
+    require_positive(
         num_layers=num_layers,
         num_attention_heads=num_attention_heads,
         attention_head_dim=attention_head_dim,

@@ -21,6 +21,7 @@ from typing import Any
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.tiny import (
     register_kind,
+    require_positive,
     tiny_clip_text_config,
     tiny_clip_tokenizer,
     tiny_latent16_vae,
@@ -90,16 +91,14 @@ def tiny_flux_components(
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    for name, value in (
-        ("num_layers", num_layers),
-        ("num_single_layers", num_single_layers),
-        ("num_attention_heads", num_attention_heads),
-        ("attention_head_dim", attention_head_dim),
-        ("joint_attention_dim", joint_attention_dim),
-        ("clip_hidden_size", clip_hidden_size),
-    ):
-        if int(value) < 1:
-            raise DiffalignError(f"make-tiny: {name} must be a positive integer, got {value}")
+    require_positive(
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        joint_attention_dim=joint_attention_dim,
+        clip_hidden_size=clip_hidden_size,
+    )
     axes = flux_rope_axes(attention_head_dim)
     if clip_hidden_size % 2 or joint_attention_dim % 4:
         raise DiffalignError(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.tiny import _bytes_to_unicode, register_kind
+from diffalign.engine.tiny import _bytes_to_unicode, register_kind, require_positive
 
 # Qwen/Qwen-Image scheduler/scheduler_config.json
 QWEN_IMAGE_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -88,14 +88,12 @@ def build_tiny_qwen_image_pipeline(
 
     from diffalign.engine.tiny_flux import flux_rope_axes
 
-    for name, value in (
-        ("num_layers", num_layers),
-        ("num_attention_heads", num_attention_heads),
-        ("attention_head_dim", attention_head_dim),
-        ("text_hidden_size", text_hidden_size),
-    ):
-        if int(value) < 1:
-            raise DiffalignError(f"make-tiny: {name} must be a positive integer, got {value}")
+    require_positive(
+        num_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        text_hidden_size=text_hidden_size,
+    )
     if text_hidden_size % 4:
         raise DiffalignError("make-tiny: text_hidden_size must be a multiple of 4")
     tokenizer = tiny_qwen2_tokenizer()
