@@ -33,186 +33,18 @@ _TEXT_PARTS = (
 )
 
 
-class SD3Flow:
-    """SD3 / SD3.5 (`StableDiffusion3Pipeline`, `SD3Transformer2DModel`).
-
-    Latents: `(VAE posterior mean - shift_factor) * scaling_factor`, `[16, R/8, R/8]`. Text: the
-    pipeline's joint embeddings (CLIP-L + CLIP-G zero-padded to the T5 width, 77 tokens, then
-    the T5 tokens) and the pooled CLIP embeddings.
-    """
-
-    name = "sd3"
-
-    @staticmethod
-    def load(
-        model: str,
-        *,
-        dtype: Any = "float32",
-        device: str = "cpu",
-        text: bool = True,
-        single_file_config: str | None = None,
-    ):
-        """The pipeline; `text=False` leaves out the text encoders and tokenizers."""
-        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-        from diffalign.engine.loading import load_pipeline
-
-        pipe = load_pipeline(
-            model,
-            StableDiffusion3Pipeline,
-            "sd3",
-            dtype=dtype,
-            device=device,
-            single_file_config=single_file_config,
-            expect={"transformer": SD3Transformer2DModel},
-            **({} if text else dict.fromkeys(_TEXT_PARTS)),
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    @staticmethod
-    def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
-        factor = int(pipe.vae_scale_factor)
-        multiple = factor * int(pipe.transformer.config.patch_size)
-        if resolution % multiple:
-            raise DiffalignError(
-                f"--resolution {resolution} must be a multiple of {multiple} for this model"
-            )
-        side = resolution // factor
-        return (int(pipe.vae.config.latent_channels), side, side)
-
-    @staticmethod
-    @torch.no_grad()
-    def encode_images(pipe, pixels: torch.Tensor) -> torch.Tensor:
-        """`[B, 3, R, R]` in [-1, 1] -> scaled latents (posterior mean), float32 on the CPU."""
-        vae = pipe.vae
-        p = next(vae.parameters())
-        mean = vae.encode(pixels.to(p.device, p.dtype)).latent_dist.mean.float()
-        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        return ((mean - shift) * float(vae.config.scaling_factor)).cpu()
-
-    @staticmethod
-    @torch.no_grad()
-    def encode_text(
-        pipe, captions: Sequence[str], max_sequence_length: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds `[B, L, D]`, pooled `[B, P]`), float32 on the CPU."""
-        device = next(pipe.transformer.parameters()).device
-        pe, _, pooled, _ = pipe.encode_prompt(
-            prompt=list(captions),
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=False,
-            num_images_per_prompt=1,
-            max_sequence_length=int(max_sequence_length),
-        )
-        return pe.float().cpu(), pooled.float().cpu()
-
-    @staticmethod
-    def image_seq_len(transformer, latent_shape: Sequence[int]) -> int:
-        """Image tokens of a latent `[C, h, w]` (what dynamic time shifting is keyed on)."""
-        p = int(transformer.config.patch_size)
-        return (int(latent_shape[-2]) // p) * (int(latent_shape[-1]) // p)
-
-    @staticmethod
-    def settings(transformer) -> dict[str, Any]:
-        """Family-specific fixed inputs of the velocity (recorded in the run's config)."""
-        return {}
-
-    @staticmethod
-    def check_shapes(transformer, shapes: dict[str, list[int]]) -> list[tuple[str, int, int]]:
-        """(what, cached, needed) for every cached width the transformer does not take."""
-        cfg = transformer.config
-        pairs = {
-            "latent channels": (shapes["latents"][0], int(cfg.in_channels)),
-            "text width": (shapes["prompt_embeds"][-1], int(cfg.joint_attention_dim)),
-            "pooled width": (shapes["pooled"][-1], int(cfg.pooled_projection_dim)),
-        }
-        return [(k, a, b) for k, (a, b) in pairs.items() if a != b]
-
-    @staticmethod
-    def velocity(
-        transformer,
-        xs: torch.Tensor,
-        timestep: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        pooled: torch.Tensor,
-    ) -> torch.Tensor:
-        """The transformer's velocity at `xs` (timestep in the scheduler's 0..1000 units)."""
-        dtype = next(transformer.parameters()).dtype
-        return transformer(
-            hidden_states=xs.to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=prompt_embeds.to(xs.device, dtype),
-            pooled_projections=pooled.to(xs.device, dtype),
-            return_dict=False,
-        )[0]
-
-    @staticmethod
-    @torch.no_grad()
-    def sample(
-        pipe,
-        prompt_embeds: torch.Tensor,
-        pooled: torch.Tensor,
-        negative_embeds: torch.Tensor,
-        negative_pooled: torch.Tensor,
-        *,
-        steps: int,
-        cfg: float,
-        resolution: int,
-        seed: int,
-    ) -> list:
-        """PIL images from cached embeddings (`[1, ...]` each), the pipeline's own sampler."""
-        return pipe(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled,
-            negative_prompt_embeds=negative_embeds,
-            negative_pooled_prompt_embeds=negative_pooled,
-            num_inference_steps=steps,
-            guidance_scale=cfg,
-            height=resolution,
-            width=resolution,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="pil",
-        ).images
-
-
-# ---------------------------------------------------------------------------------------------
-# FLUX.1 and Qwen-Image: 16-channel latents packed 2x2 into tokens
-
-
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """`[B, C, h, w]` -> `[B, (h/2)(w/2), 4C]`: each 2x2 patch a token (channel-major inside)."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of `pack_latents` for latents of size `h x w`."""
-    b, _, d = x.shape
-    x = x.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, h, w)
-
-
-def latent_image_ids(h2: int, w2: int) -> torch.Tensor:
-    """FLUX's image position ids `[h2 * w2, 3]`: (0, row, column) of each packed token."""
-    rows = torch.arange(h2, dtype=torch.float32)[:, None].expand(h2, w2)
-    cols = torch.arange(w2, dtype=torch.float32)[None, :].expand(h2, w2)
-    return torch.stack([torch.zeros(h2, w2), rows, cols], dim=-1).reshape(h2 * w2, 3)
-
-
-class _PackedFlow:
-    """What FLUX.1 and Qwen-Image share: 2x2 packing, latent sizes, the timestep in 0..1, the
-    prompt encoding call, the cached-shape checks and the velocity / sampling calls around each
-    family's own inputs (`_second_store_shape`, `_transformer_inputs`, `_sample_inputs`)."""
+class _FlowFamily:
+    """What every family shares: loading the pipeline (`_classes`, `_text_parts`), the prompt
+    encoding call, the cached-shape checks and the sampling call around each family's own inputs
+    (`_second_store_shape`, `_sample_inputs`)."""
 
     name = ""
     _text_parts: tuple[str, ...] = ()
+    _packing = 1  # transformer input channels per latent channel (4 where 2x2 patches are tokens)
 
     @classmethod
     def _classes(cls) -> tuple[type, type]:
+        """(pipeline class, transformer class)."""
         raise NotImplementedError
 
     @classmethod
@@ -243,82 +75,36 @@ class _PackedFlow:
         return pipe
 
     @staticmethod
-    def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
-        factor = int(pipe.vae_scale_factor)
-        if resolution % (2 * factor):
-            raise DiffalignError(
-                f"--resolution {resolution} must be a multiple of {2 * factor} for this model"
-            )
-        side = resolution // factor
-        channels = int(pipe.transformer.config.in_channels) // 4
-        return (channels, side, side)
-
-    @staticmethod
-    def image_seq_len(transformer, latent_shape: Sequence[int]) -> int:
-        return (int(latent_shape[-2]) // 2) * (int(latent_shape[-1]) // 2)
-
-    @staticmethod
     def settings(transformer) -> dict[str, Any]:
+        """Family-specific fixed inputs of the velocity (recorded in the run's config)."""
         return {}
 
     @staticmethod
-    def _unit_timestep(timestep: torch.Tensor, batch: int, dtype) -> torch.Tensor:
-        """The pipelines' `timestep / 1000` (the transformers scale it back by 1000)."""
-        return (timestep.to(dtype) / 1000).expand(batch)
-
-    @staticmethod
-    def _encode_prompt(pipe, captions: Sequence[str], max_sequence_length: int):
+    def _encode_prompt(pipe, captions: Sequence[str], max_sequence_length: int, **extra: Any):
         """The pipeline's own `encode_prompt` of `captions` on the transformer's device."""
         return pipe.encode_prompt(
             prompt=list(captions),
             device=next(pipe.transformer.parameters()).device,
             num_images_per_prompt=1,
             max_sequence_length=int(max_sequence_length),
+            **extra,
         )
 
     @staticmethod
     def _second_store_shape(cfg, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
-        """{what: (cached, needed)} for the second text store."""
-        raise NotImplementedError
+        """{what: (cached, needed)} for the second text store (pooled CLIP unless overridden)."""
+        return {"pooled width": (shapes["pooled"][-1], int(cfg.pooled_projection_dim))}
 
     @classmethod
     def check_shapes(cls, transformer, shapes: dict[str, list[int]]) -> list[tuple[str, int, int]]:
         """(what, cached, needed) for every cached width the transformer does not take."""
         cfg = transformer.config
         pairs = {
-            "latent channels": (shapes["latents"][0] * 4, int(cfg.in_channels)),
+            "latent channels": (shapes["latents"][0] * cls._packing, int(cfg.in_channels)),
             "text width": (shapes["prompt_embeds"][-1], int(cfg.joint_attention_dim)),
             **cls._second_store_shape(cfg, shapes),
         }
         return [(k, a, b) for k, (a, b) in pairs.items() if a != b]
-
-    @classmethod
-    def _transformer_inputs(
-        cls, transformer, xs: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, dtype
-    ) -> dict[str, Any]:
-        """The family's own transformer inputs besides latents, timestep and text embeddings."""
-        raise NotImplementedError
-
-    @classmethod
-    def velocity(
-        cls,
-        transformer,
-        xs: torch.Tensor,
-        timestep: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        pooled: torch.Tensor,
-    ) -> torch.Tensor:
-        """The velocity at `xs` `[B, C, h, w]` (timestep in 0..1000), unpacked to `xs`' shape."""
-        dtype = next(transformer.parameters()).dtype
-        b, _, h, w = xs.shape
-        out = transformer(
-            hidden_states=pack_latents(xs).to(dtype),
-            timestep=cls._unit_timestep(timestep, b, dtype),
-            encoder_hidden_states=prompt_embeds.to(xs.device, dtype),
-            return_dict=False,
-            **cls._transformer_inputs(transformer, xs, prompt_embeds, pooled, dtype),
-        )[0]
-        return unpack_latents(out, h, w)
 
     @classmethod
     def _sample_inputs(
@@ -361,6 +147,183 @@ class _PackedFlow:
                 pipe, prompt_embeds, pooled, negative_embeds, negative_pooled, cfg
             ),
         ).images
+
+
+class SD3Flow(_FlowFamily):
+    """SD3 / SD3.5 (`StableDiffusion3Pipeline`, `SD3Transformer2DModel`).
+
+    Latents: `(VAE posterior mean - shift_factor) * scaling_factor`, `[16, R/8, R/8]`. Text: the
+    pipeline's joint embeddings (CLIP-L + CLIP-G zero-padded to the T5 width, 77 tokens, then
+    the T5 tokens) and the pooled CLIP embeddings.
+    """
+
+    name = "sd3"
+    _text_parts = _TEXT_PARTS
+
+    @classmethod
+    def _classes(cls):
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline, SD3Transformer2DModel
+
+    @staticmethod
+    def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
+        factor = int(pipe.vae_scale_factor)
+        multiple = factor * int(pipe.transformer.config.patch_size)
+        if resolution % multiple:
+            raise DiffalignError(
+                f"--resolution {resolution} must be a multiple of {multiple} for this model"
+            )
+        side = resolution // factor
+        return (int(pipe.vae.config.latent_channels), side, side)
+
+    @staticmethod
+    @torch.no_grad()
+    def encode_images(pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, R, R]` in [-1, 1] -> scaled latents (posterior mean), float32 on the CPU."""
+        vae = pipe.vae
+        p = next(vae.parameters())
+        mean = vae.encode(pixels.to(p.device, p.dtype)).latent_dist.mean.float()
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        return ((mean - shift) * float(vae.config.scaling_factor)).cpu()
+
+    @classmethod
+    @torch.no_grad()
+    def encode_text(
+        cls, pipe, captions: Sequence[str], max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds `[B, L, D]`, pooled `[B, P]`), float32 on the CPU."""
+        pe, _, pooled, _ = cls._encode_prompt(
+            pipe,
+            captions,
+            max_sequence_length,
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+        )
+        return pe.float().cpu(), pooled.float().cpu()
+
+    @classmethod
+    def _sample_inputs(
+        cls,
+        pipe,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        negative_pooled: torch.Tensor,
+        cfg: float,
+    ) -> dict[str, Any]:
+        """Classifier-free guidance `cfg` against the cached negatives."""
+        return {
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled,
+            "guidance_scale": cfg,
+        }
+
+    @staticmethod
+    def image_seq_len(transformer, latent_shape: Sequence[int]) -> int:
+        """Image tokens of a latent `[C, h, w]` (what dynamic time shifting is keyed on)."""
+        p = int(transformer.config.patch_size)
+        return (int(latent_shape[-2]) // p) * (int(latent_shape[-1]) // p)
+
+    @staticmethod
+    def velocity(
+        transformer,
+        xs: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> torch.Tensor:
+        """The transformer's velocity at `xs` (timestep in the scheduler's 0..1000 units)."""
+        dtype = next(transformer.parameters()).dtype
+        return transformer(
+            hidden_states=xs.to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=prompt_embeds.to(xs.device, dtype),
+            pooled_projections=pooled.to(xs.device, dtype),
+            return_dict=False,
+        )[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.1 and Qwen-Image: 16-channel latents packed 2x2 into tokens
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """`[B, C, h, w]` -> `[B, (h/2)(w/2), 4C]`: each 2x2 patch a token (channel-major inside)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for latents of size `h x w`."""
+    b, _, d = x.shape
+    x = x.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def latent_image_ids(h2: int, w2: int) -> torch.Tensor:
+    """FLUX's image position ids `[h2 * w2, 3]`: (0, row, column) of each packed token."""
+    rows = torch.arange(h2, dtype=torch.float32)[:, None].expand(h2, w2)
+    cols = torch.arange(w2, dtype=torch.float32)[None, :].expand(h2, w2)
+    return torch.stack([torch.zeros(h2, w2), rows, cols], dim=-1).reshape(h2 * w2, 3)
+
+
+class _PackedFlow(_FlowFamily):
+    """What FLUX.1 and Qwen-Image share besides: 2x2 packing, latent sizes, the timestep in 0..1
+    and the velocity call around each family's own inputs (`_transformer_inputs`)."""
+
+    _packing = 4
+
+    @staticmethod
+    def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
+        factor = int(pipe.vae_scale_factor)
+        if resolution % (2 * factor):
+            raise DiffalignError(
+                f"--resolution {resolution} must be a multiple of {2 * factor} for this model"
+            )
+        side = resolution // factor
+        channels = int(pipe.transformer.config.in_channels) // 4
+        return (channels, side, side)
+
+    @staticmethod
+    def image_seq_len(transformer, latent_shape: Sequence[int]) -> int:
+        return (int(latent_shape[-2]) // 2) * (int(latent_shape[-1]) // 2)
+
+    @staticmethod
+    def _unit_timestep(timestep: torch.Tensor, batch: int, dtype) -> torch.Tensor:
+        """The pipelines' `timestep / 1000` (the transformers scale it back by 1000)."""
+        return (timestep.to(dtype) / 1000).expand(batch)
+
+    @classmethod
+    def _transformer_inputs(
+        cls, transformer, xs: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, dtype
+    ) -> dict[str, Any]:
+        """The family's own transformer inputs besides latents, timestep and text embeddings."""
+        raise NotImplementedError
+
+    @classmethod
+    def velocity(
+        cls,
+        transformer,
+        xs: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> torch.Tensor:
+        """The velocity at `xs` `[B, C, h, w]` (timestep in 0..1000), unpacked to `xs`' shape."""
+        dtype = next(transformer.parameters()).dtype
+        b, _, h, w = xs.shape
+        out = transformer(
+            hidden_states=pack_latents(xs).to(dtype),
+            timestep=cls._unit_timestep(timestep, b, dtype),
+            encoder_hidden_states=prompt_embeds.to(xs.device, dtype),
+            return_dict=False,
+            **cls._transformer_inputs(transformer, xs, prompt_embeds, pooled, dtype),
+        )[0]
+        return unpack_latents(out, h, w)
 
 
 class FluxFlow(_PackedFlow):
@@ -406,10 +369,6 @@ class FluxFlow(_PackedFlow):
         """(T5 embeddings `[B, L, D]`, pooled CLIP `[B, P]`), float32 on the CPU."""
         pe, pooled, _ = cls._encode_prompt(pipe, captions, max_sequence_length)
         return pe.float().cpu(), pooled.float().cpu()
-
-    @staticmethod
-    def _second_store_shape(cfg, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
-        return {"pooled width": (shapes["pooled"][-1], int(cfg.pooled_projection_dim))}
 
     @classmethod
     def _transformer_inputs(
