@@ -225,6 +225,29 @@ def test_clip_step_embeddings(data_dir, tiny_model_dir):
     assert json.loads((data_dir / "summary_clip.json").read_text())["shape"] == [4, 77, 32]
 
 
+def test_clip_step_refuses_a_tokenizer_without_its_vocabulary(
+    data_dir, tiny_model_dir, tmp_path, capsys
+):
+    import shutil
+
+    model = tmp_path / "sd15"
+    shutil.copytree(tiny_model_dir("sd15"), model)
+    # the slow layout (vocab.json + merges.txt, as SD 1.5's own folder) without merges.txt: the
+    # component check passes on vocab.json; the line names the missing file (before: "model not
+    # found", from the tokenizer's own error), as the reward loaders do
+    tok = model / "tokenizer"
+    vocab = json.loads((tok / "tokenizer.json").read_text())["model"]["vocab"]
+    (tok / "vocab.json").write_text(json.dumps(vocab))
+    for name in ("merges.txt", "tokenizer.json"):
+        (tok / name).unlink(missing_ok=True)
+    before = sorted(p.name for p in data_dir.iterdir())
+    args = ["repa", "preprocess", "clip", "--data-dir", str(data_dir), "--model", str(model)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no tokenizer vocabulary" in err and "merges.txt" in err
+    assert sorted(p.name for p in data_dir.iterdir()) == before  # nothing written
+
+
 def test_steps_need_the_images_first(tmp_path, capsys):
     for step in ("vae", "dino", "clip"):
         assert main(["repa", "preprocess", step, "--data-dir", str(tmp_path / "none")]) == 2

@@ -766,8 +766,13 @@ def load_text_encoder(model: str, device, dtype: str = "float32"):
     if local and not (Path(resolved.source) / "text_encoder" / "config.json").is_file():
         raise ModelNotFoundError(model, resolved.download_name, "no text_encoder/ in the folder")
     if local:
+        from diffalign.engine.rewards.files import check_tokenizer_files
+
         for name, cls in (("tokenizer", "CLIPTokenizer"), ("text_encoder", "CLIPTextModel")):
             require_component(resolved.source, name, "transformers", cls, resolved.download_name)
+        # without its vocabulary transformers builds an empty tokenizer: every class prompt
+        # would become the same tokens and get the same embedding
+        check_tokenizer_files(Path(resolved.source) / "tokenizer", "bpe", "SD 1.5 tokenizer folder")
     try:
         kw = {"local_files_only": local or hub_offline()}
         tokenizer = CLIPTokenizer.from_pretrained(resolved.source, subfolder="tokenizer", **kw)
