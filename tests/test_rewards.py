@@ -97,6 +97,62 @@ def test_reward_type_and_hybrid_expansion():
     assert expand_spec([("clip", 1.0), ("hybrid", 1.0)]) == [("clip", 1.0025), ("aesthetic", 1.0)]
 
 
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        # hybrid's clip part cancelled: old code built clip with weight 0 (loaded, computed,
+        # multiplied by 0)
+        ("hybrid,clip:-0.0025", "the effective weight of 'clip' is 0 (0.0025 from hybrid:1 + "),
+        ("hybrid:-2,clip:0.005", "the effective weight of 'clip' is 0 ("),
+        ("hybrid:0.3,clip:-0.00075", "the effective weight of 'clip' is "),  # rounding residue
+        ("hybrid,aesthetic:-1", "the effective weight of 'aesthetic' is 0 ("),
+        # every weight 0: the reward was identically 0 (and its gradient too)
+        ("hybrid,aesthetic:-1,clip:-0.0025", "the effective weight of 'aesthetic' is 0 ("),
+        ("hybrid:1e-322", "the effective weight of 'clip' is 0 ("),  # 0.0025 w underflows
+        ("hybrid:1e308,aesthetic:1e308", "the effective weight of 'aesthetic' is inf ("),
+    ],
+)
+def test_degenerate_effective_weights_are_refused(spec, message):
+    with pytest.raises(DiffalignError, match=re.escape(f"--reward '{spec}': {message}")) as e:
+        parse_reward_spec(spec)
+    assert "\n" not in str(e.value)
+    terms = [(n, float(w) if w else 1.0) for n, _, w in (t.partition(":") for t in spec.split(","))]
+    with pytest.raises(DiffalignError, match="the effective weight of"):
+        load_reward(terms)  # a parsed list is checked too, before any model loads
+
+
+@pytest.mark.parametrize("terms", [[("clip", 0.0)], [("clip", float("nan"))]])
+def test_parsed_lists_with_zero_or_nan_weights_are_refused(terms):
+    with pytest.raises(DiffalignError, match="the effective weight of 'clip' is (0|nan) "):
+        load_reward(terms)
+
+
+def test_valid_specs_expand_as_before():
+    assert expand_spec(parse_reward_spec("hybrid,clip:1")) == [("aesthetic", 1.0), ("clip", 1.0025)]
+    assert expand_spec(parse_reward_spec("hybrid,clip:-0.001")) == [
+        ("aesthetic", 1.0),
+        ("clip", 0.0025 - 0.001),
+    ]
+    assert expand_spec(parse_reward_spec("hybrid:-1")) == [("aesthetic", -1.0), ("clip", -0.0025)]
+
+
+def test_cli_refuses_a_cancelled_hybrid_part(tmp_path, capsys):
+    """One line, exit 2, before any model loads (the model does not exist), nothing written."""
+    from diffalign.cli import main
+
+    out = tmp_path / "o"
+    code = main(
+        ["noise", "optimize", "--prompt", "a cat", "--model", str(tmp_path / "no-model")]
+        + ["--reward", "hybrid,clip:-0.0025", "--output-dir", str(out)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(
+        "diffalign: error: --reward 'hybrid,clip:-0.0025': the effective weight of 'clip' is 0 "
+    )
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # preprocessing
 

@@ -39,7 +39,8 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     A bare name has weight 1. Names are case-insensitive (`HPSv2`, `ImageReward`, `PickScore`
     as the download names spell them). An unknown name, a weight that is not a finite number
     or is 0, an empty item or a name given twice is one DiffalignError line listing the valid
-    names.
+    names; so is a reward whose total weight after `hybrid` is expanded is 0 or not finite
+    (`hybrid,clip:-0.0025`, see `expand_spec`).
     `hybrid` stays one item here; `load_reward` expands it to the seed's clip + aesthetic.
     """
     text = str(spec).strip() if spec is not None else ""
@@ -81,6 +82,7 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
             raise DiffalignError(f"--reward '{spec}': '{name}' is listed twice")
         seen.add(name)
         out.append((name, weight))
+    expand_spec(out, spec)  # hybrid's parts merged with explicit terms: each weight non-zero
     return out
 
 
@@ -94,11 +96,41 @@ def reward_type_spec(reward_type: str) -> str:
     return REWARD_TYPES[key]
 
 
-def expand_spec(terms: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    """Replace `hybrid:w` by the seed's `aesthetic:w, clip:0.0025 w` (merging repeated names)."""
+# a total weight within this fraction of its contributions' sizes has cancelled (the rounding
+# residue of `hybrid:3,clip:-0.0075` is ~1e-18, not a weight anyone meant)
+_CANCELLED = 1e-9
+
+
+def _parts(name: str) -> tuple[tuple[str, float], ...]:
+    return HYBRID_TERMS if name == "hybrid" else ((name, 1.0),)
+
+
+def expand_spec(terms: list[tuple[str, float]], spec: str | None = None) -> list[tuple[str, float]]:
+    """Replace `hybrid:w` by the seed's `aesthetic:w, clip:0.0025 w` (merging repeated names).
+
+    Every resulting weight must be a finite non-zero number. A hybrid part cancelled by an
+    explicit term (`hybrid,clip:-0.0025` -> clip 0, computed for nothing), a product that
+    overflows (inf) or underflows (0), or a 0 / NaN weight in a parsed list is one
+    DiffalignError line naming the component and its weight (and `spec`, else the terms).
+    """
     merged: dict[str, float] = {}
+    size: dict[str, float] = {}  # sum of |contribution|: what "cancelled" is relative to
+    sources: dict[str, list[str]] = {}
     for name, weight in terms:
-        parts = HYBRID_TERMS if name == "hybrid" else ((name, 1.0),)
-        for part, w in parts:
+        for part, w in _parts(name):
             merged[part] = merged.get(part, 0.0) + weight * w
+            size[part] = size.get(part, 0.0) + abs(weight * w)
+            sources.setdefault(part, []).append(f"{weight * w:g} from {name}:{weight:g}")
+    for part, weight in merged.items():
+        finite = math.isfinite(weight) and math.isfinite(size[part])
+        if finite and abs(weight) > _CANCELLED * size[part]:
+            continue
+        label = spec if spec is not None else ",".join(f"{n}:{w:g}" for n, w in terms)
+        shown = f"{weight:g}" if not finite or weight == 0 else f"{weight:g}, i.e. 0"
+        effect = "change nothing" if finite else "not be a finite number"
+        raise DiffalignError(
+            f"--reward '{label}': the effective weight of '{part}' is {shown} "
+            f"({' + '.join(sources[part])}), so its term would {effect}; give each reward "
+            "a finite non-zero total weight or leave it out"
+        )
     return list(merged.items())
