@@ -207,3 +207,56 @@ def test_make_triptychs_jsonl_and_bad_inputs(tmp_path, capsys):
     (src / "ex0_target.png").unlink()
     with pytest.raises(DiffalignError, match="'ex0' has no target image"):
         find_panel_sets(src)
+
+
+def test_make_triptychs_max_panel_size(tmp_path, capsys):
+    """Native panels above --max-panel-size are resized down to it (old code kept any size);
+    a --panel-size above it is one error line, nothing written."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, size in (("big", 64), ("ok", 48)):
+        for k, role in enumerate(("visible", "target", "semantic")):
+            _img(size, size, seed=k).save(src / f"{name}_{role}.png")
+        (src / f"{name}.txt").write_text(name)
+    out = tmp_path / "out"
+    argv = ["fill", "make-triptychs", "--input", str(src), "--output-dir", str(out)]
+    assert main([*argv, "--keep-size", "--max-panel-size", "48"]) == 0
+    assert "resized 1 triples with panels above --max-panel-size down to 48px" in (
+        capsys.readouterr().out
+    )
+    for name in ("big", "ok"):
+        assert Image.open(out / "images" / f"{name}.png").size == (144, 48)
+    # the big target panel is PIL's bicubic resize of the input, the 48 px one is untouched
+    big = np.asarray(Image.open(out / "images" / "big.png"))
+    ref = _img(64, 64, seed=1).resize((48, 48), Image.Resampling.BICUBIC)
+    assert np.array_equal(big[:, 48:96], np.asarray(ref))
+    ok = np.asarray(Image.open(out / "images" / "ok.png"))
+    assert np.array_equal(ok[:, 48:96], np.asarray(_img(48, 48, seed=1)))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["max_panel_size"] == 48 and summary["resized_down"] == 1
+
+    for extra, message in (
+        (["--panel-size", "64", "--max-panel-size", "48"], "--panel-size 64 is above "
+         "--max-panel-size 48 (default 1024, FLUX.1's resolution); raise --max-panel-size"),
+        (["--max-panel-size", "40"], "--max-panel-size must be a positive multiple of 16"),
+    ):  # fmt: skip
+        o2 = tmp_path / "o2"
+        assert main(["fill", "make-triptychs", "--input", str(src), "--out", str(o2), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not o2.exists()
+
+
+def test_make_triptychs_default_max_panel_size_is_flux_resolution(tmp_path, capsys):
+    from diffalign.fill.data import MAX_PANEL_SIZE
+
+    assert MAX_PANEL_SIZE == 1024
+    with pytest.raises(SystemExit):
+        main(["fill", "make-triptychs", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--max_panel_size MAX_PANEL_SIZE largest panel side" in help_text
+    assert f"(default: {MAX_PANEL_SIZE}, FLUX.1's resolution" in help_text
+    src = _triples(tmp_path / "in", n=1, size=1040)  # divisible by 16, above 1024
+    summary = make_triptychs(src, tmp_path / "out", panel_size=None)
+    assert Image.open(tmp_path / "out" / "images" / "ex0.png").size == (3072, 1024)
+    assert summary["resized_down"] == 1

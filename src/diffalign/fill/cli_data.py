@@ -41,7 +41,16 @@ def register(verbs) -> None:
         "--keep-size",
         action="store_true",
         help="keep the images' native size instead of resizing to --panel-size "
-        "(must then be square and divisible by 16)",
+        "(must then be square and divisible by 16; panels above --max-panel-size are resized "
+        "down to it)",
+    )
+    p.add_argument(
+        "--max-panel-size",
+        type=positive_int,
+        default=1024,  # fill.data.MAX_PANEL_SIZE (not imported: the CLI stays light)
+        help="largest panel side, a multiple of 16: a larger --panel-size is an error, larger "
+        "native panels with --keep-size are resized down to it (default: %(default)s, "
+        "FLUX.1's resolution: a 1024 x 2048 diptych, a 3072 x 1024 triptych)",
     )
     p.add_argument(
         "--center-crop",
@@ -81,9 +90,15 @@ def _run_make_triptychs(args) -> int:
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
         prompt_field=args.prompt_field,
+        max_panel_size=args.max_panel_size,
     )
     for item in summary["skipped_items"]:
         print(f"skipped {item['name']}: {item['reason']}")
+    if summary["resized_down"]:
+        print(
+            f"resized {summary['resized_down']} triples with panels above --max-panel-size "
+            f"down to {summary['max_panel_size']}px"
+        )
     print(
         f"wrote {summary['written']} triptychs ({summary['panel_size']}px panels) to "
         f"{summary['out']}; {summary['skipped']} skipped"

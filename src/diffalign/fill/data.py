@@ -34,6 +34,10 @@ from diffalign.engine.reports import pil_to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PANEL_MULTIPLE = 16  # VAE factor 8 x FLUX 2x2 packing
+# FLUX.1's resolution: its scheduler's shift is calibrated up to 4096 image tokens (1024 x
+# 1024 px) and FluxFillPipeline defaults to 1024; a 1024 panel already makes a 1024 x 2048
+# diptych (8192 tokens, 2 MP) and a 3072 x 1024 triptych. Larger panels only cost memory.
+MAX_PANEL_SIZE = 1024
 DEFAULT_CAPTIONS = "captions.jsonl"
 ROLES = ("visible", "target", "semantic")
 
@@ -349,14 +353,33 @@ def _square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + s, top + s))
 
 
+def check_max_panel_size(panel_size: int | None, max_panel_size: int) -> None:
+    """`max_panel_size` must be a positive multiple of 16 and `panel_size` (if any) within it."""
+    if max_panel_size < PANEL_MULTIPLE or max_panel_size % PANEL_MULTIPLE:
+        raise DiffalignError(
+            f"--max-panel-size must be a positive multiple of {PANEL_MULTIPLE}, "
+            f"got {max_panel_size}"
+        )
+    if panel_size is not None and panel_size > max_panel_size:
+        raise DiffalignError(
+            f"--panel-size {panel_size} is above --max-panel-size {max_panel_size} (default "
+            f"{MAX_PANEL_SIZE}, FLUX.1's resolution); raise --max-panel-size to allow it"
+        )
+
+
 def check_panel_sizes(
-    sizes: Sequence[tuple[int, int]], panel_size: int | None, crop: bool = False
+    sizes: Sequence[tuple[int, int]],
+    panel_size: int | None,
+    crop: bool = False,
+    max_panel_size: int = MAX_PANEL_SIZE,
 ) -> int:
     """The output panel side for three input `(width, height)` sizes, or a DiffalignError.
 
-    Unequal sizes, non-square panels without `crop`, or (with `panel_size=None`, keeping the
-    native size) a side not divisible by 16 are errors.
+    Unequal sizes, non-square panels without `crop`, a `panel_size` above `max_panel_size`, or
+    (with `panel_size=None`, keeping the native size) a side not divisible by 16 are errors. A
+    native side above `max_panel_size` gives `max_panel_size` (the panels are resized down).
     """
+    check_max_panel_size(panel_size, max_panel_size)
     if len(set(sizes)) != 1:
         desc = ", ".join(f"{r} {w}x{h}" for r, (w, h) in zip(ROLES, sizes))
         raise DiffalignError(f"panels of unequal size ({desc})")
@@ -367,6 +390,8 @@ def check_panel_sizes(
         w = min(w, h)
     if panel_size is not None:
         return panel_size
+    if w > max_panel_size:
+        return max_panel_size
     if w % PANEL_MULTIPLE:
         raise DiffalignError(
             f"panel size {w} is not divisible by {PANEL_MULTIPLE} (pass --panel-size to resize)"
@@ -375,11 +400,15 @@ def check_panel_sizes(
 
 
 def build_triptych(
-    images: Sequence[Image.Image], panel_size: int | None, crop: bool = False
+    images: Sequence[Image.Image],
+    panel_size: int | None,
+    crop: bool = False,
+    max_panel_size: int = MAX_PANEL_SIZE,
 ) -> Image.Image:
     """Three equally sized panels -> one `[visible | target | semantic]` image of
-    `panel_size`-sided panels (`None`: the native size); checks as `check_panel_sizes`."""
-    side = check_panel_sizes([im.size for im in images], panel_size, crop)
+    `panel_size`-sided panels (`None`: the native size, at most `max_panel_size`); checks as
+    `check_panel_sizes`."""
+    side = check_panel_sizes([im.size for im in images], panel_size, crop, max_panel_size)
     out = Image.new("RGB", (3 * side, side))
     for i, im in enumerate(images):
         im = _square(im.convert("RGB"))
@@ -399,12 +428,15 @@ def make_triptychs(
     skip_bad: bool = False,
     overwrite: bool = False,
     prompt_field: str = "prompt",
+    max_panel_size: int = MAX_PANEL_SIZE,
 ) -> dict[str, Any]:
     """Write `out/images/NAME.png` triptychs, `out/captions.jsonl` and `out/summary.json`.
 
     Everything is checked before anything is written unless `skip_bad` (then bad triples are
     reported and counted in the summary). Each file is written atomically; the output folder is
-    locked for the run; an existing `captions.jsonl` is kept unless `overwrite`.
+    locked for the run; an existing `captions.jsonl` is kept unless `overwrite`. A `panel_size`
+    above `max_panel_size` is an error; with `panel_size=None` (native size) larger panels are
+    resized down to `max_panel_size` and counted (`summary["resized_down"]`).
     """
     from diffalign.engine.io import atomic_path, output_lock, write_json
     from diffalign.engine.progress import progress
@@ -414,6 +446,7 @@ def make_triptychs(
         raise DiffalignError(
             f"--panel-size must be a positive multiple of {PANEL_MULTIPLE}, got {panel_size}"
         )
+    check_max_panel_size(panel_size, max_panel_size)
     out = Path(out)
     sets = find_panel_sets(source, ROLES, prompt_field)
     with output_lock(out):
@@ -423,7 +456,7 @@ def make_triptychs(
                 f"{captions_path} exists; pass --overwrite to rebuild the triptychs in {out}"
             )
         # Check every triple first (headers only), so a bad input fails before any write.
-        good, skipped = [], []
+        good, skipped, resized_down = [], [], 0  # resized_down: native panels above the max
         for s in sets:
             try:
                 prompt = s.prompt or default_prompt
@@ -440,20 +473,21 @@ def make_triptychs(
                         raise DiffalignError(
                             f"'{s.name}': cannot read {role} image {path} ({type(e).__name__})"
                         ) from None
-                check_panel_sizes(sizes, panel_size, crop)
+                side = check_panel_sizes(sizes, panel_size, crop, max_panel_size)
             except DiffalignError as e:
                 if not skip_bad:
                     raise
                 skipped.append({"name": s.name, "reason": str(e)})
                 continue
-            good.append((s, prompt))
+            good.append((s, prompt, panel_size is None and min(sizes[0]) > side))
         if not good:
             raise DiffalignError(f"no usable triples in {source} ({len(skipped)} bad)")
         (out / "images").mkdir(parents=True, exist_ok=True)
         records = []
-        for s, prompt in progress(good, desc="triptychs"):
+        for s, prompt, too_big in progress(good, desc="triptychs"):
             try:
-                image = build_triptych([load_rgb(s.paths[r]) for r in ROLES], panel_size, crop)
+                images = [load_rgb(s.paths[r]) for r in ROLES]
+                image = build_triptych(images, panel_size, crop, max_panel_size)
             except DiffalignError as e:
                 if not skip_bad:
                     raise
@@ -461,6 +495,7 @@ def make_triptychs(
                 continue
             rel = f"images/{s.name}.png"
             save_image(out / rel, image)
+            resized_down += too_big
             records.append({"image": rel, "prompt": prompt, "name": s.name})
         with atomic_path(captions_path) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -468,6 +503,8 @@ def make_triptychs(
             "input": str(source),
             "out": str(out),
             "panel_size": panel_size if panel_size is not None else "native",
+            "max_panel_size": max_panel_size,
+            "resized_down": resized_down,
             "written": len(records),
             "skipped": len(skipped),
             "skipped_items": skipped,
