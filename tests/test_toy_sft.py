@@ -109,3 +109,58 @@ def test_em_cycles(setup):
         max_steps=3, progress=False, write_plots=False,
     )  # fmt: skip
     assert s2["final_generator"] == s["final_generator"]
+
+
+def _cycle_tensors(folder, k):
+    from diffalign.engine.io import load_tensors
+
+    files = sorted((folder / f"cycle-{k:03d}" / "assign" / "samples").glob("*/noise.safetensors"))
+    return [load_tensors(f)[0] for f in files]
+
+
+def test_em_draws_fresh_base_noise_each_cycle_and_resumes_exactly(setup, tmp_path, monkeypatch):
+    """Cycle k's E-step draws its base noises with seed + 1000 k (`noise em`'s `cycle_seed`; old
+    code reused cycle 0's); a run killed in cycle 1's E-step resumes to the same files."""
+    import diffalign.noise.toy.assignment as toy_assignment
+    from diffalign.engine.io import load_tensors
+    from diffalign.noise.assign import base_noise
+
+    root, data = setup
+    kw = dict(data=data.subset(range(6)), num_cycles=2, assign_steps=2, max_steps=2, seed=3)
+    kw.update(progress=False, write_plots=False)
+    straight = em(root / "base", tmp_path / "straight", **kw)
+    c0, c1 = _cycle_tensors(tmp_path / "straight", 0), _cycle_tensors(tmp_path / "straight", 1)
+    assert len(c0) == len(c1) == 6
+    for i, (a, b) in enumerate(zip(c0, c1)):
+        assert not torch.equal(a["base_noise"], b["base_noise"])
+        shape = tuple(a["base_noise"].shape)
+        assert torch.equal(a["base_noise"], base_noise([i], shape, 3)[0])  # cycle 0: seed
+        assert torch.equal(b["base_noise"], base_noise([i], shape, 1003)[0])  # 3 + 1000 x 1
+    cfg = json.loads((tmp_path / "straight/cycle-001/assign/assign_config.json").read_text())
+    assert cfg["seed"] == 1003
+
+    real = toy_assignment._finish_item
+
+    def killed(output_dir, writer, item, *args):
+        if "cycle-001" in str(output_dir) and item == 4:
+            raise KeyboardInterrupt  # a kill in the middle of cycle 1's E-step
+        return real(output_dir, writer, item, *args)
+
+    monkeypatch.setattr(toy_assignment, "_finish_item", killed)
+    with pytest.raises(KeyboardInterrupt):
+        em(root / "base", tmp_path / "resumed", **kw)
+    assert len(_cycle_tensors(tmp_path / "resumed", 1)) == 4
+    monkeypatch.undo()
+    resumed = em(root / "base", tmp_path / "resumed", **kw)
+    for a, b in zip(c1, _cycle_tensors(tmp_path / "resumed", 1), strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    final = [load_tensors(s["final_generator"])[0] for s in (straight, resumed)]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])
+
+
+def test_em_refuses_a_seed_that_a_later_cycle_would_overflow(setup, tmp_path):
+    root, data = setup
+    with pytest.raises(DiffalignError, match="got 9223372036854775000 with 2 cycles"):
+        em(root / "base", tmp_path / "em", data=data, num_cycles=2, seed=2**63 - 808)
+    assert not (tmp_path / "em" / "cycle-000").exists()

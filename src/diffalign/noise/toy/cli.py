@@ -299,7 +299,8 @@ def register(verbs) -> None:
         "em",
         help="EM loop: assign (E) with the current model, then matched SFT (M), repeated",
         description="Each cycle writes OUTPUT_DIR/cycle-NNN/{assign,sft}; the next cycle starts "
-        "from the last checkpoint. Re-running resumes (finished cycles are kept).",
+        "from the last checkpoint. Cycle k assigns fresh base noise with seed --seed + 1000 k "
+        "(as `noise em`). Re-running resumes (finished cycles are kept).",
     )
     _generator_option(p)
     _data_options(p, None)

@@ -7,8 +7,11 @@ starts from ``cycle-NNN/sft/checkpoint-final``. The preserve loss of every M-ste
 against the generator the loop started from (or `base_ckpt`), so the cycles do not drift away
 from the base one small step at a time. A finished cycle is skipped when the loop is re-run
 (its assignment resumes item by item, an unfinished M-step from its last checkpoint, written
-every `checkpoint_every` steps). Every E-step starts from the same per-item base noise
-(same `seed`); only the orthogonal ``Q`` is re-optimised for the current generator.
+every `checkpoint_every` steps). The E-step of cycle ``k`` draws fresh per-item base noise
+with seed ``seed + 1000 k`` (`diffalign.noise.em.cycle_seed`, as `noise em` and the seed's
+`run_em_latent_matched_sft` do; cycle 0 uses ``seed``, as a plain `noise toy assign`) and
+optimises its orthogonal ``Q`` for the current generator; the seed is recorded in the cycle's
+``assign/assign_config.json``, so a resumed run draws the same noises as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ def em(
     if resume not in ("latest", "restart"):
         raise DiffalignError(f"--resume must be latest or restart, got {resume!r}")
     _check_settings(lr, batch_size, preserve_weight, l1_weight)  # before the first E-step
+    from diffalign.noise.em import cycle_seed
+
+    if not 0 <= int(seed) or cycle_seed(seed, num_cycles - 1) > 2**63 - 1:  # before cycle 0
+        raise DiffalignError(
+            f"--seed must be between 0 and 2**63 - 1 - 1000 x (num_cycles - 1) (cycle k draws "
+            f"its base noise with seed + 1000 k), got {seed} with {num_cycles} cycles"
+        )
     out = Path(output_dir)
     anchor = resolve_weights(base_ckpt if base_ckpt is not None else generator_ckpt)
     current = resolve_weights(generator_ckpt)
@@ -114,7 +124,7 @@ def _em_cycles(
     checkpoint_every,
     resume,
 ) -> dict:
-    from diffalign.noise.em import em_cycles
+    from diffalign.noise.em import cycle_seed, em_cycles
     from diffalign.noise.toy.assignment import assign
     from diffalign.noise.toy.finetune import sft
 
@@ -131,7 +141,7 @@ def _em_cycles(
             patch_size=patch_size,
             parametrization=parametrization,
             l1_weight=l1_weight,
-            seed=seed,  # the same base noises every cycle; only Q is re-optimised
+            seed=cycle_seed(seed, k),  # fresh base noises every cycle, as `noise em`
             data=data,
             desc=f"E-step {k}",
             write_plots=write_plots,
