@@ -104,7 +104,7 @@ def test_reward_type_and_hybrid_expansion():
         # multiplied by 0)
         ("hybrid,clip:-0.0025", "the effective weight of 'clip' is 0 (0.0025 from hybrid:1 + "),
         ("hybrid:-2,clip:0.005", "the effective weight of 'clip' is 0 ("),
-        ("hybrid:0.3,clip:-0.00075", "the effective weight of 'clip' is "),  # rounding residue
+        ("hybrid:1.1,clip:-0.00275", "the effective weight of 'clip' is 4.33681e-19, i.e. 0 ("),
         ("hybrid,aesthetic:-1", "the effective weight of 'aesthetic' is 0 ("),
         # every weight 0: the reward was identically 0 (and its gradient too)
         ("hybrid,aesthetic:-1,clip:-0.0025", "the effective weight of 'aesthetic' is 0 ("),

@@ -97,7 +97,7 @@ def reward_type_spec(reward_type: str) -> str:
 
 
 # a total weight within this fraction of its contributions' sizes has cancelled (the rounding
-# residue of `hybrid:3,clip:-0.0075` is ~1e-18, not a weight anyone meant)
+# residue of `hybrid:1.1,clip:-0.00275` is 4e-19, not a weight anyone meant)
 _CANCELLED = 1e-9
 
 
