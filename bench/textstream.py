@@ -167,14 +167,13 @@ def forward_overhead(args) -> dict:
             t: torch.stack([r, *(random_rotation() for _ in range(3))])
             for t, r in rotations.items()
         }
-        variants[f"ln_rot_4bkt_cc_{len(targets)}"] = TextStreamResidual(
+        variants[f"ln_rot_4bkt_{len(targets)}"] = TextStreamResidual(
             origin,
             targets,
             [0.5],
             mode="ln",
             rotations=bucketed,
             timestep_bucket_edges=equal_bucket_edges(4),
-            column_center=True,
         )
     # issue 18's speed options on the same LN + rotation residual (`TextStreamResidual` doc)
     ln = f"ln_rot_{len(targets)}_targets"

@@ -113,7 +113,7 @@ def test_compiled_residual_forward_equals_eager():
 
 def test_bucketed_rotations_keep_the_per_target_path_under_batched_rotation():
     """With timestep buckets each row may take another rotation: `batched_rotation` falls back to
-    the per-target GEMMs (the same result bit for bit); column centring and tensor weights too."""
+    the per-target GEMMs (the same result bit for bit); tensor weights too."""
     from diffalign.textstream.rotations import equal_bucket_edges
 
     tr = make_transformer("sd3")
@@ -126,7 +126,7 @@ def test_bucketed_rotations_keep_the_per_target_path_under_batched_rotation():
     def res(**kw):
         return TextStreamResidual(
             0, TARGETS, torch.tensor([0.6, 0.4, 0.2]), mode="ln", rotations=rots,
-            timestep_bucket_edges=equal_bucket_edges(2), column_center=True, **kw,
+            timestep_bucket_edges=equal_bucket_edges(2), **kw,
         )  # fmt: skip
 
     ref = _forward(tr, inputs, res())

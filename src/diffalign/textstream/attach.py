@@ -43,7 +43,6 @@ from diffalign.textstream.residual import (
     MODES,
     ROTATION_PRECISIONS,
     bucket_index,
-    column_center,
     compiled_mix_rescale,
     compute_dtype,
     gemm_dtype,
@@ -80,8 +79,8 @@ class TextStreamResidual:
     call time. mode: "plain" or "ln". rotations: `{layer: [d, d] orthogonal}` (or `[N, d, d]`,
     one per timestep bucket, with `timestep_bucket_edges`) for every target, or the
     `RotationSet` that `load_rotations` returns ("ln" only). layernorm: a parameter-free
-    LayerNorm on the mix ("ln" only). column_center: centre the standardised origin tokens'
-    feature columns over the sequence before rotating (for files calibrated with --col-center).
+    LayerNorm on the mix ("ln" only). A file calibrated with column centring (--col-center) is
+    applied like any other: the centring is part of the calibration only (`residual` doc).
     Speed (issue 18, "ln" only; the defaults are the reference arithmetic): rotation_precision
     "model" runs the rotation GEMM in the model's dtype when it is half precision (fp32 models:
     unchanged); batched_rotation computes every target's rotated origin in one GEMM when the
@@ -99,7 +98,6 @@ class TextStreamResidual:
         layernorm: bool = False,
         eps: float = 1e-6,
         timestep_bucket_edges: Sequence[float] | None = None,
-        column_center: bool = False,
         rotation_precision: str = "fp32",
         batched_rotation: bool = False,
         compile: bool = False,
@@ -134,7 +132,6 @@ class TextStreamResidual:
             raise DiffalignError(f"eps must be a positive number (got {eps!r})")
         self.eps = float(eps)
         self.layernorm = bool(layernorm)
-        self.column_center = bool(column_center)
         if rotation_precision not in ROTATION_PRECISIONS:
             raise DiffalignError(
                 f"rotation precision must be one of {', '.join(ROTATION_PRECISIONS)} "
@@ -150,8 +147,6 @@ class TextStreamResidual:
             )
         if mode == "plain" and self.layernorm:
             raise DiffalignError("--residual-layernorm needs --residual-mode ln")
-        if mode == "plain" and self.column_center:
-            raise DiffalignError("--col-center needs --residual-mode ln")
         self.timestep_bucket_edges: list[float] | None = None
         if timestep_bucket_edges is not None:
             self.timestep_bucket_edges = check_bucket_edges(timestep_bucket_edges)
@@ -231,7 +226,6 @@ class TextStreamResidual:
             self.rotation(layer, bucket),
             layernorm=self.layernorm,
             eps=self.eps,
-            center_origin=self.column_center,
         )
 
     def attach(self, transformer: torch.nn.Module) -> AttachedResidual:
@@ -256,7 +250,6 @@ class TextStreamResidual:
                 if self.timestep_bucket_edges is not None
                 else {}
             ),
-            **({"column_center": True} if self.column_center else {}),
             **({"procrustes": dict(self.source)} if self.source else {}),
             **self.speed_settings(),
         }
@@ -382,8 +375,6 @@ class AttachedResidual:
         if res.mode == "ln":
             dtype = text.dtype
             text = standardize(text.to(compute_dtype(text)), res.eps)[0]
-            if res.column_center:
-                text = column_center(text)
             if res.batched_rotation and res.rotations and res.num_buckets == 1:
                 layers, stacked = self._stacked_on(text.device)
                 gemm = gemm_dtype(dtype, res.rotation_precision)
@@ -474,8 +465,8 @@ def build_residual(
     Returns None when the feature is off (no targets). With `procrustes_path`: mode defaults to
     "ln" ("plain" is an error), origin and targets default to the file's, and the file's
     rotation size (and, with `family`, its model family) must fit the model. `column_center`
-    True needs a file calibrated with column centring; `timestep_buckets` (if given) must equal
-    the file's bucket count.
+    True checks that the file was calibrated with column centring (it does not change the mix:
+    `residual` doc); `timestep_buckets` (if given) must equal the file's bucket count.
     """
     if isinstance(target_layers, str):
         target_layers = parse_int_list(target_layers, "--residual-target-layers")
@@ -552,7 +543,6 @@ def build_residual(
         layernorm=layernorm,
         eps=eps,
         timestep_bucket_edges=edges,
-        column_center=bool(column_center),
     )
     res.check_model(num_layers, feature_dim)
     res.source = source

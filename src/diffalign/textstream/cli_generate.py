@@ -189,8 +189,9 @@ def _add_common(
     r.add_argument(
         "--col-center",
         action="store_true",
-        help="centre the standardised origin tokens' columns over the prompt's tokens before "
-        "the rotation (needs a rotation file calibrated with --col-center)",
+        help="check that the rotation file was calibrated with --col-center (refused "
+        "otherwise); the file is applied as any other, no centring at generation (the "
+        "method authors' generation code)",
     )
 
 

@@ -90,7 +90,7 @@ class ResidualConfig:
     mode: str | None = None
     procrustes_path: str | None = None
     layernorm: bool = False
-    col_center: bool = False  # centre origin columns; needs a file calibrated with --col-center
+    col_center: bool = False  # check: the rotation file was calibrated with --col-center
 
 
 @dataclass

@@ -10,8 +10,10 @@ LN + rescale (+ rotation) mode (seed 000), per token over the feature axis:
     m                     = layer_norm(m, eps)      # optional, no affine parameters
     out                   = m * std_t + mean_t
 
-With column centring (issue 15, files calibrated with `--col-center`) the standardised origin
-tokens are centred over the sequence's tokens before the rotation: `o_norm -= mean_tokens(o_norm)`.
+Column centring (`--col-center`, issue 15) belongs to calibration only (`procrustes`): a file
+calibrated with it is applied as above, to the row-standardised origin with no centring, as the
+method's authors' generation code does (Yaoyuxuanyyds/Training-free-Residual-SD3 at e9d7900:
+Flux-Residual/flux_transformer_res.py `_apply_residual`; the files hold no column means).
 With timestep buckets, `R` is the rotation of the bucket the current timestep falls in
 (`bucket_index`). `w` may be a tensor (learned weights): the mix is differentiable in it.
 
@@ -52,11 +54,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def column_center(x: torch.Tensor) -> torch.Tensor:
-    """Centre each feature column over the tokens (axis -2): `x - mean_tokens(x)`."""
-    return x - x.mean(dim=-2, keepdim=True)
-
-
 def bucket_index(timesteps: torch.Tensor, edges) -> torch.Tensor:
     """Bucket of each timestep for increasing `edges` `[N + 1]`: bucket b holds
     `edges[b] <= t < edges[b + 1]`; timesteps below or above the edges go to the end buckets."""
@@ -81,12 +78,11 @@ def residual_mix(
     rotation: torch.Tensor | None = None,
     layernorm: bool = False,
     eps: float = 1e-6,
-    center_origin: bool = False,
 ) -> torch.Tensor:
     """Mix the origin text tokens into the target text tokens (spec T), `[..., n, d]` each.
 
     `mode` is "plain" or "ln"; `rotation` (a `[d, d]` orthogonal matrix, or `[B, d, d]` one per
-    batch row), `layernorm` and `center_origin` apply to "ln" mode only. Returns a tensor of
+    batch row) and `layernorm` apply to "ln" mode only. Returns a tensor of
     `target`'s shape and dtype.
     """
     if mode not in MODES:
@@ -98,14 +94,10 @@ def residual_mix(
         )
     compute = compute_dtype(target)
     if mode == "plain":
-        if rotation is not None or layernorm or center_origin:
-            raise DiffalignError(
-                "rotations, --residual-layernorm and --col-center need mode 'ln', not 'plain'"
-            )
+        if rotation is not None or layernorm:
+            raise DiffalignError("rotations and --residual-layernorm need mode 'ln', not 'plain'")
         return _scaled_add(target.to(compute), origin.to(compute), weight).to(target.dtype)
     origin_norm = standardize(origin.to(compute), eps)[0]
-    if center_origin:
-        origin_norm = column_center(origin_norm)
     return ln_mix(target, origin_norm, weight, rotation, layernorm, eps)
 
 
