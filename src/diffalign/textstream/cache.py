@@ -408,8 +408,7 @@ def _encode_batch(
         ok.append(p)
         latents.append(record)
     encoded = sum(1 for image in here if memory.get(image) is None)
-    for image, record in here.items():
-        memory.keep(image, record)
+    memory.keep(here)
     if not ok:
         return [], failed, 0
     pe, pooled = flow.encode_text(pipe, [p.caption for p in ok], msl)
@@ -458,14 +457,16 @@ class LatentMemory:
     def get(self, image: str) -> bytes | None:
         return self._held.get(image)
 
-    def keep(self, image: str, record: bytes) -> None:
-        """Hold `record` of `image` if a later step needs it (called at every use)."""
-        nxt = self._next_use(image)
-        if nxt is None or self._capacity == 0:
-            self._held.pop(image, None)
-            return
-        self._held[image] = record
-        heapq.heappush(self._ahead, (-nxt, image))
+    def keep(self, records: dict[str, bytes]) -> None:
+        """After the step `now`: hold the records (image -> bytes) of the images it used that a
+        later step needs, then drop the ones needed farthest ahead beyond `capacity`."""
+        for image, record in records.items():
+            nxt = self._next_use(image)
+            if nxt is None or self._capacity == 0:
+                self._held.pop(image, None)
+                continue
+            self._held[image] = record
+            heapq.heappush(self._ahead, (-nxt, image))
         while len(self._held) > self._capacity:
             neg, far = heapq.heappop(self._ahead)
             if far in self._held and self._next_use(far) == -neg:
