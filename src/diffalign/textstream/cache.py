@@ -33,9 +33,10 @@ so a killed run finished by a re-run, a straight run and an N-process run hold t
 
 COCO has about five captions per image: each process VAE-encodes a distinct image once and
 keeps its latent record (`LatentMemory`, up to `latent_memory_mb`) for its later batches that
-need the image again. An image's latent never depends on the batch it is encoded in (the VAE's
-float result does depend on the batch size and position on CPU and GPU, so it is encoded alone),
-which keeps the records independent of what was reused, resumed or sharded.
+need the image again. An image is encoded alone, so its latent never depends on the batch it
+falls in (the VAE's float result does: on the CPU it changes with the batch size, and with
+several threads with the position in the batch), which keeps the records independent of what
+was reused, resumed or sharded.
 """
 
 from __future__ import annotations
