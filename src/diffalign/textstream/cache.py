@@ -10,7 +10,9 @@ Layout of a cache folder (every LMDB record fp16, key = the pair's id):
     pairs.jsonl                 {"id", "caption", "image"} per pair, in dataset order
     latents.lmdb/               [C, R/f, R/f] normalised VAE posterior mean, unpacked:
                                 SD3, FLUX.1: (mean - shift_factor) * scaling_factor;
-                                Qwen-Image: (mean - latents_mean) / latents_std (per channel)
+                                Qwen-Image: (mean - latents_mean) / latents_std (per channel);
+                                each image encoded on its own (a batch of one), so all its
+                                captions hold the same bytes
     prompt_embeds.lmdb/         [L, D] the pipeline's text embeddings (SD3: CLIP-L + CLIP-G
                                 zero-padded to the T5 width, 77 tokens, then the T5 tokens;
                                 FLUX.1: the T5 tokens; Qwen-Image: Qwen2.5-VL tokens zero-padded
@@ -28,16 +30,25 @@ Work is split in fixed batches of `batch_size` pairs (batch k = pairs k*B .. k*B
 `accelerate launch` rank r encodes batches r, r+N, ... and rank 0 writes every rank's records.
 A re-run skips the batches whose records are all present and recomputes any other batch whole,
 so a killed run finished by a re-run, a straight run and an N-process run hold the same records.
+
+COCO has about five captions per image: each process VAE-encodes a distinct image once and
+keeps its latent record (`LatentMemory`, up to `latent_memory_mb`) for its later batches that
+need the image again. An image is encoded alone, so its latent never depends on the batch it
+falls in (the VAE's float result does: on the CPU it changes with the batch size, and with
+several threads with the position in the batch), which keeps the records independent of what
+was reused, resumed or sharded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import os
 import shutil
 import time
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +139,7 @@ def build_cache(
     device: str | None = None,
     overwrite: bool = False,
     single_file_config: str | None = None,
+    latent_memory_mb: float = 1024,
 ) -> dict:
     """Encode every pair of `dataset` into the cache folder `output_dir` (module docstring);
     returns the summary (also `summary.json`, written by rank 0)."""
@@ -145,6 +157,8 @@ def build_cache(
     ):
         if int(value) < 1:
             raise DiffalignError(f"{name} must be at least 1 (got {value})")
+    if not math.isfinite(latent_memory_mb) or latent_memory_mb < 0:
+        raise DiffalignError(f"--latent-memory-mb must be a number >= 0 (got {latent_memory_mb})")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
@@ -175,6 +189,7 @@ def build_cache(
             state=state,
             device=device,
             single_file_config=single_file_config,
+            latent_memory_mb=float(latent_memory_mb),
             started=started,
         )
 
@@ -252,6 +267,7 @@ def _build_locked(
     state,
     device: str | None,
     single_file_config: str | None,
+    latent_memory_mb: float,
     started: float,
 ) -> dict:
     import contextlib
@@ -295,8 +311,15 @@ def _build_locked(
 
     world, rank = state.num_processes, state.process_index
     rounds = math.ceil(len(todo) / world)
+    mine = [todo[r * world + rank] if r * world + rank < len(todo) else None for r in range(rounds)]
+    record_mb = math.prod(shapes[LATENTS]) * 2 / 2**20  # one fp16 latent record
+    memory = LatentMemory(
+        _image_uses([batches[k] if k is not None else [] for k in mine]),
+        capacity=int(latent_memory_mb / record_mb),
+    )
     failures: list[dict] = []
     written = 0
+    encoded_images = 0
     meta = {"kind": "textstream_cache", "resolution": job["resolution"]}
     with contextlib.ExitStack() as stack:
         writers = None
@@ -309,14 +332,20 @@ def _build_locked(
                 for name, t in ((PROMPT_EMBEDS, empty_pe[0]), (POOLED, empty_pooled[0])):
                     writers[name].put(EMPTY_KEY, t)
         bar = progress(total=len(todo), desc="cache", unit="batch")
-        for r in range(rounds):
-            k = todo[r * world + rank] if r * world + rank < len(todo) else None
+        for r, k in enumerate(mine):
             records: list[tuple[str, str, bytes]] = []
             failed: list[dict] = []
+            encoded = 0
             if k is not None:
-                records, failed = _encode_batch(flow, pipe, batches[k], job["resolution"], msl)
-            for part_records, part_failed in _gather_to_main(state, (records, failed)):
+                memory.now = r
+                records, failed, encoded = _encode_batch(
+                    flow, pipe, batches[k], job["resolution"], msl, memory
+                )
+            for part_records, part_failed, part_encoded in _gather_to_main(
+                state, (records, failed, encoded)
+            ):
                 failures.extend(part_failed)
+                encoded_images += part_encoded
                 if writers is not None:
                     for store, key, record in part_records:
                         writers[store].put_record(key, record)
@@ -335,6 +364,7 @@ def _build_locked(
             "skipped_no_caption": pair_set.skipped_no_caption,
             "already_present": len(pairs) - sum(len(batches[k]) for k in todo),
             "written": written,
+            "images_encoded": encoded_images,
             "failed": len(failures),
             "failures": failures[:100],
             "shapes": {k: list(v) for k, v in shapes.items()},
@@ -355,27 +385,93 @@ def _batches_to_do(out: Path, shapes: dict, batches: list) -> list[int]:
     return [k for k, b in enumerate(batches) if not all(p.id in done for p in b)]
 
 
-def _encode_batch(flow, pipe, batch, resolution: int, msl: int) -> tuple[list, list[dict]]:
-    """Records `(store, key, bytes)` of one batch and its failures (a bad image is skipped)."""
+def _encode_batch(
+    flow, pipe, batch, resolution: int, msl: int, memory: LatentMemory | None = None
+) -> tuple[list, list[dict], int]:
+    """Records `(store, key, bytes)` of one batch, its failures (a bad image is skipped) and the
+    number of images VAE-encoded: each distinct image once, none that `memory` holds."""
     from diffalign.engine.lmdb_store import tensor_to_record
 
-    ok, pixels, failed = [], [], []
+    memory = memory if memory is not None else LatentMemory({}, capacity=0)
+    ok, latents, failed = [], [], []
+    here: dict[str, bytes] = {}  # this batch's images, whatever the memory keeps
     for p in batch:
-        try:
-            pixels.append(_load_pixels(p, resolution))
-            ok.append(p)
-        except DiffalignError as e:
-            failed.append({"id": p.id, "image": str(p.image), "error": str(e)})
+        image = str(p.image)
+        record = here.get(image) or memory.get(image)
+        if record is None:
+            try:
+                pixels = _load_pixels(p, resolution)
+            except DiffalignError as e:
+                failed.append({"id": p.id, "image": image, "error": str(e)})
+                continue
+            record = tensor_to_record(flow.encode_images(pipe, pixels[None])[0])
+        here[image] = record
+        ok.append(p)
+        latents.append(record)
+    encoded = sum(1 for image in here if memory.get(image) is None)
+    memory.keep(here)
     if not ok:
-        return [], failed
-    latents = flow.encode_images(pipe, torch.stack(pixels))
+        return [], failed, 0
     pe, pooled = flow.encode_text(pipe, [p.caption for p in ok], msl)
     records = []
     for i, p in enumerate(ok):
-        records.append((LATENTS, p.id, tensor_to_record(latents[i])))
+        records.append((LATENTS, p.id, latents[i]))
         records.append((PROMPT_EMBEDS, p.id, tensor_to_record(pe[i])))
         records.append((POOLED, p.id, tensor_to_record(pooled[i])))
-    return records, failed
+    return records, failed, encoded
+
+
+def _image_uses(schedule: Sequence[Sequence[Any]]) -> dict[str, list[int]]:
+    """Image path -> the steps (indices into `schedule`, a list of batches) that need it."""
+    uses: dict[str, list[int]] = {}
+    for step, batch in enumerate(schedule):
+        for p in batch:
+            steps = uses.setdefault(str(p.image), [])
+            if not steps or steps[-1] != step:
+                steps.append(step)
+    return uses
+
+
+class LatentMemory:
+    """Latent records of images that later steps of this process need again.
+
+    `uses[image]` lists the steps needing `image` (sorted); `now` is the current step. A record
+    is kept while a later step needs it, at most `capacity` of them: when full, the one needed
+    farthest ahead is dropped (Belady's rule; it is encoded again when its step comes).
+    """
+
+    def __init__(self, uses: dict[str, list[int]], capacity: int):
+        self.now = 0
+        self._uses = uses
+        self._capacity = max(0, int(capacity))
+        self._held: dict[str, bytes] = {}
+        self._ahead: list[tuple[int, str]] = []  # (-next use, image); stale entries skipped
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def _next_use(self, image: str) -> int | None:
+        steps = self._uses.get(image, ())
+        i = bisect_right(steps, self.now)
+        return steps[i] if i < len(steps) else None
+
+    def get(self, image: str) -> bytes | None:
+        return self._held.get(image)
+
+    def keep(self, records: dict[str, bytes]) -> None:
+        """After the step `now`: hold the records (image -> bytes) of the images it used that a
+        later step needs, then drop the ones needed farthest ahead beyond `capacity`."""
+        for image, record in records.items():
+            nxt = self._next_use(image)
+            if nxt is None or self._capacity == 0:
+                self._held.pop(image, None)
+                continue
+            self._held[image] = record
+            heapq.heappush(self._ahead, (-nxt, image))
+        while len(self._held) > self._capacity:
+            neg, far = heapq.heappop(self._ahead)
+            if far in self._held and self._next_use(far) == -neg:
+                del self._held[far]
 
 
 def _gather_to_main(state, obj: Any) -> list[Any]:

@@ -80,6 +80,14 @@ def register(verbs) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="start the cache over (default: resume it)"
     )
+    p.add_argument(
+        "--latent-memory-mb",
+        type=nonneg_float,
+        default=1024,
+        help="memory per process for the latents of images that later captions need again "
+        "(each image is VAE-encoded once while it fits; 0: once per batch) (default: "
+        "%(default)s)",
+    )
     p.set_defaults(func=_run_cache)
 
     p = verbs.add_parser(
@@ -266,11 +274,13 @@ def _run_cache(args) -> int:
         device=args.device,
         overwrite=args.overwrite,
         single_file_config=args.single_file_config,
+        latent_memory_mb=args.latent_memory_mb,
     )
     if is_main_process():
         print(
-            f"cache {args.output_dir}: {summary['pairs']} pairs, {summary['written']} encoded, "
-            f"{summary['already_present']} already there, {summary['failed']} failed"
+            f"cache {args.output_dir}: {summary['pairs']} pairs, {summary['written']} encoded "
+            f"({summary['images_encoded']} images), {summary['already_present']} already there, "
+            f"{summary['failed']} failed"
         )
     return 0
 
