@@ -56,12 +56,12 @@ from timing import clock_label, interleaved_times, summarize  # noqa: E402
 # bf16 keeps 8 significant bits: rounding to bf16 moves a value x by up to 2**-8 |x|
 BF16_ROUNDING = 2.0**-8
 OUTPUT_DIFF_METRIC = (
-    "max |variant - reference| over every element of the transformer output, same weights and "
-    "inputs; bf16_units = that / (2**-8 * max |reference|), i.e. in units of the bf16 rounding "
-    "of the reference's largest element; fp32_reference: the reference against the same model "
-    "and residual run in float32 (how far running the model in its dtype moves the output; "
-    "absent for a float32 model); within_bf16_rounding: bf16_units <= max(1, fp32_reference's "
-    "bf16_units)"
+    "max_abs: max |variant - reference| over every element of the transformer output, same "
+    "weights and inputs (mean_abs: the mean of |variant - reference|); bf16_units: max_abs / "
+    "(2**-8 * max |reference|), in units of the bf16 rounding of the reference's largest "
+    "element; fp32_reference: the reference against the same model and residual run in float32 "
+    "(how far running the model in its dtype moves the output; null for a float32 model); "
+    "within_bf16_rounding: bf16_units <= max(1, fp32_reference's bf16_units)"
 )
 
 
@@ -266,23 +266,22 @@ def forward_overhead(args) -> dict:
     }
 
 
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max())
-
-
 def output_differences(tr, inputs: dict, variants: dict, reference: str, names: list[str]) -> dict:
     """How far each speed variant's transformer output is from the reference variant's, on the
     same inputs (`OUTPUT_DIFF_METRIC`), and how far the reference is from itself in float32."""
 
     def output(res, model=tr, feed=inputs) -> torch.Tensor:
         with torch.no_grad(), res.attach(model):
-            return model(**feed, return_dict=False)[0].detach()
+            return model(**feed, return_dict=False)[0].detach().double()
 
     ref = output(variants[reference])
-    unit = BF16_ROUNDING * float(ref.double().abs().max())
+    unit = BF16_ROUNDING * float(ref.abs().max())
 
-    def entry(diff: float) -> dict:
-        return {"max_abs": diff, "bf16_units": diff / unit if unit > 0 else float("inf")}
+    def entry(out: torch.Tensor) -> dict:
+        diff = (out - ref).abs()
+        top = float(diff.max())
+        units = top / unit if unit > 0 else (0.0 if top == 0 else None)  # None: all-zero output
+        return {"max_abs": top, "mean_abs": float(diff.mean()), "bf16_units": units}
 
     fp32 = None
     dtype = next(tr.parameters()).dtype
@@ -291,19 +290,20 @@ def output_differences(tr, inputs: dict, variants: dict, reference: str, names: 
         tr.to(torch.float32)
         try:
             feed = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
-            fp32 = entry(max_abs_diff(output(variants[reference], tr, feed), ref))
+            fp32 = entry(output(variants[reference], tr, feed))
         finally:
             tr.to(dtype)
-    bound = max(1.0, fp32["bf16_units"]) if fp32 else 1.0
+    bound = max(1.0, (fp32 or {}).get("bf16_units") or 0.0)
     out = {}
     for name in names:
-        e = entry(max_abs_diff(output(variants[name]), ref))
-        out[name] = {**e, "within_bf16_rounding": e["bf16_units"] <= bound}
+        e = entry(output(variants[name]))
+        within = e["bf16_units"] is not None and e["bf16_units"] <= bound
+        out[name] = {**e, "within_bf16_rounding": within}
     return {
         "metric": OUTPUT_DIFF_METRIC,
         "reference": reference,
-        "reference_max_abs_output": float(ref.double().abs().max()),
-        "reference_repeat_max_abs": max_abs_diff(output(variants[reference]), ref),
+        "reference_max_abs_output": float(ref.abs().max()),
+        "reference_repeat_max_abs": entry(output(variants[reference]))["max_abs"],
         "fp32_reference": fp32,
         "variants": out,
     }
@@ -466,6 +466,10 @@ def calibration_memory(sample_counts: list[int], model: str = "sd3") -> list[dic
     return rows
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shape and few repetitions")
@@ -601,7 +605,7 @@ def main(argv=None) -> int:
             fp32 = diff["fp32_reference"]
             ref32 = (
                 f"; {diff['reference']} vs float32: {fp32['max_abs']:.3g} "
-                f"({fp32['bf16_units']:.3g} bf16 units)"
+                f"({_num(fp32['bf16_units'])} bf16 units)"
                 if fp32
                 else ""
             )
@@ -611,7 +615,7 @@ def main(argv=None) -> int:
             )
             for name, e in diff["variants"].items():
                 ok = "within bf16 rounding" if e["within_bf16_rounding"] else "NOT within"
-                print(f"  {name:<40} {e['max_abs']:>10.3g} {e['bf16_units']:>8.3g}  {ok}")
+                print(f"  {name:<40} {e['max_abs']:>10.3g} {_num(e['bf16_units']):>8}  {ok}")
 
     if not args.skip_memory:
         counts = [
