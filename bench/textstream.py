@@ -287,12 +287,16 @@ def output_differences(tr, inputs: dict, variants: dict, reference: str, names: 
     dtype = next(tr.parameters()).dtype
     if dtype != torch.float32:
         # bf16/fp16 -> float32 -> back is exact: the timed model is unchanged afterwards
-        tr.to(torch.float32)
         try:
+            tr.to(torch.float32)
             feed = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
             fp32 = entry(output(variants[reference], tr, feed))
+        except torch.OutOfMemoryError:  # a model too large for its float32 copy on the card
+            print("output_diff: no float32 reference (out of memory)", file=sys.stderr)
         finally:
             tr.to(dtype)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     bound = max(1.0, (fp32 or {}).get("bf16_units") or 0.0)
     out = {}
     for name in names:

@@ -11,9 +11,9 @@ Variants, on an SD3-shaped `SD3Transformer2DModel` (random weights, frozen):
   `ln_rot` = LN + rotation on every block from 2 to the last (origin 0), `plain_late` = plain
   mode on the last quarter of the blocks (the backward stops at the first target).
 
-Repetitions are interleaved (each round in a fresh random order), medians and the median of
-per-round ratios to the baseline are reported. On CPU the clock is the thread's CPU time with one
-torch thread (robust on a shared machine); on CUDA wall time with synchronisation.
+Repetitions are interleaved (each round in a fresh random order; bench/timing.py), medians and
+the median of per-round ratios to the baseline are reported. On CPU the clock is the thread's CPU
+time with one torch thread (robust on a shared machine); on CUDA wall time with synchronisation.
 
     python bench/textstream_weights.py [--quick] [--sd3-medium] [--json results.json]
 """
