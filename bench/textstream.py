@@ -4,10 +4,19 @@
    vanilla, residual attached but off (no targets), plain residual on one target, and LN +
    Procrustes rotation on every block from 2 to the last, and that residual with issue 18's
    speed options (rotation GEMM in the model's dtype, one batched GEMM for all targets, the
-   compiled standardise-mix-rescale, all three; warm-up rounds absorb the compile). Repetitions are interleaved
-   (each round in a fresh random order) so machine noise hits every variant alike; medians,
-   ratios to vanilla and the median of per-round ratios are reported. On CPU the clock is the
-   thread's CPU time with one torch thread (robust on a shared machine). Goal: overhead < 3%.
+   compiled standardise-mix-rescale, all three; warm-up rounds absorb the compile). Repetitions
+   are interleaved (each round in a fresh random order, bench/timing.py) so machine noise hits
+   every variant alike; medians, ratios to vanilla and the median of per-round ratios are
+   reported. On CPU the clock is the thread's CPU time with one torch thread (robust on a shared
+   machine). Goal: overhead < 3%.
+   `output_diff`: how far each speed variant's transformer output is from the reference LN +
+   rotation variant's on the same inputs: max |variant - reference| over all elements, and that
+   in bf16 units, max |variant - reference| / (2**-8 * max |reference|) (2**-8: bf16's relative
+   rounding; one unit is the rounding of the reference's largest element). Beside it the
+   reference against the same model and residual in float32 (`fp32_reference`, for a bf16/fp16
+   model: how far the model's own dtype moves the output). A variant is `within_bf16_rounding`
+   when its bf16 units are at most max(1, fp32_reference's); bench/rows.py reports the `_all`
+   variant only then.
 2. Peak memory of calibration (`calibrate()` on a tiny pipeline, pure-noise x_t) as the number
    of samples grows: the streaming float64 accumulator against a naive variant that stores all
    tokens and solves at the end. Each run is a fresh subprocess (after a 1-sample warm-up);
@@ -29,10 +38,9 @@ timestep buckets and column centring; the memory part calibrates a tiny FLUX.1-d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +49,20 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py
+from timing import clock_label, interleaved_times, summarize  # noqa: E402
+
+# bf16 keeps 8 significant bits: rounding to bf16 moves a value x by up to 2**-8 |x|
+BF16_ROUNDING = 2.0**-8
+OUTPUT_DIFF_METRIC = (
+    "max_abs: max |variant - reference| over every element of the transformer output, same "
+    "weights and inputs (mean_abs: the mean of |variant - reference|); bf16_units: max_abs / "
+    "(2**-8 * max |reference|), in units of the bf16 rounding of the reference's largest "
+    "element; fp32_reference: the reference against the same model and residual run in float32 "
+    "(how far running the model in its dtype moves the output; null for a float32 model); "
+    "within_bf16_rounding: bf16_units <= max(1, fp32_reference's bf16_units)"
+)
 
 
 def build_transformer(layers: int, heads: int, head_dim: int, image_tokens: int, device, dtype):
@@ -70,6 +92,7 @@ def build_flux_transformer(
 ) -> torch.nn.Module:
     from diffusers import FluxTransformer2DModel
 
+    import diffalign.engine.tiny  # noqa: F401  (first: tiny_flux alone is a circular import)
     from diffalign.engine.tiny_flux import flux_rope_axes
 
     wide = heads * head_dim >= 1536
@@ -190,52 +213,39 @@ def forward_overhead(args) -> dict:
                 origin, targets, [0.5], mode="ln", rotations=rotations, **kw
             )
 
-    # On CPU the clock is the calling thread's CPU time with one torch thread: on a shared
-    # machine, time slices lost to other processes then do not count. On GPU: wall time.
-    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    # interleaved rounds; the clock: thread CPU time on CPU, synchronised wall time on CUDA
+    # (bench/timing.py); each residual is attached only while its variant runs
+    def forward() -> None:
+        with torch.no_grad():
+            tr(**inputs, return_dict=False)
 
-    def timed(res) -> float:
-        handle = res.attach(tr) if res is not None else None
-        try:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = clock()
-            with torch.no_grad():
-                tr(**inputs, return_dict=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return clock() - start
-        finally:
-            if handle is not None:
-                handle.detach()
+    def setup(name: str):
+        res = variants[name]
+        return res.attach(tr) if res is not None else contextlib.nullcontext()
 
-    names = list(variants)
-    for _ in range(args.warmup):
-        for name in names:
-            timed(variants[name])
-    times: dict[str, list[float]] = {n: [] for n in names}
-    rng = random.Random(0)
-    for _ in range(args.reps):
-        order = names[:]
-        rng.shuffle(order)  # interleaved, in a fresh order each round
-        for name in order:
-            times[name].append(timed(variants[name]))
-    base = statistics.median(times["vanilla"])
+    times = interleaved_times(
+        {name: forward for name in variants},
+        reps=args.reps,
+        warmup=args.warmup,
+        device=device,
+        setup=setup,
+    )
+    stats = summarize(times, "vanilla")
     rows = {}
-    for name in names:
-        med = statistics.median(times[name])
-        # per-round ratio to that round's vanilla time: robust to slow drifts of a shared machine
-        paired = statistics.median(a / b for a, b in zip(times[name], times["vanilla"]))
+    for name, st in stats.items():
         rows[name] = {
-            "median_s": med,
-            "ratio": med / base,
-            "overhead_pct": 100 * (med / base - 1),
-            "paired_ratio": paired,
-            "paired_overhead_pct": 100 * (paired - 1),
-            "min_s": min(times[name]),
+            "median_s": st["median_s"],
+            "ratio": st["ratio"],
+            "overhead_pct": 100 * (st["ratio"] - 1),
+            # per-round ratio to that round's vanilla time: robust to a shared machine's drifts
+            "paired_ratio": st["paired_ratio"],
+            "paired_overhead_pct": 100 * (st["paired_ratio"] - 1),
+            "min_s": st["min_s"],
             "times_s": times[name],
-            "reps": len(times[name]),
+            "reps": st["reps"],
         }
+    speed_names = [f"{ln}_{name}" for name in speed if f"{ln}_{name}" in variants]
+    diffs = output_differences(tr, inputs, variants, ln, speed_names) if speed_names else None
     return {
         "shape": {
             "model": args.model,
@@ -248,9 +258,57 @@ def forward_overhead(args) -> dict:
             "batch": args.batch,
             "dtype": args.dtype,
             "device": str(device),
-            "clock": "wall" if device.type == "cuda" else "thread CPU time, 1 torch thread",
+            "clock": clock_label(device),
         },
         "variants": rows,
+        **({"output_diff": diffs} if diffs is not None else {}),
+    }
+
+
+def output_differences(tr, inputs: dict, variants: dict, reference: str, names: list[str]) -> dict:
+    """How far each speed variant's transformer output is from the reference variant's, on the
+    same inputs (`OUTPUT_DIFF_METRIC`), and how far the reference is from itself in float32."""
+
+    def output(res, model=tr, feed=inputs) -> torch.Tensor:
+        with torch.no_grad(), res.attach(model):
+            return model(**feed, return_dict=False)[0].detach().double()
+
+    ref = output(variants[reference])
+    unit = BF16_ROUNDING * float(ref.abs().max())
+
+    def entry(out: torch.Tensor) -> dict:
+        diff = (out - ref).abs()
+        top = float(diff.max())
+        units = top / unit if unit > 0 else (0.0 if top == 0 else None)  # None: all-zero output
+        return {"max_abs": top, "mean_abs": float(diff.mean()), "bf16_units": units}
+
+    fp32 = None
+    dtype = next(tr.parameters()).dtype
+    if dtype != torch.float32:
+        # bf16/fp16 -> float32 -> back is exact: the timed model is unchanged afterwards
+        try:
+            tr.to(torch.float32)
+            feed = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
+            fp32 = entry(output(variants[reference], tr, feed))
+        except torch.OutOfMemoryError:  # a model too large for its float32 copy on the card
+            print("output_diff: no float32 reference (out of memory)", file=sys.stderr)
+        finally:
+            tr.to(dtype)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    bound = max(1.0, (fp32 or {}).get("bf16_units") or 0.0)
+    out = {}
+    for name in names:
+        e = entry(output(variants[name]))
+        within = e["bf16_units"] is not None and e["bf16_units"] <= bound
+        out[name] = {**e, "within_bf16_rounding": within}
+    return {
+        "metric": OUTPUT_DIFF_METRIC,
+        "reference": reference,
+        "reference_max_abs_output": float(ref.abs().max()),
+        "reference_repeat_max_abs": entry(output(variants[reference]))["max_abs"],
+        "fp32_reference": fp32,
+        "variants": out,
     }
 
 
@@ -411,6 +469,10 @@ def calibration_memory(sample_counts: list[int], model: str = "sd3") -> list[dic
     return rows
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shape and few repetitions")
@@ -541,6 +603,22 @@ def main(argv=None) -> int:
                 f"  {name:<40} {1000 * row['median_s']:>10.1f} {row['ratio']:>8.4f} "
                 f"{row['overhead_pct']:>8.2f}% {row['paired_overhead_pct']:>8.2f}%"
             )
+        diff = fwd.get("output_diff")
+        if diff:
+            fp32 = diff["fp32_reference"]
+            ref32 = (
+                f"; {diff['reference']} vs float32: {fp32['max_abs']:.3g} "
+                f"({_num(fp32['bf16_units'])} bf16 units)"
+                if fp32
+                else ""
+            )
+            print(
+                f"  output vs {diff['reference']} (max abs; bf16 units = / (2**-8 max |ref|), "
+                f"max |ref| {diff['reference_max_abs_output']:.3g}{ref32}):"
+            )
+            for name, e in diff["variants"].items():
+                ok = "within bf16 rounding" if e["within_bf16_rounding"] else "NOT within"
+                print(f"  {name:<40} {e['max_abs']:>10.3g} {_num(e['bf16_units']):>8}  {ok}")
 
     if not args.skip_memory:
         counts = [

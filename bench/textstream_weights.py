@@ -11,9 +11,9 @@ Variants, on an SD3-shaped `SD3Transformer2DModel` (random weights, frozen):
   `ln_rot` = LN + rotation on every block from 2 to the last (origin 0), `plain_late` = plain
   mode on the last quarter of the blocks (the backward stops at the first target).
 
-Repetitions are interleaved (each round in a fresh random order), medians and the median of
-per-round ratios to the baseline are reported. On CPU the clock is the thread's CPU time with one
-torch thread (robust on a shared machine); on CUDA wall time with synchronisation.
+Repetitions are interleaved (each round in a fresh random order; bench/timing.py), medians and
+the median of per-round ratios to the baseline are reported. On CPU the clock is the thread's CPU
+time with one torch thread (robust on a shared machine); on CUDA wall time with synchronisation.
 
     python bench/textstream_weights.py [--quick] [--sd3-medium] [--json results.json]
 """
@@ -21,13 +21,15 @@ torch thread (robust on a shared machine); on CUDA wall time with synchronisatio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import random
-import statistics
-import time
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py
+from timing import clock_label, interleaved_times, summarize  # noqa: E402
 
 
 def build_transformer(layers: int, heads: int, head_dim: int, image_tokens: int, device, dtype):
@@ -134,46 +136,14 @@ def run(args) -> dict:
     for name, res in setups.items():
         variants[name], weight_modules[name] = weights_step(res)
 
-    clock = time.perf_counter if device.type == "cuda" else time.thread_time
-
-    def timed(name: str) -> float:
+    def setup(name: str):
         res = setups.get(name)  # the residual is attached only while its variant runs
-        handle = res.attach(tr) if res is not None else None
-        try:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = clock()
-            variants[name]()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return clock() - start
-        finally:
-            if handle is not None:
-                handle.detach()
+        return res.attach(tr) if res is not None else contextlib.nullcontext()
 
-    names = list(variants)
-    for _ in range(args.warmup):
-        for name in names:
-            timed(name)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    rng = random.Random(0)
-    for _ in range(args.reps):
-        order = names[:]
-        rng.shuffle(order)
-        for name in order:
-            times[name].append(timed(name))
-    base = statistics.median(times["frozen_fwd_bwd"])
-    rows = {}
-    for name in names:
-        med = statistics.median(times[name])
-        paired = statistics.median(a / b for a, b in zip(times[name], times["frozen_fwd_bwd"]))
-        rows[name] = {
-            "median_s": med,
-            "ratio": med / base,
-            "paired_ratio": paired,
-            "min_s": min(times[name]),
-            "reps": len(times[name]),
-        }
+    times = interleaved_times(
+        variants, reps=args.reps, warmup=args.warmup, device=device, setup=setup
+    )
+    rows = summarize(times, "frozen_fwd_bwd")
     return {
         "shape": {
             "layers": args.layers,
@@ -184,7 +154,7 @@ def run(args) -> dict:
             "dtype": args.dtype,
             "device": str(device),
             "gradient_checkpointing": args.gradient_checkpointing,
-            "clock": "wall" if device.type == "cuda" else "thread CPU time, 1 torch thread",
+            "clock": clock_label(device),
         },
         "load_average_start": load_start,
         "variants": rows,

@@ -48,6 +48,69 @@ def test_make_row_has_the_required_keys_and_computes_met():
         rows.make_row("fill_step", device="x", value=float("nan"), repeats=[], command="c")
 
 
+def _textstream_bench(all_within: bool | None) -> dict:
+    """bench/textstream.py's JSON shape: the reference, its speed variants, their output diff."""
+
+    def timing(overhead: float) -> dict:
+        return {"overhead_pct": overhead, "times_s": [1 + overhead / 100] * 3}
+
+    ref = "ln_rot_22_targets"
+    res = {
+        "machine": {"device": "cuda", "cuda": "NVIDIA H200"},
+        "forward": {
+            "shape": {"model": "sd3", "dtype": "bfloat16"},
+            "variants": {
+                "vanilla": timing(0.0),
+                "plain_1_target": timing(0.2),
+                ref: timing(6.5),
+                f"{ref}_batched": timing(3.0),
+                f"{ref}_all": timing(0.8),
+            },
+        },
+    }
+    if all_within is not None:
+        units = 0.4 if all_within else 9.0
+        res["forward"]["output_diff"] = {
+            "metric": "max |variant - reference| ...",
+            "reference": ref,
+            "fp32_reference": {"max_abs": 0.05, "bf16_units": 2.5},
+            "variants": {
+                f"{ref}_all": {
+                    "max_abs": units * 0.02,
+                    "bf16_units": units,
+                    "within_bf16_rounding": all_within,
+                }
+            },
+        }
+    return res
+
+
+def test_textstream_row_reports_every_speed_option_when_its_output_is_within_bf16_rounding():
+    row = rows.row_textstream(_textstream_bench(True), "c", version_info={})
+    d = row["details"]
+    assert row["value"] == pytest.approx(0.8) and row["met"] is True
+    assert row["repeats"] == [1.008] * 3
+    assert d["variant"] == "ln_rot_22_targets_all" and "ln_rot_22_targets_all" in row["metric"]
+    assert d["reference_variant"] == "ln_rot_22_targets"
+    assert d["reference_overhead_pct"] == pytest.approx(6.5)
+    assert d["output_diff"]["bf16_units"] == pytest.approx(0.4)
+    assert d["fp32_reference"]["bf16_units"] == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("all_within", [False, None])
+def test_textstream_row_falls_back_to_the_reference_arithmetic(all_within):
+    # the fast variant's output too far from the reference's, or no difference measured
+    res = _textstream_bench(all_within)
+    row = rows.row_textstream(res, "c", version_info={})
+    assert row["details"]["variant"] == "ln_rot_22_targets"
+    assert row["metric"].endswith("variant ln_rot_22_targets")
+    assert row["value"] == pytest.approx(6.5) and row["met"] is False
+    assert (row["details"]["output_diff"] is None) == (all_within is None)
+    # no reference variant at all (e.g. only the plain residual measured): no row
+    del res["forward"]["variants"]["ln_rot_22_targets"]
+    assert rows.row_textstream(res, "c", version_info={}) is None
+
+
 def test_rows_from_bench_outputs_one_file_per_measured_row(tmp_path):
     src = tmp_path / "gpu-out"
     src.mkdir()
