@@ -14,10 +14,18 @@ the same process, interleaved in a fresh random order each round:
 Reported: median step time of each (thread CPU time with one torch thread: robust on a shared
 machine), the ratio, the median of per-round ratios, the parameter counts, and an analytic
 FLOP estimate of the module's share at the real FLUX.1-Fill-dev size (19 + 38 blocks, width 3072,
-2048 image + 512 text tokens).
+2048 image + 512 text tokens). AdamW runs the kernel `fill train` picks (fused when every parameter
+is on CUDA).
+
+`--compile` (issue 18's row F): after the eager rounds (and the JSON with them, so a time limit
+hit while compiling keeps them) the trainable modules are compiled in place as `fill train` with
+`compile: true` does (`engine.compile.speed_up_modules`: the transformer's blocks regionally, the
+semantic module whole) and both steps timed again: first compiled step (wall clock), cold start =
+setup + first step - steady step, steady seconds per step, FLOPs (the eager count: the same
+arithmetic) and MFU, under `train.compiled`.
 
     python bench/fill.py --section train [--train-layers 2 --train-single-layers 4 ...]
-    python bench/fill_train.py [--quick] [--device cuda --dtype bfloat16 --flux-size]
+    python bench/fill_train.py [--quick] [--device cuda --dtype bfloat16 --flux-size] [--compile]
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ def build(args, device, dtype):
     """(model without module, model with module, inputs, optimizers) sharing one transformer."""
     from diffusers import FluxTransformer2DModel
 
+    from diffalign.engine.compile import uses_fused_adamw
     from diffalign.fill import SemanticCrossAttention
     from diffalign.fill.model import SemanticFillTransformer, add_lora, lora_parameters
 
@@ -88,10 +97,14 @@ def build(args, device, dtype):
         img=ids.reshape(L, 3).to(device=device, dtype=dtype),
     )
     lora = lora_parameters(tr)
+    # the kernel `fill train` runs (the loop's choice: fused when every parameter is on CUDA)
+    kernel = {"fused": True} if uses_fused_adamw([*lora, *semantic.parameters()]) else {}
     opts = {
-        "lora": torch.optim.AdamW(lora, lr=1e-4),
+        "lora": torch.optim.AdamW(lora, lr=1e-4, **kernel),
         "lora+semantic": torch.optim.AdamW(
-            [{"params": lora}, {"params": list(semantic.parameters()), "lr": 1e-4}], lr=1e-4
+            [{"params": lora}, {"params": list(semantic.parameters()), "lr": 1e-4}],
+            lr=1e-4,
+            **kernel,
         ),
     }
     models = {"lora": plain, "lora+semantic": with_module}
@@ -160,6 +173,13 @@ def _clock(device) -> float:
     return time.thread_time()
 
 
+def _wall(device) -> float:
+    """Wall clock after the device's queued work (compile time counts whichever thread runs it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def flux_flop_share(
     image_tokens: int = 2048,
     text_tokens: int = 512,
@@ -185,7 +205,9 @@ def flux_flop_share(
     }
 
 
-def train_section(args) -> dict:
+def train_section(args, save=None) -> dict:
+    """Both steps eager (then compiled with `--compile`; `save(result)` is called with the eager
+    figures first)."""
     if getattr(args, "quick", False):  # a 1 + 1-block model at 128 px, 2 rounds
         args.train_layers, args.train_single_layers, args.train_panel = 1, 1, 128
         args.train_rounds = 2
@@ -246,9 +268,81 @@ def train_section(args) -> dict:
             args.train_layers,
             args.train_single_layers,
         ),
+        "fused_adamw": bool(opts["lora"].defaults.get("fused")),
     }
     print(markdown_train(result))
+    if getattr(args, "compile", False):
+        if save is not None:
+            save(result)  # the eager figures survive a time limit hit while compiling
+        result["compiled"] = train_compiled(args, models, opts, inputs, device, result)
+        print(markdown_compiled(result["compiled"]))
     return result
+
+
+def train_compiled(args, models, opts, inputs, device, eager: dict) -> dict:
+    """The eager run's models compiled in place as `fill train` compiles its trainable modules
+    (transformer, semantic module) with `compile: true`, then timed as the eager run.
+
+    The first compiled step of each variant is timed on the wall clock (inductor compiles in
+    worker processes too), the row's variant (`lora+semantic`) first; cold start = setup + its
+    first step - its steady step; break-even = cold start / seconds saved per step against
+    eager. FLOPs per step are the eager count (compiling changes the kernels, not the model's
+    arithmetic)."""
+    from diffalign.engine.compile import speed_up_modules
+
+    with_module = models["lora+semantic"]
+    modules = {"transformer": with_module.transformer, "semantic": with_module.semantic}
+    t0 = _wall(device)
+    how = speed_up_modules(modules, device, compile=True)
+    setup = _wall(device) - t0
+    names = ["lora+semantic", "lora"]
+    first = {}
+    for name in names:
+        t0 = _wall(device)
+        step(models[name], opts[name], inputs, device)
+        first[name] = _wall(device) - t0
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rng = random.Random(1)
+    for _ in range(args.train_rounds):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
+            t0 = _clock(device)
+            step(models[name], opts[name], inputs, device)
+            times[name].append(_clock(device) - t0)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    row = "lora+semantic"
+    cold = setup + first[row] - med[row]
+    saved = eager["median_s"][row] - med[row]
+    flops = {n: eager["flops_per_step"][n] for n in names}
+    return {
+        "compiled_as": how,
+        "setup_s": round(setup, 3),
+        "first_step_s": {n: round(s, 3) for n, s in first.items()},
+        "cold_start_s": round(cold, 2),
+        "median_s": med,
+        "times": times,
+        "flops_per_step": flops,
+        "flops_counted": "the eager step's count (same arithmetic; bench/rows.py convention)",
+        "mfu_pct": {n: _mfu(flops[n], med[n], eager["device_name"]) for n in names},
+        "speedup": {n: round(eager["median_s"][n] / med[n], 3) for n in names},
+        "break_even_steps": round(cold / saved, 1) if saved > 0 else None,
+        "ratio": med["lora+semantic"] / med["lora"],
+    }
+
+
+def markdown_compiled(c: dict) -> str:
+    be = c["break_even_steps"]
+    return (
+        f"compiled ({c['compiled_as']}): "
+        + ", ".join(
+            f"{n} {s:.3f} s ({c['speedup'][n]:.2f}x eager, MFU % {c['mfu_pct'][n]})"
+            for n, s in c["median_s"].items()
+        )
+        + f"; cold start {c['cold_start_s']:.1f} s (first steps {c['first_step_s']}), break-even "
+        + (f"{be:.0f} steps" if be is not None else "never")
+        + f"; ratio to LoRA-only {c['ratio']:.3f}"
+    )
 
 
 def markdown_train(r: dict) -> str:
@@ -293,7 +387,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-checkpointing", action="store_true", help="gradient checkpointing")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_train_options(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -310,21 +404,35 @@ def main(argv=None) -> int:
         action="store_true",
         help="let SDPA use cuDNN's kernels on CUDA (off, as in `fill train`)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="then both steps compiled as `fill train` with `compile: true` (train.compiled)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.flux_size:
         args.train_layers, args.train_single_layers, args.train_heads = 19, 38, 24
         args.train_panel, args.train_text_tokens = 512, 512
         args.train_checkpointing = True
     print(f"load average {os.getloadavg()}, torch {torch.__version__}")
-    result = {"loadavg": os.getloadavg(), "train": train_section(args)}
+    result = {"loadavg": os.getloadavg()}
+    result["train"] = train_section(args, lambda r: _write_json(args.json, {**result, "train": r}))
     result["loadavg_end"] = os.getloadavg()
     print(f"load average at the end {result['loadavg_end']}")
-    if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _write_json(args.json, result)
     return 0
 
 
