@@ -20,9 +20,10 @@ is on CUDA).
 `--compile` (issue 18's row F): after the eager rounds (and the JSON with them, so a time limit
 hit while compiling keeps them) the trainable modules are compiled in place as `fill train` with
 `compile: true` does (`engine.compile.speed_up_modules`: the transformer's blocks regionally, the
-semantic module whole) and both steps timed again: first compiled step (wall clock), cold start =
-setup + first step - steady step, steady seconds per step, FLOPs (the eager count: the same
-arithmetic) and MFU, under `train.compiled`.
+semantic module whole) and both steps timed again, the row's `lora+semantic` first (its figures
+written before `lora` compiles): first compiled step (wall clock), cold start = setup + first step
+- steady step, steady seconds per step, FLOPs (the eager count: the same arithmetic) and MFU,
+under `train.compiled`.
 
     python bench/fill.py --section train [--train-layers 2 --train-single-layers 4 ...]
     python bench/fill_train.py [--quick] [--device cuda --dtype bfloat16 --flux-size] [--compile]
@@ -274,20 +275,29 @@ def train_section(args, save=None) -> dict:
     if getattr(args, "compile", False):
         if save is not None:
             save(result)  # the eager figures survive a time limit hit while compiling
-        result["compiled"] = train_compiled(args, models, opts, inputs, device, result)
+        result["compiled"] = train_compiled(
+            args,
+            models,
+            opts,
+            inputs,
+            device,
+            result,
+            None if save is None else lambda c: save({**result, "compiled": c}),
+        )
         print(markdown_compiled(result["compiled"]))
     return result
 
 
-def train_compiled(args, models, opts, inputs, device, eager: dict) -> dict:
+def train_compiled(args, models, opts, inputs, device, eager: dict, save=None) -> dict:
     """The eager run's models compiled in place as `fill train` compiles its trainable modules
-    (transformer, semantic module) with `compile: true`, then timed as the eager run.
+    (transformer, semantic module) with `compile: true`, then timed as the eager run, one variant
+    after the other: the row's (`lora+semantic`) first, its figures saved (`save(partial)`) before
+    the `lora` variant compiles again (its input tokens need no gradient: a new graph).
 
-    The first compiled step of each variant is timed on the wall clock (inductor compiles in
-    worker processes too), the row's variant (`lora+semantic`) first; cold start = setup + its
-    first step - its steady step; break-even = cold start / seconds saved per step against
-    eager. FLOPs per step are the eager count (compiling changes the kernels, not the model's
-    arithmetic)."""
+    Each variant's first compiled step is timed on the wall clock (inductor compiles in worker
+    processes too); cold start = setup + the row's first step - its steady step; break-even =
+    cold start / seconds saved per step against eager. FLOPs per step are the eager count
+    (compiling changes the kernels, not the model's arithmetic)."""
     from diffalign.engine.compile import speed_up_modules
 
     with_module = models["lora+semantic"]
@@ -295,40 +305,41 @@ def train_compiled(args, models, opts, inputs, device, eager: dict) -> dict:
     t0 = _wall(device)
     how = speed_up_modules(modules, device, compile=True)
     setup = _wall(device) - t0
-    names = ["lora+semantic", "lora"]
-    first = {}
-    for name in names:
-        t0 = _wall(device)
-        step(models[name], opts[name], inputs, device)
-        first[name] = _wall(device) - t0
-    times: dict[str, list[float]] = {n: [] for n in names}
-    rng = random.Random(1)
-    for _ in range(args.train_rounds):
-        order = names[:]
-        rng.shuffle(order)
-        for name in order:
-            t0 = _clock(device)
-            step(models[name], opts[name], inputs, device)
-            times[name].append(_clock(device) - t0)
-    med = {n: statistics.median(v) for n, v in times.items()}
-    row = "lora+semantic"
-    cold = setup + first[row] - med[row]
-    saved = eager["median_s"][row] - med[row]
-    flops = {n: eager["flops_per_step"][n] for n in names}
-    return {
+    out: dict = {
         "compiled_as": how,
         "setup_s": round(setup, 3),
-        "first_step_s": {n: round(s, 3) for n, s in first.items()},
-        "cold_start_s": round(cold, 2),
-        "median_s": med,
-        "times": times,
-        "flops_per_step": flops,
+        "first_step_s": {},
+        "median_s": {},
+        "times": {},
+        "flops_per_step": {},
         "flops_counted": "the eager step's count (same arithmetic; bench/rows.py convention)",
-        "mfu_pct": {n: _mfu(flops[n], med[n], eager["device_name"]) for n in names},
-        "speedup": {n: round(eager["median_s"][n] / med[n], 3) for n in names},
-        "break_even_steps": round(cold / saved, 1) if saved > 0 else None,
-        "ratio": med["lora+semantic"] / med["lora"],
+        "mfu_pct": {},
+        "speedup": {},
     }
+    row = "lora+semantic"
+    for name in (row, "lora"):
+        t0 = _wall(device)
+        step(models[name], opts[name], inputs, device)
+        out["first_step_s"][name] = round(_wall(device) - t0, 3)
+        times = []
+        for _ in range(args.train_rounds):
+            t0 = _clock(device)
+            step(models[name], opts[name], inputs, device)
+            times.append(_clock(device) - t0)
+        med = statistics.median(times)
+        out["times"][name], out["median_s"][name] = times, med
+        out["flops_per_step"][name] = eager["flops_per_step"][name]
+        out["mfu_pct"][name] = _mfu(eager["flops_per_step"][name], med, eager["device_name"])
+        out["speedup"][name] = round(eager["median_s"][name] / med, 3)
+        if name == row:
+            cold = setup + out["first_step_s"][row] - med
+            saved = eager["median_s"][row] - med
+            out["cold_start_s"] = round(cold, 2)
+            out["break_even_steps"] = round(cold / saved, 1) if saved > 0 else None
+            if save is not None:
+                save(out)  # the row's compiled figures survive a limit hit in the next compile
+    out["ratio"] = out["median_s"][row] / out["median_s"]["lora"]
+    return out
 
 
 def markdown_compiled(c: dict) -> str:

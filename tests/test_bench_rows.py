@@ -258,3 +258,30 @@ def test_gpu_rows_check_catches_a_flag_typo(monkeypatch, capsys):
     assert "refused" in bench_refusal(fill, fill_args, monkeypatch)
     assert "--compiel" in capsys.readouterr().err
     assert bench_refusal(rows_name, rows_args, monkeypatch) is None
+
+
+def test_fill_bench_writes_its_eager_json_before_it_compiles(tmp_path, monkeypatch):
+    # a time limit hit while compiling (here: the compile raising) keeps the eager figures
+    import diffalign.engine.compile as engine_compile
+    import fill_train
+
+    def limit_hit(*args, **kwargs):
+        raise KeyboardInterrupt("time limit")
+
+    monkeypatch.setattr(engine_compile, "speed_up_modules", limit_hit)
+    out = tmp_path / "fill_train.json"
+    # 1 + 1 blocks of one 128-wide head, 8 image + 8 text tokens, one round
+    small = {
+        "layers": 1,
+        "single-layers": 1,
+        "heads": 1,
+        "panel": 32,
+        "text-tokens": 8,
+        "rounds": 1,
+    }
+    argv = [x for k, v in small.items() for x in (f"--train-{k}", str(v))] + ["--compile"]
+    with pytest.raises(KeyboardInterrupt):
+        fill_train.main([*argv, "--json", str(out)])
+    train = json.loads(out.read_text())["train"]
+    assert set(train["median_s"]) == {"lora", "lora+semantic"} and "compiled" not in train
+    assert train["flops_per_step"]["lora+semantic"] > 0
