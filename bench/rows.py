@@ -16,6 +16,9 @@ the committed row files, one per row, each an object with at least:
     details   the bench's own figures for the row (ratios, seconds, memory, ...)
 
 A row that was not measured has no file (a failed or skipped bench writes nothing).
+A bench run with `--compile` (noise_realsize, repa train, fill_train) has its compiled run
+measured too: the row reports it (`details.measured`: "compiled" for repa / fill) and keeps the
+eager figures in `details`; without it (a limit hit while compiling) the row is the eager one.
 
 FLOPs and MFU: `count_flops` runs one full step under `torch.utils.flop_counter.FlopCounterMode`
 and counts what it counts: matrix multiplies, convolutions and scaled-dot-product attention, at
