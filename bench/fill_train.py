@@ -14,10 +14,19 @@ the same process, interleaved in a fresh random order each round:
 Reported: median step time of each (thread CPU time with one torch thread: robust on a shared
 machine), the ratio, the median of per-round ratios, the parameter counts, and an analytic
 FLOP estimate of the module's share at the real FLUX.1-Fill-dev size (19 + 38 blocks, width 3072,
-2048 image + 512 text tokens).
+2048 image + 512 text tokens). AdamW runs the kernel `fill train` picks (fused when every parameter
+is on CUDA).
+
+`--compile` (issue 18's row F): after the eager rounds (and the JSON with them, so a time limit
+hit while compiling keeps them) the trainable modules are compiled in place as `fill train` with
+`compile: true` does (`engine.compile.speed_up_modules`: the transformer's blocks regionally, the
+semantic module whole) and both steps timed again, the row's `lora+semantic` first (its figures
+written before `lora` compiles): first compiled step (wall clock), cold start = setup + first step
+- steady step, steady seconds per step, FLOPs (the eager count: the same arithmetic) and MFU,
+under `train.compiled`.
 
     python bench/fill.py --section train [--train-layers 2 --train-single-layers 4 ...]
-    python bench/fill_train.py [--quick] [--device cuda --dtype bfloat16 --flux-size]
+    python bench/fill_train.py [--quick] [--device cuda --dtype bfloat16 --flux-size] [--compile]
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ def build(args, device, dtype):
     """(model without module, model with module, inputs, optimizers) sharing one transformer."""
     from diffusers import FluxTransformer2DModel
 
+    from diffalign.engine.compile import uses_fused_adamw
     from diffalign.fill import SemanticCrossAttention
     from diffalign.fill.model import SemanticFillTransformer, add_lora, lora_parameters
 
@@ -88,10 +98,14 @@ def build(args, device, dtype):
         img=ids.reshape(L, 3).to(device=device, dtype=dtype),
     )
     lora = lora_parameters(tr)
+    # the kernel `fill train` runs (the loop's choice: fused when every parameter is on CUDA)
+    kernel = {"fused": True} if uses_fused_adamw([*lora, *semantic.parameters()]) else {}
     opts = {
-        "lora": torch.optim.AdamW(lora, lr=1e-4),
+        "lora": torch.optim.AdamW(lora, lr=1e-4, **kernel),
         "lora+semantic": torch.optim.AdamW(
-            [{"params": lora}, {"params": list(semantic.parameters()), "lr": 1e-4}], lr=1e-4
+            [{"params": lora}, {"params": list(semantic.parameters()), "lr": 1e-4}],
+            lr=1e-4,
+            **kernel,
         ),
     }
     models = {"lora": plain, "lora+semantic": with_module}
@@ -160,6 +174,13 @@ def _clock(device) -> float:
     return time.thread_time()
 
 
+def _wall(device) -> float:
+    """Wall clock after the device's queued work (compile time counts whichever thread runs it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def flux_flop_share(
     image_tokens: int = 2048,
     text_tokens: int = 512,
@@ -185,7 +206,9 @@ def flux_flop_share(
     }
 
 
-def train_section(args) -> dict:
+def train_section(args, save=None) -> dict:
+    """Both steps eager (then compiled with `--compile`; `save(result)` is called with the eager
+    figures first)."""
     if getattr(args, "quick", False):  # a 1 + 1-block model at 128 px, 2 rounds
         args.train_layers, args.train_single_layers, args.train_panel = 1, 1, 128
         args.train_rounds = 2
@@ -246,9 +269,91 @@ def train_section(args) -> dict:
             args.train_layers,
             args.train_single_layers,
         ),
+        "fused_adamw": bool(opts["lora"].defaults.get("fused")),
     }
     print(markdown_train(result))
+    if getattr(args, "compile", False):
+        if save is not None:
+            save(result)  # the eager figures survive a time limit hit while compiling
+        result["compiled"] = train_compiled(
+            args,
+            models,
+            opts,
+            inputs,
+            device,
+            result,
+            None if save is None else lambda c: save({**result, "compiled": c}),
+        )
+        print(markdown_compiled(result["compiled"]))
     return result
+
+
+def train_compiled(args, models, opts, inputs, device, eager: dict, save=None) -> dict:
+    """The eager run's models compiled in place as `fill train` compiles its trainable modules
+    (transformer, semantic module) with `compile: true`, then timed as the eager run, one variant
+    after the other: the row's (`lora+semantic`) first, its figures saved (`save(partial)`) before
+    the `lora` variant compiles again (its input tokens need no gradient: a new graph).
+
+    Each variant's first compiled step is timed on the wall clock (inductor compiles in worker
+    processes too); cold start = setup + the row's first step - its steady step; break-even =
+    cold start / seconds saved per step against eager. FLOPs per step are the eager count
+    (compiling changes the kernels, not the model's arithmetic)."""
+    from diffalign.engine.compile import speed_up_modules
+
+    with_module = models["lora+semantic"]
+    modules = {"transformer": with_module.transformer, "semantic": with_module.semantic}
+    t0 = _wall(device)
+    how = speed_up_modules(modules, device, compile=True)
+    setup = _wall(device) - t0
+    out: dict = {
+        "compiled_as": how,
+        "setup_s": round(setup, 3),
+        "first_step_s": {},
+        "median_s": {},
+        "times": {},
+        "flops_per_step": {},
+        "flops_counted": "the eager step's count (same arithmetic; bench/rows.py convention)",
+        "mfu_pct": {},
+        "speedup": {},
+    }
+    row = "lora+semantic"
+    for name in (row, "lora"):
+        t0 = _wall(device)
+        step(models[name], opts[name], inputs, device)
+        out["first_step_s"][name] = round(_wall(device) - t0, 3)
+        times = []
+        for _ in range(args.train_rounds):
+            t0 = _clock(device)
+            step(models[name], opts[name], inputs, device)
+            times.append(_clock(device) - t0)
+        med = statistics.median(times)
+        out["times"][name], out["median_s"][name] = times, med
+        out["flops_per_step"][name] = eager["flops_per_step"][name]
+        out["mfu_pct"][name] = _mfu(eager["flops_per_step"][name], med, eager["device_name"])
+        out["speedup"][name] = round(eager["median_s"][name] / med, 3)
+        if name == row:
+            cold = setup + out["first_step_s"][row] - med
+            saved = eager["median_s"][row] - med
+            out["cold_start_s"] = round(cold, 2)
+            out["break_even_steps"] = round(cold / saved, 1) if saved > 0 else None
+            if save is not None:
+                save(out)  # the row's compiled figures survive a limit hit in the next compile
+    out["ratio"] = out["median_s"][row] / out["median_s"]["lora"]
+    return out
+
+
+def markdown_compiled(c: dict) -> str:
+    be = c["break_even_steps"]
+    return (
+        f"compiled ({c['compiled_as']}): "
+        + ", ".join(
+            f"{n} {s:.3f} s ({c['speedup'][n]:.2f}x eager, MFU % {c['mfu_pct'][n]})"
+            for n, s in c["median_s"].items()
+        )
+        + f"; cold start {c['cold_start_s']:.1f} s (first steps {c['first_step_s']}), break-even "
+        + (f"{be:.0f} steps" if be is not None else "never")
+        + f"; ratio to LoRA-only {c['ratio']:.3f}"
+    )
 
 
 def markdown_train(r: dict) -> str:
@@ -293,7 +398,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-checkpointing", action="store_true", help="gradient checkpointing")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_train_options(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -310,21 +415,35 @@ def main(argv=None) -> int:
         action="store_true",
         help="let SDPA use cuDNN's kernels on CUDA (off, as in `fill train`)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="then both steps compiled as `fill train` with `compile: true` (train.compiled)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.flux_size:
         args.train_layers, args.train_single_layers, args.train_heads = 19, 38, 24
         args.train_panel, args.train_text_tokens = 512, 512
         args.train_checkpointing = True
     print(f"load average {os.getloadavg()}, torch {torch.__version__}")
-    result = {"loadavg": os.getloadavg(), "train": train_section(args)}
+    result = {"loadavg": os.getloadavg()}
+    result["train"] = train_section(args, lambda r: _write_json(args.json, {**result, "train": r}))
     result["loadavg_end"] = os.getloadavg()
     print(f"load average at the end {result['loadavg_end']}")
-    if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _write_json(args.json, result)
     return 0
 
 

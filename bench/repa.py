@@ -36,10 +36,19 @@ train  Seconds per optimizer step, in the same run, of the same LoRA step (peft 
        64x64 latents (GPU; seed: 1.9 s/step at batch 128 on an H200). Teacher: DINOv2 at 518 px,
        ViT-S/14-shaped with 4 layers (small) or ViT-L/14 (real). Random weights (speed only).
        Interleaved repetitions, medians; on CPU the clock is the thread's CPU time with one torch
-       thread. Goal: alignment overhead < 5%.
+       thread. Goal: alignment overhead < 5%. AdamW runs the kernel `repa train` picks (fused
+       when every parameter is on CUDA).
+       `--compile` (issue 18's row R): after the eager timings (and the JSON with them, so a time
+       limit hit while compiling keeps them) the `lora+align` and `lora` nets are compiled in
+       place as `repa train` with `compile: true` does (`engine.compile.speed_up_modules` on its
+       trainable modules, the U-Net and the heads: the U-Net's transformer blocks regionally;
+       `--channels-last` adds `channels_last: true`) and timed again: first compiled step (wall
+       clock), cold start = setup + first step - steady step, steady seconds per step, FLOPs (the
+       eager count: the same arithmetic) and MFU, under `train.compiled`.
 
     python bench/repa.py --section data [--num-samples 512] [--batch-size 128] [--workers 2]
     python bench/repa.py --section train [--train-size small|real] [--train-batch-size 4]
+    python bench/repa.py --section train --compile [--channels-last]
 """
 
 from __future__ import annotations
@@ -190,7 +199,7 @@ STORE_BASE = {
 }
 
 
-def section_data(args) -> dict:
+def section_data(args, save=None) -> dict:
     results: dict = {
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
@@ -456,8 +465,10 @@ def _bench_dino(size: str, device, dtype):
     return model.to(dtype=dtype).eval(), cfg.hidden_size
 
 
-def section_train(args) -> dict:
-    """Seconds per optimizer step of the same LoRA step without and with alignment."""
+def section_train(args, save=None) -> dict:
+    """Seconds per optimizer step of the same LoRA step without and with alignment (then
+    compiled with `--compile`; `save(result)` is called with the eager figures first)."""
+    from diffalign.engine.compile import uses_fused_adamw
     from diffalign.repa.heads import add_lora, lora_config, lora_parameters
     from diffalign.repa.losses import (
         add_noise,
@@ -497,7 +508,9 @@ def section_train(args) -> dict:
         for p in unet.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(wdtype)
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        # the kernel `repa train` runs (the loop's choice: fused when every parameter is on CUDA)
+        fused = uses_fused_adamw([p for gr in params for p in gr["params"]])
+        opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {}))
         return unet, model, opt, side
 
     g = torch.Generator().manual_seed(0)
@@ -564,7 +577,7 @@ def section_train(args) -> dict:
     flops = {v: count_flops(lambda v=v: step(v)) for v in variants}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     mfus = {v: mfu(flops[v], med[v], device_name) for v in variants}
-    return {
+    result = {
         "device": str(device),
         "device_name": device_name,
         "times": times,
@@ -586,6 +599,74 @@ def section_train(args) -> dict:
             if "lora+align+online" in med
             else None
         ),
+        "fused_adamw": bool(nets["lora"][2].defaults.get("fused")),
+    }
+    if getattr(args, "compile", False):
+        if save is not None:
+            save(result)  # the eager figures survive a time limit hit while compiling
+        result["compiled"] = _train_compiled(args, nets, step, clock, result)
+    return result
+
+
+# the compiled run's variants, the row's own first: its first step pays the compile
+COMPILED_VARIANTS = ("lora+align", "lora")
+
+
+def _train_compiled(args, nets: dict, step, clock, eager: dict) -> dict:
+    """The eager run's nets compiled in place as `repa train` compiles its trainable modules
+    (U-Net and heads) with `compile: true` (and `channels_last`), then timed as the eager run.
+
+    The first compiled step of each variant is timed on the wall clock (inductor compiles in
+    worker processes too); cold start = setup + first step - steady step of `lora+align`;
+    break-even = cold start / seconds saved per step against eager. FLOPs per step are the eager
+    count (compiling changes the kernels, not the model's arithmetic)."""
+    from diffalign.engine.compile import speed_up_modules
+    from rows import mfu
+
+    device = torch.device(eager["device"])
+    t0 = time.perf_counter()
+    how = {}
+    for v in COMPILED_VARIANTS:
+        unet, model, _, _ = nets[v]
+        modules = {"unet": unet} if model is None else {"unet": unet, "heads": model.heads}
+        how[v] = speed_up_modules(
+            modules, device, compile=True, channels_last=getattr(args, "channels_last", False)
+        )
+    setup = time.perf_counter() - t0
+    first = {}
+    for v in COMPILED_VARIANTS:
+        t0 = time.perf_counter()
+        step(v)
+        first[v] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {v: [] for v in COMPILED_VARIANTS}
+    rng = random.Random(1)
+    for _ in range(args.repeats):
+        order = list(COMPILED_VARIANTS)
+        rng.shuffle(order)
+        for v in order:
+            t0 = clock()
+            step(v)
+            times[v].append(clock() - t0)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    row = "lora+align"
+    cold = setup + first[row] - med[row]
+    saved = eager["seconds_per_step"][row] - med[row]
+    flops = {v: eager["flops_per_step"][v] for v in COMPILED_VARIANTS}
+    mfus = {v: mfu(flops[v], med[v], eager["device_name"]) for v in COMPILED_VARIANTS}
+    return {
+        "compiled_as": how,
+        "channels_last": bool(getattr(args, "channels_last", False)),
+        "setup_s": round(setup, 3),
+        "first_step_s": {v: round(s, 3) for v, s in first.items()},
+        "cold_start_s": round(cold, 2),
+        "times": times,
+        "seconds_per_step": {v: round(s, 4) for v, s in med.items()},
+        "flops_per_step": flops,
+        "flops_counted": "the eager step's count (same arithmetic; bench/rows.py convention)",
+        "mfu_pct": {v: None if m is None else round(m, 2) for v, m in mfus.items()},
+        "speedup": {v: round(eager["seconds_per_step"][v] / s, 3) for v, s in med.items()},
+        "break_even_steps": round(cold / saved, 1) if saved > 0 else None,
+        "alignment_overhead_pct": round(100 * (med["lora+align"] / med["lora"] - 1), 2),
     }
 
 
@@ -606,13 +687,27 @@ def _print_train(r: dict) -> None:
             f"online teacher ({r['online_teacher']}): {r['online_teacher_overhead_pct']:+.2f}% "
             "over the cached-teacher step"
         )
+    c = r.get("compiled")
+    if c:
+        be = c["break_even_steps"]
+        print(
+            f"compiled ({'channels_last, ' if c['channels_last'] else ''}{c['compiled_as']}): "
+            + ", ".join(
+                f"{v} {s:.4f} s/step ({c['speedup'][v]:.2f}x eager"
+                + (f", MFU {c['mfu_pct'][v]:.1f}%" if c["mfu_pct"][v] is not None else "")
+                + ")"
+                for v, s in c["seconds_per_step"].items()
+            )
+            + f"; cold start {c['cold_start_s']:.1f} s (first steps {c['first_step_s']}), "
+            + ("break-even " + (f"{be:.0f} steps" if be is not None else "never"))
+            + f"; alignment overhead {c['alignment_overhead_pct']:+.2f}%"
+        )
 
 
 SECTIONS = {"data": (section_data, _print_data), "train": (section_train, _print_train)}
 
 
-def main() -> int:
-    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--section", choices=[*SECTIONS, "all"], default="all", help="what to measure")
     p.add_argument("--num-samples", type=int, default=512, help="records per store (data)")
@@ -639,19 +734,41 @@ def main() -> int:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="train: torch device (bf16 autocast on cuda)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="train: then the same steps compiled as `repa train` with `compile: true`",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="train: the compiled run also with `channels_last: true` (needs --compile)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.channels_last and not args.compile:
+        p.error("--channels-last applies to the compiled run: add --compile")
     torch.set_num_threads(args.threads)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     out: dict = {"load_avg_1_5_15": load, "torch": torch.__version__, "threads": args.threads}
+
+    def write(results: dict) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
     for name, (run, show) in SECTIONS.items():
         if args.section in (name, "all"):
-            out[name] = run(args)
+            out[name] = run(args, lambda partial, name=name: write({**out, name: partial}))
             show(out[name])
     out["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"load average (1/5/15 min) at start: {load}, at the end: {out['load_avg_end']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    write(out)
     return 0
 
 

@@ -16,6 +16,9 @@ the committed row files, one per row, each an object with at least:
     details   the bench's own figures for the row (ratios, seconds, memory, ...)
 
 A row that was not measured has no file (a failed or skipped bench writes nothing).
+A bench run with `--compile` (noise_realsize, repa train, fill_train) has its compiled run
+measured too: the row reports it (`details.measured`: "compiled" for repa / fill) and keeps the
+eager figures in `details`; without it (a limit hit while compiling) the row is the eager one.
 
 FLOPs and MFU: `count_flops` runs one full step under `torch.utils.flop_counter.FlopCounterMode`
 and counts what it counts: matrix multiplies, convolutions and scaled-dot-product attention, at
@@ -256,11 +259,24 @@ def row_textstream(res: dict, command: str, **kw) -> dict | None:
     return row
 
 
+def _measured(tr: dict, variant: str, seconds_key: str) -> tuple[dict, str]:
+    """The run a training row reports: the compiled one (`--compile`) when it measured the
+    variant, else the eager one; with its name."""
+    compiled = tr.get("compiled") or {}
+    if (compiled.get(seconds_key) or {}).get(variant) and (
+        compiled.get("flops_per_step") or {}
+    ).get(variant):
+        return compiled, "compiled"
+    return tr, "eager"
+
+
 def row_repa(res: dict, command: str, **kw) -> dict | None:
-    """bench/repa.py --section train --train-size real: MFU of the step with alignment."""
+    """bench/repa.py --section train --train-size real: MFU of the step with alignment (the
+    compiled run's when the bench ran with --compile; eager's figures stay in the details)."""
     tr = res.get("train") or {}
-    flops = (tr.get("flops_per_step") or {}).get("lora+align")
-    sec = (tr.get("seconds_per_step") or {}).get("lora+align")
+    run, measured = _measured(tr, "lora+align", "seconds_per_step")
+    flops = (run.get("flops_per_step") or {}).get("lora+align")
+    sec = (run.get("seconds_per_step") or {}).get("lora+align")
     device = tr.get("device_name") or tr.get("device")
     value = mfu(flops, sec or 0.0, device)
     if value is None:
@@ -269,18 +285,20 @@ def row_repa(res: dict, command: str, **kw) -> dict | None:
         "repa_step",
         device=device,
         value=round(value, 2),
-        repeats=(tr.get("times") or {}).get("lora+align", []),
+        repeats=(run.get("times") or {}).get("lora+align", []),
         command=command,
-        details=tr,
+        details={"measured": measured, **tr},
         **kw,
     )
 
 
 def row_fill(res: dict, command: str, **kw) -> dict | None:
-    """bench/fill_train.py --flux-size: MFU of the LoRA + semantic step."""
+    """bench/fill_train.py --flux-size: MFU of the LoRA + semantic step (the compiled run's when
+    the bench ran with --compile; eager's figures stay in the details)."""
     tr = res.get("train") or {}
-    flops = (tr.get("flops_per_step") or {}).get("lora+semantic")
-    sec = (tr.get("median_s") or {}).get("lora+semantic")
+    run, measured = _measured(tr, "lora+semantic", "median_s")
+    flops = (run.get("flops_per_step") or {}).get("lora+semantic")
+    sec = (run.get("median_s") or {}).get("lora+semantic")
     device = tr.get("device_name") or (tr.get("config") or {}).get("device")
     value = mfu(flops, sec or 0.0, device)
     if value is None:
@@ -289,9 +307,9 @@ def row_fill(res: dict, command: str, **kw) -> dict | None:
         "fill_step",
         device=device,
         value=round(value, 2),
-        repeats=(tr.get("times") or {}).get("lora+semantic", []),
+        repeats=(run.get("times") or {}).get("lora+semantic", []),
         command=command,
-        details=tr,
+        details={"measured": measured, **tr},
         **kw,
     )
 
@@ -302,9 +320,13 @@ SOURCES = {
     "textstream.json": (row_textstream, "python bench/textstream.py --sd3-medium --device cuda"),
     "repa_train.json": (
         row_repa,
-        "python bench/repa.py --section train --train-size real --train-batch-size 128",
+        "python bench/repa.py --section train --train-size real --train-batch-size 128 "
+        "--no-online --compile --channels-last",
     ),
-    "fill_train.json": (row_fill, "python bench/fill_train.py --flux-size --device cuda"),
+    "fill_train.json": (
+        row_fill,
+        "python bench/fill_train.py --flux-size --device cuda --dtype bfloat16 --compile",
+    ),
 }
 
 

@@ -182,3 +182,169 @@ def test_noise_row_takes_the_compiled_run_when_there_is_one():
     assert row["value"] == pytest.approx(0.11 / 0.09, rel=1e-3) and row["met"] is True
     assert row["details"]["cold_start_s"] == 41.0
     assert rows.row_noise({"runs": [eager]}, "c", version_info={})["met"] is False
+
+
+def test_repa_row_takes_the_compiled_run_and_keeps_the_eager_figures():
+    eager_flops = {"lora": 3.0e14, "lora+align": 3.1e14}
+    tr = {
+        "device": "cuda",
+        "device_name": "NVIDIA H100 80GB HBM3",
+        "seconds_per_step": {"lora": 1.0, "lora+align": 1.05},
+        "flops_per_step": eager_flops,
+        "times": {"lora+align": [1.04, 1.05, 1.06]},
+        "compiled": {
+            "cold_start_s": 52.0,
+            "seconds_per_step": {"lora": 0.6, "lora+align": 0.62},
+            "flops_per_step": eager_flops,
+            "times": {"lora+align": [0.61, 0.62, 0.63]},
+        },
+    }
+    row = rows.row_repa({"train": tr}, "c", version_info={})
+    assert row["value"] == pytest.approx(100 * 3.1e14 / 0.62 / 989.4e12, rel=1e-3)
+    assert row["met"] is True and row["repeats"] == [0.61, 0.62, 0.63]
+    assert row["details"]["measured"] == "compiled"
+    assert row["details"]["seconds_per_step"]["lora+align"] == 1.05  # eager's, kept
+    assert row["details"]["compiled"]["cold_start_s"] == 52.0
+    # no compiled run (a limit hit while compiling): the eager row
+    eager = {k: v for k, v in tr.items() if k != "compiled"}
+    row = rows.row_repa({"train": eager}, "c", version_info={})
+    assert row["value"] == pytest.approx(100 * 3.1e14 / 1.05 / 989.4e12, rel=1e-3)
+    assert row["details"]["measured"] == "eager" and row["met"] is False
+
+
+def test_fill_row_takes_the_compiled_run_and_keeps_the_eager_figures():
+    flops = {"lora": 2.0e14, "lora+semantic": 2.0e14}
+    tr = {
+        "device_name": "NVIDIA H200",
+        "median_s": {"lora": 0.90, "lora+semantic": 0.92},
+        "flops_per_step": flops,
+        "times": {"lora+semantic": [0.91, 0.92, 0.95]},
+        "compiled": {
+            "median_s": {"lora": 0.5, "lora+semantic": 0.55},
+            "flops_per_step": flops,
+            "times": {"lora+semantic": [0.55, 0.56, 0.54]},
+        },
+    }
+    row = rows.row_fill({"train": tr}, "c", version_info={})
+    assert row["value"] == pytest.approx(100 * 2.0e14 / 0.55 / 989.4e12, rel=1e-3)
+    assert row["met"] is True and row["repeats"] == [0.55, 0.56, 0.54]
+    assert row["details"]["measured"] == "compiled"
+    assert row["details"]["median_s"]["lora+semantic"] == 0.92
+    # a compiled run that did not time the row's variant: the eager row
+    tr["compiled"] = {"median_s": {"lora": 0.5}, "flops_per_step": flops}
+    row = rows.row_fill({"train": tr}, "c", version_info={})
+    assert row["value"] == pytest.approx(100 * 2.0e14 / 0.92 / 989.4e12, rel=1e-3)
+    assert row["details"]["measured"] == "eager" and row["repeats"] == [0.91, 0.92, 0.95]
+
+
+# ---- bench/gpu_rows.sh: every bench command parses (a flag typo must not cost GPU time) -------
+
+GPU_ROWS = Path(__file__).resolve().parents[1] / "bench" / "gpu_rows.sh"
+
+
+def gpu_rows_commands(script: str) -> list[tuple[str, list[str]]]:
+    """(bench module, its arguments) of each `$PY bench/<name>.py ...` in the script: lines
+    joined at `\\`, `${VAR:-default}` replaced by its default, `$OUT` by a folder name,
+    redirections dropped, the arguments ending at the first shell operator."""
+    import re
+    import shlex
+
+    text = script.replace("\\\n", " ")
+    text = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text).replace("$OUT", "gpu-out")
+    out = []
+    for m in re.finditer(r"\$PY bench/(\w+)\.py([^\n]*)", text):
+        rest = re.sub(r"\s\d*>>?&?\d*", " ", m.group(2))
+        lex = shlex.shlex(rest, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        args = []
+        for tok in lex:
+            if tok in ("}", "{") or set(tok) <= set("();<>|&"):
+                break
+            args.append(tok)
+        out.append((m.group(1), args))
+    return out
+
+
+class _Parsed(Exception):
+    pass
+
+
+def bench_refusal(name: str, args: list[str], monkeypatch) -> str | None:
+    """Run bench/<name>.py's main(args) up to its argument parsing only: None when its parser
+    accepts `args`, else why not."""
+    import argparse
+    import importlib
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):  # the bench's own parser, then stop
+        raise _Parsed(original(self, args, namespace))
+
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+        try:
+            importlib.import_module(name).main(args)
+        except _Parsed:
+            return None
+        except SystemExit as e:
+            return f"bench/{name}.py {' '.join(args)}: argparse refused it (exit {e.code})"
+    return f"bench/{name}.py main() returned without parsing its arguments"
+
+
+def test_every_bench_command_in_gpu_rows_parses(monkeypatch):
+    commands = gpu_rows_commands(GPU_ROWS.read_text())
+    names = [n for n, _ in commands]
+    assert sorted(set(names)) == ["fill_train", "noise_realsize", "repa", "rows", "textstream"]
+    # issue 18's compiled rows: the training and noise benches run their compiled step too
+    compiled = ("repa", "fill_train", "noise_realsize")
+    assert all("--compile" in args for n, args in commands if n in compiled)
+    for name, args in commands:
+        assert bench_refusal(name, args, monkeypatch) is None
+
+
+def test_gpu_rows_check_catches_a_flag_typo(monkeypatch, capsys):
+    script = (
+        "run fill_train 110 $PY bench/fill_train.py --flux-size --device cuda \\\n"
+        '    --compiel --json "$OUT/fill_train.json"\n'
+        'run rows 5 $PY bench/rows.py --from "$OUT" --results "${RESULTS:-r}" 2>&1 | tee -a x\n'
+    )
+    (fill, fill_args), (rows_name, rows_args) = gpu_rows_commands(script)
+    assert fill_args == [
+        "--flux-size",
+        "--device",
+        "cuda",
+        "--compiel",
+        "--json",
+        "gpu-out/fill_train.json",
+    ]
+    assert (rows_name, rows_args) == ("rows", ["--from", "gpu-out", "--results", "r"])
+    assert "refused" in bench_refusal(fill, fill_args, monkeypatch)
+    assert "--compiel" in capsys.readouterr().err
+    assert bench_refusal(rows_name, rows_args, monkeypatch) is None
+
+
+def test_fill_bench_writes_its_eager_json_before_it_compiles(tmp_path, monkeypatch):
+    # a time limit hit while compiling (here: the compile raising) keeps the eager figures
+    import diffalign.engine.compile as engine_compile
+    import fill_train
+
+    def limit_hit(*args, **kwargs):
+        raise KeyboardInterrupt("time limit")
+
+    monkeypatch.setattr(engine_compile, "speed_up_modules", limit_hit)
+    out = tmp_path / "fill_train.json"
+    # 1 + 1 blocks of one 128-wide head, 8 image + 8 text tokens, one round
+    small = {
+        "layers": 1,
+        "single-layers": 1,
+        "heads": 1,
+        "panel": 32,
+        "text-tokens": 8,
+        "rounds": 1,
+    }
+    argv = [x for k, v in small.items() for x in (f"--train-{k}", str(v))] + ["--compile"]
+    with pytest.raises(KeyboardInterrupt):
+        fill_train.main([*argv, "--json", str(out)])
+    train = json.loads(out.read_text())["train"]
+    assert set(train["median_s"]) == {"lora", "lora+semantic"} and "compiled" not in train
+    assert train["flops_per_step"]["lora+semantic"] > 0

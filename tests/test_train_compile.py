@@ -148,3 +148,27 @@ def test_compile_module_is_regional_for_diffusers_repeated_blocks(tiny_model_dir
     assert list(unet.state_dict()) == keys
     net = nn.Sequential(nn.Linear(2, 2))
     assert compile_module(net) == "whole" and net._compiled_call_impl is not None
+
+
+def test_speed_up_modules_is_what_the_loop_does_to_trainable_modules():
+    # the one function behind TrainConfig(compile, channels_last), which bench/ also calls
+    from diffalign.engine.compile import speed_up_modules
+
+    def nets():
+        return {"conv": nn.Sequential(nn.Conv2d(3, 4, 3)), "lin": nn.Linear(2, 2)}
+
+    plain = nets()
+    assert speed_up_modules(plain, "cpu") == {}
+    assert plain["conv"]._compiled_call_impl is None
+    assert plain["conv"][0].weight.is_contiguous()
+    fast = nets()
+    assert speed_up_modules(fast, "cpu", compile=True, channels_last=True) == {
+        "conv": "whole",
+        "lin": "whole",
+    }
+    assert fast["conv"][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(m._compiled_call_impl is not None for m in fast.values())
+    layout = nets()
+    assert speed_up_modules(layout, "cpu", channels_last=True) == {}
+    assert layout["conv"][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert layout["lin"]._compiled_call_impl is None

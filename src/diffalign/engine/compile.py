@@ -13,7 +13,7 @@ outside the compiled blocks (U-REPA's feature hooks) keep running eagerly.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -49,6 +49,26 @@ def compile_module(module: nn.Module, regional: bool = True, **compile_kwargs) -
         return "regional"
     module.compile(**compile_kwargs)
     return "whole"
+
+
+def speed_up_modules(
+    modules: Mapping[str, nn.Module],
+    device: torch.device | str,
+    *,
+    compile: bool = False,
+    channels_last: bool = False,
+) -> dict[str, str]:
+    """What `TrainConfig(compile=..., channels_last=...)` does to a run's trainable modules, in
+    place (the training loop and bench/ call this one function): the weights of modules with
+    convolutions in channels_last first, then each module compiled (`compile_module`). Returns
+    how each one was compiled ("regional" / "whole"; empty without `compile`)."""
+    if channels_last:
+        for m in modules.values():
+            to_channels_last(m)
+    if not compile:
+        return {}
+    check_compile_available(device)
+    return {name: compile_module(m) for name, m in modules.items()}
 
 
 def compile_layers(module: nn.Module, **compile_kwargs) -> int:

@@ -68,12 +68,7 @@ from diffalign.engine.checkpoints import (
     trainable_state,
     trainable_state_shapes,
 )
-from diffalign.engine.compile import (
-    check_compile_available,
-    compile_module,
-    to_channels_last,
-    uses_fused_adamw,
-)
+from diffalign.engine.compile import speed_up_modules, uses_fused_adamw
 from diffalign.engine.ema import EMA
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import locked_output_dir, save_tensors, write_json
@@ -408,14 +403,12 @@ class _Trainer(TrainerCheckpoints, TrainerReports):
     def _speed_up_modules(self) -> None:
         """channels_last and compilation of the trainable modules (in place: the same module
         objects, parameters and state-dict keys, so checkpoints are unchanged)."""
-        if self.config.channels_last:
-            for m in self.modules.values():
-                to_channels_last(m)
-        if self.config.compile:
-            check_compile_available(self.device)
-            for name, m in self.modules.items():
-                how = compile_module(m)
-                logger.info("compiled trainable module '%s' (%s)", name, how)
+        cfg = self.config
+        compiled = speed_up_modules(
+            self.modules, self.device, compile=cfg.compile, channels_last=cfg.channels_last
+        )
+        for name, how in compiled.items():
+            logger.info("compiled trainable module '%s' (%s)", name, how)
 
     def _adamw_kernel(self, params: list[nn.Parameter]) -> dict:
         """AdamW's fused kernel when every parameter is on CUDA, else torch's default. Not under
