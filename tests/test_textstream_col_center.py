@@ -101,6 +101,17 @@ def test_col_centred_file_through_flux_generation_matches_the_authors(tiny_model
     ours = sample("cc", "--col-center")
     # the flag only checks the file: the same pixels without it
     assert np.array_equal(ours, sample("plain"))
+    # a folder an older diffalign made with --col-center (centred at generation) is not added to
+    old = next((tmp_path / "cc").glob("*_a_red_cat")) / "settings.json"
+    recorded = json.loads(old.read_text())
+    assert recorded["identity"]["residual_options"]["col_center"] != True  # noqa: E712
+    recorded["identity"]["residual_options"]["col_center"] = True
+    old.write_text(json.dumps(recorded))
+    args = ["textstream", "sample", "--model", model, "--prompt", "a red cat", *SIZE, "--steps"]
+    args += ["3", "--output-dir", str(tmp_path / "cc"), "--residual-procrustes-path", str(path)]
+    args += ["--residual-weights", "0.8", "--max-sequence-length", "16", "--dtype", "fp32"]
+    assert main([*args, "--col-center"]) == 0  # sample puts the new images beside, unmixed
+    assert len(list((tmp_path / "cc").glob("*_a_red_cat*"))) == 2
 
     pipe = FluxPipeline.from_pretrained(model)
     tr = pipe.transformer

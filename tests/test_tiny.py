@@ -25,6 +25,26 @@ def test_kinds_registry():
         tiny.tiny_kind("no-such-kind")
 
 
+def test_every_family_module_imports_first():
+    """A family module imported before `engine.tiny` (as a bench does with `tiny_flux`) loads, and
+    the registry then holds every kind (the import-time discovery made this an import circle)."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import diffalign.engine as engine_pkg
+
+    names = [m.name for m in pkgutil.iter_modules(engine_pkg.__path__) if m.name.startswith("tiny_")]
+    assert {"tiny_flux", "tiny_flux1", "tiny_qwenimage"} <= set(names)
+    for first in names:  # each module first, in its own interpreter
+        order = [first] + [n for n in names if n != first]
+        code = "; ".join(f"import diffalign.engine.{n}" for n in order)
+        code += "; from diffalign.engine.tiny import kind_names; print(len(kind_names()))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, f"{first}: {done.stderr[-400:]}"
+        assert int(done.stdout) == len(tiny.kind_names())
+
+
 def test_sd3_folder_layout_and_generation(tiny_model_dir):
     from diffusers import (
         AutoencoderKL,

@@ -12,7 +12,7 @@ def register(sub) -> None:
 
 
 def _register_make_tiny(sub) -> None:
-    from diffalign.engine.tiny import TINY_KINDS, describe_kinds  # light: no torch import
+    from diffalign.engine.tiny import describe_kinds, kind_names  # light: no torch import
 
     p = sub.add_parser(
         "make-tiny",
@@ -23,7 +23,7 @@ def _register_make_tiny(sub) -> None:
             "from_pretrained and with --model of every command. Kinds: " + describe_kinds() + "."
         ),
     )
-    p.add_argument("kind", metavar="KIND", help=f"model kind: {', '.join(TINY_KINDS)}")
+    p.add_argument("kind", metavar="KIND", help=f"model kind: {', '.join(kind_names())}")
     p.add_argument(
         "--output-dir",
         "--out",  # the earlier spelling

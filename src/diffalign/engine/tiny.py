@@ -6,7 +6,7 @@ exactly like a real checkpoint: the same component classes, configs, tokenizer f
 these folders through the same code path as real models (`diffalign.engine.loading`).
 
 Kinds live in a registry (`register_kind`). Every module `diffalign.engine.tiny_<family>.py` is
-imported when this module loads, so a family registers its kinds in its own file; such modules
+imported on the first lookup of a kind, so a family registers its kinds in its own file; such modules
 keep their top-level imports light (torch, diffusers and transformers inside the builders).
 """
 
@@ -53,13 +53,21 @@ def register_kind(
     return deco
 
 
+def kind_names() -> list[str]:
+    """The registered kinds' names, in registration order (every `tiny_*` module imported)."""
+    _ensure_discovered()
+    return list(TINY_KINDS)
+
+
 def describe_kinds() -> str:
     """One line per kind: `name: description` (for `--help`)."""
+    _ensure_discovered()
     return "; ".join(f"{k.name}: {k.description}" for k in _KINDS.values())
 
 
 def tiny_kind(name: str) -> TinyKind:
     """The registered kind `name`; an unknown name is a DiffalignError listing the kinds."""
+    _ensure_discovered()
     if name not in _KINDS:
         raise DiffalignError(
             f"unknown tiny model kind '{name}'; choose one of: {', '.join(TINY_KINDS)}"
@@ -387,4 +395,14 @@ def _discover_kind_modules() -> None:
             importlib.import_module(f"diffalign.engine.{info.name}")
 
 
-_discover_kind_modules()
+_discovered = False
+
+
+def _ensure_discovered() -> None:
+    """Discover the family modules on first use, not at import: a family module imported first
+    (e.g. `diffalign.engine.tiny_flux`, which imports this one) must finish loading before its
+    siblings that import it are loaded."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        _discover_kind_modules()

@@ -526,6 +526,9 @@ def _settings_identity(settings: dict) -> dict:
     proc = rc.get("procrustes_path")
     if proc and Path(proc).is_file():
         rc["procrustes_path"] = {"path": path_key(proc), "sha256": file_sha256(proc)}
+    if rc.get("col_center"):  # a check of the file since the centring left generation: a folder
+        # whose images were centred at generation (older diffalign) is not resumed with these
+        rc["col_center"] = "file check only, not applied at generation"
     learned = rc.get("weights_file")
     if learned and Path(learned).is_file():  # by content: a moved copy is the same weights
         rc["weights_file"] = {"sha256": file_sha256(learned)}
