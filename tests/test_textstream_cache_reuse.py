@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,26 @@ def test_killed_then_rerun_equals_the_straight_run(sd3, straight, tmp_path, monk
     assert len(vae.batch_sizes) == N_IMAGES
     assert _raw_records(out) == _raw_records(cache)
     assert (out / "job.json").read_bytes() == (cache / "job.json").read_bytes()
+
+
+def test_a_rerun_in_another_dtype_or_of_a_batch_encoded_cache_is_refused(
+    sd3, straight, tmp_path, capsys
+):
+    """The encoders' dtype and the per-image encoding are part of the job: neither a rerun in
+    another dtype nor a resume of a cache an older diffalign encoded in batches mixes latents."""
+    ann, cache = straight
+    out = tmp_path / "cache"
+    shutil.copytree(cache, out)
+    before = _raw_records(out)
+    assert main([*_args(sd3, ann, out), "--dtype", "float16"]) == 2
+    assert "dtype" in capsys.readouterr().err
+    job = json.loads((out / "job.json").read_text())
+    assert job["dtype"] == "float32" and job["latent_encoding"] == "per-image"
+    del job["latent_encoding"]  # as an older diffalign wrote it
+    (out / "job.json").write_text(json.dumps(job))
+    assert main(_args(sd3, ann, out)) == 2
+    assert "latent_encoding" in capsys.readouterr().err
+    assert _raw_records(out) == before  # nothing lost
 
 
 def test_build_cache_refuses_a_negative_memory(sd3, straight, tmp_path):

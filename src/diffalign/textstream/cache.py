@@ -175,6 +175,12 @@ def build_cache(
         "resolution": int(resolution),
         "max_sequence_length": int(max_sequence_length),
         "pairs_sha256": _pairs_digest(pair_set.pairs),
+        # each image encoded alone (batch-independent latents; an older cache encoded batches)
+        "latent_encoding": "per-image",
+        # the encoders' dtype changes the stored bytes (auto: bf16 on CUDA, fp32 on the CPU)
+        "dtype": str(_dtype(dtype, torch.device(device) if device else state.device)).removeprefix(
+            "torch."
+        ),
     }
     with locked_output_dir(out, "text-stream cache"):
         _check_or_reset(out, job, overwrite, state)
