@@ -41,9 +41,17 @@ def check_compile_available(device: torch.device | str) -> None:
             raise DiffalignError("--compile on CUDA needs the triton package") from None
 
 
-def compile_module(module: nn.Module, regional: bool = True, **compile_kwargs) -> str:
+def compile_module(
+    module: nn.Module, regional: bool = True, eager_random: bool = False, **compile_kwargs
+) -> str:
     """Compile `module` in place; returns "regional" (its repeated blocks) or "whole".
-    `compile_kwargs` go to torch.compile (mode, fullgraph, dynamic)."""
+    `compile_kwargs` go to torch.compile (mode, fullgraph, dynamic). `eager_random`: random ops
+    inside the graphs (LoRA dropout) draw from torch's generator as eager does (inductor's
+    `fallback_random`), so a compiled run draws the eager run's masks; inductor's own generator
+    gives other masks."""
+    if eager_random:
+        options = {**compile_kwargs.get("options", {}), "fallback_random": True}
+        compile_kwargs["options"] = options
     if regional and repeated_block_names(module):
         module.compile_repeated_blocks(**compile_kwargs)
         return "regional"
