@@ -172,3 +172,38 @@ def test_speed_up_modules_is_what_the_loop_does_to_trainable_modules():
     assert speed_up_modules(layout, "cpu", channels_last=True) == {}
     assert layout["conv"][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert layout["lin"]._compiled_call_impl is None
+
+
+class ThreeDropouts(nn.Module):
+    """q, k, v projections of one input, each behind its own dropout (peft's LoRA dropout on an
+    attention block's to_q / to_k / to_v)."""
+
+    def __init__(self, n: int = 16):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(n, n) for _ in range(3))
+        self.drop = nn.ModuleList(nn.Dropout(0.5) for _ in range(3))
+
+    def forward(self, x):
+        q, k, v = (p(d(x)) for p, d in zip(self.proj, self.drop))
+        return (q * k).softmax(-1) * v
+
+
+def test_compiled_dropout_draws_the_eager_masks_with_eager_random():
+    """The training loop compiles with `eager_random`: inductor's dropout then draws from torch's
+    generator in eager's order (output, gradients and the generator's state after the step are
+    eager's); with inductor's own random numbers they are not."""
+
+    def step(compile_kwargs: dict | None) -> list[torch.Tensor]:
+        torch._dynamo.reset()  # no graph of another compile call reused
+        torch.manual_seed(0)
+        net = ThreeDropouts()
+        if compile_kwargs is not None:
+            compile_module(net, **compile_kwargs)
+        torch.manual_seed(3)
+        y = net(torch.ones(4, 16))
+        y.square().sum().backward()
+        return [y.detach(), net.proj[0].weight.grad, torch.rand(3)]
+
+    eager = step(None)
+    torch.testing.assert_close(step({"eager_random": True}), eager)
+    assert not torch.equal(step({})[2], eager[2])

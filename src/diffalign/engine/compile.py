@@ -41,9 +41,17 @@ def check_compile_available(device: torch.device | str) -> None:
             raise DiffalignError("--compile on CUDA needs the triton package") from None
 
 
-def compile_module(module: nn.Module, regional: bool = True, **compile_kwargs) -> str:
+def compile_module(
+    module: nn.Module, regional: bool = True, eager_random: bool = False, **compile_kwargs
+) -> str:
     """Compile `module` in place; returns "regional" (its repeated blocks) or "whole".
-    `compile_kwargs` go to torch.compile (mode, fullgraph, dynamic)."""
+    `compile_kwargs` go to torch.compile (mode, fullgraph, dynamic). `eager_random`: random ops
+    inside the graphs (LoRA dropout) draw from torch's generator as eager does (inductor's
+    `fallback_random`), so a compiled run draws the eager run's masks; inductor's own generator
+    gives other masks."""
+    if eager_random:
+        options = {**compile_kwargs.get("options", {}), "fallback_random": True}
+        compile_kwargs["options"] = options
     if regional and repeated_block_names(module):
         module.compile_repeated_blocks(**compile_kwargs)
         return "regional"
@@ -61,14 +69,15 @@ def speed_up_modules(
     """What `TrainConfig(compile=..., channels_last=...)` does to a run's trainable modules, in
     place (the training loop and bench/ call this one function): the weights of modules with
     convolutions in channels_last first, then each module compiled (`compile_module`). Returns
-    how each one was compiled ("regional" / "whole"; empty without `compile`)."""
+    how each one was compiled ("regional" / "whole"; empty without `compile`). Compiled with
+    `eager_random`: dropout masks drawn as in eager, so compiled training is the eager run."""
     if channels_last:
         for m in modules.values():
             to_channels_last(m)
     if not compile:
         return {}
     check_compile_available(device)
-    return {name: compile_module(m) for name, m in modules.items()}
+    return {name: compile_module(m, eager_random=True) for name, m in modules.items()}
 
 
 def compile_layers(module: nn.Module, **compile_kwargs) -> int:

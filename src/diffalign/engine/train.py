@@ -25,10 +25,10 @@ of every accumulation window. Data parallel only (no DeepSpeed/FSDP). On a CPU-o
 processes need `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py`
 (`--cpu` alone starts a single process). Speed (issue 18): `compile=True` compiles every
 trainable module in place (`engine.compile.compile_module`: regional for diffusers models with
-repeated blocks, same state-dict keys, so checkpoints and exact resume are unchanged),
-`channels_last=True` puts the weights of modules with convolutions in NHWC layout, and AdamW
-runs its fused kernel when every parameter is on CUDA (not under fp16; a resume keeps this
-run's kernel).
+repeated blocks, same state-dict keys, so checkpoints and exact resume are unchanged; dropout
+inside the graphs draws the eager run's masks), `channels_last=True` puts the weights of modules
+with convolutions in NHWC layout, and AdamW runs its fused kernel when every parameter is on CUDA
+(not under fp16; a resume keeps this run's kernel).
 
 Modules: the options in `engine.train_config`, checkpoint IO and resume in `engine.checkpoints`,
 logging and reports in `engine.train_reports`; every public name is importable from here.
