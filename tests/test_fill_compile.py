@@ -49,7 +49,7 @@ def _keys(folder) -> dict[str, set[str]]:
 def compiled_modules(monkeypatch):
     """Records (module class, how) of every `compile_module` call of the training loop, and
     clears dynamo's counters (graphs made, graph breaks)."""
-    import diffalign.engine.train as loop
+    import diffalign.engine.compile as loop  # speed_up_modules: the loop's compile step
 
     seen: list[tuple[str, str]] = []
     original = loop.compile_module
