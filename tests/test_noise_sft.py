@@ -130,7 +130,7 @@ def test_deterministic_reaches_the_loop(sdxl, dataset, tmp_path):
 def test_compile_option_compiles_the_trained_unet(sdxl, dataset, tmp_path, monkeypatch):
     """`noise sft --compile` reaches the loop, which compiles the U-Net in place (regional); the
     compiled == eager numbers are tests/test_train_compile.py's (inductor is slow on the CPU)."""
-    import diffalign.engine.train as train_mod
+    import diffalign.engine.compile as compile_mod  # the loop compiles through speed_up_modules
 
     seen = []
 
@@ -138,7 +138,7 @@ def test_compile_option_compiles_the_trained_unet(sdxl, dataset, tmp_path, monke
         seen.append(type(module).__name__)
         return "regional"
 
-    monkeypatch.setattr(train_mod, "compile_module", record)
+    monkeypatch.setattr(compile_mod, "compile_module", record)
     base = ["noise", "sft", "--manifest-path", str(dataset), *TRAIN, *model_args(sdxl)]
     out = tmp_path / "c"
     assert main([*base, "--output-dir", str(out), "--max-steps", "1", "--compile"]) == 0
