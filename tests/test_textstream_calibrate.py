@@ -63,7 +63,7 @@ def reference_calibration(
         sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
         sched.set_timesteps(steps)
         t = sched.timesteps[k].reshape(1)
-        branches = [prompt] + ([""] if cfg > 1 else [])
+        branches = [prompt]  # CFG shapes x_t; only the prompt's own tokens are fitted
         with torch.no_grad():
             for text_prompt in branches:
                 pe, _, pooled, _ = pipe.encode_prompt(

@@ -18,11 +18,22 @@ Where x_t comes from (`xt_source`):
 Token strategy: "all" uses every text token (77 CLIP + T5 tokens); "valid" keeps CLIP tokens
 through EOS and T5 tokens through EOS (the tokenizers' attention masks), dropping padding.
 
+Only the conditional rows are collected (`COLLECTED_BRANCH`): with `cfg > 1` the unconditional
+branch (empty negative prompt) shapes the trajectory, as at generation, but its text tokens do
+not enter the Procrustes sums. This is what the method's authors fit
+(Yaoyuxuanyyds/Training-free-Residual-SD3 at e9d7900: `compute_sd3_text_procrustes.py`,
+`Flux-Residual/compute_flux_text_procrustes.py` and
+`Qwen-Image-Residual/compute_qwen_text_procrustes.py` encode the prompt alone, batch 1); the
+empty prompt's tokens are the same few tokens for every sample and would pull the rotation
+towards mapping the empty prompt's origin tokens onto its target tokens.
+
 Families (issue 15): SD3/SD3.5 run the loop above by hand; FLUX.1 and Qwen-Image run their own
 pipeline from the sample's noise with a step callback (`_run_batch_pipeline`), so distilled
 guidance, true CFG and dynamic shifting are exactly the pipeline's. Blocks are found by the
-family's `StreamAdapter` (global indices). "valid" keeps T5 tokens through EOS on FLUX.1 and
-the tokens the Qwen-Image blocks' text mask keeps. With `timestep_buckets` N > 1 each row goes
+family's `StreamAdapter` (global indices). "valid" keeps T5 tokens through EOS on FLUX.1. On
+Qwen-Image both strategies keep the tokens the blocks' text mask keeps: a Qwen-Image prompt has
+no padding of its own (the pipeline pads a batch to its longest prompt), so those are the tokens
+the prompt has alone, whatever the batch. With `timestep_buckets` N > 1 each row goes
 to the accumulator of the bucket its timestep falls in (one rotation per bucket and target);
 `col_center` centres the feature columns before each solve (`X^T Y - s_x s_y^T / n`).
 
@@ -52,6 +63,7 @@ from diffalign.textstream.rotations import RotationSet, equal_bucket_edges, save
 
 TOKEN_STRATEGIES = ("all", "valid")
 XT_SOURCES = ("trajectory", "noise")
+COLLECTED_BRANCH = "conditional"  # recorded in rotation files: the rows whose tokens are fitted
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -112,6 +124,8 @@ class _TokenCollector:
     mask `mask [len(rows), n]` (None: every token, or on Qwen-Image with `use_call_mask` the
     mask the blocks get), are collected during the next transformer forward, each row into the
     accumulator of its timestep bucket (`accs[b]`; one accumulator without bucket edges).
+    With `call_masks` (pipelines that call the transformer once for the prompts, then once for
+    the negative prompt) only the first `len(call_masks)` calls of a step are collected.
     `blocks` is a `StreamAdapter` (or, for SD3, the list of joint blocks).
     """
 
@@ -136,6 +150,7 @@ class _TokenCollector:
         self.use_call_mask = False
         self.call_masks: list[torch.Tensor | None] | None = None  # per call of one step
         self.calls_in_step = 0
+        self._active = True  # False during a call of the step that is not collected
         self._row_buckets: torch.Tensor | None = None
         self._x: list | None = None
         self.handles = []
@@ -154,9 +169,11 @@ class _TokenCollector:
 
     def _forward(self, module, args, kwargs):
         """Per transformer call: the rows' buckets from its timestep; the call's token mask."""
+        self._active = True
         if self.call_masks is not None and self.rows is not None:
-            k = min(self.calls_in_step, len(self.call_masks) - 1)
-            self.mask = self.call_masks[k]
+            self._active = self.calls_in_step < len(self.call_masks)
+            if self._active:
+                self.mask = self.call_masks[self.calls_in_step]
         self.calls_in_step += 1
         if self.edges is None:
             self._row_buckets = None
@@ -192,12 +209,15 @@ class _TokenCollector:
             out.append((b, standardize(tokens, self.eps)[0]))
         return out
 
+    def _collecting(self) -> bool:
+        return self.rows is not None and self._active
+
     def _origin(self, module, args, kwargs):
-        self._x = None if self.rows is None else self._groups(args, kwargs)
+        self._x = self._groups(args, kwargs) if self._collecting() else None
 
     def _target(self, layer: int):
         def hook(module, args, kwargs):
-            if self.rows is not None:
+            if self._collecting():
                 for (b, x), (_, y) in zip(self._x, self._groups(args, kwargs)):
                     self.accs[b].add(layer, x, y)
 
@@ -239,8 +259,8 @@ def calibrate(
     """Calibrate per-layer Procrustes rotations and write them to `output` (spec T).
 
     `pipe` (a loaded SD3, FLUX.1 or Qwen-Image pipeline) and `prompts` may be given instead of
-    `model` / `dataset`. `cfg > 1` adds the unconditional branch (empty negative prompt) to both
-    the trajectory and the collected tokens. `steps`, `max_sequence_length` and FLUX's
+    `model` / `dataset`. `cfg > 1` adds the unconditional branch (empty negative prompt) to the
+    trajectory; only the conditional rows' tokens are collected. `steps`, `max_sequence_length` and FLUX's
     `guidance` default to the model card's. `timestep_buckets` N > 1 calibrates one rotation
     per bucket of the 0..1000 schedule split in N equal parts, from the samples whose drawn
     timestep falls in it; `col_center` centres the feature columns before each solve. Returns
@@ -490,6 +510,7 @@ def _calibrate_locked(
         "feature_dim": feature_dim,
         "num_valid_tokens": num_valid_tokens,
         "token_strategy": token_strategy,
+        "collected_branch": COLLECTED_BRANCH,
         "model_family": family,
         "strategy": "row_ln_then_col_center" if col_center else "row_ln",
         "column_center": bool(col_center),
@@ -524,6 +545,7 @@ def _calibrate_locked(
             "height",
             "width",
             "dtype",
+            "collected_branch",
         )
         save_rotations(
             output_path,
@@ -581,23 +603,19 @@ def _run_batch(
     b = len(prompts)
     if token_strategy == "valid":
         mask = text_token_mask(pipe, prompts, n_tok, max_sequence_length)
-        neg_mask = text_token_mask(pipe, [""] * b, n_tok, max_sequence_length) if use_cfg else None
     else:
         mask = torch.ones(b, n_tok, dtype=torch.bool)
-        neg_mask = mask
     if use_cfg:  # pipeline order: unconditional rows first
         pe, pooled = torch.cat([npe, pe]), torch.cat([npooled, pooled])
 
     def collect(sel: list[int]) -> None:
+        """Arm the collector for the conditional rows of the samples `sel`."""
         if not sel:
             collector.rows = None
             return
-        rows, masks = list(sel), [mask[s] for s in sel]
-        if use_cfg:
-            rows = list(sel) + [b + s for s in sel]
-            masks = [neg_mask[s] for s in sel] + masks
-        collector.rows = torch.tensor(rows)
-        collector.mask = torch.stack(masks)
+        offset = b if use_cfg else 0  # the conditional rows follow the unconditional ones
+        collector.rows = torch.tensor([offset + s for s in sel])
+        collector.mask = torch.stack([mask[s] for s in sel])
 
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps, device=device, **_shift_kwargs(scheduler, tr, latents))
@@ -665,8 +683,8 @@ def _run_batch_pipeline(
     callback that arms the collector for the rows whose step comes next and stops the loop
     after the last one. "noise" resets the latents to the initial noise after every step, so
     the transformer sees pure noise at the drawn step's timestep. With true CFG (`cfg > 1`) the
-    pipeline calls the transformer once for the prompts, then once for the empty negative
-    prompt; both calls are collected, each with its own token mask.
+    pipeline calls the transformer once for the prompts, then once for the negative prompt;
+    only the first call (the prompts) is collected.
     """
     from diffalign.textstream.families import pipeline_kwargs
 
@@ -679,16 +697,11 @@ def _run_batch_pipeline(
     packed = pipe._pack_latents(noise, b, c, h, w)
     use_cfg = cfg > 1.0
     negative = "" if family == "flux" else " "
-    masks: list[torch.Tensor | None] = [None, None]
-    collector.use_call_mask = False
-    if token_strategy == "valid":
-        if family == "flux":
-            masks = [
-                _t5_mask(pipe.tokenizer_2, texts, max_sequence_length)
-                for texts in (prompts, [negative] * b)
-            ]
-        else:  # Qwen-Image: the blocks get the text mask
-            collector.use_call_mask = True
+    masks: list[torch.Tensor | None] = [None]  # one collected call per step: the prompts'
+    # Qwen-Image: the blocks' text mask drops the batch padding (see the module docstring)
+    collector.use_call_mask = family == "qwen-image"
+    if token_strategy == "valid" and family == "flux":
+        masks = [_t5_mask(pipe.tokenizer_2, prompts, max_sequence_length)]
 
     def arm(step: int) -> None:
         rows = [s for s in range(b) if ks[s] == step]

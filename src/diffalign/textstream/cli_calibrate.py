@@ -74,7 +74,9 @@ def register(verbs) -> None:
         "--token-strategy",
         choices=("all", "valid"),
         default="all",
-        help="all text tokens, or valid = CLIP and T5 tokens through EOS (default: %(default)s)",
+        help="all text tokens, or valid = CLIP and T5 tokens through EOS, padding dropped (the "
+        "method authors' default; on Qwen-Image both keep the prompt's own tokens) (default: "
+        "%(default)s)",
     )
     p.add_argument(
         "--xt-source",
@@ -115,7 +117,8 @@ def register(verbs) -> None:
         type=nonneg_float,
         default=1.0,
         help="guidance scale; > 1 adds the unconditional branch (empty prompt) to the "
-        "trajectory and to the collected tokens (default: %(default)s = conditional only)",
+        "trajectory; the tokens are collected from the conditional rows only, as the method's "
+        "authors fit them (default: %(default)s)",
     )
     p.add_argument(
         "--height", type=positive_int, default=None, help="image height (default: model's)"
