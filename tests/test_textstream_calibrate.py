@@ -209,7 +209,7 @@ def test_trajectory_latents_are_the_pipelines(pipe):
     finally:
         col.close()
         handle.remove()
-    k = ks[0]
+    (k,) = ks[0]  # the one step sample 0 is collected at
     ours, theirs = seen_inputs[: k + 1], seen_inputs[k + 1 :]
     assert len(theirs) == 5 and len(steps_seen) == 5
     for a, b in zip(ours, theirs):

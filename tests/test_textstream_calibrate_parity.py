@@ -14,12 +14,20 @@ the authors' SVD leaves `R 1` free, ours pins `R 1 = 1`.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from diffalign.engine.errors import DiffalignError
 from diffalign.textstream import load_rotations
-from diffalign.textstream.calibrate import calibrate, draw_sample
+from diffalign.textstream.calibrate import (
+    calibrate,
+    draw_bucket_steps,
+    draw_sample,
+    schedule_buckets,
+)
 
 PROMPTS = ["a red cat", "two dogs on wet grass", "x", "a blue car near a tall tree", "sunset"]
 STEPS, SEED, SIZE, MSL, CFG = 3, 7, 32, 32, 2.0
@@ -56,21 +64,21 @@ def authors_token_mask(pipe, kind: str, prompt: str, num_tokens: int) -> np.ndar
     return np.ones(num_tokens, dtype=bool)  # Qwen-Image: one prompt alone is not padded
 
 
-def prompt_call(pipe, kind: str, index: int, prompt: str) -> tuple[dict, int]:
-    """(transformer kwargs of the prompt's own row at the drawn step, the drawn step)."""
+def pipeline_calls(pipe, kind: str, index: int, prompt: str, steps: int, cfg: float):
+    """Every transformer call (kwargs) of the real pipeline run from the sample's noise."""
     vsf = pipe.vae_scale_factor
     channels = pipe.transformer.config.in_channels // (1 if kind == "sd3" else 4)
     shape = (channels, SIZE // vsf, SIZE // vsf)
-    k, noise = draw_sample(SEED, index, STEPS, shape)
+    _, noise = draw_sample(SEED, index, steps, shape)
     calls = []
     hook = pipe.transformer.register_forward_pre_hook(
         lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True
     )
-    common = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="latent")
+    common = dict(num_inference_steps=steps, height=SIZE, width=SIZE, output_type="latent")
     common["max_sequence_length"] = MSL
     try:
         if kind == "sd3":
-            pipe(prompt, latents=noise[None], guidance_scale=CFG, **common)
+            pipe(prompt, latents=noise[None], guidance_scale=cfg, **common)
         else:
             packed = pipe._pack_latents(noise[None], 1, *shape)
             extra = {"guidance_scale": 3.5} if kind == "flux-dev" else {}
@@ -78,17 +86,33 @@ def prompt_call(pipe, kind: str, index: int, prompt: str) -> tuple[dict, int]:
             pipe(
                 prompt,
                 latents=packed,
-                true_cfg_scale=CFG,
+                true_cfg_scale=cfg,
                 negative_prompt=negative,
                 **common,
                 **extra,
             )
     finally:
         hook.remove()
-    if kind == "sd3":  # one call per step, rows [unconditional, conditional]
-        kw = calls[k]
-        return {n: (v[1:] if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}, k
-    return calls[2 * k], k  # true CFG: the prompt's call, then the negative prompt's
+    return calls
+
+
+def prompt_row(calls: list[dict], kind: str, step: int, cfg: float) -> dict:
+    """The transformer kwargs of the prompt's own row at `step`."""
+    if kind == "sd3":  # one call per step; with CFG rows [unconditional, conditional]
+        kw = calls[step]
+        if cfg <= 1:
+            return kw
+        return {n: (v[1:] if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
+    return calls[2 * step if cfg > 1 else step]  # true CFG: the prompt's call, then the negative
+
+
+def prompt_call(pipe, kind: str, index: int, prompt: str) -> tuple[dict, int]:
+    """(transformer kwargs of the prompt's own row at the drawn step, the drawn step)."""
+    calls = pipeline_calls(pipe, kind, index, prompt, STEPS, CFG)
+    vsf = pipe.vae_scale_factor
+    channels = pipe.transformer.config.in_channels // (1 if kind == "sd3" else 4)
+    k, _ = draw_sample(SEED, index, STEPS, (channels, SIZE // vsf, SIZE // vsf))
+    return prompt_row(calls, kind, k, CFG), k
 
 
 def entering_text(pipe, kwargs: dict) -> list[np.ndarray]:
@@ -118,26 +142,31 @@ def authors_standardize(token: np.ndarray) -> np.ndarray:
     return (token - token.mean()) / (token.std(ddof=1) + 1e-6)
 
 
+def add_tokens(xty: dict, pipe, kind: str, prompt: str, kwargs: dict) -> int:
+    """Add the prompt's kept tokens of one call to `xty[target]`; returns their number."""
+    text = entering_text(pipe, kwargs)
+    keep = authors_token_mask(pipe, kind, prompt, text[0].shape[0])
+    d = text[0].shape[1]
+    for j in np.flatnonzero(keep):  # the slow, obvious sum over kept tokens
+        x = authors_standardize(text[ORIGIN][j])
+        for t in TARGETS:
+            y = authors_standardize(text[t][j])
+            xty[t] = xty.get(t, np.zeros((d, d))) + np.outer(x, y)
+    return int(keep.sum())
+
+
+def procrustes(xty: np.ndarray) -> np.ndarray:
+    u, _, vh = np.linalg.svd(xty)
+    return u @ vh
+
+
 def reference_rotations(pipe, kind: str) -> tuple[dict[int, np.ndarray], int]:
-    d = None
     xty: dict[int, np.ndarray] = {}
     count = 0
     for index, prompt in enumerate(PROMPTS):
         kwargs, _ = prompt_call(pipe, kind, index, prompt)
-        text = entering_text(pipe, kwargs)
-        keep = authors_token_mask(pipe, kind, prompt, text[0].shape[0])
-        d = text[0].shape[1]
-        for j in np.flatnonzero(keep):  # the slow, obvious sum over kept tokens
-            x = authors_standardize(text[ORIGIN][j])
-            count += 1
-            for t in TARGETS:
-                y = authors_standardize(text[t][j])
-                xty[t] = xty.get(t, np.zeros((d, d))) + np.outer(x, y)
-    out = {}
-    for t in TARGETS:
-        u, _, vh = np.linalg.svd(xty[t])
-        out[t] = u @ vh
-    return out, count
+        count += add_tokens(xty, pipe, kind, prompt, kwargs)
+    return {t: procrustes(xty[t]) for t in TARGETS}, count
 
 
 def on_zero_mean_rows(r: np.ndarray) -> np.ndarray:
@@ -223,3 +252,82 @@ def test_qwen_image_tokens_do_not_depend_on_the_batch(tiny_model_dir, tmp_path):
         torch.testing.assert_close(
             runs[1][1].rotations[t], runs[2][1].rotations[t], atol=1e-5, rtol=0
         )
+
+
+def test_schedule_buckets_and_bucket_draws():
+    timesteps = torch.tensor([1000.0, 937.5, 857.1, 750.0, 600.0, 375.0])
+    candidates = schedule_buckets(timesteps, [0.0, 500.0, 1000.0])
+    assert candidates == [[5], [0, 1, 2, 3, 4]]
+    assert schedule_buckets(timesteps, None) == [list(range(6))]
+    draws = [draw_bucket_steps(3, i, candidates) for i in range(200)]
+    assert all(d[0] == 5 and d[1] in range(5) for d in draws)
+    assert {d[1] for d in draws} == set(range(5))  # every candidate gets drawn
+    assert draws == [draw_bucket_steps(3, i, candidates) for i in range(200)]  # deterministic
+    with pytest.raises(DiffalignError, match=r"bucket\(s\) \[0\].*more --steps"):
+        schedule_buckets(timesteps, [0.0, 250.0, 1000.0])
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
+def test_bucket_draw_reaches_every_bucket_per_sample(tiny_model_dir, tmp_path, kind):
+    """`timestep_draw="bucket"`: each sample is collected once per bucket, at a step drawn
+    among the schedule's steps in that bucket (the authors' per-bucket loop); the rotations
+    per bucket equal the reference built from the pipeline's own calls at those steps."""
+    pipe = load_pipe(tiny_model_dir, kind)
+    steps, edges = 6, [0.0, 500.0, 1000.0]
+    out = tmp_path / "rot.safetensors"
+    summary = calibrate(
+        pipe=pipe,
+        prompts=PROMPTS,
+        num_samples=len(PROMPTS),
+        origin_layer=ORIGIN,
+        target_layers=TARGETS,
+        output=str(out),
+        seed=SEED,
+        steps=steps,
+        height=SIZE,
+        width=SIZE,
+        max_sequence_length=MSL,
+        token_strategy="valid",
+        timestep_buckets=2,
+        timestep_draw="bucket",
+        batch_size=2,
+    )
+    scale = 1000.0 if kind == "flux-dev" else 1.0  # FLUX.1's transformer takes sigma
+    xty: list[dict] = [{}, {}]
+    counts = [0, 0]
+    for index, prompt in enumerate(PROMPTS):
+        calls = pipeline_calls(pipe, kind, index, prompt, steps, 1.0)
+        ts = [float(c["timestep"].flatten()[0]) * scale for c in calls]
+        top = edges[-1]  # the last bucket also holds t = 1000 (the first step)
+        candidates = [
+            [i for i, t in enumerate(ts) if lo <= t < hi or (hi == top and t >= top)]
+            for lo, hi in zip(edges, edges[1:])
+        ]
+        for b, step in enumerate(draw_bucket_steps(SEED, index, candidates)):
+            counts[b] += add_tokens(xty[b], pipe, kind, prompt, prompt_row(calls, kind, step, 1.0))
+    assert summary["bucket_tokens"] == counts
+    assert sum(summary["timestep_index_histogram"]) == 2 * len(PROMPTS)
+    rs = load_rotations(out)
+    assert rs.metadata["timestep_draw"] == "bucket"
+    for t in TARGETS:
+        for b in range(2):
+            ours = on_zero_mean_rows(rs.rotations[t][b].double().numpy())
+            np.testing.assert_allclose(ours, on_zero_mean_rows(procrustes(xty[b][t])), atol=2e-4)
+
+
+def test_cli_timestep_draw(tiny_model_dir, tmp_path, capsys):
+    from diffalign.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "r.safetensors"
+    args = ["textstream", "calibrate", "--model", tiny_model_dir("sd3"), "--dataset", str(prompts)]
+    args += ["--num-samples", "3", "--xt-source", "noise", "--timestep-buckets", "4"]
+    args += ["--timestep-draw", "bucket", "--output", str(out)]
+    assert main([*args, "--steps", "2"]) == 2  # 2 steps cannot fill 4 buckets
+    assert "hold none of the schedule's 2 timesteps" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "--steps", "8"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["timestep_draw"] == "bucket" and sum(summary["timestep_index_histogram"]) == 12
+    assert len(set(summary["bucket_tokens"])) == 1  # every sample in every bucket

@@ -37,6 +37,13 @@ the prompt has alone, whatever the batch. With `timestep_buckets` N > 1 each row
 to the accumulator of the bucket its timestep falls in (one rotation per bucket and target);
 `col_center` centres the feature columns before each solve (`X^T Y - s_x s_y^T / n`).
 
+Timestep draw (`timestep_draw`): "sample" (default, spec T) draws one step index per sample, so
+with N buckets each bucket sees the samples whose step fell in it (about n / N). "bucket" draws
+one step per sample *and bucket*, uniformly among the schedule's steps whose timestep falls in
+that bucket (`draw_bucket_steps`), so every sample reaches every bucket, as the method's authors
+calibrate (each pair once per bucket, e.g. `Flux-Residual/compute_flux_text_procrustes.py` at
+e9d7900). The trajectory runs once per sample to its last drawn step and is collected at each.
+
 Under `accelerate launch` each process takes samples `rank, rank + world, ...`, the sums are
 all-reduced, and rank 0 writes the rotation file, `summary.json` and `procrustes_errors.png`.
 Each sample's randomness comes from `(seed, sample index)`, so the result does not depend on
@@ -62,6 +69,7 @@ from diffalign.textstream.residual import bucket_index, standardize
 from diffalign.textstream.rotations import RotationSet, equal_bucket_edges, save_rotations
 
 TOKEN_STRATEGIES = ("all", "valid")
+TIMESTEP_DRAWS = ("sample", "bucket")
 XT_SOURCES = ("trajectory", "noise")
 COLLECTED_BRANCH = "conditional"  # recorded in rotation files: the rows whose tokens are fitted
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,6 +86,31 @@ def draw_sample(seed: int, index: int, steps: int, latent_shape: Sequence[int]):
     k = int(torch.randint(0, steps, (1,), generator=g))
     noise = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32)
     return k, noise
+
+
+def schedule_buckets(timesteps, edges: Sequence[float] | None) -> list[list[int]]:
+    """Per timestep bucket, the indices of the schedule's steps whose timestep falls in it
+    (one bucket holding every step when `edges` is None); an empty bucket is an error."""
+    t = torch.as_tensor(timesteps).detach().to(torch.float64).cpu().reshape(-1)
+    if edges is None:
+        return [list(range(len(t)))]
+    owner = bucket_index(t, edges).tolist()
+    out = [[i for i, b in enumerate(owner) if b == bucket] for bucket in range(len(edges) - 1)]
+    empty = [b for b, steps in enumerate(out) if not steps]
+    if empty:
+        ranges = ", ".join(f"{edges[b]:g}..{edges[b + 1]:g}" for b in empty)
+        raise DiffalignError(
+            f"timestep bucket(s) {empty} ({ranges}) hold none of the schedule's {len(t)} "
+            "timesteps: use more --steps or fewer --timestep-buckets (nothing written)"
+        )
+    return out
+
+
+def draw_bucket_steps(seed: int, index: int, candidates: list[list[int]]) -> list[int]:
+    """`--timestep-draw bucket`: one step index per bucket for one sample, uniform among that
+    bucket's `candidates` (`schedule_buckets`); independent of process count and batch."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index) + 2**62) % (2**63))
+    return [steps[int(torch.randint(0, len(steps), (1,), generator=g))] for steps in candidates]
 
 
 def text_token_mask(pipe, prompts: list[str], num_tokens: int, max_sequence_length: int):
@@ -255,6 +288,7 @@ def calibrate(
     timestep_buckets: int = 1,
     col_center: bool = False,
     guidance: float | None = None,
+    timestep_draw: str = "sample",
 ) -> dict:
     """Calibrate per-layer Procrustes rotations and write them to `output` (spec T).
 
@@ -263,7 +297,8 @@ def calibrate(
     trajectory; only the conditional rows' tokens are collected. `steps`, `max_sequence_length` and FLUX's
     `guidance` default to the model card's. `timestep_buckets` N > 1 calibrates one rotation
     per bucket of the 0..1000 schedule split in N equal parts, from the samples whose drawn
-    timestep falls in it; `col_center` centres the feature columns before each solve. Returns
+    timestep falls in it (`timestep_draw` "bucket": every sample, at one step drawn in each
+    bucket); `col_center` centres the feature columns before each solve. Returns
     the summary that is also written to `summary.json` beside `output`.
     """
     from diffalign.engine.distributed import process_state
@@ -273,6 +308,8 @@ def calibrate(
         raise DiffalignError(f"--token-strategy must be one of {', '.join(TOKEN_STRATEGIES)}")
     if xt_source not in XT_SOURCES:
         raise DiffalignError(f"--xt-source must be one of {', '.join(XT_SOURCES)}")
+    if timestep_draw not in TIMESTEP_DRAWS:
+        raise DiffalignError(f"--timestep-draw must be one of {', '.join(TIMESTEP_DRAWS)}")
     for name, value in (
         ("--num-samples", num_samples),
         ("--steps", 1 if steps is None else steps),
@@ -326,6 +363,7 @@ def calibrate(
             timestep_buckets=int(timestep_buckets),
             col_center=bool(col_center),
             guidance=guidance,
+            timestep_draw=timestep_draw,
         )
 
 
@@ -359,6 +397,7 @@ def _calibrate_locked(
     timestep_buckets=1,
     col_center=False,
     guidance=None,
+    timestep_draw="sample",
 ) -> dict:
     run_device = torch.device(device) if device else state.device
     torch_dtype = _resolve_dtype(dtype, run_device)
@@ -433,7 +472,7 @@ def _calibrate_locked(
         for _ in range(max(1, timestep_buckets))
     ]
     mine = list(range(state.process_index, len(prompts), state.num_processes))
-    drawn: dict[int, int] = {}
+    drawn: dict[int, list[int]] = {}  # sample -> the step indices it was collected at
     collector = _TokenCollector(
         adapter, origin_layer, target_layers, accs, eps, transformer=tr, bucket_edges=edges
     )
@@ -457,6 +496,7 @@ def _calibrate_locked(
                     max_sequence_length=max_sequence_length,
                     dtype=torch_dtype,
                     device=run_device,
+                    timestep_draw=timestep_draw,
                     **extra,
                 )
                 drawn.update(zip(batch, ks))
@@ -471,12 +511,12 @@ def _calibrate_locked(
             dist.all_reduce(flat)
             acc.load_state(flat)
         counts = torch.zeros(steps, dtype=torch.float64, device=flat.device)
-        for k in drawn.values():
+        for k in (k for ks in drawn.values() for k in ks):
             counts[k] += 1
         dist.all_reduce(counts)
         histogram = [int(c) for c in counts.tolist()]
     else:
-        histogram = [sum(1 for k in drawn.values() if k == s) for s in range(steps)]
+        histogram = [sum(ks.count(s) for ks in drawn.values()) for s in range(steps)]
 
     bucket_tokens = [int(acc.count[0]) for acc in accs]
     empty = [b for b, n in enumerate(bucket_tokens) if n == 0]
@@ -522,6 +562,7 @@ def _calibrate_locked(
         "xt_source": xt_source,
         "steps": int(steps),
         "cfg": float(cfg),
+        "timestep_draw": timestep_draw,
         "seed": int(seed),
         "height": height,
         "width": width,
@@ -546,6 +587,7 @@ def _calibrate_locked(
             "width",
             "dtype",
             "collected_branch",
+            "timestep_draw",
         )
         save_rotations(
             output_path,
@@ -583,12 +625,13 @@ def _run_batch(
     max_sequence_length: int,
     dtype,
     device,
-) -> list[int]:
-    """Run one batch to each sample's drawn step and collect its tokens; returns the indices."""
+    timestep_draw: str = "sample",
+) -> list[list[int]]:
+    """Run one batch to each sample's drawn steps and collect its tokens there; returns each
+    sample's step indices."""
     tr = pipe.transformer
     use_cfg = cfg > 1.0
     draws = [draw_sample(seed, i, steps, latent_shape) for i in indices]
-    ks = [k for k, _ in draws]
     latents = torch.stack([n for _, n in draws]).to(device=device, dtype=dtype)
     pe, npe, pooled, npooled = pipe.encode_prompt(
         prompt=prompts,
@@ -622,24 +665,27 @@ def _run_batch(
     timesteps = scheduler.timesteps
     if len(timesteps) != steps:
         raise DiffalignError(f"the scheduler made {len(timesteps)} timesteps for --steps {steps}")
+    plans = _plans(draws, indices, seed, timestep_draw, timesteps, collector.edges)
+    last = max(max(p) for p in plans)
 
     if xt_source == "noise":
-        collect(list(range(b)))
-        t = timesteps[torch.tensor(ks, device=timesteps.device)]
-        model_in = torch.cat([latents, latents]) if use_cfg else latents
-        tt = torch.cat([t, t]) if use_cfg else t
-        tr(
-            hidden_states=model_in,
-            timestep=tt,
-            encoder_hidden_states=pe,
-            pooled_projections=pooled,
-            return_dict=False,
-        )
-        collector.rows = None
-        return ks
+        for j in range(len(plans[0])):  # one forward per drawn step of every sample
+            collect(list(range(b)))
+            t = timesteps[torch.tensor([p[j] for p in plans], device=timesteps.device)]
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            tt = torch.cat([t, t]) if use_cfg else t
+            tr(
+                hidden_states=model_in,
+                timestep=tt,
+                encoder_hidden_states=pe,
+                pooled_projections=pooled,
+                return_dict=False,
+            )
+            collector.rows = None
+        return plans
 
-    for i, t in enumerate(timesteps[: max(ks) + 1]):
-        collect([s for s in range(b) if ks[s] == i])
+    for i, t in enumerate(timesteps[: last + 1]):
+        collect([s for s in range(b) if i in plans[s]])
         model_in = torch.cat([latents, latents]) if use_cfg else latents
         pred = tr(
             hidden_states=model_in,
@@ -649,13 +695,22 @@ def _run_batch(
             return_dict=False,
         )[0]
         collector.rows = None
-        if i == max(ks):
+        if i == last:
             break
         if use_cfg:
             uncond, cond = pred.chunk(2)
             pred = uncond + cfg * (cond - uncond)
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-    return ks
+    return plans
+
+
+def _plans(draws, indices, seed, timestep_draw, timesteps, edges) -> list[list[int]]:
+    """The step indices each sample is collected at: its drawn step ("sample"), or one step
+    drawn in each timestep bucket ("bucket")."""
+    if timestep_draw == "sample":
+        return [[k] for k, _ in draws]
+    candidates = schedule_buckets(timesteps, edges)
+    return [draw_bucket_steps(seed, i, candidates) for i in indices]
 
 
 def _run_batch_pipeline(
@@ -675,22 +730,24 @@ def _run_batch_pipeline(
     max_sequence_length: int,
     dtype,
     device,
-) -> list[int]:
+    timestep_draw: str = "sample",
+) -> list[list[int]]:
     """FLUX.1 / Qwen-Image: run the pipeline itself from each sample's noise and collect at the
-    drawn step; returns the drawn step indices.
+    drawn steps; returns each sample's step indices.
 
     The pipeline is driven with `latents=` (the packed noise of `draw_sample`) and a step
     callback that arms the collector for the rows whose step comes next and stops the loop
     after the last one. "noise" resets the latents to the initial noise after every step, so
     the transformer sees pure noise at the drawn step's timestep. With true CFG (`cfg > 1`) the
     pipeline calls the transformer once for the prompts, then once for the negative prompt;
-    only the first call (the prompts) is collected.
+    only the first call (the prompts) is collected. With `timestep_draw` "bucket" the steps
+    are drawn once the pipeline has set its schedule (at its first transformer call).
     """
     from diffalign.textstream.families import pipeline_kwargs
 
     family = collector.adapter.family
     draws = [draw_sample(seed, i, steps, latent_shape) for i in indices]
-    ks = [k for k, _ in draws]
+    plans: list[list[int]] = []
     b = len(prompts)
     c, h, w = latent_shape
     noise = torch.stack([n for _, n in draws]).to(device=device, dtype=dtype)
@@ -704,7 +761,7 @@ def _run_batch_pipeline(
         masks = [_t5_mask(pipe.tokenizer_2, prompts, max_sequence_length)]
 
     def arm(step: int) -> None:
-        rows = [s for s in range(b) if ks[s] == step]
+        rows = [s for s in range(b) if step in plans[s]]
         collector.calls_in_step = 0
         if not rows:
             collector.rows = None
@@ -714,11 +771,17 @@ def _run_batch_pipeline(
 
     def on_step_end(p, i, t, kwargs):
         arm(i + 1)
-        if i >= max(ks):
+        if i >= max(max(s) for s in plans):
             p._interrupt = True  # the remaining steps are skipped
         return {"latents": packed.clone()} if xt_source == "noise" else {}
 
-    arm(0)
+    def plan(module, args, kwargs):  # first transformer call: the pipeline's schedule is set
+        if not plans:
+            timesteps = pipe.scheduler.timesteps
+            plans.extend(_plans(draws, indices, seed, timestep_draw, timesteps, collector.edges))
+            arm(0)
+
+    first_call = pipe.transformer.register_forward_pre_hook(plan, with_kwargs=True, prepend=True)
     try:
         pipe(
             prompt=prompts,
@@ -738,10 +801,11 @@ def _run_batch_pipeline(
             ),
         )
     finally:
+        first_call.remove()
         collector.rows = None
         collector.call_masks = None
         pipe._interrupt = False
-    return ks
+    return plans
 
 
 def _t5_mask(tokenizer, prompts: list[str], max_sequence_length: int) -> torch.Tensor:

@@ -107,6 +107,15 @@ def register(verbs) -> None:
         "picks the current timestep's (default: %(default)s)",
     )
     p.add_argument(
+        "--timestep-draw",
+        choices=("sample", "bucket"),
+        default="sample",
+        help="sample = one step index per sample (each bucket gets the samples whose step fell "
+        "in it); bucket = one step per sample and bucket, drawn among the schedule's steps in "
+        "that bucket, so every sample reaches every bucket, as the method's authors calibrate "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--col-center",
         action="store_true",
         help="centre each feature column over the calibration tokens after the per-token "
@@ -186,6 +195,7 @@ def _run_calibrate(args) -> int:
         timestep_buckets=args.timestep_buckets,
         col_center=args.col_center,
         guidance=args.guidance,
+        timestep_draw=args.timestep_draw,
     )
     from diffalign.engine.progress import is_main_process
 
