@@ -15,6 +15,7 @@ the authors' SVD leaves `R 1` free, ours pins `R 1 = 1`.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,3 +332,143 @@ def test_cli_timestep_draw(tiny_model_dir, tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["timestep_draw"] == "bucket" and sum(summary["timestep_index_histogram"]) == 12
     assert len(set(summary["bucket_tokens"])) == 1  # every sample in every bucket
+
+
+def write_images(folder, count: int) -> list[str]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i}.png"
+        pixels = rng.integers(0, 256, size=(40 + 4 * i, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def image_latent(pipe, kind: str, path: str) -> torch.Tensor:
+    """`[C, h, w]` VAE posterior mean of the centre-cropped image, normalised per family."""
+    from PIL import Image
+
+    from diffalign.engine.pairs import center_crop_resize
+
+    with Image.open(path) as im:
+        img = center_crop_resize(im, SIZE)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    vae = pipe.vae
+    with torch.no_grad():
+        if kind == "qwen-image":
+            mean = vae.encode(x[:, :, None]).latent_dist.mean[:, :, 0]
+            mu = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+            sd = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+            return ((mean - mu) / sd)[0]
+        mean = vae.encode(x).latent_dist.mean
+        shift = vae.config.shift_factor or 0.0
+        return ((mean - shift) * vae.config.scaling_factor)[0]
+
+
+@pytest.mark.parametrize(
+    "kind,cfg,buckets", [("sd3", CFG, 1), ("flux-dev", 1.0, 2), ("qwen-image", 1.0, 1)]
+)
+def test_image_source_is_the_authors_training_noising(tiny_model_dir, tmp_path, kind, cfg, buckets):
+    """`xt_source="image"`: x_t = (1 - t/1000) x0 + t/1000 eps from the pair's image latent at an
+    integer t drawn uniformly (per bucket with the bucket draw), one forward; the reference
+    replaces the pipeline call's latents and timestep by hand."""
+    from diffalign.textstream.calibrate import draw_train_timesteps
+
+    pipe = load_pipe(tiny_model_dir, kind)
+    images = write_images(tmp_path, len(PROMPTS))
+    out = tmp_path / "rot.safetensors"
+    edges = None if buckets == 1 else [0.0, 500.0, 1000.0]
+    summary = calibrate(
+        pipe=pipe,
+        prompts=PROMPTS,
+        images=images,
+        num_samples=len(PROMPTS),
+        origin_layer=ORIGIN,
+        target_layers=TARGETS,
+        output=str(out),
+        seed=SEED,
+        steps=STEPS,
+        cfg=cfg,
+        height=SIZE,
+        width=SIZE,
+        max_sequence_length=MSL,
+        token_strategy="valid",
+        xt_source="image",
+        timestep_buckets=buckets,
+        timestep_draw="bucket",
+        batch_size=2,
+    )
+    vsf = pipe.vae_scale_factor
+    channels = pipe.transformer.config.in_channels // (1 if kind == "sd3" else 4)
+    shape = (channels, SIZE // vsf, SIZE // vsf)
+    xty: list[dict] = [{} for _ in range(buckets)]
+    counts = [0] * buckets
+    for index, prompt in enumerate(PROMPTS):
+        kwargs = prompt_row(pipeline_calls(pipe, kind, index, prompt, STEPS, cfg), kind, 0, cfg)
+        _, eps = draw_sample(SEED, index, STEPS, shape)
+        x0 = image_latent(pipe, kind, images[index])
+        for b, t in enumerate(draw_train_timesteps(SEED, index, edges)):
+            s = t / 1000.0
+            xt = ((1 - s) * x0 + s * eps)[None]
+            if kind == "sd3":
+                call = {**kwargs, "hidden_states": xt, "timestep": torch.tensor([float(t)])}
+            else:
+                packed = pipe._pack_latents(xt, 1, *shape)
+                call = {**kwargs, "hidden_states": packed, "timestep": torch.tensor([s])}
+            counts[b] += add_tokens(xty[b], pipe, kind, prompt, call)
+    assert summary["bucket_tokens"] == counts
+    assert summary["xt_source"] == "image" and sum(summary["timestep_histogram_per_100"]) == (
+        buckets * len(PROMPTS)
+    )
+    rs = load_rotations(out)
+    for t in TARGETS:
+        for b in range(buckets):
+            ours = rs.rotations[t] if buckets == 1 else rs.rotations[t][b]
+            np.testing.assert_allclose(
+                on_zero_mean_rows(ours.double().numpy()),
+                on_zero_mean_rows(procrustes(xty[b][t])),
+                atol=2e-4,
+            )
+
+
+def test_image_source_needs_pairs_and_a_square_size(tiny_model_dir, tmp_path):
+    pipe = load_pipe(tiny_model_dir, "sd3")
+    common = dict(pipe=pipe, prompts=PROMPTS[:2], num_samples=2, xt_source="image", steps=2)
+    with pytest.raises(DiffalignError, match="needs image-caption pairs: sample 0"):
+        calibrate(output=str(tmp_path / "a" / "r.safetensors"), **common)
+    images = write_images(tmp_path, 2)
+    with pytest.raises(DiffalignError, match="must be equal"):
+        calibrate(
+            output=str(tmp_path / "b" / "r.safetensors"),
+            images=images,
+            height=32,
+            width=64,
+            **common,
+        )
+    assert not (tmp_path / "a" / "r.safetensors").exists()
+
+
+def test_cli_image_source_from_a_jsonl_of_pairs(tiny_model_dir, tmp_path, capsys):
+    from diffalign.cli import main
+
+    images = write_images(tmp_path, 2)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": p, "image": Path(i).name}) + "\n" for p, i in zip(PROMPTS, images)
+        )
+    )
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    out = tmp_path / "cal" / "r.safetensors"
+    args = ["textstream", "calibrate", "--model", tiny_model_dir("sd3"), "--num-samples", "2"]
+    args += ["--xt-source", "image", "--steps", "2", "--output", str(out)]
+    assert main([*args, "--dataset", str(prompts)]) == 2
+    assert "needs image-caption pairs" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--dataset", str(pairs), "--height", "32", "--width", "32"]) == 0
+    summary = json.loads((tmp_path / "cal" / "summary.json").read_text())
+    assert summary["xt_source"] == "image" and sum(summary["timestep_histogram_per_100"]) == 2
+    assert load_rotations(out).metadata["xt_source"] == "image"

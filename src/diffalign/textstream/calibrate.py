@@ -14,6 +14,13 @@ Where x_t comes from (`xt_source`):
 - "noise": one forward on pure Gaussian latents at the timestep of index k. The flow-matching
   x_t = (1 - sigma) x0 + sigma * eps would need images x0, which a prompt set does not have;
   pure noise is the cheap stand-in (exact only at the first step).
+- "image" (image-caption pairs): x_t = (1 - sigma) x0 + sigma * eps, x0 the VAE latent of the
+  sample's own image (centre-cropped to the square size, posterior mean, normalised as
+  `textstream cache` stores it), one forward at a timestep t drawn uniformly from the integers
+  0..999 (one per bucket with `timestep_draw` "bucket"), sigma = t / 1000 with no schedule
+  shift: the training-like noising of the method's authors' SD3 and FLUX.1 calibration
+  (`build_noisy_latent_like_training` in their `compute_sd3_text_procrustes.py` /
+  `Flux-Residual/compute_flux_text_procrustes.py` at e9d7900; they use a posterior sample).
 
 Token strategy: "all" uses every text token (77 CLIP + T5 tokens); "valid" keeps CLIP tokens
 through EOS and T5 tokens through EOS (the tokenizers' attention masks), dropping padding.
@@ -70,7 +77,7 @@ from diffalign.textstream.rotations import RotationSet, equal_bucket_edges, save
 
 TOKEN_STRATEGIES = ("all", "valid")
 TIMESTEP_DRAWS = ("sample", "bucket")
-XT_SOURCES = ("trajectory", "noise")
+XT_SOURCES = ("trajectory", "noise", "image")
 COLLECTED_BRANCH = "conditional"  # recorded in rotation files: the rows whose tokens are fitted
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -111,6 +118,29 @@ def draw_bucket_steps(seed: int, index: int, candidates: list[list[int]]) -> lis
     bucket's `candidates` (`schedule_buckets`); independent of process count and batch."""
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index) + 2**62) % (2**63))
     return [steps[int(torch.randint(0, len(steps), (1,), generator=g))] for steps in candidates]
+
+
+def draw_train_timesteps(
+    seed: int, index: int, edges: Sequence[float] | None, num_train: int = 1000
+) -> list[int]:
+    """`--xt-source image`: integer timesteps drawn uniformly from `0..num_train - 1`, one per
+    bucket of `edges` (the integers in `[edges[b], edges[b + 1])`), or one overall when `edges`
+    is None; independent of process count and batch."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index) + 2**61) % (2**63))
+    bounds = [0.0, float(num_train)] if edges is None else [float(e) for e in edges]
+    out = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        a, b = math.ceil(lo), min(math.ceil(hi), num_train)
+        if b <= a:
+            raise DiffalignError(f"timestep bucket {lo:g}..{hi:g} holds no integer timestep")
+        out.append(int(torch.randint(a, b, (1,), generator=g)))
+    return out
+
+
+def noised_latents(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Flow-matching `x_t = (1 - s) x0 + s eps` with `s = t / 1000` per batch row."""
+    s = (t.to(torch.float32) / 1000.0).reshape(-1, *([1] * (x0.ndim - 1)))
+    return (1.0 - s) * x0 + s * eps
 
 
 def text_token_mask(pipe, prompts: list[str], num_tokens: int, max_sequence_length: int):
@@ -289,6 +319,7 @@ def calibrate(
     col_center: bool = False,
     guidance: float | None = None,
     timestep_draw: str = "sample",
+    images: Sequence[str | None] | None = None,
 ) -> dict:
     """Calibrate per-layer Procrustes rotations and write them to `output` (spec T).
 
@@ -299,7 +330,8 @@ def calibrate(
     per bucket of the 0..1000 schedule split in N equal parts, from the samples whose drawn
     timestep falls in it (`timestep_draw` "bucket": every sample, at one step drawn in each
     bucket); `col_center` centres the feature columns before each solve. Returns
-    the summary that is also written to `summary.json` beside `output`.
+    the summary that is also written to `summary.json` beside `output`. `xt_source` "image"
+    noises each sample's paired image (the dataset's, or `images` beside `prompts`).
     """
     from diffalign.engine.distributed import process_state
 
@@ -364,6 +396,7 @@ def calibrate(
             col_center=bool(col_center),
             guidance=guidance,
             timestep_draw=timestep_draw,
+            images=images,
         )
 
 
@@ -398,6 +431,7 @@ def _calibrate_locked(
     col_center=False,
     guidance=None,
     timestep_draw="sample",
+    images=None,
 ) -> dict:
     run_device = torch.device(device) if device else state.device
     torch_dtype = _resolve_dtype(dtype, run_device)
@@ -407,10 +441,19 @@ def _calibrate_locked(
             raise DiffalignError("calibration needs --dataset (a prompt file or set name)")
         from diffalign.engine.prompts import load_prompts
 
-        prompts = [r.prompt for r in load_prompts(dataset, datadir, limit=num_samples)]
+        records = load_prompts(dataset, datadir, limit=num_samples)
+        prompts, images = [r.prompt for r in records], [r.image for r in records]
     prompts = list(prompts)[:num_samples]
     if not prompts:
         raise DiffalignError("the calibration prompt set is empty")
+    if xt_source == "image":
+        images = list(images or [])[: len(prompts)]
+        missing = [i for i in range(len(prompts)) if i >= len(images) or not images[i]]
+        if missing:
+            raise DiffalignError(
+                f"--xt-source image needs image-caption pairs: sample {missing[0]} has no image "
+                "(a .jsonl with an image field, COCO captions with their images, ...)"
+            )
 
     from diffalign.textstream.families import (
         DEFAULTS,
@@ -462,6 +505,11 @@ def _calibrate_locked(
         raise DiffalignError(f"--height/--width must be multiples of {multiple}")
     channels = int(tr.config.in_channels) // (1 if family == "sd3" else 4)
     latent_shape = (channels, height // vsf, width // vsf)
+    if xt_source == "image" and height != width:
+        raise DiffalignError(
+            f"--xt-source image centre-crops square images: --height {height} and --width "
+            f"{width} must be equal"
+        )
 
     edges = None
     if timestep_buckets > 1:
@@ -482,6 +530,8 @@ def _calibrate_locked(
             for batch in progress(batches, desc="calibrate", total=len(batches)):
                 run = _run_batch if family == "sd3" else _run_batch_pipeline
                 extra = {} if family == "sd3" else {"guidance": guidance, "size": (height, width)}
+                if xt_source == "image":
+                    extra["x0"] = _image_latents(pipe, family, [images[i] for i in batch], height)
                 ks = run(
                     pipe,
                     collector,
@@ -510,13 +560,14 @@ def _calibrate_locked(
             flat = acc.state()
             dist.all_reduce(flat)
             acc.load_state(flat)
-        counts = torch.zeros(steps, dtype=torch.float64, device=flat.device)
-        for k in (k for ks in drawn.values() for k in ks):
-            counts[k] += 1
+    # step indices, or with --xt-source image timesteps in 10 bins of 0..1000
+    bins, width_of_bin = (10, 100) if xt_source == "image" else (steps, 1)
+    counts = torch.zeros(bins, dtype=torch.float64, device=run_device)
+    for k in (k for ks in drawn.values() for k in ks):
+        counts[min(int(k) // width_of_bin, bins - 1)] += 1
+    if state.num_processes > 1:
         dist.all_reduce(counts)
-        histogram = [int(c) for c in counts.tolist()]
-    else:
-        histogram = [sum(ks.count(s) for ks in drawn.values()) for s in range(steps)]
+    histogram = [int(c) for c in counts.tolist()]
 
     bucket_tokens = [int(acc.count[0]) for acc in accs]
     empty = [b for b, n in enumerate(bucket_tokens) if n == 0]
@@ -568,7 +619,8 @@ def _calibrate_locked(
         "width": width,
         "dtype": str(torch_dtype).removeprefix("torch."),
         "num_processes": state.num_processes,
-        "timestep_index_histogram": histogram,
+        "timestep_index_histogram": None if xt_source == "image" else histogram,
+        "timestep_histogram_per_100": histogram if xt_source == "image" else None,
         "per_layer": per_layer,
         "mean_error_before": sum(r["error_before"] for r in per_layer) / len(per_layer),
         "mean_error_after": sum(r["error_after"] for r in per_layer) / len(per_layer),
@@ -626,9 +678,11 @@ def _run_batch(
     dtype,
     device,
     timestep_draw: str = "sample",
+    x0: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Run one batch to each sample's drawn steps and collect its tokens there; returns each
-    sample's step indices."""
+    sample's step indices (with `xt_source` "image", `x0` the images' latents `[B, C, h, w]`:
+    each sample's drawn timesteps)."""
     tr = pipe.transformer
     use_cfg = cfg > 1.0
     draws = [draw_sample(seed, i, steps, latent_shape) for i in indices]
@@ -665,6 +719,23 @@ def _run_batch(
     timesteps = scheduler.timesteps
     if len(timesteps) != steps:
         raise DiffalignError(f"the scheduler made {len(timesteps)} timesteps for --steps {steps}")
+    if xt_source == "image":
+        noise = torch.stack([n for _, n in draws])  # float32, CPU
+        plans = [_train_draws(seed, i, timestep_draw, collector.edges) for i in indices]
+        for j in range(len(plans[0])):  # one forward per drawn timestep of every sample
+            collect(list(range(b)))
+            t = torch.tensor([float(p[j]) for p in plans])
+            xt = noised_latents(x0, noise, t).to(device=device, dtype=dtype)
+            t = t.to(device=device, dtype=timesteps.dtype)
+            tr(
+                hidden_states=torch.cat([xt, xt]) if use_cfg else xt,
+                timestep=torch.cat([t, t]) if use_cfg else t,
+                encoder_hidden_states=pe,
+                pooled_projections=pooled,
+                return_dict=False,
+            )
+            collector.rows = None
+        return plans
     plans = _plans(draws, indices, seed, timestep_draw, timesteps, collector.edges)
     last = max(max(p) for p in plans)
 
@@ -704,6 +775,26 @@ def _run_batch(
     return plans
 
 
+def _train_draws(seed, index, timestep_draw, edges) -> list[int]:
+    """`--xt-source image`: the sample's timesteps (one per bucket with draw "bucket")."""
+    return draw_train_timesteps(seed, index, edges if timestep_draw == "bucket" else None)
+
+
+def _image_latents(pipe, family: str, images: list[str], size: int) -> torch.Tensor:
+    """`[B, C, h, w]` float32 CPU latents of the images, each encoded alone (batch-independent),
+    normalised as `textstream cache` stores them."""
+    from diffalign.engine.pairs import ImageCaption
+    from diffalign.textstream.cache import _load_pixels
+    from diffalign.textstream.flow import family as flow_family
+
+    flow = flow_family(family)
+    out = []
+    for image in images:
+        pixels = _load_pixels(ImageCaption(id="", image=Path(image), caption=""), size)
+        out.append(flow.encode_images(pipe, pixels[None])[0])
+    return torch.stack(out)
+
+
 def _plans(draws, indices, seed, timestep_draw, timesteps, edges) -> list[list[int]]:
     """The step indices each sample is collected at: its drawn step ("sample"), or one step
     drawn in each timestep bucket ("bucket")."""
@@ -731,9 +822,10 @@ def _run_batch_pipeline(
     dtype,
     device,
     timestep_draw: str = "sample",
+    x0: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """FLUX.1 / Qwen-Image: run the pipeline itself from each sample's noise and collect at the
-    drawn steps; returns each sample's step indices.
+    drawn steps; returns each sample's step indices (with `xt_source` "image": timesteps).
 
     The pipeline is driven with `latents=` (the packed noise of `draw_sample`) and a step
     callback that arms the collector for the rows whose step comes next and stops the loop
@@ -742,6 +834,9 @@ def _run_batch_pipeline(
     pipeline calls the transformer once for the prompts, then once for the negative prompt;
     only the first call (the prompts) is collected. With `timestep_draw` "bucket" the steps
     are drawn once the pipeline has set its schedule (at its first transformer call).
+    "image" collects the first calls of the pipeline, one step per drawn timestep, with the
+    transformer's `hidden_states` and `timestep` replaced by the noised image latents and the
+    drawn timestep (a pre-hook), so text, guidance and positions stay the pipeline's.
     """
     from diffalign.textstream.families import pipeline_kwargs
 
@@ -770,17 +865,46 @@ def _run_batch_pipeline(
         collector.call_masks = [None if m is None else m[rows] for m in masks]
 
     def on_step_end(p, i, t, kwargs):
+        step[0] = i + 1
         arm(i + 1)
         if i >= max(max(s) for s in plans):
             p._interrupt = True  # the remaining steps are skipped
         return {"latents": packed.clone()} if xt_source == "noise" else {}
 
+    step = [0]  # the pipeline step the next transformer call belongs to
+    drawn_t: list[list[int]] = []  # xt_source "image": each sample's timesteps, step j = draw j
+
     def plan(module, args, kwargs):  # first transformer call: the pipeline's schedule is set
         if not plans:
-            timesteps = pipe.scheduler.timesteps
-            plans.extend(_plans(draws, indices, seed, timestep_draw, timesteps, collector.edges))
+            if xt_source == "image":
+                edges = collector.edges
+                drawn_t.extend(_train_draws(seed, i, timestep_draw, edges) for i in indices)
+                n = len(drawn_t[0])
+                if n > steps:
+                    raise DiffalignError(
+                        f"--xt-source image: {n} timesteps per sample need --steps >= {n} "
+                        "(one pipeline step each)"
+                    )
+                plans.extend([list(range(n)) for _ in indices])
+            else:
+                timesteps = pipe.scheduler.timesteps
+                plans.extend(
+                    _plans(draws, indices, seed, timestep_draw, timesteps, collector.edges)
+                )
             arm(0)
+        if xt_source != "image":
+            return None
+        t = torch.tensor([float(d[step[0]]) for d in drawn_t])
+        xt = pipe._pack_latents(noised_latents(x0, noise_cpu, t), b, c, h, w)
+        hidden = kwargs["hidden_states"]
+        scale = collector.adapter.timestep_scale
+        return args, {
+            **kwargs,
+            "hidden_states": xt.to(device=hidden.device, dtype=hidden.dtype),
+            "timestep": (t / scale).to(device=hidden.device, dtype=kwargs["timestep"].dtype),
+        }
 
+    noise_cpu = torch.stack([n for _, n in draws])
     first_call = pipe.transformer.register_forward_pre_hook(plan, with_kwargs=True, prepend=True)
     try:
         pipe(
@@ -805,7 +929,7 @@ def _run_batch_pipeline(
         collector.rows = None
         collector.call_masks = None
         pipe._interrupt = False
-    return plans
+    return drawn_t if xt_source == "image" else plans
 
 
 def _t5_mask(tokenizer, prompts: list[str], max_sequence_length: int) -> torch.Tensor:

@@ -80,10 +80,13 @@ def register(verbs) -> None:
     )
     p.add_argument(
         "--xt-source",
-        choices=("trajectory", "noise"),
+        choices=("trajectory", "noise", "image"),
         default="trajectory",
         help="trajectory = sample from noise up to the drawn step (what generation sees); "
-        "noise = pure Gaussian latents at the drawn timestep, one forward (default: %(default)s)",
+        "noise = pure Gaussian latents at the drawn timestep, one forward; image = the sample's "
+        "paired image latent noised as in training, (1-s) x0 + s eps at an integer timestep "
+        "drawn uniformly in 0..999, s = t/1000 (the method authors' SD3/FLUX.1 calibration; "
+        "needs image-caption pairs and a square size) (default: %(default)s)",
     )
     p.add_argument(
         "--steps",
