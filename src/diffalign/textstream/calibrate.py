@@ -325,8 +325,8 @@ def calibrate(
 
     `pipe` (a loaded SD3, FLUX.1 or Qwen-Image pipeline) and `prompts` may be given instead of
     `model` / `dataset`. `cfg > 1` adds the unconditional branch (empty negative prompt) to the
-    trajectory; only the conditional rows' tokens are collected. `steps`, `max_sequence_length` and FLUX's
-    `guidance` default to the model card's. `timestep_buckets` N > 1 calibrates one rotation
+    trajectory; only the conditional rows' tokens are collected. `steps`,
+    `max_sequence_length` and FLUX's `guidance` default to the model card's. `timestep_buckets` N > 1 calibrates one rotation
     per bucket of the 0..1000 schedule split in N equal parts, from the samples whose drawn
     timestep falls in it (`timestep_draw` "bucket": every sample, at one step drawn in each
     bucket); `col_center` centres the feature columns before each solve. Returns
@@ -520,7 +520,7 @@ def _calibrate_locked(
         for _ in range(max(1, timestep_buckets))
     ]
     mine = list(range(state.process_index, len(prompts), state.num_processes))
-    drawn: dict[int, list[int]] = {}  # sample -> the step indices it was collected at
+    drawn: dict[int, list[int]] = {}  # sample -> its step indices ("image": its timesteps)
     collector = _TokenCollector(
         adapter, origin_layer, target_layers, accs, eps, transformer=tr, bucket_edges=edges
     )
