@@ -63,7 +63,7 @@ def reference_calibration(
         sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
         sched.set_timesteps(steps)
         t = sched.timesteps[k].reshape(1)
-        branches = [prompt] + ([""] if cfg > 1 else [])
+        branches = [prompt]  # CFG shapes x_t; only the prompt's own tokens are fitted
         with torch.no_grad():
             for text_prompt in branches:
                 pe, _, pooled, _ = pipe.encode_prompt(
@@ -209,7 +209,7 @@ def test_trajectory_latents_are_the_pipelines(pipe):
     finally:
         col.close()
         handle.remove()
-    k = ks[0]
+    (k,) = ks[0]  # the one step sample 0 is collected at
     ours, theirs = seen_inputs[: k + 1], seen_inputs[k + 1 :]
     assert len(theirs) == 5 and len(steps_seen) == 5
     for a, b in zip(ours, theirs):

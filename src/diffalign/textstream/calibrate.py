@@ -14,17 +14,42 @@ Where x_t comes from (`xt_source`):
 - "noise": one forward on pure Gaussian latents at the timestep of index k. The flow-matching
   x_t = (1 - sigma) x0 + sigma * eps would need images x0, which a prompt set does not have;
   pure noise is the cheap stand-in (exact only at the first step).
+- "image" (image-caption pairs): x_t = (1 - sigma) x0 + sigma * eps, x0 the VAE latent of the
+  sample's own image (centre-cropped to the square size, posterior mean, normalised as
+  `textstream cache` stores it), one forward at a timestep t drawn uniformly from the integers
+  0..999 (one per bucket with `timestep_draw` "bucket"), sigma = t / 1000 with no schedule
+  shift: the training-like noising of the method's authors' SD3 and FLUX.1 calibration
+  (`build_noisy_latent_like_training` in their `compute_sd3_text_procrustes.py` /
+  `Flux-Residual/compute_flux_text_procrustes.py` at e9d7900; they use a posterior sample).
 
 Token strategy: "all" uses every text token (77 CLIP + T5 tokens); "valid" keeps CLIP tokens
 through EOS and T5 tokens through EOS (the tokenizers' attention masks), dropping padding.
 
+Only the conditional rows are collected (`COLLECTED_BRANCH`): with `cfg > 1` the unconditional
+branch (empty negative prompt) shapes the trajectory, as at generation, but its text tokens do
+not enter the Procrustes sums. This is what the method's authors fit
+(Yaoyuxuanyyds/Training-free-Residual-SD3 at e9d7900: `compute_sd3_text_procrustes.py`,
+`Flux-Residual/compute_flux_text_procrustes.py` and
+`Qwen-Image-Residual/compute_qwen_text_procrustes.py` encode the prompt alone, batch 1); the
+empty prompt's tokens are the same few tokens for every sample and would pull the rotation
+towards mapping the empty prompt's origin tokens onto its target tokens.
+
 Families (issue 15): SD3/SD3.5 run the loop above by hand; FLUX.1 and Qwen-Image run their own
 pipeline from the sample's noise with a step callback (`_run_batch_pipeline`), so distilled
 guidance, true CFG and dynamic shifting are exactly the pipeline's. Blocks are found by the
-family's `StreamAdapter` (global indices). "valid" keeps T5 tokens through EOS on FLUX.1 and
-the tokens the Qwen-Image blocks' text mask keeps. With `timestep_buckets` N > 1 each row goes
+family's `StreamAdapter` (global indices). "valid" keeps T5 tokens through EOS on FLUX.1. On
+Qwen-Image both strategies keep the tokens the blocks' text mask keeps: a Qwen-Image prompt has
+no padding of its own (the pipeline pads a batch to its longest prompt), so those are the tokens
+the prompt has alone, whatever the batch. With `timestep_buckets` N > 1 each row goes
 to the accumulator of the bucket its timestep falls in (one rotation per bucket and target);
 `col_center` centres the feature columns before each solve (`X^T Y - s_x s_y^T / n`).
+
+Timestep draw (`timestep_draw`): "sample" (default, spec T) draws one step index per sample, so
+with N buckets each bucket sees the samples whose step fell in it (about n / N). "bucket" draws
+one step per sample *and bucket*, uniformly among the schedule's steps whose timestep falls in
+that bucket (`draw_bucket_steps`), so every sample reaches every bucket, as the method's authors
+calibrate (each pair once per bucket, e.g. `Flux-Residual/compute_flux_text_procrustes.py` at
+e9d7900). The trajectory runs once per sample to its last drawn step and is collected at each.
 
 Under `accelerate launch` each process takes samples `rank, rank + world, ...`, the sums are
 all-reduced, and rank 0 writes the rotation file, `summary.json` and `procrustes_errors.png`.
@@ -51,7 +76,9 @@ from diffalign.textstream.residual import bucket_index, standardize
 from diffalign.textstream.rotations import RotationSet, equal_bucket_edges, save_rotations
 
 TOKEN_STRATEGIES = ("all", "valid")
-XT_SOURCES = ("trajectory", "noise")
+TIMESTEP_DRAWS = ("sample", "bucket")
+XT_SOURCES = ("trajectory", "noise", "image")
+COLLECTED_BRANCH = "conditional"  # recorded in rotation files: the rows whose tokens are fitted
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -66,6 +93,54 @@ def draw_sample(seed: int, index: int, steps: int, latent_shape: Sequence[int]):
     k = int(torch.randint(0, steps, (1,), generator=g))
     noise = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32)
     return k, noise
+
+
+def schedule_buckets(timesteps, edges: Sequence[float] | None) -> list[list[int]]:
+    """Per timestep bucket, the indices of the schedule's steps whose timestep falls in it
+    (one bucket holding every step when `edges` is None); an empty bucket is an error."""
+    t = torch.as_tensor(timesteps).detach().to(torch.float64).cpu().reshape(-1)
+    if edges is None:
+        return [list(range(len(t)))]
+    owner = bucket_index(t, edges).tolist()
+    out = [[i for i, b in enumerate(owner) if b == bucket] for bucket in range(len(edges) - 1)]
+    empty = [b for b, steps in enumerate(out) if not steps]
+    if empty:
+        ranges = ", ".join(f"{edges[b]:g}..{edges[b + 1]:g}" for b in empty)
+        raise DiffalignError(
+            f"timestep bucket(s) {empty} ({ranges}) hold none of the schedule's {len(t)} "
+            "timesteps: use more --steps or fewer --timestep-buckets (nothing written)"
+        )
+    return out
+
+
+def draw_bucket_steps(seed: int, index: int, candidates: list[list[int]]) -> list[int]:
+    """`--timestep-draw bucket`: one step index per bucket for one sample, uniform among that
+    bucket's `candidates` (`schedule_buckets`); independent of process count and batch."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index) + 2**62) % (2**63))
+    return [steps[int(torch.randint(0, len(steps), (1,), generator=g))] for steps in candidates]
+
+
+def draw_train_timesteps(
+    seed: int, index: int, edges: Sequence[float] | None, num_train: int = 1000
+) -> list[int]:
+    """`--xt-source image`: integer timesteps drawn uniformly from `0..num_train - 1`, one per
+    bucket of `edges` (the integers in `[edges[b], edges[b + 1])`), or one overall when `edges`
+    is None; independent of process count and batch."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index) + 2**61) % (2**63))
+    bounds = [0.0, float(num_train)] if edges is None else [float(e) for e in edges]
+    out = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        a, b = math.ceil(lo), min(math.ceil(hi), num_train)
+        if b <= a:
+            raise DiffalignError(f"timestep bucket {lo:g}..{hi:g} holds no integer timestep")
+        out.append(int(torch.randint(a, b, (1,), generator=g)))
+    return out
+
+
+def noised_latents(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Flow-matching `x_t = (1 - s) x0 + s eps` with `s = t / 1000` per batch row."""
+    s = (t.to(torch.float32) / 1000.0).reshape(-1, *([1] * (x0.ndim - 1)))
+    return (1.0 - s) * x0 + s * eps
 
 
 def text_token_mask(pipe, prompts: list[str], num_tokens: int, max_sequence_length: int):
@@ -112,6 +187,8 @@ class _TokenCollector:
     mask `mask [len(rows), n]` (None: every token, or on Qwen-Image with `use_call_mask` the
     mask the blocks get), are collected during the next transformer forward, each row into the
     accumulator of its timestep bucket (`accs[b]`; one accumulator without bucket edges).
+    With `call_masks` (pipelines that call the transformer once for the prompts, then once for
+    the negative prompt) only the first `len(call_masks)` calls of a step are collected.
     `blocks` is a `StreamAdapter` (or, for SD3, the list of joint blocks).
     """
 
@@ -136,6 +213,7 @@ class _TokenCollector:
         self.use_call_mask = False
         self.call_masks: list[torch.Tensor | None] | None = None  # per call of one step
         self.calls_in_step = 0
+        self._active = True  # False during a call of the step that is not collected
         self._row_buckets: torch.Tensor | None = None
         self._x: list | None = None
         self.handles = []
@@ -154,9 +232,11 @@ class _TokenCollector:
 
     def _forward(self, module, args, kwargs):
         """Per transformer call: the rows' buckets from its timestep; the call's token mask."""
+        self._active = True
         if self.call_masks is not None and self.rows is not None:
-            k = min(self.calls_in_step, len(self.call_masks) - 1)
-            self.mask = self.call_masks[k]
+            self._active = self.calls_in_step < len(self.call_masks)
+            if self._active:
+                self.mask = self.call_masks[self.calls_in_step]
         self.calls_in_step += 1
         if self.edges is None:
             self._row_buckets = None
@@ -192,12 +272,15 @@ class _TokenCollector:
             out.append((b, standardize(tokens, self.eps)[0]))
         return out
 
+    def _collecting(self) -> bool:
+        return self.rows is not None and self._active
+
     def _origin(self, module, args, kwargs):
-        self._x = None if self.rows is None else self._groups(args, kwargs)
+        self._x = self._groups(args, kwargs) if self._collecting() else None
 
     def _target(self, layer: int):
         def hook(module, args, kwargs):
-            if self.rows is not None:
+            if self._collecting():
                 for (b, x), (_, y) in zip(self._x, self._groups(args, kwargs)):
                     self.accs[b].add(layer, x, y)
 
@@ -235,16 +318,20 @@ def calibrate(
     timestep_buckets: int = 1,
     col_center: bool = False,
     guidance: float | None = None,
+    timestep_draw: str = "sample",
+    images: Sequence[str | None] | None = None,
 ) -> dict:
     """Calibrate per-layer Procrustes rotations and write them to `output` (spec T).
 
     `pipe` (a loaded SD3, FLUX.1 or Qwen-Image pipeline) and `prompts` may be given instead of
-    `model` / `dataset`. `cfg > 1` adds the unconditional branch (empty negative prompt) to both
-    the trajectory and the collected tokens. `steps`, `max_sequence_length` and FLUX's
-    `guidance` default to the model card's. `timestep_buckets` N > 1 calibrates one rotation
+    `model` / `dataset`. `cfg > 1` adds the unconditional branch (empty negative prompt) to the
+    trajectory; only the conditional rows' tokens are collected. `steps`,
+    `max_sequence_length` and FLUX's `guidance` default to the model card's. `timestep_buckets` N > 1 calibrates one rotation
     per bucket of the 0..1000 schedule split in N equal parts, from the samples whose drawn
-    timestep falls in it; `col_center` centres the feature columns before each solve. Returns
-    the summary that is also written to `summary.json` beside `output`.
+    timestep falls in it (`timestep_draw` "bucket": every sample, at one step drawn in each
+    bucket); `col_center` centres the feature columns before each solve. Returns
+    the summary that is also written to `summary.json` beside `output`. `xt_source` "image"
+    noises each sample's paired image (the dataset's, or `images` beside `prompts`).
     """
     from diffalign.engine.distributed import process_state
 
@@ -253,6 +340,8 @@ def calibrate(
         raise DiffalignError(f"--token-strategy must be one of {', '.join(TOKEN_STRATEGIES)}")
     if xt_source not in XT_SOURCES:
         raise DiffalignError(f"--xt-source must be one of {', '.join(XT_SOURCES)}")
+    if timestep_draw not in TIMESTEP_DRAWS:
+        raise DiffalignError(f"--timestep-draw must be one of {', '.join(TIMESTEP_DRAWS)}")
     for name, value in (
         ("--num-samples", num_samples),
         ("--steps", 1 if steps is None else steps),
@@ -306,6 +395,8 @@ def calibrate(
             timestep_buckets=int(timestep_buckets),
             col_center=bool(col_center),
             guidance=guidance,
+            timestep_draw=timestep_draw,
+            images=images,
         )
 
 
@@ -339,6 +430,8 @@ def _calibrate_locked(
     timestep_buckets=1,
     col_center=False,
     guidance=None,
+    timestep_draw="sample",
+    images=None,
 ) -> dict:
     run_device = torch.device(device) if device else state.device
     torch_dtype = _resolve_dtype(dtype, run_device)
@@ -348,10 +441,19 @@ def _calibrate_locked(
             raise DiffalignError("calibration needs --dataset (a prompt file or set name)")
         from diffalign.engine.prompts import load_prompts
 
-        prompts = [r.prompt for r in load_prompts(dataset, datadir, limit=num_samples)]
+        records = load_prompts(dataset, datadir, limit=num_samples)
+        prompts, images = [r.prompt for r in records], [r.image for r in records]
     prompts = list(prompts)[:num_samples]
     if not prompts:
         raise DiffalignError("the calibration prompt set is empty")
+    if xt_source == "image":
+        images = list(images or [])[: len(prompts)]
+        missing = [i for i in range(len(prompts)) if i >= len(images) or not images[i]]
+        if missing:
+            raise DiffalignError(
+                f"--xt-source image needs image-caption pairs: sample {missing[0]} has no image "
+                "(a .jsonl with an image field, COCO captions with their images, ...)"
+            )
 
     from diffalign.textstream.families import (
         DEFAULTS,
@@ -403,6 +505,11 @@ def _calibrate_locked(
         raise DiffalignError(f"--height/--width must be multiples of {multiple}")
     channels = int(tr.config.in_channels) // (1 if family == "sd3" else 4)
     latent_shape = (channels, height // vsf, width // vsf)
+    if xt_source == "image" and height != width:
+        raise DiffalignError(
+            f"--xt-source image centre-crops square images: --height {height} and --width "
+            f"{width} must be equal"
+        )
 
     edges = None
     if timestep_buckets > 1:
@@ -413,7 +520,7 @@ def _calibrate_locked(
         for _ in range(max(1, timestep_buckets))
     ]
     mine = list(range(state.process_index, len(prompts), state.num_processes))
-    drawn: dict[int, int] = {}
+    drawn: dict[int, list[int]] = {}  # sample -> its step indices ("image": its timesteps)
     collector = _TokenCollector(
         adapter, origin_layer, target_layers, accs, eps, transformer=tr, bucket_edges=edges
     )
@@ -423,6 +530,8 @@ def _calibrate_locked(
             for batch in progress(batches, desc="calibrate", total=len(batches)):
                 run = _run_batch if family == "sd3" else _run_batch_pipeline
                 extra = {} if family == "sd3" else {"guidance": guidance, "size": (height, width)}
+                if xt_source == "image":
+                    extra["x0"] = _image_latents(pipe, family, [images[i] for i in batch], height)
                 ks = run(
                     pipe,
                     collector,
@@ -437,6 +546,7 @@ def _calibrate_locked(
                     max_sequence_length=max_sequence_length,
                     dtype=torch_dtype,
                     device=run_device,
+                    timestep_draw=timestep_draw,
                     **extra,
                 )
                 drawn.update(zip(batch, ks))
@@ -450,13 +560,14 @@ def _calibrate_locked(
             flat = acc.state()
             dist.all_reduce(flat)
             acc.load_state(flat)
-        counts = torch.zeros(steps, dtype=torch.float64, device=flat.device)
-        for k in drawn.values():
-            counts[k] += 1
+    # step indices, or with --xt-source image timesteps in 10 bins of 0..1000
+    bins, width_of_bin = (10, 100) if xt_source == "image" else (steps, 1)
+    counts = torch.zeros(bins, dtype=torch.float64, device=run_device)
+    for k in (k for ks in drawn.values() for k in ks):
+        counts[min(int(k) // width_of_bin, bins - 1)] += 1
+    if state.num_processes > 1:
         dist.all_reduce(counts)
-        histogram = [int(c) for c in counts.tolist()]
-    else:
-        histogram = [sum(1 for k in drawn.values() if k == s) for s in range(steps)]
+    histogram = [int(c) for c in counts.tolist()]
 
     bucket_tokens = [int(acc.count[0]) for acc in accs]
     empty = [b for b, n in enumerate(bucket_tokens) if n == 0]
@@ -490,6 +601,7 @@ def _calibrate_locked(
         "feature_dim": feature_dim,
         "num_valid_tokens": num_valid_tokens,
         "token_strategy": token_strategy,
+        "collected_branch": COLLECTED_BRANCH,
         "model_family": family,
         "strategy": "row_ln_then_col_center" if col_center else "row_ln",
         "column_center": bool(col_center),
@@ -501,12 +613,14 @@ def _calibrate_locked(
         "xt_source": xt_source,
         "steps": int(steps),
         "cfg": float(cfg),
+        "timestep_draw": timestep_draw,
         "seed": int(seed),
         "height": height,
         "width": width,
         "dtype": str(torch_dtype).removeprefix("torch."),
         "num_processes": state.num_processes,
-        "timestep_index_histogram": histogram,
+        "timestep_index_histogram": None if xt_source == "image" else histogram,
+        "timestep_histogram_per_100": histogram if xt_source == "image" else None,
         "per_layer": per_layer,
         "mean_error_before": sum(r["error_before"] for r in per_layer) / len(per_layer),
         "mean_error_after": sum(r["error_after"] for r in per_layer) / len(per_layer),
@@ -524,6 +638,8 @@ def _calibrate_locked(
             "height",
             "width",
             "dtype",
+            "collected_branch",
+            "timestep_draw",
         )
         save_rotations(
             output_path,
@@ -561,12 +677,15 @@ def _run_batch(
     max_sequence_length: int,
     dtype,
     device,
-) -> list[int]:
-    """Run one batch to each sample's drawn step and collect its tokens; returns the indices."""
+    timestep_draw: str = "sample",
+    x0: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """Run one batch to each sample's drawn steps and collect its tokens there; returns each
+    sample's step indices (with `xt_source` "image", `x0` the images' latents `[B, C, h, w]`:
+    each sample's drawn timesteps)."""
     tr = pipe.transformer
     use_cfg = cfg > 1.0
     draws = [draw_sample(seed, i, steps, latent_shape) for i in indices]
-    ks = [k for k, _ in draws]
     latents = torch.stack([n for _, n in draws]).to(device=device, dtype=dtype)
     pe, npe, pooled, npooled = pipe.encode_prompt(
         prompt=prompts,
@@ -581,47 +700,63 @@ def _run_batch(
     b = len(prompts)
     if token_strategy == "valid":
         mask = text_token_mask(pipe, prompts, n_tok, max_sequence_length)
-        neg_mask = text_token_mask(pipe, [""] * b, n_tok, max_sequence_length) if use_cfg else None
     else:
         mask = torch.ones(b, n_tok, dtype=torch.bool)
-        neg_mask = mask
     if use_cfg:  # pipeline order: unconditional rows first
         pe, pooled = torch.cat([npe, pe]), torch.cat([npooled, pooled])
 
     def collect(sel: list[int]) -> None:
+        """Arm the collector for the conditional rows of the samples `sel`."""
         if not sel:
             collector.rows = None
             return
-        rows, masks = list(sel), [mask[s] for s in sel]
-        if use_cfg:
-            rows = list(sel) + [b + s for s in sel]
-            masks = [neg_mask[s] for s in sel] + masks
-        collector.rows = torch.tensor(rows)
-        collector.mask = torch.stack(masks)
+        offset = b if use_cfg else 0  # the conditional rows follow the unconditional ones
+        collector.rows = torch.tensor([offset + s for s in sel])
+        collector.mask = torch.stack([mask[s] for s in sel])
 
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps, device=device, **_shift_kwargs(scheduler, tr, latents))
     timesteps = scheduler.timesteps
     if len(timesteps) != steps:
         raise DiffalignError(f"the scheduler made {len(timesteps)} timesteps for --steps {steps}")
+    if xt_source == "image":
+        noise = torch.stack([n for _, n in draws])  # float32, CPU
+        plans = [_train_draws(seed, i, timestep_draw, collector.edges) for i in indices]
+        for j in range(len(plans[0])):  # one forward per drawn timestep of every sample
+            collect(list(range(b)))
+            t = torch.tensor([float(p[j]) for p in plans])
+            xt = noised_latents(x0, noise, t).to(device=device, dtype=dtype)
+            t = t.to(device=device, dtype=timesteps.dtype)
+            tr(
+                hidden_states=torch.cat([xt, xt]) if use_cfg else xt,
+                timestep=torch.cat([t, t]) if use_cfg else t,
+                encoder_hidden_states=pe,
+                pooled_projections=pooled,
+                return_dict=False,
+            )
+            collector.rows = None
+        return plans
+    plans = _plans(draws, indices, seed, timestep_draw, timesteps, collector.edges)
+    last = max(max(p) for p in plans)
 
     if xt_source == "noise":
-        collect(list(range(b)))
-        t = timesteps[torch.tensor(ks, device=timesteps.device)]
-        model_in = torch.cat([latents, latents]) if use_cfg else latents
-        tt = torch.cat([t, t]) if use_cfg else t
-        tr(
-            hidden_states=model_in,
-            timestep=tt,
-            encoder_hidden_states=pe,
-            pooled_projections=pooled,
-            return_dict=False,
-        )
-        collector.rows = None
-        return ks
+        for j in range(len(plans[0])):  # one forward per drawn step of every sample
+            collect(list(range(b)))
+            t = timesteps[torch.tensor([p[j] for p in plans], device=timesteps.device)]
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            tt = torch.cat([t, t]) if use_cfg else t
+            tr(
+                hidden_states=model_in,
+                timestep=tt,
+                encoder_hidden_states=pe,
+                pooled_projections=pooled,
+                return_dict=False,
+            )
+            collector.rows = None
+        return plans
 
-    for i, t in enumerate(timesteps[: max(ks) + 1]):
-        collect([s for s in range(b) if ks[s] == i])
+    for i, t in enumerate(timesteps[: last + 1]):
+        collect([s for s in range(b) if i in plans[s]])
         model_in = torch.cat([latents, latents]) if use_cfg else latents
         pred = tr(
             hidden_states=model_in,
@@ -631,13 +766,42 @@ def _run_batch(
             return_dict=False,
         )[0]
         collector.rows = None
-        if i == max(ks):
+        if i == last:
             break
         if use_cfg:
             uncond, cond = pred.chunk(2)
             pred = uncond + cfg * (cond - uncond)
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-    return ks
+    return plans
+
+
+def _train_draws(seed, index, timestep_draw, edges) -> list[int]:
+    """`--xt-source image`: the sample's timesteps (one per bucket with draw "bucket")."""
+    return draw_train_timesteps(seed, index, edges if timestep_draw == "bucket" else None)
+
+
+def _image_latents(pipe, family: str, images: list[str], size: int) -> torch.Tensor:
+    """`[B, C, h, w]` float32 CPU latents of the images, each encoded alone (batch-independent),
+    normalised as `textstream cache` stores them."""
+    from diffalign.engine.pairs import ImageCaption
+    from diffalign.textstream.cache import _load_pixels
+    from diffalign.textstream.flow import family as flow_family
+
+    flow = flow_family(family)
+    out = []
+    for image in images:
+        pixels = _load_pixels(ImageCaption(id="", image=Path(image), caption=""), size)
+        out.append(flow.encode_images(pipe, pixels[None])[0])
+    return torch.stack(out)
+
+
+def _plans(draws, indices, seed, timestep_draw, timesteps, edges) -> list[list[int]]:
+    """The step indices each sample is collected at: its drawn step ("sample"), or one step
+    drawn in each timestep bucket ("bucket")."""
+    if timestep_draw == "sample":
+        return [[k] for k, _ in draws]
+    candidates = schedule_buckets(timesteps, edges)
+    return [draw_bucket_steps(seed, i, candidates) for i in indices]
 
 
 def _run_batch_pipeline(
@@ -657,41 +821,42 @@ def _run_batch_pipeline(
     max_sequence_length: int,
     dtype,
     device,
-) -> list[int]:
+    timestep_draw: str = "sample",
+    x0: torch.Tensor | None = None,
+) -> list[list[int]]:
     """FLUX.1 / Qwen-Image: run the pipeline itself from each sample's noise and collect at the
-    drawn step; returns the drawn step indices.
+    drawn steps; returns each sample's step indices (with `xt_source` "image": timesteps).
 
     The pipeline is driven with `latents=` (the packed noise of `draw_sample`) and a step
     callback that arms the collector for the rows whose step comes next and stops the loop
     after the last one. "noise" resets the latents to the initial noise after every step, so
     the transformer sees pure noise at the drawn step's timestep. With true CFG (`cfg > 1`) the
-    pipeline calls the transformer once for the prompts, then once for the empty negative
-    prompt; both calls are collected, each with its own token mask.
+    pipeline calls the transformer once for the prompts, then once for the negative prompt;
+    only the first call (the prompts) is collected. With `timestep_draw` "bucket" the steps
+    are drawn once the pipeline has set its schedule (at its first transformer call).
+    "image" collects the first calls of the pipeline, one step per drawn timestep, with the
+    transformer's `hidden_states` and `timestep` replaced by the noised image latents and the
+    drawn timestep (a pre-hook), so text, guidance and positions stay the pipeline's.
     """
     from diffalign.textstream.families import pipeline_kwargs
 
     family = collector.adapter.family
     draws = [draw_sample(seed, i, steps, latent_shape) for i in indices]
-    ks = [k for k, _ in draws]
+    plans: list[list[int]] = []
     b = len(prompts)
     c, h, w = latent_shape
     noise = torch.stack([n for _, n in draws]).to(device=device, dtype=dtype)
     packed = pipe._pack_latents(noise, b, c, h, w)
     use_cfg = cfg > 1.0
     negative = "" if family == "flux" else " "
-    masks: list[torch.Tensor | None] = [None, None]
-    collector.use_call_mask = False
-    if token_strategy == "valid":
-        if family == "flux":
-            masks = [
-                _t5_mask(pipe.tokenizer_2, texts, max_sequence_length)
-                for texts in (prompts, [negative] * b)
-            ]
-        else:  # Qwen-Image: the blocks get the text mask
-            collector.use_call_mask = True
+    masks: list[torch.Tensor | None] = [None]  # one collected call per step: the prompts'
+    # Qwen-Image: the blocks' text mask drops the batch padding (see the module docstring)
+    collector.use_call_mask = family == "qwen-image"
+    if token_strategy == "valid" and family == "flux":
+        masks = [_t5_mask(pipe.tokenizer_2, prompts, max_sequence_length)]
 
     def arm(step: int) -> None:
-        rows = [s for s in range(b) if ks[s] == step]
+        rows = [s for s in range(b) if step in plans[s]]
         collector.calls_in_step = 0
         if not rows:
             collector.rows = None
@@ -700,12 +865,47 @@ def _run_batch_pipeline(
         collector.call_masks = [None if m is None else m[rows] for m in masks]
 
     def on_step_end(p, i, t, kwargs):
+        step[0] = i + 1
         arm(i + 1)
-        if i >= max(ks):
+        if i >= max(max(s) for s in plans):
             p._interrupt = True  # the remaining steps are skipped
         return {"latents": packed.clone()} if xt_source == "noise" else {}
 
-    arm(0)
+    step = [0]  # the pipeline step the next transformer call belongs to
+    drawn_t: list[list[int]] = []  # xt_source "image": each sample's timesteps, step j = draw j
+
+    def plan(module, args, kwargs):  # first transformer call: the pipeline's schedule is set
+        if not plans:
+            if xt_source == "image":
+                edges = collector.edges
+                drawn_t.extend(_train_draws(seed, i, timestep_draw, edges) for i in indices)
+                n = len(drawn_t[0])
+                if n > steps:
+                    raise DiffalignError(
+                        f"--xt-source image: {n} timesteps per sample need --steps >= {n} "
+                        "(one pipeline step each)"
+                    )
+                plans.extend([list(range(n)) for _ in indices])
+            else:
+                timesteps = pipe.scheduler.timesteps
+                plans.extend(
+                    _plans(draws, indices, seed, timestep_draw, timesteps, collector.edges)
+                )
+            arm(0)
+        if xt_source != "image":
+            return None
+        t = torch.tensor([float(d[step[0]]) for d in drawn_t])
+        xt = pipe._pack_latents(noised_latents(x0, noise_cpu, t), b, c, h, w)
+        hidden = kwargs["hidden_states"]
+        scale = collector.adapter.timestep_scale
+        return args, {
+            **kwargs,
+            "hidden_states": xt.to(device=hidden.device, dtype=hidden.dtype),
+            "timestep": (t / scale).to(device=hidden.device, dtype=kwargs["timestep"].dtype),
+        }
+
+    noise_cpu = torch.stack([n for _, n in draws])
+    first_call = pipe.transformer.register_forward_pre_hook(plan, with_kwargs=True, prepend=True)
     try:
         pipe(
             prompt=prompts,
@@ -725,10 +925,11 @@ def _run_batch_pipeline(
             ),
         )
     finally:
+        first_call.remove()
         collector.rows = None
         collector.call_masks = None
         pipe._interrupt = False
-    return ks
+    return drawn_t if xt_source == "image" else plans
 
 
 def _t5_mask(tokenizer, prompts: list[str], max_sequence_length: int) -> torch.Tensor:

@@ -74,14 +74,19 @@ def register(verbs) -> None:
         "--token-strategy",
         choices=("all", "valid"),
         default="all",
-        help="all text tokens, or valid = CLIP and T5 tokens through EOS (default: %(default)s)",
+        help="all text tokens, or valid = CLIP and T5 tokens through EOS, padding dropped (the "
+        "method authors' default; on Qwen-Image both keep the prompt's own tokens) (default: "
+        "%(default)s)",
     )
     p.add_argument(
         "--xt-source",
-        choices=("trajectory", "noise"),
+        choices=("trajectory", "noise", "image"),
         default="trajectory",
         help="trajectory = sample from noise up to the drawn step (what generation sees); "
-        "noise = pure Gaussian latents at the drawn timestep, one forward (default: %(default)s)",
+        "noise = pure Gaussian latents at the drawn timestep, one forward; image = the sample's "
+        "paired image latent noised as in training, (1-s) x0 + s eps at an integer timestep "
+        "drawn uniformly in 0..999, s = t/1000 (the method authors' SD3/FLUX.1 calibration; "
+        "needs image-caption pairs and a square size) (default: %(default)s)",
     )
     p.add_argument(
         "--steps",
@@ -105,6 +110,15 @@ def register(verbs) -> None:
         "picks the current timestep's (default: %(default)s)",
     )
     p.add_argument(
+        "--timestep-draw",
+        choices=("sample", "bucket"),
+        default="sample",
+        help="sample = one step index per sample (each bucket gets the samples whose step fell "
+        "in it); bucket = one step per sample and bucket, drawn among the schedule's steps in "
+        "that bucket, so every sample reaches every bucket, as the method's authors calibrate "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--col-center",
         action="store_true",
         help="centre each feature column over the calibration tokens after the per-token "
@@ -115,7 +129,8 @@ def register(verbs) -> None:
         type=nonneg_float,
         default=1.0,
         help="guidance scale; > 1 adds the unconditional branch (empty prompt) to the "
-        "trajectory and to the collected tokens (default: %(default)s = conditional only)",
+        "trajectory; the tokens are collected from the conditional rows only, as the method's "
+        "authors fit them (default: %(default)s)",
     )
     p.add_argument(
         "--height", type=positive_int, default=None, help="image height (default: model's)"
@@ -183,6 +198,7 @@ def _run_calibrate(args) -> int:
         timestep_buckets=args.timestep_buckets,
         col_center=args.col_center,
         guidance=args.guidance,
+        timestep_draw=args.timestep_draw,
     )
     from diffalign.engine.progress import is_main_process
 
