@@ -222,6 +222,7 @@ def test_sd3_all_tokens_collects_the_conditional_rows_only(tiny_model_dir, tmp_p
         cfg=CFG,
         max_sequence_length=MSL,
         xt_source="noise",
+        token_strategy="all",
     )
     assert summary["num_valid_tokens"] == 2 * (77 + MSL)
     assert summary["collected_branch"] == "conditional"
@@ -472,3 +473,15 @@ def test_cli_image_source_from_a_jsonl_of_pairs(tiny_model_dir, tmp_path, capsys
     summary = json.loads((tmp_path / "cal" / "summary.json").read_text())
     assert summary["xt_source"] == "image" and sum(summary["timestep_histogram_per_100"]) == 2
     assert load_rotations(out).metadata["xt_source"] == "image"
+
+
+def test_the_default_token_strategy_is_the_authors_valid(capsys):
+    """Padding masked by default, as the authors calibrate (`--no-padding-mask` turns it off)."""
+    import inspect
+
+    from diffalign.cli import main
+
+    assert inspect.signature(calibrate).parameters["token_strategy"].default == "valid"
+    with pytest.raises(SystemExit):
+        main(["textstream", "calibrate", "--help"])
+    assert "(default: valid)" in " ".join(capsys.readouterr().out.split())

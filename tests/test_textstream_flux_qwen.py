@@ -224,6 +224,7 @@ def test_flux_calibration_matches_store_all_reference(tiny_model_dir, tmp_path, 
         xt_source=xt_source,
         max_sequence_length=16,
         batch_size=2,
+        token_strategy="all",  # the reference stores every text token
     )
     blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
     xs, ys = [], {t: [] for t in targets}

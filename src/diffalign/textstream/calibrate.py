@@ -301,7 +301,7 @@ def calibrate(
     target_layers: Sequence[int] | None = None,
     output: str = "procrustes_rotations.safetensors",
     seed: int = 0,
-    token_strategy: str = "all",
+    token_strategy: str = "valid",
     xt_source: str = "trajectory",
     steps: int | None = None,
     cfg: float = 1.0,

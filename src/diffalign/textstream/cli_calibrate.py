@@ -73,10 +73,10 @@ def register(verbs) -> None:
     p.add_argument(
         "--token-strategy",
         choices=("all", "valid"),
-        default="all",
-        help="all text tokens, or valid = CLIP and T5 tokens through EOS, padding dropped (the "
-        "method authors' default; on Qwen-Image both keep the prompt's own tokens) (default: "
-        "%(default)s)",
+        default="valid",
+        help="valid = CLIP and T5 tokens through EOS, padding dropped (the method authors' "
+        "default), or all text tokens (the padding then outnumbers the prompt's tokens in "
+        "X^T Y); on Qwen-Image both keep the prompt's own tokens (default: %(default)s)",
     )
     p.add_argument(
         "--xt-source",
