@@ -16,8 +16,14 @@ from diffalign.engine.cliutils import (
 
 
 def add_generator_options(
-    p, dtype_default: str = "fp32", with_device: bool = True, with_compile: bool = True
+    p,
+    dtype_default: str = "fp32",
+    with_device: bool = True,
+    with_compile: bool = True,
+    size_first: str = "",
 ) -> None:
+    """The generator options; `size_first`: where the default image size comes from before
+    the generator's published size (sft: the dataset's)."""
     from diffalign.noise.recipes import GENERATORS
 
     g = p.add_argument_group("model")
@@ -77,12 +83,12 @@ def add_generator_options(
         action="store_true",
         help="keep all U-Net / transformer and VAE activations instead of recomputing them",
     )
-    g.add_argument(
-        "--height", type=positive_int, default=None, help="image height (default: the model's)"
+    size = (
+        f"(default: {size_first}the generator's published size, not read from the model "
+        "folder: 1024 for hyper-sdxl, flux-schnell, sd3.5-large-turbo and sana-sprint, else 512)"
     )
-    g.add_argument(
-        "--width", type=positive_int, default=None, help="image width (default: the model's)"
-    )
+    g.add_argument("--height", type=positive_int, default=None, help=f"image height {size}")
+    g.add_argument("--width", type=positive_int, default=None, help=f"image width {size}")
     if with_compile:
         g = p.add_argument_group("speed")
         g.add_argument(
@@ -380,7 +386,12 @@ def register(verbs) -> None:
         action="store_true",
         help="the random-noise baseline: the same targets, fresh N(0, I) noise every step",
     )
-    add_generator_options(p, with_device=False, with_compile=False)
+    add_generator_options(
+        p,
+        with_device=False,
+        with_compile=False,
+        size_first="the size the dataset's dataset_config.json records, else ",
+    )
     add_sft_options(p)
     p.add_argument(
         "--latent-loss-weight",
@@ -437,7 +448,12 @@ def register(verbs) -> None:
     p.add_argument(
         "--num-cycles", type=positive_int, default=2, help="E+M cycles (default: %(default)s)"
     )
-    add_generator_options(p, with_device=False, with_compile=False)
+    add_generator_options(
+        p,
+        with_device=False,
+        with_compile=False,
+        size_first="on a resumed loop the size its first dataset records, else ",
+    )
     add_assign_options(p, prefix="assign-")
     p.add_argument(
         "--assign-batch-size",

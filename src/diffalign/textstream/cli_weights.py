@@ -64,8 +64,9 @@ def register(verbs) -> None:
     p.add_argument(
         "--max-sequence-length",
         type=positive_int,
-        default=256,
-        help="T5 tokens, as in generation (default: %(default)s)",
+        default=None,
+        help="text-encoder tokens, as in generation (default: the model card's: SD3 256, "
+        "FLUX.1-dev 512, FLUX.1-schnell 256, Qwen-Image 512)",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=8, help="pairs per batch (default: 8)"
@@ -235,9 +236,19 @@ def register(verbs) -> None:
         "--eval-samples", type=positive_int, default=2, help="validation images (default: 2)"
     )
     v.add_argument(
-        "--eval-steps", type=positive_int, default=28, help="sampling steps (default: 28)"
+        "--eval-steps",
+        type=positive_int,
+        default=None,
+        help="sampling steps (default: the model card's: SD3 28, FLUX.1-dev 28, "
+        "FLUX.1-schnell 4, Qwen-Image 50)",
     )
-    v.add_argument("--eval-cfg", type=nonneg_float, default=7.0, help="guidance (default: 7)")
+    v.add_argument(
+        "--eval-cfg",
+        type=nonneg_float,
+        default=None,
+        help="classifier-free guidance scale (default: the model card's: SD3 7, Qwen-Image "
+        "4; unused on FLUX.1, which gets its distilled guidance)",
+    )
     v.add_argument("--checkpoint-every", type=nonneg_int, default=0, help="0 = only at the end")
     v.add_argument(
         "--keep-checkpoints", type=nonneg_int, default=2, help="resumable ones kept (0 = all)"
