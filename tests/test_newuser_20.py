@@ -1,0 +1,147 @@
+"""A new user's walk through README (session 20): text-stream learned weights on Qwen-Image /
+FLUX.1, few-step transformer noise verbs. Logged weights, model-card defaults of `cache` and
+`train-weights`, refusal hints that name only options the verb has, FLUX.1-dev folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffalign.cli import main
+from diffalign.engine.errors import DiffalignError
+from noise_data_helpers import write_pairs
+
+
+def _err_lines(capsys) -> list[str]:
+    return [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+
+
+# ------------------------------------------------------------------ learned residual weights
+
+
+def test_qwen_cache_and_train_weights_follow_the_model_card(tiny_model_dir, tmp_path):
+    """No --max-sequence-length / --eval-steps / --eval-cfg: Qwen-Image's card (512 tokens,
+    50 steps, true CFG 4), not SD3's 256 / 28 / 7; the logged weights are the weights after the
+    logged step (the last one equals the learned weights), not a window mean of earlier ones."""
+    qwen = tiny_model_dir("qwen-image")
+    data = write_pairs(tmp_path / "data", n=3)
+    cache = tmp_path / "cache"
+    argv = ["textstream", "cache", "--model", qwen, "--dataset", str(data / "pairs.jsonl")]
+    assert main([*argv, "--resolution", "32", "--output-dir", str(cache)]) == 0
+    assert json.loads((cache / "job.json").read_text())["max_sequence_length"] == 512
+
+    run = tmp_path / "run"
+    argv = ["textstream", "train-weights", "--cache", str(cache), "--output-dir", str(run)]
+    argv += ["--residual-target-layers", "2,3", "--max-steps", "2", "--batch-size", "2"]
+    argv += ["--log-every", "1", "--eval-samples", "1", "--tracker", "none", "--lr", "0.1"]
+    assert main(argv) == 0
+    config = json.loads((run / "run_config.json").read_text())
+    config = config.get("task", config)
+    assert (config["eval_steps"], config["eval_cfg"]) == (50, 4.0)
+    summary = json.loads((run / "summary.json").read_text())
+    learned = summary["residual_weights"]["learned"]
+    logged = [summary["final_train"][f"weight/{t}"] for t in (2, 3)]
+    assert learned != [1.0, 1.0]
+    assert logged == pytest.approx(learned, abs=1e-7), (logged, learned)
+
+
+def test_train_weights_help_names_the_model_card_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["textstream", "train-weights", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "FLUX.1-schnell 4, Qwen-Image 50" in out and "SD3 7, Qwen-Image 4" in out
+    with pytest.raises(SystemExit):
+        main(["textstream", "cache", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "FLUX.1-dev 512" in out and "(default: 256)" not in out
+
+
+# ------------------------------------------------------------------ noise verbs
+
+
+def test_toy_assignment_refusal_names_only_options_it_has(tmp_path):
+    """`noise toy assign` / `noise toy em` have no --overwrite: their 'other settings' refusal
+    must not tell the user to pass it."""
+    from diffalign.noise.toy.assignment import assign
+    from diffalign.noise.toy.data import load_dataset
+    from diffalign.noise.toy.models import ToyModelConfig, build_model, save_model
+
+    torch.manual_seed(0)
+    save_model(build_model(ToyModelConfig.for_dataset("generator", "digits")), tmp_path / "g")
+    data = load_dataset("digits", "train").subset(range(2))
+    common = dict(data=data, write_plots=False)
+    assign(tmp_path / "g", tmp_path / "asg", assign_steps=1, **common)
+    with pytest.raises(DiffalignError) as e:
+        assign(tmp_path / "g", tmp_path / "asg", assign_steps=2, **common)
+    msg = str(e.value)
+    assert "holds an assignment made with other settings (assign_steps)" in msg, msg
+    assert "--overwrite" not in msg and "another --output-dir" in msg
+
+
+def test_build_dataset_refusal_still_offers_overwrite():
+    from diffalign.noise.dataset import PairsJob
+
+    assert "--overwrite" in PairsJob.restart_hint
+
+
+def test_a_flux_dev_folder_is_not_offered_to_flux_schnell(tiny_model_dir):
+    from diffalign.noise.recipes import generator_recipe
+
+    dev = tiny_model_dir("flux-dev")
+    with pytest.raises(DiffalignError) as e:
+        generator_recipe(dev)
+    msg = str(e.value)
+    assert "is FLUX.1 [dev]" in msg and "no generator kind runs it" in msg, msg
+    assert "--generator flux-schnell" not in msg
+    with pytest.raises(DiffalignError, match="which generator flux-schnell does not run"):
+        generator_recipe(dev, "flux-schnell")
+    # FLUX.1-schnell itself is still recognised by its card
+    assert generator_recipe(tiny_model_dir("flux-schnell")).spec.name == "flux-schnell"
+
+
+@pytest.mark.parametrize(
+    ("verb", "expect"),
+    [
+        (["noise", "optimize"], "published size"),
+        (["noise", "build-dataset"], "published size"),
+        (["noise", "sft"], "dataset_config.json records, else the generator's published size"),
+        (["noise", "em"], "first dataset records, else the generator's published size"),
+    ],
+)
+def test_noise_size_help_says_where_the_default_comes_from(verb, expect, capsys):
+    with pytest.raises(SystemExit):
+        main([*verb, "--help"])
+    out = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    assert expect in out and "image height (default: the model's)" not in out
+
+
+def test_em_starts_a_new_m_step_without_the_resume_notice(tmp_path, monkeypatch):
+    """A fresh M-step is started without --resume latest (whose 'no checkpoint under ...;
+    starting a new run' notice the user never asked for); one with a checkpoint resumes."""
+    import diffalign.noise.dataset as dataset_mod
+    import diffalign.noise.sft as sft_mod
+    from diffalign.noise.em import em
+
+    seen = []
+
+    def fake_sft(gen, manifest, out_dir, **kw):
+        seen.append(kw["resume"])
+        return {"model": str(out_dir / "checkpoint-final"), "steps": 1}
+
+    monkeypatch.setattr(sft_mod, "sft", fake_sft)
+    monkeypatch.setattr(dataset_mod, "build_dataset", lambda *a, **k: {"finished": 1})
+
+    import dataclasses
+
+    Settings = dataclasses.make_dataclass("Settings", [("seed", int, 0)])
+    kwargs = dict(load=lambda m, first: object(), assign_kwargs={"settings": Settings()})
+    em("base", tmp_path / "data", tmp_path / "em", num_cycles=2, sft_kwargs={}, **kwargs)
+    assert seen == [None, None]
+    ckpt = tmp_path / "em2" / "cycle-000" / "sft" / "checkpoints" / "checkpoint-5"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    seen.clear()
+    em("base", tmp_path / "data", tmp_path / "em2", num_cycles=1, sft_kwargs={}, **kwargs)
+    assert seen == ["latest"]
