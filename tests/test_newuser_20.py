@@ -145,3 +145,27 @@ def test_em_starts_a_new_m_step_without_the_resume_notice(tmp_path, monkeypatch)
     seen.clear()
     em("base", tmp_path / "data", tmp_path / "em2", num_cycles=1, sft_kwargs={}, **kwargs)
     assert seen == ["latest"]
+
+
+def test_sft_samples_at_the_steps_its_dataset_was_assigned_with(tiny_model_dir, tmp_path, capsys):
+    """A dataset assigned with flux-schnell at 2 steps: sft without --num-steps trains the 2-step
+    sampler (it used to fall back to the kind's 1); another --num-steps is refused like another
+    model, and only warned about with --allow-other-generator."""
+    flux = tiny_model_dir("flux-schnell")
+    margs = ["--model", flux, "--height", "32", "--width", "32"]
+    data = write_pairs(tmp_path / "data", n=1)
+    ds = tmp_path / "ds"
+    argv = ["noise", "build-dataset", "--data-root", str(data), "--output-dir", str(ds)]
+    argv += ["--steps", "1", "--no-plots", "--num-intermediates", "0", "--num-steps", "2"]
+    assert main([*argv, *margs]) == 0, capsys.readouterr().err
+    base = ["noise", "sft", "--manifest-path", str(ds), "--max-steps", "1", "--lora-rank", "2"]
+    base += ["--tracker", "none", *margs]
+    assert main([*base, "--output-dir", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    recipe = json.loads((tmp_path / "a/checkpoint-final/diffalign_generator.json").read_text())
+    assert recipe["num_steps"] == 2
+    capsys.readouterr()
+    assert main([*base, "--output-dir", str(tmp_path / "b"), "--num-steps", "1"]) == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "2 steps), this run trains flux-schnell" in err[0], err
+    assert "(differs: num_steps)" in err[0] and "--allow-other-generator" in err[0]
+    assert not (tmp_path / "b" / "checkpoint-final").exists()

@@ -21,9 +21,10 @@ def add_generator_options(
     with_device: bool = True,
     with_compile: bool = True,
     size_first: str = "",
+    steps_first: str = "",
 ) -> None:
-    """The generator options; `size_first`: where the default image size comes from before
-    the generator's published size (sft: the dataset's)."""
+    """The generator options; `size_first` / `steps_first`: where the default image size /
+    step count comes from before the generator's own (sft: the dataset's)."""
     from diffalign.noise.recipes import GENERATORS
 
     g = p.add_argument_group("model")
@@ -50,8 +51,8 @@ def add_generator_options(
         type=positive_int,
         default=None,
         help="sampling steps of a few-step generator, gradients through every one "
-        "(flux-schnell 1-4, default 1; sd3.5-large-turbo 1-4, default 4; sana-sprint 1-2, "
-        "default 2; pixart-dmd and the U-Net generators: 1)",
+        f"({steps_first}flux-schnell 1-4, default 1; sd3.5-large-turbo 1-4, default 4; "
+        "sana-sprint 1-2, default 2; pixart-dmd and the U-Net generators: 1)",
     )
     g.add_argument(
         "--weights",
@@ -391,6 +392,7 @@ def register(verbs) -> None:
         with_device=False,
         with_compile=False,
         size_first="the size the dataset's dataset_config.json records, else ",
+        steps_first="default: the steps the dataset's dataset_config.json records; ",
     )
     add_sft_options(p)
     p.add_argument(
@@ -658,12 +660,15 @@ def _check_train_dtype(args) -> None:
 
 
 def _run_sft(args) -> int:
-    from diffalign.noise.dataset import dataset_image_size
+    from diffalign.noise.dataset import dataset_image_size, recorded_num_steps
     from diffalign.noise.sft import sft
 
     _check_train_dtype(args)
     # the dataset's noises and targets have the size it records: the default here
     args.height, args.width = dataset_image_size(args.manifest_path, args.height, args.width)
+    if args.num_steps is None and not (args.direct or args.allow_other_generator):
+        # its noises were assigned for the generator at these steps: the default here
+        args.num_steps = recorded_num_steps(args.manifest_path)
     gen = _load(args)
     _check_init_lora(args.init_lora, gen.name)
     r = sft(
