@@ -65,7 +65,7 @@ def add_generator_options(
         "--dtype",
         choices=("fp32", "fp16", "bf16"),
         default=dtype_default,
-        help="precision of the U-Net and text encoders (default: %(default)s)",
+        help="precision of the U-Net or transformer and the text encoders (default: %(default)s)",
     )
     g.add_argument(
         "--vae",
