@@ -171,3 +171,26 @@ def test_sft_samples_at_the_steps_its_dataset_was_assigned_with(tiny_model_dir, 
     assert len(err) == 1 and "2 steps), this run trains flux-schnell" in err[0], err
     assert "(differs: num_steps)" in err[0] and "--allow-other-generator" in err[0]
     assert not (tmp_path / "b" / "checkpoint-final").exists()
+
+
+def test_assign_refuses_a_used_folder_and_overwrite_leaves_no_stale_steps(
+    tiny_model_dir, tmp_path, capsys
+):
+    """A second `noise assign` into a folder silently replaced its noise and left the first
+    run's step_NNNN.png beside the new ones; now it is refused, and --overwrite replaces it."""
+    flux = tiny_model_dir("flux-schnell")
+    target = write_pairs(tmp_path / "data", n=1) / "images" / "0000.png"
+    out = tmp_path / "o"
+    argv = ["noise", "assign", "--prompt", "a cat", "--target-image", str(target)]
+    argv += ["--output-dir", str(out), "--model", flux, "--height", "32", "--width", "32"]
+    assert main([*argv, "--steps", "3", "--num-intermediates", "3"]) == 0
+    assert (out / "step_0003.png").is_file()
+    noise = (out / "best_input_noise.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--steps", "1"]) == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "already holds an assignment" in err[0] and "--overwrite" in err[0]
+    assert (out / "best_input_noise.safetensors").read_bytes() == noise
+    assert main([*argv, "--steps", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("step_*.png")) == ["step_0000.png", "step_0001.png"]
+    assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == 1

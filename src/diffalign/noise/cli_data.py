@@ -326,6 +326,11 @@ def register(verbs) -> None:
         help="intermediate images step_NNNN.png (default: %(default)s)",
     )
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the base noise (default: 0)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the assignment an --output-dir already holds (default: refuse)",
+    )
     p.set_defaults(func=_run_assign)
 
     p = verbs.add_parser(
@@ -565,6 +570,7 @@ def _run_assign(args) -> int:
         seed=args.seed,
         resize=args.resize,
         num_intermediates=args.num_intermediates,
+        overwrite=args.overwrite,
     )
     print(
         f"loss {s['loss_before']:.5f} -> {s['loss_after']:.5f} (best step {s['best_step']}); "
