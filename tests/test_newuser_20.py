@@ -21,10 +21,11 @@ def _err_lines(capsys) -> list[str]:
 # ------------------------------------------------------------------ learned residual weights
 
 
-def test_qwen_cache_and_train_weights_follow_the_model_card(tiny_model_dir, tmp_path):
+def test_qwen_cache_and_train_weights_follow_the_model_card(tiny_model_dir, tmp_path, capsys):
     """No --max-sequence-length / --eval-steps / --eval-cfg: Qwen-Image's card (512 tokens,
     50 steps, true CFG 4), not SD3's 256 / 28 / 7; the logged weights are the weights after the
-    logged step (the last one equals the learned weights), not a window mean of earlier ones."""
+    logged step (the last one equals the learned weights), not a window mean of earlier ones;
+    the weights file names its family, and another family's model refuses it."""
     qwen = tiny_model_dir("qwen-image")
     data = write_pairs(tmp_path / "data", n=3)
     cache = tmp_path / "cache"
@@ -45,6 +46,16 @@ def test_qwen_cache_and_train_weights_follow_the_model_card(tiny_model_dir, tmp_
     logged = [summary["final_train"][f"weight/{t}"] for t in (2, 3)]
     assert learned != [1.0, 1.0]
     assert logged == pytest.approx(learned, abs=1e-7), (logged, learned)
+
+    # the file records its family: FLUX.1 (same block count, plain mode) refuses it up front
+    capsys.readouterr()
+    out = tmp_path / "flux"
+    argv = ["textstream", "sample", "--prompt", "a cat", "--model", tiny_model_dir("flux-dev")]
+    argv += ["--residual-weights-file", str(run / "residual_weights.safetensors")]
+    assert main([*argv, "--output-dir", str(out), "--steps", "1"]) == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "was trained on a qwen-image model" in err[0], err
+    assert "this is a flux model" in err[0] and not out.exists()
 
 
 def test_train_weights_help_names_the_model_card_defaults(capsys):

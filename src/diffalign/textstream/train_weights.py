@@ -536,6 +536,7 @@ class WeightsTask(TrainTask):
             rotation_sha256=self.rotation_sha256,
             metadata={
                 "model": str(self.cfg.model),
+                "family": self.flow.name,  # generation refuses the weights on another family
                 "cache": str(self.cache.root),
                 "procrustes_path": str(self.cfg.procrustes_path or ""),
             },
