@@ -121,6 +121,15 @@ FLUX1_SCHNELL = register_release(
         "FluxPipeline",
     )
 )
+# not a few-step model: registered so that a FLUX.1-dev folder is told from FLUX.1-schnell
+FLUX1_DEV = register_release(
+    Release(
+        "FLUX.1 [dev]",
+        ("black-forest-labs/FLUX.1-dev",),
+        "FLUX.1 [dev]",
+        "FluxPipeline",
+    )
+)
 SD35_LARGE_TURBO = register_release(
     Release(
         "Stable Diffusion 3.5 Large Turbo",

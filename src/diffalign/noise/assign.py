@@ -503,11 +503,14 @@ def assign_image(
     seed: int = 0,
     resize: bool = False,
     num_intermediates: int = 5,
+    overwrite: bool = False,
 ) -> dict:
     """`diffalign noise assign`: one target image + prompt -> ``OUT/best_input_noise.safetensors``
     (the seed's ``best_input_noise.pt`` as safetensors), ``target.png``, ``best.png``,
     ``step_NNNN.png`` intermediates and ``intermediates.png``, ``loss_curve.{png,json}``,
-    ``orthogonal_gaussian_{init,final}.{png,json}``, ``summary.json``."""
+    ``orthogonal_gaussian_{init,final}.{png,json}``, ``summary.json``. A folder that holds an
+    earlier assignment (its summary.json) is refused unless ``overwrite``; the earlier run's
+    step images are removed once the new one has succeeded."""
     from diffalign.engine.io import locked_output_dir
     from diffalign.noise.diagnostics import write_gaussianity_diagnostics
 
@@ -523,6 +526,11 @@ def assign_image(
     from diffalign.engine.progress import progress
 
     with locked_output_dir(out, "assignment folder"):
+        if (out / "summary.json").is_file() and not overwrite:
+            raise DiffalignError(
+                f"--output-dir {out} already holds an assignment (summary.json); pass "
+                "--overwrite to replace it or choose another --output-dir"
+            )
         bar = progress(total=steps + 1, desc="assign")
 
         def tick(step: int, losses: torch.Tensor) -> None:
@@ -561,6 +569,8 @@ def assign_image(
             "patch_size": patch_size,
             "seed": seed,
         }
+        for stale in out.glob("step_[0-9]*.png"):  # an earlier run's, not this one's steps
+            stale.unlink()
         save_noise_file(out / NOISE_FILE, res.noise[0], eps[0], res.q[0], meta)
         save_png(out / "target.png", target)
         curve = write_run_outputs(out, res, 0, target, f"assignment: {prompt[:60]}")

@@ -16,8 +16,15 @@ from diffalign.engine.cliutils import (
 
 
 def add_generator_options(
-    p, dtype_default: str = "fp32", with_device: bool = True, with_compile: bool = True
+    p,
+    dtype_default: str = "fp32",
+    with_device: bool = True,
+    with_compile: bool = True,
+    size_first: str = "",
+    steps_first: str = "",
 ) -> None:
+    """The generator options; `size_first` / `steps_first`: where the default image size /
+    step count comes from before the generator's own (sft: the dataset's)."""
     from diffalign.noise.recipes import GENERATORS
 
     g = p.add_argument_group("model")
@@ -44,8 +51,8 @@ def add_generator_options(
         type=positive_int,
         default=None,
         help="sampling steps of a few-step generator, gradients through every one "
-        "(flux-schnell 1-4, default 1; sd3.5-large-turbo 1-4, default 4; sana-sprint 1-2, "
-        "default 2; pixart-dmd and the U-Net generators: 1)",
+        f"({steps_first}flux-schnell 1-4, default 1; sd3.5-large-turbo 1-4, default 4; "
+        "sana-sprint 1-2, default 2; pixart-dmd and the U-Net generators: 1)",
     )
     g.add_argument(
         "--weights",
@@ -58,7 +65,7 @@ def add_generator_options(
         "--dtype",
         choices=("fp32", "fp16", "bf16"),
         default=dtype_default,
-        help="precision of the U-Net and text encoders (default: %(default)s)",
+        help="precision of the U-Net or transformer and the text encoders (default: %(default)s)",
     )
     g.add_argument(
         "--vae",
@@ -77,12 +84,12 @@ def add_generator_options(
         action="store_true",
         help="keep all U-Net / transformer and VAE activations instead of recomputing them",
     )
-    g.add_argument(
-        "--height", type=positive_int, default=None, help="image height (default: the model's)"
+    size = (
+        f"(default: {size_first}the generator's published size, not read from the model "
+        "folder: 1024 for hyper-sdxl, flux-schnell, sd3.5-large-turbo and sana-sprint, else 512)"
     )
-    g.add_argument(
-        "--width", type=positive_int, default=None, help="image width (default: the model's)"
-    )
+    g.add_argument("--height", type=positive_int, default=None, help=f"image height {size}")
+    g.add_argument("--width", type=positive_int, default=None, help=f"image width {size}")
     if with_compile:
         g = p.add_argument_group("speed")
         g.add_argument(
@@ -319,6 +326,11 @@ def register(verbs) -> None:
         help="intermediate images step_NNNN.png (default: %(default)s)",
     )
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the base noise (default: 0)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the assignment an --output-dir already holds (default: refuse)",
+    )
     p.set_defaults(func=_run_assign)
 
     p = verbs.add_parser(
@@ -380,7 +392,13 @@ def register(verbs) -> None:
         action="store_true",
         help="the random-noise baseline: the same targets, fresh N(0, I) noise every step",
     )
-    add_generator_options(p, with_device=False, with_compile=False)
+    add_generator_options(
+        p,
+        with_device=False,
+        with_compile=False,
+        size_first="the size the dataset's dataset_config.json records, else ",
+        steps_first="default: the steps the dataset's dataset_config.json records; ",
+    )
     add_sft_options(p)
     p.add_argument(
         "--latent-loss-weight",
@@ -437,7 +455,12 @@ def register(verbs) -> None:
     p.add_argument(
         "--num-cycles", type=positive_int, default=2, help="E+M cycles (default: %(default)s)"
     )
-    add_generator_options(p, with_device=False, with_compile=False)
+    add_generator_options(
+        p,
+        with_device=False,
+        with_compile=False,
+        size_first="on a resumed loop the size its first dataset records, else ",
+    )
     add_assign_options(p, prefix="assign-")
     p.add_argument(
         "--assign-batch-size",
@@ -547,6 +570,7 @@ def _run_assign(args) -> int:
         seed=args.seed,
         resize=args.resize,
         num_intermediates=args.num_intermediates,
+        overwrite=args.overwrite,
     )
     print(
         f"loss {s['loss_before']:.5f} -> {s['loss_after']:.5f} (best step {s['best_step']}); "
@@ -642,12 +666,15 @@ def _check_train_dtype(args) -> None:
 
 
 def _run_sft(args) -> int:
-    from diffalign.noise.dataset import dataset_image_size
+    from diffalign.noise.dataset import dataset_image_size, recorded_num_steps
     from diffalign.noise.sft import sft
 
     _check_train_dtype(args)
     # the dataset's noises and targets have the size it records: the default here
     args.height, args.width = dataset_image_size(args.manifest_path, args.height, args.width)
+    if args.num_steps is None and not (args.direct or args.allow_other_generator):
+        # its noises were assigned for the generator at these steps: the default here
+        args.num_steps = recorded_num_steps(args.manifest_path)
     gen = _load(args)
     _check_init_lora(args.init_lora, gen.name)
     r = sft(

@@ -413,6 +413,9 @@ def check_dataset_generator(
     keys = MODEL_PATH_KEYS if old_model.get("model") is not None else ()
     then = {"generator": built.get("generator"), **{k: old_model.get(k) for k in keys}}
     now = {"generator": generator, **{k: record.get(k) for k in keys}}
+    steps = (old_model.get("num_steps"), record.get("num_steps"))
+    if None not in steps:  # a few-step generator's noises are assigned for its step count
+        then["num_steps"], now["num_steps"] = steps
     diff = identity_differences(then, now)
     if not diff:
         return None
@@ -481,7 +484,23 @@ def _describe(rec: dict) -> str:
     model = rec.get("model")
     if isinstance(model, dict):
         model = model.get("path") or model.get("hub_id")
-    return f"{rec.get('generator')} ({model})"
+    n = rec.get("num_steps")
+    steps = "" if n is None else f", {n} step{'' if n == 1 else 's'}"
+    return f"{rec.get('generator')} ({model}{steps})"
+
+
+def recorded_num_steps(dataset: str | os.PathLike) -> int | None:
+    """The sampling steps of the generator a `build-dataset` folder (or its manifest.jsonl) was
+    assigned with (dataset_config.json); None when it records none."""
+    cfg_path = _dataset_config_path(dataset)
+    if not cfg_path.is_file():
+        return None
+    from diffalign.engine.io import read_json
+
+    cfg = read_json(cfg_path)
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    steps = model.get("num_steps") if isinstance(model, dict) else None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
 def _first_failure(folder: Path) -> str:

@@ -139,6 +139,7 @@ def em(
     noise with :func:`cycle_seed` (``assign_kwargs["settings"].seed + 1000 k``). ``resume``:
     ``latest`` continues an unfinished M-step from its last checkpoint, ``restart`` starts it
     over (finished cycles are kept either way); ``overwrite`` starts the whole loop over."""
+    from diffalign.engine.checkpoints import list_checkpoints
     from diffalign.noise.dataset import build_dataset
     from diffalign.noise.sft import sft
 
@@ -176,8 +177,9 @@ def em(
             cdir / "dataset" / "manifest.jsonl",
             cdir / "sft",
             init_lora=prev_lora,
-            # an unfinished M-step goes on from its last checkpoint, or starts over
-            resume="latest" if resume == "latest" else None,
+            # an unfinished M-step goes on from its last checkpoint, or starts over; a new one
+            # starts without `--resume latest`'s "no checkpoint" notice (no --resume was given)
+            resume="latest" if resume == "latest" and list_checkpoints(cdir / "sft") else None,
             overwrite=resume == "restart",
             progress=progress,
             model_info={"model": current, "cycle": k},

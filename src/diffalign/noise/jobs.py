@@ -37,6 +37,11 @@ class AssignmentJob:
     config_file: str = "dataset_config.json"
     config_ignore: tuple[str, ...] = ()  # settings that may change between runs
     what: str = "dataset"
+    # the refusal's advice for a folder made with other settings: only options the verb has
+    restart_hint: str = (
+        "rerun with the settings it was made with, pass --overwrite to start over, or write to "
+        "another --output-dir"
+    )
 
     def item_ids(self) -> list[int]:
         """All item ids of the job (0..n-1)."""
@@ -124,10 +129,9 @@ def run_assignment_job(
         check_identity(
             read_json(cfg_path),
             config,
-            f"{out} holds a {job.what}",
+            f"{out} holds {'an' if job.what[:1] in 'aeiou' else 'a'} {job.what}",
             free=job.config_ignore,
-            hint="rerun with the settings it was made with, pass --overwrite to start over "
-            "(build-dataset, em), or write to another --output-dir",
+            hint=job.restart_hint,
         )
     elif rank == 0:
         for old in out.glob("failures*.jsonl"):  # the failures of the replaced settings

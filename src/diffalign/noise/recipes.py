@@ -60,6 +60,7 @@ class GeneratorSpec:
     weights_asset: str | None = None  # `diffalign download --only` name of that file
     pipeline_class: str = ""  # the diffusers pipeline class its model folders hold
     release: str | None = None  # Hub id of the release that runs as this kind as published
+    refuses: tuple[str, ...] = ()  # Hub ids of releases of its pipeline class it cannot run
 
 
 GENERATORS: dict[str, GeneratorSpec] = {}
@@ -141,6 +142,7 @@ register_generator(
         1024,
         pipeline_class="FluxPipeline",
         release="black-forest-labs/FLUX.1-schnell",
+        refuses=("black-forest-labs/FLUX.1-dev",),  # guidance-distilled, 28-50 steps
     )
 )
 register_generator(
@@ -200,11 +202,12 @@ class Recipe:
     found_by: str = ""
 
 
-def _choices(pipeline_class: str | None = None) -> str:
+def _choices(pipeline_class: str | None = None, release: str | None = None) -> str:
     names = [
         n
         for n, s in GENERATORS.items()
-        if pipeline_class is None or s.pipeline_class == pipeline_class
+        if (pipeline_class is None or s.pipeline_class == pipeline_class)
+        and (release is None or release not in s.refuses)
     ]
     return ", ".join(names or GENERATORS)
 
@@ -322,6 +325,11 @@ def generator_recipe(
     if generator is not None:
         spec = GENERATORS[generator]
         _check_pipeline_class(model, spec)
+        if found is not None and found[0].hub_id in spec.refuses:
+            raise DiffalignError(
+                f"--model {model} is {found[0].name} ({found[0].hub_id}, by {found[1]}), which "
+                f"generator {generator} does not run"
+            )
         return Recipe(spec, model, found_by="--generator")
     if found is not None:
         release, mark = found
@@ -334,10 +342,19 @@ def generator_recipe(
                 f"--model {model} is {release.name} ({release.hub_id}, by {mark}), not a "
                 "diffusers pipeline to run"
             )
+        if all(
+            release.hub_id in s.refuses
+            for s in GENERATORS.values()
+            if s.pipeline_class == release.pipeline_class
+        ):
+            raise DiffalignError(
+                f"--model {model} is {release.name} ({release.hub_id}, by {mark}), which is not "
+                "a one-step model, and no generator kind runs it"
+            )
         raise DiffalignError(
             f"--model {model} is {release.name} ({release.hub_id}, by {mark}), which is not a "
             f"one-step model; pass --generator to run it with a one-step recipe "
-            f"({_choices(release.pipeline_class)})"
+            f"({_choices(release.pipeline_class, release.hub_id)})"
         )
     from diffalign.engine.releases import pipeline_class_of
 

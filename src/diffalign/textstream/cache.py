@@ -133,7 +133,7 @@ def build_cache(
     limit: int | None = None,
     caption_field: str = "prompt",
     image_field: str = "image",
-    max_sequence_length: int = 256,
+    max_sequence_length: int | None = None,
     batch_size: int = 8,
     dtype: str = "auto",
     device: str | None = None,
@@ -150,6 +150,10 @@ def build_cache(
     from diffalign.engine.pairs import load_image_captions
 
     started = time.time()
+    if max_sequence_length is None:  # the model card's, as generation uses (families.DEFAULTS)
+        from diffalign.textstream.families import DEFAULTS, model_variant
+
+        max_sequence_length = DEFAULTS[model_variant(model)].max_sequence_length
     for name, value in (
         ("--resolution", resolution),
         ("--batch-size", batch_size),

@@ -64,8 +64,9 @@ def register(verbs) -> None:
     p.add_argument(
         "--max-sequence-length",
         type=positive_int,
-        default=256,
-        help="T5 tokens, as in generation (default: %(default)s)",
+        default=None,
+        help="text-encoder tokens, as in generation (default: the model card's: SD3 256, "
+        "FLUX.1-dev 512, FLUX.1-schnell 256, Qwen-Image 512)",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=8, help="pairs per batch (default: 8)"
@@ -171,8 +172,10 @@ def register(verbs) -> None:
         default=None,
         help="gaussian: std of u (default 0.2); logitnorm: std of the logit (default 1)",
     )
-    t.add_argument("--time-alpha", type=positive_float, default=1.0, help="beta: alpha")
-    t.add_argument("--time-beta", type=positive_float, default=1.0, help="beta: beta")
+    t.add_argument(
+        "--time-alpha", type=positive_float, default=1.0, help="beta: alpha (default: 1)"
+    )
+    t.add_argument("--time-beta", type=positive_float, default=1.0, help="beta: beta (default: 1)")
     t.add_argument(
         "--time-shift",
         type=positive_float,
@@ -187,14 +190,18 @@ def register(verbs) -> None:
         default=0.0,
         help="weight of mean (w[k+1] - w[k])^2 (default: 0)",
     )
-    o.add_argument("--max-steps", type=positive_int, default=1000, help="optimizer steps")
-    o.add_argument("--batch-size", type=positive_int, default=4, help="pairs per step")
+    o.add_argument(
+        "--max-steps", type=positive_int, default=1000, help="optimizer steps (default: 1000)"
+    )
+    o.add_argument("--batch-size", type=positive_int, default=4, help="pairs per step (default: 4)")
     o.add_argument(
         "--gradient-accumulation-steps", type=positive_int, default=1, help="(default: 1)"
     )
     o.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW lr (default: 0.01)")
     o.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="(default: 0)")
-    o.add_argument("--warmup-steps", type=nonneg_int, default=0, help="linear warm-up steps")
+    o.add_argument(
+        "--warmup-steps", type=nonneg_int, default=0, help="linear warm-up steps (default: 0)"
+    )
     o.add_argument(
         "--lr-scheduler",
         choices=["cosine", "constant", "linear"],
@@ -229,16 +236,31 @@ def register(verbs) -> None:
         type=nonneg_int,
         default=0,
         help="validation (loss + images with the current weights) every N steps; 0 = at the "
-        "end only",
+        "end only (default: 0)",
     )
     v.add_argument(
         "--eval-samples", type=positive_int, default=2, help="validation images (default: 2)"
     )
     v.add_argument(
-        "--eval-steps", type=positive_int, default=28, help="sampling steps (default: 28)"
+        "--eval-steps",
+        type=positive_int,
+        default=None,
+        help="sampling steps (default: the model card's: SD3 28, FLUX.1-dev 28, "
+        "FLUX.1-schnell 4, Qwen-Image 50)",
     )
-    v.add_argument("--eval-cfg", type=nonneg_float, default=7.0, help="guidance (default: 7)")
-    v.add_argument("--checkpoint-every", type=nonneg_int, default=0, help="0 = only at the end")
+    v.add_argument(
+        "--eval-cfg",
+        type=nonneg_float,
+        default=None,
+        help="classifier-free guidance scale (default: the model card's: SD3 7, Qwen-Image "
+        "4; unused on FLUX.1, which gets its distilled guidance)",
+    )
+    v.add_argument(
+        "--checkpoint-every",
+        type=nonneg_int,
+        default=0,
+        help="resumable checkpoint every N steps; 0 = only the final one (default: 0)",
+    )
     v.add_argument(
         "--keep-checkpoints", type=nonneg_int, default=2, help="resumable ones kept (0 = all)"
     )

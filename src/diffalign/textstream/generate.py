@@ -280,9 +280,11 @@ def validate_residual_config(rc: ResidualConfig, model: str | None = None) -> No
                 "add --residual-target-layers (or a --residual-procrustes-path rotation file)"
             )
     if rc.weights_file is not None:
+        from diffalign.textstream.families import family_of_variant, model_variant
         from diffalign.textstream.weights import apply_weights_file
 
-        apply_weights_file(rc)  # the file's own checks, before any model loads
+        family = family_of_variant(model_variant(model)) if model is not None else None
+        apply_weights_file(rc, family)  # the file's own checks, before any model loads
 
 
 @dataclass(frozen=True)
@@ -485,7 +487,7 @@ def build_residual_from_config(
     from diffalign.textstream import build_residual
     from diffalign.textstream.weights import apply_weights_file
 
-    rc = apply_weights_file(rc)
+    rc = apply_weights_file(rc, family)
     kwargs: dict[str, Any] = {
         "origin_layer": rc.origin_layer,
         "target_layers": rc.target_layers,

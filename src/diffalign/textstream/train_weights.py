@@ -111,8 +111,8 @@ class WeightsTrainConfig:
     num_val: int = 0  # held-out pairs (the last ones) for the validation loss
     eval_every: int = 0
     eval_samples: int = 2
-    eval_steps: int = 28
-    eval_cfg: float = 7.0
+    eval_steps: int | None = None  # None: the model card's (families.DEFAULTS)
+    eval_cfg: float | None = None
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -128,6 +128,8 @@ class WeightsTrainConfig:
         """Checks that need neither model nor cache (one DiffalignError line)."""
         for name in ("lr", "smoothness_weight", "weight_decay", "eval_cfg"):
             value = getattr(self, name)
+            if value is None and name == "eval_cfg":
+                continue
             if not math.isfinite(float(value)) or value < 0:
                 raise DiffalignError(
                     f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})"
@@ -139,7 +141,7 @@ class WeightsTrainConfig:
         ):
             raise DiffalignError(f"--max-grad-norm must be > 0 (got {self.max_grad_norm})")
         for name in ("max_steps", "batch_size", "eval_samples", "eval_steps"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise DiffalignError(f"--{name.replace('_', '-')} must be at least 1")
         if self.num_val < 0 or self.warmup_steps < 0:
             raise DiffalignError("--num-val and --warmup-steps must be >= 0")
@@ -256,13 +258,21 @@ def scheduler_shift(scheduler_config: Any, image_seq_len: int) -> float:
 # the task
 
 
+def _variant(family_name: str, transformer) -> str:
+    """The `families.DEFAULTS` key of a loaded transformer (FLUX.1-dev has the guidance
+    embedder, FLUX.1-schnell not)."""
+    if family_name != "flux":
+        return family_name
+    return "flux-dev" if transformer.config.guidance_embeds else "flux-schnell"
+
+
 class WeightsTask(TrainTask):
     """Residual weights on a frozen transformer (of the cache's model family) as a `TrainTask`."""
 
     def __init__(self, cfg: WeightsTrainConfig, log=print):
         from diffalign.textstream import build_residual
         from diffalign.textstream.adapters import stream_adapter
-        from diffalign.textstream.families import check_schedule
+        from diffalign.textstream.families import DEFAULTS, check_schedule
 
         self.cfg = cfg
         self.log = log
@@ -281,6 +291,11 @@ class WeightsTask(TrainTask):
         tr = self.pipe.transformer
         self.transformer = tr
         self._check_cache_shapes()
+        card = DEFAULTS[_variant(self.flow.name, tr)]
+        if cfg.eval_steps is None:  # validation images as the model card samples
+            cfg.eval_steps = card.steps
+        if cfg.eval_cfg is None:
+            cfg.eval_cfg = card.cfg
         check_schedule(self.pipe, cfg.eval_steps)  # Qwen-Image: validation images need 2 steps
         adapter = stream_adapter(tr)  # blocks in execution order (FLUX.1: double, then single)
         self.residual = build_residual(
@@ -411,10 +426,13 @@ class WeightsTask(TrainTask):
         w = self.weights()
         smooth = smoothness_penalty(w)
         loss = flow + self.cfg.smoothness_weight * smooth if self.cfg.smoothness_weight else flow
-        out: dict[str, Any] = {"loss": loss, "flow_loss": flow.detach(), "smoothness": smooth}
-        for layer, value in zip(self.targets, w.detach().cpu().tolist()):
-            out[f"weight/{layer}"] = value
-        return out
+        return {"loss": loss, "flow_loss": flow.detach(), "smoothness": smooth}
+
+    def log_state(self) -> dict[str, float]:
+        """Each target's weight as it is after the logged optimizer step (logged from
+        `training_step`, it was the window's mean of the weights before each update)."""
+        w = self.weights().detach().cpu().tolist()
+        return {f"weight/{layer}": value for layer, value in zip(self.targets, w)}
 
     def validation_step(self, batch: Any) -> dict[str, float]:
         """Flow loss of held-out pairs with noise and times seeded per pair (batch-independent)."""
@@ -518,6 +536,7 @@ class WeightsTask(TrainTask):
             rotation_sha256=self.rotation_sha256,
             metadata={
                 "model": str(self.cfg.model),
+                "family": self.flow.name,  # generation refuses the weights on another family
                 "cache": str(self.cache.root),
                 "procrustes_path": str(self.cfg.procrustes_path or ""),
             },
@@ -635,12 +654,12 @@ def _run(cfg: WeightsTrainConfig, loop: TrainConfig, log):
         xlabel="target layer",
         ylabel="weight",
     )
-    history = {
+    history = {  # step 0: the initial weights, then the weights after each logged step
         f"layer {t}": (
-            [e["step"] for e in result.history if f"weight/{t}" in e],
-            [e[f"weight/{t}"] for e in result.history if f"weight/{t}" in e],
+            [0, *(e["step"] for e in result.history if f"weight/{t}" in e)],
+            [w0, *(e[f"weight/{t}"] for e in result.history if f"weight/{t}" in e)],
         )
-        for t in task.targets
+        for t, w0 in zip(task.targets, init)
     }
     if any(xs for xs, _ in history.values()):
         plot_curves(

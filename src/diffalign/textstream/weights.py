@@ -273,15 +273,22 @@ def resolve_weights_file(
     mode: str | None,
     procrustes_path: str | None,
     layernorm: bool,
+    family: str | None = None,
 ) -> dict[str, Any]:
     """The residual options a weights file implies, checked against those also given.
 
     Returns `{origin_layer, target_layers, weights, mode, layernorm}`. A given origin, target
-    list or mode that differs from the file's, other `--residual-weights`, or a rotation file
-    whose sha256 is not the one the weights were trained with, is one DiffalignError line.
+    list or mode that differs from the file's, other `--residual-weights`, a rotation file
+    whose sha256 is not the one the weights were trained with, or a model `family` other than
+    the one the file records (files from `train-weights`), is one DiffalignError line.
     """
     lw = load_learned_weights(path)
     where = f"--residual-weights-file {path}"
+    trained_on = lw.metadata.get("family")
+    if family is not None and trained_on and trained_on != family:
+        raise DiffalignError(
+            f"{where} was trained on a {trained_on} model (its cache's), this is a {family} model"
+        )
     if weights is not None and [float(w) for w in weights] != lw.weights:
         raise DiffalignError(f"{where} sets the weights; drop --residual-weights")
     if origin_layer is not None and origin_layer != lw.origin_layer:
@@ -321,10 +328,11 @@ def resolve_weights_file(
     }
 
 
-def apply_weights_file(rc: Any) -> Any:
+def apply_weights_file(rc: Any, family: str | None = None) -> Any:
     """A residual config (`generate.ResidualConfig`) with origin, targets, weights, mode and
     layernorm taken from its `weights_file` (unchanged without one); options that disagree
-    with the file are one DiffalignError line (`resolve_weights_file`)."""
+    with the file, or a model `family` it was not trained on, are one DiffalignError line
+    (`resolve_weights_file`)."""
     if getattr(rc, "weights_file", None) is None:
         return rc
     from dataclasses import replace
@@ -337,5 +345,6 @@ def apply_weights_file(rc: Any) -> Any:
         mode=rc.mode,
         procrustes_path=rc.procrustes_path,
         layernorm=rc.layernorm,
+        family=family,
     )
     return replace(rc, **resolved)

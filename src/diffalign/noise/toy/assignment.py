@@ -312,6 +312,9 @@ class ToyAssignJob(AssignmentJob):
     config_file = "assign_config.json"
     config_ignore = ("generator",)  # the weights' path may move; their sha256 must match
     what = "assignment"
+    restart_hint = (  # `noise toy assign` and `noise toy em` have no --overwrite
+        "rerun with the settings it was made with, or write to another --output-dir"
+    )
 
     def __init__(
         self,
