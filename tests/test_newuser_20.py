@@ -65,6 +65,8 @@ def test_train_weights_help_names_the_model_card_defaults(capsys):
     assert "FLUX.1-schnell 4, Qwen-Image 50" in out and "SD3 7, Qwen-Image 4" in out
     for default in ("optimizer steps (default: 1000)", "pairs per step (default: 4)"):
         assert default in out  # a bare run trains 1000 steps: the help must say so
+    # and a killed bare run has a checkpoint to resume from
+    assert "--resume latest); 0 = only the final one (default: 250)" in out
     with pytest.raises(SystemExit):
         main(["textstream", "cache", "--help"])
     out = " ".join(capsys.readouterr().out.split())

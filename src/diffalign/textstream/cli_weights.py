@@ -258,8 +258,9 @@ def register(verbs) -> None:
     v.add_argument(
         "--checkpoint-every",
         type=nonneg_int,
-        default=0,
-        help="resumable checkpoint every N steps; 0 = only the final one (default: 0)",
+        default=250,
+        help="resumable checkpoint every N steps (a killed run resumes from the last one with "
+        "--resume latest); 0 = only the final one (default: %(default)s)",
     )
     v.add_argument(
         "--keep-checkpoints", type=nonneg_int, default=2, help="resumable ones kept (0 = all)"

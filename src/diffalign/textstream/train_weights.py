@@ -113,7 +113,7 @@ class WeightsTrainConfig:
     eval_samples: int = 2
     eval_steps: int | None = None  # None: the model card's (families.DEFAULTS)
     eval_cfg: float | None = None
-    checkpoint_every: int = 0
+    checkpoint_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
