@@ -191,10 +191,19 @@ def test_calibrate_bad_targets_and_empty_bucket(tiny_model_dir, tmp_path, capsys
     out = tmp_path / "c" / "r.safetensors"
     assert main([*base, "--target-layers", "2,4", "--output", str(out)]) == 2
     assert "has 4 blocks" in capsys.readouterr().err
-    # 2 samples cannot fill 4 buckets: refused, nothing written
+    # 4 steps (1000, 750, 500, 250) cannot reach the bucket 0..250: refused at the first batch
     rc = main([*base, "--num-samples", "2", "--timestep-buckets", "4", "--output", str(out)])
-    assert rc == 2 and "got no samples" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "hold none of the schedule's 4 timesteps" in err and "--steps" in err
     assert not out.exists()
+    # 2 samples cannot fill 4 buckets of an 8-step schedule: refused, nothing written
+    argv = [*base, "--num-samples", "2", "--timestep-buckets", "4", "--steps", "8"]
+    assert main([*argv, "--output", str(out)]) == 2
+    assert "got no samples" in capsys.readouterr().err
+    assert not out.exists()
+    # more --num-samples than the dataset holds: all are used, and the run says so
+    assert main([*base, "--num-samples", "5", "--output", str(out)]) == 0
+    assert "holds 2 samples, fewer than --num-samples 5" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("xt_source", ["trajectory", "noise"])

@@ -797,10 +797,12 @@ def _image_latents(pipe, family: str, images: list[str], size: int) -> torch.Ten
 
 def _plans(draws, indices, seed, timestep_draw, timesteps, edges) -> list[list[int]]:
     """The step indices each sample is collected at: its drawn step ("sample"), or one step
-    drawn in each timestep bucket ("bucket")."""
+    drawn in each timestep bucket ("bucket"). A bucket that holds none of the schedule's
+    timesteps is an error here, at the first batch (no sample could ever fall in it), not after
+    the whole run."""
+    candidates = schedule_buckets(timesteps, edges)
     if timestep_draw == "sample":
         return [[k] for k, _ in draws]
-    candidates = schedule_buckets(timesteps, edges)
     return [draw_bucket_steps(seed, i, candidates) for i in indices]
 
 

@@ -208,4 +208,9 @@ def _run_calibrate(args) -> int:
             f"{summary['num_valid_tokens']} tokens, mean error "
             f"{summary['mean_error_before']:.4f} -> {summary['mean_error_after']:.4f}"
         )
+        if summary["num_samples"] < args.num_samples:
+            print(
+                f"note: the dataset holds {summary['num_samples']} samples, fewer than "
+                f"--num-samples {args.num_samples}: all {summary['num_samples']} were used"
+            )
     return 0
