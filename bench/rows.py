@@ -274,7 +274,9 @@ def _measured(tr: dict, variant: str, seconds_key: str) -> tuple[dict, str]:
 
 def row_repa(res: dict, command: str, **kw) -> dict | None:
     """bench/repa.py --section train --train-size real: MFU of the step with alignment (the
-    compiled run's when the bench ran with --compile; eager's figures stay in the details)."""
+    compiled run's when the bench ran with --compile; eager's figures stay in the details). A
+    run at another batch (gpu_rows.sh's batch-64 retry) says so in `command` and `metric` and
+    does not meet the batch-128 goal."""
     tr = res.get("train") or {}
     run, measured = _measured(tr, "lora+align", "seconds_per_step")
     flops = (run.get("flops_per_step") or {}).get("lora+align")
