@@ -56,6 +56,8 @@ PEAK_BF16_TFLOPS = {
     "A10G": 70.0,
 }
 
+REPA_GOAL_BATCH = 128  # the batch of issue 18's row R (GOALS["repa_step"])
+
 GOALS = {
     # issue 18: the batch-1 SDXL-Turbo step within 1.3x of its GPU kernel time
     "noise_b1_step": ("step_time / gpu_kernel_time (batch 1, SDXL-Turbo size, 512 px)", "<=", 1.3),
@@ -272,7 +274,9 @@ def _measured(tr: dict, variant: str, seconds_key: str) -> tuple[dict, str]:
 
 def row_repa(res: dict, command: str, **kw) -> dict | None:
     """bench/repa.py --section train --train-size real: MFU of the step with alignment (the
-    compiled run's when the bench ran with --compile; eager's figures stay in the details)."""
+    compiled run's when the bench ran with --compile; eager's figures stay in the details). A
+    run at another batch (gpu_rows.sh's batch-64 retry) says so in `command` and `metric` and
+    does not meet the batch-128 goal."""
     tr = res.get("train") or {}
     run, measured = _measured(tr, "lora+align", "seconds_per_step")
     flops = (run.get("flops_per_step") or {}).get("lora+align")
@@ -281,7 +285,10 @@ def row_repa(res: dict, command: str, **kw) -> dict | None:
     value = mfu(flops, sec or 0.0, device)
     if value is None:
         return None
-    return make_row(
+    batch = tr.get("batch_size")
+    if batch is not None:  # gpu_rows.sh reruns at batch 64 after an out-of-memory at 128
+        command = re.sub(r"--train-batch-size \d+", f"--train-batch-size {int(batch)}", command)
+    row = make_row(
         "repa_step",
         device=device,
         value=round(value, 2),
@@ -290,6 +297,10 @@ def row_repa(res: dict, command: str, **kw) -> dict | None:
         details={"measured": measured, **tr},
         **kw,
     )
+    if batch is not None and int(batch) != REPA_GOAL_BATCH:  # the goal is at batch 128
+        row["metric"] += f"; measured at batch {int(batch)}, not the goal's {REPA_GOAL_BATCH}"
+        row["met"] = False
+    return row
 
 
 def row_fill(res: dict, command: str, **kw) -> dict | None:

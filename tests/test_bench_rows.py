@@ -348,3 +348,25 @@ def test_fill_bench_writes_its_eager_json_before_it_compiles(tmp_path, monkeypat
     train = json.loads(out.read_text())["train"]
     assert set(train["median_s"]) == {"lora", "lora+semantic"} and "compiled" not in train
     assert train["flops_per_step"]["lora+semantic"] > 0
+
+
+def test_repa_row_measured_at_the_fallback_batch_says_so():
+    # gpu_rows.sh reruns repa at batch 64 after an out-of-memory at 128: the row's command and
+    # metric name the batch measured, and a batch-64 MFU does not meet the batch-128 goal
+    tr = {
+        "device": "cuda",
+        "device_name": "NVIDIA H200",
+        "batch_size": 64,
+        "seconds_per_step": {"lora": 0.3, "lora+align": 0.31},
+        "flops_per_step": {"lora": 1.5e14, "lora+align": 1.55e14},
+        "times": {"lora+align": [0.31]},
+    }
+    command = rows.SOURCES["repa_train.json"][1]
+    row = rows.row_repa({"train": tr}, command, version_info={})
+    assert row["value"] == pytest.approx(100 * 1.55e14 / 0.31 / 989.4e12, rel=1e-3)  # 50.5 %
+    assert "--train-batch-size 64" in row["command"] and "128" not in row["command"]
+    assert "batch 64" in row["metric"] and row["met"] is False
+    tr["batch_size"] = 128
+    row = rows.row_repa({"train": tr}, command, version_info={})
+    assert "--train-batch-size 128" in row["command"] and row["met"] is True
+    assert row["metric"] == rows.GOALS["repa_step"][0]
