@@ -202,6 +202,9 @@ def test_rotations_fit_the_authors_tokens(tiny_model_dir, tmp_path, kind, strate
     rs = load_rotations(out)
     assert rs.num_valid_tokens == summary["num_valid_tokens"] == count
     assert rs.metadata["collected_branch"] == "conditional"
+    # what else shapes the rotations travels with the file
+    assert int(rs.metadata["max_sequence_length"]) == summary["max_sequence_length"]
+    assert "guidance" in rs.metadata
     for t in TARGETS:
         ours = rs.rotations[t].double().numpy()
         np.testing.assert_allclose(on_zero_mean_rows(ours), on_zero_mean_rows(ref[t]), atol=2e-4)

@@ -404,5 +404,5 @@ def _ensure_discovered() -> None:
     siblings that import it are loaded."""
     global _discovered
     if not _discovered:
+        _discover_kind_modules()  # a failed import raises here again at the next lookup
         _discovered = True
-        _discover_kind_modules()

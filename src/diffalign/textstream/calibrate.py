@@ -640,6 +640,8 @@ def _calibrate_locked(
             "dtype",
             "collected_branch",
             "timestep_draw",
+            "guidance",
+            "max_sequence_length",
         )
         save_rotations(
             output_path,
