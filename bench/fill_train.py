@@ -426,10 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _write_json(path: str | None, result: dict) -> None:
     if path:
-        import json
+        from diffalign.engine.io import write_json  # atomic: a kill mid-write keeps the last
 
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(path, result)
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,6 @@ start; break-even = cold start / time saved per step (`compiled` in the JSON, wh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from diffalign.engine.io import write_json  # noqa: E402
 from noise_optimize import PROMPTS, _models, _time, bare_run, ours_run  # noqa: E402
 
 
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         eager_b1 = next((r for r in results["runs"] if r["batch"] == 1), None)
         if (args.compile or args.cuda_graphs) and eager_b1 is not None:
             if args.json:  # the eager rows survive a time limit hit while compiling
-                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+                write_json(args.json, results)  # atomic: a kill keeps the eager JSON
             results["compiled"] = measure_compiled(
                 gen, reward, args.device, args.steps, args.repeats, eager_b1, args.cuda_graphs
             )
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     return 0
 
 

@@ -760,7 +760,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(results: dict) -> None:
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            from diffalign.engine.io import write_json  # atomic: a kill keeps the last JSON
+
+            write_json(args.json, results)
 
     for name, (run, show) in SECTIONS.items():
         if args.section in (name, "all"):
