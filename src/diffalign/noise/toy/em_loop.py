@@ -148,6 +148,8 @@ def _em_cycles(
         )
 
     def m_step(current: str, cdir: Path, k: int) -> dict:
+        from diffalign.engine.checkpoints import list_checkpoints
+
         m = sft(
             current,
             cdir / "assign" / "manifest.jsonl",
@@ -161,8 +163,9 @@ def _em_cycles(
             l1_weight=l1_weight,
             seed=seed + k,
             base_ckpt=anchor,
-            # an unfinished M-step goes on from its last checkpoint, or starts over
-            resume="latest" if resume == "latest" else None,
+            # an unfinished M-step goes on from its last checkpoint, or starts over (a new one
+            # starts without the loop's "no checkpoint" notice, as `noise em`)
+            resume="latest" if resume == "latest" and list_checkpoints(cdir / "sft") else None,
             overwrite=resume == "restart",
             progress=progress,
             checkpoint_every=checkpoint_every,
