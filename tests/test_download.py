@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
 import huggingface_hub
 import pytest
+from huggingface_hub.utils import filter_repo_objects
 
 from diffalign.cli import main
 from diffalign.engine import download
@@ -22,6 +25,7 @@ class FakeHub:
         self.calls: list[dict] = []
         self.fail = fail or {}
         self.no_weights = set(no_weights)
+        self.repos: dict[str, Path] = {}  # repo id -> a folder served with its real files
 
     def __call__(self, repo_id, *, allow_patterns=None, ignore_patterns=None, local_dir, **kw):
         self.calls.append(
@@ -35,6 +39,15 @@ class FakeHub:
         )
         if repo_id in self.fail:
             raise self.fail[repo_id]
+        if repo_id in self.repos:  # the files the Hub would send, filtered as the Hub filters
+            root = self.repos[repo_id]
+            files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+            for rel in filter_repo_objects(
+                files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+            ):
+                (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(root / rel, Path(local_dir) / rel)
+            return str(local_dir)
         for pattern in allow_patterns or []:
             if repo_id in self.no_weights and pattern.endswith(".safetensors"):
                 continue
@@ -252,3 +265,184 @@ def test_real_hub_offline_fails_fast_and_clean(tmp_path, monkeypatch, capsys):
         "(unset it to download)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def _serve_pixart(hub: FakeHub, tiny: Path, root: Path) -> tuple[Path, Path]:
+    """The two Hub repos of pixart-dmd, split from a tiny `make-tiny pixart-dmd` folder: the DMD
+    release (transformer + scheduler, its card; its config named as diffusers of 2024 named
+    it) and PixArt-alpha 512px (a whole pipeline: its own transformer, a DPM-Solver scheduler)."""
+    dmd, base = root / "dmd", root / "base"
+    for sub in ("transformer", "scheduler"):
+        shutil.copytree(tiny / sub, dmd / sub)
+    shutil.copyfile(tiny / "README.md", dmd / "README.md")
+    config = json.loads((dmd / "transformer" / "config.json").read_text())
+    (dmd / "transformer" / "config.json").write_text(
+        json.dumps({**config, "_class_name": "Transformer2DModel"})
+    )
+    shutil.copytree(tiny, base, ignore=shutil.ignore_patterns("README.md"))
+    (base / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"base weights")
+    (base / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"base weights")
+    (base / "text_encoder" / "pytorch_model.bin").write_bytes(b"a pickle")
+    scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    scheduler["_class_name"] = "DPMSolverMultistepScheduler"
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    index = json.loads((base / "model_index.json").read_text())
+    index.update(
+        _diffusers_version="0.22.0.dev0",
+        scheduler=["diffusers", "DPMSolverMultistepScheduler"],
+        transformer=["diffusers", "Transformer2DModel"],
+    )
+    (base / "model_index.json").write_text(json.dumps(index))
+    hub.repos = {download.PIXART_DMD_REPO: dmd, download.PIXART_BASE_REPO: base}
+    return dmd, base
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_pixart_dmd_assembles_a_loadable_pipeline(tmp_path, hub, capsys, tiny_model_dir):
+    import torch
+    from diffusers import DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from diffalign.noise.generators import load_generator
+    from diffalign.noise.recipes import generator_recipe
+
+    tiny = Path(tiny_model_dir("pixart-dmd"))
+    dmd, base = _serve_pixart(hub, tiny, tmp_path / "hub")
+    models = tmp_path / "models"
+    folder = models / "pixart-dmd"
+
+    # dry run: both repos, only their parts, and the index it would write; nothing fetched
+    assert main(["download", "--dry-run", "--dir", str(models), "--only", "pixart-dmd"]) == 0
+    out = capsys.readouterr().out
+    assert f"would fetch {download.PIXART_DMD_REPO} [transformer/*.json" in out
+    assert f"would fetch {download.PIXART_BASE_REPO} [model_index.json, text_encoder/" in out
+    assert "would write model_index.json naming PixArtAlphaPipeline" in out
+    assert not hub.calls and not models.exists()
+
+    # the base repo fails: one line, nothing half-written
+    hub.fail[download.PIXART_BASE_REPO] = ConnectionError("Name or service not known")
+    assert main(["download", "--dir", str(models), "--only", "pixart-dmd"]) == 1
+    assert f"download of {download.PIXART_BASE_REPO} failed" in capsys.readouterr().err
+    assert not folder.exists() and _leftovers(models) == []
+    hub.fail.clear()
+    hub.calls.clear()
+
+    assert main(["download", "--dir", str(models), "--only", "pixart-dmd"]) == 0
+    assert [c["repo_id"] for c in hub.calls] == [
+        download.PIXART_DMD_REPO,
+        download.PIXART_BASE_REPO,
+    ]
+    got = _files(folder)
+    # the DMD transformer and scheduler, the base's T5, tokenizer and VAE; no base transformer
+    # or scheduler, no pickles, no card
+    for sub, repo in (("transformer", dmd), ("scheduler", dmd), ("vae", base)):
+        assert {k: v for k, v in got.items() if k.startswith(sub + "/")} == {
+            f"{sub}/{k}": v for k, v in _files(repo / sub).items()
+        }
+    assert {k for k in got if k.startswith(("text_encoder/", "tokenizer/"))} == {
+        f"{sub}/{k}"
+        for sub in ("text_encoder", "tokenizer")
+        for k in _files(base / sub)
+        if not k.endswith(".bin")
+    }
+    assert set(got) - {k for k in got if "/" in k} == {"model_index.json", download.MARKER}
+    assert json.loads(got["model_index.json"]) == {
+        "_class_name": "PixArtAlphaPipeline",
+        "_diffusers_version": "0.22.0.dev0",
+        "scheduler": ["diffusers", "DDPMScheduler"],  # the DMD one, not the base's DPM-Solver
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    assert _leftovers(models) == []
+
+    pipe = PixArtAlphaPipeline.from_pretrained(folder)
+    assert isinstance(pipe.transformer, PixArtTransformer2DModel)
+    assert isinstance(pipe.scheduler, DDPMScheduler)
+
+    # the noise verbs' loader: recognised as pixart-dmd by the download record alone (the DMD
+    # card was not fetched), and it renders what the whole tiny pipeline renders
+    recipe = generator_recipe(str(folder))
+    assert recipe.spec.name == "pixart-dmd" and "download" in recipe.found_by
+    gens = [load_generator(str(m), None, height=32, width=32, device="cpu") for m in (folder, tiny)]
+    assert [g.name for g in gens] == ["pixart-dmd", "pixart-dmd"]
+    z = gens[0].sample_noise(1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images = [g.generate(z, g.encode_prompts(["a cat"])) for g in gens]
+    assert torch.equal(images[0], images[1])
+
+    # second call: complete, skipped
+    hub.calls.clear()
+    capsys.readouterr()
+    assert main(["download", "--dir", str(models), "--only", "pixart-dmd"]) == 0
+    assert not hub.calls and "already complete" in capsys.readouterr().out
+
+    # a folder holding only the DMD part (the base's record and files gone) gets the base part
+    # alone, and its index written again from the parts already there
+    marker = json.loads((folder / download.MARKER).read_text())
+    marker["sources"] = [k for k in marker["sources"] if k.startswith(download.PIXART_DMD_REPO)]
+    (folder / download.MARKER).write_text(json.dumps(marker))
+    for sub in ("text_encoder", "tokenizer", "vae"):
+        shutil.rmtree(folder / sub)
+    (folder / "model_index.json").unlink()
+    assert main(["download", "--dir", str(models), "--only", "pixart-dmd"]) == 0
+    assert [c["repo_id"] for c in hub.calls] == [download.PIXART_BASE_REPO]
+    assert _files(folder) == got
+    assert _leftovers(models) == []
+
+
+def test_pixart_dmd_index_without_the_base_index_and_refusals(
+    tmp_path, hub, capsys, tiny_model_dir
+):
+    from diffusers import PixArtAlphaPipeline
+
+    tiny = Path(tiny_model_dir("pixart-dmd"))
+    _, base = _serve_pixart(hub, tiny, tmp_path / "hub")
+    models = tmp_path / "models"
+    index = json.loads((base / "model_index.json").read_text())
+
+    # a base repo whose index names another pipeline: one line, nothing moved in
+    (base / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "StableDiffusionPipeline"})
+    )
+    assert main(["download", "--dir", str(models), "--only", "pixart-dmd"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == (
+        f"pixart-dmd: {download.PIXART_BASE_REPO}'s model_index.json names "
+        "'StableDiffusionPipeline', not PixArtAlphaPipeline: not the pipeline this asset assembles"
+    )
+    assert not (models / "pixart-dmd").exists() and _leftovers(models) == []
+
+    # no VAE weights sent: refused
+    (base / "model_index.json").write_text(json.dumps(index))
+    (base / "vae" / "diffusion_pytorch_model.safetensors").rename(base / "vae.safetensors")
+    assert main(["download", "--dir", str(models), "--only", "pixart-dmd"]) == 1
+    assert f"{download.PIXART_BASE_REPO} sent no vae/*.safetensors" in capsys.readouterr().err
+    assert not (models / "pixart-dmd").exists()
+    (base / "vae.safetensors").rename(base / "vae" / "diffusion_pytorch_model.safetensors")
+
+    # no index in the base repo: every entry from the parts' own configs
+    (base / "model_index.json").unlink()
+    assert main(["download", "--dir", str(models), "--only", "pixart-dmd"]) == 0
+    folder = models / "pixart-dmd"
+    assert json.loads((folder / "model_index.json").read_text()) == {
+        "_class_name": "PixArtAlphaPipeline",
+        "_diffusers_version": json.loads((tiny / "model_index.json").read_text())[
+            "_diffusers_version"
+        ],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    assert type(PixArtAlphaPipeline.from_pretrained(folder).transformer).__name__ == (
+        "PixArtTransformer2DModel"
+    )

@@ -7,6 +7,9 @@ Layout (seed 001): `models/<name>/...`, e.g. `models/sd3/model_index.json`,
 Each asset is downloaded into a temporary folder beside its target and renamed into place when
 complete, so an interrupted or failed download never leaves a half-written `models/<name>/`.
 A finished asset carries a `.diffalign-download.json` marker and is skipped next time.
+An asset assembled from several repos (`pixart-dmd`: the DMD transformer + scheduler with
+PixArt-alpha 512px's T5, tokenizer and VAE) gets its composed files (the pipeline's
+`model_index.json`, `Assembly`) written in that temporary folder before the move.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from diffalign.engine.errors import DiffalignError
 
@@ -78,6 +82,19 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Assembly:
+    """Files composed from an asset's fetched sources before it moves into place.
+
+    `run(new, old)` writes into `new` (the temp folder of the files just fetched), reading a
+    file from `new`, else from `old` (the target, holding the sources fetched before); raises
+    `DiffalignError` when what arrived cannot be assembled. `description`: the dry run's line.
+    """
+
+    description: str
+    run: Callable[[Path, Path], None]
+
+
+@dataclass(frozen=True)
 class Asset:
     """A downloadable asset: `diffalign download --only NAME` -> `models/NAME/`."""
 
@@ -87,6 +104,7 @@ class Asset:
     default: bool = False
     gated: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    assembly: Assembly | None = None
 
 
 def _diffusers(repo: str) -> tuple[Source, ...]:
@@ -105,6 +123,123 @@ def _transformers(repo: str, subdir: str = "") -> Source:
 
 def _processor(subdir: str = "processor") -> Source:
     return Source(CLIP_H_REPO, _PROCESSOR_FILES, subdir=subdir, weights=())
+
+
+# PixArt-alpha DMD ships only its transformer and scheduler; the rest of PixArtAlphaPipeline
+# (T5, tokenizer, VAE) is PixArt-alpha 512px's, as the release's demo loads it
+PIXART_DMD_REPO = "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512"
+PIXART_BASE_REPO = "PixArt-alpha/PixArt-XL-2-512x512"
+
+
+class PipelinePart(NamedTuple):
+    """One module of a pipeline assembled from several repos: its subfolder, the repo it comes
+    from, the config file naming its class, whether it holds weights (`*.safetensors`)."""
+
+    subfolder: str
+    repo_id: str
+    config: str
+    has_weights: bool
+
+
+_PIXART_DMD_PARTS: tuple[PipelinePart, ...] = (
+    PipelinePart("transformer", PIXART_DMD_REPO, "config.json", True),
+    PipelinePart("scheduler", PIXART_DMD_REPO, "scheduler_config.json", False),
+    PipelinePart("text_encoder", PIXART_BASE_REPO, "config.json", True),
+    PipelinePart("tokenizer", PIXART_BASE_REPO, "tokenizer_config.json", False),
+    PipelinePart("vae", PIXART_BASE_REPO, "config.json", True),
+)
+
+
+def _pipeline_sources(parts: Sequence[PipelinePart], index_from: str) -> tuple[Source, ...]:
+    """One source per repo of a pipeline assembled from parts: only its subfolders (fp32
+    safetensors, as `_diffusers`), and `model_index.json` from `index_from`."""
+    sources = []
+    for repo in dict.fromkeys(p.repo_id for p in parts):
+        mine = [p.subfolder for p in parts if p.repo_id == repo]
+        allow = tuple(
+            f"{sub}/*.{ext}" for sub in mine for ext in ("json", "txt", "model", "safetensors")
+        )
+        if repo == index_from:
+            allow = ("model_index.json", *allow)
+        weights = tuple(
+            f"{p.subfolder}/*.safetensors" for p in parts if p.repo_id == repo and p.has_weights
+        )
+        sources.append(Source(repo, allow, _DIFFUSERS_IGNORE, weights=weights))
+    return tuple(sources)
+
+
+def _read_config(path: Path, name: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffalignError(f"{name} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DiffalignError(f"{name} is not a JSON object")
+    return data
+
+
+def _class_in_config(config: dict) -> list[str] | None:
+    """[library, class] a component's own config names: a diffusers `_class_name`, a
+    transformers model's `architectures[0]`, a tokenizer's `tokenizer_class`."""
+    if isinstance(config.get("_class_name"), str):
+        return ["diffusers", config["_class_name"]]
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return ["transformers", archs[0]]
+    if isinstance(config.get("tokenizer_class"), str):
+        return ["transformers", config["tokenizer_class"]]
+    return None
+
+
+def write_pipeline_index(
+    new: Path,
+    old: Path,
+    pipeline_class: str,
+    parts: Sequence[PipelinePart],
+    index_from: str,
+) -> None:
+    """Write `new/model_index.json` of a pipeline assembled from `parts` (an `Assembly.run`).
+
+    `index_from`'s own `model_index.json`, when it came, is the base: its `_` keys and its
+    entries for its own parts; a part from another repo takes the class its config names (the
+    base repo's entry would name the base's scheduler, e.g. DPM-Solver for PixArt-alpha).
+    Without that index every entry comes from the parts' configs.
+    """
+    from diffalign.engine.io import write_json
+
+    def find(rel: str) -> Path | None:
+        return next((root / rel for root in (new, old) if (root / rel).is_file()), None)
+
+    found = find("model_index.json")
+    base = _read_config(found, f"{index_from}'s model_index.json") if found is not None else {}
+    if base and base.get("_class_name") != pipeline_class:
+        raise DiffalignError(
+            f"{index_from}'s model_index.json names {base.get('_class_name')!r}, not "
+            f"{pipeline_class}: not the pipeline this asset assembles"
+        )
+    index: dict = {k: v for k, v in base.items() if k.startswith("_")}
+    index["_class_name"] = pipeline_class
+    for sub, repo, config_name, has_weights in parts:
+        path = find(f"{sub}/{config_name}")
+        if path is None:
+            raise DiffalignError(f"{repo} sent no {sub}/{config_name}")
+        folders = [root / sub for root in (new, old) if (root / sub).is_dir()]
+        if has_weights and not any(_has_match(f, ("*.safetensors",)) for f in folders):
+            raise DiffalignError(f"{repo} sent no {sub}/*.safetensors")
+        config = _read_config(path, f"{repo}'s {sub}/{config_name}")
+        entry = base.get(sub) if repo == index_from else None
+        if not (isinstance(entry, list) and len(entry) == 2):
+            entry = _class_in_config(config)
+        if entry is None:
+            raise DiffalignError(f"{repo}: {sub}/{config_name} names no class")
+        index[sub] = entry
+        if "_diffusers_version" not in index and "_diffusers_version" in config:
+            index["_diffusers_version"] = config["_diffusers_version"]
+    write_json(new / "model_index.json", index)
+
+
+def _assemble_pixart_dmd(new: Path, old: Path) -> None:
+    write_pipeline_index(new, old, "PixArtAlphaPipeline", _PIXART_DMD_PARTS, PIXART_BASE_REPO)
 
 
 ASSETS: dict[str, Asset] = {
@@ -242,9 +377,14 @@ ASSETS: dict[str, Asset] = {
         ),
         Asset(
             "pixart-dmd",
-            "PixArt-alpha DMD 512px one-step transformer + scheduler (diffusers; text encoder and "
-            "VAE come from PixArt-alpha/PixArt-XL-2-512x512)",
-            _diffusers("PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512"),
+            "PixArt-alpha DMD 512px one-step pipeline: the DMD transformer + scheduler, T5 text "
+            f"encoder, tokenizer and VAE of {PIXART_BASE_REPO} (diffusers, one folder)",
+            _pipeline_sources(_PIXART_DMD_PARTS, index_from=PIXART_BASE_REPO),
+            assembly=Assembly(
+                "model_index.json naming PixArtAlphaPipeline (transformer, scheduler of "
+                f"{PIXART_DMD_REPO}; text_encoder, tokenizer, vae of {PIXART_BASE_REPO})",
+                _assemble_pixart_dmd,
+            ),
         ),
     )
 }
@@ -404,6 +544,8 @@ def _install(planned: PlannedAsset, token: str | None) -> None:
                 raise
             except Exception as e:  # noqa: BLE001 - reported per asset by the caller
                 raise _FetchError(source, e) from e
+        if planned.asset.assembly is not None:
+            planned.asset.assembly.run(tmp, target)
         previous = _read_marker(target) or {"sources": []}
         marker = {
             "asset": planned.asset.name,
@@ -464,6 +606,8 @@ def download_assets(
             for s in item.missing:
                 dest = item.target / s.subdir if s.subdir else item.target
                 log(f"{name}: would fetch {s.repo_id} [{', '.join(s.allow_patterns)}] -> {dest}")
+            if item.asset.assembly is not None:
+                log(f"{name}: would write {item.asset.assembly.description}")
             result[name] = "planned"
             continue
         log(f"{name}: fetching into {item.target} ...")
@@ -471,6 +615,10 @@ def download_assets(
             _install(item, token)
         except _FetchError as e:  # one line, then the next asset
             err(_failure_line(name, e.source, e.cause, item.asset.gated))
+            result[name] = "failed"
+            continue
+        except DiffalignError as e:  # its assembly refused what arrived (nothing moved in)
+            err(f"{name}: {e}")
             result[name] = "failed"
             continue
         log(f"{name}: done")
