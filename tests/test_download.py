@@ -60,6 +60,14 @@ class FakeHub:
 
 @pytest.fixture
 def hub(monkeypatch):
+    # the libraries that bind `snapshot_download` when first imported do so now, with the real
+    # one: a first import under the fake (a pipeline loaded inside a test) would keep the fake
+    # for the rest of the worker's tests
+    import diffusers.loaders.single_file  # noqa: F401
+    import diffusers.pipelines.pipeline_utils  # noqa: F401
+    import diffusers.utils.hub_utils  # noqa: F401
+    import transformers.utils.hub  # noqa: F401
+
     fake = FakeHub()
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
