@@ -118,9 +118,13 @@ $PY bench/rows.py --from "$OUT" --results "${RESULTS:-bench/results}" 2>&1 | tee
 if want pytest; then
     PYTEST_LEFT=$(( $(left) + 10 ))
     if ((PYTEST_LEFT >= ${PYTEST_MIN:-60})); then
-        log "== pytest (limit ${PYTEST_LEFT}s)"
-        DIFFALIGN_TEST_CUDA=1 timeout "$PYTEST_LEFT" $PY -m pytest -q -n 12 -p no:cacheprovider \
-            --timeout 150 tests >"$OUT/pytest.log" 2>&1
+        # plugins only where installed (a bare machine may lack pytest-xdist / pytest-timeout)
+        PYTEST_ARGS=(-q -p no:cacheprovider)
+        $PY -c "import xdist" 2>/dev/null && PYTEST_ARGS+=(-n 12)
+        $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout 150)
+        log "== pytest (limit ${PYTEST_LEFT}s): ${PYTEST_ARGS[*]}"
+        DIFFALIGN_TEST_CUDA=1 timeout "$PYTEST_LEFT" $PY -m pytest "${PYTEST_ARGS[@]}" tests \
+            >"$OUT/pytest.log" 2>&1
         log "pytest rc=$?"
         tail -40 "$OUT/pytest.log" >>"$OUT/gpu.log"
         grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
