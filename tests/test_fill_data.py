@@ -130,6 +130,25 @@ def test_dataset_bad_arguments(tmp_path):
         TriptychDataset(root, panel=20)
 
 
+def test_dataset_panel_bound(tmp_path):
+    """A panel (given or native) above max_panel_size (default FLUX.1's 1024) is one error line;
+    `panel` within the bound resizes larger native panels down."""
+    from diffalign.fill.data import MAX_PANEL_SIZE
+
+    root = tmp_path / "d"
+    root.mkdir()
+    _triptych(48).save(root / "a.png")
+    (root / "a.txt").write_text("a cat\n")
+    with pytest.raises(DiffalignError, match="panel 1040 is above max_panel_size 1024"):
+        TriptychDataset(root, panel=MAX_PANEL_SIZE + 16)
+    with pytest.raises(DiffalignError, match="48px panels, above max_panel_size 32"):
+        TriptychDataset(root, max_panel_size=32)
+    with pytest.raises(DiffalignError, match="max_panel_size must be a positive multiple of 16"):
+        TriptychDataset(root, max_panel_size=40)
+    assert TriptychDataset(root, panel=32, max_panel_size=32)[0]["target"].shape == (3, 32, 32)
+    assert TriptychDataset(root, panel=64, max_panel_size=64).panel == 64
+
+
 def _triples(folder, n=2, size=40):
     folder.mkdir()
     for i in range(n):

@@ -210,6 +210,33 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(DiffalignError, match="seed"):
         load_config(None, {"data": "x", "seed": "-1"})
     assert load_config(None, {"data": "x", "max_steps": "null", "epochs": "2"}).epochs == 2
+    with pytest.raises(DiffalignError, match="panel 4096 is above max_panel_size 1024"):
+        load_config(None, {"data": "x", "panel": "4096"})
+    assert load_config(None, {"data": "x", "panel": "2048", "max_panel_size": "2048"}).panel == 2048
+    with pytest.raises(DiffalignError, match="max_panel_size must be a positive multiple"):
+        load_config(None, {"data": "x", "max_panel_size": "0"})
+
+
+def test_train_refuses_native_panels_above_the_bound_before_loading(tmp_path, capsys):
+    """Native panels above max_panel_size (`panel: null`): one error line from the dataset,
+    before the model (here a folder that does not exist) is loaded."""
+    from PIL import Image
+
+    from diffalign.cli import main
+    from diffalign.fill.config import FillTrainConfig
+    from diffalign.fill.data import MAX_PANEL_SIZE
+
+    assert FillTrainConfig().max_panel_size == MAX_PANEL_SIZE
+    data = tmp_path / "big"
+    data.mkdir()
+    Image.new("RGB", (3 * 1040, 1040)).save(data / "a.png")
+    (data / "a.txt").write_text("a cat\n")
+    args = ["fill", "train", "--data", str(data), "--panel", "null"]
+    args += ["--model", str(tmp_path / "no_model"), "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1040px panels, above max_panel_size 1024" in err[0], err
+    assert "no_model" not in err[0]  # the model was not loaded
 
 
 def test_cli_unknown_option_and_bad_config_are_one_line(tmp_path, capsys):

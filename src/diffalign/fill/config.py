@@ -30,6 +30,9 @@ class FillTrainConfig:
     panel: int | None = _opt(
         512, "panel size in pixels, divisible by 16 (panels are resized; null: native size)"
     )
+    max_panel_size: int = _opt(
+        1024, "largest panel (given or native): FLUX.1's resolution, a 1024 x 2048 diptych"
+    )
     batch_size: int = _opt(1, "triptychs per micro-batch and process")
     num_workers: int = _opt(0, "DataLoader workers")
     cache_text: bool = _opt(False, "encode each prompt once and keep the embeddings on disk")
@@ -117,6 +120,9 @@ class FillTrainConfig:
             raise DiffalignError("data: the triptych folder is required (data: or --data)")
         if self.panel is not None and (self.panel < 16 or self.panel % 16):
             raise DiffalignError(f"panel must be a positive multiple of 16, got {self.panel}")
+        from diffalign.fill.data import check_panel_bound
+
+        check_panel_bound(self.panel, self.max_panel_size)
         positive = (
             "batch_size",
             "lora_rank",
@@ -192,6 +198,7 @@ RESUME_FREE = frozenset(
         "data",
         "captions",
         "num_workers",
+        "max_panel_size",
         "cache_text",
         "text_cache_dir",
         "model",

@@ -97,6 +97,7 @@ class TriptychDataset(torch.utils.data.Dataset):
     `captions=None` or when the default `captions.jsonl` is absent, from `NAME.txt` beside each
     image. `panel=None` keeps the native panel size (all
     triptychs must share it; the most common size wins); an int resizes every panel to it.
+    A panel (given or native) above `max_panel_size` (default FLUX.1's 1024) is a DiffalignError.
 
     Bad triptychs (unreadable, wrong aspect, panel not divisible by 16, no caption, another panel
     size) are skipped: `.skipped` lists `{"name", "reason"}`; `.summary()` counts them.
@@ -110,17 +111,25 @@ class TriptychDataset(torch.utils.data.Dataset):
         image_field: str = "image",
         prompt_field: str = "prompt",
         panel: int | None = None,
+        max_panel_size: int = MAX_PANEL_SIZE,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DiffalignError(f"triptych folder not found: {self.root}")
         if panel is not None and (int(panel) < PANEL_MULTIPLE or int(panel) % PANEL_MULTIPLE):
             raise DiffalignError(f"panel size must be a multiple of {PANEL_MULTIPLE}, got {panel}")
+        self.max_panel_size = int(max_panel_size)
+        check_panel_bound(panel, self.max_panel_size)
         self.panel_arg = None if panel is None else int(panel)
         self.image_field, self.prompt_field = image_field, prompt_field
         self.skipped: list[dict[str, str]] = []
         candidates = self._candidates(captions)
         self.records, self.panel = self._validate(candidates)
+        if self.panel is not None and self.panel > self.max_panel_size:
+            raise DiffalignError(
+                f"the triptychs in {self.root} have {self.panel}px panels, above max_panel_size "
+                f"{self.max_panel_size}; set panel to resize them or raise max_panel_size"
+            )
         if not self.records:
             reasons = Counter(s["reason"] for s in self.skipped)
             detail = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "no images"
@@ -351,6 +360,20 @@ def _square(image: Image.Image) -> Image.Image:
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     return image.crop((left, top, left + s, top + s))
+
+
+def check_panel_bound(panel: int | None, max_panel_size: int) -> None:
+    """The training bound (config keys `panel`, `max_panel_size`): `max_panel_size` a positive
+    multiple of 16, `panel` (if any) not above it."""
+    if max_panel_size < PANEL_MULTIPLE or max_panel_size % PANEL_MULTIPLE:
+        raise DiffalignError(
+            f"max_panel_size must be a positive multiple of {PANEL_MULTIPLE}, got {max_panel_size}"
+        )
+    if panel is not None and panel > max_panel_size:
+        raise DiffalignError(
+            f"panel {panel} is above max_panel_size {max_panel_size} (default {MAX_PANEL_SIZE}, "
+            "FLUX.1's resolution); raise max_panel_size to train larger panels"
+        )
 
 
 def check_max_panel_size(panel_size: int | None, max_panel_size: int) -> None:

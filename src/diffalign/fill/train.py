@@ -85,6 +85,7 @@ class FillTrainTask(TrainTask):
             image_field=cfg.image_field,
             prompt_field=cfg.prompt_field,
             panel=cfg.panel,
+            max_panel_size=cfg.max_panel_size,
         )
         self.pipe = load_fill_pipeline(cfg.model, cfg.base_dtype)
         self.encoder = FillEncoder(self.pipe)
