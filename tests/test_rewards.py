@@ -121,6 +121,32 @@ def test_degenerate_effective_weights_are_refused(spec, message):
         load_reward(terms)  # a parsed list is checked too, before any model loads
 
 
+@pytest.mark.parametrize(
+    "spec, part, shown",
+    [
+        ("aesthetic:1e308", "aesthetic", "1e+308 (1e+308 from aesthetic:1e+308)"),
+        ("clip:-2e6", "clip", "-2e+06 (-2e+06 from clip:-2e+06)"),
+        ("hybrid:1e9", "aesthetic", "1e+09 (1e+09 from hybrid:1e+09)"),  # a hybrid part
+        ("clip:1e-3,hybrid:5e8", "clip", "1.25e+06 (0.001 from clip:0.001 + 1.25e+06 from "),
+    ],
+)
+def test_huge_weights_are_refused_at_spec_time(spec, part, shown):
+    """A finite but huge weight would overflow the weighted total or its loss offset to inf/NaN
+    at run time (a float32 reward times 1e38 already does): one line at spec time instead."""
+    message = f"--reward '{spec}': the weight of '{part}' is {shown}"
+    with pytest.raises(DiffalignError, match=re.escape(message)) as e:
+        parse_reward_spec(spec)
+    assert "\n" not in str(e.value) and "above the bound 1e+06" in str(e.value)
+    terms = [(n, float(w) if w else 1.0) for n, _, w in (t.partition(":") for t in spec.split(","))]
+    with pytest.raises(DiffalignError, match="above the bound 1e\\+06"):
+        load_reward(terms)  # a parsed list too, before any model loads
+    # the bound itself passes
+    assert expand_spec(parse_reward_spec("aesthetic:1e6,clip:-1e6")) == [
+        ("aesthetic", 1e6),
+        ("clip", -1e6),
+    ]
+
+
 @pytest.mark.parametrize("terms", [[("clip", 0.0)], [("clip", float("nan"))]])
 def test_parsed_lists_with_zero_or_nan_weights_are_refused(terms):
     with pytest.raises(DiffalignError, match="the effective weight of 'clip' is (0|nan) "):

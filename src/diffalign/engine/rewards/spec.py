@@ -99,6 +99,12 @@ def reward_type_spec(reward_type: str) -> str:
 # a total weight within this fraction of its contributions' sizes has cancelled (the rounding
 # residue of `hybrid:1.1,clip:-0.00275` is 4e-19, not a weight anyone meant)
 _CANCELLED = 1e-9
+# the largest |weight| of a term. Rewards and their loss offsets are at most a few hundred
+# (clip is 100 cos) and ReNO's weights at most 5, so 1e6 is far above any meaningful weighting
+# while `weight * reward`, the weighted total, its loss offset and their gradients stay many
+# orders of magnitude inside float32 (3.4e38): `aesthetic:1e308` would overflow them to inf/NaN
+# at run time (a float32 reward times even 1e37 can), so it is refused at spec time instead.
+MAX_REWARD_WEIGHT = 1e6
 
 
 def _parts(name: str) -> tuple[tuple[str, float], ...]:
@@ -108,10 +114,12 @@ def _parts(name: str) -> tuple[tuple[str, float], ...]:
 def expand_spec(terms: list[tuple[str, float]], spec: str | None = None) -> list[tuple[str, float]]:
     """Replace `hybrid:w` by the seed's `aesthetic:w, clip:0.0025 w` (merging repeated names).
 
-    Every resulting weight must be a finite non-zero number. A hybrid part cancelled by an
-    explicit term (`hybrid,clip:-0.0025` -> clip 0, computed for nothing), a product that
-    overflows (inf) or underflows (0), or a 0 / NaN weight in a parsed list is one
-    DiffalignError line naming the component and its weight (and `spec`, else the terms).
+    Every resulting weight must be a finite non-zero number of size at most
+    `MAX_REWARD_WEIGHT`. A hybrid part cancelled by an explicit term (`hybrid,clip:-0.0025` ->
+    clip 0, computed for nothing), a product that overflows (inf) or underflows (0), a 0 / NaN
+    weight in a parsed list, or a weight above the bound (`aesthetic:1e308`, whose weighted
+    reward would overflow at run time) is one DiffalignError line naming the component and its
+    weight (and `spec`, else the terms).
     """
     merged: dict[str, float] = {}
     size: dict[str, float] = {}  # sum of |contribution|: what "cancelled" is relative to
@@ -121,11 +129,17 @@ def expand_spec(terms: list[tuple[str, float]], spec: str | None = None) -> list
             merged[part] = merged.get(part, 0.0) + weight * w
             size[part] = size.get(part, 0.0) + abs(weight * w)
             sources.setdefault(part, []).append(f"{weight * w:g} from {name}:{weight:g}")
+    label = spec if spec is not None else ",".join(f"{n}:{w:g}" for n, w in terms)
     for part, weight in merged.items():
         finite = math.isfinite(weight) and math.isfinite(size[part])
+        if finite and abs(weight) > MAX_REWARD_WEIGHT:
+            raise DiffalignError(
+                f"--reward '{label}': the weight of '{part}' is {weight:g} "
+                f"({' + '.join(sources[part])}), above the bound {MAX_REWARD_WEIGHT:g} in size "
+                "(its weighted reward could overflow to inf/NaN); use a weight within +-1e6"
+            )
         if finite and abs(weight) > _CANCELLED * size[part]:
             continue
-        label = spec if spec is not None else ",".join(f"{n}:{w:g}" for n, w in terms)
         shown = f"{weight:g}" if not finite or weight == 0 else f"{weight:g}, i.e. 0"
         effect = "change nothing" if finite else "not be a finite number"
         raise DiffalignError(
