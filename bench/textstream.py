@@ -401,6 +401,7 @@ def memory_child(mode: str, samples: int, out: str, model: str = "sd3") -> None:
             xt_source="noise",
             output=os.path.join(tmp, "rot.safetensors"),
             device="cpu",
+            overwrite=True,  # the measured run replaces the warm-up's file
             **size,
         )
         cal.calibrate(prompts=prompts[:1], num_samples=1, **kw)  # warm-up: allocator, imports

@@ -55,6 +55,12 @@ Under `accelerate launch` each process takes samples `rank, rank + world, ...`, 
 all-reduced, and rank 0 writes the rotation file, `summary.json` and `procrustes_errors.png`.
 Each sample's randomness comes from `(seed, sample index)`, so the result does not depend on
 the number of processes (nor, up to float rounding of batched forwards, on the batch size).
+
+Re-runs (spec E: Safety): the rotation file records the run's identity (`calibration_identity`:
+the settings that shape it and the model's `model_identity`) in its metadata. Before any model
+loads, an existing `output` made with other settings (or by an older diffalign that recorded
+none), or a `summary.json` beside it that reports another rotation file, is refused in one line
+naming the keys; `overwrite` replaces them. An identical re-run rewrites the same files.
 """
 
 from __future__ import annotations
@@ -320,6 +326,7 @@ def calibrate(
     guidance: float | None = None,
     timestep_draw: str = "sample",
     images: Sequence[str | None] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Calibrate per-layer Procrustes rotations and write them to `output` (spec T).
 
@@ -332,6 +339,8 @@ def calibrate(
     bucket); `col_center` centres the feature columns before each solve. Returns
     the summary that is also written to `summary.json` beside `output`. `xt_source` "image"
     noises each sample's paired image (the dataset's, or `images` beside `prompts`).
+    An existing `output` made with other settings, or a `summary.json` beside it reporting
+    another file, is refused before the model loads unless `overwrite` (module doc).
     """
     from diffalign.engine.distributed import process_state
 
@@ -366,8 +375,38 @@ def calibrate(
 
     # the rotation file and summary.json/procrustes_errors.png beside it: one run per folder
     with locked_output_dir(output_path.parent or Path("."), "calibration output folder"):
+        identity = calibration_identity(
+            model=model,
+            single_file_config=single_file_config,
+            pipe=pipe,
+            dataset=dataset,
+            datadir=datadir,
+            prompts=prompts,
+            images=images,
+            num_samples=num_samples,
+            origin_layer=origin_layer,
+            target_layer_start=target_layer_start,
+            target_layers=target_layers,
+            seed=seed,
+            token_strategy=token_strategy,
+            xt_source=xt_source,
+            steps=steps,
+            cfg=cfg,
+            height=height,
+            width=width,
+            dtype=str(_resolve_dtype(dtype, torch.device(device) if device else state.device)),
+            max_sequence_length=max_sequence_length,
+            eps=eps,
+            timestep_buckets=timestep_buckets,
+            col_center=col_center,
+            guidance=guidance,
+            timestep_draw=timestep_draw,
+        )
+        if not overwrite:
+            check_calibration_output(output_path, identity)
         return _calibrate_locked(
             state,
+            identity=identity,
             model=model,
             dataset=dataset,
             datadir=datadir,
@@ -400,9 +439,139 @@ def calibrate(
         )
 
 
+def calibration_identity(
+    *,
+    model,
+    single_file_config,
+    pipe,
+    dataset,
+    datadir,
+    prompts,
+    images,
+    num_samples,
+    origin_layer,
+    target_layer_start,
+    target_layers,
+    seed,
+    token_strategy,
+    xt_source,
+    steps,
+    cfg,
+    height,
+    width,
+    dtype: str,
+    max_sequence_length,
+    eps,
+    timestep_buckets,
+    col_center,
+    guidance,
+    timestep_draw,
+) -> dict:
+    """What shapes a rotation file, known before the model loads (spec E: Safety): the model's
+    `model_identity` (a pipeline passed in: its class), the prompt source, and the settings,
+    with the model card's defaults filled in where `--model` names the variant (an explicit
+    `--steps 28` on SD3 is the default). Left out, as they cannot change the rotations beyond
+    float rounding of batched forwards: batch size, device (its dtype stays in), processes."""
+    import hashlib
+    import json
+
+    from diffalign.engine.identity import model_identity
+
+    if model:
+        from diffalign.textstream.families import DEFAULTS, model_variant
+
+        card = DEFAULTS[model_variant(model)]
+        steps = card.steps if steps is None else steps
+        if max_sequence_length is None:
+            max_sequence_length = card.max_sequence_length
+        if guidance is None:
+            guidance = card.guidance
+    source: dict[str, Any] = {"dataset": dataset, "datadir": datadir}
+    if prompts is not None:  # given in the call: their text (and images) decide
+        text = json.dumps([list(prompts)[:num_samples], list(images or [])[:num_samples]])
+        source = {"prompts_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return {
+        "model": model_identity(model) if model else {"pipeline": type(pipe).__name__},
+        "single_file_config": model_identity(single_file_config),
+        **source,
+        "num_samples": int(num_samples),
+        "origin_layer": int(origin_layer),
+        "targets": (
+            {"start": int(target_layer_start)}
+            if target_layers is None
+            else {"layers": [int(t) for t in target_layers]}
+        ),
+        "seed": int(seed),
+        "token_strategy": token_strategy,
+        "xt_source": xt_source,
+        "steps": None if steps is None else int(steps),
+        "cfg": float(cfg),
+        "height": None if height is None else int(height),
+        "width": None if width is None else int(width),
+        "dtype": dtype.removeprefix("torch."),
+        "max_sequence_length": None if max_sequence_length is None else int(max_sequence_length),
+        "eps": float(eps),
+        "timestep_buckets": int(timestep_buckets),
+        "col_center": bool(col_center),
+        "guidance": None if guidance is None else float(guidance),
+        "timestep_draw": timestep_draw,
+    }
+
+
+def recorded_identity(path: Path) -> dict | None:
+    """The `calibration_identity` a rotation file records; None for a file without one (an
+    older diffalign's, the seed's `.pt`, or not a rotation file)."""
+    import json
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("identity")
+        value = json.loads(text) if text else None
+    except Exception:  # noqa: BLE001 - unreadable: nothing recorded
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def check_calibration_output(output_path: Path, identity: dict) -> None:
+    """Refuse (one DiffalignError line, nothing written) a run that would replace a rotation file
+    made with other settings, or reports beside it that describe another rotation file."""
+    import json
+
+    from diffalign.engine.identity import check_identity
+
+    hint = (
+        "rerun with the settings it was made with, pass --overwrite to replace it, or choose "
+        "another --output"
+    )
+    if output_path.exists():
+        old = recorded_identity(output_path)
+        if old is None:
+            raise DiffalignError(
+                f"--output {output_path} exists and records no calibration settings (written "
+                "by an older diffalign, or not a rotation file), so a re-run cannot be checked "
+                "against it: pass --overwrite to replace it, or choose another --output"
+            )
+        check_identity(old, identity, f"--output {output_path} was", hint=hint)
+    summary = output_path.parent / "summary.json"
+    if summary.exists():
+        try:
+            owner = json.loads(summary.read_text(encoding="utf-8")).get("output")
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        if not isinstance(owner, str) or Path(owner).name != output_path.name:
+            what = f"reports {Path(owner).name}" if isinstance(owner, str) else "is another job's"
+            raise DiffalignError(
+                f"{summary} {what}, not {output_path.name}: pass --overwrite to replace it and "
+                "procrustes_errors.png, or calibrate into another folder"
+            )
+
+
 def _calibrate_locked(
     state,
     *,
+    identity: dict,
     model,
     dataset,
     datadir,
@@ -652,7 +821,7 @@ def _calibrate_locked(
                 feature_dim=feature_dim,
                 num_valid_tokens=num_valid_tokens,
                 strategy=summary["strategy"],
-                metadata={k: summary[k] for k in meta_keys},
+                metadata={**{k: summary[k] for k in meta_keys}, "identity": identity},
                 timestep_bucket_edges=edges,
                 column_center=bool(col_center),
                 model_family=family,

@@ -68,6 +68,14 @@ def register(verbs) -> None:
         "default: %(default)s)",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output made with other settings (or by an older diffalign, which "
+        "recorded none) and a summary.json / procrustes_errors.png beside it that report "
+        "another rotation file; without it such a run is refused before the model loads (an "
+        "identical re-run needs no flag)",
+    )
+    p.add_argument(
         "--seed", type=seed_int, default=0, help="seed of timesteps and noise (default: 0)"
     )
     p.add_argument(
@@ -199,6 +207,7 @@ def _run_calibrate(args) -> int:
         col_center=args.col_center,
         guidance=args.guidance,
         timestep_draw=args.timestep_draw,
+        overwrite=args.overwrite,
     )
     from diffalign.engine.progress import is_main_process
 
