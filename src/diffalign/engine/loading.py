@@ -225,6 +225,15 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, device) -> torch.dtype:
+    """`"auto"`: bfloat16 on a CUDA device, float32 elsewhere; anything else `parse_dtype`."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return parse_dtype(dtype)
+
+
 def _dtype_kw(torch_dtype: torch.dtype) -> dict[str, Any]:
     """`dtype=` on diffusers that renamed it (0.36+), `torch_dtype=` on older ones."""
     try:

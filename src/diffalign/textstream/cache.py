@@ -146,7 +146,7 @@ def build_cache(
     from diffalign.engine.distributed import process_state
     from diffalign.engine.identity import model_identity
     from diffalign.engine.io import locked_output_dir
-    from diffalign.engine.loading import check_model_available
+    from diffalign.engine.loading import check_model_available, resolve_dtype
     from diffalign.engine.pairs import load_image_captions
 
     started = time.time()
@@ -172,6 +172,7 @@ def build_cache(
     fam = model_family(model)
     check_model_available(model, fam)
     state = process_state(device)
+    torch_dtype = resolve_dtype(dtype, torch.device(device) if device else state.device)
     job = {
         "format": CACHE_FORMAT,
         "family": fam,
@@ -182,9 +183,7 @@ def build_cache(
         # each image encoded alone (batch-independent latents; an older cache encoded batches)
         "latent_encoding": "per-image",
         # the encoders' dtype changes the stored bytes (auto: bf16 on CUDA, fp32 on the CPU)
-        "dtype": str(_dtype(dtype, torch.device(device) if device else state.device)).removeprefix(
-            "torch."
-        ),
+        "dtype": str(torch_dtype).removeprefix("torch."),
     }
     with locked_output_dir(out, "text-stream cache"):
         _check_or_reset(out, job, overwrite, state)
@@ -195,7 +194,7 @@ def build_cache(
             model=model,
             dataset=dataset,
             batch_size=int(batch_size),
-            dtype=dtype,
+            torch_dtype=torch_dtype,
             state=state,
             device=device,
             single_file_config=single_file_config,
@@ -241,14 +240,6 @@ def _check_or_reset(out: Path, job: dict, overwrite: bool, state) -> None:
     state.wait_for_everyone()
 
 
-def _dtype(dtype: str, device: torch.device) -> torch.dtype:
-    from diffalign.engine.loading import parse_dtype
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return parse_dtype(dtype)
-
-
 def _load_pixels(pair, resolution: int) -> torch.Tensor:
     """`[3, R, R]` in [-1, 1] of one pair's image; unreadable files raise DiffalignError."""
     from PIL import Image, UnidentifiedImageError
@@ -265,6 +256,13 @@ def _load_pixels(pair, resolution: int) -> torch.Tensor:
     return pil_to_tensor(img) * 2.0 - 1.0
 
 
+def encode_image(flow, pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """The latent of one image `[3, R, R]` (`_load_pixels`) encoded alone, as the cache stores
+    it: a batch of one, since the VAE's float result depends on its batch; alone it depends on
+    the image only."""
+    return flow.encode_images(pipe, pixels[None])[0]
+
+
 def _build_locked(
     out: Path,
     job: dict,
@@ -273,7 +271,7 @@ def _build_locked(
     model: str,
     dataset,
     batch_size: int,
-    dtype: str,
+    torch_dtype: torch.dtype,
     state,
     device: str | None,
     single_file_config: str | None,
@@ -292,7 +290,6 @@ def _build_locked(
     n_batches = math.ceil(len(pairs) / batch_size)
     batches = [pairs[k * batch_size : (k + 1) * batch_size] for k in range(n_batches)]
     run_device = torch.device(device) if device else state.device
-    torch_dtype = _dtype(dtype, run_device)
     todo: list[int] | None = None
     if (out / JOB_FILE).is_file():  # a re-run: nothing left to do loads no model
         shapes = {k: tuple(v) for k, v in read_json(out / JOB_FILE)["shapes"].items()}
@@ -414,7 +411,7 @@ def _encode_batch(
             except DiffalignError as e:
                 failed.append({"id": p.id, "image": image, "error": str(e)})
                 continue
-            record = tensor_to_record(flow.encode_images(pipe, pixels[None])[0])
+            record = tensor_to_record(encode_image(flow, pipe, pixels))
         here[image] = record
         ok.append(p)
         latents.append(record)

@@ -955,15 +955,12 @@ def _image_latents(pipe, family: str, images: list[str], size: int) -> torch.Ten
     """`[B, C, h, w]` float32 CPU latents of the images, each encoded alone (batch-independent),
     normalised as `textstream cache` stores them."""
     from diffalign.engine.pairs import ImageCaption
-    from diffalign.textstream.cache import _load_pixels
+    from diffalign.textstream.cache import _load_pixels, encode_image
     from diffalign.textstream.flow import family as flow_family
 
     flow = flow_family(family)
-    out = []
-    for image in images:
-        pixels = _load_pixels(ImageCaption(id="", image=Path(image), caption=""), size)
-        out.append(flow.encode_images(pipe, pixels[None])[0])
-    return torch.stack(out)
+    pairs = [ImageCaption(id="", image=Path(image), caption="") for image in images]
+    return torch.stack([encode_image(flow, pipe, _load_pixels(p, size)) for p in pairs])
 
 
 def _plans(draws, indices, seed, timestep_draw, timesteps, edges) -> list[list[int]]:
@@ -1137,11 +1134,12 @@ def _shift_kwargs(scheduler, tr, latents) -> dict:
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
+    """The `--dtype` names only (`DTYPES` or "auto"), resolved by `engine.loading.resolve_dtype`."""
+    from diffalign.engine.loading import resolve_dtype
+
+    if dtype != "auto" and dtype not in DTYPES:
         raise DiffalignError(f"--dtype must be auto or one of {', '.join(DTYPES)} (got '{dtype}')")
-    return DTYPES[dtype]
+    return resolve_dtype(dtype, device)
 
 
 def _load_pipeline(
