@@ -28,6 +28,15 @@ def cycle_seed(seed: int, cycle: int) -> int:
     return int(seed) + 1000 * int(cycle)
 
 
+def m_step_resume(resume: str, sft_dir: Path) -> str | None:
+    """The M-step's `resume` for the training loop: "latest" continues an unfinished M-step
+    from its last checkpoint; a new one (no checkpoint yet) starts without `--resume latest`'s
+    "no checkpoint" notice, since the user gave no --resume."""
+    from diffalign.engine.checkpoints import list_checkpoints
+
+    return "latest" if resume == "latest" and list_checkpoints(sft_dir) else None
+
+
 def em_cycles(
     work_dir: str | os.PathLike,
     num_cycles: int,
@@ -139,7 +148,6 @@ def em(
     noise with :func:`cycle_seed` (``assign_kwargs["settings"].seed + 1000 k``). ``resume``:
     ``latest`` continues an unfinished M-step from its last checkpoint, ``restart`` starts it
     over (finished cycles are kept either way); ``overwrite`` starts the whole loop over."""
-    from diffalign.engine.checkpoints import list_checkpoints
     from diffalign.noise.dataset import build_dataset
     from diffalign.noise.sft import sft
 
@@ -177,9 +185,7 @@ def em(
             cdir / "dataset" / "manifest.jsonl",
             cdir / "sft",
             init_lora=prev_lora,
-            # an unfinished M-step goes on from its last checkpoint, or starts over; a new one
-            # starts without `--resume latest`'s "no checkpoint" notice (no --resume was given)
-            resume="latest" if resume == "latest" and list_checkpoints(cdir / "sft") else None,
+            resume=m_step_resume(resume, cdir / "sft"),
             overwrite=resume == "restart",
             progress=progress,
             model_info={"model": current, "cycle": k},

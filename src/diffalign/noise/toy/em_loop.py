@@ -124,7 +124,7 @@ def _em_cycles(
     checkpoint_every,
     resume,
 ) -> dict:
-    from diffalign.noise.em import cycle_seed, em_cycles
+    from diffalign.noise.em import cycle_seed, em_cycles, m_step_resume
     from diffalign.noise.toy.assignment import assign
     from diffalign.noise.toy.finetune import sft
 
@@ -148,8 +148,6 @@ def _em_cycles(
         )
 
     def m_step(current: str, cdir: Path, k: int) -> dict:
-        from diffalign.engine.checkpoints import list_checkpoints
-
         m = sft(
             current,
             cdir / "assign" / "manifest.jsonl",
@@ -163,9 +161,7 @@ def _em_cycles(
             l1_weight=l1_weight,
             seed=seed + k,
             base_ckpt=anchor,
-            # an unfinished M-step goes on from its last checkpoint, or starts over (a new one
-            # starts without the loop's "no checkpoint" notice, as `noise em`)
-            resume="latest" if resume == "latest" and list_checkpoints(cdir / "sft") else None,
+            resume=m_step_resume(resume, cdir / "sft"),
             overwrite=resume == "restart",
             progress=progress,
             checkpoint_every=checkpoint_every,
