@@ -272,34 +272,43 @@ def _measured(tr: dict, variant: str, seconds_key: str) -> tuple[dict, str]:
     return tr, "eager"
 
 
+def _mfu_row(
+    row: str, tr: dict, variant: str, seconds_key: str, device, command: str, **kw
+) -> dict | None:
+    """The MFU row of a training bench's `train` section for `variant`: the compiled run's
+    figures when it measured the variant (`_measured`), eager's kept in the details; None
+    where MFU is unknown (no FLOPs or seconds, a card not in the peak table)."""
+    run, measured = _measured(tr, variant, seconds_key)
+    flops = (run.get("flops_per_step") or {}).get(variant)
+    sec = (run.get(seconds_key) or {}).get(variant)
+    value = mfu(flops, sec or 0.0, device)
+    if value is None:
+        return None
+    return make_row(
+        row,
+        device=device,
+        value=round(value, 2),
+        repeats=(run.get("times") or {}).get(variant, []),
+        command=command,
+        details={"measured": measured, **tr},
+        **kw,
+    )
+
+
 def row_repa(res: dict, command: str, **kw) -> dict | None:
     """bench/repa.py --section train --train-size real: MFU of the step with alignment (the
     compiled run's when the bench ran with --compile; eager's figures stay in the details). A
     run at another batch (gpu_rows.sh's batch-64 retry) says so in `command` and `metric` and
     does not meet the batch-128 goal."""
     tr = res.get("train") or {}
-    run, measured = _measured(tr, "lora+align", "seconds_per_step")
-    flops = (run.get("flops_per_step") or {}).get("lora+align")
-    sec = (run.get("seconds_per_step") or {}).get("lora+align")
-    device = tr.get("device_name") or tr.get("device")
-    value = mfu(flops, sec or 0.0, device)
-    if value is None:
-        return None
     batch = tr.get("batch_size")
     if batch is not None:  # gpu_rows.sh reruns at batch 64 after an out-of-memory at 128
         command = re.sub(r"--train-batch-size \d+", f"--train-batch-size {int(batch)}", command)
-    row = make_row(
-        "repa_step",
-        device=device,
-        value=round(value, 2),
-        repeats=(run.get("times") or {}).get("lora+align", []),
-        command=command,
-        details={"measured": measured, **tr},
-        **kw,
-    )
-    if batch is not None and int(batch) != REPA_GOAL_BATCH:  # the goal is at batch 128
+    device = tr.get("device_name") or tr.get("device")
+    row = _mfu_row("repa_step", tr, "lora+align", "seconds_per_step", device, command, **kw)
+    if row is not None and batch is not None and int(batch) != REPA_GOAL_BATCH:
         row["metric"] += f"; measured at batch {int(batch)}, not the goal's {REPA_GOAL_BATCH}"
-        row["met"] = False
+        row["met"] = False  # the goal is at batch 128
     return row
 
 
@@ -307,22 +316,8 @@ def row_fill(res: dict, command: str, **kw) -> dict | None:
     """bench/fill_train.py --flux-size: MFU of the LoRA + semantic step (the compiled run's when
     the bench ran with --compile; eager's figures stay in the details)."""
     tr = res.get("train") or {}
-    run, measured = _measured(tr, "lora+semantic", "median_s")
-    flops = (run.get("flops_per_step") or {}).get("lora+semantic")
-    sec = (run.get("median_s") or {}).get("lora+semantic")
     device = tr.get("device_name") or (tr.get("config") or {}).get("device")
-    value = mfu(flops, sec or 0.0, device)
-    if value is None:
-        return None
-    return make_row(
-        "fill_step",
-        device=device,
-        value=round(value, 2),
-        repeats=(run.get("times") or {}).get("lora+semantic", []),
-        command=command,
-        details={"measured": measured, **tr},
-        **kw,
-    )
+    return _mfu_row("fill_step", tr, "lora+semantic", "median_s", device, command, **kw)
 
 
 # bench output file (as gpu_rows.sh names it) -> (converter, the command that wrote it)
