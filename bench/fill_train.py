@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
 import time
@@ -41,6 +40,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/rows.py
+
+from timing import interleaved_times, summarize, time_once  # noqa: E402
 
 
 def build(args, device, dtype):
@@ -167,13 +168,6 @@ def _mfu(flops: int, seconds: float, device_name: str):
     return None if value is None else round(value, 2)
 
 
-def _clock(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return time.perf_counter()
-    return time.thread_time()
-
-
 def _wall(device) -> float:
     """Wall clock after the device's queued work (compile time counts whichever thread runs it)."""
     if device.type == "cuda":
@@ -220,21 +214,13 @@ def train_section(args, save=None) -> dict:
     torch.set_num_threads(getattr(args, "threads", 1) or 1)
     models, opts, inputs, counts = build(args, device, dtype)
     names = list(models)
-    for name in names:  # warm-up
-        step(models[name], opts[name], inputs, device)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    ratios = []
-    rng = random.Random(0)
-    for _ in range(args.train_rounds):
-        order = names[:]
-        rng.shuffle(order)
-        got = {}
-        for name in order:
-            t0 = _clock(device)
-            step(models[name], opts[name], inputs, device)
-            got[name] = _clock(device) - t0
-            times[name].append(got[name])
-        ratios.append(got["lora+semantic"] / got["lora"])
+    # one warm-up round, then shuffled rounds (bench/timing.py)
+    times = interleaved_times(
+        {n: (lambda n=n: step(models[n], opts[n], inputs, device)) for n in names},
+        reps=args.train_rounds,
+        warmup=1,
+        device=device,
+    )
     med = {n: statistics.median(v) for n, v in times.items()}
     ckpt = bool(args.train_checkpointing)
     flops = {n: _step_flops(models[n], opts[n], inputs, device, ckpt) for n in names}
@@ -260,7 +246,8 @@ def train_section(args, save=None) -> dict:
         "flops_per_step": flops,
         "mfu_pct": {n: _mfu(flops[n], med[n], device_name) for n in names},
         "ratio": med["lora+semantic"] / med["lora"],
-        "paired_overhead": statistics.median(ratios) - 1.0,
+        # median of the per-round ratios: robust to drifts of a shared machine
+        "paired_overhead": summarize(times, "lora")["lora+semantic"]["paired_ratio"] - 1.0,
         "flux_estimate": flux_flop_share(),
         "this_shape_estimate": flux_flop_share(
             counts["image_tokens"],
@@ -321,11 +308,10 @@ def train_compiled(args, models, opts, inputs, device, eager: dict, save=None) -
         t0 = _wall(device)
         step(models[name], opts[name], inputs, device)
         out["first_step_s"][name] = round(_wall(device) - t0, 3)
-        times = []
-        for _ in range(args.train_rounds):
-            t0 = _clock(device)
-            step(models[name], opts[name], inputs, device)
-            times.append(_clock(device) - t0)
+        times = [
+            time_once(lambda name=name: step(models[name], opts[name], inputs, device), device)
+            for _ in range(args.train_rounds)
+        ]
         med = statistics.median(times)
         out["times"][name], out["median_s"][name] = times, med
         out["flops_per_step"][name] = eager["flops_per_step"][name]

@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/rows.py
 
 from diffalign.engine.lmdb_store import TensorLMDB, TensorLMDBWriter  # noqa: E402
+from timing import interleaved_times  # noqa: E402
 
 STORES = {"vae": (4, 64, 64), "dino": (256, 1024)}
 
@@ -557,19 +558,11 @@ def section_train(args, save=None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    clock = time.perf_counter if device.type == "cuda" else time.thread_time
     variants = list(nets)
-    for v in variants:  # warm-up
-        step(v)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    rng = random.Random(0)
-    for _ in range(args.repeats):
-        order = variants[:]
-        rng.shuffle(order)
-        for v in order:
-            t0 = clock()
-            step(v)
-            times[v].append(clock() - t0)
+    # one warm-up round, then `repeats` shuffled rounds (bench/timing.py)
+    times = interleaved_times(
+        {v: (lambda v=v: step(v)) for v in variants}, reps=args.repeats, warmup=1, device=device
+    )
     med = {v: statistics.median(t) for v, t in times.items()}
     base = med["lora"]
     from rows import count_flops, mfu
@@ -604,7 +597,7 @@ def section_train(args, save=None) -> dict:
     if getattr(args, "compile", False):
         if save is not None:
             save(result)  # the eager figures survive a time limit hit while compiling
-        result["compiled"] = _train_compiled(args, nets, step, clock, result)
+        result["compiled"] = _train_compiled(args, nets, step, result)
     return result
 
 
@@ -612,7 +605,7 @@ def section_train(args, save=None) -> dict:
 COMPILED_VARIANTS = ("lora+align", "lora")
 
 
-def _train_compiled(args, nets: dict, step, clock, eager: dict) -> dict:
+def _train_compiled(args, nets: dict, step, eager: dict) -> dict:
     """The eager run's nets compiled in place as `repa train` compiles its trainable modules
     (U-Net and heads) with `compile: true` (and `channels_last`), then timed as the eager run.
 
@@ -638,15 +631,13 @@ def _train_compiled(args, nets: dict, step, clock, eager: dict) -> dict:
         t0 = time.perf_counter()
         step(v)
         first[v] = time.perf_counter() - t0
-    times: dict[str, list[float]] = {v: [] for v in COMPILED_VARIANTS}
-    rng = random.Random(1)
-    for _ in range(args.repeats):
-        order = list(COMPILED_VARIANTS)
-        rng.shuffle(order)
-        for v in order:
-            t0 = clock()
-            step(v)
-            times[v].append(clock() - t0)
+    times = interleaved_times(  # the first steps above were the warm-up
+        {v: (lambda v=v: step(v)) for v in COMPILED_VARIANTS},
+        reps=args.repeats,
+        warmup=0,
+        device=device,
+        seed=1,
+    )
     med = {v: statistics.median(t) for v, t in times.items()}
     row = "lora+align"
     cold = setup + first[row] - med[row]
