@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from diffalign.cli import main
 from diffalign.engine.errors import DiffalignError
 from diffalign.textstream import TextStreamResidual
+from diffalign.textstream.train_weights import CachedPairs
 from diffalign.textstream.weights import (
     LearnedWeights,
     ResidualWeights,
@@ -530,7 +532,7 @@ def test_train_weights_then_sample_with_the_file(sd3, cache, tmp_path, capsys):
     rw = summary["residual_weights"]
     assert rw["learned"] == lw.weights and rw["initial"] == [1.0, 1.0] and rw["val_pairs"] == 2
     assert rw["val_loss_initial"] is not None and rw["val_loss_final"] is not None
-    assert rw["time_shift"] == 3.0  # the tiny SD3 scheduler's shift
+    assert rw["time_shift"] == 1.0  # none by default, as the authors
     for name in ("residual_weights.png", "residual_weights_history.png", "train_history.png"):
         assert (run / name).is_file()
     for step in ("step-0000002", "step-0000004"):
@@ -778,3 +780,99 @@ def test_planted_weights_are_learned(sd3, tmp_path):
     before = _exact_loss(tr, res, init, x[held], pe[held], pooled[held])
     after = _exact_loss(tr, res, learned, x[held], pe[held], pooled[held])
     assert after < 0.5 * before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------
+# against the authors' `train_residual_weights.py` (Training-free-Residual-SD3), written out
+
+
+def _authors_t(mode: str, n: int, g: torch.Generator) -> torch.Tensor:
+    """Their `sample_timesteps(n, 1000, mode)` with the parameters their script passes
+    (`mu=--time_shift` = 0, `sigma=1`; gaussian and beta take the function's own defaults)."""
+    if mode == "uniform":
+        return torch.randint(0, 1000, (n,), generator=g)
+    if mode == "gaussian":  # mu = int(1000 * 0.6), sigma = int(1000 * 0.1)
+        return torch.normal(torch.full((n,), 600.0), 100.0, generator=g).clamp(0, 999).long()
+    if mode == "beta":  # Beta(5, 2)
+        x = torch._standard_gamma(torch.full((n,), 5.0), generator=g)
+        y = torch._standard_gamma(torch.full((n,), 2.0), generator=g)
+        return (x / (x + y) * 999).long()
+    z = torch.normal(torch.zeros(n), 1.0, generator=g)  # logitnorm, mu 0, sigma 1
+    return (torch.sigmoid(z) * 999).long()
+
+
+@pytest.mark.parametrize("mode", [None, "uniform", "gaussian", "beta", "logitnorm"])
+def test_default_time_draws_are_the_authors(mode, monkeypatch):
+    """`s` as the authors draw it (`t / 1000`, no shift) for every mode with its default
+    parameters, through the CLI's defaults; `None` = no `--time-mode` (theirs: logitnorm)."""
+    import diffalign.textstream.train_weights as tw
+    from diffalign.textstream.weights import sample_times
+
+    seen = {}
+    monkeypatch.setattr(tw, "run_train_weights", lambda cfg: seen.__setitem__("cfg", cfg))
+    argv = ["textstream", "train-weights", "--cache", "c", "--output-dir", "o"]
+    assert main(argv + ([] if mode is None else ["--time-mode", mode])) == 0
+    cfg = seen["cfg"]
+    assert cfg.lr == 1e-3  # their runs (SD3, FLUX.1, Qwen-Image scripts)
+    ts = cfg.time_sampling(default_shift=3.0)  # the scheduler's shift is not the default
+    ours = sample_times(200_000, ts, torch.Generator().manual_seed(0)).double()
+    theirs = _authors_t(mode or "logitnorm", 200_000, torch.Generator().manual_seed(1)) / 1000
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    # their t is an integer step: s is at most 1e-3 below ours
+    assert torch.allclose(ours.quantile(q), theirs.double().quantile(q), atol=6e-3), mode
+    assert abs(float(ours.mean() - theirs.double().mean())) < 3e-3
+    # the scheduler's shift on request
+    assert main([*argv, "--time-shift", "scheduler"]) == 0
+    assert seen["cfg"].time_shift is None
+    assert seen["cfg"].time_sampling(default_shift=3.0).shift == 3.0
+
+
+def test_a_default_training_step_is_the_authors_loss(sd3, cache, tmp_path):
+    """One `training_step` with the default options = the authors' `compute_total_loss`
+    written out: `x_s = (1 - s) x0 + s x1`, the transformer at timestep `1000 s` with the residual
+    at `softplus(raw)`, `mse(v, x1 - x0)`; `s = sigmoid(z)`, `z ~ N(0, 1)`, no shift."""
+    from types import SimpleNamespace
+
+    from diffalign.textstream.train_weights import WeightsTask, WeightsTrainConfig
+
+    cfg = WeightsTrainConfig(
+        cache=str(cache), model=sd3, output_dir=str(tmp_path / "run"), target_layers=[2, 3],
+        init="0.5",
+    )  # fmt: skip
+    task = WeightsTask(cfg, log=lambda *a: None)
+    try:
+        batch = next(iter(DataLoader(CachedPairs(task.cache, task.train_ids[:2]), batch_size=2)))
+        torch.manual_seed(7)
+        got = task.training_step(batch, 1, SimpleNamespace(device=torch.device("cpu")))
+    finally:
+        task.close()
+    x0 = batch["latents"].float()
+    torch.manual_seed(7)  # our draw order: the noise, then the times
+    x1 = torch.randn(x0.shape)
+    s = torch.sigmoid(torch.randn(2))
+    x_s = (1 - s.view(2, 1, 1, 1)) * x0 + s.view(2, 1, 1, 1) * x1
+    res = TextStreamResidual(origin_layer=task.residual.origin_layer, target_layers=[2, 3])
+    res.weights = torch.nn.functional.softplus(softplus_inverse(torch.tensor([0.5, 0.5])))
+    with torch.no_grad(), res.attach(task.transformer):
+        v = task.transformer(
+            hidden_states=x_s,
+            timestep=s * 1000,
+            encoder_hidden_states=batch["prompt_embeds"].float(),
+            pooled_projections=batch["pooled"].float(),
+            return_dict=False,
+        )[0]
+    ref = torch.nn.functional.mse_loss(v, x1 - x0)
+    torch.testing.assert_close(got["flow_loss"], ref, rtol=1e-5, atol=0)
+    assert task.time.shift == 1.0
+
+
+def test_the_authors_flux_weight_files_are_read(tmp_path):
+    """Their FLUX.1 trainer saves `residual_origin_layer` / `residual_target_layers` (and
+    `step`) instead of `origin_layer` / `target_layers`, in the `.pth` and the `.json`."""
+    data = {"residual_origin_layer": 2, "residual_target_layers": [3, 4, 5], "step": 200}
+    (tmp_path / "w.json").write_text(json.dumps({**data, "residual_weights": [0.1, 0.2, 0.3]}))
+    torch.save({**data, "residual_weights": torch.tensor([0.1, 0.2, 0.3])}, tmp_path / "w.pth")
+    for name in ("w.json", "w.pth"):
+        lw = load_learned_weights(tmp_path / name)
+        assert lw.origin_layer == 2 and lw.target_layers == [3, 4, 5], name
+        assert lw.weights == pytest.approx([0.1, 0.2, 0.3]) and lw.mode is None

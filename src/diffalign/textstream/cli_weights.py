@@ -13,6 +13,11 @@ from diffalign.engine.cliutils import (
 )
 
 
+def _time_shift(text: str) -> float | None:
+    """`--time-shift`: a number > 0, or `scheduler` (None: the scheduler's own shift)."""
+    return None if text.strip().lower() == "scheduler" else positive_float(text)
+
+
 def register(verbs) -> None:
     """Add `cache` and `train-weights` to `diffalign textstream`."""
     p = verbs.add_parser(
@@ -157,31 +162,32 @@ def register(verbs) -> None:
     t.add_argument(
         "--time-mode",
         choices=["uniform", "gaussian", "beta", "logitnorm"],
-        default="uniform",
-        help="distribution of u in [0, 1] (default: %(default)s)",
+        default="logitnorm",
+        help="distribution of u in [0, 1] (default: %(default)s, as the authors)",
     )
     t.add_argument(
         "--time-mean",
         type=finite_float,
         default=None,
-        help="gaussian: mean of u (default 0.5); logitnorm: mean of the logit (default 0)",
+        help="gaussian: mean of u (default 0.6); logitnorm: mean of the logit (default 0; the "
+        "authors' --time_shift)",
     )
     t.add_argument(
         "--time-std",
         type=positive_float,
         default=None,
-        help="gaussian: std of u (default 0.2); logitnorm: std of the logit (default 1)",
+        help="gaussian: std of u (default 0.1); logitnorm: std of the logit (default 1)",
     )
     t.add_argument(
-        "--time-alpha", type=positive_float, default=1.0, help="beta: alpha (default: 1)"
+        "--time-alpha", type=positive_float, default=None, help="beta: alpha (default 5)"
     )
-    t.add_argument("--time-beta", type=positive_float, default=1.0, help="beta: beta (default: 1)")
+    t.add_argument("--time-beta", type=positive_float, default=None, help="beta: beta (default 2)")
     t.add_argument(
         "--time-shift",
-        type=positive_float,
-        default=None,
-        help="s = shift*u / (1 + (shift-1)*u); default: the scheduler's shift (SD3: 3; FLUX.1-dev, "
-        "Qwen-Image: dynamic by the cached resolution); 1 = none",
+        type=_time_shift,
+        default=1.0,
+        help="s = shift*u / (1 + (shift-1)*u); default 1 = none, as the authors; 'scheduler': "
+        "the scheduler's shift (SD3: 3; FLUX.1-dev, Qwen-Image: dynamic by the cached resolution)",
     )
     o = p.add_argument_group("optimisation")
     o.add_argument(
@@ -197,7 +203,9 @@ def register(verbs) -> None:
     o.add_argument(
         "--gradient-accumulation-steps", type=positive_int, default=1, help="(default: 1)"
     )
-    o.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW lr (default: 0.01)")
+    o.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="AdamW lr (default: 0.001, the authors')"
+    )
     o.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="(default: 0)")
     o.add_argument(
         "--warmup-steps", type=nonneg_int, default=0, help="linear warm-up steps (default: 0)"
@@ -312,7 +320,6 @@ def _run_train_weights(args) -> int:
     from diffalign.engine.cliutils import parse_int_list
     from diffalign.textstream.train_weights import WeightsTrainConfig, run_train_weights
 
-    gaussian = args.time_mode == "gaussian"
     cfg = WeightsTrainConfig(
         cache=args.cache,
         model=args.model,
@@ -327,8 +334,8 @@ def _run_train_weights(args) -> int:
         layernorm=args.residual_layernorm,
         init=args.init,
         time_mode=args.time_mode,
-        time_mean=args.time_mean if args.time_mean is not None else (0.5 if gaussian else 0.0),
-        time_std=args.time_std if args.time_std is not None else (0.2 if gaussian else 1.0),
+        time_mean=args.time_mean,
+        time_std=args.time_std,
         time_alpha=args.time_alpha,
         time_beta=args.time_beta,
         time_shift=args.time_shift,

@@ -91,17 +91,17 @@ class WeightsTrainConfig:
     mode: str | None = None  # plain | ln; None: ln with a rotation file, else plain
     layernorm: bool = False
     init: str = "1.0"  # a constant, or a weights file / JSON list
-    time_mode: str = "uniform"
-    time_mean: float = 0.0
-    time_std: float = 1.0
-    time_alpha: float = 1.0
-    time_beta: float = 1.0
-    time_shift: float | None = None  # None: the scheduler's shift
+    time_mode: str = "logitnorm"  # the authors' default
+    time_mean: float | None = None  # None: the mode's (weights.TIME_DEFAULTS)
+    time_std: float | None = None
+    time_alpha: float | None = None
+    time_beta: float | None = None
+    time_shift: float | None = 1.0  # 1: none, as the authors; None: the scheduler's shift
     smoothness_weight: float = 0.0
     max_steps: int = 1000
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    lr: float = 1e-2
+    lr: float = 1e-3  # the authors' runs (all three families)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_scheduler: str = "cosine"
@@ -150,13 +150,13 @@ class WeightsTrainConfig:
         self.time_sampling().validate()
 
     def time_sampling(self, default_shift: float = 1.0) -> TimeSampling:
-        return TimeSampling(
-            mode=self.time_mode,
+        return TimeSampling.of(
+            self.time_mode,
+            shift=default_shift if self.time_shift is None else self.time_shift,
             mean=self.time_mean,
             std=self.time_std,
             alpha=self.time_alpha,
             beta=self.time_beta,
-            shift=default_shift if self.time_shift is None else self.time_shift,
         )
 
 

@@ -8,13 +8,16 @@ The math as small pure functions (no I/O): one non-negative weight per target la
 
 and an optional smoothness penalty `mean_k (w_{k+1} - w_k)^2` between neighbouring targets.
 
-Time sampling (`time_mode`), `u` in [0, 1] before the shift:
+Time sampling (`time_mode`), `u` in [0, 1] before the shift, with the authors' parameters by
+default (`TIME_DEFAULTS`: their `sample_timesteps`, whose modes draw `t / 1000`):
 - uniform: `u ~ U(0, 1)`;
-- gaussian: `u ~ N(mean, std)` clamped to [0, 1];
-- beta: `u ~ Beta(alpha, beta)`;
-- logitnorm: `u = sigmoid(z)`, `z ~ N(mean, std)`.
+- gaussian: `u ~ N(mean, std)` clamped to [0, 1] (default 0.6, 0.1);
+- beta: `u ~ Beta(alpha, beta)` (default 5, 2);
+- logitnorm: `u = sigmoid(z)`, `z ~ N(mean, std)` (default 0, 1; the authors' `--time_shift` is
+  this `mean`).
 The shift is SD3's static one, `s = shift u / (1 + (shift - 1) u)` (the FlowMatchEuler
-scheduler's sigmas at inference); shift 1 leaves `u` unchanged.
+scheduler's sigmas at inference); shift 1 (the authors' training: no shift) leaves `u` unchanged.
+The authors draw an integer `t` in 0..999 and use `s = t / 1000`; `u` here is continuous.
 
 The weights file `residual_weights.safetensors` (written by `train-weights`, read by every
 generation verb's `--residual-weights-file`): tensors `weights` float32 `[n]` and
@@ -38,6 +41,13 @@ import torch.nn.functional as F
 from diffalign.engine.errors import DiffalignError
 
 TIME_MODES = ("uniform", "gaussian", "beta", "logitnorm")
+# each mode's parameters unless given (the authors' `sample_timesteps` defaults)
+TIME_DEFAULTS = {
+    "uniform": {},
+    "gaussian": {"mean": 0.6, "std": 0.1},
+    "beta": {"alpha": 5.0, "beta": 2.0},
+    "logitnorm": {"mean": 0.0, "std": 1.0},
+}
 WEIGHTS_FORMAT = "diffalign-textstream-residual-weights-v1"
 WEIGHTS_FILE = "residual_weights.safetensors"
 
@@ -80,12 +90,22 @@ def smoothness_penalty(weights: torch.Tensor) -> torch.Tensor:
 class TimeSampling:
     """How the flow time `s` of each sample is drawn (see the module docstring)."""
 
-    mode: str = "uniform"
+    mode: str = "logitnorm"
     mean: float = 0.0  # gaussian: mean of u; logitnorm: mean of z
     std: float = 1.0  # gaussian / logitnorm
-    alpha: float = 1.0  # beta
-    beta: float = 1.0  # beta
+    alpha: float = 5.0  # beta
+    beta: float = 2.0  # beta
     shift: float = 1.0
+
+    @classmethod
+    def of(cls, mode: str, shift: float = 1.0, **given: float | None) -> TimeSampling:
+        """`mode` with the given parameters, the others `TIME_DEFAULTS[mode]` (then the fields')."""
+        if mode not in TIME_MODES:
+            raise DiffalignError(
+                f"--time-mode must be one of {', '.join(TIME_MODES)} (got '{mode}')"
+            )
+        params = {**TIME_DEFAULTS[mode], **{k: v for k, v in given.items() if v is not None}}
+        return cls(mode=mode, shift=shift, **params)
 
     def validate(self) -> None:
         if self.mode not in TIME_MODES:
@@ -247,14 +267,17 @@ def load_learned_weights(path: str | os.PathLike) -> LearnedWeights:
 
 def _authors_weights(path: Path, data: Any) -> LearnedWeights:
     """`{"residual_weights": [...], "origin_layer": k, "target_layers": [...]}` (the authors'
-    `residual_weights_step*.json` / `.pth`)."""
+    `residual_weights_step*.json` / `.pth`; their FLUX.1 trainer names the last two
+    `residual_origin_layer` / `residual_target_layers`)."""
     try:
         weights = data["residual_weights"]
         weights = weights.flatten().tolist() if isinstance(weights, torch.Tensor) else weights
         weights = [float(w) for w in weights]
-        targets = [int(t) for t in data["target_layers"]]
-        origin = int(data["origin_layer"])
-    except (KeyError, TypeError, ValueError):
+        targets = data.get("target_layers", data.get("residual_target_layers"))
+        origin = data.get("origin_layer", data.get("residual_origin_layer"))
+        targets = [int(t) for t in targets]
+        origin = int(origin)
+    except (AttributeError, KeyError, TypeError, ValueError):
         raise DiffalignError(
             f"{path}: not a residual weights file (needs residual_weights, origin_layer, "
             "target_layers)"
