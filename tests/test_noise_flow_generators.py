@@ -94,3 +94,62 @@ def test_tiny_folders_carry_their_release_marks(tiny_model_dir, kind):
     assert release.hub_id == GENERATORS[kind].release and "model card" in mark
     assert pipeline_class_of(folder) == CASES[kind][3]
     assert generator_recipe(folder).spec.name == kind
+
+
+def test_flux_schnell_is_renos_one_step_call(tiny_model_dir):
+    """Against ReNO's `RewardFluxPipeline.apply` settings written out here, not taken from the
+    generator (`pipeline_kwargs`): guidance 0, T5 length 256, 1 step (4 for the re-render). The
+    pipeline draws the same seeded noise itself, unpacked `[B, 16, h, w]`, and packs it its own
+    way; and the one step by hand: `x0 = z - v(z, t = 1)`, unpacked, `x0 / 0.3611 + 0.1159` into
+    the VAE, `x / 2 + 0.5` clamped."""
+    from diffusers import FluxPipeline
+
+    size, seed, prompts = 32, 3, ["a cat", "a red dog"]
+    folder = tiny_model_dir("flux-schnell")
+    gen = load_generator(folder, None, height=size, width=size, device="cpu")
+    assert gen.num_steps == 1 and gen.latent_shape() == (16, size // 8, size // 8)
+    noise = gen.sample_noise(2, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        embeds = gen.encode_prompts(prompts)
+        ours, ours4 = gen.generate(noise, embeds), gen.render(noise, embeds, 4)
+    pipe = FluxPipeline.from_pretrained(folder)
+    reno = dict(height=size, width=size, guidance_scale=0.0, max_sequence_length=256)
+    with torch.no_grad():
+        ref, ref4 = (
+            pipe(
+                prompt=prompts,
+                num_inference_steps=n,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pt",
+                **reno,
+            ).images
+            for n in (1, 4)
+        )
+    assert float((ours - ref).abs().max()) <= 1e-4
+    assert float((ours4 - ref4).abs().max()) <= 1e-4
+    assert float((ours4 - ours).abs().max()) > 1e-3  # the re-render is another image
+
+    b, c, h, w = noise.shape
+    vae = pipe.vae.config
+    assert (vae.scaling_factor, vae.shift_factor) == (0.3611, 0.1159)  # FLUX.1's VAE
+    with torch.no_grad():
+        pe, pooled, txt_ids = pipe.encode_prompt(prompts, None, max_sequence_length=256)
+        z = noise.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        z = z.reshape(b, (h // 2) * (w // 2), c * 4)  # token (i, j) = channels x (dy, dx)
+        i, j = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(i), i, j], -1).reshape(-1, 3).float()
+        v = pipe.transformer(
+            hidden_states=z,
+            timestep=torch.ones(b),  # sigma 1: t = 1000, passed as t / 1000
+            guidance=None,
+            pooled_projections=pooled,
+            encoder_hidden_states=pe,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        x0 = (z - v).reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        x0 = x0.reshape(b, c, h, w)
+        hand = pipe.vae.decode(x0 / 0.3611 + 0.1159, return_dict=False)[0]
+        hand = (hand / 2 + 0.5).clamp(0, 1)
+    assert float((ours - hand).abs().max()) <= 1e-4
