@@ -938,8 +938,6 @@ def run_dpg(
     cfg = _checked(cfg, rc)
     items = _first(load_dpg_prompts(prompts_dir), limit)
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
     base = str(out).rstrip("/\\")
     return _run_layout(
         "dpg",
