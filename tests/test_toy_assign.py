@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -140,7 +141,10 @@ def test_cli_assign_and_corrupt_manifest_noise(gen_dir, tmp_path, capsys):
         ]
     )  # fmt: skip
     assert rc == 0
-    assert json.loads((out / "assign_config.json").read_text())["split"] == "test"
+    cfg = json.loads((out / "assign_config.json").read_text())
+    assert cfg["split"] == "test"
+    weights = (gen_dir / "generator.safetensors").read_bytes()  # recorded by its bytes' sha256
+    assert cfg["generator_sha256"] == hashlib.sha256(weights).hexdigest()
     # sft on a manifest whose noise file is corrupt: one-line error, nothing lost
     (out / "samples" / "000001" / "noise.safetensors").write_bytes(b"xx")
     rc = main(

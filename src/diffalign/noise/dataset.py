@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.identity import file_sha256
 from diffalign.engine.io import load_tensors, locked_output_dir, resolve_inside, write_json
 from diffalign.noise.assign import (
     NOISE_FILE,
@@ -48,7 +49,6 @@ from diffalign.noise.assign import (
     assign_noise,
     base_noise,
     check_noise_file,
-    file_sha256,
     load_target_image,
     prompt_sha,
     save_noise_file,

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.identity import file_sha256
 from diffalign.engine.io import (
     load_tensors,
     locked_output_dir,
@@ -54,7 +55,6 @@ from diffalign.engine.io import (
 )
 from diffalign.noise.assign import AssignResult, base_noise
 from diffalign.noise.assign import assign_noise as _generic_assign_noise
-from diffalign.noise.assign import file_sha256 as _file_sha256
 from diffalign.noise.assign import item_id as _item_id
 from diffalign.noise.assign import small_report as _small
 from diffalign.noise.jobs import AssignmentJob, run_assignment_job
@@ -273,7 +273,7 @@ def assign(
         "dataset": dataset,
         "split": data.split,
         "generator": str(weights),
-        "generator_sha256": _file_sha256(weights),
+        "generator_sha256": file_sha256(weights),
         "latent_shape": list(latent_shape),
         "patch_size": patch_size,
         "parametrization": parametrization,
