@@ -3,6 +3,7 @@ kill, damaged samples, sharding across 2 processes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -216,6 +217,9 @@ def test_pairs_may_name_images_anywhere(gen, tmp_path):
     rec = _manifest(out)[0]
     assert rec["image"] == line["file"] and rec["prompt"] == "far away"
     assert not os.path.isabs(rec["target_image"])  # our own paths stay relative
+    # the pairs file is recorded by the sha256 of its bytes (reference: hashlib on the bytes)
+    cfg = json.loads((out / "dataset_config.json").read_text())
+    assert cfg["pairs_sha256"] == hashlib.sha256((data / "pairs.jsonl").read_bytes()).hexdigest()
 
 
 def test_a_build_where_every_sample_fails_exits_non_zero(sdxl, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -351,6 +352,40 @@ def test_bad_input_one_line_nothing_written(sd3, tmp_path, capsys, extra, match)
     (line,) = error_lines(capsys)
     assert line.startswith("diffalign: error:") and match in line
     assert not out.exists()
+
+
+def test_geneval_and_dpg_library_checks_in_order(sd3, tmp_path):
+    """From Python (the CLI refuses --limit 0 itself): the sampling options are checked before
+    the prompts are read, then --limit, then the output folder; nothing is written."""
+    from diffalign.textstream.generate import (
+        GenerationConfig,
+        ResidualConfig,
+        run_dpg,
+        run_geneval,
+    )
+
+    meta = tmp_path / "m.jsonl"
+    meta.write_text(json.dumps(GENEVAL[0]) + "\n")
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "1.txt").write_text("x")
+    rc, out = ResidualConfig(), tmp_path / "out"
+    good, bad = GenerationConfig(model=sd3), GenerationConfig(model=sd3, steps=0)
+    with pytest.raises(DiffalignError, match="--steps must be at least 1"):
+        run_geneval(tmp_path / "missing.jsonl", out, bad, rc)
+    with pytest.raises(DiffalignError, match="--steps must be at least 1"):
+        run_dpg(tmp_path / "missing", out, bad, rc, resolution=32)
+    with pytest.raises(DiffalignError, match=r"^--limit must be at least 1 \(got 0\)$"):
+        run_geneval(meta, out, good, rc, limit=0)
+    with pytest.raises(DiffalignError, match=r"^--limit must be at least 1 \(got 0\)$"):
+        run_dpg(prompts, out, good, rc, resolution=32, limit=0)
+    out.write_text("a file")
+    not_a_folder = "^" + re.escape(f"--output-dir {out} exists and is not a folder") + "$"
+    with pytest.raises(DiffalignError, match=not_a_folder):
+        run_geneval(meta, out, good, rc, limit=1)
+    with pytest.raises(DiffalignError, match=not_a_folder):
+        run_dpg(prompts, out, good, rc, resolution=32, limit=1)
+    assert out.read_text() == "a file" and not (tmp_path / "out.settings.json").exists()
 
 
 def test_bad_dpg_and_sample_input(sd3, tmp_path, capsys):

@@ -4,6 +4,7 @@ reaching the weights only (finite differences), `textstream cache`, `train-weigh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -573,15 +574,13 @@ def test_sd35_cache_and_train_with_a_rotation_file(tiny_model_dir, tmp_path):
     sd35 = tiny_model_dir("sd35")
     data = _image_folder(tmp_path / "data", n=2)
     assert main(_cache_args(sd35, data, tmp_path / "cache")) == 0
-    from diffalign.textstream.weights import file_sha256
-
     rot = _rotation_file(tmp_path / "rot.safetensors", [1, 2, 3])
     args = _train_args(sd35, tmp_path / "cache", tmp_path / "run")
     args[args.index("--max-steps") + 1] = "2"
     assert main([*args, "--residual-procrustes-path", str(rot)]) == 0
     lw = load_learned_weights(tmp_path / "run" / "residual_weights.safetensors")
     assert lw.mode == "ln" and lw.target_layers == [2, 3] and lw.weights != [1.0, 1.0]
-    assert lw.rotation_sha256 == file_sha256(rot)
+    assert lw.rotation_sha256 == hashlib.sha256(rot.read_bytes()).hexdigest()  # its bytes
 
 
 def test_generate_resumes_with_a_moved_copy_and_refuses_other_weights(sd3, tmp_path, capsys):

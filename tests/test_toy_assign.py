@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -106,6 +107,31 @@ def test_assign_job_resume_and_corrupt_file(gen_dir, digits, tmp_path):
         assign(gen_dir, out, **{**kw, "assign_steps": 7})
 
 
+def test_noise_diagnostics_are_base_vs_base_and_base_vs_assigned(gen_dir, digits, tmp_path):
+    """The summary's and orthogonal_gaussian_*.json's reports, against `gaussianity_report` on
+    the noise files read by hand (init: base vs itself; final: base vs assigned); the shared
+    reader (`noise.jobs.finished_noises`, build-dataset's too) leaves unreadable files out."""
+    from diffalign.noise.assign import small_report
+    from diffalign.noise.diagnostics import gaussianity_report
+    from diffalign.noise.jobs import finished_noises
+
+    out = tmp_path / "asg"
+    s = assign(gen_dir, out, data=digits, max_items=5, assign_steps=3, write_plots=False)
+    files = [load_tensors(out / r["noise_file"])[0] for r in read_jsonl(out / "manifest.jsonl")]
+    base = torch.stack([t["base_noise"] for t in files])
+    noise = torch.stack([t["noise"] for t in files])
+    for key, other in (("init", base), ("final", noise)):
+        ref = gaussianity_report(base, other, patch_size=2)
+        assert json.loads((out / f"orthogonal_gaussian_{key}.json").read_text()) == ref
+        assert s[f"gaussianity_{key}"] == small_report(ref)
+    recs = read_jsonl(out / "manifest.jsonl")
+    recs[1]["noise_file"] = "samples/nowhere/noise.safetensors"
+    del recs[3]["noise_file"]
+    eps, assigned = finished_noises(out, recs)
+    assert torch.equal(eps, base[[0, 2, 4]]) and torch.equal(assigned, noise[[0, 2, 4]])
+    assert finished_noises(out, recs[1:2]) is None
+
+
 def test_failures_jsonl_gets_bad_item(gen_dir, digits, tmp_path):
     bad = digits.subset(range(5))
     bad.images = bad.images.clone()
@@ -140,7 +166,10 @@ def test_cli_assign_and_corrupt_manifest_noise(gen_dir, tmp_path, capsys):
         ]
     )  # fmt: skip
     assert rc == 0
-    assert json.loads((out / "assign_config.json").read_text())["split"] == "test"
+    cfg = json.loads((out / "assign_config.json").read_text())
+    assert cfg["split"] == "test"
+    weights = (gen_dir / "generator.safetensors").read_bytes()  # recorded by its bytes' sha256
+    assert cfg["generator_sha256"] == hashlib.sha256(weights).hexdigest()
     # sft on a manifest whose noise file is corrupt: one-line error, nothing lost
     (out / "samples" / "000001" / "noise.safetensors").write_bytes(b"xx")
     rc = main(

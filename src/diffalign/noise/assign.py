@@ -213,14 +213,6 @@ def snapshot_schedule(steps: int, count: int) -> list[int]:
 # ----------------------------------------------------------------------------- records
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dist_state():
     """(rank, world_size, state) — accelerate's PartialState only when launched distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -41,23 +41,27 @@ from pathlib import Path
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import load_tensors, locked_output_dir, resolve_inside, write_json
+from diffalign.engine.identity import file_sha256
+from diffalign.engine.io import locked_output_dir, resolve_inside, write_json
 from diffalign.noise.assign import (
     NOISE_FILE,
     _check_settings,
     assign_noise,
     base_noise,
     check_noise_file,
-    file_sha256,
     load_target_image,
     prompt_sha,
     save_noise_file,
     save_png,
-    small_report,
     snapshot_schedule,
     write_run_outputs,
 )
-from diffalign.noise.jobs import AssignmentJob, run_assignment_job
+from diffalign.noise.jobs import (
+    AssignmentJob,
+    finished_noises,
+    noise_gaussianity,
+    run_assignment_job,
+)
 
 
 @dataclass
@@ -321,8 +325,6 @@ def _write_sample(out, it: PairItem, j, res, eps, x, s, plots) -> dict:
 
 def _dataset_diagnostics(out: Path, records: list[dict], patch_size: int, plots: bool) -> dict:
     """Mean losses and the base-vs-assigned noise diagnostics of the finished samples."""
-    from diffalign.noise.diagnostics import gaussianity_report, write_gaussianity_diagnostics
-
     summary: dict = {}
     if not records:
         return summary
@@ -337,24 +339,9 @@ def _dataset_diagnostics(out: Path, records: list[dict], patch_size: int, plots:
         latent_mse_after_mean=float(torch.tensor([r["latent_mse_after"] for r in records]).mean()),
         relative_reduction=float(1 - la.mean() / lb.mean()) if lb.mean() > 0 else 0.0,
     )
-    eps, noise = [], []
-    for r in records:
-        try:
-            t, _ = load_tensors(resolve_inside(out, str(r["noise_file"]), "noise_file"))
-            eps.append(t["base_noise"])
-            noise.append(t["noise"])
-        except (DiffalignError, KeyError):
-            continue
-    if eps:
-        z, zq = torch.stack(eps), torch.stack(noise)
-        for key, (a, b) in {"init": (z, z.clone()), "final": (z, zq)}.items():
-            name = f"orthogonal_gaussian_{key}"
-            if plots:
-                rep = write_gaussianity_diagnostics(out, name, a, b, patch_size=patch_size)
-            else:
-                rep = gaussianity_report(a, b, patch_size=patch_size)
-                write_json(out / f"{name}.json", rep)
-            summary[f"gaussianity_{key}"] = small_report(rep)
+    noises = finished_noises(out, records)
+    if noises is not None:
+        summary.update(noise_gaussianity(out, *noises, patch_size, plots))
     return summary
 
 

@@ -15,7 +15,8 @@ still good and how a batch is assigned and written; :func:`run_assignment_job` o
 - sharding under ``accelerate launch``: rank ``r`` of ``w`` takes the items ``i % w == r`` and
   appends to ``manifest.rank-RR.jsonl`` / ``failures.rank-RR.jsonl``; rank 0 merges them into
   ``manifest.jsonl`` / ``failures.jsonl`` (sorted by id, de-duplicated) at the end;
-- the progress bar and ``summary.json``.
+- the progress bar and ``summary.json``; the base-vs-assigned noise diagnostics of a
+  job's `finalize` (:func:`finished_noises`, :func:`noise_gaussianity`).
 
 The caller holds the folder's lock (`engine.io.locked_output_dir`) around the run.
 """
@@ -25,10 +26,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
+from diffalign.engine.errors import DiffalignError
 from diffalign.engine.identity import check_identity
-from diffalign.engine.io import append_jsonl, clean_stale_temporaries, read_json, write_json
+from diffalign.engine.io import (
+    append_jsonl,
+    clean_stale_temporaries,
+    load_tensors,
+    read_json,
+    resolve_inside,
+    write_json,
+)
 from diffalign.engine.progress import progress
-from diffalign.noise.assign import dist_state, read_records, rewrite_jsonl
+from diffalign.noise.assign import dist_state, read_records, rewrite_jsonl, small_report
 
 
 class AssignmentJob:
@@ -98,6 +109,40 @@ def merge_records(out: Path) -> tuple[list[dict], list[dict]]:
     for part in out.glob("*.rank-*.jsonl"):
         part.unlink()
     return records, failures
+
+
+def finished_noises(out: Path, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(base noises, assigned noises) stacked from the finished records' noise files, those
+    that cannot be read left out; None when none can."""
+    eps, noise = [], []
+    for r in records:
+        try:
+            t, _ = load_tensors(resolve_inside(out, str(r["noise_file"]), "noise_file"))
+            eps.append(t["base_noise"])
+            noise.append(t["noise"])
+        except (DiffalignError, KeyError):
+            continue
+    return (torch.stack(eps), torch.stack(noise)) if eps else None
+
+
+def noise_gaussianity(
+    out: Path, eps: torch.Tensor, noise: torch.Tensor, patch_size: int, plots: bool
+) -> dict:
+    """`orthogonal_gaussian_{init,final}` diagnostics (init: the base noise against itself, Q =
+    I; final: base against assigned noise) into ``out`` (JSON, and PNGs with ``plots``);
+    returns their summary entries ``gaussianity_init`` / ``gaussianity_final``."""
+    from diffalign.noise.diagnostics import gaussianity_report, write_gaussianity_diagnostics
+
+    entries = {}
+    for key, (a, b) in {"init": (eps, eps.clone()), "final": (eps, noise)}.items():
+        name = f"orthogonal_gaussian_{key}"
+        if plots:
+            rep = write_gaussianity_diagnostics(out, name, a, b, patch_size=patch_size)
+        else:
+            rep = gaussianity_report(a, b, patch_size=patch_size)
+            write_json(out / f"{name}.json", rep)
+        entries[f"gaussianity_{key}"] = small_report(rep)
+    return entries
 
 
 def run_assignment_job(

@@ -827,6 +827,24 @@ def run_sample(
         return _finish(state, summary, out / "summary.json", t0)
 
 
+def _checked(cfg: GenerationConfig, rc: ResidualConfig) -> GenerationConfig:
+    """`cfg` with the model card's defaults filled in, after the checks that need no model
+    (generate, geneval, dpg: before their prompts are read)."""
+    cfg = resolve_sampling(cfg)
+    validate_config(cfg)
+    validate_residual_config(rc, cfg.model)
+    return cfg
+
+
+def _first(items: list, limit: int | None) -> list:
+    """The first `limit` items (None: all); a `limit` below 1 is an error."""
+    if limit is None:
+        return items
+    if limit < 1:
+        raise DiffalignError(f"--limit must be at least 1 (got {limit})")
+    return items[:limit]
+
+
 def run_generate(
     prompts: str | Sequence[str],
     output_dir: str | os.PathLike,
@@ -844,9 +862,7 @@ def run_generate(
     """
     from diffalign.engine.prompts import load_prompts
 
-    cfg = resolve_sampling(cfg)
-    validate_config(cfg)
-    validate_residual_config(rc, cfg.model)
+    cfg = _checked(cfg, rc)
     records = load_prompts(prompts, datadir, limit=limit, prompt_field=prompt_field)
     out = Path(output_dir)
     run_extra = {"prompts": _spec_text(prompts), "datadir": datadir, "limit": limit}
@@ -879,14 +895,8 @@ def run_geneval(
     `grid=False` leaves out each prompt's `grid.png` (GenEval's `--skip_grid`)."""
     from diffalign.engine.prompts import load_geneval_metadata
 
-    cfg = resolve_sampling(cfg)
-    validate_config(cfg)
-    validate_residual_config(rc, cfg.model)
-    lines = load_geneval_metadata(metadata)
-    if limit is not None:
-        if limit < 1:
-            raise DiffalignError(f"--limit must be at least 1 (got {limit})")
-        lines = lines[:limit]
+    cfg = _checked(cfg, rc)
+    lines = _first(load_geneval_metadata(metadata), limit)
     out = Path(output_dir)
     return _run_layout(
         "geneval",
@@ -925,17 +935,9 @@ def run_dpg(
         raise DiffalignError("--resolution must be at least 1")
     cfg = GenerationConfig(**{**asdict(cfg), "height": resolution, "width": resolution})
     cfg.n_samples = 4
-    cfg = resolve_sampling(cfg)
-    validate_config(cfg)
-    validate_residual_config(rc, cfg.model)
-    items = load_dpg_prompts(prompts_dir)
-    if limit is not None:
-        if limit < 1:
-            raise DiffalignError(f"--limit must be at least 1 (got {limit})")
-        items = items[:limit]
+    cfg = _checked(cfg, rc)
+    items = _first(load_dpg_prompts(prompts_dir), limit)
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
     base = str(out).rstrip("/\\")
     return _run_layout(
         "dpg",

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.identity import file_sha256
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.textstream.cache import (
     EMPTY_KEY,
@@ -46,7 +47,6 @@ from diffalign.textstream.weights import (
     LearnedWeights,
     ResidualWeights,
     TimeSampling,
-    file_sha256,
     load_learned_weights,
     noisy_latents,
     sample_times,

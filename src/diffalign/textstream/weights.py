@@ -27,7 +27,6 @@ generation verb's `--residual-weights-file`): tensors `weights` float32 `[n]` an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.identity import file_sha256
 
 TIME_MODES = ("uniform", "gaussian", "beta", "logitnorm")
 # each mode's parameters unless given (the authors' `sample_timesteps` defaults)
@@ -181,15 +181,6 @@ class LearnedWeights:
     layernorm: bool | None = False
     rotation_sha256: str | None = ""
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (the rotation file a weights file was trained with)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_learned_weights(path: str | os.PathLike, lw: LearnedWeights) -> None:

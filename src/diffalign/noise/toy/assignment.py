@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.identity import file_sha256
 from diffalign.engine.io import (
     load_tensors,
     locked_output_dir,
@@ -54,10 +55,13 @@ from diffalign.engine.io import (
 )
 from diffalign.noise.assign import AssignResult, base_noise
 from diffalign.noise.assign import assign_noise as _generic_assign_noise
-from diffalign.noise.assign import file_sha256 as _file_sha256
 from diffalign.noise.assign import item_id as _item_id
-from diffalign.noise.assign import small_report as _small
-from diffalign.noise.jobs import AssignmentJob, run_assignment_job
+from diffalign.noise.jobs import (
+    AssignmentJob,
+    finished_noises,
+    noise_gaussianity,
+    run_assignment_job,
+)
 
 __all__ = ["AssignResult", "assign", "assign_noise", "base_noise", "load_matched_pairs"]
 
@@ -273,7 +277,7 @@ def assign(
         "dataset": dataset,
         "split": data.split,
         "generator": str(weights),
-        "generator_sha256": _file_sha256(weights),
+        "generator_sha256": file_sha256(weights),
         "latent_shape": list(latent_shape),
         "patch_size": patch_size,
         "parametrization": parametrization,
@@ -426,8 +430,6 @@ def _finish_item(output_dir, writer, item, j, res, eps, x, y, data) -> None:
 
 def _diagnostics(output_dir, records, data, generator, patch_size, write_plots=True) -> dict:
     """Mean MSEs and the base-vs-assigned noise diagnostics of the finished items."""
-    from diffalign.noise import gaussianity_report, write_gaussianity_diagnostics
-
     summary: dict = {}
     if records:
         mb = torch.tensor([r["mse_before"] for r in records])
@@ -437,28 +439,10 @@ def _diagnostics(output_dir, records, data, generator, patch_size, write_plots=T
             mse_after_mean=float(ma.mean()),
             relative_reduction=float(1 - ma.mean() / mb.mean()) if mb.mean() > 0 else 0.0,
         )
-        eps, noise = [], []
-        for r in records:
-            try:
-                t, _ = load_tensors(resolve_inside(output_dir, str(r["noise_file"]), "noise_file"))
-                eps.append(t["base_noise"])
-                noise.append(t["noise"])
-            except (DiffalignError, KeyError):
-                continue
-        if eps:
-            eps_t, noise_t = torch.stack(eps), torch.stack(noise)
-            # init: the base noise against itself (Q = I); final: base vs assigned noise
-            pairs = {"init": (eps_t, eps_t.clone()), "final": (eps_t, noise_t)}
-            for key, (z, z2) in pairs.items():
-                name = f"orthogonal_gaussian_{key}"
-                if write_plots:
-                    rep = write_gaussianity_diagnostics(
-                        output_dir, name, z, z2, patch_size=patch_size
-                    )
-                else:
-                    rep = gaussianity_report(z, z2, patch_size=patch_size)
-                    write_json(output_dir / f"{name}.json", rep)
-                summary[f"gaussianity_{key}"] = _small(rep)
+        noises = finished_noises(output_dir, records)
+        if noises is not None:
+            eps_t, noise_t = noises
+            summary.update(noise_gaussianity(output_dir, eps_t, noise_t, patch_size, write_plots))
             if write_plots:
                 _example_grid(output_dir, records[:16], data, generator, eps_t[:16], noise_t[:16])
     return summary
