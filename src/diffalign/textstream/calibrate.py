@@ -714,7 +714,7 @@ def check_calibration_output(output_path: Path, identity: dict) -> None:
                 "by an older diffalign, or not a rotation file), so a re-run cannot be checked "
                 "against it: pass --overwrite to replace it, or choose another --output"
             )
-        check_identity(old, identity, f"--output {output_path} was", hint=hint)
+        check_identity(old, identity, f"--output {output_path} was", free=DISPLAY_ONLY, hint=hint)
     summary = output_path.parent / "summary.json"
     if summary.exists():
         try:
