@@ -214,13 +214,14 @@ def test_bucket_draw_collects_every_sample_once_per_bucket_in_bf16(tiny_model_di
 
 
 def test_bucket_empty_after_rounding_refused_at_the_first_forward(tiny_model_dir, tmp_path):
-    """20 steps reach all 13 buckets by the scheduler's timesteps, but in bf16 the last step
-    (t = 67.0 -> ...) and none other lands in bucket 0 no more: refused before any sample runs,
-    naming --steps."""
+    """20 steps reach all 13 buckets by the scheduler's timesteps, but the last one (76.77,
+    the only one below the edge 76.92) reaches the transformer in bf16 as 77.15: bucket 0 gets
+    no step, refused before any sample runs (not after all of them), naming --steps."""
     pipe = flux_bf16(tiny_model_dir)
     timesteps, seen = received_per_step(pipe, 20)
     edges = equal_bucket_edges(13)
     schedule_buckets(timesteps, edges)  # every bucket holds a step before rounding
+    assert float(timesteps[-1]) < edges[1] < seen[-1]
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
     out = tmp_path / "r.safetensors"

@@ -44,6 +44,16 @@ the prompt has alone, whatever the batch. With `timestep_buckets` N > 1 each row
 to the accumulator of the bucket its timestep falls in (one rotation per bucket and target);
 `col_center` centres the feature columns before each solve (`X^T Y - s_x s_y^T / n`).
 
+Which bucket a timestep falls in: that of the timestep *as the transformer receives it*
+(`StreamAdapter.timestep_bucket`, the rule generation looks the rotation up by). FLUX.1 and
+Qwen-Image pipelines hand it over as `t.to(model dtype) / 1000` (`flow.transformer_timestep`),
+so in bf16 schedule timestep 249.59 arrives as 0.25 (bucket 1 of 4, not 0) and 499 as 0.5. The
+plans (which steps a bucket can get, the "bucket" draws, `--xt-source image`'s integer draws)
+and the refusal of a bucket no step reaches (at the first batch) use the same rounding
+(`received_buckets`), and "image" hands the transformer its drawn t as the pipeline would. The
+assignment is exact for generation in the calibration's dtype; a bf16 generation of a float32
+calibration can put a step within one bf16 rounding step of an edge in the neighbouring bucket.
+
 Timestep draw (`timestep_draw`): "sample" (default, spec T) draws one step index per sample, so
 with N buckets each bucket sees the samples whose step fell in it (about n / N). "bucket" draws
 one step per sample *and bucket*, uniformly among the schedule's steps whose timestep falls in
@@ -57,10 +67,11 @@ Each sample's randomness comes from `(seed, sample index)`, so the result does n
 the number of processes (nor, up to float rounding of batched forwards, on the batch size).
 
 Re-runs (spec E: Safety): the rotation file records the run's identity (`calibration_identity`:
-the settings that shape it and the model's `model_identity`) in its metadata. Before any model
-loads, an existing `output` made with other settings (or by an older diffalign that recorded
-none), or a `summary.json` beside it that reports another rotation file, is refused in one line
-naming the keys; `overwrite` replaces them. An identical re-run rewrites the same files.
+the settings that shape it, resolved once from the model card where not given, the samples by
+content, and the model's `model_identity`) in its metadata. Before any model loads, an existing
+`output` made with other settings (or by an older diffalign that recorded none), or a
+`summary.json` beside it that reports another rotation file, is refused in one line naming the
+keys; `overwrite` replaces them. An identical re-run rewrites the same rotations.
 """
 
 from __future__ import annotations
@@ -876,6 +887,7 @@ def _calibrate_locked(
         "output": str(output_path),
         "model": str(model) if model else type(pipe).__name__,
         "dataset": dataset if isinstance(dataset, str | None) else list(dataset),
+        "dataset_path": identity["dataset"]["path"],
         "num_samples": len(prompts),
         "origin_layer": int(origin_layer),
         "target_layers": target_layers,
