@@ -274,3 +274,18 @@ def test_image_source_draws_by_the_received_timestep(tiny_model_dir, tmp_path):
         dtype="bfloat16",
     )
     assert summary["bucket_tokens"] == [16] * 4
+
+
+def test_prompt_set_paths_resolve_names_and_spellings(tmp_path, monkeypatch):
+    from diffalign.engine.prompts import prompt_set_paths
+
+    ann = tmp_path / "data" / "coco" / "annotations"
+    ann.mkdir(parents=True)
+    (ann / "captions_val2017.json").write_text("{}")
+    (tmp_path / "p.txt").write_text("a\n")
+    monkeypatch.chdir(tmp_path)
+    got = prompt_set_paths("coco,txt:p.txt,./data/../p.txt", "data/")
+    assert got == [
+        str((ann / "captions_val2017.json").resolve()),
+        *[str((tmp_path / "p.txt").resolve())] * 2,
+    ]
