@@ -260,7 +260,7 @@ def test_cli_calibrate_then_generate_with_the_file(tiny_model_dir, tmp_path, cap
         (["--origin-layer", "3", "--target-layers", "2"], "after the origin"),
         (["--target-layers", "2,x"], "not an integer"),
         (["--num-samples", "0"], "'0' must be >= 1"),
-        (["--height", "33"], "multiples"),
+        (["--height", "33"], "must be a multiple of"),
     ],
 )
 def test_cli_calibrate_bad_input(tiny_model_dir, tmp_path, capsys, extra, match):

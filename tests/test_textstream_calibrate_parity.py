@@ -379,7 +379,7 @@ def test_image_source_is_the_authors_training_noising(tiny_model_dir, tmp_path, 
     """`xt_source="image"`: x_t = (1 - t/1000) x0 + t/1000 eps from the pair's image latent at an
     integer t drawn uniformly (per bucket with the bucket draw), one forward; the reference
     replaces the pipeline call's latents and timestep by hand."""
-    from diffalign.textstream.calibrate import draw_train_timesteps
+    from diffalign.textstream.calibrate import draw_train_timesteps, train_timestep_candidates
 
     pipe = load_pipe(tiny_model_dir, kind)
     images = write_images(tmp_path, len(PROMPTS))
@@ -414,7 +414,8 @@ def test_image_source_is_the_authors_training_noising(tiny_model_dir, tmp_path, 
         kwargs = prompt_row(pipeline_calls(pipe, kind, index, prompt, STEPS, cfg), kind, 0, cfg)
         _, eps = draw_sample(SEED, index, STEPS, shape)
         x0 = image_latent(pipe, kind, images[index])
-        for b, t in enumerate(draw_train_timesteps(SEED, index, edges)):
+        # float32: every integer t reaches the transformer in the bucket it is drawn in
+        for b, t in enumerate(draw_train_timesteps(SEED, index, train_timestep_candidates(edges))):
             s = t / 1000.0
             xt = ((1 - s) * x0 + s * eps)[None]
             if kind == "sd3":

@@ -13,6 +13,9 @@ leaves out, by name, the settings that cannot change its bytes (progress bars, w
 output paths, how often it logs or checkpoints, a batch size where results do not depend on
 the batching); a batch size stays in where they do.
 
+A dataset's identity is its content as the job reads it (:func:`samples_sha256`), not the path
+it was given by (a resolved path may be recorded beside it for display, as a ``free`` key).
+
 A model's identity:
 
 - a local folder or file: ``path`` (resolved: relative vs absolute and symlinks compare
@@ -129,6 +132,13 @@ def _digest(entries: Iterable[tuple[str, str]]) -> str:
     for name, value in entries:
         h.update(f"{name}\0{value}\n".encode())
     return h.hexdigest()
+
+
+def samples_sha256(samples: Iterable[Any]) -> str:
+    """sha256 of a job's input samples in order, each as the job reads it (JSON: a prompt, a
+    [prompt, image sha256] pair, ...): a dataset's identity by content, the same whatever path,
+    spelling or name it was given by, and another when a sample's text or bytes change."""
+    return _digest((str(i), json.dumps(s, sort_keys=True)) for i, s in enumerate(samples))
 
 
 def hub_revision(repo_id: str) -> str | None:

@@ -69,6 +69,26 @@ def load_prompts(
     return records[:limit] if limit is not None else records
 
 
+def prompt_set_paths(
+    spec: str | os.PathLike | Sequence[str | os.PathLike],
+    datadir: str | os.PathLike | None = None,
+    *,
+    split: str = "val2017",
+) -> list[str]:
+    """The file or folder each item of `spec` reads (`load_prompts`), resolved (absolute,
+    symlinks followed): what a job shows as its dataset's place, not its identity."""
+    from diffalign.engine.identity import path_key
+
+    out = []
+    for item in _split_spec(spec):
+        if item.startswith("txt:"):
+            item = item[4:]
+        elif item in DATASET_NAMES:
+            item = str(_resolve_name(item, datadir, split))
+        out.append(path_key(item))
+    return out
+
+
 def load_geneval_metadata(path: str | os.PathLike) -> list[dict]:
     """Read GenEval's `evaluation_metadata.jsonl` (FORMATS.md), one validated dict per line.
 

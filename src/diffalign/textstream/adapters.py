@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.textstream.residual import bucket_index
 
 FAMILIES = ("sd3", "flux", "qwen-image")
 
@@ -81,6 +82,17 @@ class StreamAdapter:
         if self.temb_name in kwargs:
             return kwargs[self.temb_name]
         return args[self.temb_arg] if len(args) > self.temb_arg else None
+
+    def timestep_bucket(self, timestep: Any, edges) -> torch.Tensor:
+        """Timestep bucket per row (`residual.bucket_index` of increasing `edges` on the 0..1000
+        schedule) of the transformer's `timestep` argument, as the transformer receives it: on
+        FLUX.1 / Qwen-Image after the pipeline's rounding to the model dtype
+        (`flow.transformer_timestep`). The one rule of both generation (which rotation a step
+        uses) and calibration (which bucket a step's tokens are fitted in, and which steps a
+        bucket can get), so a bucket's statistics come from exactly the timesteps that look it
+        up."""
+        t = torch.as_tensor(timestep).detach().to(torch.float64).cpu().flatten()
+        return bucket_index(t * self.timestep_scale, edges)
 
 
 def stream_adapter(transformer: torch.nn.Module) -> StreamAdapter:

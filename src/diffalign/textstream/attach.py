@@ -21,7 +21,8 @@ under gradient checkpointing, which calls a block's hook again with the same inp
 same result, even when several forwards ran before the backward.
 
 Per-timestep-bucket rotations: a pre-hook on the transformer reads that forward's `timestep`;
-the origin hook turns it into each row's bucket and stores it with the origin tokens.
+the origin hook turns it into each row's bucket (`StreamAdapter.timestep_bucket`, the rule
+calibration fits the buckets by) and stores it with the origin tokens.
 Weights are read from the residual object when a target hook runs (`residual.weights[i]`), so
 a tensor of learned weights (requiring grad) may be swapped in; the mix is differentiable in it.
 """
@@ -42,7 +43,6 @@ from diffalign.textstream.adapters import StreamAdapter, stream_adapter, transfo
 from diffalign.textstream.residual import (
     MODES,
     ROTATION_PRECISIONS,
-    bucket_index,
     compiled_mix_rescale,
     compute_dtype,
     gemm_dtype,
@@ -346,8 +346,7 @@ class AttachedResidual:
             return None
         if self._timestep is None:
             raise DiffalignError("text-stream residual: no timestep seen before the origin block")
-        t = self._timestep.detach().to(torch.float64).cpu().flatten() * self.adapter.timestep_scale
-        buckets = bucket_index(t, res.timestep_bucket_edges)
+        buckets = self.adapter.timestep_bucket(self._timestep, res.timestep_bucket_edges)
         if buckets.numel() == 1:
             return buckets.expand(batch)
         if buckets.numel() != batch:

@@ -44,6 +44,16 @@ the prompt has alone, whatever the batch. With `timestep_buckets` N > 1 each row
 to the accumulator of the bucket its timestep falls in (one rotation per bucket and target);
 `col_center` centres the feature columns before each solve (`X^T Y - s_x s_y^T / n`).
 
+Which bucket a timestep falls in: that of the timestep *as the transformer receives it*
+(`StreamAdapter.timestep_bucket`, the rule generation looks the rotation up by). FLUX.1 and
+Qwen-Image pipelines hand it over as `t.to(model dtype) / 1000` (`flow.transformer_timestep`),
+so in bf16 schedule timestep 249.59 arrives as 0.25 (bucket 1 of 4, not 0) and 499 as 0.5. The
+plans (which steps a bucket can get, the "bucket" draws, `--xt-source image`'s integer draws)
+and the refusal of a bucket no step reaches (at the first batch) use the same rounding
+(`received_buckets`), and "image" hands the transformer its drawn t as the pipeline would. The
+assignment is exact for generation in the calibration's dtype; a bf16 generation of a float32
+calibration can put a step within one bf16 rounding step of an edge in the neighbouring bucket.
+
 Timestep draw (`timestep_draw`): "sample" (default, spec T) draws one step index per sample, so
 with N buckets each bucket sees the samples whose step fell in it (about n / N). "bucket" draws
 one step per sample *and bucket*, uniformly among the schedule's steps whose timestep falls in
@@ -57,10 +67,11 @@ Each sample's randomness comes from `(seed, sample index)`, so the result does n
 the number of processes (nor, up to float rounding of batched forwards, on the batch size).
 
 Re-runs (spec E: Safety): the rotation file records the run's identity (`calibration_identity`:
-the settings that shape it and the model's `model_identity`) in its metadata. Before any model
-loads, an existing `output` made with other settings (or by an older diffalign that recorded
-none), or a `summary.json` beside it that reports another rotation file, is refused in one line
-naming the keys; `overwrite` replaces them. An identical re-run rewrites the same files.
+the settings that shape it, resolved once from the model card where not given, the samples by
+content, and the model's `model_identity`) in its metadata. Before any model loads, an existing
+`output` made with other settings (or by an older diffalign that recorded none), or a
+`summary.json` beside it that reports another rotation file, is refused in one line naming the
+keys; `overwrite` replaces them. An identical re-run rewrites the same rotations.
 """
 
 from __future__ import annotations
@@ -68,6 +79,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +90,7 @@ from diffalign.engine.progress import progress
 from diffalign.textstream.adapters import StreamAdapter, stream_adapter
 from diffalign.textstream.attach import TextStreamResidual
 from diffalign.textstream.procrustes import ProcrustesAccumulator
-from diffalign.textstream.residual import bucket_index, standardize
+from diffalign.textstream.residual import standardize
 from diffalign.textstream.rotations import RotationSet, equal_bucket_edges, save_rotations
 
 TOKEN_STRATEGIES = ("all", "valid")
@@ -101,46 +113,107 @@ def draw_sample(seed: int, index: int, steps: int, latent_shape: Sequence[int]):
     return k, noise
 
 
-def schedule_buckets(timesteps, edges: Sequence[float] | None) -> list[list[int]]:
-    """Per timestep bucket, the indices of the schedule's steps whose timestep falls in it
-    (one bucket holding every step when `edges` is None); an empty bucket is an error."""
-    t = torch.as_tensor(timesteps).detach().to(torch.float64).cpu().reshape(-1)
+_SD3 = StreamAdapter("sd3", (), 0)  # the timestep rule of SD3 (no blocks needed for it)
+
+
+def received_timesteps(timesteps, adapter: StreamAdapter | None, dtype) -> torch.Tensor:
+    """The `timestep` argument the family's pipeline gives the transformer for schedule
+    timesteps (0..1000) in a model of `dtype` (`flow.transformer_timestep`: FLUX.1 and
+    Qwen-Image round them to the model dtype); `adapter` None: SD3's, the timesteps as they are."""
+    from diffalign.textstream.flow import family
+
+    t = torch.as_tensor(timesteps).reshape(-1)
+    return family((adapter or _SD3).family).transformer_timestep(t, len(t), dtype)
+
+
+def received_buckets(
+    timesteps, edges, adapter: StreamAdapter | None = None, dtype=None
+) -> torch.Tensor:
+    """Bucket of each schedule timestep as generation will look it up: that of the timestep
+    the transformer receives (`received_timesteps`), by `StreamAdapter.timestep_bucket`."""
+    adapter = adapter or _SD3
+    return adapter.timestep_bucket(received_timesteps(timesteps, adapter, dtype), edges)
+
+
+def _empty_bucket_error(empty: list[int], edges, what: str, adapter, dtype, hint: str):
+    ranges = ", ".join(f"{edges[b]:g}..{edges[b + 1]:g}" for b in empty)
+    rounded = ""
+    if adapter is not None and adapter.timestep_scale != 1.0 and dtype is not None:
+        rounded = f" as the transformer receives them in {str(dtype).removeprefix('torch.')}"
+    return DiffalignError(
+        f"timestep bucket(s) {empty} ({ranges}) hold none of {what}{rounded}: {hint} "
+        "(nothing written)"
+    )
+
+
+def schedule_buckets(
+    timesteps, edges: Sequence[float] | None, adapter: StreamAdapter | None = None, dtype=None
+) -> list[list[int]]:
+    """Per timestep bucket, the indices of the schedule's steps whose timestep falls in it as
+    the transformer receives it (`received_buckets`; one bucket holding every step when `edges`
+    is None); a bucket that no step reaches is an error."""
+    t = torch.as_tensor(timesteps).reshape(-1)
     if edges is None:
         return [list(range(len(t)))]
-    owner = bucket_index(t, edges).tolist()
+    owner = received_buckets(t, edges, adapter, dtype).tolist()
     out = [[i for i, b in enumerate(owner) if b == bucket] for bucket in range(len(edges) - 1)]
     empty = [b for b, steps in enumerate(out) if not steps]
     if empty:
-        ranges = ", ".join(f"{edges[b]:g}..{edges[b + 1]:g}" for b in empty)
-        raise DiffalignError(
-            f"timestep bucket(s) {empty} ({ranges}) hold none of the schedule's {len(t)} "
-            "timesteps: use more --steps or fewer --timestep-buckets (nothing written)"
+        raise _empty_bucket_error(
+            empty,
+            edges,
+            f"the schedule's {len(t)} timesteps",
+            adapter,
+            dtype,
+            "use more --steps or fewer --timestep-buckets",
         )
     return out
+
+
+def _draw_per_bucket(g: torch.Generator, candidates: list[list[int]]) -> list[int]:
+    return [c[int(torch.randint(0, len(c), (1,), generator=g))] for c in candidates]
 
 
 def draw_bucket_steps(seed: int, index: int, candidates: list[list[int]]) -> list[int]:
     """`--timestep-draw bucket`: one step index per bucket for one sample, uniform among that
     bucket's `candidates` (`schedule_buckets`); independent of process count and batch."""
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index) + 2**62) % (2**63))
-    return [steps[int(torch.randint(0, len(steps), (1,), generator=g))] for steps in candidates]
+    return _draw_per_bucket(g, candidates)
 
 
-def draw_train_timesteps(
-    seed: int, index: int, edges: Sequence[float] | None, num_train: int = 1000
-) -> list[int]:
-    """`--xt-source image`: integer timesteps drawn uniformly from `0..num_train - 1`, one per
-    bucket of `edges` (the integers in `[edges[b], edges[b + 1])`), or one overall when `edges`
-    is None; independent of process count and batch."""
-    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index) + 2**61) % (2**63))
-    bounds = [0.0, float(num_train)] if edges is None else [float(e) for e in edges]
-    out = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        a, b = math.ceil(lo), min(math.ceil(hi), num_train)
-        if b <= a:
-            raise DiffalignError(f"timestep bucket {lo:g}..{hi:g} holds no integer timestep")
-        out.append(int(torch.randint(a, b, (1,), generator=g)))
+def train_timestep_candidates(
+    edges: Sequence[float] | None,
+    adapter: StreamAdapter | None = None,
+    dtype=None,
+    num_train: int = 1000,
+) -> list[list[int]]:
+    """`--xt-source image`: per bucket of `edges`, the integer timesteps `0..num_train - 1`
+    that fall in it as the transformer receives them (`received_buckets`), or all of them in
+    one list when `edges` is None; a bucket that none reaches is an error."""
+    t = torch.arange(num_train, dtype=torch.float32)
+    if edges is None:
+        return [list(range(num_train))]
+    owner = received_buckets(t, edges, adapter, dtype).tolist()
+    out = [[i for i, b in enumerate(owner) if b == bucket] for bucket in range(len(edges) - 1)]
+    empty = [b for b, c in enumerate(out) if not c]
+    if empty:
+        raise _empty_bucket_error(
+            empty,
+            edges,
+            f"the integer timesteps 0..{num_train - 1}",
+            adapter,
+            dtype,
+            "use fewer --timestep-buckets",
+        )
     return out
+
+
+def draw_train_timesteps(seed: int, index: int, candidates: list[list[int]]) -> list[int]:
+    """`--xt-source image`: integer timesteps, one per list of `candidates`
+    (`train_timestep_candidates`: one per bucket, or one overall), each uniform in its list;
+    independent of process count and batch."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index) + 2**61) % (2**63))
+    return _draw_per_bucket(g, candidates)
 
 
 def noised_latents(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -250,8 +323,7 @@ class _TokenCollector:
         t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
         if t is None:
             raise DiffalignError("timestep buckets: the transformer was called without timestep")
-        t = torch.as_tensor(t).detach().to(torch.float64).cpu().flatten()
-        self._row_buckets = bucket_index(t * self.adapter.timestep_scale, self.edges)
+        self._row_buckets = self.adapter.timestep_bucket(t, self.edges)  # generation's rule
 
     def _groups(self, args, kwargs) -> list[tuple[int, torch.Tensor]]:
         """(bucket, standardised `[tokens, d]`) of the collected rows of this call."""
@@ -333,7 +405,8 @@ def calibrate(
     `pipe` (a loaded SD3, FLUX.1 or Qwen-Image pipeline) and `prompts` may be given instead of
     `model` / `dataset`. `cfg > 1` adds the unconditional branch (empty negative prompt) to the
     trajectory; only the conditional rows' tokens are collected. `steps`,
-    `max_sequence_length` and FLUX's `guidance` default to the model card's. `timestep_buckets` N > 1 calibrates one rotation
+    `max_sequence_length`, FLUX's `guidance` and `height`/`width` default to the model card's
+    (`resolve_settings`). `timestep_buckets` N > 1 calibrates one rotation
     per bucket of the 0..1000 schedule split in N equal parts, from the samples whose drawn
     timestep falls in it (`timestep_draw` "bucket": every sample, at one step drawn in each
     bucket); `col_center` centres the feature columns before each solve. Returns
@@ -369,20 +442,39 @@ def calibrate(
     output_path = Path(output)
     if output_path.is_dir():
         raise DiffalignError(f"--output {output} is a folder; give a file name")
+    if pipe is None and not model:
+        raise DiffalignError("calibration needs --model")
 
     state = process_state(device)
+    run_device = torch.device(device) if device else state.device
+    torch_dtype = _resolve_dtype(dtype, run_device)
     from diffalign.engine.io import locked_output_dir
 
     # the rotation file and summary.json/procrustes_errors.png beside it: one run per folder
     with locked_output_dir(output_path.parent or Path("."), "calibration output folder"):
+        prompts, images = calibration_samples(
+            dataset, datadir, prompts, images, num_samples, xt_source
+        )
+        settings = resolve_settings(
+            model=model,
+            pipe=pipe,
+            single_file_config=single_file_config,
+            steps=steps,
+            max_sequence_length=max_sequence_length,
+            guidance=guidance,
+            height=height,
+            width=width,
+        )
+        if xt_source == "image" and settings.height != settings.width:
+            raise DiffalignError(
+                f"--xt-source image centre-crops square images: --height {settings.height} and "
+                f"--width {settings.width} must be equal"
+            )
         identity = calibration_identity(
             model=model,
             single_file_config=single_file_config,
             pipe=pipe,
-            dataset=dataset,
-            datadir=datadir,
-            prompts=prompts,
-            images=images,
+            dataset=dataset_identity(dataset, datadir, prompts, images, xt_source),
             num_samples=num_samples,
             origin_layer=origin_layer,
             target_layer_start=target_layer_start,
@@ -390,16 +482,12 @@ def calibrate(
             seed=seed,
             token_strategy=token_strategy,
             xt_source=xt_source,
-            steps=steps,
+            settings=settings,
             cfg=cfg,
-            height=height,
-            width=width,
-            dtype=str(_resolve_dtype(dtype, torch.device(device) if device else state.device)),
-            max_sequence_length=max_sequence_length,
+            dtype=torch_dtype,
             eps=eps,
             timestep_buckets=timestep_buckets,
             col_center=col_center,
-            guidance=guidance,
             timestep_draw=timestep_draw,
         )
         if not overwrite:
@@ -407,10 +495,9 @@ def calibrate(
         return _calibrate_locked(
             state,
             identity=identity,
+            settings=settings,
             model=model,
             dataset=dataset,
-            datadir=datadir,
-            num_samples=num_samples,
             origin_layer=origin_layer,
             target_layer_start=target_layer_start,
             target_layers=target_layers,
@@ -418,25 +505,133 @@ def calibrate(
             seed=seed,
             token_strategy=token_strategy,
             xt_source=xt_source,
-            steps=steps,
             cfg=cfg,
-            height=height,
-            width=width,
             batch_size=batch_size,
-            dtype=dtype,
-            device=device,
-            max_sequence_length=max_sequence_length,
+            torch_dtype=torch_dtype,
+            run_device=run_device,
             eps=eps,
             pipe=pipe,
             prompts=prompts,
+            images=images,
             single_file_config=single_file_config,
             started=started,
             timestep_buckets=int(timestep_buckets),
             col_center=bool(col_center),
-            guidance=guidance,
             timestep_draw=timestep_draw,
-            images=images,
         )
+
+
+def calibration_samples(
+    dataset, datadir, prompts, images, num_samples: int, xt_source: str
+) -> tuple[list[str], list[str | None]]:
+    """(prompts, images) of the first `num_samples` samples: `prompts`/`images` given in the
+    call, or read from `dataset` (`engine.prompts.load_prompts`); `xt_source` "image" needs an
+    image for every sample."""
+    if prompts is None:
+        if not dataset:
+            raise DiffalignError("calibration needs --dataset (a prompt file or set name)")
+        from diffalign.engine.prompts import load_prompts
+
+        records = load_prompts(dataset, datadir, limit=num_samples)
+        prompts, images = [r.prompt for r in records], [r.image for r in records]
+    prompts = list(prompts)[:num_samples]
+    if not prompts:
+        raise DiffalignError("the calibration prompt set is empty")
+    images = list(images or [])[: len(prompts)]
+    images += [None] * (len(prompts) - len(images))
+    if xt_source == "image":
+        missing = [i for i, image in enumerate(images) if not image]
+        if missing:
+            raise DiffalignError(
+                f"--xt-source image needs image-caption pairs: sample {missing[0]} has no image "
+                "(a .jsonl with an image field, COCO captions with their images, ...)"
+            )
+        unreadable = [str(image) for image in images if not Path(image).is_file()]
+        if unreadable:
+            raise DiffalignError(f"--xt-source image: image not found: {unreadable[0]}")
+    return prompts, images
+
+
+def dataset_identity(dataset, datadir, prompts: list[str], images: list, xt_source: str) -> dict:
+    """What identifies the samples a calibration reads (spec E: Safety): their content,
+    `engine.identity.samples_sha256` of each prompt and, with `xt_source` "image", the sha256 of
+    its image's bytes (other sources never read the images), so another spelling of the same
+    dataset's path is the same dataset and changed captions or images are another; and, for
+    display only (`DISPLAY_ONLY`, not compared), the resolved path(s) it was read from."""
+    from diffalign.engine.identity import file_sha256, samples_sha256
+
+    if xt_source == "image":
+        samples = [[p, file_sha256(i)] for p, i in zip(prompts, images)]
+    else:
+        samples = list(prompts)
+    path = None
+    if dataset:
+        from diffalign.engine.prompts import prompt_set_paths
+
+        path = prompt_set_paths(dataset, datadir)
+    return {"samples": len(prompts), "sha256": samples_sha256(samples), "path": path}
+
+
+# identity keys shown to the user but never compared: where the same content was read from
+DISPLAY_ONLY = ("dataset.path",)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The settings a calibration takes from the model card where not given, resolved once,
+    before the identity is recorded and the model loads (`resolve_settings`)."""
+
+    variant: str  # families.DEFAULTS key: sd3, flux-dev, flux-schnell or qwen-image
+    steps: int
+    max_sequence_length: int
+    guidance: float | None  # FLUX.1's distilled guidance (None: the model has none)
+    height: int
+    width: int
+
+
+def resolve_settings(
+    *,
+    model: str | None,
+    pipe: Any,
+    single_file_config: str | None,
+    steps: int | None,
+    max_sequence_length: int | None,
+    guidance: float | None,
+    height: int | None,
+    width: int | None,
+) -> CalibrationSettings:
+    """The given settings with the model card's defaults filled in (`families.DEFAULTS`; the
+    model's own sample size from its config files, `generate.model_image_size`, or a loaded
+    `pipe`'s), so an explicit `--steps 28` on SD3 is the default. The variant is read from
+    `pipe` when one is given, else from `model`'s files or name (`families.model_variant`).
+    `--guidance` on a model without distilled guidance and a size the model cannot make are
+    one-line errors."""
+    from diffalign.textstream.families import DEFAULTS, model_variant
+    from diffalign.textstream.generate import fit_image_size, model_image_size, pipeline_image_size
+
+    if pipe is not None:
+        variant = stream_adapter(pipe.transformer).family
+        if variant == "flux":
+            guided = pipe.transformer.config.guidance_embeds
+            variant = "flux-dev" if guided else "flux-schnell"
+        size, name = pipeline_image_size(pipe), type(pipe).__name__
+    else:
+        variant = model_variant(model)
+        size, name = model_image_size(model, single_file_config), str(model)
+    card = DEFAULTS[variant]
+    if guidance is not None and card.guidance is None:
+        raise DiffalignError(f"--guidance is FLUX.1's distilled guidance; {variant} has none")
+    h, w = fit_image_size(size, height, width, name)
+    return CalibrationSettings(
+        variant=variant,
+        steps=card.steps if steps is None else int(steps),
+        max_sequence_length=(
+            card.max_sequence_length if max_sequence_length is None else int(max_sequence_length)
+        ),
+        guidance=card.guidance if guidance is None else float(guidance),
+        height=h,
+        width=w,
+    )
 
 
 def calibration_identity(
@@ -444,10 +639,7 @@ def calibration_identity(
     model,
     single_file_config,
     pipe,
-    dataset,
-    datadir,
-    prompts,
-    images,
+    dataset: dict,
     num_samples,
     origin_layer,
     target_layer_start,
@@ -455,45 +647,25 @@ def calibration_identity(
     seed,
     token_strategy,
     xt_source,
-    steps,
+    settings: CalibrationSettings,
     cfg,
-    height,
-    width,
-    dtype: str,
-    max_sequence_length,
+    dtype,
     eps,
     timestep_buckets,
     col_center,
-    guidance,
     timestep_draw,
 ) -> dict:
     """What shapes a rotation file, known before the model loads (spec E: Safety): the model's
-    `model_identity` (a pipeline passed in: its class), the prompt source, and the settings,
-    with the model card's defaults filled in where `--model` names the variant (an explicit
-    `--steps 28` on SD3 is the default). Left out, as they cannot change the rotations beyond
-    float rounding of batched forwards: batch size, device (its dtype stays in), processes."""
-    import hashlib
-    import json
-
+    `model_identity` (a pipeline passed in: its class), the samples by content
+    (`dataset_identity`), and the settings as resolved (`resolve_settings`). Left out, as they
+    cannot change the rotations beyond float rounding of batched forwards: batch size, device
+    (its dtype stays in), processes."""
     from diffalign.engine.identity import model_identity
 
-    if model:
-        from diffalign.textstream.families import DEFAULTS, model_variant
-
-        card = DEFAULTS[model_variant(model)]
-        steps = card.steps if steps is None else steps
-        if max_sequence_length is None:
-            max_sequence_length = card.max_sequence_length
-        if guidance is None:
-            guidance = card.guidance
-    source: dict[str, Any] = {"dataset": dataset, "datadir": datadir}
-    if prompts is not None:  # given in the call: their text (and images) decide
-        text = json.dumps([list(prompts)[:num_samples], list(images or [])[:num_samples]])
-        source = {"prompts_sha256": hashlib.sha256(text.encode()).hexdigest()}
     return {
         "model": model_identity(model) if model else {"pipeline": type(pipe).__name__},
         "single_file_config": model_identity(single_file_config),
-        **source,
+        "dataset": dataset,
         "num_samples": int(num_samples),
         "origin_layer": int(origin_layer),
         "targets": (
@@ -504,16 +676,16 @@ def calibration_identity(
         "seed": int(seed),
         "token_strategy": token_strategy,
         "xt_source": xt_source,
-        "steps": None if steps is None else int(steps),
+        "steps": settings.steps,
         "cfg": float(cfg),
-        "height": None if height is None else int(height),
-        "width": None if width is None else int(width),
-        "dtype": dtype.removeprefix("torch."),
-        "max_sequence_length": None if max_sequence_length is None else int(max_sequence_length),
+        "height": settings.height,
+        "width": settings.width,
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_sequence_length": settings.max_sequence_length,
         "eps": float(eps),
         "timestep_buckets": int(timestep_buckets),
         "col_center": bool(col_center),
-        "guidance": None if guidance is None else float(guidance),
+        "guidance": settings.guidance,
         "timestep_draw": timestep_draw,
     }
 
@@ -553,7 +725,7 @@ def check_calibration_output(output_path: Path, identity: dict) -> None:
                 "by an older diffalign, or not a rotation file), so a re-run cannot be checked "
                 "against it: pass --overwrite to replace it, or choose another --output"
             )
-        check_identity(old, identity, f"--output {output_path} was", hint=hint)
+        check_identity(old, identity, f"--output {output_path} was", free=DISPLAY_ONLY, hint=hint)
     summary = output_path.parent / "summary.json"
     if summary.exists():
         try:
@@ -572,10 +744,9 @@ def _calibrate_locked(
     state,
     *,
     identity: dict,
+    settings: CalibrationSettings,
     model,
     dataset,
-    datadir,
-    num_samples,
     origin_layer,
     target_layer_start,
     target_layers,
@@ -583,76 +754,34 @@ def _calibrate_locked(
     seed,
     token_strategy,
     xt_source,
-    steps,
     cfg,
-    height,
-    width,
     batch_size,
-    dtype,
-    device,
-    max_sequence_length,
+    torch_dtype: torch.dtype,
+    run_device: torch.device,
     eps,
     pipe,
-    prompts,
+    prompts: list[str],
+    images: list,
     single_file_config,
     started,
     timestep_buckets=1,
     col_center=False,
-    guidance=None,
     timestep_draw="sample",
-    images=None,
 ) -> dict:
-    run_device = torch.device(device) if device else state.device
-    torch_dtype = _resolve_dtype(dtype, run_device)
+    from diffalign.textstream.families import check_schedule
+    from diffalign.textstream.generate import fit_image_size, pipeline_image_size
 
-    if prompts is None:
-        if not dataset:
-            raise DiffalignError("calibration needs --dataset (a prompt file or set name)")
-        from diffalign.engine.prompts import load_prompts
-
-        records = load_prompts(dataset, datadir, limit=num_samples)
-        prompts, images = [r.prompt for r in records], [r.image for r in records]
-    prompts = list(prompts)[:num_samples]
-    if not prompts:
-        raise DiffalignError("the calibration prompt set is empty")
-    if xt_source == "image":
-        images = list(images or [])[: len(prompts)]
-        missing = [i for i in range(len(prompts)) if i >= len(images) or not images[i]]
-        if missing:
-            raise DiffalignError(
-                f"--xt-source image needs image-caption pairs: sample {missing[0]} has no image "
-                "(a .jsonl with an image field, COCO captions with their images, ...)"
-            )
-
-    from diffalign.textstream.families import (
-        DEFAULTS,
-        check_schedule,
-        family_of_variant,
-        model_variant,
-    )
-
-    variant = None
+    steps, guidance = settings.steps, settings.guidance
+    max_sequence_length = settings.max_sequence_length
+    height, width = settings.height, settings.width
     if pipe is None:
-        if not model:
-            raise DiffalignError("calibration needs --model")
-        variant = model_variant(model)
-        pipe = _load_pipeline(model, variant, torch_dtype, run_device, single_file_config)
+        pipe = _load_pipeline(model, settings.variant, torch_dtype, run_device, single_file_config)
     pipe = pipe.to(device=run_device, dtype=torch_dtype)
     tr = pipe.transformer
     adapter = stream_adapter(tr)
     family = adapter.family
-    if variant is None or family_of_variant(variant) != family:  # a pipeline passed in
-        variant = family
-        if family == "flux":
-            variant = "flux-dev" if tr.config.guidance_embeds else "flux-schnell"
-    card = DEFAULTS[variant]
-    steps = card.steps if steps is None else int(steps)
     check_schedule(pipe, steps)
-    if max_sequence_length is None:
-        max_sequence_length = card.max_sequence_length
-    if guidance is not None and card.guidance is None:
-        raise DiffalignError(f"--guidance is FLUX.1's distilled guidance; {variant} has none")
-    guidance = card.guidance if guidance is None else float(guidance)
+    fit_image_size(pipeline_image_size(pipe), height, width, str(model or type(pipe).__name__))
     num_layers, feature_dim = adapter.num_blocks, adapter.feature_dim
     if target_layers is None:
         target_layers = list(range(int(target_layer_start), num_layers))
@@ -666,19 +795,8 @@ def _calibrate_locked(
     TextStreamResidual(origin_layer, target_layers, mode="ln").check_model(num_layers, feature_dim)
 
     vsf = int(getattr(pipe, "vae_scale_factor", 8))
-    default_size = int(getattr(pipe, "default_sample_size", 128)) * vsf
-    height, width = int(height or default_size), int(width or default_size)
-    patch = int(tr.config.patch_size) if family == "sd3" else 2  # FLUX/Qwen pack 2x2
-    multiple = vsf * patch
-    if height % multiple or width % multiple:
-        raise DiffalignError(f"--height/--width must be multiples of {multiple}")
     channels = int(tr.config.in_channels) // (1 if family == "sd3" else 4)
     latent_shape = (channels, height // vsf, width // vsf)
-    if xt_source == "image" and height != width:
-        raise DiffalignError(
-            f"--xt-source image centre-crops square images: --height {height} and --width "
-            f"{width} must be equal"
-        )
 
     edges = None
     if timestep_buckets > 1:
@@ -688,6 +806,10 @@ def _calibrate_locked(
         ProcrustesAccumulator(target_layers, feature_dim, device=run_device)
         for _ in range(max(1, timestep_buckets))
     ]
+    if xt_source == "image":  # at the first batch: a bucket no integer timestep reaches
+        candidates = train_timestep_candidates(edges, adapter, torch_dtype)
+        if timestep_draw == "sample":
+            candidates = [sorted(t for c in candidates for t in c)]
     mine = list(range(state.process_index, len(prompts), state.num_processes))
     drawn: dict[int, list[int]] = {}  # sample -> its step indices ("image": its timesteps)
     collector = _TokenCollector(
@@ -701,6 +823,7 @@ def _calibrate_locked(
                 extra = {} if family == "sd3" else {"guidance": guidance, "size": (height, width)}
                 if xt_source == "image":
                     extra["x0"] = _image_latents(pipe, family, [images[i] for i in batch], height)
+                    extra["train_candidates"] = candidates
                 ks = run(
                     pipe,
                     collector,
@@ -764,6 +887,7 @@ def _calibrate_locked(
         "output": str(output_path),
         "model": str(model) if model else type(pipe).__name__,
         "dataset": dataset if isinstance(dataset, str | None) else list(dataset),
+        "dataset_path": identity["dataset"]["path"],
         "num_samples": len(prompts),
         "origin_layer": int(origin_layer),
         "target_layers": target_layers,
@@ -850,10 +974,11 @@ def _run_batch(
     device,
     timestep_draw: str = "sample",
     x0: torch.Tensor | None = None,
+    train_candidates: list[list[int]] | None = None,
 ) -> list[list[int]]:
     """Run one batch to each sample's drawn steps and collect its tokens there; returns each
     sample's step indices (with `xt_source` "image", `x0` the images' latents `[B, C, h, w]`:
-    each sample's drawn timesteps)."""
+    each sample's timesteps drawn from `train_candidates`, `draw_train_timesteps`)."""
     tr = pipe.transformer
     use_cfg = cfg > 1.0
     draws = [draw_sample(seed, i, steps, latent_shape) for i in indices]
@@ -892,12 +1017,12 @@ def _run_batch(
         raise DiffalignError(f"the scheduler made {len(timesteps)} timesteps for --steps {steps}")
     if xt_source == "image":
         noise = torch.stack([n for _, n in draws])  # float32, CPU
-        plans = [_train_draws(seed, i, timestep_draw, collector.edges) for i in indices]
+        plans = [draw_train_timesteps(seed, i, train_candidates) for i in indices]
         for j in range(len(plans[0])):  # one forward per drawn timestep of every sample
             collect(list(range(b)))
             t = torch.tensor([float(p[j]) for p in plans])
             xt = noised_latents(x0, noise, t).to(device=device, dtype=dtype)
-            t = t.to(device=device, dtype=timesteps.dtype)
+            t = received_timesteps(t, collector.adapter, dtype).to(device)
             tr(
                 hidden_states=torch.cat([xt, xt]) if use_cfg else xt,
                 timestep=torch.cat([t, t]) if use_cfg else t,
@@ -907,7 +1032,7 @@ def _run_batch(
             )
             collector.rows = None
         return plans
-    plans = _plans(draws, indices, seed, timestep_draw, timesteps, collector.edges)
+    plans = _plans(draws, indices, seed, timestep_draw, timesteps, collector, dtype)
     last = max(max(p) for p in plans)
 
     if xt_source == "noise":
@@ -946,11 +1071,6 @@ def _run_batch(
     return plans
 
 
-def _train_draws(seed, index, timestep_draw, edges) -> list[int]:
-    """`--xt-source image`: the sample's timesteps (one per bucket with draw "bucket")."""
-    return draw_train_timesteps(seed, index, edges if timestep_draw == "bucket" else None)
-
-
 def _image_latents(pipe, family: str, images: list[str], size: int) -> torch.Tensor:
     """`[B, C, h, w]` float32 CPU latents of the images, each encoded alone (batch-independent),
     normalised as `textstream cache` stores them."""
@@ -963,12 +1083,13 @@ def _image_latents(pipe, family: str, images: list[str], size: int) -> torch.Ten
     return torch.stack([encode_image(flow, pipe, _load_pixels(p, size)) for p in pairs])
 
 
-def _plans(draws, indices, seed, timestep_draw, timesteps, edges) -> list[list[int]]:
+def _plans(draws, indices, seed, timestep_draw, timesteps, collector, dtype) -> list[list[int]]:
     """The step indices each sample is collected at: its drawn step ("sample"), or one step
-    drawn in each timestep bucket ("bucket"). A bucket that holds none of the schedule's
-    timesteps is an error here, at the first batch (no sample could ever fall in it), not after
-    the whole run."""
-    candidates = schedule_buckets(timesteps, edges)
+    drawn in each timestep bucket ("bucket"), the buckets of the timesteps as the transformer
+    will receive them in `dtype` (`schedule_buckets`, the collector's and generation's rule). A
+    bucket that none of them reaches is an error here, at the first batch (no sample could
+    ever fall in it), not after the whole run."""
+    candidates = schedule_buckets(timesteps, collector.edges, collector.adapter, dtype)
     if timestep_draw == "sample":
         return [[k] for k, _ in draws]
     return [draw_bucket_steps(seed, i, candidates) for i in indices]
@@ -993,6 +1114,7 @@ def _run_batch_pipeline(
     device,
     timestep_draw: str = "sample",
     x0: torch.Tensor | None = None,
+    train_candidates: list[list[int]] | None = None,
 ) -> list[list[int]]:
     """FLUX.1 / Qwen-Image: run the pipeline itself from each sample's noise and collect at the
     drawn steps; returns each sample's step indices (with `xt_source` "image": timesteps).
@@ -1047,8 +1169,7 @@ def _run_batch_pipeline(
     def plan(module, args, kwargs):  # first transformer call: the pipeline's schedule is set
         if not plans:
             if xt_source == "image":
-                edges = collector.edges
-                drawn_t.extend(_train_draws(seed, i, timestep_draw, edges) for i in indices)
+                drawn_t.extend(draw_train_timesteps(seed, i, train_candidates) for i in indices)
                 n = len(drawn_t[0])
                 if n > steps:
                     raise DiffalignError(
@@ -1057,9 +1178,9 @@ def _run_batch_pipeline(
                     )
                 plans.extend([list(range(n)) for _ in indices])
             else:
-                timesteps = pipe.scheduler.timesteps
+                timesteps, cast = pipe.scheduler.timesteps, kwargs["timestep"].dtype
                 plans.extend(
-                    _plans(draws, indices, seed, timestep_draw, timesteps, collector.edges)
+                    _plans(draws, indices, seed, timestep_draw, timesteps, collector, cast)
                 )
             arm(0)
         if xt_source != "image":
@@ -1067,11 +1188,11 @@ def _run_batch_pipeline(
         t = torch.tensor([float(d[step[0]]) for d in drawn_t])
         xt = pipe._pack_latents(noised_latents(x0, noise_cpu, t), b, c, h, w)
         hidden = kwargs["hidden_states"]
-        scale = collector.adapter.timestep_scale
+        received = received_timesteps(t, collector.adapter, dtype)  # as the pipeline rounds it
         return args, {
             **kwargs,
             "hidden_states": xt.to(device=hidden.device, dtype=hidden.dtype),
-            "timestep": (t / scale).to(device=hidden.device, dtype=kwargs["timestep"].dtype),
+            "timestep": received.to(hidden.device),
         }
 
     noise_cpu = torch.stack([n for _, n in draws])

@@ -34,7 +34,8 @@ def register(verbs) -> None:
         "--dataset",
         required=True,
         help="prompt set(s), comma-combined: a .txt/.jsonl/COCO json/GenEval jsonl/DPG folder, "
-        "or coco, geneval, dpg under --datadir",
+        "or coco, geneval, dpg under --datadir; re-runs compare its content (prompts, and with "
+        "--xt-source image the images' bytes), not how its path is spelled",
     )
     p.add_argument("--datadir", default=None, help="folder holding the named datasets")
     p.add_argument(
@@ -115,7 +116,9 @@ def register(verbs) -> None:
         default=1,
         help="split the 0..1000 schedule into N equal buckets and calibrate one rotation per "
         "bucket and target from the samples whose drawn timestep falls in it; generation "
-        "picks the current timestep's (default: %(default)s)",
+        "picks the current timestep's. Both take the timestep as the transformer receives it "
+        "(FLUX.1 / Qwen-Image pipelines round it to the model dtype: in bf16 499 is 500) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--timestep-draw",

@@ -80,6 +80,13 @@ class _FlowFamily:
         return {}
 
     @staticmethod
+    def transformer_timestep(timestep: torch.Tensor, batch: int, dtype) -> torch.Tensor:
+        """The `timestep` argument the family's pipeline gives its transformer for schedule
+        timesteps `timestep` (0..1000) in a model of `dtype`: SD3's, the timesteps as they are
+        (float32, whatever the model dtype)."""
+        return timestep.expand(batch)
+
+    @staticmethod
     def _encode_prompt(pipe, captions: Sequence[str], max_sequence_length: int, **extra: Any):
         """The pipeline's own `encode_prompt` of `captions` on the transformer's device."""
         return pipe.encode_prompt(
@@ -293,8 +300,9 @@ class _PackedFlow(_FlowFamily):
         return (int(latent_shape[-2]) // 2) * (int(latent_shape[-1]) // 2)
 
     @staticmethod
-    def _unit_timestep(timestep: torch.Tensor, batch: int, dtype) -> torch.Tensor:
-        """The pipelines' `timestep / 1000` (the transformers scale it back by 1000)."""
+    def transformer_timestep(timestep: torch.Tensor, batch: int, dtype) -> torch.Tensor:
+        """The pipelines' `timestep.to(dtype) / 1000` (the transformers scale it back by 1000):
+        rounded to the model dtype twice, so in bf16 schedule timestep 499 arrives as 0.5."""
         return (timestep.to(dtype) / 1000).expand(batch)
 
     @classmethod
@@ -318,7 +326,7 @@ class _PackedFlow(_FlowFamily):
         b, _, h, w = xs.shape
         out = transformer(
             hidden_states=pack_latents(xs).to(dtype),
-            timestep=cls._unit_timestep(timestep, b, dtype),
+            timestep=cls.transformer_timestep(timestep, b, dtype),
             encoder_hidden_states=prompt_embeds.to(xs.device, dtype),
             return_dict=False,
             **cls._transformer_inputs(transformer, xs, prompt_embeds, pooled, dtype),

@@ -346,22 +346,41 @@ def model_image_size(model: str, single_file_config: str | None = None) -> Image
     return ImageSize(default, vsf * patch, largest)
 
 
-def sized_config(cfg: GenerationConfig) -> GenerationConfig:
-    """`cfg` with the model's own sample size where --height/--width are not given; a size the
-    model cannot make is a one-line error here, before anything is loaded or written."""
-    size = model_image_size(cfg.model, cfg.single_file_config)
-    h, w = cfg.height or size.default, cfg.width or size.default
+def pipeline_image_size(pipe) -> ImageSize:
+    """The `ImageSize` of a loaded pipeline (what `model_image_size` reads from the files)."""
+    vsf = int(getattr(pipe, "vae_scale_factor", 8))
+    config = pipe.transformer.config
+    patch = max(int(getattr(config, "patch_size", 1) or 1), 2)  # FLUX packs 2x2 latent patches
+    max_embed = getattr(config, "pos_embed_max_size", None)
+    largest = int(max_embed) * patch * vsf if isinstance(max_embed, int) else None
+    return ImageSize(int(getattr(pipe, "default_sample_size", 128)) * vsf, vsf * patch, largest)
+
+
+def fit_image_size(
+    size: ImageSize, height: int | None, width: int | None, model: str
+) -> tuple[int, int]:
+    """(height, width): the given ones, or the model's own sample size where not given; a size
+    the model cannot make is a one-line error (before anything is loaded or written)."""
+    h, w = height or size.default, width or size.default
     for name, value in (("height", h), ("width", w)):
         if size.largest is not None and value > size.largest:
             raise DiffalignError(
-                f"--{name} {value} is more than {cfg.model} can make: at most {size.largest} "
+                f"--{name} {value} is more than {model} can make: at most {size.largest} "
                 f"px (its transformer's pos_embed_max_size); leave --height/--width out for "
                 f"its own size, {size.default} px"
             )
         if value % size.multiple:
             raise DiffalignError(
-                f"--{name} {value} must be a multiple of {size.multiple} for {cfg.model}"
+                f"--{name} {value} must be a multiple of {size.multiple} for {model}"
             )
+    return int(h), int(w)
+
+
+def sized_config(cfg: GenerationConfig) -> GenerationConfig:
+    """`cfg` with the model's own sample size where --height/--width are not given; a size the
+    model cannot make is a one-line error here, before anything is loaded or written."""
+    size = model_image_size(cfg.model, cfg.single_file_config)
+    h, w = fit_image_size(size, cfg.height, cfg.width, cfg.model)
     return GenerationConfig(**{**asdict(cfg), "height": h, "width": w})
 
 
