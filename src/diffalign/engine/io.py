@@ -240,6 +240,19 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DiffalignError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise DiffalignError(f"{path}: not UTF-8 text (not a JSON file?)") from None
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's content; a missing or non-UTF-8 file is a one-line DiffalignError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffalignError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DiffalignError(f"{path}: not UTF-8 text") from None
 
 
 def save_tensors(

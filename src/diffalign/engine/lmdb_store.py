@@ -56,6 +56,20 @@ def _is_lmdb_dir(path: Path) -> bool:
     return (path / "data.mdb").is_file()
 
 
+def _check_complete(env, path: Path) -> None:
+    """Refuse a `data.mdb` shorter than the pages its meta page names (a partial copy or a
+    full disk): LMDB maps the file, and reading a page past its end kills the process with
+    SIGBUS instead of raising."""
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    have = (path / "data.mdb").stat().st_size
+    if have < need:
+        env.close()
+        raise DiffalignError(
+            f"LMDB store {path} is truncated: data.mdb has {have} bytes, its pages need {need} "
+            "(an interrupted copy?); copy it again or rebuild it"
+        )
+
+
 _QUIET = False
 
 
@@ -134,6 +148,8 @@ class TensorLMDB:
                 env = next((v for (p, _), v in _READERS.items() if p == self._real), None)
                 if env is None or "already open" not in str(e):
                     raise DiffalignError(f"cannot open LMDB store {self.path}: {e}") from None
+            else:
+                _check_complete(env, self.path)
             _READERS[(self._real, os.getpid())] = env
         self._env = env
         self._pid = os.getpid()
@@ -357,6 +373,11 @@ class TensorLMDBWriter:
             self._env = lmdb.open(str(self.path), map_size=self.map_size, subdir=True)
         except lmdb.Error as e:
             raise DiffalignError(f"cannot open LMDB store {self.path} for writing: {e}") from None
+        try:
+            _check_complete(self._env, self.path)
+        except DiffalignError:
+            self._env = None
+            raise
         with self._env.begin(write=False) as txn:
             raw = txn.get(META_KEY)
         meta = {"format": FORMAT, "dtype": self.dtype_name, "shape": list(self.shape)}
