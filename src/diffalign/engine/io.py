@@ -352,8 +352,18 @@ def load_pt(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DiffalignError(f"file not found: {path}")
+    import pickle
+    import warnings
+
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol warning: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DiffalignError(
+            f"{path}: holds pickled Python objects, not only tensors; such files are never "
+            "loaded (weights_only=True)"
+        ) from None
     except Exception as e:
         raise DiffalignError(
             f"{path}: cannot be read safely with weights_only=True ({type(e).__name__}: "
