@@ -96,6 +96,21 @@ except DiffalignError as e:
     assert lines[1].startswith("writer:") and "is truncated" in lines[1]
 
 
+def test_corrupt_lmdb_pages_are_one_line(tmp_path):
+    """Pages overwritten with garbage: py-lmdb's CorruptedError was an internal error."""
+    from diffalign.engine.lmdb_store import TensorLMDB, TensorLMDBWriter
+
+    store = tmp_path / "tokens.lmdb"
+    with TensorLMDBWriter(store, shape=(256,)) as w:
+        for i in range(64):
+            w.put(f"k{i}", torch.full((256,), float(i)))
+    raw = bytearray((store / "data.mdb").read_bytes())
+    raw[8192:] = b"\x5a" * (len(raw) - 8192)  # every page after the two meta pages
+    (store / "data.mdb").write_bytes(bytes(raw))
+    with pytest.raises(DiffalignError, match="is damaged"):
+        TensorLMDB(store).get("k3")
+
+
 # ---------------------------------------------------------------------------- non-UTF-8 files
 
 

@@ -16,11 +16,12 @@ the seed's section 6.2 does. Writers commit every N puts and grow the map when i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,17 @@ def _record_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 
 def _is_lmdb_dir(path: Path) -> bool:
     return (path / "data.mdb").is_file()
+
+
+@contextlib.contextmanager
+def _store_errors(path: Path) -> Iterator[None]:
+    """A damaged store (py-lmdb's CorruptedError, ...) as one DiffalignError line."""
+    import lmdb
+
+    try:
+        yield
+    except lmdb.Error as e:
+        raise DiffalignError(f"LMDB store {path} is damaged ({type(e).__name__}: {e})") from None
 
 
 def _check_complete(env, path: Path) -> None:
@@ -158,7 +170,7 @@ class TensorLMDB:
         return env
 
     def _load_meta(self) -> None:
-        with self._env.begin(write=False) as txn:
+        with _store_errors(self.path), self._env.begin(write=False) as txn:
             raw = txn.get(META_KEY)
         if raw is None:
             if self._given_shape is None:
@@ -238,7 +250,7 @@ class TensorLMDB:
         A missing key or a record of the wrong length is a DiffalignError naming key and store.
         """
         env = self._open()
-        with env.begin(write=False) as txn:
+        with _store_errors(self.path), env.begin(write=False) as txn:
             raw = txn.get(_key_bytes(key))
         if raw is None:
             raise DiffalignError(f"key '{_key_str(key)}' not found in LMDB store {self.path}")
@@ -266,6 +278,7 @@ class TensorLMDB:
             raise ValueError("out must be contiguous")
         # a byte view of the batch: slice assignment is one memcpy per record
         with (
+            _store_errors(self.path),
             memoryview(out.view(-1).view(torch.uint8).numpy()) as flat,
             env.begin(write=False, buffers=True) as txn,
         ):
