@@ -294,3 +294,21 @@ def test_fill_infer_inputs_jsonl_stays_inside_the_input_dir(tmp_path, capsys, wh
     line = one_line(capsys)
     assert "inputs.jsonl:1: 'visible'" in line
     assert ("points outside" in line) if where == "parent" else ("not absolute" in line)
+
+
+# ---------------------------------------------------------------------------- cheap checks first
+
+
+def test_toy_optimize_refuses_a_bad_class_before_training_the_classifier(tmp_path, capsys):
+    """`--classes 99` was refused only after the evaluation classifier had been trained (25 s
+    with the default 600 steps) and written into the output folder."""
+    gan = tmp_path / "gan"
+    argv = ["noise", "toy", "train-gan", "--output-dir", str(gan), "--max-items", "8"]
+    assert run_cli([*argv, "--batch-size", "4", "--max-steps", "1", "--tracker", "none"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "opt"
+    argv = ["noise", "toy", "optimize", "--generator-ckpt", str(gan), "--output-dir", str(out)]
+    argv += ["--classes", "3", "99", "--steps", "1", "--classifier-steps", "1"]
+    assert run_cli(argv) == 2
+    assert "toy prompt '99' is not a class" in one_line(capsys)
+    assert not (out / "classifier").exists()
