@@ -312,3 +312,33 @@ def test_toy_optimize_refuses_a_bad_class_before_training_the_classifier(tmp_pat
     assert run_cli(argv) == 2
     assert "toy prompt '99' is not a class" in one_line(capsys)
     assert not (out / "classifier").exists()
+
+
+# ---------------------------------------------------------------------------- records we wrote
+
+
+def test_toy_train_gan_resume_with_a_damaged_run_config(tmp_path, capsys):
+    """A run_config.json / features.json holding a list (an edited or mixed-up file) was an
+    AttributeError on `.get` (exit 1)."""
+    out = tmp_path / "gan"
+    out.mkdir()
+    (out / "run_config.json").write_text("[1]")
+    argv = ["noise", "toy", "train-gan", "--output-dir", str(out), "--resume", "latest"]
+    assert run_cli([*argv, "--max-items", "8", "--max-steps", "1"]) == 2
+    assert "run_config.json: not a JSON object (list)" in one_line(capsys)
+
+
+def test_repa_probe_with_a_damaged_features_json(tmp_path, capsys):
+    from diffalign.engine.io import save_tensors
+
+    feats = tmp_path / "features"
+    feats.mkdir()
+    g = torch.Generator().manual_seed(0)
+    tensors = {"teacher": torch.randn(8, 4, generator=g), "labels": torch.arange(8) % 2}
+    save_tensors(feats / "features.safetensors", tensors)
+    (feats / "features.json").write_text("[1]")
+    out = tmp_path / "probe"
+    argv = ["repa", "probe", "--features", str(feats), "--output-dir", str(out)]
+    assert run_cli(argv) == 2
+    assert "features.json: not a JSON object (list)" in one_line(capsys)
+    assert not (out / "probe.png").exists()

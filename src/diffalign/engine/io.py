@@ -244,6 +244,15 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DiffalignError(f"{path}: not UTF-8 text (not a JSON file?)") from None
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """`read_json` of a record that must be a JSON object (a config, state or summary we
+    wrote); anything else (an edited or mixed-up file) is a one-line DiffalignError."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise DiffalignError(f"{path}: not a JSON object ({type(obj).__name__}); damaged?")
+    return obj
+
+
 def read_text(path: str | os.PathLike, what: str = "file") -> str:
     """A UTF-8 text file's content; a missing or non-UTF-8 file is a one-line DiffalignError."""
     path = Path(path)

@@ -454,13 +454,13 @@ def _check_output(out: Path, identity: dict, names: list[str], overwrite: bool) 
     an input of a name it holds with another prompt or image (`engine.identity`): a re-run
     never keeps an old image under new settings. New names may be added (a resume)."""
     from diffalign.engine.identity import check_identity
-    from diffalign.engine.io import read_json
+    from diffalign.engine.io import read_json_object
 
     if overwrite:
         return
     path = out / SETTINGS_FILE
     if path.is_file():
-        old = read_json(path)
+        old = read_json_object(path)
         old_inputs = old.get("inputs") if isinstance(old.get("inputs"), dict) else {}
         new_inputs = identity["inputs"]
         shared = [n for n in new_inputs if n in old_inputs]
