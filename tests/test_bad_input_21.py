@@ -299,12 +299,18 @@ def test_fill_infer_inputs_jsonl_stays_inside_the_input_dir(tmp_path, capsys, wh
 # ---------------------------------------------------------------------------- cheap checks first
 
 
-def test_toy_optimize_refuses_a_bad_class_before_training_the_classifier(tmp_path, capsys):
-    """`--classes 99` was refused only after the evaluation classifier had been trained (25 s
-    with the default 600 steps) and written into the output folder."""
-    gan = tmp_path / "gan"
+@pytest.fixture(scope="module")
+def toy_gan(tmp_path_factory) -> Path:
+    gan = tmp_path_factory.mktemp("toy") / "gan"
     argv = ["noise", "toy", "train-gan", "--output-dir", str(gan), "--max-items", "8"]
     assert run_cli([*argv, "--batch-size", "4", "--max-steps", "1", "--tracker", "none"]) == 0
+    return gan
+
+
+def test_toy_optimize_refuses_a_bad_class_before_training_the_classifier(toy_gan, tmp_path, capsys):
+    """`--classes 99` was refused only after the evaluation classifier had been trained (25 s
+    with the default 600 steps) and written into the output folder."""
+    gan = toy_gan
     capsys.readouterr()
     out = tmp_path / "opt"
     argv = ["noise", "toy", "optimize", "--generator-ckpt", str(gan), "--output-dir", str(out)]
@@ -342,3 +348,17 @@ def test_repa_probe_with_a_damaged_features_json(tmp_path, capsys):
     assert run_cli(argv) == 2
     assert "features.json: not a JSON object (list)" in one_line(capsys)
     assert not (out / "probe.png").exists()
+
+
+def test_toy_assign_rerun_with_a_damaged_assign_config(toy_gan, tmp_path, capsys):
+    """The noise job runner (build-dataset, toy assign) compared a list config with `.get`."""
+    out = tmp_path / "assign"
+    argv = ["noise", "toy", "assign", "--generator-ckpt", str(toy_gan), "--output-dir", str(out)]
+    argv += ["--max-items", "2", "--assign-steps", "1"]
+    assert run_cli(argv) == 0
+    manifest = (out / "manifest.jsonl").read_bytes()
+    (out / "assign_config.json").write_text("[1]")
+    capsys.readouterr()
+    assert run_cli(argv) == 2
+    assert "assign_config.json: not a JSON object (list)" in one_line(capsys)
+    assert (out / "manifest.jsonl").read_bytes() == manifest  # nothing lost

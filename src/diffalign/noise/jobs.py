@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from diffalign.engine.identity import check_identity
-from diffalign.engine.io import append_jsonl, clean_stale_temporaries, read_json, write_json
+from diffalign.engine.io import append_jsonl, clean_stale_temporaries, read_json_object, write_json
 from diffalign.engine.progress import progress
 from diffalign.noise.assign import dist_state, read_records, rewrite_jsonl
 
@@ -127,7 +127,7 @@ def run_assignment_job(
     written = bool(read_records(out, "manifest"))
     if cfg_path.is_file() and written:
         check_identity(
-            read_json(cfg_path),
+            read_json_object(cfg_path),
             config,
             f"{out} holds {'an' if job.what[:1] in 'aeiou' else 'a'} {job.what}",
             free=job.config_ignore,
