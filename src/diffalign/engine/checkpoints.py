@@ -237,6 +237,8 @@ class TrainerCheckpoints:
     def _load_checkpoint(self, path: Path) -> None:
         state = read_json(path / "state.json")
         where = f"cannot resume from {path}"
+        if not isinstance(state, dict):
+            raise DiffalignError(f"{where}: its state.json is not a JSON object (damaged?)")
         self.task.check_resume(state.get("task"), path)
         saved = state.get("modules", {})
         here = self._module_shapes()
@@ -285,13 +287,29 @@ class TrainerCheckpoints:
                 opt.load_state_dict(load_pt(path / f"optimizer-{name}.pt"))
                 _keep_adamw_kernel(opt.optimizer, kernel)
                 self.schedulers[name].load_state_dict(load_pt(path / f"scheduler-{name}.pt"))
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise DiffalignError(f"{where}: optimizer state does not fit ({e})") from None
         scaler = self.accelerator.scaler
         if scaler is not None and (path / "scaler.pt").is_file():
             scaler.load_state_dict(load_pt(path / "scaler.pt"))
 
-        rng = load_pt(path / "rng.pt")["ranks"]
+        try:
+            self._load_rng(load_pt(path / "rng.pt"), path)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise DiffalignError(
+                f"{where}: its rng.pt is damaged ({type(e).__name__}: {e})"
+            ) from None
+        try:
+            self._read_state_fields(state)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DiffalignError(
+                f"{where}: its state.json is damaged ({type(e).__name__}: {e})"
+            ) from None
+        self.task.load_state_dict(state.get("task_state") or {})
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _load_rng(self, saved: Any, path: Path) -> None:
+        rng = saved["ranks"]
         if len(rng) != self.world:
             logger.warning(
                 "%s was written by %d processes, this run has %d: the data order differs",
@@ -305,6 +323,7 @@ class TrainerCheckpoints:
         self._log_counts = {k: v.to(self.device) for k, v in mine["log_counts"].items()}
         self._log_steps = int(mine["log_steps"])
 
+    def _read_state_fields(self, state: dict) -> None:
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
@@ -318,8 +337,6 @@ class TrainerCheckpoints:
         self.last_val_step = int(state.get("last_val_step", -1))
         self.last_ckpt_step = self.step
         self.seconds_before = float(state.get("seconds", 0.0))
-        self.task.load_state_dict(state.get("task_state") or {})
-        logger.info("resumed from %s at step %d", path, self.step)
 
     # -- checkpoints and exports ---------------------------------------------------------------
 

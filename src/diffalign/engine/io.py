@@ -240,6 +240,28 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DiffalignError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise DiffalignError(f"{path}: not UTF-8 text (not a JSON file?)") from None
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """`read_json` of a record that must be a JSON object (a config, state or summary we
+    wrote); anything else (an edited or mixed-up file) is a one-line DiffalignError."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise DiffalignError(f"{path}: not a JSON object ({type(obj).__name__}); damaged?")
+    return obj
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's content; a missing or non-UTF-8 file is a one-line DiffalignError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffalignError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DiffalignError(f"{path}: not UTF-8 text") from None
 
 
 def save_tensors(
@@ -339,8 +361,18 @@ def load_pt(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DiffalignError(f"file not found: {path}")
+    import pickle
+    import warnings
+
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol warning: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DiffalignError(
+            f"{path}: holds pickled Python objects, not only tensors; such files are never "
+            "loaded (weights_only=True)"
+        ) from None
     except Exception as e:
         raise DiffalignError(
             f"{path}: cannot be read safely with weights_only=True ({type(e).__name__}: "

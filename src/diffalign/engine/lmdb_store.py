@@ -16,11 +16,12 @@ the seed's section 6.2 does. Writers commit every N puts and grow the map when i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,31 @@ def _record_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 
 def _is_lmdb_dir(path: Path) -> bool:
     return (path / "data.mdb").is_file()
+
+
+@contextlib.contextmanager
+def _store_errors(path: Path) -> Iterator[None]:
+    """A damaged store (py-lmdb's CorruptedError, ...) as one DiffalignError line."""
+    import lmdb
+
+    try:
+        yield
+    except lmdb.Error as e:
+        raise DiffalignError(f"LMDB store {path} is damaged ({type(e).__name__}: {e})") from None
+
+
+def _check_complete(env, path: Path) -> None:
+    """Refuse a `data.mdb` shorter than the pages its meta page names (a partial copy or a
+    full disk): LMDB maps the file, and reading a page past its end kills the process with
+    SIGBUS instead of raising."""
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    have = (path / "data.mdb").stat().st_size
+    if have < need:
+        env.close()
+        raise DiffalignError(
+            f"LMDB store {path} is truncated: data.mdb has {have} bytes, its pages need {need} "
+            "(an interrupted copy?); copy it again or rebuild it"
+        )
 
 
 _QUIET = False
@@ -134,6 +160,8 @@ class TensorLMDB:
                 env = next((v for (p, _), v in _READERS.items() if p == self._real), None)
                 if env is None or "already open" not in str(e):
                     raise DiffalignError(f"cannot open LMDB store {self.path}: {e}") from None
+            else:
+                _check_complete(env, self.path)
             _READERS[(self._real, os.getpid())] = env
         self._env = env
         self._pid = os.getpid()
@@ -142,7 +170,7 @@ class TensorLMDB:
         return env
 
     def _load_meta(self) -> None:
-        with self._env.begin(write=False) as txn:
+        with _store_errors(self.path), self._env.begin(write=False) as txn:
             raw = txn.get(META_KEY)
         if raw is None:
             if self._given_shape is None:
@@ -222,7 +250,7 @@ class TensorLMDB:
         A missing key or a record of the wrong length is a DiffalignError naming key and store.
         """
         env = self._open()
-        with env.begin(write=False) as txn:
+        with _store_errors(self.path), env.begin(write=False) as txn:
             raw = txn.get(_key_bytes(key))
         if raw is None:
             raise DiffalignError(f"key '{_key_str(key)}' not found in LMDB store {self.path}")
@@ -250,6 +278,7 @@ class TensorLMDB:
             raise ValueError("out must be contiguous")
         # a byte view of the batch: slice assignment is one memcpy per record
         with (
+            _store_errors(self.path),
             memoryview(out.view(-1).view(torch.uint8).numpy()) as flat,
             env.begin(write=False, buffers=True) as txn,
         ):
@@ -357,6 +386,11 @@ class TensorLMDBWriter:
             self._env = lmdb.open(str(self.path), map_size=self.map_size, subdir=True)
         except lmdb.Error as e:
             raise DiffalignError(f"cannot open LMDB store {self.path} for writing: {e}") from None
+        try:
+            _check_complete(self._env, self.path)
+        except DiffalignError:
+            self._env = None
+            raise
         with self._env.begin(write=False) as txn:
             raw = txn.get(META_KEY)
         meta = {"format": FORMAT, "dtype": self.dtype_name, "shape": list(self.shape)}

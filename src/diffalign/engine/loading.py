@@ -599,7 +599,30 @@ def load_vae(
     offline = hub_offline()
     path = Path(vae).expanduser()
     with library_output_held():  # a failed load: our line alone, not diffusers' before it
-        return _load_vae(vae, path, config, torch_dtype, family, offline)
+        loaded = _load_vae(vae, path, config, torch_dtype, family, offline)
+    if config is not None:
+        _check_vae_fits(vae, loaded.config, config, offline)
+    return loaded
+
+
+def _check_vae_fits(vae: str, got: Any, model: str, offline: bool) -> None:
+    """Refuse a VAE whose latent space is not the model's own (another latent channel count or
+    scaling): the denoiser would fail on its latents or decode them into noise."""
+    from diffusers import AutoencoderKL
+
+    try:
+        own = AutoencoderKL.load_config(model, subfolder="vae", local_files_only=offline)
+    except Exception:  # no readable config to compare with (a Hub id offline, ...)
+        return
+    for key in ("latent_channels", "scaling_factor", "shift_factor"):
+        a, b = got.get(key), own.get(key)
+        if b is None:  # an older config without the key: nothing to compare
+            continue
+        if a != b and not (isinstance(a, float) and isinstance(b, float) and abs(a - b) < 1e-6):
+            raise DiffalignError(
+                f"--vae {vae}: its {key} is {a}, the VAE of {model} has {b}; it is a VAE of "
+                "another model family"
+            )
 
 
 def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str, offline: bool):

@@ -90,6 +90,7 @@ def make_tiny(
         raise DiffalignError(
             f"make-tiny {kind}: unknown option(s) {', '.join(unknown)} (this kind accepts: {allowed})"
         )
+    overrides = {k: _typed_override(kind, k, v, spec.overrides[k]) for k, v in overrides.items()}
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
@@ -101,6 +102,27 @@ def make_tiny(
     with atomic_dir(out) as tmp, _quiet_saving():
         spec.builder(tmp, seed, **options)
     return out
+
+
+def _typed_override(kind: str, name: str, value: Any, default: Any) -> Any:
+    """`value` as the type of the kind's default: sizes are integers (a list of them where the
+    default is a tuple); anything else is a DiffalignError naming the option."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if isinstance(default, tuple):
+        items = value if isinstance(value, tuple | list) else (value,)
+        if all(is_int(v) for v in items):
+            return tuple(items)
+        want = "a comma-separated list of integers"
+    elif is_int(default):
+        if is_int(value):
+            return value
+        want = "an integer"
+    else:
+        return value
+    raise DiffalignError(f"make-tiny {kind}: {name} must be {want}, got {value!r}")
 
 
 @contextlib.contextmanager

@@ -282,7 +282,7 @@ def read_input_dir(folder: str | Path) -> list[dict]:
     """(name, visible, semantic, prompt) records of a folder: `inputs.jsonl` lines
     `{"visible": ..., "semantic": ..., "prompt": ..., "name": optional}` (paths relative to the
     folder), else files `<name>_visible.<ext>` + `<name>_semantic.<ext>` + `<name>.txt`."""
-    from diffalign.engine.io import iter_jsonl
+    from diffalign.engine.io import iter_jsonl, read_text, resolve_inside
 
     root = Path(folder)
     if not root.is_dir():
@@ -298,9 +298,12 @@ def read_input_dir(folder: str | Path) -> list[dict]:
             for key in ("visible", "semantic", "name"):
                 if "\x00" in str(obj.get(key) or ""):  # no OS path can hold it
                     raise DiffalignError(f"{manifest}:{lineno}: '{key}' holds a NUL byte")
-            vis = root / str(obj["visible"])
+            where = f"{manifest}:{lineno}"  # like every manifest: paths stay inside the folder
+            vis = resolve_inside(root, str(obj["visible"]), f"{where}: 'visible'")
             name = str(obj.get("name") or Path(str(obj["visible"])).stem)
-            sem = root / str(obj["semantic"]) if obj.get("semantic") else None
+            sem = None
+            if obj.get("semantic"):
+                sem = resolve_inside(root, str(obj["semantic"]), f"{where}: 'semantic'")
             records.append({"name": name, "visible": vis, "semantic": sem, "prompt": obj["prompt"]})
     else:
         for vis in sorted(root.iterdir()):
@@ -310,7 +313,7 @@ def read_input_dir(folder: str | Path) -> list[dict]:
             txt = root / f"{name}.txt"
             if not txt.is_file():
                 raise DiffalignError(f"--input-dir: missing caption {txt} for {vis.name}")
-            prompt = txt.read_text(encoding="utf-8").strip()
+            prompt = read_text(txt, "caption").strip()
             if not prompt:
                 raise DiffalignError(f"--input-dir: empty caption {txt}")
             records.append(
@@ -451,13 +454,13 @@ def _check_output(out: Path, identity: dict, names: list[str], overwrite: bool) 
     an input of a name it holds with another prompt or image (`engine.identity`): a re-run
     never keeps an old image under new settings. New names may be added (a resume)."""
     from diffalign.engine.identity import check_identity
-    from diffalign.engine.io import read_json
+    from diffalign.engine.io import read_json_object
 
     if overwrite:
         return
     path = out / SETTINGS_FILE
     if path.is_file():
-        old = read_json(path)
+        old = read_json_object(path)
         old_inputs = old.get("inputs") if isinstance(old.get("inputs"), dict) else {}
         new_inputs = identity["inputs"]
         shared = [n for n in new_inputs if n in old_inputs]

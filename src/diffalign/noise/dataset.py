@@ -392,9 +392,9 @@ def check_dataset_generator(
     cfg_path = (path if path.is_dir() else path.parent) / "dataset_config.json"
     if not cfg_path.is_file():
         return None  # a manifest made by hand records no generator
-    from diffalign.engine.io import read_json
+    from diffalign.engine.io import read_json_object
 
-    built = read_json(cfg_path)
+    built = read_json_object(cfg_path)
     old_model = built.get("model") if isinstance(built.get("model"), dict) else {}
     # a dataset built through the Python API without model_info records the generator only
     keys = MODEL_PATH_KEYS if old_model.get("model") is not None else ()

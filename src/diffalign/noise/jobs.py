@@ -34,7 +34,7 @@ from diffalign.engine.io import (
     append_jsonl,
     clean_stale_temporaries,
     load_tensors,
-    read_json,
+    read_json_object,
     resolve_inside,
     write_json,
 )
@@ -172,7 +172,7 @@ def run_assignment_job(
     written = bool(read_records(out, "manifest"))
     if cfg_path.is_file() and written:
         check_identity(
-            read_json(cfg_path),
+            read_json_object(cfg_path),
             config,
             f"{out} holds {'an' if job.what[:1] in 'aeiou' else 'a'} {job.what}",
             free=job.config_ignore,

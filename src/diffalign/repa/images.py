@@ -275,11 +275,11 @@ def _find_file(names: Sequence[str], dirs: Sequence[Path]) -> Path | None:
 
 def read_synsets(path: str | os.PathLike) -> list[tuple[str, str]]:
     """`(wnid, first synonym)` per line of `LOC_synset_mapping.txt` / `synset_words.txt`."""
+    from diffalign.engine.io import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise DiffalignError(f"class-name file not found: {path}")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "class-name file").splitlines(), 1):
         line = line.strip()
         if not line:
             continue
@@ -300,8 +300,10 @@ def _class_dirs(folder: Path) -> list[Path]:
 def _read_val_labels(path: Path, wnids: list[str]) -> dict[str, str]:
     """file stem -> wnid from `LOC_val_solution.csv` (`ImageId,PredictionString`) or a Caffe
     `val.txt` (`ILSVRC2012_val_00000001.JPEG 65`, 0-based index into the sorted wnids)."""
+    from diffalign.engine.io import read_text
+
     out: dict[str, str] = {}
-    text = path.read_text(encoding="utf-8").splitlines()
+    text = read_text(path, "val label file").splitlines()
     if path.suffix.lower() == ".csv":
         for lineno, line in enumerate(text[1:], 2):
             if not line.strip():

@@ -670,7 +670,13 @@ def preprocess_dino(
     from diffalign.engine.identity import model_identity
     from diffalign.engine.io import output_lock
     from diffalign.engine.lmdb_store import TensorLMDB
-    from diffalign.repa.teacher import TOKEN_LAYOUTS, _resolve_dino, dino_tokens, load_dino
+    from diffalign.repa.teacher import (
+        TOKEN_LAYOUTS,
+        _resolve_dino,
+        check_grid,
+        dino_tokens,
+        load_dino,
+    )
 
     if token_layout not in TOKEN_LAYOUTS:
         raise DiffalignError(f"--token-layout must be one of {', '.join(TOKEN_LAYOUTS)}")
@@ -703,6 +709,7 @@ def preprocess_dino(
                 )
         _check_store(store, identity, overwrite)
         model = load_dino(dino_model, state.device, dtype)
+        check_grid(model, grid, token_layout)
         shape = (grid * grid, int(model.config.hidden_size))
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:

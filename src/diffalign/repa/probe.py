@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import load_tensors, read_json, save_tensors, write_json
+from diffalign.engine.io import load_tensors, read_json, read_json_object, save_tensors, write_json
 from diffalign.engine.train import load_trainable_state
 from diffalign.repa.model import RepaModel, RepaSpec, load_sd15_unet
 
@@ -44,7 +44,7 @@ def _weights_source(path: Path, use_ema: bool) -> tuple[dict, dict[str, dict[str
         tensors = {n: load_tensors(path / f"{n}.safetensors")[0] for n in ("unet", "heads")}
         return info, tensors
     if (path / "state.json").is_file():
-        state = read_json(path / "state.json")
+        state = read_json_object(path / "state.json")
         task = state.get("task") or {}
         if "teacher_dim" not in task:
             raise DiffalignError(f"{path} is not a U-REPA checkpoint (no U-REPA configuration)")
@@ -356,14 +356,11 @@ def probe_features(
             raise DiffalignError(f"{path}: '{k}' holds non-finite values (NaN or inf)")
     if not 0.0 < test_fraction < 1.0:
         raise DiffalignError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    meta_path = path.parent / "features.json"
+    meta = read_json_object(meta_path) if meta_path.is_file() else {}
     out_dir = Path(out_dir)
     with output_lock(out_dir):
         rows = probe_table(tensors, labels, test_fraction, seed, knn_k)
-        meta = (
-            read_json(path.parent / "features.json")
-            if (path.parent / "features.json").is_file()
-            else {}
-        )
         summary = {
             "features": str(path),
             "samples": int(labels.shape[0]),

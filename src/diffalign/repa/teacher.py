@@ -108,6 +108,17 @@ def num_prefix_tokens(model: nn.Module) -> int:
     return 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
 
 
+def check_grid(model: nn.Module, grid: int, layout: str = "grid") -> None:
+    """Refuse a token grid finer than the teacher's patch grid at DINO_SIZE (37 for patch 14;
+    36 in the seed layout): pooling would repeat tokens, not average them."""
+    side = DINO_SIZE // int(model.config.patch_size) - (1 if layout == "seed" else 0)
+    if grid > side:
+        raise DiffalignError(
+            f"--grid {grid} is finer than the teacher's {side}x{side} patch grid: tokens would be "
+            f"repeated, not pooled (use a grid of at most {side})"
+        )
+
+
 def dino_preprocess(images: torch.Tensor, size: int = DINO_SIZE) -> torch.Tensor:
     """Seed §3.3 transform on tensors: resize the shorter side to `size` (bicubic, antialiased),
     centre crop `size`, ImageNet mean/std. `images`: float [B, 3, H, W] in [0, 1]."""

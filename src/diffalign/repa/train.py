@@ -118,9 +118,10 @@ class RepaTask(TrainTask):
                 )
             teacher_dim = int(tshape[1])
         else:
-            from diffalign.repa.teacher import load_dino
+            from diffalign.repa.teacher import check_grid, load_dino
 
             self.dino = load_dino(cfg.teacher_model, "cpu", torch.float32)
+            check_grid(self.dino, cfg.grid, cfg.token_layout)
             self.dino.requires_grad_(False)
             teacher_dim = int(self.dino.config.hidden_size)
 

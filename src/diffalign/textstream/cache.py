@@ -220,7 +220,7 @@ def _pairs_digest(pairs) -> str:
 
 def _check_or_reset(out: Path, job: dict, overwrite: bool, state) -> None:
     from diffalign.engine.identity import check_identity
-    from diffalign.engine.io import read_json
+    from diffalign.engine.io import read_json_object
 
     job_path = out / JOB_FILE
     if state.is_main_process and job_path.is_file():
@@ -230,7 +230,7 @@ def _check_or_reset(out: Path, job: dict, overwrite: bool, state) -> None:
             for name in (JOB_FILE, PAIRS_FILE, "summary.json"):
                 (out / name).unlink(missing_ok=True)
         else:
-            saved = read_json(job_path)
+            saved = read_json_object(job_path)
             check_identity(
                 {k: saved.get(k) for k in job},
                 job,

@@ -47,7 +47,7 @@ from diffalign.engine.identity import file_sha256
 from diffalign.engine.io import (
     load_tensors,
     locked_output_dir,
-    read_json,
+    read_json_object,
     read_jsonl,
     resolve_inside,
     save_tensors,
@@ -169,7 +169,7 @@ def load_manifest(manifest_path: str | Path) -> tuple[list[dict], dict]:
     if not records:
         raise DiffalignError(f"{manifest_path}: no finished items")
     cfg_path = manifest_path.parent / "assign_config.json"
-    config = read_json(cfg_path) if cfg_path.is_file() else {}
+    config = read_json_object(cfg_path) if cfg_path.is_file() else {}
     for i, r in enumerate(records, 1):
         if not isinstance(r, dict) or "noise_file" not in r or "label" not in r:
             raise DiffalignError(f"{manifest_path}:{i}: record needs 'noise_file' and 'label'")

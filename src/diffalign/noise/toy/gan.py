@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import read_json
+from diffalign.engine.io import read_json_object
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.noise.toy.data import ToyData, load_dataset
 from diffalign.noise.toy.losses import hinge_d_loss, hinge_g_loss
@@ -142,7 +142,7 @@ def train_gan(
         data = data.subset(range(min(len(data), max_items)))
     run_config = Path(output_dir) / "run_config.json"
     if resume and not overwrite and run_config.is_file():
-        old = (read_json(run_config).get("task") or {}).get("dataset")
+        old = (read_json_object(run_config).get("task") or {}).get("dataset")
         if old not in (None, data.name):
             raise DiffalignError(
                 f"{output_dir} holds a train-gan run on '{old}', not on '{data.name}'; "

@@ -90,6 +90,10 @@ def _toy_optimize(
         raise DiffalignError(
             f"--output-dir {out} already holds a run (summary.json); pass --overwrite"
         )
+    gen = ToyOneStepGenerator(g_model)
+    prompts = classes or [str(c) for c in range(g_cfg.num_classes)]
+    for p in prompts:  # one clear line for a bad class before any work (the classifier)
+        gen.encode_prompts([p])
     if classifier_ckpt:
         classifier, _ = load_model(classifier_ckpt, "classifier", dataset)
         classifier_source = str(classifier_ckpt)
@@ -106,11 +110,7 @@ def _toy_optimize(
             progress=show_progress,
         )
         classifier_source = str(out / "classifier")
-    gen = ToyOneStepGenerator(g_model)
     rew = ToyClassifierReward(classifier, dataset)
-    prompts = classes or [str(c) for c in range(g_cfg.num_classes)]
-    for p in prompts:  # one clear line for a bad class before any work
-        gen.encode_prompts([p])
     report = run_optimize(
         gen,
         rew,
