@@ -22,7 +22,9 @@ import torch
 
 from diffalign.noise.generators import load_generator
 
-PROMPTS = ["a cat", "a red dog"]
+# the second prompt is longer than every text length (CLIP 77, T5 120/256, Gemma 300 tokens),
+# so a wrong length truncates it elsewhere
+PROMPTS = ["a cat", " ".join(["a red dog on a green lawn"] * 60)]
 
 
 def _noise(gen, seed: int = 0) -> torch.Tensor:
@@ -132,7 +134,9 @@ def test_hyper_sdxl_is_its_card_call(tiny_model_dir):
     unet_file = f"{tiny_model_dir('hyper-sd')}/Hyper-SDXL-1step-Unet.safetensors"
     gen = load_generator(folder, "hyper-sdxl", weights=unet_file, height=32, width=32, device="cpu")
     z = _noise(gen, 3)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+    unet = UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(folder, subfolder="unet")
+    )
     unet.load_state_dict(load_file(unet_file))
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, unet=unet)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
