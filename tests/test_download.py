@@ -454,3 +454,31 @@ def test_pixart_dmd_index_without_the_base_index_and_refusals(
     assert type(PixArtAlphaPipeline.from_pretrained(folder).transformer).__name__ == (
         "PixArtTransformer2DModel"
     )
+
+
+def test_pixart_dmd_transformer_as_a_pickle_is_converted(tmp_path, hub, tiny_model_dir):
+    """The DMD release's transformer is one `diffusion_pytorch_model.bin` (no safetensors on
+    the Hub): fetched as the fallback, read with weights_only=True and kept as safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from diffalign.noise.recipes import generator_recipe
+
+    tiny = Path(tiny_model_dir("pixart-dmd"))
+    dmd, _ = _serve_pixart(hub, tiny, tmp_path / "hub")
+    weights = dmd / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    weights.unlink()
+    torch.save(state, dmd / "transformer" / "diffusion_pytorch_model.bin")
+    models = tmp_path / "models"
+    assert main(["download", "--dir", str(models), "--only", "pixart-dmd"]) == 0
+    dmd_calls = [c for c in hub.calls if c["repo_id"] == download.PIXART_DMD_REPO]
+    assert dmd_calls[-1]["allow"] == [
+        "transformer/diffusion_pytorch_model.bin",
+        "transformer/pytorch_model.bin",
+    ]
+    folder = models / "pixart-dmd"
+    assert not list(folder.rglob("*.bin"))
+    got = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+    assert generator_recipe(str(folder)).spec.name == "pixart-dmd"

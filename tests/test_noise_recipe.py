@@ -348,3 +348,25 @@ def test_a_broken_recipe_record_is_one_error(tmp_path, text, needle):
     (tmp_path / RECIPE_FILE).write_text(text)
     with pytest.raises(DiffalignError, match=needle):
         generator_recipe(str(tmp_path))
+
+
+def test_a_folder_named_like_a_kind_runs_its_own_recipe(tiny, tmp_path, monkeypatch):
+    """`--model sdxl-turbo` with a folder `./sdxl-turbo` here: `load_pipeline` loads that folder
+    (a local path comes first), so its recorded recipe must count, not the kind of that name
+    (before: a hyper-sdxl export there ran as sdxl-turbo, EulerAncestral at t = 999)."""
+    from diffalign.noise.recipes import RECIPE_FILE, generator_recipe
+
+    folder = tmp_path / "sdxl-turbo"
+    shutil.copytree(tiny("sdxl"), folder)  # an SDXL pipeline with the Hyper U-Net in it
+    record = {"format": 1, "generator": "hyper-sdxl", "export": "pipeline"}
+    (folder / RECIPE_FILE).write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    recipe = generator_recipe("sdxl-turbo")
+    assert recipe.spec.name == "hyper-sdxl" and recipe.weights_in_model
+    assert recipe.model == "sdxl-turbo" and RECIPE_FILE in recipe.found_by
+    gen = load_generator("sdxl-turbo", **KW)
+    assert gen.name == "hyper-sdxl" and gen.scheduler.__class__.__name__ == "LCMScheduler"
+    with pytest.raises(DiffalignError, match="contradicts"):
+        generator_recipe("sdxl-turbo", "sdxl-turbo")
+    monkeypatch.chdir(tmp_path / "sdxl-turbo")  # no such folder here: the kind's name again
+    assert generator_recipe("sdxl-turbo").found_by == "its name"

@@ -126,7 +126,7 @@ def _processor(subdir: str = "processor") -> Source:
 
 
 # PixArt-alpha DMD ships only its transformer and scheduler; the rest of PixArtAlphaPipeline
-# (T5, tokenizer, VAE) is PixArt-alpha 512px's, as the release's demo loads it
+# (T5, tokenizer, VAE) is PixArt-alpha's (the release's demo and ReNO take them from 1024-MS)
 PIXART_DMD_REPO = "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512"
 PIXART_BASE_REPO = "PixArt-alpha/PixArt-XL-2-512x512"
 
@@ -161,11 +161,39 @@ def _pipeline_sources(parts: Sequence[PipelinePart], index_from: str) -> tuple[S
         )
         if repo == index_from:
             allow = ("model_index.json", *allow)
-        weights = tuple(
-            f"{p.subfolder}/*.safetensors" for p in parts if p.repo_id == repo and p.has_weights
+        weighted = [p.subfolder for p in parts if p.repo_id == repo and p.has_weights]
+        weights = tuple(f"{sub}/*.safetensors" for sub in weighted)
+        # a repo without safetensors (the DMD release's transformer is one pickled `.bin`):
+        # its single-file pickles, converted by the assembly (`_pickles_to_safetensors`)
+        fallback = tuple(f"{sub}/{name}" for sub in weighted for name in _PICKLED_WEIGHTS)
+        sources.append(
+            Source(repo, allow, _DIFFUSERS_IGNORE, weights=weights, fallback_patterns=fallback)
         )
-        sources.append(Source(repo, allow, _DIFFUSERS_IGNORE, weights=weights))
     return tuple(sources)
+
+
+_PICKLED_WEIGHTS = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+def _pickles_to_safetensors(new: Path, parts: Sequence[PipelinePart]) -> None:
+    """A part fetched as a single pickled weights file only: re-written as safetensors (read
+    with weights_only=True, the pickle removed), so the folder loads without pickles."""
+    from diffalign.engine.io import load_tensors, save_tensors
+
+    for part in parts:
+        folder = new / part.subfolder
+        if not part.has_weights or _has_match(folder, ("*.safetensors",)):
+            continue
+        for name in _PICKLED_WEIGHTS:
+            pickled = folder / name
+            if pickled.is_file():
+                tensors, _ = load_tensors(pickled)
+                if not tensors:
+                    raise DiffalignError(
+                        f"{part.repo_id}: {part.subfolder}/{name} holds no tensors"
+                    )
+                save_tensors(pickled.with_suffix(".safetensors"), tensors)
+                pickled.unlink()
 
 
 def _read_config(path: Path, name: str) -> dict:
@@ -239,6 +267,7 @@ def write_pipeline_index(
 
 
 def _assemble_pixart_dmd(new: Path, old: Path) -> None:
+    _pickles_to_safetensors(new, _PIXART_DMD_PARTS)
     write_pipeline_index(new, old, "PixArtAlphaPipeline", _PIXART_DMD_PARTS, PIXART_BASE_REPO)
 
 

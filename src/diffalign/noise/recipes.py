@@ -5,7 +5,8 @@ A generator kind (:class:`GeneratorSpec`) is a recipe: pipeline class, scheduler
 size and any extra weights (the Hyper-SD LoRA / U-Net). :func:`generator_recipe` finds the
 recipe of a `--model`:
 
-1. a kind's name (``--model hyper-sdxl``): that kind on its default base model;
+1. a kind's name (``--model hyper-sdxl``): that kind on its default base model (a local path
+   of that name is a folder: it loads, so its own recipe counts);
 2. a recipe we recorded: a `noise sft` export (a full pipeline or a LoRA) carries
    ``diffalign_generator.json`` (:data:`RECIPE_FILE`) with its kind, scheduler, timesteps,
    whether the Hyper-SD weights are already in it and the base model a LoRA applies to; loading
@@ -303,12 +304,15 @@ def generator_recipe(
     if model is None:
         model = generator or "sdxl-turbo"
     model = str(model)
-    if model in GENERATORS and generator in (None, model):
+    # a kind's name, unless a folder or file of that name is here: `load_pipeline` would load
+    # that path (spec E: a local path first), so it runs as its own recorded recipe or marks
+    named = model in GENERATORS and not Path(model).expanduser().exists()
+    if named and generator in (None, model):
         spec = GENERATORS[model]
         return Recipe(spec, spec.default_model, found_by="its name")
     from diffalign.engine.loading import PRESETS
 
-    if model in GENERATORS and model not in PRESETS:
+    if named and model not in PRESETS:
         raise DiffalignError(
             f"--model {model} names the generator {model}; --generator {generator} "
             "contradicts it (pass a model folder to run it with another recipe)"
