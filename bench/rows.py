@@ -15,7 +15,8 @@ the committed row files, one per row, each an object with at least:
     met       value against goal (true / false)
     details   the bench's own figures for the row (ratios, seconds, memory, ...)
 
-A row that was not measured has no file (a failed or skipped bench writes nothing).
+A row that was not measured has no file (a failed or skipped bench writes nothing), and
+neither has a bench run off a GPU (`device` "cpu": e.g. the CPU rehearsal of gpu_rows.sh).
 A bench run with `--compile` (noise_realsize, repa train, fill_train) has its compiled run
 measured too: the row reports it (`details.measured`: "compiled" for repa / fill) and keeps the
 eager figures in `details`; without it (a limit hit while compiling) the row is the eager one.
@@ -349,9 +350,17 @@ def rows_from_bench(out_dir: str | os.PathLike, commands: dict | None = None, **
             print(f"rows: skipping {path}: {e}", file=sys.stderr)
             continue
         row = convert(res, (commands or {}).get(name, command), **kw)
+        if row is not None and not on_gpu(row["device"]):
+            print(f"rows: {path} was measured on {row['device']!r}, not a GPU: no row")
+            continue
         if row is not None:
             rows.append(row)
     return rows
+
+
+def on_gpu(device: str | None) -> bool:
+    """Whether a bench's device is a card (its name, as torch reports it), not the CPU."""
+    return bool(device) and device.strip().lower() not in ("cpu", "?")
 
 
 def main(argv: list[str] | None = None) -> int:
