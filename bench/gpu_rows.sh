@@ -18,7 +18,34 @@
 #   pytest         the whole suite on the CUDA machine (after the benches, with the time left)
 # then bench/rows.py writes one JSON per measured row into bench/results/ (commit them).
 # Packages the machine lacks can travel as wheels in .whl/ (installed into /tmp/site first).
+#
+# GPU_ROWS_REHEARSAL=1 bash bench/gpu_rows.sh: a rehearsal on this machine's CPU (no GPU): the
+# same command lines, each with its bench's own small-size options appended (`TINY` below; they
+# win, argparse keeps an option's last value) and --device cpu; OUT defaults to
+# .gputmp/rehearsal, the rows go to $OUT/results (rows.py writes none for a CPU run), the suite
+# is left out, the limits are longer, and torch.compile is off (TORCH_COMPILE_DISABLE=1: the
+# benches' compiled branches run eagerly; REHEARSAL_COMPILE=1 keeps inductor, which takes tens
+# of minutes on a small CPU). Everything but the CUDA-only calls runs (tests/test_bench_gpu.py).
 set -u
+REHEARSAL=${GPU_ROWS_REHEARSAL:-0}
+if [[ $REHEARSAL == 1 ]]; then
+    OUT=${OUT:-.gputmp/rehearsal}
+    RESULTS=${RESULTS:-$OUT/results}
+    ONLY=${ONLY:-repa noise textstream fill}
+    CALL_LIMIT=${CALL_LIMIT:-1800}
+    : "${REPA_LIMIT:=600}" "${NOISE_LIMIT:=600}" "${TEXT_LIMIT:=300}" "${FILL_LIMIT:=300}"
+    [[ ${REHEARSAL_COMPILE:-0} == 1 ]] || export TORCH_COMPILE_DISABLE=1
+fi
+# the rehearsal's options per run name (appended to the command line)
+declare -A TINY=(
+    [repa_train]="--device cpu --train-size small --train-batch-size 2 --repeats 1"
+    [repa_train_b64]="--device cpu --train-size small --train-batch-size 2 --repeats 1"
+    [noise_realsize]="--device cpu --width-div 16 --steps 1 --repeats 1 --batches 1"
+    [textstream]="--device cpu --layers 4 --heads 2 --image-tokens 64 --text-tokens 16 \
+        --batch 1 --reps 1 --warmup 1"
+    [fill_train]="--device cpu --train-layers 1 --train-single-layers 1 --train-heads 1 \
+        --train-panel 32 --train-text-tokens 8 --train-rounds 1"
+)
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFALIGN_NO_PROGRESS=1
@@ -66,9 +93,13 @@ run() {  # run NAME SECONDS CMD...: time-limited (capped by `left`), output appe
         log "== $name skipped: ${limit}s left of the call"
         return 124
     fi
-    log "== $name (limit ${limit}s): $*"
+    local extra=()
+    if [[ $REHEARSAL == 1 ]]; then
+        read -r -a extra <<<"${TINY[$name]:-}"
+    fi
+    log "== $name (limit ${limit}s): $* ${extra[*]}"
     local t0=$SECONDS
-    timeout "$limit" "$@" >>"$OUT/gpu.log" 2>&1
+    timeout "$limit" "$@" "${extra[@]}" >>"$OUT/gpu.log" 2>&1
     local rc=$?
     log "== $name rc=$rc in $((SECONDS - t0))s"
     return $rc
