@@ -4,6 +4,7 @@ profiler sums on real torch profiler events, synchronisation around the clocks w
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -189,6 +190,10 @@ BENCH_JSONS = ("repa_train", "noise_realsize", "textstream", "fill_train")
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("DIFFALIGN_TEST_CUDA") == "1",
+    reason="the CPU rehearsal of the GPU run: not inside that run (gpu_rows.sh's suite)",
+)
 def test_gpu_rows_rehearsal_runs_every_bench_on_the_cpu(tmp_path):
     """`GPU_ROWS_REHEARSAL=1 bash bench/gpu_rows.sh`: the script's own command lines with each
     bench's small sizes and --device cpu (2-5 min on a loaded 2-core machine): every bench
@@ -196,7 +201,6 @@ def test_gpu_rows_rehearsal_runs_every_bench_on_the_cpu(tmp_path):
     run, and the same JSONs labelled with a card's name (and a kernel time: the profiler's
     CUDA events are the one thing a CPU cannot give) make all four rows."""
     import json
-    import os
     import subprocess
 
     import rows
