@@ -218,9 +218,12 @@ def measure(gen, reward, device: str, batch: int, steps: int, repeats: int) -> d
         "ours_times": [round(t, 5) for t in times["ours"]],
         "bare_times": [round(t, 5) for t in times["bare"]],
     }
-    if kernel is not None:
+    if kernel is not None and kernel > 0:
         out["kernel_s_per_step"] = round(kernel / (steps + 1), 5)
         out["step_over_kernel"] = round(med["ours"] / out["kernel_s_per_step"], 3)
+    elif kernel is not None:  # no CUDA events (the profiler's CUPTI unavailable): no ratio
+        out["kernel_profile"] = "the profiler recorded no GPU kernels"
+        print(f"B={batch}: the profiler recorded no GPU kernels (CUPTI?)", file=sys.stderr)
     if peak:
         out["peak_cuda_gib"] = {k: round(v / 2**30, 2) for k, v in peak.items()}
     return out

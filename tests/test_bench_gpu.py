@@ -165,10 +165,12 @@ def test_noise_bench_cuda_branch_gives_the_row(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30 * (1 + next(mem)))
     profiled = []
 
+    kernel = [0.06]
+
     def kernel_seconds(fn):
         fn()
         profiled.append(True)
-        return 0.06
+        return kernel[0]
 
     monkeypatch.setattr(noise_realsize, "_kernel_seconds", kernel_seconds)
     gen, reward = noise_optimize._setup(tmp_path, 64, "cpu")
@@ -181,6 +183,11 @@ def test_noise_bench_cuda_branch_gives_the_row(tmp_path, monkeypatch):
     res = {"device": "NVIDIA H100 80GB HBM3", "runs": [run]}
     row = rows.row_noise(res, "c", version_info={})
     assert row["value"] == pytest.approx(run["ours_s_per_step"] / 0.03, rel=1e-3)
+    # a profiler that saw no kernels (no CUPTI): the timings survive, no ratio, no row
+    kernel[0] = 0.0
+    run = noise_realsize.measure(gen, reward, "cuda", batch=1, steps=1, repeats=1)
+    assert "kernel_s_per_step" not in run and run["ours_s_per_step"] > 0
+    assert rows.row_noise({"device": "NVIDIA H100", "runs": [run]}, "c", version_info={}) is None
 
 
 # ---- the CPU rehearsal of bench/gpu_rows.sh ---------------------------------------------------
