@@ -16,7 +16,9 @@
 #   fill_train     bench/fill_train.py --flux-size --compile (FLUX.1-Fill-dev size, bf16,
 #                  checkpointing; eager, then compiled as `fill train` with compile: true)
 #   pytest         the whole suite on the CUDA machine (after the benches, with the time left)
-# then bench/rows.py writes one JSON per measured row into bench/results/ (commit them).
+# then bench/rows.py writes one JSON per measured row into $OUT/results/ (a device call brings
+# back only $OUT) and copies them into bench/results/ ($RESULTS; commit them). $OUT/run_info.json,
+# written first, keeps this machine's date and versions for rows made from $OUT elsewhere later.
 # Packages the machine lacks can travel as wheels in .whl/ (installed into /tmp/site first).
 #
 # GPU_ROWS_REHEARSAL=1 bash bench/gpu_rows.sh: a rehearsal on this machine's CPU (no GPU): the
@@ -99,12 +101,13 @@ run() {  # run NAME SECONDS CMD...: time-limited (capped by `left`), output appe
     fi
     log "== $name (limit ${limit}s): $* ${extra[*]}"
     local t0=$SECONDS
-    timeout "$limit" "$@" "${extra[@]}" >>"$OUT/gpu.log" 2>&1
+    timeout -k 10 "$limit" "$@" "${extra[@]}" >>"$OUT/gpu.log" 2>&1
     local rc=$?
     log "== $name rc=$rc in $((SECONDS - t0))s"
     return $rc
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/gpu.log"
+$PY bench/rows.py --write-run-info "$OUT/run_info.json" 2>&1 | tee -a "$OUT/gpu.log"
 $PY -c "import torch, diffusers, transformers, peft, accelerate, lmdb; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__, '| lmdb', lmdb.__version__)" 2>&1 | tee -a "$OUT/gpu.log"
 
 # --no-online: the online-teacher variant (+38 %, measured before: BENCHMARKS R) is not the row,
@@ -144,7 +147,12 @@ if want fill; then
         --device cuda --dtype bfloat16 --train-rounds 3 --compile --json "$OUT/fill_train.json"
 fi
 # one JSON per measured row (bench/results/<row>.json; a row not measured has no file)
-$PY bench/rows.py --from "$OUT" --results "${RESULTS:-bench/results}" 2>&1 | tee -a "$OUT/gpu.log"
+rm -rf "$OUT/results"
+$PY bench/rows.py --from "$OUT" --results "$OUT/results" 2>&1 | tee -a "$OUT/gpu.log"
+RESULTS=${RESULTS:-bench/results}
+if [[ $RESULTS != "$OUT/results" ]] && compgen -G "$OUT/results/*.json" >/dev/null; then
+    mkdir -p "$RESULTS" && cp "$OUT"/results/*.json "$RESULTS"/ && log "rows copied to $RESULTS"
+fi
 # the suite on the CUDA machine with the time left (a cut-off run still shows how far it got)
 if want pytest; then
     PYTEST_LEFT=$(( $(left) + 10 ))

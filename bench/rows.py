@@ -29,6 +29,12 @@ MFU = FLOPs per step / seconds per step / the card's dense bf16 tensor peak (dat
 `PEAK_BF16_TFLOPS`; no sparsity).
 
     python bench/rows.py --from gpu-out [--results bench/results] [--command-prefix "..."]
+    python bench/rows.py --write-run-info gpu-out/run_info.json   # on the GPU machine, first
+
+`run_info.json` (`RUN_INFO`) in the `--from` folder, when there, gives the rows their `date` and
+`versions`: gpu_rows.sh writes it on the GPU machine before the benches, so rows made later
+elsewhere from the folder a device call brought back still name the machine's versions and
+driver, not those of the machine that runs rows.py.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROWS = ("noise_b1_step", "textstream_overhead", "repa_step", "fill_step")
+RUN_INFO = "run_info.json"  # the benches' machine: {"date": ..., "versions": {...}}
 
 # Dense bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets (no 2:4 sparsity).
 PEAK_BF16_TFLOPS = {
@@ -181,16 +188,21 @@ def write_row(results_dir: str | os.PathLike, row: dict) -> Path:
     folder = Path(results_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{row['row']}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    write_row_file(path, row)
+    return path
+
+
+def write_row_file(path: Path, data: dict) -> None:
+    """JSON to ``path`` atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(row, f, indent=2, allow_nan=False)
+            json.dump(data, f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 # ---- the benches' own JSON -> rows ------------------------------------------------------------
@@ -363,12 +375,35 @@ def on_gpu(device: str | None) -> bool:
     return bool(device) and device.strip().lower() not in ("cpu", "?")
 
 
+def run_info() -> dict:
+    """This machine's date and versions, as the rows record them (`RUN_INFO`)."""
+    return {"date": _dt.date.today().isoformat(), "versions": versions()}
+
+
+def load_run_info(src: str | os.PathLike) -> dict:
+    """`make_row` keywords (date, version_info) from `src/RUN_INFO`, or {} without one."""
+    path = Path(src) / RUN_INFO
+    if not path.is_file():
+        return {}
+    info = json.loads(path.read_text())
+    return {"date": info["date"], "version_info": info["versions"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--from", dest="src", required=True, help="folder of the benches' JSON files")
+    p.add_argument("--from", dest="src", help="folder of the benches' JSON files")
     p.add_argument("--results", default="bench/results", help="where the row files go")
+    p.add_argument(
+        "--write-run-info", metavar="PATH", help=f"only write this machine's {RUN_INFO} to PATH"
+    )
     args = p.parse_args(argv)
-    rows = rows_from_bench(args.src)
+    if args.write_run_info:
+        Path(args.write_run_info).parent.mkdir(parents=True, exist_ok=True)
+        write_row_file(Path(args.write_run_info), run_info())
+        return 0
+    if not args.src:
+        p.error("--from is required")
+    rows = rows_from_bench(args.src, **load_run_info(args.src))
     for row in rows:
         path = write_row(args.results, row)
         print(

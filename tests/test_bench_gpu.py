@@ -268,3 +268,48 @@ def test_gpu_rows_rehearsal_runs_every_bench_on_the_cpu(tmp_path):
     assert got["fill_step"]["details"]["measured"] == "compiled"
     assert "--train-batch-size 2" in got["repa_step"]["command"]
     assert all(r["device"] == card and r["repeats"] for r in got.values())
+
+
+@pytest.mark.slow  # three interpreters importing torch and diffusers: ~20 s
+def test_gpu_rows_leaves_its_rows_and_run_info_in_out(tmp_path):
+    """A device call brings back only $OUT: the rows are written there (and copied to
+    $RESULTS), beside run_info.json (the machine's date and versions), which rows.py then uses
+    for rows made from that folder on another machine. ONLY=none: no bench runs, the rows come
+    from a bench JSON already in $OUT."""
+    import json
+    import subprocess
+
+    import rows
+
+    out, committed = tmp_path / "out", tmp_path / "committed"
+    out.mkdir()
+    variant = {"overhead_pct": 0.5, "times_s": [1.0, 1.01]}
+    bench = {
+        "machine": {"device": "cuda", "cuda": "NVIDIA H200"},
+        "forward": {"variants": {"vanilla": variant, "ln_rot_2_targets": variant}},
+    }
+    (out / "textstream.json").write_text(json.dumps(bench))
+    (out / "results").mkdir()
+    (out / "results" / "repa_step.json").write_text("{}")  # a previous run's: not copied
+    env = {k: v for k, v in os.environ.items() if k not in ("CALL_LIMIT", "GPU_ROWS_REHEARSAL")}
+    env.update(
+        ONLY="none",
+        OUT=str(out),
+        RESULTS=str(committed),
+        PYTHON=sys.executable,
+        GPU_TMPDIR=str(tmp_path / "tmp"),
+    )
+    res = subprocess.run(
+        ["bash", "bench/gpu_rows.sh"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["textstream_overhead.json"]
+    assert sorted(p.name for p in committed.iterdir()) == ["textstream_overhead.json"]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["versions"]["torch"] == torch.__version__ and info["date"]
+    # rows made later elsewhere from the folder keep the benches' machine
+    info = {"date": "2026-01-02", "versions": {"torch": "9.9", "driver": "570.1"}}
+    (out / "run_info.json").write_text(json.dumps(info))
+    assert rows.main(["--from", str(out), "--results", str(tmp_path / "later")]) == 0
+    row = json.loads((tmp_path / "later" / "textstream_overhead.json").read_text())
+    assert row["date"] == "2026-01-02" and row["versions"] == info["versions"]
