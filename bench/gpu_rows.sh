@@ -16,23 +16,25 @@
 #   fill_train     bench/fill_train.py --flux-size --compile (FLUX.1-Fill-dev size, bf16,
 #                  checkpointing; eager, then compiled as `fill train` with compile: true)
 #   pytest         the whole suite on the CUDA machine (after the benches, with the time left)
-# then bench/rows.py writes one JSON per measured row into $OUT/results/ (a device call brings
-# back only $OUT) and copies them into bench/results/ ($RESULTS; commit them). $OUT/run_info.json,
-# written first, keeps this machine's date and versions for rows made from $OUT elsewhere later.
+# then bench/rows.py writes one JSON per measured row into bench/results/ (commit them).
+# A device call brings back only $OUT, at most 8 files: this script writes 7 there (gpu.log,
+# run_info.json, the 4 bench JSONs, pytest.log). Make the rows from that folder here with
+# `python bench/rows.py --from FOLDER`: run_info.json (written first) gives them the GPU
+# machine's date and versions, not this machine's.
 # Packages the machine lacks can travel as wheels in .whl/ (installed into /tmp/site first).
 #
 # GPU_ROWS_REHEARSAL=1 bash bench/gpu_rows.sh: a rehearsal on this machine's CPU (no GPU): the
 # same command lines, each with its bench's own small-size options appended (`TINY` below; they
 # win, argparse keeps an option's last value) and --device cpu; OUT defaults to
-# .gputmp/rehearsal, the rows go to $OUT/results (rows.py writes none for a CPU run), the suite
-# is left out, the limits are longer, and torch.compile is off (TORCH_COMPILE_DISABLE=1: the
-# benches' compiled branches run eagerly; REHEARSAL_COMPILE=1 keeps inductor, which takes tens
-# of minutes on a small CPU). Everything but the CUDA-only calls runs (tests/test_bench_gpu.py).
+# .gputmp/rehearsal and RESULTS to .gputmp/rehearsal-results (rows.py writes none for a CPU
+# run), the suite is left out, the limits are longer, and torch.compile is off
+# (TORCH_COMPILE_DISABLE=1: the benches' compiled branches run eagerly; REHEARSAL_COMPILE=1
+# keeps inductor, which takes tens of minutes on a small CPU). Everything but the CUDA-only calls runs (tests/test_bench_gpu.py).
 set -u
 REHEARSAL=${GPU_ROWS_REHEARSAL:-0}
 if [[ $REHEARSAL == 1 ]]; then
     OUT=${OUT:-.gputmp/rehearsal}
-    RESULTS=${RESULTS:-$OUT/results}
+    RESULTS=${RESULTS:-.gputmp/rehearsal-results}
     ONLY=${ONLY:-repa noise textstream fill}
     CALL_LIMIT=${CALL_LIMIT:-1800}
     : "${REPA_LIMIT:=600}" "${NOISE_LIMIT:=600}" "${TEXT_LIMIT:=300}" "${FILL_LIMIT:=300}"
@@ -147,12 +149,7 @@ if want fill; then
         --device cuda --dtype bfloat16 --train-rounds 3 --compile --json "$OUT/fill_train.json"
 fi
 # one JSON per measured row (bench/results/<row>.json; a row not measured has no file)
-rm -rf "$OUT/results"
-$PY bench/rows.py --from "$OUT" --results "$OUT/results" 2>&1 | tee -a "$OUT/gpu.log"
-RESULTS=${RESULTS:-bench/results}
-if [[ $RESULTS != "$OUT/results" ]] && compgen -G "$OUT/results/*.json" >/dev/null; then
-    mkdir -p "$RESULTS" && cp "$OUT"/results/*.json "$RESULTS"/ && log "rows copied to $RESULTS"
-fi
+$PY bench/rows.py --from "$OUT" --results "${RESULTS:-bench/results}" 2>&1 | tee -a "$OUT/gpu.log"
 # the suite on the CUDA machine with the time left (a cut-off run still shows how far it got)
 if want pytest; then
     PYTEST_LEFT=$(( $(left) + 10 ))

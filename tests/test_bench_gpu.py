@@ -222,6 +222,7 @@ def test_gpu_rows_rehearsal_runs_every_bench_on_the_cpu(tmp_path):
     env.update(
         GPU_ROWS_REHEARSAL="1",
         OUT=str(out),
+        RESULTS=str(tmp_path / "results"),
         PYTHON=sys.executable,
         GPU_TMPDIR=str(tmp_path / "tmp"),
     )
@@ -239,7 +240,11 @@ def test_gpu_rows_rehearsal_runs_every_bench_on_the_cpu(tmp_path):
         assert f"== {name} rc=0" in log, log[-3000:]
     assert "--device cpu" in log and "== pytest" not in log
     assert "not measured (no file): noise_b1_step, textstream_overhead, repa_step, fill_step" in log
-    assert not (out / "results").exists() or not list((out / "results").iterdir())
+    assert not (tmp_path / "results").exists()
+    # what a device call brings back (at most 8 files; pytest.log would be the 7th)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["gpu.log", "run_info.json", *(f"{n}.json" for n in BENCH_JSONS)]
+    )
     data = {n: json.loads((out / f"{n}.json").read_text()) for n in BENCH_JSONS}
     # each bench's compiled run (torch.compile off: its code path, run eagerly)
     assert data["repa_train"]["train"]["compiled"]["seconds_per_step"]["lora+align"] > 0
@@ -271,11 +276,11 @@ def test_gpu_rows_rehearsal_runs_every_bench_on_the_cpu(tmp_path):
 
 
 @pytest.mark.slow  # three interpreters importing torch and diffusers: ~20 s
-def test_gpu_rows_leaves_its_rows_and_run_info_in_out(tmp_path):
-    """A device call brings back only $OUT: the rows are written there (and copied to
-    $RESULTS), beside run_info.json (the machine's date and versions), which rows.py then uses
-    for rows made from that folder on another machine. ONLY=none: no bench runs, the rows come
-    from a bench JSON already in $OUT."""
+def test_gpu_rows_run_info_gives_rows_made_later_the_gpu_machines_versions(tmp_path):
+    """A device call brings back only $OUT (at most 8 files): the script leaves there the bench
+    JSONs, its log and run_info.json (the machine's date and versions), which rows.py uses for
+    rows made from that folder on another machine. ONLY=none: no bench runs, the row comes from
+    a bench JSON already in $OUT."""
     import json
     import subprocess
 
@@ -289,8 +294,6 @@ def test_gpu_rows_leaves_its_rows_and_run_info_in_out(tmp_path):
         "forward": {"variants": {"vanilla": variant, "ln_rot_2_targets": variant}},
     }
     (out / "textstream.json").write_text(json.dumps(bench))
-    (out / "results").mkdir()
-    (out / "results" / "repa_step.json").write_text("{}")  # a previous run's: not copied
     env = {k: v for k, v in os.environ.items() if k not in ("CALL_LIMIT", "GPU_ROWS_REHEARSAL")}
     env.update(
         ONLY="none",
@@ -303,7 +306,7 @@ def test_gpu_rows_leaves_its_rows_and_run_info_in_out(tmp_path):
         ["bash", "bench/gpu_rows.sh"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert sorted(p.name for p in (out / "results").iterdir()) == ["textstream_overhead.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.log", "run_info.json", "textstream.json"]
     assert sorted(p.name for p in committed.iterdir()) == ["textstream_overhead.json"]
     info = json.loads((out / "run_info.json").read_text())
     assert info["versions"]["torch"] == torch.__version__ and info["date"]
