@@ -21,7 +21,9 @@
 # run_info.json, the 4 bench JSONs, pytest.log). Make the rows from that folder here with
 # `python bench/rows.py --from FOLDER`: run_info.json (written first) gives them the GPU
 # machine's date and versions, not this machine's.
-# Packages the machine lacks can travel as wheels in .whl/ (installed into /tmp/site first).
+# Packages the machine lacks can travel as wheels in .whl/ (installed into $TMPDIR/site first):
+# the GPU image has no diffusers, lmdb or ftfy, so every bench fails without them. Fill .whl/
+# here with `bash bench/gpu_wheels.sh` and name .whl in the device call's carry.
 #
 # GPU_ROWS_REHEARSAL=1 bash bench/gpu_rows.sh: a rehearsal on this machine's CPU (no GPU): the
 # same command lines, each with its bench's own small-size options appended (`TINY` below; they
