@@ -29,9 +29,10 @@
 # same command lines, each with its bench's own small-size options appended (`TINY` below; they
 # win, argparse keeps an option's last value) and --device cpu; OUT defaults to
 # .gputmp/rehearsal and RESULTS to .gputmp/rehearsal-results (rows.py writes none for a CPU
-# run), the suite is left out, the limits are longer, and torch.compile is off
-# (TORCH_COMPILE_DISABLE=1: the benches' compiled branches run eagerly; REHEARSAL_COMPILE=1
-# keeps inductor, which takes tens of minutes on a small CPU). Everything but the CUDA-only calls runs (tests/test_bench_gpu.py).
+# run), the suite and .whl/ (the GPU image's wheels) are left out, the limits are longer, and
+# torch.compile is off (TORCH_COMPILE_DISABLE=1: the benches' compiled branches run eagerly;
+# REHEARSAL_COMPILE=1 keeps inductor, which takes tens of minutes on a small CPU). Everything
+# but the CUDA-only calls runs (tests/test_bench_gpu.py).
 set -u
 REHEARSAL=${GPU_ROWS_REHEARSAL:-0}
 if [[ $REHEARSAL == 1 ]]; then
@@ -61,7 +62,7 @@ PY=${PYTHON:-python3}
 export TMPDIR=${GPU_TMPDIR:-$PWD/.gputmp}
 mkdir -p "$TMPDIR"
 df -h /tmp "$TMPDIR" | tee -a "$OUT/gpu.log"
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [[ $REHEARSAL != 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$TMPDIR/site" .whl/*.whl || exit 1
     export PYTHONPATH=$TMPDIR/site:$PWD/src
