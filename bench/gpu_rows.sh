@@ -112,8 +112,9 @@ run() {  # run NAME SECONDS CMD...: time-limited (capped by `left`), output appe
     return $rc
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/gpu.log"
+# the date and versions (torch, cuda, diffusers, transformers, peft, accelerate, lmdb: null when
+# missing; driver) into the log and $OUT/run_info.json
 $PY bench/rows.py --write-run-info "$OUT/run_info.json" 2>&1 | tee -a "$OUT/gpu.log"
-$PY -c "import torch, diffusers, transformers, peft, accelerate, lmdb; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__, '| lmdb', lmdb.__version__)" 2>&1 | tee -a "$OUT/gpu.log"
 
 # --no-online: the online-teacher variant (+38 %, measured before: BENCHMARKS R) is not the row,
 # and its ~20 s (ViT-L/14 build, timings, FLOP count) go to the U-Net's compile instead.

@@ -119,7 +119,8 @@ def goal_met(value: float, op: str, target: float) -> bool:
 
 
 def versions() -> dict:
-    """torch / CUDA / diffusers / transformers versions and the NVIDIA driver (None off a GPU)."""
+    """torch / CUDA / diffusers / transformers / peft / accelerate / lmdb versions (None: not
+    installed) and the NVIDIA driver (None off a GPU)."""
     out: dict = {}
     try:
         import torch
@@ -128,7 +129,7 @@ def versions() -> dict:
         out["cuda"] = torch.version.cuda
     except ImportError:  # pragma: no cover - torch is a dependency
         out["torch"] = None
-    for name in ("diffusers", "transformers"):
+    for name in ("diffusers", "transformers", "peft", "accelerate", "lmdb"):
         try:
             out[name] = __import__(name).__version__
         except ImportError:
@@ -399,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.write_run_info:
         Path(args.write_run_info).parent.mkdir(parents=True, exist_ok=True)
-        write_row_file(Path(args.write_run_info), run_info())
+        info = run_info()
+        write_row_file(Path(args.write_run_info), info)
+        print(json.dumps(info))
         return 0
     if not args.src:
         p.error("--from is required")
