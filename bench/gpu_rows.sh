@@ -67,7 +67,7 @@ if [[ $REHEARSAL != 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then
         --target "$TMPDIR/site" .whl/*.whl || exit 1
     export PYTHONPATH=$TMPDIR/site:$PWD/src
 else
-    export PYTHONPATH=$PWD/src
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}  # (a caller's path kept after it)
 fi
 # Every limit is capped by what is left of the call (CALL_LIMIT, default 590 s: the device tool
 # allows 600 s a command), keeping 15 s for bench/rows.py, so the script always ends inside the
