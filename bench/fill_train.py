@@ -417,12 +417,23 @@ def _write_json(path: str | None, result: dict) -> None:
         write_json(path, result)
 
 
+# --flux-size: FLUX.1-Fill-dev's shape, with gradient checkpointing
+FLUX_SIZE = dict(
+    train_layers=19,
+    train_single_layers=38,
+    train_heads=24,
+    train_panel=512,
+    train_text_tokens=512,
+    train_checkpointing=True,
+)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.flux_size:
-        args.train_layers, args.train_single_layers, args.train_heads = 19, 38, 24
-        args.train_panel, args.train_text_tokens = 512, 512
-        args.train_checkpointing = True
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.flux_size:  # the shape's values as defaults: options given beside it still win
+        p.set_defaults(**FLUX_SIZE)
+        args = p.parse_args(argv)
     print(f"load average {os.getloadavg()}, torch {torch.__version__}")
     result = {"loadavg": os.getloadavg()}
     result["train"] = train_section(args, lambda r: _write_json(args.json, {**result, "train": r}))

@@ -17,8 +17,42 @@
 #                  checkpointing; eager, then compiled as `fill train` with compile: true)
 #   pytest         the whole suite on the CUDA machine (after the benches, with the time left)
 # then bench/rows.py writes one JSON per measured row into bench/results/ (commit them).
-# Packages the machine lacks can travel as wheels in .whl/ (installed into /tmp/site first).
+# A device call brings back only $OUT, at most 8 files: this script writes 7 there (gpu.log,
+# run_info.json, the 4 bench JSONs, pytest.log). Make the rows from that folder here with
+# `python bench/rows.py --from FOLDER`: run_info.json (written first) gives them the GPU
+# machine's date and versions, not this machine's.
+# Packages the machine lacks can travel as wheels in .whl/ (installed into $TMPDIR/site first):
+# the GPU image has no diffusers, lmdb or ftfy, so every bench fails without them. Fill .whl/
+# here with `bash bench/gpu_wheels.sh` and name .whl in the device call's carry.
+#
+# GPU_ROWS_REHEARSAL=1 bash bench/gpu_rows.sh: a rehearsal on this machine's CPU (no GPU): the
+# same command lines, each with its bench's own small-size options appended (`TINY` below; they
+# win, argparse keeps an option's last value) and --device cpu; OUT defaults to
+# .gputmp/rehearsal and RESULTS to .gputmp/rehearsal-results (rows.py writes none for a CPU
+# run), the suite and .whl/ (the GPU image's wheels) are left out, the limits are longer, and
+# torch.compile is off (TORCH_COMPILE_DISABLE=1: the benches' compiled branches run eagerly;
+# REHEARSAL_COMPILE=1 keeps inductor, which takes tens of minutes on a small CPU). Everything
+# but the CUDA-only calls runs (tests/test_bench_gpu.py).
 set -u
+REHEARSAL=${GPU_ROWS_REHEARSAL:-0}
+if [[ $REHEARSAL == 1 ]]; then
+    OUT=${OUT:-.gputmp/rehearsal}
+    RESULTS=${RESULTS:-.gputmp/rehearsal-results}
+    ONLY=${ONLY:-repa noise textstream fill}
+    CALL_LIMIT=${CALL_LIMIT:-1800}
+    : "${REPA_LIMIT:=600}" "${NOISE_LIMIT:=600}" "${TEXT_LIMIT:=300}" "${FILL_LIMIT:=300}"
+    [[ ${REHEARSAL_COMPILE:-0} == 1 ]] || export TORCH_COMPILE_DISABLE=1
+fi
+# the rehearsal's options per run name (appended to the command line)
+declare -A TINY=(
+    [repa_train]="--device cpu --train-size small --train-batch-size 2 --repeats 1"
+    [repa_train_b64]="--device cpu --train-size small --train-batch-size 2 --repeats 1"
+    [noise_realsize]="--device cpu --width-div 16 --steps 1 --repeats 1 --batches 1"
+    [textstream]="--device cpu --layers 4 --heads 2 --image-tokens 64 --text-tokens 16 \
+        --batch 1 --reps 1 --warmup 1"
+    [fill_train]="--device cpu --train-layers 1 --train-single-layers 1 --train-heads 1 \
+        --train-panel 32 --train-text-tokens 8 --train-rounds 1"
+)
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFALIGN_NO_PROGRESS=1
@@ -28,12 +62,12 @@ PY=${PYTHON:-python3}
 export TMPDIR=${GPU_TMPDIR:-$PWD/.gputmp}
 mkdir -p "$TMPDIR"
 df -h /tmp "$TMPDIR" | tee -a "$OUT/gpu.log"
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [[ $REHEARSAL != 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$TMPDIR/site" .whl/*.whl || exit 1
     export PYTHONPATH=$TMPDIR/site:$PWD/src
 else
-    export PYTHONPATH=$PWD/src
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}  # (a caller's path kept after it)
 fi
 # Every limit is capped by what is left of the call (CALL_LIMIT, default 590 s: the device tool
 # allows 600 s a command), keeping 15 s for bench/rows.py, so the script always ends inside the
@@ -66,15 +100,21 @@ run() {  # run NAME SECONDS CMD...: time-limited (capped by `left`), output appe
         log "== $name skipped: ${limit}s left of the call"
         return 124
     fi
-    log "== $name (limit ${limit}s): $*"
+    local extra=()
+    if [[ $REHEARSAL == 1 ]]; then
+        read -r -a extra <<<"${TINY[$name]:-}"
+    fi
+    log "== $name (limit ${limit}s): $* ${extra[*]}"
     local t0=$SECONDS
-    timeout "$limit" "$@" >>"$OUT/gpu.log" 2>&1
+    timeout -k 10 "$limit" "$@" "${extra[@]}" >>"$OUT/gpu.log" 2>&1
     local rc=$?
     log "== $name rc=$rc in $((SECONDS - t0))s"
     return $rc
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/gpu.log"
-$PY -c "import torch, diffusers, transformers, peft, accelerate, lmdb; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__, '| lmdb', lmdb.__version__)" 2>&1 | tee -a "$OUT/gpu.log"
+# the date and versions (torch, cuda, diffusers, transformers, peft, accelerate, lmdb: null when
+# missing; driver) into the log and $OUT/run_info.json
+$PY bench/rows.py --write-run-info "$OUT/run_info.json" 2>&1 | tee -a "$OUT/gpu.log"
 
 # --no-online: the online-teacher variant (+38 %, measured before: BENCHMARKS R) is not the row,
 # and its ~20 s (ViT-L/14 build, timings, FLOP count) go to the U-Net's compile instead.

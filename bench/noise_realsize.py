@@ -159,18 +159,30 @@ def build(tmp: Path, device: str, dtype: torch.dtype, div: int):
 
 
 def _kernel_seconds(fn) -> float:
-    """Seconds the GPU spends in kernels during ``fn()`` (sum of the profiler's device self
-    times): the step's floor once Python and launch overhead are gone."""
+    """Seconds the GPU spends in kernels during ``fn()`` (`device_seconds` of its profile):
+    the step's floor once Python and launch overhead are gone."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    return device_seconds(prof.key_averages())
+
+
+def device_seconds(events) -> float:
+    """Seconds of device work in profiler events (`prof.key_averages()` or `prof.events()`):
+    the sum of the device's own events (kernels, copies, memsets), as the total line of
+    torch's profiler table. Kineto links each kernel to the CPU op that launched it too (the
+    op's `self_device_time_total`), so summing that over every event would count each kernel
+    twice; a CPU event counts only in the legacy profiler (`is_legacy`: its kernel time is
+    stored on the CPU event alone)."""
+    from torch.autograd import DeviceType
+
     total_us = 0.0
-    for ev in prof.key_averages():
-        total_us += getattr(ev, "self_device_time_total", None) or getattr(
-            ev, "self_cuda_time_total", 0.0
-        )
+    for ev in events:
+        if ev.device_type == DeviceType.CPU and not ev.is_legacy:
+            continue
+        total_us += ev.self_device_time_total
     return total_us / 1e6
 
 
@@ -206,9 +218,12 @@ def measure(gen, reward, device: str, batch: int, steps: int, repeats: int) -> d
         "ours_times": [round(t, 5) for t in times["ours"]],
         "bare_times": [round(t, 5) for t in times["bare"]],
     }
-    if kernel is not None:
+    if kernel is not None and kernel > 0:
         out["kernel_s_per_step"] = round(kernel / (steps + 1), 5)
         out["step_over_kernel"] = round(med["ours"] / out["kernel_s_per_step"], 3)
+    elif kernel is not None:  # no CUDA events (the profiler's CUPTI unavailable): no ratio
+        out["kernel_profile"] = "the profiler recorded no GPU kernels"
+        print(f"B={batch}: the profiler recorded no GPU kernels (CUPTI?)", file=sys.stderr)
     if peak:
         out["peak_cuda_gib"] = {k: round(v / 2**30, 2) for k, v in peak.items()}
     return out

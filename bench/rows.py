@@ -15,7 +15,8 @@ the committed row files, one per row, each an object with at least:
     met       value against goal (true / false)
     details   the bench's own figures for the row (ratios, seconds, memory, ...)
 
-A row that was not measured has no file (a failed or skipped bench writes nothing).
+A row that was not measured has no file (a failed or skipped bench writes nothing), and
+neither has a bench run off a GPU (`device` "cpu": e.g. the CPU rehearsal of gpu_rows.sh).
 A bench run with `--compile` (noise_realsize, repa train, fill_train) has its compiled run
 measured too: the row reports it (`details.measured`: "compiled" for repa / fill) and keeps the
 eager figures in `details`; without it (a limit hit while compiling) the row is the eager one.
@@ -28,6 +29,12 @@ MFU = FLOPs per step / seconds per step / the card's dense bf16 tensor peak (dat
 `PEAK_BF16_TFLOPS`; no sparsity).
 
     python bench/rows.py --from gpu-out [--results bench/results] [--command-prefix "..."]
+    python bench/rows.py --write-run-info gpu-out/run_info.json   # on the GPU machine, first
+
+`run_info.json` (`RUN_INFO`) in the `--from` folder, when there, gives the rows their `date` and
+`versions`: gpu_rows.sh writes it on the GPU machine before the benches, so rows made later
+elsewhere from the folder a device call brought back still name the machine's versions and
+driver, not those of the machine that runs rows.py.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROWS = ("noise_b1_step", "textstream_overhead", "repa_step", "fill_step")
+RUN_INFO = "run_info.json"  # the benches' machine: {"date": ..., "versions": {...}}
 
 # Dense bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets (no 2:4 sparsity).
 PEAK_BF16_TFLOPS = {
@@ -111,7 +119,8 @@ def goal_met(value: float, op: str, target: float) -> bool:
 
 
 def versions() -> dict:
-    """torch / CUDA / diffusers / transformers versions and the NVIDIA driver (None off a GPU)."""
+    """torch / CUDA / diffusers / transformers / peft / accelerate / lmdb versions (None: not
+    installed) and the NVIDIA driver (None off a GPU)."""
     out: dict = {}
     try:
         import torch
@@ -120,7 +129,7 @@ def versions() -> dict:
         out["cuda"] = torch.version.cuda
     except ImportError:  # pragma: no cover - torch is a dependency
         out["torch"] = None
-    for name in ("diffusers", "transformers"):
+    for name in ("diffusers", "transformers", "peft", "accelerate", "lmdb"):
         try:
             out[name] = __import__(name).__version__
         except ImportError:
@@ -180,16 +189,21 @@ def write_row(results_dir: str | os.PathLike, row: dict) -> Path:
     folder = Path(results_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{row['row']}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    write_row_file(path, row)
+    return path
+
+
+def write_row_file(path: Path, data: dict) -> None:
+    """JSON to ``path`` atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(row, f, indent=2, allow_nan=False)
+            json.dump(data, f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 # ---- the benches' own JSON -> rows ------------------------------------------------------------
@@ -349,17 +363,50 @@ def rows_from_bench(out_dir: str | os.PathLike, commands: dict | None = None, **
             print(f"rows: skipping {path}: {e}", file=sys.stderr)
             continue
         row = convert(res, (commands or {}).get(name, command), **kw)
+        if row is not None and not on_gpu(row["device"]):
+            print(f"rows: {path} was measured on {row['device']!r}, not a GPU: no row")
+            continue
         if row is not None:
             rows.append(row)
     return rows
 
 
+def on_gpu(device: str | None) -> bool:
+    """Whether a bench's device is a card (its name, as torch reports it), not the CPU."""
+    return bool(device) and device.strip().lower() not in ("cpu", "?")
+
+
+def run_info() -> dict:
+    """This machine's date and versions, as the rows record them (`RUN_INFO`)."""
+    return {"date": _dt.date.today().isoformat(), "versions": versions()}
+
+
+def load_run_info(src: str | os.PathLike) -> dict:
+    """`make_row` keywords (date, version_info) from `src/RUN_INFO`, or {} without one."""
+    path = Path(src) / RUN_INFO
+    if not path.is_file():
+        return {}
+    info = json.loads(path.read_text())
+    return {"date": info["date"], "version_info": info["versions"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--from", dest="src", required=True, help="folder of the benches' JSON files")
+    p.add_argument("--from", dest="src", help="folder of the benches' JSON files")
     p.add_argument("--results", default="bench/results", help="where the row files go")
+    p.add_argument(
+        "--write-run-info", metavar="PATH", help=f"only write this machine's {RUN_INFO} to PATH"
+    )
     args = p.parse_args(argv)
-    rows = rows_from_bench(args.src)
+    if args.write_run_info:
+        Path(args.write_run_info).parent.mkdir(parents=True, exist_ok=True)
+        info = run_info()
+        write_row_file(Path(args.write_run_info), info)
+        print(json.dumps(info))
+        return 0
+    if not args.src:
+        p.error("--from is required")
+    rows = rows_from_bench(args.src, **load_run_info(args.src))
     for row in rows:
         path = write_row(args.results, row)
         print(

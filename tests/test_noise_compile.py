@@ -108,3 +108,45 @@ def test_cli_optimize_compile_equals_eager_fp32(tiny_model_dir, tmp_path):
     nc, _ = load_tensors(tmp_path / "c" / "best_noise.safetensors")
     for k in ne:
         torch.testing.assert_close(nc[k], ne[k], rtol=1e-4, atol=1e-5)
+
+
+class ReplayedGenerator(LinearGenerator):
+    """The rule `--cuda-graphs` (torch.compile's "reduce-overhead") puts on the loop: a CUDA
+    graph's replay writes its outputs into the same static memory, so an output kept past the
+    next call changes under its holder. Here every `generate` returns one buffer, overwritten
+    in place (autograd flows through the copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.static: torch.Tensor | None = None
+
+    def generate(self, noise, embeds):
+        out = super().generate(noise, embeds)
+        if self.static is None or self.static.shape != out.shape:
+            self.static = torch.zeros_like(out.detach())
+        return self.static.detach().copy_(out)  # the same memory, this call's history
+
+
+def test_optimize_keeps_nothing_a_graph_replay_overwrites():
+    # what the loop keeps (images of step 0 and of the best step, the best noise, the history)
+    # is copied out when seen: the same results as a generator with fresh outputs
+    prompts = ["a", "b"]
+    settings = OptimizeSettings(steps=4, lr=0.3, images_per_prompt=2)
+    fresh = optimize_prompts(LinearGenerator(), TargetReward(), prompts, _noise(2, 2), settings)
+    frames = []
+    replayed = optimize_prompts(
+        ReplayedGenerator(),
+        TargetReward(),
+        prompts,
+        _noise(2, 2),
+        settings,
+        on_step=lambda step, active, images, rewards: frames.append(images),
+    )
+    assert len({f.data_ptr() for f in frames}) == 1  # one buffer, as a replay gives
+    for i, (a, b) in enumerate(zip(fresh, replayed)):
+        assert b.reward_history == a.reward_history
+        assert torch.equal(b.init_images, a.init_images)
+        assert torch.equal(b.best_images, a.best_images)
+        assert torch.equal(b.best_noise, a.best_noise)
+        # the buffer holds the last evaluation now: step 0's images were overwritten
+        assert not torch.equal(frames[-1][2 * i : 2 * i + 2], a.init_images)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -170,6 +170,15 @@ class TextStreamResidual:
             raise DiffalignError("timestep buckets need per-bucket rotations (a rotation file)")
         self.source: dict[str, Any] = {}  # where the rotations came from (for settings())
 
+    def device_copy(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`make()` built once per `key` (which names a device and dtype) and kept for every
+        attach of these settings: the rotations, fixed at construction, reach an accelerator
+        once, not at each attach (each pipeline call, each timed forward of a bench)."""
+        copies = self.__dict__.setdefault("_device_copies", {})
+        if key not in copies:
+            copies[key] = make()
+        return copies[key]
+
     @property
     def num_buckets(self) -> int:
         """Timestep buckets of the rotations (1 without bucket edges)."""
@@ -285,8 +294,6 @@ class AttachedResidual:
         self.adapter = adapter
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._origins: dict[int, tuple[weakref.ref | None, torch.Tensor, Any, Any]] = {}
-        self._rotations: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._stacked: dict[torch.device, tuple[list[int], torch.Tensor]] = {}
         self._mix = compiled_mix_rescale() if residual.compile else mix_rescale
         self._timestep: torch.Tensor | None = None
         active = residual.active_targets
@@ -375,20 +382,26 @@ class AttachedResidual:
             dtype = text.dtype
             text = standardize(text.to(compute_dtype(text)), res.eps)[0]
             if res.batched_rotation and res.rotations and res.num_buckets == 1:
-                layers, stacked = self._stacked_on(text.device)
                 gemm = gemm_dtype(dtype, res.rotation_precision)
+                layers, stacked = self._stacked_on(text.device, gemm)
                 rotated = dict(zip(layers, rotate_all(text, stacked, gemm)))
         self._origins[key] = (ref, text, buckets, rotated)
         return None
 
-    def _stacked_on(self, device: torch.device) -> tuple[list[int], torch.Tensor]:
-        """The active targets' rotations side by side on `device` (built once per device)."""
-        if device not in self._stacked:
-            layers = [t for t, _ in self.residual.active_targets]
+    def _stacked_on(
+        self, device: torch.device, dtype: torch.dtype
+    ) -> tuple[list[int], torch.Tensor]:
+        """The active targets' rotations side by side on `device` in the GEMM's `dtype`
+        (built once per device and dtype: `TextStreamResidual.device_copy`)."""
+        layers = [t for t, _ in self.residual.active_targets]
+
+        def make() -> torch.Tensor:
             rots = [self.residual.rotations[t] for t in layers]
             rots = [r if r.ndim == 2 else r[0] for r in rots]  # one bucket: [1, d, d]
-            self._stacked[device] = (layers, stack_rotations(rots).to(device))
-        return self._stacked[device]
+            return stack_rotations(rots).to(device=device, dtype=dtype)
+
+        key = ("stacked", tuple(layers), device, dtype)
+        return layers, self.residual.device_copy(key, make)
 
     def _lookup_origin(self, args, kwargs) -> tuple[torch.Tensor, Any]:
         """The origin tokens (standardised in LN mode) and buckets captured in this forward."""
@@ -406,15 +419,18 @@ class AttachedResidual:
             "a target block in this forward (is it in skip_layers?)"
         )
 
-    def _rotation_on(self, layer: int, device: torch.device, buckets) -> torch.Tensor | None:
-        """`[d, d]`, or `[B, d, d]` when the rows of the batch fall in different buckets."""
+    def _rotation_on(
+        self, layer: int, device: torch.device, buckets, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """`[d, d]`, or `[B, d, d]` when the rows of the batch fall in different buckets; on
+        `device` in the GEMM's `dtype` (built once: `TextStreamResidual.device_copy`)."""
         if not self.residual.rotations:
             return None
-        key = (layer, device)
-        if key not in self._rotations:
-            r = self.residual.rotations[layer]
-            self._rotations[key] = (r if r.ndim == 3 else r[None]).to(device)
-        stack = self._rotations[key]
+        r = self.residual.rotations[layer]
+        stack = self.residual.device_copy(
+            ("rotation", layer, device, dtype),
+            lambda: (r if r.ndim == 3 else r[None]).to(device=device, dtype=dtype),
+        )
         if buckets is None:
             return stack[0]
         if bool((buckets == buckets[0]).all()):
@@ -433,9 +449,9 @@ class AttachedResidual:
                     o_rot = rotated[layer]
                 else:
                     o_rot = origin
-                    rotation = self._rotation_on(layer, text.device, buckets)
+                    gemm = gemm_dtype(text.dtype, res.rotation_precision)
+                    rotation = self._rotation_on(layer, text.device, buckets, gemm)
                     if rotation is not None:
-                        gemm = gemm_dtype(text.dtype, res.rotation_precision)
                         o_rot = rotate(origin, rotation, gemm)
                 mixed = self._mix(text, o_rot, weight, res.layernorm, res.eps)
             else:
