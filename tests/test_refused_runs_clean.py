@@ -179,3 +179,21 @@ def test_atomic_writers_and_undo_new_folders_remove_new_empty_parents(tmp_path):
             (tmp_path / "x" / "keep.txt").write_text("k")
             raise DiffalignError("refused")
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["keep.txt"]  # y removed, x kept
+
+
+def test_overwrite_refused_while_setting_up_keeps_the_previous_run(tmp_path):
+    """overwrite=True clears the previous run only once models and data are set up: a run
+    refused there (its data loader finds no usable item) loses nothing already written."""
+    from diffalign.engine.train import TrainConfig, train
+    from train_worker import RegressionTask
+
+    class NoUsableData(RegressionTask):
+        def train_dataloader(self):
+            raise DiffalignError("no usable training items")
+
+    cfg = dict(output_dir=str(tmp_path), tracker="none", progress=False, max_steps=1)
+    train(RegressionTask(), TrainConfig(**cfg))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(DiffalignError, match="no usable training items"):
+        train(NoUsableData(), TrainConfig(**cfg, overwrite=True))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
