@@ -197,3 +197,19 @@ def test_overwrite_refused_while_setting_up_keeps_the_previous_run(tmp_path):
     with pytest.raises(DiffalignError, match="no usable training items"):
         train(NoUsableData(), TrainConfig(**cfg, overwrite=True))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_noise_em_overwrite_refused_keeps_the_earlier_cycles(tmp_path, capsys):
+    """--overwrite removes the earlier cycles only once the pairs and the initial model load."""
+    inputs = _inputs(tmp_path / "in")
+    out = tmp_path / "em"
+    (out / "cycle-000").mkdir(parents=True)
+    (out / "cycle-000" / "kept.txt").write_text("k")
+    (out / "summary.json").write_text("{}")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for argv in (
+        "noise em --data-root {pairs} --model {missing} --output-dir {out} --overwrite",
+        "noise em --data-root {missing} --model {missing} --output-dir {out} --overwrite",
+    ):
+        _refuse(argv, out, inputs, capsys)
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
