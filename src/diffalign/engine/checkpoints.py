@@ -159,34 +159,41 @@ class TrainerCheckpoints:
             for folder in (self.output_dir, self.output_dir / "checkpoints"):
                 for p in clean_stale_temporaries(folder):
                     logger.info("removed the stale temporary %s of an interrupted run", p)
-        has_run = (
+        if cfg.resume is None and self._holds_a_run() and not cfg.overwrite:
+            raise DiffalignError(
+                f"{self.output_dir} already holds a training run; resume it with "
+                "resume='latest' (--resume latest) or start over with overwrite=True (--overwrite)"
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _holds_a_run(self) -> bool:
+        return (
             bool(list_checkpoints(self.output_dir))
             or (self.output_dir / "checkpoint-final").is_dir()
         )
-        if cfg.resume is None and has_run:
-            if not cfg.overwrite:
-                raise DiffalignError(
-                    f"{self.output_dir} already holds a training run; resume it with "
-                    "resume='latest' (--resume latest) or start over with overwrite=True (--overwrite)"
-                )
-            if self.is_main:
-                for name in (
-                    "checkpoints",
-                    "checkpoint-final",
-                    "checkpoint-best",
-                    "logs",
-                    "validation",
-                ):
-                    shutil.rmtree(self.output_dir / name, ignore_errors=True)
-                for p in self.output_dir.glob("checkpoint-epoch-*"):
-                    shutil.rmtree(p, ignore_errors=True)
-                for name in (
-                    "train_summary.json",
-                    "summary.json",
-                    "train_history.png",
-                    "run_config.json",
-                ):
-                    (self.output_dir / name).unlink(missing_ok=True)
+
+    def _clear_previous_run(self) -> None:
+        """overwrite=True: remove the previous run's outputs, only once the models and data are
+        set up (a run refused while setting up loses nothing)."""
+        cfg = self.config
+        if cfg.resume is None and cfg.overwrite and self.is_main and self._holds_a_run():
+            for name in (
+                "checkpoints",
+                "checkpoint-final",
+                "checkpoint-best",
+                "logs",
+                "validation",
+            ):
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+            for p in self.output_dir.glob("checkpoint-epoch-*"):
+                shutil.rmtree(p, ignore_errors=True)
+            for name in (
+                "train_summary.json",
+                "summary.json",
+                "train_history.png",
+                "run_config.json",
+            ):
+                (self.output_dir / name).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
     def _resolve_resume(self) -> Path | None:

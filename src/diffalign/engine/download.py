@@ -616,6 +616,8 @@ def download_assets(
     """
     import sys
 
+    from diffalign.engine.io import undo_new_folders
+
     err = err or (lambda line: print(line, file=sys.stderr))
     plan = plan_downloads(only, models_dir, hps_version)
     result: dict[str, str] = {}
@@ -641,7 +643,8 @@ def download_assets(
             continue
         log(f"{name}: fetching into {item.target} ...")
         try:
-            _install(item, token)
+            with undo_new_folders(item.target.parent):  # a failed fetch leaves no empty --dir
+                _install(item, token)
         except _FetchError as e:  # one line, then the next asset
             err(_failure_line(name, e.source, e.cause, item.asset.gated))
             result[name] = "failed"

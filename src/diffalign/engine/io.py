@@ -26,46 +26,83 @@ from diffalign.engine.errors import DiffalignError
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed over `path`."""
+    """Yield a temporary path beside `path`; on success it is renamed over `path` (on failure
+    the folders made for it are removed again, `undo_new_folders`)."""
     path = Path(path)
-    with _clean_os_errors(path, path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-    try:
-        with _clean_os_errors(path, tmp_path):
-            yield tmp_path
-            os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with undo_new_folders(path.parent):
+        with _clean_os_errors(path, path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        try:
+            with _clean_os_errors(path, tmp_path):
+                yield tmp_path
+                os.replace(tmp_path, path)
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` whole."""
+    """Yield a temporary folder beside `path`; on success it replaces `path` whole (on failure
+    the folders made for it are removed again, `undo_new_folders`)."""
     path = Path(path)
-    with _clean_os_errors(path, path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
-    try:
-        with _clean_os_errors(path, tmp):
-            yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
+    with undo_new_folders(path.parent):
+        with _clean_os_errors(path, path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
+        try:
+            with _clean_os_errors(path, tmp):
+                yield tmp
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(path, old)
+                os.replace(tmp, path)
                 shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def undo_new_folders(folder: str | os.PathLike) -> Iterator[None]:
+    """Around a step that may create `folder`: if the step fails, the folders it created
+    (`folder` and any parents that were missing) are removed again, deepest first, as long as
+    they are empty. A refused run leaves no empty folders; a folder that existed before, or one
+    with anything in it, is never removed."""
+    created = _missing_folders(Path(folder))
+    try:
+        yield
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty; stop at the first that is not."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 _STALE_TMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # mkstemp/mkdtemp names above
@@ -471,13 +508,20 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
     naming the folder and the running process. Under `accelerate launch` rank 0 takes the lock
     and the other ranks of the same launch wait until it names their launch. Re-entrant within
     a process (an EM cycle may train inside a locked run folder).
+
+    A run that fails while holding the lock (bad input found after the folder was made) leaves
+    the file system as it found it: the lock file is removed if this run created it, and so are
+    the folders this call created (`folder`, missing parents) if nothing else was written into
+    them. A folder that existed before, or one with anything else in it, is never removed.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise DiffalignError(f"{what} {folder} exists and is not a folder")
+    created = _missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove_empty(created)
         raise DiffalignError(f"cannot create {what} {folder}: {e.strerror or e}") from None
     key = str(folder.resolve())
     if key in _HELD_LOCKS:
@@ -497,19 +541,7 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
         finally:
             _HELD_LOCKS.pop(key, None)
         return
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    except OSError as e:
-        raise DiffalignError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        owner = _read_owner(lock_path)
-        raise DiffalignError(
-            f"{what} {folder} is in use by another diffalign run ({_describe_owner(owner)}); "
-            "wait for it to finish or choose another folder"
-        ) from None
+    fd, new_lock = _take_lock(folder, lock_path, what)
     owner = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -524,11 +556,46 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
     _HELD_LOCKS[key] = [fd, 1]
     try:
         yield folder
+    except BaseException:
+        if new_lock:  # a failed run leaves no lock file of its own (still held: no run is in there)
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+            _remove_empty(created)
+        raise
     finally:
         _HELD_LOCKS.pop(key, None)
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _take_lock(folder: Path, lock_path: Path, what: str) -> tuple[int, bool]:
+    """Open and flock `lock_path`: (fd, whether this call created the file). A lock file that a
+    failing run unlinked between our open and flock is not a lock: open the new one again."""
+    for _ in range(10):
+        new = not os.path.lexists(lock_path)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)  # a refused run may just have removed it
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            raise DiffalignError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            owner = _read_owner(lock_path)
+            raise DiffalignError(
+                f"{what} {folder} is in use by another diffalign run ({_describe_owner(owner)}); "
+                "wait for it to finish or choose another folder"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except OSError:
+            same = False
+        if same:
+            return fd, new
+        os.close(fd)
+    raise DiffalignError(f"cannot take the lock of {what} {folder}: it keeps being replaced")
 
 
 def _wait_for_launch_owner(lock_path: Path, launch: str, folder: Path, what: str) -> None:
@@ -545,19 +612,5 @@ def _wait_for_launch_owner(lock_path: Path, launch: str, folder: Path, what: str
     )
 
 
-@contextlib.contextmanager
-def locked_output_dir(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
-    """`output_lock(folder)`, and if the run fails before writing anything into a folder this
-    call created, the folder is removed again (bad input leaves nothing behind)."""
-    folder = Path(folder)
-    existed = folder.exists()
-    with output_lock(folder, what) as locked:
-        try:
-            yield locked
-        except BaseException:
-            if not existed and _launch_rank() == 0:
-                with contextlib.suppress(OSError):
-                    if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-                        (folder / LOCK_NAME).unlink()
-                        folder.rmdir()
-            raise
+# the older name, from before `output_lock` itself cleaned up after a refused run
+locked_output_dir = output_lock

@@ -572,6 +572,7 @@ class _Trainer(TrainerCheckpoints, TrainerReports):
         self._t0 = time.perf_counter()
         self._prepare_output_dir()
         self._setup()
+        self._clear_previous_run()  # after the setup: a run refused there loses nothing
         resume_from = self._resolve_resume()
         if resume_from is not None:
             self._load_checkpoint(resume_from)

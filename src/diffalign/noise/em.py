@@ -158,10 +158,22 @@ def em(
 
         set_cublas_workspace_config()
     initial = str(model)
+    preloaded: dict[str, object] = {}
+    if overwrite:  # the earlier cycles go only once the pairs and the initial model are fine
+        from diffalign.noise.dataset import read_pairs
+
+        fields = {
+            k: assign_kwargs[k] for k in ("prompt_field", "image_field") if k in assign_kwargs
+        }
+        read_pairs(data_root, **fields)
+        preloaded[initial] = load(initial, True)
 
     def e_step(current: str, cdir: Path, k: int) -> dict:
         # a LoRA export loads as its base + the Hyper-SD weights (once) + its LoRA, fused
-        gen = load(current, current == initial)
+        if current in preloaded:
+            gen = preloaded.pop(current)
+        else:
+            gen = load(current, current == initial)
         kwargs = dict(assign_kwargs)
         settings = kwargs.pop("settings")
         settings = dataclasses.replace(settings, seed=cycle_seed(settings.seed, k))
