@@ -611,6 +611,3 @@ def _wait_for_launch_owner(lock_path: Path, launch: str, folder: Path, what: str
         f"({_describe_owner(_read_owner(lock_path))} holds it)"
     )
 
-
-# the older name, from before `output_lock` itself cleaned up after a refused run
-locked_output_dir = output_lock

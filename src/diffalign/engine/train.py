@@ -71,7 +71,7 @@ from diffalign.engine.checkpoints import (
 from diffalign.engine.compile import speed_up_modules, uses_fused_adamw
 from diffalign.engine.ema import EMA
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import locked_output_dir, save_tensors, write_json
+from diffalign.engine.io import output_lock, save_tensors, write_json
 from diffalign.engine.train_config import (
     CUBLAS_WORKSPACE_CONFIG,
     LOOP_IDENTITY,
@@ -564,7 +564,7 @@ class _Trainer(TrainerCheckpoints, TrainerReports):
     def run(self) -> TrainResult:
         """Train while holding the output folder's lock (`engine.io.output_lock`): a second run
         into the same folder is refused; the ranks of one `accelerate launch` share it."""
-        with locked_output_dir(self.output_dir, "training run folder"):
+        with output_lock(self.output_dir, "training run folder"):
             return self._run()
 
     def _run(self) -> TrainResult:

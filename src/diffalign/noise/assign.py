@@ -503,7 +503,7 @@ def assign_image(
     ``orthogonal_gaussian_{init,final}.{png,json}``, ``summary.json``. A folder that holds an
     earlier assignment (its summary.json) is refused unless ``overwrite``; the earlier run's
     step images are removed once the new one has succeeded."""
-    from diffalign.engine.io import locked_output_dir
+    from diffalign.engine.io import output_lock
     from diffalign.noise.diagnostics import write_gaussianity_diagnostics
 
     t0 = time.time()
@@ -517,7 +517,7 @@ def assign_image(
     target = load_target_image(target_image, generator.image_size(), resize)
     from diffalign.engine.progress import progress
 
-    with locked_output_dir(out, "assignment folder"):
+    with output_lock(out, "assignment folder"):
         if (out / "summary.json").is_file() and not overwrite:
             raise DiffalignError(
                 f"--output-dir {out} already holds an assignment (summary.json); pass "

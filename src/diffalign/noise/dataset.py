@@ -42,7 +42,7 @@ import torch
 
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.identity import file_sha256
-from diffalign.engine.io import locked_output_dir, resolve_inside, write_json
+from diffalign.engine.io import output_lock, resolve_inside, write_json
 from diffalign.noise.assign import (
     NOISE_FILE,
     _check_settings,
@@ -212,7 +212,7 @@ def build_dataset(
     }
     job = PairsJob(generator, items, s, latent_shape, num_intermediates, plots)
     job.out = out
-    with locked_output_dir(out, "dataset folder"):
+    with output_lock(out, "dataset folder"):
         return run_assignment_job(job, out, config, batch_size, desc, t0, overwrite)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import locked_output_dir, write_json
+from diffalign.engine.io import output_lock, write_json
 
 
 def cycle_seed(seed: int, cycle: int) -> int:
@@ -54,7 +54,7 @@ def em_cycles(
     if num_cycles < 1:
         raise DiffalignError("--num-cycles must be >= 1")
     out = Path(work_dir)
-    with locked_output_dir(out, "EM work folder"):  # one EM run per folder (re-entrant)
+    with output_lock(out, "EM work folder"):  # one EM run per folder (re-entrant)
         if overwrite:
             _clear_cycles(out)
         return _cycles(

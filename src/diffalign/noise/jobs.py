@@ -18,7 +18,7 @@ still good and how a batch is assigned and written; :func:`run_assignment_job` o
 - the progress bar and ``summary.json``; the base-vs-assigned noise diagnostics of a
   job's `finalize` (:func:`finished_noises`, :func:`noise_gaussianity`).
 
-The caller holds the folder's lock (`engine.io.locked_output_dir`) around the run.
+The caller holds the folder's lock (`engine.io.output_lock`) around the run.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import locked_output_dir, write_json, write_text
+from diffalign.engine.io import output_lock, write_json, write_text
 from diffalign.engine.progress import progress
 from diffalign.noise.diagnostics import GaussianityComparison, write_comparison
 from diffalign.noise.orthogonal import (
@@ -155,7 +155,7 @@ def run_noise_theory(
     )
     out = Path(output_dir)
     out = Path(output_dir)
-    with locked_output_dir(out, "theory output folder"):  # one run per folder
+    with output_lock(out, "theory output folder"):  # one run per folder
         shape = (channels, latent_size, latent_size)
         dim = channels * patch_size * patch_size
         target = target_pattern(channels, latent_size)

@@ -249,7 +249,7 @@ class TextStreamResidual:
             "enabled": bool(self.active_targets),
             "origin_layer": self.origin_layer,
             "target_layers": list(self.target_layers),
-            "weights": [float(w) for w in self.weights],
+            "weights": [float(w) for w in _detached(self.weights)],
             "mode": self.mode,
             "layernorm": self.layernorm,
             "eps": self.eps,
@@ -642,3 +642,8 @@ def _expand_weights(
     if bad:
         raise DiffalignError(f"residual weights must be finite (got {bad})")
     return out
+
+
+def _detached(weights: Any) -> Any:
+    """The weights without autograd (a trained weight tensor reads as plain numbers)."""
+    return weights.detach() if torch.is_tensor(weights) else weights

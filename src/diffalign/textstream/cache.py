@@ -145,7 +145,7 @@ def build_cache(
     returns the summary (also `summary.json`, written by rank 0)."""
     from diffalign.engine.distributed import process_state
     from diffalign.engine.identity import model_identity
-    from diffalign.engine.io import locked_output_dir
+    from diffalign.engine.io import output_lock
     from diffalign.engine.loading import check_model_available, resolve_dtype
     from diffalign.engine.pairs import load_image_captions
 
@@ -185,7 +185,7 @@ def build_cache(
         # the encoders' dtype changes the stored bytes (auto: bf16 on CUDA, fp32 on the CPU)
         "dtype": str(torch_dtype).removeprefix("torch."),
     }
-    with locked_output_dir(out, "text-stream cache"):
+    with output_lock(out, "text-stream cache"):
         _check_or_reset(out, job, overwrite, state)
         return _build_locked(
             out,

@@ -448,10 +448,10 @@ def calibrate(
     state = process_state(device)
     run_device = torch.device(device) if device else state.device
     torch_dtype = _resolve_dtype(dtype, run_device)
-    from diffalign.engine.io import locked_output_dir
+    from diffalign.engine.io import output_lock
 
     # the rotation file and summary.json/procrustes_errors.png beside it: one run per folder
-    with locked_output_dir(output_path.parent or Path("."), "calibration output folder"):
+    with output_lock(output_path.parent or Path("."), "calibration output folder"):
         prompts, images = calibration_samples(
             dataset, datadir, prompts, images, num_samples, xt_source
         )

@@ -792,9 +792,9 @@ def run_sample(
     summary = RunSummary(
         command="sample", prompts_total=len(prompts) * len(models), world_size=state.num_processes
     )
-    from diffalign.engine.io import locked_output_dir
+    from diffalign.engine.io import output_lock
 
-    with locked_output_dir(out):
+    with output_lock(out):
         if state.is_main_process:
             _clean_stale(out)
         # a finished folder made with other settings is kept: these images go to `<name>_2` ...
@@ -989,7 +989,7 @@ def _run_layout(
     """Shared body of generate/geneval/dpg: check, lock, load, write settings, generate,
     summarise. The output folder is locked for the whole run (`engine.io.output_lock`); dpg,
     whose folder holds only `<id>.png`, locks the folder `OUT.lock` beside it."""
-    from diffalign.engine.io import locked_output_dir, write_json
+    from diffalign.engine.io import output_lock, write_json
     from diffalign.engine.loading import check_model_available, check_vae_available, resolve_model
 
     if out.exists() and not out.is_dir():
@@ -1004,7 +1004,7 @@ def _run_layout(
     t0 = time.perf_counter()
     device = _resolve_device(cfg, state.device)
     lock_dir = out if command != "dpg" else Path(str(out).rstrip("/\\") + ".lock")
-    with locked_output_dir(lock_dir):
+    with output_lock(lock_dir):
         probe = _base_settings(command, cfg, rc, run_extra)
         _check_compatible(settings_path, probe, cfg.overwrite, out)
         settings = _base_settings(

@@ -46,7 +46,7 @@ from diffalign.engine.errors import DiffalignError
 from diffalign.engine.identity import file_sha256
 from diffalign.engine.io import (
     load_tensors,
-    locked_output_dir,
+    output_lock,
     read_json_object,
     read_jsonl,
     resolve_inside,
@@ -302,7 +302,7 @@ def assign(
         seed,
         write_plots,
     )
-    with locked_output_dir(output_dir, "assignment folder"):
+    with output_lock(output_dir, "assignment folder"):
         summary = run_assignment_job(job, output_dir, config, batch_size, desc, t0)
     if summary:
         summary["redone_corrupt"] = summary.get("redone_damaged")

@@ -121,12 +121,12 @@ def run_demo(
     """Run the toy pipeline on digits and write summary.json, report.md and PNGs; returns the
     summary. The comparison table is printed last on stdout. The folder is locked for the run
     (`engine.io.output_lock`): a second demo into it is refused, not mixed in."""
-    from diffalign.engine.io import locked_output_dir
+    from diffalign.engine.io import output_lock
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} is a file")
-    with locked_output_dir(out, "demo output folder"):
+    with output_lock(out, "demo output folder"):
         return _run_demo_locked(out, quick, seed, overwrite, progress, sizes)
 
 

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import locked_output_dir, write_json
+from diffalign.engine.io import output_lock, write_json
 
 
 def em(
@@ -68,7 +68,7 @@ def em(
     out = Path(output_dir)
     anchor = resolve_weights(base_ckpt if base_ckpt is not None else generator_ckpt)
     current = resolve_weights(generator_ckpt)
-    with locked_output_dir(out, "EM work folder"):  # one EM run per folder
+    with output_lock(out, "EM work folder"):  # one EM run per folder
         return _em_cycles(
             out,
             anchor,

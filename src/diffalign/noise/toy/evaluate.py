@@ -286,12 +286,12 @@ def evaluate_runs(
             f"--names has {len(names)} entries but --generator-ckpt has {len(generator_ckpts)}"
         )
     names = names or [str(p) for p in generator_ckpts]
-    from diffalign.engine.io import locked_output_dir
+    from diffalign.engine.io import output_lock
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
-    with locked_output_dir(out, "evaluation folder"):
+    with output_lock(out, "evaluation folder"):
         return _evaluate_locked(
             generator_ckpts,
             out,

@@ -47,9 +47,9 @@ def toy_optimize(
     """Optimise one Q per class against the classifier reward and write the proof (module doc;
     keyword options as :func:`_toy_optimize`). Holds the output folder's lock for the whole run:
     the classifier it trains into ``output_dir/classifier`` is written under it too."""
-    from diffalign.engine.io import locked_output_dir
+    from diffalign.engine.io import output_lock
 
-    with locked_output_dir(output_dir, "output folder"):
+    with output_lock(output_dir, "output folder"):
         return _toy_optimize(generator_ckpt, output_dir, **kwargs)
 
 
