@@ -182,3 +182,25 @@ def test_full_transformer_sft_exports_a_pipeline_that_runs_again(tiny_model_dir,
     with torch.no_grad():
         img = gen.generate(gen.sample_noise(1), gen.encode_prompts(["a cat"]))
     assert img.shape == (1, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    "title",
+    ["Stable Diffusion 3.5 Large", "Stable Diffusion 3 Medium", "Stable Diffusion 3.5 Medium"],
+)
+def test_sd3_base_models_are_not_run_as_the_turbo(tiny_model_dir, tmp_path, capsys, title):
+    """A 28-step SD3 / SD3.5 folder (told by its model card) is not run with the 4-step,
+    guidance-free SD3.5-Large-Turbo recipe, as FLUX.1-dev is not run as FLUX.1-schnell."""
+    import shutil
+
+    folder = tmp_path / "sd3-base"
+    shutil.copytree(tiny_model_dir("sd3"), folder)
+    (folder / "README.md").write_text(f"---\nlicense: other\n---\n\n# {title}\n", encoding="utf-8")
+    argv = ["noise", "optimize", "--prompt", "a cat", "--output-dir", str(tmp_path / "o")]
+    argv += ["--clip-model", tiny_model_dir("clip"), "--steps", "1"]
+    argv += ["--model", str(folder), "--generator", "sd3.5-large-turbo"]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"is {title}" in err[0] and "which generator sd3.5-large-turbo does not run" in err[0]
+    assert not (tmp_path / "o").exists()

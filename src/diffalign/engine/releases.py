@@ -138,6 +138,34 @@ SD35_LARGE_TURBO = register_release(
         "StableDiffusion3Pipeline",
     )
 )
+# not few-step models: registered so that their folders are not run with the 4-step Turbo recipe
+SD3_MEDIUM = register_release(
+    Release(
+        "Stable Diffusion 3 Medium",
+        (
+            "stabilityai/stable-diffusion-3-medium-diffusers",
+            "stabilityai/stable-diffusion-3-medium",
+        ),
+        "Stable Diffusion 3 Medium",
+        "StableDiffusion3Pipeline",
+    )
+)
+SD35_LARGE = register_release(
+    Release(
+        "Stable Diffusion 3.5 Large",
+        ("stabilityai/stable-diffusion-3.5-large",),
+        "Stable Diffusion 3.5 Large",
+        "StableDiffusion3Pipeline",
+    )
+)
+SD35_MEDIUM = register_release(
+    Release(
+        "Stable Diffusion 3.5 Medium",
+        ("stabilityai/stable-diffusion-3.5-medium",),
+        "Stable Diffusion 3.5 Medium",
+        "StableDiffusion3Pipeline",
+    )
+)
 SANA_SPRINT = register_release(
     Release(
         "SANA-Sprint 1.6B 1024px",

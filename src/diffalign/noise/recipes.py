@@ -156,6 +156,11 @@ register_generator(
         1024,
         pipeline_class="StableDiffusion3Pipeline",
         release="stabilityai/stable-diffusion-3.5-large-turbo",
+        refuses=(  # 28-40 step models with classifier-free guidance
+            "stabilityai/stable-diffusion-3-medium-diffusers",
+            "stabilityai/stable-diffusion-3.5-large",
+            "stabilityai/stable-diffusion-3.5-medium",
+        ),
     )
 )
 register_generator(
