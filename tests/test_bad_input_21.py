@@ -362,3 +362,13 @@ def test_toy_assign_rerun_with_a_damaged_assign_config(toy_gan, tmp_path, capsys
     assert run_cli(argv) == 2
     assert "assign_config.json: not a JSON object (list)" in one_line(capsys)
     assert (out / "manifest.jsonl").read_bytes() == manifest  # nothing lost
+
+
+def test_make_tiny_sizes_the_model_cannot_take(tmp_path, capsys):
+    """Sizes diffusers refuses to build (an odd embedding width) were an internal error (exit 1)."""
+    out = tmp_path / "m"
+    argv = ["make-tiny", "sd3", "--out", str(out), "--num-attention-heads", "3"]
+    assert run_cli([*argv, "--attention-head-dim", "5"]) == 2
+    line = one_line(capsys)
+    assert "cannot be built with attention_head_dim=5, num_attention_heads=3" in line, line
+    assert not out.exists()

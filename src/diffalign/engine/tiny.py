@@ -99,8 +99,16 @@ def make_tiny(
     from diffalign.engine.io import atomic_dir  # imports torch: keep `--help` fast
 
     options = {**spec.overrides, **overrides}
-    with atomic_dir(out) as tmp, _quiet_saving():
-        spec.builder(tmp, seed, **options)
+    try:
+        with atomic_dir(out) as tmp, _quiet_saving():
+            spec.builder(tmp, seed, **options)
+    except (ValueError, AssertionError, RuntimeError) as e:
+        if not overrides:  # the kind's own sizes: our bug, not bad input
+            raise
+        given = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+        raise DiffalignError(
+            f"make-tiny {kind}: the model cannot be built with {given}: {e}".splitlines()[0]
+        ) from e
     return out
 
 
