@@ -26,3 +26,36 @@ def test_train_weights_with_bf16_mixed_precision_on_the_cpu(tiny_model_dir, tmp_
     assert main([*argv, "--mixed-precision", "bf16"]) == 0
     record = json.loads((run / "summary.json").read_text())["residual_weights"]
     assert record["val_pairs"] == 2 and record["val_loss_initial"] is not None
+
+
+def test_cache_defaults_to_the_models_own_size_and_refuses_one_it_cannot_make(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`textstream cache` without --resolution used a fixed 1024 px whatever the model (a tiny
+    model's cache took minutes of VAE encoding on the CPU); now the model's own sample size, as
+    every generation verb and `calibrate` use (1024 on the real SD3 / FLUX.1 / Qwen-Image). A
+    size the transformer cannot take (not a multiple of its patch) is one error line naming
+    --resolution before anything is written."""
+    from diffalign.textstream import cache as cache_mod
+    from diffalign.textstream.generate import model_image_size
+
+    sd3 = tiny_model_dir("sd3")
+    data = write_pairs(tmp_path / "data", n=2)
+    jobs = []
+    def build(out, job, *args, **kwargs):  # the job the cache would be built under
+        jobs.append(job)
+        return dict.fromkeys(("pairs", "written", "images_encoded", "already_present", "failed"), 0)
+
+    monkeypatch.setattr(cache_mod, "_build_locked", build)
+    argv = ["textstream", "cache", "--model", sd3, "--dataset", str(data / "pairs.jsonl")]
+    assert main([*argv, "--output-dir", str(tmp_path / "c")]) == 0
+    size = model_image_size(sd3)
+    assert jobs[0]["resolution"] == size.default != 1024
+
+    capsys.readouterr()
+    out = tmp_path / "bad"
+    bad = size.default + size.multiple // 2
+    assert main([*argv, "--output-dir", str(out), "--resolution", str(bad)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and f"--resolution {bad} must be a multiple of {size.multiple}" in err[0]
+    assert not out.exists() and len(jobs) == 1
