@@ -42,6 +42,7 @@ def test_cache_defaults_to_the_models_own_size_and_refuses_one_it_cannot_make(
     sd3 = tiny_model_dir("sd3")
     data = write_pairs(tmp_path / "data", n=2)
     jobs = []
+
     def build(out, job, *args, **kwargs):  # the job the cache would be built under
         jobs.append(job)
         return dict.fromkeys(("pairs", "written", "images_encoded", "already_present", "failed"), 0)
