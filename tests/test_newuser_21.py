@@ -60,3 +60,17 @@ def test_cache_defaults_to_the_models_own_size_and_refuses_one_it_cannot_make(
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(err) == 1 and f"--resolution {bad} must be a multiple of {size.multiple}" in err[0]
     assert not out.exists() and len(jobs) == 1
+
+
+def test_the_textstream_command_names_every_family_it_runs():
+    """`diffalign --help` and `diffalign textstream --help` said "SD3/SD3.5" only, while the
+    verbs run FLUX.1 and Qwen-Image too (README, feature table T)."""
+    import argparse
+
+    from diffalign.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    listed = {c.dest: c.help for c in sub._choices_actions}
+    description = sub.choices["textstream"].description
+    for text in (listed["textstream"], description):
+        assert "FLUX.1" in text and "Qwen-Image" in text, text
