@@ -128,7 +128,7 @@ def build_cache(
     dataset: str | Sequence[str],
     output_dir: str | os.PathLike,
     *,
-    resolution: int = 1024,
+    resolution: int | None = None,
     datadir: str | None = None,
     limit: int | None = None,
     caption_field: str = "prompt",
@@ -154,6 +154,13 @@ def build_cache(
         from diffalign.textstream.families import DEFAULTS, model_variant
 
         max_sequence_length = DEFAULTS[model_variant(model)].max_sequence_length
+    if resolution is None or int(resolution) >= 1:  # the model's own size; one it can make
+        from diffalign.textstream.generate import fit_image_size, model_image_size
+
+        size = model_image_size(model, single_file_config)
+        resolution, _ = fit_image_size(
+            size, resolution, resolution, str(model), option="--resolution"
+        )
     for name, value in (
         ("--resolution", resolution),
         ("--batch-size", batch_size),

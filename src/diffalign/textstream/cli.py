@@ -10,8 +10,9 @@ def register(sub) -> None:
 
     parser = sub.add_parser(
         "textstream",
-        help="text-stream residual injection for SD3/SD3.5 (spec T)",
-        description="Text-stream residual injection for SD3 / SD3.5.",
+        help="text-stream residual injection for SD3/SD3.5, FLUX.1 and Qwen-Image (spec T)",
+        description="Text-stream residual injection for SD3 / SD3.5, FLUX.1-dev / -schnell and "
+        "Qwen-Image: calibrate rotations, learn weights, generate.",
     )
     verbs = make_subparsers(parser)
     cli_calibrate.register(verbs)

@@ -54,8 +54,9 @@ def register(verbs) -> None:
     p.add_argument(
         "--resolution",
         type=positive_int,
-        default=1024,
-        help="square image side after resize + centre crop (default: %(default)s)",
+        default=None,
+        help="square image side after resize + centre crop, a size the model can make "
+        "(default: the model's own sample size, 1024 on SD3/SD3.5, FLUX.1 and Qwen-Image)",
     )
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N pairs")
     p.add_argument(

@@ -357,21 +357,28 @@ def pipeline_image_size(pipe) -> ImageSize:
 
 
 def fit_image_size(
-    size: ImageSize, height: int | None, width: int | None, model: str
+    size: ImageSize,
+    height: int | None,
+    width: int | None,
+    model: str,
+    *,
+    option: str | None = None,
 ) -> tuple[int, int]:
     """(height, width): the given ones, or the model's own sample size where not given; a size
-    the model cannot make is a one-line error (before anything is loaded or written)."""
+    the model cannot make is a one-line error (before anything is loaded or written). `option`
+    names a square-size option (e.g. `--resolution`) in the errors instead of --height/--width."""
     h, w = height or size.default, width or size.default
-    for name, value in (("height", h), ("width", w)):
+    names = (option, option) if option else ("--height", "--width")
+    for name, value in zip(names, (h, w)):
         if size.largest is not None and value > size.largest:
             raise DiffalignError(
-                f"--{name} {value} is more than {model} can make: at most {size.largest} "
-                f"px (its transformer's pos_embed_max_size); leave --height/--width out for "
-                f"its own size, {size.default} px"
+                f"{name} {value} is more than {model} can make: at most {size.largest} "
+                f"px (its transformer's pos_embed_max_size); leave "
+                f"{option or '--height/--width'} out for its own size, {size.default} px"
             )
         if value % size.multiple:
             raise DiffalignError(
-                f"--{name} {value} must be a multiple of {size.multiple} for {model}"
+                f"{name} {value} must be a multiple of {size.multiple} for {model}"
             )
     return int(h), int(w)
 

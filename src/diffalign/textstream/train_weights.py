@@ -460,8 +460,15 @@ class WeightsTask(TrainTask):
         if dl is None:
             return None
         losses, counts = 0.0, 0
+        batches = iter(dl)
         with torch.no_grad():
-            for batch in dl:
+            while True:
+                # called from `training_step`, i.e. under the loop's autocast: collating the fp16
+                # cache records there fails under CPU bf16 autocast, so fetch outside it
+                with torch.autocast("cpu", enabled=False):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 losses += self.validation_step(batch)["loss"]
                 counts += 1
         return losses / counts
