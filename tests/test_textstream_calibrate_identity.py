@@ -289,3 +289,19 @@ def test_prompt_set_paths_resolve_names_and_spellings(tmp_path, monkeypatch):
         str((ann / "captions_val2017.json").resolve()),
         *[str((tmp_path / "p.txt").resolve())] * 2,
     ]
+
+
+def test_the_printed_count_includes_the_timestep_buckets(tiny_model_dir, tmp_path, capsys):
+    """With 2 buckets it printed "N rotations" for N layers (half of what the file holds)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    argv = ["textstream", "calibrate", "--model", tiny_model_dir("sd3"), "--dataset", str(prompts)]
+    argv += ["--num-samples", "2", "--steps", "4", "--xt-source", "noise"]
+    argv += ["--timestep-buckets", "2", "--timestep-draw", "bucket"]
+    argv += ["--output", str(tmp_path / "rot.safetensors")]
+    assert main(argv) == 0
+    rotations = load_rotations(tmp_path / "rot.safetensors").rotations
+    layers = len(rotations)
+    assert next(iter(rotations.values())).shape[0] == 2  # [N, d, d]
+    out = capsys.readouterr().out
+    assert f"{2 * layers} rotations ({layers} layers x 2 timestep buckets)" in out, out

@@ -92,3 +92,16 @@ def test_cli_help_lists_verbs(capsys):
     text = capsys.readouterr().out
     for verb in ("train-gan", "assign", "sft", "direct-sft", "em", "evaluate"):
         assert verb in text
+
+
+def test_cli_refusal_of_a_used_run_folder_names_the_cli_options(tmp_path, capsys):
+    """The refusal spoke Python to CLI users ("resume='latest'", "overwrite=True")."""
+    out = tmp_path / "gan"
+    argv = ["noise", "toy", "train-gan", "--output-dir", str(out), "--max-steps", "1"]
+    argv += ["--batch-size", "4", "--max-items", "8"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--resume latest" in err and "--overwrite" in err, err
+    assert "resume='latest'" not in err and "overwrite=True" not in err, err

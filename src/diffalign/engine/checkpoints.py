@@ -161,8 +161,8 @@ class TrainerCheckpoints:
                     logger.info("removed the stale temporary %s of an interrupted run", p)
         if cfg.resume is None and self._holds_a_run() and not cfg.overwrite:
             raise DiffalignError(
-                f"{self.output_dir} already holds a training run; resume it with "
-                "resume='latest' (--resume latest) or start over with overwrite=True (--overwrite)"
+                f"{self.output_dir} already holds a training run: pass --resume latest to "
+                "continue it, --overwrite to start over, or another output folder"
             )
         self.accelerator.wait_for_everyone()
 

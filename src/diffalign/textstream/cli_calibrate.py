@@ -216,7 +216,7 @@ def _run_calibrate(args) -> int:
 
     if is_main_process():
         print(
-            f"wrote {summary['output']}: {len(summary['target_layers'])} rotations, "
+            f"wrote {summary['output']}: {_count_rotations(summary)}, "
             f"{summary['num_valid_tokens']} tokens, mean error "
             f"{summary['mean_error_before']:.4f} -> {summary['mean_error_after']:.4f}"
         )
@@ -226,3 +226,11 @@ def _run_calibrate(args) -> int:
                 f"--num-samples {args.num_samples}: all {summary['num_samples']} were used"
             )
     return 0
+
+
+def _count_rotations(summary: dict) -> str:
+    """The count printed: 22 rotations, or 88 (22 layers x 4 timestep buckets) with buckets."""
+    layers, buckets = len(summary["target_layers"]), int(summary.get("timestep_buckets") or 1)
+    if buckets == 1:
+        return f"{layers} rotations"
+    return f"{layers * buckets} rotations ({layers} layers x {buckets} timestep buckets)"
