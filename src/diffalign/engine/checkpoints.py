@@ -19,6 +19,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,97 @@ def _keep_adamw_kernel(optimizer: torch.optim.Optimizer, kernel: list[tuple]) ->
                 st["step"] = st["step"].to(dtype=torch.float32, device=where)
 
 
+def holds_a_run(output_dir: str | Path) -> bool:
+    """True when `output_dir` holds a training run's checkpoints or its final export."""
+    output_dir = Path(output_dir)
+    return bool(list_checkpoints(output_dir)) or (output_dir / "checkpoint-final").is_dir()
+
+
+def refuse_used_folder(output_dir: str | Path, resume: str | None, overwrite: bool) -> None:
+    """A new run (no resume, no overwrite) into a folder that holds a run is one error line."""
+    if resume is None and holds_a_run(output_dir) and not overwrite:
+        raise DiffalignError(
+            f"{output_dir} already holds a training run: pass --resume latest to "
+            "continue it, --overwrite to start over, or another output folder"
+        )
+
+
+def find_resume_checkpoint(
+    output_dir: str | Path, resume: str | None, overwrite: bool
+) -> Path | None:
+    """The checkpoint folder `resume` names ("latest": the newest under `output_dir`); None when
+    there is nothing to resume (no resume, or "latest" in a folder without a run)."""
+    output_dir = Path(output_dir)
+    if resume is None:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(output_dir)
+        if ckpts:
+            return ckpts[-1]
+        if (output_dir / "checkpoint-final").is_dir() and not overwrite:
+            raise DiffalignError(
+                f"{output_dir} holds a finished run without a resumable checkpoint "
+                "(checkpoints/): nothing to resume; pass --overwrite to start over"
+            )
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise DiffalignError(f"resume checkpoint not found: {path}")
+    if not (path / "state.json").is_file():
+        raise DiffalignError(f"{path} is not a diffalign checkpoint folder (no state.json)")
+    return path
+
+
+def loop_identity(config: Any, warmup_steps: int | None, max_steps: int | None) -> dict:
+    """The loop's part of a run's identity: the `TrainConfig` options that change the weights,
+    the resolved warmup, and max_steps under a schedule that depends on it."""
+    loop = {k: getattr(config, k) for k in LOOP_IDENTITY}
+    loop["warmup_steps"] = warmup_steps
+    if config.lr_scheduler != "constant":
+        loop["max_steps"] = max_steps
+    return loop
+
+
+def check_run_identity(
+    saved: dict | None, identity: dict, path: Path, free: Iterable[str] = ()
+) -> None:
+    """A checkpoint made with other settings (`engine.identity`) cannot be resumed."""
+    check_identity(
+        saved,
+        identity,
+        f"cannot resume from {path}: it holds a run",
+        free=free,
+        hint="resume with the settings it was made with, or start over (no --resume, "
+        "--overwrite) or in another --output-dir",
+    )
+
+
+def check_before_setup(
+    config: Any,
+    task_identity: Callable[[], dict],
+    unknown: Iterable[str] = (),
+    check_task: Callable[[dict | None, Path], None] | None = None,
+) -> None:
+    """The output-folder and resume refusals of `engine.train` for a `TrainConfig`, made before a
+    task loads any model or fills a cache: a used folder without resume or overwrite, a missing
+    or finished resume checkpoint, and, on the checkpoint a resume would load, the task's
+    `check_task(saved task config, path)` and the run identity with `task_identity()` (called
+    only then: it may hash model files). `unknown`: the task identity's keys known only once
+    its models are loaded, left out here (the trainer compares everything again on resume)."""
+    refuse_used_folder(config.output_dir, config.resume, config.overwrite)
+    path = find_resume_checkpoint(config.output_dir, config.resume, config.overwrite)
+    if path is None:
+        return
+    state = read_json(path / "state.json")
+    if not isinstance(state, dict):  # damaged: the trainer's own message, when it resumes
+        return
+    if check_task is not None:
+        check_task(state.get("task"), path)
+    identity = {"loop": loop_identity(config, None, None), "task": task_identity()}
+    free = ["loop.warmup_steps", "loop.max_steps", *(f"task.{k}" for k in unknown)]
+    check_run_identity(state.get("identity"), identity, path, free)
+
+
 class TrainerCheckpoints:
     """The `engine.train` trainer's output folder, resume, checkpoints and exports (a mixin of
     the trainer: it uses the trainer's config, task, modules, optimizers and counters)."""
@@ -159,24 +251,14 @@ class TrainerCheckpoints:
             for folder in (self.output_dir, self.output_dir / "checkpoints"):
                 for p in clean_stale_temporaries(folder):
                     logger.info("removed the stale temporary %s of an interrupted run", p)
-        if cfg.resume is None and self._holds_a_run() and not cfg.overwrite:
-            raise DiffalignError(
-                f"{self.output_dir} already holds a training run: pass --resume latest to "
-                "continue it, --overwrite to start over, or another output folder"
-            )
+        refuse_used_folder(self.output_dir, cfg.resume, cfg.overwrite)
         self.accelerator.wait_for_everyone()
-
-    def _holds_a_run(self) -> bool:
-        return (
-            bool(list_checkpoints(self.output_dir))
-            or (self.output_dir / "checkpoint-final").is_dir()
-        )
 
     def _clear_previous_run(self) -> None:
         """overwrite=True: remove the previous run's outputs, only once the models and data are
         set up (a run refused while setting up loses nothing)."""
         cfg = self.config
-        if cfg.resume is None and cfg.overwrite and self.is_main and self._holds_a_run():
+        if cfg.resume is None and cfg.overwrite and self.is_main and holds_a_run(self.output_dir):
             for name in (
                 "checkpoints",
                 "checkpoint-final",
@@ -197,31 +279,14 @@ class TrainerCheckpoints:
         self.accelerator.wait_for_everyone()
 
     def _resolve_resume(self) -> Path | None:
-        r = self.config.resume
-        if r is None:
-            return None
-        if r == "latest":
-            ckpts = list_checkpoints(self.output_dir)
-            if ckpts:
-                return ckpts[-1]
-            if (self.output_dir / "checkpoint-final").is_dir() and not self.config.overwrite:
-                raise DiffalignError(
-                    f"{self.output_dir} holds a finished run without a resumable checkpoint "
-                    "(checkpoints/): nothing to resume; pass --overwrite to start over"
-                )
-            # documented (README): a first run with --resume latest starts fresh, and says so
-            if self.is_main:
-                print(
-                    f"diffalign: --resume latest: no checkpoint under {self.output_dir}; "
-                    "starting a new run",
-                    flush=True,
-                )
-            return None
-        path = Path(r)
-        if not path.is_dir():
-            raise DiffalignError(f"resume checkpoint not found: {path}")
-        if not (path / "state.json").is_file():
-            raise DiffalignError(f"{path} is not a diffalign checkpoint folder (no state.json)")
+        path = find_resume_checkpoint(self.output_dir, self.config.resume, self.config.overwrite)
+        # documented (README): a first run with --resume latest starts fresh, and says so
+        if path is None and self.config.resume == "latest" and self.is_main:
+            print(
+                f"diffalign: --resume latest: no checkpoint under {self.output_dir}; "
+                "starting a new run",
+                flush=True,
+            )
         return path
 
     def _identity(self) -> dict:
@@ -230,11 +295,7 @@ class TrainerCheckpoints:
         task's identity may hash model files)."""
         if getattr(self, "_identity_cache", None) is not None:
             return self._identity_cache
-        cfg = self.config
-        loop = {k: getattr(cfg, k) for k in LOOP_IDENTITY}
-        loop["warmup_steps"] = self.warmup_steps
-        if cfg.lr_scheduler != "constant":
-            loop["max_steps"] = self.max_steps
+        loop = loop_identity(self.config, self.warmup_steps, self.max_steps)
         self._identity_cache = {"loop": loop, "task": self.task.identity()}
         return self._identity_cache
 
@@ -270,13 +331,7 @@ class TrainerCheckpoints:
                 f"{where}: it holds optimizers {sorted(state.get('optimizers', []))}, "
                 f"this task has {sorted(self.optimizers)}"
             )
-        check_identity(
-            state.get("identity"),
-            self._identity(),
-            f"cannot resume from {path}: it holds a run",
-            hint="resume with the settings it was made with, or start over (no --resume, "
-            "--overwrite) or in another --output-dir",
-        )
+        check_run_identity(state.get("identity"), self._identity(), path)
         if (self.ema is None) != (not (path / "ema.safetensors").is_file()):
             logger.warning(
                 "EMA setting differs from %s; EMA restarts from the current weights", path

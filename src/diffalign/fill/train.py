@@ -355,26 +355,13 @@ class FillTrainTask(TrainTask):
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
         """A checkpoint of another module shape, LoRA, objective or optimiser setting is one
         error line naming the first differing key (fill.config.RESUME_FREE may change)."""
-        from diffalign.engine.config_values import check_resume_config
-        from diffalign.fill.config import resume_free_keys
-
-        if saved_config is None:
-            return
-        current = self.config_dict()
-        check_resume_config(saved_config, current, resume_free_keys(saved_config, current), path)
+        _check_saved_config(saved_config, self.config_dict(), path)
 
     def identity(self) -> dict:
         """Compared on resume (`engine.identity`): the settings outside RESUME_FREE (the loop's
         own options, max_steps included, are compared by the loop) and the base model by
         identity (resolved path, config and weights hashes) instead of its path text."""
-        from diffalign.engine.identity import model_identity
-        from diffalign.fill.config import RESUME_FREE
-
-        free = RESUME_FREE | {"max_steps", "epochs"}
-        return {
-            **{k: v for k, v in self.config_dict().items() if k not in free},
-            "models": {"model": model_identity(self.cfg.model, ("transformer",))},
-        }
+        return _fill_identity(self.config_dict(), self.cfg.model)
 
     def config_dict(self) -> dict:
         import dataclasses
@@ -386,6 +373,50 @@ class FillTrainTask(TrainTask):
             "semantic_parameters": self.n_semantic,
             "lora_target_modules": sorted(self.lora_config.target_modules),
         }
+
+
+# config_dict()'s keys that only the loaded model tells
+MODEL_DERIVED = ("latent_dim", "lora_parameters", "semantic_parameters", "lora_target_modules")
+
+
+def _check_saved_config(
+    saved: dict | None, current: dict, path: Path, unknown: tuple[str, ...] = ()
+) -> None:
+    from diffalign.engine.config_values import check_resume_config
+    from diffalign.fill.config import resume_free_keys
+
+    if saved is None:
+        return
+    free = resume_free_keys(saved, current) | set(unknown)
+    check_resume_config(saved, current, free, path)
+
+
+def _fill_identity(config: dict, model: str) -> dict:
+    from diffalign.engine.identity import model_identity
+    from diffalign.fill.config import RESUME_FREE
+
+    free = RESUME_FREE | {"max_steps", "epochs"}
+    return {
+        **{k: v for k, v in config.items() if k not in free},
+        "models": {"model": model_identity(model, ("transformer",))},
+    }
+
+
+def check_before_loading(cfg: FillTrainConfig, loop: TrainConfig) -> None:
+    """The trainer's used-folder and resume refusals (`engine.checkpoints.check_before_setup`)
+    from the config alone, before the pipeline loads or the text cache is filled: a re-run
+    with other settings is refused in seconds, not after the text encoders ran."""
+    import dataclasses
+
+    from diffalign.engine.checkpoints import check_before_setup
+
+    config = dataclasses.asdict(cfg)
+    check_before_setup(
+        loop,
+        lambda: _fill_identity(config, cfg.model),
+        unknown=MODEL_DERIVED,
+        check_task=lambda saved, path: _check_saved_config(saved, config, path, MODEL_DERIVED),
+    )
 
 
 def _is_main() -> bool:
@@ -439,6 +470,7 @@ def _run_train(cfg: FillTrainConfig, loop: TrainConfig, log):
 
     if cfg.deterministic:  # before the text cache's first matmul
         set_cublas_workspace_config()
+    check_before_loading(cfg, loop)  # a used folder or another run's checkpoint: refused now
     torch.manual_seed(cfg.seed)  # the module's and LoRA's initial weights
     task = FillTrainTask(cfg, log=log)
     cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
