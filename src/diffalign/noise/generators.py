@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.noise.onestep import OneStepGenerator, PromptEmbeds
+from diffalign.noise.onestep import OneStepGenerator, PromptEmbeds, cached_schedule
 from diffalign.noise.recipes import (
     GENERATORS,
     RECIPE_FILE,
@@ -69,20 +69,6 @@ def _scheduler(kind: str, config):
     if kind == "lcm":
         return LCMScheduler.from_config(config)
     raise DiffalignError(f"unknown scheduler kind {kind!r}")
-
-
-def _one_step_state(scheduler, spec: GeneratorSpec, device: torch.device) -> dict[str, Any]:
-    """The scheduler's attributes after ``set_timesteps`` of the one-step schedule (`spec`'s
-    timesteps, else one inference step) on `device`, with the begin index at step 0 when the
-    schedule has one timestep: the index `index_for_timestep` finds for it, found without a
-    host sync."""
-    if spec.timesteps:
-        scheduler.set_timesteps(timesteps=list(spec.timesteps), device=device)
-    else:
-        scheduler.set_timesteps(1, device=device)
-    if len(scheduler.timesteps) == 1 and hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    return dict(vars(scheduler))
 
 
 class DiffusionOneStepGenerator(OneStepGenerator):
@@ -174,19 +160,19 @@ class DiffusionOneStepGenerator(OneStepGenerator):
         return float(self.scheduler.init_noise_sigma)
 
     def _timestep(self) -> torch.Tensor:
-        """Put the scheduler in its one-step state and return the step's timestep.
+        """Put the scheduler in its one-step state (set once per device: `cached_schedule`,
+        no host sync per call) and return the step's timestep."""
 
-        ``set_timesteps`` runs once per device; each later call restores the attributes it left
-        (the same tensors, which no step changes in place) instead of running it again, and the
-        begin index is set to the one step so the step-index lookup does not search the
-        schedule. Both would copy between host and accelerator and wait for it at every
-        optimisation step; the state, and so every result, is the same (`_one_step_state`)."""
-        key = str(self.device)
-        cached = self.__dict__.get("_one_step_cache")
-        if cached is None or cached[0] != key or cached[1] is not self.scheduler:
-            cached = (key, self.scheduler, _one_step_state(self.scheduler, self.spec, self.device))
-            self._one_step_cache = cached
-        self.scheduler.__dict__.update(cached[2])
+        def set_schedule() -> None:
+            sched = self.scheduler
+            if self.spec.timesteps:
+                sched.set_timesteps(timesteps=list(self.spec.timesteps), device=self.device)
+            else:
+                sched.set_timesteps(1, device=self.device)
+            if len(sched.timesteps) == 1:  # index_for_timestep's answer for the one timestep
+                sched.set_begin_index(0)
+
+        cached_schedule(self, self.scheduler, (str(self.device),), set_schedule)
         return self.scheduler.timesteps[0]
 
     def _unet_kwargs(self, embeds: PromptEmbeds, height: int, width: int) -> dict[str, Any]:
