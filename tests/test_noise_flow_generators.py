@@ -157,8 +157,17 @@ def test_flux_schnell_is_renos_one_step_call(tiny_model_dir):
     assert float((ours - hand).abs().max()) <= 1e-4
 
 
-@pytest.mark.parametrize("kind,steps", [("flux-schnell", 4), ("sd3.5-large-turbo", 2)], ids=str)
-def test_schedule_is_set_once_per_size_with_the_same_result(tiny_model_dir, kind, steps):
+@pytest.mark.parametrize(
+    "kind,steps,schedules",  # schedules: 2 where the key holds the image size (the shift)
+    [
+        ("flux-schnell", 4, 2),
+        ("sd3.5-large-turbo", 2, 2),
+        ("sana-sprint", 2, 1),
+        ("pixart-dmd", 1, 1),
+    ],
+    ids=str,
+)
+def test_schedule_is_set_once_per_size_with_the_same_result(tiny_model_dir, kind, steps, schedules):
     """`set_timesteps` (a host-to-device copy, a host sync) runs once per device, step count and
     image size, not at every call (every optimisation step); the latents are bit-identical to
     setting the schedule afresh at every call (`onestep.cached_schedule`)."""
@@ -182,7 +191,7 @@ def test_schedule_is_set_once_per_size_with_the_same_result(tiny_model_dir, kind
         fast = [gen.denoise(z, embeds) for _ in range(3)]
         big = gen.denoise(z_big, embeds)  # another size: its own (shifted) schedule
         again = gen.denoise(z, embeds)
-        assert len(calls) == 2
+        assert len(calls) == schedules
         mp.setattr(
             flow_mod, "cached_schedule", lambda owner, sched, key, set_schedule: set_schedule()
         )

@@ -429,13 +429,17 @@ class SanaSprintGenerator(FewStepTransformerGenerator):
 
     def _sample(self, noise: torch.Tensor, embeds: PromptEmbeds, num_steps: int) -> torch.Tensor:
         sched = self.scheduler
-        sched.set_timesteps(
-            num_steps,
-            device=self.device,
-            max_timesteps=SANA_MAX_TIMESTEP,
-            intermediate_timesteps=SANA_INTERMEDIATE_TIMESTEP if num_steps == 2 else None,
-        )
-        sched.set_begin_index(0)
+
+        def set_schedule() -> None:
+            sched.set_timesteps(
+                num_steps,
+                device=self.device,
+                max_timesteps=SANA_MAX_TIMESTEP,
+                intermediate_timesteps=SANA_INTERMEDIATE_TIMESTEP if num_steps == 2 else None,
+            )
+            sched.set_begin_index(0)
+
+        cached_schedule(self, sched, (str(self.device), num_steps), set_schedule)
         sigma_data = sched.config.sigma_data
         b = noise.shape[0]
         pe = embeds["prompt_embeds"]
@@ -486,7 +490,12 @@ class PixArtDMDGenerator(FewStepTransformerGenerator):
 
     def _sample(self, noise: torch.Tensor, embeds: PromptEmbeds, num_steps: int) -> torch.Tensor:
         sched = self.scheduler
-        sched.set_timesteps(timesteps=[PIXART_DMD_TIMESTEP], device=self.device)
+        cached_schedule(  # set once: no host-to-device copy per call
+            self,
+            sched,
+            (str(self.device),),
+            lambda: sched.set_timesteps(timesteps=[PIXART_DMD_TIMESTEP], device=self.device),
+        )
         t = sched.timesteps[0]
         b, c = noise.shape[:2]
         latents = noise * sched.init_noise_sigma
