@@ -216,6 +216,16 @@ def test_one_step_schedule_is_set_once_with_the_same_result(tiny, kind, monkeypa
         monkeypatch.setattr(gen, "_timestep", lambda: _rerun_set_timesteps(gen))
         torch.manual_seed(0)
         slow = [gen.generate(z, embeds) for _ in range(4)]
+    if gen.spec.pipeline == "sdxl":  # the size conditioning is built once, not copied per call
+        seen = []
+        hook = gen.unet.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]), with_kwargs=True
+        )
+        with torch.no_grad():
+            for _ in range(2):
+                gen.denoise(z, embeds)
+        hook.remove()
+        assert seen[0] is seen[1]
     for f, s in zip(fast, slow):
         assert torch.equal(f, s)
     assert torch.equal(after_pipe, slow[0])

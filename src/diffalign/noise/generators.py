@@ -179,9 +179,13 @@ class DiffusionOneStepGenerator(OneStepGenerator):
         kw: dict[str, Any] = {"encoder_hidden_states": embeds["prompt_embeds"]}
         if self.spec.pipeline == "sdxl":
             b = embeds["prompt_embeds"].shape[0]
-            time_ids = torch.tensor(
-                [[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device
-            ).repeat(b, 1)  # original size, crop (0, 0), target size: the pipeline's defaults
+            key = (b, height, width, str(self.device), self.dtype)
+            cache = self.__dict__.setdefault("_time_ids", {})
+            if key not in cache:  # built once: a host-to-device copy (a host sync) per call else
+                cache[key] = torch.tensor(
+                    [[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device
+                ).repeat(b, 1)  # original size, crop (0, 0), target size: the pipeline's defaults
+            time_ids = cache[key]
             kw["added_cond_kwargs"] = {
                 "text_embeds": embeds["pooled_prompt_embeds"],
                 "time_ids": time_ids,
