@@ -3,6 +3,8 @@ the test from the same tiny folder, for the same noise and settings (fp32); grad
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -153,3 +155,48 @@ def test_flux_schnell_is_renos_one_step_call(tiny_model_dir):
         hand = pipe.vae.decode(x0 / 0.3611 + 0.1159, return_dict=False)[0]
         hand = (hand / 2 + 0.5).clamp(0, 1)
     assert float((ours - hand).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "kind,steps,schedules",  # schedules: 2 where the key holds the image size (the shift)
+    [
+        ("flux-schnell", 4, 2),
+        ("sd3.5-large-turbo", 2, 2),
+        ("sana-sprint", 2, 1),
+        ("pixart-dmd", 1, 1),
+    ],
+    ids=str,
+)
+def test_schedule_is_set_once_per_size_with_the_same_result(tiny_model_dir, kind, steps, schedules):
+    """`set_timesteps` (a host-to-device copy, a host sync) runs once per device, step count and
+    image size, not at every call (every optimisation step); the latents are bit-identical to
+    setting the schedule afresh at every call (`onestep.cached_schedule`)."""
+    import diffalign.noise.flow_generators as flow_mod
+
+    gen = _case(kind, steps, tiny_model_dir)[0]
+    embeds = gen.encode_prompts(["a cat"])
+    z = gen.sample_noise(1, generator=torch.Generator().manual_seed(4))
+    z_big = torch.randn(1, z.shape[1], z.shape[2] * 2, z.shape[3] * 2)
+    sched_cls = type(gen.scheduler)
+    calls = []
+    real = sched_cls.set_timesteps
+
+    @functools.wraps(real)  # retrieve_timesteps inspects the signature
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(sched_cls, "set_timesteps", counted)
+        fast = [gen.denoise(z, embeds) for _ in range(3)]
+        big = gen.denoise(z_big, embeds)  # another size: its own (shifted) schedule
+        again = gen.denoise(z, embeds)
+        assert len(calls) == schedules
+        mp.setattr(
+            flow_mod, "cached_schedule", lambda owner, sched, key, set_schedule: set_schedule()
+        )
+        slow = gen.denoise(z, embeds)
+        slow_big = gen.denoise(z_big, embeds)
+    for f in [*fast, again]:
+        assert torch.equal(f, slow)
+    assert torch.equal(big, slow_big)

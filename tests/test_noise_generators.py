@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -168,3 +169,63 @@ def test_kind_inference_and_bad_inputs(tiny, tmp_path):
         gen.latent_shape(30, 32)
     with pytest.raises(DiffalignError, match="noises for"):
         gen.generate(torch.zeros(3, 4, 4, 4), gen.encode_prompts(["a", "b"]))
+
+
+def _rerun_set_timesteps(gen):
+    """The old per-call path: `set_timesteps` and the step-index search at every call."""
+    if gen.spec.timesteps:
+        gen.scheduler.set_timesteps(timesteps=list(gen.spec.timesteps), device=gen.device)
+    else:
+        gen.scheduler.set_timesteps(1, device=gen.device)
+    return gen.scheduler.timesteps[0]
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_one_step_schedule_is_set_once_with_the_same_result(tiny, kind, monkeypatch):
+    """`set_timesteps` (a host-to-device copy) and `index_for_timestep` (a `.item()`) are host
+    syncs: the optimisation loop calls `generate` once per step, so they run once per
+    generator, not per call, and the images are bit-identical to re-running them per call,
+    also after the diffusers pipeline has used (and changed) the shared scheduler."""
+    gen = _load(tiny, kind)
+    embeds = gen.encode_prompts(["a cat"])
+    z = gen.sample_noise(1, generator=torch.Generator().manual_seed(3))
+    sched_cls = type(gen.scheduler)
+    calls = {"set_timesteps": 0, "index_for_timestep": 0}
+    for name in calls:
+        orig = getattr(sched_cls, name)
+
+        @functools.wraps(orig)  # the pipeline inspects set_timesteps' signature
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(sched_cls, name, counted)
+    with torch.no_grad():
+        torch.manual_seed(0)  # EulerAncestral draws (zero-weighted) step noise from the global RNG
+        fast = [gen.generate(z, embeds) for _ in range(4)]
+        assert calls == {"set_timesteps": 1, "index_for_timestep": 0}, calls
+        gen.pipe(
+            prompt=["a cat"],
+            latents=z.clone(),
+            height=SIZE,
+            width=SIZE,
+            output_type="pt",
+            **gen.pipeline_kwargs(),
+        )
+        after_pipe = gen.generate(z, embeds)
+        monkeypatch.setattr(gen, "_timestep", lambda: _rerun_set_timesteps(gen))
+        torch.manual_seed(0)
+        slow = [gen.generate(z, embeds) for _ in range(4)]
+    if gen.spec.pipeline == "sdxl":  # the size conditioning is built once, not copied per call
+        seen = []
+        hook = gen.unet.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]), with_kwargs=True
+        )
+        with torch.no_grad():
+            for _ in range(2):
+                gen.denoise(z, embeds)
+        hook.remove()
+        assert seen[0] is seen[1]
+    for f, s in zip(fast, slow):
+        assert torch.equal(f, s)
+    assert torch.equal(after_pipe, slow[0])

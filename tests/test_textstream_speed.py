@@ -171,3 +171,39 @@ def test_rotations_reach_the_device_once_for_every_attach(batched, monkeypatch):
     assert all(r.dtype == torch.bfloat16 for r in seen)  # cast once, not in every forward
     half = len(seen) // 2
     assert [r.data_ptr() for r in seen[:half]] == [r.data_ptr() for r in seen[half:]]
+
+
+def test_bucket_lookup_reads_the_timestep_once_per_forward(monkeypatch):
+    """With timestep buckets the bucket is read on the host once per transformer forward (one
+    host sync for a device timestep, not one per target), and each target's rotation is a view
+    of its device copy, not a per-forward gather (`AttachedResidual._buckets`)."""
+    import diffalign.textstream.attach as attach_mod
+    from diffalign.textstream.adapters import StreamAdapter
+    from diffalign.textstream.rotations import equal_bucket_edges
+
+    tr = make_transformer("sd3")
+    inputs = {**make_inputs(batch=2), "timestep": torch.tensor(700.0).expand(2)}  # a pipeline's
+    rots = {t: torch.stack([random_orthogonal(32, 10 + t), random_orthogonal(32, 20 + t)])
+            for t in TARGETS}  # fmt: skip
+    res = TextStreamResidual(
+        0, TARGETS, [0.6], mode="ln", rotations=rots, timestep_bucket_edges=equal_bucket_edges(2)
+    )
+    first = _forward(tr, inputs, res)
+    calls, seen = [], []
+    real_bucket, real_rotate = StreamAdapter.timestep_bucket, attach_mod.rotate
+
+    def bucket(self, timestep, edges):
+        calls.append(1)
+        return real_bucket(self, timestep, edges)
+
+    def rotate(o, rotation, dtype):
+        seen.append(rotation)
+        return real_rotate(o, rotation, dtype)
+
+    monkeypatch.setattr(StreamAdapter, "timestep_bucket", bucket)
+    monkeypatch.setattr(attach_mod, "rotate", rotate)
+    for _ in range(2):
+        assert torch.equal(_forward(tr, inputs, res), first)
+    assert len(calls) == 2 and len(seen) == 2 * len(TARGETS)
+    half = len(seen) // 2
+    assert [r.data_ptr() for r in seen[:half]] == [r.data_ptr() for r in seen[half:]]

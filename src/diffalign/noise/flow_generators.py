@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.noise.onestep import OneStepGenerator, PromptEmbeds
+from diffalign.noise.onestep import OneStepGenerator, PromptEmbeds, cached_schedule
 
 __all__ = [
     "FEWSTEP_GENERATORS",
@@ -326,10 +326,14 @@ class FluxSchnellGenerator(FewStepTransformerGenerator):
             cfg.get("base_shift", 0.5),
             cfg.get("max_shift", 1.15),
         )
-        timesteps, _ = retrieve_timesteps(
-            self.scheduler, num_steps, self.device, sigmas=sigmas, mu=mu
-        )
-        self.scheduler.set_begin_index(0)
+
+        def set_schedule() -> None:
+            retrieve_timesteps(self.scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
+            self.scheduler.set_begin_index(0)
+
+        key = (str(self.device), num_steps, h, w)
+        cached_schedule(self, self.scheduler, key, set_schedule)  # no host sync per call
+        timesteps = self.scheduler.timesteps
         guidance = None
         if self.transformer.config.guidance_embeds:  # not schnell; kept for FLUX.1-dev folders
             guidance = torch.zeros(b, device=self.device, dtype=torch.float32)
@@ -384,8 +388,14 @@ class SD3TurboGenerator(FewStepTransformerGenerator):
                 cfg.get("base_shift", 0.5),
                 cfg.get("max_shift", 1.16),
             )
-        timesteps, _ = retrieve_timesteps(self.scheduler, num_steps, self.device, **kwargs)
-        self.scheduler.set_begin_index(0)
+
+        def set_schedule() -> None:
+            retrieve_timesteps(self.scheduler, num_steps, self.device, **kwargs)
+            self.scheduler.set_begin_index(0)
+
+        key = (str(self.device), num_steps, *noise.shape[-2:])
+        cached_schedule(self, self.scheduler, key, set_schedule)  # no host sync per call
+        timesteps = self.scheduler.timesteps
         latents = noise
         for t in timesteps:
             pred = self.transformer(
@@ -419,13 +429,17 @@ class SanaSprintGenerator(FewStepTransformerGenerator):
 
     def _sample(self, noise: torch.Tensor, embeds: PromptEmbeds, num_steps: int) -> torch.Tensor:
         sched = self.scheduler
-        sched.set_timesteps(
-            num_steps,
-            device=self.device,
-            max_timesteps=SANA_MAX_TIMESTEP,
-            intermediate_timesteps=SANA_INTERMEDIATE_TIMESTEP if num_steps == 2 else None,
-        )
-        sched.set_begin_index(0)
+
+        def set_schedule() -> None:
+            sched.set_timesteps(
+                num_steps,
+                device=self.device,
+                max_timesteps=SANA_MAX_TIMESTEP,
+                intermediate_timesteps=SANA_INTERMEDIATE_TIMESTEP if num_steps == 2 else None,
+            )
+            sched.set_begin_index(0)
+
+        cached_schedule(self, sched, (str(self.device), num_steps), set_schedule)
         sigma_data = sched.config.sigma_data
         b = noise.shape[0]
         pe = embeds["prompt_embeds"]
@@ -476,7 +490,12 @@ class PixArtDMDGenerator(FewStepTransformerGenerator):
 
     def _sample(self, noise: torch.Tensor, embeds: PromptEmbeds, num_steps: int) -> torch.Tensor:
         sched = self.scheduler
-        sched.set_timesteps(timesteps=[PIXART_DMD_TIMESTEP], device=self.device)
+        cached_schedule(  # set once: no host-to-device copy per call
+            self,
+            sched,
+            (str(self.device),),
+            lambda: sched.set_timesteps(timesteps=[PIXART_DMD_TIMESTEP], device=self.device),
+        )
         t = sched.timesteps[0]
         b, c = noise.shape[:2]
         latents = noise * sched.init_noise_sigma

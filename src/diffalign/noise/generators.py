@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.noise.onestep import OneStepGenerator, PromptEmbeds
+from diffalign.noise.onestep import OneStepGenerator, PromptEmbeds, cached_schedule
 from diffalign.noise.recipes import (
     GENERATORS,
     RECIPE_FILE,
@@ -160,19 +160,32 @@ class DiffusionOneStepGenerator(OneStepGenerator):
         return float(self.scheduler.init_noise_sigma)
 
     def _timestep(self) -> torch.Tensor:
-        if self.spec.timesteps:
-            self.scheduler.set_timesteps(timesteps=list(self.spec.timesteps), device=self.device)
-        else:
-            self.scheduler.set_timesteps(1, device=self.device)
+        """Put the scheduler in its one-step state (set once per device: `cached_schedule`,
+        no host sync per call) and return the step's timestep."""
+
+        def set_schedule() -> None:
+            sched = self.scheduler
+            if self.spec.timesteps:
+                sched.set_timesteps(timesteps=list(self.spec.timesteps), device=self.device)
+            else:
+                sched.set_timesteps(1, device=self.device)
+            if len(sched.timesteps) == 1:  # index_for_timestep's answer for the one timestep
+                sched.set_begin_index(0)
+
+        cached_schedule(self, self.scheduler, (str(self.device),), set_schedule)
         return self.scheduler.timesteps[0]
 
     def _unet_kwargs(self, embeds: PromptEmbeds, height: int, width: int) -> dict[str, Any]:
         kw: dict[str, Any] = {"encoder_hidden_states": embeds["prompt_embeds"]}
         if self.spec.pipeline == "sdxl":
             b = embeds["prompt_embeds"].shape[0]
-            time_ids = torch.tensor(
-                [[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device
-            ).repeat(b, 1)  # original size, crop (0, 0), target size: the pipeline's defaults
+            key = (b, height, width, str(self.device), self.dtype)
+            cache = self.__dict__.setdefault("_time_ids", {})
+            if key not in cache:  # built once: a host-to-device copy (a host sync) per call else
+                cache[key] = torch.tensor(
+                    [[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device
+                ).repeat(b, 1)  # original size, crop (0, 0), target size: the pipeline's defaults
+            time_ids = cache[key]
             kw["added_cond_kwargs"] = {
                 "text_embeds": embeds["pooled_prompt_embeds"],
                 "time_ids": time_ids,

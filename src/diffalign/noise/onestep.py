@@ -13,7 +13,7 @@ Encoded prompts are a dict of batch-first tensors, so a batch can be sliced and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -98,6 +98,7 @@ class OneStepGenerator(nn.Module):
         """The modules of the forward that `--compile` compiles (default: the generator's
         direct sub-modules; diffusion: the U-Net and the VAE decoder)."""
         return dict(self.named_children())
+
     def load_lora(self, path, adapter_name: str = "default") -> None:
         """Load a LoRA export of :meth:`export_finetuned` onto :meth:`trainable_module`."""
         raise DiffalignError(f"{self.name} takes no LoRA")
@@ -150,6 +151,25 @@ class OneStepGenerator(nn.Module):
         n = embeds_batch_size(embeds)
         if noise.shape[0] != n:
             raise DiffalignError(f"got {noise.shape[0]} noises for {n} encoded prompts")
+
+
+def cached_schedule(owner, scheduler, key: tuple, set_schedule: Callable[[], None]) -> None:
+    """Put `scheduler` in the state `set_schedule()` leaves it in, running that once per `key`
+    (what the schedule depends on: device, steps, image size) and, at later calls, restoring
+    the attributes it left (the same tensors: no scheduler step changes them in place).
+
+    ``set_timesteps`` copies the schedule to the accelerator and the step-index lookup reads it
+    back (``index_for_timestep``'s ``.item()``): two host syncs in every call of a generator,
+    i.e. in every optimisation step. `set_schedule` sets the begin index (``set_begin_index``)
+    so the lookup never runs; the scheduler state, and so every result, is the one a fresh
+    ``set_timesteps`` gives (the pipelines' steps share the scheduler and change it: the
+    restore undoes that too). The states live on `owner` (a generator)."""
+    states = owner.__dict__.setdefault("_schedule_states", {})
+    state = states.get(key)
+    if state is None or state[0] is not scheduler:
+        set_schedule()
+        state = states[key] = (scheduler, dict(vars(scheduler)))
+    scheduler.__dict__.update(state[1])
 
 
 def compile_generator(

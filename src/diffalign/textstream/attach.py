@@ -347,7 +347,14 @@ class AttachedResidual:
         return None
 
     def _buckets(self, batch: int) -> torch.Tensor | None:
-        """This forward's bucket per batch row (None with one bucket)."""
+        """This forward's bucket per batch row (None with one bucket), on the host.
+
+        Read once per transformer forward (in the origin hook; a gradient-checkpointing
+        recompute reuses it), so a timestep on an accelerator costs one host sync per forward,
+        not one per target. It stays: picking a target's `[d, d]` rotation by a bucket index
+        that lives on the device, without reading it, needs a gather (`index_select`), i.e. a
+        copy of every target's rotation in every forward, where the host index gives a free view
+        of the device copy (`_rotation_on`) with the same result."""
         res = self.residual
         if res.num_buckets == 1:
             return None
