@@ -322,11 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['ours_s_per_step']:.3f} s/step ({c['speedup']:.2f}x eager), cold start "
             f"{c['cold_start_s']:.1f} s, break-even "
             + (f"{be:.0f} steps" if be is not None else "never")
-            + (
-                f", step / kernels {r['step_over_kernel']:.2f}"
-                if "step_over_kernel" in r
-                else ""
-            )
+            + (f", step / kernels {r['step_over_kernel']:.2f}" if "step_over_kernel" in r else "")
         )
     if args.json:
         write_json(args.json, results)

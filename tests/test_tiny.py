@@ -34,7 +34,9 @@ def test_every_family_module_imports_first():
 
     import diffalign.engine as engine_pkg
 
-    names = [m.name for m in pkgutil.iter_modules(engine_pkg.__path__) if m.name.startswith("tiny_")]
+    names = [
+        m.name for m in pkgutil.iter_modules(engine_pkg.__path__) if m.name.startswith("tiny_")
+    ]
     assert {"tiny_flux", "tiny_flux1", "tiny_qwenimage"} <= set(names)
     for first in names:  # each module first, in its own interpreter
         order = [first] + [n for n in names if n != first]

@@ -84,7 +84,9 @@ def test_fused_adamw_kernel_is_kept_on_resume_and_resumes_exactly(tmp_path, monk
     assert all(g["fused"] for g in state["param_groups"])
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(RegressionTask(crash_at=4), _cfg(tmp_path / "b", ema_decay=None))
-    resumed = train(RegressionTask(init_seed=5), _cfg(tmp_path / "b", ema_decay=None, resume="latest"))
+    resumed = train(
+        RegressionTask(init_seed=5), _cfg(tmp_path / "b", ema_decay=None, resume="latest")
+    )
     assert resumed.history == straight.history
     fa, fb = _final(tmp_path / "a"), _final(tmp_path / "b")
     assert all(torch.equal(fa[k], fb[k]) for k in fa)

@@ -610,4 +610,3 @@ def _wait_for_launch_owner(lock_path: Path, launch: str, folder: Path, what: str
         f"{what} {folder}: rank 0 of this launch did not take the output lock within {limit:.0f} s "
         f"({_describe_owner(_read_owner(lock_path))} holds it)"
     )
-

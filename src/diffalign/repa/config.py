@@ -112,7 +112,8 @@ class RepaTrainConfig:
         False, "deterministic CUDA kernels (slower): needed for a bit-exact resume on a GPU"
     )
     compile: bool = _f(
-        False, "torch.compile the U-Net's transformer blocks and the heads (faster steps, cold start)"
+        False,
+        "torch.compile the U-Net's transformer blocks and the heads (faster steps, cold start)",
     )
     channels_last: bool = _f(False, "U-Net and head convolutions in channels_last (NHWC) layout")
 
