@@ -238,3 +238,56 @@ def test_matched_sft_fits_its_matched_noises(sdxl, dataset, tmp_path):
     )  # fmt: skip
     after = recon(load_generator(r["model"], "sdxl-turbo", **kw))
     assert after < 0.9 * before, (before, after)
+
+
+def test_used_folder_and_mismatched_resume_refused_before_loading(
+    sdxl, dataset, tmp_path, capsys, monkeypatch
+):
+    """`noise sft` refuses a used output folder, or a --resume into a run made with other
+    settings, before the generator loads: one line, exit 2, nothing lost."""
+    import diffalign.noise.generators as generators
+
+    out = tmp_path / "run"
+    base = [
+        "noise", "sft", "--manifest-path", str(dataset), *TRAIN, *model_args(sdxl),
+        "--output-dir", str(out), "--lora-rank", "2", "--max-steps", "1",
+        "--checkpoint-every", "1",
+    ]  # fmt: skip
+    assert main(base) == 0
+
+    def files():  # the lock file is taken (touched) by every try
+        return {
+            str(p.relative_to(out)): p.stat().st_mtime_ns if p.name != ".diffalign.lock" else 0
+            for p in out.rglob("*")
+        }
+
+    before = files()
+    loads = []
+    real_load = generators.load_generator
+
+    def load(*args, **kwargs):
+        loads.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(generators, "load_generator", load)
+    for extra, words in (
+        (["--resume", "latest", "--lr", "1e-2"], ("cannot resume", "task.lr")),
+        (["--resume", "latest", "--lora-rank", "4"], ("cannot resume", "lora_rank")),
+        (["--resume", "latest", "--direct"], ("cannot resume", "method")),
+        (["--resume", "latest", "--seed", "7"], ("cannot resume", "seed")),
+        ([], ("already holds a training run", "--resume latest")),
+        (["--lr", "1e-2"], ("already holds a training run", "--overwrite")),
+    ):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), (extra, err)
+        assert loads == [], extra  # refused before the generator loaded
+    assert files() == before
+
+    # the same settings still resume (one step more at the constant lr)
+    more = list(base)
+    more[more.index("--max-steps") + 1] = "2"
+    capsys.readouterr()
+    assert main([*more, "--resume", "latest"]) == 0
+    assert len(loads) == 1 and "(2 steps;" in capsys.readouterr().out

@@ -746,3 +746,52 @@ def test_compiled_training_equals_eager_and_resumes_exactly(data_dir, sd15, tmp_
         tc, _ = load_tensors(tmp_path / "c" / "checkpoint-final" / f"{name}.safetensors")
         tr, _ = load_tensors(tmp_path / "r" / "checkpoint-final" / f"{name}.safetensors")
         assert all(torch.equal(tc[k], tr[k]) for k in tc)
+
+
+def test_used_folder_and_mismatched_resume_refused_before_loading(
+    data_dir, sd15, tmp_path, capsys, monkeypatch
+):
+    """`repa train` refuses a used output folder, or a --resume into a run made with other
+    settings, before the U-Net (or a teacher) loads: one line, exit 2, nothing lost."""
+    import diffalign.repa.train as repa_train
+    from diffalign.cli import main
+
+    out = tmp_path / "run"
+    values = {
+        "data-dir": data_dir, "model": sd15, "output-dir": out, "grid": GRID,
+        "head-hidden-dim": 16, "batch-size": 4, "num-workers": 0, "max-steps": 2,
+        "mixed-precision": "no", "validate-every": 2, "checkpoint-every": 2, "tracker": "none",
+        "max-val-samples": 8, "lr": 1e-3, "align-warmup-steps": 2, "lr-scheduler": "constant",
+        "warmup-ratio": 0,
+    }  # fmt: skip
+
+    def args(*extra, **changed):
+        flags = [a for k, v in {**values, **changed}.items() for a in (f"--{k}", str(v))]
+        return ["repa", "train", "--no-progress", *flags, *extra]
+
+    assert main(args()) == 0
+    before = {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*")}
+    loads = []
+    real_load = repa_train.load_sd15_unet
+
+    def load(*a, **kw):
+        loads.append(a)
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(repa_train, "load_sd15_unet", load)
+    for extra, changed, words in (
+        (("--resume", "latest"), {"lora-rank": 4}, ("cannot resume", "lora_rank")),
+        (("--resume", "latest"), {"seed": 7}, ("cannot resume", "seed")),
+        ((), {}, ("already holds a training run", "--resume latest")),
+        ((), {"lora-rank": 4}, ("already holds a training run", "--overwrite")),
+    ):
+        capsys.readouterr()
+        assert main(args(*extra, **changed)) == 2, changed
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), (changed, err)
+        assert loads == [], changed  # refused before the U-Net loaded
+    assert {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+    # the same settings still resume (the run is complete: it exports again)
+    assert main(args("--resume", "latest")) == 0
+    assert len(loads) == 1

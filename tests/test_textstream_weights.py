@@ -875,3 +875,49 @@ def test_the_authors_flux_weight_files_are_read(tmp_path):
         lw = load_learned_weights(tmp_path / name)
         assert lw.origin_layer == 2 and lw.target_layers == [3, 4, 5], name
         assert lw.weights == pytest.approx([0.1, 0.2, 0.3]) and lw.mode is None
+
+
+def test_used_folder_and_mismatched_resume_refused_before_loading(
+    sd3, cache, tmp_path, capsys, monkeypatch
+):
+    """train-weights refuses a used output folder, or a --resume into a run made with other
+    settings, before the transformer loads: one line, exit 2, nothing lost."""
+    import diffalign.engine.loading as loading
+
+    out = tmp_path / "run"
+    common = ("--max-steps", "2", "--checkpoint-every", "2", "--lr-scheduler", "constant")
+    assert main(_train_args(sd3, cache, out, *common)) == 0
+
+    def files():  # the lock file is taken (touched) by every try
+        return {
+            str(p.relative_to(out)): p.stat().st_mtime_ns if p.name != ".diffalign.lock" else 0
+            for p in out.rglob("*")
+        }
+
+    before = files()
+    loads = []
+    real_load = loading.load_pipeline
+
+    def load(*args, **kwargs):
+        loads.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_pipeline", load)
+    for extra, words in (
+        (("--resume", "latest", "--lr", "0.01"), ("cannot resume", "lr")),
+        (("--resume", "latest", "--residual-mode", "ln"), ("cannot resume", "mode")),
+        (("--resume", "latest", "--seed", "7"), ("cannot resume", "seed")),
+        ((), ("already holds a training run", "--resume latest")),
+        (("--lr", "0.01"), ("already holds a training run", "--overwrite")),
+    ):
+        capsys.readouterr()
+        assert main(_train_args(sd3, cache, out, *common, *extra)) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), (extra, err)
+        assert loads == [], extra  # refused before the transformer loaded
+    assert files() == before
+
+    # the same settings still resume (more steps at a constant lr)
+    more = [a if a != "2" else "3" for a in common[:2]] + list(common[2:])
+    assert main(_train_args(sd3, cache, out, *more, "--resume", "latest")) == 0
+    assert len(loads) == 1

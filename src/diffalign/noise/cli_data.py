@@ -667,7 +667,7 @@ def _check_train_dtype(args) -> None:
 
 def _run_sft(args) -> int:
     from diffalign.noise.dataset import dataset_image_size, recorded_num_steps
-    from diffalign.noise.sft import sft
+    from diffalign.noise.sft import check_before_loading, sft
 
     _check_train_dtype(args)
     # the dataset's noises and targets have the size it records: the default here
@@ -675,19 +675,23 @@ def _run_sft(args) -> int:
     if args.num_steps is None and not (args.direct or args.allow_other_generator):
         # its noises were assigned for the generator at these steps: the default here
         args.num_steps = recorded_num_steps(args.manifest_path)
+    common = dict(
+        direct=args.direct,
+        init_lora=args.init_lora,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        **_sft_kwargs(args),
+    )
+    check_before_loading(args.manifest_path, args.output_dir, **common)  # a used folder: now
     gen = _load(args)
     _check_init_lora(args.init_lora, gen.name)
     r = sft(
         gen,
         args.manifest_path,
         args.output_dir,
-        direct=args.direct,
-        init_lora=args.init_lora,
-        resume=args.resume,
-        overwrite=args.overwrite,
         model_info=_model_info(args, gen),
         allow_other_generator=args.allow_other_generator,
-        **_sft_kwargs(args),
+        **common,
     )
     print(f"model: {r['model']} ({r['steps']} steps; best: {r['best']})")
     return 0

@@ -232,23 +232,40 @@ class MatchedSftTask(TrainTask):
         self.generator.export_finetuned(out_dir, self.export_info)
 
     def config_dict(self) -> dict:
-        return {
-            "method": "direct" if self.direct else "matched",
-            "items": len(self.data),
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "latent_loss_weight": self.w[0],
-            "pixel_l1_weight": self.w[1],
-            "preserve_latent_weight": self.pw[0],
-            "preserve_pixel_weight": self.pw[1],
-            "lora": self.lora,
-            "weight_decay": self.weight_decay,
-            "generator": getattr(self.generator, "name", None),
-        }
+        return _settings_record(
+            direct=self.direct,
+            items=len(self.data),
+            lr=self.lr,
+            batch_size=self.batch_size,
+            weights=(*self.w, *self.pw),
+            lora=self.lora,
+            weight_decay=self.weight_decay,
+            generator=getattr(self.generator, "name", None),
+        )
 
     def identity(self) -> dict:
         """Compared on resume: the settings above, weight decay, the models and the data."""
         return {**self.config_dict(), "weight_decay": self.weight_decay, **self.models}
+
+
+def _settings_record(
+    *, direct, items, lr, batch_size, weights, lora, weight_decay, generator
+) -> dict:
+    """`MatchedSftTask.config_dict`: ``weights`` = (latent, pixel L1, preserve latent, preserve
+    pixel)."""
+    return {
+        "method": "direct" if direct else "matched",
+        "items": items,
+        "lr": lr,
+        "batch_size": batch_size,
+        "latent_loss_weight": weights[0],
+        "pixel_l1_weight": weights[1],
+        "preserve_latent_weight": weights[2],
+        "preserve_pixel_weight": weights[3],
+        "lora": lora,
+        "weight_decay": weight_decay,
+        "generator": generator,
+    }
 
 
 def check_sft_settings(lr: float, batch_size: int, **weights: float) -> None:
@@ -367,7 +384,6 @@ def sft(
     with ``lora_rank``) on a `build-dataset` manifest; ``direct`` = random-noise baseline. A
     dataset built with another generator or model is refused (``allow_other_generator``: a
     warning); a resume with other settings, models or data is refused (`engine.identity`)."""
-    from diffalign.engine.identity import file_sha256, model_identity
     from diffalign.noise.dataset import (
         check_dataset_generator,
         check_generator_size,
@@ -397,17 +413,7 @@ def sft(
         )
     if warning is not None:
         print(f"diffalign: warning: {warning}", file=sys.stderr, flush=True)
-    models = {
-        "models": {k: record.get(k) for k in ("model", "vae", "weights")},
-        "init_lora": model_identity(init_lora),
-        "lora_rank": lora_rank,
-        "lora_alpha": lora_alpha,
-        "manifest_sha256": file_sha256(
-            Path(manifest_path) / "manifest.jsonl"
-            if Path(manifest_path).is_dir()
-            else manifest_path
-        ),
-    }
+    models = _data_identity(manifest_path, init_lora, lora_rank, lora_alpha, record)
     shape = tuple(generator.latent_shape())
     if not direct:
         from diffalign.noise.assign import check_noise_file
@@ -448,32 +454,106 @@ def sft(
         export_info=model_info,
         models=models,
     )
+    cfg = _loop_config(
+        output_dir, len(data), task.batch_size, max_steps=max_steps, epochs=epochs,
+        gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
+        max_grad_norm=max_grad_norm, ema_decay=ema_decay, checkpoint_every=checkpoint_every,
+        seed=seed, tracker=tracker, progress=progress, direct=direct, overwrite=overwrite,
+        resume=resume, deterministic=deterministic, compile=compile,
+    )  # fmt: skip
+    return sft_result(run_sft(task, cfg))
+
+
+def _data_identity(manifest_path, init_lora, lora_rank, lora_alpha, record: dict | None) -> dict:
+    """The identity's models and data part; ``record`` None: the models not known yet."""
+    from diffalign.engine.identity import file_sha256, model_identity
+
+    manifest = Path(manifest_path)
+    return {
+        "models": None
+        if record is None
+        else {k: record.get(k) for k in ("model", "vae", "weights")},
+        "init_lora": model_identity(init_lora),
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "manifest_sha256": file_sha256(
+            manifest / "manifest.jsonl" if manifest.is_dir() else manifest
+        ),
+    }
+
+
+def _loop_config(output_dir, items: int, batch_size: int, **options) -> TrainConfig:
+    """The shared loop's options: validation once an epoch of ``items`` in (the task's)
+    ``batch_size`` batches on each process."""
     from diffalign.noise.assign import dist_state
 
     world = dist_state()[1]  # accelerate shards the data: each process sees 1/world of it
-    batches = math.ceil(len(data) / world / task.batch_size)
-    steps_per_epoch = math.ceil(batches / gradient_accumulation_steps)
-    cfg = TrainConfig(
+    batches = math.ceil(items / world / batch_size)
+    steps_per_epoch = math.ceil(batches / options["gradient_accumulation_steps"])
+    direct, epochs, max_steps = options.pop("direct"), options.pop("epochs"), options["max_steps"]
+    return TrainConfig(
         output_dir=str(output_dir),
-        max_steps=max_steps,
         epochs=epochs if max_steps is None else None,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        mixed_precision=mixed_precision,
-        max_grad_norm=max_grad_norm,
         lr_scheduler="constant",
-        ema_decay=ema_decay,
         validate_every=max(1, steps_per_epoch),
-        checkpoint_every=checkpoint_every,
         export_every_epoch=True,
         best_metric="val/loss",
         log_every=1,
-        seed=seed,
-        tracker=tracker,
-        progress=progress,
         run_name="direct-sft" if direct else "latent-matched-sft",
-        overwrite=overwrite,
-        resume=resume,
-        deterministic=deterministic,
-        compile=compile,
+        **options,
     )
-    return sft_result(run_sft(task, cfg))
+
+
+def check_before_loading(manifest_path, output_dir, **options) -> None:
+    """`sft`'s used-folder and resume refusals (`engine.checkpoints.check_before_setup`) before
+    the generator loads: ``options`` are `sft`'s keywords (its defaults apply). The models'
+    identity and the generator's name are known only once it loads (the trainer compares
+    everything again on resume)."""
+    import inspect
+
+    from diffalign.engine.checkpoints import check_before_setup
+    from diffalign.noise.dataset import load_dataset_manifest
+
+    options.pop("model_info", None)
+    options.pop("allow_other_generator", None)
+    a = inspect.signature(sft).bind(None, manifest_path, output_dir, **options)
+    a.apply_defaults()
+    a = a.arguments
+    records, _ = load_dataset_manifest(manifest_path)
+    batch_size = min(a["batch_size"], len(records))
+    loop = _loop_config(
+        output_dir,
+        len(records),
+        max(1, batch_size),
+        **{k: a[k] for k in _LOOP_OPTIONS},
+    )
+    lora = a["lora_rank"] is not None or a["init_lora"] is not None
+
+    def identity() -> dict:
+        settings = _settings_record(
+            direct=a["direct"],
+            items=len(records),
+            lr=a["lr"],
+            batch_size=batch_size,
+            weights=tuple(a[k] for k in _LOSS_WEIGHTS),
+            lora=lora,
+            weight_decay=a["weight_decay"],
+            generator=None,
+        )
+        data = _data_identity(manifest_path, a["init_lora"], a["lora_rank"], a["lora_alpha"], None)
+        return {**settings, **data}
+
+    check_before_setup(loop, identity, unknown=("generator", "models"))
+
+
+_LOSS_WEIGHTS = (
+    "latent_loss_weight",
+    "pixel_l1_weight",
+    "preserve_latent_weight",
+    "preserve_pixel_weight",
+)
+_LOOP_OPTIONS = (
+    "max_steps", "epochs", "gradient_accumulation_steps", "mixed_precision", "max_grad_norm",
+    "ema_decay", "checkpoint_every", "seed", "tracker", "progress", "direct", "overwrite",
+    "resume", "deterministic", "compile",
+)  # fmt: skip

@@ -297,29 +297,16 @@ class RepaTask(TrainTask):
     def identity(self) -> dict:
         """Compared on resume (`engine.identity`): the settings outside RESUME_FREE, the U-Net
         (and online teacher) by identity, and the identity each data store records."""
-        from diffalign.engine.identity import file_sha256, model_identity
-        from diffalign.repa.teacher import _resolve_dino
+        from diffalign.engine.identity import file_sha256
 
-        root = Path(self.cfg.data_dir)
-        online = self.cfg.teacher == "online"
         stores = {"latents": self.train_ds.latents.meta.get("identity")}
         if self.train_ds.tokens is not None:
             stores["tokens"] = self.train_ds.tokens.meta.get("identity")
-        return {
-            **{k: v for k, v in self.config_dict().items() if k not in RESUME_FREE},
-            "models": {
-                "unet": model_identity(self.cfg.model, ("unet", "scheduler")),
-                "teacher": model_identity(_resolve_dino(self.cfg.teacher_model)[0])
-                if online
-                else None,
-            },
-            "data": {**stores, "clip_sha256": file_sha256(root / CLIP)},
-        }
+        data = {**stores, "clip_sha256": file_sha256(Path(self.cfg.data_dir) / CLIP)}
+        return _repa_identity(self.cfg, self.config_dict(), data)
 
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
-        if saved_config is None:
-            raise DiffalignError(f"cannot resume from {path}: it records no U-REPA configuration")
-        check_resume_config(saved_config, self.config_dict(), RESUME_FREE, path)
+        _check_saved_config(saved_config, self.config_dict(), path)
 
     def state_dict(self) -> dict:
         return {"manifold_capped": self.manifold_capped, "step_seen": self.step_seen}
@@ -367,6 +354,48 @@ class RepaTask(TrainTask):
         )
 
 
+# config_dict()'s keys that only the loaded models and data tell, and the identity's data part
+LOADED = ("teacher_dim", "latent_shape", "schedule")
+
+
+def _check_saved_config(
+    saved: dict | None, current: dict, path: Path, unknown: tuple[str, ...] = ()
+) -> None:
+    if saved is None:
+        raise DiffalignError(f"cannot resume from {path}: it records no U-REPA configuration")
+    check_resume_config(saved, current, RESUME_FREE | set(unknown), path)
+
+
+def _repa_identity(cfg: RepaTrainConfig, config: dict, data: dict | None) -> dict:
+    from diffalign.engine.identity import model_identity
+    from diffalign.repa.teacher import _resolve_dino
+
+    online = cfg.teacher == "online"
+    return {
+        **{k: v for k, v in config.items() if k not in RESUME_FREE},
+        "models": {
+            "unet": model_identity(cfg.model, ("unet", "scheduler")),
+            "teacher": model_identity(_resolve_dino(cfg.teacher_model)[0]) if online else None,
+        },
+        "data": data,
+    }
+
+
+def check_before_loading(cfg: RepaTrainConfig, loop: TrainConfig) -> None:
+    """The trainer's used-folder and resume refusals (`engine.checkpoints.check_before_setup`)
+    from the config alone, before the U-Net, VAE or teacher loads: a re-run with other
+    settings is refused in seconds (the trainer compares everything again on resume)."""
+    from diffalign.engine.checkpoints import check_before_setup
+
+    config = dataclasses.asdict(cfg)
+    check_before_setup(
+        loop,
+        lambda: _repa_identity(cfg, config, None),
+        unknown=(*LOADED, "data"),
+        check_task=lambda saved, path: _check_saved_config(saved, config, path, LOADED),
+    )
+
+
 def loop_config(cfg: RepaTrainConfig, resume: str | None, overwrite: bool) -> TrainConfig:
     """The shared loop's options from a U-REPA configuration."""
     return TrainConfig(
@@ -404,6 +433,7 @@ def train_repa(
     lcfg = loop_config(cfg, resume, overwrite)
     lcfg.progress = progress
     lcfg.validate()
+    check_before_loading(cfg, lcfg)  # a used folder or another run's checkpoint: refused now
     task = RepaTask(cfg)
     try:
         return train(task, lcfg)

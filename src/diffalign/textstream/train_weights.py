@@ -553,8 +553,7 @@ class WeightsTask(TrainTask):
         save_learned_weights(Path(out_dir) / WEIGHTS_FILE, self.learned())
 
     def config_dict(self) -> dict:
-        d = dataclasses.asdict(self.cfg)
-        d.pop("extra", None)
+        d = _settings(self.cfg)
         d.update(
             resolved_origin_layer=self.residual.origin_layer,
             resolved_target_layers=self.targets,
@@ -573,14 +572,10 @@ class WeightsTask(TrainTask):
     def identity(self) -> dict:
         """What decides the learned weights (compared on resume by the loop): the settings
         outside RESUME_FREE, the cache's job record (model identity included)."""
-        return {k: v for k, v in self.config_dict().items() if k not in RESUME_FREE}
+        return _weights_identity(self.config_dict())
 
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
-        from diffalign.engine.config_values import check_resume_config
-
-        if saved_config is None:
-            return
-        check_resume_config(saved_config, self.config_dict(), RESUME_FREE, path)
+        _check_saved_config(saved_config, self.config_dict(), path)
 
     def state_dict(self) -> dict:
         return {"init_val_loss": self.init_val_loss}
@@ -590,6 +585,58 @@ class WeightsTask(TrainTask):
 
     def close(self) -> None:
         self.handle.detach()
+
+
+# config_dict()'s keys that only the loaded model (or the full setup) tells
+LOADED = (
+    "resolved_origin_layer",
+    "resolved_target_layers",
+    "resolved_mode",
+    "rotation_sha256",
+    "time_shift_used",
+    "family",
+    "family_settings",
+    "init_weights",
+    "train_pairs",
+    "val_pairs",
+)
+
+
+def _settings(cfg: WeightsTrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d.pop("extra", None)
+    return d
+
+
+def _weights_identity(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RESUME_FREE}
+
+
+def _check_saved_config(
+    saved: dict | None, current: dict, path: Path, unknown: tuple[str, ...] = ()
+) -> None:
+    from diffalign.engine.config_values import check_resume_config
+
+    if saved is None:
+        return
+    check_resume_config(saved, current, RESUME_FREE | set(unknown), path)
+
+
+def check_before_loading(cfg: WeightsTrainConfig, loop: TrainConfig) -> None:
+    """The trainer's used-folder and resume refusals (`engine.checkpoints.check_before_setup`)
+    from the config and the cache's job record, before the transformer loads: a re-run with
+    other settings is refused in seconds (the trainer compares everything again on resume)."""
+    from diffalign.engine.checkpoints import check_before_setup
+
+    def config() -> dict:  # called on resume only (a missing cache: open_cache's own error)
+        return {**_settings(cfg), "cache_job": open_cache(cfg.cache).job}
+
+    check_before_setup(
+        loop,
+        lambda: _weights_identity(config()),
+        unknown=LOADED,
+        check_task=lambda saved, path: _check_saved_config(saved, config(), path, LOADED),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,6 +686,7 @@ def _run(cfg: WeightsTrainConfig, loop: TrainConfig, log):
     from diffalign.engine.progress import is_main_process
     from diffalign.engine.reports import plot_curves, write_summary
 
+    check_before_loading(cfg, loop)  # a used folder or another run's checkpoint: refused now
     task = WeightsTask(cfg, log=log)
     try:
         result = train(task, loop)
