@@ -10,7 +10,6 @@ import torch
 
 from diffalign.cli import main
 from diffalign.textstream.adapters import StreamAdapter
-from diffalign.textstream.calibrate import bucket_dtype_mismatch
 from diffalign.textstream.rotations import equal_bucket_edges
 
 FLUX = StreamAdapter("flux", (), 0, timestep_scale=1000.0)
@@ -25,6 +24,8 @@ def reference_bucket(t: float, edges: list[float], dtype) -> int:
 
 
 def test_mismatch_matches_reference():
+    from diffalign.textstream.calibrate import bucket_dtype_mismatch
+
     ts = [1000.0, 798.294, 750.0, 499.2, 333.2984, 249.59, 199.65, 12.0]
     for n in (2, 3, 4, 5, 6):
         edges = equal_bucket_edges(n)
