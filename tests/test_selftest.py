@@ -101,6 +101,36 @@ def test_generators_fill_and_textstream_pass(tmp_path, tiny_model_dir, capsys):
     assert not any(a == "asset4" and c.startswith("generator") for a, c in rows)
 
 
+def test_hyper_sd15_runs_on_sd15_first_and_rows_name_the_release(tmp_path, tiny_model_dir):
+    """Folders are tried by name, but the Hyper-SD15 LoRA is checked on an SD 1.5 folder (the
+    release it is published for, by its model card) before an SD-Turbo one; the rows say which
+    release each check ran on, and when it is not the release the kind is meant for."""
+    from diffalign.engine.selftest import run_checks
+    from diffalign.selftest import load_checks, run_selftest  # noqa: F401 - registers checks
+
+    root = tmp_path / "models"
+    root.mkdir()
+    for name, kind in (("a_turbo", "sd21"), ("b_sd15", "sd15"), ("c_hyper", "hyper-sd")):
+        os.symlink(tiny_model_dir(kind), root / name)
+    checks = [
+        c
+        for c in load_checks()
+        if c.name.split(" ")[:2] in (["generator", "sd-turbo"], ["generator", "hyper-sd15"])
+    ]
+    assert len(checks) == 2
+    code = run_checks(root, tmp_path, size=32, checks=checks, log=lambda line: None)
+    assert code == 0
+    report = json.loads((tmp_path / "selftest.json").read_text())
+    rows = [r for r in report["results"] if r["check"] != "-"]  # "-": the SDXL U-Net file
+    detail = {(r["asset"], r["check"].split(" ")[1]): r["detail"] for r in rows}
+    hyper = detail[("c_hyper/Hyper-SD15-1step-lora.safetensors", "hyper-sd15")]
+    assert hyper == "on b_sd15, Stable Diffusion v1-5"
+    assert detail[("a_turbo", "sd-turbo")] == "on SD-Turbo"
+    assert detail[("b_sd15", "sd-turbo")] == (
+        "on Stable Diffusion v1-5 (the sd-turbo recipe, which is meant for SD-Turbo)"
+    )
+
+
 FEWSTEP = {  # make-tiny kind -> the generator check its folder gets (recognised by its card)
     "flux-schnell": "generator flux-schnell vs FluxPipeline",
     "sd35-turbo": "generator sd3.5-large-turbo vs StableDiffusion3Pipeline",

@@ -9,7 +9,10 @@ without a line is not checked). The U-Net kinds' one step runs on every folder o
 a few-step transformer kind's sampling is its release's, so it runs only on folders recognised
 as that kind (`generator_recipe`: the release's marks or a recorded recipe, whatever the folder
 is called). Kinds with extra weights (Hyper-SD) are checked on their weights file, with the
-first pipeline folder it fits.
+first pipeline folder it fits, folders of the base release it is published for (Hyper-SD15:
+SD 1.5, by `engine.releases.identify_release`) tried first. Each row's detail names the
+folder's release, and says when a check ran a kind's recipe on another release (the U-Net
+kinds' one step on an SD 1.5 folder: the same comparison, not that release's own recipe).
 """
 
 from __future__ import annotations
@@ -105,6 +108,41 @@ def recognised_as(spec: GeneratorSpec, classes: tuple[str, ...]) -> Callable[[As
     return applies
 
 
+def folder_release(asset: Asset):
+    """The `engine.releases.Release` a pipeline folder is by its own marks, else None."""
+    from diffalign.engine.releases import identify_release
+
+    try:
+        found = identify_release(str(asset.path))
+    except DiffalignError:
+        return None
+    return found[0] if found is not None else None
+
+
+def intended_release(spec: GeneratorSpec):
+    """The release `spec` is published for: its own (`spec.release`: SD-Turbo), else that of
+    its base preset (Hyper-SD15: SD 1.5); None when neither is registered."""
+    from diffalign.engine.loading import PRESETS
+    from diffalign.engine.releases import release_by_hub_id
+
+    if spec.release is not None:
+        return release_by_hub_id(spec.release)
+    preset = PRESETS.get(spec.default_model)
+    return release_by_hub_id(preset.repo_id) if preset is not None else None
+
+
+def ran_on(spec: GeneratorSpec, asset: Asset, label: bool = False) -> str:
+    """The detail of a generator row: the folder's release (and, with `label`, the folder),
+    and whether that is the release `spec` is meant for."""
+    release, meant = folder_release(asset), intended_release(spec)
+    where = f"{asset.label}, " if label else ""
+    name = release.name if release is not None else "no recognised release"
+    text = f"on {where}{name}"
+    if meant is not None and (release is None or release.hub_id != meant.hub_id):
+        text += f" (the {spec.name} recipe, which is meant for {meant.name})"
+    return text
+
+
 def _load(model: str, spec: GeneratorSpec, ctx: SelftestContext, weights: str | None = None):
     from diffalign.noise.generators import load_generator
 
@@ -134,8 +172,8 @@ def _register(spec: GeneratorSpec) -> None:
         )
 
         @register_check(name, applies, TOLERANCE)
-        def _check(asset: Asset, ctx: SelftestContext) -> float:
-            return compare(_load(str(asset.path), spec, ctx), ctx.size)
+        def _check(asset: Asset, ctx: SelftestContext) -> tuple[float, str]:
+            return compare(_load(str(asset.path), spec, ctx), ctx.size), ran_on(spec, asset)
 
         return
     kind = f"{spec.name} weights"
@@ -144,13 +182,17 @@ def _register(spec: GeneratorSpec) -> None:
     @register_check(name, file_of(kind), TOLERANCE)
     def _check_weights(asset: Asset, ctx: SelftestContext) -> tuple[float, str]:
         tried = []
-        for base in ctx.find(pipeline_of(*classes)):
+        meant = intended_release(spec)
+        bases = ctx.find(pipeline_of(*classes))
+        # folders of the release the weights are published for first (stable: then by name)
+        bases.sort(key=lambda b: meant is None or folder_release(b) != meant)
+        for base in bases:
             try:
                 gen = _load(str(base.path), spec, ctx, weights=str(asset.path))
             except DiffalignError:  # weights of another base model: try the next folder
                 tried.append(base.label)
                 continue
-            return compare(gen, ctx.size), f"on {base.label}"
+            return compare(gen, ctx.size), ran_on(spec, base, label=True)
         raise SelftestSkip(
             f"no {'/'.join(classes)} folder it fits (its base: {spec.default_model}"
             + (f"; tried {', '.join(tried)}" if tried else "")

@@ -135,6 +135,19 @@ def received_buckets(
     return adapter.timestep_bucket(received_timesteps(timesteps, adapter, dtype), edges)
 
 
+def bucket_dtype_mismatch(
+    timesteps, edges, adapter: StreamAdapter | None, calibration_dtype, generation_dtype
+) -> list[int]:
+    """Indices of the schedule steps whose timestep bucket differs when the transformer receives
+    the timesteps in `generation_dtype` rather than in the `calibration_dtype` the rotations were
+    fitted in (`received_buckets` under each); [] with one bucket or the same dtype."""
+    if edges is None or len(edges) < 3 or calibration_dtype == generation_dtype:
+        return []
+    fitted = received_buckets(timesteps, edges, adapter, calibration_dtype)
+    used = received_buckets(timesteps, edges, adapter, generation_dtype)
+    return [int(i) for i in (fitted != used).nonzero().flatten()]
+
+
 def _empty_bucket_error(empty: list[int], edges, what: str, adapter, dtype, hint: str):
     ranges = ", ".join(f"{edges[b]:g}..{edges[b + 1]:g}" for b in empty)
     rounded = ""

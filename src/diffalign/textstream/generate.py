@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -105,9 +106,13 @@ class RunSummary:
     seconds: float = 0.0
     world_size: int = 1
     outputs: list[str] = field(default_factory=list)
+    # steps put in another rotation bucket than calibration's by the dtype (ResidualGenerator)
+    bucket_dtype_mismatch_steps: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if not self.bucket_dtype_mismatch_steps:
+            del d["bucket_dtype_mismatch_steps"]
         d["seconds"] = round(self.seconds, 3)
         d["seconds_per_image"] = (
             round(self.seconds / self.images_written, 4) if self.images_written else None
@@ -442,6 +447,13 @@ class ResidualGenerator:
         self.residual = build_residual_from_config(
             rc, self.num_layers, self.feature_dim, family=adapter.family
         )
+        self.adapter = adapter
+        # steps whose rotation bucket differs from calibration's (dtype rounding of the
+        # timestep); None until the first pipeline call sets the schedule
+        self.bucket_dtype_mismatch_steps: list[int] | None = None
+        self._calibration_dtype = _calibration_dtype(self.residual)
+        if self._calibration_dtype is None or self._calibration_dtype == dtype:
+            self.bucket_dtype_mismatch_steps = []
         if self.family == "sd3":
             patch = int(getattr(self.pipe, "patch_size", 1) or 1)
         else:  # FLUX / Qwen-Image pack 2x2 latent patches
@@ -475,7 +487,7 @@ class ResidualGenerator:
                 if self.residual is not None
                 else contextlib.nullcontext()
             )
-            with ctx:
+            with ctx, self._bucket_dtype_check():
                 result = self.pipe(
                     prompt=prompt,
                     height=cfg.height,
@@ -495,6 +507,34 @@ class ResidualGenerator:
             out.extend(result.images)
         return out
 
+    def _bucket_dtype_check(self):
+        """Until the check has run: a pre-hook that, at the first transformer call (the
+        pipeline has set its schedule), finds the steps whose timestep bucket differs between
+        the rotation file's calibration dtype and this pipeline's dtype and prints one
+        warning naming them (`calibrate.bucket_dtype_mismatch`)."""
+        import contextlib
+
+        if self.bucket_dtype_mismatch_steps is not None:
+            return contextlib.nullcontext()
+
+        def check(module, args, kwargs):
+            if self.bucket_dtype_mismatch_steps is None:
+                timesteps = self.pipe.scheduler.timesteps.detach().float().cpu()
+                self.bucket_dtype_mismatch_steps = _report_bucket_dtype_mismatch(
+                    self.residual, self.adapter, timesteps, self._calibration_dtype, self.dtype
+                )
+
+        handle = self.pipe.transformer.register_forward_pre_hook(
+            check, with_kwargs=True, prepend=True
+        )
+        stack = contextlib.ExitStack()
+        stack.callback(handle.remove)
+        return stack
+
+    @property
+    def dtype(self):
+        return self.pipe.transformer.dtype
+
     def close(self) -> None:
         import gc
 
@@ -504,6 +544,47 @@ class ResidualGenerator:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _calibration_dtype(residual):
+    """The torch dtype a bucketed rotation file records as its calibration's (its identity's
+    "dtype"); None without buckets, without a file, or when the file records none."""
+    import torch
+
+    from diffalign.textstream.calibrate import recorded_identity
+
+    if residual is None or residual.num_buckets < 2 or "path" not in residual.source:
+        return None
+    name = (recorded_identity(Path(residual.source["path"])) or {}).get("dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _report_bucket_dtype_mismatch(
+    residual, adapter, timesteps, calibrated, generating
+) -> list[int]:
+    """The steps of `timesteps` that land in another rotation bucket in `generating` than in
+    the `calibrated` dtype; when there are any, one warning line on stderr names them."""
+    from diffalign.textstream.calibrate import bucket_dtype_mismatch, received_buckets
+
+    edges = residual.timestep_bucket_edges
+    steps = bucket_dtype_mismatch(timesteps, edges, adapter, calibrated, generating)
+    if steps:
+        fitted = received_buckets(timesteps, edges, adapter, calibrated).tolist()
+        used = received_buckets(timesteps, edges, adapter, generating).tolist()
+        cal, gen = (str(d).removeprefix("torch.") for d in (calibrated, generating))
+        which = ", ".join(
+            f"{k} (timestep {float(timesteps[k]):.2f}: bucket {used[k]}, not {fitted[k]})"
+            for k in steps
+        )
+        print(
+            f"diffalign: warning: {residual.source['path']} was calibrated in {cal}; in {gen} "
+            f"the transformer receives step(s) {which} in another timestep bucket than "
+            f"calibration put them in; calibrating in {gen} (--dtype {gen}) avoids it",
+            file=sys.stderr,
+            flush=True,
+        )
+    return steps
 
 
 def build_residual_from_config(
@@ -688,6 +769,13 @@ def _run_jobs(
         assert gen is not None, "the model is loaded whenever a prompt is left"
         seeds = image_seeds(cfg.seed, job.index, cfg.n_samples)
         images = gen.images(job.prompt, seeds)
+        if gen.bucket_dtype_mismatch_steps:
+            steps = gen.bucket_dtype_mismatch_steps
+            summary.bucket_dtype_mismatch_steps = sorted(
+                {*summary.bucket_dtype_mismatch_steps, *steps}
+            )
+            if job.settings is not None:
+                job.settings["bucket_dtype_mismatch_steps"] = list(steps)
         job.write(images, seeds)
         summary.prompts_done += 1
         summary.images_written += len(images)
@@ -712,6 +800,8 @@ def _finish(state, summary: RunSummary, path: Path, t0: float) -> dict:
             merged.images_written += p["images_written"]
             merged.seconds = max(merged.seconds, p["seconds"])
             merged.outputs.extend(p["outputs"])
+            steps = {*merged.bucket_dtype_mismatch_steps, *p.get("bucket_dtype_mismatch_steps", [])}
+            merged.bucket_dtype_mismatch_steps = sorted(steps)
         merged.outputs.sort()
         summary = merged
     result = summary.to_dict()
@@ -1127,7 +1217,7 @@ def _generate_job(
         _write_folder(dest, fill)
 
     done = _folder_done(dest, names + ["prompt.json", "settings.json"])
-    return _Job(i, prompt, done, write, str(dest))
+    return _Job(i, prompt, done, write, str(dest), settings=settings)
 
 
 def _geneval_job(out: Path, i: int, line: dict, cfg: GenerationConfig, grid: bool = True) -> _Job:
