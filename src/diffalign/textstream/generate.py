@@ -564,12 +564,14 @@ def _report_bucket_dtype_mismatch(
     residual, adapter, timesteps, calibrated, generating
 ) -> list[int]:
     """The steps of `timesteps` that land in another rotation bucket in `generating` than in
-    the `calibrated` dtype; when there are any, one warning line on stderr names them."""
+    the `calibrated` dtype; when there are any, rank 0 prints one warning line naming them."""
     from diffalign.textstream.calibrate import bucket_dtype_mismatch, received_buckets
 
     edges = residual.timestep_bucket_edges
     steps = bucket_dtype_mismatch(timesteps, edges, adapter, calibrated, generating)
-    if steps:
+    from diffalign.engine.progress import is_main_process
+
+    if steps and is_main_process():  # one line per run, not per rank
         fitted = received_buckets(timesteps, edges, adapter, calibrated).tolist()
         used = received_buckets(timesteps, edges, adapter, generating).tolist()
         cal, gen = (str(d).removeprefix("torch.") for d in (calibrated, generating))
