@@ -176,3 +176,57 @@ def test_disabled_adapters_give_the_base_unet_features():
     ref = RepaModel(base, m.spec, lora=False).forward(*x)[1]["mid"]
     assert torch.equal(off, ref) and not torch.allclose(adapted, ref)
     assert torch.equal(m.forward(*x)[1]["mid"], adapted)
+
+
+def _slow_bilinear(x: torch.Tensor, out: int) -> torch.Tensor:
+    """[C, h, w] -> [C, out, out], half-pixel centres (`align_corners=False`), written out:
+    source coordinate `max((o + 0.5) * in / out - 0.5, 0)`, neighbours clamped at the edge."""
+    c, h, w = x.shape
+
+    def taps(o, n):
+        s = max((o + 0.5) * n / out - 0.5, 0.0)
+        i0 = int(s)
+        return i0, min(i0 + 1, n - 1), s - i0
+
+    y = torch.zeros(c, out, out, dtype=torch.float64)
+    for r in range(out):
+        r0, r1, fr = taps(r, h)
+        for q in range(out):
+            q0, q1, fq = taps(q, w)
+            y[:, r, q] = (
+                (1 - fr) * (1 - fq) * x[:, r0, q0]
+                + (1 - fr) * fq * x[:, r0, q1]
+                + fr * (1 - fq) * x[:, r1, q0]
+                + fr * fq * x[:, r1, q1]
+            )
+    return y
+
+
+@pytest.mark.parametrize("side", [2, 3])
+def test_align_head_forward_matches_written_out_reference(side):
+    """Seed 2.2: W1 x + b1 per position, exact (erf) GELU, W2 (no bias), bilinear to the grid,
+    flatten row-major to [B, grid^2, D], L2 norm: recomputed here in float64 from the weights."""
+    import math
+
+    torch.manual_seed(0)
+    head = AlignHead(6, 5, hidden_dim=7, grid=4).double()
+    x = torch.randn(2, 6, side, side, dtype=torch.float64)
+    w1 = head.proj[0].weight[:, :, 0, 0].detach()
+    b1 = head.proj[0].bias.detach()
+    w2 = head.proj[2].weight[:, :, 0, 0].detach()
+    expected = torch.zeros(2, 16, 5, dtype=torch.float64)
+    for b in range(2):
+        h = torch.zeros(5, side, side, dtype=torch.float64)
+        for r in range(side):
+            for q in range(side):
+                pre = w1 @ x[b, :, r, q] + b1
+                act = torch.tensor([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in pre])
+                h[:, r, q] = w2 @ act.double()
+        up = _slow_bilinear(h, 4)
+        for r in range(4):
+            for q in range(4):
+                v = up[:, r, q]
+                expected[b, r * 4 + q] = v / v.norm()
+    with torch.no_grad():
+        got = head(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
