@@ -176,3 +176,144 @@ def test_disabled_adapters_give_the_base_unet_features():
     ref = RepaModel(base, m.spec, lora=False).forward(*x)[1]["mid"]
     assert torch.equal(off, ref) and not torch.allclose(adapted, ref)
     assert torch.equal(m.forward(*x)[1]["mid"], adapted)
+
+
+def _slow_bilinear(x: torch.Tensor, out: int) -> torch.Tensor:
+    """[C, h, w] -> [C, out, out], half-pixel centres (`align_corners=False`), written out:
+    source coordinate `max((o + 0.5) * in / out - 0.5, 0)`, neighbours clamped at the edge."""
+    c, h, w = x.shape
+
+    def taps(o, n):
+        s = max((o + 0.5) * n / out - 0.5, 0.0)
+        i0 = int(s)
+        return i0, min(i0 + 1, n - 1), s - i0
+
+    y = torch.zeros(c, out, out, dtype=torch.float64)
+    for r in range(out):
+        r0, r1, fr = taps(r, h)
+        for q in range(out):
+            q0, q1, fq = taps(q, w)
+            y[:, r, q] = (
+                (1 - fr) * (1 - fq) * x[:, r0, q0]
+                + (1 - fr) * fq * x[:, r0, q1]
+                + fr * (1 - fq) * x[:, r1, q0]
+                + fr * fq * x[:, r1, q1]
+            )
+    return y
+
+
+@pytest.mark.parametrize("side", [2, 3])
+def test_align_head_forward_matches_written_out_reference(side):
+    """Seed 2.2: W1 x + b1 per position, exact (erf) GELU, W2 (no bias), bilinear to the grid,
+    flatten row-major to [B, grid^2, D], L2 norm: recomputed here in float64 from the weights."""
+    import math
+
+    torch.manual_seed(0)
+    head = AlignHead(6, 5, hidden_dim=7, grid=4).double()
+    x = torch.randn(2, 6, side, side, dtype=torch.float64)
+    w1 = head.proj[0].weight[:, :, 0, 0].detach()
+    b1 = head.proj[0].bias.detach()
+    w2 = head.proj[2].weight[:, :, 0, 0].detach()
+    expected = torch.zeros(2, 16, 5, dtype=torch.float64)
+    for b in range(2):
+        h = torch.zeros(5, side, side, dtype=torch.float64)
+        for r in range(side):
+            for q in range(side):
+                pre = w1 @ x[b, :, r, q] + b1
+                act = torch.tensor([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in pre])
+                h[:, r, q] = w2 @ act.double()
+        up = _slow_bilinear(h, 4)
+        for r in range(4):
+            for q in range(4):
+                v = up[:, r, q]
+                expected[b, r * 4 + q] = v / v.norm()
+    with torch.no_grad():
+        got = head(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_training_step_losses_match_a_written_out_step():
+    """`RepaTask._losses` (what the loop optimises) recomputed independently: t and eps drawn in
+    the same order from the same generator, `z_t` and the v target from the seed 4.2 formulas on
+    linear betas, the U-Net run directly with the mid-block output hooked by hand, and the
+    token / manifold / total losses written out (seed 4.1-4.5) at step 1500 (lambda 0.25)."""
+    import math
+    from types import SimpleNamespace
+
+    from diffalign.repa.train import RepaTask
+
+    unet = tiny_unet()
+    rm = RepaModel(unet, RepaSpec(head_hidden_dim=5, grid=4, teacher_dim=6, lora_rank=2))
+    for p in unet.parameters():  # LoRA B starts at zero: make the adapter matter
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    betas = [0.00085 + (0.012 - 0.00085) * i / 999 for i in range(1000)]
+    abar, prod = [], 1.0
+    for beta in betas:
+        prod *= 1.0 - beta
+        abar.append(prod)
+    cfg = SimpleNamespace(
+        prediction_type="v_prediction",
+        manifold_mask_diag=True,
+        manifold_upper_only=True,
+        manifold_cap=None,
+        align_coeff=0.5,
+        align_warmup_steps=3000,
+        manifold_weight=3.0,
+    )
+    task = SimpleNamespace(
+        cfg=cfg,
+        heads=rm.heads,
+        model=rm,
+        alphas_cumprod=torch.tensor(abar, dtype=torch.float32),
+        num_timesteps=1000,
+        weight_dtype=torch.float32,
+    )
+    task._teacher_tokens = lambda batch, device: RepaTask._teacher_tokens(task, batch, device)
+    g = torch.Generator().manual_seed(11)
+    batch = {
+        "latent": torch.randn(3, 4, 8, 8, generator=g),
+        "tokens": torch.nn.functional.normalize(torch.randn(3, 16, 6, generator=g), dim=-1),
+        "class_embedding": torch.randn(3, 5, 8, generator=g),
+    }
+    out = RepaTask._losses(task, batch, 1500, torch.Generator().manual_seed(7))
+
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    eps = torch.randn(3, 4, 8, 8, generator=g)
+    x0 = batch["latent"]
+    a = torch.tensor([abar[i] for i in t.tolist()]).view(3, 1, 1, 1)
+    zt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    seen = {}
+    handle = unet.mid_block.register_forward_hook(lambda m, i, o: seen.update(mid=o))
+    rm.hooks.remove()
+    with torch.no_grad():
+        pred = unet(zt, t, encoder_hidden_states=batch["class_embedding"]).sample
+        tokens = rm.heads["mid"](seen["mid"])
+    handle.remove()
+    l_diff = ((pred - v) ** 2).mean().item()
+    target = batch["tokens"]
+    l_tok = (
+        sum(
+            1
+            - torch.dot(tokens[b, i], target[b, i]).item()
+            / float(tokens[b, i].norm() * target[b, i].norm())
+            for b in range(3)
+            for i in range(16)
+        )
+        / 48
+    )
+    pm = [tokens[b].mean(0) / tokens[b].mean(0).norm() for b in range(3)]
+    tm = [target[b].mean(0) / target[b].mean(0).norm() for b in range(3)]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    l_man = sum((torch.dot(pm[i], pm[j]) - torch.dot(tm[i], tm[j])).item() ** 2 for i, j in pairs)
+    l_man /= 3
+    lam = 0.5 * 1500 / 3000
+    assert out["align_coeff"] == pytest.approx(lam)
+    assert out["diffusion"].item() == pytest.approx(l_diff, rel=1e-5)
+    assert out["token"].item() == pytest.approx(l_tok, rel=1e-5)
+    assert out["manifold"].item() == pytest.approx(l_man, rel=1e-4, abs=1e-8)
+    total = l_diff + lam * (l_tok + 3.0 * l_man)
+    assert out["total"].item() == pytest.approx(total, rel=1e-5)
+    assert math.isfinite(total) and l_man > 0

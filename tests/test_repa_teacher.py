@@ -145,3 +145,33 @@ def test_load_dino_errors(tiny_model_dir, tmp_path, monkeypatch):
     text_encoder = f"{tiny_model_dir('sd15')}/text_encoder"
     with pytest.raises(DiffalignError, match="not a DINOv2 model"):
         load_dino(text_encoder)
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2-reg"])
+def test_online_teacher_in_training_matches_reference_and_cached_store(tiny_model_dir, kind):
+    """`repa train --teacher online` must give the tokens `repa preprocess dino` caches: the
+    seed §3.3 transform applied once. Reference written out here: a 518 px image needs no resize
+    or crop, so the input is `(x / 255 - mean) / std` with the ImageNet constants; the patch
+    tokens are `last_hidden_state` after CLS (+ registers), on their 37 x 37 grid, pooled to
+    16 x 16 and L2-normalised. (Old code normalised twice: `dino_preprocess` then `dino_tokens`.)"""
+    from types import SimpleNamespace
+
+    from diffalign.repa.train import RepaTask
+
+    model = load_dino(tiny_model_dir(kind))
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (2, 3, 518, 518), generator=g, dtype=torch.uint8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hidden = model(pixel_values=(images.float() / 255.0 - mean) / std).last_hidden_state
+    skip = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
+    patches = hidden[:, skip:].reshape(2, 37, 37, -1)
+    expected = torch.stack(
+        [F.normalize(_reference_adaptive_pool(patches[b], 16), dim=-1) for b in range(2)]
+    )
+    task = SimpleNamespace(dino=model, cfg=SimpleNamespace(grid=16, token_layout="grid"))
+    online = RepaTask._teacher_tokens(task, {"image": images}, "cpu")
+    cached = dino_tokens(model, images.float() / 255.0)  # what `repa preprocess dino` stores
+    torch.testing.assert_close(online, expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(cached, expected, rtol=0, atol=2e-5)

@@ -12,7 +12,7 @@ def register(sub) -> None:
         "repa",
         help="U-REPA for SD 1.5: preprocessing, alignment training, probes (spec R)",
         description=(
-            "U-REPA on Stable Diffusion 1.5 (the original U-REPA recipe): preprocess a dataset into a data folder "
+            "U-REPA on Stable Diffusion 1.5 (the reference SD 1.5 recipe): preprocess a dataset into a data folder "
             "(images, VAE latents, DINOv2 teacher tokens, CLIP class embeddings), train LoRA + "
             "AlignHeads, extract aligned features and probe them."
         ),

@@ -196,7 +196,7 @@ def _dino(steps) -> None:
         description=(
             "Seed §3.3: DINOv2 at 518 px, patch tokens pooled to a 16x16 grid, L2-normalised, "
             "fp16, key {id}_mid. --token-layout grid (default) pools the real 37x37 patch "
-            "grid; seed reproduces the original U-REPA code's caches (first 1296 tokens viewed as 36x36, which "
+            "grid; seed reproduces the reference SD 1.5 code's caches (first 1296 tokens viewed as 36x36, which "
             "shifts every row)."
         ),
     )
@@ -210,7 +210,7 @@ def _dino(steps) -> None:
         "--token-layout",
         choices=("grid", "seed"),
         default="grid",
-        help="grid: spatially correct (default); seed: the original U-REPA code's shifted 36x36 slice",
+        help="grid: spatially correct (default); seed: the reference SD 1.5 code's shifted 36x36 slice",
     )
     p.add_argument("--grid", type=positive_int, default=16, help="output grid side (default: 16)")
     _split(p)

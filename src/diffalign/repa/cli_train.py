@@ -19,7 +19,7 @@ def _register_train(verbs) -> None:
 
     p = verbs.add_parser(
         "train",
-        help="LoRA + AlignHead training with token and manifold losses (the original U-REPA recipe)",
+        help="LoRA + AlignHead training with token and manifold losses (the reference SD 1.5 recipe)",
         description=(
             "Train U-REPA on SD 1.5 from preprocessed data. Settings come from --config (YAML, "
             "see configs/repa_track_a.yaml); every key can be overridden as --key value."
@@ -95,13 +95,13 @@ def _register_extract(verbs) -> None:
         "--timestep",
         type=nonneg_int,
         default=500,
-        help="diffusion timestep (default: 500, the original U-REPA recipe's)",
+        help="diffusion timestep (default: 500, the reference SD 1.5 recipe's)",
     )
     p.add_argument(
         "--pool",
         choices=("mean", "first"),
         default="mean",
-        help="mean over tokens, or the first token (the original U-REPA recipe's [CLS] equivalent; default: mean)",
+        help="mean over tokens, or the first token (the reference SD 1.5 recipe's [CLS] equivalent; default: mean)",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=32, help="samples per forward (default: 32)"

@@ -49,7 +49,7 @@ class RepaTrainConfig:
     )
     token_layout: str = _f(
         "grid",
-        "online teacher: grid (spatially correct) | seed (the original U-REPA code's 36x36 slice)",
+        "online teacher: grid (spatially correct) | seed (the reference SD 1.5 code's 36x36 slice)",
     )
     # model
     align_layers: list[str] = _f(["mid"], "aligned U-Net blocks: mid, enc_last, dec_first")
@@ -67,7 +67,7 @@ class RepaTrainConfig:
     prediction_type: str = _f("v_prediction", "v_prediction (the seed) | epsilon (SD 1.5's own)")
     noise_schedule: str = _f(
         "linear",
-        "linear: betas linear from beta_start to beta_end over 1000 steps (the original U-REPA recipe) | model: "
+        "linear: betas linear from beta_start to beta_end over 1000 steps (the reference SD 1.5 recipe) | model: "
         "the checkpoint's own scheduler config (SD 1.5: scaled_linear)",
     )
     align_coeff: float = _f(0.5, "lambda after warm-up")
@@ -77,7 +77,7 @@ class RepaTrainConfig:
     manifold_upper_only: bool = _f(True, "average the strict upper triangle only")
     manifold_cap: float | None = _f(
         None,
-        "anomaly guard: cap the manifold loss at this value (None = off; the original U-REPA recipe: 0.1)",
+        "anomaly guard: cap the manifold loss at this value (None = off; the reference SD 1.5 recipe: 0.1)",
     )
     cfg_dropout: float = _f(0.1, "probability of the empty-prompt embedding (classifier-free)")
     # optimisation
@@ -97,7 +97,7 @@ class RepaTrainConfig:
     max_grad_norm: float | None = _f(1.0, "global gradient-norm clip (None = off)")
     mixed_precision: str = _f("bf16", "no | fp16 | bf16")
     ema_decay: float | None = _f(
-        0.9995, "EMA decay (constant, the original U-REPA recipe's; None = no EMA)"
+        0.9995, "EMA decay (constant, the reference SD 1.5 recipe's; None = no EMA)"
     )
     ema_warmup: bool = _f(False, "diffusers EMAModel ramp min(decay, (1+s)/(10+s)) instead")
     validate_every: int = _f(3000, "validate on the EMA weights every N steps (0 = at the end)")

@@ -208,12 +208,14 @@ class RepaTask(TrainTask):
     def _teacher_tokens(self, batch: dict, device) -> torch.Tensor:
         if "tokens" in batch:
             return batch["tokens"].to(device, non_blocking=True).float()
-        from diffalign.repa.teacher import dino_preprocess, dino_tokens
+        from diffalign.repa.teacher import dino_tokens
 
+        # pixels in [0, 1]: `dino_tokens` applies the §3.3 transform once, exactly as
+        # `repa preprocess dino` does for the cached store
         images = batch["image"].to(device).float() / 255.0
         with torch.no_grad():
             tokens = dino_tokens(
-                self.dino, dino_preprocess(images), grid=self.cfg.grid, layout=self.cfg.token_layout
+                self.dino, images, grid=self.cfg.grid, layout=self.cfg.token_layout
             )
         return tokens.float()
 
