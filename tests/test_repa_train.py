@@ -795,3 +795,24 @@ def test_used_folder_and_mismatched_resume_refused_before_loading(
     # the same settings still resume (the run is complete: it exports again)
     assert main(args("--resume", "latest")) == 0
     assert len(loads) == 1
+
+
+def test_online_run_from_before_the_teacher_fix_is_not_resumed(
+    data_dir, sd15, tmp_path, tiny_model_dir
+):
+    """Online-teacher runs made before the DINOv2 pixels were normalised once (they were
+    normalised twice) record no `teacher_input`: resuming one would mix two teachers."""
+    import json
+
+    from diffalign.repa.train import train_repa
+
+    dino = tiny_model_dir("dinov2")
+    kw = dict(teacher="online", teacher_model=dino, max_steps=2, max_val_samples=2)
+    train_repa(tiny_cfg(data_dir, sd15, tmp_path / "r", **kw), progress=False)
+    state_file = tmp_path / "r" / "checkpoints" / "checkpoint-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["identity"]["task"]["teacher_input"]  # recorded by this version
+    del state["identity"]["task"]["teacher_input"]  # as an older diffalign wrote it
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(DiffalignError, match=r"other settings \(task.teacher_input\)"):
+        train_repa(tiny_cfg(data_dir, sd15, tmp_path / "r", **kw), resume="latest", progress=False)

@@ -368,6 +368,9 @@ def _check_saved_config(
     check_resume_config(saved, current, RESUME_FREE | set(unknown), path)
 
 
+ONLINE_TEACHER_INPUT = "pixels in [0, 1], ImageNet-normalised once"
+
+
 def _repa_identity(cfg: RepaTrainConfig, config: dict, data: dict | None) -> dict:
     from diffalign.engine.identity import model_identity
     from diffalign.repa.teacher import _resolve_dino
@@ -375,6 +378,8 @@ def _repa_identity(cfg: RepaTrainConfig, config: dict, data: dict | None) -> dic
     online = cfg.teacher == "online"
     return {
         **{k: v for k, v in config.items() if k not in RESUME_FREE},
+        # online runs before 2026-12-07 normalised DINOv2's pixels twice: not resumed with these
+        **({"teacher_input": ONLINE_TEACHER_INPUT} if online else {}),
         "models": {
             "unet": model_identity(cfg.model, ("unet", "scheduler")),
             "teacher": model_identity(_resolve_dino(cfg.teacher_model)[0]) if online else None,
