@@ -73,7 +73,11 @@ class FillTrainConfig:
     timestep_sampling: str = _opt(
         "uniform", "t distribution (uniform is the seed's)", ("uniform", "logit-normal", "mode")
     )
-    logit_mean: float = _opt(0.0, "mean of logit-normal sampling")
+    logit_mean: float = _opt(
+        0.0,
+        "mean of logit-normal sampling of t, the noise level (SD3 paper); diffusers' FLUX "
+        "trainers use sigma = 1 - u, so their --logit_mean m is our -m",
+    )
     logit_std: float = _opt(1.0, "std of logit-normal sampling")
     mode_scale: float = _opt(1.29, "scale of mode sampling")
     resolution_shift: bool = _opt(False, "shift t by FLUX's resolution-dependent mu")

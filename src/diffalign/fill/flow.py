@@ -79,7 +79,11 @@ def sample_timesteps(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """`t` in [0, 1] per sample: `uniform` (the seed), `logit-normal` or `mode` through diffusers'
-    `compute_density_for_timestep_sampling`, then `time_shift(t, mu)` when `mu` is given."""
+    `compute_density_for_timestep_sampling`, then `time_shift(t, mu)` when `mu` is given.
+
+    `t` is the drawn `u` itself (the SD3 paper's logit-normal over the noise level). diffusers'
+    FLUX trainers index their scheduler with `u` and get `sigma = 1 - u` (to 1/1000): the same
+    distribution at `logit_mean` 0 and for `mode`, mirrored for another mean."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     if scheme not in TIMESTEP_SAMPLING:
