@@ -37,7 +37,7 @@ def test_cache_defaults_to_the_models_own_size_and_refuses_one_it_cannot_make(
     size the transformer cannot take (not a multiple of its patch) is one error line naming
     --resolution before anything is written."""
     from diffalign.textstream import cache as cache_mod
-    from diffalign.textstream.generate import model_image_size
+    from diffalign.textstream.sizes import model_image_size
 
     sd3 = tiny_model_dir("sd3")
     data = write_pairs(tmp_path / "data", n=2)

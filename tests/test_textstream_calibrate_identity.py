@@ -108,7 +108,7 @@ def test_image_source_identifies_the_images_by_their_bytes(tiny_model_dir, tmp_p
 
 
 def test_explicit_model_card_values_are_the_defaults(run, tiny_model_dir, tmp_path):
-    from diffalign.textstream.generate import model_image_size
+    from diffalign.textstream.sizes import model_image_size
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n")

@@ -155,7 +155,7 @@ def build_cache(
 
         max_sequence_length = DEFAULTS[model_variant(model)].max_sequence_length
     if resolution is None or int(resolution) >= 1:  # the model's own size; one it can make
-        from diffalign.textstream.generate import fit_image_size, model_image_size
+        from diffalign.textstream.sizes import fit_image_size, model_image_size
 
         size = model_image_size(model, single_file_config)
         resolution, _ = fit_image_size(

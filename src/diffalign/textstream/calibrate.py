@@ -614,13 +614,13 @@ def resolve_settings(
     width: int | None,
 ) -> CalibrationSettings:
     """The given settings with the model card's defaults filled in (`families.DEFAULTS`; the
-    model's own sample size from its config files, `generate.model_image_size`, or a loaded
+    model's own sample size from its config files, `sizes.model_image_size`, or a loaded
     `pipe`'s), so an explicit `--steps 28` on SD3 is the default. The variant is read from
     `pipe` when one is given, else from `model`'s files or name (`families.model_variant`).
     `--guidance` on a model without distilled guidance and a size the model cannot make are
     one-line errors."""
     from diffalign.textstream.families import DEFAULTS, model_variant
-    from diffalign.textstream.generate import fit_image_size, model_image_size, pipeline_image_size
+    from diffalign.textstream.sizes import fit_image_size, model_image_size, pipeline_image_size
 
     if pipe is not None:
         variant = stream_adapter(pipe.transformer).family
@@ -782,7 +782,7 @@ def _calibrate_locked(
     timestep_draw="sample",
 ) -> dict:
     from diffalign.textstream.families import check_schedule
-    from diffalign.textstream.generate import fit_image_size, pipeline_image_size
+    from diffalign.textstream.sizes import fit_image_size, pipeline_image_size
 
     steps, guidance = settings.steps, settings.guidance
     max_sequence_length = settings.max_sequence_length
