@@ -166,6 +166,14 @@ def schedule_buckets(
     the transformer receives it (`received_buckets`; one bucket holding every step when `edges`
     is None); a bucket that no step reaches is an error."""
     t = torch.as_tensor(timesteps).reshape(-1)
+    what = f"the schedule's {len(t)} timesteps"
+    return _indices_per_bucket(t, edges, adapter, dtype, what, "use more --steps or fewer")
+
+
+def _indices_per_bucket(t, edges, adapter, dtype, what: str, advice: str) -> list[list[int]]:
+    """Per bucket of `edges`, the indices of `t` that fall in it as the transformer receives
+    them (all of them in one list when `edges` is None); an empty bucket is one error line
+    naming `what` was bucketed and ending "`advice` --timestep-buckets"."""
     if edges is None:
         return [list(range(len(t)))]
     owner = received_buckets(t, edges, adapter, dtype).tolist()
@@ -173,12 +181,7 @@ def schedule_buckets(
     empty = [b for b, steps in enumerate(out) if not steps]
     if empty:
         raise _empty_bucket_error(
-            empty,
-            edges,
-            f"the schedule's {len(t)} timesteps",
-            adapter,
-            dtype,
-            "use more --steps or fewer --timestep-buckets",
+            empty, edges, what, adapter, dtype, f"{advice} --timestep-buckets"
         )
     return out
 
@@ -204,21 +207,8 @@ def train_timestep_candidates(
     that fall in it as the transformer receives them (`received_buckets`), or all of them in
     one list when `edges` is None; a bucket that none reaches is an error."""
     t = torch.arange(num_train, dtype=torch.float32)
-    if edges is None:
-        return [list(range(num_train))]
-    owner = received_buckets(t, edges, adapter, dtype).tolist()
-    out = [[i for i, b in enumerate(owner) if b == bucket] for bucket in range(len(edges) - 1)]
-    empty = [b for b, c in enumerate(out) if not c]
-    if empty:
-        raise _empty_bucket_error(
-            empty,
-            edges,
-            f"the integer timesteps 0..{num_train - 1}",
-            adapter,
-            dtype,
-            "use fewer --timestep-buckets",
-        )
-    return out
+    what = f"the integer timesteps 0..{num_train - 1}"
+    return _indices_per_bucket(t, edges, adapter, dtype, what, "use fewer")
 
 
 def draw_train_timesteps(seed: int, index: int, candidates: list[list[int]]) -> list[int]:
