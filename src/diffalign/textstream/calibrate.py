@@ -92,6 +92,7 @@ from diffalign.textstream.attach import TextStreamResidual
 from diffalign.textstream.procrustes import ProcrustesAccumulator
 from diffalign.textstream.residual import standardize
 from diffalign.textstream.rotations import RotationSet, equal_bucket_edges, save_rotations
+from diffalign.textstream.weights import noisy_latents  # x_s = (1 - s) x0 + s eps, s = t / 1000
 
 TOKEN_STRATEGIES = ("all", "valid")
 TIMESTEP_DRAWS = ("sample", "bucket")
@@ -217,12 +218,6 @@ def draw_train_timesteps(seed: int, index: int, candidates: list[list[int]]) -> 
     independent of process count and batch."""
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index) + 2**61) % (2**63))
     return _draw_per_bucket(g, candidates)
-
-
-def noised_latents(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Flow-matching `x_t = (1 - s) x0 + s eps` with `s = t / 1000` per batch row."""
-    s = (t.to(torch.float32) / 1000.0).reshape(-1, *([1] * (x0.ndim - 1)))
-    return (1.0 - s) * x0 + s * eps
 
 
 def text_token_mask(pipe, prompts: list[str], num_tokens: int, max_sequence_length: int):
@@ -1024,7 +1019,7 @@ def _run_batch(
         for j in range(len(plans[0])):  # one forward per drawn timestep of every sample
             collect(list(range(b)))
             t = torch.tensor([float(p[j]) for p in plans])
-            xt = noised_latents(x0, noise, t).to(device=device, dtype=dtype)
+            xt = noisy_latents(x0, noise, t / 1000.0).to(device=device, dtype=dtype)
             t = received_timesteps(t, collector.adapter, dtype).to(device)
             tr(
                 hidden_states=torch.cat([xt, xt]) if use_cfg else xt,
@@ -1189,7 +1184,7 @@ def _run_batch_pipeline(
         if xt_source != "image":
             return None
         t = torch.tensor([float(d[step[0]]) for d in drawn_t])
-        xt = pipe._pack_latents(noised_latents(x0, noise_cpu, t), b, c, h, w)
+        xt = pipe._pack_latents(noisy_latents(x0, noise_cpu, t / 1000.0), b, c, h, w)
         hidden = kwargs["hidden_states"]
         received = received_timesteps(t, collector.adapter, dtype)  # as the pipeline rounds it
         return args, {
