@@ -604,14 +604,11 @@ def resolve_settings(
     `pipe` when one is given, else from `model`'s files or name (`families.model_variant`).
     `--guidance` on a model without distilled guidance and a size the model cannot make are
     one-line errors."""
-    from diffalign.textstream.families import DEFAULTS, model_variant
+    from diffalign.textstream.families import DEFAULTS, loaded_variant, model_variant
     from diffalign.textstream.sizes import fit_image_size, model_image_size, pipeline_image_size
 
     if pipe is not None:
-        variant = stream_adapter(pipe.transformer).family
-        if variant == "flux":
-            guided = pipe.transformer.config.guidance_embeds
-            variant = "flux-dev" if guided else "flux-schnell"
+        variant = loaded_variant(stream_adapter(pipe.transformer).family, pipe.transformer)
         size, name = pipeline_image_size(pipe), type(pipe).__name__
     else:
         variant = model_variant(model)

@@ -50,6 +50,14 @@ def family_of_variant(variant: str) -> str:
     return "flux" if variant.startswith("flux") else variant
 
 
+def loaded_variant(family: str, transformer) -> str:
+    """The `DEFAULTS` key of a loaded transformer of `family` (FLUX.1-dev has the guidance
+    embedder, FLUX.1-schnell not); what `model_variant` reads from the files before loading."""
+    if family != "flux":
+        return family
+    return "flux-dev" if transformer.config.guidance_embeds else "flux-schnell"
+
+
 def model_variant(model: str) -> str:
     """`sd3`, `flux-dev`, `flux-schnell` or `qwen-image` for a `--model` value, read without
     loading weights: a preset's family, a folder's `model_index.json` (FLUX: dev when its

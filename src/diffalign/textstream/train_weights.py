@@ -258,21 +258,13 @@ def scheduler_shift(scheduler_config: Any, image_seq_len: int) -> float:
 # the task
 
 
-def _variant(family_name: str, transformer) -> str:
-    """The `families.DEFAULTS` key of a loaded transformer (FLUX.1-dev has the guidance
-    embedder, FLUX.1-schnell not)."""
-    if family_name != "flux":
-        return family_name
-    return "flux-dev" if transformer.config.guidance_embeds else "flux-schnell"
-
-
 class WeightsTask(TrainTask):
     """Residual weights on a frozen transformer (of the cache's model family) as a `TrainTask`."""
 
     def __init__(self, cfg: WeightsTrainConfig, log=print):
         from diffalign.textstream import build_residual
         from diffalign.textstream.adapters import stream_adapter
-        from diffalign.textstream.families import DEFAULTS, check_schedule
+        from diffalign.textstream.families import DEFAULTS, check_schedule, loaded_variant
 
         self.cfg = cfg
         self.log = log
@@ -291,7 +283,7 @@ class WeightsTask(TrainTask):
         tr = self.pipe.transformer
         self.transformer = tr
         self._check_cache_shapes()
-        card = DEFAULTS[_variant(self.flow.name, tr)]
+        card = DEFAULTS[loaded_variant(self.flow.name, tr)]
         if cfg.eval_steps is None:  # validation images as the model card samples
             cfg.eval_steps = card.steps
         if cfg.eval_cfg is None:
