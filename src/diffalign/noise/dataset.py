@@ -37,6 +37,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -388,8 +389,7 @@ def check_dataset_generator(
     `allow` the line is returned as a warning instead. None: the same, or nothing recorded."""
     from diffalign.engine.identity import identity_differences
 
-    path = Path(manifest_path)
-    cfg_path = (path if path.is_dir() else path.parent) / "dataset_config.json"
+    cfg_path = _dataset_config_path(manifest_path)
     if not cfg_path.is_file():
         return None  # a manifest made by hand records no generator
     from diffalign.engine.io import read_json_object
@@ -420,15 +420,21 @@ def _dataset_config_path(dataset: str | os.PathLike) -> Path:
     return (path if path.is_dir() else path.parent) / "dataset_config.json"
 
 
-def recorded_image_size(dataset: str | os.PathLike) -> tuple[int, int] | None:
-    """The (height, width) a `build-dataset` folder (or its manifest.jsonl) records in its
-    dataset_config.json; None when it records none (a manifest made by hand)."""
+def _recorded_config(dataset: str | os.PathLike) -> Any:
+    """The parsed dataset_config.json of a `build-dataset` folder (or its manifest.jsonl);
+    None when there is none (a manifest made by hand)."""
     cfg_path = _dataset_config_path(dataset)
     if not cfg_path.is_file():
         return None
     from diffalign.engine.io import read_json
 
-    cfg = read_json(cfg_path)
+    return read_json(cfg_path)
+
+
+def recorded_image_size(dataset: str | os.PathLike) -> tuple[int, int] | None:
+    """The (height, width) a `build-dataset` folder (or its manifest.jsonl) records in its
+    dataset_config.json; None when it records none (a manifest made by hand)."""
+    cfg = _recorded_config(dataset)
     size = cfg.get("image_size") if isinstance(cfg, dict) else None
     if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size):
         return int(size[0]), int(size[1])
@@ -479,12 +485,7 @@ def _describe(rec: dict) -> str:
 def recorded_num_steps(dataset: str | os.PathLike) -> int | None:
     """The sampling steps of the generator a `build-dataset` folder (or its manifest.jsonl) was
     assigned with (dataset_config.json); None when it records none."""
-    cfg_path = _dataset_config_path(dataset)
-    if not cfg_path.is_file():
-        return None
-    from diffalign.engine.io import read_json
-
-    cfg = read_json(cfg_path)
+    cfg = _recorded_config(dataset)
     model = cfg.get("model") if isinstance(cfg, dict) else None
     steps = model.get("num_steps") if isinstance(model, dict) else None
     return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
