@@ -454,13 +454,9 @@ def sft(
         export_info=model_info,
         models=models,
     )
-    cfg = _loop_config(
-        output_dir, len(data), task.batch_size, max_steps=max_steps, epochs=epochs,
-        gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
-        max_grad_norm=max_grad_norm, ema_decay=ema_decay, checkpoint_every=checkpoint_every,
-        seed=seed, tracker=tracker, progress=progress, direct=direct, overwrite=overwrite,
-        resume=resume, deterministic=deterministic, compile=compile,
-    )  # fmt: skip
+    given = locals()  # sft's own arguments: the loop's are the ones `check_before_loading` uses
+    loop_options = {k: given[k] for k in _LOOP_OPTIONS}
+    cfg = _loop_config(output_dir, len(data), task.batch_size, **loop_options)
     return sft_result(run_sft(task, cfg))
 
 
@@ -514,8 +510,6 @@ def check_before_loading(manifest_path, output_dir, **options) -> None:
     from diffalign.engine.checkpoints import check_before_setup
     from diffalign.noise.dataset import load_dataset_manifest
 
-    options.pop("model_info", None)
-    options.pop("allow_other_generator", None)
     a = inspect.signature(sft).bind(None, manifest_path, output_dir, **options)
     a.apply_defaults()
     a = a.arguments
