@@ -365,28 +365,26 @@ def _square(image: Image.Image) -> Image.Image:
 def check_panel_bound(panel: int | None, max_panel_size: int) -> None:
     """The training bound (config keys `panel`, `max_panel_size`): `max_panel_size` a positive
     multiple of 16, `panel` (if any) not above it."""
-    if max_panel_size < PANEL_MULTIPLE or max_panel_size % PANEL_MULTIPLE:
-        raise DiffalignError(
-            f"max_panel_size must be a positive multiple of {PANEL_MULTIPLE}, got {max_panel_size}"
-        )
-    if panel is not None and panel > max_panel_size:
-        raise DiffalignError(
-            f"panel {panel} is above max_panel_size {max_panel_size} (default {MAX_PANEL_SIZE}, "
-            "FLUX.1's resolution); raise max_panel_size to train larger panels"
-        )
+    _check_panel_bound(panel, max_panel_size, ("panel", "max_panel_size"), "train larger panels")
 
 
 def check_max_panel_size(panel_size: int | None, max_panel_size: int) -> None:
     """`max_panel_size` must be a positive multiple of 16 and `panel_size` (if any) within it."""
-    if max_panel_size < PANEL_MULTIPLE or max_panel_size % PANEL_MULTIPLE:
+    names = ("--panel-size", "--max-panel-size")
+    _check_panel_bound(panel_size, max_panel_size, names, "allow it")
+
+
+def _check_panel_bound(panel: int | None, bound: int, names: tuple[str, str], aim: str) -> None:
+    """One rule for both spellings: `names` = (the panel's, the bound's) option names."""
+    panel_name, bound_name = names
+    if bound < PANEL_MULTIPLE or bound % PANEL_MULTIPLE:
         raise DiffalignError(
-            f"--max-panel-size must be a positive multiple of {PANEL_MULTIPLE}, "
-            f"got {max_panel_size}"
+            f"{bound_name} must be a positive multiple of {PANEL_MULTIPLE}, got {bound}"
         )
-    if panel_size is not None and panel_size > max_panel_size:
+    if panel is not None and panel > bound:
         raise DiffalignError(
-            f"--panel-size {panel_size} is above --max-panel-size {max_panel_size} (default "
-            f"{MAX_PANEL_SIZE}, FLUX.1's resolution); raise --max-panel-size to allow it"
+            f"{panel_name} {panel} is above {bound_name} {bound} (default {MAX_PANEL_SIZE}, "
+            f"FLUX.1's resolution); raise {bound_name} to {aim}"
         )
 
 
