@@ -221,7 +221,8 @@ def train_section(args, save=None) -> dict:
         warmup=1,
         device=device,
     )
-    med = {n: statistics.median(v) for n, v in times.items()}
+    stats = summarize(times, "lora")  # medians, ratios and per-round ratios to plain LoRA
+    med = {n: stats[n]["median_s"] for n in names}
     ckpt = bool(args.train_checkpointing)
     flops = {n: _step_flops(models[n], opts[n], inputs, device, ckpt) for n in names}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -245,9 +246,9 @@ def train_section(args, save=None) -> dict:
         "device_name": device_name,
         "flops_per_step": flops,
         "mfu_pct": {n: _mfu(flops[n], med[n], device_name) for n in names},
-        "ratio": med["lora+semantic"] / med["lora"],
+        "ratio": stats["lora+semantic"]["ratio"],
         # median of the per-round ratios: robust to drifts of a shared machine
-        "paired_overhead": summarize(times, "lora")["lora+semantic"]["paired_ratio"] - 1.0,
+        "paired_overhead": stats["lora+semantic"]["paired_ratio"] - 1.0,
         "flux_estimate": flux_flop_share(),
         "this_shape_estimate": flux_flop_share(
             counts["image_tokens"],
