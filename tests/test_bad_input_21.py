@@ -372,3 +372,17 @@ def test_make_tiny_sizes_the_model_cannot_take(tmp_path, capsys):
     line = one_line(capsys)
     assert "cannot be built with attention_head_dim=5, num_attention_heads=3" in line, line
     assert not out.exists()
+
+
+def test_vae_of_another_family_is_refused_for_a_preset_model(tiny_model_dir, tmp_path, monkeypatch):
+    """With the model named by a preset (`sd3`, found in the models folder), the family check
+    read the preset name as a path, found no config and was skipped."""
+    from diffalign.engine.loading import load_vae
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "sd3").symlink_to(tiny_model_dir("sd3"), target_is_directory=True)
+    monkeypatch.setenv("DIFFALIGN_MODELS_DIR", str(models))
+    with pytest.raises(DiffalignError, match="VAE of another model family"):
+        load_vae(str(Path(tiny_model_dir("sd15")) / "vae"), config="sd3")
+    assert load_vae(str(Path(tiny_model_dir("sd3")) / "vae"), config="sd3") is not None

@@ -610,8 +610,9 @@ def _check_vae_fits(vae: str, got: Any, model: str, offline: bool) -> None:
     scaling): the denoiser would fail on its latents or decode them into noise."""
     from diffusers import AutoencoderKL
 
-    try:
-        own = AutoencoderKL.load_config(model, subfolder="vae", local_files_only=offline)
+    try:  # `model` as the loaders read it: a preset names its local folder or Hub repo
+        source = resolve_model(model).source
+        own = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=offline)
     except Exception:  # no readable config to compare with (a Hub id offline, ...)
         return
     for key in ("latent_channels", "scaling_factor", "shift_factor"):
