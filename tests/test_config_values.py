@@ -70,6 +70,28 @@ def test_check_resume_config_names_the_first_key():
         check_resume_config(saved, {**saved, "a": 2, "c": 3}, {"out"}, "ck")
 
 
+def test_check_task_config_free_keys_unknown_keys_and_missing_record():
+    """The trainers' `check_resume` (engine.checkpoints.check_task_config): keys free on resume
+    as a set or from both configs, keys not known yet, a checkpoint recording no configuration."""
+    from diffalign.engine.checkpoints import check_task_config
+
+    saved = {"lr": 1e-4, "rank": 4, "out": "a", "dim": 8}
+    check_task_config(saved, {**saved, "out": "b"}, "ck", {"out"})
+    check_task_config(saved, {**saved, "dim": None}, "ck", {"out"}, unknown=("dim",))
+    with pytest.raises(DiffalignError, match=r"^cannot resume from ck: it was trained with rank=4"):
+        check_task_config(saved, {**saved, "rank": 8, "dim": None}, "ck", {"out"}, ("dim",))
+
+    def free(old: dict, new: dict) -> set[str]:  # like fill's: lr free only when both agree
+        return {"lr"} if old.get("rank") == new.get("rank") else set()
+
+    check_task_config(saved, {**saved, "lr": 2e-4}, "ck", free)
+    with pytest.raises(DiffalignError, match=r"lr=0.0001, this configuration has lr=0.0002 \(and"):
+        check_task_config(saved, {**saved, "lr": 2e-4, "rank": 8}, "ck", free)
+    check_task_config(None, saved, "ck", {"out"})  # written before the field existed: resumes
+    with pytest.raises(DiffalignError, match=r"^cannot resume from ck: it records no X$"):
+        check_task_config(None, saved, "ck", {"out"}, missing="it records no X")
+
+
 def test_read_config_file_base_unknown_keys_and_overrides(tmp_path):
     from dataclasses import dataclass
 

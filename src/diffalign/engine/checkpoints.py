@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffalign.engine.config_values import check_resume_config
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.identity import check_identity
 from diffalign.engine.io import (
@@ -211,6 +212,27 @@ def check_run_identity(
         hint="resume with the settings it was made with, or start over (no --resume, "
         "--overwrite) or in another --output-dir",
     )
+
+
+def check_task_config(
+    saved: dict | None,
+    current: dict,
+    path: Path,
+    free: Iterable[str] | Callable[[dict, dict], Iterable[str]],
+    unknown: Iterable[str] = (),
+    missing: str | None = None,
+) -> None:
+    """A task's `check_resume`: the task configuration checkpoint `path` recorded (`saved`)
+    against the current one; the first key outside `free` (the keys that may change on resume,
+    or `free(saved, current)`) and `unknown` (keys not known yet, e.g. before the models load)
+    whose value differs is one DiffalignError (`engine.config_values.check_resume_config`). A
+    checkpoint that records none (None) resumes, or is refused with `missing` (why) when given."""
+    if saved is None:
+        if missing is not None:
+            raise DiffalignError(f"cannot resume from {path}: {missing}")
+        return
+    keys = free(saved, current) if callable(free) else free
+    check_resume_config(saved, current, set(keys) | set(unknown), path)
 
 
 def check_before_setup(

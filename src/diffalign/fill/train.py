@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from diffalign.engine.checkpoints import check_task_config
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import write_json
 from diffalign.engine.train import (
@@ -28,7 +29,7 @@ from diffalign.engine.train import (
     set_cublas_workspace_config,
     train,
 )
-from diffalign.fill.config import FillTrainConfig
+from diffalign.fill.config import FillTrainConfig, resume_free_keys
 from diffalign.fill.data import collate_triptychs
 from diffalign.fill.flow import (
     flow_matching_loss,
@@ -355,7 +356,7 @@ class FillTrainTask(TrainTask):
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
         """A checkpoint of another module shape, LoRA, objective or optimiser setting is one
         error line naming the first differing key (fill.config.RESUME_FREE may change)."""
-        _check_saved_config(saved_config, self.config_dict(), path)
+        check_task_config(saved_config, self.config_dict(), path, resume_free_keys)
 
     def identity(self) -> dict:
         """Compared on resume (`engine.identity`): the settings outside RESUME_FREE (the loop's
@@ -377,18 +378,6 @@ class FillTrainTask(TrainTask):
 
 # config_dict()'s keys that only the loaded model tells
 MODEL_DERIVED = ("latent_dim", "lora_parameters", "semantic_parameters", "lora_target_modules")
-
-
-def _check_saved_config(
-    saved: dict | None, current: dict, path: Path, unknown: tuple[str, ...] = ()
-) -> None:
-    from diffalign.engine.config_values import check_resume_config
-    from diffalign.fill.config import resume_free_keys
-
-    if saved is None:
-        return
-    free = resume_free_keys(saved, current) | set(unknown)
-    check_resume_config(saved, current, free, path)
 
 
 def _fill_identity(config: dict, model: str) -> dict:
@@ -415,7 +404,9 @@ def check_before_loading(cfg: FillTrainConfig, loop: TrainConfig) -> None:
         loop,
         lambda: _fill_identity(config, cfg.model),
         unknown=MODEL_DERIVED,
-        check_task=lambda saved, path: _check_saved_config(saved, config, path, MODEL_DERIVED),
+        check_task=lambda saved, path: check_task_config(
+            saved, config, path, resume_free_keys, MODEL_DERIVED
+        ),
     )
 
 

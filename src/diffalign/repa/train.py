@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from diffalign.engine.config_values import check_resume_config
+from diffalign.engine.checkpoints import check_task_config
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import write_json
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
@@ -308,7 +308,7 @@ class RepaTask(TrainTask):
         return _repa_identity(self.cfg, self.config_dict(), data)
 
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
-        _check_saved_config(saved_config, self.config_dict(), path)
+        check_task_config(saved_config, self.config_dict(), path, RESUME_FREE, missing=NO_CONFIG)
 
     def state_dict(self) -> dict:
         return {"manifold_capped": self.manifold_capped, "step_seen": self.step_seen}
@@ -360,12 +360,8 @@ class RepaTask(TrainTask):
 LOADED = ("teacher_dim", "latent_shape", "schedule")
 
 
-def _check_saved_config(
-    saved: dict | None, current: dict, path: Path, unknown: tuple[str, ...] = ()
-) -> None:
-    if saved is None:
-        raise DiffalignError(f"cannot resume from {path}: it records no U-REPA configuration")
-    check_resume_config(saved, current, RESUME_FREE | set(unknown), path)
+# a checkpoint without a task configuration (`check_task_config`) is not resumed
+NO_CONFIG = "it records no U-REPA configuration"
 
 
 ONLINE_TEACHER_INPUT = "pixels in [0, 1], ImageNet-normalised once"
@@ -399,7 +395,9 @@ def check_before_loading(cfg: RepaTrainConfig, loop: TrainConfig) -> None:
         loop,
         lambda: _repa_identity(cfg, config, None),
         unknown=(*LOADED, "data"),
-        check_task=lambda saved, path: _check_saved_config(saved, config, path, LOADED),
+        check_task=lambda saved, path: check_task_config(
+            saved, config, path, RESUME_FREE, LOADED, missing=NO_CONFIG
+        ),
     )
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffalign.engine.checkpoints import check_task_config
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.identity import file_sha256
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
@@ -567,7 +568,7 @@ class WeightsTask(TrainTask):
         return _weights_identity(self.config_dict())
 
     def check_resume(self, saved_config: dict | None, path: Path) -> None:
-        _check_saved_config(saved_config, self.config_dict(), path)
+        check_task_config(saved_config, self.config_dict(), path, RESUME_FREE)
 
     def state_dict(self) -> dict:
         return {"init_val_loss": self.init_val_loss}
@@ -604,16 +605,6 @@ def _weights_identity(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RESUME_FREE}
 
 
-def _check_saved_config(
-    saved: dict | None, current: dict, path: Path, unknown: tuple[str, ...] = ()
-) -> None:
-    from diffalign.engine.config_values import check_resume_config
-
-    if saved is None:
-        return
-    check_resume_config(saved, current, RESUME_FREE | set(unknown), path)
-
-
 def check_before_loading(cfg: WeightsTrainConfig, loop: TrainConfig) -> None:
     """The trainer's used-folder and resume refusals (`engine.checkpoints.check_before_setup`)
     from the config and the cache's job record, before the transformer loads: a re-run with
@@ -627,7 +618,9 @@ def check_before_loading(cfg: WeightsTrainConfig, loop: TrainConfig) -> None:
         loop,
         lambda: _weights_identity(config()),
         unknown=LOADED,
-        check_task=lambda saved, path: _check_saved_config(saved, config(), path, LOADED),
+        check_task=lambda saved, path: check_task_config(
+            saved, config(), path, RESUME_FREE, LOADED
+        ),
     )
 
 
