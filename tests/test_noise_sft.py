@@ -291,3 +291,34 @@ def test_used_folder_and_mismatched_resume_refused_before_loading(
     capsys.readouterr()
     assert main([*more, "--resume", "latest"]) == 0
     assert len(loads) == 1 and "(2 steps;" in capsys.readouterr().out
+
+
+def test_cli_reads_the_dataset_files_once_per_run(sdxl, dataset, tmp_path, monkeypatch):
+    """`noise sft` reads dataset_config.json once and opens manifest.jsonl twice (its records,
+    its sha256 for the run identity), fresh or resumed; it read them 4 and 3 (resumed: 4) times."""
+    import builtins
+    import io
+    from collections import Counter
+    from pathlib import Path
+
+    names = ("dataset_config.json", "manifest.jsonl")
+    opened = Counter()
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, str | Path) and Path(file).name in names:
+            opened[Path(file).name] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)  # pathlib's read_text opens through io.open
+    out = tmp_path / "run"
+    base = [
+        "noise", "sft", "--manifest-path", str(dataset), *TRAIN, *model_args(sdxl),
+        "--output-dir", str(out), "--lora-rank", "2", "--checkpoint-every", "1",
+    ]  # fmt: skip
+    assert main([*base, "--max-steps", "1"]) == 0
+    assert opened == {"dataset_config.json": 1, "manifest.jsonl": 2}
+    opened.clear()
+    assert main([*base, "--max-steps", "2", "--resume", "latest"]) == 0
+    assert opened == {"dataset_config.json": 1, "manifest.jsonl": 2}

@@ -284,7 +284,12 @@ def read_json(path: str | os.PathLike) -> Any:
 def read_json_object(path: str | os.PathLike) -> dict:
     """`read_json` of a record that must be a JSON object (a config, state or summary we
     wrote); anything else (an edited or mixed-up file) is a one-line DiffalignError."""
-    obj = read_json(path)
+    return json_object(read_json(path), path)
+
+
+def json_object(obj: Any, path: str | os.PathLike) -> dict:
+    """`obj`, read from `path` (`read_json`), when it is a JSON object; anything else is
+    `read_json_object`'s one-line DiffalignError."""
     if not isinstance(obj, dict):
         raise DiffalignError(f"{path}: not a JSON object ({type(obj).__name__}); damaged?")
     return obj

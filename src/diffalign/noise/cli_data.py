@@ -666,15 +666,16 @@ def _check_train_dtype(args) -> None:
 
 
 def _run_sft(args) -> int:
-    from diffalign.noise.dataset import dataset_image_size, recorded_num_steps
+    from diffalign.noise.dataset import BuiltDataset, dataset_image_size, recorded_num_steps
     from diffalign.noise.sft import check_before_loading, sft
 
     _check_train_dtype(args)
+    dataset = BuiltDataset(args.manifest_path)  # its files are read once for the run
     # the dataset's noises and targets have the size it records: the default here
-    args.height, args.width = dataset_image_size(args.manifest_path, args.height, args.width)
+    args.height, args.width = dataset_image_size(dataset, args.height, args.width)
     if args.num_steps is None and not (args.direct or args.allow_other_generator):
         # its noises were assigned for the generator at these steps: the default here
-        args.num_steps = recorded_num_steps(args.manifest_path)
+        args.num_steps = recorded_num_steps(dataset)
     common = dict(
         direct=args.direct,
         init_lora=args.init_lora,
@@ -682,12 +683,12 @@ def _run_sft(args) -> int:
         overwrite=args.overwrite,
         **_sft_kwargs(args),
     )
-    check_before_loading(args.manifest_path, args.output_dir, **common)  # a used folder: now
+    check_before_loading(dataset, args.output_dir, **common)  # a used folder: now
     gen = _load(args)
     _check_init_lora(args.init_lora, gen.name)
     r = sft(
         gen,
-        args.manifest_path,
+        dataset,
         args.output_dir,
         model_info=_model_info(args, gen),
         allow_other_generator=args.allow_other_generator,

@@ -31,6 +31,7 @@ what a pair is, when its sample is complete and how a batch is assigned and writ
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -381,20 +382,64 @@ def model_record(model_info: dict | None) -> dict:
     return info
 
 
+class BuiltDataset:
+    """A `build-dataset` folder (or its manifest.jsonl, or a manifest made by hand) as one run
+    reads it: its dataset_config.json, its manifest's records (`load_dataset_manifest`) and the
+    manifest's sha256, each read once, when first asked for (the readers' errors come where
+    they came before). The functions here take it or the path (read afresh)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path  # as given: the messages name it so
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        self.config_path = folder / "dataset_config.json"
+
+    @functools.cached_property
+    def has_config(self) -> bool:
+        return self.config_path.is_file()
+
+    @functools.cached_property
+    def config(self) -> Any:
+        """The parsed dataset_config.json; None when there is none."""
+        from diffalign.engine.io import read_json
+
+        return read_json(self.config_path) if self.has_config else None
+
+    @functools.cached_property
+    def _manifest(self) -> tuple[list[dict], Path]:
+        return load_dataset_manifest(self.path)
+
+    @property
+    def records(self) -> list[dict]:
+        return self._manifest[0]
+
+    @functools.cached_property
+    def manifest_sha256(self) -> str:
+        path = Path(self.path)
+        return file_sha256(path / "manifest.jsonl" if path.is_dir() else path)
+
+
+def as_dataset(dataset: str | os.PathLike | BuiltDataset) -> BuiltDataset:
+    """`dataset` when it was read already, else its folder or manifest to read."""
+    return dataset if isinstance(dataset, BuiltDataset) else BuiltDataset(dataset)
+
+
 def check_dataset_generator(
-    manifest_path: str | os.PathLike, generator: str, record: dict, allow: bool = False
+    manifest_path: str | os.PathLike | BuiltDataset,
+    generator: str,
+    record: dict,
+    allow: bool = False,
 ) -> str | None:
     """Refuse (one line) to train `generator` with the model `record` (`model_record`) on a
     dataset whose dataset_config.json says another generator or model assigned its noises; with
     `allow` the line is returned as a warning instead. None: the same, or nothing recorded."""
     from diffalign.engine.identity import identity_differences
+    from diffalign.engine.io import json_object
 
-    cfg_path = _dataset_config_path(manifest_path)
-    if not cfg_path.is_file():
+    dataset = as_dataset(manifest_path)
+    cfg_path = dataset.config_path
+    if not dataset.has_config:
         return None  # a manifest made by hand records no generator
-    from diffalign.engine.io import read_json_object
-
-    built = read_json_object(cfg_path)
+    built = json_object(dataset.config, cfg_path)
     old_model = built.get("model") if isinstance(built.get("model"), dict) else {}
     # a dataset built through the Python API without model_info records the generator only
     keys = MODEL_PATH_KEYS if old_model.get("model") is not None else ()
@@ -415,26 +460,10 @@ def check_dataset_generator(
     raise DiffalignError(f"{line}: pass --allow-other-generator to train on it anyway")
 
 
-def _dataset_config_path(dataset: str | os.PathLike) -> Path:
-    path = Path(dataset)
-    return (path if path.is_dir() else path.parent) / "dataset_config.json"
-
-
-def _recorded_config(dataset: str | os.PathLike) -> Any:
-    """The parsed dataset_config.json of a `build-dataset` folder (or its manifest.jsonl);
-    None when there is none (a manifest made by hand)."""
-    cfg_path = _dataset_config_path(dataset)
-    if not cfg_path.is_file():
-        return None
-    from diffalign.engine.io import read_json
-
-    return read_json(cfg_path)
-
-
-def recorded_image_size(dataset: str | os.PathLike) -> tuple[int, int] | None:
+def recorded_image_size(dataset: str | os.PathLike | BuiltDataset) -> tuple[int, int] | None:
     """The (height, width) a `build-dataset` folder (or its manifest.jsonl) records in its
     dataset_config.json; None when it records none (a manifest made by hand)."""
-    cfg = _recorded_config(dataset)
+    cfg = as_dataset(dataset).config
     size = cfg.get("image_size") if isinstance(cfg, dict) else None
     if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size):
         return int(size[0]), int(size[1])
@@ -442,12 +471,13 @@ def recorded_image_size(dataset: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def dataset_image_size(
-    dataset: str | os.PathLike, height: int | None, width: int | None
+    dataset: str | os.PathLike | BuiltDataset, height: int | None, width: int | None
 ) -> tuple[int | None, int | None]:
     """The image size to train on `dataset` with: the one its dataset_config.json records (its
     noises and targets have that size) unless ``height`` / ``width`` are given; a given size
     that contradicts the recorded one is a one-line error. (None, None): nothing recorded or
     given, the model's default."""
+    dataset = as_dataset(dataset)
     recorded = recorded_image_size(dataset)
     if recorded is None:
         return height, width
@@ -455,19 +485,20 @@ def dataset_image_size(
     if given != recorded:
         raise DiffalignError(
             f"--height/--width {given[0]}x{given[1]} contradict the image size "
-            f"{recorded[0]}x{recorded[1]} of {_dataset_config_path(dataset)}: leave them out "
+            f"{recorded[0]}x{recorded[1]} of {dataset.config_path}: leave them out "
             "(the dataset's size is the default) or rebuild the dataset at that size"
         )
     return recorded
 
 
-def check_generator_size(dataset: str | os.PathLike, generator) -> None:
+def check_generator_size(dataset: str | os.PathLike | BuiltDataset, generator) -> None:
     """Refuse (one line) a generator set to another image size than `dataset` records."""
+    dataset = as_dataset(dataset)
     recorded = recorded_image_size(dataset)
     size = tuple(generator.image_size())
     if recorded is not None and size != recorded:
         raise DiffalignError(
-            f"{_dataset_config_path(dataset).parent} holds {recorded[0]}x{recorded[1]} images "
+            f"{dataset.config_path.parent} holds {recorded[0]}x{recorded[1]} images "
             f"and noises, the generator makes {size[0]}x{size[1]}: load it with height="
             f"{recorded[0]}, width={recorded[1]} (the CLI's default for this dataset)"
         )
@@ -482,10 +513,10 @@ def _describe(rec: dict) -> str:
     return f"{rec.get('generator')} ({model}{steps})"
 
 
-def recorded_num_steps(dataset: str | os.PathLike) -> int | None:
+def recorded_num_steps(dataset: str | os.PathLike | BuiltDataset) -> int | None:
     """The sampling steps of the generator a `build-dataset` folder (or its manifest.jsonl) was
     assigned with (dataset_config.json); None when it records none."""
-    cfg = _recorded_config(dataset)
+    cfg = as_dataset(dataset).config
     model = cfg.get("model") if isinstance(cfg, dict) else None
     steps = model.get("num_steps") if isinstance(model, dict) else None
     return steps if isinstance(steps, int) and not isinstance(steps, bool) else None

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -36,6 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from diffalign.engine.errors import DiffalignError, library_output_held
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.noise.assign import assign_loss, base_noise, load_target_image
+
+if TYPE_CHECKING:
+    from diffalign.noise.dataset import BuiltDataset
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # AdamW weight decay of `noise sft` / `noise em` (seed 001 `cli_train_latent_matched_sft`); the toy
@@ -348,7 +352,7 @@ def prepare_unet(
 
 def sft(
     generator,
-    manifest_path: str | os.PathLike,
+    manifest_path: str | os.PathLike | BuiltDataset,
     output_dir: str | os.PathLike,
     *,
     direct: bool = False,
@@ -383,11 +387,12 @@ def sft(
     """`diffalign noise sft`: fine-tune a diffusion one-step generator's U-Net (full, or LoRA
     with ``lora_rank``) on a `build-dataset` manifest; ``direct`` = random-noise baseline. A
     dataset built with another generator or model is refused (``allow_other_generator``: a
-    warning); a resume with other settings, models or data is refused (`engine.identity`)."""
+    warning); a resume with other settings, models or data is refused (`engine.identity`).
+    ``manifest_path``: the dataset's folder or manifest, or the `BuiltDataset` read already."""
     from diffalign.noise.dataset import (
+        as_dataset,
         check_dataset_generator,
         check_generator_size,
-        load_dataset_manifest,
         model_record,
     )
 
@@ -403,17 +408,18 @@ def sft(
         raise DiffalignError("--latent-loss-weight and --pixel-l1-weight are both 0: no loss")
     if lora_rank is not None and lora_rank < 1:
         raise DiffalignError(f"--lora-rank must be >= 1, got {lora_rank}")
-    records, _ = load_dataset_manifest(manifest_path)
-    check_generator_size(manifest_path, generator)
+    dataset = as_dataset(manifest_path)
+    records = dataset.records
+    check_generator_size(dataset, generator)
     record = model_record(model_info)
     warning = None
     if not direct:  # the direct baseline reads targets and prompts only, never the noises
         warning = check_dataset_generator(
-            manifest_path, generator.name, record, allow=allow_other_generator
+            dataset, generator.name, record, allow=allow_other_generator
         )
     if warning is not None:
         print(f"diffalign: warning: {warning}", file=sys.stderr, flush=True)
-    models = _data_identity(manifest_path, init_lora, lora_rank, lora_alpha, record)
+    models = _data_identity(dataset, init_lora, lora_rank, lora_alpha, record)
     shape = tuple(generator.latent_shape())
     if not direct:
         from diffalign.noise.assign import check_noise_file
@@ -422,10 +428,10 @@ def sft(
         for r in records:
             problem = check_noise_file(r["noise_path"], shape, _item(r.get("id")), r["prompt"])
             if problem is not None:
-                raise DiffalignError(f"{manifest_path}: item {r.get('id')}: {problem}")
+                raise DiffalignError(f"{dataset.path}: item {r.get('id')}: {problem}")
     for r in records:
         if not r["target_path"].is_file():
-            raise DiffalignError(f"{manifest_path}: item {r.get('id')}: {r['target_path']} missing")
+            raise DiffalignError(f"{dataset.path}: item {r.get('id')}: {r['target_path']} missing")
     size = generator.image_size()
     torch.manual_seed(seed)  # the LoRA's initial weights come from the global RNG
     lora = prepare_unet(generator, lora_rank, lora_alpha, init_lora=init_lora)
@@ -460,11 +466,12 @@ def sft(
     return sft_result(run_sft(task, cfg))
 
 
-def _data_identity(manifest_path, init_lora, lora_rank, lora_alpha, record: dict | None) -> dict:
+def _data_identity(
+    dataset: BuiltDataset, init_lora, lora_rank, lora_alpha, record: dict | None
+) -> dict:
     """The identity's models and data part; ``record`` None: the models not known yet."""
-    from diffalign.engine.identity import file_sha256, model_identity
+    from diffalign.engine.identity import model_identity
 
-    manifest = Path(manifest_path)
     return {
         "models": None
         if record is None
@@ -472,9 +479,7 @@ def _data_identity(manifest_path, init_lora, lora_rank, lora_alpha, record: dict
         "init_lora": model_identity(init_lora),
         "lora_rank": lora_rank,
         "lora_alpha": lora_alpha,
-        "manifest_sha256": file_sha256(
-            manifest / "manifest.jsonl" if manifest.is_dir() else manifest
-        ),
+        "manifest_sha256": dataset.manifest_sha256,
     }
 
 
@@ -502,18 +507,20 @@ def _loop_config(output_dir, items: int, batch_size: int, **options) -> TrainCon
 
 def check_before_loading(manifest_path, output_dir, **options) -> None:
     """`sft`'s used-folder and resume refusals (`engine.checkpoints.check_before_setup`) before
-    the generator loads: ``options`` are `sft`'s keywords (its defaults apply). The models'
-    identity and the generator's name are known only once it loads (the trainer compares
-    everything again on resume)."""
+    the generator loads: ``options`` are `sft`'s keywords (its defaults apply), ``manifest_path``
+    as `sft`'s (a `BuiltDataset` passed on to `sft` is read once). The models' identity and the
+    generator's name are known only once it loads (the trainer compares everything again on
+    resume)."""
     import inspect
 
     from diffalign.engine.checkpoints import check_before_setup
-    from diffalign.noise.dataset import load_dataset_manifest
+    from diffalign.noise.dataset import as_dataset
 
     a = inspect.signature(sft).bind(None, manifest_path, output_dir, **options)
     a.apply_defaults()
     a = a.arguments
-    records, _ = load_dataset_manifest(manifest_path)
+    dataset = as_dataset(manifest_path)
+    records = dataset.records
     batch_size = min(a["batch_size"], len(records))
     loop = _loop_config(
         output_dir,
@@ -534,7 +541,7 @@ def check_before_loading(manifest_path, output_dir, **options) -> None:
             weight_decay=a["weight_decay"],
             generator=None,
         )
-        data = _data_identity(manifest_path, a["init_lora"], a["lora_rank"], a["lora_alpha"], None)
+        data = _data_identity(dataset, a["init_lora"], a["lora_rank"], a["lora_alpha"], None)
         return {**settings, **data}
 
     check_before_setup(loop, identity, unknown=("generator", "models"))
