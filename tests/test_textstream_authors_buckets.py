@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,78 @@ def test_bf16_keeps_the_order_of_the_edges():
     assert all(g >= authors_bucket(float(t), theirs) for g, t in zip(got, ts))
     assert got == sorted(got)
     assert got[499] == got[500] == got[501] == 3
+
+
+def test_qwen_image_bucketed_generation_is_the_authors(tiny_model_dir, tmp_path):
+    """QwenImagePipeline (true CFG, both branches get the residual) with an authors' `.pt` of
+    3 buckets = the same pipeline with their residual done by hand: their `transformer.py`
+    `_apply_residual` without LayerNorm (unbiased std, eps added to it; Qwen-Image clamps
+    nothing), the rotation of `resolve_rotation_bucket(t)` with their integer edges, on the
+    text entering each block (after `txt_norm` / `txt_in` for block 0)."""
+    from diffusers import QwenImagePipeline
+
+    from diffalign.textstream import build_residual
+    from diffalign.textstream.adapters import stream_adapter
+    from test_textstream_col_center import authors_mix
+    from test_textstream_flux_qwen import authors_pt
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_model_dir("qwen-image"))
+    tr = pipe.transformer
+    adapter = stream_adapter(tr)
+    d, origin, targets = adapter.feature_dim, 1, [2, 3]
+    path = tmp_path / "qwen_o1.pt"
+    edges = authors_edges(1000, 3)
+    mats = authors_pt(path, d, origin, targets, 3, timestep_bucket_edges=edges)
+    seen: dict = {"buckets": []}
+
+    def run():
+        with torch.no_grad():
+            return pipe(
+                prompt="a red cat",
+                negative_prompt=" ",
+                true_cfg_scale=4.0,
+                num_inference_steps=6,
+                height=32,
+                width=32,
+                max_sequence_length=16,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="latent",
+            ).images
+
+    def on_call(module, args, kwargs):
+        t = float(kwargs["timestep"].flatten()[0]) * 1000  # the pipeline's t / 1000, float32
+        seen["bucket"] = authors_bucket(t, edges)
+        seen["buckets"].append(seen["bucket"])
+
+    def on_origin(module, args, kwargs):
+        seen["origin"] = kwargs["encoder_hidden_states"]
+
+    def on_target(layer):
+        def hook(module, args, kwargs):
+            rot = mats[seen["bucket"], targets.index(layer)]
+            text = kwargs["encoder_hidden_states"]
+            mixed = [authors_mix(text[b], seen["origin"][b], 0.8, rot) for b in range(len(text))]
+            kwargs["encoder_hidden_states"] = torch.from_numpy(np.stack(mixed)).to(text.dtype)
+            return args, kwargs
+
+        return hook
+
+    blocks = adapter.blocks
+    handles = [
+        tr.register_forward_pre_hook(on_call, with_kwargs=True),
+        blocks[origin].register_forward_pre_hook(on_origin, with_kwargs=True),
+        *(blocks[k].register_forward_pre_hook(on_target(k), with_kwargs=True) for k in targets),
+    ]
+    try:
+        theirs = run()
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(set(seen["buckets"])) == [0, 1, 2]  # the 6 steps reach every bucket
+
+    res = build_residual(adapter.num_blocks, d, procrustes_path=str(path), weights=0.8)
+    assert res.timestep_bucket_edges == [0.0, 334.0, 667.0, 1000.0]
+    with res.attach(tr):
+        ours = run()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert (ours - run()).abs().max() > 1e-3  # the residual does change the latents
