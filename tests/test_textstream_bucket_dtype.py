@@ -16,11 +16,13 @@ FLUX = StreamAdapter("flux", (), 0, timestep_scale=1000.0)
 
 
 def reference_bucket(t: float, edges: list[float], dtype) -> int:
-    """Slow reference: the pipeline's `t.to(dtype) / 1000`, scaled back by the transformer's
-    1000 in that dtype, then the last edge below it (end buckets catch the rest)."""
-    received = (torch.tensor([t]).to(dtype) / 1000 * 1000).item()
-    inner = [e for e in edges[1:-1] if e <= received]
-    return len(inner)
+    """Slow reference: the pipeline's `t.to(dtype) / 1000`, then the number of inner edges
+    that arrive at or below it when handed over the same way (end buckets catch the rest)."""
+
+    def received(v: float) -> float:
+        return (torch.tensor([v]).to(dtype) / 1000).item()
+
+    return len([e for e in edges[1:-1] if received(e) <= received(t)])
 
 
 def test_mismatch_matches_reference():

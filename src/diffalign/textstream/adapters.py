@@ -90,9 +90,25 @@ class StreamAdapter:
         (`flow.transformer_timestep`). The one rule of both generation (which rotation a step
         uses) and calibration (which bucket a step's tokens are fitted in, and which steps a
         bucket can get), so a bucket's statistics come from exactly the timesteps that look it
-        up."""
-        t = torch.as_tensor(timestep).detach().to(torch.float64).cpu().flatten()
-        return bucket_index(t * self.timestep_scale, edges)
+        up. The argument is compared with the edges as the transformer would receive them in
+        its dtype (`received_edges`), so a timestep at an edge falls in the bucket above it
+        (`edges[b] <= t < edges[b + 1]`, as the method's authors bucket) even where the edge's
+        t / 1000 rounds down (float32 0.7 = 0.69999999)."""
+        t = torch.as_tensor(timestep).detach().cpu().flatten()
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
+        return bucket_index(t.to(torch.float64), self.received_edges(edges, t.dtype))
+
+    def received_edges(self, edges, dtype: torch.dtype) -> torch.Tensor:
+        """The bucket edges (float32 schedule timesteps, or float64 for a float64 argument) as
+        the family's pipeline hands a timestep to the transformer in `dtype`
+        (`flow.transformer_timestep`: SD3 as is, FLUX.1 / Qwen-Image `t.to(dtype) / 1000`);
+        float64. Monotone, so a timestep >= an edge never lands below it."""
+        from diffalign.textstream.flow import family
+
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        e = torch.as_tensor(edges, dtype=torch.float64).to(wide)
+        return family(self.family).transformer_timestep(e, len(e), dtype).to(torch.float64)
 
 
 def stream_adapter(transformer: torch.nn.Module) -> StreamAdapter:

@@ -405,7 +405,7 @@ def calibrate(
     trajectory; only the conditional rows' tokens are collected. `steps`,
     `max_sequence_length`, FLUX's `guidance` and `height`/`width` default to the model card's
     (`resolve_settings`). `timestep_buckets` N > 1 calibrates one rotation
-    per bucket of the 0..1000 schedule split in N equal parts, from the samples whose drawn
+    per bucket of the 0..1000 schedule (`equal_bucket_edges`), from the samples whose drawn
     timestep falls in it (`timestep_draw` "bucket": every sample, at one step drawn in each
     bucket); `col_center` centres the feature columns before each solve. Returns
     the summary that is also written to `summary.json` beside `output`. `xt_source` "image"

@@ -114,8 +114,9 @@ def register(verbs) -> None:
         "--timestep-buckets",
         type=positive_int,
         default=1,
-        help="split the 0..1000 schedule into N equal buckets and calibrate one rotation per "
-        "bucket and target from the samples whose drawn timestep falls in it; generation "
+        help="split the 0..1000 schedule into N buckets of equal integer-timestep count "
+        "(N = 3: edges 0, 334, 667, 1000, as the method's authors) and calibrate one rotation "
+        "per bucket and target from the samples whose drawn timestep falls in it; generation "
         "picks the current timestep's. Both take the timestep as the transformer receives it "
         "(FLUX.1 / Qwen-Image pipelines round it to the model dtype: in bf16 499 is 500) "
         "(default: %(default)s)",

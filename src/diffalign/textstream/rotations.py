@@ -98,11 +98,23 @@ def check_bucket_edges(edges: Any) -> list[float]:
 
 
 def equal_bucket_edges(num_buckets: int, num_train_timesteps: int = 1000) -> list[float]:
-    """`--timestep-buckets N`: the schedule's 0..num_train_timesteps split in N equal buckets."""
-    if int(num_buckets) < 1:
+    """`--timestep-buckets N`: the integer timesteps `0..num_train_timesteps - 1` in N buckets of
+    equal count, the first `num_train_timesteps % N` buckets one timestep larger; integer edges
+    (N = 3: 0, 334, 667, 1000), as the method's authors bucket (`_build_bucket_edges` in
+    Yaoyuxuanyyds/Training-free-Residual-SD3 e9d7900 `Flux-Residual/` and `Qwen-Image-Residual/`
+    `compute_*_text_procrustes.py`)."""
+    n, total = int(num_buckets), int(num_train_timesteps)
+    if n < 1:
         raise DiffalignError(f"--timestep-buckets must be at least 1 (got {num_buckets})")
-    n = int(num_buckets)
-    return [num_train_timesteps * k / n for k in range(n + 1)]
+    if n > total:
+        raise DiffalignError(
+            f"--timestep-buckets {n}: at most one bucket per timestep ({total} timesteps)"
+        )
+    base, extra = divmod(total, n)
+    edges = [0]
+    for b in range(n):
+        edges.append(edges[-1] + base + (1 if b < extra else 0))
+    return [float(e) for e in edges]
 
 
 def check_rotation(rotation: torch.Tensor, feature_dim: int | None, what: str) -> torch.Tensor:
