@@ -555,11 +555,13 @@ def dataset_identity(dataset, datadir, prompts: list[str], images: list, xt_sour
     `engine.identity.samples_sha256` of each prompt and, with `xt_source` "image", the sha256 of
     its image's bytes (other sources never read the images), so another spelling of the same
     dataset's path is the same dataset and changed captions or images are another; and, for
-    display only (`DISPLAY_ONLY`, not compared), the resolved path(s) it was read from."""
-    from diffalign.engine.identity import file_sha256, samples_sha256
+    display only (`DISPLAY_ONLY`, not compared), the resolved path(s) it was read from. The
+    images' digests come from the engine's digest cache (`cached_files_sha256`, keyed by
+    resolved path, size and mtime_ns): a re-run reads only the images that changed."""
+    from diffalign.engine.identity import cached_files_sha256, samples_sha256
 
     if xt_source == "image":
-        samples = [[p, file_sha256(i)] for p, i in zip(prompts, images)]
+        samples = [[p, d] for p, d in zip(prompts, cached_files_sha256(images))]
     else:
         samples = list(prompts)
     path = None
