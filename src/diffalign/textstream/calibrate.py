@@ -1015,11 +1015,18 @@ def _run_batch(
     if xt_source == "image":
         noise = torch.stack([n for _, n in draws])  # float32, CPU
         plans = [draw_train_timesteps(seed, i, train_candidates) for i in indices]
-        for j in range(len(plans[0])):  # one forward per drawn timestep of every sample
+    else:
+        plans = _plans(draws, indices, seed, timestep_draw, timesteps, collector, dtype)
+    if xt_source != "trajectory":
+        for j in range(len(plans[0])):  # one forward per drawn timestep/step of every sample
             collect(list(range(b)))
-            t = torch.tensor([float(p[j]) for p in plans])
-            xt = noisy_latents(x0, noise, t / 1000.0).to(device=device, dtype=dtype)
-            t = received_timesteps(t, collector.adapter, dtype).to(device)
+            if xt_source == "image":
+                t = torch.tensor([float(p[j]) for p in plans])
+                xt = noisy_latents(x0, noise, t / 1000.0).to(device=device, dtype=dtype)
+                t = received_timesteps(t, collector.adapter, dtype).to(device)
+            else:  # "noise": the initial noise at the drawn steps' timesteps
+                xt = latents
+                t = timesteps[torch.tensor([p[j] for p in plans], device=timesteps.device)]
             tr(
                 hidden_states=torch.cat([xt, xt]) if use_cfg else xt,
                 timestep=torch.cat([t, t]) if use_cfg else t,
@@ -1029,25 +1036,8 @@ def _run_batch(
             )
             collector.rows = None
         return plans
-    plans = _plans(draws, indices, seed, timestep_draw, timesteps, collector, dtype)
+
     last = max(max(p) for p in plans)
-
-    if xt_source == "noise":
-        for j in range(len(plans[0])):  # one forward per drawn step of every sample
-            collect(list(range(b)))
-            t = timesteps[torch.tensor([p[j] for p in plans], device=timesteps.device)]
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            tt = torch.cat([t, t]) if use_cfg else t
-            tr(
-                hidden_states=model_in,
-                timestep=tt,
-                encoder_hidden_states=pe,
-                pooled_projections=pooled,
-                return_dict=False,
-            )
-            collector.rows = None
-        return plans
-
     for i, t in enumerate(timesteps[: last + 1]):
         collect([s for s in range(b) if i in plans[s]])
         model_in = torch.cat([latents, latents]) if use_cfg else latents
