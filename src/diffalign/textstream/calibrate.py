@@ -91,7 +91,12 @@ from diffalign.textstream.adapters import StreamAdapter, stream_adapter
 from diffalign.textstream.attach import TextStreamResidual
 from diffalign.textstream.procrustes import ProcrustesAccumulator
 from diffalign.textstream.residual import standardize
-from diffalign.textstream.rotations import RotationSet, equal_bucket_edges, save_rotations
+from diffalign.textstream.rotations import (
+    RotationSet,
+    equal_bucket_edges,
+    parse_identity,
+    save_rotations,
+)
 from diffalign.textstream.weights import noisy_latents  # x_s = (1 - s) x0 + s eps, s = t / 1000
 
 TOKEN_STRATEGIES = ("all", "valid")
@@ -690,17 +695,13 @@ def calibration_identity(
 def recorded_identity(path: Path) -> dict | None:
     """The `calibration_identity` a rotation file records; None for a file without one (an
     older diffalign's, the seed's `.pt`, or not a rotation file)."""
-    import json
-
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("identity")
-        value = json.loads(text) if text else None
+            return parse_identity((f.metadata() or {}).get("identity"))
     except Exception:  # noqa: BLE001 - unreadable: nothing recorded
         return None
-    return value if isinstance(value, dict) else None
 
 
 def check_calibration_output(output_path: Path, identity: dict) -> None:
