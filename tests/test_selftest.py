@@ -101,12 +101,26 @@ def test_generators_fill_and_textstream_pass(tmp_path, tiny_model_dir, capsys):
     assert not any(a == "asset4" and c.startswith("generator") for a, c in rows)
 
 
-def test_hyper_sd15_runs_on_sd15_first_and_rows_name_the_release(tmp_path, tiny_model_dir):
+def test_hyper_sd15_runs_on_sd15_first_and_rows_name_the_release(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     """Folders are tried by name, but the Hyper-SD15 LoRA is checked on an SD 1.5 folder (the
     release it is published for, by its model card) before an SD-Turbo one; the rows say which
-    release each check ran on, and when it is not the release the kind is meant for."""
+    release each check ran on, and when it is not the release the kind is meant for. A row
+    looks each folder's release up once (for the order and for its detail)."""
+    import collections
+
+    import diffalign.noise.selftest as noise_selftest
     from diffalign.engine.selftest import run_checks
     from diffalign.selftest import load_checks, run_selftest  # noqa: F401 - registers checks
+
+    looked_up = collections.Counter()
+    folder_release = noise_selftest.folder_release
+    monkeypatch.setattr(
+        noise_selftest,
+        "folder_release",
+        lambda a: looked_up.update([a.label]) or folder_release(a),
+    )
 
     root = tmp_path / "models"
     root.mkdir()
@@ -129,6 +143,8 @@ def test_hyper_sd15_runs_on_sd15_first_and_rows_name_the_release(tmp_path, tiny_
     assert detail[("b_sd15", "sd-turbo")] == (
         "on Stable Diffusion v1-5 (the sd-turbo recipe, which is meant for SD-Turbo)"
     )
+    # the sd-turbo rows once each; the Hyper-SD15 row once per folder it orders
+    assert looked_up == {"a_turbo": 2, "b_sd15": 2}
 
 
 FEWSTEP = {  # make-tiny kind -> the generator check its folder gets (recognised by its card)

@@ -53,7 +53,7 @@ def test_mismatch_matches_reference():
     )
 
 
-def test_generation_warns_on_dtype_bucket_mismatch(tiny_model_dir, tmp_path, capsys):
+def test_generation_warns_on_dtype_bucket_mismatch(tiny_model_dir, tmp_path, capsys, monkeypatch):
     model = tiny_model_dir("flux-dev")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\ntwo dogs\n")
@@ -68,7 +68,14 @@ def test_generation_warns_on_dtype_bucket_mismatch(tiny_model_dir, tmp_path, cap
     gen += ["--residual-procrustes-path", str(rot), "--steps", "7", "--height", "64"]
     gen += ["--width", "64", "--max-sequence-length", "16"]
     capsys.readouterr()
+    import safetensors
+
+    opened, safe_open = [], safetensors.safe_open
+    monkeypatch.setattr(
+        safetensors, "safe_open", lambda f, *a, **k: opened.append(f) or safe_open(f, *a, **k)
+    )
     assert main([*gen, "--output-dir", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    assert opened.count(str(rot)) == 1  # rotations, buckets and recorded dtype: one read
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "calibrated in float32" in line]
     assert len(lines) == 1, err

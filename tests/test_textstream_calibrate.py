@@ -217,6 +217,76 @@ def test_trajectory_latents_are_the_pipelines(pipe):
     assert acc.count[0] == 333
 
 
+@pytest.mark.parametrize("xt_source", ["noise", "image"])
+def test_one_forward_sources_feed_the_transformer_bit_for_bit(pipe, tmp_path, xt_source):
+    """`xt_source` "noise" and "image" (one loop in `_run_batch`), batch 2 with CFG: one forward
+    whose inputs are, bit for bit, the samples' initial noise at their drawn steps' schedule
+    timesteps ("noise"), or (1 - t/1000) x0 + t/1000 eps at their drawn integer t ("image"),
+    each twice (unconditional rows first)."""
+    from PIL import Image
+
+    from diffalign.textstream.calibrate import (
+        _image_latents,
+        _run_batch,
+        _TokenCollector,
+        draw_train_timesteps,
+    )
+    from diffalign.textstream.procrustes import ProcrustesAccumulator
+
+    images = []
+    for i, value in enumerate((40, 200)):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((36, 32, 3), value, dtype=np.uint8)).save(images[-1])
+    shape = (16, 16, 16)
+    x0 = _image_latents(pipe, "sd3", images, 32) if xt_source == "image" else None
+    candidates = [list(range(1000))]
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"].clone(), kw["timestep"].clone())),
+        with_kwargs=True,
+    )
+    acc = ProcrustesAccumulator([2], 32)
+    col = _TokenCollector(pipe.transformer.transformer_blocks, 0, [2], acc, 1e-6)
+    try:
+        with torch.no_grad():
+            plans = _run_batch(
+                pipe,
+                col,
+                [0, 1],
+                PROMPTS[:2],
+                seed=7,
+                steps=4,
+                latent_shape=shape,
+                cfg=2.0,
+                xt_source=xt_source,
+                token_strategy="all",
+                max_sequence_length=256,
+                dtype=torch.float32,
+                device=torch.device("cpu"),
+                x0=x0,
+                train_candidates=candidates,
+            )
+    finally:
+        col.close()
+        handle.remove()
+    draws = [draw_sample(7, i, 4, shape) for i in range(2)]
+    eps = torch.stack([n for _, n in draws])
+    if xt_source == "noise":
+        assert plans == [[k] for k, _ in draws]
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        sched.set_timesteps(4)
+        t = sched.timesteps[[k for k, _ in draws]]
+        xt = eps
+    else:
+        assert plans == [draw_train_timesteps(7, i, candidates) for i in range(2)]
+        t = torch.tensor([float(p[0]) for p in plans])
+        s = (t / 1000.0).view(-1, 1, 1, 1)
+        xt = (1.0 - s) * x0 + s * eps
+    assert len(seen) == 1 and acc.count[0] == 2 * 333
+    assert torch.equal(seen[0][0], torch.cat([xt, xt]))
+    assert torch.equal(seen[0][1], torch.cat([t, t]))
+
+
 def test_cli_calibrate_then_generate_with_the_file(tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n\na house\n")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +106,38 @@ def test_image_source_identifies_the_images_by_their_bytes(tiny_model_dir, tmp_p
     assert main(argv) == 2  # the same captions and names, another image
     assert "dataset.sha256" in capsys.readouterr().err
     assert out.read_bytes() == before
+
+
+def test_image_digests_are_read_once_per_file_version(tmp_path, monkeypatch):
+    """`--xt-source image` identifies the images by their bytes through the digest cache: an
+    unchanged re-run reads no image to hash it, an image edited in place (same size, mtime set
+    forward) is read again and makes another dataset, and the value is the one diffalign
+    recorded before the cache (computed on f10e325 for these bytes), so old runs still resume."""
+    import os
+
+    import diffalign.engine.identity as ident
+    from diffalign.textstream.calibrate import dataset_identity
+
+    monkeypatch.setenv("DIFFALIGN_HASH_CACHE", str(tmp_path / "cache.json"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.png").write_bytes(b"image a")
+    (tmp_path / "b.png").write_bytes(b"image b" * 3)
+    reads = []
+    real = ident.file_sha256
+    monkeypatch.setattr(ident, "file_sha256", lambda p: reads.append(p) or real(p))
+    prompts, images = ["a cat", "a dog"], ["a.png", "b.png"]
+    first = dataset_identity(None, None, prompts, images, "image")
+    assert first["sha256"] == "03acb3314b16c3b1a0427a02f9792e87d61904fe2bdeea93258c75c8155a2c54"
+    assert len(reads) == 2
+    reads.clear()
+    assert dataset_identity(None, None, prompts, images, "image") == first
+    assert reads == []  # unchanged: a stat per image, no read
+    st = os.stat("b.png")
+    (tmp_path / "b.png").write_bytes(b"image c" * 3)  # the same size
+    os.utime("b.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    edited = dataset_identity(None, None, prompts, images, "image")
+    assert edited["sha256"] != first["sha256"]
+    assert [Path(p).name for p in reads] == ["b.png"]  # only the edited image is read
 
 
 def test_explicit_model_card_values_are_the_defaults(run, tiny_model_dir, tmp_path):

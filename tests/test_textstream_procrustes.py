@@ -177,6 +177,39 @@ def test_seed_pt_layout_is_read(tmp_path):
     assert torch.equal(load_rotations(path).rotations[3], rs.rotations[3])
 
 
+@pytest.mark.parametrize(
+    "identity", [{"dtype": "float32", "seed": 3}, "{not json", [1, 2], None], ids=str
+)
+def test_recorded_identity_read_with_the_rotations(tmp_path, identity):
+    """`load_rotations` hands over the identity the file records, as `recorded_identity`
+    reads it alone (a malformed or non-object value is none, and the file still loads); a
+    `.pt` file records none."""
+    from diffalign.textstream.calibrate import recorded_identity
+
+    rs = rotation_set()
+    if identity is not None:
+        rs.metadata["identity"] = identity if isinstance(identity, str) else json.dumps(identity)
+    path = tmp_path / "rot.safetensors"
+    save_rotations(path, rs)
+    back = load_rotations(path)
+    assert back.recorded_identity == recorded_identity(path)
+    assert back.recorded_identity == (identity if isinstance(identity, dict) else None)
+    pt = tmp_path / "seed.pt"
+    torch.save({**back.metadata, **_pt_keys(rs)}, pt)  # an "identity" key in a .pt: none
+    assert load_rotations(pt).recorded_identity is None is recorded_identity(pt)
+
+
+def _pt_keys(rs: RotationSet) -> dict:
+    return {
+        "origin_layer": rs.origin_layer,
+        "target_layers": rs.target_layers,
+        "rotation_matrices": torch.stack([rs.rotations[t] for t in rs.target_layers]),
+        "feature_dim": rs.feature_dim,
+        "num_valid_tokens": rs.num_valid_tokens,
+        "strategy": "all",
+    }
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("pwned",))

@@ -34,7 +34,10 @@ sampled block. The full sha256 detects every change and lets copies compare equa
 read of the file (about 1-2 s per GB), once: the digest is cached per file in
 ``$DIFFALIGN_HASH_CACHE`` (default ``~/.cache/diffalign/weight-sha256.json``) keyed by
 (resolved path, size, mtime_ns), so later runs on the same checkpoint cost a ``stat``. A
-cache that cannot be read or written only means hashing again.
+cache that cannot be read or written only means hashing again. Data files a job identifies by
+their bytes (``textstream calibrate --xt-source image``'s images) go through the same cache
+(:func:`cached_files_sha256`): a re-run reads only the files whose size or mtime changed, and
+an edit (which moves the mtime) is read and compared.
 """
 
 from __future__ import annotations
@@ -90,25 +93,37 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def weight_file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a weight file's bytes, cached by (resolved path, size, mtime_ns) (module doc)."""
-    real = path_key(path)
-    st = os.stat(real)
-    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    return cached_files_sha256([path])[0]
+
+
+def cached_files_sha256(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """sha256 of each file's bytes through the digest cache (module doc): one read of the cache
+    and a `stat` per file; only the files whose (resolved path, size, mtime_ns) it lacks are
+    read, and the cache is written once, with their digests."""
+    keys = []
+    for path in paths:
+        real = path_key(path)
+        st = os.stat(real)
+        keys.append((real, f"{real}|{st.st_size}|{st.st_mtime_ns}"))
     cache_path = _cache_file()
     cache = _read_cache(cache_path)
-    hit = cache.get(key)
-    if isinstance(hit, str):
-        return hit
-    digest = file_sha256(real)
-    cache = _read_cache(cache_path)  # another process may have added entries meanwhile
-    cache = {k: v for k, v in cache.items() if not k.startswith(f"{real}|")}  # older versions
-    cache[key] = digest
-    try:
-        from diffalign.engine.io import write_json
+    found = {key: cache[key] for _, key in keys if isinstance(cache.get(key), str)}
+    new = {}
+    for real, key in keys:
+        if key not in found:
+            found[key] = new[key] = file_sha256(real)
+    if new:
+        cache = _read_cache(cache_path)  # another process may have added entries meanwhile
+        hashed = tuple(f"{real}|" for real, key in keys if key in new)
+        cache = {k: v for k, v in cache.items() if not k.startswith(hashed)}  # older versions
+        cache.update(new)
+        try:
+            from diffalign.engine.io import write_json
 
-        write_json(cache_path, cache, indent=0)
-    except (OSError, DiffalignError):
-        pass  # an unwritable cache: the next run hashes again
-    return digest
+            write_json(cache_path, cache, indent=0)
+        except (OSError, DiffalignError):
+            pass  # an unwritable cache: the next run hashes again
+    return [found[key] for _, key in keys]
 
 
 def _model_files(root: Path, subfolders: Sequence[str] | None) -> list[Path]:

@@ -264,8 +264,9 @@ def identify_release(model: str) -> tuple[Release, str] | None:
         if release is not None:
             return release, "its `diffalign download` record"
     cached = _hub_id_in_cache_path(folder)
-    if cached is not None and release_by_hub_id(cached) is not None:
-        return release_by_hub_id(cached), "its Hugging Face cache path"
+    release = release_by_hub_id(cached) if cached is not None else None
+    if release is not None:
+        return release, "its Hugging Face cache path"
     title = model_card_title(folder)
     if title:
         for release in RELEASES.values():

@@ -139,8 +139,9 @@ def _read_json(path: Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-def identify(folder: Path) -> list[Asset]:
-    """The assets `folder` itself is or holds directly (not its sub-folders)."""
+def identify(folder: Path, entries: list[Path] | None = None) -> list[Asset]:
+    """The assets `folder` itself is or holds directly (not its sub-folders); `entries`: its
+    listing, when the caller has it already."""
     index = folder / "model_index.json"
     if index.is_file():
         return [Asset(folder, "pipeline", str(_read_json(index).get("_class_name", "")))]
@@ -150,7 +151,8 @@ def identify(folder: Path) -> list[Asset]:
         if isinstance(arch, list) and arch:
             return [Asset(folder, "transformers", str(arch[0]))]
     found = []
-    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+    listing = folder.iterdir() if entries is None else entries
+    for f in sorted(p for p in listing if p.is_file()):
         for pattern, kind in FILE_KINDS.items():
             if fnmatch.fnmatch(f.name, pattern):
                 found.append(Asset(f, kind))
@@ -167,8 +169,9 @@ def find_assets(root: str | Path) -> list[Asset]:
 
     def walk(folder: Path, depth: int) -> None:
         try:
-            here = identify(folder)
-            subs = sorted(p for p in folder.iterdir() if p.is_dir())
+            entries = list(folder.iterdir())  # listed once: for its files and its sub-folders
+            here = identify(folder, entries)
+            subs = sorted(p for p in entries if p.is_dir())
         except OSError:  # an unreadable folder holds nothing we can check
             return
         for a in here:

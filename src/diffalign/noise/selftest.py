@@ -134,7 +134,11 @@ def intended_release(spec: GeneratorSpec):
 def ran_on(spec: GeneratorSpec, asset: Asset, label: bool = False) -> str:
     """The detail of a generator row: the folder's release (and, with `label`, the folder),
     and whether that is the release `spec` is meant for."""
-    release, meant = folder_release(asset), intended_release(spec)
+    return _ran_on(spec, asset, folder_release(asset), intended_release(spec), label)
+
+
+def _ran_on(spec: GeneratorSpec, asset: Asset, release, meant, label: bool) -> str:
+    """`ran_on` for the folder's `release` and the `meant` one, already looked up."""
     where = f"{asset.label}, " if label else ""
     name = release.name if release is not None else "no recognised release"
     text = f"on {where}{name}"
@@ -184,15 +188,19 @@ def _register(spec: GeneratorSpec) -> None:
         tried = []
         meant = intended_release(spec)
         bases = ctx.find(pipeline_of(*classes))
+        # each folder's release, looked up once (for the order, then for the row's detail)
+        releases = {} if meant is None else {b.path: folder_release(b) for b in bases}
         # folders of the release the weights are published for first (stable: then by name)
-        bases.sort(key=lambda b: meant is None or folder_release(b) != meant)
+        bases.sort(key=lambda b: meant is None or releases[b.path] != meant)
         for base in bases:
             try:
                 gen = _load(str(base.path), spec, ctx, weights=str(asset.path))
             except DiffalignError:  # weights of another base model: try the next folder
                 tried.append(base.label)
                 continue
-            return compare(gen, ctx.size), ran_on(spec, base, label=True)
+            difference = compare(gen, ctx.size)
+            release = releases[base.path] if base.path in releases else folder_release(base)
+            return difference, _ran_on(spec, base, release, meant, label=True)
         raise SelftestSkip(
             f"no {'/'.join(classes)} folder it fits (its base: {spec.default_model}"
             + (f"; tried {', '.join(tried)}" if tried else "")

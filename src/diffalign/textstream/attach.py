@@ -169,6 +169,8 @@ class TextStreamResidual:
         elif buckets > 1:
             raise DiffalignError("timestep buckets need per-bucket rotations (a rotation file)")
         self.source: dict[str, Any] = {}  # where the rotations came from (for settings())
+        # the rotation file's recorded calibration identity (`RotationSet.recorded_identity`)
+        self.rotation_identity: dict[str, Any] | None = None
 
     def device_copy(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """`make()` built once per `key` (which names a device and dtype) and kept for every
@@ -568,6 +570,8 @@ def build_residual(
     )
     res.check_model(num_layers, feature_dim)
     res.source = source
+    if procrustes_path:
+        res.rotation_identity = rs.recorded_identity
     return res
 
 

@@ -91,7 +91,12 @@ from diffalign.textstream.adapters import StreamAdapter, stream_adapter
 from diffalign.textstream.attach import TextStreamResidual
 from diffalign.textstream.procrustes import ProcrustesAccumulator
 from diffalign.textstream.residual import standardize
-from diffalign.textstream.rotations import RotationSet, equal_bucket_edges, save_rotations
+from diffalign.textstream.rotations import (
+    RotationSet,
+    equal_bucket_edges,
+    parse_identity,
+    save_rotations,
+)
 from diffalign.textstream.weights import noisy_latents  # x_s = (1 - s) x0 + s eps, s = t / 1000
 
 TOKEN_STRATEGIES = ("all", "valid")
@@ -555,11 +560,13 @@ def dataset_identity(dataset, datadir, prompts: list[str], images: list, xt_sour
     `engine.identity.samples_sha256` of each prompt and, with `xt_source` "image", the sha256 of
     its image's bytes (other sources never read the images), so another spelling of the same
     dataset's path is the same dataset and changed captions or images are another; and, for
-    display only (`DISPLAY_ONLY`, not compared), the resolved path(s) it was read from."""
-    from diffalign.engine.identity import file_sha256, samples_sha256
+    display only (`DISPLAY_ONLY`, not compared), the resolved path(s) it was read from. The
+    images' digests come from the engine's digest cache (`cached_files_sha256`, keyed by
+    resolved path, size and mtime_ns): a re-run reads only the images that changed."""
+    from diffalign.engine.identity import cached_files_sha256, samples_sha256
 
     if xt_source == "image":
-        samples = [[p, file_sha256(i)] for p, i in zip(prompts, images)]
+        samples = [[p, d] for p, d in zip(prompts, cached_files_sha256(images))]
     else:
         samples = list(prompts)
     path = None
@@ -688,17 +695,13 @@ def calibration_identity(
 def recorded_identity(path: Path) -> dict | None:
     """The `calibration_identity` a rotation file records; None for a file without one (an
     older diffalign's, the seed's `.pt`, or not a rotation file)."""
-    import json
-
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("identity")
-        value = json.loads(text) if text else None
+            return parse_identity((f.metadata() or {}).get("identity"))
     except Exception:  # noqa: BLE001 - unreadable: nothing recorded
         return None
-    return value if isinstance(value, dict) else None
 
 
 def check_calibration_output(output_path: Path, identity: dict) -> None:
@@ -1013,11 +1016,18 @@ def _run_batch(
     if xt_source == "image":
         noise = torch.stack([n for _, n in draws])  # float32, CPU
         plans = [draw_train_timesteps(seed, i, train_candidates) for i in indices]
-        for j in range(len(plans[0])):  # one forward per drawn timestep of every sample
+    else:
+        plans = _plans(draws, indices, seed, timestep_draw, timesteps, collector, dtype)
+    if xt_source != "trajectory":
+        for j in range(len(plans[0])):  # one forward per drawn timestep/step of every sample
             collect(list(range(b)))
-            t = torch.tensor([float(p[j]) for p in plans])
-            xt = noisy_latents(x0, noise, t / 1000.0).to(device=device, dtype=dtype)
-            t = received_timesteps(t, collector.adapter, dtype).to(device)
+            if xt_source == "image":
+                t = torch.tensor([float(p[j]) for p in plans])
+                xt = noisy_latents(x0, noise, t / 1000.0).to(device=device, dtype=dtype)
+                t = received_timesteps(t, collector.adapter, dtype).to(device)
+            else:  # "noise": the initial noise at the drawn steps' timesteps
+                xt = latents
+                t = timesteps[torch.tensor([p[j] for p in plans], device=timesteps.device)]
             tr(
                 hidden_states=torch.cat([xt, xt]) if use_cfg else xt,
                 timestep=torch.cat([t, t]) if use_cfg else t,
@@ -1027,25 +1037,8 @@ def _run_batch(
             )
             collector.rows = None
         return plans
-    plans = _plans(draws, indices, seed, timestep_draw, timesteps, collector, dtype)
+
     last = max(max(p) for p in plans)
-
-    if xt_source == "noise":
-        for j in range(len(plans[0])):  # one forward per drawn step of every sample
-            collect(list(range(b)))
-            t = timesteps[torch.tensor([p[j] for p in plans], device=timesteps.device)]
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            tt = torch.cat([t, t]) if use_cfg else t
-            tr(
-                hidden_states=model_in,
-                timestep=tt,
-                encoder_hidden_states=pe,
-                pooled_projections=pooled,
-                return_dict=False,
-            )
-            collector.rows = None
-        return plans
-
     for i, t in enumerate(timesteps[: last + 1]):
         collect([s for s in range(b) if i in plans[s]])
         model_in = torch.cat([latents, latents]) if use_cfg else latents

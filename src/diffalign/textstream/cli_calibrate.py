@@ -35,7 +35,8 @@ def register(verbs) -> None:
         required=True,
         help="prompt set(s), comma-combined: a .txt/.jsonl/COCO json/GenEval jsonl/DPG folder, "
         "or coco, geneval, dpg under --datadir; re-runs compare its content (prompts, and with "
-        "--xt-source image the images' bytes), not how its path is spelled",
+        "--xt-source image the images' bytes, whose digests are cached by path, size and mtime: "
+        "a re-run reads only the images that changed), not how its path is spelled",
     )
     p.add_argument("--datadir", default=None, help="folder holding the named datasets")
     p.add_argument(

@@ -453,14 +453,13 @@ class ResidualGenerator:
 
 def _calibration_dtype(residual):
     """The torch dtype a bucketed rotation file records as its calibration's (its identity's
-    "dtype"); None without buckets, without a file, or when the file records none."""
+    "dtype", as `build_residual` read it with the rotations); None without buckets, without a
+    file, or when the file records none."""
     import torch
-
-    from diffalign.textstream.calibrate import recorded_identity
 
     if residual is None or residual.num_buckets < 2 or "path" not in residual.source:
         return None
-    name = (recorded_identity(Path(residual.source["path"])) or {}).get("dtype")
+    name = (residual.rotation_identity or {}).get("dtype")
     dtype = getattr(torch, str(name), None) if name else None
     return dtype if isinstance(dtype, torch.dtype) else None
 

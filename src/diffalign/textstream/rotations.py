@@ -67,6 +67,9 @@ class RotationSet:
     column_center: bool = False
     model_family: str | None = None
     token_strategy: str = "all"
+    # read only (`load_rotations`): the `calibration_identity` a safetensors file's metadata
+    # records under "identity" (None: none, or a `.pt` file); writers put it in `metadata`
+    recorded_identity: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.strategy in TOKEN_STRATEGIES:
@@ -198,7 +201,7 @@ def load_rotations(
     path = Path(path)
     if not path.is_file():
         raise DiffalignError(f"rotation file not found: {path}")
-    raw = _read_raw(path)
+    raw, header = _read_raw(path)
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise DiffalignError(
@@ -282,6 +285,7 @@ def load_rotations(
         timestep_bucket_edges=edges if mats.ndim == 4 or edges is not None else None,
         column_center=column_center,
         model_family=file_family,
+        recorded_identity=parse_identity(header.get("identity")),
     )
     if strategy not in TOKEN_STRATEGIES:
         rs.token_strategy = token_strategy
@@ -328,8 +332,19 @@ def _as_bool(v: Any) -> bool:
     return bool(v)
 
 
-def _read_raw(path: Path) -> dict[str, Any]:
-    """Keys -> tensors or python values, for both formats (format sniffed from the bytes)."""
+def parse_identity(text: str | None) -> dict[str, Any] | None:
+    """The identity dict a rotation file's "identity" metadata string holds (None: none, or
+    not a JSON object)."""
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _read_raw(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(keys -> tensors or python values, the safetensors metadata strings; {} for `.pt`), for
+    both formats (format sniffed from the bytes)."""
     with open(path, "rb") as f:
         head = f.read(9)
     # safetensors: an 8-byte header length, then the JSON header; its length's first byte
@@ -339,7 +354,7 @@ def _read_raw(path: Path) -> dict[str, Any]:
         obj = load_pt(path)
         if not isinstance(obj, dict):
             raise DiffalignError(f"{path}: expected a dict, found {type(obj).__name__}")
-        return dict(obj)
+        return dict(obj), {}
     try:
         from safetensors import safe_open
 
@@ -359,7 +374,7 @@ def _read_raw(path: Path) -> dict[str, Any]:
             raw[k] = value
         elif k == "target_layers" and _safe_int_list(value) != _safe_int_list(raw[k]):
             raise DiffalignError(f"{path}: target_layers tensor and metadata disagree")
-    return raw
+    return raw, meta
 
 
 def _safe_int_list(v: Any) -> list[int] | None:
