@@ -482,3 +482,15 @@ def test_pixart_dmd_transformer_as_a_pickle_is_converted(tmp_path, hub, tiny_mod
     got = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
     assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
     assert generator_recipe(str(folder)).spec.name == "pixart-dmd"
+
+
+def test_only_takes_several_names_after_one_flag(tmp_path, capsys):
+    """SPEC E: `diffalign download [--only NAME ...]`: names after one --only, as well as
+    repeated or comma-separated (argparse said 'unrecognized arguments' before)."""
+    argv = ["download", "--dry-run", "--dir", str(tmp_path / "m"), "--only", "sd3", "HPSv2"]
+    assert main([*argv, "--only", "sd15,Aesthetic"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sd3", "HPSv2", "sd15", "Aesthetic"):
+        assert str(tmp_path / "m" / name) in out
+    assert "sd3.5" not in out and not (tmp_path / "m").exists()
+    assert main(["download", "--dry-run", "--dir", str(tmp_path / "m"), "--only", ""]) == 2
