@@ -110,6 +110,17 @@ def test_jsonl_pairs_with_images_relative_to_file(tmp_path):
     ]
 
 
+def test_pairs_jsonl_with_a_tag_field_is_not_taken_for_geneval(tmp_path):
+    """A pairs.jsonl whose records carry a "tag" (but no GenEval "include") is read as pairs;
+    it was refused as a malformed GenEval file."""
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"prompt": "a cat", "image": "a.png", "tag": "animals"}) + "\n"
+    )
+    [rec] = load_prompts(tmp_path / "p.jsonl")
+    assert rec.prompt == "a cat" and rec.image == str(tmp_path / "a.png")
+    assert rec.meta["tag"] == "animals"
+
+
 def test_coco_captions_file_records_per_caption(tmp_path):
     ann = make_coco(tmp_path / "coco")
     recs = load_prompts(ann)

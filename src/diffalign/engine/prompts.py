@@ -48,7 +48,8 @@ def load_prompts(
 
     Each item of `spec` (a list, or one string with comma-separated items) is one of:
     a path to a `.txt` (one prompt a line), a `.jsonl` (`prompt_field`, optional `image_field`
-    relative to the file's folder; GenEval metadata is recognised by its `include`/`tag` keys),
+    relative to the file's folder; GenEval metadata is recognised by its `include` and `tag`
+    keys),
     a COCO captions `.json`, a DPG-Bench folder (`prompts/` or its parent), a folder holding
     `evaluation_metadata.jsonl` or `annotations/captions_<split>.json`; `txt:PATH`; or a name
     resolved under `datadir`: `coco`, `coco2014`, `geneval`, `dpg`.
@@ -223,7 +224,8 @@ def _load_path(path: Path, prompt_field: str, image_field: str, split: str) -> l
         return _load_txt(path)
     if suffix == ".jsonl":
         first = _first_jsonl_object(path)
-        if isinstance(first, dict) and ("include" in first or "tag" in first):
+        # GenEval lines carry both (FORMATS.md); a pairs.jsonl may have a "tag" of its own
+        if isinstance(first, dict) and "include" in first and "tag" in first:
             return _load_geneval(path)
         return _load_jsonl(path, prompt_field, image_field)
     if suffix == ".json":
