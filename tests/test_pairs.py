@@ -54,6 +54,9 @@ def test_pairs_jsonl_and_coco(tmp_path):
     got = load_image_captions("coco", datadir=str(tmp_path)).pairs
     assert [(p.id, p.caption) for p in got] == [("11", "a dog"), ("12", "a brown dog")]
     assert all(p.image == coco / "val2017" / "000001.jpg" for p in got)
+    # the COCO root given as a path (FORMATS.md layout): its captions json, not an image folder
+    # with .txt captions (it said "has no pair")
+    assert load_image_captions(str(coco)).pairs == got
 
 
 def test_bad_pair_sources(tmp_path):

@@ -70,7 +70,9 @@ def load_image_captions(
     out = PairSet([])
     for item in items:
         path = Path(item).expanduser()
-        if path.is_dir() and _holds_images(path):
+        # a COCO root (annotations/ + val2017/, FORMATS.md) holds images too: its captions json
+        coco_root = (path / "annotations" / f"captions_{split}.json").is_file()
+        if path.is_dir() and not coco_root and _holds_images(path):
             part = _load_folder(path)
             out.skipped_no_caption += part.skipped_no_caption
             pairs = part.pairs
