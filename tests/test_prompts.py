@@ -137,6 +137,17 @@ def test_coco_captions_file_records_per_caption(tmp_path):
     assert all(r.image is None for r in load_prompts(ann2))
 
 
+def test_coco_root_folder_2017_or_2014(tmp_path):
+    """A COCO root given as a path: captions_val2017.json, else the 2014 file (FORMATS.md names
+    both years; a 2014-only root fell through to the DPG reader: 'no DPG-Bench prompt files')."""
+    make_coco(tmp_path / "c14", split="val2014")
+    recs = load_prompts(tmp_path / "c14")
+    assert [r.id for r in recs] == ["10", "11", "12"]
+    assert recs[0].image == str(tmp_path / "c14" / "val2014" / "000000000139.jpg")
+    make_coco(tmp_path / "c14", split="val2017")  # both years: the asked split wins
+    assert load_prompts(tmp_path / "c14")[0].image.endswith("val2017/000000000139.jpg")
+
+
 def test_geneval_detected_and_meta_is_the_full_line(tmp_path):
     path = make_geneval(tmp_path / "evaluation_metadata.jsonl")
     recs = load_prompts(path)

@@ -212,8 +212,8 @@ def _load_path(path: Path, prompt_field: str, image_field: str, split: str) -> l
     if path.is_dir():
         if (path / "evaluation_metadata.jsonl").is_file():
             return _load_geneval(path / "evaluation_metadata.jsonl")
-        ann = path / "annotations" / f"captions_{split}.json"
-        if ann.is_file():
+        ann = coco_captions_file(path, split)
+        if ann is not None:
             return _load_coco(ann)
         return [
             PromptRecord(prompt=text, id=pid, meta={"source": "dpg"})
@@ -233,6 +233,16 @@ def _load_path(path: Path, prompt_field: str, image_field: str, split: str) -> l
     raise DiffalignError(
         f"{path}: unknown prompt file type (expected .txt, .jsonl, COCO .json or a folder)"
     )
+
+
+def coco_captions_file(folder: Path, split: str = "val2017") -> Path | None:
+    """`folder/annotations/captions_<split>.json` of a COCO root, else the 2014 file of the same
+    split (FORMATS.md: `captions_{train,val}{2014,2017}.json`); None when neither exists."""
+    for sp in dict.fromkeys((split, split.replace("2017", "2014"))):
+        ann = Path(folder) / "annotations" / f"captions_{sp}.json"
+        if ann.is_file():
+            return ann
+    return None
 
 
 def _load_txt(path: Path) -> list[PromptRecord]:
