@@ -20,7 +20,7 @@ def test_folder_pairs_sorted_nested_and_uncaptioned_skipped(tmp_path):
     _png(tmp_path / "b.png")
     (tmp_path / "b.txt").write_text(" a bee \n")
     _png(tmp_path / "sub" / "a.jpg")
-    (tmp_path / "sub" / "a.txt").write_text("an ant")
+    (tmp_path / "sub" / "a.txt").write_bytes("\ufeffan ant".encode())  # a BOM is not text
     _png(tmp_path / "c.png")  # no caption
     got = load_image_captions(str(tmp_path))
     assert [(p.id, p.caption) for p in got.pairs] == [("b", "a bee"), ("sub/a", "an ant")]

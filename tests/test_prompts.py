@@ -137,6 +137,16 @@ def test_coco_captions_file_records_per_caption(tmp_path):
     assert all(r.image is None for r in load_prompts(ann2))
 
 
+def test_utf8_byte_order_mark_is_not_part_of_the_prompt(tmp_path):
+    """FORMATS.md: prompt files are UTF-8 (DPG-Bench: strip whitespace); a UTF-8 file saved
+    with a byte-order mark kept U+FEFF at the start of its first prompt."""
+    (tmp_path / "p.txt").write_bytes("\ufeffa cat\na dog\n".encode())
+    assert [r.prompt for r in load_prompts(tmp_path / "p.txt")] == ["a cat", "a dog"]
+    (tmp_path / "dpg").mkdir()
+    (tmp_path / "dpg" / "12.txt").write_bytes("\ufeff a red bus \n".encode())
+    assert load_dpg_prompts(tmp_path / "dpg") == [("12", "a red bus")]
+
+
 def test_coco_root_folder_2017_or_2014(tmp_path):
     """A COCO root given as a path: captions_val2017.json, else the 2014 file (FORMATS.md names
     both years; a 2014-only root fell through to the DPG reader: 'no DPG-Bench prompt files')."""

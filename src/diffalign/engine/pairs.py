@@ -126,7 +126,7 @@ def _load_folder(folder: Path) -> PairSet:
         caption = None
         if txt.is_file():
             try:
-                caption = txt.read_text(encoding="utf-8").strip() or None
+                caption = txt.read_text(encoding="utf-8-sig").strip() or None
             except UnicodeDecodeError:
                 raise DiffalignError(f"{txt}: not UTF-8 text") from None
         if caption is None:
