@@ -104,12 +104,16 @@ def test_registry_covers_the_spec():
         "pixart-dmd": "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
     }
     assert {n: a.sources[0].repo_id for n, a in download.ASSETS.items()} == expected
-    assert download.DEFAULT_ASSETS == ("sd3", "sd3.5")
+    # without --only: every asset spec E lists (it was SD3 and SD3.5 only)
+    assert set(download.DEFAULT_ASSETS) == {
+        "sd3", "sd3.5", "sdxl-turbo", "sd15", "flux-fill", "dinov2-large", "CLIP-ViT-L-14",
+        "PickScore_v1", "ImageReward", "HPSv2", "Aesthetic",
+    }  # fmt: skip
 
 
 def test_plan_names_and_errors(tmp_path):
     plan = download.plan_downloads(None, tmp_path)
-    assert [p.asset.name for p in plan] == ["sd3", "sd3.5"]
+    assert [p.asset.name for p in plan] == list(download.DEFAULT_ASSETS)
     assert all(p.status == "fetch" and p.target.parent == tmp_path for p in plan)
     plan = download.plan_downloads(["aesthetic", "Aesthetic", "hpsv2"], tmp_path, "v2.0")
     assert [p.asset.name for p in plan] == ["Aesthetic", "HPSv2"]  # case-insensitive, deduped
@@ -482,3 +486,23 @@ def test_pixart_dmd_transformer_as_a_pickle_is_converted(tmp_path, hub, tiny_mod
     got = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
     assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
     assert generator_recipe(str(folder)).spec.name == "pixart-dmd"
+
+
+def test_only_takes_several_names_after_one_flag(tmp_path, capsys):
+    """SPEC E: `diffalign download [--only NAME ...]`: names after one --only, as well as
+    repeated or comma-separated (argparse said 'unrecognized arguments' before)."""
+    argv = ["download", "--dry-run", "--dir", str(tmp_path / "m"), "--only", "sd3", "HPSv2"]
+    assert main([*argv, "--only", "sd15,Aesthetic"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sd3", "HPSv2", "sd15", "Aesthetic"):
+        assert str(tmp_path / "m" / name) in out
+    assert "sd3.5" not in out and not (tmp_path / "m").exists()
+    assert main(["download", "--dry-run", "--dir", str(tmp_path / "m"), "--only", ""]) == 2
+
+
+def test_download_without_only_plans_the_spec_assets(tmp_path, capsys):
+    assert main(["download", "--dry-run", "--dir", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    for name in download.DEFAULT_ASSETS:
+        assert str(tmp_path / "m" / name) in out
+    assert str(tmp_path / "m" / "qwen-image") not in out  # the others stay --only

@@ -20,7 +20,7 @@ def test_folder_pairs_sorted_nested_and_uncaptioned_skipped(tmp_path):
     _png(tmp_path / "b.png")
     (tmp_path / "b.txt").write_text(" a bee \n")
     _png(tmp_path / "sub" / "a.jpg")
-    (tmp_path / "sub" / "a.txt").write_text("an ant")
+    (tmp_path / "sub" / "a.txt").write_bytes("\ufeffan ant".encode())  # a BOM is not text
     _png(tmp_path / "c.png")  # no caption
     got = load_image_captions(str(tmp_path))
     assert [(p.id, p.caption) for p in got.pairs] == [("b", "a bee"), ("sub/a", "an ant")]
@@ -54,6 +54,9 @@ def test_pairs_jsonl_and_coco(tmp_path):
     got = load_image_captions("coco", datadir=str(tmp_path)).pairs
     assert [(p.id, p.caption) for p in got] == [("11", "a dog"), ("12", "a brown dog")]
     assert all(p.image == coco / "val2017" / "000001.jpg" for p in got)
+    # the COCO root given as a path (FORMATS.md layout): its captions json, not an image folder
+    # with .txt captions (it said "has no pair")
+    assert load_image_captions(str(coco)).pairs == got
 
 
 def test_bad_pair_sources(tmp_path):

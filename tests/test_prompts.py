@@ -110,6 +110,17 @@ def test_jsonl_pairs_with_images_relative_to_file(tmp_path):
     ]
 
 
+def test_pairs_jsonl_with_a_tag_field_is_not_taken_for_geneval(tmp_path):
+    """A pairs.jsonl whose records carry a "tag" (but no GenEval "include") is read as pairs;
+    it was refused as a malformed GenEval file."""
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"prompt": "a cat", "image": "a.png", "tag": "animals"}) + "\n"
+    )
+    [rec] = load_prompts(tmp_path / "p.jsonl")
+    assert rec.prompt == "a cat" and rec.image == str(tmp_path / "a.png")
+    assert rec.meta["tag"] == "animals"
+
+
 def test_coco_captions_file_records_per_caption(tmp_path):
     ann = make_coco(tmp_path / "coco")
     recs = load_prompts(ann)
@@ -124,6 +135,27 @@ def test_coco_captions_file_records_per_caption(tmp_path):
     # no image folder -> no image paths
     ann2 = make_coco(tmp_path / "bare", with_images=False)
     assert all(r.image is None for r in load_prompts(ann2))
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_prompt(tmp_path):
+    """FORMATS.md: prompt files are UTF-8 (DPG-Bench: strip whitespace); a UTF-8 file saved
+    with a byte-order mark kept U+FEFF at the start of its first prompt."""
+    (tmp_path / "p.txt").write_bytes("\ufeffa cat\na dog\n".encode())
+    assert [r.prompt for r in load_prompts(tmp_path / "p.txt")] == ["a cat", "a dog"]
+    (tmp_path / "dpg").mkdir()
+    (tmp_path / "dpg" / "12.txt").write_bytes("\ufeff a red bus \n".encode())
+    assert load_dpg_prompts(tmp_path / "dpg") == [("12", "a red bus")]
+
+
+def test_coco_root_folder_2017_or_2014(tmp_path):
+    """A COCO root given as a path: captions_val2017.json, else the 2014 file (FORMATS.md names
+    both years; a 2014-only root fell through to the DPG reader: 'no DPG-Bench prompt files')."""
+    make_coco(tmp_path / "c14", split="val2014")
+    recs = load_prompts(tmp_path / "c14")
+    assert [r.id for r in recs] == ["10", "11", "12"]
+    assert recs[0].image == str(tmp_path / "c14" / "val2014" / "000000000139.jpg")
+    make_coco(tmp_path / "c14", split="val2017")  # both years: the asked split wins
+    assert load_prompts(tmp_path / "c14")[0].image.endswith("val2017/000000000139.jpg")
 
 
 def test_geneval_detected_and_meta_is_the_full_line(tmp_path):

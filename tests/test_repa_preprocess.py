@@ -66,6 +66,25 @@ def test_num_samples_is_class_balanced_and_deterministic(tmp_path):
     assert len(rows) == 5 and len({r["label"] for r in rows}) == 3
 
 
+def test_kaggle_imagenet_label_and_name_files_above_cls_loc(tmp_path):
+    """Kaggle's ImageNet: LOC_synset_mapping.txt and LOC_val_solution.csv sit three folders
+    above ILSVRC/Data/CLS-LOC/{train,val}; the flat val was refused ('give their labels') and
+    train named its classes by wnid ('a photo of a n00000001')."""
+    from diffalign.repa.images import scan_source
+
+    kaggle = tmp_path / "imagenet-object-localization-challenge"
+    cls_loc = make_imagenet(kaggle / "ILSVRC" / "Data" / "CLS-LOC")
+    for name in ("LOC_synset_mapping.txt", "LOC_val_solution.csv"):
+        (cls_loc / name).rename(kaggle / name)
+    train = scan_source(cls_loc, "train")
+    assert [c["name"] for c in train.classes] == ["temple", "flower", "digit"]
+    val = scan_source(cls_loc, "val")
+    assert val.layout == "imagenet-flat-val"
+    assert sorted((s.wnid, s.label) for s in val.samples) == [
+        (w, i) for i, w in enumerate(sorted(NAMES))
+    ]
+
+
 @pytest.mark.parametrize("val_labels", ["LOC_val_solution.csv", "val.txt"])
 def test_imagenet_layout_train_and_flat_val(tmp_path, val_labels):
     root = make_imagenet(tmp_path / "imagenet", val_labels)

@@ -338,3 +338,31 @@ def test_the_printed_count_includes_the_timestep_buckets(tiny_model_dir, tmp_pat
     assert next(iter(rotations.values())).shape[0] == 2  # [N, d, d]
     out = capsys.readouterr().out
     assert f"{2 * layers} rotations ({layers} layers x 2 timestep buckets)" in out, out
+
+
+def test_pairs_field_names_are_options(tiny_model_dir, tmp_path):
+    """SPEC E (pairs.jsonl, field names configurable): --prompt-field / --image-field read a
+    pairs file with other keys; the rotations equal those of the same pairs under the default
+    keys (the images are used: --xt-source image)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    plain, renamed = [], []
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+        plain.append(json.dumps({"prompt": f"prompt {i}", "image": f"{i}.png"}))
+        renamed.append(json.dumps({"caption": f"prompt {i}", "file": f"{i}.png"}))
+    (tmp_path / "plain.jsonl").write_text("\n".join(plain) + "\n")
+    (tmp_path / "renamed.jsonl").write_text("\n".join(renamed) + "\n")
+    common = ["textstream", "calibrate", "--model", tiny_model_dir("sd3"), "--num-samples", "2"]
+    common += ["--xt-source", "image"]
+    a, b = tmp_path / "a" / "rot.safetensors", tmp_path / "b" / "rot.safetensors"
+    assert main([*common, "--dataset", str(tmp_path / "plain.jsonl"), "--output", str(a)]) == 0
+    argv = [*common, "--dataset", str(tmp_path / "renamed.jsonl"), "--output", str(b)]
+    assert main([*argv, "--prompt_field", "caption", "--image-field", "file"]) == 0
+    ra, rb = load_rotations(a), load_rotations(b)
+    assert ra.target_layers == rb.target_layers and ra.num_valid_tokens == rb.num_valid_tokens
+    for layer in ra.target_layers:
+        assert torch.equal(ra.rotations[layer], rb.rotations[layer])

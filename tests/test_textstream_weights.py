@@ -921,3 +921,14 @@ def test_used_folder_and_mismatched_resume_refused_before_loading(
     more = [a if a != "2" else "3" for a in common[:2]] + list(common[2:])
     assert main(_train_args(sd3, cache, out, *more, "--resume", "latest")) == 0
     assert len(loads) == 1
+
+
+def test_cache_takes_the_seeds_prompt_field_spelling():
+    """Seed 001's pairs.jsonl: "rename the fields with --prompt_field and --image_field";
+    `cache` called the caption key only --caption-field."""
+    from diffalign.cli import build_parser
+
+    base = ["textstream", "cache", "--dataset", "p.jsonl", "--output-dir", "c"]
+    for flag in ("--prompt_field", "--prompt-field", "--caption-field"):
+        args = build_parser().parse_args([*base, flag, "text", "--image_field", "file"])
+        assert (args.caption_field, args.image_field) == ("text", "file")

@@ -79,6 +79,8 @@ def test_cli_train_gan_tiny(tmp_path, capsys):
     assert (out / "checkpoint-final" / "generator.safetensors").is_file()
     assert (out / "train_summary.json").is_file()
     assert list((out / "validation").glob("step-*/samples.png"))
+    # SPEC E: TensorBoard is the default tracker (it was none for the toy verbs)
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
     load_model(out, "generator", "digits")
     # an existing run is refused without --overwrite / --resume
     rc = main(["noise", "toy", "train-gan", "--output-dir", str(out), "--max-steps", "4"])
@@ -105,3 +107,14 @@ def test_cli_refusal_of_a_used_run_folder_names_the_cli_options(tmp_path, capsys
     err = capsys.readouterr().err
     assert "--resume latest" in err and "--overwrite" in err, err
     assert "resume='latest'" not in err and "overwrite=True" not in err, err
+
+
+@pytest.mark.parametrize("verb", ["train-gan", "sft", "direct-sft"])
+def test_toy_trainers_log_to_tensorboard_by_default(verb):
+    """SPEC E: the training loop's trackers default to TensorBoard, the toy verbs' too."""
+    from diffalign.cli import build_parser
+
+    argv = ["noise", "toy", verb, "--output-dir", "o", "--generator-ckpt", "g"]
+    argv += ["--manifest-path", "m"]
+    known, _ = build_parser().parse_known_args(argv)
+    assert known.tracker == "tensorboard"

@@ -100,6 +100,8 @@ def test_em_cycles(setup, capsys):
     for k in (0, 1):
         assert (root / "em" / f"cycle-{k:03d}" / "assign" / "manifest.jsonl").is_file()
         assert (root / "em" / f"cycle-{k:03d}" / "sft" / "checkpoint-final").is_dir()
+        # SPEC E: TensorBoard is the loop's default tracker, the toy M-step's too (was none)
+        assert list((root / "em" / f"cycle-{k:03d}" / "sft" / "logs").rglob("*tfevents*"))
     # cycle 1 started from cycle 0's checkpoint
     cfg = json.loads((root / "em" / "cycle-001" / "assign" / "assign_config.json").read_text())
     assert "cycle-000" in cfg["generator"]

@@ -151,10 +151,11 @@ def _register_download(sub) -> None:
     )
     p.add_argument(
         "--only",
-        action="append",
+        action="extend",
+        nargs="+",
         metavar="NAME",
         default=None,
-        help="fetch only this asset (repeat, or comma-separate, for several)",
+        help="fetch only these assets: --only sd3 sd15, --only sd3,sd15 or --only sd3 --only sd15",
     )
     p.add_argument(
         "--dir",

@@ -298,32 +298,38 @@ ASSETS: dict[str, Asset] = {
             "sdxl-turbo",
             "SDXL-Turbo one-step generator (diffusers)",
             _diffusers("stabilityai/sdxl-turbo"),
+            default=True,
         ),
         Asset(
             "sd15",
             "Stable Diffusion 1.5 (diffusers, no safety checker)",
             _diffusers("stable-diffusion-v1-5/stable-diffusion-v1-5"),
+            default=True,
         ),
         Asset(
             "flux-fill",
             "FLUX.1-Fill-dev (diffusers)",
             _diffusers("black-forest-labs/FLUX.1-Fill-dev"),
             gated=True,
+            default=True,
         ),
         Asset(
             "dinov2-large",
             "DINOv2 ViT-L/14 (transformers)",
             (_transformers("facebook/dinov2-large"),),
+            default=True,
         ),
         Asset(
             "CLIP-ViT-L-14",
             "OpenAI CLIP ViT-L/14 (transformers)",
             (_transformers("openai/clip-vit-large-patch14"),),
+            default=True,
         ),
         Asset(
             "PickScore_v1",
             "PickScore v1 (CLIP-H/14) + its processor in processor/",
             (_transformers("yuvalkirstain/PickScore_v1"), _processor()),
+            default=True,
         ),
         Asset(
             "ImageReward",
@@ -341,16 +347,19 @@ ASSETS: dict[str, Asset] = {
                     weights=(),
                 ),
             ),
+            default=True,
         ),
         Asset(
             "HPSv2",
             "HPSv2 checkpoint (--hps-version) + CLIP-H/14 processor in processor/",
             (Source("xswu/HPSv2", ("{hps_file}",), weights=("{hps_file}",)), _processor()),
+            default=True,
         ),
         Asset(
             "Aesthetic",
             f"LAION improved aesthetic predictor MLP ({AESTHETIC_FILE}; needs CLIP-ViT-L-14)",
             (Source(AESTHETIC_REPO, (AESTHETIC_FILE,), weights=(AESTHETIC_FILE,)),),
+            default=True,
         ),
         Asset(
             "sd-turbo",
@@ -419,8 +428,8 @@ ASSETS: dict[str, Asset] = {
 }
 # other names accepted by --only (the seed's / issue's spellings) -> the asset's folder name
 ASSET_ALIASES: dict[str, str] = {"PickScore": "PickScore_v1"}
-# what `diffalign download` fetches without --only: the models of the working capability
-# (text-stream residual, spec T: SD3 medium and SD3.5 large). Later capabilities add theirs.
+# what `diffalign download` fetches without --only: the assets spec E lists (SD3, SD3.5,
+# SDXL-Turbo, SD 1.5, FLUX.1-Fill, DINOv2-L/14, CLIP ViT-L/14 and the four reward files)
 DEFAULT_ASSETS: tuple[str, ...] = tuple(a.name for a in ASSETS.values() if a.default)
 
 

@@ -60,7 +60,7 @@ def load_image_captions(
     split: str = "val2017",
 ) -> PairSet:
     """Pairs of one or more sources (comma-separated or a list), concatenated in order."""
-    from diffalign.engine.prompts import _split_spec, load_prompts
+    from diffalign.engine.prompts import _split_spec, coco_captions_file, load_prompts
 
     items = _split_spec(spec)
     if not items:
@@ -70,7 +70,9 @@ def load_image_captions(
     out = PairSet([])
     for item in items:
         path = Path(item).expanduser()
-        if path.is_dir() and _holds_images(path):
+        # a COCO root (annotations/ + val2017/, FORMATS.md) holds images too: its captions json
+        coco_root = path.is_dir() and coco_captions_file(path, split) is not None
+        if path.is_dir() and not coco_root and _holds_images(path):
             part = _load_folder(path)
             out.skipped_no_caption += part.skipped_no_caption
             pairs = part.pairs
@@ -124,7 +126,7 @@ def _load_folder(folder: Path) -> PairSet:
         caption = None
         if txt.is_file():
             try:
-                caption = txt.read_text(encoding="utf-8").strip() or None
+                caption = txt.read_text(encoding="utf-8-sig").strip() or None
             except UnicodeDecodeError:
                 raise DiffalignError(f"{txt}: not UTF-8 text") from None
         if caption is None:

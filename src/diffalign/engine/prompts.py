@@ -48,7 +48,8 @@ def load_prompts(
 
     Each item of `spec` (a list, or one string with comma-separated items) is one of:
     a path to a `.txt` (one prompt a line), a `.jsonl` (`prompt_field`, optional `image_field`
-    relative to the file's folder; GenEval metadata is recognised by its `include`/`tag` keys),
+    relative to the file's folder; GenEval metadata is recognised by its `include` and `tag`
+    keys),
     a COCO captions `.json`, a DPG-Bench folder (`prompts/` or its parent), a folder holding
     `evaluation_metadata.jsonl` or `annotations/captions_<split>.json`; `txt:PATH`; or a name
     resolved under `datadir`: `coco`, `coco2014`, `geneval`, `dpg`.
@@ -142,7 +143,7 @@ def load_dpg_prompts(folder: str | os.PathLike) -> list[tuple[str, str]]:
         if "." in pid or not pid:
             raise DiffalignError(f"{p}: DPG-Bench prompt id must not contain a dot")
         try:
-            text = p.read_text(encoding="utf-8").strip()
+            text = p.read_text(encoding="utf-8-sig").strip()
         except UnicodeDecodeError:
             raise DiffalignError(f"{p}: not UTF-8 text") from None
         if not text:
@@ -211,8 +212,8 @@ def _load_path(path: Path, prompt_field: str, image_field: str, split: str) -> l
     if path.is_dir():
         if (path / "evaluation_metadata.jsonl").is_file():
             return _load_geneval(path / "evaluation_metadata.jsonl")
-        ann = path / "annotations" / f"captions_{split}.json"
-        if ann.is_file():
+        ann = coco_captions_file(path, split)
+        if ann is not None:
             return _load_coco(ann)
         return [
             PromptRecord(prompt=text, id=pid, meta={"source": "dpg"})
@@ -223,7 +224,8 @@ def _load_path(path: Path, prompt_field: str, image_field: str, split: str) -> l
         return _load_txt(path)
     if suffix == ".jsonl":
         first = _first_jsonl_object(path)
-        if isinstance(first, dict) and ("include" in first or "tag" in first):
+        # GenEval lines carry both (FORMATS.md); a pairs.jsonl may have a "tag" of its own
+        if isinstance(first, dict) and "include" in first and "tag" in first:
             return _load_geneval(path)
         return _load_jsonl(path, prompt_field, image_field)
     if suffix == ".json":
@@ -233,11 +235,21 @@ def _load_path(path: Path, prompt_field: str, image_field: str, split: str) -> l
     )
 
 
+def coco_captions_file(folder: Path, split: str = "val2017") -> Path | None:
+    """`folder/annotations/captions_<split>.json` of a COCO root, else the 2014 file of the same
+    split (FORMATS.md: `captions_{train,val}{2014,2017}.json`); None when neither exists."""
+    for sp in dict.fromkeys((split, split.replace("2017", "2014"))):
+        ann = Path(folder) / "annotations" / f"captions_{sp}.json"
+        if ann.is_file():
+            return ann
+    return None
+
+
 def _load_txt(path: Path) -> list[PromptRecord]:
     if not path.is_file():
         raise DiffalignError(f"prompt file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise DiffalignError(f"{path}: not UTF-8 text") from None
     prompts = [s.strip() for s in lines if s.strip()]

@@ -109,13 +109,13 @@ def _images(steps) -> None:
         "--val-labels",
         default=None,
         help="labels of a flat val folder: LOC_val_solution.csv or Caffe val.txt "
-        "(default: searched beside the source)",
+        "(default: searched beside the source and up to 3 folders above)",
     )
     p.add_argument(
         "--class-names",
         default=None,
         help="LOC_synset_mapping.txt / synset_words.txt: class order and names "
-        "(default: searched beside the source, else the folder names)",
+        "(default: searched beside the source and up to 3 folders above, else the folder names)",
     )
     p.set_defaults(func=_run_images)
 

@@ -349,7 +349,9 @@ def scan_source(
     if not root.is_dir():
         raise DiffalignError(f"--source {root}: no such folder")
     folder = root / split if (root / split).is_dir() else root
-    search = [folder, folder.parent, folder.parent.parent, root, root.parent]
+    # beside the images, or up to three folders above the root: Kaggle's ImageNet keeps
+    # LOC_synset_mapping.txt / LOC_val_solution.csv above ILSVRC/Data/CLS-LOC/{train,val}
+    search = [folder, folder.parent, folder.parent.parent, root, *list(root.parents)[:3]]
     synset_file = Path(class_names) if class_names else _find_file(SYNSET_FILES, search)
     synsets = read_synsets(synset_file) if synset_file else None
 

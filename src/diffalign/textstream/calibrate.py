@@ -402,6 +402,8 @@ def calibrate(
     timestep_draw: str = "sample",
     images: Sequence[str | None] | None = None,
     overwrite: bool = False,
+    prompt_field: str = "prompt",
+    image_field: str = "image",
 ) -> dict:
     """Calibrate per-layer Procrustes rotations and write them to `output` (spec T).
 
@@ -456,7 +458,7 @@ def calibrate(
     # the rotation file and summary.json/procrustes_errors.png beside it: one run per folder
     with output_lock(output_path.parent or Path("."), "calibration output folder"):
         prompts, images = calibration_samples(
-            dataset, datadir, prompts, images, num_samples, xt_source
+            dataset, datadir, prompts, images, num_samples, xt_source, prompt_field, image_field
         )
         settings = resolve_settings(
             model=model,
@@ -525,17 +527,26 @@ def calibrate(
 
 
 def calibration_samples(
-    dataset, datadir, prompts, images, num_samples: int, xt_source: str
+    dataset,
+    datadir,
+    prompts,
+    images,
+    num_samples: int,
+    xt_source: str,
+    prompt_field: str = "prompt",
+    image_field: str = "image",
 ) -> tuple[list[str], list[str | None]]:
     """(prompts, images) of the first `num_samples` samples: `prompts`/`images` given in the
-    call, or read from `dataset` (`engine.prompts.load_prompts`); `xt_source` "image" needs an
-    image for every sample."""
+    call, or read from `dataset` (`engine.prompts.load_prompts`, a jsonl's `prompt_field` /
+    `image_field`); `xt_source` "image" needs an image for every sample."""
     if prompts is None:
         if not dataset:
             raise DiffalignError("calibration needs --dataset (a prompt file or set name)")
         from diffalign.engine.prompts import load_prompts
 
-        records = load_prompts(dataset, datadir, limit=num_samples)
+        records = load_prompts(
+            dataset, datadir, limit=num_samples, prompt_field=prompt_field, image_field=image_field
+        )
         prompts, images = [r.prompt for r in records], [r.image for r in records]
     prompts = list(prompts)[:num_samples]
     if not prompts:

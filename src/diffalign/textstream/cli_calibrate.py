@@ -40,6 +40,16 @@ def register(verbs) -> None:
     )
     p.add_argument("--datadir", default=None, help="folder holding the named datasets")
     p.add_argument(
+        "--prompt-field",
+        default="prompt",
+        help="prompt key in .jsonl files (default: %(default)s)",
+    )
+    p.add_argument(
+        "--image-field",
+        default="image",
+        help="image key in a pairs .jsonl, relative to its folder (default: %(default)s)",
+    )
+    p.add_argument(
         "--num-samples",
         type=positive_int,
         default=200,
@@ -192,6 +202,8 @@ def _run_calibrate(args) -> int:
         single_file_config=args.single_file_config,
         dataset=args.dataset,
         datadir=args.datadir,
+        prompt_field=args.prompt_field,
+        image_field=args.image_field,
         num_samples=args.num_samples,
         origin_layer=args.origin_layer,
         target_layer_start=args.target_layer_start,

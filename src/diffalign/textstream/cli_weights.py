@@ -61,8 +61,10 @@ def register(verbs) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N pairs")
     p.add_argument(
         "--caption-field",
+        "--prompt-field",
         default="prompt",
-        help="caption key in pairs.jsonl (default: %(default)s)",
+        help="caption key in pairs.jsonl (--prompt-field: the seed's and `generate`'s spelling; "
+        "default: %(default)s)",
     )
     p.add_argument(
         "--image-field", default="image", help="image key in pairs.jsonl (default: %(default)s)"

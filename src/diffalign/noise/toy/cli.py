@@ -106,8 +106,8 @@ def _train_options(p, epochs_default, lr_default: float, batch_default: int) -> 
     g.add_argument(
         "--tracker",
         choices=("none", "tensorboard", "wandb"),
-        default="none",
-        help="experiment tracker (default: %(default)s)",
+        default="tensorboard",
+        help="experiment tracker, logging to OUTPUT_DIR/logs (default: %(default)s)",
     )
 
 

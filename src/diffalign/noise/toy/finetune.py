@@ -156,7 +156,7 @@ def sft(
     base_ckpt: str | os.PathLike | None = None,
     overwrite: bool = False,
     resume: str | None = None,
-    tracker: str = "none",
+    tracker: str = "tensorboard",
     progress: bool = True,
     checkpoint_every: int = 100,
 ) -> dict:
@@ -220,7 +220,7 @@ def direct_sft(
     base_ckpt: str | os.PathLike | None = None,
     overwrite: bool = False,
     resume: str | None = None,
-    tracker: str = "none",
+    tracker: str = "tensorboard",
     progress: bool = True,
     checkpoint_every: int = 100,
 ) -> dict:

@@ -124,7 +124,7 @@ def train_gan(
     validate_every: int | None = None,
     overwrite: bool = False,
     resume: str | None = None,
-    tracker: str = "none",
+    tracker: str = "tensorboard",
     progress: bool = True,
     data: ToyData | None = None,
     checkpoint_every: int = 100,
