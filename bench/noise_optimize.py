@@ -472,6 +472,17 @@ def _machine() -> str:
     )
 
 
+def _finish(results: dict, json_path: str | None) -> int:
+    """The load average line, then the JSON (when asked for); the exit status."""
+    print(
+        f"load average before/after: {results['load_average_before']} / "
+        f"{results['load_average_after']}"
+    )
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
@@ -540,23 +551,14 @@ def main(argv: list[str] | None = None) -> int:
         results.update(flux_schnell=rows, load_average_after=os.getloadavg())
         _print_flux(rows)
         print(f"machine: {results['machine']}")
-        print(
-            f"load average before/after: {results['load_average_before']} / "
-            f"{results['load_average_after']}"
-        )
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
-        return 0
+        return _finish(results, args.json)
     if args.only_dataset:
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory() as tmp_name:
             d = dataset_throughput(Path(tmp_name), *dataset_args)
         d.update(load_average_before=load_before, load_average_after=os.getloadavg())
         _print_dataset(d)
-        print(f"load average before/after: {load_before} / {d['load_average_after']}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(d, indent=2))
-        return 0
+        return _finish(d, args.json)
     if args.only_compile:
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory() as tmp_name:
@@ -570,10 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             load_average_after=os.getloadavg(),
         )
         _print_compile(c)
-        print(f"load average before/after: {load_before} / {c['load_average_after']}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(c, indent=2))
-        return 0
+        return _finish(c, args.json)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         gen, reward = _setup(tmp, args.size, args.device)
@@ -626,13 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     _print_dataset(results["build_dataset"])
     _print_compile(results["compile"])
-    print(
-        f"load average before/after: {results['load_average_before']} / "
-        f"{results['load_average_after']}"
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return _finish(results, args.json)
 
 
 if __name__ == "__main__":
