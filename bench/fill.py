@@ -5,9 +5,10 @@ against the seed's explicit `softmax(Q K^T / sqrt(d)) V` (`seed_reference_forwar
 weights) in the same run, at L = 2048, 4096, 8192 tokens, batch 4, width 64 with 8 heads (the
 seed's real module: FLUX packed latents have 64 channels; 2048 tokens = one 512 px diptych).
 
-- time: forward (no grad) and forward + backward; rounds interleave the two variants in a fresh
-  random order; the clock is the thread's CPU time with one torch thread (robust on a shared
-  machine); medians and the ours/seed ratio;
+- time: forward (no grad) and forward + backward; after a warm-up round, rounds interleave the
+  two variants in a fresh order drawn from a seeded generator (bench/timing.py); the clock is the
+  thread's CPU time with one torch thread (robust on a shared machine); medians and the
+  ours/seed ratio; module and inputs from fixed seeds;
 - peak memory: each (variant, L, mode) runs once in a fresh subprocess; reported is the peak
   resident set during that pass (sampled every 0.2 ms) minus the resident set just before it
   (inputs and weights already allocated). Goal: O(L), L = 8192 forward under 1.5 GB.
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -34,6 +34,9 @@ import threading
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py, fill_train.py
+from timing import interleaved_times  # noqa: E402
 
 
 def _make(length: int, batch: int, dim: int, heads: int, layers: int, seed: int = 0):
@@ -147,16 +150,15 @@ def _measure(args, length: int, batch: int, mode: str) -> dict:
     module, x, s = _make(length, batch, args.dim, args.heads, args.layers)
     need = seed_bytes(length, batch, args.heads, mode)
     variants = ["ours"] + (["seed"] if need <= args.max_seed_gb * 2**30 else [])
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for v in variants:  # warm-up
-        _run(v, mode, module, x, s)
-    for _ in range(args.rounds):
-        order = variants[:]
-        random.shuffle(order)
-        for v in order:
-            t0 = time.thread_time()
-            _run(v, mode, module, x, s)
-            times[v].append(time.thread_time() - t0)
+    # one warm-up round, then rounds in an order drawn from a seeded generator (bench/timing.py:
+    # two runs time the same sequence); the thread's CPU time with one torch thread
+    times = interleaved_times(
+        {v: (lambda v=v: _run(v, mode, module, x, s)) for v in variants},
+        reps=args.rounds,
+        warmup=1,
+        device="cpu",
+        seed=0,
+    )
     row = {
         "L": length,
         "batch": batch,
@@ -221,7 +223,6 @@ def markdown(rows: list[dict]) -> str:
 SECTIONS = {"attention": attention_section}
 
 # the training-step overhead of the module over a LoRA-only step (bench/fill_train.py)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fill_train import add_train_options, train_section  # noqa: E402
 
 SECTIONS["train"] = train_section
@@ -271,7 +272,6 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.lengths, args.rounds = [512, 1024], 2
-    random.seed(0)
     results = {
         "loadavg": os.getloadavg(),
         "torch": torch.__version__,

@@ -39,9 +39,17 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/rows.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/rows.py, timing.py
 
-from timing import interleaved_times, summarize, time_once  # noqa: E402
+from sizes import FLUX1  # noqa: E402
+from timing import (  # noqa: E402
+    break_even_text,
+    cold_start,
+    compile_payoff,
+    interleaved_times,
+    summarize,
+    time_once,
+)
 
 
 def build(args, device, dtype):
@@ -53,7 +61,7 @@ def build(args, device, dtype):
     from diffalign.fill.model import SemanticFillTransformer, add_lora, lora_parameters
 
     torch.manual_seed(0)
-    head_dim = 128
+    head_dim = FLUX1.head_dim
     with torch.device(device):  # built where it runs: a GPU initialises 12 B parameters at once
         tr = FluxTransformer2DModel(
             patch_size=1,
@@ -63,8 +71,8 @@ def build(args, device, dtype):
             num_single_layers=args.train_single_layers,
             attention_head_dim=head_dim,
             num_attention_heads=args.train_heads,
-            joint_attention_dim=4096,
-            pooled_projection_dim=768,
+            joint_attention_dim=FLUX1.text_dim,
+            pooled_projection_dim=FLUX1.pooled_dim,
             guidance_embeds=True,
             axes_dims_rope=(16, 56, 56),
         ).to(dtype=dtype)
@@ -93,8 +101,8 @@ def build(args, device, dtype):
         x1=r(B, L, 64),
         cond=r(B, L, 320),
         sem=r(B, L, 64),
-        pe=r(B, T, 4096),
-        pooled=r(B, 768),
+        pe=r(B, T, FLUX1.text_dim),
+        pooled=r(B, FLUX1.pooled_dim),
         txt=torch.zeros(T, 3, device=device, dtype=dtype),
         img=ids.reshape(L, 3).to(device=device, dtype=dtype),
     )
@@ -177,10 +185,10 @@ def _wall(device) -> float:
 
 def flux_flop_share(
     image_tokens: int = 2048,
-    text_tokens: int = 512,
-    width: int = 3072,
-    joint: int = 19,
-    single: int = 38,
+    text_tokens: int = FLUX1.text_tokens,
+    width: int = FLUX1.width,
+    joint: int = FLUX1.blocks,
+    single: int = FLUX1.single_blocks,
 ) -> dict:
     """Analytic forward FLOPs of the module vs a FLUX transformer (default: FLUX.1-Fill-dev):
     2 x params x tokens for the block linears (joint 36 w^2, single 15 w^2) + attention
@@ -231,7 +239,7 @@ def train_section(args, save=None) -> dict:
             "layers": args.train_layers,
             "single_layers": args.train_single_layers,
             "heads": args.train_heads,
-            "width": args.train_heads * 128,
+            "width": args.train_heads * FLUX1.head_dim,
             "panel": args.train_panel,
             "batch": args.train_batch,
             "rank": args.train_rank,
@@ -253,7 +261,7 @@ def train_section(args, save=None) -> dict:
         "this_shape_estimate": flux_flop_share(
             counts["image_tokens"],
             counts["text_tokens"],
-            args.train_heads * 128,
+            args.train_heads * FLUX1.head_dim,
             args.train_layers,
             args.train_single_layers,
         ),
@@ -319,10 +327,8 @@ def train_compiled(args, models, opts, inputs, device, eager: dict, save=None) -
         out["mfu_pct"][name] = _mfu(eager["flops_per_step"][name], med, eager["device_name"])
         out["speedup"][name] = round(eager["median_s"][name] / med, 3)
         if name == row:
-            cold = setup + out["first_step_s"][row] - med
-            saved = eager["median_s"][row] - med
-            out["cold_start_s"] = round(cold, 2)
-            out["break_even_steps"] = round(cold / saved, 1) if saved > 0 else None
+            cold = cold_start(out["first_step_s"][row], med, setup)
+            out.update(compile_payoff(cold, eager["median_s"][row], med))
             if save is not None:
                 save(out)  # the row's compiled figures survive a limit hit in the next compile
     out["ratio"] = out["median_s"][row] / out["median_s"]["lora"]
@@ -330,15 +336,14 @@ def train_compiled(args, models, opts, inputs, device, eager: dict, save=None) -
 
 
 def markdown_compiled(c: dict) -> str:
-    be = c["break_even_steps"]
     return (
         f"compiled ({c['compiled_as']}): "
         + ", ".join(
             f"{n} {s:.3f} s ({c['speedup'][n]:.2f}x eager, MFU % {c['mfu_pct'][n]})"
             for n, s in c["median_s"].items()
         )
-        + f"; cold start {c['cold_start_s']:.1f} s (first steps {c['first_step_s']}), break-even "
-        + (f"{be:.0f} steps" if be is not None else "never")
+        + f"; cold start {c['cold_start_s']:.1f} s (first steps {c['first_step_s']}), "
+        + break_even_text(c["break_even_steps"])
         + f"; ratio to LoRA-only {c['ratio']:.3f}"
     )
 
@@ -364,7 +369,7 @@ def markdown_train(r: dict) -> str:
         + ", ".join(f"{n} {m}" for n, m in r["mfu_pct"].items()),
         f"module share of forward FLOPs at this shape: "
         f"{100 * r['this_shape_estimate']['module_share']:.3f}%",
-        f"estimate at FLUX.1-Fill-dev size (2048 + 512 tokens): module "
+        f"estimate at FLUX.1-Fill-dev size (2048 + {FLUX1.text_tokens} tokens): module "
         f"{r['flux_estimate']['module_gflop']:.2f} GFLOP vs transformer "
         f"{r['flux_estimate']['transformer_gflop']:.0f} GFLOP per forward "
         f"({100 * r['flux_estimate']['module_share']:.4f}%)",
@@ -395,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flux-size",
         action="store_true",
-        help="FLUX.1-Fill-dev size (19 + 38 blocks, 24 heads, 512 px, 512 text tokens; GPU)",
+        help=f"FLUX.1-Fill-dev size ({FLUX1.describe()}, 512 px, {FLUX1.text_tokens} text "
+        "tokens; GPU)",
     )
     p.add_argument(
         "--cudnn-attention",
@@ -418,13 +424,13 @@ def _write_json(path: str | None, result: dict) -> None:
         write_json(path, result)
 
 
-# --flux-size: FLUX.1-Fill-dev's shape, with gradient checkpointing
+# --flux-size: FLUX.1-Fill-dev's shape (two 512 px panels), with gradient checkpointing
 FLUX_SIZE = dict(
-    train_layers=19,
-    train_single_layers=38,
-    train_heads=24,
+    train_layers=FLUX1.blocks,
+    train_single_layers=FLUX1.single_blocks,
+    train_heads=FLUX1.heads,
     train_panel=512,
-    train_text_tokens=512,
+    train_text_tokens=FLUX1.text_tokens,
     train_checkpointing=True,
 )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from diffalign.noise import PatchOrthogonal, apply_patch_orthogonal
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py
+from diffalign.noise import PatchOrthogonal, apply_patch_orthogonal  # noqa: E402
+from timing import time_once  # noqa: E402
 
 PATCH_SIZES = (1, 2, 4, 8)
 LATENTS = ((4, 64, 64), (4, 128, 128))
@@ -33,17 +36,9 @@ BATCHES = (1, 4)
 PARAMETRIZATIONS = ("matrix_exp", "cayley")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+    """Wall-clock seconds of one call (CUDA synchronised around it; bench/timing.py)."""
+    return time_once(fn, device, clock=time.perf_counter)
 
 
 def bench_case(

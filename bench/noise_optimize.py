@@ -55,6 +55,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py, sizes.py
+from sizes import FLUX1  # noqa: E402
+from timing import break_even, break_even_text, cold_start, time_once  # noqa: E402
+
 PROMPTS = [
     "a cinematic portrait of a girl in soft light",
     "a red bicycle leaning on a wall",
@@ -103,17 +107,9 @@ def ours_run(gen, reward, prompts, noise, steps: int) -> None:
     optimize_prompts(gen, reward, prompts, noise, OptimizeSettings(steps=steps, lr=0.01))
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _time(fn, device: str) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+    """Wall-clock seconds of one call (CUDA synchronised around it; bench/timing.py)."""
+    return time_once(fn, device, clock=time.perf_counter)
 
 
 def overhead(gen, reward, steps: int, repeats: int, device: str, batch: int = 1) -> dict:
@@ -221,12 +217,12 @@ FLUX_SIZES: dict[str, tuple[dict, int, str]] = {
     ),
     "full": (  # FLUX.1-schnell's transformer shape (text encoders and VAE stay tiny)
         {
-            "num_layers": 19,
-            "num_single_layers": 38,
-            "num_attention_heads": 24,
-            "attention_head_dim": 128,
-            "joint_attention_dim": 4096,
-            "clip_hidden_size": 768,
+            "num_layers": FLUX1.blocks,
+            "num_single_layers": FLUX1.single_blocks,
+            "num_attention_heads": FLUX1.heads,
+            "attention_head_dim": FLUX1.head_dim,
+            "joint_attention_dim": FLUX1.text_dim,
+            "clip_hidden_size": FLUX1.pooled_dim,
         },
         1024,
         "bfloat16",
@@ -432,7 +428,7 @@ def compile_speed(
     warm = [run() for _ in range(repeats)]
     e_step = statistics.median(eager) / (steps + 1)
     c_step = statistics.median(warm) / (steps + 1)
-    cold = first - statistics.median(warm)
+    cold = cold_start(first, statistics.median(warm))  # compile_generator's setup not timed
     return {
         "steps_per_run": steps,
         "cuda_graphs": cuda_graphs,
@@ -441,7 +437,7 @@ def compile_speed(
         "compiled_s_per_step": c_step,
         "speedup": e_step / c_step,
         "cold_start_s": cold,
-        "break_even_steps": cold / (e_step - c_step) if e_step > c_step else None,
+        "break_even_steps": break_even(cold, e_step, c_step),
         "eager_repeats_s": eager,
         "compiled_repeats_s": warm,
         "first_compiled_run_s": first,
@@ -449,12 +445,11 @@ def compile_speed(
 
 
 def _print_compile(c: dict) -> None:
-    be = c["break_even_steps"]
     print(
         f"--compile{' --cuda-graphs' if c['cuda_graphs'] else ''}: eager "
         f"{c['eager_s_per_step'] * 1e3:.1f} ms/step, compiled {c['compiled_s_per_step'] * 1e3:.1f}"
-        f" ms/step ({c['speedup']:.2f}x); cold start {c['cold_start_s']:.1f} s; break-even "
-        + (f"{be:.0f} steps" if be is not None else "never (not faster)")
+        f" ms/step ({c['speedup']:.2f}x); cold start {c['cold_start_s']:.1f} s; "
+        + break_even_text(c["break_even_steps"], never="never (not faster)")
     )
 
 
@@ -467,6 +462,25 @@ def _print_dataset(d: dict) -> None:
             "with interpreter start and model load)"
         )
     print(f"build-dataset 2 / 1 processes: {d['ratio_2_over_1']:.2f}x")
+
+
+def _machine() -> str:
+    """The CPU, its cores, torch and its threads, as the JSON records them."""
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+
+
+def _finish(results: dict, json_path: str | None) -> int:
+    """The load average line, then the JSON (when asked for); the exit status."""
+    print(
+        f"load average before/after: {results['load_average_before']} / "
+        f"{results['load_average_after']}"
+    )
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -528,8 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             p.error(f"--flux-sizes: unknown {bad}; choose from {', '.join(FLUX_SIZES)}")
         results = {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, threads {torch.get_num_threads()}",
+            "machine": _machine(),
             "device": args.device,
             "load_average_before": os.getloadavg(),
         }
@@ -538,47 +551,33 @@ def main(argv: list[str] | None = None) -> int:
         results.update(flux_schnell=rows, load_average_after=os.getloadavg())
         _print_flux(rows)
         print(f"machine: {results['machine']}")
-        print(
-            f"load average before/after: {results['load_average_before']} / "
-            f"{results['load_average_after']}"
-        )
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
-        return 0
+        return _finish(results, args.json)
     if args.only_dataset:
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory() as tmp_name:
             d = dataset_throughput(Path(tmp_name), *dataset_args)
         d.update(load_average_before=load_before, load_average_after=os.getloadavg())
         _print_dataset(d)
-        print(f"load average before/after: {load_before} / {d['load_average_after']}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(d, indent=2))
-        return 0
+        return _finish(d, args.json)
     if args.only_compile:
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory() as tmp_name:
             gen, reward = _setup(Path(tmp_name), args.size, args.device)
             c = compile_speed(gen, reward, args.steps, repeats, args.device, args.cuda_graphs)
         c.update(
-            machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, threads {torch.get_num_threads()}",
+            machine=_machine(),
             device=args.device,
             image_size=args.size,
             load_average_before=load_before,
             load_average_after=os.getloadavg(),
         )
         _print_compile(c)
-        print(f"load average before/after: {load_before} / {c['load_average_after']}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(c, indent=2))
-        return 0
+        return _finish(c, args.json)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         gen, reward = _setup(tmp, args.size, args.device)
         results = {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, threads {torch.get_num_threads()}",
+            "machine": _machine(),
             "load_average_before": os.getloadavg(),
             "device": args.device,
             "image_size": args.size,
@@ -626,13 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     _print_dataset(results["build_dataset"])
     _print_compile(results["compile"])
-    print(
-        f"load average before/after: {results['load_average_before']} / "
-        f"{results['load_average_after']}"
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return _finish(results, args.json)
 
 
 if __name__ == "__main__":

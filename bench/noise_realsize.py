@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffalign.engine.io import write_json  # noqa: E402
 from noise_optimize import PROMPTS, _models, _time, bare_run, ours_run  # noqa: E402
+from timing import break_even_text, cold_start, compile_payoff  # noqa: E402
 
 
 def real_unet(div: int = 1):
@@ -242,15 +243,15 @@ def measure_compiled(
     noise = gen.sample_noise(1, generator=torch.Generator().manual_seed(0))
     first = _time(lambda: ours_run(gen, reward, prompts, noise, steps), device)
     run = measure(gen, reward, device, 1, steps, repeats)
-    cold = setup + first - run["ours_s_per_step"] * (steps + 1)
-    saved = eager["ours_s_per_step"] - run["ours_s_per_step"]
+    cold = cold_start(first, run["ours_s_per_step"] * (steps + 1), setup)
+    payoff = compile_payoff(cold, eager["ours_s_per_step"], run["ours_s_per_step"])
     return {
         "cuda_graphs": cuda_graphs,
         "compiled": compiled_as,
         "first_run_s": round(first, 3),
-        "cold_start_s": round(cold, 2),
+        "cold_start_s": payoff["cold_start_s"],
         "speedup": round(eager["ours_s_per_step"] / run["ours_s_per_step"], 3),
-        "break_even_steps": round(cold / saved, 1) if saved > 0 else None,
+        "break_even_steps": payoff["break_even_steps"],
         "runs": [run],
     }
 
@@ -316,12 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     c = results.get("compiled")
     if c:
         r = c["runs"][0]
-        be = c["break_even_steps"]
         print(
             f"compiled{' + CUDA graphs' if c['cuda_graphs'] else ''} B=1: ours "
             f"{r['ours_s_per_step']:.3f} s/step ({c['speedup']:.2f}x eager), cold start "
-            f"{c['cold_start_s']:.1f} s, break-even "
-            + (f"{be:.0f} steps" if be is not None else "never")
+            f"{c['cold_start_s']:.1f} s, "
+            + break_even_text(c["break_even_steps"])
             + (f", step / kernels {r['step_over_kernel']:.2f}" if "step_over_kernel" in r else "")
         )
     if args.json:

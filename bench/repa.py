@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/rows.py
 
 from diffalign.engine.lmdb_store import TensorLMDB, TensorLMDBWriter  # noqa: E402
-from timing import interleaved_times  # noqa: E402
+from timing import break_even_text, cold_start, compile_payoff, interleaved_times  # noqa: E402
 
 STORES = {"vae": (4, 64, 64), "dino": (256, 1024)}
 
@@ -640,8 +640,9 @@ def _train_compiled(args, nets: dict, step, eager: dict) -> dict:
     )
     med = {v: statistics.median(t) for v, t in times.items()}
     row = "lora+align"
-    cold = setup + first[row] - med[row]
-    saved = eager["seconds_per_step"][row] - med[row]
+    payoff = compile_payoff(
+        cold_start(first[row], med[row], setup), eager["seconds_per_step"][row], med[row]
+    )
     flops = {v: eager["flops_per_step"][v] for v in COMPILED_VARIANTS}
     mfus = {v: mfu(flops[v], med[v], eager["device_name"]) for v in COMPILED_VARIANTS}
     return {
@@ -649,14 +650,14 @@ def _train_compiled(args, nets: dict, step, eager: dict) -> dict:
         "channels_last": bool(getattr(args, "channels_last", False)),
         "setup_s": round(setup, 3),
         "first_step_s": {v: round(s, 3) for v, s in first.items()},
-        "cold_start_s": round(cold, 2),
+        "cold_start_s": payoff["cold_start_s"],
         "times": times,
         "seconds_per_step": {v: round(s, 4) for v, s in med.items()},
         "flops_per_step": flops,
         "flops_counted": "the eager step's count (same arithmetic; bench/rows.py convention)",
         "mfu_pct": {v: None if m is None else round(m, 2) for v, m in mfus.items()},
         "speedup": {v: round(eager["seconds_per_step"][v] / s, 3) for v, s in med.items()},
-        "break_even_steps": round(cold / saved, 1) if saved > 0 else None,
+        "break_even_steps": payoff["break_even_steps"],
         "alignment_overhead_pct": round(100 * (med["lora+align"] / med["lora"] - 1), 2),
     }
 
@@ -680,7 +681,6 @@ def _print_train(r: dict) -> None:
         )
     c = r.get("compiled")
     if c:
-        be = c["break_even_steps"]
         print(
             f"compiled ({'channels_last, ' if c['channels_last'] else ''}{c['compiled_as']}): "
             + ", ".join(
@@ -690,7 +690,7 @@ def _print_train(r: dict) -> None:
                 for v, s in c["seconds_per_step"].items()
             )
             + f"; cold start {c['cold_start_s']:.1f} s (first steps {c['first_step_s']}), "
-            + ("break-even " + (f"{be:.0f} steps" if be is not None else "never"))
+            + break_even_text(c["break_even_steps"])
             + f"; alignment overhead {c['alignment_overhead_pct']:+.2f}%"
         )
 

@@ -50,7 +50,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py, sizes.py
+from sizes import FLUX1, SD3_MEDIUM  # noqa: E402
 from timing import clock_label, interleaved_times, summarize  # noqa: E402
 
 # bf16 keeps 8 significant bits: rounding to bf16 moves a value x by up to 2**-8 |x|
@@ -66,9 +67,12 @@ OUTPUT_DIFF_METRIC = (
 
 
 def build_transformer(layers: int, heads: int, head_dim: int, image_tokens: int, device, dtype):
+    """An SD3-shaped `SD3Transformer2DModel` (random weights, seed 0) in eval mode and its latent
+    side; SD3-medium's text and pooled widths from its width up, narrow ones below."""
     from diffusers import SD3Transformer2DModel
 
     side = int(round(image_tokens**0.5)) * 2  # latent side for patch size 2
+    wide = heads * head_dim >= SD3_MEDIUM.width
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs: a GPU initialises 2 B parameters at once
         tr = SD3Transformer2DModel(
@@ -78,9 +82,9 @@ def build_transformer(layers: int, heads: int, head_dim: int, image_tokens: int,
             num_layers=layers,
             attention_head_dim=head_dim,
             num_attention_heads=heads,
-            joint_attention_dim=4096 if heads * head_dim >= 1536 else 256,
+            joint_attention_dim=SD3_MEDIUM.text_dim if wide else 256,
             caption_projection_dim=heads * head_dim,
-            pooled_projection_dim=2048 if heads * head_dim >= 1536 else 64,
+            pooled_projection_dim=SD3_MEDIUM.pooled_dim if wide else 64,
             out_channels=16,
             pos_embed_max_size=max(96, side // 2),
         )
@@ -105,8 +109,8 @@ def build_flux_transformer(
             num_single_layers=single,
             attention_head_dim=head_dim,
             num_attention_heads=heads,
-            joint_attention_dim=4096 if wide else 256,
-            pooled_projection_dim=768 if wide else 64,
+            joint_attention_dim=FLUX1.text_dim if wide else 256,
+            pooled_projection_dim=FLUX1.pooled_dim if wide else 64,
             guidance_embeds=True,
             axes_dims_rope=flux_rope_axes(head_dim),
         )
@@ -480,8 +484,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--sd3-medium",
         action="store_true",
-        help="real SD3-medium size: 24 blocks, 24 heads x 64, 4096 image tokens, "
-        "CFG batch 2 (for a GPU)",
+        help=f"real SD3-medium size: {SD3_MEDIUM.describe()}, {SD3_MEDIUM.image_tokens} image "
+        f"tokens, CFG batch {SD3_MEDIUM.batch} (for a GPU)",
     )
     p.add_argument(
         "--model",
@@ -492,8 +496,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--flux-dev",
         action="store_true",
-        help="with --model flux: real FLUX.1-dev size: 19 + 38 blocks, 24 heads x 128, 4096 "
-        "image + 512 text tokens (for a GPU)",
+        help=f"with --model flux: real FLUX.1-dev size: {FLUX1.describe()}, "
+        f"{FLUX1.image_tokens} image + {FLUX1.text_tokens} text tokens (for a GPU)",
     )
     p.add_argument(
         "--single-layers", type=int, default=None, help="FLUX single-stream blocks (default 38)"
@@ -535,34 +539,34 @@ def main(argv=None) -> int:
 
     if args.model == "flux" and args.flux_dev:
         defaults = dict(
-            layers=19,
-            single_layers=38,
-            heads=24,
-            head_dim=128,
-            image_tokens=4096,
-            text_tokens=512,
+            layers=FLUX1.blocks,
+            single_layers=FLUX1.single_blocks,
+            heads=FLUX1.heads,
+            head_dim=FLUX1.head_dim,
+            image_tokens=FLUX1.image_tokens,
+            text_tokens=FLUX1.text_tokens,
             batch=1,
             reps=10,
             dtype="bfloat16" if args.device.startswith("cuda") else "float32",
         )
-    elif args.model == "flux":
+    elif args.model == "flux":  # FLUX.1's blocks (fewer with --quick), 2 heads
         defaults = dict(
-            layers=8 if args.quick else 19,
-            single_layers=16 if args.quick else 38,
+            layers=8 if args.quick else FLUX1.blocks,
+            single_layers=16 if args.quick else FLUX1.single_blocks,
             heads=2,
-            head_dim=128,
+            head_dim=FLUX1.head_dim,
             image_tokens=256 if args.quick else 1024,
-            text_tokens=512,
+            text_tokens=FLUX1.text_tokens,
             batch=1,
             reps=5 if args.quick else 7,
             dtype="float32",
         )
     elif args.sd3_medium:
         defaults = dict(
-            layers=24,
-            heads=24,
-            image_tokens=4096,
-            batch=2,
+            layers=SD3_MEDIUM.blocks,
+            heads=SD3_MEDIUM.heads,
+            image_tokens=SD3_MEDIUM.image_tokens,
+            batch=SD3_MEDIUM.batch,
             reps=20,
             dtype="bfloat16" if args.device.startswith("cuda") else "float32",
         )
@@ -570,8 +574,8 @@ def main(argv=None) -> int:
         defaults = dict(layers=8, heads=4, image_tokens=256, batch=1, reps=7, dtype="float32")
     else:
         defaults = dict(layers=24, heads=4, image_tokens=1024, batch=1, reps=15, dtype="float32")
-    defaults.setdefault("text_tokens", 333)
-    defaults.setdefault("head_dim", 64)
+    defaults.setdefault("text_tokens", SD3_MEDIUM.text_tokens)
+    defaults.setdefault("head_dim", SD3_MEDIUM.head_dim)
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)

@@ -28,31 +28,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/timing.py, sizes.py
+from sizes import SD3_MEDIUM  # noqa: E402
+from textstream import build_transformer  # noqa: E402  (the forward bench's SD3 transformer)
 from timing import clock_label, interleaved_times, summarize  # noqa: E402
-
-
-def build_transformer(layers: int, heads: int, head_dim: int, image_tokens: int, device, dtype):
-    from diffusers import SD3Transformer2DModel
-
-    side = int(round(image_tokens**0.5)) * 2  # latent side for patch size 2
-    width = heads * head_dim
-    torch.manual_seed(0)
-    with torch.device(device):
-        tr = SD3Transformer2DModel(
-            sample_size=side,
-            patch_size=2,
-            in_channels=16,
-            num_layers=layers,
-            attention_head_dim=head_dim,
-            num_attention_heads=heads,
-            joint_attention_dim=4096 if width >= 1536 else 256,
-            caption_projection_dim=width,
-            pooled_projection_dim=2048 if width >= 1536 else 64,
-            out_channels=16,
-            pos_embed_max_size=max(96, side // 2),
-        )
-    return tr.to(device=device, dtype=dtype).eval().requires_grad_(False), side
 
 
 def run(args) -> dict:
@@ -71,6 +50,7 @@ def run(args) -> dict:
     tr, side = build_transformer(
         args.layers, args.heads, args.head_dim, args.image_tokens, device, dtype
     )
+    tr.requires_grad_(False)  # frozen: the weight step trains the residual's weights alone
     if args.gradient_checkpointing:
         tr.enable_gradient_checkpointing()
     d = args.heads * args.head_dim
@@ -167,13 +147,16 @@ def main(argv=None) -> int:
     p.add_argument(
         "--sd3-medium",
         action="store_true",
-        help="SD3-medium shape: 24 blocks, width 1536, 4096 image tokens, batch 2, bf16",
+        help=f"SD3-medium shape: {SD3_MEDIUM.describe()}, {SD3_MEDIUM.image_tokens} image "
+        f"tokens, batch {SD3_MEDIUM.batch}, bf16",
     )
     p.add_argument("--layers", type=int, default=None, help="blocks (CPU default 12)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (CPU default 4)")
-    p.add_argument("--head-dim", type=int, default=64, help="head width (default 64)")
+    p.add_argument("--head-dim", type=int, default=SD3_MEDIUM.head_dim, help="head width (64)")
     p.add_argument("--image-tokens", type=int, default=None, help="CPU default 256")
-    p.add_argument("--text-tokens", type=int, default=333, help="77 CLIP + 256 T5 (default)")
+    p.add_argument(
+        "--text-tokens", type=int, default=SD3_MEDIUM.text_tokens, help="77 CLIP + 256 T5 (333)"
+    )
     p.add_argument("--batch", type=int, default=None, help="batch (default 1; 2 with sd3)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (default 2)")
@@ -185,7 +168,14 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(1)
     if args.sd3_medium:
-        defaults = dict(layers=24, heads=24, image_tokens=4096, batch=2, reps=10, dtype="bfloat16")
+        defaults = dict(
+            layers=SD3_MEDIUM.blocks,
+            heads=SD3_MEDIUM.heads,
+            image_tokens=SD3_MEDIUM.image_tokens,
+            batch=SD3_MEDIUM.batch,
+            reps=10,
+            dtype="bfloat16",
+        )
     elif args.quick:
         defaults = dict(layers=6, heads=2, image_tokens=64, batch=1, reps=3, dtype="float32")
     else:

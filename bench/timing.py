@@ -11,6 +11,11 @@ attaching hooks only while their variant runs).
 
 `summarize` gives each variant's median, its ratio to the baseline's median, the median of the
 per-round ratios to the baseline's time in the same round (robust to drift), and the minimum.
+
+A compiled run against its eager twin (`cold_start`, `break_even`, `compile_payoff`): the cold
+start is the setup (compiling in place, timed) plus the first compiled run minus a warm compiled
+run of the same work; break-even is the number of steps after which compiling pays, cold start /
+seconds saved per step against eager (None when the compiled step is not faster).
 """
 
 from __future__ import annotations
@@ -36,10 +41,13 @@ def clock_label(device: torch.device | str) -> str:
     return "thread CPU time, 1 torch thread"
 
 
-def time_once(fn: Callable[[], object], device: torch.device | str, setup=None) -> float:
-    """Seconds of one call of `fn` on `clock_for(device)`; `setup` is entered outside the clock."""
+def time_once(
+    fn: Callable[[], object], device: torch.device | str, setup=None, clock=None
+) -> float:
+    """Seconds of one call of `fn` on `clock` (default `clock_for(device)`; on CUDA synchronised
+    before starting and before stopping it); `setup` is entered outside the clock."""
     cuda = torch.device(device).type == "cuda"
-    clock = clock_for(device)
+    clock = clock or clock_for(device)
     with setup if setup is not None else contextlib.nullcontext():
         if cuda:
             torch.cuda.synchronize()
@@ -93,3 +101,28 @@ def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict]:
             "reps": len(ts),
         }
     return out
+
+
+def cold_start(first_s: float, steady_s: float, setup_s: float = 0.0) -> float:
+    """Seconds compiling costs once: `setup_s` + the first compiled run - a warm one (module doc)."""
+    return setup_s + first_s - steady_s
+
+
+def break_even(cold_s: float, eager_step_s: float, compiled_step_s: float) -> float | None:
+    """Steps after which compiling pays: cold start / seconds saved per step; None: not faster."""
+    saved = eager_step_s - compiled_step_s
+    return cold_s / saved if saved > 0 else None
+
+
+def compile_payoff(cold_s: float, eager_step_s: float, compiled_step_s: float) -> dict:
+    """The benches' JSON fields: `cold_start_s` (2 decimals), `break_even_steps` (1 decimal)."""
+    steps = break_even(cold_s, eager_step_s, compiled_step_s)
+    return {
+        "cold_start_s": round(cold_s, 2),
+        "break_even_steps": None if steps is None else round(steps, 1),
+    }
+
+
+def break_even_text(steps: float | None, never: str = "never") -> str:
+    """How the benches print a break-even: "break-even 12 steps", or `never`'s words."""
+    return "break-even " + (f"{steps:.0f} steps" if steps is not None else never)
