@@ -1,8 +1,9 @@
 """`noise toy train-gan | sft | direct-sft` and the EM loops (`noise toy em`, `noise em`) refuse a
 used output folder, or a resume into a run made with other settings, before any model (or the
-toy data) loads (`engine.checkpoints.check_before_setup`): one line, exit 2, the folder as it
-was; the same settings still resume, and --overwrite removes nothing before the setup
-succeeded."""
+toy data) loads (`engine.checkpoints.check_before_setup`; `noise em`'s E-step datasets and
+`noise build-dataset` through `noise.dataset.check_dataset_before_loading`): one line, exit 2,
+the folder as it was; the same settings still resume, and --overwrite removes nothing before
+the setup succeeded."""
 
 from __future__ import annotations
 
@@ -147,9 +148,9 @@ ARGS += ["--train-batch-size", "2", "--tracker", "none", "--no-plots", "--num-in
 def test_noise_em_refuses_a_resume_with_other_settings_before_loading(
     tiny_model_dir, tmp_path, loads, capsys
 ):
-    """`noise em` resumes an unfinished M-step; with another --train-lr it is refused before
-    the generator loads, naming its own options; --overwrite with a model that cannot load
-    leaves the cycles; the same settings resume."""
+    """`noise em` resumes an unfinished M-step; with another --train-lr (or --assign-steps: its
+    E-step's dataset) it is refused before the generator loads, naming its own options;
+    --overwrite with a model that cannot load leaves the cycles; the same settings resume."""
     sdxl = tiny_model_dir("sdxl")
     data = write_pairs(tmp_path / "data", n=2)
     work = tmp_path / "em"
@@ -160,6 +161,8 @@ def test_noise_em_refuses_a_resume_with_other_settings_before_loading(
     before, loads[:] = _files(work), []
     words = ("cannot resume", "task.lr", "--resume restart", "--overwrite", "--output-dir")
     _refused([*base, "--train-lr", "1e-2"], capsys, *words)
+    # the E-steps' datasets too (old code: refused once the generator had loaded)
+    _refused([*base, "--assign-steps", "2"], capsys, "holds a dataset", "(steps)", "--overwrite")
     assert loads == []  # old code: the E-step loaded the generator first
     assert _files(work) == before
 
@@ -174,3 +177,22 @@ def test_noise_em_refuses_a_resume_with_other_settings_before_loading(
     assert main(more) == 0, capsys.readouterr().err
     run = (work / "cycle-000" / "sft" / "run_config.json").read_text()
     assert "checkpoint-1" in run and loads
+
+
+def test_build_dataset_refuses_other_settings_before_loading(
+    tiny_model_dir, tmp_path, loads, capsys
+):
+    """`noise build-dataset` into a folder that holds a dataset made with other settings: one
+    line before the generator loads (old code: after); the same settings resume."""
+    data = write_pairs(tmp_path / "data", n=2)
+    out = tmp_path / "ds"
+    base = ["noise", "build-dataset", "--data-root", str(data), "--output-dir", str(out)]
+    base += ["--steps", "1", "--no-plots", "--num-intermediates", "0"]
+    base += model_args(tiny_model_dir("sdxl"))
+    assert main(base) == 0
+    before, loads[:] = _files(out), []
+    _refused([*base, "--steps", "2"], capsys, "holds a dataset", "(steps)", "--overwrite")
+    _refused([*base, "--max-items", "1"], capsys, "holds a dataset", "(num_items)")
+    assert loads == []
+    assert _files(out) == before
+    assert main(base) == 0 and loads == ["load_generator"]

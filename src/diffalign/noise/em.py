@@ -175,7 +175,7 @@ def em(
     noise with :func:`cycle_seed` (``assign_kwargs["settings"].seed + 1000 k``). ``resume``:
     ``latest`` continues an unfinished M-step from its last checkpoint, ``restart`` starts it
     over (finished cycles are kept either way); ``overwrite`` starts the whole loop over."""
-    from diffalign.noise.dataset import build_dataset
+    from diffalign.noise.dataset import build_dataset, check_dataset_before_loading
     from diffalign.noise.sft import check_before_loading, sft
 
     if resume not in ("latest", "restart"):
@@ -206,12 +206,25 @@ def em(
         final = cdir / "sft" / "checkpoint-final"
         return str(final) if final.is_dir() else None
 
-    # the M-step a re-run resumes: a resume with other settings is refused before any model
-    # loads (its E-step's dataset is finished; the trainer compares everything again)
-    found = None if overwrite else resumed_m_step(work_dir, num_cycles, initial, finished, resume)
-    if found is not None and m_step_folders(found[1])[0].is_file():
-        options = m_step_options(*found)
-        check_before_loading(*m_step_folders(found[1]), hint=EM_RESUME_HINT, **options)
+    def e_step_options(k: int) -> dict:
+        """`build_dataset`'s settings and keywords for the E-step of cycle ``k``."""
+        kwargs = dict(assign_kwargs)
+        settings = kwargs.pop("settings")
+        return dict(
+            settings=dataclasses.replace(settings, seed=cycle_seed(settings.seed, k)), **kwargs
+        )
+
+    # a re-run with other settings is refused before any model loads: the cycles' datasets
+    # (E-steps) and the M-step it would resume (the loaded models are compared once loaded)
+    if not overwrite:
+        for k in range(num_cycles):
+            dataset = Path(work_dir) / f"cycle-{k:03d}" / "dataset"
+            if dataset.is_dir():
+                check_dataset_before_loading(data_root, dataset, **e_step_options(k))
+        found = resumed_m_step(work_dir, num_cycles, initial, finished, resume)
+        if found is not None and m_step_folders(found[1])[0].is_file():
+            options = m_step_options(*found)
+            check_before_loading(*m_step_folders(found[1]), hint=EM_RESUME_HINT, **options)
     preloaded: dict[str, object] = {}
     if overwrite:  # the earlier cycles go only once the pairs and the initial model are fine
         from diffalign.noise.dataset import read_pairs
@@ -228,17 +241,13 @@ def em(
             gen = preloaded.pop(current)
         else:
             gen = load(current, current == initial)
-        kwargs = dict(assign_kwargs)
-        settings = kwargs.pop("settings")
-        settings = dataclasses.replace(settings, seed=cycle_seed(settings.seed, k))
         return build_dataset(
             gen,
             data_root,
             cdir / "dataset",
-            settings,
             desc=f"E-step {k}",
             model_info={"model": current},
-            **kwargs,
+            **e_step_options(k),
         )
 
     def m_step(current: str, cdir: Path, k: int) -> dict:
