@@ -120,8 +120,8 @@ def test_toy_trainers_refuse_before_loading(toy, tmp_path, verb, loads, capsys):
 def test_toy_em_refuses_a_resume_with_other_settings_before_the_e_step(
     toy, tmp_path, loads, capsys
 ):
-    """A re-run resumes the unfinished M-step; with another --lr it is refused before the
-    first E-step loads a generator (old code: after assigning, in the M-step's trainer)."""
+    """A re-run resumes the unfinished M-step; with another --lr (or --assign-steps: its E-step)
+    it is refused before the first E-step loads a generator (old code: after it loaded)."""
     out = tmp_path / "em"
     base = [
         "noise", "toy", "em", "--generator-ckpt", str(toy / "base"), "--output-dir", str(out),
@@ -131,6 +131,7 @@ def test_toy_em_refuses_a_resume_with_other_settings_before_the_e_step(
     shutil.rmtree(out / "cycle-000" / "sft" / "checkpoint-final")  # killed before its export
     before, loads[:] = _files(out), []
     _refused([*base, "--lr", "1e-2"], capsys, "cannot resume", "task.lr", "--resume restart")
+    _refused([*base, "--assign-steps", "2"], capsys, "holds an assignment", "(assign_steps)")
     assert loads == []
     assert _files(out) == before
     more = list(base)

@@ -131,13 +131,14 @@ def _em_cycles(
     resume,
 ) -> dict:
     from diffalign.noise.em import cycle_seed, em_cycles, m_step_resume, resumed_m_step
-    from diffalign.noise.toy.assignment import assign
+    from diffalign.noise.toy.assignment import assign, check_assign_before_loading
     from diffalign.noise.toy.finetune import check_sft_before_loading, sft
 
-    def e_step(current: str, cdir: Path, k: int) -> dict:
-        return assign(
-            current,
-            cdir / "assign",
+    def e_step_options(current: str, cdir: Path, k: int) -> dict:
+        """`assign`'s arguments for the E-step of cycle ``k``."""
+        return dict(
+            generator_ckpt=current,
+            output_dir=cdir / "assign",
             dataset=dataset,
             data_dir=data_dir,
             split=split,
@@ -152,6 +153,9 @@ def _em_cycles(
             desc=f"E-step {k}",
             write_plots=write_plots,
         )
+
+    def e_step(current: str, cdir: Path, k: int) -> dict:
+        return assign(**e_step_options(current, cdir, k))
 
     def m_step_options(current: str, cdir: Path, k: int) -> dict:
         """`sft`'s arguments for the M-step of cycle ``k``."""
@@ -182,8 +186,17 @@ def _em_cycles(
         final = cdir / "sft" / "checkpoint-final" / "generator.safetensors"
         return str(final) if final.is_file() else None  # M-step finished in an earlier run
 
-    # the M-step a re-run resumes: a resume with other settings is refused before the first
-    # E-step loads a generator (the trainer compares everything again)
+    # a re-run with other settings is refused before the first E-step loads a generator: the
+    # E-steps up to the first unfinished cycle (their generators are known) and the M-step it
+    # would resume (what is known once loaded is compared then)
+    model = str(current)
+    for k in range(num_cycles):
+        cdir = out / f"cycle-{k:03d}"
+        if (cdir / "assign").is_dir():
+            check_assign_before_loading(**e_step_options(model, cdir, k))
+        model = finished(cdir)
+        if model is None:
+            break
     found = resumed_m_step(out, num_cycles, str(current), finished, resume)
     if found is not None and (found[1] / "assign" / "manifest.jsonl").is_file():
         check_sft_before_loading(hint=TOY_EM_RESUME_HINT, **m_step_options(*found))
