@@ -59,6 +59,7 @@ from diffalign.noise.assign import (
 )
 from diffalign.noise.jobs import (
     AssignmentJob,
+    check_job_record,
     finished_noises,
     noise_gaussianity,
     run_assignment_job,
@@ -237,8 +238,6 @@ def check_dataset_before_loading(data_root, output_dir, **options) -> None:
     before the generator loads: ``options`` are `build_dataset`'s keywords (its defaults apply);
     its `LOADED_KEYS` are compared once the generator has loaded."""
     import inspect
-
-    from diffalign.noise.jobs import check_job_record
 
     a = inspect.signature(build_dataset).bind(None, data_root, output_dir, **options)
     a.apply_defaults()

@@ -58,6 +58,7 @@ from diffalign.noise.assign import assign_noise as _generic_assign_noise
 from diffalign.noise.assign import item_id as _item_id
 from diffalign.noise.jobs import (
     AssignmentJob,
+    check_job_record,
     finished_noises,
     noise_gaussianity,
     run_assignment_job,
@@ -328,18 +329,16 @@ def check_assign_before_loading(**arguments) -> None:
     the generator (and the data) load; ``arguments``: `assign`'s (its defaults apply)."""
     import inspect
 
-    from diffalign.noise.jobs import check_job_record
     from diffalign.noise.toy.models import resolve_weights
 
     a = inspect.signature(assign).bind(**arguments)
     a.apply_defaults()
     a = a.arguments
+    split = a["split"] if a["data"] is None else a["data"].split
     config = _assign_config(
-        resolve_weights(a["generator_ckpt"]),
-        a["split"] if a["data"] is None else a["data"].split,
-        *(a[k] for k in ("patch_size", "parametrization", "assign_steps", "lr", "l1_weight")),
-        a["seed"],
-    )
+        resolve_weights(a["generator_ckpt"]), split, a["patch_size"], a["parametrization"],
+        a["assign_steps"], a["lr"], a["l1_weight"], a["seed"],
+    )  # fmt: skip
     check_job_record(ToyAssignJob, Path(a["output_dir"]), config, free=_LOADED_KEYS)
 
 

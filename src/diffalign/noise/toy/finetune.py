@@ -77,7 +77,7 @@ def _loss_weights(preserve_weight: float, l1_weight: float) -> dict[str, float]:
     }
 
 
-def check_before_loading(
+def _check_before_loading(
     loop: TrainConfig,
     *,
     direct: bool,
@@ -236,7 +236,7 @@ def sft(
 
 
 def check_sft_before_loading(*, hint: str = RESUME_HINT, **arguments) -> TrainConfig:
-    """`sft`'s setting checks and its used-folder and resume refusals (`check_before_loading`),
+    """`sft`'s setting checks and its used-folder and resume refusals (`_check_before_loading`),
     before its generator loads; ``arguments``: `sft`'s (its defaults apply). Returns the loop's
     options. The EM loop calls it for the M-step it would resume, before its first E-step,
     with its own ``hint``."""
@@ -252,7 +252,7 @@ def check_sft_before_loading(*, hint: str = RESUME_HINT, **arguments) -> TrainCo
         a["output_dir"], a["epochs"], a["max_steps"], a["seed"], a["overwrite"], a["resume"],
         a["tracker"], a["progress"], "sft", a["checkpoint_every"],
     )  # fmt: skip
-    check_before_loading(
+    _check_before_loading(
         loop,
         direct=False,
         items=len(load_manifest(a["manifest_path"])[0]),
@@ -299,7 +299,7 @@ def direct_sft(
         output_dir, epochs, max_steps, seed, overwrite, resume, tracker, progress, "direct-sft",
         checkpoint_every,
     )  # fmt: skip
-    check_before_loading(
+    _check_before_loading(
         loop,
         direct=True,
         items=None if manifest_path is None else len(load_manifest(manifest_path)[0]),
