@@ -102,6 +102,10 @@ def test_toy_trainers_refuse_before_loading(toy, tmp_path, verb, loads, capsys):
         _refused([*base, *extra], capsys, *words)
         assert loads == [], extra  # refused before a model or the data loaded (old code: after)
     assert _files(out) == before
+    # a refused run into a new folder leaves no folder behind
+    fresh = [a if a != str(out) else str(tmp_path / "new" / "run") for a in base]
+    _refused([*fresh, "--resume", str(tmp_path / "nope")], capsys, "resume checkpoint not found")
+    assert not (tmp_path / "new").exists() and loads == []
 
     # --overwrite with a generator that cannot load: the earlier run is still all there
     if verb != "train-gan":
