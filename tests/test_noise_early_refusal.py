@@ -107,11 +107,13 @@ def test_toy_trainers_refuse_before_loading(toy, tmp_path, verb, loads, capsys):
     _refused([*fresh, "--resume", str(tmp_path / "nope")], capsys, "resume checkpoint not found")
     assert not (tmp_path / "new").exists() and loads == []
 
-    # --overwrite with a generator that cannot load: the earlier run is still all there
-    if verb != "train-gan":
+    # --overwrite with a generator (train-gan: data) that cannot load: the run is still there
+    if verb == "train-gan":
+        _refused([*base, "--dataset", "mnist", "--overwrite"], capsys, "--data-dir")
+    else:
         bad = [a if a != str(toy / "base") else str(tmp_path / "missing") for a in base]
         _refused([*bad, "--overwrite"], capsys, "missing")
-        assert _files(out) == before
+    assert _files(out) == before
 
     # the same settings resume (one step more at the constant lr)
     more = [*base, "--resume", "latest"]
