@@ -355,3 +355,50 @@ def test_cli_missing_model_is_one_line(workdir, monkeypatch, capsys):
         assert len(lines) == 1, err
         assert lines[0].startswith("diffalign: error: model") and "Traceback" not in err
         assert "diffalign download" in lines[0]
+
+
+def test_a_local_folder_named_like_a_preset_is_named_once(workdir, capsys, monkeypatch):
+    """`./sd15` in the current folder is what `sd15` loads (a local path wins, unchanged); rank 0
+    says once which folder that is. The preset's own models/ folder, a path that is no preset
+    name, or another rank say nothing."""
+    monkeypatch.setattr(loading, "_SHADOWS_NOTED", set(), raising=False)
+    stray = workdir / "sd15"
+    stray.mkdir()
+    (stray / "model_index.json").write_text("{}")
+    for _ in range(2):
+        r = resolve_model("sd15", "sd15")
+        assert (r.kind, r.source, r.preset) == ("folder", "sd15", None)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert f"'sd15' loads the local folder {stray}," in err[0]
+    assert PRESETS["sd15"].repo_id in err[0] and "rename the folder" in err[0]
+
+    resolve_model(str(stray))  # a path, not a preset name
+    monkeypatch.setattr(loading, "_SHADOWS_NOTED", set(), raising=False)
+    monkeypatch.setenv("RANK", "1")
+    resolve_model("sd15")
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("DIFFALIGN_MODELS_DIR", str(workdir))  # ./sd15 is the preset's folder
+    resolve_model("sd15")
+    assert capsys.readouterr().err == ""
+
+    # models/sd15 downloaded: the note names it as the preset's folder
+    monkeypatch.delenv("DIFFALIGN_MODELS_DIR")
+    shutil.copytree(stray, workdir / "models" / "sd15")
+    assert resolve_model("sd15").source == "sd15"
+    err = capsys.readouterr().err
+    assert f"not the sd15 preset ({workdir / 'models' / 'sd15'})" in err
+
+
+def test_hyper_sd15_on_a_local_sd15_folder_names_it(workdir, tiny_model_dir, capsys, monkeypatch):
+    """`--model hyper-sd15` loads its base `sd15` from `./sd15` when the current folder has one
+    (unchanged); the note names that folder."""
+    from diffalign.noise.generators import load_generator
+
+    monkeypatch.setattr(loading, "_SHADOWS_NOTED", set(), raising=False)
+    os.symlink(tiny_model_dir("sd15"), workdir / "sd15")
+    lora = f"{tiny_model_dir('hyper-sd')}/Hyper-SD15-1step-lora.safetensors"
+    gen = load_generator("hyper-sd15", weights=lora, height=32, width=32, device="cpu")
+    assert gen.name == "hyper-sd15"
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"'sd15' loads the local folder {workdir / 'sd15'}," in err[0]

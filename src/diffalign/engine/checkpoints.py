@@ -200,17 +200,23 @@ def loop_identity(config: Any, warmup_steps: int | None, max_steps: int | None) 
     return loop
 
 
+RESUME_HINT = (
+    "resume with the settings it was made with, or start over (no --resume, --overwrite) or in "
+    "another --output-dir"
+)
+
+
 def check_run_identity(
-    saved: dict | None, identity: dict, path: Path, free: Iterable[str] = ()
+    saved: dict | None,
+    identity: dict,
+    path: Path,
+    free: Iterable[str] = (),
+    hint: str = RESUME_HINT,
 ) -> None:
-    """A checkpoint made with other settings (`engine.identity`) cannot be resumed."""
+    """A checkpoint made with other settings (`engine.identity`) cannot be resumed; ``hint``:
+    what the command's options offer instead."""
     check_identity(
-        saved,
-        identity,
-        f"cannot resume from {path}: it holds a run",
-        free=free,
-        hint="resume with the settings it was made with, or start over (no --resume, "
-        "--overwrite) or in another --output-dir",
+        saved, identity, f"cannot resume from {path}: it holds a run", free=free, hint=hint
     )
 
 
@@ -240,13 +246,15 @@ def check_before_setup(
     task_identity: Callable[[], dict],
     unknown: Iterable[str] = (),
     check_task: Callable[[dict | None, Path], None] | None = None,
+    hint: str = RESUME_HINT,
 ) -> None:
     """The output-folder and resume refusals of `engine.train` for a `TrainConfig`, made before a
     task loads any model or fills a cache: a used folder without resume or overwrite, a missing
     or finished resume checkpoint, and, on the checkpoint a resume would load, the task's
     `check_task(saved task config, path)` and the run identity with `task_identity()` (called
     only then: it may hash model files). `unknown`: the task identity's keys known only once
-    its models are loaded, left out here (the trainer compares everything again on resume)."""
+    its models are loaded, left out here (the trainer compares everything again on resume).
+    ``hint``: the refusal's advice, for a command whose options differ (the EM loops)."""
     refuse_used_folder(config.output_dir, config.resume, config.overwrite)
     path = find_resume_checkpoint(config.output_dir, config.resume, config.overwrite)
     if path is None:
@@ -258,7 +266,7 @@ def check_before_setup(
         check_task(state.get("task"), path)
     identity = {"loop": loop_identity(config, None, None), "task": task_identity()}
     free = ["loop.warmup_steps", "loop.max_steps", *(f"task.{k}" for k in unknown)]
-    check_run_identity(state.get("identity"), identity, path, free)
+    check_run_identity(state.get("identity"), identity, path, free, hint)
 
 
 class TrainerCheckpoints:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,7 @@ def resolve_model(model: str, family: str | None = None) -> ResolvedModel:
         raise DiffalignError("--model is empty")
     path = Path(text).expanduser()
     if path.is_dir():
+        _note_shadowed_preset(text, path)
         return ResolvedModel(str(path), "folder")
     if path.is_file():
         suffix = path.suffix.lower()
@@ -166,6 +168,34 @@ def resolve_model(model: str, family: str | None = None) -> ResolvedModel:
     names = ", ".join(n for n, p in PRESETS.items() if family is None or p.family == family)
     raise ModelNotFoundError(
         text, None, f"not a local path, a preset ({names}) or a Hub id of the form org/name"
+    )
+
+
+_SHADOWS_NOTED: set[tuple[str, str]] = set()
+
+
+def _note_shadowed_preset(text: str, folder: Path) -> None:
+    """A local folder named like a preset (``./sd15``) is what loads: a path wins, also as the
+    base of a kind such as ``hyper-sd15``. Rank 0 says so once per process, naming the folder,
+    so that a stray folder is not taken for the preset's model unnoticed."""
+    from diffalign.engine.progress import is_main_process
+
+    preset = PRESETS.get(text.lower())
+    if preset is None:
+        return
+    local = _preset_local_folder(preset)
+    if local is not None and local.resolve() == folder.resolve():  # the preset's own folder
+        return
+    used = folder.absolute()
+    if (preset.name, str(used)) in _SHADOWS_NOTED or not is_main_process():
+        return
+    _SHADOWS_NOTED.add((preset.name, str(used)))
+    print(
+        f"diffalign: note: '{text}' loads the local folder {used}, not the {preset.name} preset "
+        f"({local or preset.repo_id}): a local path wins; rename the folder or run elsewhere "
+        "to use the preset",
+        file=sys.stderr,
+        flush=True,
     )
 
 

@@ -595,23 +595,22 @@ def _settings(args, prefix: str = ""):
 
 
 def _run_build(args) -> int:
-    from diffalign.noise.dataset import build_dataset
+    from diffalign.noise.dataset import build_dataset, check_dataset_before_loading
 
-    settings = _settings(args)
-    gen = _load(args)
-    s = build_dataset(
-        gen,
-        args.data_root,
-        args.output_dir,
-        settings,
+    options = dict(
+        settings=_settings(args),
         prompt_field=args.prompt_field,
         image_field=args.image_field,
         batch_size=args.batch_size,
         max_items=args.max_items,
         num_intermediates=args.num_intermediates,
         plots=not args.no_plots,
-        model_info=_model_info(args, gen),
         overwrite=args.overwrite,
+    )
+    check_dataset_before_loading(args.data_root, args.output_dir, **options)  # a used folder
+    gen = _load(args)
+    s = build_dataset(
+        gen, args.data_root, args.output_dir, model_info=_model_info(args, gen), **options
     )
     if s:
         print(

@@ -60,6 +60,7 @@ from diffalign.noise.assign import (
 )
 from diffalign.noise.jobs import (
     AssignmentJob,
+    check_job_record,
     finished_noises,
     noise_gaussianity,
     run_assignment_job,
@@ -199,23 +200,59 @@ def build_dataset(
         items = items[:max_items]
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
-    config = {
-        "data_root": str(Path(data_root).resolve()),
-        "pairs_sha256": file_sha256(Path(data_root) / "pairs.jsonl"),
-        "prompt_field": prompt_field,
-        "image_field": image_field,
-        "generator": generator.name,
-        "model": model_record(model_info),
-        "latent_shape": list(latent_shape),
-        "image_size": list(generator.image_size()),
-        "batch_size": batch_size,
-        "num_items": len(items),
-        **asdict(s),
-    }
+    config = dataset_config(data_root, items, prompt_field, image_field, batch_size, s)
+    config.update(
+        generator=generator.name,
+        model=model_record(model_info),
+        latent_shape=list(latent_shape),
+        image_size=list(generator.image_size()),
+    )
     job = PairsJob(generator, items, s, latent_shape, num_intermediates, plots)
     job.out = out
     with output_lock(out, "dataset folder"):
         return run_assignment_job(job, out, config, batch_size, desc, t0, overwrite)
+
+
+# dataset_config.json's entries known only once the generator loads
+LOADED_KEYS = ("generator", "model", "latent_shape", "image_size")
+
+
+def dataset_config(
+    data_root, items: list, prompt_field: str, image_field: str, batch_size: int, settings
+) -> dict:
+    """A build's dataset_config.json (its identity, `engine.identity`), its `LOADED_KEYS` None:
+    `build_dataset` fills them in once the generator is loaded."""
+    return {
+        "data_root": str(Path(data_root).resolve()),
+        "pairs_sha256": file_sha256(Path(data_root) / "pairs.jsonl"),
+        "prompt_field": prompt_field,
+        "image_field": image_field,
+        **dict.fromkeys(LOADED_KEYS),
+        "batch_size": batch_size,
+        "num_items": len(items),
+        **asdict(settings),
+    }
+
+
+def check_dataset_before_loading(data_root, output_dir, **options) -> None:
+    """`build_dataset`'s refusal of a folder that holds a dataset made with other settings,
+    before the generator loads: ``options`` are `build_dataset`'s keywords (its defaults apply);
+    its `LOADED_KEYS` are compared once the generator has loaded."""
+    import inspect
+
+    a = inspect.signature(build_dataset).bind(None, data_root, output_dir, **options)
+    a.apply_defaults()
+    a = a.arguments
+    if a["overwrite"]:
+        return
+    items = read_pairs(data_root, a["prompt_field"], a["image_field"])
+    if a["max_items"] is not None:
+        items = items[: a["max_items"]]
+    settings = a["settings"] or AssignSettings()
+    config = dataset_config(
+        data_root, items, a["prompt_field"], a["image_field"], a["batch_size"], settings
+    )
+    check_job_record(PairsJob, Path(output_dir), config, free=LOADED_KEYS)
 
 
 class PairsJob(AssignmentJob):

@@ -20,6 +20,12 @@ from pathlib import Path
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import output_lock, write_json
 
+# the advice of a refused M-step resume (`noise em`: --resume latest | restart, --overwrite)
+EM_RESUME_HINT = (
+    "resume with the settings it was made with, pass --resume restart to start this M-step "
+    "over or --overwrite to start the loop over, or choose another --output-dir"
+)
+
 
 def cycle_seed(seed: int, cycle: int) -> int:
     """The base-noise seed of E-step ``cycle``: ``seed + 1000 * cycle``, so every cycle assigns
@@ -35,6 +41,27 @@ def m_step_resume(resume: str, sft_dir: Path) -> str | None:
     from diffalign.engine.checkpoints import list_checkpoints
 
     return "latest" if resume == "latest" and list_checkpoints(sft_dir) else None
+
+
+def resumed_m_step(
+    work_dir: str | os.PathLike,
+    num_cycles: int,
+    initial_model: str,
+    finished_model: Callable[[Path], str | None],
+    resume: str,
+) -> tuple[str, Path, int] | None:
+    """The M-step a re-run of the loop would resume from a checkpoint, as ``(the model it starts
+    from, its cycle folder, k)``: the first of the ``num_cycles`` cycles whose M-step has not
+    finished, when it holds a resumable checkpoint and ``resume`` is "latest"; else None. Its
+    used-folder and resume refusals can then be made before the first E-step loads a model."""
+    current = str(initial_model)
+    for k in range(num_cycles):
+        cdir = Path(work_dir) / f"cycle-{k:03d}"
+        done = finished_model(cdir)
+        if done is None:
+            return (current, cdir, k) if m_step_resume(resume, cdir / "sft") else None
+        current = str(done)
+    return None
 
 
 def em_cycles(
@@ -148,8 +175,8 @@ def em(
     noise with :func:`cycle_seed` (``assign_kwargs["settings"].seed + 1000 k``). ``resume``:
     ``latest`` continues an unfinished M-step from its last checkpoint, ``restart`` starts it
     over (finished cycles are kept either way); ``overwrite`` starts the whole loop over."""
-    from diffalign.noise.dataset import build_dataset
-    from diffalign.noise.sft import sft
+    from diffalign.noise.dataset import build_dataset, check_dataset_before_loading
+    from diffalign.noise.sft import check_before_loading, sft
 
     if resume not in ("latest", "restart"):
         raise DiffalignError(f"--resume must be latest or restart, got {resume!r}")
@@ -158,6 +185,46 @@ def em(
 
         set_cublas_workspace_config()
     initial = str(model)
+
+    def m_step_folders(cdir: Path) -> tuple[Path, Path]:
+        """The M-step's manifest (its E-step's dataset) and output folder."""
+        return cdir / "dataset" / "manifest.jsonl", cdir / "sft"
+
+    def m_step_options(current: str, cdir: Path, k: int) -> dict:
+        """`sft`'s keywords for the M-step of cycle ``k``."""
+        return dict(
+            # a LoRA M-step trains from the base model; the previous LoRA trains on
+            init_lora=current if lora and current != initial else None,
+            resume=m_step_resume(resume, cdir / "sft"),
+            overwrite=resume == "restart",
+            progress=progress,
+            model_info={"model": current, "cycle": k},
+            **sft_kwargs,
+        )
+
+    def finished(cdir: Path) -> str | None:
+        final = cdir / "sft" / "checkpoint-final"
+        return str(final) if final.is_dir() else None
+
+    def e_step_options(k: int) -> dict:
+        """`build_dataset`'s settings and keywords for the E-step of cycle ``k``."""
+        kwargs = dict(assign_kwargs)
+        settings = kwargs.pop("settings")
+        return dict(
+            settings=dataclasses.replace(settings, seed=cycle_seed(settings.seed, k)), **kwargs
+        )
+
+    # a re-run with other settings is refused before any model loads: the cycles' datasets
+    # (E-steps) and the M-step it would resume (the loaded models are compared once loaded)
+    if not overwrite:
+        for k in range(num_cycles):
+            dataset = Path(work_dir) / f"cycle-{k:03d}" / "dataset"
+            if dataset.is_dir():
+                check_dataset_before_loading(data_root, dataset, **e_step_options(k))
+        found = resumed_m_step(work_dir, num_cycles, initial, finished, resume)
+        if found is not None and m_step_folders(found[1])[0].is_file():
+            options = m_step_options(*found)
+            check_before_loading(*m_step_folders(found[1]), hint=EM_RESUME_HINT, **options)
     preloaded: dict[str, object] = {}
     if overwrite:  # the earlier cycles go only once the pairs and the initial model are fine
         from diffalign.noise.dataset import read_pairs
@@ -174,39 +241,19 @@ def em(
             gen = preloaded.pop(current)
         else:
             gen = load(current, current == initial)
-        kwargs = dict(assign_kwargs)
-        settings = kwargs.pop("settings")
-        settings = dataclasses.replace(settings, seed=cycle_seed(settings.seed, k))
         return build_dataset(
             gen,
             data_root,
             cdir / "dataset",
-            settings,
             desc=f"E-step {k}",
             model_info={"model": current},
-            **kwargs,
+            **e_step_options(k),
         )
 
     def m_step(current: str, cdir: Path, k: int) -> dict:
-        if lora and current != initial:  # the base model; the previous LoRA trains on
-            gen, prev_lora = load(initial, True), current
-        else:
-            gen, prev_lora = load(current, current == initial), None
-        return sft(
-            gen,
-            cdir / "dataset" / "manifest.jsonl",
-            cdir / "sft",
-            init_lora=prev_lora,
-            resume=m_step_resume(resume, cdir / "sft"),
-            overwrite=resume == "restart",
-            progress=progress,
-            model_info={"model": current, "cycle": k},
-            **sft_kwargs,
-        )
-
-    def finished(cdir: Path) -> str | None:
-        final = cdir / "sft" / "checkpoint-final"
-        return str(final) if final.is_dir() else None
+        options = m_step_options(current, cdir, k)
+        gen = load(initial, True) if options["init_lora"] else load(current, current == initial)
+        return sft(gen, *m_step_folders(cdir), **options)
 
     return em_cycles(
         work_dir, num_cycles, initial, e_step, m_step, finished, {"lora": lora}, overwrite

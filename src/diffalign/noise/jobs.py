@@ -145,6 +145,26 @@ def noise_gaussianity(
     return entries
 
 
+def check_job_record(
+    job: AssignmentJob | type[AssignmentJob], out: Path, config: dict, free=()
+) -> bool:
+    """Refuse (one line, `engine.identity`) a folder whose settings file records other settings
+    than ``config`` (outside the job's `config_ignore` and ``free``); True when the record
+    binds (items were written under it), False when there is none to hold the run to (a folder
+    whose earlier run finished no item: its record is replaced)."""
+    cfg_path = Path(out) / job.config_file
+    if not (cfg_path.is_file() and read_records(Path(out), "manifest")):
+        return False
+    check_identity(
+        read_json_object(cfg_path),
+        config,
+        f"{out} holds {'an' if job.what[:1] in 'aeiou' else 'a'} {job.what}",
+        free=(*job.config_ignore, *free),
+        hint=job.restart_hint,
+    )
+    return True
+
+
 def run_assignment_job(
     job: AssignmentJob,
     out: str | Path,
@@ -168,17 +188,7 @@ def run_assignment_job(
         if state is not None:
             state.wait_for_everyone()
     cfg_path = out / job.config_file
-    # a folder whose earlier run finished no item binds nothing: its record is replaced
-    written = bool(read_records(out, "manifest"))
-    if cfg_path.is_file() and written:
-        check_identity(
-            read_json_object(cfg_path),
-            config,
-            f"{out} holds {'an' if job.what[:1] in 'aeiou' else 'a'} {job.what}",
-            free=job.config_ignore,
-            hint=job.restart_hint,
-        )
-    elif rank == 0:
+    if not check_job_record(job, out, config) and rank == 0:
         for old in out.glob("failures*.jsonl"):  # the failures of the replaced settings
             old.unlink()
         write_json(cfg_path, config)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffalign.engine.checkpoints import RESUME_HINT
 from diffalign.engine.errors import DiffalignError, library_output_held
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
 from diffalign.noise.assign import assign_loss, base_noise, load_target_image
@@ -505,10 +506,11 @@ def _loop_config(output_dir, items: int, batch_size: int, **options) -> TrainCon
     )
 
 
-def check_before_loading(manifest_path, output_dir, **options) -> None:
+def check_before_loading(manifest_path, output_dir, *, hint: str = RESUME_HINT, **options) -> None:
     """`sft`'s used-folder and resume refusals (`engine.checkpoints.check_before_setup`) before
     the generator loads: ``options`` are `sft`'s keywords (its defaults apply), ``manifest_path``
-    as `sft`'s (a `BuiltDataset` passed on to `sft` is read once). The models' identity and the
+    as `sft`'s (a `BuiltDataset` passed on to `sft` is read once); ``hint``: the refusal's advice
+    (`noise em` offers its own options). The models' identity and the
     generator's name are known only once it loads (the trainer compares everything again on
     resume)."""
     import inspect
@@ -544,7 +546,7 @@ def check_before_loading(manifest_path, output_dir, **options) -> None:
         data = _data_identity(dataset, a["init_lora"], a["lora_rank"], a["lora_alpha"], None)
         return {**settings, **data}
 
-    check_before_setup(loop, identity, unknown=("generator", "models"))
+    check_before_setup(loop, identity, unknown=("generator", "models"), hint=hint)
 
 
 _LOSS_WEIGHTS = (

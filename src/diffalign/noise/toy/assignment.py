@@ -58,6 +58,7 @@ from diffalign.noise.assign import assign_noise as _generic_assign_noise
 from diffalign.noise.assign import item_id as _item_id
 from diffalign.noise.jobs import (
     AssignmentJob,
+    check_job_record,
     finished_noises,
     noise_gaussianity,
     run_assignment_job,
@@ -273,19 +274,10 @@ def assign(
             f"--patch-size {patch_size} does not divide the {dataset} latent {latent_shape}"
         )
     n_items = len(data) if max_items is None else min(len(data), int(max_items))
-    config = {
-        "dataset": dataset,
-        "split": data.split,
-        "generator": str(weights),
-        "generator_sha256": file_sha256(weights),
-        "latent_shape": list(latent_shape),
-        "patch_size": patch_size,
-        "parametrization": parametrization,
-        "assign_steps": assign_steps,
-        "lr": lr,
-        "l1_weight": l1_weight,
-        "seed": seed,
-    }
+    config = _assign_config(
+        weights, data.split, patch_size, parametrization, assign_steps, lr, l1_weight, seed
+    )
+    config.update(dataset=dataset, latent_shape=list(latent_shape))
     if output_dir.exists() and not output_dir.is_dir():
         raise DiffalignError(f"--output-dir {output_dir} exists and is not a folder")
     job = ToyAssignJob(
@@ -307,6 +299,47 @@ def assign(
     if summary:
         summary["redone_corrupt"] = summary.get("redone_damaged")
     return summary
+
+
+# assign_config.json's entries known once the generator's config is read
+_LOADED_KEYS = ("dataset", "latent_shape")
+
+
+def _assign_config(
+    weights: Path, split, patch_size, parametrization, assign_steps, lr, l1_weight, seed
+) -> dict:
+    """An assignment's assign_config.json (its identity), its `_LOADED_KEYS` None."""
+    return {
+        "dataset": None,
+        "split": split,
+        "generator": str(weights),
+        "generator_sha256": file_sha256(weights),
+        "latent_shape": None,
+        "patch_size": patch_size,
+        "parametrization": parametrization,
+        "assign_steps": assign_steps,
+        "lr": lr,
+        "l1_weight": l1_weight,
+        "seed": seed,
+    }
+
+
+def check_assign_before_loading(**arguments) -> None:
+    """`assign`'s refusal of a folder that holds an assignment made with other settings, before
+    the generator (and the data) load; ``arguments``: `assign`'s (its defaults apply)."""
+    import inspect
+
+    from diffalign.noise.toy.models import resolve_weights
+
+    a = inspect.signature(assign).bind(**arguments)
+    a.apply_defaults()
+    a = a.arguments
+    split = a["split"] if a["data"] is None else a["data"].split
+    config = _assign_config(
+        resolve_weights(a["generator_ckpt"]), split, a["patch_size"], a["parametrization"],
+        a["assign_steps"], a["lr"], a["l1_weight"], a["seed"],
+    )  # fmt: skip
+    check_job_record(ToyAssignJob, Path(a["output_dir"]), config, free=_LOADED_KEYS)
 
 
 class ToyAssignJob(AssignmentJob):

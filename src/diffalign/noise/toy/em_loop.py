@@ -22,6 +22,12 @@ from pathlib import Path
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import output_lock, write_json
 
+# the advice of a refused M-step resume (`noise toy em` has no --overwrite)
+TOY_EM_RESUME_HINT = (
+    "resume with the settings it was made with, pass --resume restart to start this M-step "
+    "over, or choose another --output-dir"
+)
+
 
 def em(
     generator_ckpt: str | os.PathLike,
@@ -124,14 +130,15 @@ def _em_cycles(
     checkpoint_every,
     resume,
 ) -> dict:
-    from diffalign.noise.em import cycle_seed, em_cycles, m_step_resume
-    from diffalign.noise.toy.assignment import assign
-    from diffalign.noise.toy.finetune import sft
+    from diffalign.noise.em import cycle_seed, em_cycles, m_step_resume, resumed_m_step
+    from diffalign.noise.toy.assignment import assign, check_assign_before_loading
+    from diffalign.noise.toy.finetune import check_sft_before_loading, sft
 
-    def e_step(current: str, cdir: Path, k: int) -> dict:
-        return assign(
-            current,
-            cdir / "assign",
+    def e_step_options(current: str, cdir: Path, k: int) -> dict:
+        """`assign`'s arguments for the E-step of cycle ``k``."""
+        return dict(
+            generator_ckpt=current,
+            output_dir=cdir / "assign",
             dataset=dataset,
             data_dir=data_dir,
             split=split,
@@ -147,11 +154,15 @@ def _em_cycles(
             write_plots=write_plots,
         )
 
-    def m_step(current: str, cdir: Path, k: int) -> dict:
-        m = sft(
-            current,
-            cdir / "assign" / "manifest.jsonl",
-            cdir / "sft",
+    def e_step(current: str, cdir: Path, k: int) -> dict:
+        return assign(**e_step_options(current, cdir, k))
+
+    def m_step_options(current: str, cdir: Path, k: int) -> dict:
+        """`sft`'s arguments for the M-step of cycle ``k``."""
+        return dict(
+            generator_ckpt=current,
+            manifest_path=cdir / "assign" / "manifest.jsonl",
+            output_dir=cdir / "sft",
             dataset=dataset,
             epochs=epochs,
             max_steps=max_steps,
@@ -166,12 +177,29 @@ def _em_cycles(
             progress=progress,
             checkpoint_every=checkpoint_every,
         )
+
+    def m_step(current: str, cdir: Path, k: int) -> dict:
+        m = sft(**m_step_options(current, cdir, k))
         return {**m, "model": m["generator"]}
 
     def finished(cdir: Path) -> str | None:
         final = cdir / "sft" / "checkpoint-final" / "generator.safetensors"
         return str(final) if final.is_file() else None  # M-step finished in an earlier run
 
+    # a re-run with other settings is refused before the first E-step loads a generator: the
+    # E-steps up to the first unfinished cycle (their generators are known) and the M-step it
+    # would resume (what is known once loaded is compared then)
+    model = str(current)
+    for k in range(num_cycles):
+        cdir = out / f"cycle-{k:03d}"
+        if (cdir / "assign").is_dir():
+            check_assign_before_loading(**e_step_options(model, cdir, k))
+        model = finished(cdir)
+        if model is None:
+            break
+    found = resumed_m_step(out, num_cycles, str(current), finished, resume)
+    if found is not None and (found[1] / "assign" / "manifest.jsonl").is_file():
+        check_sft_before_loading(hint=TOY_EM_RESUME_HINT, **m_step_options(*found))
     summary = em_cycles(out, num_cycles, str(current), e_step, m_step, finished)
     summary.update(base=str(anchor), final_generator=summary["final_model"])
     write_json(out / "summary.json", summary)

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from diffalign.engine.checkpoints import RESUME_HINT
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.train import TrainConfig, train
 from diffalign.noise.sft import MatchedSftTask
@@ -60,17 +61,60 @@ def toy_sft_task(
         data,
         lr=lr,
         batch_size=batch_size,
-        latent_loss_weight=1.0,
-        pixel_l1_weight=2.0 * float(l1_weight),
-        preserve_latent_weight=float(preserve_weight),
-        preserve_pixel_weight=0.0,
+        **_loss_weights(preserve_weight, l1_weight),
         direct=noises is None,
         export_info={"trained_by": f"{method}-sft", "preserve_weight": preserve_weight},
     )
 
 
-def _run(
-    task: MatchedSftTask,
+def _loss_weights(preserve_weight: float, l1_weight: float) -> dict[str, float]:
+    """The generic task's loss weights for the toy's ``preserve_weight`` and ``l1_weight``."""
+    return {
+        "latent_loss_weight": 1.0,
+        "pixel_l1_weight": 2.0 * float(l1_weight),
+        "preserve_latent_weight": float(preserve_weight),
+        "preserve_pixel_weight": 0.0,
+    }
+
+
+def _check_before_loading(
+    loop: TrainConfig,
+    *,
+    direct: bool,
+    items: int | None,
+    lr: float,
+    batch_size: int,
+    preserve_weight: float,
+    l1_weight: float,
+    hint: str = RESUME_HINT,
+) -> None:
+    """The trainer's used-folder and resume refusals (`engine.checkpoints.check_before_setup`)
+    before the generator loads, from `toy_sft_task`'s settings (``items`` None: the number of
+    targets is known only once the dataset split loads; the trainer compares again on
+    resume); ``hint``: the refusal's advice."""
+    from diffalign.engine.checkpoints import check_before_setup
+    from diffalign.noise.sft import _LOSS_WEIGHTS, _settings_record
+    from diffalign.noise.toy.onestep import ToyOneStepGenerator
+
+    weights = _loss_weights(preserve_weight, l1_weight)
+
+    def identity() -> dict:
+        return _settings_record(
+            direct=direct,
+            items=items,
+            lr=lr,
+            batch_size=batch_size if items is None else min(batch_size, items),
+            weights=tuple(weights[k] for k in _LOSS_WEIGHTS),
+            lora=False,
+            weight_decay=0.0,  # MatchedSftTask's default: toy_sft_task keeps it
+            generator=ToyOneStepGenerator.name,
+        )
+
+    unknown = () if items is not None else ("items", "batch_size")
+    check_before_setup(loop, identity, unknown=unknown, hint=hint)
+
+
+def _loop_config(
     output_dir,
     epochs,
     max_steps,
@@ -81,10 +125,11 @@ def _run(
     progress,
     run_name,
     checkpoint_every: int = 100,
-) -> dict:
+) -> TrainConfig:
+    """The shared loop's options of a toy SFT run."""
     if max_steps is None and epochs is None:
         epochs = 5
-    cfg = TrainConfig(
+    return TrainConfig(
         output_dir=str(output_dir),
         max_steps=max_steps,
         epochs=epochs if max_steps is None else None,
@@ -100,7 +145,6 @@ def _run(
         overwrite=overwrite,
         resume=resume,
     )
-    return generator_run_result(train(task, cfg))
 
 
 def _check_settings(lr: float, batch_size: int, preserve_weight: float, l1_weight: float) -> None:
@@ -162,9 +206,10 @@ def sft(
 ) -> dict:
     """Latent-matched SFT on an assignment manifest; the preserve anchor is `base_ckpt`
     (default: the generator it starts from)."""
+    given = locals()  # sft's arguments (nothing else is bound yet)
     from diffalign.noise.toy.assignment import load_matched_pairs
 
-    _check_settings(lr, batch_size, preserve_weight, l1_weight)
+    loop = check_sft_before_loading(**given)
     generator, base, gcfg = _load_pair(generator_ckpt, base_ckpt, dataset)
     noises, labels, targets, acfg = load_matched_pairs(manifest_path)
     _check_manifest_dataset(acfg, gcfg, manifest_path)
@@ -187,19 +232,37 @@ def sft(
         l1_weight,
         method="matched",
     )
-    return _run(
-        task,
-        output_dir,
-        epochs,
-        max_steps,
-        seed,
-        overwrite,
-        resume,
-        tracker,
-        progress,
-        "sft",
-        checkpoint_every,
+    return generator_run_result(train(task, loop))
+
+
+def check_sft_before_loading(*, hint: str = RESUME_HINT, **arguments) -> TrainConfig:
+    """`sft`'s setting checks and its used-folder and resume refusals (`_check_before_loading`),
+    before its generator loads; ``arguments``: `sft`'s (its defaults apply). Returns the loop's
+    options. The EM loop calls it for the M-step it would resume, before its first E-step,
+    with its own ``hint``."""
+    import inspect
+
+    from diffalign.noise.toy.assignment import load_manifest
+
+    a = inspect.signature(sft).bind(**arguments)
+    a.apply_defaults()
+    a = a.arguments
+    _check_settings(a["lr"], a["batch_size"], a["preserve_weight"], a["l1_weight"])
+    loop = _loop_config(
+        a["output_dir"], a["epochs"], a["max_steps"], a["seed"], a["overwrite"], a["resume"],
+        a["tracker"], a["progress"], "sft", a["checkpoint_every"],
+    )  # fmt: skip
+    _check_before_loading(
+        loop,
+        direct=False,
+        items=len(load_manifest(a["manifest_path"])[0]),
+        lr=a["lr"],
+        batch_size=a["batch_size"],
+        preserve_weight=a["preserve_weight"],
+        l1_weight=a["l1_weight"],
+        hint=hint,
     )
+    return loop
 
 
 def direct_sft(
@@ -226,12 +289,25 @@ def direct_sft(
 ) -> dict:
     """Direct random-noise SFT (the baseline). Targets: the items of `manifest_path` when given
     (the same targets as a matched run), else the first `max_items` of the dataset split."""
-    from diffalign.noise.toy.assignment import load_matched_pairs
+    from diffalign.noise.toy.assignment import load_manifest, load_matched_pairs
     from diffalign.noise.toy.data import load_dataset
 
     _check_settings(lr, batch_size, preserve_weight, l1_weight)
     if max_items is not None and max_items < 1:
         raise DiffalignError(f"--max-items must be >= 1, got {max_items}")
+    loop = _loop_config(
+        output_dir, epochs, max_steps, seed, overwrite, resume, tracker, progress, "direct-sft",
+        checkpoint_every,
+    )  # fmt: skip
+    _check_before_loading(
+        loop,
+        direct=True,
+        items=None if manifest_path is None else len(load_manifest(manifest_path)[0]),
+        lr=lr,
+        batch_size=batch_size,
+        preserve_weight=preserve_weight,
+        l1_weight=l1_weight,
+    )
     generator, base, gcfg = _load_pair(generator_ckpt, base_ckpt, dataset)
     if manifest_path is not None:
         _, labels, targets, acfg = load_matched_pairs(manifest_path)
@@ -254,16 +330,4 @@ def direct_sft(
         l1_weight,
         method="direct",
     )
-    return _run(
-        task,
-        output_dir,
-        epochs,
-        max_steps,
-        seed,
-        overwrite,
-        resume,
-        tracker,
-        progress,
-        "direct-sft",
-        checkpoint_every,
-    )
+    return generator_run_result(train(task, loop))

@@ -8,12 +8,14 @@ is used for the validation sample grids and the exported generator
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from diffalign.engine.checkpoints import check_before_setup
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.io import read_json_object
 from diffalign.engine.train import OptimizerSpec, StepContext, TrainConfig, TrainTask, train
@@ -102,12 +104,12 @@ class GanTask(TrainTask):
         save_model(self.discriminator, out_dir, info)
 
     def config_dict(self) -> dict:
-        return {
-            "dataset": self.data.name,
-            "items": len(self.data),
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-        }
+        return _gan_record(self.data.name, len(self.data), self.lr, self.batch_size)
+
+
+def _gan_record(dataset: str, items: int | None, lr: float, batch_size: int | None) -> dict:
+    """`GanTask.config_dict` (also its identity)."""
+    return {"dataset": dataset, "items": items, "lr": lr, "batch_size": batch_size}
 
 
 def train_gan(
@@ -134,25 +136,17 @@ def train_gan(
         raise DiffalignError(f"--batch-size must be >= 1, got {batch_size}")
     if not (lr > 0 and lr != float("inf")):  # also rejects NaN
         raise DiffalignError(f"--lr must be > 0, got {lr}")
-    if data is None:
-        data = load_dataset(dataset, "train", data_dir)
-    if max_items is not None:
-        if max_items < 1:
-            raise DiffalignError("--max-items must be >= 1")
-        data = data.subset(range(min(len(data), max_items)))
+    if max_items is not None and max_items < 1:
+        raise DiffalignError("--max-items must be >= 1")
+    name = dataset if data is None else data.name
     run_config = Path(output_dir) / "run_config.json"
     if resume and not overwrite and run_config.is_file():
         old = (read_json_object(run_config).get("task") or {}).get("dataset")
-        if old not in (None, data.name):
+        if old not in (None, name):
             raise DiffalignError(
-                f"{output_dir} holds a train-gan run on '{old}', not on '{data.name}'; "
+                f"{output_dir} holds a train-gan run on '{old}', not on '{name}'; "
                 "resume it with the same --dataset or use another --output-dir"
             )
-    torch.manual_seed(seed)  # model initialisation
-    task = GanTask(data, lr=lr, batch_size=batch_size)
-    if max_steps is None and epochs is None:
-        epochs = DEFAULT_EPOCHS[data.name]
-    steps_hint = max_steps or epochs * max(1, len(data) // task.batch_size)
     cfg = TrainConfig(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -160,15 +154,33 @@ def train_gan(
         max_grad_norm=None,
         lr_scheduler="constant",
         ema_decay=ema_decay,
-        validate_every=validate_every if validate_every is not None else max(1, steps_hint // 4),
         checkpoint_every=checkpoint_every,
         best_metric=None,
-        log_every=max(1, min(50, steps_hint // 20)),
         seed=seed,
         tracker=tracker,
         progress=progress,
         run_name="train-gan",
         overwrite=overwrite,
         resume=resume,
+    )
+    # a used folder or a resume with other settings: refused before the data loads (the items
+    # and batch size are known only then; the trainer compares everything again on resume)
+    check_before_setup(
+        cfg, lambda: _gan_record(name, None, lr, None), unknown=("items", "batch_size")
+    )
+    if data is None:
+        data = load_dataset(dataset, "train", data_dir)
+    if max_items is not None:
+        data = data.subset(range(min(len(data), max_items)))
+    torch.manual_seed(seed)  # model initialisation
+    task = GanTask(data, lr=lr, batch_size=batch_size)
+    if max_steps is None and epochs is None:
+        epochs = DEFAULT_EPOCHS[data.name]
+    steps_hint = max_steps or epochs * max(1, len(data) // task.batch_size)
+    cfg = dataclasses.replace(
+        cfg,
+        epochs=epochs if max_steps is None else None,
+        validate_every=validate_every if validate_every is not None else max(1, steps_hint // 4),
+        log_every=max(1, min(50, steps_hint // 20)),
     )
     return generator_run_result(train(task, cfg))
