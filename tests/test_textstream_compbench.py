@@ -8,16 +8,12 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from diffalign.cli import main
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.prompts import load_compbench_prompts
-from launch_helper import launch_two_cpu_processes
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "1", "--height", "32", "--width", "32"]
 # as their files are: CRLF line ends (color_val.txt), periods, commas, apostrophes; a tab (the
 # script keeps the text before it) and a blank line
@@ -188,27 +184,3 @@ def test_prompt_input_errors(tmp_path):
     bom = tmp_path / "shape_val.txt"
     bom.write_bytes("\ufeffa round clock\n".encode())
     assert load_compbench_prompts(tmp_path) == [("shape", ["a round clock"])]
-
-
-def test_two_processes_shard_categories(full, sd3, tmp_path):
-    data, out = full
-    sharded = tmp_path / "sharded"
-    target = ["-m", "diffalign.cli", "textstream", "compbench", "--prompts", str(data)]
-    target += ["--model", sd3, "--output-dir", str(sharded), "--n-samples", "2"]
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        DIFFALIGN_NO_PROGRESS="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    proc = launch_two_cpu_processes([*target, "--device", "cpu", *TINY], env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((sharded / "summary.json").read_text())
-    assert (summary["world_size"], summary["prompts_done"], summary["images_written"]) == (2, 3, 6)
-    for cat in ("color", "spatial"):
-        ref = out / cat / "samples"
-        assert sorted(os.listdir(sharded / cat / "samples")) == sorted(os.listdir(ref))
-        for name in os.listdir(ref):
-            a = np.asarray(Image.open(sharded / cat / "samples" / name), dtype=np.int16)
-            assert np.abs(a - np.asarray(Image.open(ref / name), dtype=np.int16)).max() <= 1
