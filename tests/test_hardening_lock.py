@@ -110,6 +110,11 @@ def _commands(sd3, toy, tmp_path):
             ["textstream", "geneval", "--metadata", str(meta), "--model", sd3, *TINY,
              "--n-samples", "1", "--output-dir", str(out)],
         ),
+        "compbench": (
+            out,
+            ["textstream", "compbench", "--prompts", str(prompts), "--model", sd3, *TINY,
+             "--n-samples", "1", "--output-dir", str(out)],
+        ),
         "dpg": (
             Path(str(out) + ".lock"),
             ["textstream", "dpg", "--prompts-dir", str(dpg), "--model", sd3, "--steps", "2",
@@ -165,6 +170,7 @@ def _commands(sd3, toy, tmp_path):
         "generate",
         "geneval",
         "dpg",
+        "compbench",
         "sample",
         "calibrate",
         "assign",

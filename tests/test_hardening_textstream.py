@@ -79,7 +79,7 @@ def _refuse(*a, **k):
     raise DiffalignError("MODEL LOADED")  # what a resume with nothing left must not do
 
 
-@pytest.mark.parametrize("command", ["generate", "geneval", "dpg"])
+@pytest.mark.parametrize("command", ["generate", "geneval", "dpg", "compbench"])
 def test_resume_with_everything_done_does_not_load_the_model(
     sd3, tmp_path, capsys, monkeypatch, command
 ):
@@ -96,6 +96,8 @@ def test_resume_with_everything_done_does_not_load_the_model(
         "geneval": ["textstream", "geneval", "--metadata", str(meta), "--n-samples", "1", *TINY],
         "dpg": ["textstream", "dpg", "--prompts-dir", str(dpg), "--steps", "2",
                 "--resolution", "32"],
+        "compbench": ["textstream", "compbench", "--prompts", str(prompts), "--n-samples", "1",
+                      *TINY],
     }[command] + ["--model", sd3, "--output-dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     settings = tmp_path / "o.settings.json" if command == "dpg" else out / "settings.json"

@@ -1,5 +1,6 @@
 """Prompt sets: plain text, jsonl / pairs.jsonl, COCO captions, GenEval metadata, DPG-Bench
-prompt folders, by path or by name under a data folder (spec E: Data; formats: FORMATS.md).
+prompt folders, by path or by name under a data folder (spec E: Data; formats: FORMATS.md);
+T2I-CompBench `<category>_val.txt` files (`load_compbench_prompts`).
 
 `load_prompts("coco,geneval", datadir="/data")` returns one flat list of `PromptRecord`s, the
 sources concatenated in the order given. Every problem with the input (unknown name, missing
@@ -150,6 +151,81 @@ def load_dpg_prompts(folder: str | os.PathLike) -> list[tuple[str, str]]:
             raise DiffalignError(f"{p}: empty prompt file")
         out.append((pid, text))
     return sorted(out, key=lambda t: t[0])
+
+
+COMPBENCH_SUFFIX = "_val.txt"
+COMPBENCH_NAME_TAIL = "_000000.png"  # the shortest tail `<prompt>` gets in an image name
+_NAME_MAX_BYTES = 255  # a file name's limit on the usual file systems
+
+
+def load_compbench_prompts(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
+    """T2I-CompBench prompts (FORMATS.md): `(category, prompts)` of a `<category>_val.txt`
+    file, or of every `*_val.txt` in a folder (or in its `dataset/` subfolder), by category.
+
+    Lines are read as their `GORS_finetune/inference_eval.py` reads them (the text before a
+    tab), stripped; blank lines are skipped. Their images are named `<prompt>_<counter>.png`
+    and their evaluators read the prompt back up to the first `_`, so a prompt with `_`, `/`,
+    a control character, or too long for a file name is a one-line error naming its line.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = path
+        files = sorted(folder.glob(f"*{COMPBENCH_SUFFIX}"))
+        if not files and (folder / "dataset").is_dir():
+            folder = folder / "dataset"
+            files = sorted(folder.glob(f"*{COMPBENCH_SUFFIX}"))
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise DiffalignError(f"no T2I-CompBench prompt files (<category>_val.txt) in {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DiffalignError(f"T2I-CompBench prompt file not found: {path}")
+    return [(compbench_category(f), _compbench_lines(f)) for f in files]
+
+
+def compbench_category(path: str | os.PathLike) -> str:
+    """`color` for `color_val.txt`; the file's stem for another name."""
+    name = Path(path).name
+    if name.endswith(COMPBENCH_SUFFIX) and len(name) > len(COMPBENCH_SUFFIX):
+        return name[: -len(COMPBENCH_SUFFIX)]
+    return Path(path).stem
+
+
+def _compbench_lines(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise DiffalignError(f"{path}: not UTF-8 text") from None
+    prompts = []
+    for lineno, line in enumerate(lines, 1):
+        prompt = line.split("\t")[0].strip()
+        if not prompt:
+            continue
+        problem = _compbench_name_problem(prompt)
+        if problem:
+            raise DiffalignError(
+                f"{path}:{lineno}: prompt {prompt[:60]!r} {problem}, and T2I-CompBench names "
+                "each image <prompt>_<counter>.png"
+            )
+        prompts.append(prompt)
+    if not prompts:
+        raise DiffalignError(f"T2I-CompBench prompt file has no prompts: {path}")
+    return prompts
+
+
+def _compbench_name_problem(prompt: str) -> str | None:
+    """Why `prompt` cannot start a T2I-CompBench image name; None when it can."""
+    if "_" in prompt:
+        return "holds '_' (the evaluators read the prompt up to the first '_')"
+    if "/" in prompt:
+        return "holds '/', which no file name can"
+    if any(ord(c) < 32 or ord(c) == 127 for c in prompt):
+        return "holds a control character"
+    size = len((prompt + COMPBENCH_NAME_TAIL).encode("utf-8"))
+    if size > _NAME_MAX_BYTES:
+        return f"is too long for a file name ({size} bytes with {COMPBENCH_NAME_TAIL})"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------

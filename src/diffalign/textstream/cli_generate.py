@@ -1,4 +1,5 @@
-"""`diffalign textstream sample | generate | geneval | dpg` (spec T: Generation; seed 002).
+"""`diffalign textstream sample | generate | geneval | dpg | compbench` (spec T: Generation;
+seed 002).
 
 Parsing only; the work is in `diffalign.textstream.generate`. Heavy imports stay in handlers.
 """
@@ -196,7 +197,7 @@ def _add_common(
 
 
 def register(verbs) -> None:
-    """Add sample, generate, geneval and dpg to `diffalign textstream`."""
+    """Add sample, generate, geneval, dpg and compbench to `diffalign textstream`."""
     p = verbs.add_parser(
         "sample",
         help="images for one or more prompts and models (seed 002's sd3_infer.py)",
@@ -298,6 +299,44 @@ def register(verbs) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
     _add_common(p, size=False)
     p.set_defaults(func=_run_dpg)
+
+    p = verbs.add_parser(
+        "compbench",
+        help="T2I-CompBench images: OUT/samples/<prompt>_000000.png",
+        description="Generate T2I-CompBench images from a <category>_val.txt prompt file "
+        "(one prompt a line): OUT/samples/<prompt>_<counter:06d>.png, the counter running "
+        "over the file's images from 0 (image k of prompt i: i*n_samples + k), as its "
+        "evaluators read them with --out_dir OUT. A folder of <category>_val.txt files gives "
+        "OUT/<category>/samples/ per category. Run records in OUT/settings.json and "
+        "OUT/summary.json. Resumable; shard with `accelerate launch`.",
+    )
+    p.add_argument(
+        "--prompts",
+        "--from-file",
+        dest="prompts",
+        required=True,
+        help="a <category>_val.txt file, or a folder of them (or its dataset/ subfolder); "
+        "--from-file: T2I-CompBench's spelling",
+    )
+    p.add_argument(
+        "--output-dir",
+        "--save-dir",
+        "--outdir",
+        dest="output_dir",
+        required=True,
+        help="output folder (--outdir: T2I-CompBench's spelling)",
+    )
+    p.add_argument(
+        "--n-samples",
+        type=positive_int,
+        default=10,
+        help="images per prompt (default: %(default)s, T2I-CompBench's)",
+    )
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="only the first N prompts of each file"
+    )
+    _add_common(p)
+    p.set_defaults(func=_run_compbench)
 
 
 def dpg_resolution(resolution: int | None, height: int | None, width: int | None) -> int | None:
@@ -430,5 +469,14 @@ def _run_dpg(args) -> int:
     summary = run_dpg(
         args.prompts_dir, args.output_dir, cfg, rc, resolution=args.resolution, limit=args.limit
     )
+    _print_summary(summary, args.output_dir)
+    return 0
+
+
+def _run_compbench(args) -> int:
+    from diffalign.textstream.generate import run_compbench
+
+    cfg, rc = _configs(args, args.n_samples)
+    summary = run_compbench(args.prompts, args.output_dir, cfg, rc, limit=args.limit)
     _print_summary(summary, args.output_dir)
     return 0

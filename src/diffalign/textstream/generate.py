@@ -1,5 +1,5 @@
-"""Image generation with the text-stream residual: `sample`, `generate`, `geneval`, `dpg`
-(spec T: Generation; seeds 002 and 000).
+"""Image generation with the text-stream residual: `sample`, `generate`, `geneval`, `dpg`,
+`compbench` (spec T: Generation; seeds 002 and 000).
 
 Each command is a list of prompts turned into images by one SD3/SD3.5, FLUX.1 or Qwen-Image
 pipeline (`families`) with an optional `TextStreamResidual` attached to its transformer.
@@ -14,8 +14,11 @@ Unset sampling options (steps, cfg, FLUX guidance, token length) take the model 
   `OUT/summary.json` (non-digit names, skipped by the evaluator). FORMATS.md: GenEval.
 - `dpg`:      `OUT/<id>.png`, a row-major 2x2 grid of 4 square tiles, nothing else in `OUT`;
   run files beside it: `OUT.settings.json` and `OUT.summary.json`. FORMATS.md: DPG-Bench.
+- `compbench`: `OUT/samples/<prompt>_<counter:06d>.png` for one `<category>_val.txt`
+  (`OUT/<category>/samples/...` for a folder of them), counter `i * n_samples + k`;
+  `OUT/settings.json` and `OUT/summary.json`. FORMATS.md: T2I-CompBench.
 
-Every unit of output (a prompt folder, a DPG png) appears atomically, so an interrupted run
+Every unit of output (a prompt folder, a DPG png, a CompBench image) appears atomically, so an interrupted run
 leaves only finished units; a re-run skips them (`overwrite=True` redoes them). Image k of
 prompt i uses the seed `seed + i * n_samples + k` (CPU generator), independent of the batch size
 and of how prompts are sharded over processes. Under `accelerate launch` process r of w takes
@@ -129,6 +132,12 @@ def slugify(text: str, max_len: int = 60) -> str:
     """A file-name-safe slug of a prompt: lowercase ascii letters/digits joined by `_`."""
     slug = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
     return slug[:max_len].rstrip("_") or "prompt"
+
+
+def compbench_image_name(prompt: str, counter: int) -> str:
+    """T2I-CompBench's image name `<prompt>_<counter, 6 digits>.png` (their inference_eval.py;
+    their evaluators read the prompt up to the first `_`, the counter after the last)."""
+    return f"{prompt}_{counter:06d}.png"
 
 
 def model_short_name(model: str) -> str:
@@ -755,7 +764,7 @@ def _write_folder(dest: Path, fill: Callable[[Path], None]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# the four commands
+# the commands
 
 
 def run_sample(
@@ -977,6 +986,82 @@ def run_dpg(
     )
 
 
+def run_compbench(
+    prompts: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cfg: GenerationConfig,
+    rc: ResidualConfig,
+    *,
+    limit: int | None = None,
+) -> dict:
+    """T2I-CompBench prompts to its image layout (FORMATS.md: T2I-CompBench).
+
+    A `<category>_val.txt` file: `OUT/samples/<prompt>_<counter:06d>.png`; a folder of them:
+    `OUT/<category>/samples/...` per category (their evaluators take `--out_dir` and read its
+    `samples/`). The counter runs over the category's images from 0: image k of prompt i (its
+    line among the file's prompts) is `i * n_samples + k`, seeded `seed + i * n_samples + k`.
+    `limit` keeps the first N prompts of each category. Run files: `OUT/settings.json`,
+    `OUT/summary.json`. An image in a `samples/` folder that these prompts would not name (another
+    prompt file's, another `n_samples`') is refused: the evaluators score every image there.
+    """
+    from diffalign.engine.prompts import load_compbench_prompts
+
+    cfg = _checked(cfg, rc)
+    categories = load_compbench_prompts(prompts)
+    for _, lines in categories:
+        _first(lines, limit)  # --limit checked before anything is written
+    out = Path(output_dir)
+    single = not Path(prompts).is_dir()
+    folders = [(out if single else out / cat) / "samples" for cat, _ in categories]
+    n = cfg.n_samples
+    units = [
+        (folder, i, p)
+        for folder, (_, lines) in zip(folders, categories)
+        for i, p in enumerate(_first(lines, limit))
+    ]
+
+    def preflight() -> None:
+        for folder, (_, lines) in zip(folders, categories):
+            _check_compbench_folder(folder, lines, n)
+
+    return _run_layout(
+        "compbench",
+        out,
+        out / "settings.json",
+        out / "summary.json",
+        cfg,
+        rc,
+        {
+            "prompts": str(prompts),
+            "categories": [cat for cat, _ in categories],
+            "limit": limit,
+        },
+        jobs_for=lambda settings: [_compbench_job(folder, i, p, n) for folder, i, p in units],
+        total=len(units),
+        clean=[out, *folders],
+        preflight=preflight,
+    )
+
+
+def _check_compbench_folder(samples: Path, prompts: Sequence[str], n_samples: int) -> None:
+    """Refuse a `samples/` folder holding images these prompts would not name."""
+    if not samples.is_dir():
+        return
+    names = {
+        compbench_image_name(p, c)
+        for i, p in enumerate(prompts)
+        for c in range(i * n_samples, (i + 1) * n_samples)
+    }
+    # dot-names are our own temporaries of a killed run, removed before generating
+    foreign = sorted(e.name for e in samples.iterdir() if e.name not in names and e.name[:1] != ".")
+    if foreign:
+        raise DiffalignError(
+            f"{samples} holds {len(foreign)} file(s) these prompts with --n-samples {n_samples} "
+            f"would not write (e.g. {foreign[0]!r}); T2I-CompBench's evaluators read every file "
+            "there: remove them or choose another --output-dir"
+        )
+
+
 def _run_layout(
     command: str,
     out: Path,
@@ -987,11 +1072,14 @@ def _run_layout(
     run_extra: dict,
     jobs_for: Callable[[dict], list[_Job]],
     total: int,
-    clean: Path,
+    clean: Path | Sequence[Path],
+    preflight: Callable[[], None] | None = None,
 ) -> dict:
-    """Shared body of generate/geneval/dpg: check, lock, load, write settings, generate,
-    summarise. The output folder is locked for the whole run (`engine.io.output_lock`); dpg,
-    whose folder holds only `<id>.png`, locks the folder `OUT.lock` beside it."""
+    """Shared body of generate/geneval/dpg/compbench: check, lock, load, write settings,
+    generate, summarise. The output folder is locked for the whole run (`engine.io.output_lock`);
+    dpg, whose folder holds only `<id>.png`, locks the folder `OUT.lock` beside it. `clean`: the
+    folders the images are written in (stale temporaries removed); `preflight`: the layout's own
+    check of what is already there, under the lock, before the model loads."""
     from diffalign.engine.io import output_lock, write_json
     from diffalign.engine.loading import check_model_available, check_vae_available, resolve_model
 
@@ -1010,6 +1098,8 @@ def _run_layout(
     with output_lock(lock_dir):
         probe = _base_settings(command, cfg, rc, run_extra)
         _check_compatible(settings_path, probe, cfg.overwrite, out)
+        if preflight is not None:
+            preflight()
         settings = _base_settings(
             command,
             cfg,
@@ -1027,7 +1117,8 @@ def _run_layout(
         gen = _generator_if_needed(jobs, cfg, rc, device, state, shared_settings=settings)
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            _clean_stale(clean)
+            for folder in [clean] if isinstance(clean, Path) else clean:
+                _clean_stale(folder)
             if gen is not None or not settings_path.is_file():
                 write_json(settings_path, settings)
         state.wait_for_everyone()
@@ -1154,3 +1245,21 @@ def _dpg_job(out: Path, i: int, pid: str, prompt: str) -> _Job:
         save_image(dest, make_grid(images, ncols=2))
 
     return _Job(i, prompt, dest.is_file, write, str(dest))
+
+
+def _compbench_job(samples: Path, i: int, prompt: str, n_samples: int) -> _Job:
+    """Prompt `i` of a category: images `<prompt>_<i*n+k:06d>.png` in its flat `samples/`."""
+    from diffalign.engine.reports import save_image
+
+    first = i * n_samples
+    names = [compbench_image_name(prompt, first + k) for k in range(n_samples)]
+
+    def write(images: list, seeds: list[int]) -> None:
+        for img, name in zip(images, names):
+            save_image(samples / name, img)
+
+    def done() -> bool:
+        return all((samples / name).is_file() for name in names)
+
+    last = f"..{first + n_samples - 1:06d}" if n_samples > 1 else ""
+    return _Job(i, prompt, done, write, f"{samples / prompt}_{first:06d}{last}.png")
