@@ -182,6 +182,10 @@ def run_assignment_job(
         for old in out.glob("failures*.jsonl"):  # the failures of the replaced settings
             old.unlink()
         write_json(cfg_path, config)
+    if rank == 0 and any(out.glob("*.rank-*.jsonl")):
+        # the parts of a killed run merge first: the records of items this run redoes are read
+        # after them, whatever the number of processes of either run
+        merge_records(out)
     if state is not None:
         state.wait_for_everyone()
     t_sync = time.time()  # every process is ready: the work (and its timing) starts here
