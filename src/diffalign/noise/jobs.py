@@ -9,11 +9,11 @@ still good and how a batch is assigned and written; :func:`run_assignment_job` o
 - the settings file (a re-run with other settings is refused: `engine.identity`, the models by
   resolved path and hashes) and the folder's state;
 - resume: items whose manifest record the job accepts are skipped, the others redone;
-- fixed batches (this process's items in order, ``batch_size`` at a time): a batch with
-  unfinished work runs whole again and only its unfinished items are written, so a resumed run
-  gives the same results as an uninterrupted one;
-- sharding under ``accelerate launch``: rank ``r`` of ``w`` takes the items ``i % w == r`` and
-  appends to ``manifest.rank-RR.jsonl`` / ``failures.rank-RR.jsonl``; rank 0 merges them into
+- fixed batches (all items in order, ``batch_size`` at a time): a batch with unfinished work
+  runs whole again and only its unfinished items are written, so a resumed run gives the same
+  results as an uninterrupted one, whatever the number of processes of either;
+- sharding under ``accelerate launch``: rank ``r`` of ``w`` takes the batches ``b % w == r``
+  (each item is assigned in the batch it has in a 1-process run: the same noises) and appends to ``manifest.rank-RR.jsonl`` / ``failures.rank-RR.jsonl``; rank 0 merges them into
   ``manifest.jsonl`` / ``failures.jsonl`` (sorted by id, de-duplicated) at the end;
 - the progress bar and ``summary.json``; the base-vs-assigned noise diagnostics of a
   job's `finalize` (:func:`finished_noises`, :func:`noise_gaussianity`).
@@ -192,7 +192,8 @@ def run_assignment_job(
 
     ids = job.item_ids()
     done = read_records(out, "manifest")
-    mine = [i for i in ids if i % world == rank]
+    batches = [ids[k : k + batch_size] for k in range(0, len(ids), batch_size)][rank::world]
+    mine = [i for batch in batches for i in batch]
     todo: set[int] = set()
     skipped = redone = 0
     for i in mine:
@@ -211,7 +212,6 @@ def run_assignment_job(
     for i in sorted(todo):
         for folder in job.item_dirs(i):
             clean_stale_temporaries(folder)
-    batches = [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
     batches = [b for b in batches if todo.intersection(b)]
     writer = JobWriter(out, world, rank)
     bar = progress(total=len(todo), desc=desc)
