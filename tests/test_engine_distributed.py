@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from diffalign.engine.distributed import single_process_notice
+from diffalign.engine.distributed import rank_batches, single_process_notice
 
 SIMPLE = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "False"}
 
@@ -22,6 +22,16 @@ def test_notice_only_for_a_launch_asked_for_more_processes_than_it_started():
     torchrun = {**asked_two, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
     assert single_process_notice(torchrun, 1) is None
     assert single_process_notice({**asked_two, "OMPI_COMM_WORLD_SIZE": "2"}, 1) is None
+
+
+def test_rank_batches_are_the_one_process_batches():
+    one = rank_batches(range(7), 3, 0, 1)
+    assert one == [[0, 1, 2], [3, 4, 5], [6]]
+    for world in (2, 3, 4):
+        parts = [rank_batches(range(7), 3, r, world) for r in range(world)]
+        assert sorted(b for part in parts for b in part) == one
+        assert parts[0][0] == [0, 1, 2] and all(len(p) <= len(parts[0]) for p in parts)
+    assert rank_batches([], 3, 1, 2) == []
 
 
 def _launch(tmp_path, n: str) -> subprocess.CompletedProcess:

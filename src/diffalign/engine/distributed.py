@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # The world-size variables of torchrun and the MPI launchers (accelerate's own list).
 _WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -38,6 +41,15 @@ def check_device(device: str | None) -> str | None:
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise DiffalignError(f"--device {text}: unsupported device type (use cpu, cuda or mps)")
     return text
+
+
+def rank_batches(items: Sequence[T], batch_size: int, rank: int, world: int) -> list[list[T]]:
+    """The batches rank `rank` of `world` computes: `items` cut into fixed batches (`batch_size`
+    at a time, in order), and of those the batches rank, rank + world, ... Every item runs in
+    the batch it has in a 1-process run, so batched numerics do not depend on the number of
+    processes (nor does a resume with another number)."""
+    batches = [list(items[k : k + batch_size]) for k in range(0, len(items), batch_size)]
+    return batches[rank::world]
 
 
 def process_state(device: str | None = None):

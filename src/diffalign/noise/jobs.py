@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from diffalign.engine.distributed import rank_batches
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.identity import check_identity
 from diffalign.engine.io import (
@@ -192,7 +193,7 @@ def run_assignment_job(
 
     ids = job.item_ids()
     done = read_records(out, "manifest")
-    batches = [ids[k : k + batch_size] for k in range(0, len(ids), batch_size)][rank::world]
+    batches = rank_batches(ids, batch_size, rank, world)
     mine = [i for batch in batches for i in batch]
     todo: set[int] = set()
     skipped = redone = 0

@@ -97,15 +97,13 @@ def _run_sharded(
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from diffalign.engine.distributed import rank_batches
     from diffalign.engine.progress import progress
 
-    world, rank = state.num_processes, state.process_index
-    batches = [items[k : k + batch_size] for k in range(0, len(items), batch_size)]
-    # one round per N batches; every rank has a chunk (maybe empty) in every round
-    rounds = math.ceil(len(batches) / world)
-    chunks = [
-        list(batches[k]) if k < len(batches) else [] for k in range(rank, rounds * world, world)
-    ]
+    world = state.num_processes
+    chunks = rank_batches(items, batch_size, state.process_index, world)
+    # one round per N batches: every rank has a chunk (maybe empty) in every round
+    chunks += [[]] * (math.ceil(math.ceil(len(items) / batch_size) / world) - len(chunks))
     # every rank takes part in every gather, with an empty batch where it has nothing to do
     chunks = [c if c and (needed is None or needed(c)) else [] for c in chunks]
     work = [c for c in chunks if c]
