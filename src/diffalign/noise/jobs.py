@@ -13,8 +13,11 @@ still good and how a batch is assigned and written; :func:`run_assignment_job` o
   runs whole again and only its unfinished items are written, so a resumed run gives the same
   results as an uninterrupted one, whatever the number of processes of either;
 - sharding under ``accelerate launch``: rank ``r`` of ``w`` takes the batches ``b % w == r``
-  (each item is assigned in the batch it has in a 1-process run: the same noises) and appends to ``manifest.rank-RR.jsonl`` / ``failures.rank-RR.jsonl``; rank 0 merges them into
-  ``manifest.jsonl`` / ``failures.jsonl`` (sorted by id, de-duplicated) at the end;
+  (`engine.distributed.rank_batches`: each item is assigned in the batch it has in a 1-process
+  run, so the noises are the same) and appends to ``manifest.rank-RR.jsonl`` /
+  ``failures.rank-RR.jsonl``; rank 0 merges them into ``manifest.jsonl`` / ``failures.jsonl``
+  (sorted by id, de-duplicated) at the end, and a run merges the parts a killed run left before
+  it starts;
 - the progress bar and ``summary.json``; the base-vs-assigned noise diagnostics of a
   job's `finalize` (:func:`finished_noises`, :func:`noise_gaussianity`).
 
