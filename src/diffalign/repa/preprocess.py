@@ -13,8 +13,9 @@ Layout of one `--data-dir`:
 Every step shards its work over the processes of `accelerate launch` (the items run in the
 fixed batches of a 1-process run; rank r takes batches r, r + N, ...: the same records); the
 LMDB stores and the zip have one writer: the other ranks send their results to rank 0 batch by
-batch (`torch.distributed.gather_object`), which writes them. Every step resumes: records already present are skipped, a record of the wrong length is redone, staged
-images survive a kill. Each step holds an `output_lock` on what it writes.
+batch (`torch.distributed.gather_object`), which writes them. Every step resumes: records
+already present are skipped, a record of the wrong length is redone, staged images survive a
+kill. Each step holds an `output_lock` on what it writes.
 """
 
 from __future__ import annotations
