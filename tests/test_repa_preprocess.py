@@ -278,6 +278,41 @@ def test_steps_need_the_images_first(tmp_path, capsys):
         assert "run `diffalign repa preprocess images`" in err and err.count("\n") == 1
 
 
+def test_ranks_compute_the_one_process_batches(monkeypatch):
+    """Under N processes every item runs in the batch it has in a 1-process run (the encoders'
+    numerics depend on the batch: the identity records its size), and every rank takes part in
+    the same number of gathers."""
+    from types import SimpleNamespace
+
+    from diffalign.repa import preprocess
+
+    gathers = []
+
+    def gather(state, obj):
+        gathers.append(state.process_index)
+        return [obj]
+
+    monkeypatch.setattr(preprocess, "_gather_to_main", gather)
+
+    def batches_of(rank: int, world: int, needed=None) -> list[list[int]]:
+        seen: list[list[int]] = []
+        state = SimpleNamespace(process_index=rank, num_processes=world)
+        preprocess._run_sharded(
+            state, list(range(7)), 2, lambda b: seen.append(b) or ([], []), None, "t", needed=needed
+        )
+        return seen
+
+    one = batches_of(0, 1)
+    assert one == [[0, 1], [2, 3], [4, 5], [6]]
+    for world in (2, 3):
+        gathers.clear()
+        got = [batches_of(rank, world) for rank in range(world)]
+        assert sorted(b for part in got for b in part) == one
+        assert all(gathers.count(r) == gathers.count(0) for r in range(world))
+    # a resume computes only the batches with unfinished items, the same ones
+    assert batches_of(1, 2, needed=lambda b: 3 in b) == [[2, 3]]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, data_dir, tiny_model_dir):
     """All four steps sharded over 2 CPU processes under `accelerate launch` (rank 0 writes)."""

@@ -401,6 +401,8 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
         "1",
         "--seed",
         "3",
+        "--batch-size",
+        "2",  # 5 samples: the 2 processes run the 1-process batches [0, 1], [2, 3] and [4]
     ]
     two = tmp_path / "two" / "rot.safetensors"
     target = ["-m", "diffalign.cli", *common, "--device", "cpu", "--output", str(two)]

@@ -107,6 +107,27 @@ def test_assign_job_resume_and_corrupt_file(gen_dir, digits, tmp_path):
         assign(gen_dir, out, **{**kw, "assign_steps": 7})
 
 
+def test_a_resume_with_other_processes_keeps_the_redone_record(gen_dir, digits, tmp_path):
+    """A killed 2-process run leaves its records in manifest.rank-RR.jsonl; a 1-process resume
+    that redoes a damaged item appends its record to manifest.jsonl, and the merge keeps that
+    one, not the line of the earlier run (the parts were read last, so their line won)."""
+    from diffalign.engine.io import append_jsonl
+
+    out = tmp_path / "asg"
+    kw = dict(data=digits, max_items=4, assign_steps=3, batch_size=4, write_plots=False)
+    assign(gen_dir, out, **kw)
+    recs = read_jsonl(out / "manifest.jsonl")
+    (out / "manifest.jsonl").unlink()
+    for r in recs:  # the parts a killed 2-process run leaves; item 1's line is another run's
+        stale = {**r, "loss_after": 123.0} if r["id"] == 1 else r
+        append_jsonl(out / f"manifest.rank-{r['id'] % 2:02d}.jsonl", stale)
+    (out / recs[1]["noise_file"]).write_bytes(b"garbage")
+    s = assign(gen_dir, out, **kw)
+    assert s["redone_corrupt"] == 1 and s["skipped_finished"] == 3
+    assert read_jsonl(out / "manifest.jsonl") == recs
+    assert not list(out.glob("*.rank-*.jsonl"))
+
+
 def test_noise_diagnostics_are_base_vs_base_and_base_vs_assigned(gen_dir, digits, tmp_path):
     """The summary's and orthogonal_gaussian_*.json's reports, against `gaussianity_report` on
     the noise files read by hand (init: base vs itself; final: base vs assigned); the shared

@@ -401,6 +401,25 @@ def test_trainable_state_keeps_only_trainable_params_and_buffers():
     assert "0.weight" not in keys and "0.bias" in keys and "1.running_mean" in keys
 
 
+def test_validation_under_two_processes_equals_one(tmp_path):
+    """5 validation samples in 3 batches: the 2 processes evaluate each sample once, in the
+    1-process batches, so the validation loss is the 1-process one (accelerate's even
+    batches would repeat samples 0 and 1 to give both processes 2 batches)."""
+    from train_worker import uneven_validation
+
+    worker = Path(__file__).with_name("train_worker.py")
+    proc = launch_two_cpu_processes([str(worker), str(tmp_path / "two"), "--uneven-val"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "two" / f"val{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["val_seen"] == [0, 1, 4] and ranks[1]["val_seen"] == [2, 3]
+    one = uneven_validation(tmp_path / "one")
+    assert one["val_seen"] == [0, 1, 2, 3, 4]
+    for got in ranks:
+        assert got["final_val"].keys() == one["final_val"].keys()
+        for k, v in one["final_val"].items():
+            assert got["final_val"][k] == pytest.approx(v, rel=1e-12, abs=0), k
+
+
 def test_two_process_cpu_run(tmp_path):
     out = tmp_path / "mp"
     worker = Path(__file__).with_name("train_worker.py")

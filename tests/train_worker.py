@@ -150,15 +150,45 @@ class GanTask(TrainTask):
         return {"loss_d": loss_d, "loss_g": loss_g}
 
 
+class UnevenValTask(RegressionTask):
+    """5 validation samples in batches of 2 (3 batches: 2 processes get 2 and 1) and lr 0, so
+    every process holds the same weights; records the validation sample ids it saw."""
+
+    def __init__(self):
+        super().__init__(init_seed=0, lr=0.0, with_val=True)
+        self.val_seen: list[int] = []
+
+    def val_dataloader(self):
+        return DataLoader(IndexedData(5, seed=7), batch_size=2)
+
+    def validation_step(self, batch):
+        self.val_seen.extend(int(i) for i in batch[2])
+        return super().validation_step(batch)
+
+
+def uneven_validation(out: Path) -> dict:
+    """One step and the final validation of `UnevenValTask`: its metrics and the ids seen here."""
+    task = UnevenValTask()
+    cfg = TrainConfig(output_dir=str(out), max_steps=1, tracker="none", progress=False)
+    val = [h for h in train(task, cfg).history if h.get("val")][-1]
+    metrics = {k: v for k, v in val.items() if k.startswith("val/")}
+    return {"final_val": metrics, "val_seen": task.val_seen}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--crash-at", type=int, default=4, help="0-based step of the simulated crash")
+    ap.add_argument("--uneven-val", action="store_true", help="only `uneven_validation`")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
+    if args.uneven_val:
+        got = uneven_validation(Path(args.out) / "run")
+        (Path(args.out) / f"val{rank}.json").write_text(json.dumps(got))
+        return 0
 
     def cfg(out: Path, resume: str | None = None) -> TrainConfig:
         return TrainConfig(

@@ -254,6 +254,8 @@ class _Trainer(TrainerCheckpoints, TrainerReports):
         from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+        from diffalign.engine.distributed import notice_single_process
+
         cfg = self.config
         log_with = None
         if cfg.tracker == "tensorboard":
@@ -269,7 +271,7 @@ class _Trainer(TrainerCheckpoints, TrainerReports):
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
         try:
-            return Accelerator(
+            accelerator = Accelerator(
                 mixed_precision=cfg.mixed_precision,
                 log_with=log_with,
                 project_config=ProjectConfiguration(
@@ -285,6 +287,8 @@ class _Trainer(TrainerCheckpoints, TrainerReports):
                 f"cannot set up accelerate with mixed_precision='{cfg.mixed_precision}': "
                 f"{str(e).splitlines()[0]}"
             ) from None
+        notice_single_process(accelerator.num_processes)
+        return accelerator
 
     def _setup(self) -> None:
         from accelerate.utils import set_seed
@@ -361,6 +365,12 @@ class _Trainer(TrainerCheckpoints, TrainerReports):
             raise DiffalignError("the training DataLoader is empty")
         val = task.val_dataloader()
         self.val_dl = acc.prepare_data_loader(val) if val is not None else None
+        # every validation sample once, in the 1-process batches: accelerate's even batches
+        # would repeat the first samples on the processes with fewer batches, and weigh them
+        # twice in the validation mean (the loop has no collective: uneven counts are safe)
+        shard = getattr(self.val_dl, "batch_sampler", None)
+        if hasattr(shard, "even_batches"):
+            shard.even_batches = False
 
         accum = cfg.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)

@@ -17,12 +17,13 @@ the noise file is safetensors instead of a pickle):
 Every item is assigned with :func:`diffalign.noise.assign.assign_noise` (one ``Q`` per item, a
 batch of items at once). Resumable: a re-run skips items whose manifest line, noise file
 (item id and prompt in its metadata), ``target.png`` and ``meta.json`` are fine, and redoes the
-others; items run in fixed batches (this process's items in order, ``batch_size`` at a time), a
-batch with unfinished work is run whole again and only its unfinished items are written, so a
-killed and re-run build gives the same manifest as an uninterrupted one. Per-item problems
-(missing or unreadable image, wrong size, missing prompt field, NaN loss) go to failures.jsonl
-and the run goes on. Under ``accelerate launch`` rank ``r`` of ``w`` takes the items
-``i % w == r`` and appends to ``manifest.rank-RR.jsonl``; rank 0 merges the parts at the end.
+others; items run in fixed batches (all items in order, ``batch_size`` at a time), a batch
+with unfinished work is run whole again and only its unfinished items are written, so a killed
+and re-run build gives the same manifest as an uninterrupted one. Per-item problems (missing or
+unreadable image, wrong size, missing prompt field, NaN loss) go to failures.jsonl and the run
+goes on. Under ``accelerate launch`` rank ``r`` of ``w`` takes the batches ``b % w == r`` (the
+1-process batches: the same noises) and appends to ``manifest.rank-RR.jsonl``; rank 0 merges
+the parts at the end.
 The folder is locked for the whole run; manifest paths are relative and read back through
 ``engine.io.resolve_inside``. The resume/shard/batch machinery is the shared runner
 :func:`diffalign.noise.jobs.run_assignment_job` (also `noise toy assign`'s); this module says

@@ -9,12 +9,15 @@ still good and how a batch is assigned and written; :func:`run_assignment_job` o
 - the settings file (a re-run with other settings is refused: `engine.identity`, the models by
   resolved path and hashes) and the folder's state;
 - resume: items whose manifest record the job accepts are skipped, the others redone;
-- fixed batches (this process's items in order, ``batch_size`` at a time): a batch with
-  unfinished work runs whole again and only its unfinished items are written, so a resumed run
-  gives the same results as an uninterrupted one;
-- sharding under ``accelerate launch``: rank ``r`` of ``w`` takes the items ``i % w == r`` and
-  appends to ``manifest.rank-RR.jsonl`` / ``failures.rank-RR.jsonl``; rank 0 merges them into
-  ``manifest.jsonl`` / ``failures.jsonl`` (sorted by id, de-duplicated) at the end;
+- fixed batches (all items in order, ``batch_size`` at a time): a batch with unfinished work
+  runs whole again and only its unfinished items are written, so a resumed run gives the same
+  results as an uninterrupted one, whatever the number of processes of either;
+- sharding under ``accelerate launch``: rank ``r`` of ``w`` takes the batches ``b % w == r``
+  (`engine.distributed.rank_batches`: each item is assigned in the batch it has in a 1-process
+  run, so the noises are the same) and appends to ``manifest.rank-RR.jsonl`` /
+  ``failures.rank-RR.jsonl``; rank 0 merges them into ``manifest.jsonl`` / ``failures.jsonl``
+  (sorted by id, de-duplicated) at the end, and a run merges the parts a killed run left before
+  it starts;
 - the progress bar and ``summary.json``; the base-vs-assigned noise diagnostics of a
   job's `finalize` (:func:`finished_noises`, :func:`noise_gaussianity`).
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from diffalign.engine.distributed import rank_batches
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.identity import check_identity
 from diffalign.engine.io import (
@@ -192,13 +196,18 @@ def run_assignment_job(
         for old in out.glob("failures*.jsonl"):  # the failures of the replaced settings
             old.unlink()
         write_json(cfg_path, config)
+    if rank == 0 and any(out.glob("*.rank-*.jsonl")):
+        # the parts of a killed run merge first: the records of items this run redoes are read
+        # after them, whatever the number of processes of either run
+        merge_records(out)
     if state is not None:
         state.wait_for_everyone()
     t_sync = time.time()  # every process is ready: the work (and its timing) starts here
 
     ids = job.item_ids()
     done = read_records(out, "manifest")
-    mine = [i for i in ids if i % world == rank]
+    batches = rank_batches(ids, batch_size, rank, world)
+    mine = [i for batch in batches for i in batch]
     todo: set[int] = set()
     skipped = redone = 0
     for i in mine:
@@ -217,7 +226,6 @@ def run_assignment_job(
     for i in sorted(todo):
         for folder in job.item_dirs(i):
             clean_stale_temporaries(folder)
-    batches = [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
     batches = [b for b in batches if todo.intersection(b)]
     writer = JobWriter(out, world, rank)
     bar = progress(total=len(todo), desc=desc)

@@ -10,11 +10,12 @@ Layout of one `--data-dir`:
     clip_embeddings.safetensors    `embeddings` [classes + 1, 77, 768] (last = "")      (§3.4)
     summary_<step>.json            what each step did (counts, failures, model, seconds)
 
-Every step shards its work over the processes of `accelerate launch` (rank r takes items
-r, r + N, ...); the LMDB stores and the zip have one writer: the other ranks send their results
-to rank 0 batch by batch (`torch.distributed.gather_object`), which writes them. Every step
-resumes: records already present are skipped, a record of the wrong length is redone, staged
-images survive a kill. Each step holds an `output_lock` on what it writes.
+Every step shards its work over the processes of `accelerate launch` (the items run in the
+fixed batches of a 1-process run; rank r takes batches r, r + N, ...: the same records); the
+LMDB stores and the zip have one writer: the other ranks send their results to rank 0 batch by
+batch (`torch.distributed.gather_object`), which writes them. Every step resumes: records
+already present are skipped, a record of the wrong length is redone, staged images survive a
+kill. Each step holds an `output_lock` on what it writes.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def _run_sharded(
     needed: Callable[[list[Any]], bool] | None = None,
     total: int | None = None,
 ) -> list[dict]:
-    """Rank r computes items r, r + N, ... in batches; rank 0 writes every rank's records.
+    """The items run in fixed batches (`batch_size` at a time, in order) and rank r computes
+    batches r, r + N, ...: each item runs in the batch it has in a 1-process run, so the records
+    do not depend on the number of processes; rank 0 writes every rank's records.
 
     `compute(batch) -> (records, failures)`; it must not raise for one bad item (a rank that
     stops would leave the others waiting). With `prepare`, `compute` receives
@@ -95,12 +98,13 @@ def _run_sharded(
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from diffalign.engine.distributed import rank_batches
     from diffalign.engine.progress import progress
 
-    mine = list(items[state.process_index :: state.num_processes])
-    per_rank = math.ceil(len(items) / state.num_processes)
-    n_batches = math.ceil(per_rank / batch_size) if per_rank else 0
-    chunks = [mine[b * batch_size : (b + 1) * batch_size] for b in range(n_batches)]
+    world = state.num_processes
+    chunks = rank_batches(items, batch_size, state.process_index, world)
+    # one round per N batches: every rank has a chunk (maybe empty) in every round
+    chunks += [[]] * (math.ceil(math.ceil(len(items) / batch_size) / world) - len(chunks))
     # every rank takes part in every gather, with an empty batch where it has nothing to do
     chunks = [c if c and (needed is None or needed(c)) else [] for c in chunks]
     work = [c for c in chunks if c]

@@ -117,7 +117,7 @@ def extract_features(
     """Write `out_dir/features.safetensors` (+ `features.json`); returns the summary dict."""
     from torch.utils.data import DataLoader, Subset
 
-    from diffalign.engine.distributed import process_state
+    from diffalign.engine.distributed import process_state, rank_batches
     from diffalign.engine.io import output_lock
     from diffalign.engine.progress import progress as bar
     from diffalign.repa.data import RepaDataset, collate, load_class_table
@@ -155,9 +155,10 @@ def extract_features(
         null = load_class_table(root)[-1:]
         rm.unet.to(device)
         rm.heads.to(device)
-        # rank r takes samples r, r + N, ...; each sample's noise is seeded by (seed, index), so
-        # the features do not depend on the number of processes or the batch size
-        mine = list(range(state.process_index, len(ds), state.num_processes))
+        # rank r takes batches r, r + N, ... of the 1-process batches, and each sample's noise
+        # is seeded by (seed, index): the features do not depend on the number of processes
+        batches = rank_batches(range(len(ds)), batch_size, state.process_index, state.num_processes)
+        mine = [i for batch in batches for i in batch]
         dl = DataLoader(Subset(ds, mine), batch_size=batch_size, shuffle=False, collate_fn=collate)
         feats: dict[str, list[torch.Tensor]] = {}
         labels: list[torch.Tensor] = []

@@ -61,7 +61,8 @@ that bucket (`draw_bucket_steps`), so every sample reaches every bucket, as the 
 calibrate (each pair once per bucket, e.g. `Flux-Residual/compute_flux_text_procrustes.py` at
 e9d7900). The trajectory runs once per sample to its last drawn step and is collected at each.
 
-Under `accelerate launch` each process takes samples `rank, rank + world, ...`, the sums are
+Under `accelerate launch` the samples run in the batches of a 1-process run, each process
+taking batches `rank, rank + world, ...` (`engine.distributed.rank_batches`); the sums are
 all-reduced, and rank 0 writes the rotation file, `summary.json` and `procrustes_errors.png`.
 Each sample's randomness comes from `(seed, sample index)`, so the result does not depend on
 the number of processes (nor, up to float rounding of batched forwards, on the batch size).
@@ -777,6 +778,7 @@ def _calibrate_locked(
     col_center=False,
     timestep_draw="sample",
 ) -> dict:
+    from diffalign.engine.distributed import rank_batches
     from diffalign.textstream.families import check_schedule
     from diffalign.textstream.sizes import fit_image_size, pipeline_image_size
 
@@ -819,14 +821,17 @@ def _calibrate_locked(
         candidates = train_timestep_candidates(edges, adapter, torch_dtype)
         if timestep_draw == "sample":
             candidates = [sorted(t for c in candidates for t in c)]
-    mine = list(range(state.process_index, len(prompts), state.num_processes))
+    # the 1-process batches, rank r taking batches r, r + N, ...: a sample's tokens do not
+    # depend on the number of processes (only the order of the float64 sums does)
+    batches = rank_batches(
+        range(len(prompts)), batch_size, state.process_index, state.num_processes
+    )
     drawn: dict[int, list[int]] = {}  # sample -> its step indices ("image": its timesteps)
     collector = _TokenCollector(
         adapter, origin_layer, target_layers, accs, eps, transformer=tr, bucket_edges=edges
     )
     try:
         with torch.no_grad():
-            batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
             for batch in progress(batches, desc="calibrate", total=len(batches)):
                 run = _run_batch if family == "sd3" else _run_batch_pipeline
                 extra = {} if family == "sd3" else {"guidance": guidance, "size": (height, width)}

@@ -17,15 +17,16 @@ losses are summed, so each ``Q_i`` only sees its own item's gradient.
     OUT/orthogonal_gaussian_init.{png,json}, orthogonal_gaussian_final.{png,json}
 
 Re-running skips items whose manifest line and noise file are both fine; an item whose noise
-file is missing or corrupt is assigned again. Items are optimised in fixed batches (this
-process's items, in order, `batch_size` at a time); a batch with an unfinished item is run
-whole again and only its unfinished items are written, so a resumed run gives the same bytes as
-an uninterrupted one. Each noise file records its item's id and label in its safetensors
-metadata; a manifest record whose file belongs to another item is refused, and `noise_file`
-paths must stay inside the dataset folder (`engine.io.resolve_inside`). The folder is locked
-for the whole run (`engine.io.output_lock`). Under ``accelerate launch`` rank ``r`` of ``w``
-takes the items ``i % w == r`` and appends to ``manifest.rank-RR.jsonl``; rank 0 merges the
-parts into ``manifest.jsonl`` at the end (a crash leaves the parts, which the next run reads).
+file is missing or corrupt is assigned again. Items are optimised in fixed batches (all items,
+in order, `batch_size` at a time); a batch with an unfinished item is run whole again and only
+its unfinished items are written, so a resumed run gives the same bytes as an uninterrupted one.
+Each noise file records its item's id and label in its safetensors metadata; a manifest record
+whose file belongs to another item is refused, and `noise_file` paths must stay inside the
+dataset folder (`engine.io.resolve_inside`). The folder is locked for the whole run
+(`engine.io.output_lock`). Under ``accelerate launch`` rank ``r`` of ``w`` takes the batches
+``b % w == r`` (the 1-process batches: the same bytes) and appends to
+``manifest.rank-RR.jsonl``; rank 0 merges the parts into ``manifest.jsonl`` at the end (a crash
+leaves the parts, which the next run reads).
 
 One implementation with the real generators: the math is `diffalign.noise.assign.assign_noise`
 and the resumable, sharded, batched job is `diffalign.noise.jobs.run_assignment_job` (the same
