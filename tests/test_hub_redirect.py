@@ -123,7 +123,7 @@ def test_an_incomplete_or_foreign_folder_is_named_not_used(project, capsys):
     assert download.plan_downloads(["sdxl-turbo"])[0].status == "complete-missing"
 
     marker.write_text("[]")  # a record that lists nothing is incomplete, not a crash
-    assert loading.resolve_model(SDXL_REPO).unused.status == "complete-missing"
+    assert loading.downloaded_copy(SDXL_REPO).status == "complete-missing"
 
     marker.unlink()  # a folder copied by hand: download leaves it as is, so say how to use it
     with pytest.raises(ModelNotFoundError) as e:

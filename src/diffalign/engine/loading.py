@@ -95,14 +95,12 @@ class DownloadedCopy:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """Where a `--model` value points: `kind` is "folder", "hub" or "single_file". `unused`: a
-    Hub id's downloaded folder that is there but incomplete or foreign (named when it fails)."""
+    """Where a `--model` value points: `kind` is "folder", "hub" or "single_file"."""
 
     source: str
     kind: str
     preset: str | None = None
     download_name: str | None = None
-    unused: DownloadedCopy | None = None
 
 
 def models_dir() -> Path:
@@ -184,7 +182,7 @@ def resolve_hub_id(repo_id: str) -> ResolvedModel:
         _notice_copy(copy)
         return ResolvedModel(str(copy.folder), "folder", None, copy.asset)
     name = _download_name_for_repo(repo_id) or (copy.asset if copy is not None else None)
-    return ResolvedModel(repo_id, "hub", None, name, copy)
+    return ResolvedModel(repo_id, "hub", None, name)
 
 
 def unused_copy_hint(
@@ -194,7 +192,7 @@ def unused_copy_hint(
     (what to add to its detail, the fix to give instead of `download --only NAME`). An
     incomplete download keeps that fix (it fetches what is missing); a folder not written by
     `diffalign download` does not (download leaves it as is), so it is passed as a path."""
-    if copy is None:
+    if copy is None or copy.status == "present":
         return "", None
     if copy.status == "complete-missing":
         return f"; {copy.folder} is an incomplete `diffalign download` of it", None
@@ -211,8 +209,9 @@ def unused_copy_hint(
 
 def model_not_found(model: str, resolved: ResolvedModel, detail: str) -> ModelNotFoundError:
     """The "not found" line of `model`, naming a Hub id's unused downloaded folder if any
-    (`unused_copy_hint`)."""
-    note, fix = unused_copy_hint(resolved.unused)
+    (`unused_copy_hint`: a complete one would have been used)."""
+    copy = downloaded_copy(resolved.source) if resolved.kind == "hub" else None
+    note, fix = unused_copy_hint(copy)
     return ModelNotFoundError(model, resolved.download_name, detail + note, fix)
 
 

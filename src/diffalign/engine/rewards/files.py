@@ -11,6 +11,7 @@ from typing import Any
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.loading import (
     LEGACY_MODELS_DIR,
+    downloaded_copy,
     hub_offline,
     models_dir,
     resolve_hub_id,
@@ -99,7 +100,7 @@ def resolve_folder(
 
             hit = try_to_load_from_cache(text, marker)
             if not isinstance(hit, str):
-                note, fix = unused_copy_hint(resolved.unused, option)
+                note, fix = unused_copy_hint(downloaded_copy(text), option)
                 fix = fix or (
                     f"fetch it with `diffalign download --only {download_name}` or pass a "
                     f"local folder with {option}"
