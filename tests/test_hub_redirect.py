@@ -174,3 +174,25 @@ def test_reward_models_take_the_hub_id_of_their_download(project, capsys):
     (folder / download.MARKER).unlink()
     with pytest.raises(DiffalignError, match=f"{folder} is not used for it.*--clip-model {folder}"):
         resolve_folder(CLIP_REPO, *args)
+
+
+def test_repa_sd15_loaders_take_the_hub_id_of_their_download(tmp_path, monkeypatch, tiny_model_dir):
+    from diffalign.repa.model import load_sd15_unet
+    from diffalign.repa.preprocess import load_text_encoder
+
+    repo = loading.PRESETS["sd15"].repo_id
+    _serve(monkeypatch, {repo: tiny_model_dir("sd15")})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv(loading.MODELS_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["download", "--only", "sd15"]) == 0
+    _offline(monkeypatch)
+    unet = load_sd15_unet(repo)[0]
+    assert unet.config.in_channels == 4
+    assert type(load_text_encoder(repo, "cpu")[1]).__name__ == "CLIPTextModel"
+    folder = (tmp_path / "models" / "sd15").absolute()
+    (folder / download.MARKER).write_text("{}")
+    for load in (load_sd15_unet, lambda m: load_text_encoder(m, "cpu")):
+        with pytest.raises(ModelNotFoundError, match=f"{folder} is an incomplete .*--only sd15"):
+            load(repo)
