@@ -498,17 +498,42 @@ def plan_downloads(
         asset = ASSETS[name]
         target = base / name
         sources = [_expand(s, hps_version) for s in asset.sources]
-        marker = _read_marker(target)
-        if marker is not None:
-            done = set(marker.get("sources", []))
-            missing = [s for s in sources if s.key not in done]
-            status = "present" if not missing else "complete-missing"
-        elif target.is_dir() and any(target.iterdir()):
-            missing, status = [], "foreign"
-        else:
-            missing, status = list(sources), "fetch"
+        missing, status = _folder_status(sources, target)
         plan.append(PlannedAsset(asset, target, sources, missing, status))
     return plan
+
+
+def _folder_status(sources: list[Source], target: Path) -> tuple[list[Source], str]:
+    """(missing sources, status) of an asset's folder, from its download record (the marker)."""
+    marker = _read_marker(target)
+    if marker is not None:  # a record that is not {"sources": [...]} lists nothing
+        listed = marker.get("sources") if isinstance(marker, dict) else None
+        done = {k for k in listed if isinstance(k, str)} if isinstance(listed, list) else set()
+        missing = [s for s in sources if s.key not in done]
+        return missing, "present" if not missing else "complete-missing"
+    if target.is_dir() and any(target.iterdir()):
+        return [], "foreign"
+    return list(sources), "fetch"
+
+
+def asset_of_repo(repo_id: str) -> Asset | None:
+    """The asset that is a copy of Hub repo `repo_id`: its first source is that repo, fetched
+    into the folder's root. A repo that only lends some files to an asset (PixArt-alpha's T5
+    and VAE in `pixart-dmd`, the CLIP-H processor in `PickScore_v1/processor/`) has none."""
+    for asset in ASSETS.values():
+        own = asset.sources[0]
+        if own.repo_id == repo_id and not own.subdir:
+            return asset
+    return None
+
+
+def folder_status(asset: Asset, target: str | os.PathLike, hps_version: str = "v2.1") -> str:
+    """What `diffalign download` finds in `target` for `asset`, the status of its plan:
+    "present" (its record lists every source: complete), "complete-missing" (a record without
+    some sources: `download --only NAME` fetches them), "foreign" (not written by `download`,
+    which leaves it as is) or "fetch" (absent or empty)."""
+    sources = [_expand(s, hps_version) for s in asset.sources]
+    return _folder_status(sources, Path(target))[1]
 
 
 def _has_match(folder: Path, globs: Sequence[str]) -> bool:

@@ -15,14 +15,20 @@ class DiffalignError(Exception):
 class ModelNotFoundError(DiffalignError):
     """A model could not be found locally and could not be fetched."""
 
-    def __init__(self, model: str, download_name: str | None = None, detail: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        download_name: str | None = None,
+        detail: str | None = None,
+        fix: str | None = None,
+    ):
         hint = (
             f"diffalign download --only {download_name}" if download_name else "diffalign download"
         )
         msg = f"model '{model}' not found"
         if detail:
             msg += f" ({detail})"
-        msg += f"; fetch it with `{hint}` or pass a local folder with --model"
+        msg += f"; {fix or f'fetch it with `{hint}` or pass a local folder with --model'}"
         super().__init__(msg)
         self.model = model
 

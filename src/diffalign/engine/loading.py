@@ -5,6 +5,13 @@
 `models/<download name>/` (or `$DIFFALIGN_MODELS_DIR`), then the legacy `third_party_weights/`,
 then the Hub. Hub access honours `HF_HUB_OFFLINE`. Anything missing ends in one
 `ModelNotFoundError` line naming the model and the `diffalign download --only NAME` command.
+
+Precedence for a name that could be several things: an existing local path; a preset name (its
+`models/` folder, else its Hub repo); a Hub id whose `diffalign download` copy is complete
+(`downloaded_copy`: the asset of that repo, its download record listing every source; one
+notice line names the folder); the Hub id itself (Hugging Face cache, then the network). A
+downloaded folder that is incomplete or was not written by `diffalign download` is not used
+for a Hub id, and the "not found" line names it.
 """
 
 from __future__ import annotations
@@ -76,6 +83,17 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
+class DownloadedCopy:
+    """The `diffalign download` folder of Hub repo `repo_id` (asset `asset`); `status` is
+    `download.folder_status`'s: only a "present" (complete) one stands in for the Hub id."""
+
+    repo_id: str
+    asset: str
+    folder: Path
+    status: str
+
+
+@dataclass(frozen=True)
 class ResolvedModel:
     """Where a `--model` value points: `kind` is "folder", "hub" or "single_file"."""
 
@@ -118,12 +136,92 @@ def _preset_local_folder(preset: Preset) -> Path | None:
     return None
 
 
+def downloaded_copy(repo_id: str) -> DownloadedCopy | None:
+    """The folder `diffalign download` writes for Hub repo `repo_id` (`download.asset_of_repo`),
+    in `models/` then the legacy `third_party_weights/`: the first complete one, else the first
+    that is there but incomplete or foreign, else None (no such asset, or no folder)."""
+    from diffalign.engine.download import asset_of_repo, folder_status
+
+    asset = asset_of_repo(repo_id)
+    if asset is None:
+        return None
+    found = []
+    for base in (models_dir(), Path(LEGACY_MODELS_DIR)):
+        folder = base / asset.name
+        status = folder_status(asset, folder)
+        if status == "present":
+            return DownloadedCopy(repo_id, asset.name, folder.absolute(), status)
+        if status != "fetch":
+            found.append(DownloadedCopy(repo_id, asset.name, folder.absolute(), status))
+    return found[0] if found else None
+
+
+_NOTICED: set[tuple[str, str]] = set()
+
+
+def _notice_copy(copy: DownloadedCopy) -> None:
+    """One line (rank 0, once per process) saying a Hub id runs from its downloaded folder."""
+    from diffalign.engine.progress import is_main_process
+
+    key = (copy.repo_id, str(copy.folder))
+    if key in _NOTICED:
+        return
+    _NOTICED.add(key)
+    if is_main_process():
+        print(
+            f"diffalign: {copy.repo_id}: using its `diffalign download` copy {copy.folder}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def resolve_hub_id(repo_id: str) -> ResolvedModel:
+    """A Hub id: its complete downloaded folder if there is one (module doc), else the Hub."""
+    copy = downloaded_copy(repo_id)
+    if copy is not None and copy.status == "present":
+        _notice_copy(copy)
+        return ResolvedModel(str(copy.folder), "folder", None, copy.asset)
+    name = _download_name_for_repo(repo_id) or (copy.asset if copy is not None else None)
+    return ResolvedModel(repo_id, "hub", None, name)
+
+
+def unused_copy_hint(
+    copy: DownloadedCopy | None, option: str = "--model"
+) -> tuple[str, str | None]:
+    """For the "not found" line of a Hub id whose downloaded folder is there but was not used:
+    (what to add to its detail, the fix to give instead of `download --only NAME`). An
+    incomplete download keeps that fix (it fetches what is missing); a folder not written by
+    `diffalign download` does not (download leaves it as is), so it is passed as a path."""
+    if copy is None or copy.status == "present":
+        return "", None
+    if copy.status == "complete-missing":
+        return f"; {copy.folder} is an incomplete `diffalign download` of it", None
+    note = (
+        f"; {copy.folder} is not used for it: it was not written by `diffalign download` "
+        "(no download record)"
+    )
+    fix = (
+        f"pass that folder itself with {option} {copy.folder}, or move it away and run "
+        f"`diffalign download --only {copy.asset}`"
+    )
+    return note, fix
+
+
+def model_not_found(model: str, resolved: ResolvedModel, detail: str) -> ModelNotFoundError:
+    """The "not found" line of `model`, naming a Hub id's unused downloaded folder if any
+    (`unused_copy_hint`: a complete one would have been used)."""
+    copy = downloaded_copy(resolved.source) if resolved.kind == "hub" else None
+    note, fix = unused_copy_hint(copy)
+    return ModelNotFoundError(model, resolved.download_name, detail + note, fix)
+
+
 def resolve_model(model: str, family: str | None = None) -> ResolvedModel:
     """Say what `model` names: a local folder or file, a preset, or a Hub id (spec E).
 
-    Order: an existing local path; a preset name (then `models/<name>/`, legacy
-    `third_party_weights/<name>/`, else its Hub repo); any `org/name` is a Hub id. With `family`
-    ("sd3", "sdxl", ...) a preset of another family is refused.
+    Order (module doc): an existing local path; a preset name (then `models/<name>/`, legacy
+    `third_party_weights/<name>/`, else its Hub repo); any `org/name` is a Hub id, run from its
+    complete `diffalign download` folder when there is one. With `family` ("sd3", "sdxl", ...)
+    a preset of another family is refused.
     """
     text = str(model).strip()
     if not text:
@@ -162,7 +260,7 @@ def resolve_model(model: str, family: str | None = None) -> ResolvedModel:
         or path.parts[0] in {models_dir().name, "models", LEGACY_MODELS_DIR}  # models/sd3 missing
     )
     if not looks_like_path and _HUB_ID.match(text):
-        return ResolvedModel(text, "hub", None, _download_name_for_repo(text))
+        return resolve_hub_id(text)
     if looks_like_path or path.suffix:
         raise ModelNotFoundError(text, None, "no such file or folder")
     names = ", ".join(n for n, p in PRESETS.items() if family is None or p.family == family)
@@ -204,10 +302,8 @@ def check_model_available(model: str, family: str | None = None) -> ResolvedMode
     diffusers are imported: a Hub model while offline must be in the local cache."""
     resolved = resolve_model(model, family)
     if resolved.kind == "hub" and hub_offline() and not _hub_config_cached(resolved.source):
-        raise ModelNotFoundError(
-            model,
-            resolved.download_name,
-            "not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
+        raise model_not_found(
+            model, resolved, "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"
         )
     return resolved
 
@@ -510,7 +606,7 @@ def load_pipeline(
             detail = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"
         elif where:
             detail = f"{where}: {detail}"
-        raise ModelNotFoundError(model, resolved.download_name, detail) from None
+        raise model_not_found(model, resolved, detail) from None
 
     for name, cls in (expect or {}).items():
         component = getattr(pipe, name, None)

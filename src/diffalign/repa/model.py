@@ -46,6 +46,7 @@ def load_sd15_unet(model: str, dtype: torch.dtype = torch.float32, noise_schedul
         _hub_errors,
         hub_offline,
         load_pipeline,
+        model_not_found,
         require_component,
         resolve_model,
     )
@@ -75,7 +76,7 @@ def load_sd15_unet(model: str, dtype: torch.dtype = torch.float32, noise_schedul
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             if resolved.kind == "hub" and hub_offline():
                 detail = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"
-            raise ModelNotFoundError(model, resolved.download_name, detail) from None
+            raise model_not_found(model, resolved, detail) from None
         try:
             sched_cfg = dict(
                 DDPMScheduler.load_config(resolved.source, subfolder="scheduler", **kw)

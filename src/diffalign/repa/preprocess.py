@@ -763,6 +763,7 @@ def load_text_encoder(model: str, device, dtype: str = "float32"):
         _hub_errors,
         _tf_dtype_kw,
         hub_offline,
+        model_not_found,
         parse_dtype,
         require_component,
         resolve_model,
@@ -794,7 +795,7 @@ def load_text_encoder(model: str, device, dtype: str = "float32"):
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not local and hub_offline():
             detail = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"
-        raise ModelNotFoundError(model, resolved.download_name, detail[:240]) from None
+        raise model_not_found(model, resolved, detail[:240]) from None
     encoder.requires_grad_(False)
     return tokenizer, encoder.eval().to(device)
 

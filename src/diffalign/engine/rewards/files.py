@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.loading import LEGACY_MODELS_DIR, hub_offline, models_dir
+from diffalign.engine.loading import (
+    LEGACY_MODELS_DIR,
+    downloaded_copy,
+    hub_offline,
+    models_dir,
+    resolve_hub_id,
+    unused_copy_hint,
+)
 
 
 def quiet_hf_progress():
@@ -81,15 +88,26 @@ def resolve_folder(
         looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1
         if looks_like_path or path.parts[0] in {models_dir().name, "models", LEGACY_MODELS_DIR}:
             raise missing(what, path, download_name, option)
+        resolved = resolve_hub_id(text)  # its complete `diffalign download` folder, if any
+        if resolved.kind == "folder":
+            if not (Path(resolved.source) / marker).is_file():
+                raise DiffalignError(
+                    f"{what}: {resolved.source} has no {marker} (not a {what} folder)"
+                )
+            return resolved.source
         if hub_offline():
             from huggingface_hub import try_to_load_from_cache
 
             hit = try_to_load_from_cache(text, marker)
             if not isinstance(hit, str):
+                note, fix = unused_copy_hint(downloaded_copy(text), option)
+                fix = fix or (
+                    f"fetch it with `diffalign download --only {download_name}` or pass a "
+                    f"local folder with {option}"
+                )
                 raise DiffalignError(
                     f"{what} '{text}' is not a local folder and not in the Hugging Face cache "
-                    f"(HF_HUB_OFFLINE=1); fetch it with `diffalign download --only "
-                    f"{download_name}` or pass a local folder with {option}"
+                    f"(HF_HUB_OFFLINE=1){note}; {fix}"
                 )
         return text  # a Hub id: from_pretrained fetches or reads the cache
     path = asset_path(download_name, default_rel)
