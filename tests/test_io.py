@@ -9,6 +9,7 @@ from diffalign.engine.io import (
     load_pt,
     load_tensors,
     read_jsonl,
+    read_text,
     save_tensors,
     write_json,
 )
@@ -53,6 +54,18 @@ def test_corrupt_files_are_clear_errors(tmp_path):
     with pytest.raises(DiffalignError, match="bad.jsonl:2"):
         read_jsonl(tmp_path / "bad.jsonl")
     assert read_jsonl(tmp_path / "bad.jsonl", skip_bad=True) == [{"a": 1}]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    """A .jsonl (or text file) saved by a Windows editor starts with U+FEFF: it was 'line 1:
+    not valid JSON' (read_text kept it in the first line); a BOM inside a line is still JSON's."""
+    (tmp_path / "a.jsonl").write_bytes('\ufeff{"prompt": "a cat"}\n{"prompt": "a dog"}\n'.encode())
+    assert read_jsonl(tmp_path / "a.jsonl") == [{"prompt": "a cat"}, {"prompt": "a dog"}]
+    (tmp_path / "b.jsonl").write_bytes('{"a": 1}\n\ufeff{"a": 2}\n'.encode())
+    with pytest.raises(DiffalignError, match="b.jsonl:2: not valid JSON"):
+        read_jsonl(tmp_path / "b.jsonl")
+    (tmp_path / "c.txt").write_bytes("\ufeffcat\ndog\n".encode())
+    assert read_text(tmp_path / "c.txt").splitlines() == ["cat", "dog"]
 
 
 def test_atomic_writes_get_the_usual_permissions(tmp_path):

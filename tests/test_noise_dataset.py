@@ -225,6 +225,21 @@ def test_pairs_may_name_images_anywhere(gen, tmp_path):
     assert cfg["pairs_sha256"] == hashlib.sha256((data / "pairs.jsonl").read_bytes()).hexdigest()
 
 
+def test_pairs_jsonl_with_a_byte_order_mark_is_read(tmp_path):
+    """A pairs.jsonl saved by a Windows editor (a leading U+FEFF): its first item failed as
+    'pairs.jsonl:1 is not JSON'."""
+    from diffalign.noise.dataset import read_pairs
+
+    data = write_pairs(tmp_path / "data", n=2)
+    text = (data / "pairs.jsonl").read_text()
+    (data / "pairs.jsonl").write_bytes(("\ufeff" + text).encode())
+    items = read_pairs(data)
+    assert [(it.error, it.prompt) for it in items] == [
+        (None, "a photo number 0"),
+        (None, "a photo number 1"),
+    ]
+
+
 def test_a_build_where_every_sample_fails_exits_non_zero(sdxl, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()

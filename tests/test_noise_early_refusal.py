@@ -1,9 +1,10 @@
 """`noise toy train-gan | sft | direct-sft` and the EM loops (`noise toy em`, `noise em`) refuse a
 used output folder, or a resume into a run made with other settings, before any model (or the
 toy data) loads (`engine.checkpoints.check_before_setup`; `noise em`'s E-step datasets and
-`noise build-dataset` through `noise.dataset.check_dataset_before_loading`): one line, exit 2,
-the folder as it was; the same settings still resume, and --overwrite removes nothing before
-the setup succeeded."""
+`noise build-dataset` through `noise.dataset.check_dataset_before_loading`; `noise assign`, which
+has no resume, through `noise.assign.check_assign_image_before_loading`): one line, exit 2, the
+folder as it was; the same settings still resume, and --overwrite removes nothing before the
+setup succeeded."""
 
 from __future__ import annotations
 
@@ -203,3 +204,24 @@ def test_build_dataset_refuses_other_settings_before_loading(
     assert loads == []
     assert _files(out) == before
     assert main(base) == 0 and loads == ["load_generator"]
+
+
+def test_assign_refuses_a_held_folder_before_loading(tiny_model_dir, tmp_path, loads, capsys):
+    """`noise assign` into a folder that holds an assignment (it has no resume: refused
+    whatever the settings) or is a file: one line before the generator loads (old code: after;
+    --overwrite replacing it: test_newuser_20)."""
+    target = write_pairs(tmp_path / "data", n=1) / "images" / "0000.png"
+    out = tmp_path / "asg"
+    base = ["noise", "assign", "--prompt", "a cat", "--target-image", str(target), "--steps", "1"]
+    base += ["--num-intermediates", "0", *model_args(tiny_model_dir("sdxl"))]
+    assert main([*base, "--output-dir", str(out)]) == 0
+    before, loads[:] = _files(out), []
+    for extra in ([], ["--steps", "2"]):
+        _refused([*base, "--output-dir", str(out), *extra], capsys, "holds an assignment")
+    (tmp_path / "file").write_text("x")
+    _refused([*base, "--output-dir", str(tmp_path / "file")], capsys, "is not a folder")
+    assert loads == []  # old code: the generator loaded first
+    assert _files(out) == before
+    from diffalign.noise.assign import check_assign_image_before_loading
+
+    check_assign_image_before_loading("a cat", out, overwrite=True)  # goes on to load

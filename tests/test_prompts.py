@@ -147,6 +147,17 @@ def test_utf8_byte_order_mark_is_not_part_of_the_prompt(tmp_path):
     assert load_dpg_prompts(tmp_path / "dpg") == [("12", "a red bus")]
 
 
+def test_jsonl_with_a_byte_order_mark_loads(tmp_path):
+    """A pairs.jsonl or GenEval metadata file saved with a byte-order mark: 'line 1: not valid
+    JSON' (engine.io.iter_jsonl)."""
+    (tmp_path / "p.jsonl").write_bytes('\ufeff{"prompt": "a cat"}\n'.encode())
+    assert [r.prompt for r in load_prompts(tmp_path / "p.jsonl")] == ["a cat"]
+    text = make_geneval(tmp_path / "g" / "evaluation_metadata.jsonl").read_text()
+    (tmp_path / "g" / "evaluation_metadata.jsonl").write_bytes(("\ufeff" + text).encode())
+    assert load_geneval_metadata(tmp_path / "g") == GENEVAL_LINES
+    assert [r.meta for r in load_prompts(tmp_path / "g")] == GENEVAL_LINES  # still GenEval
+
+
 def test_coco_root_folder_2017_or_2014(tmp_path):
     """A COCO root given as a path: captions_val2017.json, else the 2014 file (FORMATS.md names
     both years; a 2014-only root fell through to the DPG reader: 'no DPG-Bench prompt files')."""

@@ -919,6 +919,27 @@ def test_used_folder_and_mismatched_resume_refused_before_loading(
 
     # the same settings still resume (more steps at a constant lr)
     more = [a if a != "2" else "3" for a in common[:2]] + list(common[2:])
+    # checking the resume reads the cache's records once (they were read for the task check,
+    # then again for the identity); stopped where the trainer would set up
+    import diffalign.textstream.train_weights as tw
+
+    reads = []
+
+    def counted(path):
+        reads.append(path)
+        return real_open(path)
+
+    def stop(*args, **kwargs):
+        raise DiffalignError("stop before the setup")
+
+    real_open = tw.open_cache
+    with monkeypatch.context() as m:
+        m.setattr(tw, "open_cache", counted)
+        m.setattr(tw, "WeightsTask", stop)
+        capsys.readouterr()
+        assert main(_train_args(sd3, cache, out, *more, "--resume", "latest")) == 2
+        assert "stop before the setup" in capsys.readouterr().err
+    assert len(reads) == 1 and loads == []
     assert main(_train_args(sd3, cache, out, *more, "--resume", "latest")) == 0
     assert len(loads) == 1
 

@@ -89,6 +89,22 @@ def test_em_passes_parametrization_to_the_e_step(setup, tmp_path):
     assert rc == 0
     cfg = json.loads((out / "cycle-000" / "assign" / "assign_config.json").read_text())
     assert cfg["parametrization"] == "cayley"
+    # the M-step logs to TensorBoard by default (SPEC E), as the other toy trainers
+    assert list((out / "cycle-000" / "sft" / "logs").rglob("*tfevents*"))
+
+
+def test_em_tracker_none_writes_no_event_files(setup, tmp_path):
+    """`noise toy em --tracker` as the other toy trainers, passed to each M-step (the option
+    did not exist: the M-steps' TensorBoard logs could not be turned off; the default's are
+    checked above)."""
+    out = tmp_path / "em"
+    rc = main(
+        ["noise", "toy", "em", "--generator-ckpt", str(setup / "gen"), "--output-dir", str(out),
+         "--num-cycles", "1", "--max-items", "3", "--assign-steps", "1", "--max-steps", "1",
+         "--tracker", "none"]
+    )  # fmt: skip
+    assert rc == 0 and (out / "cycle-000" / "sft" / "checkpoint-final").is_dir()
+    assert not list(out.rglob("*tfevents*"))
 
 
 @pytest.mark.parametrize(

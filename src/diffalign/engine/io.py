@@ -23,6 +23,10 @@ import torch
 
 from diffalign.engine.errors import DiffalignError
 
+# how a text file we are given is read: UTF-8, a leading byte-order mark (a file saved by a
+# Windows editor) not part of its first line
+TEXT_ENCODING = "utf-8-sig"
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -242,12 +246,12 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
 
 def iter_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> Iterator[tuple[int, Any]]:
     """(line number, object) for each non-empty line; a malformed line is an error naming
-    `file:line` (or is skipped), a file that is not UTF-8 is an error."""
+    `file:line` (or is skipped), a file that is not UTF-8 (`TEXT_ENCODING`) is an error."""
     path = Path(path)
     if not path.is_file():
         raise DiffalignError(f"file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=TEXT_ENCODING) as f:
             for lineno, line in enumerate(f, 1):
                 line = line.strip()
                 if not line:
@@ -296,12 +300,13 @@ def json_object(obj: Any, path: str | os.PathLike) -> dict:
 
 
 def read_text(path: str | os.PathLike, what: str = "file") -> str:
-    """A UTF-8 text file's content; a missing or non-UTF-8 file is a one-line DiffalignError."""
+    """A UTF-8 text file's content (`TEXT_ENCODING`); a missing or non-UTF-8 file is a one-line
+    DiffalignError."""
     path = Path(path)
     if not path.is_file():
         raise DiffalignError(f"{what} not found: {path}")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding=TEXT_ENCODING)
     except UnicodeDecodeError:
         raise DiffalignError(f"{path}: not UTF-8 text") from None
 

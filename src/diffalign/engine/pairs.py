@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.io import TEXT_ENCODING
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -126,7 +127,7 @@ def _load_folder(folder: Path) -> PairSet:
         caption = None
         if txt.is_file():
             try:
-                caption = txt.read_text(encoding="utf-8-sig").strip() or None
+                caption = txt.read_text(encoding=TEXT_ENCODING).strip() or None
             except UnicodeDecodeError:
                 raise DiffalignError(f"{txt}: not UTF-8 text") from None
         if caption is None:

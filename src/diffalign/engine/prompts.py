@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import iter_jsonl
+from diffalign.engine.io import TEXT_ENCODING, iter_jsonl
 
 DATASET_NAMES = ("coco", "coco2014", "geneval", "dpg")
 
@@ -144,7 +144,7 @@ def load_dpg_prompts(folder: str | os.PathLike) -> list[tuple[str, str]]:
         if "." in pid or not pid:
             raise DiffalignError(f"{p}: DPG-Bench prompt id must not contain a dot")
         try:
-            text = p.read_text(encoding="utf-8-sig").strip()
+            text = p.read_text(encoding=TEXT_ENCODING).strip()
         except UnicodeDecodeError:
             raise DiffalignError(f"{p}: not UTF-8 text") from None
         if not text:
@@ -325,7 +325,7 @@ def _load_txt(path: Path) -> list[PromptRecord]:
     if not path.is_file():
         raise DiffalignError(f"prompt file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = path.read_text(encoding=TEXT_ENCODING).splitlines()
     except UnicodeDecodeError:
         raise DiffalignError(f"{path}: not UTF-8 text") from None
     prompts = [s.strip() for s in lines if s.strip()]

@@ -484,6 +484,30 @@ def write_run_outputs(
     return rec
 
 
+def check_assign_image_before_loading(
+    prompt: str, output_dir: str | os.PathLike, overwrite: bool = False
+) -> None:
+    """`assign_image`'s refusals that need no generator, made by `noise assign` before it loads
+    one: an empty prompt, an --output-dir that is a file or (without ``overwrite``) holds an
+    earlier assignment. It has no resume: a folder that holds one is refused whatever the
+    settings."""
+    if not str(prompt).strip():
+        raise DiffalignError("--prompt is empty")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
+    if not overwrite:
+        _refuse_held_assignment(out)
+
+
+def _refuse_held_assignment(out: Path) -> None:
+    if (out / "summary.json").is_file():
+        raise DiffalignError(
+            f"--output-dir {out} already holds an assignment (summary.json); pass "
+            "--overwrite to replace it or choose another --output-dir"
+        )
+
+
 def assign_image(
     generator,
     target_image: str | os.PathLike,
@@ -513,19 +537,13 @@ def assign_image(
     out = Path(output_dir)
     latent_shape = tuple(generator.latent_shape())
     _check_settings(steps, lr, patch_size, latent_loss_weight, pixel_l1_weight, latent_shape)
-    if not str(prompt).strip():
-        raise DiffalignError("--prompt is empty")
-    if out.exists() and not out.is_dir():
-        raise DiffalignError(f"--output-dir {out} exists and is not a folder")
+    check_assign_image_before_loading(prompt, out, overwrite)
     target = load_target_image(target_image, generator.image_size(), resize)
     from diffalign.engine.progress import progress
 
     with output_lock(out, "assignment folder"):
-        if (out / "summary.json").is_file() and not overwrite:
-            raise DiffalignError(
-                f"--output-dir {out} already holds an assignment (summary.json); pass "
-                "--overwrite to replace it or choose another --output-dir"
-            )
+        if not overwrite:  # again under the lock: another run may have finished meanwhile
+            _refuse_held_assignment(out)
         bar = progress(total=steps + 1, desc="assign")
 
         def tick(step: int, losses: torch.Tensor) -> None:

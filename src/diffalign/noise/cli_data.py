@@ -553,8 +553,9 @@ def _model_info(args, gen) -> dict:
 
 
 def _run_assign(args) -> int:
-    from diffalign.noise.assign import assign_image
+    from diffalign.noise.assign import assign_image, check_assign_image_before_loading
 
+    check_assign_image_before_loading(args.prompt, args.output_dir, args.overwrite)
     gen = _load(args)
     s = assign_image(
         gen,

@@ -45,7 +45,7 @@ import torch
 
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.identity import file_sha256
-from diffalign.engine.io import output_lock, resolve_inside, write_json
+from diffalign.engine.io import TEXT_ENCODING, output_lock, resolve_inside, write_json
 from diffalign.noise.assign import (
     NOISE_FILE,
     _check_settings,
@@ -115,7 +115,7 @@ def read_pairs(
     if not path.is_file():
         raise DiffalignError(f"{path} not found (--data-root must hold {pairs_file})")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding=TEXT_ENCODING).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DiffalignError(f"{path} cannot be read ({type(e).__name__})") from None
     items: list[PairItem] = []

@@ -609,8 +609,11 @@ def check_before_loading(cfg: WeightsTrainConfig, loop: TrainConfig) -> None:
     """The trainer's used-folder and resume refusals (`engine.checkpoints.check_before_setup`)
     from the config and the cache's job record, before the transformer loads: a re-run with
     other settings is refused in seconds (the trainer compares everything again on resume)."""
+    import functools
+
     from diffalign.engine.checkpoints import check_before_setup
 
+    @functools.cache  # read once, for the task check and the identity
     def config() -> dict:  # called on resume only (a missing cache: open_cache's own error)
         return {**_settings(cfg), "cache_job": open_cache(cfg.cache).job}
 

@@ -103,11 +103,15 @@ def _train_options(p, epochs_default, lr_default: float, batch_default: int) -> 
         help="resume a run: 'latest' or a checkpoint folder under OUTPUT_DIR/checkpoints",
     )
     _checkpoint_option(g)
+    _tracker_option(g, "OUTPUT_DIR/logs")
+
+
+def _tracker_option(g, logs: str) -> None:
     g.add_argument(
         "--tracker",
         choices=("none", "tensorboard", "wandb"),
         default="tensorboard",
-        help="experiment tracker, logging to OUTPUT_DIR/logs (default: %(default)s)",
+        help=f"experiment tracker, logging to {logs} (default: %(default)s)",
     )
 
 
@@ -327,6 +331,7 @@ def register(verbs) -> None:
     )
     g.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
     _checkpoint_option(g)
+    _tracker_option(g, "OUTPUT_DIR/cycle-NNN/sft/logs")
     g.add_argument(
         "--resume",
         choices=("latest", "restart"),
@@ -535,6 +540,7 @@ def _run_em(args) -> int:
         base_ckpt=args.base_ckpt,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        tracker=args.tracker,
     )
     print(f"final generator: {s['final_generator']} ({s['num_cycles']} cycles)")
     return 0

@@ -54,8 +54,10 @@ def em(
     write_plots: bool = True,
     checkpoint_every: int = 100,
     resume: str = "latest",
+    tracker: str = "tensorboard",
 ) -> dict:
-    """Run `num_cycles` assign (E) + matched-SFT (M) cycles; returns (and writes) the summary."""
+    """Run `num_cycles` assign (E) + matched-SFT (M) cycles; returns (and writes) the summary.
+    ``tracker``: each M-step's (`sft`'s), logging to ``cycle-NNN/sft/logs``."""
     from diffalign.noise.toy.finetune import _check_settings
     from diffalign.noise.toy.models import resolve_weights
 
@@ -100,6 +102,7 @@ def em(
             write_plots=write_plots,
             checkpoint_every=checkpoint_every,
             resume=resume,
+            tracker=tracker,
         )
 
 
@@ -129,6 +132,7 @@ def _em_cycles(
     write_plots,
     checkpoint_every,
     resume,
+    tracker,
 ) -> dict:
     from diffalign.noise.em import cycle_seed, em_cycles, m_step_resume, resumed_m_step
     from diffalign.noise.toy.assignment import assign, check_assign_before_loading
@@ -174,6 +178,7 @@ def _em_cycles(
             base_ckpt=anchor,
             resume=m_step_resume(resume, cdir / "sft"),
             overwrite=resume == "restart",
+            tracker=tracker,
             progress=progress,
             checkpoint_every=checkpoint_every,
         )
