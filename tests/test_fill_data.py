@@ -279,3 +279,20 @@ def test_make_triptychs_default_max_panel_size_is_flux_resolution(tmp_path, caps
     summary = make_triptychs(src, tmp_path / "out", panel_size=None)
     assert Image.open(tmp_path / "out" / "images" / "ex0.png").size == (3072, 1024)
     assert summary["resized_down"] == 1
+
+
+def test_captions_saved_with_a_byte_order_mark(tmp_path):
+    """A captions.jsonl or a NAME.txt side file saved with a UTF-8 byte-order mark: the jsonl's
+    first record was skipped as 'corrupt record', a side file's caption kept U+FEFF (str.strip
+    keeps it)."""
+    root = _dataset_folder(tmp_path / "d")
+    rows = [{"image": "good1.png", "prompt": "first"}, {"image": "good2.jpg", "prompt": "second"}]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (root / "captions.jsonl").write_bytes(("\ufeff" + text).encode())
+    ds = TriptychDataset(root)
+    assert [r.prompt for r in ds.records] == ["first", "second"]
+    (root / "captions.jsonl").unlink()
+    (root / "good1.txt").write_bytes("\ufeffa red bus\n".encode())
+    (root / "good2.txt").write_bytes(b"a blue car\n")
+    ds = TriptychDataset(root)
+    assert sorted(r.prompt for r in ds.records) == ["a blue car", "a red bus"]

@@ -253,3 +253,16 @@ def test_missing_named_dataset_lists_where_it_looked(tmp_path):
         load_geneval_metadata(tmp_path / "missing.jsonl")
     with pytest.raises(DiffalignError, match="folder not found"):
         load_dpg_prompts(tmp_path / "missing")
+
+
+def test_coco_captions_json_with_a_byte_order_mark(tmp_path):
+    """COCO captions json (and any JSON read by engine.io.read_json) saved with a byte-order
+    mark: 'not valid JSON'."""
+    from diffalign.engine.io import read_json
+
+    ann = make_coco(tmp_path / "c", with_images=False)
+    want = [r.prompt for r in load_prompts(ann)]
+    ann.write_bytes(b"\xef\xbb\xbf" + ann.read_bytes())
+    assert [r.prompt for r in load_prompts(ann)] == want
+    (tmp_path / "x.json").write_bytes('\ufeff{"a": 1}'.encode())
+    assert read_json(tmp_path / "x.json") == {"a": 1}

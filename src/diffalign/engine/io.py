@@ -278,7 +278,7 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise DiffalignError(f"file not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding=TEXT_ENCODING))
     except json.JSONDecodeError as e:
         raise DiffalignError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except UnicodeDecodeError:

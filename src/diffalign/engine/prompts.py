@@ -368,7 +368,7 @@ def _load_coco(path: Path) -> list[PromptRecord]:
     if not path.is_file():
         raise DiffalignError(f"COCO captions file not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=TEXT_ENCODING))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DiffalignError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.engine.io import resolve_inside
+from diffalign.engine.io import TEXT_ENCODING, resolve_inside
 from diffalign.engine.reports import pil_to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -74,7 +74,7 @@ def _read_caption_file(path: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding=TEXT_ENCODING).strip()
     except (OSError, UnicodeDecodeError):
         return None
     return text or None
@@ -158,7 +158,7 @@ class TriptychDataset(torch.utils.data.Dataset):
             return [(p, _read_caption_file(p.with_suffix(".txt")), p.name) for p in images]
         out = []
         try:
-            lines = caption_path.read_text(encoding="utf-8").splitlines()
+            lines = caption_path.read_text(encoding=TEXT_ENCODING).splitlines()
         except UnicodeDecodeError:
             raise DiffalignError(f"{caption_path}: not UTF-8 text") from None
         for lineno, line in enumerate(lines, 1):
