@@ -53,7 +53,7 @@ def project(tmp_path, monkeypatch, tiny_model_dir):
     _serve(monkeypatch, {SDXL_REPO: tiny_model_dir("sdxl"), CLIP_REPO: tiny_model_dir("clip")})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv(loading.MODELS_DIR_ENV, raising=False)
+    monkeypatch.delenv(download.MODELS_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(loading, "_NOTICED", set(), raising=False)
     assert main(["download", "--only", "sdxl-turbo", "--only", "CLIP-ViT-L-14"]) == 0
@@ -184,7 +184,7 @@ def test_repa_sd15_loaders_take_the_hub_id_of_their_download(tmp_path, monkeypat
     _serve(monkeypatch, {repo: tiny_model_dir("sd15")})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv(loading.MODELS_DIR_ENV, raising=False)
+    monkeypatch.delenv(download.MODELS_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     assert main(["download", "--only", "sd15"]) == 0
     _offline(monkeypatch)

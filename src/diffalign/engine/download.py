@@ -26,6 +26,30 @@ from typing import NamedTuple
 
 from diffalign.engine.errors import DiffalignError
 
+# where `download` writes and `engine.loading` looks (re-exported there)
+MODELS_DIR_ENV = "DIFFALIGN_MODELS_DIR"
+
+
+def models_dir() -> Path:
+    """The project-local model folder: `$DIFFALIGN_MODELS_DIR` or `./models`."""
+    return Path(os.environ.get(MODELS_DIR_ENV) or "models")
+
+
+def hub_offline() -> bool:
+    """True when `HF_HUB_OFFLINE` is set (read at call time, not at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    if value.strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return False
+
+
+_default_models_dir = models_dir  # `plan_downloads` / `download` have a parameter of this name
+
 MARKER = ".diffalign-download.json"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 # the LAION improved-aesthetic-predictor MLP (ViT-L/14 head). The authors host it on GitHub only;
@@ -469,8 +493,6 @@ def plan_downloads(
     hps_version: str = "v2.1",
 ) -> list[PlannedAsset]:
     """The download plan: each asset's target folder, sources and present/missing status."""
-    from diffalign.engine.loading import models_dir as default_models_dir
-
     if hps_version not in HPS_FILES:
         raise DiffalignError(
             f"--hps-version must be one of {', '.join(HPS_FILES)}, got '{hps_version}'"
@@ -490,7 +512,7 @@ def plan_downloads(
                 f"unknown asset '{name}'; choose from: {', '.join([*ASSETS, *ASSET_ALIASES])}"
             )
         resolved.append(real)
-    base = Path(models_dir) if models_dir is not None else default_models_dir()
+    base = Path(models_dir) if models_dir is not None else _default_models_dir()
     if base.exists() and not base.is_dir():
         raise DiffalignError(f"--dir {base} exists and is not a folder")
     plan = []
@@ -589,8 +611,6 @@ def _failure_line(name: str, source: Source, exc: BaseException, gated: bool) ->
 
 
 def _offline() -> bool:
-    from diffalign.engine.loading import hub_offline
-
     return hub_offline()
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffalign.engine.download import asset_of_repo, folder_status, hub_offline, models_dir
 from diffalign.engine.errors import DiffalignError, ModelNotFoundError, library_output_held
 from diffalign.engine.progress import quiet_library_bars
 
@@ -75,7 +76,6 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-MODELS_DIR_ENV = "DIFFALIGN_MODELS_DIR"
 LEGACY_MODELS_DIR = "third_party_weights"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -103,24 +103,6 @@ class ResolvedModel:
     download_name: str | None = None
 
 
-def models_dir() -> Path:
-    """The project-local model folder: `$DIFFALIGN_MODELS_DIR` or `./models`."""
-    return Path(os.environ.get(MODELS_DIR_ENV) or "models")
-
-
-def hub_offline() -> bool:
-    """True when `HF_HUB_OFFLINE` is set (read at call time, not at import)."""
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    if value.strip().upper() in {"1", "ON", "YES", "TRUE"}:
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        return False
-
-
 def _download_name_for_repo(repo_id: str) -> str | None:
     for p in PRESETS.values():
         if p.repo_id == repo_id:
@@ -140,8 +122,6 @@ def downloaded_copy(repo_id: str) -> DownloadedCopy | None:
     """The folder `diffalign download` writes for Hub repo `repo_id` (`download.asset_of_repo`),
     in `models/` then the legacy `third_party_weights/`: the first complete one, else the first
     that is there but incomplete or foreign, else None (no such asset, or no folder)."""
-    from diffalign.engine.download import asset_of_repo, folder_status
-
     asset = asset_of_repo(repo_id)
     if asset is None:
         return None
