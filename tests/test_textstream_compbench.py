@@ -49,6 +49,15 @@ def evaluator_reads(folder: Path) -> list[tuple[int, str]]:
     return [(int(x.split("_")[-1].split(".")[0]), x.split("_")[0]) for x in names]
 
 
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` but the lock, by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != ".diffalign.lock"
+    }
+
+
 @pytest.fixture(scope="module")
 def sd3(tiny_model_dir):
     return tiny_model_dir("sd3")
@@ -146,6 +155,29 @@ def test_refuses_differing_rerun_and_foreign_images(full, sd3, tmp_path, capsys)
     assert {p: p.read_bytes() for p in copy.rglob("*.png") if p.name != "a cat_000007.png"} == {
         p: before[p] for p in before
     }
+
+
+def test_rerun_reads_the_same_prompts(full, sd3, tmp_path, capsys):
+    """The run records its prompts by content: the same files by another path resume with
+    nothing to do; a prompt added to a category (whose images the evaluators would score with
+    the old ones') is refused, naming `prompts`, before anything is written."""
+    data, out = full
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    argv = ["textstream", "compbench", "--model", sd3, "--output-dir", str(copy)]
+    argv += ["--n-samples", "2", *TINY]
+    assert main([*argv, "--prompts", str(data)]) == 0  # the fixture read data.parent
+    assert json.loads((copy / "summary.json").read_text())["prompts_skipped"] == 3
+    more = tmp_path / "more"
+    shutil.copytree(data, more)
+    with open(more / "spatial_val.txt", "ab") as f:
+        f.write(b"a cat on the right of a dog\n")
+    before = files(copy)
+    capsys.readouterr()
+    assert main([*argv, "--prompts", str(more)]) == 2
+    (line,) = error_lines(capsys)
+    assert "other settings (prompts)" in line and "--overwrite" in line
+    assert files(copy) == before
 
 
 @pytest.mark.parametrize(

@@ -321,6 +321,122 @@ def test_dpg_grid_layout_exact(sd3, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# a re-run reads the same prompts: the identity's `prompts` is the whole set by content (before
+# --limit), so other prompts are refused, another spelling of the same ones resumes, and a
+# larger --limit extends
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".diffalign.lock"
+    }
+
+
+def refused_for_prompts(capsys, argv, *folders: Path) -> str:
+    """Run `argv`: exit 2, one line naming `prompts`, nothing in `folders` changed."""
+    before = [files(f) for f in folders]
+    capsys.readouterr()
+    assert main(argv) == 2
+    (line,) = error_lines(capsys)
+    assert "made with other settings (prompts" in line and "--overwrite" in line
+    assert [files(f) for f in folders] == before
+    return line
+
+
+def test_geneval_rerun_with_other_prompts_is_refused(sd3, tmp_path, capsys):
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps(x) + "\n" for x in GENEVAL))
+    b = tmp_path / "b.jsonl"  # as many prompts, other texts
+    b.write_text(
+        "".join(json.dumps({**x, "prompt": x["prompt"] + ", oil"}) + "\n" for x in GENEVAL)
+    )
+    out = tmp_path / "out"
+    argv = ["textstream", "geneval", "--model", sd3, "--output-dir", str(out), "--n-samples", "1"]
+    argv += TINY
+    assert main([*argv, "--metadata", str(a), "--limit", "1"]) == 0
+    stamp = (out / "00000" / "samples" / "0000.png").stat().st_mtime_ns
+    refused_for_prompts(capsys, [*argv, "--metadata", str(b), "--limit", "1"], out)
+    refused_for_prompts(capsys, [*argv, "--metadata", str(b)], out)
+    # the same lines under another name and folder, all of them: prompt 0 is kept, 1 is added
+    copy = tmp_path / "copy" / "evaluation_metadata.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes(a.read_bytes())
+    assert main([*argv, "--metadata", str(copy.parent)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["prompts_done"], summary["prompts_skipped"]) == (1, 1)
+    assert (out / "00000" / "samples" / "0000.png").stat().st_mtime_ns == stamp
+    assert json.loads((out / "00001" / "metadata.jsonl").read_text()) == GENEVAL[1]
+
+
+def test_dpg_rerun_with_other_prompts_is_refused(sd3, tmp_path, capsys):
+    a, b = tmp_path / "a" / "prompts", tmp_path / "b"
+    a.mkdir(parents=True)
+    b.mkdir()
+    for folder, texts in ((a, ("a blue cube", "a red ball")), (b, ("two cats", "a green car"))):
+        for pid, text in zip(("p1", "p2"), texts):  # the same ids: the same tile names
+            (folder / f"{pid}.txt").write_text(text)
+    out = tmp_path / "dpg_out"
+    argv = ["textstream", "dpg", "--model", sd3, "--output-dir", str(out), "--resolution", "32"]
+    argv += ["--steps", "2", "--limit", "1"]
+    assert main([*argv, "--prompts-dir", str(a)]) == 0
+    assert sorted(os.listdir(out)) == ["p1.png"]
+    settings = tmp_path / "dpg_out.settings.json"
+    recorded = settings.read_bytes()
+    refused_for_prompts(capsys, [*argv, "--prompts-dir", str(b)], out)
+    assert settings.read_bytes() == recorded
+    # the same prompts through the parent folder: nothing left to do
+    assert main([*argv, "--prompts-dir", str(a.parent)]) == 0
+    assert json.loads((tmp_path / "dpg_out.summary.json").read_text())["prompts_skipped"] == 1
+
+
+def test_generate_rerun_with_other_prompts_is_refused(sd3, tmp_path, capsys):
+    from diffalign.engine.identity import samples_sha256
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a cat\na dog\n")
+    b.write_text("A cat!\na bird\n")  # prompt 0 has prompt 0's folder name, 00000_a_cat
+    out = tmp_path / "gen"
+    argv = ["textstream", "generate", "--model", sd3, "--output-dir", str(out), *TINY]
+    assert main([*argv, "--prompts", str(a), "--limit", "1"]) == 0
+    identity = json.loads((out / "settings.json").read_text())["identity"]
+    # the whole file, as the folders record each prompt (text, id), --limit aside
+    assert identity["prompts"] == samples_sha256([["a cat", "00000"], ["a dog", "00001"]])
+    refused_for_prompts(capsys, [*argv, "--prompts", str(b)], out)
+    refused_for_prompts(capsys, [*argv, "--prompts", str(b), "--limit", "1"], out)
+    assert main([*argv, "--prompts", f"txt:{tmp_path}/./a.txt", "--limit", "1"]) == 0
+    assert json.loads((out / "summary.json").read_text())["prompts_skipped"] == 1
+    # a folder recorded without the prompts (an older diffalign) is not added to
+    record = json.loads((out / "settings.json").read_text())
+    del record["identity"]["prompts"]
+    (out / "settings.json").write_text(json.dumps(record))
+    line = refused_for_prompts(capsys, [*argv, "--prompts", str(a)], out)
+    assert "prompts: not recorded" in line
+
+
+def test_sample_other_prompt_or_index_gets_another_folder(sd3, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["textstream", "sample", "--model", sd3, "--output-dir", str(out), *TINY]
+    short = model_short_name(sd3)
+    assert main([*base, "--prompt", "a cat"]) == 0
+    first = files(out / f"{short}_a_cat")
+    capsys.readouterr()
+    # the same folder name, another prompt; then "a cat" as prompt 1 (seed 1, not 0)
+    assert main([*base, "--prompt", "A cat!"]) == 0
+    assert main([*base, "--prompt", "a dog", "--prompt", "a cat"]) == 0
+    said = capsys.readouterr().out
+    assert f"{short}_a_cat holds images made with other settings (prompts)" in said
+    assert "(prompt_index: 0 -> 1)" in said
+    assert files(out / f"{short}_a_cat") == first
+    made = {
+        name: json.loads((out / name / "settings.json").read_text())
+        for name in (f"{short}_a_cat_2", f"{short}_a_cat_3")
+    }
+    assert [(s["prompt"], s["seeds"]) for s in made.values()] == [("A cat!", [0]), ("a cat", [1])]
+
+
+# ------------------------------------------------------------------------------------------------
 # bad input: one line, non-zero exit, nothing written
 
 

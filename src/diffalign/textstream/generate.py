@@ -19,9 +19,12 @@ Unset sampling options (steps, cfg, FLUX guidance, token length) take the model 
   `OUT/settings.json` and `OUT/summary.json`. FORMATS.md: T2I-CompBench.
 
 Every unit of output (a prompt folder, a DPG png, a CompBench image) appears atomically, so an interrupted run
-leaves only finished units; a re-run skips them (`overwrite=True` redoes them). Image k of
-prompt i uses the seed `seed + i * n_samples + k` (CPU generator), independent of the batch size
-and of how prompts are sharded over processes. Under `accelerate launch` process r of w takes
+leaves only finished units; a re-run skips them (`overwrite=True` redoes them). The settings a
+run records include its prompt set by content (identity key `prompts`: `prompt_set_digest` of
+the whole set, before `--limit`), so a re-run with other prompts is refused (`sample`: the
+folder's prompt and its index), the same prompts by another path resume, and a larger `--limit`
+extends. Image k of prompt i uses the seed `seed + i * n_samples + k` (CPU generator),
+independent of the batch size and of how prompts are sharded over processes. Under `accelerate launch` process r of w takes
 prompts `i % w == r`; rank 0 writes the run-level settings and, after all ranks finish, the
 summary.
 """
@@ -584,13 +587,17 @@ def _check_compatible(path: Path, settings: dict, overwrite: bool, out: Path) ->
 
 def _settings_diff(old: dict, new: dict) -> list[str]:
     """The image-affecting settings that differ, as `name: old -> new` or, for a model's
-    identity, `model.weights` (empty: compatible)."""
+    identity or a prompt set, `model.weights` / `prompts`; a key the old record lacks (an
+    older diffalign recorded no `prompts`) as `name: not recorded` (empty: compatible)."""
     from diffalign.engine.identity import identity_differences
 
     a, b = _settings_key(old), _settings_key(new)
     out = []
     for key in identity_differences(a, b):
         name = key.removeprefix("options.").replace("residual_options", "residual options")
+        if key.split(".")[0] not in a:
+            out.append(f"{name}: not recorded (made by an older diffalign)")
+            continue
         va, vb = _dotted(a, key), _dotted(b, key)
         short = not isinstance(va, dict) and not isinstance(vb, dict)
         out.append(f"{name}: {va!r} -> {vb!r}" if short and len(repr((va, vb))) < 80 else name)
@@ -603,9 +610,29 @@ def _dotted(d: Any, key: str) -> Any:
     return d
 
 
+def prompt_set_digest(prompts: Sequence) -> str:
+    """A prompt set's identity by content (`engine.identity.samples_sha256` of its items in
+    order): the same for another spelling of its path, another when a prompt, its id, its
+    metadata, their order or their number differ."""
+    from diffalign.engine.identity import samples_sha256
+
+    return samples_sha256(prompts)
+
+
+def _sample_unit(prompt: str, index: int) -> dict:
+    """`sample`'s identity of one folder's prompt: its text and its index (the seeds)."""
+    return {"prompts": prompt_set_digest([prompt]), "prompt_index": index}
+
+
 def _base_settings(
-    command: str, cfg: GenerationConfig, rc: ResidualConfig, extra: dict | None = None
+    command: str,
+    cfg: GenerationConfig,
+    rc: ResidualConfig,
+    extra: dict | None = None,
+    **identity: Any,
 ) -> dict:
+    """The settings a run records; `identity`: keys of the prompts it read (`prompts`, ...),
+    compared on re-run beside the options and models."""
     from diffalign import __version__
 
     settings = {
@@ -616,7 +643,7 @@ def _base_settings(
         "seed_rule": SEED_RULE,
         **(extra or {}),
     }
-    settings["identity"] = _settings_identity(settings)
+    settings["identity"] = {**_settings_identity(settings), **identity}
     return settings
 
 
@@ -812,7 +839,9 @@ def run_sample(
         # a finished folder made with other settings is kept: these images go to `<name>_2` ...
         for m, folder_names in zip(models, names):
             for j, p in enumerate(prompts):
-                probe = _base_settings("sample", _with_model(cfg, m), rc, {"prompt": p})
+                probe = _base_settings(
+                    "sample", _with_model(cfg, m), rc, {"prompt": p}, **_sample_unit(p, j)
+                )
                 chosen, diffs = _pick_sample_folder(out, folder_names[j], probe, cfg.overwrite)
                 if chosen != folder_names[j] and state.is_main_process:
                     print(
@@ -840,6 +869,7 @@ def run_sample(
                         "seeds": image_seeds(cfg.seed, i, cfg.n_samples),
                         "images": [f"{k:03d}.png" for k in range(cfg.n_samples)],
                     },
+                    **_sample_unit(p, i),
                 )
                 jobs.append(
                     _Job(
@@ -894,7 +924,8 @@ def run_generate(
     from diffalign.engine.prompts import load_prompts
 
     cfg = _checked(cfg, rc)
-    records = load_prompts(prompts, datadir, limit=limit, prompt_field=prompt_field)
+    every = load_prompts(prompts, datadir, prompt_field=prompt_field)  # the identity's set
+    records = _first(every, limit)
     out = Path(output_dir)
     run_extra = {"prompts": _spec_text(prompts), "datadir": datadir, "limit": limit}
     return _run_layout(
@@ -910,6 +941,7 @@ def run_generate(
         ],
         total=len(records),
         clean=out,
+        prompt_set=[[r.prompt, r.id] for r in every],  # what its folders record of each
     )
 
 
@@ -927,7 +959,8 @@ def run_geneval(
     from diffalign.engine.prompts import load_geneval_metadata
 
     cfg = _checked(cfg, rc)
-    lines = _first(load_geneval_metadata(metadata), limit)
+    every = load_geneval_metadata(metadata)
+    lines = _first(every, limit)
     out = Path(output_dir)
     return _run_layout(
         "geneval",
@@ -942,6 +975,7 @@ def run_geneval(
         ],
         total=len(lines),
         clean=out,
+        prompt_set=every,  # whole lines: each folder's metadata.jsonl is its line
     )
 
 
@@ -967,7 +1001,8 @@ def run_dpg(
     cfg = GenerationConfig(**{**asdict(cfg), "height": resolution, "width": resolution})
     cfg.n_samples = 4
     cfg = _checked(cfg, rc)
-    items = _first(load_dpg_prompts(prompts_dir), limit)
+    every = load_dpg_prompts(prompts_dir)
+    items = _first(every, limit)
     out = Path(output_dir)
     base = str(out).rstrip("/\\")
     return _run_layout(
@@ -983,6 +1018,7 @@ def run_dpg(
         ],
         total=len(items),
         clean=out,
+        prompt_set=[[pid, text] for pid, text in every],
     )
 
 
@@ -1040,6 +1076,8 @@ def run_compbench(
         total=len(units),
         clean=[out, *folders],
         preflight=preflight,
+        # a folder's category names its samples/ folder; a single file's writes OUT/samples
+        prompt_set=[[None if single else cat, lines] for cat, lines in categories],
     )
 
 
@@ -1074,9 +1112,13 @@ def _run_layout(
     total: int,
     clean: Path | Sequence[Path],
     preflight: Callable[[], None] | None = None,
+    *,
+    prompt_set: Sequence,
 ) -> dict:
     """Shared body of generate/geneval/dpg/compbench: check, lock, load, write settings,
-    generate, summarise. The output folder is locked for the whole run (`engine.io.output_lock`);
+    generate, summarise. `prompt_set`: every prompt the command read, before `--limit`, each as
+    its images and records depend on (JSON): its `prompt_set_digest` is the identity's
+    `prompts`, so a re-run with other prompts is refused and a larger `--limit` extends. The output folder is locked for the whole run (`engine.io.output_lock`);
     dpg, whose folder holds only `<id>.png`, locks the folder `OUT.lock` beside it. `clean`: the
     folders the images are written in (stale temporaries removed); `preflight`: the layout's own
     check of what is already there, under the lock, before the model loads."""
@@ -1095,8 +1137,9 @@ def _run_layout(
     t0 = time.perf_counter()
     device = _resolve_device(cfg, state.device)
     lock_dir = out if command != "dpg" else Path(str(out).rstrip("/\\") + ".lock")
+    prompts_id = prompt_set_digest(prompt_set)
     with output_lock(lock_dir):
-        probe = _base_settings(command, cfg, rc, run_extra)
+        probe = _base_settings(command, cfg, rc, run_extra, prompts=prompts_id)
         _check_compatible(settings_path, probe, cfg.overwrite, out)
         if preflight is not None:
             preflight()
@@ -1111,6 +1154,7 @@ def _run_layout(
                 "world_size": state.num_processes,
                 "num_prompts": total,
             },
+            prompts=prompts_id,
         )
         jobs = jobs_for(settings)
         # model errors and residual range errors end here; nothing is loaded when all is done
