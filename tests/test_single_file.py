@@ -142,3 +142,23 @@ def test_unknown_layout_is_not_taken_for_sd15(tiny_model_dir, tmp_path, models_d
     assert loading.single_file_preset(str(flux)) is None
     with pytest.raises(DiffalignError, match="cannot tell which sd15 model"):
         load_pipeline(str(flux), StableDiffusionPipeline, "sd15")
+
+
+def test_repa_vae_step_refuses_a_unet_file_and_keeps_the_store(
+    tiny_model_dir, tmp_path, models_dir, capsys
+):
+    """`repa preprocess vae --model unet_only.safetensors --overwrite`: one line (the file holds
+    no VAE), and the store it would rebuild is still there (it was emptied before the VAE
+    loaded)."""
+    from test_repa_train import build_data_dir
+
+    (models_dir / "sd15").symlink_to(tiny_model_dir("sd15"), target_is_directory=True)
+    ldm = tmp_path / "sd15_unet.safetensors"
+    write_ldm_unet_file(tiny_model_dir("sd15"), ldm)
+    data = build_data_dir(tmp_path / "data")
+    before = (data / "vae_latents.lmdb" / "data.mdb").read_bytes()
+    argv = ["repa", "preprocess", "vae", "--data-dir", str(data), "--model", str(ldm)]
+    assert main([*argv, "--overwrite", "--num-workers", "1"]) == 2
+    line = _one_line(capsys)
+    assert "holds no VAE weights" in line and "not found" not in line, line
+    assert (data / "vae_latents.lmdb" / "data.mdb").read_bytes() == before

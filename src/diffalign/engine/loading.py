@@ -705,6 +705,28 @@ def _check_vae_fits(vae: str, got: Any, model: str, offline: bool) -> None:
             )
 
 
+# where a single file keeps VAE weights: a whole checkpoint's, diffusers' or a VAE file's own
+_VAE_PREFIXES = ("first_stage_model.", "vae.", "encoder.", "decoder.")
+
+
+def _vae_config(vae: str, config: str | None, family: str | None) -> ResolvedModel:
+    """The config a single-file VAE loads with: `config` (a folder or Hub id; a single-file
+    model: the config its release has), else that of the release the VAE file itself is."""
+    source = config if config is not None else vae
+    resolved = resolve_model(source, family)
+    if resolved.kind != "single_file":
+        return resolved
+    preset = single_file_preset(resolved.source, family)
+    if preset is None:
+        raise DiffalignError(
+            f"VAE {vae}: cannot tell which model's VAE config it loads with (diffusers does not "
+            f"recognise {Path(resolved.source).name}); pass a diffusers folder or Hub id as the "
+            "model (or as --single-file-config where the command has it)"
+        )
+    local = _preset_local_folder(preset)
+    return resolve_model(str(local) if local is not None else preset.name, family)
+
+
 def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str, offline: bool):
     from diffusers import AutoencoderKL
 
@@ -717,9 +739,12 @@ def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str
             return AutoencoderKL.from_pretrained(str(path), subfolder=sub, **_dtype_kw(torch_dtype))
         if path.is_file():
             resolved = resolve_model(str(path))  # refuses pickles
-            if config is None:
-                raise ModelNotFoundError(vae, None, "a single-file VAE needs a config folder")
-            cfg = resolve_model(config, family)
+            cfg = _vae_config(vae, config, family)
+            if not any(k.startswith(_VAE_PREFIXES) for k in _checkpoint_shapes(resolved.source)):
+                raise DiffalignError(
+                    f"{vae} holds no VAE weights (no {', '.join(p + '*' for p in _VAE_PREFIXES)} "
+                    "tensors): pass a diffusers folder with a vae/ or a VAE file"
+                )
             return AutoencoderKL.from_single_file(
                 resolved.source,
                 config=cfg.source,

@@ -151,7 +151,8 @@ def load_text_to_image(
     if vae is not None:
         if family != "flux":
             raise DiffalignError(f"--vae is supported for SD3 and FLUX.1 models, not {family}")
-        components["vae"] = load_vae(vae, config=model, dtype=dtype, family=None)
+        config = single_file_config or model  # a single-file model: its release's
+        components["vae"] = load_vae(vae, config=config, dtype=dtype, family=None)
     return load_pipeline(
         model,
         cls,
