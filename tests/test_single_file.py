@@ -162,3 +162,15 @@ def test_repa_vae_step_refuses_a_unet_file_and_keeps_the_store(
     line = _one_line(capsys)
     assert "holds no VAE weights" in line and "not found" not in line, line
     assert (data / "vae_latents.lmdb" / "data.mdb").read_bytes() == before
+
+
+def test_pixart_single_file_is_one_line(tiny_model_dir, tmp_path):
+    """Neither PixArtAlphaPipeline nor its transformer class has `from_single_file` in
+    diffusers: one line naming what to pass (was an AttributeError)."""
+    from diffusers import PixArtAlphaPipeline
+
+    folder = tiny_model_dir("pixart-dmd")
+    path = tmp_path / "pixart.safetensors"
+    _transformer_file(folder, path)
+    with pytest.raises(DiffalignError, match="cannot load PixArtAlphaPipeline .* single file"):
+        load_pipeline(str(path), PixArtAlphaPipeline, "pixart-dmd", single_file_config=folder)
