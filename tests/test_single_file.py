@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -64,16 +65,26 @@ def test_flux_single_file_runs_as_flux(tiny_model_dir, tmp_path, capsys):
     """The family of a single file comes from its --single-file-config (it was SD3 whatever
     the file held: an internal error inside diffusers); without a config that tells, one line
     that names the option, not "not found"."""
-    folder = tiny_model_dir("flux-schnell")
+    folder = tmp_path / "config"
+    shutil.copytree(tiny_model_dir("flux-schnell"), folder)
     path = tmp_path / "tuned.safetensors"
-    _transformer_file(folder, path)
+    _transformer_file(str(folder), path)
     out = tmp_path / "out"
     argv = ["textstream", "sample", "--prompt", "a cat", "--model", str(path), "--steps", "1"]
     argv += ["--height", "32", "--width", "32", "--max-sequence-length", "16"]
-    assert main([*argv, "--single-file-config", folder, "--output-dir", str(out)]) == 0
+    argv += ["--single-file-config", str(folder)]
+    assert main([*argv, "--output-dir", str(out)]) == 0
     (settings,) = out.glob("*/settings.json")
     assert "flux" in json.dumps(json.loads(settings.read_text())).lower()
     capsys.readouterr()
+    # the images' text encoders came from the config: another one there is another run (a
+    # folder of its own, not "already done")
+    encoder = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(encoder))
+    save_file({k: v + 1 for k, v in tensors.items()}, str(encoder))
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    assert len(list(out.glob("*/settings.json"))) == 2
+    argv = argv[:-2]
 
     assert main([*argv, "--output-dir", str(tmp_path / "none")]) == 2
     line = _one_line(capsys)

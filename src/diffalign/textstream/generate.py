@@ -541,7 +541,7 @@ def _settings_identity(settings: dict) -> dict:
 
     key = _settings_key({k: v for k, v in settings.items() if k != "identity"})
     opts, rc = dict(key["options"]), dict(key["residual_options"] or {})
-    for k in ("model", "vae"):
+    for k in ("model", "vae", "single_file_config"):  # a single file's encoders come from it
         if opts.get(k):
             opts[k] = model_identity(opts[k])
     proc = rc.get("procrustes_path")
