@@ -325,7 +325,7 @@ def test_single_file_through_the_cli(sd35_single_file, tmp_path):
 
 def test_single_file_without_config_is_clear(sd35_single_file, workdir):
     _, path, _ = sd35_single_file
-    with pytest.raises(ModelNotFoundError, match="cannot tell which model"):
+    with pytest.raises(DiffalignError, match="cannot tell which sd3 model"):
         load_sd3_pipeline(str(path))
     with pytest.raises(ModelNotFoundError, match="not cached and HF_HUB_OFFLINE=1"):
         load_sd3_pipeline(str(path), single_file_config="sd3.5")

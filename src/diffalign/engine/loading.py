@@ -79,6 +79,8 @@ PRESETS: dict[str, Preset] = {
 LEGACY_MODELS_DIR = "third_party_weights"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# the first conv of an original-layout (LDM) U-Net: present in every SD 1.x / 2.x / XL file
+_LDM_UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -545,37 +547,8 @@ def load_pipeline(
                 resolved.source, **_dtype_kw(torch_dtype), local_files_only=offline, **components
             )
         else:
-            config = single_file_config or _single_file_config(resolved.source, family)
-            if config is None:
-                raise ModelNotFoundError(
-                    model,
-                    None,
-                    "cannot tell which model this single file is: pass the matching diffusers "
-                    f"{family} folder, preset or Hub id as its config (single_file_config)",
-                )
-            config_resolved = resolve_model(config, family)
-            if config_resolved.kind == "single_file":
-                raise DiffalignError(f"single-file config {config} must be a folder or Hub id")
-            if (
-                config_resolved.kind == "hub"
-                and offline
-                and not _hub_config_cached(config_resolved.source)
-            ):
-                raise ModelNotFoundError(
-                    config_resolved.source,
-                    config_resolved.download_name,
-                    "config for the single-file checkpoint is not cached and HF_HUB_OFFLINE=1",
-                )
-            local_only = offline or config_resolved.kind == "folder"
-            not_in_file = _components_not_in_file(
-                pipeline_cls, resolved.source, config_resolved.source, torch_dtype, local_only
-            )
-            pipe = pipeline_cls.from_single_file(
-                resolved.source,
-                config=config_resolved.source,
-                **_dtype_kw(torch_dtype),
-                local_files_only=local_only,
-                **{**not_in_file, **components},
+            pipe = _load_single_file(
+                model, resolved, pipeline_cls, family, single_file_config, torch_dtype, components
             )
     except DiffalignError:
         raise
@@ -601,6 +574,102 @@ def load_pipeline(
     return pipe
 
 
+def _load_single_file(
+    model: str,
+    resolved: ResolvedModel,
+    pipeline_cls: type,
+    family: str,
+    single_file_config: str | None,
+    torch_dtype: torch.dtype,
+    components: dict[str, Any],
+):
+    """`pipeline_cls` from the single file `resolved.source` and a diffusers config (module doc).
+
+    Pipelines with diffusers' `from_single_file` load through it; for the others (Qwen-Image,
+    SANA-Sprint, ...) a file holding only the denoiser loads through its model class's
+    `from_single_file`, the rest from the config. Anything else is one refusal line.
+    """
+    offline = hub_offline()
+    config = single_file_config or _single_file_config(resolved.source, family)
+    if config is None:
+        raise DiffalignError(
+            f"--model {model}: cannot tell which {family} model this single file is (diffusers "
+            "does not recognise its layout as a release we have a preset for); pass the matching "
+            "diffusers folder or Hub id as --single-file-config where the command has it, or a "
+            "diffusers folder as --model"
+        )
+    config_resolved = resolve_model(config, family)
+    if config_resolved.kind == "single_file":
+        raise DiffalignError(f"single-file config {config} must be a folder or Hub id")
+    if config_resolved.kind == "hub" and offline and not _hub_config_cached(config_resolved.source):
+        raise ModelNotFoundError(
+            config_resolved.source,
+            config_resolved.download_name,
+            "config for the single-file checkpoint is not cached and HF_HUB_OFFLINE=1",
+        )
+    local_only = offline or config_resolved.kind == "folder"
+    source = config_resolved.source
+    _check_config_pipeline(pipeline_cls, family, source, local_only)
+    if not hasattr(pipeline_cls, "from_single_file"):
+        name, denoiser_cls = _single_file_denoiser(model, pipeline_cls, source, local_only)
+        denoiser = denoiser_cls.from_single_file(
+            resolved.source,
+            config=source,
+            subfolder=name,
+            local_files_only=local_only,
+            **_dtype_kw(torch_dtype),
+        )
+        return pipeline_cls.from_pretrained(
+            source,
+            **_dtype_kw(torch_dtype),
+            local_files_only=local_only,
+            **{name: denoiser, **components},
+        )
+    not_in_file = _components_not_in_file(
+        pipeline_cls, resolved.source, source, torch_dtype, local_only
+    )
+    return pipeline_cls.from_single_file(
+        resolved.source,
+        config=source,
+        **_dtype_kw(torch_dtype),
+        local_files_only=local_only,
+        **{**not_in_file, **components},
+    )
+
+
+def _check_config_pipeline(pipeline_cls: type, family: str, config: str, local_only: bool):
+    """A single file's config must name the components `pipeline_cls` needs (one line if not:
+    diffusers would fail deep inside `from_single_file`)."""
+    index = pipeline_cls.load_config(config, local_files_only=local_only)
+    expected, _ = pipeline_cls._get_signature_keys(pipeline_cls)
+    required = set(expected) - set(pipeline_cls._optional_components)
+    missing = sorted(k for k in required if k not in index)
+    if missing:
+        found = index.get("_class_name", "an unknown pipeline")
+        raise DiffalignError(
+            f"single-file config {config} holds {found}, not a {family} model (missing "
+            f"{', '.join(missing)})"
+        )
+
+
+def _single_file_denoiser(model: str, pipeline_cls: type, config: str, local_only: bool):
+    """(component name, class) of the denoiser of a pipeline diffusers cannot load from a single
+    file as a whole, when its model class can be (else one refusal line)."""
+    import diffusers
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    index = pipeline_cls.load_config(config, local_files_only=local_only)
+    for name in ("transformer", "unet"):
+        value = index.get(name)
+        if isinstance(value, list | tuple) and value[1] in SINGLE_FILE_LOADABLE_CLASSES:
+            return name, getattr(diffusers, value[1])
+    held = next((index[n][1] for n in ("transformer", "unet") if n in index), "its denoiser")
+    raise DiffalignError(
+        f"--model {model}: diffusers {diffusers.__version__} cannot load {pipeline_cls.__name__} "
+        f"({held}) from a single file; pass a diffusers folder or Hub id as --model"
+    )
+
+
 def _hub_config_cached(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -611,12 +680,10 @@ def _hub_config_cached(repo_id: str) -> bool:
     return isinstance(hit, str)
 
 
-def _single_file_config(path: str, family: str) -> str | None:
-    """The diffusers config for a single file: the matching preset's local folder or repo id.
-
-    The model type is read from the tensor names and shapes only (no weights loaded), with
-    diffusers' own `infer_diffusers_model_type`.
-    """
+def single_file_preset(path: str, family: str | None = None) -> Preset | None:
+    """The preset of the release diffusers recognises in the single file `path` (of `family`
+    when given), or None. The model type is read from the tensor names and shapes only (no
+    weights loaded), with diffusers' own `infer_diffusers_model_type`."""
     try:
         from diffusers.loaders.single_file_utils import (
             DIFFUSERS_DEFAULT_PIPELINE_PATHS,
@@ -624,16 +691,25 @@ def _single_file_config(path: str, family: str) -> str | None:
         )
 
         shapes = _checkpoint_shapes(path)
-        repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS[infer_diffusers_model_type(shapes)][
-            "pretrained_model_name_or_path"
-        ]
+        model_type = infer_diffusers_model_type(shapes)
+        repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
     except Exception:  # noqa: BLE001 - unknown layout: the caller asks for an explicit config
         return None
+    if model_type == "v1" and _LDM_UNET_KEY not in shapes:
+        return None  # diffusers' fallback for any layout it does not know, not an SD 1.x U-Net
     for preset in PRESETS.values():
-        if preset.repo_id == repo and preset.family == family:
-            local = _preset_local_folder(preset)
-            return str(local) if local is not None else preset.name
-    return None  # another family, or a repo we have no preset for: ask for an explicit config
+        if preset.repo_id == repo and family in (None, preset.family):
+            return preset
+    return None  # another family, or a repo we have no preset for
+
+
+def _single_file_config(path: str, family: str) -> str | None:
+    """The diffusers config for a single file: the matching preset's local folder or name."""
+    preset = single_file_preset(path, family)
+    if preset is None:
+        return None  # the caller asks for an explicit config
+    local = _preset_local_folder(preset)
+    return str(local) if local is not None else preset.name
 
 
 def _checkpoint_shapes(path: str) -> dict[str, Any]:
@@ -656,7 +732,7 @@ def _components_not_in_file(
     """
     import importlib
 
-    from diffusers import AutoencoderKL
+    import diffusers
     from diffusers.loaders.single_file_utils import (
         is_clip_model_in_single_file,
         is_t5_in_single_file,
@@ -665,8 +741,11 @@ def _components_not_in_file(
     shapes = _checkpoint_shapes(path)
     index = pipeline_cls.load_config(config, local_files_only=local_only)
     loaded: dict[str, Any] = {}
-    if "vae" in index and not any(k.startswith(("first_stage_model.", "vae.")) for k in shapes):
-        loaded["vae"] = AutoencoderKL.from_pretrained(
+    vae = index.get("vae")
+    if isinstance(vae, list | tuple) and not any(
+        k.startswith(("first_stage_model.", "vae.")) for k in shapes
+    ):  # the config's own VAE class (FLUX, SD3: AutoencoderKL; others their own)
+        loaded["vae"] = getattr(diffusers, vae[1]).from_pretrained(
             config, subfolder="vae", local_files_only=local_only, **_dtype_kw(torch_dtype)
         )
     for name, value in index.items():
@@ -732,6 +811,28 @@ def _check_vae_fits(vae: str, got: Any, model: str, offline: bool) -> None:
             )
 
 
+# where a single file keeps VAE weights: a whole checkpoint's, diffusers' or a VAE file's own
+_VAE_PREFIXES = ("first_stage_model.", "vae.", "encoder.", "decoder.")
+
+
+def _vae_config(vae: str, config: str | None, family: str | None) -> ResolvedModel:
+    """The config a single-file VAE loads with: `config` (a folder or Hub id; a single-file
+    model: the config its release has), else that of the release the VAE file itself is."""
+    source = config if config is not None else vae
+    resolved = resolve_model(source, family)
+    if resolved.kind != "single_file":
+        return resolved
+    preset = single_file_preset(resolved.source, family)
+    if preset is None:
+        raise DiffalignError(
+            f"VAE {vae}: cannot tell which model's VAE config it loads with (diffusers does not "
+            f"recognise {Path(resolved.source).name}); pass a diffusers folder or Hub id as the "
+            "model (or as --single-file-config where the command has it)"
+        )
+    local = _preset_local_folder(preset)
+    return resolve_model(str(local) if local is not None else preset.name, family)
+
+
 def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str, offline: bool):
     from diffusers import AutoencoderKL
 
@@ -744,9 +845,12 @@ def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str
             return AutoencoderKL.from_pretrained(str(path), subfolder=sub, **_dtype_kw(torch_dtype))
         if path.is_file():
             resolved = resolve_model(str(path))  # refuses pickles
-            if config is None:
-                raise ModelNotFoundError(vae, None, "a single-file VAE needs a config folder")
-            cfg = resolve_model(config, family)
+            cfg = _vae_config(vae, config, family)
+            if not any(k.startswith(_VAE_PREFIXES) for k in _checkpoint_shapes(resolved.source)):
+                raise DiffalignError(
+                    f"{vae} holds no VAE weights (no {', '.join(p + '*' for p in _VAE_PREFIXES)} "
+                    "tensors): pass a diffusers folder with a vae/ or a VAE file"
+                )
             return AutoencoderKL.from_single_file(
                 resolved.source,
                 config=cfg.source,

@@ -34,8 +34,9 @@ def add_generator_options(
         dest="model",
         default="sdxl-turbo",
         help=f"generator ({', '.join(GENERATORS)}), a preset, a diffusers pipeline folder, an "
-        "earlier `noise sft` checkpoint-final (pipeline or LoRA: runs as its recorded recipe) "
-        "or a Hub id (default: %(default)s)",
+        "earlier `noise sft` checkpoint-final (pipeline or LoRA: runs as its recorded recipe), "
+        "a Hub id, or a single-file .safetensors of a release diffusers recognises (its config "
+        "from models/<preset>/; with --generator) (default: %(default)s)",
     )
     g.add_argument(
         "--generator",

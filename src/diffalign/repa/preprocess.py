@@ -605,13 +605,16 @@ def preprocess_vae(
         "batch_size": batch_size,  # the encoder's numerics depend on the batch it runs in
     }
     with output_lock(store, "LMDB store"):
-        _check_store(store, identity, overwrite)
+        if not overwrite:
+            _check_store(store, identity, overwrite=False)
         vae = load_vae(model, dtype=dtype, family="sd15").to(state.device).eval()
         vae.requires_grad_(False)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         scaling = float(vae.config.scaling_factor)
         channels = int(vae.config.latent_channels)
         check_vae_fits(scaling, channels, unet_model, f"the VAE of {model}")
+        if overwrite:  # emptied only once a VAE that fits has loaded: a refusal loses nothing
+            _check_store(store, identity, overwrite=True)
         from diffalign.repa.images import ImageZip
 
         side = _image_side(ImageZip(root / IMAGES_ZIP), _rows_for(root, split))

@@ -153,7 +153,8 @@ def build_cache(
     if max_sequence_length is None:  # the model card's, as generation uses (families.DEFAULTS)
         from diffalign.textstream.families import DEFAULTS, model_variant
 
-        max_sequence_length = DEFAULTS[model_variant(model)].max_sequence_length
+        variant = model_variant(model, single_file_config)
+        max_sequence_length = DEFAULTS[variant].max_sequence_length
     if resolution is None or int(resolution) >= 1:  # the model's own size; one it can make
         from diffalign.textstream.sizes import fit_image_size, model_image_size
 
@@ -176,7 +177,7 @@ def build_cache(
     pair_set = load_image_captions(
         dataset, datadir, limit=limit, caption_field=caption_field, image_field=image_field
     )
-    fam = model_family(model)
+    fam = model_family(model, single_file_config)
     check_model_available(model, fam)
     state = process_state(device)
     torch_dtype = resolve_dtype(dtype, torch.device(device) if device else state.device)
@@ -192,6 +193,8 @@ def build_cache(
         # the encoders' dtype changes the stored bytes (auto: bf16 on CUDA, fp32 on the CPU)
         "dtype": str(torch_dtype).removeprefix("torch."),
     }
+    if single_file_config is not None:  # a single file's text encoders and VAE come from it
+        job["single_file_config"] = model_identity(single_file_config)
     with output_lock(out, "text-stream cache"):
         _check_or_reset(out, job, overwrite, state)
         return _build_locked(
@@ -210,12 +213,12 @@ def build_cache(
         )
 
 
-def model_family(model: str) -> str:
+def model_family(model: str, single_file_config: str | None = None) -> str:
     """The cache family ("sd3", "flux", "qwen-image") of a `--model` value, read from its
     files or name without loading it."""
     from diffalign.textstream.families import family_of_variant, model_variant
 
-    return family_of_variant(model_variant(model))
+    return family_of_variant(model_variant(model, single_file_config))
 
 
 def _pairs_digest(pairs) -> str:
@@ -319,6 +322,8 @@ def _build_locked(
         ]
         write_text(out / PAIRS_FILE, "\n".join(lines) + "\n")
         record = {**job, "shapes": {k: list(v) for k, v in shapes.items()}, "made_with": model}
+        if single_file_config is not None:
+            record["made_with_config"] = single_file_config
         write_json(out / JOB_FILE, record)
     todo = _batches_to_do(out, shapes, batches)
     state.wait_for_everyone()  # every rank has read what is done before rank 0 writes

@@ -630,7 +630,7 @@ def resolve_settings(
         variant = loaded_variant(stream_adapter(pipe.transformer).family, pipe.transformer)
         size, name = pipeline_image_size(pipe), type(pipe).__name__
     else:
-        variant = model_variant(model)
+        variant = model_variant(model, single_file_config)
         size, name = model_image_size(model, single_file_config), str(model)
     card = DEFAULTS[variant]
     if guidance is not None and card.guidance is None:

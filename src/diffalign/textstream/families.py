@@ -58,14 +58,22 @@ def loaded_variant(family: str, transformer) -> str:
     return "flux-dev" if transformer.config.guidance_embeds else "flux-schnell"
 
 
-def model_variant(model: str) -> str:
+def model_variant(model: str, single_file_config: str | None = None) -> str:
     """`sd3`, `flux-dev`, `flux-schnell` or `qwen-image` for a `--model` value, read without
     loading weights: a preset's family, a folder's `model_index.json` (FLUX: dev when its
-    transformer has the guidance embedder), or a Hub id's name. Anything else is SD3 (single
-    files, unknown ids), as before; another supported pipeline is one clear error."""
-    from diffalign.engine.loading import PRESETS
+    transformer has the guidance embedder), a single file's config (`single_file_config`, else
+    the release diffusers recognises in its tensor names), or a Hub id's name. Anything else is
+    SD3 (unknown files and ids), as before; another supported pipeline is one clear error."""
+    from diffalign.engine.loading import PRESETS, SINGLE_FILE_SUFFIXES, single_file_preset
 
     text = str(model).strip()
+    path = Path(text).expanduser()
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file():
+        if single_file_config:
+            return model_variant(single_file_config)
+        found = single_file_preset(text)
+        if found is not None:
+            return model_variant(found.name)
     preset = PRESETS.get(text.lower())
     if preset is not None:
         if preset.family not in FAMILIES:
@@ -143,7 +151,8 @@ def load_text_to_image(
     if vae is not None:
         if family != "flux":
             raise DiffalignError(f"--vae is supported for SD3 and FLUX.1 models, not {family}")
-        components["vae"] = load_vae(vae, config=model, dtype=dtype, family=None)
+        config = single_file_config or model  # a single-file model: its release's
+        components["vae"] = load_vae(vae, config=config, dtype=dtype, family=None)
     return load_pipeline(
         model,
         cls,

@@ -204,7 +204,7 @@ def resolve_sampling(cfg: GenerationConfig) -> GenerationConfig:
     error."""
     from diffalign.textstream.families import DEFAULTS, model_variant
 
-    variant = model_variant(cfg.model)
+    variant = model_variant(cfg.model, cfg.single_file_config)
     d = DEFAULTS[variant]
     if cfg.guidance is not None and d.guidance is None:
         raise DiffalignError(
@@ -246,7 +246,9 @@ def validate_config(cfg: GenerationConfig) -> None:
     normalize_dtype(cfg.dtype, "cpu")
 
 
-def validate_residual_config(rc: ResidualConfig, model: str | None = None) -> None:
+def validate_residual_config(
+    rc: ResidualConfig, model: str | None = None, single_file_config: str | None = None
+) -> None:
     """Checks that need no loaded model: list lengths, file existence, origin < targets, and
     (for a local folder `model`) targets within its transformer's block count."""
     from diffalign.textstream.families import config_block_count
@@ -301,7 +303,11 @@ def validate_residual_config(rc: ResidualConfig, model: str | None = None) -> No
         from diffalign.textstream.families import family_of_variant, model_variant
         from diffalign.textstream.weights import apply_weights_file
 
-        family = family_of_variant(model_variant(model)) if model is not None else None
+        family = (
+            family_of_variant(model_variant(model, single_file_config))
+            if model is not None
+            else None
+        )
         apply_weights_file(rc, family)  # the file's own checks, before any model loads
 
 
@@ -344,7 +350,7 @@ class ResidualGenerator:
         cfg = resolve_sampling(cfg)
         self.cfg = cfg
         self.device = device
-        self.variant = model_variant(cfg.model)
+        self.variant = model_variant(cfg.model, cfg.single_file_config)
         self.family = family_of_variant(self.variant)
         self.dtype_name = normalize_dtype(cfg.dtype, device)
         dtype = getattr(torch, DTYPES[self.dtype_name])
@@ -547,7 +553,7 @@ def _settings_identity(settings: dict) -> dict:
 
     key = _settings_key({k: v for k, v in settings.items() if k != "identity"})
     opts, rc = dict(key["options"]), dict(key["residual_options"] or {})
-    for k in ("model", "vae"):
+    for k in ("model", "vae", "single_file_config"):  # a single file's encoders come from it
         if opts.get(k):
             opts[k] = model_identity(opts[k])
     proc = rc.get("procrustes_path")
@@ -813,7 +819,7 @@ def run_sample(
         raise DiffalignError("no --model given")
     validate_config(cfg)
     for m in models:
-        validate_residual_config(rc, m)
+        validate_residual_config(rc, m, cfg.single_file_config)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
@@ -822,7 +828,7 @@ def run_sample(
     from diffalign.textstream.families import model_variant
 
     for m in models:  # a missing model or one of another family fails here, before torch loads
-        model_variant(m)
+        model_variant(m, cfg.single_file_config)
         check_model_available(m)
     check_vae_available(cfg.vae)
     state = _distributed(cfg)
@@ -893,7 +899,7 @@ def _checked(cfg: GenerationConfig, rc: ResidualConfig) -> GenerationConfig:
     (generate, geneval, dpg: before their prompts are read)."""
     cfg = resolve_sampling(cfg)
     validate_config(cfg)
-    validate_residual_config(rc, cfg.model)
+    validate_residual_config(rc, cfg.model, cfg.single_file_config)
     return cfg
 
 
@@ -1129,7 +1135,7 @@ def _run_layout(
         raise DiffalignError(f"--output-dir {out} exists and is not a folder")
     from diffalign.textstream.families import model_variant
 
-    model_variant(cfg.model)  # of another family: fails before torch
+    model_variant(cfg.model, cfg.single_file_config)  # of another family: fails before torch
     check_model_available(cfg.model)  # missing: fails before torch
     check_vae_available(cfg.vae)
     cfg = sized_config(cfg)

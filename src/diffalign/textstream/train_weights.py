@@ -276,11 +276,16 @@ class WeightsTask(TrainTask):
                 raise DiffalignError(
                     f"cache {self.cache.root} does not name its model: give --model"
                 )
+        # a single file's text encoders and VAE came from this config (None: a folder, or one
+        # the loader finds from the file itself)
+        self.single_file_config = self.cache.job.get("made_with_config")
         self._check_cache_identity()
         self.flow = family(self.cache.job.get("family", "sd3"))
         # no text encoders (the cache holds the text); the frozen weights in the autocast dtype
         dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.mixed_precision, "float32")
-        self.pipe = self.flow.load(cfg.model, dtype=dtype, text=False)
+        self.pipe = self.flow.load(
+            cfg.model, dtype=dtype, text=False, single_file_config=self.single_file_config
+        )
         tr = self.pipe.transformer
         self.transformer = tr
         self._check_cache_shapes()
@@ -342,7 +347,10 @@ class WeightsTask(TrainTask):
         from diffalign.engine.identity import check_identity, model_identity
         from diffalign.textstream.cache import model_family
 
-        made_for, wanted = job.get("family", "sd3"), model_family(cfg.model)
+        made_for, wanted = (
+            job.get("family", "sd3"),
+            model_family(cfg.model, self.single_file_config),
+        )
         if made_for != wanted:
             raise DiffalignError(
                 f"cache {self.cache.root} was made for a {made_for} model "
