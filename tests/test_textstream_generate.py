@@ -624,3 +624,61 @@ def test_run_inference_sh_missing_weights_are_one_line_errors(sd3, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("diffalign:")]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(lines) == 1 and "no_vae.safetensors" in lines[0] and not out.exists()
+
+
+def units(folder: Path) -> list[str]:
+    """What a layout folder holds, less its run files and lock."""
+    run_files = {"settings.json", "summary.json", ".diffalign.lock"}
+    return sorted(n for n in os.listdir(folder) if n not in run_files)
+
+
+def test_overwrite_leaves_no_earlier_image_beside_new_ones(sd3, tmp_path, monkeypatch):
+    """`--overwrite` redid units one by one: a smaller prompt set kept the earlier run's extra
+    folders / tiles (GenEval and DPG-Bench score every one), and a killed `--overwrite` run
+    finished by a plain re-run kept earlier images as done under the new settings. The earlier
+    units go once the model has loaded."""
+    import diffalign.textstream.generate as generate
+
+    meta = tmp_path / "m.jsonl"
+    meta.write_text("".join(json.dumps(x) + "\n" for x in GENEVAL))
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(GENEVAL[0]) + "\n")
+    out = tmp_path / "g"
+    argv = ["textstream", "geneval", "--model", sd3, "--output-dir", str(out), "--n-samples", "1"]
+    argv += ["--height", "32", "--width", "32"]
+    assert main([*argv, "--steps", "1", "--metadata", str(meta)]) == 0
+    assert units(out) == ["00000", "00001"]
+    assert main([*argv, "--steps", "1", "--metadata", str(one), "--overwrite"]) == 0
+    assert units(out) == ["00000"]
+    # a killed --overwrite run (other steps): no unit of the earlier run survives it
+    assert main([*argv, "--steps", "1", "--metadata", str(meta), "--overwrite"]) == 0
+    old = pixels(out / "00001" / "samples" / "0000.png")
+    real, calls = generate._write_folder, []
+
+    def dies_on_the_second(dest, fill):
+        calls.append(dest)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(dest, fill)
+
+    monkeypatch.setattr(generate, "_write_folder", dies_on_the_second)
+    assert main([*argv, "--steps", "2", "--metadata", str(meta), "--overwrite"]) != 0
+    monkeypatch.setattr(generate, "_write_folder", real)
+    assert not (out / "00001").exists()
+    assert main([*argv, "--steps", "2", "--metadata", str(meta)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["prompts_done"], summary["prompts_skipped"]) == (1, 1)
+    assert not np.array_equal(pixels(out / "00001" / "samples" / "0000.png"), old)
+    # DPG-Bench: a tile of a prompt the new set lacks goes too
+    prompts = tmp_path / "dpg"
+    prompts.mkdir()
+    for pid, text in (("p1", "a blue cube"), ("p2", "a red ball")):
+        (prompts / f"{pid}.txt").write_text(text)
+    dpg = tmp_path / "dpg_out"
+    argv = ["textstream", "dpg", "--model", sd3, "--output-dir", str(dpg), "--resolution", "32"]
+    argv += ["--steps", "1"]
+    assert main([*argv, "--prompts-dir", str(prompts)]) == 0
+    (prompts / "p2.txt").unlink()
+    (dpg / "notes.txt").write_text("mine")  # not a tile: kept
+    assert main([*argv, "--prompts-dir", str(prompts), "--overwrite"]) == 0
+    assert units(dpg) == ["notes.txt", "p1.png"]

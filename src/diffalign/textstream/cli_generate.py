@@ -135,7 +135,9 @@ def _add_common(
     g.add_argument(
         "--overwrite",
         action="store_true",
-        help="redo finished prompts (default: skip them, so a run can be resumed)",
+        help="start over: redo every prompt, also when the folder was made with other "
+        "settings or prompts (default: skip finished prompts, so a run can be resumed; a "
+        "re-run with other settings or prompts is refused)",
     )
 
     r = p.add_argument_group("residual", _RESIDUAL_HELP)

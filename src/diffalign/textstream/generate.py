@@ -660,6 +660,33 @@ def _clean_stale(folder: Path) -> None:
     clean_stale_temporaries(folder)
 
 
+def _earlier_units(folder: Path, name: str, marker: str | None = None) -> list[Path]:
+    """The entries of `folder` a layout writes: names matching `name` (a regex, whole name),
+    folders only when they hold `marker`."""
+    import re
+
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(name)
+    return sorted(
+        e
+        for e in folder.iterdir()
+        if pattern.fullmatch(e.name)
+        and (e.is_dir() and (e / marker).is_file() if marker else e.is_file())
+    )
+
+
+def _remove_units(paths: Sequence[Path]) -> None:
+    """Remove an earlier run's units (`--overwrite`, once the model has loaded)."""
+    import shutil
+
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 @dataclass
 class _Job:
     index: int  # global prompt index: decides the seeds
@@ -948,6 +975,7 @@ def run_generate(
         total=len(records),
         clean=out,
         prompt_set=[[r.prompt, r.id] for r in every],  # what its folders record of each
+        earlier=lambda: _earlier_units(out, r"\d{5}_.*", "prompt.json"),
     )
 
 
@@ -982,6 +1010,7 @@ def run_geneval(
         total=len(lines),
         clean=out,
         prompt_set=every,  # whole lines: each folder's metadata.jsonl is its line
+        earlier=lambda: _earlier_units(out, r"\d{5}", "metadata.jsonl"),
     )
 
 
@@ -1025,6 +1054,7 @@ def run_dpg(
         total=len(items),
         clean=out,
         prompt_set=[[pid, text] for pid, text in every],
+        earlier=lambda: _earlier_units(out, r"[^.].*\.png"),  # the folder holds only tiles
     )
 
 
@@ -1082,6 +1112,7 @@ def run_compbench(
         total=len(units),
         clean=[out, *folders],
         preflight=preflight,
+        earlier=lambda: [p for f in folders for p in _earlier_units(f, r"[^.].*\.png")],
         # a folder's category names its samples/ folder; a single file's writes OUT/samples
         prompt_set=[[None if single else cat, lines] for cat, lines in categories],
     )
@@ -1120,6 +1151,7 @@ def _run_layout(
     preflight: Callable[[], None] | None = None,
     *,
     prompt_set: Sequence,
+    earlier: Callable[[], list[Path]],
 ) -> dict:
     """Shared body of generate/geneval/dpg/compbench: check, lock, load, write settings,
     generate, summarise. `prompt_set`: every prompt the command read, before `--limit`, each as
@@ -1127,7 +1159,10 @@ def _run_layout(
     `prompts`, so a re-run with other prompts is refused and a larger `--limit` extends. The output folder is locked for the whole run (`engine.io.output_lock`);
     dpg, whose folder holds only `<id>.png`, locks the folder `OUT.lock` beside it. `clean`: the
     folders the images are written in (stale temporaries removed); `preflight`: the layout's own
-    check of what is already there, under the lock, before the model loads."""
+    check of what is already there, under the lock, before the model loads; `earlier`: the
+    units an earlier run left, which `overwrite` removes once the model has loaded and before
+    the new settings are recorded (so neither a killed `--overwrite` run that a plain re-run
+    finishes nor a smaller prompt set leaves old images beside new ones)."""
     from diffalign.engine.io import output_lock, write_json
     from diffalign.engine.loading import check_model_available, check_vae_available, resolve_model
 
@@ -1169,6 +1204,8 @@ def _run_layout(
             out.mkdir(parents=True, exist_ok=True)
             for folder in [clean] if isinstance(clean, Path) else clean:
                 _clean_stale(folder)
+            if cfg.overwrite:
+                _remove_units(earlier())
             if gen is not None or not settings_path.is_file():
                 write_json(settings_path, settings)
         state.wait_for_everyone()
