@@ -1,0 +1,62 @@
+"""`--overwrite` starts over only once the run is set up: a run with `--overwrite` refused while
+it loads its model or checks its inputs is one error line (exit 2) and leaves the earlier output
+byte for byte as it was (README: every command loses nothing already written)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from diffalign.cli import main
+
+
+def _one_line(capsys) -> str:
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (but output locks) by relative path, with its bytes."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# repa preprocess dino / vae
+
+
+def test_repa_dino_overwrite_with_an_unloadable_model_keeps_the_store(tmp_path, capsys):
+    """A DINOv2 Hub id that is not in the cache (offline) passes the identity step and fails
+    to load: the token store `--overwrite` would rebuild is still whole."""
+    from test_repa_train import build_data_dir
+
+    data = build_data_dir(tmp_path / "data")
+    before = _snapshot(data / "dino_tokens.lmdb")
+    argv = ["repa", "preprocess", "dino", "--data-dir", str(data), "--num-workers", "1"]
+    assert main([*argv, "--dino-model", "someorg/dinov2-not-cached", "--overwrite"]) == 2
+    assert "dinov2-not-cached" in _one_line(capsys)
+    assert _snapshot(data / "dino_tokens.lmdb") == before
+
+
+def test_repa_vae_overwrite_with_unreadable_images_keeps_the_store(
+    tmp_path, tiny_model_dir, capsys
+):
+    """The VAE loads, then the images cannot be read (a damaged images.zip): the latent store
+    is emptied only after that check, so it is still whole."""
+    from test_repa_train import build_data_dir
+
+    data = build_data_dir(tmp_path / "data")
+    with zipfile.ZipFile(data / "images.zip") as zf:
+        names = zf.namelist()
+    with zipfile.ZipFile(data / "images.zip", "w") as zf:
+        for name in names:
+            zf.writestr(name, b"not a jpeg")
+    before = _snapshot(data / "vae_latents.lmdb")
+    argv = ["repa", "preprocess", "vae", "--data-dir", str(data), "--num-workers", "1"]
+    assert main([*argv, "--model", tiny_model_dir("sd15"), "--overwrite"]) == 2
+    assert "cannot read the first images" in _one_line(capsys)
+    assert _snapshot(data / "vae_latents.lmdb") == before
