@@ -60,3 +60,42 @@ def test_repa_vae_overwrite_with_unreadable_images_keeps_the_store(
     assert main([*argv, "--model", tiny_model_dir("sd15"), "--overwrite"]) == 2
     assert "cannot read the first images" in _one_line(capsys)
     assert _snapshot(data / "vae_latents.lmdb") == before
+
+
+# ---------------------------------------------------------------------------------------------
+# textstream cache
+
+
+def _unloadable_copy(model: str, dest: Path, weights: str) -> str:
+    """`model` copied to `dest` with the weights file `weights` cut short: its configs read
+    (family, size, identity) and its load fails."""
+    import shutil
+
+    shutil.copytree(model, dest)
+    path = dest / weights
+    path.write_bytes(path.read_bytes()[:64])
+    return str(dest)
+
+
+def test_textstream_cache_overwrite_with_an_unloadable_model_keeps_the_cache(
+    tmp_path, tiny_model_dir, capsys
+):
+    """A model whose configs read and whose weights do not load: the cache is emptied only once
+    the model has loaded, so it is still whole; with the model it was made with, --overwrite
+    rebuilds the same records."""
+    from test_textstream_cache_reuse import _args, _coco, _raw_records
+
+    sd3 = tiny_model_dir("sd3")
+    ann, out = _coco(tmp_path / "coco"), tmp_path / "cache"
+    assert main(_args(sd3, ann, out)) == 0
+    before = _snapshot(out)
+    broken = _unloadable_copy(
+        sd3, tmp_path / "broken", "transformer/diffusion_pytorch_model.safetensors"
+    )
+    capsys.readouterr()
+    assert main([*_args(broken, ann, out), "--overwrite"]) == 2
+    assert "broken" in _one_line(capsys)
+    assert _snapshot(out) == before
+    records = _raw_records(out)
+    assert main([*_args(sd3, ann, out), "--overwrite"]) == 0
+    assert _raw_records(out) == records
