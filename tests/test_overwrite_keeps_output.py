@@ -99,3 +99,52 @@ def test_textstream_cache_overwrite_with_an_unloadable_model_keeps_the_cache(
     records = _raw_records(out)
     assert main([*_args(sd3, ann, out), "--overwrite"]) == 0
     assert _raw_records(out) == records
+
+
+# ---------------------------------------------------------------------------------------------
+# noise optimize
+
+
+def test_noise_optimize_overwrite_with_a_patch_size_the_latent_refuses_keeps_the_run(
+    tmp_path, tiny_model_dir, capsys
+):
+    """--patch-size 3 does not divide the 4 x 4 latent, known once the model has loaded: the
+    earlier run's step images and files are still there."""
+    out = tmp_path / "run"
+    argv = [
+        "noise", "optimize", "--prompt", "a cat", "--model", tiny_model_dir("sdxl"),
+        "--clip-model", tiny_model_dir("clip"), "--output-dir", str(out),
+        "--height", "32", "--width", "32", "--steps", "1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    before = _snapshot(out)
+    assert "step_001.png" in before
+    capsys.readouterr()
+    assert main([*argv, "--patch-size", "3", "--overwrite"]) == 2
+    assert "--patch-size 3" in _one_line(capsys)
+    assert _snapshot(out) == before
+
+
+def test_noise_toy_optimize_overwrite_with_a_bad_patch_size_keeps_the_run(tmp_path, capsys):
+    """The toy run trains its classifier into the folder: a --patch-size the latent refuses is
+    told before that, so the earlier classifier and step images are still there."""
+    import torch
+
+    from diffalign.noise.toy.models import ToyModelConfig, build_model, save_model
+
+    torch.manual_seed(0)
+    gen = tmp_path / "gen"
+    save_model(build_model(ToyModelConfig.for_dataset("generator", "digits")), gen)
+    out = tmp_path / "run"
+    argv = [
+        "noise", "toy", "optimize", "--generator-ckpt", str(gen), "--output-dir", str(out),
+        "--classifier-steps", "2", "--classes", "1", "--steps", "1", "--images-per-prompt", "2",
+        "--heldout-noise", "4",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    before = _snapshot(out)
+    assert "step_001.png" in before and any(k.startswith("classifier/") for k in before)
+    capsys.readouterr()
+    assert main([*argv, "--patch-size", "3", "--overwrite"]) == 2
+    assert "--patch-size 3" in _one_line(capsys)
+    assert _snapshot(out) == before
