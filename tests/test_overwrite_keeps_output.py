@@ -148,3 +148,39 @@ def test_noise_toy_optimize_overwrite_with_a_bad_patch_size_keeps_the_run(tmp_pa
     assert main([*argv, "--patch-size", "3", "--overwrite"]) == 2
     assert "--patch-size 3" in _one_line(capsys)
     assert _snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# fill make-triptychs
+
+
+def _triples(src: Path, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    src.mkdir(exist_ok=True)
+    for name in ("a", "b"):
+        for role in ("visible", "target", "semantic"):
+            pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(src / f"{name}_{role}.jpg")
+        (src / f"{name}.txt").write_text(f"a photo of {name}")
+
+
+def test_fill_make_triptychs_overwrite_with_a_truncated_image_keeps_the_output(tmp_path, capsys):
+    """b's target JPEG is cut short: its header checks out, its pixels fail to decode after a's
+    triptych is made. The earlier images/a.png (which captions.jsonl describes) is kept."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    _triples(src, 0)
+    argv = ["fill", "make-triptychs", "--input", str(src), "--output-dir", str(out)]
+    argv += ["--panel-size", "16"]
+    assert main(argv) == 0
+    before = _snapshot(out)
+    _triples(src, 1)
+    target = src / "b_target.jpg"
+    target.write_bytes(target.read_bytes()[:-10])
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 2
+    assert "b_target.jpg: cannot read image" in _one_line(capsys)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".images.")) == []
