@@ -184,3 +184,32 @@ def test_fill_make_triptychs_overwrite_with_a_truncated_image_keeps_the_output(t
     assert "b_target.jpg: cannot read image" in _one_line(capsys)
     assert _snapshot(out) == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".images.")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# fill infer
+
+
+def test_fill_infer_overwrite_with_a_truncated_input_keeps_the_output(
+    tmp_path, tiny_model_dir, capsys
+):
+    """b's visible JPEG is cut short (its header reads): it fails before the model loads, not
+    after a.png and infer_settings.json were replaced."""
+    from fill_helpers import write_image
+
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    for i, name in enumerate("ab"):
+        write_image(inputs / f"{name}_visible.jpg", (16, 16), seed=i)
+        (inputs / f"{name}.txt").write_text(f"prompt {name}\n")
+    argv = ["fill", "infer", "--model", tiny_model_dir("flux-fill"), "--steps", "1"]
+    argv += ["--max-sequence-length", "8", "--input-dir", str(inputs), "--output", str(out)]
+    assert main(argv) == 0
+    before = _snapshot(out)
+    assert {"a.png", "b.png", "infer_settings.json"} <= set(before)
+    bad = inputs / "b_visible.jpg"
+    bad.write_bytes(bad.read_bytes()[:-10])
+    capsys.readouterr()
+    assert main([*argv, "--seed", "5", "--overwrite"]) == 2
+    assert "b_visible.jpg" in _one_line(capsys)
+    assert _snapshot(out) == before
