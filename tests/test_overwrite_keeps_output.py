@@ -25,6 +25,17 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     }
 
 
+def _unloadable_copy(model: str, dest: Path, weights: str) -> str:
+    """`model` copied to `dest` with the weights file `weights` cut short: its configs read
+    (family, size, identity) and its load fails."""
+    import shutil
+
+    shutil.copytree(model, dest)
+    path = dest / weights
+    path.write_bytes(path.read_bytes()[:64])
+    return str(dest)
+
+
 # ---------------------------------------------------------------------------------------------
 # repa preprocess dino / vae
 
@@ -62,19 +73,31 @@ def test_repa_vae_overwrite_with_unreadable_images_keeps_the_store(
     assert _snapshot(data / "vae_latents.lmdb") == before
 
 
+def test_repa_clip_overwrite_with_a_damaged_text_encoder_keeps_the_embeddings(
+    tmp_path, tiny_model_dir, capsys
+):
+    """A text encoder whose safetensors header is damaged is one line (it was an internal
+    error: transformers passes safetensors' error on), and the embeddings are kept."""
+    from diffalign.repa.images import write_classes
+    from test_repa_train import CLASSES, build_data_dir
+
+    data = build_data_dir(tmp_path / "data")
+    write_classes(
+        data / "classes.csv",
+        [{"label": c, "wnid": f"n0000000{c}", "name": f"thing {c}"} for c in range(CLASSES)],
+    )
+    before = _snapshot(data)
+    broken = _unloadable_copy(
+        tiny_model_dir("sd15"), tmp_path / "broken", "text_encoder/model.safetensors"
+    )
+    argv = ["repa", "preprocess", "clip", "--data-dir", str(data), "--model", broken]
+    assert main([*argv, "--overwrite"]) == 2
+    assert "invalid header" in _one_line(capsys)
+    assert _snapshot(data) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # textstream cache
-
-
-def _unloadable_copy(model: str, dest: Path, weights: str) -> str:
-    """`model` copied to `dest` with the weights file `weights` cut short: its configs read
-    (family, size, identity) and its load fails."""
-    import shutil
-
-    shutil.copytree(model, dest)
-    path = dest / weights
-    path.write_bytes(path.read_bytes()[:64])
-    return str(dest)
 
 
 def test_textstream_cache_overwrite_with_an_unloadable_model_keeps_the_cache(
