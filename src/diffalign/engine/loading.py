@@ -362,8 +362,15 @@ def _tf_dtype_kw(torch_dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
-    """Exception types diffusers / huggingface_hub raise for a model that cannot be had."""
+    """Exception types diffusers / huggingface_hub raise for a model that cannot be had, and
+    safetensors' for a damaged weights file (transformers passes it on unwrapped)."""
     errors: list[type[BaseException]] = [OSError, ValueError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
     try:
         from huggingface_hub import errors as hf_errors
 

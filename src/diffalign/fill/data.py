@@ -454,12 +454,16 @@ def make_triptychs(
     """Write `out/images/NAME.png` triptychs, `out/captions.jsonl` and `out/summary.json`.
 
     Everything is checked before anything is written unless `skip_bad` (then bad triples are
-    reported and counted in the summary). Each file is written atomically; the output folder is
-    locked for the run; an existing `captions.jsonl` is kept unless `overwrite`. A `panel_size`
+    reported and counted in the summary). The triptychs are made in a staging folder and moved
+    into `images/` only once every one is made (a triple that fails to decode leaves the earlier
+    output as it was); each file is written atomically; the output folder is locked for the
+    run; an existing `captions.jsonl` is kept unless `overwrite`. A `panel_size`
     above `max_panel_size` is an error; with `panel_size=None` (native size) larger panels are
     resized down to `max_panel_size` and counted (`summary["resized_down"]`).
     """
-    from diffalign.engine.io import atomic_path, output_lock, write_json
+    import tempfile
+
+    from diffalign.engine.io import atomic_path, clean_stale_temporaries, output_lock, write_json
     from diffalign.engine.progress import progress
     from diffalign.engine.reports import save_image
 
@@ -503,21 +507,24 @@ def make_triptychs(
             good.append((s, prompt, panel_size is None and min(sizes[0]) > side))
         if not good:
             raise DiffalignError(f"no usable triples in {source} ({len(skipped)} bad)")
-        (out / "images").mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(out)  # a killed run's staging folder
         records = []
-        for s, prompt, too_big in progress(good, desc="triptychs"):
-            try:
-                images = [load_rgb(s.paths[r]) for r in ROLES]
-                image = build_triptych(images, panel_size, crop, max_panel_size)
-            except DiffalignError as e:
-                if not skip_bad:
-                    raise
-                skipped.append({"name": s.name, "reason": str(e)})
-                continue
-            rel = f"images/{s.name}.png"
-            save_image(out / rel, image)
-            resized_down += too_big
-            records.append({"image": rel, "prompt": prompt, "name": s.name})
+        with tempfile.TemporaryDirectory(prefix=".images.", suffix=".tmp", dir=out) as stage:
+            for s, prompt, too_big in progress(good, desc="triptychs"):
+                try:
+                    images = [load_rgb(s.paths[r]) for r in ROLES]
+                    image = build_triptych(images, panel_size, crop, max_panel_size)
+                except DiffalignError as e:
+                    if not skip_bad:
+                        raise
+                    skipped.append({"name": s.name, "reason": str(e)})
+                    continue
+                save_image(Path(stage) / f"{s.name}.png", image)
+                resized_down += too_big
+                records.append({"image": f"images/{s.name}.png", "prompt": prompt, "name": s.name})
+            (out / "images").mkdir(parents=True, exist_ok=True)
+            for r in records:
+                os.replace(Path(stage) / f"{r['name']}.png", out / r["image"])
         with atomic_path(captions_path) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         summary = {

@@ -242,7 +242,8 @@ def load_image(path: str | Path, what: str) -> torch.Tensor:
 
 
 def image_size(path: str | Path, what: str) -> tuple[int, int]:
-    """(width, height) from the image header; a missing or unreadable file is one line."""
+    """(width, height) of an image decoded whole, so a file cut short fails here, before the
+    model loads and anything is replaced; a missing or unreadable file is one line."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
@@ -250,6 +251,7 @@ def image_size(path: str | Path, what: str) -> tuple[int, int]:
         raise DiffalignError(f"{what}: file not found: {p}")
     try:
         with Image.open(p) as im:
+            im.load()
             return im.size
     except (UnidentifiedImageError, OSError) as e:
         raise DiffalignError(f"{what}: cannot read image {p} ({type(e).__name__})") from None
@@ -531,7 +533,7 @@ def run_infer(
         raise DiffalignError(f"{missing}: the semantic module needs a semantic image (--semantic)")
     if not semantic_module and any(r["semantic"] is not None for r in records):
         log("[fill] no --semantic-module: the semantic images are not used")
-    # check every input (image headers) before loading the model: a bad one fails fast
+    # check every input (decoded) before loading the model: a bad one fails fast
     for r in records:
         r["size"] = image_size(r["visible"], r["name"])
         use_semantic = r["semantic"] is not None and semantic_module

@@ -626,19 +626,16 @@ def run_optimize(
                 f"--output-dir {out} already holds a run (summary.json); pass --overwrite or "
                 "choose another folder"
             )
-        (out / "failures.jsonl").unlink(missing_ok=True)
-        single = len(prompts) == 1
-        if overwrite:
-            _clear_earlier_run(out, 0 if single else len(prompts))
+        check_patch_size(generator, settings.patch_size, height, width)
         k = settings.images_per_prompt
         g = torch.Generator().manual_seed(int(seed))
         noise_one = generator.sample_noise(k, height, width, generator=g)
         latent = tuple(noise_one.shape[1:])
-        if latent[-1] % settings.patch_size or latent[-2] % settings.patch_size:
-            raise DiffalignError(
-                f"the latent ({latent[-2]}x{latent[-1]}) is not divisible by --patch-size "
-                f"{settings.patch_size}"
-            )
+        # the earlier run's files go only once the run is set up: a refusal loses nothing
+        (out / "failures.jsonl").unlink(missing_ok=True)
+        single = len(prompts) == 1
+        if overwrite:
+            _clear_earlier_run(out, 0 if single else len(prompts))
         results: list[PromptResult] = []
         summaries: list[dict[str, Any]] = []
         timings: list[float] = []
@@ -737,6 +734,17 @@ def run_optimize(
                 f"every prompt failed (first: {first}); see {out / 'failures.jsonl'}"
             )
     return RunReport(summary, results)
+
+
+def check_patch_size(
+    generator: OneStepGenerator, patch_size: int, height: int | None, width: int | None
+) -> None:
+    """The latent of ``height x width`` images must split into ``patch_size`` patches."""
+    latent = tuple(generator.latent_shape(height, width))
+    if latent[-1] % patch_size or latent[-2] % patch_size:
+        raise DiffalignError(
+            f"the latent ({latent[-2]}x{latent[-1]}) is not divisible by --patch-size {patch_size}"
+        )
 
 
 def check_final_steps(generator: OneStepGenerator, final_steps: int | None) -> None:

@@ -418,14 +418,19 @@ def _store_step(
     state,
     start: float,
     extra_summary: dict,
+    overwrite: bool = False,
 ) -> dict:
-    """The loop shared by `vae` and `dino`: resume, shard, encode, write, summarise."""
+    """The loop shared by `vae` and `dino`: resume, shard, encode, write, summarise.
+    `overwrite`: the store is emptied here, once the model has loaded and the step is set up
+    (a run refused before loses nothing)."""
     from diffalign.engine.lmdb_store import existing_valid_keys, tensor_to_record
     from diffalign.engine.reports import write_summary
     from diffalign.repa.images import ImageZip
 
     images = ImageZip(data_dir / IMAGES_ZIP)
     rows = _rows_for(data_dir, split)
+    if overwrite:
+        _empty_store(store, state)
     done = existing_valid_keys(store, shape)
     ids = [r["id"] for r in rows]
     todo = {sid for sid in ids if key_of(sid) not in done}
@@ -490,19 +495,15 @@ def _store_step(
     return summary
 
 
-def _check_store(store: Path, identity: dict, overwrite: bool) -> None:
-    """Before any model loads or record is written: a store made by another model or with other
-    settings (its `__meta__` identity, `engine.identity`) is refused, partial or complete, so it
-    never mixes records of two models and its meta never claims another one; `overwrite`
-    empties it instead."""
+def _check_store(store: Path, identity: dict) -> None:
+    """Before any model loads or record is written (without `--overwrite`): a store made by
+    another model or with other settings (its `__meta__` identity, `engine.identity`) is
+    refused, partial or complete, so it never mixes records of two models and its meta never
+    claims another one."""
     from diffalign.engine.identity import check_identity
     from diffalign.engine.lmdb_store import TensorLMDB
 
     if not (store / "data.mdb").is_file():
-        return
-    if overwrite:
-        for name in ("data.mdb", "lock.mdb"):
-            (store / name).unlink(missing_ok=True)
         return
     db = TensorLMDB(store)
     try:
@@ -521,6 +522,14 @@ def _check_store(store: Path, identity: dict, overwrite: bool) -> None:
         hint="rerun with the model and settings it was made with, or pass --overwrite to "
         "rebuild it",
     )
+
+
+def _empty_store(store: Path, state) -> None:
+    """`--overwrite`: remove the store's records (rank 0; the others wait)."""
+    if state.is_main_process:
+        for name in ("data.mdb", "lock.mdb"):
+            (store / name).unlink(missing_ok=True)
+    state.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,15 +615,13 @@ def preprocess_vae(
     }
     with output_lock(store, "LMDB store"):
         if not overwrite:
-            _check_store(store, identity, overwrite=False)
+            _check_store(store, identity)
         vae = load_vae(model, dtype=dtype, family="sd15").to(state.device).eval()
         vae.requires_grad_(False)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         scaling = float(vae.config.scaling_factor)
         channels = int(vae.config.latent_channels)
         check_vae_fits(scaling, channels, unet_model, f"the VAE of {model}")
-        if overwrite:  # emptied only once a VAE that fits has loaded: a refusal loses nothing
-            _check_store(store, identity, overwrite=True)
         from diffalign.repa.images import ImageZip
 
         side = _image_side(ImageZip(root / IMAGES_ZIP), _rows_for(root, split))
@@ -649,6 +656,7 @@ def preprocess_vae(
             state=state,
             start=start,
             extra_summary={"model": str(model), "scaling_factor": scaling, "vae_dtype": dtype},
+            overwrite=overwrite,
         )
 
 
@@ -714,7 +722,7 @@ def preprocess_dino(
                     f"asked for {token_layout} on {grid}: use the same options or pass "
                     "--overwrite to rebuild it"
                 )
-        _check_store(store, identity, overwrite)
+            _check_store(store, identity)
         model = load_dino(dino_model, state.device, dtype)
         check_grid(model, grid, token_layout)
         shape = (grid * grid, int(model.config.hidden_size))
@@ -744,6 +752,7 @@ def preprocess_dino(
             state=state,
             start=start,
             extra_summary={"model": str(dino_model), "token_layout": token_layout, "grid": grid},
+            overwrite=overwrite,
         )
 
 

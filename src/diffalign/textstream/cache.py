@@ -196,7 +196,8 @@ def build_cache(
     if single_file_config is not None:  # a single file's text encoders and VAE come from it
         job["single_file_config"] = model_identity(single_file_config)
     with output_lock(out, "text-stream cache"):
-        _check_or_reset(out, job, overwrite, state)
+        if not overwrite:
+            _check_job(out, job, state)
         return _build_locked(
             out,
             job,
@@ -210,6 +211,7 @@ def build_cache(
             single_file_config=single_file_config,
             latent_memory_mb=float(latent_memory_mb),
             started=started,
+            overwrite=overwrite,
         )
 
 
@@ -228,25 +230,32 @@ def _pairs_digest(pairs) -> str:
     return h.hexdigest()
 
 
-def _check_or_reset(out: Path, job: dict, overwrite: bool, state) -> None:
+def _check_job(out: Path, job: dict, state) -> None:
+    """Before the model loads: a cache made by another model or with other settings is refused
+    (`engine.identity`)."""
     from diffalign.engine.identity import check_identity
     from diffalign.engine.io import read_json_object
 
     job_path = out / JOB_FILE
     if state.is_main_process and job_path.is_file():
-        if overwrite:
-            for name in (LATENTS, PROMPT_EMBEDS, POOLED):
-                shutil.rmtree(out / name, ignore_errors=True)
-            for name in (JOB_FILE, PAIRS_FILE, "summary.json"):
-                (out / name).unlink(missing_ok=True)
-        else:
-            saved = read_json_object(job_path)
-            check_identity(
-                {k: saved.get(k) for k in job},
-                job,
-                f"cache {out} was",
-                hint="pass --overwrite to start over or choose another --output-dir",
-            )
+        saved = read_json_object(job_path)
+        check_identity(
+            {k: saved.get(k) for k in job},
+            job,
+            f"cache {out} was",
+            hint="pass --overwrite to start over or choose another --output-dir",
+        )
+    state.wait_for_everyone()
+
+
+def _clear_cache(out: Path, state) -> None:
+    """`--overwrite`: remove the earlier cache (rank 0; the others wait), only once the model
+    has loaded (a run refused before loses nothing)."""
+    if state.is_main_process and (out / JOB_FILE).is_file():
+        for name in (LATENTS, PROMPT_EMBEDS, POOLED):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (JOB_FILE, PAIRS_FILE, "summary.json"):
+            (out / name).unlink(missing_ok=True)
     state.wait_for_everyone()
 
 
@@ -287,6 +296,7 @@ def _build_locked(
     single_file_config: str | None,
     latent_memory_mb: float,
     started: float,
+    overwrite: bool = False,
 ) -> dict:
     import contextlib
 
@@ -301,7 +311,7 @@ def _build_locked(
     batches = [pairs[k * batch_size : (k + 1) * batch_size] for k in range(n_batches)]
     run_device = torch.device(device) if device else state.device
     todo: list[int] | None = None
-    if (out / JOB_FILE).is_file():  # a re-run: nothing left to do loads no model
+    if (out / JOB_FILE).is_file() and not overwrite:  # a re-run: nothing left loads no model
         shapes = {k: tuple(v) for k, v in read_json(out / JOB_FILE)["shapes"].items()}
         todo = _batches_to_do(out, shapes, batches)
     flow = family(job["family"])
@@ -316,6 +326,8 @@ def _build_locked(
             PROMPT_EMBEDS: tuple(empty_pe.shape[1:]),
             POOLED: tuple(empty_pooled.shape[1:]),
         }
+    if overwrite:
+        _clear_cache(out, state)
     if state.is_main_process and not (out / JOB_FILE).is_file():
         lines = [
             json.dumps({"id": p.id, "caption": p.caption, "image": str(p.image)}) for p in pairs

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from diffalign.engine.errors import DiffalignError
-from diffalign.noise.optimize import OptimizeSettings, run_optimize
+from diffalign.noise.optimize import OptimizeSettings, check_patch_size, run_optimize
 
 KS_ALPHA = 0.01
 ORTHOGONALITY_TOL = 1e-5
@@ -91,6 +91,7 @@ def _toy_optimize(
             f"--output-dir {out} already holds a run (summary.json); pass --overwrite"
         )
     gen = ToyOneStepGenerator(g_model)
+    check_patch_size(gen, settings.patch_size, None, None)  # before the classifier trains
     prompts = classes or [str(c) for c in range(g_cfg.num_classes)]
     for p in prompts:  # one clear line for a bad class before any work (the classifier)
         gen.encode_prompts([p])
