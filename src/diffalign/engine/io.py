@@ -145,6 +145,38 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return touched
 
 
+def earlier_units(
+    folder: str | os.PathLike, name: str, marker: str | None = None, *, folders: bool = False
+) -> list[Path]:
+    """The entries of `folder` an output layout writes, for `--overwrite` to remove
+    (`remove_units`): names matching `name` (a regex, whole name); files, or folders with
+    ``folders`` or a ``marker`` (then only folders that hold the file `marker`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(name)
+    want_dir = folders or marker is not None
+    return sorted(
+        e
+        for e in folder.iterdir()
+        if pattern.fullmatch(e.name)
+        and (
+            (e.is_dir() and (marker is None or (e / marker).is_file())) if want_dir else e.is_file()
+        )
+    )
+
+
+def remove_units(paths: Iterable[Path]) -> None:
+    """Remove an earlier run's units (`--overwrite` starts over): once the run is set up (its
+    model loaded) and before its settings are recorded, so a run killed in between leaves no
+    earlier unit that a plain re-run would count as done under the new settings."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _tree_size(path: Path) -> int:
     try:
         if path.is_file():

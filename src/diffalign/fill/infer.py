@@ -481,6 +481,20 @@ def _check_output(out: Path, identity: dict, names: list[str], overwrite: bool) 
         )
 
 
+def _earlier_units(out: Path, names: list[str]) -> list[Path]:
+    """What an earlier run left in `out` (`--overwrite` removes it): the images of every input
+    its settings file records and of this run's inputs (`<name>.png`, `<name>_diptych.png`),
+    and its summary.json."""
+    try:
+        recorded = list(_read_inputs(out)) if (out / SETTINGS_FILE).is_file() else []
+    except (DiffalignError, AttributeError):  # a damaged record: every image it may describe
+        recorded = [p.stem.removesuffix("_diptych") for p in out.glob("[!.]*.png")]
+    units = [out / "summary.json"]
+    for n in dict.fromkeys([*recorded, *names]):
+        units += [out / f"{n}.png", out / f"{n}_diptych.png"]
+    return [p for p in units if p.is_file()]
+
+
 def run_infer(
     *,
     model: str,
@@ -505,7 +519,7 @@ def run_infer(
 ) -> dict:
     """Inpaint the target panel of each input; writes `<name>.png` (+ `<name>_diptych.png`) and
     summary.json under an output-folder lock; outputs already there are kept (resume)."""
-    from diffalign.engine.io import output_lock, write_json
+    from diffalign.engine.io import output_lock, remove_units, write_json
     from diffalign.engine.progress import progress
     from diffalign.engine.reports import save_image
     from diffalign.fill.encode import FillEncoder
@@ -566,6 +580,8 @@ def run_infer(
     encoder = FillEncoder(pipe)
     with output_lock(out):
         _check_output(out, identity, names, overwrite)
+        if overwrite:  # start over: no earlier image may count as done under these settings
+            remove_units(_earlier_units(out, names))
         fresh = overwrite or not (out / SETTINGS_FILE).is_file() or not any(out.glob("*.png"))
         kept = {} if fresh else _read_inputs(out)
         write_json(out / SETTINGS_FILE, {**identity, "inputs": {**kept, **identity["inputs"]}})

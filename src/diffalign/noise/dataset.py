@@ -45,7 +45,13 @@ import torch
 
 from diffalign.engine.errors import DiffalignError
 from diffalign.engine.identity import file_sha256
-from diffalign.engine.io import TEXT_ENCODING, output_lock, resolve_inside, write_json
+from diffalign.engine.io import (
+    TEXT_ENCODING,
+    earlier_units,
+    output_lock,
+    resolve_inside,
+    write_json,
+)
 from diffalign.noise.assign import (
     NOISE_FILE,
     _check_settings,
@@ -277,6 +283,12 @@ class PairsJob(AssignmentJob):
     def item_dirs(self, item: int) -> list[Path]:
         sdir = self.out / "samples" / sample_dir_name(item, self.items[item].prompt)
         return [sdir, sdir / "run_outputs"]
+
+    def earlier_units(self, out: Path) -> list[Path]:
+        return [
+            *earlier_units(out / "samples", r"\d{6}_.*", folders=True),
+            *earlier_units(out, r"orthogonal_gaussian_(init|final)\.(json|png)"),
+        ]
 
     def check_done(self, item: int, record: dict) -> str | None:
         return _sample_ok(self.out, record, self.items[item], self.latent_shape)

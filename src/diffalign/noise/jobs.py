@@ -39,6 +39,7 @@ from diffalign.engine.io import (
     clean_stale_temporaries,
     load_tensors,
     read_json_object,
+    remove_units,
     resolve_inside,
     write_json,
 )
@@ -78,6 +79,12 @@ class AssignmentJob:
     def item_dirs(self, item: int) -> list[Path]:
         """The folders of an item's files (stale temporaries of a killed write are removed
         there before it is redone)."""
+        return []
+
+    def earlier_units(self, out: Path) -> list[Path]:
+        """The item files and diagnostics an earlier run's layout wrote in ``out``, which
+        ``overwrite`` removes (beside the records the runner keeps) before the settings are
+        recorded."""
         return []
 
 
@@ -179,16 +186,18 @@ def run_assignment_job(
     overwrite: bool = False,
 ) -> dict:
     """Run (or resume) ``job`` into ``out`` (module doc); returns the summary on rank 0.
-    ``overwrite``: forget the folder's records (settings, manifest, failures, summary) first, so
-    every item is assigned again under these settings."""
+    ``overwrite``: remove the folder's records (settings, manifest, failures, summary) and the
+    job's `earlier_units` first (the caller has loaded its models), so every item is assigned
+    again under these settings and nothing of the earlier run is left beside the new items."""
     t0 = time.time() if t0 is None else t0
     out = Path(out)
     rank, world, state = dist_state()
     if overwrite:
         if rank == 0:
-            for name in ("manifest*.jsonl", "failures*.jsonl", job.config_file, "summary.json"):
-                for old in out.glob(name):
-                    old.unlink()
+            records = ("manifest*.jsonl", "failures*.jsonl", job.config_file, "summary.json")
+            remove_units(
+                [*(p for name in records for p in out.glob(name)), *job.earlier_units(out)]
+            )
         if state is not None:
             state.wait_for_everyone()
     cfg_path = out / job.config_file

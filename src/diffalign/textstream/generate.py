@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.engine.errors import DiffalignError
+from diffalign.engine.io import earlier_units, remove_units
 from diffalign.textstream.sizes import fit_image_size, model_image_size
 
 SEED_RULE = "image k of prompt i uses seed + i * n_samples + k (torch CPU generator)"
@@ -660,33 +661,6 @@ def _clean_stale(folder: Path) -> None:
     clean_stale_temporaries(folder)
 
 
-def _earlier_units(folder: Path, name: str, marker: str | None = None) -> list[Path]:
-    """The entries of `folder` a layout writes: names matching `name` (a regex, whole name),
-    folders only when they hold `marker`."""
-    import re
-
-    if not folder.is_dir():
-        return []
-    pattern = re.compile(name)
-    return sorted(
-        e
-        for e in folder.iterdir()
-        if pattern.fullmatch(e.name)
-        and (e.is_dir() and (e / marker).is_file() if marker else e.is_file())
-    )
-
-
-def _remove_units(paths: Sequence[Path]) -> None:
-    """Remove an earlier run's units (`--overwrite`, once the model has loaded)."""
-    import shutil
-
-    for path in paths:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
 @dataclass
 class _Job:
     index: int  # global prompt index: decides the seeds
@@ -975,7 +949,7 @@ def run_generate(
         total=len(records),
         clean=out,
         prompt_set=[[r.prompt, r.id] for r in every],  # what its folders record of each
-        earlier=lambda: _earlier_units(out, r"\d{5}_.*", "prompt.json"),
+        earlier=lambda: earlier_units(out, r"\d{5}_.*", "prompt.json"),
     )
 
 
@@ -1010,7 +984,7 @@ def run_geneval(
         total=len(lines),
         clean=out,
         prompt_set=every,  # whole lines: each folder's metadata.jsonl is its line
-        earlier=lambda: _earlier_units(out, r"\d{5}", "metadata.jsonl"),
+        earlier=lambda: earlier_units(out, r"\d{5}", "metadata.jsonl"),
     )
 
 
@@ -1054,7 +1028,7 @@ def run_dpg(
         total=len(items),
         clean=out,
         prompt_set=[[pid, text] for pid, text in every],
-        earlier=lambda: _earlier_units(out, r"[^.].*\.png"),  # the folder holds only tiles
+        earlier=lambda: earlier_units(out, r"[^.].*\.png"),  # the folder holds only tiles
     )
 
 
@@ -1112,7 +1086,7 @@ def run_compbench(
         total=len(units),
         clean=[out, *folders],
         preflight=preflight,
-        earlier=lambda: [p for f in folders for p in _earlier_units(f, r"[^.].*\.png")],
+        earlier=lambda: [p for f in folders for p in earlier_units(f, r"[^.].*\.png")],
         # a folder's category names its samples/ folder; a single file's writes OUT/samples
         prompt_set=[[None if single else cat, lines] for cat, lines in categories],
     )
@@ -1205,7 +1179,7 @@ def _run_layout(
             for folder in [clean] if isinstance(clean, Path) else clean:
                 _clean_stale(folder)
             if cfg.overwrite:
-                _remove_units(earlier())
+                remove_units(earlier())
             if gen is not None or not settings_path.is_file():
                 write_json(settings_path, settings)
         state.wait_for_everyone()
