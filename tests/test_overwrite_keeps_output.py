@@ -76,8 +76,8 @@ def test_repa_vae_overwrite_with_unreadable_images_keeps_the_store(
 def test_repa_clip_overwrite_with_a_damaged_text_encoder_keeps_the_embeddings(
     tmp_path, tiny_model_dir, capsys
 ):
-    """A text encoder whose safetensors header is damaged is one line (it was an internal
-    error: transformers passes safetensors' error on), and the embeddings are kept."""
+    """A text encoder whose safetensors file is cut short is one line naming the file (it was an
+    internal error: transformers passes safetensors' error on), and the embeddings are kept."""
     from diffalign.repa.images import write_classes
     from test_repa_train import CLASSES, build_data_dir
 
@@ -92,7 +92,7 @@ def test_repa_clip_overwrite_with_a_damaged_text_encoder_keeps_the_embeddings(
     )
     argv = ["repa", "preprocess", "clip", "--data-dir", str(data), "--model", broken]
     assert main([*argv, "--overwrite"]) == 2
-    assert "invalid header" in _one_line(capsys)
+    assert "text_encoder/model.safetensors is damaged or incomplete" in _one_line(capsys)
     assert _snapshot(data) == before
 
 

@@ -391,6 +391,71 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def safetensors_damage(path: Path) -> str | None:
+    """Why the safetensors file `path` cannot be whole, or None: its 8-byte header length, its
+    JSON header and the end of its last tensor read against the file's size (no tensor is
+    loaded)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if size < 8 + n:
+                return f"cut short: {size} bytes, its header alone needs {8 + n}"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"cannot be read: {e.strerror or type(e).__name__}"
+    except ValueError:  # also UnicodeDecodeError
+        return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    try:
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "its header does not describe tensors"
+    if size < 8 + n + end:
+        return f"cut short: {size} of {8 + n + end} bytes"
+    return None
+
+
+def damaged_weights(
+    model: str,
+    source: str | os.PathLike,
+    download_name: str | None = None,
+    subfolder: str | None = None,
+) -> DiffalignError | None:
+    """After a load from the local folder or single file `source` (only its `subfolder` when
+    given) failed: the one-line error naming its first damaged or incomplete safetensors file
+    (`safetensors_damage`), in place of a misleading "not found"; None when every weights file
+    is whole (the failure is another one) or `source` is not local."""
+    root = Path(source)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        top = root / subfolder if subfolder else root
+        files = sorted(
+            p
+            for p in top.rglob("*.safetensors")
+            if not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+    else:
+        return None
+    for path in files:
+        why = safetensors_damage(path)
+        if why is not None:
+            name = path.relative_to(root).as_posix() if path != root else str(path)
+            fix = "replace the file"
+            if download_name:
+                fix = f"re-download it with `diffalign download --only {download_name}` or {fix}"
+            return DiffalignError(f"{model}: {name} is damaged or incomplete ({why}); {fix}")
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "message", None) or exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
@@ -560,6 +625,10 @@ def load_pipeline(
     except DiffalignError:
         raise
     except errors as e:
+        if resolved.kind != "hub":
+            damaged = damaged_weights(model, resolved.source, resolved.download_name)
+            if damaged is not None:
+                raise damaged from None
         where = resolved.source if resolved.source != model else None
         detail = _first_line(e)
         if resolved.kind == "hub" and offline:
@@ -878,6 +947,9 @@ def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str
     except DiffalignError:
         raise
     except _hub_errors() as e:
+        damaged = damaged_weights(vae, path) if path.exists() else None
+        if damaged is not None:
+            raise damaged from None
         raise ModelNotFoundError(vae, None, f"VAE: {_first_line(e)}") from None
 
 

@@ -44,6 +44,7 @@ def load_sd15_unet(model: str, dtype: torch.dtype = torch.float32, noise_schedul
 
     from diffalign.engine.loading import (
         _hub_errors,
+        damaged_weights,
         hub_offline,
         load_pipeline,
         model_not_found,
@@ -73,6 +74,10 @@ def load_sd15_unet(model: str, dtype: torch.dtype = torch.float32, noise_schedul
                 resolved.source, subfolder="unet", torch_dtype=dtype, **kw
             )
         except _hub_errors() as e:
+            if resolved.kind == "folder":
+                damaged = damaged_weights(model, resolved.source, resolved.download_name, "unet")
+                if damaged is not None:
+                    raise damaged from None
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             if resolved.kind == "hub" and hub_offline():
                 detail = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"

@@ -774,6 +774,7 @@ def load_text_encoder(model: str, device, dtype: str = "float32"):
     from diffalign.engine.loading import (
         _hub_errors,
         _tf_dtype_kw,
+        damaged_weights,
         hub_offline,
         model_not_found,
         parse_dtype,
@@ -804,6 +805,11 @@ def load_text_encoder(model: str, device, dtype: str = "float32"):
             resolved.source, subfolder="text_encoder", **_tf_dtype_kw(parse_dtype(dtype)), **kw
         )
     except _hub_errors() as e:
+        if local:
+            name = resolved.download_name
+            damaged = damaged_weights(model, resolved.source, name, "text_encoder")
+            if damaged is not None:
+                raise damaged from None
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not local and hub_offline():
             detail = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"

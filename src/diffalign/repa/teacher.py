@@ -73,6 +73,7 @@ def load_dino(
     from diffalign.engine.loading import (
         _hub_errors,
         _tf_dtype_kw,
+        damaged_weights,
         hub_offline,
         parse_dtype,
         require_component,
@@ -90,6 +91,9 @@ def load_dino(
             **_tf_dtype_kw(parse_dtype(dtype)),
         )
     except (*_hub_errors(), KeyError) as e:
+        damaged = damaged_weights(str(model_path_or_id), source, DEFAULT_DINO) if local else None
+        if damaged is not None:
+            raise damaged from None
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not local and hub_offline():
             detail = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"

@@ -199,7 +199,13 @@ def load_clip_bundle(
     from transformers import AutoTokenizer, CLIPModel
 
     from diffalign.engine.errors import ModelNotFoundError
-    from diffalign.engine.loading import _first_line, _hub_errors, _tf_dtype_kw, hub_offline
+    from diffalign.engine.loading import (
+        _first_line,
+        _hub_errors,
+        _tf_dtype_kw,
+        damaged_weights,
+        hub_offline,
+    )
 
     folder = Path(source)
     if folder.is_dir():
@@ -241,6 +247,9 @@ def load_clip_bundle(
             "convert them to model.safetensors"
         ) from None
     except _hub_errors() as e:
+        damaged = damaged_weights(source, folder, download_name) if folder.is_dir() else None
+        if damaged is not None:
+            raise damaged from None
         raise ModelNotFoundError(source, download_name, _first_line(e)) from None
     size = int(model.config.vision_config.image_size)
     size, mean, std = _processor_settings([Path(s) for s in tok_sources], size)
