@@ -94,7 +94,10 @@ def register(verbs) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument(
-        "--overwrite", action="store_true", help="regenerate images already in --output-dir"
+        "--overwrite",
+        action="store_true",
+        help="start over: the earlier run's images in --output-dir are removed once the model "
+        "has loaded and every input is generated again (default: keep them, so a run resumes)",
     )
     p.set_defaults(func=_run)
 

@@ -363,8 +363,8 @@ def register(verbs) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="start over in a folder that holds a dataset: its records are cleared and every "
-        "pair is assigned again",
+        help="start over in a folder that holds a dataset: once the generator has loaded, its "
+        "records and samples/ folders are removed and every pair is assigned again",
     )
     p.set_defaults(func=_run_build)
 
