@@ -576,14 +576,9 @@ def _check_folder(
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DiffalignError(f"{index_file}: not valid JSON ({e})") from None
-    expected, _ = pipeline_cls._get_signature_keys(pipeline_cls)
-    required = set(expected) - set(pipeline_cls._optional_components)
-    missing = sorted(k for k in required if k not in index)
+    found, missing = _missing_components(pipeline_cls, index)
     if missing:
-        found = index.get("_class_name", "an unknown pipeline")
-        raise DiffalignError(
-            f"{folder} holds {found}, not a {family} model (missing {', '.join(missing)})"
-        )
+        raise DiffalignError(f"{folder} holds {found}, not a {family} model (missing {missing})")
     _check_components(folder, index, set(given), resolved.download_name)
 
 
@@ -717,15 +712,20 @@ def _check_config_pipeline(pipeline_cls: type, family: str, config: str, local_o
     """A single file's config must name the components `pipeline_cls` needs (one line if not:
     diffusers would fail deep inside `from_single_file`)."""
     index = pipeline_cls.load_config(config, local_files_only=local_only)
+    found, missing = _missing_components(pipeline_cls, index)
+    if missing:
+        raise DiffalignError(
+            f"single-file config {config} holds {found}, not a {family} model (missing {missing})"
+        )
+
+
+def _missing_components(pipeline_cls: type, index: dict) -> tuple[str, str]:
+    """The pipeline class `index` (a model_index.json) names, and the components
+    `pipeline_cls` needs that it lacks, comma-separated (empty: none)."""
     expected, _ = pipeline_cls._get_signature_keys(pipeline_cls)
     required = set(expected) - set(pipeline_cls._optional_components)
-    missing = sorted(k for k in required if k not in index)
-    if missing:
-        found = index.get("_class_name", "an unknown pipeline")
-        raise DiffalignError(
-            f"single-file config {config} holds {found}, not a {family} model (missing "
-            f"{', '.join(missing)})"
-        )
+    missing = ", ".join(sorted(k for k in required if k not in index))
+    return index.get("_class_name", "an unknown pipeline"), missing
 
 
 def _single_file_denoiser(model: str, pipeline_cls: type, config: str, local_only: bool):
