@@ -138,7 +138,7 @@ def extract_features(
         root, split, "cached" if cached else "online", max_samples, class_embeddings=False
     )
     if len(ds) == 0:
-        raise DiffalignError(f"{root}: no '{split}' samples in the manifest")
+        raise ds.empty_split_error()
     if cached and ds.token_shape[-1] != rm.spec.teacher_dim:
         raise DiffalignError(
             f"teacher tokens in {root} are {ds.token_shape[-1]} wide; the model was trained "
