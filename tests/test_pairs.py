@@ -59,6 +59,32 @@ def test_pairs_jsonl_and_coco(tmp_path):
     assert load_image_captions(str(coco)).pairs == got
 
 
+def test_a_dataset_name_is_looked_up_under_datadir_beside_a_folder_of_that_name(
+    tmp_path, monkeypatch
+):
+    """`textstream cache --dataset coco --datadir D` run where the working directory holds a
+    folder `coco/` with images read that folder as image + .txt pairs ("has no pair"), while
+    `calibrate` (load_prompts) looked the name up under D."""
+    data = tmp_path / "data"
+    _png(data / "coco" / "val2017" / "000001.jpg")
+    ann = {
+        "images": [{"id": 1, "file_name": "000001.jpg"}],
+        "annotations": [{"id": 11, "image_id": 1, "caption": "a dog"}],
+    }
+    (data / "coco" / "annotations").mkdir()
+    (data / "coco" / "annotations" / "captions_val2017.json").write_text(json.dumps(ann))
+    work = tmp_path / "work"
+    _png(work / "coco" / "photos" / "x.png")  # a local folder named coco, no captions
+    monkeypatch.chdir(work)
+    got = load_image_captions("coco", datadir=str(data)).pairs
+    assert [(p.id, p.caption, p.image) for p in got] == [
+        ("11", "a dog", data / "coco" / "val2017" / "000001.jpg")
+    ]
+    # the local folder is still read as a path when given as one
+    with pytest.raises(DiffalignError, match="has no pair"):
+        load_image_captions("./coco")
+
+
 def test_bad_pair_sources(tmp_path):
     (tmp_path / "no_image.jsonl").write_text(json.dumps({"prompt": "a cat"}) + "\n")
     with pytest.raises(DiffalignError, match="has no image"):

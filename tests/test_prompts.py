@@ -255,6 +255,25 @@ def test_missing_named_dataset_lists_where_it_looked(tmp_path):
         load_dpg_prompts(tmp_path / "missing")
 
 
+def test_geneval_metadata_given_a_prompt_list_says_what_it_needs(tmp_path):
+    """`textstream geneval --metadata prompts.txt` (GenEval's generation_prompts.txt, or any
+    prompt list) was only 'prompts.txt:1: not valid JSON (Expecting value)'."""
+    path = tmp_path / "generation_prompts.txt"
+    path.write_text("a photo of a cat\na photo of a dog\n", encoding="utf-8")
+    with pytest.raises(DiffalignError) as e:
+        load_geneval_metadata(path)
+    msg = str(e.value)
+    assert f"{path}:1: not valid JSON" in msg
+    assert "evaluation_metadata.jsonl" in msg and "textstream generate --prompts" in msg
+    assert "\n" not in msg
+    # a bad line after a good first line is named as before, without the hint
+    bad = tmp_path / "m.jsonl"
+    bad.write_text(json.dumps(GENEVAL_LINES[0]) + "\n{oops\n", encoding="utf-8")
+    with pytest.raises(DiffalignError, match=r"m\.jsonl:2: not valid JSON") as e:
+        load_geneval_metadata(bad)
+    assert "textstream generate" not in str(e.value)
+
+
 def test_coco_captions_json_with_a_byte_order_mark(tmp_path):
     """COCO captions json (and any JSON read by engine.io.read_json) saved with a byte-order
     mark: 'not valid JSON'."""

@@ -194,6 +194,31 @@ def test_dataset_yields_class_embedding_or_the_null_one_under_cfg_dropout(data_d
     assert other.__getitems__(idx)["cfg_dropped"].tolist() != d0
 
 
+def test_a_split_without_samples_names_the_manifest_splits(data_dir):
+    """`repa extract --split test` (or a train_split the manifest lacks) was only "no 'test'
+    samples in the manifest": the error now says which splits it has."""
+    from diffalign.repa.data import RepaDataset
+
+    ds = RepaDataset(data_dir, "test")
+    assert len(ds) == 0 and ds.manifest_splits == ["train", "val"]
+    err = str(ds.empty_split_error())
+    assert err == f"{data_dir}: no 'test' samples in the manifest (its splits: 'train', 'val')"
+
+
+def test_extract_refuses_a_missing_split_before_the_model_loads(data_dir, tmp_path, monkeypatch):
+    """`repa extract --split test` loaded the trained U-Net (minutes on SD 1.5) before it read
+    the manifest."""
+    import diffalign.repa.probe as probe
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(probe, "load_trained", no_loading)
+    with pytest.raises(DiffalignError, match="no 'test' samples in the manifest"):
+        probe.extract_features(tmp_path, data_dir, tmp_path / "out", split="test")
+    assert not (tmp_path / "out").exists()
+
+
 def test_stop_resume_across_epochs_with_cfg_dropout_and_workers(data_dir, sd15, tmp_path):
     """Resume stays exact when classifier-free dropout draws in DataLoader workers and the run
     crosses epochs (3 batches per epoch)."""

@@ -520,6 +520,18 @@ def test_bad_dpg_and_sample_input(sd3, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "out.settings.json").exists()
 
 
+def test_sample_refuses_a_model_given_twice(sd3, tmp_path, capsys):
+    """`sample --model M M` wrote one folder named with a hash of M and reported the second
+    model's prompt as skipped; now one line before anything loads or is written."""
+    out = tmp_path / "out"
+    argv = ["textstream", "sample", "--prompt", "a cat", "--model", sd3, sd3, *TINY]
+    capsys.readouterr()
+    assert main([*argv, "--output-dir", str(out)]) == 2
+    (line,) = error_lines(capsys)
+    assert line == f"diffalign: error: --model lists {sd3} twice: give each model once"
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # sharding under accelerate launch, and the shell launcher
 

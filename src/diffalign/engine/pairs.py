@@ -61,7 +61,12 @@ def load_image_captions(
     split: str = "val2017",
 ) -> PairSet:
     """Pairs of one or more sources (comma-separated or a list), concatenated in order."""
-    from diffalign.engine.prompts import _split_spec, coco_captions_file, load_prompts
+    from diffalign.engine.prompts import (
+        DATASET_NAMES,
+        _split_spec,
+        coco_captions_file,
+        load_prompts,
+    )
 
     items = _split_spec(spec)
     if not items:
@@ -73,7 +78,10 @@ def load_image_captions(
         path = Path(item).expanduser()
         # a COCO root (annotations/ + val2017/, FORMATS.md) holds images too: its captions json
         coco_root = path.is_dir() and coco_captions_file(path, split) is not None
-        if path.is_dir() and not coco_root and _holds_images(path):
+        # a name (coco, ...) is looked up under datadir, as load_prompts does, even where the
+        # working directory holds a folder of that name
+        named = item in DATASET_NAMES
+        if not named and path.is_dir() and not coco_root and _holds_images(path):
             part = _load_folder(path)
             out.skipped_no_caption += part.skipped_no_caption
             pairs = part.pairs

@@ -9,6 +9,7 @@ file, malformed line, empty set) is a one-line `DiffalignError`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -104,7 +105,15 @@ def load_geneval_metadata(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise DiffalignError(f"GenEval metadata file not found: {path}")
     out = []
-    for lineno, obj in iter_jsonl(path):
+    lines = iter_jsonl(path)
+    try:
+        first = next(lines, None)
+    except DiffalignError as e:  # a prompt list (.txt) given for the metadata: say what it needs
+        raise DiffalignError(
+            f"{e}: not GenEval's evaluation_metadata.jsonl (a JSON object a line with 'prompt',"
+            " 'tag' and 'include'); a plain prompt list goes to `textstream generate --prompts`"
+        ) from None
+    for lineno, obj in itertools.chain([first] if first else [], lines):
         where = f"{path}:{lineno}"
         if not isinstance(obj, dict):
             raise DiffalignError(f"{where}: expected a JSON object, found {type(obj).__name__}")

@@ -99,9 +99,9 @@ class RepaDataset(Dataset):
         self.root = Path(root)
         self.split = split
         self.teacher = teacher
-        rows = [
-            r for r in read_manifest(_need(self.root / MANIFEST, "manifest")) if r["split"] == split
-        ]
+        manifest = read_manifest(_need(self.root / MANIFEST, "manifest"))
+        self.manifest_splits = sorted({str(r["split"]) for r in manifest})
+        rows = [r for r in manifest if r["split"] == split]
         if max_samples is not None and int(max_samples) < len(rows):
             # evenly spread over the manifest (which lists classes in order): class-balanced
             n = int(max_samples)
@@ -181,6 +181,13 @@ class RepaDataset(Dataset):
     @property
     def token_shape(self) -> tuple[int, ...] | None:
         return tuple(self.tokens.shape) if self.tokens is not None else None
+
+    def empty_split_error(self) -> DiffalignError:
+        """The one-line error for a split the manifest has no samples of, naming the ones it has."""
+        have = ", ".join(repr(x) for x in self.manifest_splits) or "none"
+        return DiffalignError(
+            f"{self.root}: no '{self.split}' samples in the manifest (its splits: {have})"
+        )
 
     def __len__(self) -> int:
         return len(self.ids)

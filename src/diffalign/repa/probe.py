@@ -128,17 +128,17 @@ def extract_features(
         raise DiffalignError(f"unknown pool '{pool}' (choose mean or first)")
     out_dir = Path(out_dir)
     root = Path(data_dir)
-    # inputs are checked before the output folder is created
-    rm, alphas, info = load_trained(weights, model, use_ema)
-    if not 0 <= timestep < len(alphas):
-        raise DiffalignError(f"--timestep must be in [0, {len(alphas) - 1}], got {timestep}")
+    # inputs are checked before the output folder is created, the data before the model loads
     cached = (root / "dino_tokens.lmdb").exists()
     # the features are taken with the empty prompt: no per-sample class embedding is read
     ds = RepaDataset(
         root, split, "cached" if cached else "online", max_samples, class_embeddings=False
     )
     if len(ds) == 0:
-        raise DiffalignError(f"{root}: no '{split}' samples in the manifest")
+        raise ds.empty_split_error()
+    rm, alphas, info = load_trained(weights, model, use_ema)
+    if not 0 <= timestep < len(alphas):
+        raise DiffalignError(f"--timestep must be in [0, {len(alphas) - 1}], got {timestep}")
     if cached and ds.token_shape[-1] != rm.spec.teacher_dim:
         raise DiffalignError(
             f"teacher tokens in {root} are {ds.token_shape[-1]} wide; the model was trained "

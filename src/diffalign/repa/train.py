@@ -75,7 +75,7 @@ class RepaTask(TrainTask):
             seed=cfg.seed,
         )
         if len(self.train_ds) == 0:
-            raise DiffalignError(f"{root}: no '{cfg.train_split}' samples in the manifest")
+            raise self.train_ds.empty_split_error()
         if len(self.train_ds) < cfg.batch_size:
             raise DiffalignError(
                 f"batch_size {cfg.batch_size} is larger than the {len(self.train_ds)} training "

@@ -818,6 +818,9 @@ def run_sample(
         raise DiffalignError("--prompt must be a non-empty text")
     if not models:
         raise DiffalignError("no --model given")
+    repeated = next((m for i, m in enumerate(models) if m in models[:i]), None)
+    if repeated is not None:  # it made a hashed folder name and counted its images as skipped
+        raise DiffalignError(f"--model lists {repeated} twice: give each model once")
     validate_config(cfg)
     for m in models:
         validate_residual_config(rc, m, cfg.single_file_config)
