@@ -214,6 +214,7 @@ def test_extract_refuses_a_missing_split_before_the_model_loads(data_dir, tmp_pa
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(probe, "load_trained", no_loading)
+    monkeypatch.setattr(probe, "read_trained", lambda *a, **k: None)  # the run's files: fine
     with pytest.raises(DiffalignError, match="no 'test' samples in the manifest"):
         probe.extract_features(tmp_path, data_dir, tmp_path / "out", split="test")
     assert not (tmp_path / "out").exists()

@@ -70,12 +70,22 @@ def _weights_source(path: Path, use_ema: bool) -> tuple[dict, dict[str, dict[str
     )
 
 
-def load_trained(
-    weights: str | os.PathLike, model: str | None = None, use_ema: bool = True
-) -> tuple[RepaModel, torch.Tensor, dict]:
-    """(RepaModel with trained LoRA + heads, alphas_cumprod, info) from `weights`."""
+def read_trained(weights: str | os.PathLike, use_ema: bool = True) -> tuple[dict, dict, RepaSpec]:
+    """(info, tensors, spec) of a trained run's `weights`: no model loads (a bad folder or
+    spec is one line before any data or model is touched)."""
     info, tensors = _weights_source(Path(weights), use_ema)
-    spec = RepaSpec.from_dict(info["spec"])
+    return info, tensors, RepaSpec.from_dict(info["spec"])
+
+
+def load_trained(
+    weights: str | os.PathLike,
+    model: str | None = None,
+    use_ema: bool = True,
+    read: tuple[dict, dict, RepaSpec] | None = None,
+) -> tuple[RepaModel, torch.Tensor, dict]:
+    """(RepaModel with trained LoRA + heads, alphas_cumprod, info) from `weights` (`read`:
+    its `read_trained` result, when the caller has it already)."""
+    info, tensors, spec = read or read_trained(weights, use_ema)
     # runs from before `noise_schedule` existed trained on the model's own schedule
     unet, alphas, _ = load_sd15_unet(
         model or info.get("model", "sd15"), noise_schedule=info.get("noise_schedule", "model")
@@ -129,6 +139,7 @@ def extract_features(
     out_dir = Path(out_dir)
     root = Path(data_dir)
     # inputs are checked before the output folder is created, the data before the model loads
+    trained = read_trained(weights, use_ema)
     cached = (root / "dino_tokens.lmdb").exists()
     # the features are taken with the empty prompt: no per-sample class embedding is read
     ds = RepaDataset(
@@ -136,7 +147,7 @@ def extract_features(
     )
     if len(ds) == 0:
         raise ds.empty_split_error()
-    rm, alphas, info = load_trained(weights, model, use_ema)
+    rm, alphas, info = load_trained(weights, model, use_ema, read=trained)
     if not 0 <= timestep < len(alphas):
         raise DiffalignError(f"--timestep must be in [0, {len(alphas) - 1}], got {timestep}")
     if cached and ds.token_shape[-1] != rm.spec.teacher_dim:
