@@ -663,6 +663,9 @@ def _load_single_file(
     offline = hub_offline()
     config = single_file_config or _single_file_config(resolved.source, family)
     if config is None:
+        damaged = damaged_weights(model, resolved.source, resolved.download_name)
+        if damaged is not None:  # an unreadable file has no layout to recognise
+            raise damaged
         raise DiffalignError(
             f"--model {model}: cannot tell which {family} model this single file is (diffusers "
             "does not recognise its layout as a release we have a preset for); pass the matching "
@@ -900,6 +903,9 @@ def _vae_config(vae: str, config: str | None, family: str | None) -> ResolvedMod
         return resolved
     preset = single_file_preset(resolved.source, family)
     if preset is None:
+        damaged = damaged_weights(source, resolved.source)
+        if damaged is not None:  # an unreadable file has no layout to recognise
+            raise damaged
         raise DiffalignError(
             f"VAE {vae}: cannot tell which model's VAE config it loads with (diffusers does not "
             f"recognise {Path(resolved.source).name}); pass a diffusers folder or Hub id as the "
@@ -912,9 +918,9 @@ def _vae_config(vae: str, config: str | None, family: str | None) -> ResolvedMod
 def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str, offline: bool):
     from diffusers import AutoencoderKL
 
+    sub = "vae" if (path / "vae" / "config.json").is_file() else None  # a pipeline folder's
     try:
         if path.is_dir():
-            sub = "vae" if (path / "vae" / "config.json").is_file() else None
             if sub is None and not (path / "config.json").is_file():
                 raise ModelNotFoundError(vae, None, "not an AutoencoderKL folder: no config.json")
             require_component(path, sub, "diffusers", "AutoencoderKL")
@@ -947,7 +953,7 @@ def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str
     except DiffalignError:
         raise
     except _hub_errors() as e:
-        damaged = damaged_weights(vae, path) if path.exists() else None
+        damaged = damaged_weights(vae, path, subfolder=sub) if path.exists() else None
         if damaged is not None:
             raise damaged from None
         raise ModelNotFoundError(vae, None, f"VAE: {_first_line(e)}") from None
