@@ -614,16 +614,12 @@ def _failure_line(name: str, source: Source, exc: BaseException, gated: bool) ->
         first = first[:197] + "..."
     kind = type(exc).__name__
     repo = source.repo_id
-    if _offline():
+    if hub_offline():
         return f"{name}: cannot download {repo}: HF_HUB_OFFLINE is set (unset it to download)"
     hint = ""
     if kind == "GatedRepoError" or (gated and ("401" in text or "403" in text)):
         hint = f" (accept the licence at https://huggingface.co/{repo}, then pass --token or run `hf auth login`)"
     return f"{name}: download of {repo} failed: {kind}: {first}{hint}"
-
-
-def _offline() -> bool:
-    return hub_offline()
 
 
 def _install(planned: PlannedAsset, token: str | None) -> None:
