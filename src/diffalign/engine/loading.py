@@ -138,23 +138,26 @@ def downloaded_copy(repo_id: str) -> DownloadedCopy | None:
     return found[0] if found else None
 
 
-_NOTICED: set[tuple[str, str]] = set()
+_NOTED: set[tuple[str, ...]] = set()
+
+
+def _note_once(key: tuple[str, ...], line: str) -> None:
+    """`line` on stderr once per process for `key`, from rank 0 only (the other ranks load the
+    same model)."""
+    from diffalign.engine.progress import is_main_process
+
+    if key in _NOTED or not is_main_process():
+        return
+    _NOTED.add(key)
+    print(line, file=sys.stderr, flush=True)
 
 
 def _notice_copy(copy: DownloadedCopy) -> None:
     """One line (rank 0, once per process) saying a Hub id runs from its downloaded folder."""
-    from diffalign.engine.progress import is_main_process
-
-    key = (copy.repo_id, str(copy.folder))
-    if key in _NOTICED:
-        return
-    _NOTICED.add(key)
-    if is_main_process():
-        print(
-            f"diffalign: {copy.repo_id}: using its `diffalign download` copy {copy.folder}",
-            file=sys.stderr,
-            flush=True,
-        )
+    _note_once(
+        ("copy", copy.repo_id, str(copy.folder)),
+        f"diffalign: {copy.repo_id}: using its `diffalign download` copy {copy.folder}",
+    )
 
 
 def resolve_hub_id(repo_id: str) -> ResolvedModel:
@@ -251,15 +254,10 @@ def resolve_model(model: str, family: str | None = None) -> ResolvedModel:
     )
 
 
-_SHADOWS_NOTED: set[tuple[str, str]] = set()
-
-
 def _note_shadowed_preset(text: str, folder: Path) -> None:
     """A local folder named like a preset (``./sd15``) is what loads: a path wins, also as the
     base of a kind such as ``hyper-sd15``. Rank 0 says so once per process, naming the folder,
     so that a stray folder is not taken for the preset's model unnoticed."""
-    from diffalign.engine.progress import is_main_process
-
     preset = PRESETS.get(text.lower())
     if preset is None:
         return
@@ -267,15 +265,11 @@ def _note_shadowed_preset(text: str, folder: Path) -> None:
     if local is not None and local.resolve() == folder.resolve():  # the preset's own folder
         return
     used = folder.absolute()
-    if (preset.name, str(used)) in _SHADOWS_NOTED or not is_main_process():
-        return
-    _SHADOWS_NOTED.add((preset.name, str(used)))
-    print(
+    _note_once(
+        ("shadow", preset.name, str(used)),
         f"diffalign: note: '{text}' loads the local folder {used}, not the {preset.name} preset "
         f"({local or preset.repo_id}): a local path wins; rename the folder or run elsewhere "
         "to use the preset",
-        file=sys.stderr,
-        flush=True,
     )
 
 
