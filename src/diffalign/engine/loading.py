@@ -677,9 +677,10 @@ def _load_single_file(
         )
     local_only = offline or config_resolved.kind == "folder"
     source = config_resolved.source
-    _check_config_pipeline(pipeline_cls, family, source, local_only)
+    index = pipeline_cls.load_config(source, local_files_only=local_only)  # read once (Hub)
+    _check_config_pipeline(pipeline_cls, family, source, index)
     if not hasattr(pipeline_cls, "from_single_file"):
-        name, denoiser_cls = _single_file_denoiser(model, pipeline_cls, source, local_only)
+        name, denoiser_cls = _single_file_denoiser(model, pipeline_cls, index)
         denoiser = denoiser_cls.from_single_file(
             resolved.source,
             config=source,
@@ -693,9 +694,7 @@ def _load_single_file(
             local_files_only=local_only,
             **{name: denoiser, **components},
         )
-    not_in_file = _components_not_in_file(
-        pipeline_cls, resolved.source, source, torch_dtype, local_only
-    )
+    not_in_file = _components_not_in_file(resolved.source, source, index, torch_dtype, local_only)
     return pipeline_cls.from_single_file(
         resolved.source,
         config=source,
@@ -705,10 +704,10 @@ def _load_single_file(
     )
 
 
-def _check_config_pipeline(pipeline_cls: type, family: str, config: str, local_only: bool):
-    """A single file's config must name the components `pipeline_cls` needs (one line if not:
-    diffusers would fail deep inside `from_single_file`)."""
-    index = pipeline_cls.load_config(config, local_files_only=local_only)
+def _check_config_pipeline(pipeline_cls: type, family: str, config: str, index: dict):
+    """A single file's config (`index`, its model_index.json) must name the components
+    `pipeline_cls` needs (one line if not: diffusers would fail deep inside
+    `from_single_file`)."""
     found, missing = _missing_components(pipeline_cls, index)
     if missing:
         raise DiffalignError(
@@ -725,18 +724,21 @@ def _missing_components(pipeline_cls: type, index: dict) -> tuple[str, str]:
     return index.get("_class_name", "an unknown pipeline"), missing
 
 
-def _single_file_denoiser(model: str, pipeline_cls: type, config: str, local_only: bool):
+def _single_file_denoiser(model: str, pipeline_cls: type, index: dict):
     """(component name, class) of the denoiser of a pipeline diffusers cannot load from a single
-    file as a whole, when its model class can be (else one refusal line)."""
+    file as a whole (`index`: its config's model_index.json), when its model class can be (else
+    one refusal line)."""
     import diffusers
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
-    index = pipeline_cls.load_config(config, local_files_only=local_only)
     for name in ("transformer", "unet"):
-        value = index.get(name)
-        if isinstance(value, list | tuple) and value[1] in SINGLE_FILE_LOADABLE_CLASSES:
-            return name, getattr(diffusers, value[1])
-    held = next((index[n][1] for n in ("transformer", "unet") if n in index), "its denoiser")
+        cls = _entry_class(index.get(name))
+        if cls in SINGLE_FILE_LOADABLE_CLASSES and hasattr(diffusers, cls):
+            return name, getattr(diffusers, cls)
+    held = next(
+        (_entry_class(index[n]) or "its denoiser" for n in ("transformer", "unet") if n in index),
+        "its denoiser",
+    )
     raise DiffalignError(
         f"--model {model}: diffusers {diffusers.__version__} cannot load {pipeline_cls.__name__} "
         f"({held}) from a single file; pass a diffusers folder or Hub id as --model"
@@ -794,10 +796,19 @@ def _checkpoint_shapes(path: str) -> dict[str, Any]:
         return {k: _ShapeOnly(torch.Size(f.get_slice(k).get_shape())) for k in f.keys()}
 
 
+def _entry_class(value: Any) -> str | None:
+    """The class name of a model_index.json entry ``[library, class]``, or None (no such entry,
+    ``[null, null]``, or not of that form)."""
+    if isinstance(value, list | tuple) and len(value) == 2 and isinstance(value[1], str):
+        return value[1]
+    return None
+
+
 def _components_not_in_file(
-    pipeline_cls: type, path: str, config: str, torch_dtype: torch.dtype, local_only: bool
+    path: str, config: str, index: dict, torch_dtype: torch.dtype, local_only: bool
 ) -> dict[str, Any]:
-    """Load from `config` the text encoders (and VAE) a single-file checkpoint does not contain.
+    """Load from `config` (`index`: its model_index.json) the text encoders (and VAE) a
+    single-file checkpoint does not contain.
 
     Single files often hold only the denoiser and VAE (e.g. `sd3.5_large.safetensors`); diffusers'
     `from_single_file` looks for such encoders under diffusers' weight names only and fails on the
@@ -812,27 +823,29 @@ def _components_not_in_file(
     )
 
     shapes = _checkpoint_shapes(path)
-    index = pipeline_cls.load_config(config, local_files_only=local_only)
     loaded: dict[str, Any] = {}
     vae = index.get("vae")
     if isinstance(vae, list | tuple) and not any(
         k.startswith(("first_stage_model.", "vae.")) for k in shapes
     ):  # the config's own VAE class (FLUX, SD3: AutoencoderKL; others their own)
-        loaded["vae"] = getattr(diffusers, vae[1]).from_pretrained(
+        vae_cls = getattr(diffusers, _entry_class(vae) or "", None)
+        if not isinstance(vae_cls, type):
+            raise DiffalignError(
+                f"single-file config {config}: its vae entry {json.dumps(vae)} names no diffusers "
+                "class; pass a diffusers folder or Hub id whose model_index.json names its VAE"
+            )
+        loaded["vae"] = vae_cls.from_pretrained(
             config, subfolder="vae", local_files_only=local_only, **_dtype_kw(torch_dtype)
         )
     for name, value in index.items():
-        if (
-            name.startswith("_")
-            or not isinstance(value, list | tuple)
-            or value[0] != "transformers"
-        ):
+        cls_name = _entry_class(value)
+        if name.startswith("_") or cls_name is None or value[0] != "transformers":
             continue
-        cls = getattr(importlib.import_module("transformers"), value[1], None)
-        if cls is None or not hasattr(cls, "from_pretrained") or "Tokenizer" in value[1]:
+        cls = getattr(importlib.import_module("transformers"), cls_name, None)
+        if cls is None or not hasattr(cls, "from_pretrained") or "Tokenizer" in cls_name:
             continue
         in_file = is_clip_model_in_single_file(cls, shapes) or (
-            "T5" in value[1] and is_t5_in_single_file(shapes)
+            "T5" in cls_name and is_t5_in_single_file(shapes)
         )
         if not in_file:
             loaded[name] = cls.from_pretrained(
