@@ -4,6 +4,7 @@ advice to fetch it, which misled (the folder is there)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -100,3 +101,52 @@ def test_clip_reward_with_a_cut_weights_file_names_the_file(tmp_path, tiny_model
     line = str(e.value)
     assert "\n" not in line and "model.safetensors is damaged or incomplete (cut short:" in line
     assert "re-download it with `diffalign download --only CLIP-ViT-L-14`" in line
+
+
+def test_cut_single_file_names_the_damage(tmp_path):
+    """A single .safetensors file cut short, with no config: its damage is named (it was "cannot
+    tell which sd3 model this single file is": an unreadable file has no layout to recognise),
+    as --model and as a VAE file; a whole file of an unknown layout keeps that line."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import save_file
+
+    from diffalign.engine.errors import DiffalignError
+    from diffalign.engine.loading import load_pipeline, load_vae
+
+    whole = tmp_path / "whole.safetensors"
+    save_file({"decoder.conv_in.weight": torch.ones(4, 4, 3, 3), "x": torch.ones(64)}, str(whole))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[:-10])
+    with pytest.raises(DiffalignError, match=r"cut\.safetensors is damaged or incomplete \(cut"):
+        load_pipeline(str(cut), StableDiffusion3Pipeline, "sd3")
+    with pytest.raises(DiffalignError, match=r"cut\.safetensors is damaged or incomplete \(cut"):
+        load_vae(str(cut))
+    with pytest.raises(DiffalignError, match="cannot tell which sd3 model"):
+        load_pipeline(str(whole), StableDiffusion3Pipeline, "sd3")
+    with pytest.raises(DiffalignError, match="cannot tell which model's VAE config"):
+        load_vae(str(whole))
+
+
+def test_vae_of_a_pipeline_folder_names_only_its_vae(tmp_path, tiny_model_dir):
+    """A pipeline folder as the VAE: a damaged file elsewhere in it (transformer/) is not named
+    when the VAE failed otherwise (weights not of its config); a damaged vae/ file is."""
+    from diffalign.engine.errors import ModelNotFoundError
+    from diffalign.engine.loading import load_vae
+
+    folder = _cut_copy(
+        tiny_model_dir("sd3"),
+        tmp_path / "broken",
+        "transformer/diffusion_pytorch_model.safetensors",
+        -100,
+    )
+    config = folder / "vae" / "config.json"
+    text = config.read_text()
+    config.write_text(json.dumps({**json.loads(text), "latent_channels": 5}))  # weights don't fit
+    with pytest.raises(ModelNotFoundError) as info:
+        load_vae(str(folder))
+    assert "transformer" not in str(info.value) and "damaged" not in str(info.value)
+    config.write_text(text)
+    vae_weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    vae_weights.write_bytes(vae_weights.read_bytes()[:-100])
+    with pytest.raises(Exception, match=r"vae/diffusion_pytorch_model\.safetensors is damaged"):
+        load_vae(str(folder))

@@ -506,3 +506,16 @@ def test_download_without_only_plans_the_spec_assets(tmp_path, capsys):
     for name in download.DEFAULT_ASSETS:
         assert str(tmp_path / "m" / name) in out
     assert str(tmp_path / "m" / "qwen-image") not in out  # the others stay --only
+
+
+def test_damaged_marker_counts_as_incomplete(tmp_path):
+    """A download record that is not UTF-8 (or not JSON) is an incomplete download, not an
+    internal error (UnicodeDecodeError: it is read for every Hub id matching an asset)."""
+    folder = tmp_path / "sd3"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    for raw in (b"\xff\xfe\x00garbage", b"{not json"):
+        (folder / download.MARKER).write_bytes(raw)
+        assert download.folder_status(download.ASSETS["sd3"], folder) == "complete-missing"
+        (planned,) = download.plan_downloads(["sd3"], tmp_path)
+        assert planned.status == "complete-missing" and planned.missing == planned.sources

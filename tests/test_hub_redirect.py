@@ -55,7 +55,7 @@ def project(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv(download.MODELS_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(loading, "_NOTICED", set(), raising=False)
+    monkeypatch.setattr(loading, "_NOTED", set())
     assert main(["download", "--only", "sdxl-turbo", "--only", "CLIP-ViT-L-14"]) == 0
     _offline(monkeypatch)
     return tmp_path
@@ -100,7 +100,7 @@ def test_precedence_local_path_then_download_then_hub(project, monkeypatch, caps
     got = loading.resolve_model(SDXL_REPO)
     assert got.source == str((project / loading.LEGACY_MODELS_DIR / "sdxl-turbo").absolute())
     # no notice on the other ranks of a distributed run
-    monkeypatch.setattr(loading, "_NOTICED", set(), raising=False)
+    monkeypatch.setattr(loading, "_NOTED", set())
     monkeypatch.setenv("RANK", "1")
     capsys.readouterr()
     assert loading.resolve_model(SDXL_REPO).kind == "folder"

@@ -70,6 +70,28 @@ def test_weight_digest_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     assert weight_file_sha256(f) == "other" and reads  # a new version is read again
 
 
+def test_sharded_model_writes_the_digest_cache_once(tmp_path, monkeypatch):
+    """A model of N weight shards on a cold cache: the digest cache is written once (it was
+    read and rewritten whole per shard), with the same identity as per-file digests."""
+    import diffalign.engine.io as io
+
+    monkeypatch.setenv("DIFFALIGN_HASH_CACHE", str(tmp_path / "cache.json"))
+    m = _model(tmp_path / "m")
+    for i in range(3):
+        (m / "vae" / f"shard-{i}.safetensors").write_bytes(bytes([i]) * 100)
+    writes = []
+    write_json = io.write_json
+    monkeypatch.setattr(
+        io, "write_json", lambda *a, **k: writes.append(a[0]) or write_json(*a, **k)
+    )
+    got = model_identity(m)
+    assert len(writes) == 1
+    files = sorted((m / "vae").glob("*.safetensors"))
+    assert json.loads((tmp_path / "cache.json").read_text()) and len(files) == 4
+    assert all(weight_file_sha256(f) for f in files) and model_identity(m) == got
+    assert len(writes) == 1  # warm: no write
+
+
 def test_subfolders_limit_what_is_hashed(tmp_path):
     m = _model(tmp_path / "m")
     (m / "unet").mkdir()

@@ -361,7 +361,7 @@ def test_a_local_folder_named_like_a_preset_is_named_once(workdir, capsys, monke
     """`./sd15` in the current folder is what `sd15` loads (a local path wins, unchanged); rank 0
     says once which folder that is. The preset's own models/ folder, a path that is no preset
     name, or another rank say nothing."""
-    monkeypatch.setattr(loading, "_SHADOWS_NOTED", set(), raising=False)
+    monkeypatch.setattr(loading, "_NOTED", set())
     stray = workdir / "sd15"
     stray.mkdir()
     (stray / "model_index.json").write_text("{}")
@@ -374,7 +374,7 @@ def test_a_local_folder_named_like_a_preset_is_named_once(workdir, capsys, monke
     assert PRESETS["sd15"].repo_id in err[0] and "rename the folder" in err[0]
 
     resolve_model(str(stray))  # a path, not a preset name
-    monkeypatch.setattr(loading, "_SHADOWS_NOTED", set(), raising=False)
+    monkeypatch.setattr(loading, "_NOTED", set())
     monkeypatch.setenv("RANK", "1")
     resolve_model("sd15")
     monkeypatch.delenv("RANK")
@@ -395,7 +395,7 @@ def test_hyper_sd15_on_a_local_sd15_folder_names_it(workdir, tiny_model_dir, cap
     (unchanged); the note names that folder."""
     from diffalign.noise.generators import load_generator
 
-    monkeypatch.setattr(loading, "_SHADOWS_NOTED", set(), raising=False)
+    monkeypatch.setattr(loading, "_NOTED", set())
     os.symlink(tiny_model_dir("sd15"), workdir / "sd15")
     lora = f"{tiny_model_dir('hyper-sd')}/Hyper-SD15-1step-lora.safetensors"
     gen = load_generator("hyper-sd15", weights=lora, height=32, width=32, device="cpu")

@@ -96,3 +96,24 @@ def test_build_dataset_overwrite_killed_partway_leaves_no_earlier_sample(
         for rel in ("run_outputs/loss_curve.json", "meta.json"):
             a, b = (d / "samples" / name / rel for d in (out, fresh))
             assert a.read_bytes() == b.read_bytes(), (name, rel)
+
+
+def test_removing_a_symlinked_unit_removes_the_link_only(tmp_path):
+    """An earlier unit that is a symlink to a folder is unlinked, never followed: what it points
+    at is kept (shutil.rmtree raised on the link, an internal error mid --overwrite); a stale
+    temporary that is a link goes the same way."""
+    from diffalign.engine.io import clean_stale_temporaries, earlier_units, remove_units
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.png").write_bytes(b"x")
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / "000000_a").mkdir()
+    (out / "000001_b").symlink_to(elsewhere, target_is_directory=True)
+    (out / ".x.abcdefgh.tmp").symlink_to(elsewhere, target_is_directory=True)
+    units = earlier_units(out, r"\d{6}_.*", folders=True)
+    assert [p.name for p in units] == ["000000_a", "000001_b"]
+    remove_units(units)
+    assert clean_stale_temporaries(out) == [out / ".x.abcdefgh.tmp"]
+    assert list(out.iterdir()) == [] and (elsewhere / "keep.png").read_bytes() == b"x"

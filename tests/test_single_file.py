@@ -185,3 +185,27 @@ def test_pixart_single_file_is_one_line(tiny_model_dir, tmp_path):
     _transformer_file(folder, path)
     with pytest.raises(DiffalignError, match="cannot load PixArtAlphaPipeline .* single file"):
         load_pipeline(str(path), PixArtAlphaPipeline, "pixart-dmd", single_file_config=folder)
+
+
+def test_config_read_once_and_a_vae_entry_naming_no_class(tiny_model_dir, tmp_path, monkeypatch):
+    """The single file's config is read once per load (a Hub request each online); a config
+    whose model_index.json "vae" is [null, null] or an unknown class is one line (was a
+    TypeError / AttributeError traceback)."""
+    from diffusers import FluxPipeline
+
+    folder = tmp_path / "config"
+    shutil.copytree(tiny_model_dir("flux-schnell"), folder)
+    path = tmp_path / "tuned.safetensors"
+    _transformer_file(str(folder), path)  # no VAE weights: the VAE comes from the config
+    index = json.loads((folder / "model_index.json").read_text())
+    reads = []
+    read = FluxPipeline.load_config
+    monkeypatch.setattr(
+        FluxPipeline, "load_config", lambda *a, **k: reads.append(a) or read(*a, **k)
+    )
+    for vae in ([None, None], ["diffusers", "NoSuchAutoencoder"]):
+        (folder / "model_index.json").write_text(json.dumps({**index, "vae": vae}))
+        reads.clear()
+        with pytest.raises(DiffalignError, match=r"its vae entry .* names no diffusers class"):
+            load_pipeline(str(path), FluxPipeline, "flux", single_file_config=str(folder))
+        assert len(reads) == 1

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from diffalign.engine.errors import DiffalignError
 
@@ -480,11 +480,18 @@ def _expand(source: Source, hps_version: str) -> Source:
     )
 
 
-def _read_marker(target: Path) -> dict | None:
+def _read_marker(target: Path) -> Any:
+    """The download record of `target` (JSON), or None when it has none (or it cannot be read);
+    a damaged one (not UTF-8 or not JSON) is an empty record: it lists no source, so the folder
+    is an incomplete download."""
     try:
-        return json.loads((target / MARKER).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        raw = (target / MARKER).read_bytes()
+    except OSError:
         return None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError, json.JSONDecodeError
+        return {}
 
 
 def plan_downloads(
@@ -525,12 +532,17 @@ def plan_downloads(
     return plan
 
 
+def _listed_sources(marker: Any) -> set[str]:
+    """The source keys a download record lists (one that is not {"sources": [...]}: none)."""
+    listed = marker.get("sources") if isinstance(marker, dict) else None
+    return {k for k in listed if isinstance(k, str)} if isinstance(listed, list) else set()
+
+
 def _folder_status(sources: list[Source], target: Path) -> tuple[list[Source], str]:
     """(missing sources, status) of an asset's folder, from its download record (the marker)."""
     marker = _read_marker(target)
-    if marker is not None:  # a record that is not {"sources": [...]} lists nothing
-        listed = marker.get("sources") if isinstance(marker, dict) else None
-        done = {k for k in listed if isinstance(k, str)} if isinstance(listed, list) else set()
+    if marker is not None:
+        done = _listed_sources(marker)
         missing = [s for s in sources if s.key not in done]
         return missing, "present" if not missing else "complete-missing"
     if target.is_dir() and any(target.iterdir()):
@@ -602,16 +614,12 @@ def _failure_line(name: str, source: Source, exc: BaseException, gated: bool) ->
         first = first[:197] + "..."
     kind = type(exc).__name__
     repo = source.repo_id
-    if _offline():
+    if hub_offline():
         return f"{name}: cannot download {repo}: HF_HUB_OFFLINE is set (unset it to download)"
     hint = ""
     if kind == "GatedRepoError" or (gated and ("401" in text or "403" in text)):
         hint = f" (accept the licence at https://huggingface.co/{repo}, then pass --token or run `hf auth login`)"
     return f"{name}: download of {repo} failed: {kind}: {first}{hint}"
-
-
-def _offline() -> bool:
-    return hub_offline()
 
 
 def _install(planned: PlannedAsset, token: str | None) -> None:
@@ -629,10 +637,11 @@ def _install(planned: PlannedAsset, token: str | None) -> None:
                 raise _FetchError(source, e) from e
         if planned.asset.assembly is not None:
             planned.asset.assembly.run(tmp, target)
-        previous = _read_marker(target) or {"sources": []}
         marker = {
             "asset": planned.asset.name,
-            "sources": sorted({*previous.get("sources", []), *(s.key for s in planned.missing)}),
+            "sources": sorted(
+                {*_listed_sources(_read_marker(target)), *(s.key for s in planned.missing)}
+            ),
             "repos": sorted({s.repo_id for s in planned.sources}),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")

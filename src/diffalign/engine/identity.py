@@ -190,14 +190,14 @@ def model_identity(
     root = Path(path_key(path))
     files = [root] if root.is_file() else _model_files(root, subfolders)
     base = root.parent if root.is_file() else root
-    config, weights = [], []
-    for f in files:
-        name = f.relative_to(base).as_posix()
-        suffix = f.suffix.lower()
-        if suffix in CONFIG_SUFFIXES:
-            config.append((name, file_sha256(f)))
-        elif suffix in WEIGHT_SUFFIXES:
-            weights.append((name, weight_file_sha256(f)))
+    config = [
+        (f.relative_to(base).as_posix(), file_sha256(f))
+        for f in files
+        if f.suffix.lower() in CONFIG_SUFFIXES
+    ]
+    weight_files = [f for f in files if f.suffix.lower() in WEIGHT_SUFFIXES]
+    names = [f.relative_to(base).as_posix() for f in weight_files]
+    weights = list(zip(names, cached_files_sha256(weight_files)))  # one cache read and write
     out: dict[str, Any] = {"path": str(root), "config": _digest(config) if config else None}
     out["weights"] = _digest(weights) if weights else None
     if subfolders:

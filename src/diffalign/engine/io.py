@@ -131,16 +131,11 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             target = folder / m_old["name"]
             if not target.exists():
                 os.replace(p, target)
-            elif p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
             else:
-                p.unlink(missing_ok=True)
+                _remove(p, ignore_errors=True)
             touched.append(p)
         elif _STALE_TMP.match(p.name):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            _remove(p, ignore_errors=True)
             touched.append(p)
     return touched
 
@@ -171,10 +166,16 @@ def remove_units(paths: Iterable[Path]) -> None:
     model loaded) and before its settings are recorded, so a run killed in between leaves no
     earlier unit that a plain re-run would count as done under the new settings."""
     for path in paths:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        _remove(Path(path))
+
+
+def _remove(path: Path, ignore_errors: bool = False) -> None:
+    """Remove the file or folder `path`; a symlink is unlinked, never followed (what it points
+    at is not ours; `shutil.rmtree` refuses a link). `ignore_errors`: for a folder's contents."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _tree_size(path: Path) -> int:

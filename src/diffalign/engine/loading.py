@@ -138,23 +138,26 @@ def downloaded_copy(repo_id: str) -> DownloadedCopy | None:
     return found[0] if found else None
 
 
-_NOTICED: set[tuple[str, str]] = set()
+_NOTED: set[tuple[str, ...]] = set()
+
+
+def _note_once(key: tuple[str, ...], line: str) -> None:
+    """`line` on stderr once per process for `key`, from rank 0 only (the other ranks load the
+    same model)."""
+    from diffalign.engine.progress import is_main_process
+
+    if key in _NOTED or not is_main_process():
+        return
+    _NOTED.add(key)
+    print(line, file=sys.stderr, flush=True)
 
 
 def _notice_copy(copy: DownloadedCopy) -> None:
     """One line (rank 0, once per process) saying a Hub id runs from its downloaded folder."""
-    from diffalign.engine.progress import is_main_process
-
-    key = (copy.repo_id, str(copy.folder))
-    if key in _NOTICED:
-        return
-    _NOTICED.add(key)
-    if is_main_process():
-        print(
-            f"diffalign: {copy.repo_id}: using its `diffalign download` copy {copy.folder}",
-            file=sys.stderr,
-            flush=True,
-        )
+    _note_once(
+        ("copy", copy.repo_id, str(copy.folder)),
+        f"diffalign: {copy.repo_id}: using its `diffalign download` copy {copy.folder}",
+    )
 
 
 def resolve_hub_id(repo_id: str) -> ResolvedModel:
@@ -251,15 +254,10 @@ def resolve_model(model: str, family: str | None = None) -> ResolvedModel:
     )
 
 
-_SHADOWS_NOTED: set[tuple[str, str]] = set()
-
-
 def _note_shadowed_preset(text: str, folder: Path) -> None:
     """A local folder named like a preset (``./sd15``) is what loads: a path wins, also as the
     base of a kind such as ``hyper-sd15``. Rank 0 says so once per process, naming the folder,
     so that a stray folder is not taken for the preset's model unnoticed."""
-    from diffalign.engine.progress import is_main_process
-
     preset = PRESETS.get(text.lower())
     if preset is None:
         return
@@ -267,15 +265,11 @@ def _note_shadowed_preset(text: str, folder: Path) -> None:
     if local is not None and local.resolve() == folder.resolve():  # the preset's own folder
         return
     used = folder.absolute()
-    if (preset.name, str(used)) in _SHADOWS_NOTED or not is_main_process():
-        return
-    _SHADOWS_NOTED.add((preset.name, str(used)))
-    print(
+    _note_once(
+        ("shadow", preset.name, str(used)),
         f"diffalign: note: '{text}' loads the local folder {used}, not the {preset.name} preset "
         f"({local or preset.repo_id}): a local path wins; rename the folder or run elsewhere "
         "to use the preset",
-        file=sys.stderr,
-        flush=True,
     )
 
 
@@ -663,6 +657,9 @@ def _load_single_file(
     offline = hub_offline()
     config = single_file_config or _single_file_config(resolved.source, family)
     if config is None:
+        damaged = damaged_weights(model, resolved.source, resolved.download_name)
+        if damaged is not None:  # an unreadable file has no layout to recognise
+            raise damaged
         raise DiffalignError(
             f"--model {model}: cannot tell which {family} model this single file is (diffusers "
             "does not recognise its layout as a release we have a preset for); pass the matching "
@@ -680,9 +677,10 @@ def _load_single_file(
         )
     local_only = offline or config_resolved.kind == "folder"
     source = config_resolved.source
-    _check_config_pipeline(pipeline_cls, family, source, local_only)
+    index = pipeline_cls.load_config(source, local_files_only=local_only)  # read once (Hub)
+    _check_config_pipeline(pipeline_cls, family, source, index)
     if not hasattr(pipeline_cls, "from_single_file"):
-        name, denoiser_cls = _single_file_denoiser(model, pipeline_cls, source, local_only)
+        name, denoiser_cls = _single_file_denoiser(model, pipeline_cls, index)
         denoiser = denoiser_cls.from_single_file(
             resolved.source,
             config=source,
@@ -696,9 +694,7 @@ def _load_single_file(
             local_files_only=local_only,
             **{name: denoiser, **components},
         )
-    not_in_file = _components_not_in_file(
-        pipeline_cls, resolved.source, source, torch_dtype, local_only
-    )
+    not_in_file = _components_not_in_file(resolved.source, source, index, torch_dtype, local_only)
     return pipeline_cls.from_single_file(
         resolved.source,
         config=source,
@@ -708,10 +704,10 @@ def _load_single_file(
     )
 
 
-def _check_config_pipeline(pipeline_cls: type, family: str, config: str, local_only: bool):
-    """A single file's config must name the components `pipeline_cls` needs (one line if not:
-    diffusers would fail deep inside `from_single_file`)."""
-    index = pipeline_cls.load_config(config, local_files_only=local_only)
+def _check_config_pipeline(pipeline_cls: type, family: str, config: str, index: dict):
+    """A single file's config (`index`, its model_index.json) must name the components
+    `pipeline_cls` needs (one line if not: diffusers would fail deep inside
+    `from_single_file`)."""
     found, missing = _missing_components(pipeline_cls, index)
     if missing:
         raise DiffalignError(
@@ -728,18 +724,21 @@ def _missing_components(pipeline_cls: type, index: dict) -> tuple[str, str]:
     return index.get("_class_name", "an unknown pipeline"), missing
 
 
-def _single_file_denoiser(model: str, pipeline_cls: type, config: str, local_only: bool):
+def _single_file_denoiser(model: str, pipeline_cls: type, index: dict):
     """(component name, class) of the denoiser of a pipeline diffusers cannot load from a single
-    file as a whole, when its model class can be (else one refusal line)."""
+    file as a whole (`index`: its config's model_index.json), when its model class can be (else
+    one refusal line)."""
     import diffusers
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
-    index = pipeline_cls.load_config(config, local_files_only=local_only)
     for name in ("transformer", "unet"):
-        value = index.get(name)
-        if isinstance(value, list | tuple) and value[1] in SINGLE_FILE_LOADABLE_CLASSES:
-            return name, getattr(diffusers, value[1])
-    held = next((index[n][1] for n in ("transformer", "unet") if n in index), "its denoiser")
+        cls = _entry_class(index.get(name))
+        if cls in SINGLE_FILE_LOADABLE_CLASSES and hasattr(diffusers, cls):
+            return name, getattr(diffusers, cls)
+    held = next(
+        (_entry_class(index[n]) or "its denoiser" for n in ("transformer", "unet") if n in index),
+        "its denoiser",
+    )
     raise DiffalignError(
         f"--model {model}: diffusers {diffusers.__version__} cannot load {pipeline_cls.__name__} "
         f"({held}) from a single file; pass a diffusers folder or Hub id as --model"
@@ -797,10 +796,19 @@ def _checkpoint_shapes(path: str) -> dict[str, Any]:
         return {k: _ShapeOnly(torch.Size(f.get_slice(k).get_shape())) for k in f.keys()}
 
 
+def _entry_class(value: Any) -> str | None:
+    """The class name of a model_index.json entry ``[library, class]``, or None (no such entry,
+    ``[null, null]``, or not of that form)."""
+    if isinstance(value, list | tuple) and len(value) == 2 and isinstance(value[1], str):
+        return value[1]
+    return None
+
+
 def _components_not_in_file(
-    pipeline_cls: type, path: str, config: str, torch_dtype: torch.dtype, local_only: bool
+    path: str, config: str, index: dict, torch_dtype: torch.dtype, local_only: bool
 ) -> dict[str, Any]:
-    """Load from `config` the text encoders (and VAE) a single-file checkpoint does not contain.
+    """Load from `config` (`index`: its model_index.json) the text encoders (and VAE) a
+    single-file checkpoint does not contain.
 
     Single files often hold only the denoiser and VAE (e.g. `sd3.5_large.safetensors`); diffusers'
     `from_single_file` looks for such encoders under diffusers' weight names only and fails on the
@@ -815,27 +823,29 @@ def _components_not_in_file(
     )
 
     shapes = _checkpoint_shapes(path)
-    index = pipeline_cls.load_config(config, local_files_only=local_only)
     loaded: dict[str, Any] = {}
     vae = index.get("vae")
     if isinstance(vae, list | tuple) and not any(
         k.startswith(("first_stage_model.", "vae.")) for k in shapes
     ):  # the config's own VAE class (FLUX, SD3: AutoencoderKL; others their own)
-        loaded["vae"] = getattr(diffusers, vae[1]).from_pretrained(
+        vae_cls = getattr(diffusers, _entry_class(vae) or "", None)
+        if not isinstance(vae_cls, type):
+            raise DiffalignError(
+                f"single-file config {config}: its vae entry {json.dumps(vae)} names no diffusers "
+                "class; pass a diffusers folder or Hub id whose model_index.json names its VAE"
+            )
+        loaded["vae"] = vae_cls.from_pretrained(
             config, subfolder="vae", local_files_only=local_only, **_dtype_kw(torch_dtype)
         )
     for name, value in index.items():
-        if (
-            name.startswith("_")
-            or not isinstance(value, list | tuple)
-            or value[0] != "transformers"
-        ):
+        cls_name = _entry_class(value)
+        if name.startswith("_") or cls_name is None or value[0] != "transformers":
             continue
-        cls = getattr(importlib.import_module("transformers"), value[1], None)
-        if cls is None or not hasattr(cls, "from_pretrained") or "Tokenizer" in value[1]:
+        cls = getattr(importlib.import_module("transformers"), cls_name, None)
+        if cls is None or not hasattr(cls, "from_pretrained") or "Tokenizer" in cls_name:
             continue
         in_file = is_clip_model_in_single_file(cls, shapes) or (
-            "T5" in value[1] and is_t5_in_single_file(shapes)
+            "T5" in cls_name and is_t5_in_single_file(shapes)
         )
         if not in_file:
             loaded[name] = cls.from_pretrained(
@@ -900,6 +910,9 @@ def _vae_config(vae: str, config: str | None, family: str | None) -> ResolvedMod
         return resolved
     preset = single_file_preset(resolved.source, family)
     if preset is None:
+        damaged = damaged_weights(source, resolved.source)
+        if damaged is not None:  # an unreadable file has no layout to recognise
+            raise damaged
         raise DiffalignError(
             f"VAE {vae}: cannot tell which model's VAE config it loads with (diffusers does not "
             f"recognise {Path(resolved.source).name}); pass a diffusers folder or Hub id as the "
@@ -912,9 +925,9 @@ def _vae_config(vae: str, config: str | None, family: str | None) -> ResolvedMod
 def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str, offline: bool):
     from diffusers import AutoencoderKL
 
+    sub = "vae" if (path / "vae" / "config.json").is_file() else None  # a pipeline folder's
     try:
         if path.is_dir():
-            sub = "vae" if (path / "vae" / "config.json").is_file() else None
             if sub is None and not (path / "config.json").is_file():
                 raise ModelNotFoundError(vae, None, "not an AutoencoderKL folder: no config.json")
             require_component(path, sub, "diffusers", "AutoencoderKL")
@@ -947,7 +960,7 @@ def _load_vae(vae: str, path: Path, config: str | None, torch_dtype, family: str
     except DiffalignError:
         raise
     except _hub_errors() as e:
-        damaged = damaged_weights(vae, path) if path.exists() else None
+        damaged = damaged_weights(vae, path, subfolder=sub) if path.exists() else None
         if damaged is not None:
             raise damaged from None
         raise ModelNotFoundError(vae, None, f"VAE: {_first_line(e)}") from None

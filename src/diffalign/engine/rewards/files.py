@@ -82,19 +82,13 @@ def resolve_folder(
         if "/" not in text and not path.exists() and (asset_path(text) / marker).is_file():
             path = asset_path(text)  # a download name: models/<name>/
         if path.is_dir():
-            if not (path / marker).is_file():
-                raise DiffalignError(f"{what}: {path} has no {marker} (not a {what} folder)")
-            return str(path)
+            return _marked_folder(path, marker, what)
         looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1
         if looks_like_path or path.parts[0] in {models_dir().name, "models", LEGACY_MODELS_DIR}:
             raise missing(what, path, download_name, option)
         resolved = resolve_hub_id(text)  # its complete `diffalign download` folder, if any
         if resolved.kind == "folder":
-            if not (Path(resolved.source) / marker).is_file():
-                raise DiffalignError(
-                    f"{what}: {resolved.source} has no {marker} (not a {what} folder)"
-                )
-            return resolved.source
+            return _marked_folder(Path(resolved.source), marker, what)
         if hub_offline():
             from huggingface_hub import try_to_load_from_cache
 
@@ -114,6 +108,13 @@ def resolve_folder(
     if not (path / marker).is_file():
         raise missing(what, path / marker, download_name, option)
     return str(path)
+
+
+def _marked_folder(folder: Path, marker: str, what: str) -> str:
+    """`folder` as a string when it holds `marker`, else the one-line refusal."""
+    if not (folder / marker).is_file():
+        raise DiffalignError(f"{what}: {folder} has no {marker} (not a {what} folder)")
+    return str(folder)
 
 
 # what a tokenizer is built from: the fast tokenizer's file, or the vocabulary files of its kind
