@@ -682,3 +682,18 @@ def test_overwrite_leaves_no_earlier_image_beside_new_ones(sd3, tmp_path, monkey
     (dpg / "notes.txt").write_text("mine")  # not a tile: kept
     assert main([*argv, "--prompts-dir", str(prompts), "--overwrite"]) == 0
     assert units(dpg) == ["notes.txt", "p1.png"]
+
+
+def test_dpg_overwrite_of_a_folder_no_run_recorded_keeps_its_pngs(sd3, tmp_path):
+    """`--overwrite` removed every `*.png` of `--output-dir` though no `OUT.settings.json`
+    said a dpg run made them: a mistaken folder of the user's own images lost them."""
+    prompts = tmp_path / "dpg"
+    prompts.mkdir()
+    (prompts / "p1.txt").write_text("a blue cube")
+    out = tmp_path / "photos"
+    out.mkdir()
+    for name in ("holiday.png", "cat.png"):
+        Image.new("RGB", (8, 8), "red").save(out / name)
+    argv = ["textstream", "dpg", "--model", sd3, "--output-dir", str(out), "--resolution", "32"]
+    assert main([*argv, "--steps", "1", "--prompts-dir", str(prompts), "--overwrite"]) == 0
+    assert units(out) == ["cat.png", "holiday.png", "p1.png"]

@@ -1014,10 +1014,11 @@ def run_dpg(
     items = _first(every, limit)
     out = Path(output_dir)
     base = str(out).rstrip("/\\")
+    record = Path(base + ".settings.json")
     return _run_layout(
         "dpg",
         out,
-        Path(base + ".settings.json"),
+        record,
         Path(base + ".summary.json"),
         cfg,
         rc,
@@ -1028,7 +1029,8 @@ def run_dpg(
         total=len(items),
         clean=out,
         prompt_set=[[pid, text] for pid, text in every],
-        earlier=lambda: earlier_units(out, r"[^.].*\.png"),  # the folder holds only tiles
+        # the folder holds only tiles, when the run record beside it says a dpg run made them
+        earlier=lambda: earlier_units(out, r"[^.].*\.png") if record.is_file() else [],
     )
 
 
@@ -1086,7 +1088,12 @@ def run_compbench(
         total=len(units),
         clean=[out, *folders],
         preflight=preflight,
-        earlier=lambda: [p for f in folders for p in earlier_units(f, r"[^.].*\.png")],
+        earlier=lambda: [  # only where OUT/settings.json records a compbench run
+            p
+            for f in folders
+            for p in earlier_units(f, r"[^.].*\.png")
+            if (out / "settings.json").is_file()
+        ],
         # a folder's category names its samples/ folder; a single file's writes OUT/samples
         prompt_set=[[None if single else cat, lines] for cat, lines in categories],
     )
