@@ -594,21 +594,45 @@ def _check_compatible(path: Path, settings: dict, overwrite: bool, out: Path) ->
 
 def _settings_diff(old: dict, new: dict) -> list[str]:
     """The image-affecting settings that differ, as `name: old -> new` or, for a model's
-    identity or a prompt set, `model.weights` / `prompts`; a key the old record lacks (an
-    older diffalign recorded no `prompts`) as `name: not recorded` (empty: compatible)."""
+    identity or a prompt set, `model.weights` / `prompts`; a key the old record lacks, at any
+    depth (an older diffalign recorded no `prompts`, and `--single-file-config` by its path, not
+    its identity), once as `name: not recorded` (empty: compatible)."""
     from diffalign.engine.identity import identity_differences
 
     a, b = _settings_key(old), _settings_key(new)
     out = []
     for key in identity_differences(a, b):
-        name = key.removeprefix("options.").replace("residual_options", "residual options")
-        if key.split(".")[0] not in a:
-            out.append(f"{name}: not recorded (made by an older diffalign)")
+        lacking = _unrecorded_prefix(a, b, key)
+        if lacking is not None:
+            line = f"{_diff_name(lacking)}: not recorded (made by an older diffalign)"
+            if line not in out:
+                out.append(line)
             continue
+        name = _diff_name(key)
         va, vb = _dotted(a, key), _dotted(b, key)
         short = not isinstance(va, dict) and not isinstance(vb, dict)
         out.append(f"{name}: {va!r} -> {vb!r}" if short and len(repr((va, vb))) < 80 else name)
     return out
+
+
+def _diff_name(key: str) -> str:
+    return key.removeprefix("options.").replace("residual_options", "residual options")
+
+
+def _unrecorded_prefix(old: dict, new: dict, key: str) -> str | None:
+    """The first part of the dotted `key` that the old record lacks (missing, or a value where
+    the new record holds a mapping: recorded in an older form), or None."""
+    d, e = old, new
+    parts = key.split(".")
+    for n, part in enumerate(parts):
+        if not isinstance(d, dict):
+            return ".".join(parts[:n])
+        if part not in d:
+            return ".".join(parts[: n + 1])
+        d, e = d[part], e.get(part) if isinstance(e, dict) else None
+        if isinstance(e, dict) and not isinstance(d, dict):
+            return ".".join(parts[: n + 1])
+    return None
 
 
 def _dotted(d: Any, key: str) -> Any:
