@@ -20,8 +20,8 @@ Unset sampling options (steps, cfg, FLUX guidance, token length) take the model 
 
 Every unit of output (a prompt folder, a DPG png, a CompBench image) appears atomically, so an interrupted run
 leaves only finished units; a re-run skips them (`overwrite=True` redoes them). The settings a
-run records include its prompt set by content (identity key `prompts`: `prompt_set_digest` of
-the whole set, before `--limit`), so a re-run with other prompts is refused (`sample`: the
+run records include its prompt set by content (identity key `prompts`:
+`engine.identity.samples_sha256` of the whole set in order, before `--limit`), so a re-run with other prompts is refused (`sample`: the
 folder's prompt and its index), the same prompts by another path resume, and a larger `--limit`
 extends. Image k of prompt i uses the seed `seed + i * n_samples + k` (CPU generator),
 independent of the batch size and of how prompts are sharded over processes. Under `accelerate launch` process r of w takes
@@ -641,18 +641,11 @@ def _dotted(d: Any, key: str) -> Any:
     return d
 
 
-def prompt_set_digest(prompts: Sequence) -> str:
-    """A prompt set's identity by content (`engine.identity.samples_sha256` of its items in
-    order): the same for another spelling of its path, another when a prompt, its id, its
-    metadata, their order or their number differ."""
-    from diffalign.engine.identity import samples_sha256
-
-    return samples_sha256(prompts)
-
-
 def _sample_unit(prompt: str, index: int) -> dict:
     """`sample`'s identity of one folder's prompt: its text and its index (the seeds)."""
-    return {"prompts": prompt_set_digest([prompt]), "prompt_index": index}
+    from diffalign.engine.identity import samples_sha256
+
+    return {"prompts": samples_sha256([prompt]), "prompt_index": index}
 
 
 def _base_settings(
@@ -1080,13 +1073,11 @@ def run_compbench(
 
     cfg = _checked(cfg, rc)
     categories = load_compbench_prompts(prompts)
-    for _, lines in categories:
-        _first(lines, limit)  # --limit checked before anything is written
     out = Path(output_dir)
     single = not Path(prompts).is_dir()
     folders = [(out if single else out / cat) / "samples" for cat, _ in categories]
     n = cfg.n_samples
-    units = [
+    units = [  # --limit checked here, before anything is written
         (folder, i, p)
         for folder, (_, lines) in zip(folders, categories)
         for i, p in enumerate(_first(lines, limit))
@@ -1160,14 +1151,16 @@ def _run_layout(
 ) -> dict:
     """Shared body of generate/geneval/dpg/compbench: check, lock, load, write settings,
     generate, summarise. `prompt_set`: every prompt the command read, before `--limit`, each as
-    its images and records depend on (JSON): its `prompt_set_digest` is the identity's
-    `prompts`, so a re-run with other prompts is refused and a larger `--limit` extends. The output folder is locked for the whole run (`engine.io.output_lock`);
+    its images and records depend on (JSON): its `samples_sha256` is the identity's
+    `prompts` (by content: the same for another spelling of its path, another when a prompt,
+    its id, its metadata, their order or their number differ), so a re-run with other prompts is refused and a larger `--limit` extends. The output folder is locked for the whole run (`engine.io.output_lock`);
     dpg, whose folder holds only `<id>.png`, locks the folder `OUT.lock` beside it. `clean`: the
     folders the images are written in (stale temporaries removed); `preflight`: the layout's own
     check of what is already there, under the lock, before the model loads; `earlier`: the
     units an earlier run left, which `overwrite` removes once the model has loaded and before
     the new settings are recorded (so neither a killed `--overwrite` run that a plain re-run
     finishes nor a smaller prompt set leaves old images beside new ones)."""
+    from diffalign.engine.identity import samples_sha256
     from diffalign.engine.io import output_lock, write_json
     from diffalign.engine.loading import check_model_available, check_vae_available, resolve_model
 
@@ -1183,7 +1176,7 @@ def _run_layout(
     t0 = time.perf_counter()
     device = _resolve_device(cfg, state.device)
     lock_dir = out if command != "dpg" else Path(str(out).rstrip("/\\") + ".lock")
-    prompts_id = prompt_set_digest(prompt_set)
+    prompts_id = samples_sha256(prompt_set)
     with output_lock(lock_dir):
         probe = _base_settings(command, cfg, rc, run_extra, prompts=prompts_id)
         _check_compatible(settings_path, probe, cfg.overwrite, out)
