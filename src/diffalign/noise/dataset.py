@@ -245,11 +245,9 @@ def check_dataset_before_loading(data_root, output_dir, **options) -> None:
     """`build_dataset`'s refusal of a folder that holds a dataset made with other settings,
     before the generator loads: ``options`` are `build_dataset`'s keywords (its defaults apply);
     its `LOADED_KEYS` are compared once the generator has loaded."""
-    import inspect
+    from diffalign.engine.config_values import call_arguments
 
-    a = inspect.signature(build_dataset).bind(None, data_root, output_dir, **options)
-    a.apply_defaults()
-    a = a.arguments
+    a = call_arguments(build_dataset, None, data_root, output_dir, **options)
     if a["overwrite"]:
         return
     items = read_pairs(data_root, a["prompt_field"], a["image_field"])
