@@ -671,6 +671,14 @@ def _base_settings(
     return settings
 
 
+def _unit_settings(base: dict, extra: dict, **identity: Any) -> dict:
+    """`_base_settings(..., extra, **identity)` from `base`, the same call without the unit's
+    `extra` and `identity` (its models' identities computed once for all its units): the same
+    dict, keys in the same order."""
+    settings = {k: v for k, v in base.items() if k != "identity"}
+    return {**settings, **extra, "identity": {**base["identity"], **identity}}
+
+
 def _clean_stale(folder: Path) -> None:
     """Remove temporaries an interrupted run left (`.<name>.*.tmp`, `.<name>.old`)."""
     from diffalign.engine.io import clean_stale_temporaries
@@ -861,11 +869,10 @@ def run_sample(
         if state.is_main_process:
             _clean_stale(out)
         # a finished folder made with other settings is kept: these images go to `<name>_2` ...
-        for m, folder_names in zip(models, names):
+        model_settings = [_base_settings("sample", _with_model(cfg, m), rc) for m in models]
+        for base, folder_names in zip(model_settings, names):
             for j, p in enumerate(prompts):
-                probe = _base_settings(
-                    "sample", _with_model(cfg, m), rc, {"prompt": p}, **_sample_unit(p, j)
-                )
+                probe = _unit_settings(base, {"prompt": p}, **_sample_unit(p, j))
                 chosen, diffs = _pick_sample_folder(out, folder_names[j], probe, cfg.overwrite)
                 if chosen != folder_names[j] and state.is_main_process:
                     print(
@@ -875,16 +882,14 @@ def run_sample(
                         flush=True,
                     )
                 folder_names[j] = chosen
-        for m, folder_names in zip(models, names):
+        for m, base, folder_names in zip(models, model_settings, names):
             mcfg = _with_model(cfg, m)
             source = _describe_source(resolve_model, m)
             jobs = []
             for i, (p, name) in enumerate(zip(prompts, folder_names)):
                 dest = out / name
-                settings = _base_settings(
-                    "sample",
-                    mcfg,
-                    rc,
+                settings = _unit_settings(
+                    base,
                     {
                         "prompt": p,
                         "prompt_index": i,
