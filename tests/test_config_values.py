@@ -133,3 +133,23 @@ def test_read_config_file_base_unknown_keys_and_overrides(tmp_path):
         typed_overrides(types_, {"zzz": "1"})
     with pytest.raises(DiffalignError, match=r"--lora-rank: lora_rank: 'x' is not a valid int"):
         typed_overrides(types_, {"lora_rank": "x"})
+
+
+def test_call_arguments_are_the_call_with_its_defaults():
+    import inspect
+
+    from diffalign.engine.config_values import call_arguments
+
+    def fn(model, root, out, *, batch_size=4, settings=None, **extra):
+        return None
+
+    got = call_arguments(fn, None, "r", "o", settings=3, other=1)
+    assert got == {
+        "model": None, "root": "r", "out": "o", "batch_size": 4, "settings": 3,
+        "extra": {"other": 1},
+    }  # fmt: skip
+    ref = inspect.signature(fn).bind(None, "r", "o", settings=3, other=1)
+    ref.apply_defaults()
+    assert got == dict(ref.arguments)
+    with pytest.raises(TypeError):
+        call_arguments(fn, None, "r")

@@ -543,3 +543,26 @@ def test_attach_semantic_on_a_plain_pipeline_equals_our_sampler(flux, tmp_path, 
     with pytest.raises(DiffalignError, match="semantic panel must be the visible panel's size"):
         plain(**call, generator=torch.Generator().manual_seed(5))
     empty.remove()
+
+
+def test_overwrite_units_of_a_damaged_record_are_every_image(tmp_path):
+    """What `--overwrite` removes where infer_settings.json is unreadable: every image it may
+    describe (each non-dot png) and the summary; recorded inputs and this run's otherwise."""
+    import json
+
+    from diffalign.fill.infer import SETTINGS_FILE, _earlier_units
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a.png", "a_diptych.png", "b.png", ".a.png.tmp", "notes.txt", "summary.json"):
+        (out / name).write_bytes(b"x")
+    (out / SETTINGS_FILE).write_text("{not json")
+    got = _earlier_units(out, ["c"])
+    assert sorted(p.name for p in got) == ["a.png", "a_diptych.png", "b.png", "summary.json"]
+    (out / SETTINGS_FILE).write_text(json.dumps({"inputs": {"a": "d"}}))
+    got = _earlier_units(out, ["b"])
+    assert sorted(p.name for p in got) == ["a.png", "a_diptych.png", "b.png", "summary.json"]
+    (out / "b.png").unlink()
+    assert sorted(p.name for p in _earlier_units(out, [])) == [
+        "a.png", "a_diptych.png", "summary.json"
+    ]  # fmt: skip

@@ -81,3 +81,34 @@ def test_em_two_processes(sdxl, tmp_path):
     s = json.loads((work / "summary.json").read_text())
     assert [c["e_step"]["finished"] for c in s["cycles"]] == [2, 2]
     assert (work / "cycle-001/sft/checkpoint-final/pytorch_lora_weights.safetensors").is_file()
+
+
+def test_em_reads_and_hashes_the_pairs_once_before_loading(tmp_path, monkeypatch):
+    """The refusal of other settings before loading checked each cycle's E-step dataset with
+    its own read and hash of pairs.jsonl (num_cycles of each before any model loaded): once."""
+    import diffalign.noise.dataset as dataset
+    from diffalign.noise.em import em
+
+    data = write_pairs(tmp_path / "data", n=2)
+    work = tmp_path / "em"
+    for k in range(3):
+        (work / f"cycle-{k:03d}" / "dataset").mkdir(parents=True)
+    calls = {"read_pairs": 0, "file_sha256": 0}
+    for name in calls:
+        real = getattr(dataset, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(dataset, name, counted)
+    seen = {}
+
+    def load(model, first):
+        seen.update(calls)
+        raise KeyboardInterrupt  # the first model load: stop there
+
+    with pytest.raises(KeyboardInterrupt):
+        em("m", data, work, num_cycles=3, load=load, progress=False,
+           assign_kwargs={"settings": dataset.AssignSettings(steps=1)}, sft_kwargs={})  # fmt: skip
+    assert seen == {"read_pairs": 1, "file_sha256": 1}

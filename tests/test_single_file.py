@@ -125,6 +125,16 @@ def test_cache_records_the_config_train_weights_uses_it(tiny_model_dir, tmp_path
     other.symlink_to(tiny_model_dir("flux-dev"), target_is_directory=True)
     assert main([*argv, "--single-file-config", str(other)]) == 2
     assert "single_file_config" in _one_line(capsys)
+    # a cache of an older diffalign, which recorded no config: said so, not "other settings"
+    record = cache / "job.json"
+    kept = record.read_bytes()
+    job = json.loads(kept)
+    del job["single_file_config"]
+    record.write_text(json.dumps(job))
+    assert main([*argv, "--single-file-config", folder]) == 2
+    line = _one_line(capsys)
+    assert "single_file_config: not recorded (made by an older diffalign)" in line, line
+    record.write_bytes(kept)
 
     run = tmp_path / "run"
     argv = ["textstream", "train-weights", "--cache", str(cache), "--output-dir", str(run)]

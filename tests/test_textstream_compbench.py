@@ -216,3 +216,20 @@ def test_prompt_input_errors(tmp_path):
     bom = tmp_path / "shape_val.txt"
     bom.write_bytes("\ufeffa round clock\n".encode())
     assert load_compbench_prompts(tmp_path) == [("shape", ["a round clock"])]
+
+
+def test_overwrite_without_a_run_record_keeps_the_samples_there(full, sd3, tmp_path):
+    """`--overwrite` removed every image of `samples/` though no `OUT/settings.json` recorded
+    a compbench run there: the official script's images of the prompts past `--limit` went."""
+    data, _ = full
+    out = tmp_path / "theirs"
+    (out / "samples").mkdir(parents=True)
+    names = official_names(["a green bench and a blue bowl", "a man's red car."], 1)
+    for name in names:
+        (out / "samples" / name).write_bytes(b"their image")
+    argv = ["textstream", "compbench", "--prompts", str(data / "color_val.txt"), "--model", sd3]
+    argv += ["--outdir", str(out), "--n-samples", "1", "--limit", "1", "--overwrite", *TINY]
+    assert main(argv) == 0
+    assert sorted(os.listdir(out / "samples")) == sorted(names)
+    assert (out / "samples" / names[1]).read_bytes() == b"their image"
+    assert (out / "samples" / names[0]).read_bytes() != b"their image"  # redone

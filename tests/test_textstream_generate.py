@@ -694,3 +694,45 @@ def test_overwrite_leaves_no_earlier_image_beside_new_ones(sd3, tmp_path, monkey
     (dpg / "notes.txt").write_text("mine")  # not a tile: kept
     assert main([*argv, "--prompts-dir", str(prompts), "--overwrite"]) == 0
     assert units(dpg) == ["notes.txt", "p1.png"]
+
+
+def test_dpg_overwrite_of_a_folder_no_run_recorded_keeps_its_pngs(sd3, tmp_path):
+    """`--overwrite` removed every `*.png` of `--output-dir` though no `OUT.settings.json`
+    said a dpg run made them: a mistaken folder of the user's own images lost them."""
+    prompts = tmp_path / "dpg"
+    prompts.mkdir()
+    (prompts / "p1.txt").write_text("a blue cube")
+    out = tmp_path / "photos"
+    out.mkdir()
+    for name in ("holiday.png", "cat.png"):
+        Image.new("RGB", (8, 8), "red").save(out / name)
+    argv = ["textstream", "dpg", "--model", sd3, "--output-dir", str(out), "--resolution", "32"]
+    assert main([*argv, "--steps", "1", "--prompts-dir", str(prompts), "--overwrite"]) == 0
+    assert units(out) == ["cat.png", "holiday.png", "p1.png"]
+
+
+def test_a_config_recorded_by_path_reads_not_recorded():
+    """A folder made with --single-file-config before its identity was recorded (the option
+    held the path) read as if the config had changed (`single_file_config.weights: None -> ..`);
+    an older record lacking a nested key says so, once; real changes still read as before."""
+    from diffalign.textstream.generate import _settings_diff
+
+    def record(**options):
+        return {"identity": {"options": {"steps": 2, **options}, "residual_options": {}}}
+
+    new = record(single_file_config={"path": "/c", "weights": "ab", "config": "cd"})
+    old = record(single_file_config="/c")
+    assert _settings_diff(old, new) == [
+        "single_file_config: not recorded (made by an older diffalign)"
+    ]
+    assert _settings_diff(record(), new) == [
+        "single_file_config: not recorded (made by an older diffalign)"
+    ]
+    changed = record(single_file_config={"path": "/c", "weights": "00", "config": "cd"})
+    assert _settings_diff(changed, new) == ["single_file_config.weights: '00' -> 'ab'"]
+    assert _settings_diff(record(), record(steps=3)) == ["steps: 2 -> 3"]
+    old_prompts = {"identity": {**new["identity"]}}
+    new_prompts = {"identity": {**new["identity"], "prompts": "d1"}}
+    assert _settings_diff(old_prompts, new_prompts) == [
+        "prompts: not recorded (made by an older diffalign)"
+    ]

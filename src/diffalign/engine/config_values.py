@@ -185,3 +185,14 @@ def check_resume_config(
             f"cannot resume from {path}: it was trained with {k}={saved.get(k)!r}, "
             f"this configuration has {k}={current.get(k)!r}{more}"
         )
+
+
+def call_arguments(fn: typing.Callable, /, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Every parameter of `fn` by name as the call `fn(*args, **kwargs)` would get it, defaults
+    applied (a check before loading reads a function's options as it would); a call `fn`
+    would refuse raises its TypeError."""
+    import inspect
+
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)

@@ -485,14 +485,17 @@ def _earlier_units(out: Path, names: list[str]) -> list[Path]:
     """What an earlier run left in `out` (`--overwrite` removes it): the images of every input
     its settings file records and of this run's inputs (`<name>.png`, `<name>_diptych.png`),
     and its summary.json."""
+    from diffalign.engine.io import earlier_units
+
+    units = [out / "summary.json"]
     try:
         recorded = list(_read_inputs(out)) if (out / SETTINGS_FILE).is_file() else []
     except (DiffalignError, AttributeError):  # a damaged record: every image it may describe
-        recorded = [p.stem.removesuffix("_diptych") for p in out.glob("[!.]*.png")]
-    units = [out / "summary.json"]
+        recorded = []
+        units += earlier_units(out, r"[^.].*\.png")
     for n in dict.fromkeys([*recorded, *names]):
         units += [out / f"{n}.png", out / f"{n}_diptych.png"]
-    return [p for p in units if p.is_file()]
+    return [p for p in dict.fromkeys(units) if p.is_file()]
 
 
 def run_infer(
@@ -588,8 +591,7 @@ def run_infer(
         todo = [
             (i, r)
             for i, r in enumerate(records)
-            if overwrite
-            or not (out / f"{r['name']}.png").is_file()
+            if not (out / f"{r['name']}.png").is_file()  # --overwrite removed them all
             or (save_diptych and not (out / f"{r['name']}_diptych.png").is_file())
         ]
         done_before = len(records) - len(todo)

@@ -225,13 +225,20 @@ LOADED_KEYS = ("generator", "model", "latent_shape", "image_size")
 
 
 def dataset_config(
-    data_root, items: list, prompt_field: str, image_field: str, batch_size: int, settings
+    data_root,
+    items: list,
+    prompt_field: str,
+    image_field: str,
+    batch_size: int,
+    settings,
+    pairs_sha256: str | None = None,
 ) -> dict:
     """A build's dataset_config.json (its identity, `engine.identity`), its `LOADED_KEYS` None:
-    `build_dataset` fills them in once the generator is loaded."""
+    `build_dataset` fills them in once the generator is loaded. `pairs_sha256`: pairs.jsonl's,
+    when already hashed."""
     return {
         "data_root": str(Path(data_root).resolve()),
-        "pairs_sha256": file_sha256(Path(data_root) / "pairs.jsonl"),
+        "pairs_sha256": pairs_sha256 or file_sha256(Path(data_root) / "pairs.jsonl"),
         "prompt_field": prompt_field,
         "image_field": image_field,
         **dict.fromkeys(LOADED_KEYS),
@@ -245,21 +252,32 @@ def check_dataset_before_loading(data_root, output_dir, **options) -> None:
     """`build_dataset`'s refusal of a folder that holds a dataset made with other settings,
     before the generator loads: ``options`` are `build_dataset`'s keywords (its defaults apply);
     its `LOADED_KEYS` are compared once the generator has loaded."""
-    import inspect
+    check_datasets_before_loading(data_root, [(output_dir, options)])
 
-    a = inspect.signature(build_dataset).bind(None, data_root, output_dir, **options)
-    a.apply_defaults()
-    a = a.arguments
-    if a["overwrite"]:
-        return
-    items = read_pairs(data_root, a["prompt_field"], a["image_field"])
-    if a["max_items"] is not None:
-        items = items[: a["max_items"]]
-    settings = a["settings"] or AssignSettings()
-    config = dataset_config(
-        data_root, items, a["prompt_field"], a["image_field"], a["batch_size"], settings
-    )
-    check_job_record(PairsJob, Path(output_dir), config, free=LOADED_KEYS)
+
+def check_datasets_before_loading(data_root, builds: list[tuple[Any, dict]]) -> None:
+    """`check_dataset_before_loading` of each ``(output_dir, options)`` of one `data_root`
+    (the EM loop's E-steps), its pairs read and hashed once for them all."""
+    from diffalign.engine.config_values import call_arguments
+
+    pairs: dict[tuple[str, str], list] = {}  # by (prompt_field, image_field)
+    digest = None
+    for output_dir, options in builds:
+        a = call_arguments(build_dataset, None, data_root, output_dir, **options)
+        if a["overwrite"]:
+            continue
+        fields = (a["prompt_field"], a["image_field"])
+        if fields not in pairs:
+            pairs[fields] = read_pairs(data_root, *fields)
+        digest = digest or file_sha256(Path(data_root) / "pairs.jsonl")
+        items = pairs[fields]
+        if a["max_items"] is not None:
+            items = items[: a["max_items"]]
+        settings = a["settings"] or AssignSettings()
+        config = dataset_config(
+            data_root, items, *fields, a["batch_size"], settings, pairs_sha256=digest
+        )
+        check_job_record(PairsJob, Path(output_dir), config, free=LOADED_KEYS)
 
 
 class PairsJob(AssignmentJob):

@@ -175,7 +175,7 @@ def em(
     noise with :func:`cycle_seed` (``assign_kwargs["settings"].seed + 1000 k``). ``resume``:
     ``latest`` continues an unfinished M-step from its last checkpoint, ``restart`` starts it
     over (finished cycles are kept either way); ``overwrite`` starts the whole loop over."""
-    from diffalign.noise.dataset import build_dataset, check_dataset_before_loading
+    from diffalign.noise.dataset import build_dataset, check_datasets_before_loading
     from diffalign.noise.sft import check_before_loading, sft
 
     if resume not in ("latest", "restart"):
@@ -217,10 +217,10 @@ def em(
     # a re-run with other settings is refused before any model loads: the cycles' datasets
     # (E-steps) and the M-step it would resume (the loaded models are compared once loaded)
     if not overwrite:
-        for k in range(num_cycles):
-            dataset = Path(work_dir) / f"cycle-{k:03d}" / "dataset"
-            if dataset.is_dir():
-                check_dataset_before_loading(data_root, dataset, **e_step_options(k))
+        datasets = [(Path(work_dir) / f"cycle-{k:03d}" / "dataset", k) for k in range(num_cycles)]
+        check_datasets_before_loading(  # the pairs read and hashed once for every cycle
+            data_root, [(d, e_step_options(k)) for d, k in datasets if d.is_dir()]
+        )
         found = resumed_m_step(work_dir, num_cycles, initial, finished, resume)
         if found is not None and m_step_folders(found[1])[0].is_file():
             options = m_step_options(*found)

@@ -513,14 +513,11 @@ def check_before_loading(manifest_path, output_dir, *, hint: str = RESUME_HINT, 
     (`noise em` offers its own options). The models' identity and the
     generator's name are known only once it loads (the trainer compares everything again on
     resume)."""
-    import inspect
-
     from diffalign.engine.checkpoints import check_before_setup
+    from diffalign.engine.config_values import call_arguments
     from diffalign.noise.dataset import as_dataset
 
-    a = inspect.signature(sft).bind(None, manifest_path, output_dir, **options)
-    a.apply_defaults()
-    a = a.arguments
+    a = call_arguments(sft, None, manifest_path, output_dir, **options)
     dataset = as_dataset(manifest_path)
     records = dataset.records
     batch_size = min(a["batch_size"], len(records))

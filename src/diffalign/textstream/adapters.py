@@ -104,11 +104,18 @@ class StreamAdapter:
         the family's pipeline hands a timestep to the transformer in `dtype`
         (`flow.transformer_timestep`: SD3 as is, FLUX.1 / Qwen-Image `t.to(dtype) / 1000`);
         float64. Monotone, so a timestep >= an edge never lands below it."""
-        from diffalign.textstream.flow import family
-
         wide = torch.float64 if dtype == torch.float64 else torch.float32
         e = torch.as_tensor(edges, dtype=torch.float64).to(wide)
-        return family(self.family).transformer_timestep(e, len(e), dtype).to(torch.float64)
+        return self.received_timesteps(e, dtype).to(torch.float64)
+
+    def received_timesteps(self, timesteps, dtype) -> torch.Tensor:
+        """The `timestep` argument the family's pipeline gives the transformer for schedule
+        timesteps (0..1000) in a model of `dtype` (`flow.transformer_timestep`: SD3 as they
+        are, FLUX.1 and Qwen-Image rounded to the model dtype), flattened."""
+        from diffalign.textstream.flow import family
+
+        t = torch.as_tensor(timesteps).reshape(-1)
+        return family(self.family).transformer_timestep(t, len(t), dtype)
 
 
 def stream_adapter(transformer: torch.nn.Module) -> StreamAdapter:

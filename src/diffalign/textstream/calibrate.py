@@ -123,23 +123,14 @@ def draw_sample(seed: int, index: int, steps: int, latent_shape: Sequence[int]):
 _SD3 = StreamAdapter("sd3", (), 0)  # the timestep rule of SD3 (no blocks needed for it)
 
 
-def received_timesteps(timesteps, adapter: StreamAdapter | None, dtype) -> torch.Tensor:
-    """The `timestep` argument the family's pipeline gives the transformer for schedule
-    timesteps (0..1000) in a model of `dtype` (`flow.transformer_timestep`: FLUX.1 and
-    Qwen-Image round them to the model dtype); `adapter` None: SD3's, the timesteps as they are."""
-    from diffalign.textstream.flow import family
-
-    t = torch.as_tensor(timesteps).reshape(-1)
-    return family((adapter or _SD3).family).transformer_timestep(t, len(t), dtype)
-
-
 def received_buckets(
     timesteps, edges, adapter: StreamAdapter | None = None, dtype=None
 ) -> torch.Tensor:
     """Bucket of each schedule timestep as generation will look it up: that of the timestep
-    the transformer receives (`received_timesteps`), by `StreamAdapter.timestep_bucket`."""
+    the transformer receives (`StreamAdapter.received_timesteps`; `adapter` None: SD3's), by
+    `StreamAdapter.timestep_bucket`."""
     adapter = adapter or _SD3
-    return adapter.timestep_bucket(received_timesteps(timesteps, adapter, dtype), edges)
+    return adapter.timestep_bucket(adapter.received_timesteps(timesteps, dtype), edges)
 
 
 def bucket_dtype_mismatch(
@@ -1040,7 +1031,7 @@ def _run_batch(
             if xt_source == "image":
                 t = torch.tensor([float(p[j]) for p in plans])
                 xt = noisy_latents(x0, noise, t / 1000.0).to(device=device, dtype=dtype)
-                t = received_timesteps(t, collector.adapter, dtype).to(device)
+                t = collector.adapter.received_timesteps(t, dtype).to(device)
             else:  # "noise": the initial noise at the drawn steps' timesteps
                 xt = latents
                 t = timesteps[torch.tensor([p[j] for p in plans], device=timesteps.device)]
@@ -1192,7 +1183,7 @@ def _run_batch_pipeline(
         t = torch.tensor([float(d[step[0]]) for d in drawn_t])
         xt = pipe._pack_latents(noisy_latents(x0, noise_cpu, t / 1000.0), b, c, h, w)
         hidden = kwargs["hidden_states"]
-        received = received_timesteps(t, collector.adapter, dtype)  # as the pipeline rounds it
+        received = collector.adapter.received_timesteps(t, dtype)  # as the pipeline rounds it
         return args, {
             **kwargs,
             "hidden_states": xt.to(device=hidden.device, dtype=hidden.dtype),

@@ -20,8 +20,8 @@ Unset sampling options (steps, cfg, FLUX guidance, token length) take the model 
 
 Every unit of output (a prompt folder, a DPG png, a CompBench image) appears atomically, so an interrupted run
 leaves only finished units; a re-run skips them (`overwrite=True` redoes them). The settings a
-run records include its prompt set by content (identity key `prompts`: `prompt_set_digest` of
-the whole set, before `--limit`), so a re-run with other prompts is refused (`sample`: the
+run records include its prompt set by content (identity key `prompts`:
+`engine.identity.samples_sha256` of the whole set in order, before `--limit`), so a re-run with other prompts is refused (`sample`: the
 folder's prompt and its index), the same prompts by another path resume, and a larger `--limit`
 extends. Image k of prompt i uses the seed `seed + i * n_samples + k` (CPU generator),
 independent of the batch size and of how prompts are sharded over processes. Under `accelerate launch` process r of w takes
@@ -594,21 +594,45 @@ def _check_compatible(path: Path, settings: dict, overwrite: bool, out: Path) ->
 
 def _settings_diff(old: dict, new: dict) -> list[str]:
     """The image-affecting settings that differ, as `name: old -> new` or, for a model's
-    identity or a prompt set, `model.weights` / `prompts`; a key the old record lacks (an
-    older diffalign recorded no `prompts`) as `name: not recorded` (empty: compatible)."""
+    identity or a prompt set, `model.weights` / `prompts`; a key the old record lacks, at any
+    depth (an older diffalign recorded no `prompts`, and `--single-file-config` by its path, not
+    its identity), once as `name: not recorded` (empty: compatible)."""
     from diffalign.engine.identity import identity_differences
 
     a, b = _settings_key(old), _settings_key(new)
     out = []
     for key in identity_differences(a, b):
-        name = key.removeprefix("options.").replace("residual_options", "residual options")
-        if key.split(".")[0] not in a:
-            out.append(f"{name}: not recorded (made by an older diffalign)")
+        lacking = _unrecorded_prefix(a, b, key)
+        if lacking is not None:
+            line = f"{_diff_name(lacking)}: not recorded (made by an older diffalign)"
+            if line not in out:
+                out.append(line)
             continue
+        name = _diff_name(key)
         va, vb = _dotted(a, key), _dotted(b, key)
         short = not isinstance(va, dict) and not isinstance(vb, dict)
         out.append(f"{name}: {va!r} -> {vb!r}" if short and len(repr((va, vb))) < 80 else name)
     return out
+
+
+def _diff_name(key: str) -> str:
+    return key.removeprefix("options.").replace("residual_options", "residual options")
+
+
+def _unrecorded_prefix(old: dict, new: dict, key: str) -> str | None:
+    """The first part of the dotted `key` that the old record lacks (missing, or a value where
+    the new record holds a mapping: recorded in an older form), or None."""
+    d, e = old, new
+    parts = key.split(".")
+    for n, part in enumerate(parts):
+        if not isinstance(d, dict):
+            return ".".join(parts[:n])
+        if part not in d:
+            return ".".join(parts[: n + 1])
+        d, e = d[part], e.get(part) if isinstance(e, dict) else None
+        if isinstance(e, dict) and not isinstance(d, dict):
+            return ".".join(parts[: n + 1])
+    return None
 
 
 def _dotted(d: Any, key: str) -> Any:
@@ -617,18 +641,11 @@ def _dotted(d: Any, key: str) -> Any:
     return d
 
 
-def prompt_set_digest(prompts: Sequence) -> str:
-    """A prompt set's identity by content (`engine.identity.samples_sha256` of its items in
-    order): the same for another spelling of its path, another when a prompt, its id, its
-    metadata, their order or their number differ."""
-    from diffalign.engine.identity import samples_sha256
-
-    return samples_sha256(prompts)
-
-
 def _sample_unit(prompt: str, index: int) -> dict:
     """`sample`'s identity of one folder's prompt: its text and its index (the seeds)."""
-    return {"prompts": prompt_set_digest([prompt]), "prompt_index": index}
+    from diffalign.engine.identity import samples_sha256
+
+    return {"prompts": samples_sha256([prompt]), "prompt_index": index}
 
 
 def _base_settings(
@@ -652,6 +669,14 @@ def _base_settings(
     }
     settings["identity"] = {**_settings_identity(settings), **identity}
     return settings
+
+
+def _unit_settings(base: dict, extra: dict, **identity: Any) -> dict:
+    """`_base_settings(..., extra, **identity)` from `base`, the same call without the unit's
+    `extra` and `identity` (its models' identities computed once for all its units): the same
+    dict, keys in the same order."""
+    settings = {k: v for k, v in base.items() if k != "identity"}
+    return {**settings, **extra, "identity": {**base["identity"], **identity}}
 
 
 def _clean_stale(folder: Path) -> None:
@@ -847,11 +872,10 @@ def run_sample(
         if state.is_main_process:
             _clean_stale(out)
         # a finished folder made with other settings is kept: these images go to `<name>_2` ...
-        for m, folder_names in zip(models, names):
+        model_settings = [_base_settings("sample", _with_model(cfg, m), rc) for m in models]
+        for base, folder_names in zip(model_settings, names):
             for j, p in enumerate(prompts):
-                probe = _base_settings(
-                    "sample", _with_model(cfg, m), rc, {"prompt": p}, **_sample_unit(p, j)
-                )
+                probe = _unit_settings(base, {"prompt": p}, **_sample_unit(p, j))
                 chosen, diffs = _pick_sample_folder(out, folder_names[j], probe, cfg.overwrite)
                 if chosen != folder_names[j] and state.is_main_process:
                     print(
@@ -861,16 +885,14 @@ def run_sample(
                         flush=True,
                     )
                 folder_names[j] = chosen
-        for m, folder_names in zip(models, names):
+        for m, base, folder_names in zip(models, model_settings, names):
             mcfg = _with_model(cfg, m)
             source = _describe_source(resolve_model, m)
             jobs = []
             for i, (p, name) in enumerate(zip(prompts, folder_names)):
                 dest = out / name
-                settings = _base_settings(
-                    "sample",
-                    mcfg,
-                    rc,
+                settings = _unit_settings(
+                    base,
                     {
                         "prompt": p,
                         "prompt_index": i,
@@ -1017,10 +1039,11 @@ def run_dpg(
     items = _first(every, limit)
     out = Path(output_dir)
     base = str(out).rstrip("/\\")
+    record = Path(base + ".settings.json")
     return _run_layout(
         "dpg",
         out,
-        Path(base + ".settings.json"),
+        record,
         Path(base + ".summary.json"),
         cfg,
         rc,
@@ -1031,7 +1054,8 @@ def run_dpg(
         total=len(items),
         clean=out,
         prompt_set=[[pid, text] for pid, text in every],
-        earlier=lambda: earlier_units(out, r"[^.].*\.png"),  # the folder holds only tiles
+        # the folder holds only tiles, when the run record beside it says a dpg run made them
+        earlier=lambda: earlier_units(out, r"[^.].*\.png") if record.is_file() else [],
     )
 
 
@@ -1057,13 +1081,11 @@ def run_compbench(
 
     cfg = _checked(cfg, rc)
     categories = load_compbench_prompts(prompts)
-    for _, lines in categories:
-        _first(lines, limit)  # --limit checked before anything is written
     out = Path(output_dir)
     single = not Path(prompts).is_dir()
     folders = [(out if single else out / cat) / "samples" for cat, _ in categories]
     n = cfg.n_samples
-    units = [
+    units = [  # --limit checked here, before anything is written
         (folder, i, p)
         for folder, (_, lines) in zip(folders, categories)
         for i, p in enumerate(_first(lines, limit))
@@ -1089,7 +1111,12 @@ def run_compbench(
         total=len(units),
         clean=[out, *folders],
         preflight=preflight,
-        earlier=lambda: [p for f in folders for p in earlier_units(f, r"[^.].*\.png")],
+        earlier=lambda: [  # only where OUT/settings.json records a compbench run
+            p
+            for f in folders
+            for p in earlier_units(f, r"[^.].*\.png")
+            if (out / "settings.json").is_file()
+        ],
         # a folder's category names its samples/ folder; a single file's writes OUT/samples
         prompt_set=[[None if single else cat, lines] for cat, lines in categories],
     )
@@ -1132,14 +1159,16 @@ def _run_layout(
 ) -> dict:
     """Shared body of generate/geneval/dpg/compbench: check, lock, load, write settings,
     generate, summarise. `prompt_set`: every prompt the command read, before `--limit`, each as
-    its images and records depend on (JSON): its `prompt_set_digest` is the identity's
-    `prompts`, so a re-run with other prompts is refused and a larger `--limit` extends. The output folder is locked for the whole run (`engine.io.output_lock`);
+    its images and records depend on (JSON): its `samples_sha256` is the identity's
+    `prompts` (by content: the same for another spelling of its path, another when a prompt,
+    its id, its metadata, their order or their number differ), so a re-run with other prompts is refused and a larger `--limit` extends. The output folder is locked for the whole run (`engine.io.output_lock`);
     dpg, whose folder holds only `<id>.png`, locks the folder `OUT.lock` beside it. `clean`: the
     folders the images are written in (stale temporaries removed); `preflight`: the layout's own
     check of what is already there, under the lock, before the model loads; `earlier`: the
     units an earlier run left, which `overwrite` removes once the model has loaded and before
     the new settings are recorded (so neither a killed `--overwrite` run that a plain re-run
     finishes nor a smaller prompt set leaves old images beside new ones)."""
+    from diffalign.engine.identity import samples_sha256
     from diffalign.engine.io import output_lock, write_json
     from diffalign.engine.loading import check_model_available, check_vae_available, resolve_model
 
@@ -1155,7 +1184,7 @@ def _run_layout(
     t0 = time.perf_counter()
     device = _resolve_device(cfg, state.device)
     lock_dir = out if command != "dpg" else Path(str(out).rstrip("/\\") + ".lock")
-    prompts_id = prompt_set_digest(prompt_set)
+    prompts_id = samples_sha256(prompt_set)
     with output_lock(lock_dir):
         probe = _base_settings(command, cfg, rc, run_extra, prompts=prompts_id)
         _check_compatible(settings_path, probe, cfg.overwrite, out)

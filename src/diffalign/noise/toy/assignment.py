@@ -328,13 +328,10 @@ def _assign_config(
 def check_assign_before_loading(**arguments) -> None:
     """`assign`'s refusal of a folder that holds an assignment made with other settings, before
     the generator (and the data) load; ``arguments``: `assign`'s (its defaults apply)."""
-    import inspect
-
+    from diffalign.engine.config_values import call_arguments
     from diffalign.noise.toy.models import resolve_weights
 
-    a = inspect.signature(assign).bind(**arguments)
-    a.apply_defaults()
-    a = a.arguments
+    a = call_arguments(assign, **arguments)
     split = a["split"] if a["data"] is None else a["data"].split
     config = _assign_config(
         resolve_weights(a["generator_ckpt"]), split, a["patch_size"], a["parametrization"],

@@ -240,13 +240,10 @@ def check_sft_before_loading(*, hint: str = RESUME_HINT, **arguments) -> TrainCo
     before its generator loads; ``arguments``: `sft`'s (its defaults apply). Returns the loop's
     options. The EM loop calls it for the M-step it would resume, before its first E-step,
     with its own ``hint``."""
-    import inspect
-
+    from diffalign.engine.config_values import call_arguments
     from diffalign.noise.toy.assignment import load_manifest
 
-    a = inspect.signature(sft).bind(**arguments)
-    a.apply_defaults()
-    a = a.arguments
+    a = call_arguments(sft, **arguments)
     _check_settings(a["lr"], a["batch_size"], a["preserve_weight"], a["l1_weight"])
     loop = _loop_config(
         a["output_dir"], a["epochs"], a["max_steps"], a["seed"], a["overwrite"], a["resume"],
