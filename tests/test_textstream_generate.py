@@ -731,6 +731,11 @@ def test_a_config_recorded_by_path_reads_not_recorded():
     changed = record(single_file_config={"path": "/c", "weights": "00", "config": "cd"})
     assert _settings_diff(changed, new) == ["single_file_config.weights: '00' -> 'ab'"]
     assert _settings_diff(record(), record(steps=3)) == ["steps: 2 -> 3"]
+    # an option not given then (recorded None) and given now is a change, not an older record
+    without = record(single_file_config=None, vae=None)
+    given = record(single_file_config=None, vae={"path": "/v", "weights": "ab"})
+    diffs = _settings_diff(without, given)
+    assert "vae.path: None -> '/v'" in diffs and not any("not recorded" in d for d in diffs)
     old_prompts = {"identity": {**new["identity"]}}
     new_prompts = {"identity": {**new["identity"], "prompts": "d1"}}
     assert _settings_diff(old_prompts, new_prompts) == [

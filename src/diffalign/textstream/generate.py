@@ -620,17 +620,18 @@ def _diff_name(key: str) -> str:
 
 
 def _unrecorded_prefix(old: dict, new: dict, key: str) -> str | None:
-    """The first part of the dotted `key` that the old record lacks (missing, or a value where
-    the new record holds a mapping: recorded in an older form), or None."""
+    """The first part of the dotted `key` that the old record lacks (missing, or a value other
+    than None where the new record holds a mapping: recorded in an older form), or None (an
+    old None is a setting not given then: a real change)."""
     d, e = old, new
     parts = key.split(".")
     for n, part in enumerate(parts):
         if not isinstance(d, dict):
-            return ".".join(parts[:n])
+            return None if d is None else ".".join(parts[:n])
         if part not in d:
             return ".".join(parts[: n + 1])
         d, e = d[part], e.get(part) if isinstance(e, dict) else None
-        if isinstance(e, dict) and not isinstance(d, dict):
+        if isinstance(e, dict) and d is not None and not isinstance(d, dict):
             return ".".join(parts[: n + 1])
     return None
 
