@@ -272,6 +272,12 @@ def test_infer_bad_inputs_are_one_line_and_keep_outputs(flux, trained, tmp_path,
     save_tensors(tmp_path / "sd.safetensors", sd_lora)
     err = _one_line_error(capsys, [*one, "--lora", str(tmp_path / "sd.safetensors")])
     assert "another" in err
+    # an --output-dir whose <name>.png is the input itself (written over after it was read)
+    err = _one_line_error(
+        capsys, [*base[:5], str(tmp_path), *base[6:], "--visible", str(vis), "--prompt", "p",
+                 "--overwrite"]
+    )  # fmt: skip
+    assert "over an input image" in err and vis.is_file()
     assert (out / "keep.png").read_bytes() == b"already here"
     assert not (out / "v.png").exists()
     assert sorted(p.name for p in out.iterdir()) == ["keep.png"]
@@ -557,12 +563,15 @@ def test_overwrite_units_of_a_damaged_record_are_every_image(tmp_path):
     for name in ("a.png", "a_diptych.png", "b.png", ".a.png.tmp", "notes.txt", "summary.json"):
         (out / name).write_bytes(b"x")
     (out / SETTINGS_FILE).write_text("{not json")
-    got = _earlier_units(out, ["c"])
+    got = _earlier_units(out, ["c"], set())
     assert sorted(p.name for p in got) == ["a.png", "a_diptych.png", "b.png", "summary.json"]
+    # never one of this run's inputs (an --output-dir that is the input folder)
+    got = _earlier_units(out, ["c"], {(out / "b.png").resolve()})
+    assert sorted(p.name for p in got) == ["a.png", "a_diptych.png", "summary.json"]
     (out / SETTINGS_FILE).write_text(json.dumps({"inputs": {"a": "d"}}))
-    got = _earlier_units(out, ["b"])
+    got = _earlier_units(out, ["b"], set())
     assert sorted(p.name for p in got) == ["a.png", "a_diptych.png", "b.png", "summary.json"]
     (out / "b.png").unlink()
-    assert sorted(p.name for p in _earlier_units(out, [])) == [
+    assert sorted(p.name for p in _earlier_units(out, [], set())) == [
         "a.png", "a_diptych.png", "summary.json"
     ]  # fmt: skip

@@ -481,10 +481,10 @@ def _check_output(out: Path, identity: dict, names: list[str], overwrite: bool) 
         )
 
 
-def _earlier_units(out: Path, names: list[str]) -> list[Path]:
+def _earlier_units(out: Path, names: list[str], inputs: set[Path]) -> list[Path]:
     """What an earlier run left in `out` (`--overwrite` removes it): the images of every input
     its settings file records and of this run's inputs (`<name>.png`, `<name>_diptych.png`),
-    and its summary.json."""
+    and its summary.json; never one of this run's `inputs` (resolved paths)."""
     from diffalign.engine.io import earlier_units
 
     units = [out / "summary.json"]
@@ -495,7 +495,7 @@ def _earlier_units(out: Path, names: list[str]) -> list[Path]:
         units += earlier_units(out, r"[^.].*\.png")
     for n in dict.fromkeys([*recorded, *names]):
         units += [out / f"{n}.png", out / f"{n}_diptych.png"]
-    return [p for p in dict.fromkeys(units) if p.is_file()]
+    return [p for p in dict.fromkeys(units) if p.is_file() and p.resolve() not in inputs]
 
 
 def run_infer(
@@ -558,6 +558,14 @@ def run_infer(
         check_panels(r["name"], r["size"], sem_size)
 
     out = Path(output)
+    inputs = {p.resolve() for r in records for p in (r["visible"], r["semantic"]) if p}
+    for r in records:
+        for image in (f"{r['name']}.png", f"{r['name']}_diptych.png"):
+            if (out / image).resolve() in inputs:
+                raise DiffalignError(
+                    f"{r['name']}: --output-dir {out} would write {image} over an input image; "
+                    "choose another --output-dir"
+                )
     t0 = time.perf_counter()
     from diffalign.engine.identity import model_identity
 
@@ -584,7 +592,7 @@ def run_infer(
     with output_lock(out):
         _check_output(out, identity, names, overwrite)
         if overwrite:  # start over: no earlier image may count as done under these settings
-            remove_units(_earlier_units(out, names))
+            remove_units(_earlier_units(out, names, inputs))
         fresh = overwrite or not (out / SETTINGS_FILE).is_file() or not any(out.glob("*.png"))
         kept = {} if fresh else _read_inputs(out)
         write_json(out / SETTINGS_FILE, {**identity, "inputs": {**kept, **identity["inputs"]}})
