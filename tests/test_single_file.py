@@ -134,6 +134,10 @@ def test_cache_records_the_config_train_weights_uses_it(tiny_model_dir, tmp_path
     assert main([*argv, "--single-file-config", folder]) == 2
     line = _one_line(capsys)
     assert "single_file_config: not recorded (made by an older diffalign)" in line, line
+    # ... beside a real change: the change is named
+    assert main([*argv[:-6], "--resolution", "16", *argv[-4:], "--single-file-config", folder]) == 2
+    line = _one_line(capsys)
+    assert "resolution" in line and "not recorded" not in line, line
     record.write_bytes(kept)
 
     run = tmp_path / "run"

@@ -240,11 +240,14 @@ def _check_job(out: Path, job: dict, state) -> None:
     hint = "pass --overwrite to start over or choose another --output-dir"
     if state.is_main_process and job_path.is_file():
         saved = read_json_object(job_path)
-        unrecorded = [k for k in job if k not in saved]  # keys an older diffalign did not write
+        recorded = {k: v for k, v in job.items() if k in saved}
+        # the settings both record first (a real change is named), then what an older
+        # diffalign did not write
+        check_identity({k: saved[k] for k in recorded}, recorded, f"cache {out} was", hint=hint)
+        unrecorded = [k for k in job if k not in saved]
         if unrecorded:
             named = ", ".join(f"{k}: not recorded (made by an older diffalign)" for k in unrecorded)
             raise DiffalignError(f"cache {out} was made with other settings ({named}); {hint}")
-        check_identity({k: saved.get(k) for k in job}, job, f"cache {out} was", hint=hint)
     state.wait_for_everyone()
 
 
