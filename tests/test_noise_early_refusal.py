@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffalign.cli import main
-from diffalign.engine.io import LOCK_NAME
+from folder_helpers import file_mtimes
 from noise_data_helpers import model_args, write_pairs
 
 
@@ -64,14 +64,6 @@ def loads(monkeypatch):
     return calls
 
 
-def _files(folder):
-    """Every file under ``folder`` with its mtime (the lock file is taken, touched, by a try)."""
-    return {
-        str(p.relative_to(folder)): 0 if p.name == LOCK_NAME else p.stat().st_mtime_ns
-        for p in folder.rglob("*")
-    }
-
-
 def _refused(argv, capsys, *words) -> None:
     capsys.readouterr()
     assert main(argv) == 2, argv
@@ -93,7 +85,7 @@ def test_toy_trainers_refuse_before_loading(toy, tmp_path, verb, loads, capsys):
     }[verb]
     base = ["noise", "toy", verb, *argv, "--output-dir", str(out), *TRAIN, "--tracker", "none"]
     assert main(base) == 0
-    before, loads[:] = _files(out), []
+    before, loads[:] = file_mtimes(out), []
     for extra, words in (
         ([], ("already holds a training run", "--resume latest", "--overwrite")),
         (["--lr", "1e-2"], ("already holds a training run", "another output folder")),
@@ -102,7 +94,7 @@ def test_toy_trainers_refuse_before_loading(toy, tmp_path, verb, loads, capsys):
     ):
         _refused([*base, *extra], capsys, *words)
         assert loads == [], extra  # refused before a model or the data loaded (old code: after)
-    assert _files(out) == before
+    assert file_mtimes(out) == before
     # a refused run into a new folder leaves no folder behind
     fresh = [a if a != str(out) else str(tmp_path / "new" / "run") for a in base]
     _refused([*fresh, "--resume", str(tmp_path / "nope")], capsys, "resume checkpoint not found")
@@ -114,7 +106,7 @@ def test_toy_trainers_refuse_before_loading(toy, tmp_path, verb, loads, capsys):
     else:
         bad = [a if a != str(toy / "base") else str(tmp_path / "missing") for a in base]
         _refused([*bad, "--overwrite"], capsys, "missing")
-    assert _files(out) == before
+    assert file_mtimes(out) == before
 
     # the same settings resume (one step more at the constant lr)
     more = [*base, "--resume", "latest"]
@@ -136,11 +128,11 @@ def test_toy_em_refuses_a_resume_with_other_settings_before_the_e_step(
     ]  # fmt: skip
     assert main(base) == 0
     shutil.rmtree(out / "cycle-000" / "sft" / "checkpoint-final")  # killed before its export
-    before, loads[:] = _files(out), []
+    before, loads[:] = file_mtimes(out), []
     _refused([*base, "--lr", "1e-2"], capsys, "cannot resume", "task.lr", "--resume restart")
     _refused([*base, "--assign-steps", "2"], capsys, "holds an assignment", "(assign_steps)")
     assert loads == []
-    assert _files(out) == before
+    assert file_mtimes(out) == before
     more = list(base)
     more[more.index("--max-steps") + 1] = "2"
     capsys.readouterr()
@@ -166,18 +158,18 @@ def test_noise_em_refuses_a_resume_with_other_settings_before_loading(
     base += ["--checkpoint-every", "1", *model_args(sdxl)]
     assert main(base) == 0
     shutil.rmtree(work / "cycle-000" / "sft" / "checkpoint-final")  # killed before its export
-    before, loads[:] = _files(work), []
+    before, loads[:] = file_mtimes(work), []
     words = ("cannot resume", "task.lr", "--resume restart", "--overwrite", "--output-dir")
     _refused([*base, "--train-lr", "1e-2"], capsys, *words)
     # the E-steps' datasets too (old code: refused once the generator had loaded)
     _refused([*base, "--assign-steps", "2"], capsys, "holds a dataset", "(steps)", "--overwrite")
     assert loads == []  # old code: the E-step loaded the generator first
-    assert _files(work) == before
+    assert file_mtimes(work) == before
 
     missing = [a if a != sdxl else str(tmp_path / "missing") for a in base]
     capsys.readouterr()
     assert main([*missing, "--overwrite"]) == 2
-    assert _files(work) == before  # the cycles go only once the initial model loaded
+    assert file_mtimes(work) == before  # the cycles go only once the initial model loaded
 
     more = list(base)
     more[more.index("--train-max-steps") + 1] = "2"
@@ -198,11 +190,11 @@ def test_build_dataset_refuses_other_settings_before_loading(
     base += ["--steps", "1", "--no-plots", "--num-intermediates", "0"]
     base += model_args(tiny_model_dir("sdxl"))
     assert main(base) == 0
-    before, loads[:] = _files(out), []
+    before, loads[:] = file_mtimes(out), []
     _refused([*base, "--steps", "2"], capsys, "holds a dataset", "(steps)", "--overwrite")
     _refused([*base, "--max-items", "1"], capsys, "holds a dataset", "(num_items)")
     assert loads == []
-    assert _files(out) == before
+    assert file_mtimes(out) == before
     assert main(base) == 0 and loads == ["load_generator"]
 
 
@@ -215,13 +207,13 @@ def test_assign_refuses_a_held_folder_before_loading(tiny_model_dir, tmp_path, l
     base = ["noise", "assign", "--prompt", "a cat", "--target-image", str(target), "--steps", "1"]
     base += ["--num-intermediates", "0", *model_args(tiny_model_dir("sdxl"))]
     assert main([*base, "--output-dir", str(out)]) == 0
-    before, loads[:] = _files(out), []
+    before, loads[:] = file_mtimes(out), []
     for extra in ([], ["--steps", "2"]):
         _refused([*base, "--output-dir", str(out), *extra], capsys, "holds an assignment")
     (tmp_path / "file").write_text("x")
     _refused([*base, "--output-dir", str(tmp_path / "file")], capsys, "is not a folder")
     assert loads == []  # old code: the generator loaded first
-    assert _files(out) == before
+    assert file_mtimes(out) == before
     from diffalign.noise.assign import check_assign_image_before_loading
 
     check_assign_image_before_loading("a cat", out, overwrite=True)  # goes on to load

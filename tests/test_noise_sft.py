@@ -13,6 +13,7 @@ from diffalign.engine.io import load_tensors
 from diffalign.noise.dataset import AssignSettings, build_dataset
 from diffalign.noise.generators import load_generator
 from diffalign.noise.sft import MatchedSftTask, sft
+from folder_helpers import file_mtimes
 from noise_data_helpers import SIZE, model_args, write_pairs
 
 TRAIN = ["--tracker", "none", "--batch-size", "2", "--lr", "1e-3"]
@@ -255,13 +256,7 @@ def test_used_folder_and_mismatched_resume_refused_before_loading(
     ]  # fmt: skip
     assert main(base) == 0
 
-    def files():  # the lock file is taken (touched) by every try
-        return {
-            str(p.relative_to(out)): p.stat().st_mtime_ns if p.name != ".diffalign.lock" else 0
-            for p in out.rglob("*")
-        }
-
-    before = files()
+    before = file_mtimes(out)
     loads = []
     real_load = generators.load_generator
 
@@ -283,7 +278,7 @@ def test_used_folder_and_mismatched_resume_refused_before_loading(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), (extra, err)
         assert loads == [], extra  # refused before the generator loaded
-    assert files() == before
+    assert file_mtimes(out) == before
 
     # the same settings still resume (one step more at the constant lr)
     more = list(base)

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from diffalign.cli import main
+from folder_helpers import interrupted_on_call
 
 
 def _pixels(path) -> np.ndarray:
@@ -32,15 +33,8 @@ def test_fill_infer_overwrite_killed_partway_leaves_no_earlier_image(
     argv += ["--max-sequence-length", "8", "--input-dir", str(inputs), "--output", str(out)]
     assert main([*argv, "--save-diptych"]) == 0
     old = {n: _pixels(out / f"{n}.png") for n in "abc"}
-    real, calls = reports.save_image, []
-
-    def dies_on_the_second_image(path, image):
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real(path, image)
-
-    monkeypatch.setattr(reports, "save_image", dies_on_the_second_image)
+    real = reports.save_image
+    monkeypatch.setattr(reports, "save_image", interrupted_on_call(real))  # on the 2nd image
     assert main([*argv, "--seed", "5", "--overwrite"]) != 0
     monkeypatch.setattr(reports, "save_image", real)
     # only the image the new run finished; none of the earlier run's (nor its diptychs)
@@ -71,15 +65,8 @@ def test_build_dataset_overwrite_killed_partway_leaves_no_earlier_sample(
     assert main([*argv, "--steps", "1"]) == 0
     samples = sorted(p.name for p in (out / "samples").iterdir())
     assert len(samples) == 3 and (out / "orthogonal_gaussian_final.json").is_file()
-    real, calls = dataset._write_sample, []
-
-    def dies_on_the_second_sample(*args):
-        calls.append(args)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(dataset, "_write_sample", dies_on_the_second_sample)
+    real = dataset._write_sample
+    monkeypatch.setattr(dataset, "_write_sample", interrupted_on_call(real))  # 2nd sample
     assert main([*argv, "--steps", "2", "--no-plots", "--overwrite"]) != 0
     monkeypatch.setattr(dataset, "_write_sample", real)
     # only the sample the new run finished; none of the earlier run's, nor its diagnostics

@@ -23,6 +23,7 @@ from diffalign.textstream.generate import (
     shard_indices,
     slugify,
 )
+from folder_helpers import interrupted_on_call
 from launch_helper import launch_two_cpu_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -665,15 +666,8 @@ def test_overwrite_leaves_no_earlier_image_beside_new_ones(sd3, tmp_path, monkey
     # a killed --overwrite run (other steps): no unit of the earlier run survives it
     assert main([*argv, "--steps", "1", "--metadata", str(meta), "--overwrite"]) == 0
     old = pixels(out / "00001" / "samples" / "0000.png")
-    real, calls = generate._write_folder, []
-
-    def dies_on_the_second(dest, fill):
-        calls.append(dest)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real(dest, fill)
-
-    monkeypatch.setattr(generate, "_write_folder", dies_on_the_second)
+    real = generate._write_folder
+    monkeypatch.setattr(generate, "_write_folder", interrupted_on_call(real))  # 2nd prompt
     assert main([*argv, "--steps", "2", "--metadata", str(meta), "--overwrite"]) != 0
     monkeypatch.setattr(generate, "_write_folder", real)
     assert not (out / "00001").exists()

@@ -33,6 +33,7 @@ from diffalign.textstream.weights import (
     softplus_inverse,
     velocity_loss,
 )
+from folder_helpers import file_mtimes
 
 CAPTIONS = ["a red square", "a blue circle", "a green cat", "a yellow dog", "two birds", "a tree"]
 
@@ -888,13 +889,7 @@ def test_used_folder_and_mismatched_resume_refused_before_loading(
     common = ("--max-steps", "2", "--checkpoint-every", "2", "--lr-scheduler", "constant")
     assert main(_train_args(sd3, cache, out, *common)) == 0
 
-    def files():  # the lock file is taken (touched) by every try
-        return {
-            str(p.relative_to(out)): p.stat().st_mtime_ns if p.name != ".diffalign.lock" else 0
-            for p in out.rglob("*")
-        }
-
-    before = files()
+    before = file_mtimes(out)
     loads = []
     real_load = loading.load_pipeline
 
@@ -915,7 +910,7 @@ def test_used_folder_and_mismatched_resume_refused_before_loading(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), (extra, err)
         assert loads == [], extra  # refused before the transformer loaded
-    assert files() == before
+    assert file_mtimes(out) == before
 
     # the same settings still resume (more steps at a constant lr)
     more = [a if a != "2" else "3" for a in common[:2]] + list(common[2:])
