@@ -233,13 +233,10 @@ def _hub_id_in_cache_path(folder: Path) -> str | None:
 
 
 def _download_marker_repos(folder: Path) -> list[str]:
-    from diffalign.engine.download import MARKER
+    from diffalign.engine.download import _read_marker
 
-    try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-        repos = marker.get("repos") or []
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return []
+    marker = _read_marker(folder)  # None (none or unreadable), {} (damaged) or the record
+    repos = (marker.get("repos") or []) if isinstance(marker, dict) else []
     return [str(r) for r in repos] if isinstance(repos, list) else []
 
 
